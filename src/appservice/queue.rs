@@ -1,0 +1,99 @@
+//! The queue worker: takes sealed events out of the durable queue in arrival order, hands them to
+//! the bridge core, and deletes each one once it has been handled. An event that fails with a
+//! retryable error stays queued and is tried again with backoff; after `MAX_ATTEMPTS` it is dropped
+//! with an error in the log (it never blocks the queue for good).
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::sync::{Notify, watch};
+
+use super::{QUEUE_AD, QueueItem};
+use crate::{bridge::MatrixEventHandler, metrics::Metrics, store::TxnStore, vault::SecretKey};
+
+const BATCH: i64 = 100;
+const MAX_ATTEMPTS: i64 = 8;
+
+pub struct QueueWorker {
+    pub store: Arc<dyn TxnStore>,
+    pub key: SecretKey,
+    pub notify: Arc<Notify>,
+    pub handler: Arc<dyn MatrixEventHandler>,
+    pub metrics: Metrics,
+}
+
+impl QueueWorker {
+    /// Runs until `shutdown` turns true; the event in hand is finished first.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            match self.drain().await {
+                Ok(true) => {
+                    backoff = Duration::from_millis(200);
+                    continue;
+                }
+                Ok(false) => backoff = Duration::from_millis(200),
+                Err(()) => backoff = (backoff * 2).min(Duration::from_secs(30)),
+            }
+            tokio::select! {
+                _ = self.notify.notified() => {}
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+
+    /// Handles one batch. `Ok(true)` when it did work, `Err` when something must be retried later.
+    async fn drain(&self) -> Result<bool, ()> {
+        let batch = match self.store.queued_events(BATCH).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the event queue");
+                return Err(());
+            }
+        };
+        if batch.is_empty() {
+            return Ok(false);
+        }
+        for ev in batch {
+            let item: Option<QueueItem> = self
+                .key
+                .open(QUEUE_AD, &ev.sealed)
+                .ok()
+                .and_then(|plain| serde_json::from_slice(&plain).ok());
+            let Some(item) = item else {
+                tracing::error!(seq = ev.seq, "dropping a queued event that cannot be opened");
+                self.remove(ev.seq).await?;
+                continue;
+            };
+            let result = match item.kind.as_str() {
+                "pdu" => self.handler.handle_matrix_event(&item.event).await,
+                // Ephemeral events and to-device messages are not used until portals and encryption need them.
+                _ => Ok(()),
+            };
+            match result {
+                Ok(()) => self.remove(ev.seq).await?,
+                Err(e) if e.is_retryable() && ev.attempts + 1 < MAX_ATTEMPTS => {
+                    tracing::warn!(seq = ev.seq, attempt = ev.attempts + 1, error = %e, "event handling failed, will retry");
+                    self.metrics.errors.inc();
+                    if let Err(e) = self.store.count_attempt(ev.seq).await {
+                        tracing::error!(error = %e, "cannot count attempt");
+                    }
+                    return Err(());
+                }
+                Err(e) => {
+                    tracing::error!(seq = ev.seq, error = %e, "giving up on an event");
+                    self.metrics.errors.inc();
+                    self.remove(ev.seq).await?;
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    async fn remove(&self, seq: i64) -> Result<(), ()> {
+        self.store.remove_event(seq).await.map_err(|e| tracing::error!(error = %e, "cannot dequeue event"))
+    }
+}

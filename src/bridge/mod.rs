@@ -1,0 +1,169 @@
+//! The bridge core: decides what happens for each Matrix event and each interop event, and talks
+//! to both sides and to the store only through traits (no axum, sqlx or Signal types here).
+//! Modelled on mautrix-go bridgev2: one core, a Matrix connector and a network connector.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+use crate::{
+    config::{BridgeConfig, PermissionLevel},
+    store::{StoreError, UserStore},
+};
+
+pub mod commands;
+
+pub use commands::CommandOutcome;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    #[error("Matrix side: {0}")]
+    Matrix(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl BridgeError {
+    /// Whether handling the event again later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, BridgeError::Matrix(_) | BridgeError::Store(_))
+    }
+}
+
+/// What the core needs from the Matrix side.
+#[async_trait]
+pub trait MatrixConnector: Send + Sync {
+    /// The bot's user id.
+    fn bot_mxid(&self) -> &str;
+    /// Whether `mxid` is one of our ghosts.
+    fn is_ghost(&self, mxid: &str) -> bool;
+    async fn join(&self, room_id: &str, as_user: &str) -> Result<(), BridgeError>;
+    async fn leave(&self, room_id: &str, as_user: &str) -> Result<(), BridgeError>;
+    /// Sends an `m.notice` with a plain body and an HTML body; returns the event id.
+    async fn send_notice(&self, room_id: &str, as_user: &str, body: &str, html: &str) -> Result<String, BridgeError>;
+    async fn joined_members(&self, room_id: &str, as_user: &str) -> Result<Vec<String>, BridgeError>;
+}
+
+/// Receives Matrix events in order from the durable queue.
+#[async_trait]
+pub trait MatrixEventHandler: Send + Sync {
+    async fn handle_matrix_event(&self, event: &Value) -> Result<(), BridgeError>;
+}
+
+/// Static facts the core needs.
+#[derive(Clone, Debug)]
+pub struct BridgeSettings {
+    pub bridge: BridgeConfig,
+    pub homeserver_domain: String,
+}
+
+pub struct Bridge {
+    pub(crate) matrix: Arc<dyn MatrixConnector>,
+    pub(crate) users: Arc<dyn UserStore>,
+    pub(crate) settings: BridgeSettings,
+    pub(crate) commands: commands::CommandState,
+}
+
+impl Bridge {
+    pub fn new(matrix: Arc<dyn MatrixConnector>, users: Arc<dyn UserStore>, settings: BridgeSettings) -> Self {
+        Self { matrix, users, settings, commands: commands::CommandState::default() }
+    }
+
+    pub fn permission_of(&self, mxid: &str) -> PermissionLevel {
+        self.settings.bridge.permission_of(mxid)
+    }
+
+    async fn on_bot_invite(&self, room_id: &str, inviter: &str, is_direct: bool) -> Result<(), BridgeError> {
+        let bot = self.matrix.bot_mxid().to_owned();
+        let level = self.permission_of(inviter);
+        self.matrix.join(room_id, &bot).await?;
+        if level < PermissionLevel::Commands {
+            tracing::info!(room_id, inviter, ?level, "refusing invite from a user without permission");
+            let msg = "You are not allowed to use this bridge. Ask the homeserver admin for access.";
+            self.matrix.send_notice(room_id, &bot, msg, msg).await?;
+            self.matrix.leave(room_id, &bot).await?;
+            return Ok(());
+        }
+        let members = self.matrix.joined_members(room_id, &bot).await?;
+        let only_us = members.iter().all(|m| m == &bot || m == inviter);
+        if is_direct || only_us {
+            self.users.set_management_room(inviter, room_id).await?;
+            tracing::info!(room_id, user = inviter, "management room set");
+            let body = "Hello, I am the interop bridge bot. This room is now your management room: \
+                        send commands here without a prefix. Send `help` to see what you can do.";
+            let html = "Hello, I am the interop bridge bot. This room is now your management room: \
+                        send commands here without a prefix. Send <code>help</code> to see what you can do.";
+            self.matrix.send_notice(room_id, &bot, body, html).await?;
+        } else {
+            let prefix = &self.settings.bridge.command_prefix;
+            let body = format!("Hello! Commands in this room start with `{prefix}`, e.g. `{prefix} help`.");
+            let html = format!("Hello! Commands in this room start with <code>{prefix}</code>, e.g. <code>{prefix} help</code>.");
+            self.matrix.send_notice(room_id, &bot, &body, &html).await?;
+        }
+        Ok(())
+    }
+
+    async fn on_text(&self, room_id: &str, sender: &str, body: &str) -> Result<(), BridgeError> {
+        let prefix = &self.settings.bridge.command_prefix;
+        let in_management = self.users.management_room(sender).await?.as_deref() == Some(room_id);
+        let command = if let Some(rest) = body.strip_prefix(prefix.as_str()) {
+            if !(rest.is_empty() || rest.starts_with(char::is_whitespace)) {
+                return Ok(());
+            }
+            Some(rest.trim())
+        } else if in_management {
+            Some(body.trim())
+        } else {
+            None
+        };
+        match command {
+            Some(cmd) => {
+                let outcome = self.run_command(room_id, sender, cmd).await;
+                let bot = self.matrix.bot_mxid().to_owned();
+                self.matrix.send_notice(room_id, &bot, &outcome.body, &outcome.html).await?;
+                Ok(())
+            }
+            // Not a command: portal messages are bridged by the portal loop (not in this room).
+            None => Ok(()),
+        }
+    }
+}
+
+#[async_trait]
+impl MatrixEventHandler for Bridge {
+    #[tracing::instrument(skip_all, fields(event_type, room_id))]
+    async fn handle_matrix_event(&self, ev: &Value) -> Result<(), BridgeError> {
+        let ty = ev["type"].as_str().unwrap_or_default();
+        let room_id = ev["room_id"].as_str().unwrap_or_default();
+        let sender = ev["sender"].as_str().unwrap_or_default();
+        tracing::Span::current().record("event_type", ty).record("room_id", room_id);
+        if room_id.is_empty() || sender.is_empty() {
+            return Ok(());
+        }
+        let bot = self.matrix.bot_mxid();
+        match ty {
+            "m.room.member" => {
+                let state_key = ev["state_key"].as_str().unwrap_or_default();
+                let membership = ev["content"]["membership"].as_str().unwrap_or_default();
+                if state_key == bot && membership == "invite" {
+                    let is_direct = ev["content"]["is_direct"].as_bool().unwrap_or(false);
+                    return self.on_bot_invite(room_id, sender, is_direct).await;
+                }
+                Ok(())
+            }
+            "m.room.message" => {
+                if sender == bot || self.matrix.is_ghost(sender) {
+                    return Ok(());
+                }
+                let content = &ev["content"];
+                if content["msgtype"] == "m.text" && content.get("m.relates_to").is_none_or(|r| r["rel_type"] != "m.replace") {
+                    let body = content["body"].as_str().unwrap_or_default();
+                    return self.on_text(room_id, sender, body).await;
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+}

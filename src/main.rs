@@ -1,0 +1,372 @@
+//! `matrix-interop-bridge`: the command line and the wiring of the running bridge.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use matrix_interop_bridge::{
+    appservice::{self, AppState, Readiness, UserQuery, queue::QueueWorker},
+    bridge::{Bridge, BridgeSettings},
+    config::{Config, EXAMPLE_CONFIG},
+    matrix::{HomeserverClient, MatrixError, MatrixSide},
+    metrics::Metrics,
+    registration,
+    store::{SqlStore, TxnStore, UserStore},
+    vault::{self, BRIDGE_OWNER, Vault, VaultStore},
+};
+use tokio::sync::{Notify, watch};
+use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+
+#[derive(Parser)]
+#[command(name = "matrix-interop-bridge", version, about = "A Matrix bridge to Signal-protocol interop networks")]
+struct Cli {
+    /// The configuration file.
+    #[arg(short, long, global = true, default_value = "config.yaml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the bridge (the default).
+    Run,
+    /// Write a fully commented example configuration and a fresh vault master key beside it.
+    GenerateConfig {
+        #[arg(short, long, default_value = "config.yaml")]
+        output: PathBuf,
+    },
+    /// Write the appservice registration with fresh tokens, and store the tokens in the config.
+    GenerateRegistration {
+        #[arg(short, long, default_value = "registration.yaml")]
+        output: PathBuf,
+    },
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Key vault maintenance.
+    Vault {
+        #[command(subcommand)]
+        command: VaultCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum VaultCommand {
+    /// Re-wrap every data key under a new master key (records are untouched).
+    RotateMasterKey {
+        /// File with the new master key (32 bytes raw or base64); created if it does not exist.
+        #[arg(long)]
+        new_key_file: PathBuf,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(dispatch(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => run(&cli.config).await,
+        Command::GenerateConfig { output } => generate_config(&output),
+        Command::GenerateRegistration { output } => generate_registration(&cli.config, &output),
+        Command::Migrate => {
+            let cfg = Config::load(&cli.config)?;
+            let store = SqlStore::connect(&cfg.database).await.context("cannot open the database")?;
+            store.migrate().await?;
+            println!("database migrated");
+            Ok(())
+        }
+        Command::Vault { command: VaultCommand::RotateMasterKey { new_key_file } } => {
+            let cfg = Config::load(&cli.config)?;
+            let store = SqlStore::connect(&cfg.database).await.context("cannot open the database")?;
+            store.check_migrated().await?;
+            let master = vault::load_master_key(&cfg.vault.master_key_file, &cfg.vault.master_key_env)?;
+            let vault = Vault::open(master, Arc::new(store)).await?;
+            let new = if new_key_file.exists() {
+                vault::load_master_key(&new_key_file.to_string_lossy(), "")?
+            } else {
+                vault::create_master_key_file(&new_key_file).context("cannot write the new key file")?
+            };
+            let n = vault.rotate_master_key(&new).await?;
+            println!(
+                "re-wrapped {n} data keys under master key {}; now point vault.master_key_file at {}",
+                new.id(),
+                new_key_file.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn generate_config(output: &Path) -> anyhow::Result<()> {
+    if output.exists() {
+        bail!("{} exists already; not overwriting it", output.display());
+    }
+    let key_path = output.with_file_name("vault.key");
+    let mut text = EXAMPLE_CONFIG.to_owned();
+    if !key_path.exists() {
+        vault::create_master_key_file(&key_path).context("cannot write the vault master key")?;
+        eprintln!("wrote a new vault master key to {} (back it up; keep it secret)", key_path.display());
+    }
+    let abs = std::fs::canonicalize(&key_path).unwrap_or(key_path);
+    text = text.replace("    master_key_file: \"\"", &format!("    master_key_file: \"{}\"", abs.display()));
+    std::fs::write(output, text).with_context(|| format!("cannot write {}", output.display()))?;
+    eprintln!("wrote {}; edit it, then run generate-registration", output.display());
+    Ok(())
+}
+
+fn generate_registration(config_path: &Path, output: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(config_path).with_context(|| format!("cannot read {}", config_path.display()))?;
+    let (as_token, hs_token) = (registration::random_token(), registration::random_token());
+    let new_text = registration::write_tokens_into(&text, &as_token, &hs_token).map_err(anyhow::Error::msg)?;
+    std::fs::write(config_path, &new_text).with_context(|| format!("cannot write {}", config_path.display()))?;
+    let cfg = Config::load(config_path)?;
+    std::fs::write(output, registration::registration_yaml(&cfg))
+        .with_context(|| format!("cannot write {}", output.display()))?;
+    eprintln!(
+        "wrote {} and stored the new tokens in {}; add the registration to the homeserver's app_service_config_files",
+        output.display(),
+        config_path.display()
+    );
+    Ok(())
+}
+
+fn init_logging(cfg: &Config) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{},sqlx=warn,hyper=warn,reqwest=warn", cfg.logging.level)));
+    let registry = tracing_subscriber::registry().with(filter);
+    if cfg.logging.format == "json" {
+        registry.with(fmt::layer().json().with_current_span(false)).init();
+    } else {
+        registry.with(fmt::layer()).init();
+    }
+}
+
+struct ReadyCheck {
+    store: SqlStore,
+    hs: HomeserverClient,
+}
+
+#[async_trait::async_trait]
+impl Readiness for ReadyCheck {
+    async fn check(&self) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
+        if let Err(e) = self.store.ping().await {
+            problems.push(format!("database: {e}"));
+        }
+        if let Err(e) = self.hs.versions().await {
+            problems.push(format!("homeserver: {e}"));
+        }
+        if problems.is_empty() { Ok(()) } else { Err(problems) }
+    }
+}
+
+struct Users {
+    bot: String,
+}
+
+#[async_trait::async_trait]
+impl UserQuery for Users {
+    async fn user_exists(&self, user_id: &str) -> bool {
+        // Ghosts are registered when their contact is first seen; unknown ones do not exist.
+        user_id == self.bot
+    }
+}
+
+async fn run(config_path: &Path) -> anyhow::Result<()> {
+    let cfg = Config::load(config_path)?;
+    init_logging(&cfg);
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), "starting matrix-interop-bridge");
+
+    let store = SqlStore::connect(&cfg.database).await.context("cannot open the database")?;
+    store.migrate().await.context("cannot migrate the database")?;
+    let pruned = store.prune_transactions(7 * 24 * 3600 * 1000).await?;
+    tracing::debug!(pruned, "old transaction ids pruned");
+
+    let master = vault::load_master_key(&cfg.vault.master_key_file, &cfg.vault.master_key_env)?;
+    let vault_store: Arc<dyn VaultStore> = Arc::new(store.clone());
+    let vault = Vault::open(master, vault_store).await?;
+    let queue_key = vault.data_key(BRIDGE_OWNER).await?;
+
+    let hs = HomeserverClient::new(&cfg.homeserver.address, &cfg.appservice.as_token)?;
+    let bot = cfg.bot_mxid();
+    let matrix = MatrixSide::new(hs.clone(), bot.clone(), &cfg.ghost_regex())?.arc();
+    let users: Arc<dyn UserStore> = Arc::new(store.clone());
+    let bridge = Arc::new(Bridge::new(
+        matrix,
+        users,
+        BridgeSettings { bridge: cfg.bridge.clone(), homeserver_domain: cfg.homeserver.domain.clone() },
+    ));
+
+    let metrics = Metrics::new();
+    let notify = Arc::new(Notify::new());
+    let txn_store: Arc<dyn TxnStore> = Arc::new(store.clone());
+    let state = AppState {
+        hs_token: cfg.appservice.hs_token.as_str().into(),
+        store: txn_store.clone(),
+        queue_key: queue_key.clone(),
+        notify: notify.clone(),
+        metrics: metrics.clone(),
+        readiness: Arc::new(ReadyCheck { store: store.clone(), hs: hs.clone() }),
+        users: Arc::new(Users { bot: bot.clone() }),
+        protocol: "interop".into(),
+    };
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    let listener = tokio::net::TcpListener::bind(cfg.listen_addr())
+        .await
+        .with_context(|| format!("cannot listen on {} (appservice.hostname/port)", cfg.listen_addr()))?;
+    tracing::info!(addr = %cfg.listen_addr(), "appservice API listening");
+    let app = appservice::router(state, cfg.appservice.max_body_bytes);
+    let mut rx = shutdown_rx.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = rx.wait_for(|v| *v).await;
+            })
+            .await
+    });
+
+    if cfg.metrics.enabled {
+        let l = tokio::net::TcpListener::bind(&cfg.metrics.listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (metrics.listen)", cfg.metrics.listen))?;
+        let router = metrics.router();
+        let mut rx = shutdown_rx.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(l, router)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.wait_for(|v| *v).await;
+                })
+                .await;
+        });
+    }
+
+    let worker = QueueWorker { store: txn_store, key: queue_key, notify, handler: bridge.clone(), metrics };
+    let worker = tokio::spawn(worker.run(shutdown_rx.clone()));
+
+    tokio::select! {
+        r = startup_checks(&cfg, &hs) => r?,
+        _ = shutdown_signal() => {
+            let _ = shutdown_tx.send(true);
+            return Ok(());
+        }
+    }
+    tracing::info!("bridge ready");
+
+    shutdown_signal().await;
+    tracing::info!("shutting down: finishing in-flight requests");
+    let _ = shutdown_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(30), server).await;
+    let _ = tokio::time::timeout(Duration::from_secs(30), worker).await;
+    store.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Waits for the homeserver, registers the bot, sets its profile, and checks that the homeserver
+/// can reach the bridge with the right tokens.
+async fn startup_checks(cfg: &Config, hs: &HomeserverClient) -> anyhow::Result<()> {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        match hs.versions().await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!(address = %cfg.homeserver.address, error = %e, "homeserver not reachable yet (homeserver.address)");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+    let bot_user: ruma::OwnedUserId = cfg.bot_mxid().try_into().context("bot user id")?;
+    match hs.register_user(&cfg.appservice.bot.username).await {
+        Ok(()) => {}
+        Err(e) if e.errcode() == Some("M_UNKNOWN_TOKEN") || e.errcode() == Some("M_FORBIDDEN") => {
+            bail!(
+                "the homeserver rejected the bridge's as_token ({e}). Check that registration.yaml is listed in the \
+                 homeserver's app_service_config_files, that its as_token matches appservice.as_token, and restart the homeserver"
+            );
+        }
+        Err(e) => bail!("cannot register the bot user: {e}"),
+    }
+    if let Err(e) = hs.set_displayname(&bot_user, &cfg.appservice.bot.displayname).await {
+        tracing::warn!(error = %e, "cannot set the bot's display name");
+    }
+    let avatar = ruma::OwnedMxcUri::from(cfg.appservice.bot.avatar.as_str());
+    if avatar.is_valid() {
+        if let Err(e) = hs.set_avatar(&bot_user, avatar).await {
+            tracing::warn!(error = %e, "cannot set the bot's avatar");
+        }
+    }
+    match hs.ping_appservice(&cfg.appservice.id).await {
+        Ok(d) => tracing::info!(round_trip_ms = d.as_millis() as u64, "homeserver reached the bridge"),
+        Err(e) => explain_ping_failure(cfg, &e)?,
+    }
+    Ok(())
+}
+
+fn explain_ping_failure(cfg: &Config, e: &MatrixError) -> anyhow::Result<()> {
+    match e.errcode() {
+        Some("M_CONNECTION_FAILED") | Some("M_CONNECTION_TIMEOUT") => {
+            tracing::error!(
+                address = %cfg.appservice.address,
+                "the homeserver cannot reach the bridge at appservice.address: check the address, firewalls, and \
+                 that the registration's url matches; the bridge keeps running ({e})"
+            );
+            Ok(())
+        }
+        Some("M_BAD_STATUS") => bail!(
+            "the homeserver reached the bridge but the bridge refused it ({e}): the hs_token in registration.yaml \
+             does not match appservice.hs_token; regenerate the registration or copy the token"
+        ),
+        Some("M_FORBIDDEN") | Some("M_UNKNOWN_TOKEN") => bail!(
+            "the homeserver refused the ping ({e}): appservice.id `{}` or appservice.as_token does not match the \
+             loaded registration",
+            cfg.appservice.id
+        ),
+        Some("M_URL_NOT_SET") => bail!("the registration has no url: set appservice.address and regenerate it"),
+        _ => {
+            tracing::warn!(error = %e, "the homeserver does not support the appservice ping; skipping the check");
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

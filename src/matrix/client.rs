@@ -1,0 +1,361 @@
+//! The homeserver client: ruma request types sent with the `as_token`, identity assertion for
+//! ghosts (`user_id`, and `device_id` where a device is needed), and retries with backoff for
+//! transient failures (network errors, 5xx, `M_LIMIT_EXCEEDED` honouring `retry_after_ms`).
+
+use std::{borrow::Cow, collections::BTreeMap, fmt, sync::Arc, time::Duration};
+
+use ruma::{
+    DeviceId, OwnedMxcUri, OwnedRoomId, OwnedUserId, RoomId, UserId,
+    api::{
+        AppserviceUserIdentity, IncomingResponse, OutgoingRequest, OutgoingRequestAppserviceExt,
+        SupportedVersions,
+        auth_scheme::{AuthScheme, SendAccessToken},
+        path_builder::{PathBuilder, SinglePath, VersionHistory},
+    },
+};
+use serde::Deserialize;
+
+/// How many times a request is tried before its error is returned.
+const MAX_ATTEMPTS: u32 = 6;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MatrixError {
+    /// The homeserver answered with a Matrix error.
+    #[error("homeserver answered {status} {errcode}: {message}")]
+    Api { status: u16, errcode: String, message: String, retry_after: Option<Duration> },
+    #[error("homeserver unreachable: {0}")]
+    Network(String),
+    #[error("cannot build request: {0}")]
+    Build(String),
+    #[error("unexpected response from the homeserver: {0}")]
+    Response(String),
+}
+
+impl MatrixError {
+    pub fn errcode(&self) -> Option<&str> {
+        match self {
+            MatrixError::Api { errcode, .. } => Some(errcode),
+            _ => None,
+        }
+    }
+
+    fn is_transient(&self) -> bool {
+        match self {
+            MatrixError::Network(_) => true,
+            MatrixError::Api { status, errcode, .. } => *status >= 500 || errcode == "M_LIMIT_EXCEEDED",
+            _ => false,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    #[serde(default)]
+    errcode: String,
+    #[serde(default)]
+    error: String,
+    #[serde(default)]
+    retry_after_ms: Option<u64>,
+}
+
+/// Supplies the path-builder argument for both kinds of ruma endpoints.
+pub trait PathArg: PathBuilder {
+    fn arg(versions: &SupportedVersions) -> Self::Input<'_>;
+}
+
+impl PathArg for VersionHistory {
+    fn arg(versions: &SupportedVersions) -> Self::Input<'_> {
+        Cow::Borrowed(versions)
+    }
+}
+
+impl PathArg for SinglePath {
+    fn arg(_: &SupportedVersions) -> Self::Input<'_> {}
+}
+
+/// A client of one homeserver, shared by the bot and all ghosts.
+#[derive(Clone)]
+pub struct HomeserverClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    http: reqwest::Client,
+    base: String,
+    as_token: String,
+    versions: SupportedVersions,
+    retry_base: Duration,
+}
+
+impl fmt::Debug for HomeserverClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HomeserverClient").field("base", &self.inner.base).finish_non_exhaustive()
+    }
+}
+
+impl HomeserverClient {
+    pub fn new(base: &str, as_token: &str) -> Result<Self, MatrixError> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(120))
+            .connect_timeout(Duration::from_secs(10))
+            .user_agent(concat!("matrix-interop-bridge/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| MatrixError::Build(e.to_string()))?;
+        let versions = SupportedVersions::from_parts(&["v1.11".to_owned()], &BTreeMap::new());
+        Ok(Self {
+            inner: Arc::new(Inner {
+                http,
+                base: base.trim_end_matches('/').to_owned(),
+                as_token: as_token.to_owned(),
+                versions,
+                retry_base: Duration::from_millis(250),
+            }),
+        })
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.inner.base
+    }
+
+    /// Sends `req` as `user` (identity assertion; `None` = the appservice's sender, the bot).
+    pub async fn send<R>(
+        &self,
+        req: R,
+        user: Option<&UserId>,
+        device: Option<&DeviceId>,
+    ) -> Result<R::IncomingResponse, MatrixError>
+    where
+        R: OutgoingRequest,
+        R::PathBuilder: PathArg,
+        for<'a> R::Authentication: AuthScheme<Input<'a> = SendAccessToken<'a>>,
+    {
+        let http_req = self.build(req, user, device)?;
+        let resp = self.execute(http_req).await?;
+        R::IncomingResponse::try_from_http_response(resp).map_err(|e| MatrixError::Response(e.to_string()))
+    }
+
+    fn build<R>(
+        &self,
+        req: R,
+        user: Option<&UserId>,
+        device: Option<&DeviceId>,
+    ) -> Result<http::Request<Vec<u8>>, MatrixError>
+    where
+        R: OutgoingRequest,
+        R::PathBuilder: PathArg,
+        for<'a> R::Authentication: AuthScheme<Input<'a> = SendAccessToken<'a>>,
+    {
+        let token = SendAccessToken::Appservice(&self.inner.as_token);
+        let arg = <R::PathBuilder as PathArg>::arg(&self.inner.versions);
+        let built = match user {
+            Some(user) => {
+                let mut ident = AppserviceUserIdentity::new(user);
+                ident.device_id = device;
+                req.try_into_http_request_with_identity(&self.inner.base, token, ident, arg)
+            }
+            None => req.try_into_http_request(&self.inner.base, token, arg),
+        };
+        built.map_err(|e| MatrixError::Build(e.to_string()))
+    }
+
+    /// Runs a built request with retries; returns the successful response.
+    async fn execute(&self, req: http::Request<Vec<u8>>) -> Result<http::Response<Vec<u8>>, MatrixError> {
+        let (parts, body) = req.into_parts();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut rb = self.inner.http.request(parts.method.clone(), parts.uri.to_string());
+            for (k, v) in &parts.headers {
+                rb = rb.header(k, v);
+            }
+            let result: Result<(), MatrixError> = match rb.body(body.clone()).send().await {
+                Ok(resp) => {
+                    let status = resp.status();
+                    let headers = resp.headers().clone();
+                    match resp.bytes().await {
+                        Ok(bytes) if status.is_success() => {
+                            let mut b = http::Response::builder().status(status);
+                            for (k, v) in &headers {
+                                b = b.header(k, v);
+                            }
+                            return b.body(bytes.to_vec()).map_err(|e| MatrixError::Response(e.to_string()));
+                        }
+                        Ok(bytes) => Err(api_error(status.as_u16(), &bytes)),
+                        Err(e) => Err(MatrixError::Network(e.to_string())),
+                    }
+                }
+                Err(e) => Err(MatrixError::Network(e.to_string())),
+            };
+            let err = result.expect_err("success returned above");
+            if !err.is_transient() || attempt >= MAX_ATTEMPTS {
+                return Err(err);
+            }
+            let backoff = match &err {
+                MatrixError::Api { retry_after: Some(d), .. } => *d,
+                _ => self.inner.retry_base * 2u32.pow(attempt - 1),
+            };
+            tracing::warn!(method = %parts.method, path = parts.uri.path(), attempt, ?backoff, error = %err, "retrying homeserver request");
+            tokio::time::sleep(backoff.min(Duration::from_secs(60))).await;
+        }
+    }
+
+    /// `POST /_matrix/client/v1/appservice/{id}/ping`: proves both directions work.
+    pub async fn ping_appservice(&self, appservice_id: &str) -> Result<Duration, MatrixError> {
+        use ruma::api::client::appservice::request_ping::v1 as ping;
+        let mut req = ping::Request::new(appservice_id.to_owned());
+        req.transaction_id = Some(ruma::TransactionId::new());
+        Ok(self.send(req, None, None).await?.duration)
+    }
+
+    /// Registers an appservice user; an existing user counts as success.
+    pub async fn register_user(&self, localpart: &str) -> Result<(), MatrixError> {
+        use ruma::api::client::account::register::{LoginType, v3 as register};
+        let mut req = register::Request::new();
+        req.username = Some(localpart.to_owned());
+        req.login_type = Some(LoginType::ApplicationService);
+        req.inhibit_login = true;
+        match self.send(req, None, None).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.errcode() == Some("M_USER_IN_USE") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn set_displayname(&self, user: &UserId, name: &str) -> Result<(), MatrixError> {
+        use ruma::{api::client::profile::set_profile_field::v3 as set, profile::ProfileFieldValue};
+        let req = set::Request::new(user.to_owned(), ProfileFieldValue::DisplayName(name.to_owned()));
+        self.send(req, Some(user), None).await.map(|_| ())
+    }
+
+    pub async fn set_avatar(&self, user: &UserId, mxc: OwnedMxcUri) -> Result<(), MatrixError> {
+        use ruma::{api::client::profile::set_profile_field::v3 as set, profile::ProfileFieldValue};
+        let req = set::Request::new(user.to_owned(), ProfileFieldValue::AvatarUrl(mxc));
+        self.send(req, Some(user), None).await.map(|_| ())
+    }
+
+    pub async fn join(&self, room: &RoomId, user: &UserId) -> Result<(), MatrixError> {
+        use ruma::api::client::membership::join_room_by_id::v3 as join;
+        self.send(join::Request::new(room.to_owned()), Some(user), None).await.map(|_| ())
+    }
+
+    pub async fn leave(&self, room: &RoomId, user: &UserId) -> Result<(), MatrixError> {
+        use ruma::api::client::membership::leave_room::v3 as leave;
+        self.send(leave::Request::new(room.to_owned()), Some(user), None).await.map(|_| ())
+    }
+
+    pub async fn invite(&self, room: &RoomId, by: &UserId, invitee: &UserId) -> Result<(), MatrixError> {
+        use ruma::api::client::membership::invite_user::v3::{self as invite, InvitationRecipient};
+        let recipient: InvitationRecipient = serde_json::from_value(serde_json::json!({ "user_id": invitee }))
+            .map_err(|e| MatrixError::Build(e.to_string()))?;
+        let req = invite::Request::new(room.to_owned(), recipient);
+        self.send(req, Some(by), None).await.map(|_| ())
+    }
+
+    /// Sends a message event given as raw JSON content; returns the event id.
+    pub async fn send_message(
+        &self,
+        room: &RoomId,
+        as_user: &UserId,
+        event_type: &str,
+        content: &serde_json::Value,
+        txn_id: &str,
+    ) -> Result<String, MatrixError> {
+        use ruma::api::client::message::send_message_event::v3 as send;
+        let raw = ruma::serde::Raw::new(content).map_err(|e| MatrixError::Build(e.to_string()))?.cast_unchecked();
+        let req = send::Request::new_raw(room.to_owned(), txn_id.into(), event_type.into(), raw);
+        Ok(self.send(req, Some(as_user), None).await?.event_id.to_string())
+    }
+
+    /// Sends a state event given as raw JSON content; returns the event id.
+    pub async fn send_state(
+        &self,
+        room: &RoomId,
+        as_user: &UserId,
+        event_type: &str,
+        state_key: &str,
+        content: &serde_json::Value,
+    ) -> Result<String, MatrixError> {
+        use ruma::api::client::state::send_state_event::v3 as send;
+        let raw = ruma::serde::Raw::new(content).map_err(|e| MatrixError::Build(e.to_string()))?.cast_unchecked();
+        let req = send::Request::new_raw(room.to_owned(), event_type.into(), state_key.to_owned(), raw);
+        Ok(self.send(req, Some(as_user), None).await?.event_id.to_string())
+    }
+
+    /// Creates a room as `creator` from a raw `createRoom` body (spec shape).
+    pub async fn create_room(&self, creator: &UserId, body: serde_json::Value) -> Result<OwnedRoomId, MatrixError> {
+        use ruma::api::client::room::create_room::v3 as create;
+        let req: create::Request = serde_json::from_value::<CreateRoomBody>(body)
+            .map_err(|e| MatrixError::Build(e.to_string()))?
+            .into_request();
+        Ok(self.send(req, Some(creator), None).await?.room_id)
+    }
+
+    pub async fn joined_members(&self, room: &RoomId, as_user: &UserId) -> Result<Vec<OwnedUserId>, MatrixError> {
+        use ruma::api::client::membership::joined_members::v3 as members;
+        Ok(self.send(members::Request::new(room.to_owned()), Some(as_user), None).await?.joined.into_keys().collect())
+    }
+
+    /// Uploads media; returns its mxc URI.
+    pub async fn upload(
+        &self,
+        as_user: &UserId,
+        data: Vec<u8>,
+        mimetype: &str,
+        filename: Option<&str>,
+    ) -> Result<OwnedMxcUri, MatrixError> {
+        use ruma::api::client::media::create_content::v3 as upload;
+        let mut req = upload::Request::new(data);
+        req.content_type = Some(mimetype.to_owned());
+        req.filename = filename.map(str::to_owned);
+        Ok(self.send(req, Some(as_user), None).await?.content_uri)
+    }
+
+    /// `GET /_matrix/client/versions`, to see whether the homeserver is up.
+    pub async fn versions(&self) -> Result<(), MatrixError> {
+        let url = format!("{}/_matrix/client/versions", self.inner.base);
+        let resp = self.inner.http.get(url).send().await.map_err(|e| MatrixError::Network(e.to_string()))?;
+        if resp.status().is_success() { Ok(()) } else { Err(MatrixError::Network(format!("status {}", resp.status()))) }
+    }
+}
+
+fn api_error(status: u16, body: &[u8]) -> MatrixError {
+    let parsed: Option<ErrorBody> = serde_json::from_slice(body).ok();
+    let (errcode, message, retry) = match parsed {
+        Some(b) => (b.errcode, b.error, b.retry_after_ms),
+        None => (String::new(), String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(), None),
+    };
+    MatrixError::Api { status, errcode, message, retry_after: retry.map(Duration::from_millis) }
+}
+
+/// The subset of `createRoom` the bridge uses, deserialized from the spec's JSON shape.
+#[derive(Deserialize, Default)]
+struct CreateRoomBody {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    topic: Option<String>,
+    #[serde(default)]
+    invite: Vec<OwnedUserId>,
+    #[serde(default)]
+    is_direct: bool,
+    #[serde(default)]
+    preset: Option<ruma::api::client::room::create_room::v3::RoomPreset>,
+    #[serde(default)]
+    initial_state: Vec<ruma::serde::Raw<ruma::events::AnyInitialStateEvent>>,
+    #[serde(default)]
+    power_level_content_override: Option<Box<serde_json::value::RawValue>>,
+}
+
+impl CreateRoomBody {
+    fn into_request(self) -> ruma::api::client::room::create_room::v3::Request {
+        let mut req = ruma::api::client::room::create_room::v3::Request::new();
+        req.name = self.name;
+        req.topic = self.topic;
+        req.invite = self.invite;
+        req.is_direct = self.is_direct;
+        req.preset = self.preset;
+        req.initial_state = self.initial_state;
+        req.power_level_content_override = self.power_level_content_override.map(ruma::serde::Raw::from_json);
+        req
+    }
+}

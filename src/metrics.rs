@@ -1,0 +1,91 @@
+//! Prometheus metrics, served as text at `GET /metrics` on the metrics listener.
+
+use std::sync::Arc;
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabels {
+    pub kind: String,
+}
+
+/// All of the bridge's metrics; cheap to clone.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    pub transactions: Counter,
+    pub duplicate_transactions: Counter,
+    pub events: Family<EventLabels, Counter>,
+    pub errors: Counter,
+    pub auth_failures: Counter,
+    pub transaction_seconds: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("mib");
+        let transactions = Counter::default();
+        let duplicate_transactions = Counter::default();
+        let events = Family::<EventLabels, Counter>::default();
+        let errors = Counter::default();
+        let auth_failures = Counter::default();
+        let transaction_seconds =
+            Histogram::new([0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]);
+        registry.register("appservice_transactions", "Appservice transactions applied", transactions.clone());
+        registry.register(
+            "appservice_duplicate_transactions",
+            "Retried appservice transactions that were already applied",
+            duplicate_transactions.clone(),
+        );
+        registry.register("appservice_events", "Events received from the homeserver, by kind", events.clone());
+        registry.register("errors", "Events or messages that failed to bridge", errors.clone());
+        registry.register("appservice_auth_failures", "Requests with a wrong hs_token", auth_failures.clone());
+        registry.register(
+            "appservice_transaction_seconds",
+            "Time to record and acknowledge a transaction",
+            transaction_seconds.clone(),
+        );
+        Self {
+            registry: Arc::new(registry),
+            transactions,
+            duplicate_transactions,
+            events,
+            errors,
+            auth_failures,
+            transaction_seconds,
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+
+    pub fn router(&self) -> axum::Router {
+        let me = self.clone();
+        axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let me = me.clone();
+                async move {
+                    (
+                        [(http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                        me.render(),
+                    )
+                }
+            }),
+        )
+    }
+}

@@ -1,0 +1,410 @@
+//! Persistence: one sqlx pool over SQLite (embedded default, WAL) or PostgreSQL, the numbered
+//! migrations of `migrations/{sqlite,postgres}`, and the store traits the rest of the bridge uses.
+//! Queries are written once in the subset of SQL both databases accept (`$n` placeholders in
+//! first-use order, which SQLite binds positionally); dialect differences live in the migrations.
+
+use std::{sync::Once, time::Duration};
+
+use async_trait::async_trait;
+use sqlx::{
+    Executor, Row,
+    any::{AnyConnectOptions, AnyPoolOptions},
+    pool::Pool,
+};
+
+use crate::config::{DatabaseConfig, DatabaseType};
+
+mod vault;
+
+pub type AnyPool = Pool<sqlx::Any>;
+
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database is not migrated: run `matrix-interop-bridge migrate` ({0} pending)")]
+    NotMigrated(usize),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// An inbound Matrix event waiting in the durable queue, sealed by the vault.
+#[derive(Clone, Debug)]
+pub struct QueuedEvent {
+    pub room_id: Option<String>,
+    pub sealed: Vec<u8>,
+}
+
+#[derive(Clone, Debug)]
+pub struct StoredEvent {
+    pub seq: i64,
+    pub room_id: Option<String>,
+    pub sealed: Vec<u8>,
+    pub attempts: i64,
+}
+
+/// What happened to an appservice transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TxnOutcome {
+    Applied,
+    Duplicate,
+}
+
+#[async_trait]
+pub trait TxnStore: Send + Sync {
+    /// Records the transaction and queues its events in one database transaction. A transaction
+    /// with the same id and the same body hash is a retry and changes nothing.
+    async fn apply_transaction(
+        &self,
+        txn_id: &str,
+        body_hash: &[u8],
+        events: &[QueuedEvent],
+    ) -> Result<TxnOutcome, StoreError>;
+    /// The oldest queued events, in arrival order.
+    async fn queued_events(&self, limit: i64) -> Result<Vec<StoredEvent>, StoreError>;
+    async fn remove_event(&self, seq: i64) -> Result<(), StoreError>;
+    async fn count_attempt(&self, seq: i64) -> Result<(), StoreError>;
+    /// Forgets transaction ids older than `max_age_ms` (the events themselves are long applied).
+    async fn prune_transactions(&self, max_age_ms: i64) -> Result<u64, StoreError>;
+}
+
+#[async_trait]
+pub trait UserStore: Send + Sync {
+    async fn management_room(&self, mxid: &str) -> Result<Option<String>, StoreError>;
+    async fn set_management_room(&self, mxid: &str, room_id: &str) -> Result<(), StoreError>;
+    /// The user whose management room this is, if any.
+    async fn management_room_owner(&self, room_id: &str) -> Result<Option<String>, StoreError>;
+}
+
+#[async_trait]
+pub trait KvStore: Send + Sync {
+    async fn kv_get(&self, key: &str) -> Result<Option<String>, StoreError>;
+    async fn kv_set(&self, key: &str, value: &str) -> Result<(), StoreError>;
+}
+
+/// The SQL store over SQLite or PostgreSQL.
+#[derive(Clone, Debug)]
+pub struct SqlStore {
+    pool: AnyPool,
+    kind: DatabaseType,
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+impl SqlStore {
+    /// Opens a pool; for SQLite the file is created and switched to WAL.
+    pub async fn connect(cfg: &DatabaseConfig) -> Result<Self, StoreError> {
+        static DRIVERS: Once = Once::new();
+        DRIVERS.call_once(sqlx::any::install_default_drivers);
+        let kind = cfg.db_type();
+        let uri = match kind {
+            DatabaseType::Sqlite if !cfg.uri.contains('?') && !cfg.uri.contains(":memory:") => {
+                format!("{}?mode=rwc", cfg.uri)
+            }
+            _ => cfg.uri.clone(),
+        };
+        let opts: AnyConnectOptions = uri.parse()?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(cfg.max_connections)
+            .min_connections(cfg.min_connections.min(cfg.max_connections))
+            .acquire_timeout(Duration::from_secs(30))
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if kind == DatabaseType::Sqlite {
+                        conn.execute("PRAGMA journal_mode = WAL").await?;
+                        conn.execute("PRAGMA synchronous = NORMAL").await?;
+                        conn.execute("PRAGMA busy_timeout = 10000").await?;
+                        conn.execute("PRAGMA foreign_keys = ON").await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(opts)
+            .await?;
+        Ok(Self { pool, kind })
+    }
+
+    fn migrator(&self) -> &'static sqlx::migrate::Migrator {
+        match self.kind {
+            DatabaseType::Sqlite => &SQLITE_MIGRATIONS,
+            DatabaseType::Postgres => &POSTGRES_MIGRATIONS,
+        }
+    }
+
+    /// Applies pending migrations.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        self.migrator().run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Fails with a clear message when migrations are pending.
+    pub async fn check_migrated(&self) -> Result<(), StoreError> {
+        let applied: Vec<i64> = match sqlx::query("SELECT version FROM _sqlx_migrations WHERE success = TRUE")
+            .fetch_all(&self.pool)
+            .await
+        {
+            Ok(rows) => rows.iter().map(|r| r.try_get::<i64, _>(0)).collect::<Result<_, _>>()?,
+            Err(_) => Vec::new(),
+        };
+        let pending = self.migrator().iter().filter(|m| !applied.contains(&m.version)).count();
+        if pending > 0 { Err(StoreError::NotMigrated(pending)) } else { Ok(()) }
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    pub fn kind(&self) -> DatabaseType {
+        self.kind
+    }
+
+    /// A cheap round trip, for `/ready`.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+#[async_trait]
+impl TxnStore for SqlStore {
+    async fn apply_transaction(
+        &self,
+        txn_id: &str,
+        body_hash: &[u8],
+        events: &[QueuedEvent],
+    ) -> Result<TxnOutcome, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let seen: Option<Vec<u8>> = sqlx::query_scalar("SELECT body_hash FROM appservice_txn WHERE txn_id = $1")
+            .bind(txn_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if seen.as_deref() == Some(body_hash) {
+            return Ok(TxnOutcome::Duplicate);
+        }
+        let now = now_ms();
+        // Same id, other body: the homeserver restarted its counter. Take it as new.
+        sqlx::query("DELETE FROM appservice_txn WHERE txn_id = $1").bind(txn_id).execute(&mut *tx).await?;
+        sqlx::query("INSERT INTO appservice_txn (txn_id, body_hash, received_at) VALUES ($1, $2, $3)")
+            .bind(txn_id)
+            .bind(body_hash)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        for ev in events {
+            sqlx::query("INSERT INTO event_queue (room_id, sealed, attempts, created_at) VALUES ($1, $2, 0, $3)")
+                .bind(ev.room_id.as_deref())
+                .bind(&ev.sealed[..])
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(TxnOutcome::Applied)
+    }
+
+    async fn queued_events(&self, limit: i64) -> Result<Vec<StoredEvent>, StoreError> {
+        let rows = sqlx::query("SELECT seq, room_id, sealed, attempts FROM event_queue ORDER BY seq LIMIT $1")
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(StoredEvent {
+                    seq: r.try_get(0)?,
+                    room_id: r.try_get(1)?,
+                    sealed: r.try_get(2)?,
+                    attempts: r.try_get::<i32, _>(3).map(i64::from)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn remove_event(&self, seq: i64) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM event_queue WHERE seq = $1").bind(seq).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn count_attempt(&self, seq: i64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE event_queue SET attempts = attempts + 1 WHERE seq = $1").bind(seq).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn prune_transactions(&self, max_age_ms: i64) -> Result<u64, StoreError> {
+        let r = sqlx::query("DELETE FROM appservice_txn WHERE received_at < $1")
+            .bind(now_ms() - max_age_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected())
+    }
+}
+
+#[async_trait]
+impl UserStore for SqlStore {
+    async fn management_room(&self, mxid: &str) -> Result<Option<String>, StoreError> {
+        let room: Option<Option<String>> =
+            sqlx::query_scalar("SELECT management_room FROM matrix_user WHERE mxid = $1")
+                .bind(mxid)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(room.flatten())
+    }
+
+    async fn set_management_room(&self, mxid: &str, room_id: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO matrix_user (mxid, management_room) VALUES ($1, $2) \
+             ON CONFLICT (mxid) DO UPDATE SET management_room = excluded.management_room",
+        )
+        .bind(mxid)
+        .bind(room_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn management_room_owner(&self, room_id: &str) -> Result<Option<String>, StoreError> {
+        Ok(sqlx::query_scalar("SELECT mxid FROM matrix_user WHERE management_room = $1")
+            .bind(room_id)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+}
+
+#[async_trait]
+impl KvStore for SqlStore {
+    async fn kv_get(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(sqlx::query_scalar("SELECT value FROM kv WHERE key = $1").bind(key).fetch_optional(&self.pool).await?)
+    }
+
+    async fn kv_set(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO kv (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value")
+            .bind(key)
+            .bind(value)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
+
+/// Helpers for the store conformance suite: a fresh SQLite file, or a fresh PostgreSQL schema.
+pub mod testing {
+    use super::*;
+
+    /// The PostgreSQL server the suite runs against; `MIB_TEST_PG_URL` overrides it.
+    pub fn pg_url() -> String {
+        std::env::var("MIB_TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+    }
+
+    /// A migrated store in a temporary SQLite file (the directory lives as long as the guard).
+    pub async fn sqlite() -> (SqlStore, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let cfg = DatabaseConfig {
+            kind: "sqlite".into(),
+            uri: format!("sqlite://{}", dir.path().join("test.db").display()),
+            max_connections: 4,
+            min_connections: 1,
+        };
+        let store = SqlStore::connect(&cfg).await.expect("open sqlite");
+        store.migrate().await.expect("migrate sqlite");
+        (store, dir)
+    }
+
+    /// A migrated store in a new, uniquely named PostgreSQL schema.
+    pub async fn postgres() -> SqlStore {
+        let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+        let base = pg_url();
+        let admin = DatabaseConfig { kind: "postgres".into(), uri: base.clone(), max_connections: 1, min_connections: 0 };
+        let admin = SqlStore::connect(&admin)
+            .await
+            .unwrap_or_else(|e| panic!("PostgreSQL at {base} is needed for the store suite: {e}"));
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}"))).execute(admin.pool()).await.expect("create schema");
+        admin.close().await;
+        let sep = if base.contains('?') { '&' } else { '?' };
+        let cfg = DatabaseConfig {
+            kind: "postgres".into(),
+            uri: format!("{base}{sep}options=-c%20search_path%3D{schema}"),
+            max_connections: 4,
+            min_connections: 0,
+        };
+        let store = SqlStore::connect(&cfg).await.expect("open postgres");
+        store.migrate().await.expect("migrate postgres");
+        store
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The conformance suite: every check runs on both databases.
+    macro_rules! store_suite {
+        ($($name:ident),* $(,)?) => {
+            mod sqlite_suite {
+                $(#[tokio::test] async fn $name() { let (s, _d) = super::testing::sqlite().await; super::$name(&s).await; })*
+            }
+            mod postgres_suite {
+                $(#[tokio::test] async fn $name() { let s = super::testing::postgres().await; super::$name(&s).await; })*
+            }
+        };
+    }
+
+    store_suite!(retried_transaction_has_no_second_effect, restarted_txn_counter_is_new, users_and_kv, queue_order);
+
+    fn ev(room: &str, body: &[u8]) -> QueuedEvent {
+        QueuedEvent { room_id: Some(room.into()), sealed: body.to_vec() }
+    }
+
+    async fn retried_transaction_has_no_second_effect(s: &SqlStore) {
+        let events = [ev("!a:x", b"one"), ev("!a:x", b"two")];
+        assert_eq!(s.apply_transaction("1", b"h1", &events).await.expect("apply"), TxnOutcome::Applied);
+        assert_eq!(s.apply_transaction("1", b"h1", &events).await.expect("apply"), TxnOutcome::Duplicate);
+        let q = s.queued_events(10).await.expect("queue");
+        assert_eq!(q.iter().map(|e| e.sealed.clone()).collect::<Vec<_>>(), vec![b"one".to_vec(), b"two".to_vec()]);
+    }
+
+    async fn restarted_txn_counter_is_new(s: &SqlStore) {
+        s.apply_transaction("1", b"h1", &[ev("!a:x", b"one")]).await.expect("apply");
+        assert_eq!(s.apply_transaction("1", b"h2", &[ev("!a:x", b"new")]).await.expect("apply"), TxnOutcome::Applied);
+        assert_eq!(s.queued_events(10).await.expect("queue").len(), 2);
+        assert_eq!(s.prune_transactions(-1000).await.expect("prune"), 1);
+    }
+
+    async fn users_and_kv(s: &SqlStore) {
+        assert_eq!(s.management_room("@a:x").await.expect("get"), None);
+        s.set_management_room("@a:x", "!r1:x").await.expect("set");
+        s.set_management_room("@a:x", "!r2:x").await.expect("set");
+        assert_eq!(s.management_room("@a:x").await.expect("get").as_deref(), Some("!r2:x"));
+        assert_eq!(s.management_room_owner("!r2:x").await.expect("owner").as_deref(), Some("@a:x"));
+        assert_eq!(s.management_room_owner("!r1:x").await.expect("owner"), None);
+        s.kv_set("k", "v1").await.expect("kv");
+        s.kv_set("k", "v2").await.expect("kv");
+        assert_eq!(s.kv_get("k").await.expect("kv").as_deref(), Some("v2"));
+        s.check_migrated().await.expect("migrated");
+    }
+
+    async fn queue_order(s: &SqlStore) {
+        for i in 0..5u8 {
+            s.apply_transaction(&i.to_string(), &[i], &[ev("!a:x", &[i])]).await.expect("apply");
+        }
+        let q = s.queued_events(3).await.expect("queue");
+        assert_eq!(q.iter().map(|e| e.sealed[0]).collect::<Vec<_>>(), vec![0, 1, 2]);
+        s.count_attempt(q[0].seq).await.expect("attempt");
+        s.remove_event(q[1].seq).await.expect("remove");
+        let q = s.queued_events(10).await.expect("queue");
+        assert_eq!(q.iter().map(|e| e.sealed[0]).collect::<Vec<_>>(), vec![0, 2, 3, 4]);
+        assert_eq!(q[0].attempts, 1);
+    }
+}
