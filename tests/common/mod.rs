@@ -1,0 +1,285 @@
+//! The end-to-end harness: a real Synapse on a free loopback port with the bridge registered,
+//! the bridge binary, and a small client-server API client for test users. Every process is
+//! killed when its guard drops, also when a test fails.
+
+#![allow(dead_code)]
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// A child process killed on drop.
+pub struct Proc {
+    pub name: &'static str,
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &'static str, mut cmd: Command, log: PathBuf) -> Self {
+        let out = std::fs::File::create(&log).expect("log file");
+        let err = out.try_clone().expect("clone log");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Self { name, child, log }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn stop(&mut self) {
+        #[cfg(unix)]
+        {
+            let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if !self.is_running() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- last lines of {} ({}) ----\n{}", self.name, self.log.display(), self.log_tail());
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn venv() -> String {
+    std::env::var("MIB_SYNAPSE_VENV").unwrap_or_else(|_| {
+        let out = Command::new(repo().join("scripts/ensure-synapse.sh")).output().expect("run ensure-synapse.sh");
+        assert!(out.status.success(), "ensure-synapse.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().trim().to_owned()
+    })
+}
+
+pub struct Synapse {
+    pub url: String,
+    pub server_name: String,
+    pub shared_secret: String,
+    pub proc: Proc,
+    pub dir: PathBuf,
+}
+
+impl Synapse {
+    /// Writes a config for `dir` with `registration` and starts Synapse; waits until it answers.
+    pub async fn start(dir: &Path, registration: &Path) -> Self {
+        let port = free_port();
+        let venv = venv();
+        let out = Command::new(repo().join("scripts/synapse-config.sh"))
+            .arg(dir)
+            .arg(port.to_string())
+            .arg(registration)
+            .arg("localhost")
+            .env("MIB_SYNAPSE_VENV", &venv)
+            .output()
+            .expect("synapse-config.sh");
+        assert!(out.status.success(), "synapse-config.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let field = |k: &str| {
+            stdout
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                .unwrap_or_else(|| panic!("synapse-config.sh printed no {k}"))
+                .to_owned()
+        };
+        let url = field("base_url").trim_end_matches('/').to_owned();
+        let mut cmd = Command::new(repo().join("scripts/start-synapse.sh"));
+        cmd.arg(dir).env("MIB_SYNAPSE_VENV", &venv);
+        let proc = Proc::spawn("synapse", cmd, dir.join("synapse.out"));
+        let s = Self { url, server_name: field("server_name"), shared_secret: field("shared_secret"), proc, dir: dir.into() };
+        wait_http(&format!("{}/_matrix/client/versions", s.url), Duration::from_secs(60), &s.proc).await;
+        s
+    }
+
+    /// Registers (or reuses) a user and logs in.
+    pub async fn user(&self, localpart: &str) -> MatrixUser {
+        let out = Command::new(repo().join("scripts/register-user.sh"))
+            .args([&self.url, &self.shared_secret, localpart, "test-password-1"])
+            .output()
+            .expect("register-user.sh");
+        assert!(out.status.success(), "register-user.sh: {}", String::from_utf8_lossy(&out.stderr));
+        let http = reqwest::Client::new();
+        let resp: Value = http
+            .post(format!("{}/_matrix/client/v3/login", self.url))
+            .json(&json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": localpart}, "password": "test-password-1"}))
+            .send()
+            .await
+            .expect("login")
+            .json()
+            .await
+            .expect("login json");
+        MatrixUser {
+            http,
+            base: self.url.clone(),
+            token: resp["access_token"].as_str().expect("access token").to_owned(),
+            user_id: resp["user_id"].as_str().expect("user id").to_owned(),
+        }
+    }
+}
+
+pub async fn wait_http(url: &str, timeout: Duration, proc: &Proc) {
+    let start = Instant::now();
+    let http = reqwest::Client::new();
+    loop {
+        if let Ok(r) = http.get(url).send().await {
+            if r.status().is_success() {
+                return;
+            }
+        }
+        assert!(start.elapsed() < timeout, "{url} did not answer in {timeout:?}\n{}", proc.log_tail());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A logged-in Matrix user on the test homeserver.
+pub struct MatrixUser {
+    pub http: reqwest::Client,
+    pub base: String,
+    pub token: String,
+    pub user_id: String,
+}
+
+impl MatrixUser {
+    pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("request");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Creates a DM with `invitee` and returns the room id.
+    pub async fn create_dm(&self, invitee: &str) -> String {
+        let (s, b) = self
+            .call(
+                reqwest::Method::POST,
+                "/_matrix/client/v3/createRoom",
+                Some(json!({"invite": [invitee], "is_direct": true, "preset": "trusted_private_chat"})),
+            )
+            .await;
+        assert_eq!(s, 200, "createRoom: {b}");
+        b["room_id"].as_str().expect("room id").to_owned()
+    }
+
+    pub async fn send_text(&self, room: &str, text: &str) -> String {
+        let txn = uuid::Uuid::new_v4();
+        let (s, b) = self
+            .call(
+                reqwest::Method::PUT,
+                &format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/{txn}"),
+                Some(json!({"msgtype": "m.text", "body": text})),
+            )
+            .await;
+        assert_eq!(s, 200, "send: {b}");
+        b["event_id"].as_str().expect("event id").to_owned()
+    }
+
+    pub async fn messages(&self, room: &str) -> Vec<Value> {
+        let (s, b) = self
+            .call(reqwest::Method::GET, &format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=100"), None)
+            .await;
+        assert_eq!(s, 200, "messages: {b}");
+        let mut events = b["chunk"].as_array().cloned().unwrap_or_default();
+        events.reverse();
+        events
+    }
+
+    /// Waits for an event in `room` matching `pred`, from oldest to newest.
+    pub async fn wait_for(&self, room: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let start = Instant::now();
+        loop {
+            if let Some(ev) = self.messages(room).await.into_iter().find(|e| pred(e)) {
+                return ev;
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "timed out waiting for {what} in {room}: {:#?}", self.messages(room).await);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub async fn joined_members(&self, room: &str) -> Vec<String> {
+        let (_, b) = self.call(reqwest::Method::GET, &format!("/_matrix/client/v3/rooms/{room}/joined_members"), None).await;
+        b["joined"].as_object().map(|m| m.keys().cloned().collect()).unwrap_or_default()
+    }
+}
+
+/// A bridge config for tests: SQLite in `dir`, the given homeserver, listening on a free port.
+pub struct BridgeSetup {
+    pub config: PathBuf,
+    pub registration: PathBuf,
+    pub port: u16,
+    pub dir: PathBuf,
+}
+
+impl BridgeSetup {
+    /// Writes config.yaml (with `extra` appended to the bridge section's permissions) and the registration.
+    pub fn write(dir: &Path, hs_url_placeholder_port: u16, permissions: &[(&str, &str)]) -> Self {
+        let port = free_port();
+        let metrics_port = free_port();
+        let perms: String = permissions.iter().map(|(k, v)| format!("        \"{k}\": {v}\n")).collect();
+        let config = dir.join("config.yaml");
+        let text = format!(
+            "homeserver:\n    address: http://127.0.0.1:{hs_url_placeholder_port}\n    domain: localhost\n\
+             appservice:\n    address: http://127.0.0.1:{port}\n    hostname: 127.0.0.1\n    port: {port}\n    id: interop-test\n    as_token: x\n    hs_token: x\n\
+             database:\n    type: sqlite\n    uri: sqlite://{db}\n\
+             bridge:\n    permissions:\n{perms}\
+             metrics:\n    listen: 127.0.0.1:{metrics_port}\n\
+             logging:\n    level: debug\n",
+            db = dir.join("bridge.db").display(),
+        );
+        std::fs::write(&config, text).expect("write config");
+        let registration = dir.join("registration.yaml");
+        let out = Command::new(env!("CARGO_BIN_EXE_matrix-interop-bridge"))
+            .arg("generate-registration")
+            .arg("-c")
+            .arg(&config)
+            .arg("-o")
+            .arg(&registration)
+            .output()
+            .expect("generate-registration");
+        assert!(out.status.success(), "generate-registration: {}", String::from_utf8_lossy(&out.stderr));
+        Self { config, registration, port, dir: dir.into() }
+    }
+
+    pub async fn start(&self) -> Proc {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_matrix-interop-bridge"));
+        cmd.arg("-c").arg(&self.config).env("MIB_VAULT_MASTER_KEY", "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=");
+        let proc = Proc::spawn("bridge", cmd, self.dir.join("bridge.log"));
+        wait_http(&format!("http://127.0.0.1:{}/health", self.port), Duration::from_secs(30), &proc).await;
+        proc
+    }
+}
