@@ -13,3 +13,4 @@ pub mod metrics;
 pub mod registration;
 pub mod store;
 pub mod vault;
+pub mod wire;
