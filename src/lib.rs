@@ -8,6 +8,7 @@
 pub mod appservice;
 pub mod bridge;
 pub mod config;
+pub mod gateway;
 pub mod matrix;
 pub mod metrics;
 pub mod registration;

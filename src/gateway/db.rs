@@ -1,0 +1,454 @@
+//! The gateway's SQLite state. Envelopes and everything they depend on are written in one
+//! transaction, so a crash never loses an acknowledged `Send`.
+
+use std::str::FromStr;
+
+use sqlx::{
+    Row,
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous},
+};
+
+use super::GatewayError;
+use crate::wire::pb;
+
+static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/gateway");
+
+#[derive(Clone, Debug)]
+pub struct GatewayDb {
+    pub(crate) pool: SqlitePool,
+}
+
+pub fn now_ms() -> i64 {
+    crate::store::now_ms()
+}
+
+/// A stored key of the directory.
+#[derive(Clone, Debug)]
+pub struct StoredKey {
+    pub id: u32,
+    pub public_key: Vec<u8>,
+    pub signature: Vec<u8>,
+}
+
+impl GatewayDb {
+    pub async fn open(uri: &str) -> Result<Self, GatewayError> {
+        let opts = SqliteConnectOptions::from_str(uri)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(std::time::Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await?;
+        MIGRATIONS.run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    pub async fn account_secret_hash(&self, account: &str) -> Result<Option<Vec<u8>>, sqlx::Error> {
+        sqlx::query_scalar("SELECT secret_hash FROM account WHERE account = ?").bind(account).fetch_optional(&self.pool).await
+    }
+
+    pub async fn account_exists(&self, account: &str) -> Result<bool, sqlx::Error> {
+        Ok(self.account_secret_hash(account).await?.is_some())
+    }
+
+    /// Creates the account or replaces its secret.
+    pub async fn set_secret(&self, account: &str, hash: &[u8]) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO account (account, secret_hash, created_at) VALUES (?, ?, ?) \
+             ON CONFLICT (account) DO UPDATE SET secret_hash = excluded.secret_hash",
+        )
+        .bind(account)
+        .bind(hash)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn set_code(&self, account: &str, code: &str) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO verification (account, code, created_at, tries) VALUES (?, ?, ?, 0) \
+             ON CONFLICT (account) DO UPDATE SET code = excluded.code, created_at = excluded.created_at, tries = 0",
+        )
+        .bind(account)
+        .bind(code)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// (code, created_at, tries) of the pending code.
+    pub async fn code(&self, account: &str) -> Result<Option<(String, i64, i64)>, sqlx::Error> {
+        let row = sqlx::query("SELECT code, created_at, tries FROM verification WHERE account = ?")
+            .bind(account)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?))).transpose()
+    }
+
+    pub async fn count_wrong_code(&self, account: &str) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE verification SET tries = tries + 1 WHERE account = ?").bind(account).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn drop_code(&self, account: &str) -> Result<(), sqlx::Error> {
+        sqlx::query("DELETE FROM verification WHERE account = ?").bind(account).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn queued_count(&self, account: &str) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar("SELECT COUNT(*) FROM envelope WHERE recipient = ?").bind(account).fetch_one(&self.pool).await
+    }
+
+    pub async fn max_envelope_id(&self, account: &str) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM envelope WHERE recipient = ?")
+            .bind(account)
+            .fetch_one(&self.pool)
+            .await
+    }
+
+    pub async fn key_counts(&self, account: &str) -> Result<(u32, u32), sqlx::Error> {
+        let rows = sqlx::query("SELECT kind, COUNT(*) FROM prekey WHERE account = ? AND kind IN ('one_time','kyber') GROUP BY kind")
+            .bind(account)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut counts = (0, 0);
+        for r in rows {
+            let kind: String = r.try_get(0)?;
+            let n: i64 = r.try_get(1)?;
+            if kind == "one_time" { counts.0 = n as u32 } else { counts.1 = n as u32 }
+        }
+        Ok(counts)
+    }
+
+    pub async fn identity(&self, account: &str) -> Result<Option<(Vec<u8>, u32)>, sqlx::Error> {
+        let row = sqlx::query("SELECT identity_key, registration_id FROM account WHERE account = ?")
+            .bind(account)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.and_then(|r| {
+            let ik: Option<Vec<u8>> = r.try_get(0).ok()?;
+            let reg: i64 = r.try_get(1).ok()?;
+            ik.map(|ik| (ik, reg as u32))
+        }))
+    }
+
+    /// Applies a validated key upload in one transaction.
+    pub async fn upload_keys(&self, account: &str, up: &pb::UploadKeys) -> Result<(), sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let current: Option<Option<Vec<u8>>> = sqlx::query_scalar("SELECT identity_key FROM account WHERE account = ?")
+            .bind(account)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if current.flatten().as_deref() != Some(&up.identity_key[..]) {
+            sqlx::query("DELETE FROM prekey WHERE account = ?").bind(account).execute(&mut *tx).await?;
+        }
+        sqlx::query("UPDATE account SET identity_key = ?, registration_id = ? WHERE account = ?")
+            .bind(&up.identity_key[..])
+            .bind(up.registration_id as i64)
+            .bind(account)
+            .execute(&mut *tx)
+            .await?;
+        let mut seq: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM prekey WHERE account = ?")
+            .bind(account)
+            .fetch_one(&mut *tx)
+            .await?;
+        let mut put = |kind: &'static str, id: u32, pk: Vec<u8>, sig: Option<Vec<u8>>| {
+            seq += 1;
+            (kind, id, pk, sig, seq)
+        };
+        let mut rows = Vec::new();
+        if let Some(k) = &up.signed_prekey {
+            rows.push(put("signed", k.id, k.public_key.clone(), Some(k.signature.clone())));
+        }
+        if let Some(k) = &up.kyber_last_resort {
+            rows.push(put("kyber_last_resort", k.id, k.public_key.clone(), Some(k.signature.clone())));
+        }
+        for k in &up.one_time_prekeys {
+            rows.push(put("one_time", k.id, k.public_key.clone(), None));
+        }
+        for k in &up.kyber_prekeys {
+            rows.push(put("kyber", k.id, k.public_key.clone(), Some(k.signature.clone())));
+        }
+        for (kind, id, pk, sig, seq) in rows {
+            if kind == "signed" || kind == "kyber_last_resort" {
+                sqlx::query("DELETE FROM prekey WHERE account = ? AND kind = ?").bind(account).bind(kind).execute(&mut *tx).await?;
+            }
+            sqlx::query(
+                "INSERT INTO prekey (account, kind, id, public_key, signature, seq) VALUES (?, ?, ?, ?, ?, ?) \
+                 ON CONFLICT (account, kind, id) DO UPDATE SET public_key = excluded.public_key, signature = excluded.signature, seq = excluded.seq",
+            )
+            .bind(account)
+            .bind(kind)
+            .bind(id as i64)
+            .bind(pk)
+            .bind(sig)
+            .bind(seq)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await
+    }
+
+    /// Whether the account has a signed prekey and a Kyber last-resort key stored.
+    pub async fn has_base_keys(&self, account: &str) -> Result<(bool, bool), sqlx::Error> {
+        let kinds: Vec<String> = sqlx::query_scalar(
+            "SELECT kind FROM prekey WHERE account = ? AND kind IN ('signed','kyber_last_resort')",
+        )
+        .bind(account)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok((kinds.iter().any(|k| k == "signed"), kinds.iter().any(|k| k == "kyber_last_resort")))
+    }
+
+    async fn take_key(
+        tx: &mut sqlx::SqliteConnection,
+        account: &str,
+        kind: &str,
+        remove: bool,
+    ) -> Result<Option<StoredKey>, sqlx::Error> {
+        let row = sqlx::query("SELECT id, public_key, signature FROM prekey WHERE account = ? AND kind = ? ORDER BY seq LIMIT 1")
+            .bind(account)
+            .bind(kind)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(r) = row else { return Ok(None) };
+        let key = StoredKey {
+            id: r.try_get::<i64, _>(0)? as u32,
+            public_key: r.try_get(1)?,
+            signature: r.try_get::<Option<Vec<u8>>, _>(2)?.unwrap_or_default(),
+        };
+        if remove {
+            sqlx::query("DELETE FROM prekey WHERE account = ? AND kind = ? AND id = ?")
+                .bind(account)
+                .bind(kind)
+                .bind(key.id as i64)
+                .execute(&mut *tx)
+                .await?;
+        }
+        Ok(Some(key))
+    }
+
+    /// Fetches a bundle, consuming one one-time key of each kind where available.
+    pub async fn fetch_bundle(&self, account: &str) -> Result<Option<pb::Bundle>, sqlx::Error> {
+        let Some((identity_key, registration_id)) = self.identity(account).await? else { return Ok(None) };
+        let mut tx = self.pool.begin().await?;
+        let Some(signed) = Self::take_key(&mut tx, account, "signed", false).await? else { return Ok(None) };
+        let one_time = Self::take_key(&mut tx, account, "one_time", true).await?;
+        let kyber = match Self::take_key(&mut tx, account, "kyber", true).await? {
+            Some(k) => Some(k),
+            None => Self::take_key(&mut tx, account, "kyber_last_resort", false).await?,
+        };
+        tx.commit().await?;
+        let signed_key = |k: StoredKey| pb::SignedKey { id: k.id, public_key: k.public_key, signature: k.signature };
+        Ok(Some(pb::Bundle {
+            account: account.to_owned(),
+            device_id: crate::wire::DEVICE_ID,
+            registration_id,
+            identity_key,
+            signed_prekey: Some(signed_key(signed)),
+            one_time_prekey: one_time.map(|k| pb::PreKey { id: k.id, public_key: k.public_key }),
+            kyber_prekey: kyber.map(signed_key),
+        }))
+    }
+
+    /// Stores envelopes of one `Send` (and the idempotency record) in one transaction.
+    /// Returns `Err(existing)` with the earlier (server_timestamp, recipients) for a repeat.
+    pub async fn store_send(
+        &self,
+        sender: &str,
+        message_id: &str,
+        envelopes: &[pb::Envelope],
+    ) -> Result<Result<i64, (i64, i64)>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        if !message_id.is_empty() {
+            let prev = sqlx::query("SELECT server_timestamp, recipients FROM sent WHERE sender = ? AND message_id = ?")
+                .bind(sender)
+                .bind(message_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if let Some(r) = prev {
+                return Ok(Err((r.try_get(0)?, r.try_get(1)?)));
+            }
+        }
+        let now = now_ms();
+        for e in envelopes {
+            Self::insert_envelope(&mut tx, e, now).await?;
+            for (a, b) in [(sender, e.to.as_str()), (e.to.as_str(), sender)] {
+                sqlx::query("INSERT OR IGNORE INTO contact (a, b) VALUES (?, ?)").bind(a).bind(b).execute(&mut *tx).await?;
+            }
+        }
+        if !message_id.is_empty() {
+            sqlx::query("INSERT INTO sent (sender, message_id, server_timestamp, recipients) VALUES (?, ?, ?, ?)")
+                .bind(sender)
+                .bind(message_id)
+                .bind(now)
+                .bind(envelopes.len() as i64)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(Ok(now))
+    }
+
+    async fn insert_envelope(tx: &mut sqlx::SqliteConnection, e: &pb::Envelope, now: i64) -> Result<(), sqlx::Error> {
+        use prost::Message;
+        let extra = match (&e.receipt, &e.group_update) {
+            (Some(r), _) => Some(r.encode_to_vec()),
+            (_, Some(g)) => Some(g.encode_to_vec()),
+            _ => None,
+        };
+        let ts = if e.timestamp == 0 { now } else { e.timestamp as i64 };
+        sqlx::query(
+            "INSERT INTO envelope (recipient, sender, timestamp, server_timestamp, kind, ciphertext, message_id, grp, extra) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&e.to)
+        .bind(&e.from)
+        .bind(ts)
+        .bind(now)
+        .bind(e.kind)
+        .bind(&e.ciphertext[..])
+        .bind(&e.message_id)
+        .bind(&e.group)
+        .bind(extra)
+        .execute(&mut *tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Stores envelopes that need no idempotency (receipts, group updates).
+    pub async fn store_envelopes(&self, envelopes: &[pb::Envelope]) -> Result<(), sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let now = now_ms();
+        for e in envelopes {
+            Self::insert_envelope(&mut tx, e, now).await?;
+        }
+        tx.commit().await
+    }
+
+    /// Envelopes for `account` with id in (`after`, `upto`], oldest first.
+    pub async fn envelopes_after(&self, account: &str, after: i64, upto: i64, limit: i64) -> Result<Vec<pb::Envelope>, sqlx::Error> {
+        use prost::Message;
+        let rows = sqlx::query(
+            "SELECT id, sender, recipient, timestamp, server_timestamp, kind, ciphertext, message_id, grp, extra \
+             FROM envelope WHERE recipient = ? AND id > ? AND id <= ? ORDER BY id LIMIT ?",
+        )
+        .bind(account)
+        .bind(after)
+        .bind(upto)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let kind: i32 = r.try_get(5)?;
+                let extra: Option<Vec<u8>> = r.try_get(9)?;
+                let mut env = pb::Envelope {
+                    id: r.try_get::<i64, _>(0)? as u64,
+                    from: r.try_get(1)?,
+                    to: r.try_get(2)?,
+                    timestamp: r.try_get::<i64, _>(3)? as u64,
+                    server_timestamp: r.try_get::<i64, _>(4)? as u64,
+                    kind,
+                    ciphertext: r.try_get(6)?,
+                    message_id: r.try_get(7)?,
+                    group: r.try_get(8)?,
+                    receipt: None,
+                    group_update: None,
+                };
+                if let Some(x) = extra {
+                    if kind == pb::Kind::Receipt as i32 {
+                        env.receipt = pb::Receipt::decode(&x[..]).ok();
+                    } else if kind == pb::Kind::GroupUpdate as i32 {
+                        env.group_update = pb::Group::decode(&x[..]).ok();
+                    }
+                }
+                Ok(env)
+            })
+            .collect()
+    }
+
+    pub async fn ack(&self, account: &str, ids: &[u64]) -> Result<(), sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        for id in ids {
+            sqlx::query("DELETE FROM envelope WHERE recipient = ? AND id = ?").bind(account).bind(*id as i64).execute(&mut *tx).await?;
+        }
+        tx.commit().await
+    }
+
+    pub async fn contacts(&self, account: &str) -> Result<Vec<String>, sqlx::Error> {
+        sqlx::query_scalar("SELECT b FROM contact WHERE a = ?").bind(account).fetch_all(&self.pool).await
+    }
+
+    pub async fn set_profile(&self, account: &str, name: &str, avatar: &str) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE account SET name = ?, avatar_blob = ? WHERE account = ?")
+            .bind(name)
+            .bind(avatar)
+            .bind(account)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn profile(&self, account: &str) -> Result<Option<pb::Profile>, sqlx::Error> {
+        let row = sqlx::query("SELECT name, avatar_blob FROM account WHERE account = ?").bind(account).fetch_optional(&self.pool).await?;
+        row.map(|r| Ok(pb::Profile { account: account.to_owned(), name: r.try_get(0)?, avatar_blob: r.try_get(1)? })).transpose()
+    }
+
+    pub async fn group(&self, id: &str) -> Result<Option<pb::Group>, sqlx::Error> {
+        let row = sqlx::query("SELECT name, avatar_blob, revision FROM grp WHERE id = ?").bind(id).fetch_optional(&self.pool).await?;
+        let Some(r) = row else { return Ok(None) };
+        let members: Vec<String> =
+            sqlx::query_scalar("SELECT account FROM grp_member WHERE grp = ? ORDER BY account").bind(id).fetch_all(&self.pool).await?;
+        Ok(Some(pb::Group {
+            id: id.to_owned(),
+            name: r.try_get(0)?,
+            avatar_blob: r.try_get(1)?,
+            members,
+            changed_by: String::new(),
+            revision: r.try_get::<i64, _>(2)? as u64,
+        }))
+    }
+
+    /// Writes a group (create or update) and the update envelopes in one transaction.
+    pub async fn save_group(&self, g: &pb::Group, envelopes: &[pb::Envelope]) -> Result<(), sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO grp (id, name, avatar_blob, revision, created_at) VALUES (?, ?, ?, ?, ?) \
+             ON CONFLICT (id) DO UPDATE SET name = excluded.name, avatar_blob = excluded.avatar_blob, revision = excluded.revision",
+        )
+        .bind(&g.id)
+        .bind(&g.name)
+        .bind(&g.avatar_blob)
+        .bind(g.revision as i64)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM grp_member WHERE grp = ?").bind(&g.id).execute(&mut *tx).await?;
+        for m in &g.members {
+            sqlx::query("INSERT INTO grp_member (grp, account) VALUES (?, ?)").bind(&g.id).bind(m).execute(&mut *tx).await?;
+        }
+        let now = now_ms();
+        for e in envelopes {
+            Self::insert_envelope(&mut tx, e, now).await?;
+        }
+        tx.commit().await
+    }
+
+    pub async fn save_blob(&self, id: &str, size: u64, sha256: &[u8]) -> Result<(), sqlx::Error> {
+        sqlx::query("INSERT INTO blob (id, size, sha256, created_at) VALUES (?, ?, ?, ?)")
+            .bind(id)
+            .bind(size as i64)
+            .bind(sha256)
+            .bind(now_ms())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn blob_size(&self, id: &str) -> Result<Option<u64>, sqlx::Error> {
+        let s: Option<i64> = sqlx::query_scalar("SELECT size FROM blob WHERE id = ?").bind(id).fetch_optional(&self.pool).await?;
+        Ok(s.map(|s| s as u64))
+    }
+}
