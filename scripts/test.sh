@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The project's one test command: installs what the tests need, then runs them all.
+#
+#   scripts/test.sh [extra arguments for cargo nextest / cargo test]
+#
+# Installs or reuses the Synapse/matrix-nio venv and the Node test peer's packages,
+# makes sure PostgreSQL answers, runs the Rust tests and the Node peer's self-test,
+# and exits non-zero if any of them failed.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+if [[ ${CI:-} == true ]]; then export CARGO_TERM_COLOR=never; fi
+say() { printf '\n== %s\n' "$*"; }
+
+say "Python venv (Synapse, matrix-nio)"
+MIB_SYNAPSE_VENV=$(bash scripts/ensure-synapse.sh)
+export MIB_SYNAPSE_VENV
+echo "$MIB_SYNAPSE_VENV"
+
+# prost-build (used by the Signal crates) needs protoc at build time.
+if ! command -v protoc >/dev/null && [[ -z ${PROTOC:-} ]] && ((EUID == 0)); then
+    say "installing protoc (Debian package protobuf-compiler)"
+    apt-get install -y -qq protobuf-compiler >/dev/null \
+        || { apt-get update -qq && apt-get install -y -qq protobuf-compiler >/dev/null; }
+fi
+
+peers=tests/peers
+if [[ -f $peers/package-lock.json ]]; then
+    lock_hash=$(sha256sum "$peers/package-lock.json" | cut -d' ' -f1)
+    if [[ $(cat "$peers/node_modules/.mib-lock-hash" 2>/dev/null) != "$lock_hash" ]]; then
+        say "npm ci ($peers)"
+        (cd "$peers" && npm ci --no-audit --no-fund)
+        echo "$lock_hash" >"$peers/node_modules/.mib-lock-hash"
+    fi
+fi
+
+say "PostgreSQL"
+export MIB_TEST_PG_URL=${MIB_TEST_PG_URL:-postgres://postgres@127.0.0.1:5432/test}
+pg_up() { pg_isready -q -h 127.0.0.1 -p 5432; }
+if command -v pg_isready >/dev/null && ! pg_up; then
+    version=$(find /etc/postgresql -mindepth 1 -maxdepth 1 -printf '%f\n' 2>/dev/null | sort -V | tail -n1)
+    if [[ -n $version ]]; then
+        pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+        for _ in $(seq 50); do pg_up && break; sleep 0.2; done
+    fi
+fi
+if command -v pg_isready >/dev/null && ! pg_up; then
+    echo "WARNING: PostgreSQL is not reachable at 127.0.0.1:5432; PostgreSQL tests will fail" >&2
+fi
+echo "MIB_TEST_PG_URL=$MIB_TEST_PG_URL"
+
+status=0
+if cargo nextest --version >/dev/null 2>&1; then
+    say "cargo nextest run"
+    cargo nextest run --workspace --no-fail-fast "$@" || status=1
+else
+    say "cargo test (cargo-nextest not installed)"
+    cargo test --workspace --no-fail-fast "$@" || status=1
+fi
+
+if [[ -f $peers/selftest.js ]]; then
+    say "node $peers/selftest.js"
+    node "$peers/selftest.js" || status=1
+fi
+
+if ((status == 0)); then say "all tests passed"; else say "SOME TESTS FAILED"; fi
+exit "$status"
