@@ -9,6 +9,7 @@ pub mod appservice;
 pub mod bridge;
 pub mod config;
 pub mod gateway;
+pub mod interop;
 pub mod matrix;
 pub mod metrics;
 pub mod registration;

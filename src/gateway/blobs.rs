@@ -103,7 +103,8 @@ pub(crate) async fn get(shared: &Shared, req: pb::BlobGet) -> Result<pb::stanza:
     if req.offset > total {
         return Err(reject(ErrorCode::BadRequest, "offset beyond the end of the blob"));
     }
-    let len = (req.length as u64).min(total - req.offset) as usize;
+    let want = if req.length == 0 { MAX_CHUNK as u64 } else { req.length as u64 };
+    let len = want.min(total - req.offset) as usize;
     let mut f = tokio::fs::File::open(blob_path(&shared.cfg.blob_dir, &req.blob)).await?;
     f.seek(std::io::SeekFrom::Start(req.offset)).await?;
     let mut data = vec![0u8; len];

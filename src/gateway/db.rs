@@ -37,7 +37,9 @@ impl GatewayDb {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(std::time::Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await?;
+        // One connection: SQLite has one writer anyway, and read-then-write transactions on several
+        // connections can fail with SQLITE_BUSY instead of waiting.
+        let pool = SqlitePoolOptions::new().max_connections(1).connect_with(opts).await?;
         MIGRATIONS.run(&pool).await?;
         Ok(Self { pool })
     }

@@ -319,6 +319,9 @@ async fn send(shared: &Shared, me: &str, s: pb::Send) -> Result<Body, Reject> {
     let recipients = match kind {
         Kind::Prekey | Kind::Message => {
             check_account(&s.to)?;
+            if s.to == me {
+                return Err(reject(ErrorCode::BadRequest, "cannot send to yourself"));
+            }
             if !shared.db.account_exists(&s.to).await? {
                 return Err(reject(ErrorCode::NotFound, "no such account"));
             }
@@ -354,6 +357,9 @@ async fn send(shared: &Shared, me: &str, s: pb::Send) -> Result<Body, Reject> {
 async fn send_receipt(shared: &Shared, me: &str, r: pb::SendReceipt) -> Result<Body, Reject> {
     check_account(&r.to)?;
     let Some(receipt) = r.receipt else { return Err(reject(ErrorCode::BadRequest, "receipt missing")) };
+    if pb::ReceiptType::try_from(receipt.r#type).unwrap_or(pb::ReceiptType::ReceiptUnspecified) == pb::ReceiptType::ReceiptUnspecified {
+        return Err(reject(ErrorCode::BadRequest, "receipt type must be DELIVERED or READ"));
+    }
     if receipt.message_ids.is_empty() || receipt.message_ids.len() > 1000 {
         return Err(reject(ErrorCode::BadRequest, "1 to 1000 message ids"));
     }
@@ -374,6 +380,9 @@ async fn send_receipt(shared: &Shared, me: &str, r: pb::SendReceipt) -> Result<B
 }
 
 async fn send_typing(shared: &Shared, me: &str, t: pb::SendTyping) -> Result<Body, Reject> {
+    if !t.group.is_empty() && !t.to.is_empty() {
+        return Err(reject(ErrorCode::BadRequest, "set either to or group, not both"));
+    }
     let recipients = if !t.group.is_empty() {
         group_members_for(shared, me, &t.group).await?
     } else {

@@ -114,9 +114,12 @@ impl SqlStore {
             _ => cfg.uri.clone(),
         };
         let opts: AnyConnectOptions = uri.parse()?;
+        // SQLite has a single writer; read-then-write transactions on several connections can fail
+        // with SQLITE_BUSY instead of waiting, so SQLite gets one connection.
+        let max = if kind == DatabaseType::Sqlite { 1 } else { cfg.max_connections };
         let pool = AnyPoolOptions::new()
-            .max_connections(cfg.max_connections)
-            .min_connections(cfg.min_connections.min(cfg.max_connections))
+            .max_connections(max)
+            .min_connections(cfg.min_connections.min(max))
             .acquire_timeout(Duration::from_secs(30))
             .after_connect(move |conn, _| {
                 Box::pin(async move {

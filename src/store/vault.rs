@@ -89,6 +89,36 @@ impl VaultStore for SqlStore {
         Ok(())
     }
 
+    async fn write_records(&self, owner: &str, writes: &[(String, String, Option<Vec<u8>>)]) -> Result<(), StoreError> {
+        let mut tx = self.pool().begin().await?;
+        for (kind, name, sealed) in writes {
+            match sealed {
+                Some(sealed) => {
+                    sqlx::query(
+                        "INSERT INTO vault_record (owner, kind, name, sealed) VALUES ($1, $2, $3, $4) \
+                         ON CONFLICT (owner, kind, name) DO UPDATE SET sealed = excluded.sealed",
+                    )
+                    .bind(owner)
+                    .bind(kind.as_str())
+                    .bind(name.as_str())
+                    .bind(&sealed[..])
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                None => {
+                    sqlx::query("DELETE FROM vault_record WHERE owner = $1 AND kind = $2 AND name = $3")
+                        .bind(owner)
+                        .bind(kind.as_str())
+                        .bind(name.as_str())
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     async fn record_names(&self, owner: &str, kind: &str) -> Result<Vec<String>, StoreError> {
         Ok(sqlx::query_scalar("SELECT name FROM vault_record WHERE owner = $1 AND kind = $2 ORDER BY name")
             .bind(owner)

@@ -19,5 +19,7 @@ pub trait VaultStore: Send + Sync {
     async fn record(&self, owner: &str, kind: &str, name: &str) -> Result<Option<Vec<u8>>, StoreError>;
     async fn put_record(&self, owner: &str, kind: &str, name: &str, sealed: &[u8]) -> Result<(), StoreError>;
     async fn delete_record(&self, owner: &str, kind: &str, name: &str) -> Result<(), StoreError>;
+    /// Writes several records of one owner in one transaction (`None` deletes).
+    async fn write_records(&self, owner: &str, writes: &[(String, String, Option<Vec<u8>>)]) -> Result<(), StoreError>;
     async fn record_names(&self, owner: &str, kind: &str) -> Result<Vec<String>, StoreError>;
 }

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod interop;
+
 use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},

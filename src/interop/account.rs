@@ -1,0 +1,834 @@
+//! One interop account: an actor owning the account's Signal state and gateway connection.
+//! It logs in (and reconnects with backoff), keeps prekeys topped up, encrypts outgoing content
+//! (PQXDH sessions from fetched bundles, sender keys for groups), decrypts incoming envelopes, and
+//! acks an envelope only after the consumer said it is handled. A decrypted message is sealed into
+//! the vault together with the ratchet state that produced it, so a crash before the ack replays
+//! it from the vault instead of losing it.
+
+use std::{collections::HashMap, time::Duration};
+
+use libsignal_protocol::{
+    CiphertextMessage, DeviceId, IdentityKey, PreKeyBundle, PreKeySignalMessage, ProtocolAddress, PublicKey,
+    SenderKeyDistributionMessage, SignalMessage, SignalProtocolError, create_sender_key_distribution_message,
+    group_decrypt, group_encrypt, kem, message_decrypt, message_encrypt, process_prekey_bundle,
+    process_sender_key_distribution_message,
+};
+use prost::Message;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    conn::{GatewayAddr, GatewayConn, InteropError},
+    keys::{self, BATCH, LOW_WATER},
+    media,
+    runtime::SignalRuntime,
+};
+use crate::{
+    vault::{Vault, VaultStore, signal::SignalStore},
+    wire::{
+        DEVICE_ID,
+        content::{self, Content, DataMessage, content::Body as CBody},
+        pb::{self, ErrorCode, Kind, stanza::Body},
+    },
+};
+
+const META: &str = "meta";
+const INBOX: &str = "inbox";
+/// Rotate the signed prekey after this long.
+const SIGNED_PREKEY_MAX_AGE_MS: i64 = 7 * 24 * 3600 * 1000;
+
+/// Whom a message goes to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Target {
+    Account(String),
+    Group(String),
+}
+
+/// What the account tells its consumer. Events with an `envelope_id` must be acked with
+/// [`AccountHandle::ack`] once handled.
+#[derive(Debug)]
+pub enum Event {
+    Connected { account: String },
+    Disconnected { account: String, reason: String },
+    /// The gateway no longer accepts the credentials (re-registered elsewhere).
+    LoggedOut { account: String, reason: String },
+    Message { envelope_id: u64, from: String, group: Option<String>, message_id: String, timestamp: u64, data: DataMessage },
+    Receipt { envelope_id: u64, from: String, receipt: pb::Receipt },
+    GroupUpdate { envelope_id: u64, from: String, group: pb::Group },
+    Typing { from: String, group: Option<String>, typing: bool },
+    Presence { account: String, online: bool },
+    IdentityChanged { peer: String },
+    Undecryptable { envelope_id: u64, from: String, group: Option<String>, reason: String },
+}
+
+impl Event {
+    pub fn envelope_id(&self) -> Option<u64> {
+        match self {
+            Event::Message { envelope_id, .. }
+            | Event::Receipt { envelope_id, .. }
+            | Event::GroupUpdate { envelope_id, .. }
+            | Event::Undecryptable { envelope_id, .. } => Some(*envelope_id),
+            _ => None,
+        }
+    }
+}
+
+type Reply<T> = oneshot::Sender<Result<T, InteropError>>;
+
+enum Command {
+    Send { to: Target, message_id: String, data: DataMessage, reply: Reply<pb::Sent> },
+    Receipt { to: String, receipt: pb::Receipt, reply: Reply<()> },
+    Typing { to: Target, typing: bool, reply: Reply<()> },
+    CreateGroup { name: String, members: Vec<String>, reply: Reply<pb::Group> },
+    UpdateGroup { update: pb::UpdateGroup, reply: Reply<pb::Group> },
+    Upload { data: Vec<u8>, reply: Reply<(String, media::Sealed)> },
+    Download { blob: String, key: Vec<u8>, sha256: Vec<u8>, reply: Reply<Vec<u8>> },
+    Profile { account: String, reply: Reply<pb::Profile> },
+    SetProfile { name: String, avatar_blob: String, reply: Reply<()> },
+    ResetIdentity { reply: Reply<()> },
+    Ack { envelope_id: u64 },
+    SessionInfo { peer: String, reply: Reply<SessionInfo> },
+    Stop,
+}
+
+/// Facts about a session, for tests and diagnostics.
+#[derive(Clone, Debug)]
+pub struct SessionInfo {
+    pub exists: bool,
+    pub version: u32,
+    pub post_quantum: bool,
+}
+
+/// A cheap, `Send` handle to a running account.
+#[derive(Clone)]
+pub struct AccountHandle {
+    pub account: String,
+    cmd: mpsc::Sender<Command>,
+}
+
+macro_rules! ask {
+    ($self:ident, $variant:ident { $($field:ident),* }) => {{
+        let (reply, rx) = oneshot::channel();
+        $self.cmd.send(Command::$variant { $($field,)* reply }).await.map_err(|_| InteropError::Disconnected)?;
+        rx.await.map_err(|_| InteropError::Disconnected)?
+    }};
+}
+
+impl AccountHandle {
+    pub async fn send(&self, to: Target, message_id: String, data: DataMessage) -> Result<pb::Sent, InteropError> {
+        ask!(self, Send { to, message_id, data })
+    }
+    pub async fn receipt(&self, to: String, receipt: pb::Receipt) -> Result<(), InteropError> {
+        ask!(self, Receipt { to, receipt })
+    }
+    pub async fn typing(&self, to: Target, typing: bool) -> Result<(), InteropError> {
+        ask!(self, Typing { to, typing })
+    }
+    pub async fn create_group(&self, name: String, members: Vec<String>) -> Result<pb::Group, InteropError> {
+        ask!(self, CreateGroup { name, members })
+    }
+    pub async fn update_group(&self, update: pb::UpdateGroup) -> Result<pb::Group, InteropError> {
+        ask!(self, UpdateGroup { update })
+    }
+    /// Encrypts and uploads media; returns the blob id and the keys for the `Media` content.
+    pub async fn upload(&self, data: Vec<u8>) -> Result<(String, media::Sealed), InteropError> {
+        ask!(self, Upload { data })
+    }
+    pub async fn download(&self, blob: String, key: Vec<u8>, sha256: Vec<u8>) -> Result<Vec<u8>, InteropError> {
+        ask!(self, Download { blob, key, sha256 })
+    }
+    pub async fn profile(&self, account: String) -> Result<pb::Profile, InteropError> {
+        ask!(self, Profile { account })
+    }
+    pub async fn set_profile(&self, name: String, avatar_blob: String) -> Result<(), InteropError> {
+        ask!(self, SetProfile { name, avatar_blob })
+    }
+    pub async fn reset_identity(&self) -> Result<(), InteropError> {
+        ask!(self, ResetIdentity {})
+    }
+    pub async fn session_info(&self, peer: String) -> Result<SessionInfo, InteropError> {
+        ask!(self, SessionInfo { peer })
+    }
+    /// Tells the account that an event was handled; the gateway may forget the envelope.
+    pub async fn ack(&self, envelope_id: u64) {
+        let _ = self.cmd.send(Command::Ack { envelope_id }).await;
+    }
+    pub async fn stop(&self) {
+        let _ = self.cmd.send(Command::Stop).await;
+    }
+}
+
+/// Credentials kept sealed in the vault.
+#[derive(Serialize, Deserialize)]
+struct Credentials {
+    account: String,
+    secret: Vec<u8>,
+}
+
+/// A decrypted message waiting for its ack, sealed in the vault.
+#[derive(Serialize, Deserialize)]
+struct InboxEntry {
+    from: String,
+    group: Option<String>,
+    message_id: String,
+    timestamp: u64,
+    data: Vec<u8>,
+}
+
+/// Stores the account's credentials for `owner` (after a successful `Verify`).
+pub async fn save_credentials(vault: &Vault, db: &Arc<dyn VaultStore>, owner: &str, account: &str, secret: &[u8]) -> Result<(), InteropError> {
+    let raw = zeroize::Zeroizing::new(
+        serde_json::to_vec(&Credentials { account: account.to_owned(), secret: secret.to_vec() }).expect("serializes"),
+    );
+    let sealed = vault.seal_record(owner, META, "credentials", &raw).await?;
+    db.put_record(owner, META, "credentials", &sealed).await.map_err(crate::vault::VaultError::from)?;
+    Ok(())
+}
+
+/// The account id stored for `owner`, if it has logged in before.
+pub async fn stored_account(vault: &Vault, db: &Arc<dyn VaultStore>, owner: &str) -> Result<Option<String>, InteropError> {
+    let Some(sealed) = db.record(owner, META, "credentials").await.map_err(crate::vault::VaultError::from)? else {
+        return Ok(None);
+    };
+    let raw = vault.open_record(owner, META, "credentials", &sealed).await?;
+    let c: Credentials = serde_json::from_slice(&raw).map_err(|_| InteropError::Invalid("stored credentials are corrupt".into()))?;
+    Ok(Some(c.account))
+}
+
+/// Starts the actor of `owner`'s account on `rt`; events go to `events`.
+pub async fn spawn_account(
+    rt: &SignalRuntime,
+    owner: &str,
+    gateway: GatewayAddr,
+    vault: Vault,
+    db: Arc<dyn VaultStore>,
+    events: mpsc::Sender<Event>,
+) -> Result<AccountHandle, InteropError> {
+    let sealed = db
+        .record(owner, META, "credentials")
+        .await
+        .map_err(crate::vault::VaultError::from)?
+        .ok_or_else(|| InteropError::Invalid("not logged in".into()))?;
+    let raw = vault.open_record(owner, META, "credentials", &sealed).await?;
+    let creds: Credentials = serde_json::from_slice(&raw).map_err(|_| InteropError::Invalid("stored credentials are corrupt".into()))?;
+    let (tx, rx) = mpsc::channel(256);
+    let account = creds.account.clone();
+    let owner = owner.to_owned();
+    rt.spawn(&owner.clone(), move || async move {
+        let store = match SignalStore::open(&owner, vault, db).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot open the account's Signal state");
+                return;
+            }
+        };
+        let actor = Actor {
+            creds,
+            gateway,
+            store,
+            conn: None,
+            events,
+            groups: HashMap::new(),
+            recent: std::collections::VecDeque::new(),
+        };
+        actor.run(rx).await;
+    });
+    Ok(AccountHandle { account, cmd: tx })
+}
+
+struct Actor {
+    creds: Credentials,
+    gateway: GatewayAddr,
+    store: SignalStore,
+    conn: Option<(GatewayConn, mpsc::Receiver<pb::Stanza>)>,
+    events: mpsc::Sender<Event>,
+    /// Group members as last seen.
+    groups: HashMap<String, Vec<String>>,
+    /// Recently handled envelope ids (redelivery after reconnect).
+    recent: std::collections::VecDeque<u64>,
+}
+
+fn addr(account: &str) -> ProtocolAddress {
+    ProtocolAddress::new(account.to_owned(), DeviceId::new(DEVICE_ID as u8).expect("device id 1 is valid"))
+}
+
+fn crypto(e: SignalProtocolError) -> InteropError {
+    InteropError::Crypto(e.to_string())
+}
+
+impl Actor {
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            if self.conn.is_none() {
+                match self.connect().await {
+                    Ok(()) => {
+                        backoff = Duration::from_millis(250);
+                        let _ = self.events.send(Event::Connected { account: self.creds.account.clone() }).await;
+                    }
+                    Err(e) if e.code() == Some(ErrorCode::Unauthorized) => {
+                        let _ = self
+                            .events
+                            .send(Event::LoggedOut { account: self.creds.account.clone(), reason: e.to_string() })
+                            .await;
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, ?backoff, "interop connection failed");
+                        let _ = self
+                            .events
+                            .send(Event::Disconnected { account: self.creds.account.clone(), reason: e.to_string() })
+                            .await;
+                    }
+                }
+            }
+            let connected = self.conn.is_some();
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    None | Some(Command::Stop) => return,
+                    Some(cmd) => self.command(cmd).await,
+                },
+                push = async { match self.conn.as_mut() { Some((_, p)) => p.recv().await, None => std::future::pending().await } }, if connected => {
+                    match push {
+                        Some(st) => self.push(st).await,
+                        None => {
+                            self.conn = None;
+                            let _ = self.events.send(Event::Disconnected { account: self.creds.account.clone(), reason: "connection lost".into() }).await;
+                        }
+                    }
+                }
+                _ = tokio::time::sleep(backoff), if !connected => {
+                    backoff = (backoff * 2).min(Duration::from_secs(60));
+                }
+            }
+        }
+    }
+
+    async fn connect(&mut self) -> Result<(), InteropError> {
+        let (conn, pushes) = GatewayConn::connect(&self.gateway).await?;
+        let logged = conn.login(&self.creds.account, &self.creds.secret).await?;
+        self.conn = Some((conn, pushes));
+        self.maintain_keys(logged.one_time_prekeys, logged.kyber_prekeys).await?;
+        Ok(())
+    }
+
+    fn conn(&self) -> Result<&GatewayConn, InteropError> {
+        self.conn.as_ref().map(|(c, _)| c).ok_or(InteropError::Disconnected)
+    }
+
+    /// First upload, rotation of the signed prekey, and replenishing one-time keys.
+    async fn maintain_keys(&mut self, one_time: u32, kyber: u32) -> Result<(), InteropError> {
+        let signed_at = self
+            .store
+            .read_extra(META, "signed_at")
+            .await?
+            .and_then(|b| <[u8; 8]>::try_from(&b[..]).ok())
+            .map(i64::from_be_bytes);
+        let now = crate::store::now_ms();
+        let base = signed_at.is_none_or(|t| now - t > SIGNED_PREKEY_MAX_AGE_MS);
+        let need_ot = if one_time < LOW_WATER { BATCH } else { 0 };
+        let need_ky = if kyber < LOW_WATER { BATCH } else { 0 };
+        if !base && need_ot == 0 && need_ky == 0 {
+            return Ok(());
+        }
+        let up = keys::make_upload(&mut self.store, base, need_ot, need_ky).await.map_err(|e| InteropError::Crypto(e.to_string()))?;
+        match self.conn()?.request(Body::UploadKeys(up)).await? {
+            Body::KeyCountsResult(_) => {}
+            _ => return Err(InteropError::Unexpected),
+        }
+        if base {
+            self.store.commit(vec![(META, "signed_at".into(), Some(now.to_be_bytes().to_vec()))]).await?;
+        }
+        Ok(())
+    }
+
+    async fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Send { to, message_id, data, reply } => {
+                let r = self.send_data(&to, &message_id, data).await;
+                let _ = reply.send(r);
+            }
+            Command::Receipt { to, receipt, reply } => {
+                let r = self.simple(Body::SendReceipt(pb::SendReceipt { to, receipt: Some(receipt) })).await;
+                let _ = reply.send(r);
+            }
+            Command::Typing { to, typing, reply } => {
+                let (to, group) = match to {
+                    Target::Account(a) => (a, String::new()),
+                    Target::Group(g) => (String::new(), g),
+                };
+                let r = self.simple(Body::SendTyping(pb::SendTyping { to, group, typing })).await;
+                let _ = reply.send(r);
+            }
+            Command::CreateGroup { name, members, reply } => {
+                let r = match self.conn() {
+                    Ok(c) => match c.request(Body::CreateGroup(pb::CreateGroup { name, members })).await {
+                        Ok(Body::Group(g)) => {
+                            self.groups.insert(g.id.clone(), g.members.clone());
+                            Ok(g)
+                        }
+                        Ok(_) => Err(InteropError::Unexpected),
+                        Err(e) => Err(e),
+                    },
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(r);
+            }
+            Command::UpdateGroup { update, reply } => {
+                let r = match self.conn() {
+                    Ok(c) => match c.request(Body::UpdateGroup(update)).await {
+                        Ok(Body::Group(g)) => {
+                            self.group_changed(&g).await;
+                            Ok(g)
+                        }
+                        Ok(_) => Err(InteropError::Unexpected),
+                        Err(e) => Err(e),
+                    },
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(r);
+            }
+            Command::Upload { data, reply } => {
+                let r = self.upload(data).await;
+                let _ = reply.send(r);
+            }
+            Command::Download { blob, key, sha256, reply } => {
+                let r = self.download(&blob, &key, &sha256).await;
+                let _ = reply.send(r);
+            }
+            Command::Profile { account, reply } => {
+                let r = match self.conn() {
+                    Ok(c) => match c.request(Body::GetProfile(pb::GetProfile { account })).await {
+                        Ok(Body::Profile(p)) => Ok(p),
+                        Ok(_) => Err(InteropError::Unexpected),
+                        Err(e) => Err(e),
+                    },
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(r);
+            }
+            Command::SetProfile { name, avatar_blob, reply } => {
+                let r = self.simple(Body::SetProfile(pb::SetProfile { name, avatar_blob })).await;
+                let _ = reply.send(r);
+            }
+            Command::ResetIdentity { reply } => {
+                let r = async {
+                    self.store.reset_identity().await?;
+                    self.store.commit(vec![(META, "signed_at".into(), None)]).await?;
+                    self.maintain_keys(0, 0).await
+                }
+                .await;
+                let _ = reply.send(r);
+            }
+            Command::Ack { envelope_id } => self.ack(envelope_id).await,
+            Command::SessionInfo { peer, reply } => {
+                use libsignal_protocol::SessionStore;
+                let r = self.store.sessions.load_session(&addr(&peer)).await.map_err(crypto).and_then(|s| match s {
+                    None => Ok(SessionInfo { exists: false, version: 0, post_quantum: false }),
+                    Some(rec) => Ok(SessionInfo {
+                        exists: true,
+                        version: rec.session_version().map_err(crypto)?,
+                        post_quantum: rec.has_usable_sender_chain(std::time::SystemTime::now(), libsignal_protocol::SessionUsabilityRequirements::all()).unwrap_or(false),
+                    }),
+                });
+                let _ = reply.send(r);
+            }
+            Command::Stop => {}
+        }
+    }
+
+    async fn simple(&self, body: Body) -> Result<(), InteropError> {
+        match self.conn()?.request(body).await? {
+            Body::Ok(_) => Ok(()),
+            _ => Err(InteropError::Unexpected),
+        }
+    }
+
+    /// Starts a session from a fetched bundle when there is none.
+    async fn ensure_session(&mut self, peer: &str) -> Result<(), InteropError> {
+        use libsignal_protocol::SessionStore;
+        let address = addr(peer);
+        if self.store.sessions.load_session(&address).await.map_err(crypto)?.is_some() {
+            return Ok(());
+        }
+        let bundle = match self.conn()?.request(Body::FetchBundle(pb::FetchBundle { account: peer.to_owned() })).await? {
+            Body::Bundle(b) => b,
+            _ => return Err(InteropError::Unexpected),
+        };
+        let signed = bundle.signed_prekey.ok_or_else(|| InteropError::Crypto("bundle without signed prekey".into()))?;
+        let kyber = bundle.kyber_prekey.ok_or_else(|| InteropError::Crypto("bundle without Kyber prekey".into()))?;
+        let pre_key = match bundle.one_time_prekey {
+            Some(k) => Some((k.id.into(), PublicKey::deserialize(&k.public_key).map_err(|e| InteropError::Crypto(e.to_string()))?)),
+            None => None,
+        };
+        let b = PreKeyBundle::new(
+            bundle.registration_id,
+            DeviceId::new(bundle.device_id.clamp(1, 127) as u8).map_err(|e| InteropError::Crypto(e.to_string()))?,
+            pre_key,
+            signed.id.into(),
+            PublicKey::deserialize(&signed.public_key).map_err(|e| InteropError::Crypto(e.to_string()))?,
+            signed.signature,
+            kyber.id.into(),
+            kem::PublicKey::deserialize(&kyber.public_key).map_err(crypto)?,
+            kyber.signature,
+            IdentityKey::decode(&bundle.identity_key).map_err(crypto)?,
+        )
+        .map_err(crypto)?;
+        let st = &mut self.store;
+        let r = process_prekey_bundle(
+            &address,
+            &mut st.sessions,
+            &mut st.identity,
+            &b,
+            std::time::SystemTime::now(),
+            &mut rand::rng(),
+        )
+        .await;
+        r.map_err(|e| {
+            self.store.rollback();
+            crypto(e)
+        })?;
+        Ok(())
+    }
+
+    async fn encrypt_for(&mut self, peer: &str, plaintext: &[u8]) -> Result<(Kind, Vec<u8>), InteropError> {
+        self.ensure_session(peer).await?;
+        let address = addr(peer);
+        let st = &mut self.store;
+        let r = message_encrypt(plaintext, &address, &mut st.sessions, &mut st.identity, std::time::SystemTime::now(), &mut rand::rng()).await;
+        let msg = r.map_err(|e| {
+            self.store.rollback();
+            crypto(e)
+        })?;
+        self.store.commit(vec![]).await?;
+        let kind = match msg {
+            CiphertextMessage::PreKeySignalMessage(_) => Kind::Prekey,
+            _ => Kind::Message,
+        };
+        Ok((kind, msg.serialize().to_vec()))
+    }
+
+    async fn send_data(&mut self, to: &Target, message_id: &str, data: DataMessage) -> Result<pb::Sent, InteropError> {
+        let plaintext = zeroize::Zeroizing::new(Content { body: Some(CBody::Data(data)) }.encode_to_vec());
+        let timestamp = crate::store::now_ms() as u64;
+        let send = match to {
+            Target::Account(peer) => {
+                let (kind, ciphertext) = self.encrypt_for(peer, &plaintext).await?;
+                pb::Send { to: peer.clone(), group: String::new(), kind: kind as i32, ciphertext, message_id: message_id.to_owned(), timestamp }
+            }
+            Target::Group(group) => {
+                let dist = self.ensure_sender_key(group).await?;
+                let me = addr(&self.creds.account);
+                let r = group_encrypt(&mut self.store.sender_keys, &me, dist, &plaintext, &mut rand::rng()).await;
+                let msg = r.map_err(|e| {
+                    self.store.rollback();
+                    crypto(e)
+                })?;
+                self.store.commit(vec![]).await?;
+                pb::Send {
+                    to: String::new(),
+                    group: group.clone(),
+                    kind: Kind::Group as i32,
+                    ciphertext: msg.serialized().to_vec(),
+                    message_id: message_id.to_owned(),
+                    timestamp,
+                }
+            }
+        };
+        match self.conn()?.request(Body::Send(send)).await? {
+            Body::Sent(s) => Ok(s),
+            _ => Err(InteropError::Unexpected),
+        }
+    }
+
+    async fn group_members(&mut self, group: &str) -> Result<Vec<String>, InteropError> {
+        if let Some(m) = self.groups.get(group) {
+            return Ok(m.clone());
+        }
+        match self.conn()?.request(Body::GetGroup(pb::GetGroup { group: group.to_owned() })).await? {
+            Body::Group(g) => {
+                self.groups.insert(g.id.clone(), g.members.clone());
+                Ok(g.members)
+            }
+            _ => Err(InteropError::Unexpected),
+        }
+    }
+
+    /// The sender key distribution id for `group`, distributed to every other member.
+    async fn ensure_sender_key(&mut self, group: &str) -> Result<uuid::Uuid, InteropError> {
+        let dist_name = format!("dist/{group}");
+        let dist = match self.store.read_extra(META, &dist_name).await? {
+            Some(raw) => uuid::Uuid::from_slice(&raw).map_err(|_| InteropError::Invalid("corrupt distribution id".into()))?,
+            None => {
+                let d = uuid::Uuid::new_v4();
+                self.store.commit(vec![(META, dist_name.clone(), Some(d.as_bytes().to_vec())), (META, format!("skdm/{group}"), None)]).await?;
+                d
+            }
+        };
+        let sent_name = format!("skdm/{group}");
+        let mut sent: Vec<String> = self
+            .store
+            .read_extra(META, &sent_name)
+            .await?
+            .and_then(|raw| serde_json::from_slice(&raw).ok())
+            .unwrap_or_default();
+        let members = self.group_members(group).await?;
+        let me = self.creds.account.clone();
+        let missing: Vec<String> = members.into_iter().filter(|m| *m != me && !sent.contains(m)).collect();
+        if missing.is_empty() {
+            return Ok(dist);
+        }
+        let skdm = create_sender_key_distribution_message(&addr(&me), dist, &mut self.store.sender_keys, &mut rand::rng())
+            .await
+            .map_err(crypto)?;
+        self.store.commit(vec![]).await?;
+        let content = Content {
+            body: Some(CBody::SenderKeyDistribution(content::SenderKeyDistribution {
+                group: group.to_owned(),
+                distribution_message: skdm.serialized().to_vec(),
+            })),
+        }
+        .encode_to_vec();
+        for m in missing {
+            let (kind, ciphertext) = self.encrypt_for(&m, &content).await?;
+            let send = pb::Send {
+                to: m.clone(),
+                group: String::new(),
+                kind: kind as i32,
+                ciphertext,
+                message_id: uuid::Uuid::new_v4().to_string(),
+                timestamp: crate::store::now_ms() as u64,
+            };
+            self.conn()?.request(Body::Send(send)).await?;
+            sent.push(m);
+        }
+        self.store.commit(vec![(META, sent_name, Some(serde_json::to_vec(&sent).expect("serializes")))]).await?;
+        Ok(dist)
+    }
+
+    /// A member left or was removed: start a new sender key so they cannot read what follows.
+    async fn group_changed(&mut self, g: &pb::Group) {
+        let before = self.groups.insert(g.id.clone(), g.members.clone()).unwrap_or_default();
+        let removed = before.iter().any(|m| !g.members.contains(m));
+        if removed {
+            let _ = self.store.commit(vec![(META, format!("dist/{}", g.id), None), (META, format!("skdm/{}", g.id), None)]).await;
+        }
+    }
+
+    async fn upload(&mut self, data: Vec<u8>) -> Result<(String, media::Sealed), InteropError> {
+        let sealed = media::encrypt(&data);
+        let upload = uuid::Uuid::new_v4().to_string();
+        let chunks: Vec<&[u8]> = if sealed.blob.is_empty() { vec![&[][..]] } else { sealed.blob.chunks(512 * 1024).collect() };
+        let n = chunks.len();
+        let mut offset = 0u64;
+        let conn = self.conn()?.clone();
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let last = i + 1 == n;
+            let put = pb::BlobPut {
+                upload: upload.clone(),
+                offset,
+                data: chunk.to_vec(),
+                last,
+                sha256: if last { sealed.sha256.clone() } else { Vec::new() },
+            };
+            offset += chunk.len() as u64;
+            match conn.request(Body::BlobPut(put)).await? {
+                Body::BlobStored(s) if last => return Ok((s.blob, sealed)),
+                Body::Ok(_) if !last => {}
+                _ => return Err(InteropError::Unexpected),
+            }
+        }
+        Err(InteropError::Unexpected)
+    }
+
+    async fn download(&self, blob: &str, key: &[u8], sha256: &[u8]) -> Result<Vec<u8>, InteropError> {
+        let conn = self.conn()?.clone();
+        let mut data = Vec::new();
+        loop {
+            let get = pb::BlobGet { blob: blob.to_owned(), offset: data.len() as u64, length: 512 * 1024 };
+            match conn.request(Body::BlobGet(get)).await? {
+                Body::BlobData(d) => {
+                    if d.total_size > 512 * 1024 * 1024 {
+                        return Err(InteropError::Invalid("blob too large".into()));
+                    }
+                    data.extend_from_slice(&d.data);
+                    if data.len() as u64 >= d.total_size || d.data.is_empty() {
+                        break;
+                    }
+                }
+                _ => return Err(InteropError::Unexpected),
+            }
+        }
+        media::decrypt(&data, key, sha256).map(|p| p.to_vec()).map_err(|e| InteropError::Crypto(e.to_string()))
+    }
+
+    async fn ack(&mut self, envelope_id: u64) {
+        if let Err(e) = self.store.commit(vec![(INBOX, envelope_id.to_string(), None)]).await {
+            tracing::error!(error = %e, "cannot clear inbox entry");
+        }
+        self.recent.push_back(envelope_id);
+        if self.recent.len() > 1024 {
+            self.recent.pop_front();
+        }
+        if let Ok(c) = self.conn() {
+            let _ = c.send_unanswered(Body::Ack(pb::Ack { envelope_ids: vec![envelope_id] })).await;
+        }
+    }
+
+    async fn emit(&self, ev: Event) {
+        let _ = self.events.send(ev).await;
+    }
+
+    async fn push(&mut self, st: pb::Stanza) {
+        match st.body {
+            Some(Body::Envelope(env)) => self.envelope(env).await,
+            Some(Body::Typing(t)) => {
+                self.emit(Event::Typing { from: t.from, group: (!t.group.is_empty()).then_some(t.group), typing: t.typing }).await
+            }
+            Some(Body::Presence(p)) => self.emit(Event::Presence { account: p.account, online: p.online }).await,
+            Some(Body::PrekeysLow(low)) => {
+                if let Err(e) = self.maintain_keys(low.one_time_prekeys, low.kyber_prekeys).await {
+                    tracing::warn!(error = %e, "cannot replenish prekeys");
+                }
+            }
+            Some(Body::Error(e)) => {
+                tracing::warn!(code = e.code, message = %e.message, "gateway error push");
+                if e.code == ErrorCode::Unauthorized as i32 {
+                    self.conn = None;
+                    self.emit(Event::LoggedOut { account: self.creds.account.clone(), reason: e.message }).await;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    async fn envelope(&mut self, env: pb::Envelope) {
+        let id = env.id;
+        if self.recent.contains(&id) {
+            // Acked before but redelivered (the ack was lost with the connection).
+            if let Ok(c) = self.conn() {
+                let _ = c.send_unanswered(Body::Ack(pb::Ack { envelope_ids: vec![id] })).await;
+            }
+            return;
+        }
+        // A message decrypted before a crash is replayed from the vault.
+        if let Ok(Some(raw)) = self.store.read_extra(INBOX, &id.to_string()).await {
+            if let Ok(entry) = serde_json::from_slice::<InboxEntry>(&raw) {
+                if let Ok(data) = DataMessage::decode(&entry.data[..]) {
+                    self.emit(Event::Message { envelope_id: id, from: entry.from, group: entry.group, message_id: entry.message_id, timestamp: entry.timestamp, data }).await;
+                    return;
+                }
+            }
+        }
+        let kind = Kind::try_from(env.kind).unwrap_or(Kind::Unspecified);
+        match kind {
+            Kind::Receipt => {
+                let receipt = env.receipt.unwrap_or_default();
+                self.emit(Event::Receipt { envelope_id: id, from: env.from, receipt }).await;
+            }
+            Kind::GroupUpdate => {
+                if let Some(g) = env.group_update {
+                    self.group_changed(&g).await;
+                    self.emit(Event::GroupUpdate { envelope_id: id, from: env.from, group: g }).await;
+                } else {
+                    self.ack(id).await;
+                }
+            }
+            Kind::Prekey | Kind::Message | Kind::Group => {
+                let group = (kind == Kind::Group).then(|| env.group.clone());
+                match self.decrypt(&env, kind).await {
+                    Ok(Some(content)) => match content.body {
+                        Some(CBody::Data(data)) => {
+                            let entry = InboxEntry {
+                                from: env.from.clone(),
+                                group: group.clone(),
+                                message_id: env.message_id.clone(),
+                                timestamp: env.timestamp,
+                                data: data.encode_to_vec(),
+                            };
+                            let sealed_entry = serde_json::to_vec(&entry).expect("serializes");
+                            if let Err(e) = self.store.commit(vec![(INBOX, id.to_string(), Some(sealed_entry))]).await {
+                                tracing::error!(error = %e, "cannot store decrypted message; it will be redelivered");
+                                self.store.rollback();
+                                return;
+                            }
+                            self.report_identity_changes().await;
+                            self.emit(Event::Message { envelope_id: id, from: env.from, group, message_id: env.message_id, timestamp: env.timestamp, data }).await;
+                        }
+                        Some(CBody::SenderKeyDistribution(skd)) => {
+                            let r = match SenderKeyDistributionMessage::try_from(&skd.distribution_message[..]) {
+                                Ok(m) => process_sender_key_distribution_message(&addr(&env.from), &m, &mut self.store.sender_keys).await,
+                                Err(e) => Err(e),
+                            };
+                            if let Err(e) = r {
+                                tracing::warn!(error = %e, "bad sender key distribution");
+                                self.store.rollback();
+                            }
+                            if let Err(e) = self.store.commit(vec![]).await {
+                                tracing::error!(error = %e, "cannot store sender key");
+                                return;
+                            }
+                            self.report_identity_changes().await;
+                            self.ack(id).await;
+                        }
+                        None => {
+                            let _ = self.store.commit(vec![]).await;
+                            self.ack(id).await;
+                        }
+                    },
+                    Ok(None) => self.ack(id).await,
+                    Err(reason) => {
+                        self.store.rollback();
+                        tracing::warn!(envelope = id, %reason, "cannot decrypt envelope");
+                        self.emit(Event::Undecryptable { envelope_id: id, from: env.from, group, reason }).await;
+                    }
+                }
+            }
+            Kind::Unspecified => self.ack(id).await,
+        }
+    }
+
+    async fn report_identity_changes(&mut self) {
+        for peer in self.store.take_identity_changes() {
+            self.emit(Event::IdentityChanged { peer }).await;
+        }
+    }
+
+    /// `Ok(None)` for a duplicate that needs no event.
+    async fn decrypt(&mut self, env: &pb::Envelope, kind: Kind) -> Result<Option<Content>, String> {
+        let from = addr(&env.from);
+        let plaintext = match kind {
+            Kind::Group => group_decrypt(&env.ciphertext, &mut self.store.sender_keys, &from).await,
+            _ => {
+                let msg = if kind == Kind::Prekey {
+                    PreKeySignalMessage::try_from(&env.ciphertext[..]).map(CiphertextMessage::PreKeySignalMessage)
+                } else {
+                    SignalMessage::try_from(&env.ciphertext[..]).map(CiphertextMessage::SignalMessage)
+                }
+                .map_err(|e| e.to_string())?;
+                let st = &mut self.store;
+                message_decrypt(
+                    &msg,
+                    &from,
+                    &mut st.sessions,
+                    &mut st.identity,
+                    &mut st.prekeys,
+                    &st.signed,
+                    &mut st.kyber,
+                    &mut rand::rng(),
+                )
+                .await
+            }
+        };
+        match plaintext {
+            Ok(p) => {
+                let p = zeroize::Zeroizing::new(p);
+                Content::decode(&p[..]).map(Some).map_err(|e| format!("undecodable content: {e}"))
+            }
+            Err(SignalProtocolError::DuplicatedMessage(..)) => Ok(None),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+

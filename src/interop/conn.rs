@@ -1,0 +1,221 @@
+//! One connection to the gateway: the Noise transport, request/answer matching by id, pushes on
+//! a bounded channel, and a keepalive ping. Free of Signal state, so it is `Send`.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::{
+    net::TcpStream,
+    sync::{Mutex, mpsc, oneshot},
+};
+
+use crate::wire::{
+    noise::{self, StaticKey, TransportError},
+    pb::{self, ErrorCode, stanza::Body},
+};
+
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+const PING_EVERY: Duration = Duration::from_secs(30);
+/// Silence after which the gateway is taken as gone (docs §4.5).
+const DEAD_AFTER: Duration = Duration::from_secs(90);
+
+#[derive(Debug, thiserror::Error)]
+pub enum InteropError {
+    #[error("cannot reach the gateway at {addr}: {reason}")]
+    Connect { addr: String, reason: String },
+    #[error("gateway connection lost")]
+    Disconnected,
+    #[error("the gateway did not answer in time")]
+    Timeout,
+    #[error("gateway refused: {code:?}: {message}")]
+    Gateway { code: ErrorCode, message: String, retry_after_ms: u64 },
+    #[error("unexpected answer from the gateway")]
+    Unexpected,
+    #[error("{0}")]
+    Crypto(String),
+    #[error("vault: {0}")]
+    Vault(#[from] crate::vault::VaultError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl InteropError {
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            InteropError::Gateway { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// Worth retrying later (the same request may succeed).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, InteropError::Connect { .. } | InteropError::Disconnected | InteropError::Timeout)
+            || matches!(self.code(), Some(ErrorCode::RateLimited | ErrorCode::Internal))
+    }
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<pb::Stanza>>>>;
+
+/// A live connection. Dropping every clone closes it.
+#[derive(Clone)]
+pub struct GatewayConn {
+    out: mpsc::Sender<pb::Stanza>,
+    pending: Pending,
+    next_id: Arc<AtomicU64>,
+}
+
+/// Where the gateway is and which key it must have.
+#[derive(Clone, Debug)]
+pub struct GatewayAddr {
+    pub address: String,
+    pub public_key: Vec<u8>,
+}
+
+impl GatewayConn {
+    /// Connects and returns the connection and its pushes.
+    pub async fn connect(addr: &GatewayAddr) -> Result<(Self, mpsc::Receiver<pb::Stanza>), InteropError> {
+        let err = |reason: String| InteropError::Connect { addr: addr.address.clone(), reason };
+        let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&addr.address))
+            .await
+            .map_err(|_| err("connection timed out".into()))?
+            .map_err(|e| err(e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        let (mut reader, mut writer) =
+            tokio::time::timeout(Duration::from_secs(10), noise::connect(tcp, &StaticKey::generate(), &addr.public_key))
+                .await
+                .map_err(|_| err("handshake timed out".into()))?
+                .map_err(|e| match e {
+                    TransportError::KeyMismatch => {
+                        err("the gateway's key does not match interop.gateway_public_key".into())
+                    }
+                    other => err(other.to_string()),
+                })?;
+        let (out_tx, mut out_rx) = mpsc::channel::<pb::Stanza>(256);
+        let (push_tx, push_rx) = mpsc::channel::<pb::Stanza>(1024);
+        let pending: Pending = Arc::default();
+        tokio::spawn(async move {
+            while let Some(st) = out_rx.recv().await {
+                if writer.write_stanza(&st).await.is_err() {
+                    return;
+                }
+                while let Ok(st) = out_rx.try_recv() {
+                    if writer.write_stanza(&st).await.is_err() {
+                        return;
+                    }
+                }
+                if writer.flush().await.is_err() {
+                    return;
+                }
+            }
+            writer.shutdown().await;
+        });
+        let p = pending.clone();
+        tokio::spawn(async move {
+            loop {
+                let st = match tokio::time::timeout(DEAD_AFTER, reader.read_stanza()).await {
+                    Ok(Ok(st)) => st,
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "gateway connection closed");
+                        break;
+                    }
+                    Err(_) => {
+                        tracing::warn!("gateway silent for 90 s, reconnecting");
+                        break;
+                    }
+                };
+                if st.id != 0 {
+                    if let Some(tx) = p.lock().await.remove(&st.id) {
+                        let _ = tx.send(st);
+                        continue;
+                    }
+                }
+                if push_tx.send(st).await.is_err() {
+                    break;
+                }
+            }
+            p.lock().await.clear();
+        });
+        let conn = Self { out: out_tx, pending, next_id: Arc::new(AtomicU64::new(1)) };
+        let keepalive = conn.clone();
+        let weak = Arc::downgrade(&conn.next_id);
+        tokio::spawn(async move {
+            let mut nonce = 0u64;
+            loop {
+                tokio::time::sleep(PING_EVERY).await;
+                if weak.strong_count() <= 1 || keepalive.out.is_closed() {
+                    return;
+                }
+                nonce += 1;
+                if keepalive.request(Body::Ping(pb::Ping { nonce })).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok((conn, push_rx))
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.out.is_closed()
+    }
+
+    /// Sends a request and waits for its answer; an `Error` answer becomes `Err`.
+    pub async fn request(&self, body: Body) -> Result<Body, InteropError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().await.insert(id, tx);
+        if self.out.send(pb::Stanza { id, body: Some(body) }).await.is_err() {
+            self.pending.lock().await.remove(&id);
+            return Err(InteropError::Disconnected);
+        }
+        let answer = match tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
+            Ok(Ok(st)) => st,
+            Ok(Err(_)) => return Err(InteropError::Disconnected),
+            Err(_) => {
+                self.pending.lock().await.remove(&id);
+                return Err(InteropError::Timeout);
+            }
+        };
+        match answer.body {
+            Some(Body::Error(e)) => Err(InteropError::Gateway {
+                code: ErrorCode::try_from(e.code).unwrap_or(ErrorCode::ErrorUnspecified),
+                message: e.message,
+                retry_after_ms: e.retry_after_ms,
+            }),
+            Some(b) => Ok(b),
+            None => Err(InteropError::Unexpected),
+        }
+    }
+
+    /// Sends without waiting (an id-0 `Ack`).
+    pub async fn send_unanswered(&self, body: Body) -> Result<(), InteropError> {
+        self.out.send(pb::Stanza { id: 0, body: Some(body) }).await.map_err(|_| InteropError::Disconnected)
+    }
+
+    /// Register, then verify: returns the account secret.
+    pub async fn request_code(&self, account: &str) -> Result<(), InteropError> {
+        match self.request(Body::Register(pb::Register { account: account.to_owned() })).await? {
+            Body::Ok(_) => Ok(()),
+            _ => Err(InteropError::Unexpected),
+        }
+    }
+
+    pub async fn verify(&self, account: &str, code: &str) -> Result<Vec<u8>, InteropError> {
+        match self.request(Body::Verify(pb::Verify { account: account.to_owned(), code: code.to_owned() })).await? {
+            Body::Registered(r) => Ok(r.secret),
+            _ => Err(InteropError::Unexpected),
+        }
+    }
+
+    pub async fn login(&self, account: &str, secret: &[u8]) -> Result<pb::LoggedIn, InteropError> {
+        match self.request(Body::Login(pb::Login { account: account.to_owned(), secret: secret.to_vec() })).await? {
+            Body::LoggedIn(l) => Ok(l),
+            _ => Err(InteropError::Unexpected),
+        }
+    }
+}

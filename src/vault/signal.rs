@@ -1,0 +1,345 @@
+//! The Signal protocol stores of one interop account, kept in the key vault: identity, prekeys,
+//! sessions and sender keys are sealed records of the owner's data key.
+//!
+//! Writes are buffered and committed in one database transaction by [`SignalStore::commit`], so
+//! that the ratchet state after a decryption and the decrypted result (sealed too) reach the disk
+//! together. Hot records stay in memory; the database is read once per record.
+
+use std::{cell::RefCell, collections::HashMap, rc::Rc};
+
+use async_trait::async_trait;
+use libsignal_protocol::{
+    Direction, GenericSignedPreKey, IdentityChange, IdentityKey, IdentityKeyPair, IdentityKeyStore, KyberPreKeyId, KyberPreKeyRecord,
+    KyberPreKeyStore, PreKeyId, PreKeyRecord, PreKeyStore, ProtocolAddress, PublicKey, SenderKeyRecord,
+    SenderKeyStore, SessionRecord, SessionStore, SignalProtocolError, SignedPreKeyId, SignedPreKeyRecord,
+    SignedPreKeyStore,
+};
+use std::sync::Arc;
+use uuid::Uuid;
+
+use super::{Vault, VaultError, VaultStore};
+
+type SResult<T> = Result<T, SignalProtocolError>;
+
+fn store_err(e: impl std::fmt::Display) -> SignalProtocolError {
+    SignalProtocolError::InvalidState("vault store", e.to_string())
+}
+
+/// Record kinds in the vault.
+pub mod kind {
+    pub const IDENTITY: &str = "identity";
+    pub const PEER_IDENTITY: &str = "peer_identity";
+    pub const PREKEY: &str = "prekey";
+    pub const SIGNED_PREKEY: &str = "signed_prekey";
+    pub const KYBER_PREKEY: &str = "kyber_prekey";
+    pub const SESSION: &str = "session";
+    pub const SENDER_KEY: &str = "sender_key";
+}
+
+/// One account's Signal state over the vault: one trait view per libsignal store, all sharing
+/// the same buffered state (single-threaded: the account actor owns it).
+pub struct SignalStore {
+    inner: Rc<Inner>,
+    pub identity: Identity,
+    pub sessions: Sessions,
+    pub prekeys: PreKeys,
+    pub signed: SignedPreKeys,
+    pub kyber: KyberPreKeys,
+    pub sender_keys: SenderKeys,
+}
+
+struct Inner {
+    owner: String,
+    vault: Vault,
+    db: Arc<dyn VaultStore>,
+    state: RefCell<State>,
+}
+
+struct State {
+    identity: IdentityKeyPair,
+    registration_id: u32,
+    /// Decoded records: `Some(bytes)` present, `None` known absent or deleted.
+    cache: HashMap<(&'static str, String), Option<Vec<u8>>>,
+    /// Writes not yet committed: (kind, name) → new value.
+    pending: HashMap<(&'static str, String), Option<Vec<u8>>>,
+    /// Addresses whose identity key changed since the last `take_identity_changes`.
+    identity_changes: Vec<String>,
+}
+
+macro_rules! view {
+    ($name:ident) => {
+        #[derive(Clone)]
+        pub struct $name(Rc<Inner>);
+    };
+}
+view!(Identity);
+view!(Sessions);
+view!(PreKeys);
+view!(SignedPreKeys);
+view!(KyberPreKeys);
+view!(SenderKeys);
+
+impl Inner {
+    async fn get(&self, k: &'static str, name: &str) -> SResult<Option<Vec<u8>>> {
+        let key = (k, name.to_owned());
+        {
+            let st = self.state.borrow();
+            if let Some(v) = st.pending.get(&key).or_else(|| st.cache.get(&key)) {
+                return Ok(v.clone());
+            }
+        }
+        let v = match self.db.record(&self.owner, k, name).await.map_err(store_err)? {
+            Some(sealed) => Some(self.vault.open_record(&self.owner, k, name, &sealed).await.map_err(store_err)?.to_vec()),
+            None => None,
+        };
+        self.state.borrow_mut().cache.insert(key, v.clone());
+        Ok(v)
+    }
+
+    fn set(&self, k: &'static str, name: String, v: Option<Vec<u8>>) {
+        self.state.borrow_mut().pending.insert((k, name), v);
+    }
+}
+
+async fn seal_identity(vault: &Vault, owner: &str, reg: u32, pair: &IdentityKeyPair) -> Result<Vec<u8>, VaultError> {
+    let mut raw = zeroize::Zeroizing::new(reg.to_be_bytes().to_vec());
+    raw.extend_from_slice(&pair.serialize());
+    vault.seal_record(owner, kind::IDENTITY, "self", &raw).await
+}
+
+impl SignalStore {
+    /// Opens the owner's store, creating a fresh identity on first use.
+    pub async fn open(owner: &str, vault: Vault, db: Arc<dyn VaultStore>) -> Result<Self, VaultError> {
+        let sealed = db.record(owner, kind::IDENTITY, "self").await?;
+        let (identity, registration_id) = match sealed {
+            Some(s) => {
+                let raw = vault.open_record(owner, kind::IDENTITY, "self", &s).await?;
+                if raw.len() < 4 {
+                    return Err(VaultError::Open);
+                }
+                let reg = u32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]);
+                let pair = IdentityKeyPair::try_from(&raw[4..]).map_err(|_| VaultError::Open)?;
+                (pair, reg)
+            }
+            None => {
+                let pair = IdentityKeyPair::generate(&mut rand::rng());
+                let reg = rand::Rng::random_range(&mut rand::rng(), 1..16384u32);
+                let sealed = seal_identity(&vault, owner, reg, &pair).await?;
+                db.put_record(owner, kind::IDENTITY, "self", &sealed).await?;
+                (pair, reg)
+            }
+        };
+        let inner = Rc::new(Inner {
+            owner: owner.to_owned(),
+            vault,
+            db,
+            state: RefCell::new(State {
+                identity,
+                registration_id,
+                cache: HashMap::new(),
+                pending: HashMap::new(),
+                identity_changes: Vec::new(),
+            }),
+        });
+        Ok(Self {
+            identity: Identity(inner.clone()),
+            sessions: Sessions(inner.clone()),
+            prekeys: PreKeys(inner.clone()),
+            signed: SignedPreKeys(inner.clone()),
+            kyber: KyberPreKeys(inner.clone()),
+            sender_keys: SenderKeys(inner.clone()),
+            inner,
+        })
+    }
+
+    /// Replaces the identity key pair (a reset); prekeys must be uploaded anew by the caller.
+    pub async fn reset_identity(&mut self) -> Result<(), VaultError> {
+        let pair = IdentityKeyPair::generate(&mut rand::rng());
+        let reg = self.registration_id();
+        let sealed = seal_identity(&self.inner.vault, &self.inner.owner, reg, &pair).await?;
+        self.inner.db.put_record(&self.inner.owner, kind::IDENTITY, "self", &sealed).await?;
+        self.inner.state.borrow_mut().identity = pair;
+        Ok(())
+    }
+
+    pub fn identity_key_pair(&self) -> IdentityKeyPair {
+        self.inner.state.borrow().identity
+    }
+
+    pub fn registration_id(&self) -> u32 {
+        self.inner.state.borrow().registration_id
+    }
+
+    pub fn take_identity_changes(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.inner.state.borrow_mut().identity_changes)
+    }
+
+    /// Writes every buffered change, and `extra` records of the same owner, in one database
+    /// transaction (`None` deletes).
+    pub async fn commit(&mut self, extra: Vec<(&'static str, String, Option<Vec<u8>>)>) -> Result<(), VaultError> {
+        let pending: Vec<((&'static str, String), Option<Vec<u8>>)> =
+            self.inner.state.borrow().pending.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        if pending.is_empty() && extra.is_empty() {
+            return Ok(());
+        }
+        let owner = &self.inner.owner;
+        let key = self.inner.vault.data_key(owner).await?;
+        let mut writes = Vec::with_capacity(pending.len() + extra.len());
+        for ((k, name), v) in &pending {
+            let sealed = v.as_ref().map(|plain| key.seal(&super::record_ad(owner, k, name), plain));
+            writes.push((k.to_string(), name.clone(), sealed));
+        }
+        for (k, name, v) in extra {
+            let sealed = v.as_ref().map(|plain| key.seal(&super::record_ad(owner, k, &name), plain));
+            self.inner.state.borrow_mut().cache.remove(&(k, name.clone()));
+            writes.push((k.to_string(), name, sealed));
+        }
+        self.inner.db.write_records(owner, &writes).await?;
+        let mut st = self.inner.state.borrow_mut();
+        for (k, v) in pending {
+            st.pending.remove(&k);
+            st.cache.insert(k, v);
+        }
+        Ok(())
+    }
+
+    /// Drops buffered changes (after a failed operation).
+    pub fn rollback(&mut self) {
+        self.inner.state.borrow_mut().pending.clear();
+    }
+
+    /// Reads a record outside the Signal kinds (e.g. an undelivered decrypted message).
+    pub async fn read_extra(&self, k: &str, name: &str) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, VaultError> {
+        match self.inner.db.record(&self.inner.owner, k, name).await? {
+            Some(sealed) => Ok(Some(self.inner.vault.open_record(&self.inner.owner, k, name, &sealed).await?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn owner(&self) -> &str {
+        &self.inner.owner
+    }
+}
+
+fn addr_name(a: &ProtocolAddress) -> String {
+    format!("{}.{}", a.name(), u32::from(a.device_id()))
+}
+
+#[async_trait(?Send)]
+impl IdentityKeyStore for Identity {
+    async fn get_identity_key_pair(&self) -> SResult<IdentityKeyPair> {
+        Ok(self.0.state.borrow().identity)
+    }
+
+    async fn get_local_registration_id(&self) -> SResult<u32> {
+        Ok(self.0.state.borrow().registration_id)
+    }
+
+    async fn save_identity(&mut self, address: &ProtocolAddress, identity: &IdentityKey) -> SResult<IdentityChange> {
+        let name = addr_name(address);
+        let old = self.0.get(kind::PEER_IDENTITY, &name).await?;
+        let new = identity.serialize().to_vec();
+        let changed = old.as_ref().is_some_and(|o| *o != new);
+        if old.as_ref() != Some(&new) {
+            self.0.set(kind::PEER_IDENTITY, name, Some(new));
+        }
+        if changed {
+            self.0.state.borrow_mut().identity_changes.push(address.name().to_owned());
+        }
+        Ok(IdentityChange::from_changed(changed))
+    }
+
+    async fn is_trusted_identity(&self, _: &ProtocolAddress, _: &IdentityKey, _: Direction) -> SResult<bool> {
+        // Trust on first use, and accept changes: the user is told about them in the portal.
+        Ok(true)
+    }
+
+    async fn get_identity(&self, address: &ProtocolAddress) -> SResult<Option<IdentityKey>> {
+        self.0.get(kind::PEER_IDENTITY, &addr_name(address)).await?.map(|r| IdentityKey::decode(&r)).transpose()
+    }
+}
+
+#[async_trait(?Send)]
+impl PreKeyStore for PreKeys {
+    async fn get_pre_key(&self, id: PreKeyId) -> SResult<PreKeyRecord> {
+        let raw = self.0.get(kind::PREKEY, &u32::from(id).to_string()).await?.ok_or(SignalProtocolError::InvalidPreKeyId)?;
+        PreKeyRecord::deserialize(&raw)
+    }
+
+    async fn save_pre_key(&mut self, id: PreKeyId, record: &PreKeyRecord) -> SResult<()> {
+        self.0.set(kind::PREKEY, u32::from(id).to_string(), Some(record.serialize()?));
+        Ok(())
+    }
+
+    async fn remove_pre_key(&mut self, id: PreKeyId) -> SResult<()> {
+        self.0.set(kind::PREKEY, u32::from(id).to_string(), None);
+        Ok(())
+    }
+}
+
+#[async_trait(?Send)]
+impl SignedPreKeyStore for SignedPreKeys {
+    async fn get_signed_pre_key(&self, id: SignedPreKeyId) -> SResult<SignedPreKeyRecord> {
+        let raw = self
+            .0
+            .get(kind::SIGNED_PREKEY, &u32::from(id).to_string())
+            .await?
+            .ok_or(SignalProtocolError::InvalidSignedPreKeyId)?;
+        SignedPreKeyRecord::deserialize(&raw)
+    }
+
+    async fn save_signed_pre_key(&mut self, id: SignedPreKeyId, record: &SignedPreKeyRecord) -> SResult<()> {
+        self.0.set(kind::SIGNED_PREKEY, u32::from(id).to_string(), Some(record.serialize()?));
+        Ok(())
+    }
+}
+
+#[async_trait(?Send)]
+impl KyberPreKeyStore for KyberPreKeys {
+    async fn get_kyber_pre_key(&self, id: KyberPreKeyId) -> SResult<KyberPreKeyRecord> {
+        let raw = self
+            .0
+            .get(kind::KYBER_PREKEY, &u32::from(id).to_string())
+            .await?
+            .ok_or(SignalProtocolError::InvalidKyberPreKeyId)?;
+        KyberPreKeyRecord::deserialize(&raw)
+    }
+
+    async fn save_kyber_pre_key(&mut self, id: KyberPreKeyId, record: &KyberPreKeyRecord) -> SResult<()> {
+        self.0.set(kind::KYBER_PREKEY, u32::from(id).to_string(), Some(record.serialize()?));
+        Ok(())
+    }
+
+    async fn mark_kyber_pre_key_used(&mut self, id: KyberPreKeyId, _: SignedPreKeyId, _: &PublicKey) -> SResult<()> {
+        // One-time Kyber prekeys have ids below the last-resort id; the last-resort one is kept.
+        if u32::from(id) < crate::interop::keys::LAST_RESORT_KYBER_ID {
+            self.0.set(kind::KYBER_PREKEY, u32::from(id).to_string(), None);
+        }
+        Ok(())
+    }
+}
+
+#[async_trait(?Send)]
+impl SessionStore for Sessions {
+    async fn load_session(&self, address: &ProtocolAddress) -> SResult<Option<SessionRecord>> {
+        self.0.get(kind::SESSION, &addr_name(address)).await?.map(|r| SessionRecord::deserialize(&r)).transpose()
+    }
+
+    async fn store_session(&mut self, address: &ProtocolAddress, record: &SessionRecord) -> SResult<()> {
+        self.0.set(kind::SESSION, addr_name(address), Some(record.serialize()?));
+        Ok(())
+    }
+}
+
+#[async_trait(?Send)]
+impl SenderKeyStore for SenderKeys {
+    async fn store_sender_key(&mut self, sender: &ProtocolAddress, id: Uuid, record: &SenderKeyRecord) -> SResult<()> {
+        self.0.set(kind::SENDER_KEY, format!("{}/{id}", addr_name(sender)), Some(record.serialize()?));
+        Ok(())
+    }
+
+    async fn load_sender_key(&mut self, sender: &ProtocolAddress, id: Uuid) -> SResult<Option<SenderKeyRecord>> {
+        let name = format!("{}/{id}", addr_name(sender));
+        self.0.get(kind::SENDER_KEY, &name).await?.map(|r| SenderKeyRecord::deserialize(&r)).transpose()
+    }
+}

@@ -1,0 +1,96 @@
+//! Interop harness: an in-process gateway on a free port, and accounts of ours on it.
+
+use std::{sync::Arc, time::Duration};
+
+use matrix_interop_bridge::{
+    gateway::{Gateway, GatewayConfig},
+    interop::{AccountHandle, Event, GatewayAddr, GatewayConn, SignalRuntime, account},
+    store::{SqlStore, testing},
+    vault::{SecretKey, Vault, VaultStore},
+    wire::noise::StaticKey,
+};
+use tokio::sync::mpsc;
+
+pub const CODE: &str = "123456";
+
+pub struct TestGateway {
+    pub addr: GatewayAddr,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl TestGateway {
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tmp");
+        Self::start_in(dir, StaticKey::generate(), 0).await
+    }
+
+    /// Starts (or restarts) a gateway with its state in `dir`.
+    pub async fn start_in(dir: tempfile::TempDir, key: StaticKey, port: u16) -> Self {
+        let mut cfg = GatewayConfig::new(
+            key.clone(),
+            format!("sqlite://{}", dir.path().join("gateway.db").display()),
+            dir.path().join("blobs"),
+        );
+        cfg.dev_code = Some(CODE.into());
+        cfg.max_blob_bytes = 2 * 1024 * 1024;
+        let gw = Gateway::open(cfg).await.expect("gateway");
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(gw.serve(listener, rx));
+        Self { addr: GatewayAddr { address: format!("127.0.0.1:{port}"), public_key: key.public.clone() }, port, dir, stop }
+    }
+
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// A bridge-side account with its own vault on SQLite.
+pub struct Ours {
+    pub handle: AccountHandle,
+    pub events: mpsc::Receiver<Event>,
+    pub account: String,
+    pub store: SqlStore,
+    pub _dir: tempfile::TempDir,
+}
+
+pub fn random_account() -> String {
+    format!("+1555{:07}", rand::random::<u32>() % 10_000_000)
+}
+
+pub async fn register_ours(rt: &SignalRuntime, gw: &GatewayAddr, account: &str) -> Ours {
+    let (store, dir) = testing::sqlite().await;
+    let db: Arc<dyn VaultStore> = Arc::new(store.clone());
+    let vault = Vault::open(SecretKey::random(), db.clone()).await.expect("vault");
+    let (conn, _pushes) = GatewayConn::connect(gw).await.expect("connect");
+    conn.request_code(account).await.expect("register");
+    let secret = conn.verify(account, CODE).await.expect("verify");
+    account::save_credentials(&vault, &db, "@owner:test", account, &secret).await.expect("creds");
+    let (tx, events) = mpsc::channel(1024);
+    let handle = account::spawn_account(rt, "@owner:test", gw.clone(), vault, db, tx).await.expect("spawn");
+    let mut ours = Ours { handle, events, account: account.to_owned(), store, _dir: dir };
+    ours.wait(|e| matches!(e, Event::Connected { .. })).await;
+    ours
+}
+
+impl Ours {
+    /// Waits for an event matching `pred`, acking every event on the way.
+    pub async fn wait(&mut self, pred: impl Fn(&Event) -> bool) -> Event {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let ev = tokio::time::timeout_at(deadline, self.events.recv())
+                .await
+                .expect("timed out waiting for an interop event")
+                .expect("event channel closed");
+            if let Some(id) = ev.envelope_id() {
+                self.handle.ack(id).await;
+            }
+            if pred(&ev) {
+                return ev;
+            }
+        }
+    }
+}

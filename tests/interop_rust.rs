@@ -1,0 +1,129 @@
+//! Our interop client against the reference gateway, both in process: registration, PQXDH
+//! sessions both ways, groups with sender keys, media, acks and redelivery, bad input.
+
+mod common;
+
+use common::interop::{TestGateway, random_account, register_ours};
+use matrix_interop_bridge::{
+    interop::{Event, GatewayConn, SignalRuntime, Target},
+    wire::{
+        content::{DataMessage, Text, data_message::Body as D},
+        pb::{self, ErrorCode, stanza::Body},
+    },
+};
+
+fn text(s: &str) -> DataMessage {
+    DataMessage { body: Some(D::Text(Text { body: s.into(), formats: vec![] })), reply_to: None }
+}
+
+fn body_of(e: &Event) -> Option<String> {
+    match e {
+        Event::Message { data: DataMessage { body: Some(D::Text(t)), .. }, .. } => Some(t.body.clone()),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_both_ways_groups_and_media() {
+    let gw = TestGateway::start().await;
+    let rt = SignalRuntime::start(1);
+    let mut a = register_ours(&rt, &gw.addr, &random_account()).await;
+    let mut b = register_ours(&rt, &gw.addr, &random_account()).await;
+
+    // A starts the session (PQXDH from B's bundle); several ratchet steps in both directions.
+    for i in 0..3 {
+        a.handle.send(Target::Account(b.account.clone()), format!("a{i}"), text(&format!("hello {i}"))).await.expect("send a->b");
+        let got = b.wait(|e| body_of(e).is_some()).await;
+        assert_eq!(body_of(&got).as_deref(), Some(format!("hello {i}").as_str()));
+        b.handle.send(Target::Account(a.account.clone()), format!("b{i}"), text(&format!("reply {i}"))).await.expect("send b->a");
+        let got = a.wait(|e| body_of(e).is_some()).await;
+        assert_eq!(body_of(&got).as_deref(), Some(format!("reply {i}").as_str()));
+    }
+    let info = a.handle.session_info(b.account.clone()).await.expect("info");
+    assert!(info.exists);
+    assert!(info.version >= 4, "PQXDH sessions are version 4, got {}", info.version);
+
+    // A group: sender keys are distributed pairwise, then group messages flow both ways.
+    let group = a.handle.create_group("friends".into(), vec![b.account.clone()]).await.expect("group");
+    b.wait(|e| matches!(e, Event::GroupUpdate { .. })).await;
+    a.handle.send(Target::Group(group.id.clone()), "g1".into(), text("to the group")).await.expect("group send");
+    let got = b.wait(|e| body_of(e).is_some()).await;
+    assert!(matches!(&got, Event::Message { group: Some(g), .. } if *g == group.id));
+    b.handle.send(Target::Group(group.id.clone()), "g2".into(), text("group reply")).await.expect("group send b");
+    let got = a.wait(|e| body_of(e).is_some()).await;
+    assert_eq!(body_of(&got).as_deref(), Some("group reply"));
+
+    // Media: encrypted, uploaded, downloaded and checked.
+    let picture: Vec<u8> = (0..700_000u32).map(|i| (i % 251) as u8).collect();
+    let (blob, sealed) = a.handle.upload(picture.clone()).await.expect("upload");
+    let back = b.handle.download(blob, sealed.key.to_vec(), sealed.sha256.clone()).await.expect("download");
+    assert_eq!(back, picture);
+
+    // Receipts and typing reach the other side.
+    b.handle.receipt(a.account.clone(), pb::Receipt { r#type: pb::ReceiptType::Read as i32, message_ids: vec!["b0".into()], group: String::new() }).await.expect("receipt");
+    a.wait(|e| matches!(e, Event::Receipt { .. })).await;
+    b.handle.typing(Target::Account(a.account.clone()), true).await.expect("typing");
+    a.wait(|e| matches!(e, Event::Typing { typing: true, .. })).await;
+
+    // Sending is idempotent per message id: a retry is not delivered twice.
+    a.handle.send(Target::Account(b.account.clone()), "dup".into(), text("once")).await.expect("send");
+    let first = a.handle.send(Target::Account(b.account.clone()), "dup".into(), text("once")).await.expect("resend");
+    assert_eq!(first.recipients, 1);
+    b.wait(|e| body_of(e).as_deref() == Some("once")).await;
+    b.handle.send(Target::Account(a.account.clone()), "marker".into(), text("marker")).await.expect("marker");
+    a.wait(|e| body_of(e).as_deref() == Some("marker")).await;
+    a.handle.send(Target::Account(b.account.clone()), "after".into(), text("after")).await.expect("send");
+    let next = b.wait(|e| body_of(e).is_some()).await;
+    assert_eq!(body_of(&next).as_deref(), Some("after"), "the duplicate must not be delivered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_rejects_bad_input_clearly() {
+    let gw = TestGateway::start().await;
+    let (conn, _p) = GatewayConn::connect(&gw.addr).await.expect("connect");
+    // Before login only account requests work.
+    let e = conn.request(Body::KeyCounts(pb::KeyCounts {})).await.expect_err("needs login");
+    assert_eq!(e.code(), Some(ErrorCode::Unauthorized));
+    let e = conn.request_code("12345").await.expect_err("bad account");
+    assert_eq!(e.code(), Some(ErrorCode::BadRequest));
+    let account = random_account();
+    conn.request_code(&account).await.expect("register");
+    let e = conn.verify(&account, "000000").await.expect_err("wrong code");
+    assert_eq!(e.code(), Some(ErrorCode::BadCode));
+    let secret = conn.verify(&account, common::interop::CODE).await.expect("verify");
+    let e = conn.login(&account, b"wrong").await.expect_err("wrong secret");
+    assert_eq!(e.code(), Some(ErrorCode::Unauthorized));
+    conn.login(&account, &secret).await.expect("login");
+    // A bundle with a bad signature is refused.
+    let ik = libsignal_protocol::IdentityKeyPair::generate(&mut rand::rng());
+    let spk = libsignal_protocol::KeyPair::generate(&mut rand::rng());
+    let up = pb::UploadKeys {
+        identity_key: ik.identity_key().serialize().to_vec(),
+        registration_id: 7,
+        signed_prekey: Some(pb::SignedKey { id: 1, public_key: spk.public_key.serialize().to_vec(), signature: vec![0u8; 64] }),
+        kyber_last_resort: None,
+        one_time_prekeys: vec![],
+        kyber_prekeys: vec![],
+    };
+    let e = conn.request(Body::UploadKeys(up)).await.expect_err("bad signature");
+    assert_eq!(e.code(), Some(ErrorCode::BadRequest));
+    // Oversized media is refused with TOO_LARGE.
+    let mut offset = 0;
+    let mut last_err = None;
+    for _ in 0..6 {
+        let put = pb::BlobPut { upload: "u1".into(), offset, data: vec![1u8; 512 * 1024], last: false, sha256: vec![] };
+        match conn.request(Body::BlobPut(put)).await {
+            Ok(_) => offset += 512 * 1024,
+            Err(e) => {
+                last_err = Some(e);
+                break;
+            }
+        }
+    }
+    assert_eq!(last_err.and_then(|e| e.code()), Some(ErrorCode::TooLarge));
+    // Unknown recipients are refused, and the connection still works.
+    let send = pb::Send { to: "+19990000000".into(), kind: pb::Kind::Message as i32, ciphertext: vec![1], message_id: "m".into(), ..Default::default() };
+    let e = conn.request(Body::Send(send)).await.expect_err("unknown recipient");
+    assert_eq!(e.code(), Some(ErrorCode::NotFound));
+    assert!(matches!(conn.request(Body::Ping(pb::Ping { nonce: 3 })).await, Ok(Body::Pong(pb::Pong { nonce: 3 }))));
+}
