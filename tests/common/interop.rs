@@ -54,7 +54,14 @@ pub struct Ours {
     pub events: mpsc::Receiver<Event>,
     pub account: String,
     pub store: SqlStore,
+    pub master: SecretKey,
     pub _dir: tempfile::TempDir,
+}
+
+/// The vault of `ours` again, as after a restart.
+pub async fn reopen_vault(ours: &Ours) -> Vault {
+    let db: Arc<dyn VaultStore> = Arc::new(ours.store.clone());
+    Vault::open(ours.master.clone(), db).await.expect("reopen vault")
 }
 
 pub fn random_account() -> String {
@@ -64,14 +71,15 @@ pub fn random_account() -> String {
 pub async fn register_ours(rt: &SignalRuntime, gw: &GatewayAddr, account: &str) -> Ours {
     let (store, dir) = testing::sqlite().await;
     let db: Arc<dyn VaultStore> = Arc::new(store.clone());
-    let vault = Vault::open(SecretKey::random(), db.clone()).await.expect("vault");
+    let master = SecretKey::random();
+    let vault = Vault::open(master.clone(), db.clone()).await.expect("vault");
     let (conn, _pushes) = GatewayConn::connect(gw).await.expect("connect");
     conn.request_code(account).await.expect("register");
     let secret = conn.verify(account, CODE).await.expect("verify");
     account::save_credentials(&vault, &db, "@owner:test", account, &secret).await.expect("creds");
     let (tx, events) = mpsc::channel(1024);
     let handle = account::spawn_account(rt, "@owner:test", gw.clone(), vault, db, tx).await.expect("spawn");
-    let mut ours = Ours { handle, events, account: account.to_owned(), store, _dir: dir };
+    let mut ours = Ours { handle, events, account: account.to_owned(), store, master, _dir: dir };
     ours.wait(|e| matches!(e, Event::Connected { .. })).await;
     ours
 }

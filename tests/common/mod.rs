@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod interop;
+pub mod node;
 
 use std::{
     path::{Path, PathBuf},
