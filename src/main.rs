@@ -10,7 +10,11 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use matrix_interop_bridge::{
     appservice::{self, AppState, Readiness, UserQuery, queue::QueueWorker},
-    bridge::{Bridge, BridgeSettings},
+    bridge::{
+        Bridge, BridgeSettings,
+        network::{NetEventSink, Network},
+    },
+    interop::{GatewayAddr, SignalRuntime, connector::InteropNetwork},
     config::{Config, EXAMPLE_CONFIG},
     matrix::{HomeserverClient, MatrixError, MatrixSide},
     metrics::Metrics,
@@ -163,6 +167,7 @@ fn init_logging(cfg: &Config) {
 struct ReadyCheck {
     store: SqlStore,
     hs: HomeserverClient,
+    network: Arc<InteropNetwork>,
 }
 
 #[async_trait::async_trait]
@@ -174,6 +179,9 @@ impl Readiness for ReadyCheck {
         }
         if let Err(e) = self.hs.versions().await {
             problems.push(format!("homeserver: {e}"));
+        }
+        if !self.network.reachable().await {
+            problems.push("interop gateway: not reachable".to_owned());
         }
         if problems.is_empty() { Ok(()) } else { Err(problems) }
     }
@@ -202,19 +210,30 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
     tracing::debug!(pruned, "old transaction ids pruned");
 
     let master = vault::load_master_key(&cfg.vault.master_key_file, &cfg.vault.master_key_env)?;
-    let vault_store: Arc<dyn VaultStore> = Arc::new(store.clone());
-    let vault = Vault::open(master, vault_store).await?;
+    let vault = Vault::open(master, Arc::new(store.clone())).await?;
     let queue_key = vault.data_key(BRIDGE_OWNER).await?;
 
     let hs = HomeserverClient::new(&cfg.homeserver.address, &cfg.appservice.as_token)?;
     let bot = cfg.bot_mxid();
-    let matrix = MatrixSide::new(hs.clone(), bot.clone(), &cfg.ghost_regex())?.arc();
+    let matrix = MatrixSide::new(hs.clone(), bot.clone(), cfg.homeserver.domain.clone(), &cfg.ghost_regex())?.arc();
     let users: Arc<dyn UserStore> = Arc::new(store.clone());
+    let gateway = GatewayAddr { address: cfg.interop.gateway_address.clone(), public_key: cfg.interop.gateway_key()? };
+    let signal_rt = SignalRuntime::start(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
+    let vault_store: Arc<dyn VaultStore> = Arc::new(store.clone());
+    let network = InteropNetwork::new(signal_rt, gateway, vault.clone(), vault_store);
     let bridge = Arc::new(Bridge::new(
         matrix,
         users,
-        BridgeSettings { bridge: cfg.bridge.clone(), homeserver_domain: cfg.homeserver.domain.clone() },
+        Arc::new(store.clone()),
+        network.clone(),
+        BridgeSettings {
+            bridge: cfg.bridge.clone(),
+            homeserver_domain: cfg.homeserver.domain.clone(),
+            username_template: cfg.appservice.username_template.clone(),
+        },
     ));
+    let sink: Arc<dyn NetEventSink> = bridge.clone();
+    network.set_sink(Arc::downgrade(&sink));
 
     let metrics = Metrics::new();
     let notify = Arc::new(Notify::new());
@@ -225,7 +244,7 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
         queue_key: queue_key.clone(),
         notify: notify.clone(),
         metrics: metrics.clone(),
-        readiness: Arc::new(ReadyCheck { store: store.clone(), hs: hs.clone() }),
+        readiness: Arc::new(ReadyCheck { store: store.clone(), hs: hs.clone(), network: network.clone() }),
         users: Arc::new(Users { bot: bot.clone() }),
         protocol: "interop".into(),
     };
@@ -270,7 +289,8 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
             return Ok(());
         }
     }
-    tracing::info!("bridge ready");
+    let logins = bridge.reconnect_logins().await?;
+    tracing::info!(logins, "bridge ready");
 
     shutdown_signal().await;
     tracing::info!("shutting down: finishing in-flight requests");

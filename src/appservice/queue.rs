@@ -70,7 +70,8 @@ impl QueueWorker {
             };
             let result = match item.kind.as_str() {
                 "pdu" => self.handler.handle_matrix_event(&item.event).await,
-                // Ephemeral events and to-device messages are not used until portals and encryption need them.
+                "ephemeral" => self.handler.handle_ephemeral(&item.event).await,
+                // To-device messages are used once encrypted rooms are supported.
                 _ => Ok(()),
             };
             match result {

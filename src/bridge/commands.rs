@@ -5,8 +5,11 @@ use std::collections::HashMap;
 
 use tokio::sync::Mutex;
 
-use super::Bridge;
-use crate::config::PermissionLevel;
+use super::{
+    Bridge,
+    network::{NetError, NetTarget},
+};
+use crate::{config::PermissionLevel, store::portal::PortalKind};
 
 /// What the bot answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,31 +46,46 @@ pub const COMMANDS: &[CommandSpec] = &[
     CommandSpec { name: "version", args: "", help: "Show the bridge version.", level: PermissionLevel::Commands, available: true },
     CommandSpec { name: "whoami", args: "", help: "Show your Matrix id, permission level and logins.", level: PermissionLevel::Commands, available: true },
     CommandSpec { name: "cancel", args: "", help: "Cancel the command in progress (e.g. a login).", level: PermissionLevel::Commands, available: true },
-    CommandSpec { name: "login", args: "<identifier>", help: "Log in to the interop network with a phone-style identifier.", level: PermissionLevel::User, available: false },
-    CommandSpec { name: "logout", args: "", help: "Log out and destroy your keys on the bridge.", level: PermissionLevel::User, available: false },
-    CommandSpec { name: "list-logins", args: "", help: "List your interop logins.", level: PermissionLevel::User, available: false },
-    CommandSpec { name: "start-chat", args: "<contact>", help: "Open a chat with an interop contact.", level: PermissionLevel::User, available: false },
-    CommandSpec { name: "list-chats", args: "", help: "List your bridged chats.", level: PermissionLevel::User, available: false },
-    CommandSpec { name: "sync", args: "", help: "Resync contacts, groups and portals.", level: PermissionLevel::User, available: false },
-    CommandSpec { name: "set-relay", args: "", help: "Relay messages of users without a login through your login in this room.", level: PermissionLevel::User, available: false },
-    CommandSpec { name: "unset-relay", args: "", help: "Stop relaying in this room.", level: PermissionLevel::User, available: false },
-    CommandSpec { name: "delete-portal", args: "", help: "Remove this portal room and forget the chat.", level: PermissionLevel::User, available: false },
+    CommandSpec { name: "login", args: "<identifier>", help: "Log in to the interop network with a phone-style identifier.", level: PermissionLevel::User, available: true },
+    CommandSpec { name: "logout", args: "", help: "Log out and destroy your keys on the bridge.", level: PermissionLevel::User, available: true },
+    CommandSpec { name: "list-logins", args: "", help: "List your interop logins.", level: PermissionLevel::User, available: true },
+    CommandSpec { name: "start-chat", args: "<contact>", help: "Open a chat with an interop contact.", level: PermissionLevel::User, available: true },
+    CommandSpec { name: "list-chats", args: "", help: "List your bridged chats.", level: PermissionLevel::User, available: true },
+    CommandSpec { name: "sync", args: "", help: "Resync contacts, groups and portals.", level: PermissionLevel::User, available: true },
+    CommandSpec { name: "set-relay", args: "", help: "Relay messages of users without a login through your login in this room.", level: PermissionLevel::User, available: true },
+    CommandSpec { name: "unset-relay", args: "", help: "Stop relaying in this room.", level: PermissionLevel::User, available: true },
+    CommandSpec { name: "delete-portal", args: "", help: "Remove this portal room and forget the chat.", level: PermissionLevel::User, available: true },
+    CommandSpec { name: "create-group", args: "<name> <contact>...", help: "Create an interop group with these contacts and open its portal.", level: PermissionLevel::User, available: true },
 ];
 
 pub fn find(name: &str) -> Option<&'static CommandSpec> {
     COMMANDS.iter().find(|c| c.name == name)
 }
 
+/// A multi-step command waiting for the user's next message.
+#[derive(Clone, Debug)]
+pub enum Pending {
+    /// `login` sent a code to this account; the next message is the code.
+    LoginCode { account: String },
+}
+
+impl Pending {
+    fn name(&self) -> &'static str {
+        match self {
+            Pending::LoginCode { .. } => "login",
+        }
+    }
+}
+
 /// Multi-step commands waiting for the user's next message (e.g. a login code).
 #[derive(Default)]
 pub struct CommandState {
-    pending: Mutex<HashMap<String, &'static str>>,
+    pending: Mutex<HashMap<String, Pending>>,
 }
 
 impl Bridge {
     /// Runs one command line (without prefix) for `sender` in `room_id`.
     pub async fn run_command(&self, room_id: &str, sender: &str, line: &str) -> CommandOutcome {
-        let _ = room_id;
         let level = self.permission_of(sender);
         let mut words = line.split_whitespace();
         let Some(name) = words.next().map(str::to_lowercase) else {
@@ -94,19 +112,44 @@ impl Bridge {
                 "`{name}` is not available in this version of the bridge yet (the interop login and portals are still being built)."
             ));
         }
+        let arg = args.join(" ");
         match spec.name {
             "help" => self.help(level),
+            "login" => self.cmd_login(sender, &arg).await,
+            "logout" => self.cmd_logout(sender).await,
+            "list-logins" => self.cmd_list_logins(sender).await,
+            "start-chat" => self.cmd_start_chat(sender, &arg).await,
+            "list-chats" => self.cmd_list_chats(sender).await,
+            "sync" => self.cmd_sync(sender).await,
+            "set-relay" => self.cmd_relay(room_id, sender, level, true).await,
+            "unset-relay" => self.cmd_relay(room_id, sender, level, false).await,
+            "delete-portal" => self.cmd_delete_portal(room_id, sender, level).await,
+            "create-group" => self.cmd_create_group(sender, &args).await,
             "ping" => CommandOutcome::text("Pong! The bridge is running."),
             "version" => CommandOutcome::text(format!(
                 "matrix-interop-bridge {} (AGPL-3.0-or-later)",
                 env!("CARGO_PKG_VERSION")
             )),
-            "whoami" => CommandOutcome::text(format!(
-                "You are {sender}, with permission level `{}`. You have no interop login.",
-                format!("{level:?}").to_lowercase()
-            )),
+            "whoami" => {
+                let login = match self.portals.login(sender).await {
+                    Ok(Some(a)) => {
+                        let state = match self.network.account(sender) {
+                            Some(acc) if acc.is_connected() => "connected",
+                            Some(_) => "connecting",
+                            None => "not connected",
+                        };
+                        format!("You are logged in as {a} ({state}).")
+                    }
+                    Ok(None) => "You have no interop login.".to_owned(),
+                    Err(e) => format!("Your login could not be read: {e}"),
+                };
+                CommandOutcome::text(format!(
+                    "You are {sender}, with permission level `{}`. {login}",
+                    format!("{level:?}").to_lowercase()
+                ))
+            }
             "cancel" => match self.commands.pending.lock().await.remove(sender) {
-                Some(what) => CommandOutcome::text(format!("Cancelled `{what}`.")),
+                Some(what) => CommandOutcome::text(format!("Cancelled `{}`.", what.name())),
                 None => CommandOutcome::text("Nothing to cancel."),
             },
             other => CommandOutcome::text(format!("`{other}` is not available yet.")),
@@ -130,5 +173,228 @@ impl Bridge {
         }
         html.push_str("</ul>");
         CommandOutcome { body: body.trim_end().to_owned(), html }
+    }
+}
+
+impl Bridge {
+    /// Feeds the user's message to a command waiting for it; `None` when nothing waits.
+    pub(crate) async fn continue_pending(&self, _room_id: &str, sender: &str, text: &str) -> Option<CommandOutcome> {
+        let pending = self.commands.pending.lock().await.get(sender).cloned()?;
+        if text.eq_ignore_ascii_case("cancel") {
+            self.commands.pending.lock().await.remove(sender);
+            return Some(CommandOutcome::text(format!("Cancelled `{}`.", pending.name())));
+        }
+        match pending {
+            Pending::LoginCode { account } => {
+                let code: String = text.chars().filter(|c| !c.is_whitespace() && *c != '-').collect();
+                if code.is_empty() || !code.chars().all(|c| c.is_ascii_digit()) {
+                    return Some(CommandOutcome::text("Send the code you received (digits only), or `cancel`."));
+                }
+                Some(match self.network.verify_and_connect(sender, &account, &code).await {
+                    Ok(_) => {
+                        self.commands.pending.lock().await.remove(sender);
+                        if let Err(e) = self.portals.set_login(sender, &account).await {
+                            return Some(CommandOutcome::text(format!("Logged in, but the login could not be saved: {e}")));
+                        }
+                        CommandOutcome::text(format!(
+                            "Logged in as {account}. Incoming chats will appear as rooms; start one with `start-chat <identifier>`."
+                        ))
+                    }
+                    Err(NetError::BadCode) => CommandOutcome::text("That code is wrong. Send the right code, or `cancel`."),
+                    Err(NetError::CodeExpired) => {
+                        self.commands.pending.lock().await.remove(sender);
+                        CommandOutcome::text(format!("The code expired. Send `login {account}` to get a new one."))
+                    }
+                    Err(e) => CommandOutcome::text(format!("Login failed: {e}. Try again, or `cancel`.")),
+                })
+            }
+        }
+    }
+
+    async fn cmd_login(&self, sender: &str, account: &str) -> CommandOutcome {
+        match self.portals.login(sender).await {
+            Ok(Some(a)) => return CommandOutcome::text(format!("You are already logged in as {a}. Send `logout` first.")),
+            Ok(None) => {}
+            Err(e) => return CommandOutcome::text(format!("Cannot check your login: {e}")),
+        }
+        if !crate::wire::is_valid_account(account) {
+            return CommandOutcome::text("Usage: `login <identifier>`, e.g. `login +15551234567` (+ and 8 to 15 digits).");
+        }
+        match self.network.request_code(account).await {
+            Ok(()) => {
+                self.commands.pending.lock().await.insert(sender.to_owned(), Pending::LoginCode { account: account.to_owned() });
+                CommandOutcome::text(format!("A verification code was sent to {account}. Send it here (or `cancel`)."))
+            }
+            Err(e) => CommandOutcome::text(format!("Cannot start the login: {e}. Try again later.")),
+        }
+    }
+
+    async fn cmd_logout(&self, sender: &str) -> CommandOutcome {
+        let account = match self.portals.login(sender).await {
+            Ok(Some(a)) => a,
+            Ok(None) => return CommandOutcome::text("You are not logged in."),
+            Err(e) => return CommandOutcome::text(format!("Cannot read your login: {e}")),
+        };
+        let portals = self.portals.portals_of(sender).await.unwrap_or_default();
+        if let Err(e) = self.network.logout(sender).await {
+            return CommandOutcome::text(format!("Logout failed: {e}"));
+        }
+        let bot = self.matrix.bot_mxid().to_owned();
+        for p in &portals {
+            if let Some(room) = &p.room_id {
+                let _ = self.notice(room, "This chat is no longer bridged: its owner logged out.").await;
+                if let Ok(members) = self.matrix.joined_members(room, &bot).await {
+                    for m in members.iter().filter(|m| self.matrix.is_ghost(m)) {
+                        let _ = self.matrix.leave(room, m).await;
+                    }
+                }
+                let _ = self.matrix.leave(room, &bot).await;
+            }
+            let _ = self.portals.delete_portal(sender, &p.chat_id).await;
+        }
+        if let Err(e) = self.portals.delete_login(sender).await {
+            return CommandOutcome::text(format!("Logged out, but the login record could not be removed: {e}"));
+        }
+        CommandOutcome::text(format!(
+            "Logged out of {account}. Your keys on the bridge were destroyed and {} portal(s) closed.",
+            portals.len()
+        ))
+    }
+
+    async fn cmd_list_logins(&self, sender: &str) -> CommandOutcome {
+        match self.portals.login(sender).await {
+            Ok(Some(a)) => {
+                let state = match self.network.account(sender) {
+                    Some(acc) if acc.is_connected() => "connected",
+                    Some(_) => "connecting",
+                    None => "not connected",
+                };
+                CommandOutcome::text(format!("- {a} ({state})"))
+            }
+            Ok(None) => CommandOutcome::text("You have no logins. Send `login <identifier>`."),
+            Err(e) => CommandOutcome::text(format!("Cannot read your logins: {e}")),
+        }
+    }
+
+    async fn cmd_start_chat(&self, sender: &str, contact: &str) -> CommandOutcome {
+        let Some(acc) = self.network.account(sender) else {
+            return CommandOutcome::text("You are not logged in. Send `login <identifier>` first.");
+        };
+        if !crate::wire::is_valid_account(contact) {
+            return CommandOutcome::text("Usage: `start-chat <identifier>`, e.g. `start-chat +15551234567`.");
+        }
+        if contact == acc.account_id() {
+            return CommandOutcome::text("That is your own identifier.");
+        }
+        match acc.profile_name(contact).await {
+            Ok(None) => return CommandOutcome::text(format!("{contact} is not on the interop network.")),
+            Err(e) => return CommandOutcome::text(format!("Cannot look up {contact}: {e}")),
+            Ok(Some(_)) => {}
+        }
+        match self.ensure_portal(sender, &acc, &NetTarget::Contact(contact.to_owned()), None).await {
+            Ok(p) => {
+                let room = p.room_id.unwrap_or_default();
+                let bot = self.matrix.bot_mxid().to_owned();
+                let _ = self.matrix.invite(&room, &bot, sender).await;
+                CommandOutcome::text(format!("Your chat with {contact}: https://matrix.to/#/{room}"))
+            }
+            Err(e) => CommandOutcome::text(format!("Cannot open the chat: {e}")),
+        }
+    }
+
+    async fn cmd_list_chats(&self, sender: &str) -> CommandOutcome {
+        match self.portals.portals_of(sender).await {
+            Ok(ps) if ps.is_empty() => CommandOutcome::text("You have no bridged chats yet."),
+            Ok(ps) => {
+                let lines: Vec<String> = ps
+                    .iter()
+                    .map(|p| {
+                        let what = if p.name.is_empty() { p.chat_id.clone() } else { format!("{} ({})", p.name, p.chat_id) };
+                        format!("- {what}: https://matrix.to/#/{}", p.room_id.clone().unwrap_or_default())
+                    })
+                    .collect();
+                CommandOutcome::text(lines.join("\n"))
+            }
+            Err(e) => CommandOutcome::text(format!("Cannot list your chats: {e}")),
+        }
+    }
+
+    async fn cmd_sync(&self, sender: &str) -> CommandOutcome {
+        let Some(acc) = self.network.account(sender) else {
+            return CommandOutcome::text("You are not logged in.");
+        };
+        let portals = self.portals.portals_of(sender).await.unwrap_or_default();
+        let mut refreshed = 0;
+        for p in portals.iter().filter(|p| p.kind == PortalKind::Dm) {
+            self.ghosts_seen.lock().await.remove(&p.chat_id);
+            if self.ghost(&p.chat_id, Some(&acc)).await.is_ok() {
+                refreshed += 1;
+            }
+        }
+        CommandOutcome::text(format!("Synced {refreshed} contact(s) of {} chat(s).", portals.len()))
+    }
+
+    async fn cmd_relay(&self, room_id: &str, sender: &str, level: PermissionLevel, on: bool) -> CommandOutcome {
+        if !self.settings.bridge.relay.enabled {
+            return CommandOutcome::text("Relay mode is disabled in the bridge configuration (bridge.relay.enabled).");
+        }
+        if self.settings.bridge.relay.admin_only && level < PermissionLevel::Admin {
+            return CommandOutcome::text("Only bridge admins may change the relay (bridge.relay.admin_only).");
+        }
+        let Ok(Some(mut portal)) = self.portals.portal_by_room(room_id).await else {
+            return CommandOutcome::text("Run this in a portal room.");
+        };
+        if on {
+            if self.network.account(sender).is_none() {
+                return CommandOutcome::text("You need a login to relay for others.");
+            }
+            portal.relay = Some(sender.to_owned());
+        } else {
+            portal.relay = None;
+        }
+        match self.portals.save_portal(&portal).await {
+            Ok(()) if on => CommandOutcome::text("Messages of users without their own login now go out through your login."),
+            Ok(()) => CommandOutcome::text("Relay removed from this room."),
+            Err(e) => CommandOutcome::text(format!("Cannot save the relay: {e}")),
+        }
+    }
+
+    async fn cmd_delete_portal(&self, room_id: &str, sender: &str, level: PermissionLevel) -> CommandOutcome {
+        let Ok(Some(portal)) = self.portals.portal_by_room(room_id).await else {
+            return CommandOutcome::text("Run this in the portal room you want to delete.");
+        };
+        if portal.receiver != sender && level < PermissionLevel::Admin {
+            return CommandOutcome::text("Only the owner of this chat or an admin can delete its portal.");
+        }
+        if let Err(e) = self.portals.delete_portal(&portal.receiver, &portal.chat_id).await {
+            return CommandOutcome::text(format!("Cannot delete the portal: {e}"));
+        }
+        let bot = self.matrix.bot_mxid().to_owned();
+        if let Ok(members) = self.matrix.joined_members(room_id, &bot).await {
+            for m in members.iter().filter(|m| self.matrix.is_ghost(m)) {
+                let _ = self.matrix.leave(room_id, m).await;
+            }
+        }
+        // The bot leaves after answering (see `after_command`).
+        self.leave_after.lock().await.insert(room_id.to_owned());
+        CommandOutcome::text("Portal deleted: this room is no longer bridged.")
+    }
+
+    async fn cmd_create_group(&self, sender: &str, args: &[&str]) -> CommandOutcome {
+        let Some(acc) = self.network.account(sender) else {
+            return CommandOutcome::text("You are not logged in.");
+        };
+        let (name, members): (Vec<&str>, Vec<&str>) = args.iter().partition(|a| !a.starts_with('+'));
+        if members.is_empty() || members.iter().any(|m| !crate::wire::is_valid_account(m)) {
+            return CommandOutcome::text("Usage: `create-group <name> <+contact> [<+contact>...]`.");
+        }
+        let name = name.join(" ");
+        match acc.create_group(&name, members.iter().map(|m| m.to_string()).collect()).await {
+            Ok(g) => match self.ensure_portal(sender, &acc, &NetTarget::Group(g.id.clone()), Some(&g)).await {
+                Ok(p) => CommandOutcome::text(format!("Group created: https://matrix.to/#/{}", p.room_id.unwrap_or_default())),
+                Err(e) => CommandOutcome::text(format!("The group was created but its room could not be: {e}")),
+            },
+            Err(e) => CommandOutcome::text(format!("Cannot create the group: {e}")),
+        }
     }
 }

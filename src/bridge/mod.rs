@@ -2,17 +2,24 @@
 //! to both sides and to the store only through traits (no axum, sqlx or Signal types here).
 //! Modelled on mautrix-go bridgev2: one core, a Matrix connector and a network connector.
 
-use std::sync::Arc;
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
 use async_trait::async_trait;
 use serde_json::Value;
+use tokio::sync::Mutex;
 
 use crate::{
     config::{BridgeConfig, PermissionLevel},
-    store::{StoreError, UserStore},
+    store::{StoreError, UserStore, portal::PortalStore},
 };
 
 pub mod commands;
+pub mod msgconv;
+pub mod network;
+mod portal;
 
 pub use commands::CommandOutcome;
 
@@ -22,6 +29,9 @@ pub enum BridgeError {
     Matrix(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The network refused; retrying will not help.
+    #[error("interop network: {0}")]
+    Network(String),
 }
 
 impl BridgeError {
@@ -43,12 +53,30 @@ pub trait MatrixConnector: Send + Sync {
     /// Sends an `m.notice` with a plain body and an HTML body; returns the event id.
     async fn send_notice(&self, room_id: &str, as_user: &str, body: &str, html: &str) -> Result<String, BridgeError>;
     async fn joined_members(&self, room_id: &str, as_user: &str) -> Result<Vec<String>, BridgeError>;
+    /// Registers a ghost (idempotent) and sets its display name; returns its user id.
+    async fn ensure_ghost(&self, localpart: &str, displayname: &str) -> Result<String, BridgeError>;
+    /// Creates a room as the bot from a `createRoom` body; returns the room id.
+    async fn create_room(&self, body: Value) -> Result<String, BridgeError>;
+    async fn invite(&self, room_id: &str, by: &str, invitee: &str) -> Result<(), BridgeError>;
+    /// Sends a message event; the same `txn_id` from the same user is applied once.
+    async fn send_event(&self, room_id: &str, as_user: &str, event_type: &str, content: Value, txn_id: &str) -> Result<String, BridgeError>;
+    async fn send_state(&self, room_id: &str, as_user: &str, event_type: &str, state_key: &str, content: Value) -> Result<String, BridgeError>;
+    async fn redact(&self, room_id: &str, as_user: &str, event_id: &str) -> Result<(), BridgeError>;
+    async fn read_receipt(&self, room_id: &str, as_user: &str, event_id: &str) -> Result<(), BridgeError>;
+    async fn typing(&self, room_id: &str, as_user: &str, typing: bool) -> Result<(), BridgeError>;
+    async fn upload(&self, as_user: &str, data: Vec<u8>, mimetype: &str, filename: Option<&str>) -> Result<String, BridgeError>;
+    /// Downloads media by mxc URI (authenticated media); returns the bytes and content type.
+    async fn download(&self, mxc: &str) -> Result<(Vec<u8>, Option<String>), BridgeError>;
 }
 
 /// Receives Matrix events in order from the durable queue.
 #[async_trait]
 pub trait MatrixEventHandler: Send + Sync {
     async fn handle_matrix_event(&self, event: &Value) -> Result<(), BridgeError>;
+    /// Typing notifications and receipts.
+    async fn handle_ephemeral(&self, _event: &Value) -> Result<(), BridgeError> {
+        Ok(())
+    }
 }
 
 /// Static facts the core needs.
@@ -56,18 +84,54 @@ pub trait MatrixEventHandler: Send + Sync {
 pub struct BridgeSettings {
     pub bridge: BridgeConfig,
     pub homeserver_domain: String,
+    pub username_template: String,
 }
 
 pub struct Bridge {
     pub(crate) matrix: Arc<dyn MatrixConnector>,
     pub(crate) users: Arc<dyn UserStore>,
+    pub(crate) portals: Arc<dyn PortalStore>,
+    pub(crate) network: Arc<dyn network::Network>,
     pub(crate) settings: BridgeSettings,
     pub(crate) commands: commands::CommandState,
+    pub(crate) ghosts_seen: Mutex<HashSet<String>>,
+    pub(crate) portal_lock: Mutex<()>,
+    pub(crate) typing_state: Mutex<HashMap<String, bool>>,
+    /// Rooms the bot leaves once it has answered there (after `delete-portal`).
+    pub(crate) leave_after: Mutex<HashSet<String>>,
 }
 
 impl Bridge {
-    pub fn new(matrix: Arc<dyn MatrixConnector>, users: Arc<dyn UserStore>, settings: BridgeSettings) -> Self {
-        Self { matrix, users, settings, commands: commands::CommandState::default() }
+    pub fn new(
+        matrix: Arc<dyn MatrixConnector>,
+        users: Arc<dyn UserStore>,
+        portals: Arc<dyn PortalStore>,
+        network: Arc<dyn network::Network>,
+        settings: BridgeSettings,
+    ) -> Self {
+        Self {
+            matrix,
+            users,
+            portals,
+            network,
+            settings,
+            commands: commands::CommandState::default(),
+            ghosts_seen: Mutex::new(HashSet::new()),
+            portal_lock: Mutex::new(()),
+            typing_state: Mutex::new(HashMap::new()),
+            leave_after: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Connects every stored login (at start-up); failures are reported and retried by the account.
+    pub async fn reconnect_logins(&self) -> Result<usize, BridgeError> {
+        let logins = self.portals.all_logins().await?;
+        for (mxid, _account) in &logins {
+            if let Err(e) = self.network.reconnect(mxid).await {
+                tracing::warn!(user = %mxid, error = %e, "cannot reconnect a login");
+            }
+        }
+        Ok(logins.len())
     }
 
     pub fn permission_of(&self, mxid: &str) -> PermissionLevel {
@@ -107,6 +171,13 @@ impl Bridge {
     async fn on_text(&self, room_id: &str, sender: &str, body: &str) -> Result<(), BridgeError> {
         let prefix = &self.settings.bridge.command_prefix;
         let in_management = self.users.management_room(sender).await?.as_deref() == Some(room_id);
+        if in_management && !body.starts_with(prefix.as_str()) {
+            if let Some(outcome) = self.continue_pending(room_id, sender, body.trim()).await {
+                let bot = self.matrix.bot_mxid().to_owned();
+                self.matrix.send_notice(room_id, &bot, &outcome.body, &outcome.html).await?;
+                return Ok(());
+            }
+        }
         let command = if let Some(rest) = body.strip_prefix(prefix.as_str()) {
             if !(rest.is_empty() || rest.starts_with(char::is_whitespace)) {
                 return Ok(());
@@ -122,6 +193,9 @@ impl Bridge {
                 let outcome = self.run_command(room_id, sender, cmd).await;
                 let bot = self.matrix.bot_mxid().to_owned();
                 self.matrix.send_notice(room_id, &bot, &outcome.body, &outcome.html).await?;
+                if self.leave_after.lock().await.remove(room_id) {
+                    self.matrix.leave(room_id, &bot).await?;
+                }
                 Ok(())
             }
             // Not a command: portal messages are bridged by the portal loop (not in this room).
@@ -152,11 +226,23 @@ impl MatrixEventHandler for Bridge {
                 }
                 Ok(())
             }
-            "m.room.message" => {
+            "m.room.message" | "m.reaction" | "m.room.redaction" | "m.sticker" => {
                 if sender == bot || self.matrix.is_ghost(sender) {
                     return Ok(());
                 }
                 let content = &ev["content"];
+                let body = content["body"].as_str().unwrap_or_default();
+                if let Some(portal) = self.portals.portal_by_room(room_id).await? {
+                    // Commands work in portals too; everything else is bridged.
+                    let prefix = &self.settings.bridge.command_prefix;
+                    if ty == "m.room.message" && content["msgtype"] == "m.text" && body.starts_with(prefix.as_str()) {
+                        return self.on_text(room_id, sender, body).await;
+                    }
+                    return self.on_portal_event(portal, ev).await;
+                }
+                if ty != "m.room.message" {
+                    return Ok(());
+                }
                 if content["msgtype"] == "m.text" && content.get("m.relates_to").is_none_or(|r| r["rel_type"] != "m.replace") {
                     let body = content["body"].as_str().unwrap_or_default();
                     return self.on_text(room_id, sender, body).await;
@@ -165,5 +251,16 @@ impl MatrixEventHandler for Bridge {
             }
             _ => Ok(()),
         }
+    }
+
+    async fn handle_ephemeral(&self, ev: &Value) -> Result<(), BridgeError> {
+        self.on_ephemeral(ev).await
+    }
+}
+
+#[async_trait]
+impl network::NetEventSink for Bridge {
+    async fn handle_network_event(&self, mxid: &str, event: &network::NetEvent) -> Result<(), BridgeError> {
+        self.on_network_event(mxid, event).await
     }
 }

@@ -257,6 +257,23 @@ pub struct InteropConfig {
     pub gateway_public_key: String,
 }
 
+impl InteropConfig {
+    /// The gateway's pinned Noise public key.
+    pub fn gateway_key(&self) -> Result<Vec<u8>, ConfigError> {
+        use base64::Engine;
+        if self.gateway_public_key.is_empty() {
+            return Err(invalid(
+                "interop.gateway_public_key",
+                "missing: set it to the gateway's public key (`interop-gateway public-key --key-file ...` prints it)",
+            ));
+        }
+        match base64::engine::general_purpose::STANDARD.decode(self.gateway_public_key.trim()) {
+            Ok(k) if k.len() == 32 => Ok(k),
+            _ => Err(invalid("interop.gateway_public_key", "must be the base64 of a 32-byte key")),
+        }
+    }
+}
+
 impl Default for InteropConfig {
     fn default() -> Self {
         Self { gateway_address: default_gateway(), gateway_public_key: String::new() }
@@ -501,6 +518,7 @@ impl Config {
         if !self.interop.gateway_address.contains(':') {
             return Err(invalid("interop.gateway_address", "must be host:port"));
         }
+        self.interop.gateway_key()?;
         if self.metrics.enabled && self.metrics.listen.parse::<SocketAddr>().is_err() {
             return Err(invalid("metrics.listen", "must be an address such as 127.0.0.1:8001"));
         }
@@ -550,7 +568,9 @@ mod tests {
     use super::*;
 
     fn example_with_tokens() -> String {
-        EXAMPLE_CONFIG.replace(PLACEHOLDER_TOKEN, "0123456789abcdef0123456789abcdef")
+        EXAMPLE_CONFIG
+            .replace(PLACEHOLDER_TOKEN, "0123456789abcdef0123456789abcdef")
+            .replace("gateway_public_key: \"\"", "gateway_public_key: \"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\"")
     }
 
     #[test]
@@ -562,8 +582,12 @@ mod tests {
 
     #[test]
     fn example_without_tokens_names_the_token_key() {
-        let err = Config::from_yaml(EXAMPLE_CONFIG).unwrap_err().to_string();
+        let err = Config::from_yaml(&example_with_tokens().replace("0123456789abcdef0123456789abcdef", PLACEHOLDER_TOKEN))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("appservice.as_token"), "{err}");
+        let err = Config::from_yaml(EXAMPLE_CONFIG).unwrap_err().to_string();
+        assert!(err.contains("interop.gateway_public_key"), "{err}");
     }
 
     fn err_for(from: &str, to: &str) -> String {
@@ -577,6 +601,7 @@ mod tests {
         assert!(err_for("type: sqlite", "type: mysql").contains("database.type"));
         assert!(err_for("\"*\": relay", "\"*\": superuser").contains("bridge.permissions"));
         assert!(err_for("format: text", "format: xml").contains("logging.format"));
+        assert!(err_for("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=", "c2hvcnQ=").contains("interop.gateway_public_key"));
         assert!(err_for("username_template: \"interop_{id}\"", "username_template: \"Interop\"")
             .contains("appservice.username_template"));
         // An unknown key is refused, with its name.

@@ -3,6 +3,7 @@
 
 pub mod account;
 pub mod conn;
+pub mod connector;
 pub mod keys;
 pub mod media;
 pub mod runtime;

@@ -310,6 +310,41 @@ impl HomeserverClient {
         Ok(self.send(req, Some(as_user), None).await?.content_uri)
     }
 
+    pub async fn redact(&self, room: &RoomId, as_user: &UserId, event_id: &str, reason: Option<&str>) -> Result<(), MatrixError> {
+        use ruma::api::client::redact::redact_event::v3 as redact;
+        let event_id = ruma::OwnedEventId::try_from(event_id).map_err(|e| MatrixError::Build(e.to_string()))?;
+        let mut req = redact::Request::new(room.to_owned(), event_id, ruma::TransactionId::new());
+        req.reason = reason.map(str::to_owned);
+        self.send(req, Some(as_user), None).await.map(|_| ())
+    }
+
+    pub async fn read_receipt(&self, room: &RoomId, as_user: &UserId, event_id: &str) -> Result<(), MatrixError> {
+        use ruma::api::client::receipt::create_receipt::v3 as receipt;
+        let event_id = ruma::OwnedEventId::try_from(event_id).map_err(|e| MatrixError::Build(e.to_string()))?;
+        let req = receipt::Request::new(room.to_owned(), receipt::ReceiptType::Read, event_id);
+        self.send(req, Some(as_user), None).await.map(|_| ())
+    }
+
+    pub async fn typing(&self, room: &RoomId, as_user: &UserId, typing: bool) -> Result<(), MatrixError> {
+        use ruma::api::client::typing::create_typing_event::v3 as typing_ev;
+        let state = if typing { typing_ev::Typing::Yes(typing_ev::TypingInfo::new(Duration::from_secs(20))) } else { typing_ev::Typing::No };
+        let req = typing_ev::Request::new(as_user.to_owned(), room.to_owned(), state);
+        self.send(req, Some(as_user), None).await.map(|_| ())
+    }
+
+    /// Downloads media through the authenticated media API; returns the bytes and the content type.
+    pub async fn download(&self, mxc: &str, max_bytes: usize) -> Result<(Vec<u8>, Option<String>), MatrixError> {
+        use ruma::api::client::authenticated_media::get_content::v1 as get;
+        let uri = ruma::OwnedMxcUri::from(mxc);
+        let (server, media_id) = uri.parts().map_err(|e| MatrixError::Build(format!("bad mxc uri: {e}")))?;
+        let req = get::Request::new(media_id.to_owned(), server.to_owned());
+        let resp = self.send(req, None, None).await?;
+        if resp.file.len() > max_bytes {
+            return Err(MatrixError::Response(format!("media larger than {max_bytes} bytes")));
+        }
+        Ok((resp.file, resp.content_type))
+    }
+
     /// `GET /_matrix/client/versions`, to see whether the homeserver is up.
     pub async fn versions(&self) -> Result<(), MatrixError> {
         let url = format!("{}/_matrix/client/versions", self.inner.base);

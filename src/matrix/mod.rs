@@ -23,12 +23,20 @@ impl From<MatrixError> for BridgeError {
 pub struct MatrixSide {
     pub client: HomeserverClient,
     bot: String,
+    domain: String,
     ghost_re: regex::Regex,
+    max_media_bytes: usize,
 }
 
 impl MatrixSide {
-    pub fn new(client: HomeserverClient, bot: String, ghost_regex: &str) -> Result<Self, regex::Error> {
-        Ok(Self { client, bot, ghost_re: regex::Regex::new(&format!("^{ghost_regex}$"))? })
+    pub fn new(client: HomeserverClient, bot: String, domain: String, ghost_regex: &str) -> Result<Self, regex::Error> {
+        Ok(Self {
+            client,
+            bot,
+            domain,
+            ghost_re: regex::Regex::new(&format!("^{ghost_regex}$"))?,
+            max_media_bytes: 100 * 1024 * 1024,
+        })
     }
 
     pub fn arc(self) -> Arc<Self> {
@@ -76,5 +84,67 @@ impl MatrixConnector for MatrixSide {
     async fn joined_members(&self, room_id: &str, as_user: &str) -> Result<Vec<String>, BridgeError> {
         let members = self.client.joined_members(&room(room_id)?, &user(as_user)?).await?;
         Ok(members.into_iter().map(|m| m.to_string()).collect())
+    }
+
+    async fn ensure_ghost(&self, localpart: &str, displayname: &str) -> Result<String, BridgeError> {
+        self.client.register_user(localpart).await?;
+        let mxid = format!("@{localpart}:{}", self.domain);
+        self.client.set_displayname(&user(&mxid)?, displayname).await?;
+        Ok(mxid)
+    }
+
+    async fn create_room(&self, body: serde_json::Value) -> Result<String, BridgeError> {
+        Ok(self.client.create_room(&user(&self.bot)?, body).await?.to_string())
+    }
+
+    async fn invite(&self, room_id: &str, by: &str, invitee: &str) -> Result<(), BridgeError> {
+        match self.client.invite(&room(room_id)?, &user(by)?, &user(invitee)?).await {
+            Ok(()) => Ok(()),
+            // Already in the room (or invited): nothing to do.
+            Err(e) if e.errcode() == Some("M_FORBIDDEN") && e.to_string().contains("already") => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn send_event(
+        &self,
+        room_id: &str,
+        as_user: &str,
+        event_type: &str,
+        content: serde_json::Value,
+        txn_id: &str,
+    ) -> Result<String, BridgeError> {
+        Ok(self.client.send_message(&room(room_id)?, &user(as_user)?, event_type, &content, txn_id).await?)
+    }
+
+    async fn send_state(
+        &self,
+        room_id: &str,
+        as_user: &str,
+        event_type: &str,
+        state_key: &str,
+        content: serde_json::Value,
+    ) -> Result<String, BridgeError> {
+        Ok(self.client.send_state(&room(room_id)?, &user(as_user)?, event_type, state_key, &content).await?)
+    }
+
+    async fn redact(&self, room_id: &str, as_user: &str, event_id: &str) -> Result<(), BridgeError> {
+        Ok(self.client.redact(&room(room_id)?, &user(as_user)?, event_id, None).await?)
+    }
+
+    async fn read_receipt(&self, room_id: &str, as_user: &str, event_id: &str) -> Result<(), BridgeError> {
+        Ok(self.client.read_receipt(&room(room_id)?, &user(as_user)?, event_id).await?)
+    }
+
+    async fn typing(&self, room_id: &str, as_user: &str, typing: bool) -> Result<(), BridgeError> {
+        Ok(self.client.typing(&room(room_id)?, &user(as_user)?, typing).await?)
+    }
+
+    async fn upload(&self, as_user: &str, data: Vec<u8>, mimetype: &str, filename: Option<&str>) -> Result<String, BridgeError> {
+        Ok(self.client.upload(&user(as_user)?, data, mimetype, filename).await?.to_string())
+    }
+
+    async fn download(&self, mxc: &str) -> Result<(Vec<u8>, Option<String>), BridgeError> {
+        Ok(self.client.download(mxc, self.max_media_bytes).await?)
     }
 }

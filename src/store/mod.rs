@@ -14,6 +14,7 @@ use sqlx::{
 
 use crate::config::{DatabaseConfig, DatabaseType};
 
+pub mod portal;
 mod vault;
 
 pub type AnyPool = Pool<sqlx::Any>;

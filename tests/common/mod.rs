@@ -251,6 +251,16 @@ pub struct BridgeSetup {
 impl BridgeSetup {
     /// Writes config.yaml (with `extra` appended to the bridge section's permissions) and the registration.
     pub fn write(dir: &Path, hs_url_placeholder_port: u16, permissions: &[(&str, &str)]) -> Self {
+        Self::write_with_gateway(dir, hs_url_placeholder_port, permissions, "127.0.0.1:9", "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
+    }
+
+    pub fn write_with_gateway(
+        dir: &Path,
+        hs_url_placeholder_port: u16,
+        permissions: &[(&str, &str)],
+        gateway: &str,
+        gateway_key: &str,
+    ) -> Self {
         let port = free_port();
         let metrics_port = free_port();
         let perms: String = permissions.iter().map(|(k, v)| format!("        \"{k}\": {v}\n")).collect();
@@ -260,6 +270,7 @@ impl BridgeSetup {
              appservice:\n    address: http://127.0.0.1:{port}\n    hostname: 127.0.0.1\n    port: {port}\n    id: interop-test\n    as_token: x\n    hs_token: x\n\
              database:\n    type: sqlite\n    uri: sqlite://{db}\n\
              bridge:\n    permissions:\n{perms}\
+             interop:\n    gateway_address: {gateway}\n    gateway_public_key: \"{gateway_key}\"\n\
              metrics:\n    listen: 127.0.0.1:{metrics_port}\n\
              logging:\n    level: debug\n",
             db = dir.join("bridge.db").display(),

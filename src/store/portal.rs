@@ -1,0 +1,285 @@
+//! Logins, portals, ghosts and the message map.
+
+use async_trait::async_trait;
+use sqlx::Row;
+
+use super::{SqlStore, StoreError, now_ms};
+
+/// A bridged chat of one login.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Portal {
+    /// The Matrix user whose login sees this chat.
+    pub receiver: String,
+    /// The contact's account (`dm`) or the group id (`group`).
+    pub chat_id: String,
+    pub kind: PortalKind,
+    pub room_id: Option<String>,
+    pub name: String,
+    /// The Matrix user whose login relays for others in this room.
+    pub relay: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PortalKind {
+    Dm,
+    Group,
+}
+
+impl PortalKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            PortalKind::Dm => "dm",
+            PortalKind::Group => "group",
+        }
+    }
+}
+
+/// One row of the message map.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MappedMessage {
+    pub room_id: String,
+    pub event_id: String,
+    pub message_id: String,
+    /// Interop account of the author.
+    pub sender: String,
+    /// "" for the message itself, "reaction:<account>:<emoji>" for reactions.
+    pub part: String,
+}
+
+#[async_trait]
+pub trait PortalStore: Send + Sync {
+    async fn set_login(&self, mxid: &str, account: &str) -> Result<(), StoreError>;
+    async fn login(&self, mxid: &str) -> Result<Option<String>, StoreError>;
+    async fn delete_login(&self, mxid: &str) -> Result<(), StoreError>;
+    async fn all_logins(&self) -> Result<Vec<(String, String)>, StoreError>;
+
+    async fn portal(&self, receiver: &str, chat_id: &str) -> Result<Option<Portal>, StoreError>;
+    async fn portal_by_room(&self, room_id: &str) -> Result<Option<Portal>, StoreError>;
+    async fn save_portal(&self, p: &Portal) -> Result<(), StoreError>;
+    async fn delete_portal(&self, receiver: &str, chat_id: &str) -> Result<(), StoreError>;
+    async fn portals_of(&self, receiver: &str) -> Result<Vec<Portal>, StoreError>;
+
+    async fn ghost_profile(&self, account: &str) -> Result<Option<(String, String)>, StoreError>;
+    async fn save_ghost(&self, account: &str, mxid: &str, displayname: &str, avatar: &str) -> Result<(), StoreError>;
+
+    async fn map_message(&self, m: &MappedMessage) -> Result<(), StoreError>;
+    async fn by_message(&self, room_id: &str, message_id: &str, part: &str) -> Result<Option<MappedMessage>, StoreError>;
+    async fn by_event(&self, room_id: &str, event_id: &str) -> Result<Option<MappedMessage>, StoreError>;
+    async fn unmap_event(&self, room_id: &str, event_id: &str) -> Result<(), StoreError>;
+}
+
+fn portal_row(r: &sqlx::any::AnyRow) -> Result<Portal, StoreError> {
+    let kind: String = r.try_get(2)?;
+    Ok(Portal {
+        receiver: r.try_get(0)?,
+        chat_id: r.try_get(1)?,
+        kind: if kind == "group" { PortalKind::Group } else { PortalKind::Dm },
+        room_id: r.try_get(3)?,
+        name: r.try_get(4)?,
+        relay: r.try_get(5)?,
+    })
+}
+
+fn mapped_row(r: &sqlx::any::AnyRow) -> Result<MappedMessage, StoreError> {
+    Ok(MappedMessage {
+        room_id: r.try_get(0)?,
+        event_id: r.try_get(1)?,
+        message_id: r.try_get(2)?,
+        sender: r.try_get(3)?,
+        part: r.try_get(4)?,
+    })
+}
+
+const PORTAL_COLS: &str = "receiver, chat_id, kind, room_id, name, relay";
+const MAP_COLS: &str = "room_id, event_id, message_id, sender, part";
+
+#[async_trait]
+impl PortalStore for SqlStore {
+    async fn set_login(&self, mxid: &str, account: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO login (mxid, account, created_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (mxid) DO UPDATE SET account = excluded.account",
+        )
+        .bind(mxid)
+        .bind(account)
+        .bind(now_ms())
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    async fn login(&self, mxid: &str) -> Result<Option<String>, StoreError> {
+        Ok(sqlx::query_scalar("SELECT account FROM login WHERE mxid = $1").bind(mxid).fetch_optional(self.pool()).await?)
+    }
+
+    async fn delete_login(&self, mxid: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM login WHERE mxid = $1").bind(mxid).execute(self.pool()).await?;
+        Ok(())
+    }
+
+    async fn all_logins(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let rows = sqlx::query("SELECT mxid, account FROM login ORDER BY mxid").fetch_all(self.pool()).await?;
+        rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect()
+    }
+
+    async fn portal(&self, receiver: &str, chat_id: &str) -> Result<Option<Portal>, StoreError> {
+        let q = format!("SELECT {PORTAL_COLS} FROM portal WHERE receiver = $1 AND chat_id = $2");
+        let row = sqlx::query(sqlx::AssertSqlSafe(q)).bind(receiver).bind(chat_id).fetch_optional(self.pool()).await?;
+        row.as_ref().map(portal_row).transpose()
+    }
+
+    async fn portal_by_room(&self, room_id: &str) -> Result<Option<Portal>, StoreError> {
+        let q = format!("SELECT {PORTAL_COLS} FROM portal WHERE room_id = $1");
+        let row = sqlx::query(sqlx::AssertSqlSafe(q)).bind(room_id).fetch_optional(self.pool()).await?;
+        row.as_ref().map(portal_row).transpose()
+    }
+
+    async fn save_portal(&self, p: &Portal) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO portal (receiver, chat_id, kind, room_id, name, relay, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             ON CONFLICT (receiver, chat_id) DO UPDATE SET kind = excluded.kind, room_id = excluded.room_id, \
+             name = excluded.name, relay = excluded.relay",
+        )
+        .bind(&p.receiver)
+        .bind(&p.chat_id)
+        .bind(p.kind.as_str())
+        .bind(p.room_id.as_deref())
+        .bind(&p.name)
+        .bind(p.relay.as_deref())
+        .bind(now_ms())
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    async fn delete_portal(&self, receiver: &str, chat_id: &str) -> Result<(), StoreError> {
+        let mut tx = self.pool().begin().await?;
+        let room: Option<Option<String>> = sqlx::query_scalar("SELECT room_id FROM portal WHERE receiver = $1 AND chat_id = $2")
+            .bind(receiver)
+            .bind(chat_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if let Some(Some(room)) = room {
+            sqlx::query("DELETE FROM message_map WHERE room_id = $1").bind(room).execute(&mut *tx).await?;
+        }
+        sqlx::query("DELETE FROM portal WHERE receiver = $1 AND chat_id = $2").bind(receiver).bind(chat_id).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn portals_of(&self, receiver: &str) -> Result<Vec<Portal>, StoreError> {
+        let q = format!("SELECT {PORTAL_COLS} FROM portal WHERE receiver = $1 ORDER BY created_at");
+        let rows = sqlx::query(sqlx::AssertSqlSafe(q)).bind(receiver).fetch_all(self.pool()).await?;
+        rows.iter().map(portal_row).collect()
+    }
+
+    async fn ghost_profile(&self, account: &str) -> Result<Option<(String, String)>, StoreError> {
+        let row = sqlx::query("SELECT displayname, avatar_mxc FROM ghost WHERE account = $1")
+            .bind(account)
+            .fetch_optional(self.pool())
+            .await?;
+        row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).transpose()
+    }
+
+    async fn save_ghost(&self, account: &str, mxid: &str, displayname: &str, avatar: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO ghost (account, mxid, displayname, avatar_mxc) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (account) DO UPDATE SET mxid = excluded.mxid, displayname = excluded.displayname, avatar_mxc = excluded.avatar_mxc",
+        )
+        .bind(account)
+        .bind(mxid)
+        .bind(displayname)
+        .bind(avatar)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    async fn map_message(&self, m: &MappedMessage) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO message_map (room_id, event_id, message_id, sender, part, created_at) VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&m.room_id)
+        .bind(&m.event_id)
+        .bind(&m.message_id)
+        .bind(&m.sender)
+        .bind(&m.part)
+        .bind(now_ms())
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    async fn by_message(&self, room_id: &str, message_id: &str, part: &str) -> Result<Option<MappedMessage>, StoreError> {
+        let q = format!("SELECT {MAP_COLS} FROM message_map WHERE room_id = $1 AND message_id = $2 AND part = $3 LIMIT 1");
+        let row = sqlx::query(sqlx::AssertSqlSafe(q)).bind(room_id).bind(message_id).bind(part).fetch_optional(self.pool()).await?;
+        row.as_ref().map(mapped_row).transpose()
+    }
+
+    async fn by_event(&self, room_id: &str, event_id: &str) -> Result<Option<MappedMessage>, StoreError> {
+        let q = format!("SELECT {MAP_COLS} FROM message_map WHERE room_id = $1 AND event_id = $2");
+        let row = sqlx::query(sqlx::AssertSqlSafe(q)).bind(room_id).bind(event_id).fetch_optional(self.pool()).await?;
+        row.as_ref().map(mapped_row).transpose()
+    }
+
+    async fn unmap_event(&self, room_id: &str, event_id: &str) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM message_map WHERE room_id = $1 AND event_id = $2").bind(room_id).bind(event_id).execute(self.pool()).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::testing;
+
+    macro_rules! suite {
+        ($($name:ident),* $(,)?) => {
+            mod sqlite_suite {
+                $(#[tokio::test] async fn $name() { let (s, _d) = super::testing::sqlite().await; super::$name(&s).await; })*
+            }
+            mod postgres_suite {
+                $(#[tokio::test] async fn $name() { let s = super::testing::postgres().await; super::$name(&s).await; })*
+            }
+        };
+    }
+
+    suite!(logins_portals_and_map);
+
+    async fn logins_portals_and_map(s: &SqlStore) {
+        s.set_login("@a:x", "+15550001111").await.expect("login");
+        assert_eq!(s.login("@a:x").await.expect("get").as_deref(), Some("+15550001111"));
+        assert_eq!(s.all_logins().await.expect("all").len(), 1);
+        let mut p = Portal {
+            receiver: "@a:x".into(),
+            chat_id: "+15550002222".into(),
+            kind: PortalKind::Dm,
+            room_id: None,
+            name: String::new(),
+            relay: None,
+        };
+        s.save_portal(&p).await.expect("save");
+        p.room_id = Some("!r:x".into());
+        s.save_portal(&p).await.expect("update");
+        assert_eq!(s.portal_by_room("!r:x").await.expect("by room"), Some(p.clone()));
+        assert_eq!(s.portals_of("@a:x").await.expect("of").len(), 1);
+        let m = MappedMessage {
+            room_id: "!r:x".into(),
+            event_id: "$e".into(),
+            message_id: "m1".into(),
+            sender: "+15550002222".into(),
+            part: String::new(),
+        };
+        s.map_message(&m).await.expect("map");
+        s.map_message(&m).await.expect("map twice is fine");
+        assert_eq!(s.by_message("!r:x", "m1", "").await.expect("by msg"), Some(m.clone()));
+        assert_eq!(s.by_event("!r:x", "$e").await.expect("by ev"), Some(m));
+        s.delete_portal("@a:x", "+15550002222").await.expect("delete");
+        assert!(s.by_event("!r:x", "$e").await.expect("by ev").is_none());
+        s.save_ghost("+15550002222", "@interop_15550002222:x", "Bob", "").await.expect("ghost");
+        assert_eq!(s.ghost_profile("+15550002222").await.expect("ghost").map(|g| g.0).as_deref(), Some("Bob"));
+        s.delete_login("@a:x").await.expect("logout");
+        assert!(s.login("@a:x").await.expect("get").is_none());
+    }
+}
