@@ -12,28 +12,18 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 if [[ ${CI:-} == true ]]; then export CARGO_TERM_COLOR=never; fi
 say() { printf '\n== %s\n' "$*"; }
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 
 say "Python venv (Synapse, matrix-nio)"
 MIB_SYNAPSE_VENV=$(bash scripts/ensure-synapse.sh)
 export MIB_SYNAPSE_VENV
 echo "$MIB_SYNAPSE_VENV"
 
-# prost-build (used by the Signal crates) needs protoc at build time.
-if ! command -v protoc >/dev/null && [[ -z ${PROTOC:-} ]] && ((EUID == 0)); then
-    say "installing protoc (Debian package protobuf-compiler)"
-    apt-get install -y -qq protobuf-compiler >/dev/null \
-        || { apt-get update -qq && apt-get install -y -qq protobuf-compiler >/dev/null; }
-fi
-
+# protoc for prost-build (apt, when root), and the Node test peer's packages.
+mib_ensure_protoc
+mib_ensure_peer_modules
 peers=tests/peers
-if [[ -f $peers/package-lock.json ]]; then
-    lock_hash=$(sha256sum "$peers/package-lock.json" | cut -d' ' -f1)
-    if [[ $(cat "$peers/node_modules/.mib-lock-hash" 2>/dev/null) != "$lock_hash" ]]; then
-        say "npm ci ($peers)"
-        (cd "$peers" && npm ci --no-audit --no-fund)
-        echo "$lock_hash" >"$peers/node_modules/.mib-lock-hash"
-    fi
-fi
 
 say "PostgreSQL"
 export MIB_TEST_PG_URL=${MIB_TEST_PG_URL:-postgres://postgres@127.0.0.1:5432/test}

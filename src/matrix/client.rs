@@ -345,6 +345,26 @@ impl HomeserverClient {
         Ok((resp.file, resp.content_type))
     }
 
+    /// The homeserver's default room version (from `/capabilities`).
+    pub async fn default_room_version(&self) -> Result<String, MatrixError> {
+        let url = format!("{}/_matrix/client/v3/capabilities", self.inner.base);
+        let resp = self
+            .inner
+            .http
+            .get(url)
+            .bearer_auth(&self.inner.as_token)
+            .send()
+            .await
+            .map_err(|e| MatrixError::Network(e.to_string()))?;
+        let status = resp.status().as_u16();
+        let body = resp.bytes().await.map_err(|e| MatrixError::Network(e.to_string()))?;
+        if status != 200 {
+            return Err(api_error(status, &body));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| MatrixError::Response(e.to_string()))?;
+        Ok(v["capabilities"]["m.room_versions"]["default"].as_str().unwrap_or("1").to_owned())
+    }
+
     /// `GET /_matrix/client/versions`, to see whether the homeserver is up.
     pub async fn versions(&self) -> Result<(), MatrixError> {
         let url = format!("{}/_matrix/client/versions", self.inner.base);

@@ -26,9 +26,26 @@ pub struct MatrixSide {
     domain: String,
     ghost_re: regex::Regex,
     max_media_bytes: usize,
+    privileged_creators: tokio::sync::OnceCell<bool>,
 }
 
 impl MatrixSide {
+    /// Whether the homeserver's default room version gives creators unlimited power (v12+).
+    async fn creators_are_privileged(&self) -> bool {
+        *self
+            .privileged_creators
+            .get_or_init(|| async {
+                match self.client.default_room_version().await {
+                    Ok(v) => v.parse::<u32>().map_or(true, |n| n >= 12),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read the homeserver's room versions; assuming v12 or later");
+                        true
+                    }
+                }
+            })
+            .await
+    }
+
     pub fn new(client: HomeserverClient, bot: String, domain: String, ghost_regex: &str) -> Result<Self, regex::Error> {
         Ok(Self {
             client,
@@ -36,6 +53,7 @@ impl MatrixSide {
             domain,
             ghost_re: regex::Regex::new(&format!("^{ghost_regex}$"))?,
             max_media_bytes: 100 * 1024 * 1024,
+            privileged_creators: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -93,7 +111,14 @@ impl MatrixConnector for MatrixSide {
         Ok(mxid)
     }
 
-    async fn create_room(&self, body: serde_json::Value) -> Result<String, BridgeError> {
+    async fn create_room(&self, mut body: serde_json::Value) -> Result<String, BridgeError> {
+        // From room version 12 on, creators have unlimited power and must not be listed in the
+        // power levels (MSC4289); older versions need the bot listed, or it loses its level.
+        if self.creators_are_privileged().await {
+            if let Some(users) = body["power_level_content_override"]["users"].as_object_mut() {
+                users.remove(&self.bot);
+            }
+        }
         Ok(self.client.create_room(&user(&self.bot)?, body).await?.to_string())
     }
 

@@ -46,7 +46,7 @@ impl Proc {
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+        lines[lines.len().saturating_sub(400)..].join("\n")
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -234,6 +234,106 @@ impl MatrixUser {
         }
     }
 
+    pub async fn join(&self, room: &str) {
+        let (s, b) = self.call(reqwest::Method::POST, &format!("/_matrix/client/v3/rooms/{room}/join"), Some(json!({}))).await;
+        assert_eq!(s, 200, "join: {b}");
+    }
+
+    /// Sends any message-like event; returns the event id.
+    pub async fn send(&self, room: &str, event_type: &str, content: Value) -> String {
+        let txn = uuid::Uuid::new_v4();
+        let (s, b) = self
+            .call(reqwest::Method::PUT, &format!("/_matrix/client/v3/rooms/{room}/send/{event_type}/{txn}"), Some(content))
+            .await;
+        assert_eq!(s, 200, "send: {b}");
+        b["event_id"].as_str().expect("event id").to_owned()
+    }
+
+    pub async fn redact(&self, room: &str, event_id: &str) {
+        let txn = uuid::Uuid::new_v4();
+        let (s, b) = self
+            .call(reqwest::Method::PUT, &format!("/_matrix/client/v3/rooms/{room}/redact/{event_id}/{txn}"), Some(json!({})))
+            .await;
+        assert_eq!(s, 200, "redact: {b}");
+    }
+
+    pub async fn read_receipt(&self, room: &str, event_id: &str) {
+        let (s, b) = self
+            .call(reqwest::Method::POST, &format!("/_matrix/client/v3/rooms/{room}/receipt/m.read/{event_id}"), Some(json!({})))
+            .await;
+        assert_eq!(s, 200, "receipt: {b}");
+    }
+
+    pub async fn typing(&self, room: &str, typing: bool) {
+        let (s, b) = self
+            .call(
+                reqwest::Method::PUT,
+                &format!("/_matrix/client/v3/rooms/{room}/typing/{}", self.user_id),
+                Some(json!({"typing": typing, "timeout": 20000})),
+            )
+            .await;
+        assert_eq!(s, 200, "typing: {b}");
+    }
+
+    pub async fn upload(&self, data: Vec<u8>, mimetype: &str) -> String {
+        let resp = self
+            .http
+            .post(format!("{}/_matrix/media/v3/upload?filename=file", self.base))
+            .bearer_auth(&self.token)
+            .header("content-type", mimetype)
+            .body(data)
+            .send()
+            .await
+            .expect("upload");
+        let b: Value = resp.json().await.expect("upload json");
+        b["content_uri"].as_str().expect("content uri").to_owned()
+    }
+
+    pub async fn download(&self, mxc: &str) -> Vec<u8> {
+        let path = mxc.strip_prefix("mxc://").expect("mxc");
+        let resp = self
+            .http
+            .get(format!("{}/_matrix/client/v1/media/download/{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .expect("download");
+        assert!(resp.status().is_success(), "download {mxc}: {}", resp.status());
+        resp.bytes().await.expect("bytes").to_vec()
+    }
+
+    /// The room's ephemeral events (receipts, typing): an initial sync, then one incremental sync
+    /// (typing notifications only show up in the latter).
+    pub async fn ephemeral(&self, room: &str) -> Vec<Value> {
+        let filter = json!({"room": {"rooms": [room], "timeline": {"limit": 1}, "ephemeral": {"types": ["m.receipt", "m.typing"]}}});
+        let filter = urlencode(&filter.to_string());
+        let (s, b) = self.call(reqwest::Method::GET, &format!("/_matrix/client/v3/sync?timeout=0&filter={filter}"), None).await;
+        assert_eq!(s, 200, "sync: {b}");
+        let mut out = b["rooms"]["join"][room]["ephemeral"]["events"].as_array().cloned().unwrap_or_default();
+        let since = b["next_batch"].as_str().unwrap_or_default().to_owned();
+        let (s, b) = self
+            .call(reqwest::Method::GET, &format!("/_matrix/client/v3/sync?timeout=500&since={since}&filter={filter}"), None)
+            .await;
+        assert_eq!(s, 200, "sync: {b}");
+        out.extend(b["rooms"]["join"][room]["ephemeral"]["events"].as_array().cloned().unwrap_or_default());
+        out
+    }
+
+    /// Waits for the first invite to a room other than `except`; returns its id.
+    pub async fn wait_invite(&self, except: &[&str]) -> String {
+        let start = Instant::now();
+        loop {
+            let (_, b) = self.call(reqwest::Method::GET, "/_matrix/client/v3/sync?timeout=0", None).await;
+            if let Some(inv) = b["rooms"]["invite"].as_object() {
+                if let Some(room) = inv.keys().find(|r| !except.contains(&r.as_str())) {
+                    return room.clone();
+                }
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "no invite arrived");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     pub async fn joined_members(&self, room: &str) -> Vec<String> {
         let (_, b) = self.call(reqwest::Method::GET, &format!("/_matrix/client/v3/rooms/{room}/joined_members"), None).await;
         b["joined"].as_object().map(|m| m.keys().cloned().collect()).unwrap_or_default()
@@ -296,4 +396,8 @@ impl BridgeSetup {
         wait_http(&format!("http://127.0.0.1:{}/health", self.port), Duration::from_secs(30), &proc).await;
         proc
     }
+}
+
+pub fn urlencode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
