@@ -26,7 +26,11 @@ struct Env {
 
 impl Env {
     async fn start() -> Self {
-        let tmp = tempfile::tempdir().expect("tmp");
+        let mut tmp = tempfile::tempdir().expect("tmp");
+        if std::env::var_os("MIB_KEEP_TEST_DIRS").is_some() {
+            tmp.disable_cleanup(true);
+            eprintln!("test files kept in {}", tmp.path().display());
+        }
         let gw = TestGateway::start().await;
         let setup = BridgeSetup::write_with_gateway(
             tmp.path(),

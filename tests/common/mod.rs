@@ -319,18 +319,25 @@ impl MatrixUser {
         out
     }
 
-    /// Waits for the first invite to a room other than `except`; returns its id.
+    /// Waits for the first invite to a room other than `except`; returns its id. Uses sync tokens:
+    /// Synapse answers identical initial syncs from a cache.
     pub async fn wait_invite(&self, except: &[&str]) -> String {
         let start = Instant::now();
+        let mut since = String::new();
         loop {
-            let (_, b) = self.call(reqwest::Method::GET, "/_matrix/client/v3/sync?timeout=0", None).await;
+            let path = if since.is_empty() {
+                "/_matrix/client/v3/sync?timeout=0".to_owned()
+            } else {
+                format!("/_matrix/client/v3/sync?timeout=1000&since={since}")
+            };
+            let (_, b) = self.call(reqwest::Method::GET, &path, None).await;
             if let Some(inv) = b["rooms"]["invite"].as_object() {
                 if let Some(room) = inv.keys().find(|r| !except.contains(&r.as_str())) {
                     return room.clone();
                 }
             }
-            assert!(start.elapsed() < Duration::from_secs(30), "no invite arrived");
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            since = b["next_batch"].as_str().unwrap_or_default().to_owned();
+            assert!(start.elapsed() < Duration::from_secs(30), "no invite arrived: {}", b["rooms"]);
         }
     }
 
