@@ -13,6 +13,7 @@ use matrix_interop_bridge::{
     bridge::{
         Bridge, BridgeSettings,
         network::{NetEventSink, Network},
+        provisioning::Provisioning,
     },
     interop::{GatewayAddr, SignalRuntime, connector::InteropNetwork},
     config::{Config, EXAMPLE_CONFIG},
@@ -254,7 +255,12 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {} (appservice.hostname/port)", cfg.listen_addr()))?;
     tracing::info!(addr = %cfg.listen_addr(), "appservice API listening");
-    let app = appservice::router(state, cfg.appservice.max_body_bytes);
+    let mut app = appservice::router(state, cfg.appservice.max_body_bytes);
+    if cfg.provisioning.enabled {
+        let api: Arc<dyn Provisioning> = bridge.clone();
+        app = app.nest(&cfg.provisioning.prefix, appservice::provisioning::router(&cfg.provisioning.shared_secret, api));
+        tracing::info!(prefix = %cfg.provisioning.prefix, "provisioning API enabled");
+    }
     let mut rx = shutdown_rx.clone();
     let server = tokio::spawn(async move {
         axum::serve(listener, app)

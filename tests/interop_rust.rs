@@ -127,3 +127,64 @@ async fn gateway_rejects_bad_input_clearly() {
     assert_eq!(e.code(), Some(ErrorCode::NotFound));
     assert!(matches!(conn.request(Body::Ping(pb::Ping { nonce: 3 })).await, Ok(Body::Pong(pb::Pong { nonce: 3 }))));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_restart_loses_no_envelope_and_db_holds_no_secrets() {
+    let gw = TestGateway::start().await;
+    let rt = SignalRuntime::start(1);
+    let a = register_ours(&rt, &gw.addr, &random_account()).await;
+    let mut b = register_ours(&rt, &gw.addr, &random_account()).await;
+    a.handle.send(Target::Account(b.account.clone()), "x0".into(), text("distinctive-plaintext-31337")).await.expect("send");
+    b.wait(|e| body_of(e).is_some()).await;
+
+    // B is offline while A sends; then the gateway restarts with its state.
+    b.handle.stop().await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    for i in 0..2 {
+        a.handle.send(Target::Account(b.account.clone()), format!("q{i}"), text(&format!("queued {i}"))).await.expect("send");
+    }
+    gw.stop();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let port = gw.port;
+    let addr = gw.addr.clone();
+    let gw2 = TestGateway::restart(gw, port).await;
+    assert_eq!(gw2.addr.address, addr.address);
+
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    b.events = rx;
+    let vault = common::interop::reopen_vault(&b).await;
+    let db: std::sync::Arc<dyn matrix_interop_bridge::vault::VaultStore> = std::sync::Arc::new(b.store.clone());
+    b.handle = matrix_interop_bridge::interop::account::spawn_account(&rt, "@owner:test", addr.clone(), vault.clone(), db.clone(), tx)
+        .await
+        .expect("respawn");
+    for i in 0..2 {
+        assert_eq!(body_of(&b.wait(|e| body_of(e).is_some()).await), Some(format!("queued {i}")));
+    }
+    // A reconnects by itself and keeps talking.
+    a.handle.send(Target::Account(b.account.clone()), "after".into(), text("after restart")).await.ok();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        if a.handle.send(Target::Account(b.account.clone()), "after".into(), text("after restart")).await.is_ok() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "A did not reconnect");
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    assert_eq!(body_of(&b.wait(|e| body_of(e).is_some()).await).as_deref(), Some("after restart"));
+
+    // Neither the message text nor B's private identity key is anywhere in B's database files.
+    b.handle.stop().await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let signal = matrix_interop_bridge::vault::signal::SignalStore::open("@owner:test", vault, db).await.expect("open");
+    let private = signal.identity_key_pair().private_key().serialize();
+    b.store.close().await;
+    let mut files = 0;
+    for entry in std::fs::read_dir(b._dir.path()).expect("dir") {
+        let bytes = std::fs::read(entry.expect("entry").path()).expect("read");
+        files += 1;
+        for needle in [&b"distinctive-plaintext-31337"[..], b"queued 0", &private[..]] {
+            assert!(!bytes.windows(needle.len()).any(|w| w == needle), "secret found in the database files");
+        }
+    }
+    assert!(files >= 1);
+}

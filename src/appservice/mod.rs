@@ -24,6 +24,7 @@ use crate::{
     vault::SecretKey,
 };
 
+pub mod provisioning;
 pub mod queue;
 
 /// The associated data of sealed queue entries.

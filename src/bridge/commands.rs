@@ -80,7 +80,7 @@ impl Pending {
 /// Multi-step commands waiting for the user's next message (e.g. a login code).
 #[derive(Default)]
 pub struct CommandState {
-    pending: Mutex<HashMap<String, Pending>>,
+    pub(crate) pending: Mutex<HashMap<String, Pending>>,
 }
 
 impl Bridge {

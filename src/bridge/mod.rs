@@ -20,6 +20,7 @@ pub mod commands;
 pub mod msgconv;
 pub mod network;
 mod portal;
+pub mod provisioning;
 
 pub use commands::CommandOutcome;
 

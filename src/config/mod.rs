@@ -522,6 +522,10 @@ impl Config {
         if self.metrics.enabled && self.metrics.listen.parse::<SocketAddr>().is_err() {
             return Err(invalid("metrics.listen", "must be an address such as 127.0.0.1:8001"));
         }
+        let prefix = &self.provisioning.prefix;
+        if !prefix.starts_with('/') || prefix.len() < 2 || prefix.ends_with('/') || prefix.starts_with("/_matrix/app") {
+            return Err(invalid("provisioning.prefix", "must be a path such as /_matrix/provision (not / and not under /_matrix/app)"));
+        }
         if self.provisioning.enabled && self.provisioning.shared_secret.len() < 16 {
             return Err(invalid("provisioning.shared_secret", "must be at least 16 characters when provisioning is enabled"));
         }

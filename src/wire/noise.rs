@@ -188,19 +188,28 @@ pub struct SecureReader<R> {
     out: Vec<u8>,
 }
 
+/// Takes the next complete record out of decrypted stream bytes, if there is one.
+pub fn next_record(plain: &mut BytesMut) -> Result<Option<Vec<u8>>, TransportError> {
+    if plain.len() < 4 {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([plain[0], plain[1], plain[2], plain[3]]) as usize;
+    if len > MAX_RECORD {
+        return Err(TransportError::TooLarge(len));
+    }
+    if plain.len() < 4 + len {
+        return Ok(None);
+    }
+    plain.advance(4);
+    Ok(Some(plain.split_to(len).to_vec()))
+}
+
 impl<R: AsyncRead + Unpin> SecureReader<R> {
     /// The next record's bytes.
     pub async fn read_record(&mut self) -> Result<Vec<u8>, TransportError> {
         loop {
-            if self.plain.len() >= 4 {
-                let len = u32::from_be_bytes([self.plain[0], self.plain[1], self.plain[2], self.plain[3]]) as usize;
-                if len > MAX_RECORD {
-                    return Err(TransportError::TooLarge(len));
-                }
-                if self.plain.len() >= 4 + len {
-                    self.plain.advance(4);
-                    return Ok(self.plain.split_to(len).to_vec());
-                }
+            if let Some(rec) = next_record(&mut self.plain)? {
+                return Ok(rec);
             }
             read_frame(&mut self.inner, &mut self.frame).await?;
             let n = self.state.lock().await.read_message(&self.frame, &mut self.out)?;
@@ -253,10 +262,17 @@ impl<W: AsyncWrite + Unpin> SecureWriter<W> {
         Ok(())
     }
 
-    /// Writes raw bytes below the Noise layer (tests of hostile peers only).
-    pub async fn write_raw(&mut self, bytes: &[u8]) -> Result<(), TransportError> {
-        self.inner.write_all(bytes).await?;
-        self.inner.flush().await?;
+    /// Writes bytes into the secure stream without record framing (for tests of hostile peers).
+    pub async fn write_raw_stream(&mut self, bytes: &[u8]) -> Result<(), TransportError> {
+        let mut state = self.state.lock().await;
+        let mut wire = Vec::new();
+        for chunk in bytes.chunks(MAX_CHUNK) {
+            let n = state.write_message(chunk, &mut self.out)?;
+            wire.extend_from_slice(&(n as u16).to_be_bytes());
+            wire.extend_from_slice(&self.out[..n]);
+        }
+        drop(state);
+        self.inner.write_all(&wire).await?;
         Ok(())
     }
 

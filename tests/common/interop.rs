@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 pub const CODE: &str = "123456";
 
 pub struct TestGateway {
+    pub key: StaticKey,
     pub addr: GatewayAddr,
     pub port: u16,
     pub dir: tempfile::TempDir,
@@ -40,11 +41,17 @@ impl TestGateway {
         let port = listener.local_addr().expect("addr").port();
         let (stop, rx) = tokio::sync::watch::channel(false);
         tokio::spawn(gw.serve(listener, rx));
-        Self { addr: GatewayAddr { address: format!("127.0.0.1:{port}"), public_key: key.public.clone() }, port, dir, stop }
+        Self { key: key.clone(), addr: GatewayAddr { address: format!("127.0.0.1:{port}"), public_key: key.public.clone() }, port, dir, stop }
     }
 
     pub fn stop(&self) {
         let _ = self.stop.send(true);
+    }
+
+    /// Starts a stopped gateway again on the same port with the same key and state.
+    pub async fn restart(old: TestGateway, port: u16) -> Self {
+        let key = old.key.clone();
+        Self::start_in(old.dir, key, port).await
     }
 }
 

@@ -1,0 +1,11 @@
+//! Every stanza type, as the gateway and the client decode them.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+use prost::Message;
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(st) = matrix_interop_bridge::wire::pb::Stanza::decode(data) {
+        // Re-encoding what decoded must not panic either.
+        let _ = st.encode_to_vec();
+    }
+});

@@ -1,0 +1,170 @@
+//! The provisioning operations (the same as the bot's login and chat commands, for integrations),
+//! with structured results. The HTTP side lives in `appservice::provisioning`.
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use super::{
+    Bridge,
+    commands::Pending,
+    network::{NetError, NetTarget},
+};
+use crate::config::PermissionLevel;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProvError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<NetError> for ProvError {
+    fn from(e: NetError) -> Self {
+        match e {
+            NetError::Unavailable(m) => ProvError::Unavailable(m),
+            NetError::BadCode | NetError::CodeExpired => ProvError::BadRequest(e.to_string()),
+            NetError::NotFound(m) => ProvError::NotFound(m),
+            NetError::NotLoggedIn => ProvError::Forbidden(e.to_string()),
+            NetError::Refused(m) => ProvError::BadRequest(m),
+            NetError::Other(m) => ProvError::Internal(m),
+        }
+    }
+}
+
+impl From<crate::store::StoreError> for ProvError {
+    fn from(e: crate::store::StoreError) -> Self {
+        ProvError::Internal(e.to_string())
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct LoginInfo {
+    pub identifier: String,
+    pub connected: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChatInfo {
+    pub chat_id: String,
+    pub kind: &'static str,
+    pub name: String,
+    pub room_id: Option<String>,
+}
+
+#[async_trait]
+pub trait Provisioning: Send + Sync {
+    async fn login_start(&self, user: &str, identifier: &str) -> Result<(), ProvError>;
+    async fn login_verify(&self, user: &str, code: &str) -> Result<LoginInfo, ProvError>;
+    async fn logout(&self, user: &str) -> Result<(), ProvError>;
+    async fn logins(&self, user: &str) -> Result<Vec<LoginInfo>, ProvError>;
+    async fn start_chat(&self, user: &str, contact: &str) -> Result<ChatInfo, ProvError>;
+    async fn chats(&self, user: &str) -> Result<Vec<ChatInfo>, ProvError>;
+}
+
+impl Bridge {
+    fn check_user(&self, user: &str) -> Result<(), ProvError> {
+        if !user.starts_with('@') || !user.contains(':') {
+            return Err(ProvError::BadRequest("user_id must be a Matrix user id".into()));
+        }
+        if self.permission_of(user) < PermissionLevel::User {
+            return Err(ProvError::Forbidden(format!("{user} may not use the bridge")));
+        }
+        Ok(())
+    }
+
+    fn login_info(&self, user: &str, identifier: String) -> LoginInfo {
+        let connected = self.network.account(user).is_some_and(|a| a.is_connected());
+        LoginInfo { identifier, connected }
+    }
+}
+
+fn chat_info(p: crate::store::portal::Portal) -> ChatInfo {
+    ChatInfo {
+        chat_id: p.chat_id,
+        kind: match p.kind {
+            crate::store::portal::PortalKind::Dm => "dm",
+            crate::store::portal::PortalKind::Group => "group",
+        },
+        name: p.name,
+        room_id: p.room_id,
+    }
+}
+
+#[async_trait]
+impl Provisioning for Bridge {
+    async fn login_start(&self, user: &str, identifier: &str) -> Result<(), ProvError> {
+        self.check_user(user)?;
+        if let Some(a) = self.portals.login(user).await? {
+            return Err(ProvError::Conflict(format!("already logged in as {a}")));
+        }
+        if !crate::wire::is_valid_account(identifier) {
+            return Err(ProvError::BadRequest("identifier must be + and 8 to 15 digits".into()));
+        }
+        self.network.request_code(identifier).await?;
+        self.commands.pending.lock().await.insert(user.to_owned(), Pending::LoginCode { account: identifier.to_owned() });
+        Ok(())
+    }
+
+    async fn login_verify(&self, user: &str, code: &str) -> Result<LoginInfo, ProvError> {
+        self.check_user(user)?;
+        let Some(Pending::LoginCode { account }) = self.commands.pending.lock().await.get(user).cloned() else {
+            return Err(ProvError::BadRequest("no login in progress: call login/start first".into()));
+        };
+        match self.network.verify_and_connect(user, &account, code.trim()).await {
+            Ok(_) => {
+                self.commands.pending.lock().await.remove(user);
+                self.portals.set_login(user, &account).await?;
+                Ok(self.login_info(user, account))
+            }
+            Err(NetError::CodeExpired) => {
+                self.commands.pending.lock().await.remove(user);
+                Err(NetError::CodeExpired.into())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn logout(&self, user: &str) -> Result<(), ProvError> {
+        self.check_user(user)?;
+        if self.portals.login(user).await?.is_none() {
+            return Err(ProvError::NotFound("not logged in".into()));
+        }
+        let outcome = self.run_command("", user, "logout").await;
+        if outcome.body.starts_with("Logged out") { Ok(()) } else { Err(ProvError::Internal(outcome.body)) }
+    }
+
+    async fn logins(&self, user: &str) -> Result<Vec<LoginInfo>, ProvError> {
+        self.check_user(user)?;
+        Ok(self.portals.login(user).await?.map(|a| self.login_info(user, a)).into_iter().collect())
+    }
+
+    async fn start_chat(&self, user: &str, contact: &str) -> Result<ChatInfo, ProvError> {
+        self.check_user(user)?;
+        let acc = self.network.account(user).ok_or_else(|| ProvError::Forbidden("not logged in".into()))?;
+        if !crate::wire::is_valid_account(contact) {
+            return Err(ProvError::BadRequest("contact must be + and 8 to 15 digits".into()));
+        }
+        if acc.profile_name(contact).await?.is_none() {
+            return Err(ProvError::NotFound(format!("{contact} is not on the interop network")));
+        }
+        let portal = self
+            .ensure_portal(user, &acc, &NetTarget::Contact(contact.to_owned()), None)
+            .await
+            .map_err(|e| ProvError::Internal(e.to_string()))?;
+        Ok(chat_info(portal))
+    }
+
+    async fn chats(&self, user: &str) -> Result<Vec<ChatInfo>, ProvError> {
+        self.check_user(user)?;
+        Ok(self.portals.portals_of(user).await?.into_iter().map(chat_info).collect())
+    }
+}
