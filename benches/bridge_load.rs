@@ -99,9 +99,21 @@ fn parse_opts() -> Opts {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
     let mut o = if quick {
-        Opts { users: 4, contacts: 0, messages: 200, paced_secs: 3.0, quick }
+        Opts {
+            users: 4,
+            contacts: 0,
+            messages: 200,
+            paced_secs: 3.0,
+            quick,
+        }
     } else {
-        Opts { users: 20, contacts: 0, messages: 5000, paced_secs: 15.0, quick }
+        Opts {
+            users: 20,
+            contacts: 0,
+            messages: 5000,
+            paced_secs: 15.0,
+            quick,
+        }
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -116,7 +128,9 @@ fn parse_opts() -> Opts {
             "--contacts" => o.contacts = num("--contacts") as usize,
             "--messages" => o.messages = num("--messages") as usize,
             "--paced-secs" => o.paced_secs = num("--paced-secs"),
-            "--synapse" => panic!("--synapse is not supported by this binary: it measures the bridge against a stand-in homeserver"),
+            "--synapse" => panic!(
+                "--synapse is not supported by this binary: it measures the bridge against a stand-in homeserver"
+            ),
             // `cargo bench` passes --bench; anything else is ignored too.
             _ => {}
         }
@@ -154,7 +168,11 @@ struct Registry {
 
 impl Registry {
     fn new() -> Arc<Self> {
-        Arc::new(Self { epoch: Instant::now(), tracks: RwLock::new(Vec::new()), stray: AtomicUsize::new(0) })
+        Arc::new(Self {
+            epoch: Instant::now(),
+            tracks: RwLock::new(Vec::new()),
+            stray: AtomicUsize::new(0),
+        })
     }
 
     /// Nanoseconds since the epoch, plus one (0 means "not yet").
@@ -188,13 +206,25 @@ impl Registry {
         let now = self.now();
         let mut parts = body.split_whitespace();
         let parsed = match (parts.next(), parts.next(), parts.next()) {
-            (Some("bench"), Some(r), Some(s)) => r.parse::<usize>().ok().zip(s.parse::<usize>().ok()),
+            (Some("bench"), Some(r), Some(s)) => {
+                r.parse::<usize>().ok().zip(s.parse::<usize>().ok())
+            }
             _ => None,
         };
-        let track = parsed.and_then(|(r, s)| self.tracks.read().expect("tracks lock").get(r).cloned().map(|t| (t, s)));
+        let track = parsed.and_then(|(r, s)| {
+            self.tracks
+                .read()
+                .expect("tracks lock")
+                .get(r)
+                .cloned()
+                .map(|t| (t, s))
+        });
         match track {
             Some((t, seq)) if seq < t.len() => {
-                if t.recv[seq].compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+                if t.recv[seq]
+                    .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+                {
                     t.received.fetch_add(1, Ordering::Relaxed);
                 } else {
                     t.dups.fetch_add(1, Ordering::Relaxed);
@@ -238,12 +268,13 @@ fn pct_decode(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
-                out.push(h * 16 + l);
-                i += 3;
-                continue;
-            }
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2]))
+        {
+            out.push(h * 16 + l);
+            i += 3;
+            continue;
         }
         out.push(b[i]);
         i += 1;
@@ -255,12 +286,25 @@ fn matrix_error(status: StatusCode, errcode: &str, msg: &str) -> Response {
     (status, Json(json!({"errcode": errcode, "error": msg}))).into_response()
 }
 
-async fn hs_handler(State(hs): State<Arc<Hs>>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
-    let segs: Vec<String> = uri.path().trim_start_matches('/').split('/').map(pct_decode).collect();
+async fn hs_handler(
+    State(hs): State<Arc<Hs>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let segs: Vec<String> = uri
+        .path()
+        .trim_start_matches('/')
+        .split('/')
+        .map(pct_decode)
+        .collect();
     let s: Vec<&str> = segs.iter().map(String::as_str).collect();
-    let user_id = uri
-        .query()
-        .and_then(|q| url::form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "user_id").map(|(_, v)| v.into_owned()));
+    let user_id = uri.query().and_then(|q| {
+        url::form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "user_id")
+            .map(|(_, v)| v.into_owned())
+    });
     let st = &hs.state;
     let route: &'static str = match (method.as_str(), s.as_slice()) {
         ("GET", ["_matrix", "client", "versions"]) => "versions",
@@ -269,14 +313,21 @@ async fn hs_handler(State(hs): State<Arc<Hs>>, method: Method, uri: Uri, headers
         ("POST", ["_matrix", "client", "v1", "appservice", _, "ping"]) => "ping",
         ("GET", ["_matrix", "client", "v3", "capabilities"]) => "capabilities",
         ("POST", ["_matrix", "client", "v3", "createRoom"]) => "createRoom",
-        ("POST", ["_matrix", "client", "v3", "rooms", _, "join"]) | ("POST", ["_matrix", "client", "v3", "join", _]) => "join",
+        ("POST", ["_matrix", "client", "v3", "rooms", _, "join"])
+        | ("POST", ["_matrix", "client", "v3", "join", _]) => "join",
         ("PUT", ["_matrix", "client", "v3", "rooms", _, "send", ..]) => "send",
         ("GET", ["_matrix", "client", "v3", "rooms", _, "joined_members"]) => "joined_members",
         _ => "other",
     };
-    *st.routes.lock().expect("routes lock").entry(route).or_default() += 1;
+    *st.routes
+        .lock()
+        .expect("routes lock")
+        .entry(route)
+        .or_default() += 1;
     if route != "versions" {
-        let auth = headers.get(http::header::AUTHORIZATION).and_then(|h| h.to_str().ok());
+        let auth = headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|h| h.to_str().ok());
         if auth != Some(format!("Bearer {AS_TOKEN}").as_str()) {
             st.bad_auth.fetch_add(1, Ordering::Relaxed);
             return matrix_error(StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN", "bad as_token");
@@ -290,7 +341,9 @@ async fn hs_handler(State(hs): State<Arc<Hs>>, method: Method, uri: Uri, headers
             json!({"user_id": format!("@{local}:{DOMAIN}")})
         }
         ("ping", _) => json!({"duration_ms": 1}),
-        ("capabilities", _) => json!({"capabilities": {"m.room_versions": {"default": "12", "available": {"12": "stable"}}}}),
+        ("capabilities", _) => {
+            json!({"capabilities": {"m.room_versions": {"default": "12", "available": {"12": "stable"}}}})
+        }
         ("createRoom", _) => {
             let n = st.rooms.fetch_add(1, Ordering::Relaxed);
             json!({"room_id": format!("!benchroom{n}:{DOMAIN}")})
@@ -333,9 +386,14 @@ async fn hs_handler(State(hs): State<Arc<Hs>>, method: Method, uri: Uri, headers
 }
 
 async fn start_homeserver(reg: Arc<Registry>) -> (Arc<Hs>, u16) {
-    let hs = Arc::new(Hs { state: HsState::default(), reg });
+    let hs = Arc::new(Hs {
+        state: HsState::default(),
+        reg,
+    });
     let app = Router::new().fallback(hs_handler).with_state(hs.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind stand-in homeserver");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind stand-in homeserver");
     let port = listener.local_addr().expect("addr").port();
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
@@ -371,7 +429,10 @@ impl BridgeProc {
         if !self.alive() {
             return;
         }
-        let _ = Command::new("kill").arg("-TERM").arg(self.pid().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status();
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if !self.alive() {
@@ -387,7 +448,11 @@ impl BridgeProc {
 impl Drop for BridgeProc {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("---- last lines of the bridge log ({}) ----\n{}", self.log.display(), self.log_tail(60));
+            eprintln!(
+                "---- last lines of the bridge log ({}) ----\n{}",
+                self.log.display(),
+                self.log_tail(60)
+            );
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -395,7 +460,11 @@ impl Drop for BridgeProc {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 struct BridgeEndpoints {
@@ -423,7 +492,13 @@ fn write_config(dir: &Path, hs_port: u16, gw: &GatewayAddr) -> (PathBuf, BridgeE
     );
     let path = dir.join("config.yaml");
     std::fs::write(&path, text).expect("write bridge config");
-    (path, BridgeEndpoints { base: format!("http://127.0.0.1:{port}"), metrics: format!("http://127.0.0.1:{metrics_port}/metrics") })
+    (
+        path,
+        BridgeEndpoints {
+            base: format!("http://127.0.0.1:{port}"),
+            metrics: format!("http://127.0.0.1:{metrics_port}/metrics"),
+        },
+    )
 }
 
 fn spawn_bridge(config: &Path, dir: &Path) -> BridgeProc {
@@ -456,7 +531,12 @@ fn clock_ticks() -> f64 {
         .arg("CLK_TCK")
         .output()
         .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse::<f64>().ok())
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
         .unwrap_or(100.0)
 }
 
@@ -472,9 +552,20 @@ fn sample(pid: &str, ticks: f64) -> ProcSample {
     };
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15.
-    let rest: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
-    let field = |i: usize| rest.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    ProcSample { rss_kib: kib("VmRSS:"), hwm_kib: kib("VmHWM:"), cpu_secs: (field(11) + field(12)) / ticks }
+    let rest: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let field = |i: usize| {
+        rest.get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    ProcSample {
+        rss_kib: kib("VmRSS:"),
+        hwm_kib: kib("VmHWM:"),
+        cpu_secs: (field(11) + field(12)) / ticks,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -487,21 +578,41 @@ struct Contact {
 }
 
 fn text(body: String) -> DataMessage {
-    DataMessage { body: Some(D::Text(Text { body, formats: vec![] })), reply_to: None }
+    DataMessage {
+        body: Some(D::Text(Text {
+            body,
+            formats: vec![],
+        })),
+        reply_to: None,
+    }
 }
 
 /// Registers `account` at the gateway, starts its client, and feeds its messages to `reg`.
-async fn start_contact(rt: &SignalRuntime, gw: &GatewayAddr, account: String, reg: Arc<Registry>, undecryptable: Arc<AtomicUsize>) -> Contact {
+async fn start_contact(
+    rt: &SignalRuntime,
+    gw: &GatewayAddr,
+    account: String,
+    reg: Arc<Registry>,
+    undecryptable: Arc<AtomicUsize>,
+) -> Contact {
     let (store, dir) = testing::sqlite().await;
     let db: Arc<dyn VaultStore> = Arc::new(store);
-    let vault = Vault::open(SecretKey::random(), db.clone()).await.expect("contact vault");
-    let (conn, _pushes) = GatewayConn::connect(gw).await.expect("connect to the gateway");
+    let vault = Vault::open(SecretKey::random(), db.clone())
+        .await
+        .expect("contact vault");
+    let (conn, _pushes) = GatewayConn::connect(gw)
+        .await
+        .expect("connect to the gateway");
     conn.request_code(&account).await.expect("request code");
     let secret = conn.verify(&account, CODE).await.expect("verify");
     let owner = format!("@contact-{}:{DOMAIN}", account.trim_start_matches('+'));
-    account::save_credentials(&vault, &db, &owner, &account, &secret).await.expect("save credentials");
+    account::save_credentials(&vault, &db, &owner, &account, &secret)
+        .await
+        .expect("save credentials");
     let (tx, mut events) = mpsc::channel(1024);
-    let handle = account::spawn_account(rt, &owner, gw.clone(), vault, db, tx).await.expect("spawn contact");
+    let handle = account::spawn_account(rt, &owner, gw.clone(), vault, db, tx)
+        .await
+        .expect("spawn contact");
     // Wait until it is connected (and has uploaded its prekeys).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
@@ -527,7 +638,14 @@ async fn start_contact(rt: &SignalRuntime, gw: &GatewayAddr, account: String, re
                 let _ = ack_tx.send(id);
             }
             match ev {
-                Event::Message { data: DataMessage { body: Some(D::Text(t)), .. }, .. } => reg.arrived(&t.body),
+                Event::Message {
+                    data:
+                        DataMessage {
+                            body: Some(D::Text(t)),
+                            ..
+                        },
+                    ..
+                } => reg.arrived(&t.body),
                 Event::Undecryptable { .. } => {
                     undecryptable.fetch_add(1, Ordering::Relaxed);
                 }
@@ -535,7 +653,11 @@ async fn start_contact(rt: &SignalRuntime, gw: &GatewayAddr, account: String, re
             }
         }
     });
-    Contact { account, handle, _dir: dir }
+    Contact {
+        account,
+        handle,
+        _dir: dir,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -559,11 +681,25 @@ impl World {
     }
 
     async fn provision(&self, path: &str, user: &str, body: Value) -> Value {
-        let url = format!("{}/_matrix/provision/v1/{path}?user_id={}", self.bridge_base, urlencode(user));
-        let resp = self.http.post(url).bearer_auth(PROV_SECRET).json(&body).send().await.expect("provisioning request");
+        let url = format!(
+            "{}/_matrix/provision/v1/{path}?user_id={}",
+            self.bridge_base,
+            urlencode(user)
+        );
+        let resp = self
+            .http
+            .post(url)
+            .bearer_auth(PROV_SECRET)
+            .json(&body)
+            .send()
+            .await
+            .expect("provisioning request");
         let status = resp.status();
         let v: Value = resp.json().await.unwrap_or(Value::Null);
-        assert!(status.is_success(), "provisioning {path} for {user}: {status} {v}");
+        assert!(
+            status.is_success(),
+            "provisioning {path} for {user}: {status} {v}"
+        );
         v
     }
 
@@ -583,12 +719,26 @@ impl World {
     async fn push(self: Arc<Self>, track: Arc<Track>, run: usize, seqs: Vec<usize>) {
         let events: Vec<Value> = seqs.iter().map(|&s| self.event(run, s)).collect();
         let txn = self.txn_counter.fetch_add(1, Ordering::Relaxed);
-        let url = format!("{}/_matrix/app/v1/transactions/bench-{txn}", self.bridge_base);
+        let url = format!(
+            "{}/_matrix/app/v1/transactions/bench-{txn}",
+            self.bridge_base
+        );
         for &s in &seqs {
             self.reg.mark_sent(&track, s);
         }
-        let resp = self.http.put(url).bearer_auth(HS_TOKEN).json(&json!({"events": events})).send().await.expect("push transaction");
-        assert!(resp.status().is_success(), "transaction refused: {}", resp.status());
+        let resp = self
+            .http
+            .put(url)
+            .bearer_auth(HS_TOKEN)
+            .json(&json!({"events": events}))
+            .send()
+            .await
+            .expect("push transaction");
+        assert!(
+            resp.status().is_success(),
+            "transaction refused: {}",
+            resp.status()
+        );
     }
 
     /// One interop message from the contact of `seq`'s user to that user.
@@ -597,7 +747,11 @@ impl World {
         let c = &self.contacts[self.contact_of(u)];
         self.reg.mark_sent(&track, seq);
         c.handle
-            .send(Target::Account(self.user_accounts[u].clone()), uuid::Uuid::new_v4().to_string(), text(Registry::body(run, seq)))
+            .send(
+                Target::Account(self.user_accounts[u].clone()),
+                uuid::Uuid::new_v4().to_string(),
+                text(Registry::body(run, seq)),
+            )
             .await
             .unwrap_or_else(|e| panic!("contact {} cannot send: {e}", c.account));
     }
@@ -673,11 +827,20 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i]
 }
 
-fn summarize(dir: Dir, kind: String, t: &Track, cpu: (ProcSample, ProcSample), me: (ProcSample, ProcSample)) -> RunResult {
+fn summarize(
+    dir: Dir,
+    kind: String,
+    t: &Track,
+    cpu: (ProcSample, ProcSample),
+    me: (ProcSample, ProcSample),
+) -> RunResult {
     let mut lat = Vec::with_capacity(t.len());
     let (mut first, mut last) = (u64::MAX, 0u64);
     for i in 0..t.len() {
-        let (s, r) = (t.sent[i].load(Ordering::Relaxed), t.recv[i].load(Ordering::Relaxed));
+        let (s, r) = (
+            t.sent[i].load(Ordering::Relaxed),
+            t.recv[i].load(Ordering::Relaxed),
+        );
         first = first.min(s);
         last = last.max(r);
         lat.push(r.saturating_sub(s) as f64 / 1e6);
@@ -704,7 +867,14 @@ fn summarize(dir: Dir, kind: String, t: &Track, cpu: (ProcSample, ProcSample), m
 }
 
 /// Sends `n` messages in `dir` at full speed (`rate` = None) or paced at `rate` per second.
-async fn run(world: &Arc<World>, bridge: &mut BridgeProc, dir: Dir, name: &str, n: usize, rate: Option<f64>) -> Arc<Track> {
+async fn run(
+    world: &Arc<World>,
+    bridge: &mut BridgeProc,
+    dir: Dir,
+    name: &str,
+    n: usize,
+    rate: Option<f64>,
+) -> Arc<Track> {
     let (run, track) = world.reg.track(name, n);
     let mut tasks: JoinSet<()> = JoinSet::new();
     match (dir, rate) {
@@ -712,10 +882,10 @@ async fn run(world: &Arc<World>, bridge: &mut BridgeProc, dir: Dir, name: &str, 
             let seqs: Vec<usize> = (0..n).collect();
             for chunk in seqs.chunks(TXN_EVENTS) {
                 tasks.spawn(world.clone().push(track.clone(), run, chunk.to_vec()));
-                if tasks.len() >= TXN_INFLIGHT {
-                    if let Some(r) = tasks.join_next().await {
-                        r.expect("push task");
-                    }
+                if tasks.len() >= TXN_INFLIGHT
+                    && let Some(r) = tasks.join_next().await
+                {
+                    r.expect("push task");
                 }
             }
         }
@@ -731,10 +901,10 @@ async fn run(world: &Arc<World>, bridge: &mut BridgeProc, dir: Dir, name: &str, 
                     let mut inflight = JoinSet::new();
                     for seq in share {
                         inflight.spawn(w.clone().contact_send(t.clone(), run, seq));
-                        if inflight.len() >= SEND_INFLIGHT {
-                            if let Some(r) = inflight.join_next().await {
-                                r.expect("send task");
-                            }
+                        if inflight.len() >= SEND_INFLIGHT
+                            && let Some(r) = inflight.join_next().await
+                        {
+                            r.expect("send task");
                         }
                     }
                     while let Some(r) = inflight.join_next().await {
@@ -794,13 +964,22 @@ async fn bench(opts: Opts) {
 
     // Gateway, with rate limits out of the way.
     let key = StaticKey::generate();
-    let mut gcfg = GatewayConfig::new(key.clone(), format!("sqlite://{}", tmp.path().join("gateway.db").display()), tmp.path().join("blobs"));
+    let mut gcfg = GatewayConfig::new(
+        key.clone(),
+        format!("sqlite://{}", tmp.path().join("gateway.db").display()),
+        tmp.path().join("blobs"),
+    );
     gcfg.dev_code = Some(CODE.into());
     gcfg.rate_per_sec = 1e9;
     gcfg.rate_capacity = 1e9;
     let gw = Gateway::open(gcfg).await.expect("gateway");
-    let gl = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind gateway");
-    let gaddr = GatewayAddr { address: gl.local_addr().expect("addr").to_string(), public_key: key.public.clone() };
+    let gl = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind gateway");
+    let gaddr = GatewayAddr {
+        address: gl.local_addr().expect("addr").to_string(),
+        public_key: key.public.clone(),
+    };
     let (_gw_stop, gw_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(gw.serve(gl, gw_rx));
 
@@ -808,18 +987,36 @@ async fn bench(opts: Opts) {
     let (config, ends) = write_config(tmp.path(), hs_port, &gaddr);
     let mut bridge = spawn_bridge(&config, tmp.path());
     let pid = bridge.pid().to_string();
-    let http = reqwest::Client::builder().pool_max_idle_per_host(64).build().expect("http client");
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()
+        .expect("http client");
 
     // Ready: /health answers and the start-up checks reached the ping.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let healthy = http.get(format!("{}/health", ends.base)).send().await.is_ok_and(|r| r.status().is_success());
-        let pinged = hs.state.routes.lock().expect("routes lock").get("ping").copied().unwrap_or(0) > 0;
+        let healthy = http
+            .get(format!("{}/health", ends.base))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        let pinged = hs
+            .state
+            .routes
+            .lock()
+            .expect("routes lock")
+            .get("ping")
+            .copied()
+            .unwrap_or(0)
+            > 0;
         if healthy && pinged {
             break;
         }
         assert!(bridge.alive(), "the bridge exited at start-up");
-        assert!(Instant::now() < deadline, "the bridge did not become ready in 60 s");
+        assert!(
+            Instant::now() < deadline,
+            "the bridge did not become ready in 60 s"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let t_ready = t0.elapsed();
@@ -829,14 +1026,22 @@ async fn bench(opts: Opts) {
     let signal_rt = SignalRuntime::start(2);
     let undecryptable = Arc::new(AtomicUsize::new(0));
     let contacts: Vec<Contact> = futures::stream::iter((0..opts.contacts).map(|i| {
-        start_contact(&signal_rt, &gaddr, format!("+1555200{i:04}"), reg.clone(), undecryptable.clone())
+        start_contact(
+            &signal_rt,
+            &gaddr,
+            format!("+1555200{i:04}"),
+            reg.clone(),
+            undecryptable.clone(),
+        )
     }))
     .buffered(4)
     .collect()
     .await;
     let t_contacts = t0.elapsed();
 
-    let users: Vec<String> = (0..opts.users).map(|i| format!("@bench{i}:{DOMAIN}")).collect();
+    let users: Vec<String> = (0..opts.users)
+        .map(|i| format!("@bench{i}:{DOMAIN}"))
+        .collect();
     let user_accounts: Vec<String> = (0..opts.users).map(|i| format!("+1555100{i:04}")).collect();
     let mut world = World {
         reg: reg.clone(),
@@ -852,8 +1057,14 @@ async fn bench(opts: Opts) {
     // Logins through the provisioning API.
     let w = &world;
     futures::stream::iter((0..opts.users).map(|i| async move {
-        w.provision("login/start", &w.users[i], json!({"identifier": w.user_accounts[i]})).await;
-        w.provision("login/verify", &w.users[i], json!({"code": CODE})).await;
+        w.provision(
+            "login/start",
+            &w.users[i],
+            json!({"identifier": w.user_accounts[i]}),
+        )
+        .await;
+        w.provision("login/verify", &w.users[i], json!({"code": CODE}))
+            .await;
     }))
     .buffer_unordered(4)
     .collect::<Vec<()>>()
@@ -863,8 +1074,13 @@ async fn bench(opts: Opts) {
     // One DM portal per user, with its contact.
     let rooms: Vec<String> = futures::stream::iter((0..opts.users).map(|i| async move {
         let contact = &w.contacts[w.contact_of(i)].account;
-        let v = w.provision("chats", &w.users[i], json!({"contact": contact})).await;
-        v["chat"]["room_id"].as_str().unwrap_or_else(|| panic!("no room in {v}")).to_owned()
+        let v = w
+            .provision("chats", &w.users[i], json!({"contact": contact}))
+            .await;
+        v["chat"]["room_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no room in {v}"))
+            .to_owned()
     }))
     .buffered(4)
     .collect()
@@ -891,8 +1107,24 @@ async fn bench(opts: Opts) {
     );
 
     // Warm-up: one message per pair each way (Signal sessions), not measured.
-    run(&world, &mut bridge, Dir::MatrixToInterop, "warm-up Matrix→interop", opts.users, None).await;
-    run(&world, &mut bridge, Dir::InteropToMatrix, "warm-up interop→Matrix", opts.users, None).await;
+    run(
+        &world,
+        &mut bridge,
+        Dir::MatrixToInterop,
+        "warm-up Matrix→interop",
+        opts.users,
+        None,
+    )
+    .await;
+    run(
+        &world,
+        &mut bridge,
+        Dir::InteropToMatrix,
+        "warm-up interop→Matrix",
+        opts.users,
+        None,
+    )
+    .await;
     let warm = sample(&pid, ticks);
 
     let me = || sample("self", ticks);
@@ -900,15 +1132,38 @@ async fn bench(opts: Opts) {
     let mut rss_after = Vec::new();
     for dir in [Dir::MatrixToInterop, Dir::InteropToMatrix] {
         let (b0, m0) = (sample(&pid, ticks), me());
-        let t = run(&world, &mut bridge, dir, &format!("max {}", dir.label()), opts.messages, None).await;
+        let t = run(
+            &world,
+            &mut bridge,
+            dir,
+            &format!("max {}", dir.label()),
+            opts.messages,
+            None,
+        )
+        .await;
         let max = summarize(dir, "max".into(), &t, (b0, sample(&pid, ticks)), (m0, me()));
         let rate = (max.rate / 2.0).max(1.0);
-        let n = ((rate * opts.paced_secs) as usize).clamp(opts.users.min(opts.messages), opts.messages);
+        let n =
+            ((rate * opts.paced_secs) as usize).clamp(opts.users.min(opts.messages), opts.messages);
         results.push(max);
         tokio::time::sleep(Duration::from_millis(300)).await;
         let (b0, m0) = (sample(&pid, ticks), me());
-        let t = run(&world, &mut bridge, dir, &format!("paced {}", dir.label()), n, Some(rate)).await;
-        results.push(summarize(dir, format!("paced {rate:.0}/s"), &t, (b0, sample(&pid, ticks)), (m0, me())));
+        let t = run(
+            &world,
+            &mut bridge,
+            dir,
+            &format!("paced {}", dir.label()),
+            n,
+            Some(rate),
+        )
+        .await;
+        results.push(summarize(
+            dir,
+            format!("paced {rate:.0}/s"),
+            &t,
+            (b0, sample(&pid, ticks)),
+            (m0, me()),
+        ));
         rss_after.push((dir, sample(&pid, ticks)));
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
@@ -917,7 +1172,17 @@ async fn bench(opts: Opts) {
     println!();
     println!(
         "{:<17} {:<13} {:>6} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>10} {:>9}",
-        "direction", "run", "msgs", "time s", "msgs/s", "p50 ms", "p99 ms", "max ms", "bridge", "bridge", "bench"
+        "direction",
+        "run",
+        "msgs",
+        "time s",
+        "msgs/s",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "bridge",
+        "bridge",
+        "bench"
     );
     println!(
         "{:<17} {:<13} {:>6} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>10} {:>9}",
@@ -937,11 +1202,21 @@ async fn bench(opts: Opts) {
             r.bridge_cpu_pct,
             r.bridge_cpu_us_per_msg,
             r.bench_cpu_pct,
-            if r.dups > 0 { format!("  ({} duplicates)", r.dups) } else { String::new() }
+            if r.dups > 0 {
+                format!("  ({} duplicates)", r.dups)
+            } else {
+                String::new()
+            }
         );
     }
     println!();
-    print!("bridge RSS: after start-up {:.1} MiB, idle after {} logins and portals {:.1} MiB, after warm-up {:.1} MiB", mib(started.rss_kib), opts.users, mib(idle.rss_kib), mib(warm.rss_kib));
+    print!(
+        "bridge RSS: after start-up {:.1} MiB, idle after {} logins and portals {:.1} MiB, after warm-up {:.1} MiB",
+        mib(started.rss_kib),
+        opts.users,
+        mib(idle.rss_kib),
+        mib(warm.rss_kib)
+    );
     for (dir, s) in &rss_after {
         print!(", after {} {:.1} MiB", dir.label(), mib(s.rss_kib));
     }
@@ -955,7 +1230,13 @@ async fn bench(opts: Opts) {
 
     // What the stand-in homeserver saw.
     let st = &hs.state;
-    let routes: Vec<String> = st.routes.lock().expect("routes lock").iter().map(|(k, v)| format!("{k} {v}")).collect();
+    let routes: Vec<String> = st
+        .routes
+        .lock()
+        .expect("routes lock")
+        .iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect();
     println!("stand-in homeserver requests: {}", routes.join(", "));
     let notices = st.notice_count.load(Ordering::Relaxed);
     println!(
@@ -973,12 +1254,20 @@ async fn bench(opts: Opts) {
         let text = r.text().await.unwrap_or_default();
         let lines: Vec<&str> = text
             .lines()
-            .filter(|l| !l.starts_with('#') && (l.starts_with("mib_errors") || l.starts_with("mib_appservice_transactions") || l.starts_with("mib_appservice_duplicate")))
+            .filter(|l| {
+                !l.starts_with('#')
+                    && (l.starts_with("mib_errors")
+                        || l.starts_with("mib_appservice_transactions")
+                        || l.starts_with("mib_appservice_duplicate"))
+            })
             .collect();
         println!("bridge metrics: {}", lines.join(", "));
     }
     let log = std::fs::read_to_string(&bridge.log).unwrap_or_default();
-    let warns: Vec<&str> = log.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).collect();
+    let warns: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .collect();
     println!("bridge log: {} warning/error lines", warns.len());
     for l in warns.iter().take(5) {
         println!("  {}", l.chars().take(300).collect::<String>());
@@ -991,7 +1280,11 @@ async fn bench(opts: Opts) {
 
 fn main() {
     let opts = parse_opts();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
     rt.block_on(bench(opts));
     rt.shutdown_timeout(Duration::from_secs(2));
 }

@@ -1,3 +1,4 @@
+#![allow(clippy::print_stdout)]
 //! Interop benchmarks (a bench binary): `cargo bench --bench interop`.
 //!
 //! - vault AEAD on 2 KiB records;
@@ -6,13 +7,17 @@
 //! - sender-key group encrypt + decrypt through the vault-backed stores;
 //! - gateway relay: envelopes per second between two connected clients (store, push, ack).
 
-use std::{sync::Arc, time::{Duration, Instant}};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use libsignal_protocol::{
-    CiphertextMessage, DeviceId, GenericSignedPreKey, IdentityKeyStore, KeyPair, KyberPreKeyRecord, PreKeyBundle,
-    PreKeyRecord, PreKeySignalMessage, ProtocolAddress, SignalMessage, SignedPreKeyRecord, Timestamp,
-    create_sender_key_distribution_message, group_decrypt, group_encrypt, kem, message_decrypt, message_encrypt,
-    process_prekey_bundle, process_sender_key_distribution_message, KyberPreKeyStore, PreKeyStore, SignedPreKeyStore,
+    CiphertextMessage, DeviceId, GenericSignedPreKey, IdentityKeyStore, KeyPair, KyberPreKeyRecord,
+    KyberPreKeyStore, PreKeyBundle, PreKeyRecord, PreKeySignalMessage, PreKeyStore,
+    ProtocolAddress, SignalMessage, SignedPreKeyRecord, SignedPreKeyStore, Timestamp,
+    create_sender_key_distribution_message, group_decrypt, group_encrypt, kem, message_decrypt,
+    message_encrypt, process_prekey_bundle, process_sender_key_distribution_message,
 };
 use matrix_interop_bridge::{
     gateway::{Gateway, GatewayConfig},
@@ -46,8 +51,14 @@ fn addr(name: &str) -> ProtocolAddress {
 async fn store(owner: &str) -> (SignalStore, SqlStore, tempfile::TempDir) {
     let (sql, dir) = testing::sqlite().await;
     let db: Arc<dyn VaultStore> = Arc::new(sql.clone());
-    let vault = Vault::open(SecretKey::random(), db.clone()).await.expect("vault");
-    (SignalStore::open(owner, vault, db).await.expect("store"), sql, dir)
+    let vault = Vault::open(SecretKey::random(), db.clone())
+        .await
+        .expect("vault");
+    (
+        SignalStore::open(owner, vault, db).await.expect("store"),
+        sql,
+        dir,
+    )
 }
 
 async fn bundle_of(s: &mut SignalStore) -> PreKeyBundle {
@@ -55,11 +66,27 @@ async fn bundle_of(s: &mut SignalStore) -> PreKeyBundle {
     let ikp = s.identity_key_pair();
     let pk = KeyPair::generate(&mut rng);
     let spk = KeyPair::generate(&mut rng);
-    let sig = ikp.private_key().calculate_signature(&spk.public_key.serialize(), &mut rng).expect("sign");
-    s.prekeys.save_pre_key(1u32.into(), &PreKeyRecord::new(1u32.into(), &pk)).await.expect("save");
-    s.signed.save_signed_pre_key(2u32.into(), &SignedPreKeyRecord::new(2u32.into(), Timestamp::from_epoch_millis(0), &spk, &sig)).await.expect("save");
-    let k = KyberPreKeyRecord::generate(kem::KeyType::Kyber1024, 3u32.into(), ikp.private_key()).expect("kyber");
-    s.kyber.save_kyber_pre_key(3u32.into(), &k).await.expect("save");
+    let sig = ikp
+        .private_key()
+        .calculate_signature(&spk.public_key.serialize(), &mut rng)
+        .expect("sign");
+    s.prekeys
+        .save_pre_key(1u32.into(), &PreKeyRecord::new(1u32.into(), &pk))
+        .await
+        .expect("save");
+    s.signed
+        .save_signed_pre_key(
+            2u32.into(),
+            &SignedPreKeyRecord::new(2u32.into(), Timestamp::from_epoch_millis(0), &spk, &sig),
+        )
+        .await
+        .expect("save");
+    let k = KyberPreKeyRecord::generate(kem::KeyType::Kyber1024, 3u32.into(), ikp.private_key())
+        .expect("kyber");
+    s.kyber
+        .save_kyber_pre_key(3u32.into(), &k)
+        .await
+        .expect("save");
     s.commit(vec![]).await.expect("commit");
     PreKeyBundle::new(
         s.identity.get_local_registration_id().await.expect("reg"),
@@ -78,18 +105,40 @@ async fn bundle_of(s: &mut SignalStore) -> PreKeyBundle {
 
 async fn decrypt(s: &mut SignalStore, from: &ProtocolAddress, c: &CiphertextMessage) -> Vec<u8> {
     let msg = match c {
-        CiphertextMessage::PreKeySignalMessage(_) => CiphertextMessage::PreKeySignalMessage(PreKeySignalMessage::try_from(c.serialize()).expect("parse")),
-        _ => CiphertextMessage::SignalMessage(SignalMessage::try_from(c.serialize()).expect("parse")),
+        CiphertextMessage::PreKeySignalMessage(_) => CiphertextMessage::PreKeySignalMessage(
+            PreKeySignalMessage::try_from(c.serialize()).expect("parse"),
+        ),
+        _ => {
+            CiphertextMessage::SignalMessage(SignalMessage::try_from(c.serialize()).expect("parse"))
+        }
     };
-    let out = message_decrypt(&msg, from, &mut s.sessions, &mut s.identity, &mut s.prekeys, &s.signed, &mut s.kyber, &mut rand::rng())
-        .await
-        .expect("decrypt");
+    let out = message_decrypt(
+        &msg,
+        from,
+        &mut s.sessions,
+        &mut s.identity,
+        &mut s.prekeys,
+        &s.signed,
+        &mut s.kyber,
+        &mut rand::rng(),
+    )
+    .await
+    .expect("decrypt");
     s.commit(vec![]).await.expect("commit");
     out
 }
 
 async fn encrypt(s: &mut SignalStore, to: &ProtocolAddress, pt: &[u8]) -> CiphertextMessage {
-    let c = message_encrypt(pt, to, &mut s.sessions, &mut s.identity, std::time::SystemTime::now(), &mut rand::rng()).await.expect("encrypt");
+    let c = message_encrypt(
+        pt,
+        to,
+        &mut s.sessions,
+        &mut s.identity,
+        std::time::SystemTime::now(),
+        &mut rand::rng(),
+    )
+    .await
+    .expect("encrypt");
     s.commit(vec![]).await.expect("commit");
     c
 }
@@ -99,21 +148,35 @@ async fn bench_one_to_one(rounds: usize) {
     let (mut b, _sb, _db) = store("@b:bench").await;
     let (aa, ba) = (addr("+15550000001"), addr("+15550000002"));
     let bundle = bundle_of(&mut b).await;
-    process_prekey_bundle(&ba, &mut a.sessions, &mut a.identity, &bundle, std::time::SystemTime::now(), &mut rand::rng()).await.expect("bundle");
+    process_prekey_bundle(
+        &ba,
+        &mut a.sessions,
+        &mut a.identity,
+        &bundle,
+        std::time::SystemTime::now(),
+        &mut rand::rng(),
+    )
+    .await
+    .expect("bundle");
     a.commit(vec![]).await.expect("commit");
     let pt = vec![b'x'; 200];
     let first = encrypt(&mut a, &ba, &pt).await;
     decrypt(&mut b, &aa, &first).await;
     let (mut enc, mut dec) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
-        for (from, to, fa, ta) in [(&mut b, &mut a, &ba, &aa), (&mut a, &mut b, &aa, &ba)] {
-            let t = Instant::now();
-            let c = encrypt(from, ta, &pt).await;
-            enc.push(t.elapsed());
-            let t = Instant::now();
-            assert_eq!(decrypt(to, fa, &c).await, pt);
-            dec.push(t.elapsed());
-        }
+        // B answers A, then A answers B: each decrypt takes a DH ratchet step.
+        let t = Instant::now();
+        let c = encrypt(&mut b, &aa, &pt).await;
+        enc.push(t.elapsed());
+        let t = Instant::now();
+        assert_eq!(decrypt(&mut a, &ba, &c).await, pt);
+        dec.push(t.elapsed());
+        let t = Instant::now();
+        let c = encrypt(&mut a, &ba, &pt).await;
+        enc.push(t.elapsed());
+        let t = Instant::now();
+        assert_eq!(decrypt(&mut b, &aa, &c).await, pt);
+        dec.push(t.elapsed());
     }
     report("1:1 encrypt (vault, SQLite commit)", enc);
     report("1:1 decrypt with DH ratchet step (vault, SQLite)", dec);
@@ -124,19 +187,28 @@ async fn bench_group(n: usize) {
     let (mut b, _sb, _db) = store("@b:bench").await;
     let aa = addr("+15550000001");
     let dist = uuid::Uuid::new_v4();
-    let skdm = create_sender_key_distribution_message(&aa, dist, &mut a.sender_keys, &mut rand::rng()).await.expect("skdm");
+    let skdm =
+        create_sender_key_distribution_message(&aa, dist, &mut a.sender_keys, &mut rand::rng())
+            .await
+            .expect("skdm");
     a.commit(vec![]).await.expect("commit");
-    process_sender_key_distribution_message(&aa, &skdm, &mut b.sender_keys).await.expect("process");
+    process_sender_key_distribution_message(&aa, &skdm, &mut b.sender_keys)
+        .await
+        .expect("process");
     b.commit(vec![]).await.expect("commit");
     let pt = vec![b'g'; 200];
     let (mut enc, mut dec) = (Vec::new(), Vec::new());
     for _ in 0..n {
         let t = Instant::now();
-        let m = group_encrypt(&mut a.sender_keys, &aa, dist, &pt, &mut rand::rng()).await.expect("enc");
+        let m = group_encrypt(&mut a.sender_keys, &aa, dist, &pt, &mut rand::rng())
+            .await
+            .expect("enc");
         a.commit(vec![]).await.expect("commit");
         enc.push(t.elapsed());
         let t = Instant::now();
-        let out = group_decrypt(m.serialized(), &mut b.sender_keys, &aa).await.expect("dec");
+        let out = group_decrypt(m.serialized(), &mut b.sender_keys, &aa)
+            .await
+            .expect("dec");
         b.commit(vec![]).await.expect("commit");
         dec.push(t.elapsed());
         assert_eq!(out, pt);
@@ -165,16 +237,25 @@ fn bench_aead(n: usize) {
 async fn bench_gateway(n: usize) {
     let dir = tempfile::tempdir().expect("tmp");
     let key = StaticKey::generate();
-    let mut cfg = GatewayConfig::new(key.clone(), format!("sqlite://{}", dir.path().join("gw.db").display()), dir.path().join("blobs"));
+    let mut cfg = GatewayConfig::new(
+        key.clone(),
+        format!("sqlite://{}", dir.path().join("gw.db").display()),
+        dir.path().join("blobs"),
+    );
     cfg.dev_code = Some("123456".into());
     cfg.rate_per_sec = 1e9;
     cfg.rate_capacity = 1e9;
     let gw = Gateway::open(cfg).await.expect("gateway");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let address = listener.local_addr().expect("addr").to_string();
     let (_stop, rx) = tokio::sync::watch::channel(false);
     tokio::spawn(gw.serve(listener, rx));
-    let ga = matrix_interop_bridge::interop::GatewayAddr { address, public_key: key.public.clone() };
+    let ga = matrix_interop_bridge::interop::GatewayAddr {
+        address,
+        public_key: key.public.clone(),
+    };
     let mut login = Vec::new();
     for acc in ["+15550000011", "+15550000012"] {
         let (c, p) = GatewayConn::connect(&ga).await.expect("connect");
@@ -190,9 +271,17 @@ async fn bench_gateway(n: usize) {
         let start = Instant::now();
         while got < n {
             match pushes.recv().await {
-                Some(pb::Stanza { body: Some(Body::Envelope(e)), .. }) => {
+                Some(pb::Stanza {
+                    body: Some(Body::Envelope(e)),
+                    ..
+                }) => {
                     got += 1;
-                    rx_conn.send_unanswered(Body::Ack(pb::Ack { envelope_ids: vec![e.id] })).await.expect("ack");
+                    rx_conn
+                        .send_unanswered(Body::Ack(pb::Ack {
+                            envelope_ids: vec![e.id],
+                        }))
+                        .await
+                        .expect("ack");
                 }
                 Some(_) => {}
                 None => break,
@@ -205,7 +294,13 @@ async fn bench_gateway(n: usize) {
     for i in 0..n {
         let c = tx_conn.clone();
         inflight.spawn(async move {
-            let s = pb::Send { to: "+15550000012".into(), kind: pb::Kind::Message as i32, ciphertext: vec![1; 300], message_id: format!("m{i}"), ..Default::default() };
+            let s = pb::Send {
+                to: "+15550000012".into(),
+                kind: pb::Kind::Message as i32,
+                ciphertext: vec![1; 300],
+                message_id: format!("m{i}"),
+                ..Default::default()
+            };
             c.request(Body::Send(s)).await.expect("send")
         });
         if inflight.len() >= 64 {
@@ -226,7 +321,11 @@ async fn bench_gateway(n: usize) {
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
     let quick = std::env::args().any(|a| a == "--quick");
     let scale = if quick { 1 } else { 10 };
     bench_aead(2000 * scale);

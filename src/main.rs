@@ -1,5 +1,8 @@
 //! `matrix-interop-bridge`: the command line and the wiring of the running bridge.
 
+// A command-line program: printing to stdout is its job.
+#![allow(clippy::print_stdout)]
+
 use std::{
     path::{Path, PathBuf},
     sync::Arc,
@@ -15,8 +18,8 @@ use matrix_interop_bridge::{
         network::{NetEventSink, Network},
         provisioning::Provisioning,
     },
-    interop::{GatewayAddr, SignalRuntime, connector::InteropNetwork},
     config::{Config, EXAMPLE_CONFIG},
+    interop::{GatewayAddr, SignalRuntime, connector::InteropNetwork},
     matrix::{HomeserverClient, MatrixError, MatrixSide},
     metrics::Metrics,
     registration,
@@ -27,7 +30,11 @@ use tokio::sync::{Notify, watch};
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 #[derive(Parser)]
-#[command(name = "matrix-interop-bridge", version, about = "A Matrix bridge to Signal-protocol interop networks")]
+#[command(
+    name = "matrix-interop-bridge",
+    version,
+    about = "A Matrix bridge to Signal-protocol interop networks"
+)]
 struct Cli {
     /// The configuration file.
     #[arg(short, long, global = true, default_value = "config.yaml")]
@@ -71,7 +78,10 @@ enum VaultCommand {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -94,21 +104,29 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::GenerateRegistration { output } => generate_registration(&cli.config, &output),
         Command::Migrate => {
             let cfg = Config::load(&cli.config)?;
-            let store = SqlStore::connect(&cfg.database).await.context("cannot open the database")?;
+            let store = SqlStore::connect(&cfg.database)
+                .await
+                .context("cannot open the database")?;
             store.migrate().await?;
             println!("database migrated");
             Ok(())
         }
-        Command::Vault { command: VaultCommand::RotateMasterKey { new_key_file } } => {
+        Command::Vault {
+            command: VaultCommand::RotateMasterKey { new_key_file },
+        } => {
             let cfg = Config::load(&cli.config)?;
-            let store = SqlStore::connect(&cfg.database).await.context("cannot open the database")?;
+            let store = SqlStore::connect(&cfg.database)
+                .await
+                .context("cannot open the database")?;
             store.check_migrated().await?;
-            let master = vault::load_master_key(&cfg.vault.master_key_file, &cfg.vault.master_key_env)?;
+            let master =
+                vault::load_master_key(&cfg.vault.master_key_file, &cfg.vault.master_key_env)?;
             let vault = Vault::open(master, Arc::new(store)).await?;
             let new = if new_key_file.exists() {
                 vault::load_master_key(&new_key_file.to_string_lossy(), "")?
             } else {
-                vault::create_master_key_file(&new_key_file).context("cannot write the new key file")?
+                vault::create_master_key_file(&new_key_file)
+                    .context("cannot write the new key file")?
             };
             let n = vault.rotate_master_key(&new).await?;
             println!(
@@ -129,20 +147,32 @@ fn generate_config(output: &Path) -> anyhow::Result<()> {
     let mut text = EXAMPLE_CONFIG.to_owned();
     if !key_path.exists() {
         vault::create_master_key_file(&key_path).context("cannot write the vault master key")?;
-        eprintln!("wrote a new vault master key to {} (back it up; keep it secret)", key_path.display());
+        eprintln!(
+            "wrote a new vault master key to {} (back it up; keep it secret)",
+            key_path.display()
+        );
     }
     let abs = std::fs::canonicalize(&key_path).unwrap_or(key_path);
-    text = text.replace("    master_key_file: \"\"", &format!("    master_key_file: \"{}\"", abs.display()));
+    text = text.replace(
+        "    master_key_file: \"\"",
+        &format!("    master_key_file: \"{}\"", abs.display()),
+    );
     std::fs::write(output, text).with_context(|| format!("cannot write {}", output.display()))?;
-    eprintln!("wrote {}; edit it, then run generate-registration", output.display());
+    eprintln!(
+        "wrote {}; edit it, then run generate-registration",
+        output.display()
+    );
     Ok(())
 }
 
 fn generate_registration(config_path: &Path, output: &Path) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(config_path).with_context(|| format!("cannot read {}", config_path.display()))?;
+    let text = std::fs::read_to_string(config_path)
+        .with_context(|| format!("cannot read {}", config_path.display()))?;
     let (as_token, hs_token) = (registration::random_token(), registration::random_token());
-    let new_text = registration::write_tokens_into(&text, &as_token, &hs_token).map_err(anyhow::Error::msg)?;
-    std::fs::write(config_path, &new_text).with_context(|| format!("cannot write {}", config_path.display()))?;
+    let new_text =
+        registration::write_tokens_into(&text, &as_token, &hs_token).map_err(anyhow::Error::msg)?;
+    std::fs::write(config_path, &new_text)
+        .with_context(|| format!("cannot write {}", config_path.display()))?;
     let cfg = Config::load(config_path)?;
     std::fs::write(output, registration::registration_yaml(&cfg))
         .with_context(|| format!("cannot write {}", output.display()))?;
@@ -155,11 +185,17 @@ fn generate_registration(config_path: &Path, output: &Path) -> anyhow::Result<()
 }
 
 fn init_logging(cfg: &Config) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(format!("{},sqlx=warn,hyper=warn,reqwest=warn", cfg.logging.level)));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(format!(
+            "{},sqlx=warn,hyper=warn,reqwest=warn",
+            cfg.logging.level
+        ))
+    });
     let registry = tracing_subscriber::registry().with(filter);
     if cfg.logging.format == "json" {
-        registry.with(fmt::layer().json().with_current_span(false)).init();
+        registry
+            .with(fmt::layer().json().with_current_span(false))
+            .init();
     } else {
         registry.with(fmt::layer()).init();
     }
@@ -184,7 +220,11 @@ impl Readiness for ReadyCheck {
         if !self.network.reachable().await {
             problems.push("interop gateway: not reachable".to_owned());
         }
-        if problems.is_empty() { Ok(()) } else { Err(problems) }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
     }
 }
 
@@ -203,10 +243,18 @@ impl UserQuery for Users {
 async fn run(config_path: &Path) -> anyhow::Result<()> {
     let cfg = Config::load(config_path)?;
     init_logging(&cfg);
-    tracing::info!(version = env!("CARGO_PKG_VERSION"), "starting matrix-interop-bridge");
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        "starting matrix-interop-bridge"
+    );
 
-    let store = SqlStore::connect(&cfg.database).await.context("cannot open the database")?;
-    store.migrate().await.context("cannot migrate the database")?;
+    let store = SqlStore::connect(&cfg.database)
+        .await
+        .context("cannot open the database")?;
+    store
+        .migrate()
+        .await
+        .context("cannot migrate the database")?;
     let pruned = store.prune_transactions(7 * 24 * 3600 * 1000).await?;
     tracing::debug!(pruned, "old transaction ids pruned");
 
@@ -216,10 +264,23 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
 
     let hs = HomeserverClient::new(&cfg.homeserver.address, &cfg.appservice.as_token)?;
     let bot = cfg.bot_mxid();
-    let matrix = MatrixSide::new(hs.clone(), bot.clone(), cfg.homeserver.domain.clone(), &cfg.ghost_regex())?.arc();
+    let matrix = MatrixSide::new(
+        hs.clone(),
+        bot.clone(),
+        cfg.homeserver.domain.clone(),
+        &cfg.ghost_regex(),
+    )?
+    .arc();
     let users: Arc<dyn UserStore> = Arc::new(store.clone());
-    let gateway = GatewayAddr { address: cfg.interop.gateway_address.clone(), public_key: cfg.interop.gateway_key()? };
-    let signal_rt = SignalRuntime::start(std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
+    let gateway = GatewayAddr {
+        address: cfg.interop.gateway_address.clone(),
+        public_key: cfg.interop.gateway_key()?,
+    };
+    let signal_rt = SignalRuntime::start(
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2),
+    );
     let vault_store: Arc<dyn VaultStore> = Arc::new(store.clone());
     let network = InteropNetwork::new(signal_rt, gateway, vault.clone(), vault_store);
     let bridge = Arc::new(Bridge::new(
@@ -245,7 +306,11 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
         queue_key: queue_key.clone(),
         notify: notify.clone(),
         metrics: metrics.clone(),
-        readiness: Arc::new(ReadyCheck { store: store.clone(), hs: hs.clone(), network: network.clone() }),
+        readiness: Arc::new(ReadyCheck {
+            store: store.clone(),
+            hs: hs.clone(),
+            network: network.clone(),
+        }),
         users: Arc::new(Users { bot: bot.clone() }),
         protocol: "interop".into(),
     };
@@ -253,12 +318,20 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
 
     let listener = tokio::net::TcpListener::bind(cfg.listen_addr())
         .await
-        .with_context(|| format!("cannot listen on {} (appservice.hostname/port)", cfg.listen_addr()))?;
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (appservice.hostname/port)",
+                cfg.listen_addr()
+            )
+        })?;
     tracing::info!(addr = %cfg.listen_addr(), "appservice API listening");
     let mut app = appservice::router(state, cfg.appservice.max_body_bytes);
     if cfg.provisioning.enabled {
         let api: Arc<dyn Provisioning> = bridge.clone();
-        app = app.nest(&cfg.provisioning.prefix, appservice::provisioning::router(&cfg.provisioning.shared_secret, api));
+        app = app.nest(
+            &cfg.provisioning.prefix,
+            appservice::provisioning::router(&cfg.provisioning.shared_secret, api),
+        );
         tracing::info!(prefix = %cfg.provisioning.prefix, "provisioning API enabled");
     }
     let mut rx = shutdown_rx.clone();
@@ -285,7 +358,13 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
         });
     }
 
-    let worker = QueueWorker { store: txn_store, key: queue_key, notify, handler: bridge.clone(), metrics };
+    let worker = QueueWorker {
+        store: txn_store,
+        key: queue_key,
+        notify,
+        handler: bridge.clone(),
+        metrics,
+    };
     let worker = tokio::spawn(worker.run(shutdown_rx.clone()));
 
     tokio::select! {
@@ -333,17 +412,23 @@ async fn startup_checks(cfg: &Config, hs: &HomeserverClient) -> anyhow::Result<(
         }
         Err(e) => bail!("cannot register the bot user: {e}"),
     }
-    if let Err(e) = hs.set_displayname(&bot_user, &cfg.appservice.bot.displayname).await {
+    if let Err(e) = hs
+        .set_displayname(&bot_user, &cfg.appservice.bot.displayname)
+        .await
+    {
         tracing::warn!(error = %e, "cannot set the bot's display name");
     }
     let avatar = ruma::OwnedMxcUri::from(cfg.appservice.bot.avatar.as_str());
-    if avatar.is_valid() {
-        if let Err(e) = hs.set_avatar(&bot_user, avatar).await {
-            tracing::warn!(error = %e, "cannot set the bot's avatar");
-        }
+    if avatar.is_valid()
+        && let Err(e) = hs.set_avatar(&bot_user, avatar).await
+    {
+        tracing::warn!(error = %e, "cannot set the bot's avatar");
     }
     match hs.ping_appservice(&cfg.appservice.id).await {
-        Ok(d) => tracing::info!(round_trip_ms = d.as_millis() as u64, "homeserver reached the bridge"),
+        Ok(d) => tracing::info!(
+            round_trip_ms = d.as_millis() as u64,
+            "homeserver reached the bridge"
+        ),
         Err(e) => explain_ping_failure(cfg, &e)?,
     }
     Ok(())
@@ -368,7 +453,9 @@ fn explain_ping_failure(cfg: &Config, e: &MatrixError) -> anyhow::Result<()> {
              loaded registration",
             cfg.appservice.id
         ),
-        Some("M_URL_NOT_SET") => bail!("the registration has no url: set appservice.address and regenerate it"),
+        Some("M_URL_NOT_SET") => {
+            bail!("the registration has no url: set appservice.address and regenerate it")
+        }
         _ => {
             tracing::warn!(error = %e, "the homeserver does not support the appservice ping; skipping the check");
             Ok(())

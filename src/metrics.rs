@@ -39,17 +39,34 @@ impl Metrics {
         let events = Family::<EventLabels, Counter>::default();
         let errors = Counter::default();
         let auth_failures = Counter::default();
-        let transaction_seconds =
-            Histogram::new([0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]);
-        registry.register("appservice_transactions", "Appservice transactions applied", transactions.clone());
+        let transaction_seconds = Histogram::new([
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        ]);
+        registry.register(
+            "appservice_transactions",
+            "Appservice transactions applied",
+            transactions.clone(),
+        );
         registry.register(
             "appservice_duplicate_transactions",
             "Retried appservice transactions that were already applied",
             duplicate_transactions.clone(),
         );
-        registry.register("appservice_events", "Events received from the homeserver, by kind", events.clone());
-        registry.register("errors", "Events or messages that failed to bridge", errors.clone());
-        registry.register("appservice_auth_failures", "Requests with a wrong hs_token", auth_failures.clone());
+        registry.register(
+            "appservice_events",
+            "Events received from the homeserver, by kind",
+            events.clone(),
+        );
+        registry.register(
+            "errors",
+            "Events or messages that failed to bridge",
+            errors.clone(),
+        );
+        registry.register(
+            "appservice_auth_failures",
+            "Requests with a wrong hs_token",
+            auth_failures.clone(),
+        );
         registry.register(
             "appservice_transaction_seconds",
             "Time to record and acknowledge a transaction",
@@ -81,7 +98,10 @@ impl Metrics {
                 let me = me.clone();
                 async move {
                     (
-                        [(http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                        [(
+                            http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
                         me.render(),
                     )
                 }

@@ -30,9 +30,15 @@ struct Registration<'a> {
     #[serde(rename = "de.sorunome.msc2409.push_ephemeral")]
     push_ephemeral_unstable: bool,
     push_ephemeral: bool,
-    #[serde(rename = "org.matrix.msc3202", skip_serializing_if = "std::ops::Not::not")]
+    #[serde(
+        rename = "org.matrix.msc3202",
+        skip_serializing_if = "std::ops::Not::not"
+    )]
     msc3202: bool,
-    #[serde(rename = "io.element.msc4190", skip_serializing_if = "std::ops::Not::not")]
+    #[serde(
+        rename = "io.element.msc4190",
+        skip_serializing_if = "std::ops::Not::not"
+    )]
     msc4190: bool,
     namespaces: Namespaces,
     protocols: Vec<&'a str>,
@@ -40,12 +46,20 @@ struct Registration<'a> {
 
 /// A fresh random token.
 pub fn random_token() -> String {
-    rand::rng().sample_iter(&Alphanumeric).take(64).map(char::from).collect()
+    rand::rng()
+        .sample_iter(&Alphanumeric)
+        .take(64)
+        .map(char::from)
+        .collect()
 }
 
 /// The registration YAML for `cfg` (whose tokens must already be set).
 pub fn registration_yaml(cfg: &Config) -> String {
-    let bot_regex = format!("@{}:{}", regex::escape(&cfg.appservice.bot.username), regex::escape(&cfg.homeserver.domain));
+    let bot_regex = format!(
+        "@{}:{}",
+        regex::escape(&cfg.appservice.bot.username),
+        regex::escape(&cfg.homeserver.domain)
+    );
     let reg = Registration {
         id: &cfg.appservice.id,
         url: &cfg.appservice.address,
@@ -60,8 +74,14 @@ pub fn registration_yaml(cfg: &Config) -> String {
         msc4190: cfg.encryption.msc4190,
         namespaces: Namespaces {
             users: vec![
-                Namespace { regex: cfg.ghost_regex(), exclusive: true },
-                Namespace { regex: bot_regex, exclusive: true },
+                Namespace {
+                    regex: cfg.ghost_regex(),
+                    exclusive: true,
+                },
+                Namespace {
+                    regex: bot_regex,
+                    exclusive: true,
+                },
             ],
             aliases: vec![],
             rooms: vec![],
@@ -72,7 +92,11 @@ pub fn registration_yaml(cfg: &Config) -> String {
 }
 
 /// Replaces the values of `as_token` and `hs_token` in a config file's text, keeping comments.
-pub fn write_tokens_into(config_text: &str, as_token: &str, hs_token: &str) -> Result<String, String> {
+pub fn write_tokens_into(
+    config_text: &str,
+    as_token: &str,
+    hs_token: &str,
+) -> Result<String, String> {
     let mut out = String::with_capacity(config_text.len());
     let (mut seen_as, mut seen_hs) = (false, false);
     for line in config_text.split_inclusive('\n') {
@@ -90,7 +114,9 @@ pub fn write_tokens_into(config_text: &str, as_token: &str, hs_token: &str) -> R
         }
     }
     if !seen_as || !seen_hs {
-        return Err("the config has no appservice.as_token / appservice.hs_token lines to fill in".into());
+        return Err(
+            "the config has no appservice.as_token / appservice.hs_token lines to fill in".into(),
+        );
     }
     Ok(out)
 }
@@ -104,9 +130,15 @@ mod tests {
     fn tokens_are_written_back_and_registration_is_complete() {
         let (a, h) = (random_token(), random_token());
         assert_ne!(a, h);
-        let example = EXAMPLE_CONFIG.replace("gateway_public_key: \"\"", "gateway_public_key: \"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\"");
+        let example = EXAMPLE_CONFIG.replace(
+            "gateway_public_key: \"\"",
+            "gateway_public_key: \"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\"",
+        );
         let text = write_tokens_into(&example, &a, &h).expect("writes");
-        assert!(text.contains("# matrix-interop-bridge configuration."), "comments kept");
+        assert!(
+            text.contains("# matrix-interop-bridge configuration."),
+            "comments kept"
+        );
         let cfg = Config::from_yaml(&text).expect("valid after tokens");
         assert_eq!(cfg.appservice.as_token, a);
         let reg: serde_yaml::Value = serde_yaml::from_str(&registration_yaml(&cfg)).expect("yaml");
@@ -117,7 +149,13 @@ mod tests {
         assert_eq!(reg["io.element.msc4190"].as_bool(), Some(true));
         assert_eq!(reg["org.matrix.msc3202"].as_bool(), Some(true));
         assert_eq!(reg["sender_localpart"].as_str(), Some("interopbot"));
-        assert_eq!(reg["namespaces"]["users"][0]["exclusive"].as_bool(), Some(true));
-        assert_eq!(reg["namespaces"]["users"][0]["regex"].as_str(), Some("@interop_.+:example\\.org"));
+        assert_eq!(
+            reg["namespaces"]["users"][0]["exclusive"].as_bool(),
+            Some(true)
+        );
+        assert_eq!(
+            reg["namespaces"]["users"][0]["regex"].as_str(),
+            Some("@interop_.+:example\\.org")
+        );
     }
 }

@@ -46,15 +46,31 @@ async fn setup() -> (axum::Router, SqlStore, tempfile::TempDir) {
     (router(state, 64 * 1024), store, dir)
 }
 
-async fn call(app: &axum::Router, method: &str, uri: &str, token: Option<&str>, body: impl Into<Body>) -> (u16, Value) {
-    let mut req = Request::builder().method(method).uri(uri).header("content-type", "application/json");
+async fn call(
+    app: &axum::Router,
+    method: &str,
+    uri: &str,
+    token: Option<&str>,
+    body: impl Into<Body>,
+) -> (u16, Value) {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("content-type", "application/json");
     if let Some(t) = token {
         req = req.header("authorization", format!("Bearer {t}"));
     }
-    let resp = app.clone().oneshot(req.body(body.into()).expect("request")).await.expect("infallible");
+    let resp = app
+        .clone()
+        .oneshot(req.body(body.into()).expect("request"))
+        .await
+        .expect("infallible");
     let status = resp.status().as_u16();
     let bytes = resp.into_body().collect().await.expect("body").to_bytes();
-    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
 }
 
 fn txn_body(text: &str) -> String {
@@ -91,9 +107,23 @@ async fn tokens_are_checked() {
     assert_eq!(status, 403);
     assert_eq!(body["errcode"], "M_FORBIDDEN");
     // The deprecated query parameter works too.
-    let (status, _) = call(&app, "PUT", &format!("{uri}?access_token={HS_TOKEN}"), None, txn_body("x")).await;
+    let (status, _) = call(
+        &app,
+        "PUT",
+        &format!("{uri}?access_token={HS_TOKEN}"),
+        None,
+        txn_body("x"),
+    )
+    .await;
     assert_eq!(status, 200);
-    let (status, _) = call(&app, "GET", "/_matrix/app/v1/users/@interopbot:example.org", Some("nope"), "").await;
+    let (status, _) = call(
+        &app,
+        "GET",
+        "/_matrix/app/v1/users/@interopbot:example.org",
+        Some("nope"),
+        "",
+    )
+    .await;
     assert_eq!(status, 403);
     assert_eq!(store.queued_events(100).await.expect("queue").len(), 2);
 }
@@ -103,14 +133,26 @@ async fn bad_bodies_get_matrix_errors() {
     let (app, store, _d) = setup().await;
     let uri = "/_matrix/app/v1/transactions/7";
     let (status, body) = call(&app, "PUT", uri, Some(HS_TOKEN), "{not json").await;
-    assert_eq!((status, body["errcode"].as_str()), (400, Some("M_NOT_JSON")));
+    assert_eq!(
+        (status, body["errcode"].as_str()),
+        (400, Some("M_NOT_JSON"))
+    );
     let (status, body) = call(&app, "PUT", uri, Some(HS_TOKEN), r#"{"events": 5}"#).await;
-    assert_eq!((status, body["errcode"].as_str()), (400, Some("M_BAD_JSON")));
+    assert_eq!(
+        (status, body["errcode"].as_str()),
+        (400, Some("M_BAD_JSON"))
+    );
     let (status, body) = call(&app, "PUT", uri, Some(HS_TOKEN), "[1,2]").await;
-    assert_eq!((status, body["errcode"].as_str()), (400, Some("M_BAD_JSON")));
+    assert_eq!(
+        (status, body["errcode"].as_str()),
+        (400, Some("M_BAD_JSON"))
+    );
     let huge = format!(r#"{{"events": [], "pad": "{}"}}"#, "x".repeat(100 * 1024));
     let (status, body) = call(&app, "PUT", uri, Some(HS_TOKEN), huge).await;
-    assert_eq!((status, body["errcode"].as_str()), (413, Some("M_TOO_LARGE")));
+    assert_eq!(
+        (status, body["errcode"].as_str()),
+        (413, Some("M_TOO_LARGE"))
+    );
     assert!(store.queued_events(100).await.expect("queue").is_empty());
     // Nothing was recorded, so the same id with a good body is still applied.
     let (status, _) = call(&app, "PUT", uri, Some(HS_TOKEN), txn_body("ok")).await;
@@ -121,22 +163,78 @@ async fn bad_bodies_get_matrix_errors() {
 #[tokio::test]
 async fn queries_ping_and_unknown_routes() {
     let (app, _store, _d) = setup().await;
-    let (s, _) = call(&app, "GET", "/_matrix/app/v1/users/@interopbot:example.org", Some(HS_TOKEN), "").await;
+    let (s, _) = call(
+        &app,
+        "GET",
+        "/_matrix/app/v1/users/@interopbot:example.org",
+        Some(HS_TOKEN),
+        "",
+    )
+    .await;
     assert_eq!(s, 200);
-    let (s, b) = call(&app, "GET", "/_matrix/app/v1/users/@nobody:example.org", Some(HS_TOKEN), "").await;
+    let (s, b) = call(
+        &app,
+        "GET",
+        "/_matrix/app/v1/users/@nobody:example.org",
+        Some(HS_TOKEN),
+        "",
+    )
+    .await;
     assert_eq!((s, b["errcode"].as_str()), (404, Some("M_NOT_FOUND")));
-    let (s, b) = call(&app, "GET", "/_matrix/app/v1/rooms/%23x:example.org", Some(HS_TOKEN), "").await;
+    let (s, b) = call(
+        &app,
+        "GET",
+        "/_matrix/app/v1/rooms/%23x:example.org",
+        Some(HS_TOKEN),
+        "",
+    )
+    .await;
     assert_eq!((s, b["errcode"].as_str()), (404, Some("M_NOT_FOUND")));
-    let (s, b) = call(&app, "POST", "/_matrix/app/v1/ping", Some(HS_TOKEN), r#"{"transaction_id":"t"}"#).await;
+    let (s, b) = call(
+        &app,
+        "POST",
+        "/_matrix/app/v1/ping",
+        Some(HS_TOKEN),
+        r#"{"transaction_id":"t"}"#,
+    )
+    .await;
     assert_eq!((s, b), (200, json!({})));
-    let (s, b) = call(&app, "GET", "/_matrix/app/v1/thirdparty/protocol/interop", Some(HS_TOKEN), "").await;
+    let (s, b) = call(
+        &app,
+        "GET",
+        "/_matrix/app/v1/thirdparty/protocol/interop",
+        Some(HS_TOKEN),
+        "",
+    )
+    .await;
     assert_eq!(s, 200);
     assert!(b["user_fields"].is_array());
-    let (s, _) = call(&app, "GET", "/_matrix/app/v1/thirdparty/protocol/other", Some(HS_TOKEN), "").await;
+    let (s, _) = call(
+        &app,
+        "GET",
+        "/_matrix/app/v1/thirdparty/protocol/other",
+        Some(HS_TOKEN),
+        "",
+    )
+    .await;
     assert_eq!(s, 404);
-    let (s, b) = call(&app, "GET", "/_matrix/app/v1/thirdparty/user/interop?phone=%2B1555", Some(HS_TOKEN), "").await;
+    let (s, b) = call(
+        &app,
+        "GET",
+        "/_matrix/app/v1/thirdparty/user/interop?phone=%2B1555",
+        Some(HS_TOKEN),
+        "",
+    )
+    .await;
     assert_eq!((s, b), (200, json!([])));
-    let (s, b) = call(&app, "GET", "/_matrix/app/v1/thirdparty/location?alias=%23a:b", Some(HS_TOKEN), "").await;
+    let (s, b) = call(
+        &app,
+        "GET",
+        "/_matrix/app/v1/thirdparty/location?alias=%23a:b",
+        Some(HS_TOKEN),
+        "",
+    )
+    .await;
     assert_eq!((s, b), (200, json!([])));
     let (s, b) = call(&app, "GET", "/_matrix/app/v1/nonsense", Some(HS_TOKEN), "").await;
     assert_eq!((s, b["errcode"].as_str()), (404, Some("M_UNRECOGNIZED")));
@@ -152,11 +250,21 @@ async fn queries_ping_and_unknown_routes() {
 async fn queued_events_hold_no_plaintext() {
     let (app, store, dir) = setup().await;
     let secret = "a-very-distinctive-message-body-4711";
-    let (s, _) = call(&app, "PUT", "/_matrix/app/v1/transactions/9", Some(HS_TOKEN), txn_body(secret)).await;
+    let (s, _) = call(
+        &app,
+        "PUT",
+        "/_matrix/app/v1/transactions/9",
+        Some(HS_TOKEN),
+        txn_body(secret),
+    )
+    .await;
     assert_eq!(s, 200);
     store.close().await;
     for entry in std::fs::read_dir(dir.path()).expect("dir") {
         let bytes = std::fs::read(entry.expect("entry").path()).expect("read");
-        assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()), "plaintext found in the database files");
+        assert!(
+            !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "plaintext found in the database files"
+        );
     }
 }

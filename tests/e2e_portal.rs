@@ -41,14 +41,29 @@ impl Env {
         );
         let synapse = Synapse::start(&tmp.path().join("hs"), &setup.registration).await;
         let cfg = std::fs::read_to_string(&setup.config).expect("config");
-        std::fs::write(&setup.config, cfg.replace("http://127.0.0.1:8008", &synapse.url)).expect("config");
+        std::fs::write(
+            &setup.config,
+            cfg.replace("http://127.0.0.1:8008", &synapse.url),
+        )
+        .expect("config");
         let bridge = setup.start().await;
-        Self { bridge, synapse, gw, setup, _tmp: tmp }
+        Self {
+            bridge,
+            synapse,
+            gw,
+            setup,
+            _tmp: tmp,
+        }
     }
 
     fn node(&self) -> NodeContact {
         let mut n = NodeContact::spawn();
-        n.setup(self.gw.port, &B64.encode(&self.gw.addr.public_key), &random_account(), CODE);
+        n.setup(
+            self.gw.port,
+            &B64.encode(&self.gw.addr.public_key),
+            &random_account(),
+            CODE,
+        );
         n
     }
 }
@@ -60,21 +75,27 @@ fn from_bot(needle: &str) -> impl Fn(&Value) -> bool + '_ {
 /// Logs `user` in through the bot; returns (management room, account).
 async fn login(user: &MatrixUser) -> (String, String) {
     let mgmt = user.create_dm(BOT).await;
-    user.wait_for(&mgmt, "welcome", from_bot("management room")).await;
+    user.wait_for(&mgmt, "welcome", from_bot("management room"))
+        .await;
     let account = random_account();
     user.send_text(&mgmt, &format!("login {account}")).await;
-    user.wait_for(&mgmt, "code prompt", from_bot("verification code was sent")).await;
+    user.wait_for(&mgmt, "code prompt", from_bot("verification code was sent"))
+        .await;
     user.send_text(&mgmt, "000000").await;
-    user.wait_for(&mgmt, "wrong code", from_bot("code is wrong")).await;
+    user.wait_for(&mgmt, "wrong code", from_bot("code is wrong"))
+        .await;
     user.send_text(&mgmt, CODE).await;
-    user.wait_for(&mgmt, "logged in", from_bot("Logged in as")).await;
+    user.wait_for(&mgmt, "logged in", from_bot("Logged in as"))
+        .await;
     (mgmt, account)
 }
 
 /// Opens a DM portal with `contact` and joins it.
 async fn start_chat(user: &MatrixUser, mgmt: &str, contact: &str) -> String {
     user.send_text(mgmt, &format!("start-chat {contact}")).await;
-    let ev = user.wait_for(mgmt, "portal link", from_bot("Your chat with")).await;
+    let ev = user
+        .wait_for(mgmt, "portal link", from_bot("Your chat with"))
+        .await;
     let body = ev["content"]["body"].as_str().expect("body");
     let room = body.rsplit("/#/").next().expect("room").to_owned();
     user.join(&room).await;
@@ -91,16 +112,27 @@ async fn dm_messages_both_ways() {
     let alice = env.synapse.user("alice").await;
     let (mgmt, my_account) = login(&alice).await;
     let mut node = env.node();
-    let ghost = format!("@interop_{}:localhost", node.account.trim_start_matches('+'));
+    let ghost = format!(
+        "@interop_{}:localhost",
+        node.account.trim_start_matches('+')
+    );
     let room = start_chat(&alice, &mgmt, &node.account).await;
     alice.send_text(&mgmt, "whoami").await;
-    alice.wait_for(&mgmt, "whoami with login", from_bot(&format!("logged in as {my_account}"))).await;
+    alice
+        .wait_for(
+            &mgmt,
+            "whoami with login",
+            from_bot(&format!("logged in as {my_account}")),
+        )
+        .await;
 
     // Text with formatting, Matrix → interop.
     let e1 = alice
         .send(&room, "m.room.message", json!({"msgtype": "m.text", "body": "hello bold", "format": "org.matrix.custom.html", "formatted_body": "hello <b>bold</b>"}))
         .await;
-    let m1 = node.event("formatted text", |v| v["event"] == "message" && v["content"]["text"]["body"] == "hello bold");
+    let m1 = node.event("formatted text", |v| {
+        v["event"] == "message" && v["content"]["text"]["body"] == "hello bold"
+    });
     assert_eq!(m1["content"]["text"]["formats"][0]["style"], "BOLD", "{m1}");
     let m1_id = m1["message_id"].as_str().expect("id").to_owned();
 
@@ -108,104 +140,220 @@ async fn dm_messages_both_ways() {
     let sent = node.call(json!({"cmd": "send", "to": my_account, "content": {
         "text": {"body": "hi alice", "formats": [{"style": "ITALIC", "start": 3, "length": 5}]},
         "reply_to": {"message_id": m1_id, "author": my_account}}}));
-    let r = alice.wait_for(&room, "reply from ghost", by(&ghost, |e| e["content"]["body"] == "hi alice")).await;
+    let r = alice
+        .wait_for(
+            &room,
+            "reply from ghost",
+            by(&ghost, |e| e["content"]["body"] == "hi alice"),
+        )
+        .await;
     assert_eq!(r["content"]["formatted_body"], "hi <em>alice</em>");
-    assert_eq!(r["content"]["m.relates_to"]["m.in_reply_to"]["event_id"], json!(e1));
+    assert_eq!(
+        r["content"]["m.relates_to"]["m.in_reply_to"]["event_id"],
+        json!(e1)
+    );
     let r_id = r["event_id"].as_str().expect("id").to_owned();
     let n1_id = sent["message_id"].as_str().expect("id").to_owned();
 
     // Reply Matrix → interop.
     alice.send(&room, "m.room.message", json!({"msgtype": "m.text", "body": "a reply", "m.relates_to": {"m.in_reply_to": {"event_id": r_id}}})).await;
-    let m = node.event("reply", |v| v["event"] == "message" && v["content"]["text"]["body"] == "a reply");
+    let m = node.event("reply", |v| {
+        v["event"] == "message" && v["content"]["text"]["body"] == "a reply"
+    });
     assert_eq!(m["content"]["reply_to"]["message_id"], json!(n1_id), "{m}");
 
     // Edits both ways.
     alice.send(&room, "m.room.message", json!({"msgtype": "m.text", "body": "* hello edited", "m.new_content": {"msgtype": "m.text", "body": "hello edited"}, "m.relates_to": {"rel_type": "m.replace", "event_id": e1}})).await;
-    let m = node.event("edit", |v| v["event"] == "message" && v["content"]["edit"].is_object());
+    let m = node.event("edit", |v| {
+        v["event"] == "message" && v["content"]["edit"].is_object()
+    });
     assert_eq!(m["content"]["edit"]["target"], json!(m1_id));
     assert_eq!(m["content"]["edit"]["text"]["body"], "hello edited");
     node.call(json!({"cmd": "send", "to": my_account, "content": {"edit": {"target": n1_id, "text": {"body": "hi alice (edited)"}}}}));
-    let ed = alice.wait_for(&room, "edit from ghost", by(&ghost, |e| e["content"]["m.relates_to"]["rel_type"] == "m.replace")).await;
+    let ed = alice
+        .wait_for(
+            &room,
+            "edit from ghost",
+            by(&ghost, |e| {
+                e["content"]["m.relates_to"]["rel_type"] == "m.replace"
+            }),
+        )
+        .await;
     assert_eq!(ed["content"]["m.relates_to"]["event_id"], json!(r_id));
     assert_eq!(ed["content"]["m.new_content"]["body"], "hi alice (edited)");
 
     // Reactions both ways, and removing one.
-    let react = alice.send(&room, "m.reaction", json!({"m.relates_to": {"rel_type": "m.annotation", "event_id": r_id, "key": "👍"}})).await;
-    let m = node.event("reaction", |v| v["event"] == "message" && v["content"]["reaction"].is_object());
+    let react = alice
+        .send(
+            &room,
+            "m.reaction",
+            json!({"m.relates_to": {"rel_type": "m.annotation", "event_id": r_id, "key": "👍"}}),
+        )
+        .await;
+    let m = node.event("reaction", |v| {
+        v["event"] == "message" && v["content"]["reaction"].is_object()
+    });
     assert_eq!(m["content"]["reaction"]["emoji"], "👍");
     assert_eq!(m["content"]["reaction"]["target"], json!(n1_id));
     alice.redact(&room, &react).await;
-    let m = node.event("reaction removed", |v| v["event"] == "message" && v["content"]["reaction"]["remove"] == true);
+    let m = node.event("reaction removed", |v| {
+        v["event"] == "message" && v["content"]["reaction"]["remove"] == true
+    });
     assert_eq!(m["content"]["reaction"]["emoji"], "👍");
     node.call(json!({"cmd": "send", "to": my_account, "content": {"reaction": {"target": m1_id, "emoji": "❤️", "target_author": my_account}}}));
-    let re = alice.wait_for(&room, "reaction from ghost", by(&ghost, |e| e["type"] == "m.reaction")).await;
+    let re = alice
+        .wait_for(
+            &room,
+            "reaction from ghost",
+            by(&ghost, |e| e["type"] == "m.reaction"),
+        )
+        .await;
     assert_eq!(re["content"]["m.relates_to"]["event_id"], json!(e1));
     assert_eq!(re["content"]["m.relates_to"]["key"], "❤️");
 
     // Deletions both ways.
     let doomed = alice.send_text(&room, "to be deleted").await;
-    let m = node.event("doomed", |v| v["event"] == "message" && v["content"]["text"]["body"] == "to be deleted");
+    let m = node.event("doomed", |v| {
+        v["event"] == "message" && v["content"]["text"]["body"] == "to be deleted"
+    });
     let doomed_id = m["message_id"].as_str().expect("id").to_owned();
     alice.redact(&room, &doomed).await;
-    let m = node.event("delete", |v| v["event"] == "message" && v["content"]["delete"].is_object());
+    let m = node.event("delete", |v| {
+        v["event"] == "message" && v["content"]["delete"].is_object()
+    });
     assert_eq!(m["content"]["delete"]["target"], json!(doomed_id));
     let s = node.call(json!({"cmd": "send", "to": my_account, "content": "oops"}));
-    let oops = alice.wait_for(&room, "oops", by(&ghost, |e| e["content"]["body"] == "oops")).await;
+    let oops = alice
+        .wait_for(
+            &room,
+            "oops",
+            by(&ghost, |e| e["content"]["body"] == "oops"),
+        )
+        .await;
     node.call(json!({"cmd": "send", "to": my_account, "content": {"delete": {"target": s["message_id"]}}}));
     let oops_id = oops["event_id"].as_str().expect("id").to_owned();
-    alice.wait_for(&room, "redaction of oops", |e| e["event_id"] == json!(oops_id) && e["content"].as_object().is_some_and(|c| c.is_empty())).await;
+    alice
+        .wait_for(&room, "redaction of oops", |e| {
+            e["event_id"] == json!(oops_id)
+                && e["content"].as_object().is_some_and(|c| c.is_empty())
+        })
+        .await;
 
     // Read receipts both ways (delivery receipts are not shown on Matrix).
     alice.read_receipt(&room, &r_id).await;
-    let m = node.event("read receipt", |v| v["event"] == "receipt" && v["type"] == "READ");
+    let m = node.event("read receipt", |v| {
+        v["event"] == "receipt" && v["type"] == "READ"
+    });
     assert_eq!(m["message_ids"][0], json!(n1_id));
     node.call(json!({"cmd": "receipt", "to": my_account, "type": "READ", "message_ids": [m1_id]}));
-    wait_ephemeral(&alice, &room, "ghost read receipt", |e| e["type"] == "m.receipt" && e["content"][&e1]["m.read"].get(&ghost).is_some()).await;
+    wait_ephemeral(&alice, &room, "ghost read receipt", |e| {
+        e["type"] == "m.receipt" && e["content"][&e1]["m.read"].get(&ghost).is_some()
+    })
+    .await;
 
     // Typing both ways.
     alice.typing(&room, true).await;
     node.event("typing", |v| v["event"] == "typing" && v["typing"] == true);
     node.call(json!({"cmd": "typing", "to": my_account, "typing": true}));
-    wait_ephemeral(&alice, &room, "ghost typing", |e| e["type"] == "m.typing" && e["content"]["user_ids"].as_array().is_some_and(|u| u.contains(&json!(ghost)))).await;
+    wait_ephemeral(&alice, &room, "ghost typing", |e| {
+        e["type"] == "m.typing"
+            && e["content"]["user_ids"]
+                .as_array()
+                .is_some_and(|u| u.contains(&json!(ghost)))
+    })
+    .await;
 
     // Media both ways: an image with its metadata, a voice message, a file.
     let png: Vec<u8> = (0..5000u32).map(|i| (i % 256) as u8).collect();
     let mxc = alice.upload(png.clone(), "image/png").await;
     alice.send(&room, "m.room.message", json!({"msgtype": "m.image", "body": "picture.png", "url": mxc, "info": {"mimetype": "image/png", "size": png.len(), "w": 40, "h": 30}})).await;
-    let m = node.event("image", |v| v["event"] == "message" && v["content"]["media"].is_object());
+    let m = node.event("image", |v| {
+        v["event"] == "message" && v["content"]["media"].is_object()
+    });
     assert_eq!(m["content"]["media"]["type"], "IMAGE");
     assert_eq!(m["content"]["media"]["width"], 40);
     assert_eq!(m["content"]["media"]["mimetype"], "image/png");
     let d = node.call(json!({"cmd": "download_media", "media": m["content"]["media"]}));
-    assert_eq!(B64.decode(d["bytes_b64"].as_str().expect("b64")).expect("b64"), png);
+    assert_eq!(
+        B64.decode(d["bytes_b64"].as_str().expect("b64"))
+            .expect("b64"),
+        png
+    );
 
     let ogg = b"OggS voice bytes".to_vec();
     let up = node.call(json!({"cmd": "upload_media", "bytes_b64": B64.encode(&ogg), "mimetype": "audio/ogg", "type": "VOICE", "duration_ms": 3000}));
     node.call(json!({"cmd": "send", "to": my_account, "content": {"media": up["media"]}}));
-    let v = alice.wait_for(&room, "voice", by(&ghost, |e| e["content"]["msgtype"] == "m.audio")).await;
-    assert!(v["content"].get("org.matrix.msc3245.voice").is_some(), "{v}");
+    let v = alice
+        .wait_for(
+            &room,
+            "voice",
+            by(&ghost, |e| e["content"]["msgtype"] == "m.audio"),
+        )
+        .await;
+    assert!(
+        v["content"].get("org.matrix.msc3245.voice").is_some(),
+        "{v}"
+    );
     assert_eq!(v["content"]["info"]["duration"], 3000);
-    assert_eq!(alice.download(v["content"]["url"].as_str().expect("url")).await, ogg);
+    assert_eq!(
+        alice
+            .download(v["content"]["url"].as_str().expect("url"))
+            .await,
+        ogg
+    );
 
     let pdf = b"%PDF-1.4 tiny".to_vec();
     let up = node.call(json!({"cmd": "upload_media", "bytes_b64": B64.encode(&pdf), "mimetype": "application/pdf", "type": "FILE", "filename": "doc.pdf", "caption": {"body": "the doc"}}));
     node.call(json!({"cmd": "send", "to": my_account, "content": {"media": up["media"]}}));
-    let f = alice.wait_for(&room, "file", by(&ghost, |e| e["content"]["msgtype"] == "m.file")).await;
+    let f = alice
+        .wait_for(
+            &room,
+            "file",
+            by(&ghost, |e| e["content"]["msgtype"] == "m.file"),
+        )
+        .await;
     assert_eq!(f["content"]["filename"], "doc.pdf");
     assert_eq!(f["content"]["body"], "the doc");
 
     // Location and contact card.
     node.call(json!({"cmd": "send", "to": my_account, "content": {"location": {"latitude": 52.5, "longitude": 13.4, "name": "Berlin"}}}));
-    let l = alice.wait_for(&room, "location", by(&ghost, |e| e["content"]["msgtype"] == "m.location")).await;
+    let l = alice
+        .wait_for(
+            &room,
+            "location",
+            by(&ghost, |e| e["content"]["msgtype"] == "m.location"),
+        )
+        .await;
     assert_eq!(l["content"]["geo_uri"], "geo:52.5,13.4");
-    alice.send(&room, "m.room.message", json!({"msgtype": "m.location", "body": "Home", "geo_uri": "geo:48.1,11.5"})).await;
-    let m = node.event("location", |v| v["event"] == "message" && v["content"]["location"].is_object());
+    alice
+        .send(
+            &room,
+            "m.room.message",
+            json!({"msgtype": "m.location", "body": "Home", "geo_uri": "geo:48.1,11.5"}),
+        )
+        .await;
+    let m = node.event("location", |v| {
+        v["event"] == "message" && v["content"]["location"].is_object()
+    });
     assert_eq!(m["content"]["location"]["latitude"], 48.1);
     node.call(json!({"cmd": "send", "to": my_account, "content": {"contact": {"display_name": "Carol", "phone_numbers": ["+15550009999"]}}}));
-    alice.wait_for(&room, "contact", by(&ghost, |e| e["content"]["body"].as_str().is_some_and(|b| b.contains("Carol") && b.contains("+15550009999")))).await;
+    alice
+        .wait_for(
+            &room,
+            "contact",
+            by(&ghost, |e| {
+                e["content"]["body"]
+                    .as_str()
+                    .is_some_and(|b| b.contains("Carol") && b.contains("+15550009999"))
+            }),
+        )
+        .await;
 
     let log = std::fs::read_to_string(&env.bridge.log).expect("log");
-    assert!(!log.contains("hello bold") && !log.contains("hi alice"), "message bodies must not reach the log");
+    assert!(
+        !log.contains("hello bold") && !log.contains("hi alice"),
+        "message bodies must not reach the log"
+    );
 }
 
 async fn wait_ephemeral(user: &MatrixUser, room: &str, what: &str, pred: impl Fn(&Value) -> bool) {
@@ -214,7 +362,11 @@ async fn wait_ephemeral(user: &MatrixUser, room: &str, what: &str, pred: impl Fn
         if user.ephemeral(room).await.iter().any(&pred) {
             return;
         }
-        assert!(start.elapsed() < Duration::from_secs(30), "timed out waiting for {what}: {:?}", user.ephemeral(room).await);
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}: {:?}",
+            user.ephemeral(room).await
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -229,37 +381,70 @@ async fn groups_both_ways() {
     let g1 = format!("@interop_{}:localhost", n1.account.trim_start_matches('+'));
 
     // A group made on the interop side appears as a room with ghost members.
-    let g = n1.call(json!({"cmd": "create_group", "name": "Hiking", "members": [my_account, n2.account]}));
+    let g = n1.call(
+        json!({"cmd": "create_group", "name": "Hiking", "members": [my_account, n2.account]}),
+    );
     let gid = g["group"]["id"].as_str().expect("id").to_owned();
     let room = alice.wait_invite(&[&mgmt]).await;
     alice.join(&room).await;
     n1.call(json!({"cmd": "send_group", "group": gid, "content": "welcome to the group"}));
-    alice.wait_for(&room, "group message", by(&g1, |e| e["content"]["body"] == "welcome to the group")).await;
+    alice
+        .wait_for(
+            &room,
+            "group message",
+            by(&g1, |e| e["content"]["body"] == "welcome to the group"),
+        )
+        .await;
     alice.send_text(&room, "thanks all").await;
-    let m = n1.event("group message from alice", |v| v["event"] == "message" && v["content"]["text"]["body"] == "thanks all");
+    let m = n1.event("group message from alice", |v| {
+        v["event"] == "message" && v["content"]["text"]["body"] == "thanks all"
+    });
     assert_eq!(m["kind"], "GROUP");
     assert_eq!(m["group"], json!(gid));
-    n2.event("group message from alice", |v| v["event"] == "message" && v["content"]["text"]["body"] == "thanks all");
+    n2.event("group message from alice", |v| {
+        v["event"] == "message" && v["content"]["text"]["body"] == "thanks all"
+    });
 
     // Name changes and leaves come through.
     n1.call(json!({"cmd": "update_group", "group": gid, "name": "Hiking club"}));
-    alice.wait_for(&room, "rename", |e| e["type"] == "m.room.name" && e["content"]["name"] == "Hiking club").await;
+    alice
+        .wait_for(&room, "rename", |e| {
+            e["type"] == "m.room.name" && e["content"]["name"] == "Hiking club"
+        })
+        .await;
     n2.call(json!({"cmd": "update_group", "group": gid, "remove": [n2.account]}));
     let g2 = format!("@interop_{}:localhost", n2.account.trim_start_matches('+'));
     let start = std::time::Instant::now();
     while alice.joined_members(&room).await.contains(&g2) {
-        assert!(start.elapsed() < Duration::from_secs(30), "ghost did not leave");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "ghost did not leave"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
     // A group created from Matrix.
-    alice.send_text(&mgmt, &format!("create-group Book club {}", n1.account)).await;
-    let ev = alice.wait_for(&mgmt, "group created", from_bot("Group created")).await;
-    let room2 = ev["content"]["body"].as_str().expect("body").rsplit("/#/").next().expect("room").to_owned();
+    alice
+        .send_text(&mgmt, &format!("create-group Book club {}", n1.account))
+        .await;
+    let ev = alice
+        .wait_for(&mgmt, "group created", from_bot("Group created"))
+        .await;
+    let room2 = ev["content"]["body"]
+        .as_str()
+        .expect("body")
+        .rsplit("/#/")
+        .next()
+        .expect("room")
+        .to_owned();
     alice.join(&room2).await;
-    let upd = n1.event("group update", |v| v["event"] == "group_update" && v["group"]["name"] == "Book club");
+    let upd = n1.event("group update", |v| {
+        v["event"] == "group_update" && v["group"]["name"] == "Book club"
+    });
     alice.send_text(&room2, "first book?").await;
-    let m = n1.event("message in new group", |v| v["event"] == "message" && v["content"]["text"]["body"] == "first book?");
+    let m = n1.event("message in new group", |v| {
+        v["event"] == "message" && v["content"]["text"]["body"] == "first book?"
+    });
     assert_eq!(m["group"], upd["group"]["id"]);
 }
 
@@ -269,10 +454,19 @@ async fn restart_loses_and_duplicates_nothing() {
     let alice = env.synapse.user("alice").await;
     let (mgmt, my_account) = login(&alice).await;
     let mut node = env.node();
-    let ghost = format!("@interop_{}:localhost", node.account.trim_start_matches('+'));
+    let ghost = format!(
+        "@interop_{}:localhost",
+        node.account.trim_start_matches('+')
+    );
     let room = start_chat(&alice, &mgmt, &node.account).await;
     node.call(json!({"cmd": "send", "to": my_account, "content": "before restart"}));
-    alice.wait_for(&room, "before", by(&ghost, |e| e["content"]["body"] == "before restart")).await;
+    alice
+        .wait_for(
+            &room,
+            "before",
+            by(&ghost, |e| e["content"]["body"] == "before restart"),
+        )
+        .await;
 
     // The bridge goes down mid-conversation; the contact keeps writing.
     env.bridge.stop();
@@ -280,23 +474,58 @@ async fn restart_loses_and_duplicates_nothing() {
         node.call(json!({"cmd": "send", "to": my_account, "content": format!("while down {i}")}));
     }
     // Alice writes too: the homeserver queues it for the bridge.
-    alice.send_text(&room, "sent while the bridge was down").await;
+    alice
+        .send_text(&room, "sent while the bridge was down")
+        .await;
     env.bridge = env.setup.start().await;
     for i in 0..3 {
-        alice.wait_for(&room, "queued message", by(&ghost, move |e| e["content"]["body"] == json!(format!("while down {i}")))).await;
+        alice
+            .wait_for(
+                &room,
+                "queued message",
+                by(&ghost, move |e| {
+                    e["content"]["body"] == json!(format!("while down {i}"))
+                }),
+            )
+            .await;
     }
-    node.event("message sent during downtime", |v| v["event"] == "message" && v["content"]["text"]["body"] == "sent while the bridge was down");
+    node.event("message sent during downtime", |v| {
+        v["event"] == "message" && v["content"]["text"]["body"] == "sent while the bridge was down"
+    });
     alice.send_text(&room, "after restart").await;
-    node.event("after", |v| v["event"] == "message" && v["content"]["text"]["body"] == "after restart");
+    node.event("after", |v| {
+        v["event"] == "message" && v["content"]["text"]["body"] == "after restart"
+    });
     node.call(json!({"cmd": "send", "to": my_account, "content": "last"}));
-    alice.wait_for(&room, "last", by(&ghost, |e| e["content"]["body"] == "last")).await;
+    alice
+        .wait_for(
+            &room,
+            "last",
+            by(&ghost, |e| e["content"]["body"] == "last"),
+        )
+        .await;
     // Nothing twice.
     let msgs = alice.messages(&room).await;
     for i in 0..3 {
-        let n = msgs.iter().filter(|e| e["content"]["body"] == json!(format!("while down {i}"))).count();
+        let n = msgs
+            .iter()
+            .filter(|e| e["content"]["body"] == json!(format!("while down {i}")))
+            .count();
         assert_eq!(n, 1, "message {i} bridged {n} times");
     }
-    assert_eq!(msgs.iter().filter(|e| e["content"]["body"] == "before restart").count(), 1);
-    let dup = node.backlog.iter().filter(|v| v["content"]["text"]["body"] == "sent while the bridge was down").count();
-    assert_eq!(dup, 0, "the contact got the downtime message more than once");
+    assert_eq!(
+        msgs.iter()
+            .filter(|e| e["content"]["body"] == "before restart")
+            .count(),
+        1
+    );
+    let dup = node
+        .backlog
+        .iter()
+        .filter(|v| v["content"]["text"]["body"] == "sent while the bridge was down")
+        .count();
+    assert_eq!(
+        dup, 0,
+        "the contact got the downtime message more than once"
+    );
 }

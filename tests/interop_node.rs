@@ -15,18 +15,33 @@ use matrix_interop_bridge::{
 use serde_json::json;
 
 fn text(s: &str) -> DataMessage {
-    DataMessage { body: Some(D::Text(Text { body: s.into(), formats: vec![] })), reply_to: None }
+    DataMessage {
+        body: Some(D::Text(Text {
+            body: s.into(),
+            formats: vec![],
+        })),
+        reply_to: None,
+    }
 }
 
 fn body_of(e: &Event) -> Option<String> {
     match e {
-        Event::Message { data: DataMessage { body: Some(D::Text(t)), .. }, .. } => Some(t.body.clone()),
+        Event::Message {
+            data:
+                DataMessage {
+                    body: Some(D::Text(t)),
+                    ..
+                },
+            ..
+        } => Some(t.body.clone()),
         _ => None,
     }
 }
 
 fn node_text(v: &serde_json::Value) -> Option<&str> {
-    (v["event"] == "message").then(|| v["content"]["text"]["body"].as_str()).flatten()
+    (v["event"] == "message")
+        .then(|| v["content"]["text"]["body"].as_str())
+        .flatten()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -39,7 +54,8 @@ async fn official_libsignal_contact_both_directions() {
     let mut ours = register_ours(&rt, &gw.addr, &random_account()).await;
     let mut node = NodeContact::spawn();
     node.setup(gw.port, &key, &random_account(), CODE);
-    let sent = node.call(json!({"cmd": "send", "to": ours.account, "content": "hi from libsignal"}));
+    let sent =
+        node.call(json!({"cmd": "send", "to": ours.account, "content": "hi from libsignal"}));
     assert_eq!(sent["kind"], "PREKEY");
     assert_eq!(sent["pqxdh"], true, "{sent}");
     assert_eq!(sent["spqr"], true, "{sent}");
@@ -47,7 +63,14 @@ async fn official_libsignal_contact_both_directions() {
     assert_eq!(body_of(&got).as_deref(), Some("hi from libsignal"));
     // Several ratchet steps, alternating.
     for i in 0..4 {
-        ours.handle.send(Target::Account(node.account.clone()), format!("r{i}"), text(&format!("ours {i}"))).await.expect("send");
+        ours.handle
+            .send(
+                Target::Account(node.account.clone()),
+                format!("r{i}"),
+                text(&format!("ours {i}")),
+            )
+            .await
+            .expect("send");
         let ev = node.event("our reply", |v| node_text(v) == Some(&format!("ours {i}")));
         assert_eq!(ev["spqr"], true, "SPQR in use: {ev}");
         node.call(json!({"cmd": "send", "to": ours.account, "content": format!("theirs {i}")}));
@@ -58,47 +81,103 @@ async fn official_libsignal_contact_both_directions() {
     // We start the session from the contact's bundle.
     let mut node2 = NodeContact::spawn();
     node2.setup(gw.port, &key, &random_account(), CODE);
-    ours.handle.send(Target::Account(node2.account.clone()), "first".into(), text("we start")).await.expect("send");
+    ours.handle
+        .send(
+            Target::Account(node2.account.clone()),
+            "first".into(),
+            text("we start"),
+        )
+        .await
+        .expect("send");
     let ev = node2.event("our first message", |v| node_text(v) == Some("we start"));
     assert_eq!(ev["kind"], "PREKEY");
     assert_eq!(ev["spqr"], true, "{ev}");
     node2.call(json!({"cmd": "send", "to": ours.account, "content": "got it"}));
-    assert_eq!(body_of(&ours.wait(|e| body_of(e).is_some()).await).as_deref(), Some("got it"));
+    assert_eq!(
+        body_of(&ours.wait(|e| body_of(e).is_some()).await).as_deref(),
+        Some("got it")
+    );
 
     // Delayed delivery: several messages in a row without answers, read in order.
     for i in 0..5 {
         node2.call(json!({"cmd": "send", "to": ours.account, "content": format!("burst {i}")}));
     }
     for i in 0..5 {
-        assert_eq!(body_of(&ours.wait(|e| body_of(e).is_some()).await), Some(format!("burst {i}")));
+        assert_eq!(
+            body_of(&ours.wait(|e| body_of(e).is_some()).await),
+            Some(format!("burst {i}"))
+        );
     }
 
     // A group made by the contact: sender keys both ways.
-    let g = node.call(json!({"cmd": "create_group", "name": "mixed", "members": [ours.account, node2.account]}));
+    let g = node.call(
+        json!({"cmd": "create_group", "name": "mixed", "members": [ours.account, node2.account]}),
+    );
     let gid = g["group"]["id"].as_str().expect("group id").to_owned();
     ours.wait(|e| matches!(e, Event::GroupUpdate { .. })).await;
     node.call(json!({"cmd": "send_group", "group": gid, "content": "hello group"}));
     let got = ours.wait(|e| body_of(e).is_some()).await;
-    assert!(matches!(&got, Event::Message { group: Some(g), .. } if *g == gid), "{got:?}");
+    assert!(
+        matches!(&got, Event::Message { group: Some(g), .. } if *g == gid),
+        "{got:?}"
+    );
     assert_eq!(body_of(&got).as_deref(), Some("hello group"));
-    ours.handle.send(Target::Group(gid.clone()), "gm1".into(), text("ours to group")).await.expect("group send");
-    let ev = node.event("group message from us", |v| node_text(v) == Some("ours to group"));
+    ours.handle
+        .send(
+            Target::Group(gid.clone()),
+            "gm1".into(),
+            text("ours to group"),
+        )
+        .await
+        .expect("group send");
+    let ev = node.event("group message from us", |v| {
+        node_text(v) == Some("ours to group")
+    });
     assert_eq!(ev["kind"], "GROUP");
-    node2.event("group message from us", |v| node_text(v) == Some("ours to group"));
+    node2.event("group message from us", |v| {
+        node_text(v) == Some("ours to group")
+    });
 
     // Media from the contact is downloaded and checked by us.
     let png = vec![0x89u8, b'P', b'N', b'G', 1, 2, 3, 4, 5];
     let up = node.call(json!({"cmd": "upload_media", "bytes_b64": B64.encode(&png), "mimetype": "image/png", "type": "IMAGE"}));
     node.call(json!({"cmd": "send", "to": ours.account, "content": {"media": up["media"]}}));
-    let got = ours.wait(|e| matches!(e, Event::Message { data: DataMessage { body: Some(D::Media(_)), .. }, .. })).await;
-    let Event::Message { data: DataMessage { body: Some(D::Media(m)), .. }, .. } = got else { unreachable!() };
-    let bytes = ours.handle.download(m.blob, m.key, m.sha256).await.expect("download");
+    let got = ours
+        .wait(|e| {
+            matches!(
+                e,
+                Event::Message {
+                    data: DataMessage {
+                        body: Some(D::Media(_)),
+                        ..
+                    },
+                    ..
+                }
+            )
+        })
+        .await;
+    let Event::Message {
+        data: DataMessage {
+            body: Some(D::Media(m)),
+            ..
+        },
+        ..
+    } = got
+    else {
+        unreachable!()
+    };
+    let bytes = ours
+        .handle
+        .download(m.blob, m.key, m.sha256)
+        .await
+        .expect("download");
     assert_eq!(bytes, png);
 
     // Identity change: the contact resets its identity and starts over; we notice.
     node2.call(json!({"cmd": "reset_identity"}));
     node2.call(json!({"cmd": "send", "to": ours.account, "content": "new identity here"}));
-    ours.wait(|e| matches!(e, Event::IdentityChanged { peer } if *peer == node2.account)).await;
+    ours.wait(|e| matches!(e, Event::IdentityChanged { peer } if *peer == node2.account))
+        .await;
     let got = ours.wait(|e| body_of(e).is_some()).await;
     assert_eq!(body_of(&got).as_deref(), Some("new identity here"));
 }
@@ -121,22 +200,37 @@ async fn queued_messages_arrive_after_reconnect_and_restart() {
         node.call(json!({"cmd": "send", "to": ours.account, "content": format!("queued {i}")}));
     }
     // The account comes back from the vault (same keys and sessions) and gets them in order.
-    let db: std::sync::Arc<dyn matrix_interop_bridge::vault::VaultStore> = std::sync::Arc::new(ours.store.clone());
+    let db: std::sync::Arc<dyn matrix_interop_bridge::vault::VaultStore> =
+        std::sync::Arc::new(ours.store.clone());
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     ours.events = rx;
     let vault = common::interop::reopen_vault(&ours).await;
-    ours.handle = account::spawn_account(&rt, "@owner:test", gw.addr.clone(), vault, db, tx).await.expect("respawn");
+    ours.handle = account::spawn_account(&rt, "@owner:test", gw.addr.clone(), vault, db, tx)
+        .await
+        .expect("respawn");
     for i in 0..3 {
-        assert_eq!(body_of(&ours.wait(|e| body_of(e).is_some()).await), Some(format!("queued {i}")));
+        assert_eq!(
+            body_of(&ours.wait(|e| body_of(e).is_some()).await),
+            Some(format!("queued {i}"))
+        );
     }
 
     // The contact holds its acks, drops the connection, and gets the same envelopes again.
     node.call(json!({"cmd": "hold_acks", "on": true}));
-    ours.handle.send(Target::Account(node.account.clone()), "h1".into(), text("held")).await.expect("send");
+    ours.handle
+        .send(
+            Target::Account(node.account.clone()),
+            "h1".into(),
+            text("held"),
+        )
+        .await
+        .expect("send");
     node.event("held message", |v| node_text(v) == Some("held"));
     node.call(json!({"cmd": "disconnect"}));
     node.call(json!({"cmd": "connect", "host": "127.0.0.1", "port": gw.port, "server_key": key}));
     node.call(json!({"cmd": "login"}));
-    let again = node.event("redelivery", |v| v["event"] == "message" && v["redelivered"] == true);
+    let again = node.event("redelivery", |v| {
+        v["event"] == "message" && v["redelivered"] == true
+    });
     assert_eq!(node_text(&again), Some("held"));
 }

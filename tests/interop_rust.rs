@@ -13,12 +13,25 @@ use matrix_interop_bridge::{
 };
 
 fn text(s: &str) -> DataMessage {
-    DataMessage { body: Some(D::Text(Text { body: s.into(), formats: vec![] })), reply_to: None }
+    DataMessage {
+        body: Some(D::Text(Text {
+            body: s.into(),
+            formats: vec![],
+        })),
+        reply_to: None,
+    }
 }
 
 fn body_of(e: &Event) -> Option<String> {
     match e {
-        Event::Message { data: DataMessage { body: Some(D::Text(t)), .. }, .. } => Some(t.body.clone()),
+        Event::Message {
+            data:
+                DataMessage {
+                    body: Some(D::Text(t)),
+                    ..
+                },
+            ..
+        } => Some(t.body.clone()),
         _ => None,
     }
 }
@@ -32,49 +45,146 @@ async fn sessions_both_ways_groups_and_media() {
 
     // A starts the session (PQXDH from B's bundle); several ratchet steps in both directions.
     for i in 0..3 {
-        a.handle.send(Target::Account(b.account.clone()), format!("a{i}"), text(&format!("hello {i}"))).await.expect("send a->b");
+        a.handle
+            .send(
+                Target::Account(b.account.clone()),
+                format!("a{i}"),
+                text(&format!("hello {i}")),
+            )
+            .await
+            .expect("send a->b");
         let got = b.wait(|e| body_of(e).is_some()).await;
-        assert_eq!(body_of(&got).as_deref(), Some(format!("hello {i}").as_str()));
-        b.handle.send(Target::Account(a.account.clone()), format!("b{i}"), text(&format!("reply {i}"))).await.expect("send b->a");
+        assert_eq!(
+            body_of(&got).as_deref(),
+            Some(format!("hello {i}").as_str())
+        );
+        b.handle
+            .send(
+                Target::Account(a.account.clone()),
+                format!("b{i}"),
+                text(&format!("reply {i}")),
+            )
+            .await
+            .expect("send b->a");
         let got = a.wait(|e| body_of(e).is_some()).await;
-        assert_eq!(body_of(&got).as_deref(), Some(format!("reply {i}").as_str()));
+        assert_eq!(
+            body_of(&got).as_deref(),
+            Some(format!("reply {i}").as_str())
+        );
     }
-    let info = a.handle.session_info(b.account.clone()).await.expect("info");
+    let info = a
+        .handle
+        .session_info(b.account.clone())
+        .await
+        .expect("info");
     assert!(info.exists);
-    assert!(info.version >= 4, "PQXDH sessions are version 4, got {}", info.version);
+    assert!(
+        info.version >= 4,
+        "PQXDH sessions are version 4, got {}",
+        info.version
+    );
 
     // A group: sender keys are distributed pairwise, then group messages flow both ways.
-    let group = a.handle.create_group("friends".into(), vec![b.account.clone()]).await.expect("group");
+    let group = a
+        .handle
+        .create_group("friends".into(), vec![b.account.clone()])
+        .await
+        .expect("group");
     b.wait(|e| matches!(e, Event::GroupUpdate { .. })).await;
-    a.handle.send(Target::Group(group.id.clone()), "g1".into(), text("to the group")).await.expect("group send");
+    a.handle
+        .send(
+            Target::Group(group.id.clone()),
+            "g1".into(),
+            text("to the group"),
+        )
+        .await
+        .expect("group send");
     let got = b.wait(|e| body_of(e).is_some()).await;
     assert!(matches!(&got, Event::Message { group: Some(g), .. } if *g == group.id));
-    b.handle.send(Target::Group(group.id.clone()), "g2".into(), text("group reply")).await.expect("group send b");
+    b.handle
+        .send(
+            Target::Group(group.id.clone()),
+            "g2".into(),
+            text("group reply"),
+        )
+        .await
+        .expect("group send b");
     let got = a.wait(|e| body_of(e).is_some()).await;
     assert_eq!(body_of(&got).as_deref(), Some("group reply"));
 
     // Media: encrypted, uploaded, downloaded and checked.
     let picture: Vec<u8> = (0..700_000u32).map(|i| (i % 251) as u8).collect();
     let (blob, sealed) = a.handle.upload(picture.clone()).await.expect("upload");
-    let back = b.handle.download(blob, sealed.key.to_vec(), sealed.sha256.clone()).await.expect("download");
+    let back = b
+        .handle
+        .download(blob, sealed.key.to_vec(), sealed.sha256.clone())
+        .await
+        .expect("download");
     assert_eq!(back, picture);
 
     // Receipts and typing reach the other side.
-    b.handle.receipt(a.account.clone(), pb::Receipt { r#type: pb::ReceiptType::Read as i32, message_ids: vec!["b0".into()], group: String::new() }).await.expect("receipt");
+    b.handle
+        .receipt(
+            a.account.clone(),
+            pb::Receipt {
+                r#type: pb::ReceiptType::Read as i32,
+                message_ids: vec!["b0".into()],
+                group: String::new(),
+            },
+        )
+        .await
+        .expect("receipt");
     a.wait(|e| matches!(e, Event::Receipt { .. })).await;
-    b.handle.typing(Target::Account(a.account.clone()), true).await.expect("typing");
-    a.wait(|e| matches!(e, Event::Typing { typing: true, .. })).await;
+    b.handle
+        .typing(Target::Account(a.account.clone()), true)
+        .await
+        .expect("typing");
+    a.wait(|e| matches!(e, Event::Typing { typing: true, .. }))
+        .await;
 
     // Sending is idempotent per message id: a retry is not delivered twice.
-    a.handle.send(Target::Account(b.account.clone()), "dup".into(), text("once")).await.expect("send");
-    let first = a.handle.send(Target::Account(b.account.clone()), "dup".into(), text("once")).await.expect("resend");
+    a.handle
+        .send(
+            Target::Account(b.account.clone()),
+            "dup".into(),
+            text("once"),
+        )
+        .await
+        .expect("send");
+    let first = a
+        .handle
+        .send(
+            Target::Account(b.account.clone()),
+            "dup".into(),
+            text("once"),
+        )
+        .await
+        .expect("resend");
     assert_eq!(first.recipients, 1);
     b.wait(|e| body_of(e).as_deref() == Some("once")).await;
-    b.handle.send(Target::Account(a.account.clone()), "marker".into(), text("marker")).await.expect("marker");
+    b.handle
+        .send(
+            Target::Account(a.account.clone()),
+            "marker".into(),
+            text("marker"),
+        )
+        .await
+        .expect("marker");
     a.wait(|e| body_of(e).as_deref() == Some("marker")).await;
-    a.handle.send(Target::Account(b.account.clone()), "after".into(), text("after")).await.expect("send");
+    a.handle
+        .send(
+            Target::Account(b.account.clone()),
+            "after".into(),
+            text("after"),
+        )
+        .await
+        .expect("send");
     let next = b.wait(|e| body_of(e).is_some()).await;
-    assert_eq!(body_of(&next).as_deref(), Some("after"), "the duplicate must not be delivered");
+    assert_eq!(
+        body_of(&next).as_deref(),
+        Some("after"),
+        "the duplicate must not be delivered"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -82,16 +192,28 @@ async fn gateway_rejects_bad_input_clearly() {
     let gw = TestGateway::start().await;
     let (conn, _p) = GatewayConn::connect(&gw.addr).await.expect("connect");
     // Before login only account requests work.
-    let e = conn.request(Body::KeyCounts(pb::KeyCounts {})).await.expect_err("needs login");
+    let e = conn
+        .request(Body::KeyCounts(pb::KeyCounts {}))
+        .await
+        .expect_err("needs login");
     assert_eq!(e.code(), Some(ErrorCode::Unauthorized));
     let e = conn.request_code("12345").await.expect_err("bad account");
     assert_eq!(e.code(), Some(ErrorCode::BadRequest));
     let account = random_account();
     conn.request_code(&account).await.expect("register");
-    let e = conn.verify(&account, "000000").await.expect_err("wrong code");
+    let e = conn
+        .verify(&account, "000000")
+        .await
+        .expect_err("wrong code");
     assert_eq!(e.code(), Some(ErrorCode::BadCode));
-    let secret = conn.verify(&account, common::interop::CODE).await.expect("verify");
-    let e = conn.login(&account, b"wrong").await.expect_err("wrong secret");
+    let secret = conn
+        .verify(&account, common::interop::CODE)
+        .await
+        .expect("verify");
+    let e = conn
+        .login(&account, b"wrong")
+        .await
+        .expect_err("wrong secret");
     assert_eq!(e.code(), Some(ErrorCode::Unauthorized));
     conn.login(&account, &secret).await.expect("login");
     // A bundle with a bad signature is refused.
@@ -100,18 +222,31 @@ async fn gateway_rejects_bad_input_clearly() {
     let up = pb::UploadKeys {
         identity_key: ik.identity_key().serialize().to_vec(),
         registration_id: 7,
-        signed_prekey: Some(pb::SignedKey { id: 1, public_key: spk.public_key.serialize().to_vec(), signature: vec![0u8; 64] }),
+        signed_prekey: Some(pb::SignedKey {
+            id: 1,
+            public_key: spk.public_key.serialize().to_vec(),
+            signature: vec![0u8; 64],
+        }),
         kyber_last_resort: None,
         one_time_prekeys: vec![],
         kyber_prekeys: vec![],
     };
-    let e = conn.request(Body::UploadKeys(up)).await.expect_err("bad signature");
+    let e = conn
+        .request(Body::UploadKeys(up))
+        .await
+        .expect_err("bad signature");
     assert_eq!(e.code(), Some(ErrorCode::BadRequest));
     // Oversized media is refused with TOO_LARGE.
     let mut offset = 0;
     let mut last_err = None;
     for _ in 0..6 {
-        let put = pb::BlobPut { upload: "u1".into(), offset, data: vec![1u8; 512 * 1024], last: false, sha256: vec![] };
+        let put = pb::BlobPut {
+            upload: "u1".into(),
+            offset,
+            data: vec![1u8; 512 * 1024],
+            last: false,
+            sha256: vec![],
+        };
         match conn.request(Body::BlobPut(put)).await {
             Ok(_) => offset += 512 * 1024,
             Err(e) => {
@@ -122,10 +257,22 @@ async fn gateway_rejects_bad_input_clearly() {
     }
     assert_eq!(last_err.and_then(|e| e.code()), Some(ErrorCode::TooLarge));
     // Unknown recipients are refused, and the connection still works.
-    let send = pb::Send { to: "+19990000000".into(), kind: pb::Kind::Message as i32, ciphertext: vec![1], message_id: "m".into(), ..Default::default() };
-    let e = conn.request(Body::Send(send)).await.expect_err("unknown recipient");
+    let send = pb::Send {
+        to: "+19990000000".into(),
+        kind: pb::Kind::Message as i32,
+        ciphertext: vec![1],
+        message_id: "m".into(),
+        ..Default::default()
+    };
+    let e = conn
+        .request(Body::Send(send))
+        .await
+        .expect_err("unknown recipient");
     assert_eq!(e.code(), Some(ErrorCode::NotFound));
-    assert!(matches!(conn.request(Body::Ping(pb::Ping { nonce: 3 })).await, Ok(Body::Pong(pb::Pong { nonce: 3 }))));
+    assert!(matches!(
+        conn.request(Body::Ping(pb::Ping { nonce: 3 })).await,
+        Ok(Body::Pong(pb::Pong { nonce: 3 }))
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -134,14 +281,28 @@ async fn gateway_restart_loses_no_envelope_and_db_holds_no_secrets() {
     let rt = SignalRuntime::start(1);
     let a = register_ours(&rt, &gw.addr, &random_account()).await;
     let mut b = register_ours(&rt, &gw.addr, &random_account()).await;
-    a.handle.send(Target::Account(b.account.clone()), "x0".into(), text("distinctive-plaintext-31337")).await.expect("send");
+    a.handle
+        .send(
+            Target::Account(b.account.clone()),
+            "x0".into(),
+            text("distinctive-plaintext-31337"),
+        )
+        .await
+        .expect("send");
     b.wait(|e| body_of(e).is_some()).await;
 
     // B is offline while A sends; then the gateway restarts with its state.
     b.handle.stop().await;
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     for i in 0..2 {
-        a.handle.send(Target::Account(b.account.clone()), format!("q{i}"), text(&format!("queued {i}"))).await.expect("send");
+        a.handle
+            .send(
+                Target::Account(b.account.clone()),
+                format!("q{i}"),
+                text(&format!("queued {i}")),
+            )
+            .await
+            .expect("send");
     }
     gw.stop();
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
@@ -153,37 +314,75 @@ async fn gateway_restart_loses_no_envelope_and_db_holds_no_secrets() {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     b.events = rx;
     let vault = common::interop::reopen_vault(&b).await;
-    let db: std::sync::Arc<dyn matrix_interop_bridge::vault::VaultStore> = std::sync::Arc::new(b.store.clone());
-    b.handle = matrix_interop_bridge::interop::account::spawn_account(&rt, "@owner:test", addr.clone(), vault.clone(), db.clone(), tx)
-        .await
-        .expect("respawn");
+    let db: std::sync::Arc<dyn matrix_interop_bridge::vault::VaultStore> =
+        std::sync::Arc::new(b.store.clone());
+    b.handle = matrix_interop_bridge::interop::account::spawn_account(
+        &rt,
+        "@owner:test",
+        addr.clone(),
+        vault.clone(),
+        db.clone(),
+        tx,
+    )
+    .await
+    .expect("respawn");
     for i in 0..2 {
-        assert_eq!(body_of(&b.wait(|e| body_of(e).is_some()).await), Some(format!("queued {i}")));
+        assert_eq!(
+            body_of(&b.wait(|e| body_of(e).is_some()).await),
+            Some(format!("queued {i}"))
+        );
     }
     // A reconnects by itself and keeps talking.
-    a.handle.send(Target::Account(b.account.clone()), "after".into(), text("after restart")).await.ok();
+    a.handle
+        .send(
+            Target::Account(b.account.clone()),
+            "after".into(),
+            text("after restart"),
+        )
+        .await
+        .ok();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
-        if a.handle.send(Target::Account(b.account.clone()), "after".into(), text("after restart")).await.is_ok() {
+        if a.handle
+            .send(
+                Target::Account(b.account.clone()),
+                "after".into(),
+                text("after restart"),
+            )
+            .await
+            .is_ok()
+        {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "A did not reconnect");
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }
-    assert_eq!(body_of(&b.wait(|e| body_of(e).is_some()).await).as_deref(), Some("after restart"));
+    assert_eq!(
+        body_of(&b.wait(|e| body_of(e).is_some()).await).as_deref(),
+        Some("after restart")
+    );
 
     // Neither the message text nor B's private identity key is anywhere in B's database files.
     b.handle.stop().await;
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    let signal = matrix_interop_bridge::vault::signal::SignalStore::open("@owner:test", vault, db).await.expect("open");
+    let signal = matrix_interop_bridge::vault::signal::SignalStore::open("@owner:test", vault, db)
+        .await
+        .expect("open");
     let private = signal.identity_key_pair().private_key().serialize();
     b.store.close().await;
     let mut files = 0;
     for entry in std::fs::read_dir(b._dir.path()).expect("dir") {
         let bytes = std::fs::read(entry.expect("entry").path()).expect("read");
         files += 1;
-        for needle in [&b"distinctive-plaintext-31337"[..], b"queued 0", &private[..]] {
-            assert!(!bytes.windows(needle.len()).any(|w| w == needle), "secret found in the database files");
+        for needle in [
+            &b"distinctive-plaintext-31337"[..],
+            b"queued 0",
+            &private[..],
+        ] {
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle),
+                "secret found in the database files"
+            );
         }
     }
     assert!(files >= 1);

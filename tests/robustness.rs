@@ -23,12 +23,20 @@ fn decoders_survive_random_and_mutated_input() {
     let mut rng = StdRng::seed_from_u64(0x5eed);
     let valid = pb::Stanza {
         id: 7,
-        body: Some(Body::Send(pb::Send { to: "+15550001111".into(), kind: 2, ciphertext: vec![1; 40], message_id: "m".into(), ..Default::default() })),
+        body: Some(Body::Send(pb::Send {
+            to: "+15550001111".into(),
+            kind: 2,
+            ciphertext: vec![1; 40],
+            message_id: "m".into(),
+            ..Default::default()
+        })),
     }
     .encode_to_vec();
     for i in 0..20_000 {
         let mut data: Vec<u8> = if i % 2 == 0 {
-            (0..rng.random_range(0..300)).map(|_| rng.random()).collect()
+            (0..rng.random_range(0..300))
+                .map(|_| rng.random())
+                .collect()
         } else {
             let mut v = valid.clone();
             for _ in 0..rng.random_range(1..6) {
@@ -50,21 +58,35 @@ fn decoders_survive_random_and_mutated_input() {
     }
 }
 
-async fn raw(gw: &TestGateway) -> (noise::SecureReader<tokio::io::ReadHalf<tokio::net::TcpStream>>, noise::SecureWriter<tokio::io::WriteHalf<tokio::net::TcpStream>>) {
-    let tcp = tokio::net::TcpStream::connect(&gw.addr.address).await.expect("tcp");
-    noise::connect(tcp, &StaticKey::generate(), &gw.addr.public_key).await.expect("handshake")
+async fn raw(
+    gw: &TestGateway,
+) -> (
+    noise::SecureReader<tokio::io::ReadHalf<tokio::net::TcpStream>>,
+    noise::SecureWriter<tokio::io::WriteHalf<tokio::net::TcpStream>>,
+) {
+    let tcp = tokio::net::TcpStream::connect(&gw.addr.address)
+        .await
+        .expect("tcp");
+    noise::connect(tcp, &StaticKey::generate(), &gw.addr.public_key)
+        .await
+        .expect("handshake")
 }
 
 async fn expect_error_then_close(
     r: &mut noise::SecureReader<tokio::io::ReadHalf<tokio::net::TcpStream>>,
     code: ErrorCode,
 ) {
-    let st = tokio::time::timeout(std::time::Duration::from_secs(5), r.read_stanza()).await.expect("answer").expect("stanza");
+    let st = tokio::time::timeout(std::time::Duration::from_secs(5), r.read_stanza())
+        .await
+        .expect("answer")
+        .expect("stanza");
     match st.body {
         Some(Body::Error(e)) => assert_eq!(e.code, code as i32, "{e:?}"),
         other => panic!("expected an error, got {other:?}"),
     }
-    let next = tokio::time::timeout(std::time::Duration::from_secs(5), r.read_stanza()).await.expect("closed in time");
+    let next = tokio::time::timeout(std::time::Duration::from_secs(5), r.read_stanza())
+        .await
+        .expect("closed in time");
     assert!(next.is_err(), "the connection must be closed");
 }
 
@@ -73,10 +95,16 @@ async fn hostile_peers_lose_only_their_connection() {
     let gw = TestGateway::start().await;
 
     // Garbage instead of a handshake.
-    let mut tcp = tokio::net::TcpStream::connect(&gw.addr.address).await.expect("tcp");
-    tcp.write_all(&[0, 3, 1, 2, 3, 0xff, 0xff]).await.expect("write");
+    let mut tcp = tokio::net::TcpStream::connect(&gw.addr.address)
+        .await
+        .expect("tcp");
+    tcp.write_all(&[0, 3, 1, 2, 3, 0xff, 0xff])
+        .await
+        .expect("write");
     // A wrong pinned key is refused on our side.
-    let tcp2 = tokio::net::TcpStream::connect(&gw.addr.address).await.expect("tcp");
+    let tcp2 = tokio::net::TcpStream::connect(&gw.addr.address)
+        .await
+        .expect("tcp");
     assert!(matches!(
         noise::connect(tcp2, &StaticKey::generate(), &StaticKey::generate().public).await,
         Err(noise::TransportError::KeyMismatch)
@@ -84,7 +112,9 @@ async fn hostile_peers_lose_only_their_connection() {
 
     // A record claiming to be larger than 1 MiB.
     let (mut r, mut w) = raw(&gw).await;
-    w.write_record(&[]).await.expect("empty record is framed fine");
+    w.write_record(&[])
+        .await
+        .expect("empty record is framed fine");
     let _ = r.read_stanza().await; // BAD_REQUEST for the empty stanza, then closed
     let (mut r, mut w) = raw(&gw).await;
     // Forge a length prefix of 2 MiB inside the encrypted stream: write a record whose first 4
@@ -97,23 +127,38 @@ async fn hostile_peers_lose_only_their_connection() {
 
     // Bytes that are no stanza.
     let (mut r, mut w) = raw(&gw).await;
-    w.write_record(&[0xff, 0xff, 0xff, 0x01]).await.expect("write");
+    w.write_record(&[0xff, 0xff, 0xff, 0x01])
+        .await
+        .expect("write");
     w.flush().await.expect("flush");
     expect_error_then_close(&mut r, ErrorCode::BadRequest).await;
 
     // A gateway-only stanza sent by a client.
     let (mut r, mut w) = raw(&gw).await;
-    w.write_stanza(&pb::Stanza { id: 1, body: Some(Body::Envelope(pb::Envelope::default())) }).await.expect("write");
+    w.write_stanza(&pb::Stanza {
+        id: 1,
+        body: Some(Body::Envelope(pb::Envelope::default())),
+    })
+    .await
+    .expect("write");
     w.flush().await.expect("flush");
     expect_error_then_close(&mut r, ErrorCode::BadRequest).await;
 
     // A request without an id.
     let (mut r, mut w) = raw(&gw).await;
-    w.write_stanza(&pb::Stanza { id: 0, body: Some(Body::Ping(pb::Ping { nonce: 1 })) }).await.expect("write");
+    w.write_stanza(&pb::Stanza {
+        id: 0,
+        body: Some(Body::Ping(pb::Ping { nonce: 1 })),
+    })
+    .await
+    .expect("write");
     w.flush().await.expect("flush");
     expect_error_then_close(&mut r, ErrorCode::BadRequest).await;
 
     // After all that, the gateway still serves well-behaved clients.
     let (conn, _p) = GatewayConn::connect(&gw.addr).await.expect("connect");
-    assert!(matches!(conn.request(Body::Ping(pb::Ping { nonce: 9 })).await, Ok(Body::Pong(pb::Pong { nonce: 9 }))));
+    assert!(matches!(
+        conn.request(Body::Ping(pb::Ping { nonce: 9 })).await,
+        Ok(Body::Pong(pb::Pong { nonce: 9 }))
+    ));
 }

@@ -40,19 +40,31 @@ pub struct MatrixApiError {
 
 impl MatrixApiError {
     pub fn new(status: StatusCode, errcode: &'static str, message: impl Into<String>) -> Self {
-        Self { status, errcode, message: message.into() }
+        Self {
+            status,
+            errcode,
+            message: message.into(),
+        }
     }
 
     fn internal(what: &str, err: &dyn std::fmt::Display) -> Self {
         // Details go to the log, not to the caller.
         tracing::error!(error = %err, "{what}");
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN", "internal error, see the bridge log")
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "M_UNKNOWN",
+            "internal error, see the bridge log",
+        )
     }
 }
 
 impl IntoResponse for MatrixApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(json!({"errcode": self.errcode, "error": self.message}))).into_response()
+        (
+            self.status,
+            Json(json!({"errcode": self.errcode, "error": self.message})),
+        )
+            .into_response()
     }
 }
 
@@ -88,11 +100,23 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         .route("/_matrix/app/v1/users/{user_id}", get(query_user))
         .route("/_matrix/app/v1/rooms/{alias}", get(query_alias))
         .route("/_matrix/app/v1/ping", post(ping))
-        .route("/_matrix/app/v1/thirdparty/protocol/{protocol}", get(thirdparty_protocol))
-        .route("/_matrix/app/v1/thirdparty/user/{protocol}", get(thirdparty_lookup))
-        .route("/_matrix/app/v1/thirdparty/location/{protocol}", get(thirdparty_lookup))
+        .route(
+            "/_matrix/app/v1/thirdparty/protocol/{protocol}",
+            get(thirdparty_protocol),
+        )
+        .route(
+            "/_matrix/app/v1/thirdparty/user/{protocol}",
+            get(thirdparty_lookup),
+        )
+        .route(
+            "/_matrix/app/v1/thirdparty/location/{protocol}",
+            get(thirdparty_lookup),
+        )
         .route("/_matrix/app/v1/thirdparty/user", get(thirdparty_reverse))
-        .route("/_matrix/app/v1/thirdparty/location", get(thirdparty_reverse))
+        .route(
+            "/_matrix/app/v1/thirdparty/location",
+            get(thirdparty_reverse),
+        )
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth))
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/ready", get(ready))
@@ -104,11 +128,19 @@ pub fn router(state: AppState, max_body: usize) -> Router {
 }
 
 async fn unrecognized() -> MatrixApiError {
-    MatrixApiError::new(StatusCode::NOT_FOUND, "M_UNRECOGNIZED", "unrecognized request")
+    MatrixApiError::new(
+        StatusCode::NOT_FOUND,
+        "M_UNRECOGNIZED",
+        "unrecognized request",
+    )
 }
 
 async fn method_not_allowed() -> MatrixApiError {
-    MatrixApiError::new(StatusCode::METHOD_NOT_ALLOWED, "M_UNRECOGNIZED", "method not allowed on this endpoint")
+    MatrixApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "M_UNRECOGNIZED",
+        "method not allowed on this endpoint",
+    )
 }
 
 /// Checks the `hs_token` (header, or the deprecated `access_token` query parameter) in constant time.
@@ -117,19 +149,32 @@ async fn auth(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Result<Response, MatrixApiError> {
-    let header = req.headers().get(http::header::AUTHORIZATION).and_then(|h| h.to_str().ok());
+    let header = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok());
     let token = match header {
         Some(h) => h.strip_prefix("Bearer ").map(str::to_owned),
         None => req.uri().query().and_then(|q| {
-            url::form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "access_token").map(|(_, v)| v.into_owned())
+            url::form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == "access_token")
+                .map(|(_, v)| v.into_owned())
         }),
     };
     let Some(token) = token else {
-        return Err(MatrixApiError::new(StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED", "missing hs_token"));
+        return Err(MatrixApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "M_UNAUTHORIZED",
+            "missing hs_token",
+        ));
     };
     if !bool::from(token.as_bytes().ct_eq(state.hs_token.as_bytes())) {
         state.metrics.auth_failures.inc();
-        return Err(MatrixApiError::new(StatusCode::FORBIDDEN, "M_FORBIDDEN", "bad hs_token"));
+        return Err(MatrixApiError::new(
+            StatusCode::FORBIDDEN,
+            "M_FORBIDDEN",
+            "bad hs_token",
+        ));
     }
     Ok(next.run(req).await)
 }
@@ -151,15 +196,28 @@ async fn transaction(
     let started = Instant::now();
     let body = body.map_err(|rej| {
         if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            MatrixApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "M_TOO_LARGE", "transaction body too large")
+            MatrixApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "M_TOO_LARGE",
+                "transaction body too large",
+            )
         } else {
             MatrixApiError::new(StatusCode::BAD_REQUEST, "M_BAD_JSON", rej.body_text())
         }
     })?;
-    let parsed: Value = serde_json::from_slice(&body)
-        .map_err(|e| MatrixApiError::new(StatusCode::BAD_REQUEST, "M_NOT_JSON", format!("body is not JSON: {e}")))?;
+    let parsed: Value = serde_json::from_slice(&body).map_err(|e| {
+        MatrixApiError::new(
+            StatusCode::BAD_REQUEST,
+            "M_NOT_JSON",
+            format!("body is not JSON: {e}"),
+        )
+    })?;
     let Some(obj) = parsed.as_object() else {
-        return Err(MatrixApiError::new(StatusCode::BAD_REQUEST, "M_BAD_JSON", "body must be a JSON object"));
+        return Err(MatrixApiError::new(
+            StatusCode::BAD_REQUEST,
+            "M_BAD_JSON",
+            "body must be a JSON object",
+        ));
     };
     let list = |keys: &[&str]| -> Result<Vec<Value>, MatrixApiError> {
         let mut out = Vec::new();
@@ -168,7 +226,11 @@ async fn transaction(
                 None | Some(Value::Null) => {}
                 Some(Value::Array(a)) => out.extend(a.iter().cloned()),
                 Some(_) => {
-                    return Err(MatrixApiError::new(StatusCode::BAD_REQUEST, "M_BAD_JSON", format!("`{k}` must be an array")));
+                    return Err(MatrixApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "M_BAD_JSON",
+                        format!("`{k}` must be an array"),
+                    ));
                 }
             }
         }
@@ -176,8 +238,11 @@ async fn transaction(
     };
     let events = list(&["events"])?;
     // Homeservers send the stable and the unstable spelling of the same list; take one.
-    let ephemeral =
-        if obj.contains_key("ephemeral") { list(&["ephemeral"])? } else { list(&["de.sorunome.msc2409.ephemeral"])? };
+    let ephemeral = if obj.contains_key("ephemeral") {
+        list(&["ephemeral"])?
+    } else {
+        list(&["de.sorunome.msc2409.ephemeral"])?
+    };
     let to_device = if obj.contains_key("to_device") {
         list(&["to_device"])?
     } else {
@@ -185,16 +250,38 @@ async fn transaction(
     };
 
     let mut queued = Vec::with_capacity(events.len() + ephemeral.len());
-    for (kind, list) in [("pdu", events), ("ephemeral", ephemeral), ("to_device", to_device)] {
+    for (kind, list) in [
+        ("pdu", events),
+        ("ephemeral", ephemeral),
+        ("to_device", to_device),
+    ] {
         for event in list {
             if !event.is_object() {
-                return Err(MatrixApiError::new(StatusCode::BAD_REQUEST, "M_BAD_JSON", "events must be objects"));
+                return Err(MatrixApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "M_BAD_JSON",
+                    "events must be objects",
+                ));
             }
-            state.metrics.events.get_or_create(&crate::metrics::EventLabels { kind: kind.to_owned() }).inc();
+            state
+                .metrics
+                .events
+                .get_or_create(&crate::metrics::EventLabels {
+                    kind: kind.to_owned(),
+                })
+                .inc();
             let room_id = event["room_id"].as_str().map(str::to_owned);
-            let item = QueueItem { kind: kind.to_owned(), event };
-            let plain = zeroize::Zeroizing::new(serde_json::to_vec(&item).expect("a JSON value serializes"));
-            queued.push(QueuedEvent { room_id, sealed: state.queue_key.seal(QUEUE_AD, &plain) });
+            let item = QueueItem {
+                kind: kind.to_owned(),
+                event,
+            };
+            let plain = zeroize::Zeroizing::new(
+                serde_json::to_vec(&item).expect("a JSON value serializes"),
+            );
+            queued.push(QueuedEvent {
+                room_id,
+                sealed: state.queue_key.seal(QUEUE_AD, &plain),
+            });
         }
     }
     let hash = Sha256::digest(&body);
@@ -213,27 +300,48 @@ async fn transaction(
             tracing::debug!("transaction already applied");
         }
     }
-    state.metrics.transaction_seconds.observe(started.elapsed().as_secs_f64());
+    state
+        .metrics
+        .transaction_seconds
+        .observe(started.elapsed().as_secs_f64());
     Ok(Json(json!({})))
 }
 
-async fn query_user(State(state): State<AppState>, Path(user_id): Path<String>) -> Result<Json<Value>, MatrixApiError> {
+async fn query_user(
+    State(state): State<AppState>,
+    Path(user_id): Path<String>,
+) -> Result<Json<Value>, MatrixApiError> {
     if state.users.user_exists(&user_id).await {
         Ok(Json(json!({})))
     } else {
-        Err(MatrixApiError::new(StatusCode::NOT_FOUND, "M_NOT_FOUND", "no such user"))
+        Err(MatrixApiError::new(
+            StatusCode::NOT_FOUND,
+            "M_NOT_FOUND",
+            "no such user",
+        ))
     }
 }
 
 async fn query_alias(Path(_alias): Path<String>) -> MatrixApiError {
-    MatrixApiError::new(StatusCode::NOT_FOUND, "M_NOT_FOUND", "this bridge does not provide room aliases")
+    MatrixApiError::new(
+        StatusCode::NOT_FOUND,
+        "M_NOT_FOUND",
+        "this bridge does not provide room aliases",
+    )
 }
 
 async fn ping(body: Result<Bytes, BytesRejection>) -> Result<Json<Value>, MatrixApiError> {
-    let body = body.map_err(|_| MatrixApiError::new(StatusCode::BAD_REQUEST, "M_BAD_JSON", "unreadable body"))?;
+    let body = body.map_err(|_| {
+        MatrixApiError::new(StatusCode::BAD_REQUEST, "M_BAD_JSON", "unreadable body")
+    })?;
     if !body.is_empty() {
-        serde_json::from_slice::<Value>(&body)
-            .map_err(|e| MatrixApiError::new(StatusCode::BAD_REQUEST, "M_NOT_JSON", format!("body is not JSON: {e}")))?;
+        serde_json::from_slice::<Value>(&body).map_err(|e| {
+            MatrixApiError::new(
+                StatusCode::BAD_REQUEST,
+                "M_NOT_JSON",
+                format!("body is not JSON: {e}"),
+            )
+        })?;
     }
     Ok(Json(json!({})))
 }
@@ -243,7 +351,11 @@ async fn thirdparty_protocol(
     Path(protocol): Path<String>,
 ) -> Result<Json<Value>, MatrixApiError> {
     if protocol != *state.protocol {
-        return Err(MatrixApiError::new(StatusCode::NOT_FOUND, "M_NOT_FOUND", "unknown protocol"));
+        return Err(MatrixApiError::new(
+            StatusCode::NOT_FOUND,
+            "M_NOT_FOUND",
+            "unknown protocol",
+        ));
     }
     Ok(Json(json!({
         "user_fields": ["phone"],
@@ -266,20 +378,28 @@ async fn thirdparty_lookup(
     Query(_fields): Query<std::collections::HashMap<String, String>>,
 ) -> Result<Json<Value>, MatrixApiError> {
     if protocol != *state.protocol {
-        return Err(MatrixApiError::new(StatusCode::NOT_FOUND, "M_NOT_FOUND", "unknown protocol"));
+        return Err(MatrixApiError::new(
+            StatusCode::NOT_FOUND,
+            "M_NOT_FOUND",
+            "unknown protocol",
+        ));
     }
     Ok(Json(json!([])))
 }
 
-async fn thirdparty_reverse(Query(_q): Query<std::collections::HashMap<String, String>>) -> Json<Value> {
+async fn thirdparty_reverse(
+    Query(_q): Query<std::collections::HashMap<String, String>>,
+) -> Json<Value> {
     Json(json!([]))
 }
 
 async fn ready(State(state): State<AppState>, _headers: HeaderMap) -> Response {
     match state.readiness.check().await {
         Ok(()) => Json(json!({"status": "ready"})).into_response(),
-        Err(problems) => {
-            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "not ready", "problems": problems}))).into_response()
-        }
+        Err(problems) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "not ready", "problems": problems})),
+        )
+            .into_response(),
     }
 }

@@ -45,19 +45,31 @@ impl From<ProvError> for MatrixApiError {
 type Q = Query<HashMap<String, String>>;
 
 fn user(q: &HashMap<String, String>) -> Result<String, MatrixApiError> {
-    q.get("user_id").cloned().ok_or_else(|| MatrixApiError::new(StatusCode::BAD_REQUEST, "M_MISSING_PARAM", "user_id is required"))
+    q.get("user_id").cloned().ok_or_else(|| {
+        MatrixApiError::new(
+            StatusCode::BAD_REQUEST,
+            "M_MISSING_PARAM",
+            "user_id is required",
+        )
+    })
 }
 
 fn field(body: &Value, name: &str) -> Result<String, MatrixApiError> {
-    body[name]
-        .as_str()
-        .map(str::to_owned)
-        .ok_or_else(|| MatrixApiError::new(StatusCode::BAD_REQUEST, "M_BAD_JSON", format!("`{name}` is required")))
+    body[name].as_str().map(str::to_owned).ok_or_else(|| {
+        MatrixApiError::new(
+            StatusCode::BAD_REQUEST,
+            "M_BAD_JSON",
+            format!("`{name}` is required"),
+        )
+    })
 }
 
 /// The provisioning router, to be nested under `prefix`.
 pub fn router(secret: &str, api: Arc<dyn Provisioning>) -> Router {
-    let state = Prov { secret: secret.into(), api };
+    let state = Prov {
+        secret: secret.into(),
+        api,
+    };
     Router::new()
         .route("/v1/logins", get(logins))
         .route("/v1/login/start", post(login_start))
@@ -68,12 +80,28 @@ pub fn router(secret: &str, api: Arc<dyn Provisioning>) -> Router {
         .with_state(state)
 }
 
-async fn auth(State(p): State<Prov>, req: axum::extract::Request, next: axum::middleware::Next) -> Result<axum::response::Response, MatrixApiError> {
-    let token = req.headers().get(http::header::AUTHORIZATION).and_then(|h| h.to_str().ok()).and_then(|h| h.strip_prefix("Bearer "));
+async fn auth(
+    State(p): State<Prov>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Result<axum::response::Response, MatrixApiError> {
+    let token = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer "));
     match token {
-        None => Err(MatrixApiError::new(StatusCode::UNAUTHORIZED, "M_MISSING_TOKEN", "missing provisioning secret")),
+        None => Err(MatrixApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "M_MISSING_TOKEN",
+            "missing provisioning secret",
+        )),
         Some(t) if bool::from(t.as_bytes().ct_eq(p.secret.as_bytes())) => Ok(next.run(req).await),
-        Some(_) => Err(MatrixApiError::new(StatusCode::FORBIDDEN, "M_UNKNOWN_TOKEN", "wrong provisioning secret")),
+        Some(_) => Err(MatrixApiError::new(
+            StatusCode::FORBIDDEN,
+            "M_UNKNOWN_TOKEN",
+            "wrong provisioning secret",
+        )),
     }
 }
 
@@ -81,13 +109,26 @@ async fn logins(State(p): State<Prov>, Query(q): Q) -> Result<Json<Value>, Matri
     Ok(Json(json!({"logins": p.api.logins(&user(&q)?).await?})))
 }
 
-async fn login_start(State(p): State<Prov>, Query(q): Q, Json(body): Json<Value>) -> Result<Json<Value>, MatrixApiError> {
-    p.api.login_start(&user(&q)?, &field(&body, "identifier")?).await?;
+async fn login_start(
+    State(p): State<Prov>,
+    Query(q): Q,
+    Json(body): Json<Value>,
+) -> Result<Json<Value>, MatrixApiError> {
+    p.api
+        .login_start(&user(&q)?, &field(&body, "identifier")?)
+        .await?;
     Ok(Json(json!({"next_step": "code"})))
 }
 
-async fn login_verify(State(p): State<Prov>, Query(q): Q, Json(body): Json<Value>) -> Result<Json<Value>, MatrixApiError> {
-    let login = p.api.login_verify(&user(&q)?, &field(&body, "code")?).await?;
+async fn login_verify(
+    State(p): State<Prov>,
+    Query(q): Q,
+    Json(body): Json<Value>,
+) -> Result<Json<Value>, MatrixApiError> {
+    let login = p
+        .api
+        .login_verify(&user(&q)?, &field(&body, "code")?)
+        .await?;
     Ok(Json(json!({"login": login})))
 }
 
@@ -100,7 +141,14 @@ async fn chats(State(p): State<Prov>, Query(q): Q) -> Result<Json<Value>, Matrix
     Ok(Json(json!({"chats": p.api.chats(&user(&q)?).await?})))
 }
 
-async fn start_chat(State(p): State<Prov>, Query(q): Q, Json(body): Json<Value>) -> Result<Json<Value>, MatrixApiError> {
-    let chat = p.api.start_chat(&user(&q)?, &field(&body, "contact")?).await?;
+async fn start_chat(
+    State(p): State<Prov>,
+    Query(q): Q,
+    Json(body): Json<Value>,
+) -> Result<Json<Value>, MatrixApiError> {
+    let chat = p
+        .api
+        .start_chat(&user(&q)?, &field(&body, "contact")?)
+        .await?;
     Ok(Json(json!({"chat": chat})))
 }

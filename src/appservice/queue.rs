@@ -64,7 +64,10 @@ impl QueueWorker {
                 .ok()
                 .and_then(|plain| serde_json::from_slice(&plain).ok());
             let Some(item) = item else {
-                tracing::error!(seq = ev.seq, "dropping a queued event that cannot be opened");
+                tracing::error!(
+                    seq = ev.seq,
+                    "dropping a queued event that cannot be opened"
+                );
                 self.remove(ev.seq).await?;
                 continue;
             };
@@ -95,6 +98,9 @@ impl QueueWorker {
     }
 
     async fn remove(&self, seq: i64) -> Result<(), ()> {
-        self.store.remove_event(seq).await.map_err(|e| tracing::error!(error = %e, "cannot dequeue event"))
+        self.store
+            .remove_event(seq)
+            .await
+            .map_err(|e| tracing::error!(error = %e, "cannot dequeue event"))
     }
 }

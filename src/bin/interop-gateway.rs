@@ -1,5 +1,8 @@
 //! `interop-gateway`: the reference interop gateway (docs/interop-protocol.md).
 
+// A command-line program: printing to stdout is its job.
+#![allow(clippy::print_stdout)]
+
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context, bail};
@@ -11,7 +14,11 @@ use matrix_interop_bridge::{
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "interop-gateway", version, about = "Reference gateway of the interop network")]
+#[command(
+    name = "interop-gateway",
+    version,
+    about = "Reference gateway of the interop network"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -36,13 +43,21 @@ enum Command {
 #[derive(clap::Args)]
 struct RunArgs {
     /// Address to listen on.
-    #[arg(long, env = "INTEROP_GATEWAY_LISTEN", default_value = "127.0.0.1:29400")]
+    #[arg(
+        long,
+        env = "INTEROP_GATEWAY_LISTEN",
+        default_value = "127.0.0.1:29400"
+    )]
     listen: String,
     /// Noise static key file (see generate-key); created when missing.
     #[arg(long, env = "INTEROP_GATEWAY_KEY_FILE", default_value = "gateway.key")]
     key_file: PathBuf,
     /// SQLite database.
-    #[arg(long, env = "INTEROP_GATEWAY_DATABASE", default_value = "sqlite://gateway.db")]
+    #[arg(
+        long,
+        env = "INTEROP_GATEWAY_DATABASE",
+        default_value = "sqlite://gateway.db"
+    )]
     database: String,
     /// Directory for media blobs.
     #[arg(long, env = "INTEROP_GATEWAY_BLOB_DIR", default_value = "blobs")]
@@ -67,14 +82,18 @@ fn write_key(path: &PathBuf) -> anyhow::Result<StaticKey> {
     opts.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let mut f = opts.open(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
     std::io::Write::write_all(&mut f, key.to_file_text().as_bytes())?;
     Ok(key)
 }
 
 fn read_key(path: &PathBuf) -> anyhow::Result<StaticKey> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    StaticKey::from_file_text(&text).with_context(|| format!("{} is not a gateway key file", path.display()))
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    StaticKey::from_file_text(&text)
+        .with_context(|| format!("{} is not a gateway key file", path.display()))
 }
 
 #[tokio::main]
@@ -98,13 +117,21 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
     if args.log_json {
-        tracing_subscriber::fmt().json().with_env_filter(filter).init();
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
-    let key = if args.key_file.exists() { read_key(&args.key_file)? } else { write_key(&args.key_file)? };
+    let key = if args.key_file.exists() {
+        read_key(&args.key_file)?
+    } else {
+        write_key(&args.key_file)?
+    };
     let mut cfg = GatewayConfig::new(key, args.database.clone(), args.blob_dir.clone());
     cfg.dev_code = args.dev_code.clone();
     cfg.max_blob_bytes = args.max_blob_bytes;
@@ -113,8 +140,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     cfg.rate_per_sec = args.rate;
     cfg.rate_capacity = args.rate * 5.0;
-    let gateway = Gateway::open(cfg).await.context("cannot open the gateway state")?;
-    let listener = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+    let gateway = Gateway::open(cfg)
+        .await
+        .context("cannot open the gateway state")?;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
     tracing::info!(listen = %args.listen, public_key = %StaticKey::from_file_text(&std::fs::read_to_string(&args.key_file)?).map(|k| k.public_b64()).unwrap_or_default(), dev_mode = args.dev_code.is_some(), "interop gateway running");
     let (tx, rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(gateway.serve(listener, rx));

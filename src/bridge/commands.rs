@@ -27,7 +27,10 @@ impl CommandOutcome {
 }
 
 fn html_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 /// A command the bot knows.
@@ -41,21 +44,111 @@ pub struct CommandSpec {
 }
 
 pub const COMMANDS: &[CommandSpec] = &[
-    CommandSpec { name: "help", args: "", help: "Show this list.", level: PermissionLevel::Commands, available: true },
-    CommandSpec { name: "ping", args: "", help: "Check that the bot answers.", level: PermissionLevel::Commands, available: true },
-    CommandSpec { name: "version", args: "", help: "Show the bridge version.", level: PermissionLevel::Commands, available: true },
-    CommandSpec { name: "whoami", args: "", help: "Show your Matrix id, permission level and logins.", level: PermissionLevel::Commands, available: true },
-    CommandSpec { name: "cancel", args: "", help: "Cancel the command in progress (e.g. a login).", level: PermissionLevel::Commands, available: true },
-    CommandSpec { name: "login", args: "<identifier>", help: "Log in to the interop network with a phone-style identifier.", level: PermissionLevel::User, available: true },
-    CommandSpec { name: "logout", args: "", help: "Log out and destroy your keys on the bridge.", level: PermissionLevel::User, available: true },
-    CommandSpec { name: "list-logins", args: "", help: "List your interop logins.", level: PermissionLevel::User, available: true },
-    CommandSpec { name: "start-chat", args: "<contact>", help: "Open a chat with an interop contact.", level: PermissionLevel::User, available: true },
-    CommandSpec { name: "list-chats", args: "", help: "List your bridged chats.", level: PermissionLevel::User, available: true },
-    CommandSpec { name: "sync", args: "", help: "Resync contacts, groups and portals.", level: PermissionLevel::User, available: true },
-    CommandSpec { name: "set-relay", args: "", help: "Relay messages of users without a login through your login in this room.", level: PermissionLevel::User, available: true },
-    CommandSpec { name: "unset-relay", args: "", help: "Stop relaying in this room.", level: PermissionLevel::User, available: true },
-    CommandSpec { name: "delete-portal", args: "", help: "Remove this portal room and forget the chat.", level: PermissionLevel::User, available: true },
-    CommandSpec { name: "create-group", args: "<name> <contact>...", help: "Create an interop group with these contacts and open its portal.", level: PermissionLevel::User, available: true },
+    CommandSpec {
+        name: "help",
+        args: "",
+        help: "Show this list.",
+        level: PermissionLevel::Commands,
+        available: true,
+    },
+    CommandSpec {
+        name: "ping",
+        args: "",
+        help: "Check that the bot answers.",
+        level: PermissionLevel::Commands,
+        available: true,
+    },
+    CommandSpec {
+        name: "version",
+        args: "",
+        help: "Show the bridge version.",
+        level: PermissionLevel::Commands,
+        available: true,
+    },
+    CommandSpec {
+        name: "whoami",
+        args: "",
+        help: "Show your Matrix id, permission level and logins.",
+        level: PermissionLevel::Commands,
+        available: true,
+    },
+    CommandSpec {
+        name: "cancel",
+        args: "",
+        help: "Cancel the command in progress (e.g. a login).",
+        level: PermissionLevel::Commands,
+        available: true,
+    },
+    CommandSpec {
+        name: "login",
+        args: "<identifier>",
+        help: "Log in to the interop network with a phone-style identifier.",
+        level: PermissionLevel::User,
+        available: true,
+    },
+    CommandSpec {
+        name: "logout",
+        args: "",
+        help: "Log out and destroy your keys on the bridge.",
+        level: PermissionLevel::User,
+        available: true,
+    },
+    CommandSpec {
+        name: "list-logins",
+        args: "",
+        help: "List your interop logins.",
+        level: PermissionLevel::User,
+        available: true,
+    },
+    CommandSpec {
+        name: "start-chat",
+        args: "<contact>",
+        help: "Open a chat with an interop contact.",
+        level: PermissionLevel::User,
+        available: true,
+    },
+    CommandSpec {
+        name: "list-chats",
+        args: "",
+        help: "List your bridged chats.",
+        level: PermissionLevel::User,
+        available: true,
+    },
+    CommandSpec {
+        name: "sync",
+        args: "",
+        help: "Resync contacts, groups and portals.",
+        level: PermissionLevel::User,
+        available: true,
+    },
+    CommandSpec {
+        name: "set-relay",
+        args: "",
+        help: "Relay messages of users without a login through your login in this room.",
+        level: PermissionLevel::User,
+        available: true,
+    },
+    CommandSpec {
+        name: "unset-relay",
+        args: "",
+        help: "Stop relaying in this room.",
+        level: PermissionLevel::User,
+        available: true,
+    },
+    CommandSpec {
+        name: "delete-portal",
+        args: "",
+        help: "Remove this portal room and forget the chat.",
+        level: PermissionLevel::User,
+        available: true,
+    },
+    CommandSpec {
+        name: "create-group",
+        args: "<name> <contact>...",
+        help: "Create an interop group with these contacts and open its portal.",
+        level: PermissionLevel::User,
+        available: true,
+    },
 ];
 
 pub fn find(name: &str) -> Option<&'static CommandSpec> {
@@ -92,7 +185,9 @@ impl Bridge {
             return CommandOutcome::text("Send `help` for the list of commands.");
         };
         let Some(spec) = find(&name) else {
-            return CommandOutcome::text(format!("Unknown command `{name}`. Send `help` for the list of commands."));
+            return CommandOutcome::text(format!(
+                "Unknown command `{name}`. Send `help` for the list of commands."
+            ));
         };
         if level < spec.level {
             return CommandOutcome::text(format!(
@@ -102,10 +197,16 @@ impl Bridge {
         }
         let args: Vec<&str> = words.collect();
         if !spec.args.is_empty() && !spec.args.starts_with('[') && args.is_empty() {
-            return CommandOutcome::text(format!("Usage: `{} {}`: {}", spec.name, spec.args, spec.help));
+            return CommandOutcome::text(format!(
+                "Usage: `{} {}`: {}",
+                spec.name, spec.args, spec.help
+            ));
         }
         if spec.args.is_empty() && !args.is_empty() {
-            return CommandOutcome::text(format!("`{}` takes no arguments. Usage: `{}`", spec.name, spec.name));
+            return CommandOutcome::text(format!(
+                "`{}` takes no arguments. Usage: `{}`",
+                spec.name, spec.name
+            ));
         }
         if !spec.available {
             return CommandOutcome::text(format!(
@@ -166,66 +267,123 @@ impl Bridge {
             html_escape(prefix)
         );
         for c in COMMANDS.iter().filter(|c| level >= c.level) {
-            let usage = if c.args.is_empty() { c.name.to_owned() } else { format!("{} {}", c.name, c.args) };
-            let note = if c.available { "" } else { " (not available yet)" };
+            let usage = if c.args.is_empty() {
+                c.name.to_owned()
+            } else {
+                format!("{} {}", c.name, c.args)
+            };
+            let note = if c.available {
+                ""
+            } else {
+                " (not available yet)"
+            };
             body.push_str(&format!("- {usage}: {}{note}\n", c.help));
-            html.push_str(&format!("<li><code>{}</code>: {}{note}</li>", html_escape(&usage), html_escape(c.help)));
+            html.push_str(&format!(
+                "<li><code>{}</code>: {}{note}</li>",
+                html_escape(&usage),
+                html_escape(c.help)
+            ));
         }
         html.push_str("</ul>");
-        CommandOutcome { body: body.trim_end().to_owned(), html }
+        CommandOutcome {
+            body: body.trim_end().to_owned(),
+            html,
+        }
     }
 }
 
 impl Bridge {
     /// Feeds the user's message to a command waiting for it; `None` when nothing waits.
-    pub(crate) async fn continue_pending(&self, _room_id: &str, sender: &str, text: &str) -> Option<CommandOutcome> {
+    pub(crate) async fn continue_pending(
+        &self,
+        _room_id: &str,
+        sender: &str,
+        text: &str,
+    ) -> Option<CommandOutcome> {
         let pending = self.commands.pending.lock().await.get(sender).cloned()?;
         if text.eq_ignore_ascii_case("cancel") {
             self.commands.pending.lock().await.remove(sender);
-            return Some(CommandOutcome::text(format!("Cancelled `{}`.", pending.name())));
+            return Some(CommandOutcome::text(format!(
+                "Cancelled `{}`.",
+                pending.name()
+            )));
         }
         match pending {
             Pending::LoginCode { account } => {
-                let code: String = text.chars().filter(|c| !c.is_whitespace() && *c != '-').collect();
+                let code: String = text
+                    .chars()
+                    .filter(|c| !c.is_whitespace() && *c != '-')
+                    .collect();
                 if code.is_empty() || !code.chars().all(|c| c.is_ascii_digit()) {
-                    return Some(CommandOutcome::text("Send the code you received (digits only), or `cancel`."));
+                    return Some(CommandOutcome::text(
+                        "Send the code you received (digits only), or `cancel`.",
+                    ));
                 }
-                Some(match self.network.verify_and_connect(sender, &account, &code).await {
-                    Ok(_) => {
-                        self.commands.pending.lock().await.remove(sender);
-                        if let Err(e) = self.portals.set_login(sender, &account).await {
-                            return Some(CommandOutcome::text(format!("Logged in, but the login could not be saved: {e}")));
+                Some(
+                    match self
+                        .network
+                        .verify_and_connect(sender, &account, &code)
+                        .await
+                    {
+                        Ok(_) => {
+                            self.commands.pending.lock().await.remove(sender);
+                            if let Err(e) = self.portals.set_login(sender, &account).await {
+                                return Some(CommandOutcome::text(format!(
+                                    "Logged in, but the login could not be saved: {e}"
+                                )));
+                            }
+                            CommandOutcome::text(format!(
+                                "Logged in as {account}. Incoming chats will appear as rooms; start one with `start-chat <identifier>`."
+                            ))
                         }
-                        CommandOutcome::text(format!(
-                            "Logged in as {account}. Incoming chats will appear as rooms; start one with `start-chat <identifier>`."
-                        ))
-                    }
-                    Err(NetError::BadCode) => CommandOutcome::text("That code is wrong. Send the right code, or `cancel`."),
-                    Err(NetError::CodeExpired) => {
-                        self.commands.pending.lock().await.remove(sender);
-                        CommandOutcome::text(format!("The code expired. Send `login {account}` to get a new one."))
-                    }
-                    Err(e) => CommandOutcome::text(format!("Login failed: {e}. Try again, or `cancel`.")),
-                })
+                        Err(NetError::BadCode) => CommandOutcome::text(
+                            "That code is wrong. Send the right code, or `cancel`.",
+                        ),
+                        Err(NetError::CodeExpired) => {
+                            self.commands.pending.lock().await.remove(sender);
+                            CommandOutcome::text(format!(
+                                "The code expired. Send `login {account}` to get a new one."
+                            ))
+                        }
+                        Err(e) => CommandOutcome::text(format!(
+                            "Login failed: {e}. Try again, or `cancel`."
+                        )),
+                    },
+                )
             }
         }
     }
 
     async fn cmd_login(&self, sender: &str, account: &str) -> CommandOutcome {
         match self.portals.login(sender).await {
-            Ok(Some(a)) => return CommandOutcome::text(format!("You are already logged in as {a}. Send `logout` first.")),
+            Ok(Some(a)) => {
+                return CommandOutcome::text(format!(
+                    "You are already logged in as {a}. Send `logout` first."
+                ));
+            }
             Ok(None) => {}
             Err(e) => return CommandOutcome::text(format!("Cannot check your login: {e}")),
         }
         if !crate::wire::is_valid_account(account) {
-            return CommandOutcome::text("Usage: `login <identifier>`, e.g. `login +15551234567` (+ and 8 to 15 digits).");
+            return CommandOutcome::text(
+                "Usage: `login <identifier>`, e.g. `login +15551234567` (+ and 8 to 15 digits).",
+            );
         }
         match self.network.request_code(account).await {
             Ok(()) => {
-                self.commands.pending.lock().await.insert(sender.to_owned(), Pending::LoginCode { account: account.to_owned() });
-                CommandOutcome::text(format!("A verification code was sent to {account}. Send it here (or `cancel`)."))
+                self.commands.pending.lock().await.insert(
+                    sender.to_owned(),
+                    Pending::LoginCode {
+                        account: account.to_owned(),
+                    },
+                );
+                CommandOutcome::text(format!(
+                    "A verification code was sent to {account}. Send it here (or `cancel`)."
+                ))
             }
-            Err(e) => CommandOutcome::text(format!("Cannot start the login: {e}. Try again later.")),
+            Err(e) => {
+                CommandOutcome::text(format!("Cannot start the login: {e}. Try again later."))
+            }
         }
     }
 
@@ -242,7 +400,12 @@ impl Bridge {
         let bot = self.matrix.bot_mxid().to_owned();
         for p in &portals {
             if let Some(room) = &p.room_id {
-                let _ = self.notice(room, "This chat is no longer bridged: its owner logged out.").await;
+                let _ = self
+                    .notice(
+                        room,
+                        "This chat is no longer bridged: its owner logged out.",
+                    )
+                    .await;
                 if let Ok(members) = self.matrix.joined_members(room, &bot).await {
                     for m in members.iter().filter(|m| self.matrix.is_ghost(m)) {
                         let _ = self.matrix.leave(room, m).await;
@@ -253,7 +416,9 @@ impl Bridge {
             let _ = self.portals.delete_portal(sender, &p.chat_id).await;
         }
         if let Err(e) = self.portals.delete_login(sender).await {
-            return CommandOutcome::text(format!("Logged out, but the login record could not be removed: {e}"));
+            return CommandOutcome::text(format!(
+                "Logged out, but the login record could not be removed: {e}"
+            ));
         }
         CommandOutcome::text(format!(
             "Logged out of {account}. Your keys on the bridge were destroyed and {} portal(s) closed.",
@@ -281,22 +446,31 @@ impl Bridge {
             return CommandOutcome::text("You are not logged in. Send `login <identifier>` first.");
         };
         if !crate::wire::is_valid_account(contact) {
-            return CommandOutcome::text("Usage: `start-chat <identifier>`, e.g. `start-chat +15551234567`.");
+            return CommandOutcome::text(
+                "Usage: `start-chat <identifier>`, e.g. `start-chat +15551234567`.",
+            );
         }
         if contact == acc.account_id() {
             return CommandOutcome::text("That is your own identifier.");
         }
         match acc.profile_name(contact).await {
-            Ok(None) => return CommandOutcome::text(format!("{contact} is not on the interop network.")),
+            Ok(None) => {
+                return CommandOutcome::text(format!("{contact} is not on the interop network."));
+            }
             Err(e) => return CommandOutcome::text(format!("Cannot look up {contact}: {e}")),
             Ok(Some(_)) => {}
         }
-        match self.ensure_portal(sender, &acc, &NetTarget::Contact(contact.to_owned()), None).await {
+        match self
+            .ensure_portal(sender, &acc, &NetTarget::Contact(contact.to_owned()), None)
+            .await
+        {
             Ok(p) => {
                 let room = p.room_id.unwrap_or_default();
                 let bot = self.matrix.bot_mxid().to_owned();
                 let _ = self.matrix.invite(&room, &bot, sender).await;
-                CommandOutcome::text(format!("Your chat with {contact}: https://matrix.to/#/{room}"))
+                CommandOutcome::text(format!(
+                    "Your chat with {contact}: https://matrix.to/#/{room}"
+                ))
             }
             Err(e) => CommandOutcome::text(format!("Cannot open the chat: {e}")),
         }
@@ -309,8 +483,15 @@ impl Bridge {
                 let lines: Vec<String> = ps
                     .iter()
                     .map(|p| {
-                        let what = if p.name.is_empty() { p.chat_id.clone() } else { format!("{} ({})", p.name, p.chat_id) };
-                        format!("- {what}: https://matrix.to/#/{}", p.room_id.clone().unwrap_or_default())
+                        let what = if p.name.is_empty() {
+                            p.chat_id.clone()
+                        } else {
+                            format!("{} ({})", p.name, p.chat_id)
+                        };
+                        format!(
+                            "- {what}: https://matrix.to/#/{}",
+                            p.room_id.clone().unwrap_or_default()
+                        )
                     })
                     .collect();
                 CommandOutcome::text(lines.join("\n"))
@@ -331,15 +512,28 @@ impl Bridge {
                 refreshed += 1;
             }
         }
-        CommandOutcome::text(format!("Synced {refreshed} contact(s) of {} chat(s).", portals.len()))
+        CommandOutcome::text(format!(
+            "Synced {refreshed} contact(s) of {} chat(s).",
+            portals.len()
+        ))
     }
 
-    async fn cmd_relay(&self, room_id: &str, sender: &str, level: PermissionLevel, on: bool) -> CommandOutcome {
+    async fn cmd_relay(
+        &self,
+        room_id: &str,
+        sender: &str,
+        level: PermissionLevel,
+        on: bool,
+    ) -> CommandOutcome {
         if !self.settings.bridge.relay.enabled {
-            return CommandOutcome::text("Relay mode is disabled in the bridge configuration (bridge.relay.enabled).");
+            return CommandOutcome::text(
+                "Relay mode is disabled in the bridge configuration (bridge.relay.enabled).",
+            );
         }
         if self.settings.bridge.relay.admin_only && level < PermissionLevel::Admin {
-            return CommandOutcome::text("Only bridge admins may change the relay (bridge.relay.admin_only).");
+            return CommandOutcome::text(
+                "Only bridge admins may change the relay (bridge.relay.admin_only).",
+            );
         }
         let Ok(Some(mut portal)) = self.portals.portal_by_room(room_id).await else {
             return CommandOutcome::text("Run this in a portal room.");
@@ -353,20 +547,33 @@ impl Bridge {
             portal.relay = None;
         }
         match self.portals.save_portal(&portal).await {
-            Ok(()) if on => CommandOutcome::text("Messages of users without their own login now go out through your login."),
+            Ok(()) if on => CommandOutcome::text(
+                "Messages of users without their own login now go out through your login.",
+            ),
             Ok(()) => CommandOutcome::text("Relay removed from this room."),
             Err(e) => CommandOutcome::text(format!("Cannot save the relay: {e}")),
         }
     }
 
-    async fn cmd_delete_portal(&self, room_id: &str, sender: &str, level: PermissionLevel) -> CommandOutcome {
+    async fn cmd_delete_portal(
+        &self,
+        room_id: &str,
+        sender: &str,
+        level: PermissionLevel,
+    ) -> CommandOutcome {
         let Ok(Some(portal)) = self.portals.portal_by_room(room_id).await else {
             return CommandOutcome::text("Run this in the portal room you want to delete.");
         };
         if portal.receiver != sender && level < PermissionLevel::Admin {
-            return CommandOutcome::text("Only the owner of this chat or an admin can delete its portal.");
+            return CommandOutcome::text(
+                "Only the owner of this chat or an admin can delete its portal.",
+            );
         }
-        if let Err(e) = self.portals.delete_portal(&portal.receiver, &portal.chat_id).await {
+        if let Err(e) = self
+            .portals
+            .delete_portal(&portal.receiver, &portal.chat_id)
+            .await
+        {
             return CommandOutcome::text(format!("Cannot delete the portal: {e}"));
         }
         let bot = self.matrix.bot_mxid().to_owned();
@@ -384,15 +591,29 @@ impl Bridge {
         let Some(acc) = self.network.account(sender) else {
             return CommandOutcome::text("You are not logged in.");
         };
-        let (name, members): (Vec<&str>, Vec<&str>) = args.iter().partition(|a| !a.starts_with('+'));
+        let (name, members): (Vec<&str>, Vec<&str>) =
+            args.iter().partition(|a| !a.starts_with('+'));
         if members.is_empty() || members.iter().any(|m| !crate::wire::is_valid_account(m)) {
-            return CommandOutcome::text("Usage: `create-group <name> <+contact> [<+contact>...]`.");
+            return CommandOutcome::text(
+                "Usage: `create-group <name> <+contact> [<+contact>...]`.",
+            );
         }
         let name = name.join(" ");
-        match acc.create_group(&name, members.iter().map(|m| m.to_string()).collect()).await {
-            Ok(g) => match self.ensure_portal(sender, &acc, &NetTarget::Group(g.id.clone()), Some(&g)).await {
-                Ok(p) => CommandOutcome::text(format!("Group created: https://matrix.to/#/{}", p.room_id.unwrap_or_default())),
-                Err(e) => CommandOutcome::text(format!("The group was created but its room could not be: {e}")),
+        match acc
+            .create_group(&name, members.iter().map(|m| m.to_string()).collect())
+            .await
+        {
+            Ok(g) => match self
+                .ensure_portal(sender, &acc, &NetTarget::Group(g.id.clone()), Some(&g))
+                .await
+            {
+                Ok(p) => CommandOutcome::text(format!(
+                    "Group created: https://matrix.to/#/{}",
+                    p.room_id.unwrap_or_default()
+                )),
+                Err(e) => CommandOutcome::text(format!(
+                    "The group was created but its room could not be: {e}"
+                )),
             },
             Err(e) => CommandOutcome::text(format!("Cannot create the group: {e}")),
         }

@@ -52,20 +52,57 @@ pub trait MatrixConnector: Send + Sync {
     async fn join(&self, room_id: &str, as_user: &str) -> Result<(), BridgeError>;
     async fn leave(&self, room_id: &str, as_user: &str) -> Result<(), BridgeError>;
     /// Sends an `m.notice` with a plain body and an HTML body; returns the event id.
-    async fn send_notice(&self, room_id: &str, as_user: &str, body: &str, html: &str) -> Result<String, BridgeError>;
-    async fn joined_members(&self, room_id: &str, as_user: &str) -> Result<Vec<String>, BridgeError>;
+    async fn send_notice(
+        &self,
+        room_id: &str,
+        as_user: &str,
+        body: &str,
+        html: &str,
+    ) -> Result<String, BridgeError>;
+    async fn joined_members(
+        &self,
+        room_id: &str,
+        as_user: &str,
+    ) -> Result<Vec<String>, BridgeError>;
     /// Registers a ghost (idempotent) and sets its display name; returns its user id.
-    async fn ensure_ghost(&self, localpart: &str, displayname: &str) -> Result<String, BridgeError>;
+    async fn ensure_ghost(&self, localpart: &str, displayname: &str)
+    -> Result<String, BridgeError>;
     /// Creates a room as the bot from a `createRoom` body; returns the room id.
     async fn create_room(&self, body: Value) -> Result<String, BridgeError>;
     async fn invite(&self, room_id: &str, by: &str, invitee: &str) -> Result<(), BridgeError>;
     /// Sends a message event; the same `txn_id` from the same user is applied once.
-    async fn send_event(&self, room_id: &str, as_user: &str, event_type: &str, content: Value, txn_id: &str) -> Result<String, BridgeError>;
-    async fn send_state(&self, room_id: &str, as_user: &str, event_type: &str, state_key: &str, content: Value) -> Result<String, BridgeError>;
-    async fn redact(&self, room_id: &str, as_user: &str, event_id: &str) -> Result<(), BridgeError>;
-    async fn read_receipt(&self, room_id: &str, as_user: &str, event_id: &str) -> Result<(), BridgeError>;
+    async fn send_event(
+        &self,
+        room_id: &str,
+        as_user: &str,
+        event_type: &str,
+        content: Value,
+        txn_id: &str,
+    ) -> Result<String, BridgeError>;
+    async fn send_state(
+        &self,
+        room_id: &str,
+        as_user: &str,
+        event_type: &str,
+        state_key: &str,
+        content: Value,
+    ) -> Result<String, BridgeError>;
+    async fn redact(&self, room_id: &str, as_user: &str, event_id: &str)
+    -> Result<(), BridgeError>;
+    async fn read_receipt(
+        &self,
+        room_id: &str,
+        as_user: &str,
+        event_id: &str,
+    ) -> Result<(), BridgeError>;
     async fn typing(&self, room_id: &str, as_user: &str, typing: bool) -> Result<(), BridgeError>;
-    async fn upload(&self, as_user: &str, data: Vec<u8>, mimetype: &str, filename: Option<&str>) -> Result<String, BridgeError>;
+    async fn upload(
+        &self,
+        as_user: &str,
+        data: Vec<u8>,
+        mimetype: &str,
+        filename: Option<&str>,
+    ) -> Result<String, BridgeError>;
     /// Downloads media by mxc URI (authenticated media); returns the bytes and content type.
     async fn download(&self, mxc: &str) -> Result<(Vec<u8>, Option<String>), BridgeError>;
 }
@@ -139,13 +176,24 @@ impl Bridge {
         self.settings.bridge.permission_of(mxid)
     }
 
-    async fn on_bot_invite(&self, room_id: &str, inviter: &str, is_direct: bool) -> Result<(), BridgeError> {
+    async fn on_bot_invite(
+        &self,
+        room_id: &str,
+        inviter: &str,
+        is_direct: bool,
+    ) -> Result<(), BridgeError> {
         let bot = self.matrix.bot_mxid().to_owned();
         let level = self.permission_of(inviter);
         self.matrix.join(room_id, &bot).await?;
         if level < PermissionLevel::Commands {
-            tracing::info!(room_id, inviter, ?level, "refusing invite from a user without permission");
-            let msg = "You are not allowed to use this bridge. Ask the homeserver admin for access.";
+            tracing::info!(
+                room_id,
+                inviter,
+                ?level,
+                "refusing invite from a user without permission"
+            );
+            let msg =
+                "You are not allowed to use this bridge. Ask the homeserver admin for access.";
             self.matrix.send_notice(room_id, &bot, msg, msg).await?;
             self.matrix.leave(room_id, &bot).await?;
             return Ok(());
@@ -162,8 +210,12 @@ impl Bridge {
             self.matrix.send_notice(room_id, &bot, body, html).await?;
         } else {
             let prefix = &self.settings.bridge.command_prefix;
-            let body = format!("Hello! Commands in this room start with `{prefix}`, e.g. `{prefix} help`.");
-            let html = format!("Hello! Commands in this room start with <code>{prefix}</code>, e.g. <code>{prefix} help</code>.");
+            let body = format!(
+                "Hello! Commands in this room start with `{prefix}`, e.g. `{prefix} help`."
+            );
+            let html = format!(
+                "Hello! Commands in this room start with <code>{prefix}</code>, e.g. <code>{prefix} help</code>."
+            );
             self.matrix.send_notice(room_id, &bot, &body, &html).await?;
         }
         Ok(())
@@ -172,12 +224,15 @@ impl Bridge {
     async fn on_text(&self, room_id: &str, sender: &str, body: &str) -> Result<(), BridgeError> {
         let prefix = &self.settings.bridge.command_prefix;
         let in_management = self.users.management_room(sender).await?.as_deref() == Some(room_id);
-        if in_management && !body.starts_with(prefix.as_str()) {
-            if let Some(outcome) = self.continue_pending(room_id, sender, body.trim()).await {
-                let bot = self.matrix.bot_mxid().to_owned();
-                self.matrix.send_notice(room_id, &bot, &outcome.body, &outcome.html).await?;
-                return Ok(());
-            }
+        if in_management
+            && !body.starts_with(prefix.as_str())
+            && let Some(outcome) = self.continue_pending(room_id, sender, body.trim()).await
+        {
+            let bot = self.matrix.bot_mxid().to_owned();
+            self.matrix
+                .send_notice(room_id, &bot, &outcome.body, &outcome.html)
+                .await?;
+            return Ok(());
         }
         let command = if let Some(rest) = body.strip_prefix(prefix.as_str()) {
             if !(rest.is_empty() || rest.starts_with(char::is_whitespace)) {
@@ -193,7 +248,9 @@ impl Bridge {
             Some(cmd) => {
                 let outcome = self.run_command(room_id, sender, cmd).await;
                 let bot = self.matrix.bot_mxid().to_owned();
-                self.matrix.send_notice(room_id, &bot, &outcome.body, &outcome.html).await?;
+                self.matrix
+                    .send_notice(room_id, &bot, &outcome.body, &outcome.html)
+                    .await?;
                 if self.leave_after.lock().await.remove(room_id) {
                     self.matrix.leave(room_id, &bot).await?;
                 }
@@ -212,7 +269,9 @@ impl MatrixEventHandler for Bridge {
         let ty = ev["type"].as_str().unwrap_or_default();
         let room_id = ev["room_id"].as_str().unwrap_or_default();
         let sender = ev["sender"].as_str().unwrap_or_default();
-        tracing::Span::current().record("event_type", ty).record("room_id", room_id);
+        tracing::Span::current()
+            .record("event_type", ty)
+            .record("room_id", room_id);
         if room_id.is_empty() || sender.is_empty() {
             return Ok(());
         }
@@ -236,7 +295,10 @@ impl MatrixEventHandler for Bridge {
                 if let Some(portal) = self.portals.portal_by_room(room_id).await? {
                     // Commands work in portals too; everything else is bridged.
                     let prefix = &self.settings.bridge.command_prefix;
-                    if ty == "m.room.message" && content["msgtype"] == "m.text" && body.starts_with(prefix.as_str()) {
+                    if ty == "m.room.message"
+                        && content["msgtype"] == "m.text"
+                        && body.starts_with(prefix.as_str())
+                    {
                         return self.on_text(room_id, sender, body).await;
                     }
                     return self.on_portal_event(portal, ev).await;
@@ -244,7 +306,11 @@ impl MatrixEventHandler for Bridge {
                 if ty != "m.room.message" {
                     return Ok(());
                 }
-                if content["msgtype"] == "m.text" && content.get("m.relates_to").is_none_or(|r| r["rel_type"] != "m.replace") {
+                if content["msgtype"] == "m.text"
+                    && content
+                        .get("m.relates_to")
+                        .is_none_or(|r| r["rel_type"] != "m.replace")
+                {
                     let body = content["body"].as_str().unwrap_or_default();
                     return self.on_text(room_id, sender, body).await;
                 }
@@ -261,7 +327,11 @@ impl MatrixEventHandler for Bridge {
 
 #[async_trait]
 impl network::NetEventSink for Bridge {
-    async fn handle_network_event(&self, mxid: &str, event: &network::NetEvent) -> Result<(), BridgeError> {
+    async fn handle_network_event(
+        &self,
+        mxid: &str,
+        event: &network::NetEvent,
+    ) -> Result<(), BridgeError> {
         self.on_network_event(mxid, event).await
     }
 }

@@ -54,7 +54,9 @@ fn close_tag(f: &Format) -> &'static str {
 
 fn is_safe_url(url: &str) -> bool {
     let lower = url.to_ascii_lowercase();
-    ["https://", "http://", "mailto:", "matrix:", "tel:"].iter().any(|p| lower.starts_with(p))
+    ["https://", "http://", "mailto:", "matrix:", "tel:"]
+        .iter()
+        .any(|p| lower.starts_with(p))
 }
 
 /// Renders interop text as Matrix HTML, or `None` when it has no formatting. Overlapping ranges
@@ -79,8 +81,10 @@ pub fn text_to_html(t: &Text) -> Option<String> {
     let mut html = String::new();
     for w in bounds.windows(2) {
         let (a, b) = (w[0], w[1]);
-        let active: Vec<&&Format> =
-            formats.iter().filter(|f| (f.start as usize) <= a && b <= (f.start + f.length) as usize).collect();
+        let active: Vec<&&Format> = formats
+            .iter()
+            .filter(|f| (f.start as usize) <= a && b <= (f.start + f.length) as usize)
+            .collect();
         for f in &active {
             html.push_str(&open_tag(f));
         }
@@ -108,9 +112,17 @@ pub fn html_to_text(html: &str) -> Text {
             rest = after.get(end + 1..).unwrap_or("");
             let closing = tag.starts_with('/');
             let tag_body = tag.trim_start_matches('/').trim_end_matches('/');
-            let name: String = tag_body.split(|c: char| c.is_whitespace()).next().unwrap_or("").to_ascii_lowercase();
+            let name: String = tag_body
+                .split(|c: char| c.is_whitespace())
+                .next()
+                .unwrap_or("")
+                .to_ascii_lowercase();
             if name == "mx-reply" {
-                if closing { skip_depth = skip_depth.saturating_sub(1) } else { skip_depth += 1 }
+                if closing {
+                    skip_depth = skip_depth.saturating_sub(1)
+                } else {
+                    skip_depth += 1
+                }
                 continue;
             }
             if skip_depth > 0 {
@@ -118,7 +130,12 @@ pub fn html_to_text(html: &str) -> Text {
             }
             match (closing, name.as_str()) {
                 (false, "br") => body.push('\n'),
-                (true, "p") | (true, "div") | (true, "li") | (true, "h1") | (true, "h2") | (true, "h3") => {
+                (true, "p")
+                | (true, "div")
+                | (true, "li")
+                | (true, "h1")
+                | (true, "h2")
+                | (true, "h3") => {
                     if !body.is_empty() && body.last() != Some(&'\n') {
                         body.push('\n');
                     }
@@ -136,7 +153,11 @@ pub fn html_to_text(html: &str) -> Text {
                         "span" if tag_body.contains("data-mx-spoiler") => Some(Style::Spoiler),
                         _ => None,
                     };
-                    let url = if name == "a" { attr(tag_body, "href").unwrap_or_default() } else { String::new() };
+                    let url = if name == "a" {
+                        attr(tag_body, "href").unwrap_or_default()
+                    } else {
+                        String::new()
+                    };
                     open.push((name, style, body.len(), url));
                 }
                 (true, _) => {
@@ -146,10 +167,17 @@ pub fn html_to_text(html: &str) -> Text {
                             let len = body.len() - start;
                             if len > 0 {
                                 let (style, url) = match (style, url) {
-                                    (Style::Link, u) if u.starts_with("https://matrix.to/#/@") => (Style::Mention, u),
+                                    (Style::Link, u) if u.starts_with("https://matrix.to/#/@") => {
+                                        (Style::Mention, u)
+                                    }
                                     (s, u) => (s, u),
                                 };
-                                formats.push(Format { style: style as i32, start: start as u32, length: len as u32, url });
+                                formats.push(Format {
+                                    style: style as i32,
+                                    start: start as u32,
+                                    length: len as u32,
+                                    url,
+                                });
                             }
                         }
                     }
@@ -172,7 +200,10 @@ pub fn html_to_text(html: &str) -> Text {
         f.length = f.length.min(n - f.start);
     }
     formats.sort_by_key(|f| (f.start, f.style));
-    Text { body: body.into_iter().collect(), formats }
+    Text {
+        body: body.into_iter().collect(),
+        formats,
+    }
 }
 
 fn attr(tag: &str, name: &str) -> Option<String> {
@@ -205,7 +236,9 @@ fn unescape(s: &str) -> String {
             "quot" => Some('"'),
             "apos" | "#39" => Some('\''),
             "nbsp" => Some('\u{a0}'),
-            e if e.starts_with("#x") || e.starts_with("#X") => u32::from_str_radix(&e[2..], 16).ok().and_then(char::from_u32),
+            e if e.starts_with("#x") || e.starts_with("#X") => u32::from_str_radix(&e[2..], 16)
+                .ok()
+                .and_then(char::from_u32),
             e if e.starts_with('#') => e[1..].parse().ok().and_then(char::from_u32),
             _ => None,
         };
@@ -248,7 +281,14 @@ pub fn location_text(l: &Location) -> String {
 }
 
 pub fn contact_text(c: &ContactCard) -> String {
-    let mut parts = vec![format!("Contact: {}", if c.display_name.is_empty() { "(no name)" } else { &c.display_name })];
+    let mut parts = vec![format!(
+        "Contact: {}",
+        if c.display_name.is_empty() {
+            "(no name)"
+        } else {
+            &c.display_name
+        }
+    )];
     if !c.phone_numbers.is_empty() {
         parts.push(format!("phone {}", c.phone_numbers.join(", ")));
     }
@@ -273,22 +313,38 @@ mod tests {
     use super::*;
 
     fn f(style: Style, start: u32, length: u32) -> Format {
-        Format { style: style as i32, start, length, url: String::new() }
+        Format {
+            style: style as i32,
+            start,
+            length,
+            url: String::new(),
+        }
     }
 
     #[test]
     fn formats_render_nested_and_escaped() {
-        let t = Text { body: "bold <and> both".into(), formats: vec![f(Style::Bold, 0, 10), f(Style::Italic, 5, 10)] };
+        let t = Text {
+            body: "bold <and> both".into(),
+            formats: vec![f(Style::Bold, 0, 10), f(Style::Italic, 5, 10)],
+        };
         assert_eq!(
             text_to_html(&t).expect("html"),
             "<strong>bold </strong><strong><em>&lt;and&gt;</em></strong><em> both</em>"
         );
-        assert_eq!(text_to_html(&Text { body: "plain".into(), formats: vec![] }), None);
+        assert_eq!(
+            text_to_html(&Text {
+                body: "plain".into(),
+                formats: vec![]
+            }),
+            None
+        );
     }
 
     #[test]
     fn html_parses_to_ranges_over_code_points() {
-        let t = html_to_text("héllo <b>wörld</b> <a href=\"https://x.org/?a=1&amp;b=2\">link</a><br>line <code>c</code>");
+        let t = html_to_text(
+            "héllo <b>wörld</b> <a href=\"https://x.org/?a=1&amp;b=2\">link</a><br>line <code>c</code>",
+        );
         assert_eq!(t.body, "héllo wörld link\nline c");
         assert_eq!(t.formats[0], f(Style::Bold, 6, 5));
         assert_eq!(t.formats[1].style, Style::Link as i32);
@@ -300,21 +356,39 @@ mod tests {
     fn unsafe_links_and_reply_fallbacks_are_dropped() {
         let t = Text {
             body: "click".into(),
-            formats: vec![Format { style: Style::Link as i32, start: 0, length: 5, url: "javascript:alert(1)".into() }],
+            formats: vec![Format {
+                style: Style::Link as i32,
+                start: 0,
+                length: 5,
+                url: "javascript:alert(1)".into(),
+            }],
         };
         assert_eq!(text_to_html(&t), None);
-        let t = html_to_text("<mx-reply><blockquote>old <b>x</b></blockquote></mx-reply>new <script>bad</script>");
+        let t = html_to_text(
+            "<mx-reply><blockquote>old <b>x</b></blockquote></mx-reply>new <script>bad</script>",
+        );
         assert_eq!(t.body, "new bad");
         assert!(t.formats.is_empty());
-        assert_eq!(strip_reply_fallback("> <@a:b> hi\n> there\n\nanswer"), "answer");
-        assert_eq!(strip_reply_fallback("> quote without end"), "> quote without end");
+        assert_eq!(
+            strip_reply_fallback("> <@a:b> hi\n> there\n\nanswer"),
+            "answer"
+        );
+        assert_eq!(
+            strip_reply_fallback("> quote without end"),
+            "> quote without end"
+        );
     }
 
     #[test]
     fn geo_and_text_renderings() {
         assert_eq!(parse_geo_uri("geo:52.52,13.40;u=35"), Some((52.52, 13.40)));
         assert_eq!(parse_geo_uri("nope"), None);
-        let c = ContactCard { display_name: "Ann".into(), phone_numbers: vec!["+1555".into()], emails: vec![], vcard: String::new() };
+        let c = ContactCard {
+            display_name: "Ann".into(),
+            phone_numbers: vec!["+1555".into()],
+            emails: vec![],
+            vcard: String::new(),
+        };
         assert_eq!(contact_text(&c), "Contact: Ann; phone +1555");
     }
 }

@@ -61,7 +61,12 @@ pub trait Network: Send + Sync {
     /// Asks the network to send a verification code for `account`.
     async fn request_code(&self, account: &str) -> Result<(), NetError>;
     /// Checks the code, stores the credentials for `mxid` and connects the account.
-    async fn verify_and_connect(&self, mxid: &str, account: &str, code: &str) -> Result<Arc<dyn NetAccount>, NetError>;
+    async fn verify_and_connect(
+        &self,
+        mxid: &str,
+        account: &str,
+        code: &str,
+    ) -> Result<Arc<dyn NetAccount>, NetError>;
     /// Connects a stored login (at start-up).
     async fn reconnect(&self, mxid: &str) -> Result<Arc<dyn NetAccount>, NetError>;
     /// Disconnects and destroys everything the bridge holds for the login.
@@ -77,13 +82,25 @@ pub trait Network: Send + Sync {
 pub trait NetAccount: Send + Sync {
     fn account_id(&self) -> &str;
     fn is_connected(&self) -> bool;
-    async fn send(&self, to: NetTarget, message_id: String, data: DataMessage) -> Result<(), NetError>;
-    async fn receipt(&self, to: &str, read: bool, message_ids: Vec<String>) -> Result<(), NetError>;
+    async fn send(
+        &self,
+        to: NetTarget,
+        message_id: String,
+        data: DataMessage,
+    ) -> Result<(), NetError>;
+    async fn receipt(&self, to: &str, read: bool, message_ids: Vec<String>)
+    -> Result<(), NetError>;
     async fn typing(&self, to: NetTarget, typing: bool) -> Result<(), NetError>;
     async fn upload(&self, data: Vec<u8>) -> Result<UploadedMedia, NetError>;
     async fn download(&self, blob: &str, key: &[u8], sha256: &[u8]) -> Result<Vec<u8>, NetError>;
     async fn create_group(&self, name: &str, members: Vec<String>) -> Result<GroupInfo, NetError>;
-    async fn update_group(&self, group: &str, add: Vec<String>, remove: Vec<String>, name: Option<String>) -> Result<GroupInfo, NetError>;
+    async fn update_group(
+        &self,
+        group: &str,
+        add: Vec<String>,
+        remove: Vec<String>,
+        name: Option<String>,
+    ) -> Result<GroupInfo, NetError>;
     /// Display name of a contact (`None` if the network does not know the account).
     async fn profile_name(&self, account: &str) -> Result<Option<String>, NetError>;
     /// The event with this envelope id is handled.
@@ -93,21 +110,59 @@ pub trait NetAccount: Send + Sync {
 /// Receives network events; implemented by the bridge core.
 #[async_trait]
 pub trait NetEventSink: Send + Sync {
-    async fn handle_network_event(&self, mxid: &str, event: &NetEvent) -> Result<(), super::BridgeError>;
+    async fn handle_network_event(
+        &self,
+        mxid: &str,
+        event: &NetEvent,
+    ) -> Result<(), super::BridgeError>;
 }
 
 /// Something that happened on the network for the login of `mxid`.
 #[derive(Debug)]
+// Messages dominate and are moved once through a channel; boxing them buys nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum NetEvent {
-    Message { envelope_id: u64, from: String, group: Option<String>, message_id: String, timestamp: u64, data: DataMessage },
-    Receipt { envelope_id: u64, from: String, group: Option<String>, read: bool, message_ids: Vec<String> },
-    GroupUpdate { envelope_id: u64, from: String, group: GroupInfo },
-    Typing { from: String, group: Option<String>, typing: bool },
-    IdentityChanged { peer: String },
-    Undecryptable { envelope_id: u64, from: String, group: Option<String>, reason: String },
+    Message {
+        envelope_id: u64,
+        from: String,
+        group: Option<String>,
+        message_id: String,
+        timestamp: u64,
+        data: DataMessage,
+    },
+    Receipt {
+        envelope_id: u64,
+        from: String,
+        group: Option<String>,
+        read: bool,
+        message_ids: Vec<String>,
+    },
+    GroupUpdate {
+        envelope_id: u64,
+        from: String,
+        group: GroupInfo,
+    },
+    Typing {
+        from: String,
+        group: Option<String>,
+        typing: bool,
+    },
+    IdentityChanged {
+        peer: String,
+    },
+    Undecryptable {
+        envelope_id: u64,
+        from: String,
+        group: Option<String>,
+        reason: String,
+    },
     Connected,
-    Disconnected { reason: String },
-    LoggedOut { reason: String },
+    Disconnected {
+        reason: String,
+    },
+    LoggedOut {
+        reason: String,
+    },
 }
 
 impl NetEvent {

@@ -7,8 +7,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use super::{
-    Bridge, BridgeError,
-    msgconv,
+    Bridge, BridgeError, msgconv,
     network::{GroupInfo, NetAccount, NetError, NetEvent, NetTarget},
 };
 use crate::{
@@ -21,7 +20,11 @@ use crate::{
 
 impl From<NetError> for BridgeError {
     fn from(e: NetError) -> Self {
-        if e.is_transient() { BridgeError::Matrix(e.to_string()) } else { BridgeError::Network(e.to_string()) }
+        if e.is_transient() {
+            BridgeError::Matrix(e.to_string())
+        } else {
+            BridgeError::Network(e.to_string())
+        }
     }
 }
 
@@ -44,37 +47,61 @@ fn reaction_part(author: &str, emoji: &str) -> String {
 
 impl Bridge {
     pub(crate) fn ghost_localpart(&self, account: &str) -> String {
-        self.settings.username_template.replace("{id}", account.trim_start_matches('+'))
+        self.settings
+            .username_template
+            .replace("{id}", account.trim_start_matches('+'))
     }
 
     fn ghost_mxid(&self, account: &str) -> String {
-        format!("@{}:{}", self.ghost_localpart(account), self.settings.homeserver_domain)
+        format!(
+            "@{}:{}",
+            self.ghost_localpart(account),
+            self.settings.homeserver_domain
+        )
     }
 
     /// The interop account a ghost stands for.
     pub(crate) fn account_of_ghost(&self, mxid: &str) -> Option<String> {
         let (prefix, suffix) = self.settings.username_template.split_once("{id}")?;
-        let local = mxid.strip_prefix('@')?.strip_suffix(&format!(":{}", self.settings.homeserver_domain))?;
+        let local = mxid
+            .strip_prefix('@')?
+            .strip_suffix(&format!(":{}", self.settings.homeserver_domain))?;
         let digits = local.strip_prefix(prefix)?.strip_suffix(suffix)?;
         let account = format!("+{digits}");
         crate::wire::is_valid_account(&account).then_some(account)
     }
 
     /// Registers the contact's ghost (once) with its display name.
-    pub(crate) async fn ghost(&self, account: &str, via: Option<&Arc<dyn NetAccount>>) -> Result<String, BridgeError> {
+    pub(crate) async fn ghost(
+        &self,
+        account: &str,
+        via: Option<&Arc<dyn NetAccount>>,
+    ) -> Result<String, BridgeError> {
         let mxid = self.ghost_mxid(account);
         if self.ghosts_seen.lock().await.contains(account) {
             return Ok(mxid);
         }
         let known = self.portals.ghost_profile(account).await?;
         let name = match via {
-            Some(acc) => acc.profile_name(account).await.ok().flatten().filter(|n| !n.is_empty()),
+            Some(acc) => acc
+                .profile_name(account)
+                .await
+                .ok()
+                .flatten()
+                .filter(|n| !n.is_empty()),
             None => None,
         }
-        .or_else(|| known.as_ref().map(|k| k.0.clone()).filter(|n| !n.is_empty()))
+        .or_else(|| {
+            known
+                .as_ref()
+                .map(|k| k.0.clone())
+                .filter(|n| !n.is_empty())
+        })
         .unwrap_or_else(|| account.to_owned());
         if known.as_ref().map(|k| &k.0) != Some(&name) {
-            self.matrix.ensure_ghost(&self.ghost_localpart(account), &name).await?;
+            self.matrix
+                .ensure_ghost(&self.ghost_localpart(account), &name)
+                .await?;
             self.portals.save_ghost(account, &mxid, &name, "").await?;
         }
         self.ghosts_seen.lock().await.insert(account.to_owned());
@@ -94,10 +121,10 @@ impl Bridge {
             NetTarget::Contact(a) => (a.clone(), PortalKind::Dm),
             NetTarget::Group(g) => (g.clone(), PortalKind::Group),
         };
-        if let Some(p) = self.portals.portal(receiver, &chat_id).await? {
-            if p.room_id.is_some() {
-                return Ok(p);
-            }
+        if let Some(p) = self.portals.portal(receiver, &chat_id).await?
+            && p.room_id.is_some()
+        {
+            return Ok(p);
         }
         let bot = self.matrix.bot_mxid().to_owned();
         let me = acc.account_id().to_owned();
@@ -142,7 +169,14 @@ impl Bridge {
         for g in &ghosts {
             self.matrix.join(&room_id, g).await?;
         }
-        let portal = Portal { receiver: receiver.to_owned(), chat_id, kind, room_id: Some(room_id), name, relay: None };
+        let portal = Portal {
+            receiver: receiver.to_owned(),
+            chat_id,
+            kind,
+            room_id: Some(room_id),
+            name,
+            relay: None,
+        };
         self.portals.save_portal(&portal).await?;
         tracing::info!(room_id = portal.room_id.as_deref(), kind = ?kind, "portal created");
         Ok(portal)
@@ -150,23 +184,42 @@ impl Bridge {
 
     /// Handles one event of the login of `mxid`.
     pub async fn on_network_event(&self, mxid: &str, ev: &NetEvent) -> Result<(), BridgeError> {
-        let Some(acc) = self.network.account(mxid) else { return Ok(()) };
+        let Some(acc) = self.network.account(mxid) else {
+            return Ok(());
+        };
         match ev {
-            NetEvent::Message { from, group, message_id, data, .. } => {
+            NetEvent::Message {
+                from,
+                group,
+                message_id,
+                data,
+                ..
+            } => {
                 let chat = match group {
                     Some(g) => NetTarget::Group(g.clone()),
                     None => NetTarget::Contact(from.clone()),
                 };
                 let portal = self.ensure_portal(mxid, &acc, &chat, None).await?;
-                self.bridge_incoming(&portal, &acc, from, message_id, data).await
+                self.bridge_incoming(&portal, &acc, from, message_id, data)
+                    .await
             }
-            NetEvent::Receipt { from, group, read, message_ids, .. } => {
+            NetEvent::Receipt {
+                from,
+                group,
+                read,
+                message_ids,
+                ..
+            } => {
                 if !read {
                     return Ok(());
                 }
                 let chat_id = group.clone().unwrap_or_else(|| from.clone());
-                let Some(portal) = self.portals.portal(mxid, &chat_id).await? else { return Ok(()) };
-                let Some(room) = portal.room_id.as_deref() else { return Ok(()) };
+                let Some(portal) = self.portals.portal(mxid, &chat_id).await? else {
+                    return Ok(());
+                };
+                let Some(room) = portal.room_id.as_deref() else {
+                    return Ok(());
+                };
                 let ghost = self.ghost(from, Some(&acc)).await?;
                 let mut last = None;
                 for id in message_ids {
@@ -179,17 +232,31 @@ impl Bridge {
                 }
                 Ok(())
             }
-            NetEvent::Typing { from, group, typing } => {
+            NetEvent::Typing {
+                from,
+                group,
+                typing,
+            } => {
                 let chat_id = group.clone().unwrap_or_else(|| from.clone());
-                if let Some(Portal { room_id: Some(room), .. }) = self.portals.portal(mxid, &chat_id).await? {
+                if let Some(Portal {
+                    room_id: Some(room),
+                    ..
+                }) = self.portals.portal(mxid, &chat_id).await?
+                {
                     let ghost = self.ghost(from, Some(&acc)).await?;
                     self.matrix.typing(&room, &ghost, *typing).await?;
                 }
                 Ok(())
             }
-            NetEvent::GroupUpdate { group, from, .. } => self.on_group_update(mxid, &acc, group, from).await,
+            NetEvent::GroupUpdate { group, from, .. } => {
+                self.on_group_update(mxid, &acc, group, from).await
+            }
             NetEvent::IdentityChanged { peer } => {
-                if let Some(Portal { room_id: Some(room), .. }) = self.portals.portal(mxid, peer).await? {
+                if let Some(Portal {
+                    room_id: Some(room),
+                    ..
+                }) = self.portals.portal(mxid, peer).await?
+                {
                     let text = format!(
                         "The safety number with {peer} changed: their device or app was reinstalled, or someone \
                          else may be using their account. Verify it with them if this is unexpected."
@@ -198,16 +265,35 @@ impl Bridge {
                 }
                 Ok(())
             }
-            NetEvent::Undecryptable { from, group, reason, .. } => {
+            NetEvent::Undecryptable {
+                from,
+                group,
+                reason,
+                ..
+            } => {
                 let chat_id = group.clone().unwrap_or_else(|| from.clone());
-                if let Some(Portal { room_id: Some(room), .. }) = self.portals.portal(mxid, &chat_id).await? {
-                    self.notice(&room, &format!("A message from {from} could not be decrypted ({reason}).")).await?;
+                if let Some(Portal {
+                    room_id: Some(room),
+                    ..
+                }) = self.portals.portal(mxid, &chat_id).await?
+                {
+                    self.notice(
+                        &room,
+                        &format!("A message from {from} could not be decrypted ({reason})."),
+                    )
+                    .await?;
                 }
                 Ok(())
             }
             NetEvent::LoggedOut { reason } => {
                 if let Some(room) = self.users.management_room(mxid).await? {
-                    self.notice(&room, &format!("Your interop login ended: {reason}. Send `login` to log in again.")).await?;
+                    self.notice(
+                        &room,
+                        &format!(
+                            "Your interop login ended: {reason}. Send `login` to log in again."
+                        ),
+                    )
+                    .await?;
                 }
                 Ok(())
             }
@@ -217,39 +303,65 @@ impl Bridge {
 
     pub(crate) async fn notice(&self, room: &str, text: &str) -> Result<(), BridgeError> {
         let bot = self.matrix.bot_mxid().to_owned();
-        self.matrix.send_notice(room, &bot, text, &msgconv::escape(text)).await.map(|_| ())
+        self.matrix
+            .send_notice(room, &bot, text, &msgconv::escape(text))
+            .await
+            .map(|_| ())
     }
 
-    async fn on_group_update(&self, mxid: &str, acc: &Arc<dyn NetAccount>, g: &GroupInfo, from: &str) -> Result<(), BridgeError> {
+    async fn on_group_update(
+        &self,
+        mxid: &str,
+        acc: &Arc<dyn NetAccount>,
+        g: &GroupInfo,
+        from: &str,
+    ) -> Result<(), BridgeError> {
         let me = acc.account_id().to_owned();
         let existing = self.portals.portal(mxid, &g.id).await?;
-        let Some(Portal { room_id: Some(room), name, .. }) = existing.clone() else {
+        let Some(Portal {
+            room_id: Some(room),
+            name,
+            ..
+        }) = existing.clone()
+        else {
             if g.members.contains(&me) {
-                self.ensure_portal(mxid, acc, &NetTarget::Group(g.id.clone()), Some(g)).await?;
+                self.ensure_portal(mxid, acc, &NetTarget::Group(g.id.clone()), Some(g))
+                    .await?;
             }
             return Ok(());
         };
-        let changer = if from == me { self.matrix.bot_mxid().to_owned() } else { self.ghost(from, Some(acc)).await? };
+        let changer = if from == me {
+            self.matrix.bot_mxid().to_owned()
+        } else {
+            self.ghost(from, Some(acc)).await?
+        };
         if name != g.name {
-            self.matrix.send_state(&room, &changer, "m.room.name", "", json!({"name": g.name})).await?;
+            self.matrix
+                .send_state(&room, &changer, "m.room.name", "", json!({"name": g.name}))
+                .await?;
             if let Some(mut p) = existing {
                 p.name = g.name.clone();
                 self.portals.save_portal(&p).await?;
             }
         }
-        let joined = self.matrix.joined_members(&room, self.matrix.bot_mxid()).await?;
+        let joined = self
+            .matrix
+            .joined_members(&room, self.matrix.bot_mxid())
+            .await?;
         for m in g.members.iter().filter(|m| **m != me) {
             let ghost = self.ghost(m, Some(acc)).await?;
             if !joined.contains(&ghost) {
-                self.matrix.invite(&room, self.matrix.bot_mxid(), &ghost).await?;
+                self.matrix
+                    .invite(&room, self.matrix.bot_mxid(), &ghost)
+                    .await?;
                 self.matrix.join(&room, &ghost).await?;
             }
         }
         for j in &joined {
-            if let Some(account) = self.account_of_ghost(j) {
-                if !g.members.contains(&account) {
-                    self.matrix.leave(&room, j).await?;
-                }
+            if let Some(account) = self.account_of_ghost(j)
+                && !g.members.contains(&account)
+            {
+                self.matrix.leave(&room, j).await?;
             }
         }
         Ok(())
@@ -264,12 +376,24 @@ impl Bridge {
         message_id: &str,
         data: &DataMessage,
     ) -> Result<(), BridgeError> {
-        let room = portal.room_id.clone().ok_or_else(|| BridgeError::Matrix("portal without room".into()))?;
-        if self.portals.by_message(&room, message_id, "").await?.is_some() {
+        let room = portal
+            .room_id
+            .clone()
+            .ok_or_else(|| BridgeError::Matrix("portal without room".into()))?;
+        if self
+            .portals
+            .by_message(&room, message_id, "")
+            .await?
+            .is_some()
+        {
             return Ok(()); // redelivered, already bridged
         }
         let me = acc.account_id();
-        let sender = if from == me { self.matrix.bot_mxid().to_owned() } else { self.ghost(from, Some(acc)).await? };
+        let sender = if from == me {
+            self.matrix.bot_mxid().to_owned()
+        } else {
+            self.ghost(from, Some(acc)).await?
+        };
         let txn = stable_id(&["in", &room, from, message_id]);
         let reply_to = match &data.reply_to {
             Some(q) => self.portals.by_message(&room, &q.message_id, "").await?,
@@ -283,10 +407,19 @@ impl Bridge {
                 };
                 let t = e.text.clone().unwrap_or_default();
                 let new = text_content(&t, "m.text");
-                let mut c = text_content(&Text { body: format!("* {}", t.body), formats: vec![] }, "m.text");
+                let mut c = text_content(
+                    &Text {
+                        body: format!("* {}", t.body),
+                        formats: vec![],
+                    },
+                    "m.text",
+                );
                 c["m.new_content"] = new;
                 c["m.relates_to"] = json!({"rel_type": "m.replace", "event_id": target.event_id});
-                let ev = self.matrix.send_event(&room, &sender, "m.room.message", c, &txn).await?;
+                let ev = self
+                    .matrix
+                    .send_event(&room, &sender, "m.room.message", c, &txn)
+                    .await?;
                 return self.map(&room, &ev, message_id, from, "edit").await;
             }
             Some(D::Delete(d)) => {
@@ -305,12 +438,22 @@ impl Bridge {
                     }
                     return Ok(());
                 }
-                let Some(target) = self.portals.by_message(&room, &r.target, "").await? else { return Ok(()) };
-                if self.portals.by_message(&room, &r.target, &part).await?.is_some() {
+                let Some(target) = self.portals.by_message(&room, &r.target, "").await? else {
+                    return Ok(());
+                };
+                if self
+                    .portals
+                    .by_message(&room, &r.target, &part)
+                    .await?
+                    .is_some()
+                {
                     return Ok(());
                 }
                 let c = json!({"m.relates_to": {"rel_type": "m.annotation", "event_id": target.event_id, "key": r.emoji}});
-                let ev = self.matrix.send_event(&room, &sender, "m.reaction", c, &txn).await?;
+                let ev = self
+                    .matrix
+                    .send_event(&room, &sender, "m.reaction", c, &txn)
+                    .await?;
                 return self.map(&room, &ev, &r.target, from, &part).await;
             }
             Some(D::Media(m)) => self.media_to_matrix(acc, &sender, m).await?,
@@ -320,17 +463,33 @@ impl Bridge {
                 "geo_uri": format!("geo:{},{}", l.latitude, l.longitude),
             }),
             Some(D::Contact(c)) => json!({"msgtype": "m.text", "body": msgconv::contact_text(c)}),
-            None => json!({"msgtype": "m.notice", "body": "(an empty or unsupported message was received)"}),
+            None => {
+                json!({"msgtype": "m.notice", "body": "(an empty or unsupported message was received)"})
+            }
         };
         if let Some(target) = reply_to {
             content["m.relates_to"] = json!({"m.in_reply_to": {"event_id": target.event_id}});
         }
-        let ev = self.matrix.send_event(&room, &sender, "m.room.message", content, &txn).await?;
+        let ev = self
+            .matrix
+            .send_event(&room, &sender, "m.room.message", content, &txn)
+            .await?;
         self.map(&room, &ev, message_id, from, "").await
     }
 
-    async fn map(&self, room: &str, event_id: &str, message_id: &str, sender: &str, part: &str) -> Result<(), BridgeError> {
-        let event_id = if event_id.is_empty() { format!("$none-{message_id}-{part}") } else { event_id.to_owned() };
+    async fn map(
+        &self,
+        room: &str,
+        event_id: &str,
+        message_id: &str,
+        sender: &str,
+        part: &str,
+    ) -> Result<(), BridgeError> {
+        let event_id = if event_id.is_empty() {
+            format!("$none-{message_id}-{part}")
+        } else {
+            event_id.to_owned()
+        };
         self.portals
             .map_message(&MappedMessage {
                 room_id: room.to_owned(),
@@ -343,12 +502,28 @@ impl Bridge {
         Ok(())
     }
 
-    async fn media_to_matrix(&self, acc: &Arc<dyn NetAccount>, sender: &str, m: &Media) -> Result<Value, BridgeError> {
+    async fn media_to_matrix(
+        &self,
+        acc: &Arc<dyn NetAccount>,
+        sender: &str,
+        m: &Media,
+    ) -> Result<Value, BridgeError> {
         let data = acc.download(&m.blob, &m.key, &m.sha256).await?;
         let size = data.len();
-        let mime = if m.mimetype.is_empty() { "application/octet-stream".to_owned() } else { m.mimetype.clone() };
-        let filename = if m.filename.is_empty() { default_filename(m, &mime) } else { m.filename.clone() };
-        let mxc = self.matrix.upload(sender, data, &mime, Some(&filename)).await?;
+        let mime = if m.mimetype.is_empty() {
+            "application/octet-stream".to_owned()
+        } else {
+            m.mimetype.clone()
+        };
+        let filename = if m.filename.is_empty() {
+            default_filename(m, &mime)
+        } else {
+            m.filename.clone()
+        };
+        let mxc = self
+            .matrix
+            .upload(sender, data, &mime, Some(&filename))
+            .await?;
         let kind = MediaType::try_from(m.r#type).unwrap_or(MediaType::File);
         let msgtype = match kind {
             MediaType::Image | MediaType::Sticker => "m.image",
@@ -365,12 +540,21 @@ impl Bridge {
             info["duration"] = json!(m.duration_ms);
         }
         if !m.thumbnail.is_empty() {
-            let thumb = self.matrix.upload(sender, m.thumbnail.clone(), "image/jpeg", Some("thumbnail.jpg")).await?;
+            let thumb = self
+                .matrix
+                .upload(
+                    sender,
+                    m.thumbnail.clone(),
+                    "image/jpeg",
+                    Some("thumbnail.jpg"),
+                )
+                .await?;
             info["thumbnail_url"] = json!(thumb);
             info["thumbnail_info"] = json!({"mimetype": "image/jpeg", "size": m.thumbnail.len()});
         }
         let caption = m.caption.as_ref().filter(|c| !c.body.is_empty());
-        let mut content = json!({"msgtype": msgtype, "url": mxc, "info": info, "filename": filename});
+        let mut content =
+            json!({"msgtype": msgtype, "url": mxc, "info": info, "filename": filename});
         match caption {
             Some(c) => {
                 content["body"] = json!(c.body);
@@ -383,18 +567,26 @@ impl Bridge {
         }
         if kind == MediaType::Voice {
             content["org.matrix.msc3245.voice"] = json!({});
-            content["org.matrix.msc1767.audio"] = json!({"duration": m.duration_ms, "waveform": m.waveform});
+            content["org.matrix.msc1767.audio"] =
+                json!({"duration": m.duration_ms, "waveform": m.waveform});
         }
         Ok(content)
     }
 
     /// Matrix → interop for one event in a portal room.
-    pub(crate) async fn on_portal_event(&self, portal: Portal, ev: &Value) -> Result<(), BridgeError> {
+    pub(crate) async fn on_portal_event(
+        &self,
+        portal: Portal,
+        ev: &Value,
+    ) -> Result<(), BridgeError> {
         let sender = ev["sender"].as_str().unwrap_or_default();
         let room = portal.room_id.clone().unwrap_or_default();
         let event_id = ev["event_id"].as_str().unwrap_or_default();
         let ty = ev["type"].as_str().unwrap_or_default();
-        if !matches!(ty, "m.room.message" | "m.reaction" | "m.room.redaction" | "m.sticker") {
+        if !matches!(
+            ty,
+            "m.room.message" | "m.reaction" | "m.room.redaction" | "m.sticker"
+        ) {
             return Ok(());
         }
         // Whose login sends it: the portal's owner, or the relay for others.
@@ -407,7 +599,11 @@ impl Bridge {
                 }
             }
         } else {
-            match portal.relay.as_deref().and_then(|r| self.network.account(r)) {
+            match portal
+                .relay
+                .as_deref()
+                .and_then(|r| self.network.account(r))
+            {
                 Some(a) if self.settings.bridge.relay.enabled => (a, Some(display_name_of(sender))),
                 _ => {
                     if ty == "m.room.message" {
@@ -429,7 +625,9 @@ impl Bridge {
                 let rel = &content["m.relates_to"];
                 let target_ev = rel["event_id"].as_str().unwrap_or_default();
                 let emoji = rel["key"].as_str().unwrap_or_default().to_owned();
-                let Some(t) = self.portals.by_event(&room, target_ev).await? else { return Ok(()) };
+                let Some(t) = self.portals.by_event(&room, target_ev).await? else {
+                    return Ok(());
+                };
                 self.portals
                     .map_message(&MappedMessage {
                         room_id: room.clone(),
@@ -440,30 +638,54 @@ impl Bridge {
                     })
                     .await?;
                 DataMessage {
-                    body: Some(D::Reaction(Reaction { target: t.message_id, emoji, remove: false, target_author: t.sender })),
+                    body: Some(D::Reaction(Reaction {
+                        target: t.message_id,
+                        emoji,
+                        remove: false,
+                        target_author: t.sender,
+                    })),
                     reply_to: None,
                 }
             }
             "m.room.redaction" => {
-                let redacts = ev["redacts"].as_str().or_else(|| content["redacts"].as_str()).unwrap_or_default();
-                let Some(t) = self.portals.by_event(&room, redacts).await? else { return Ok(()) };
+                let redacts = ev["redacts"]
+                    .as_str()
+                    .or_else(|| content["redacts"].as_str())
+                    .unwrap_or_default();
+                let Some(t) = self.portals.by_event(&room, redacts).await? else {
+                    return Ok(());
+                };
                 self.portals.unmap_event(&room, redacts).await?;
                 if let Some(emoji) = t.part.strip_prefix(&format!("reaction:{me}:")) {
                     DataMessage {
-                        body: Some(D::Reaction(Reaction { target: t.message_id, emoji: emoji.to_owned(), remove: true, target_author: String::new() })),
+                        body: Some(D::Reaction(Reaction {
+                            target: t.message_id,
+                            emoji: emoji.to_owned(),
+                            remove: true,
+                            target_author: String::new(),
+                        })),
                         reply_to: None,
                     }
                 } else if t.part.is_empty() {
-                    DataMessage { body: Some(D::Delete(Delete { target: t.message_id })), reply_to: None }
+                    DataMessage {
+                        body: Some(D::Delete(Delete {
+                            target: t.message_id,
+                        })),
+                        reply_to: None,
+                    }
                 } else {
                     return Ok(());
                 }
             }
-            _ => match self.matrix_to_data(&acc, &room, content, relayed_name.as_deref()).await {
+            _ => match self
+                .matrix_to_data(&acc, &room, content, relayed_name.as_deref())
+                .await
+            {
                 Ok(Some(d)) => d,
                 Ok(None) => return Ok(()),
                 Err(reason) => {
-                    self.notice(&room, &format!("Your message was not bridged: {reason}")).await?;
+                    self.notice(&room, &format!("Your message was not bridged: {reason}"))
+                        .await?;
                     return Ok(());
                 }
             },
@@ -473,7 +695,8 @@ impl Bridge {
             Ok(()) => {}
             Err(e) if e.is_transient() => return Err(e.into()),
             Err(e) => {
-                self.notice(&room, &format!("Your message was not bridged: {e}")).await?;
+                self.notice(&room, &format!("Your message was not bridged: {e}"))
+                    .await?;
                 return Ok(());
             }
         }
@@ -499,14 +722,21 @@ impl Bridge {
                 .by_event(room, e)
                 .await
                 .map_err(|e| e.to_string())?
-                .map(|m| Quote { message_id: m.message_id, author: m.sender }),
+                .map(|m| Quote {
+                    message_id: m.message_id,
+                    author: m.sender,
+                }),
             None => None,
         };
         let text_of = |c: &Value| -> Text {
             let mut t = if c["format"] == "org.matrix.custom.html" {
                 msgconv::html_to_text(c["formatted_body"].as_str().unwrap_or_default())
             } else {
-                Text { body: msgconv::strip_reply_fallback(c["body"].as_str().unwrap_or_default()).to_owned(), formats: vec![] }
+                Text {
+                    body: msgconv::strip_reply_fallback(c["body"].as_str().unwrap_or_default())
+                        .to_owned(),
+                    formats: vec![],
+                }
             };
             if let Some(name) = relayed_name {
                 let prefix = format!("{name}: ");
@@ -520,9 +750,26 @@ impl Bridge {
         };
         if rel["rel_type"] == "m.replace" {
             let target = rel["event_id"].as_str().unwrap_or_default();
-            let Some(t) = self.portals.by_event(room, target).await.map_err(|e| e.to_string())? else { return Ok(None) };
-            let new = if content["m.new_content"].is_object() { &content["m.new_content"] } else { content };
-            return Ok(Some(DataMessage { body: Some(D::Edit(Edit { target: t.message_id, text: Some(text_of(new)) })), reply_to: None }));
+            let Some(t) = self
+                .portals
+                .by_event(room, target)
+                .await
+                .map_err(|e| e.to_string())?
+            else {
+                return Ok(None);
+            };
+            let new = if content["m.new_content"].is_object() {
+                &content["m.new_content"]
+            } else {
+                content
+            };
+            return Ok(Some(DataMessage {
+                body: Some(D::Edit(Edit {
+                    target: t.message_id,
+                    text: Some(text_of(new)),
+                })),
+                reply_to: None,
+            }));
         }
         let body = match msgtype {
             "m.text" | "m.notice" => D::Text(text_of(content)),
@@ -535,30 +782,50 @@ impl Bridge {
                 D::Text(t)
             }
             "m.location" => {
-                let (latitude, longitude) = msgconv::parse_geo_uri(content["geo_uri"].as_str().unwrap_or_default())
-                    .ok_or("the location has no valid geo: URI")?;
-                D::Location(Location { latitude, longitude, name: content["body"].as_str().unwrap_or_default().to_owned(), address: String::new() })
+                let (latitude, longitude) =
+                    msgconv::parse_geo_uri(content["geo_uri"].as_str().unwrap_or_default())
+                        .ok_or("the location has no valid geo: URI")?;
+                D::Location(Location {
+                    latitude,
+                    longitude,
+                    name: content["body"].as_str().unwrap_or_default().to_owned(),
+                    address: String::new(),
+                })
             }
             "m.image" | "m.video" | "m.audio" | "m.file" => {
                 if content["file"].is_object() {
                     return Err("encrypted attachments are not supported yet".into());
                 }
                 let url = content["url"].as_str().ok_or("the attachment has no URL")?;
-                let (data, ct) = self.matrix.download(url).await.map_err(|e| format!("cannot download the attachment: {e}"))?;
+                let (data, ct) = self
+                    .matrix
+                    .download(url)
+                    .await
+                    .map_err(|e| format!("cannot download the attachment: {e}"))?;
                 let info = &content["info"];
-                let mimetype = info["mimetype"].as_str().map(str::to_owned).or(ct).unwrap_or_else(|| "application/octet-stream".into());
+                let mimetype = info["mimetype"]
+                    .as_str()
+                    .map(str::to_owned)
+                    .or(ct)
+                    .unwrap_or_else(|| "application/octet-stream".into());
                 let body = content["body"].as_str().unwrap_or_default();
                 let filename = content["filename"].as_str().unwrap_or(body).to_owned();
-                let caption = (content["filename"].is_string() && body != filename).then(|| text_of(content));
+                let caption =
+                    (content["filename"].is_string() && body != filename).then(|| text_of(content));
                 let kind = match msgtype {
                     "m.image" => MediaType::Image,
                     "m.video" => MediaType::Video,
-                    "m.audio" if content.get("org.matrix.msc3245.voice").is_some() => MediaType::Voice,
+                    "m.audio" if content.get("org.matrix.msc3245.voice").is_some() => {
+                        MediaType::Voice
+                    }
                     "m.audio" => MediaType::Audio,
                     _ => MediaType::File,
                 };
                 let size = data.len() as u64;
-                let up = acc.upload(data).await.map_err(|e| format!("cannot upload the attachment: {e}"))?;
+                let up = acc
+                    .upload(data)
+                    .await
+                    .map_err(|e| format!("cannot upload the attachment: {e}"))?;
                 D::Media(Media {
                     r#type: kind as i32,
                     blob: up.blob,
@@ -577,7 +844,10 @@ impl Bridge {
             }
             other => return Err(format!("messages of type {other} cannot be bridged")),
         };
-        Ok(Some(DataMessage { body: Some(body), reply_to }))
+        Ok(Some(DataMessage {
+            body: Some(body),
+            reply_to,
+        }))
     }
 
     /// Receipts and typing from Matrix, for portal rooms.
@@ -586,30 +856,38 @@ impl Bridge {
         if room.is_empty() {
             return Ok(());
         }
-        let Some(portal) = self.portals.portal_by_room(room).await? else { return Ok(()) };
-        let Some(acc) = self.network.account(&portal.receiver) else { return Ok(()) };
+        let Some(portal) = self.portals.portal_by_room(room).await? else {
+            return Ok(());
+        };
+        let Some(acc) = self.network.account(&portal.receiver) else {
+            return Ok(());
+        };
         let target = match portal.kind {
             PortalKind::Dm => NetTarget::Contact(portal.chat_id.clone()),
             PortalKind::Group => NetTarget::Group(portal.chat_id.clone()),
         };
         match ev["type"].as_str().unwrap_or_default() {
             "m.receipt" => {
-                let Some(map) = ev["content"].as_object() else { return Ok(()) };
+                let Some(map) = ev["content"].as_object() else {
+                    return Ok(());
+                };
                 for (event_id, kinds) in map {
                     if kinds["m.read"].get(&portal.receiver).is_none() {
                         continue;
                     }
-                    if let Some(m) = self.portals.by_event(room, event_id).await? {
-                        if m.sender != acc.account_id() && m.part.is_empty() {
-                            if let Err(e) = acc.receipt(&m.sender, true, vec![m.message_id]).await {
-                                tracing::debug!(error = %e, "read receipt not bridged");
-                            }
-                        }
+                    if let Some(m) = self.portals.by_event(room, event_id).await?
+                        && m.sender != acc.account_id()
+                        && m.part.is_empty()
+                        && let Err(e) = acc.receipt(&m.sender, true, vec![m.message_id]).await
+                    {
+                        tracing::debug!(error = %e, "read receipt not bridged");
                     }
                 }
             }
             "m.typing" => {
-                let typing = ev["content"]["user_ids"].as_array().is_some_and(|ids| ids.iter().any(|u| u == &json!(portal.receiver)));
+                let typing = ev["content"]["user_ids"]
+                    .as_array()
+                    .is_some_and(|ids| ids.iter().any(|u| u == &json!(portal.receiver)));
                 let mut state = self.typing_state.lock().await;
                 if state.get(room).copied().unwrap_or(false) != typing {
                     state.insert(room.to_owned(), typing);
@@ -626,7 +904,11 @@ impl Bridge {
 }
 
 fn display_name_of(mxid: &str) -> String {
-    mxid.trim_start_matches('@').split(':').next().unwrap_or(mxid).to_owned()
+    mxid.trim_start_matches('@')
+        .split(':')
+        .next()
+        .unwrap_or(mxid)
+        .to_owned()
 }
 
 fn text_content(t: &Text, msgtype: &str) -> Value {
@@ -639,7 +921,13 @@ fn text_content(t: &Text, msgtype: &str) -> Value {
 }
 
 fn default_filename(m: &Media, mime: &str) -> String {
-    let ext = mime.split('/').nth(1).unwrap_or("bin").split(';').next().unwrap_or("bin");
+    let ext = mime
+        .split('/')
+        .nth(1)
+        .unwrap_or("bin")
+        .split(';')
+        .next()
+        .unwrap_or("bin");
     let base = match MediaType::try_from(m.r#type).unwrap_or(MediaType::File) {
         MediaType::Image | MediaType::Sticker => "image",
         MediaType::Video => "video",

@@ -73,17 +73,24 @@ pub trait Provisioning: Send + Sync {
 impl Bridge {
     fn check_user(&self, user: &str) -> Result<(), ProvError> {
         if !user.starts_with('@') || !user.contains(':') {
-            return Err(ProvError::BadRequest("user_id must be a Matrix user id".into()));
+            return Err(ProvError::BadRequest(
+                "user_id must be a Matrix user id".into(),
+            ));
         }
         if self.permission_of(user) < PermissionLevel::User {
-            return Err(ProvError::Forbidden(format!("{user} may not use the bridge")));
+            return Err(ProvError::Forbidden(format!(
+                "{user} may not use the bridge"
+            )));
         }
         Ok(())
     }
 
     fn login_info(&self, user: &str, identifier: String) -> LoginInfo {
         let connected = self.network.account(user).is_some_and(|a| a.is_connected());
-        LoginInfo { identifier, connected }
+        LoginInfo {
+            identifier,
+            connected,
+        }
     }
 }
 
@@ -107,19 +114,34 @@ impl Provisioning for Bridge {
             return Err(ProvError::Conflict(format!("already logged in as {a}")));
         }
         if !crate::wire::is_valid_account(identifier) {
-            return Err(ProvError::BadRequest("identifier must be + and 8 to 15 digits".into()));
+            return Err(ProvError::BadRequest(
+                "identifier must be + and 8 to 15 digits".into(),
+            ));
         }
         self.network.request_code(identifier).await?;
-        self.commands.pending.lock().await.insert(user.to_owned(), Pending::LoginCode { account: identifier.to_owned() });
+        self.commands.pending.lock().await.insert(
+            user.to_owned(),
+            Pending::LoginCode {
+                account: identifier.to_owned(),
+            },
+        );
         Ok(())
     }
 
     async fn login_verify(&self, user: &str, code: &str) -> Result<LoginInfo, ProvError> {
         self.check_user(user)?;
-        let Some(Pending::LoginCode { account }) = self.commands.pending.lock().await.get(user).cloned() else {
-            return Err(ProvError::BadRequest("no login in progress: call login/start first".into()));
+        let Some(Pending::LoginCode { account }) =
+            self.commands.pending.lock().await.get(user).cloned()
+        else {
+            return Err(ProvError::BadRequest(
+                "no login in progress: call login/start first".into(),
+            ));
         };
-        match self.network.verify_and_connect(user, &account, code.trim()).await {
+        match self
+            .network
+            .verify_and_connect(user, &account, code.trim())
+            .await
+        {
             Ok(_) => {
                 self.commands.pending.lock().await.remove(user);
                 self.portals.set_login(user, &account).await?;
@@ -139,22 +161,39 @@ impl Provisioning for Bridge {
             return Err(ProvError::NotFound("not logged in".into()));
         }
         let outcome = self.run_command("", user, "logout").await;
-        if outcome.body.starts_with("Logged out") { Ok(()) } else { Err(ProvError::Internal(outcome.body)) }
+        if outcome.body.starts_with("Logged out") {
+            Ok(())
+        } else {
+            Err(ProvError::Internal(outcome.body))
+        }
     }
 
     async fn logins(&self, user: &str) -> Result<Vec<LoginInfo>, ProvError> {
         self.check_user(user)?;
-        Ok(self.portals.login(user).await?.map(|a| self.login_info(user, a)).into_iter().collect())
+        Ok(self
+            .portals
+            .login(user)
+            .await?
+            .map(|a| self.login_info(user, a))
+            .into_iter()
+            .collect())
     }
 
     async fn start_chat(&self, user: &str, contact: &str) -> Result<ChatInfo, ProvError> {
         self.check_user(user)?;
-        let acc = self.network.account(user).ok_or_else(|| ProvError::Forbidden("not logged in".into()))?;
+        let acc = self
+            .network
+            .account(user)
+            .ok_or_else(|| ProvError::Forbidden("not logged in".into()))?;
         if !crate::wire::is_valid_account(contact) {
-            return Err(ProvError::BadRequest("contact must be + and 8 to 15 digits".into()));
+            return Err(ProvError::BadRequest(
+                "contact must be + and 8 to 15 digits".into(),
+            ));
         }
         if acc.profile_name(contact).await?.is_none() {
-            return Err(ProvError::NotFound(format!("{contact} is not on the interop network")));
+            return Err(ProvError::NotFound(format!(
+                "{contact} is not on the interop network"
+            )));
         }
         let portal = self
             .ensure_portal(user, &acc, &NetTarget::Contact(contact.to_owned()), None)
@@ -165,6 +204,12 @@ impl Provisioning for Bridge {
 
     async fn chats(&self, user: &str) -> Result<Vec<ChatInfo>, ProvError> {
         self.check_user(user)?;
-        Ok(self.portals.portals_of(user).await?.into_iter().map(chat_info).collect())
+        Ok(self
+            .portals
+            .portals_of(user)
+            .await?
+            .into_iter()
+            .map(chat_info)
+            .collect())
     }
 }

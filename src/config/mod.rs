@@ -22,7 +22,10 @@ pub enum ConfigError {
 }
 
 fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key, problem: problem.into() }
+    ConfigError::Invalid {
+        key,
+        problem: problem.into(),
+    }
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -105,7 +108,11 @@ pub struct BotConfig {
 
 impl Default for BotConfig {
     fn default() -> Self {
-        Self { username: default_bot_username(), displayname: default_bot_displayname(), avatar: String::new() }
+        Self {
+            username: default_bot_username(),
+            displayname: default_bot_displayname(),
+            avatar: String::new(),
+        }
     }
 }
 
@@ -132,7 +139,11 @@ pub struct DatabaseConfig {
 impl DatabaseConfig {
     /// The database kind; valid after [`Config::validate`].
     pub fn db_type(&self) -> DatabaseType {
-        if self.kind == "postgres" { DatabaseType::Postgres } else { DatabaseType::Sqlite }
+        if self.kind == "postgres" {
+            DatabaseType::Postgres
+        } else {
+            DatabaseType::Sqlite
+        }
     }
 }
 
@@ -147,7 +158,10 @@ impl fmt::Debug for DatabaseConfig {
                 u.to_string()
             })
             .unwrap_or_else(|_| "<unparsable>".to_owned());
-        f.debug_struct("DatabaseConfig").field("type", &self.kind).field("uri", &uri).finish()
+        f.debug_struct("DatabaseConfig")
+            .field("type", &self.kind)
+            .field("uri", &uri)
+            .finish()
     }
 }
 
@@ -182,7 +196,9 @@ impl std::str::FromStr for PermissionLevel {
             "commands" => Ok(Self::Commands),
             "user" => Ok(Self::User),
             "admin" => Ok(Self::Admin),
-            other => Err(format!("unknown permission level `{other}` (use relay, commands, user or admin)")),
+            other => Err(format!(
+                "unknown permission level `{other}` (use relay, commands, user or admin)"
+            )),
         }
     }
 }
@@ -200,7 +216,11 @@ pub struct BridgeConfig {
 
 impl Default for BridgeConfig {
     fn default() -> Self {
-        Self { command_prefix: default_prefix(), permissions: default_permissions(), relay: RelayConfig::default() }
+        Self {
+            command_prefix: default_prefix(),
+            permissions: default_permissions(),
+            relay: RelayConfig::default(),
+        }
     }
 }
 
@@ -244,7 +264,14 @@ pub struct EncryptionConfig {
 
 impl Default for EncryptionConfig {
     fn default() -> Self {
-        Self { allow: false, default: false, require: false, appservice: true, msc4190: true, self_sign: true }
+        Self {
+            allow: false,
+            default: false,
+            require: false,
+            appservice: true,
+            msc4190: true,
+            self_sign: true,
+        }
     }
 }
 
@@ -269,14 +296,20 @@ impl InteropConfig {
         }
         match base64::engine::general_purpose::STANDARD.decode(self.gateway_public_key.trim()) {
             Ok(k) if k.len() == 32 => Ok(k),
-            _ => Err(invalid("interop.gateway_public_key", "must be the base64 of a 32-byte key")),
+            _ => Err(invalid(
+                "interop.gateway_public_key",
+                "must be the base64 of a 32-byte key",
+            )),
         }
     }
 }
 
 impl Default for InteropConfig {
     fn default() -> Self {
-        Self { gateway_address: default_gateway(), gateway_public_key: String::new() }
+        Self {
+            gateway_address: default_gateway(),
+            gateway_public_key: String::new(),
+        }
     }
 }
 
@@ -291,7 +324,10 @@ pub struct VaultConfig {
 
 impl Default for VaultConfig {
     fn default() -> Self {
-        Self { master_key_file: String::new(), master_key_env: default_master_env() }
+        Self {
+            master_key_file: String::new(),
+            master_key_env: default_master_env(),
+        }
     }
 }
 
@@ -306,7 +342,10 @@ pub struct MetricsConfig {
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        Self { enabled: true, listen: default_metrics_listen() }
+        Self {
+            enabled: true,
+            listen: default_metrics_listen(),
+        }
     }
 }
 
@@ -323,13 +362,20 @@ pub struct ProvisioningConfig {
 
 impl fmt::Debug for ProvisioningConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ProvisioningConfig").field("enabled", &self.enabled).field("prefix", &self.prefix).finish()
+        f.debug_struct("ProvisioningConfig")
+            .field("enabled", &self.enabled)
+            .field("prefix", &self.prefix)
+            .finish()
     }
 }
 
 impl Default for ProvisioningConfig {
     fn default() -> Self {
-        Self { enabled: false, prefix: default_prov_prefix(), shared_secret: String::new() }
+        Self {
+            enabled: false,
+            prefix: default_prov_prefix(),
+            shared_secret: String::new(),
+        }
     }
 }
 
@@ -344,7 +390,10 @@ pub struct LoggingConfig {
 
 impl Default for LoggingConfig {
     fn default() -> Self {
-        Self { level: default_level(), format: default_format() }
+        Self {
+            level: default_level(),
+            format: default_format(),
+        }
     }
 }
 
@@ -446,11 +495,15 @@ impl Config {
     /// Checks everything that can be checked before start-up; the error names the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.validate_except_tokens()?;
-        for (key, token) in
-            [("appservice.as_token", &self.appservice.as_token), ("appservice.hs_token", &self.appservice.hs_token)]
-        {
+        for (key, token) in [
+            ("appservice.as_token", &self.appservice.as_token),
+            ("appservice.hs_token", &self.appservice.hs_token),
+        ] {
             if token.is_empty() || token == PLACEHOLDER_TOKEN {
-                return Err(invalid(key, "missing: run `generate-registration` to create the tokens"));
+                return Err(invalid(
+                    key,
+                    "missing: run `generate-registration` to create the tokens",
+                ));
             }
             if token.len() < 16 {
                 return Err(invalid(key, "too short: use at least 16 random characters"));
@@ -462,20 +515,38 @@ impl Config {
     pub fn validate_except_tokens(&self) -> Result<(), ConfigError> {
         check_http_url("homeserver.address", &self.homeserver.address)?;
         if self.homeserver.domain.is_empty() || self.homeserver.domain.contains(['/', '@', ' ']) {
-            return Err(invalid("homeserver.domain", "must be a server name such as example.org"));
+            return Err(invalid(
+                "homeserver.domain",
+                "must be a server name such as example.org",
+            ));
         }
         check_http_url("appservice.address", &self.appservice.address)?;
-        if self.appservice.hostname.parse::<std::net::IpAddr>().is_err() && self.appservice.hostname != "localhost" {
-            return Err(invalid("appservice.hostname", "must be an IP address to listen on, e.g. 127.0.0.1"));
+        if self
+            .appservice
+            .hostname
+            .parse::<std::net::IpAddr>()
+            .is_err()
+            && self.appservice.hostname != "localhost"
+        {
+            return Err(invalid(
+                "appservice.hostname",
+                "must be an IP address to listen on, e.g. 127.0.0.1",
+            ));
         }
         if self.appservice.port == 0 {
-            return Err(invalid("appservice.port", "must be a port number between 1 and 65535"));
+            return Err(invalid(
+                "appservice.port",
+                "must be a port number between 1 and 65535",
+            ));
         }
         if self.appservice.id.is_empty() {
             return Err(invalid("appservice.id", "must not be empty"));
         }
         if !is_localpart(&self.appservice.bot.username) {
-            return Err(invalid("appservice.bot.username", "must be a valid user localpart (a-z, 0-9, ._=-/)"));
+            return Err(invalid(
+                "appservice.bot.username",
+                "must be a valid user localpart (a-z, 0-9, ._=-/)",
+            ));
         }
         let tpl = &self.appservice.username_template;
         if tpl.matches("{id}").count() != 1 || !is_localpart(&tpl.replace("{id}", "x")) {
@@ -485,20 +556,36 @@ impl Config {
             ));
         }
         if self.appservice.max_body_bytes < 1024 {
-            return Err(invalid("appservice.max_body_bytes", "must be at least 1024"));
+            return Err(invalid(
+                "appservice.max_body_bytes",
+                "must be at least 1024",
+            ));
         }
         match self.database.kind.as_str() {
             "sqlite" => {
                 if !self.database.uri.starts_with("sqlite:") {
-                    return Err(invalid("database.uri", "type is sqlite, so the uri must start with sqlite://"));
+                    return Err(invalid(
+                        "database.uri",
+                        "type is sqlite, so the uri must start with sqlite://",
+                    ));
                 }
             }
             "postgres" => {
-                if !self.database.uri.starts_with("postgres://") && !self.database.uri.starts_with("postgresql://") {
-                    return Err(invalid("database.uri", "type is postgres, so the uri must start with postgres://"));
+                if !self.database.uri.starts_with("postgres://")
+                    && !self.database.uri.starts_with("postgresql://")
+                {
+                    return Err(invalid(
+                        "database.uri",
+                        "type is postgres, so the uri must start with postgres://",
+                    ));
                 }
             }
-            other => return Err(invalid("database.type", format!("unknown database type `{other}` (use sqlite or postgres)"))),
+            other => {
+                return Err(invalid(
+                    "database.type",
+                    format!("unknown database type `{other}` (use sqlite or postgres)"),
+                ));
+            }
         }
         if self.database.max_connections == 0 {
             return Err(invalid("database.max_connections", "must be at least 1"));
@@ -507,40 +594,67 @@ impl Config {
             return Err(invalid("bridge.command_prefix", "must not be empty"));
         }
         for (who, level) in &self.bridge.permissions {
-            level.parse::<PermissionLevel>().map_err(|e| invalid("bridge.permissions", format!("`{who}`: {e}")))?;
+            level
+                .parse::<PermissionLevel>()
+                .map_err(|e| invalid("bridge.permissions", format!("`{who}`: {e}")))?;
         }
         if self.encryption.require && !self.encryption.allow {
-            return Err(invalid("encryption.require", "needs encryption.allow to be true"));
+            return Err(invalid(
+                "encryption.require",
+                "needs encryption.allow to be true",
+            ));
         }
         if self.encryption.default && !self.encryption.allow {
-            return Err(invalid("encryption.default", "needs encryption.allow to be true"));
+            return Err(invalid(
+                "encryption.default",
+                "needs encryption.allow to be true",
+            ));
         }
         if !self.interop.gateway_address.contains(':') {
             return Err(invalid("interop.gateway_address", "must be host:port"));
         }
         self.interop.gateway_key()?;
         if self.metrics.enabled && self.metrics.listen.parse::<SocketAddr>().is_err() {
-            return Err(invalid("metrics.listen", "must be an address such as 127.0.0.1:8001"));
+            return Err(invalid(
+                "metrics.listen",
+                "must be an address such as 127.0.0.1:8001",
+            ));
         }
         let prefix = &self.provisioning.prefix;
-        if !prefix.starts_with('/') || prefix.len() < 2 || prefix.ends_with('/') || prefix.starts_with("/_matrix/app") {
-            return Err(invalid("provisioning.prefix", "must be a path such as /_matrix/provision (not / and not under /_matrix/app)"));
+        if !prefix.starts_with('/')
+            || prefix.len() < 2
+            || prefix.ends_with('/')
+            || prefix.starts_with("/_matrix/app")
+        {
+            return Err(invalid(
+                "provisioning.prefix",
+                "must be a path such as /_matrix/provision (not / and not under /_matrix/app)",
+            ));
         }
         if self.provisioning.enabled && self.provisioning.shared_secret.len() < 16 {
-            return Err(invalid("provisioning.shared_secret", "must be at least 16 characters when provisioning is enabled"));
+            return Err(invalid(
+                "provisioning.shared_secret",
+                "must be at least 16 characters when provisioning is enabled",
+            ));
         }
         if !["text", "json"].contains(&self.logging.format.as_str()) {
             return Err(invalid("logging.format", "must be text or json"));
         }
         if !["trace", "debug", "info", "warn", "error"].contains(&self.logging.level.as_str()) {
-            return Err(invalid("logging.level", "must be trace, debug, info, warn or error"));
+            return Err(invalid(
+                "logging.level",
+                "must be trace, debug, info, warn or error",
+            ));
         }
         Ok(())
     }
 
     /// The bot's full user id.
     pub fn bot_mxid(&self) -> String {
-        format!("@{}:{}", self.appservice.bot.username, self.homeserver.domain)
+        format!(
+            "@{}:{}",
+            self.appservice.bot.username, self.homeserver.domain
+        )
     }
 
     /// The localpart regex of ghost users, for the registration namespace.
@@ -558,13 +672,18 @@ impl Config {
 fn check_http_url(key: &'static str, value: &str) -> Result<(), ConfigError> {
     match Url::parse(value) {
         Ok(u) if (u.scheme() == "http" || u.scheme() == "https") && u.host().is_some() => Ok(()),
-        Ok(_) => Err(invalid(key, format!("`{value}` must be an http:// or https:// URL"))),
+        Ok(_) => Err(invalid(
+            key,
+            format!("`{value}` must be an http:// or https:// URL"),
+        )),
         Err(e) => Err(invalid(key, format!("`{value}` is not a valid URL: {e}"))),
     }
 }
 
 fn is_localpart(s: &str) -> bool {
-    !s.is_empty() && s.chars().all(|c| matches!(c, 'a'..='z' | '0'..='9' | '.' | '_' | '=' | '-' | '/'))
+    !s.is_empty()
+        && s.chars()
+            .all(|c| matches!(c, 'a'..='z' | '0'..='9' | '.' | '_' | '=' | '-' | '/'))
 }
 
 #[cfg(test)]
@@ -574,7 +693,10 @@ mod tests {
     fn example_with_tokens() -> String {
         EXAMPLE_CONFIG
             .replace(PLACEHOLDER_TOKEN, "0123456789abcdef0123456789abcdef")
-            .replace("gateway_public_key: \"\"", "gateway_public_key: \"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\"")
+            .replace(
+                "gateway_public_key: \"\"",
+                "gateway_public_key: \"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\"",
+            )
     }
 
     #[test]
@@ -586,9 +708,11 @@ mod tests {
 
     #[test]
     fn example_without_tokens_names_the_token_key() {
-        let err = Config::from_yaml(&example_with_tokens().replace("0123456789abcdef0123456789abcdef", PLACEHOLDER_TOKEN))
-            .unwrap_err()
-            .to_string();
+        let err = Config::from_yaml(
+            &example_with_tokens().replace("0123456789abcdef0123456789abcdef", PLACEHOLDER_TOKEN),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("appservice.as_token"), "{err}");
         let err = Config::from_yaml(EXAMPLE_CONFIG).unwrap_err().to_string();
         assert!(err.contains("interop.gateway_public_key"), "{err}");
@@ -601,13 +725,24 @@ mod tests {
 
     #[test]
     fn errors_name_the_key() {
-        assert!(err_for("address: http://127.0.0.1:8008", "address: not a url").contains("homeserver.address"));
+        assert!(
+            err_for("address: http://127.0.0.1:8008", "address: not a url")
+                .contains("homeserver.address")
+        );
         assert!(err_for("type: sqlite", "type: mysql").contains("database.type"));
         assert!(err_for("\"*\": relay", "\"*\": superuser").contains("bridge.permissions"));
         assert!(err_for("format: text", "format: xml").contains("logging.format"));
-        assert!(err_for("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=", "c2hvcnQ=").contains("interop.gateway_public_key"));
-        assert!(err_for("username_template: \"interop_{id}\"", "username_template: \"Interop\"")
-            .contains("appservice.username_template"));
+        assert!(
+            err_for("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=", "c2hvcnQ=")
+                .contains("interop.gateway_public_key")
+        );
+        assert!(
+            err_for(
+                "username_template: \"interop_{id}\"",
+                "username_template: \"Interop\""
+            )
+            .contains("appservice.username_template")
+        );
         // An unknown key is refused, with its name.
         assert!(err_for("    level: info", "    level: info\n    colour: true").contains("colour"));
     }
@@ -615,9 +750,18 @@ mod tests {
     #[test]
     fn permissions_resolve_most_specific_first() {
         let cfg = Config::from_yaml(&example_with_tokens()).expect("valid");
-        assert_eq!(cfg.bridge.permission_of("@admin:example.org"), PermissionLevel::Admin);
-        assert_eq!(cfg.bridge.permission_of("@bob:example.org"), PermissionLevel::User);
-        assert_eq!(cfg.bridge.permission_of("@eve:elsewhere.net"), PermissionLevel::Relay);
+        assert_eq!(
+            cfg.bridge.permission_of("@admin:example.org"),
+            PermissionLevel::Admin
+        );
+        assert_eq!(
+            cfg.bridge.permission_of("@bob:example.org"),
+            PermissionLevel::User
+        );
+        assert_eq!(
+            cfg.bridge.permission_of("@eve:elsewhere.net"),
+            PermissionLevel::Relay
+        );
         assert!(PermissionLevel::Relay < PermissionLevel::Commands);
     }
 

@@ -31,7 +31,9 @@ fn blob_path(dir: &Path, id: &str) -> PathBuf {
 }
 
 fn is_hex_id(s: &str) -> bool {
-    s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    s.len() == 32
+        && s.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
 /// Handles one `BlobPut` chunk.
@@ -41,31 +43,58 @@ pub(crate) async fn put(
     req: pb::BlobPut,
 ) -> Result<pb::stanza::Body, Reject> {
     if req.upload.is_empty() || req.upload.len() > 64 {
-        return Err(reject(ErrorCode::BadRequest, "upload id must be 1 to 64 characters"));
+        return Err(reject(
+            ErrorCode::BadRequest,
+            "upload id must be 1 to 64 characters",
+        ));
     }
     if req.data.len() > MAX_CHUNK {
         return Err(reject(ErrorCode::BadRequest, "chunk larger than 512 KiB"));
     }
     if !uploads.contains_key(&req.upload) {
         if req.offset != 0 {
-            return Err(reject(ErrorCode::BadRequest, "unknown upload: the first chunk must have offset 0"));
+            return Err(reject(
+                ErrorCode::BadRequest,
+                "unknown upload: the first chunk must have offset 0",
+            ));
         }
         if uploads.len() >= 8 {
-            return Err(reject(ErrorCode::BadRequest, "too many uploads in progress on this connection"));
+            return Err(reject(
+                ErrorCode::BadRequest,
+                "too many uploads in progress on this connection",
+            ));
         }
-        let path = shared.cfg.blob_dir.join("tmp").join(uuid::Uuid::new_v4().simple().to_string());
+        let path = shared
+            .cfg
+            .blob_dir
+            .join("tmp")
+            .join(uuid::Uuid::new_v4().simple().to_string());
         let file = tokio::fs::File::create(&path).await?;
-        uploads.insert(req.upload.clone(), Upload { path, file, received: 0, hash: Sha256::new() });
+        uploads.insert(
+            req.upload.clone(),
+            Upload {
+                path,
+                file,
+                received: 0,
+                hash: Sha256::new(),
+            },
+        );
     }
     let up = uploads.get_mut(&req.upload).expect("inserted above");
     if req.offset != up.received {
-        return Err(reject(ErrorCode::BadRequest, format!("offset {} but {} bytes received", req.offset, up.received)));
+        return Err(reject(
+            ErrorCode::BadRequest,
+            format!("offset {} but {} bytes received", req.offset, up.received),
+        ));
     }
     if up.received + req.data.len() as u64 > shared.cfg.max_blob_bytes {
         if let Some(up) = uploads.remove(&req.upload) {
             up.discard().await;
         }
-        return Err(reject(ErrorCode::TooLarge, format!("blobs are limited to {} bytes", shared.cfg.max_blob_bytes)));
+        return Err(reject(
+            ErrorCode::TooLarge,
+            format!("blobs are limited to {} bytes", shared.cfg.max_blob_bytes),
+        ));
     }
     up.file.write_all(&req.data).await?;
     up.hash.update(&req.data);
@@ -77,7 +106,10 @@ pub(crate) async fn put(
     let digest = std::mem::take(&mut up.hash).finalize();
     if digest.as_slice() != req.sha256.as_slice() {
         up.discard().await;
-        return Err(reject(ErrorCode::BadRequest, "sha256 does not match the uploaded bytes"));
+        return Err(reject(
+            ErrorCode::BadRequest,
+            "sha256 does not match the uploaded bytes",
+        ));
     }
     up.file.flush().await?;
     up.file.sync_all().await?;
@@ -86,7 +118,10 @@ pub(crate) async fn put(
     let id = hex::encode(raw);
     tokio::fs::rename(&up.path, blob_path(&shared.cfg.blob_dir, &id)).await?;
     shared.db.save_blob(&id, up.received, &digest).await?;
-    Ok(pb::stanza::Body::BlobStored(pb::BlobStored { blob: id, size: up.received }))
+    Ok(pb::stanza::Body::BlobStored(pb::BlobStored {
+        blob: id,
+        size: up.received,
+    }))
 }
 
 /// Handles `BlobGet`.
@@ -101,13 +136,25 @@ pub(crate) async fn get(shared: &Shared, req: pb::BlobGet) -> Result<pb::stanza:
         return Err(reject(ErrorCode::NotFound, "no such blob"));
     };
     if req.offset > total {
-        return Err(reject(ErrorCode::BadRequest, "offset beyond the end of the blob"));
+        return Err(reject(
+            ErrorCode::BadRequest,
+            "offset beyond the end of the blob",
+        ));
     }
-    let want = if req.length == 0 { MAX_CHUNK as u64 } else { req.length as u64 };
+    let want = if req.length == 0 {
+        MAX_CHUNK as u64
+    } else {
+        req.length as u64
+    };
     let len = want.min(total - req.offset) as usize;
     let mut f = tokio::fs::File::open(blob_path(&shared.cfg.blob_dir, &req.blob)).await?;
     f.seek(std::io::SeekFrom::Start(req.offset)).await?;
     let mut data = vec![0u8; len];
     f.read_exact(&mut data).await?;
-    Ok(pb::stanza::Body::BlobData(pb::BlobData { blob: req.blob, offset: req.offset, data, total_size: total }))
+    Ok(pb::stanza::Body::BlobData(pb::BlobData {
+        blob: req.blob,
+        offset: req.offset,
+        data,
+        total_size: total,
+    }))
 }

@@ -5,7 +5,9 @@ use std::str::FromStr;
 
 use sqlx::{
     Row,
-    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous},
+    sqlite::{
+        SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+    },
 };
 
 use super::GatewayError;
@@ -39,13 +41,19 @@ impl GatewayDb {
             .busy_timeout(std::time::Duration::from_secs(10));
         // One connection: SQLite has one writer anyway, and read-then-write transactions on several
         // connections can fail with SQLITE_BUSY instead of waiting.
-        let pool = SqlitePoolOptions::new().max_connections(1).connect_with(opts).await?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(opts)
+            .await?;
         MIGRATIONS.run(&pool).await?;
         Ok(Self { pool })
     }
 
     pub async fn account_secret_hash(&self, account: &str) -> Result<Option<Vec<u8>>, sqlx::Error> {
-        sqlx::query_scalar("SELECT secret_hash FROM account WHERE account = ?").bind(account).fetch_optional(&self.pool).await
+        sqlx::query_scalar("SELECT secret_hash FROM account WHERE account = ?")
+            .bind(account)
+            .fetch_optional(&self.pool)
+            .await
     }
 
     pub async fn account_exists(&self, account: &str) -> Result<bool, sqlx::Error> {
@@ -85,21 +93,31 @@ impl GatewayDb {
             .bind(account)
             .fetch_optional(&self.pool)
             .await?;
-        row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?))).transpose()
+        row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+            .transpose()
     }
 
     pub async fn count_wrong_code(&self, account: &str) -> Result<(), sqlx::Error> {
-        sqlx::query("UPDATE verification SET tries = tries + 1 WHERE account = ?").bind(account).execute(&self.pool).await?;
+        sqlx::query("UPDATE verification SET tries = tries + 1 WHERE account = ?")
+            .bind(account)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
     pub async fn drop_code(&self, account: &str) -> Result<(), sqlx::Error> {
-        sqlx::query("DELETE FROM verification WHERE account = ?").bind(account).execute(&self.pool).await?;
+        sqlx::query("DELETE FROM verification WHERE account = ?")
+            .bind(account)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
     pub async fn queued_count(&self, account: &str) -> Result<i64, sqlx::Error> {
-        sqlx::query_scalar("SELECT COUNT(*) FROM envelope WHERE recipient = ?").bind(account).fetch_one(&self.pool).await
+        sqlx::query_scalar("SELECT COUNT(*) FROM envelope WHERE recipient = ?")
+            .bind(account)
+            .fetch_one(&self.pool)
+            .await
     }
 
     pub async fn max_envelope_id(&self, account: &str) -> Result<i64, sqlx::Error> {
@@ -118,16 +136,21 @@ impl GatewayDb {
         for r in rows {
             let kind: String = r.try_get(0)?;
             let n: i64 = r.try_get(1)?;
-            if kind == "one_time" { counts.0 = n as u32 } else { counts.1 = n as u32 }
+            if kind == "one_time" {
+                counts.0 = n as u32
+            } else {
+                counts.1 = n as u32
+            }
         }
         Ok(counts)
     }
 
     pub async fn identity(&self, account: &str) -> Result<Option<(Vec<u8>, u32)>, sqlx::Error> {
-        let row = sqlx::query("SELECT identity_key, registration_id FROM account WHERE account = ?")
-            .bind(account)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row =
+            sqlx::query("SELECT identity_key, registration_id FROM account WHERE account = ?")
+                .bind(account)
+                .fetch_optional(&self.pool)
+                .await?;
         Ok(row.and_then(|r| {
             let ik: Option<Vec<u8>> = r.try_get(0).ok()?;
             let reg: i64 = r.try_get(1).ok()?;
@@ -138,12 +161,16 @@ impl GatewayDb {
     /// Applies a validated key upload in one transaction.
     pub async fn upload_keys(&self, account: &str, up: &pb::UploadKeys) -> Result<(), sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        let current: Option<Option<Vec<u8>>> = sqlx::query_scalar("SELECT identity_key FROM account WHERE account = ?")
-            .bind(account)
-            .fetch_optional(&mut *tx)
-            .await?;
+        let current: Option<Option<Vec<u8>>> =
+            sqlx::query_scalar("SELECT identity_key FROM account WHERE account = ?")
+                .bind(account)
+                .fetch_optional(&mut *tx)
+                .await?;
         if current.flatten().as_deref() != Some(&up.identity_key[..]) {
-            sqlx::query("DELETE FROM prekey WHERE account = ?").bind(account).execute(&mut *tx).await?;
+            sqlx::query("DELETE FROM prekey WHERE account = ?")
+                .bind(account)
+                .execute(&mut *tx)
+                .await?;
         }
         sqlx::query("UPDATE account SET identity_key = ?, registration_id = ? WHERE account = ?")
             .bind(&up.identity_key[..])
@@ -151,30 +178,50 @@ impl GatewayDb {
             .bind(account)
             .execute(&mut *tx)
             .await?;
-        let mut seq: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM prekey WHERE account = ?")
-            .bind(account)
-            .fetch_one(&mut *tx)
-            .await?;
+        let mut seq: i64 =
+            sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM prekey WHERE account = ?")
+                .bind(account)
+                .fetch_one(&mut *tx)
+                .await?;
         let mut put = |kind: &'static str, id: u32, pk: Vec<u8>, sig: Option<Vec<u8>>| {
             seq += 1;
             (kind, id, pk, sig, seq)
         };
         let mut rows = Vec::new();
         if let Some(k) = &up.signed_prekey {
-            rows.push(put("signed", k.id, k.public_key.clone(), Some(k.signature.clone())));
+            rows.push(put(
+                "signed",
+                k.id,
+                k.public_key.clone(),
+                Some(k.signature.clone()),
+            ));
         }
         if let Some(k) = &up.kyber_last_resort {
-            rows.push(put("kyber_last_resort", k.id, k.public_key.clone(), Some(k.signature.clone())));
+            rows.push(put(
+                "kyber_last_resort",
+                k.id,
+                k.public_key.clone(),
+                Some(k.signature.clone()),
+            ));
         }
         for k in &up.one_time_prekeys {
             rows.push(put("one_time", k.id, k.public_key.clone(), None));
         }
         for k in &up.kyber_prekeys {
-            rows.push(put("kyber", k.id, k.public_key.clone(), Some(k.signature.clone())));
+            rows.push(put(
+                "kyber",
+                k.id,
+                k.public_key.clone(),
+                Some(k.signature.clone()),
+            ));
         }
         for (kind, id, pk, sig, seq) in rows {
             if kind == "signed" || kind == "kyber_last_resort" {
-                sqlx::query("DELETE FROM prekey WHERE account = ? AND kind = ?").bind(account).bind(kind).execute(&mut *tx).await?;
+                sqlx::query("DELETE FROM prekey WHERE account = ? AND kind = ?")
+                    .bind(account)
+                    .bind(kind)
+                    .execute(&mut *tx)
+                    .await?;
             }
             sqlx::query(
                 "INSERT INTO prekey (account, kind, id, public_key, signature, seq) VALUES (?, ?, ?, ?, ?, ?) \
@@ -200,7 +247,10 @@ impl GatewayDb {
         .bind(account)
         .fetch_all(&self.pool)
         .await?;
-        Ok((kinds.iter().any(|k| k == "signed"), kinds.iter().any(|k| k == "kyber_last_resort")))
+        Ok((
+            kinds.iter().any(|k| k == "signed"),
+            kinds.iter().any(|k| k == "kyber_last_resort"),
+        ))
     }
 
     async fn take_key(
@@ -233,23 +283,34 @@ impl GatewayDb {
 
     /// Fetches a bundle, consuming one one-time key of each kind where available.
     pub async fn fetch_bundle(&self, account: &str) -> Result<Option<pb::Bundle>, sqlx::Error> {
-        let Some((identity_key, registration_id)) = self.identity(account).await? else { return Ok(None) };
+        let Some((identity_key, registration_id)) = self.identity(account).await? else {
+            return Ok(None);
+        };
         let mut tx = self.pool.begin().await?;
-        let Some(signed) = Self::take_key(&mut tx, account, "signed", false).await? else { return Ok(None) };
+        let Some(signed) = Self::take_key(&mut tx, account, "signed", false).await? else {
+            return Ok(None);
+        };
         let one_time = Self::take_key(&mut tx, account, "one_time", true).await?;
         let kyber = match Self::take_key(&mut tx, account, "kyber", true).await? {
             Some(k) => Some(k),
             None => Self::take_key(&mut tx, account, "kyber_last_resort", false).await?,
         };
         tx.commit().await?;
-        let signed_key = |k: StoredKey| pb::SignedKey { id: k.id, public_key: k.public_key, signature: k.signature };
+        let signed_key = |k: StoredKey| pb::SignedKey {
+            id: k.id,
+            public_key: k.public_key,
+            signature: k.signature,
+        };
         Ok(Some(pb::Bundle {
             account: account.to_owned(),
             device_id: crate::wire::DEVICE_ID,
             registration_id,
             identity_key,
             signed_prekey: Some(signed_key(signed)),
-            one_time_prekey: one_time.map(|k| pb::PreKey { id: k.id, public_key: k.public_key }),
+            one_time_prekey: one_time.map(|k| pb::PreKey {
+                id: k.id,
+                public_key: k.public_key,
+            }),
             kyber_prekey: kyber.map(signed_key),
         }))
     }
@@ -264,11 +325,13 @@ impl GatewayDb {
     ) -> Result<Result<i64, (i64, i64)>, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         if !message_id.is_empty() {
-            let prev = sqlx::query("SELECT server_timestamp, recipients FROM sent WHERE sender = ? AND message_id = ?")
-                .bind(sender)
-                .bind(message_id)
-                .fetch_optional(&mut *tx)
-                .await?;
+            let prev = sqlx::query(
+                "SELECT server_timestamp, recipients FROM sent WHERE sender = ? AND message_id = ?",
+            )
+            .bind(sender)
+            .bind(message_id)
+            .fetch_optional(&mut *tx)
+            .await?;
             if let Some(r) = prev {
                 return Ok(Err((r.try_get(0)?, r.try_get(1)?)));
             }
@@ -277,7 +340,11 @@ impl GatewayDb {
         for e in envelopes {
             Self::insert_envelope(&mut tx, e, now).await?;
             for (a, b) in [(sender, e.to.as_str()), (e.to.as_str(), sender)] {
-                sqlx::query("INSERT OR IGNORE INTO contact (a, b) VALUES (?, ?)").bind(a).bind(b).execute(&mut *tx).await?;
+                sqlx::query("INSERT OR IGNORE INTO contact (a, b) VALUES (?, ?)")
+                    .bind(a)
+                    .bind(b)
+                    .execute(&mut *tx)
+                    .await?;
             }
         }
         if !message_id.is_empty() {
@@ -293,14 +360,22 @@ impl GatewayDb {
         Ok(Ok(now))
     }
 
-    async fn insert_envelope(tx: &mut sqlx::SqliteConnection, e: &pb::Envelope, now: i64) -> Result<(), sqlx::Error> {
+    async fn insert_envelope(
+        tx: &mut sqlx::SqliteConnection,
+        e: &pb::Envelope,
+        now: i64,
+    ) -> Result<(), sqlx::Error> {
         use prost::Message;
         let extra = match (&e.receipt, &e.group_update) {
             (Some(r), _) => Some(r.encode_to_vec()),
             (_, Some(g)) => Some(g.encode_to_vec()),
             _ => None,
         };
-        let ts = if e.timestamp == 0 { now } else { e.timestamp as i64 };
+        let ts = if e.timestamp == 0 {
+            now
+        } else {
+            e.timestamp as i64
+        };
         sqlx::query(
             "INSERT INTO envelope (recipient, sender, timestamp, server_timestamp, kind, ciphertext, message_id, grp, extra) \
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -330,7 +405,13 @@ impl GatewayDb {
     }
 
     /// Envelopes for `account` with id in (`after`, `upto`], oldest first.
-    pub async fn envelopes_after(&self, account: &str, after: i64, upto: i64, limit: i64) -> Result<Vec<pb::Envelope>, sqlx::Error> {
+    pub async fn envelopes_after(
+        &self,
+        account: &str,
+        after: i64,
+        upto: i64,
+        limit: i64,
+    ) -> Result<Vec<pb::Envelope>, sqlx::Error> {
         use prost::Message;
         let rows = sqlx::query(
             "SELECT id, sender, recipient, timestamp, server_timestamp, kind, ciphertext, message_id, grp, extra \
@@ -374,16 +455,28 @@ impl GatewayDb {
     pub async fn ack(&self, account: &str, ids: &[u64]) -> Result<(), sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         for id in ids {
-            sqlx::query("DELETE FROM envelope WHERE recipient = ? AND id = ?").bind(account).bind(*id as i64).execute(&mut *tx).await?;
+            sqlx::query("DELETE FROM envelope WHERE recipient = ? AND id = ?")
+                .bind(account)
+                .bind(*id as i64)
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await
     }
 
     pub async fn contacts(&self, account: &str) -> Result<Vec<String>, sqlx::Error> {
-        sqlx::query_scalar("SELECT b FROM contact WHERE a = ?").bind(account).fetch_all(&self.pool).await
+        sqlx::query_scalar("SELECT b FROM contact WHERE a = ?")
+            .bind(account)
+            .fetch_all(&self.pool)
+            .await
     }
 
-    pub async fn set_profile(&self, account: &str, name: &str, avatar: &str) -> Result<(), sqlx::Error> {
+    pub async fn set_profile(
+        &self,
+        account: &str,
+        name: &str,
+        avatar: &str,
+    ) -> Result<(), sqlx::Error> {
         sqlx::query("UPDATE account SET name = ?, avatar_blob = ? WHERE account = ?")
             .bind(name)
             .bind(avatar)
@@ -394,15 +487,31 @@ impl GatewayDb {
     }
 
     pub async fn profile(&self, account: &str) -> Result<Option<pb::Profile>, sqlx::Error> {
-        let row = sqlx::query("SELECT name, avatar_blob FROM account WHERE account = ?").bind(account).fetch_optional(&self.pool).await?;
-        row.map(|r| Ok(pb::Profile { account: account.to_owned(), name: r.try_get(0)?, avatar_blob: r.try_get(1)? })).transpose()
+        let row = sqlx::query("SELECT name, avatar_blob FROM account WHERE account = ?")
+            .bind(account)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            Ok(pb::Profile {
+                account: account.to_owned(),
+                name: r.try_get(0)?,
+                avatar_blob: r.try_get(1)?,
+            })
+        })
+        .transpose()
     }
 
     pub async fn group(&self, id: &str) -> Result<Option<pb::Group>, sqlx::Error> {
-        let row = sqlx::query("SELECT name, avatar_blob, revision FROM grp WHERE id = ?").bind(id).fetch_optional(&self.pool).await?;
+        let row = sqlx::query("SELECT name, avatar_blob, revision FROM grp WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
         let Some(r) = row else { return Ok(None) };
         let members: Vec<String> =
-            sqlx::query_scalar("SELECT account FROM grp_member WHERE grp = ? ORDER BY account").bind(id).fetch_all(&self.pool).await?;
+            sqlx::query_scalar("SELECT account FROM grp_member WHERE grp = ? ORDER BY account")
+                .bind(id)
+                .fetch_all(&self.pool)
+                .await?;
         Ok(Some(pb::Group {
             id: id.to_owned(),
             name: r.try_get(0)?,
@@ -414,7 +523,11 @@ impl GatewayDb {
     }
 
     /// Writes a group (create or update) and the update envelopes in one transaction.
-    pub async fn save_group(&self, g: &pb::Group, envelopes: &[pb::Envelope]) -> Result<(), sqlx::Error> {
+    pub async fn save_group(
+        &self,
+        g: &pb::Group,
+        envelopes: &[pb::Envelope],
+    ) -> Result<(), sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO grp (id, name, avatar_blob, revision, created_at) VALUES (?, ?, ?, ?, ?) \
@@ -427,9 +540,16 @@ impl GatewayDb {
         .bind(now_ms())
         .execute(&mut *tx)
         .await?;
-        sqlx::query("DELETE FROM grp_member WHERE grp = ?").bind(&g.id).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM grp_member WHERE grp = ?")
+            .bind(&g.id)
+            .execute(&mut *tx)
+            .await?;
         for m in &g.members {
-            sqlx::query("INSERT INTO grp_member (grp, account) VALUES (?, ?)").bind(&g.id).bind(m).execute(&mut *tx).await?;
+            sqlx::query("INSERT INTO grp_member (grp, account) VALUES (?, ?)")
+                .bind(&g.id)
+                .bind(m)
+                .execute(&mut *tx)
+                .await?;
         }
         let now = now_ms();
         for e in envelopes {
@@ -450,7 +570,10 @@ impl GatewayDb {
     }
 
     pub async fn blob_size(&self, id: &str) -> Result<Option<u64>, sqlx::Error> {
-        let s: Option<i64> = sqlx::query_scalar("SELECT size FROM blob WHERE id = ?").bind(id).fetch_optional(&self.pool).await?;
+        let s: Option<i64> = sqlx::query_scalar("SELECT size FROM blob WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
         Ok(s.map(|s| s as u64))
     }
 }

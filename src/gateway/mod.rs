@@ -82,7 +82,11 @@ pub(crate) struct Reject {
 }
 
 pub(crate) fn reject(code: ErrorCode, message: impl Into<String>) -> Reject {
-    Reject { code, message: message.into(), retry_after_ms: 0 }
+    Reject {
+        code,
+        message: message.into(),
+        retry_after_ms: 0,
+    }
 }
 
 impl From<sqlx::Error> for Reject {
@@ -218,7 +222,8 @@ struct Bucket {
 impl Bucket {
     fn take(&mut self) -> Result<(), u64> {
         let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.cap);
+        self.tokens =
+            (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.cap);
         self.at = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -242,11 +247,17 @@ pub(crate) struct Conn {
     pub pending_delivery: Option<i64>,
 }
 
-async fn connection(shared: Arc<Shared>, stream: TcpStream, mut shutdown: watch::Receiver<bool>) -> Result<(), TransportError> {
-    let (mut reader, mut writer, _client_key) =
-        tokio::time::timeout(Duration::from_secs(10), noise::accept(stream, &shared.cfg.key))
-            .await
-            .map_err(|_| TransportError::Protocol("handshake timed out"))??;
+async fn connection(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), TransportError> {
+    let (mut reader, mut writer, _client_key) = tokio::time::timeout(
+        Duration::from_secs(10),
+        noise::accept(stream, &shared.cfg.key),
+    )
+    .await
+    .map_err(|_| TransportError::Protocol("handshake timed out"))??;
     let (out_tx, mut out_rx) = mpsc::channel::<pb::Stanza>(1024);
     let writer_task = tokio::spawn(async move {
         while let Some(st) = out_rx.recv().await {
@@ -275,7 +286,12 @@ async fn connection(shared: Arc<Shared>, stream: TcpStream, mut shutdown: watch:
         delivery: None,
         pending_delivery: None,
     };
-    let mut bucket = Bucket { tokens: shared.cfg.rate_capacity, cap: shared.cfg.rate_capacity, rate: shared.cfg.rate_per_sec, at: Instant::now() };
+    let mut bucket = Bucket {
+        tokens: shared.cfg.rate_capacity,
+        cap: shared.cfg.rate_capacity,
+        rate: shared.cfg.rate_per_sec,
+        at: Instant::now(),
+    };
     let result = loop {
         let next = tokio::select! {
             r = tokio::time::timeout(shared.cfg.idle_timeout, reader.read_stanza()) => r,
@@ -285,11 +301,24 @@ async fn connection(shared: Arc<Shared>, stream: TcpStream, mut shutdown: watch:
         let stanza = match next {
             Err(_) => break Err(TransportError::Protocol("idle timeout")),
             Ok(Err(TransportError::TooLarge(n))) => {
-                let _ = out_tx.send(error_stanza(0, &reject(ErrorCode::TooLarge, format!("record of {n} bytes exceeds 1 MiB")))).await;
+                let _ = out_tx
+                    .send(error_stanza(
+                        0,
+                        &reject(
+                            ErrorCode::TooLarge,
+                            format!("record of {n} bytes exceeds 1 MiB"),
+                        ),
+                    ))
+                    .await;
                 break Err(TransportError::TooLarge(n));
             }
             Ok(Err(TransportError::Decode(e))) => {
-                let _ = out_tx.send(error_stanza(0, &reject(ErrorCode::BadRequest, "malformed stanza"))).await;
+                let _ = out_tx
+                    .send(error_stanza(
+                        0,
+                        &reject(ErrorCode::BadRequest, "malformed stanza"),
+                    ))
+                    .await;
                 break Err(TransportError::Decode(e));
             }
             Ok(Err(e)) => break Err(e),
@@ -297,18 +326,34 @@ async fn connection(shared: Arc<Shared>, stream: TcpStream, mut shutdown: watch:
         };
         let id = stanza.id;
         let is_ack = matches!(stanza.body, Some(Body::Ack(_)));
-        let Some(body) = stanza.body.filter(|b| handlers::is_request(b)).filter(|_| id != 0 || is_ack) else {
-            let _ = out_tx.send(error_stanza(id, &reject(ErrorCode::BadRequest, "malformed stanza"))).await;
+        let Some(body) = stanza
+            .body
+            .filter(handlers::is_request)
+            .filter(|_| id != 0 || is_ack)
+        else {
+            let _ = out_tx
+                .send(error_stanza(
+                    id,
+                    &reject(ErrorCode::BadRequest, "malformed stanza"),
+                ))
+                .await;
             break Err(TransportError::Protocol("malformed stanza"));
         };
         if let Err(retry) = bucket.take() {
-            let r = Reject { code: ErrorCode::RateLimited, message: "slow down".into(), retry_after_ms: retry };
+            let r = Reject {
+                code: ErrorCode::RateLimited,
+                message: "slow down".into(),
+                retry_after_ms: retry,
+            };
             let _ = out_tx.send(error_stanza(id, &r)).await;
             continue;
         }
         let answer = handlers::handle(&shared, &mut conn, body).await;
         let reply = match answer {
-            Ok(Some(body)) => Some(pb::Stanza { id, body: Some(body) }),
+            Ok(Some(body)) => Some(pb::Stanza {
+                id,
+                body: Some(body),
+            }),
             Ok(None) => None,
             Err(r) => Some(error_stanza(id, &r)),
         };
@@ -348,5 +393,12 @@ async fn connection(shared: Arc<Shared>, stream: TcpStream, mut shutdown: watch:
 
 /// Checks that an account string is valid, for handlers.
 pub(crate) fn check_account(a: &str) -> Result<(), Reject> {
-    if wire::is_valid_account(a) { Ok(()) } else { Err(reject(ErrorCode::BadRequest, format!("malformed account `{a}`"))) }
+    if wire::is_valid_account(a) {
+        Ok(())
+    } else {
+        Err(reject(
+            ErrorCode::BadRequest,
+            format!("malformed account `{a}`"),
+        ))
+    }
 }

@@ -8,10 +8,10 @@
 use std::{collections::HashMap, time::Duration};
 
 use libsignal_protocol::{
-    CiphertextMessage, DeviceId, IdentityKey, PreKeyBundle, PreKeySignalMessage, ProtocolAddress, PublicKey,
-    SenderKeyDistributionMessage, SignalMessage, SignalProtocolError, create_sender_key_distribution_message,
-    group_decrypt, group_encrypt, kem, message_decrypt, message_encrypt, process_prekey_bundle,
-    process_sender_key_distribution_message,
+    CiphertextMessage, DeviceId, IdentityKey, PreKeyBundle, PreKeySignalMessage, ProtocolAddress,
+    PublicKey, SenderKeyDistributionMessage, SignalMessage, SignalProtocolError,
+    create_sender_key_distribution_message, group_decrypt, group_encrypt, kem, message_decrypt,
+    message_encrypt, process_prekey_bundle, process_sender_key_distribution_message,
 };
 use prost::Message;
 use serde::{Deserialize, Serialize};
@@ -48,18 +48,57 @@ pub enum Target {
 /// What the account tells its consumer. Events with an `envelope_id` must be acked with
 /// [`AccountHandle::ack`] once handled.
 #[derive(Debug)]
+// Messages dominate and are moved once through a channel; boxing them buys nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Event {
-    Connected { account: String },
-    Disconnected { account: String, reason: String },
+    Connected {
+        account: String,
+    },
+    Disconnected {
+        account: String,
+        reason: String,
+    },
     /// The gateway no longer accepts the credentials (re-registered elsewhere).
-    LoggedOut { account: String, reason: String },
-    Message { envelope_id: u64, from: String, group: Option<String>, message_id: String, timestamp: u64, data: DataMessage },
-    Receipt { envelope_id: u64, from: String, receipt: pb::Receipt },
-    GroupUpdate { envelope_id: u64, from: String, group: pb::Group },
-    Typing { from: String, group: Option<String>, typing: bool },
-    Presence { account: String, online: bool },
-    IdentityChanged { peer: String },
-    Undecryptable { envelope_id: u64, from: String, group: Option<String>, reason: String },
+    LoggedOut {
+        account: String,
+        reason: String,
+    },
+    Message {
+        envelope_id: u64,
+        from: String,
+        group: Option<String>,
+        message_id: String,
+        timestamp: u64,
+        data: DataMessage,
+    },
+    Receipt {
+        envelope_id: u64,
+        from: String,
+        receipt: pb::Receipt,
+    },
+    GroupUpdate {
+        envelope_id: u64,
+        from: String,
+        group: pb::Group,
+    },
+    Typing {
+        from: String,
+        group: Option<String>,
+        typing: bool,
+    },
+    Presence {
+        account: String,
+        online: bool,
+    },
+    IdentityChanged {
+        peer: String,
+    },
+    Undecryptable {
+        envelope_id: u64,
+        from: String,
+        group: Option<String>,
+        reason: String,
+    },
 }
 
 impl Event {
@@ -76,19 +115,63 @@ impl Event {
 
 type Reply<T> = oneshot::Sender<Result<T, InteropError>>;
 
+// Messages dominate and are moved once through a channel; boxing them buys nothing.
+#[allow(clippy::large_enum_variant)]
 enum Command {
-    Send { to: Target, message_id: String, data: DataMessage, reply: Reply<pb::Sent> },
-    Receipt { to: String, receipt: pb::Receipt, reply: Reply<()> },
-    Typing { to: Target, typing: bool, reply: Reply<()> },
-    CreateGroup { name: String, members: Vec<String>, reply: Reply<pb::Group> },
-    UpdateGroup { update: pb::UpdateGroup, reply: Reply<pb::Group> },
-    Upload { data: Vec<u8>, reply: Reply<(String, media::Sealed)> },
-    Download { blob: String, key: Vec<u8>, sha256: Vec<u8>, reply: Reply<Vec<u8>> },
-    Profile { account: String, reply: Reply<pb::Profile> },
-    SetProfile { name: String, avatar_blob: String, reply: Reply<()> },
-    ResetIdentity { reply: Reply<()> },
-    Ack { envelope_id: u64 },
-    SessionInfo { peer: String, reply: Reply<SessionInfo> },
+    Send {
+        to: Target,
+        message_id: String,
+        data: DataMessage,
+        reply: Reply<pb::Sent>,
+    },
+    Receipt {
+        to: String,
+        receipt: pb::Receipt,
+        reply: Reply<()>,
+    },
+    Typing {
+        to: Target,
+        typing: bool,
+        reply: Reply<()>,
+    },
+    CreateGroup {
+        name: String,
+        members: Vec<String>,
+        reply: Reply<pb::Group>,
+    },
+    UpdateGroup {
+        update: pb::UpdateGroup,
+        reply: Reply<pb::Group>,
+    },
+    Upload {
+        data: Vec<u8>,
+        reply: Reply<(String, media::Sealed)>,
+    },
+    Download {
+        blob: String,
+        key: Vec<u8>,
+        sha256: Vec<u8>,
+        reply: Reply<Vec<u8>>,
+    },
+    Profile {
+        account: String,
+        reply: Reply<pb::Profile>,
+    },
+    SetProfile {
+        name: String,
+        avatar_blob: String,
+        reply: Reply<()>,
+    },
+    ResetIdentity {
+        reply: Reply<()>,
+    },
+    Ack {
+        envelope_id: u64,
+    },
+    SessionInfo {
+        peer: String,
+        reply: Reply<SessionInfo>,
+    },
     Stop,
 }
 
@@ -116,8 +199,20 @@ macro_rules! ask {
 }
 
 impl AccountHandle {
-    pub async fn send(&self, to: Target, message_id: String, data: DataMessage) -> Result<pb::Sent, InteropError> {
-        ask!(self, Send { to, message_id, data })
+    pub async fn send(
+        &self,
+        to: Target,
+        message_id: String,
+        data: DataMessage,
+    ) -> Result<pb::Sent, InteropError> {
+        ask!(
+            self,
+            Send {
+                to,
+                message_id,
+                data
+            }
+        )
     }
     pub async fn receipt(&self, to: String, receipt: pb::Receipt) -> Result<(), InteropError> {
         ask!(self, Receipt { to, receipt })
@@ -125,7 +220,11 @@ impl AccountHandle {
     pub async fn typing(&self, to: Target, typing: bool) -> Result<(), InteropError> {
         ask!(self, Typing { to, typing })
     }
-    pub async fn create_group(&self, name: String, members: Vec<String>) -> Result<pb::Group, InteropError> {
+    pub async fn create_group(
+        &self,
+        name: String,
+        members: Vec<String>,
+    ) -> Result<pb::Group, InteropError> {
         ask!(self, CreateGroup { name, members })
     }
     pub async fn update_group(&self, update: pb::UpdateGroup) -> Result<pb::Group, InteropError> {
@@ -135,7 +234,12 @@ impl AccountHandle {
     pub async fn upload(&self, data: Vec<u8>) -> Result<(String, media::Sealed), InteropError> {
         ask!(self, Upload { data })
     }
-    pub async fn download(&self, blob: String, key: Vec<u8>, sha256: Vec<u8>) -> Result<Vec<u8>, InteropError> {
+    pub async fn download(
+        &self,
+        blob: String,
+        key: Vec<u8>,
+        sha256: Vec<u8>,
+    ) -> Result<Vec<u8>, InteropError> {
         ask!(self, Download { blob, key, sha256 })
     }
     pub async fn profile(&self, account: String) -> Result<pb::Profile, InteropError> {
@@ -177,22 +281,45 @@ struct InboxEntry {
 }
 
 /// Stores the account's credentials for `owner` (after a successful `Verify`).
-pub async fn save_credentials(vault: &Vault, db: &Arc<dyn VaultStore>, owner: &str, account: &str, secret: &[u8]) -> Result<(), InteropError> {
+pub async fn save_credentials(
+    vault: &Vault,
+    db: &Arc<dyn VaultStore>,
+    owner: &str,
+    account: &str,
+    secret: &[u8],
+) -> Result<(), InteropError> {
     let raw = zeroize::Zeroizing::new(
-        serde_json::to_vec(&Credentials { account: account.to_owned(), secret: secret.to_vec() }).expect("serializes"),
+        serde_json::to_vec(&Credentials {
+            account: account.to_owned(),
+            secret: secret.to_vec(),
+        })
+        .expect("serializes"),
     );
     let sealed = vault.seal_record(owner, META, "credentials", &raw).await?;
-    db.put_record(owner, META, "credentials", &sealed).await.map_err(crate::vault::VaultError::from)?;
+    db.put_record(owner, META, "credentials", &sealed)
+        .await
+        .map_err(crate::vault::VaultError::from)?;
     Ok(())
 }
 
 /// The account id stored for `owner`, if it has logged in before.
-pub async fn stored_account(vault: &Vault, db: &Arc<dyn VaultStore>, owner: &str) -> Result<Option<String>, InteropError> {
-    let Some(sealed) = db.record(owner, META, "credentials").await.map_err(crate::vault::VaultError::from)? else {
+pub async fn stored_account(
+    vault: &Vault,
+    db: &Arc<dyn VaultStore>,
+    owner: &str,
+) -> Result<Option<String>, InteropError> {
+    let Some(sealed) = db
+        .record(owner, META, "credentials")
+        .await
+        .map_err(crate::vault::VaultError::from)?
+    else {
         return Ok(None);
     };
-    let raw = vault.open_record(owner, META, "credentials", &sealed).await?;
-    let c: Credentials = serde_json::from_slice(&raw).map_err(|_| InteropError::Invalid("stored credentials are corrupt".into()))?;
+    let raw = vault
+        .open_record(owner, META, "credentials", &sealed)
+        .await?;
+    let c: Credentials = serde_json::from_slice(&raw)
+        .map_err(|_| InteropError::Invalid("stored credentials are corrupt".into()))?;
     Ok(Some(c.account))
 }
 
@@ -210,8 +337,11 @@ pub async fn spawn_account(
         .await
         .map_err(crate::vault::VaultError::from)?
         .ok_or_else(|| InteropError::Invalid("not logged in".into()))?;
-    let raw = vault.open_record(owner, META, "credentials", &sealed).await?;
-    let creds: Credentials = serde_json::from_slice(&raw).map_err(|_| InteropError::Invalid("stored credentials are corrupt".into()))?;
+    let raw = vault
+        .open_record(owner, META, "credentials", &sealed)
+        .await?;
+    let creds: Credentials = serde_json::from_slice(&raw)
+        .map_err(|_| InteropError::Invalid("stored credentials are corrupt".into()))?;
     let (tx, rx) = mpsc::channel(256);
     let account = creds.account.clone();
     let owner = owner.to_owned();
@@ -250,7 +380,10 @@ struct Actor {
 }
 
 fn addr(account: &str) -> ProtocolAddress {
-    ProtocolAddress::new(account.to_owned(), DeviceId::new(DEVICE_ID as u8).expect("device id 1 is valid"))
+    ProtocolAddress::new(
+        account.to_owned(),
+        DeviceId::new(DEVICE_ID as u8).expect("device id 1 is valid"),
+    )
 }
 
 fn crypto(e: SignalProtocolError) -> InteropError {
@@ -265,12 +398,20 @@ impl Actor {
                 match self.connect().await {
                     Ok(()) => {
                         backoff = Duration::from_millis(250);
-                        let _ = self.events.send(Event::Connected { account: self.creds.account.clone() }).await;
+                        let _ = self
+                            .events
+                            .send(Event::Connected {
+                                account: self.creds.account.clone(),
+                            })
+                            .await;
                     }
                     Err(e) if e.code() == Some(ErrorCode::Unauthorized) => {
                         let _ = self
                             .events
-                            .send(Event::LoggedOut { account: self.creds.account.clone(), reason: e.to_string() })
+                            .send(Event::LoggedOut {
+                                account: self.creds.account.clone(),
+                                reason: e.to_string(),
+                            })
                             .await;
                         return;
                     }
@@ -278,7 +419,10 @@ impl Actor {
                         tracing::warn!(error = %e, ?backoff, "interop connection failed");
                         let _ = self
                             .events
-                            .send(Event::Disconnected { account: self.creds.account.clone(), reason: e.to_string() })
+                            .send(Event::Disconnected {
+                                account: self.creds.account.clone(),
+                                reason: e.to_string(),
+                            })
                             .await;
                     }
                 }
@@ -309,12 +453,16 @@ impl Actor {
         let (conn, pushes) = GatewayConn::connect(&self.gateway).await?;
         let logged = conn.login(&self.creds.account, &self.creds.secret).await?;
         self.conn = Some((conn, pushes));
-        self.maintain_keys(logged.one_time_prekeys, logged.kyber_prekeys).await?;
+        self.maintain_keys(logged.one_time_prekeys, logged.kyber_prekeys)
+            .await?;
         Ok(())
     }
 
     fn conn(&self) -> Result<&GatewayConn, InteropError> {
-        self.conn.as_ref().map(|(c, _)| c).ok_or(InteropError::Disconnected)
+        self.conn
+            .as_ref()
+            .map(|(c, _)| c)
+            .ok_or(InteropError::Disconnected)
     }
 
     /// First upload, rotation of the signed prekey, and replenishing one-time keys.
@@ -332,25 +480,43 @@ impl Actor {
         if !base && need_ot == 0 && need_ky == 0 {
             return Ok(());
         }
-        let up = keys::make_upload(&mut self.store, base, need_ot, need_ky).await.map_err(|e| InteropError::Crypto(e.to_string()))?;
+        let up = keys::make_upload(&mut self.store, base, need_ot, need_ky)
+            .await
+            .map_err(|e| InteropError::Crypto(e.to_string()))?;
         match self.conn()?.request(Body::UploadKeys(up)).await? {
             Body::KeyCountsResult(_) => {}
             _ => return Err(InteropError::Unexpected),
         }
         if base {
-            self.store.commit(vec![(META, "signed_at".into(), Some(now.to_be_bytes().to_vec()))]).await?;
+            self.store
+                .commit(vec![(
+                    META,
+                    "signed_at".into(),
+                    Some(now.to_be_bytes().to_vec()),
+                )])
+                .await?;
         }
         Ok(())
     }
 
     async fn command(&mut self, cmd: Command) {
         match cmd {
-            Command::Send { to, message_id, data, reply } => {
+            Command::Send {
+                to,
+                message_id,
+                data,
+                reply,
+            } => {
                 let r = self.send_data(&to, &message_id, data).await;
                 let _ = reply.send(r);
             }
             Command::Receipt { to, receipt, reply } => {
-                let r = self.simple(Body::SendReceipt(pb::SendReceipt { to, receipt: Some(receipt) })).await;
+                let r = self
+                    .simple(Body::SendReceipt(pb::SendReceipt {
+                        to,
+                        receipt: Some(receipt),
+                    }))
+                    .await;
                 let _ = reply.send(r);
             }
             Command::Typing { to, typing, reply } => {
@@ -358,12 +524,21 @@ impl Actor {
                     Target::Account(a) => (a, String::new()),
                     Target::Group(g) => (String::new(), g),
                 };
-                let r = self.simple(Body::SendTyping(pb::SendTyping { to, group, typing })).await;
+                let r = self
+                    .simple(Body::SendTyping(pb::SendTyping { to, group, typing }))
+                    .await;
                 let _ = reply.send(r);
             }
-            Command::CreateGroup { name, members, reply } => {
+            Command::CreateGroup {
+                name,
+                members,
+                reply,
+            } => {
                 let r = match self.conn() {
-                    Ok(c) => match c.request(Body::CreateGroup(pb::CreateGroup { name, members })).await {
+                    Ok(c) => match c
+                        .request(Body::CreateGroup(pb::CreateGroup { name, members }))
+                        .await
+                    {
                         Ok(Body::Group(g)) => {
                             self.groups.insert(g.id.clone(), g.members.clone());
                             Ok(g)
@@ -393,13 +568,21 @@ impl Actor {
                 let r = self.upload(data).await;
                 let _ = reply.send(r);
             }
-            Command::Download { blob, key, sha256, reply } => {
+            Command::Download {
+                blob,
+                key,
+                sha256,
+                reply,
+            } => {
                 let r = self.download(&blob, &key, &sha256).await;
                 let _ = reply.send(r);
             }
             Command::Profile { account, reply } => {
                 let r = match self.conn() {
-                    Ok(c) => match c.request(Body::GetProfile(pb::GetProfile { account })).await {
+                    Ok(c) => match c
+                        .request(Body::GetProfile(pb::GetProfile { account }))
+                        .await
+                    {
                         Ok(Body::Profile(p)) => Ok(p),
                         Ok(_) => Err(InteropError::Unexpected),
                         Err(e) => Err(e),
@@ -408,14 +591,22 @@ impl Actor {
                 };
                 let _ = reply.send(r);
             }
-            Command::SetProfile { name, avatar_blob, reply } => {
-                let r = self.simple(Body::SetProfile(pb::SetProfile { name, avatar_blob })).await;
+            Command::SetProfile {
+                name,
+                avatar_blob,
+                reply,
+            } => {
+                let r = self
+                    .simple(Body::SetProfile(pb::SetProfile { name, avatar_blob }))
+                    .await;
                 let _ = reply.send(r);
             }
             Command::ResetIdentity { reply } => {
                 let r = async {
                     self.store.reset_identity().await?;
-                    self.store.commit(vec![(META, "signed_at".into(), None)]).await?;
+                    self.store
+                        .commit(vec![(META, "signed_at".into(), None)])
+                        .await?;
                     self.maintain_keys(0, 0).await
                 }
                 .await;
@@ -424,14 +615,29 @@ impl Actor {
             Command::Ack { envelope_id } => self.ack(envelope_id).await,
             Command::SessionInfo { peer, reply } => {
                 use libsignal_protocol::SessionStore;
-                let r = self.store.sessions.load_session(&addr(&peer)).await.map_err(crypto).and_then(|s| match s {
-                    None => Ok(SessionInfo { exists: false, version: 0, post_quantum: false }),
-                    Some(rec) => Ok(SessionInfo {
-                        exists: true,
-                        version: rec.session_version().map_err(crypto)?,
-                        post_quantum: rec.has_usable_sender_chain(std::time::SystemTime::now(), libsignal_protocol::SessionUsabilityRequirements::all()).unwrap_or(false),
-                    }),
-                });
+                let r = self
+                    .store
+                    .sessions
+                    .load_session(&addr(&peer))
+                    .await
+                    .map_err(crypto)
+                    .and_then(|s| match s {
+                        None => Ok(SessionInfo {
+                            exists: false,
+                            version: 0,
+                            post_quantum: false,
+                        }),
+                        Some(rec) => Ok(SessionInfo {
+                            exists: true,
+                            version: rec.session_version().map_err(crypto)?,
+                            post_quantum: rec
+                                .has_usable_sender_chain(
+                                    std::time::SystemTime::now(),
+                                    libsignal_protocol::SessionUsabilityRequirements::all(),
+                                )
+                                .unwrap_or(false),
+                        }),
+                    });
                 let _ = reply.send(r);
             }
             Command::Stop => {}
@@ -449,25 +655,48 @@ impl Actor {
     async fn ensure_session(&mut self, peer: &str) -> Result<(), InteropError> {
         use libsignal_protocol::SessionStore;
         let address = addr(peer);
-        if self.store.sessions.load_session(&address).await.map_err(crypto)?.is_some() {
+        if self
+            .store
+            .sessions
+            .load_session(&address)
+            .await
+            .map_err(crypto)?
+            .is_some()
+        {
             return Ok(());
         }
-        let bundle = match self.conn()?.request(Body::FetchBundle(pb::FetchBundle { account: peer.to_owned() })).await? {
+        let bundle = match self
+            .conn()?
+            .request(Body::FetchBundle(pb::FetchBundle {
+                account: peer.to_owned(),
+            }))
+            .await?
+        {
             Body::Bundle(b) => b,
             _ => return Err(InteropError::Unexpected),
         };
-        let signed = bundle.signed_prekey.ok_or_else(|| InteropError::Crypto("bundle without signed prekey".into()))?;
-        let kyber = bundle.kyber_prekey.ok_or_else(|| InteropError::Crypto("bundle without Kyber prekey".into()))?;
+        let signed = bundle
+            .signed_prekey
+            .ok_or_else(|| InteropError::Crypto("bundle without signed prekey".into()))?;
+        let kyber = bundle
+            .kyber_prekey
+            .ok_or_else(|| InteropError::Crypto("bundle without Kyber prekey".into()))?;
         let pre_key = match bundle.one_time_prekey {
-            Some(k) => Some((k.id.into(), PublicKey::deserialize(&k.public_key).map_err(|e| InteropError::Crypto(e.to_string()))?)),
+            Some(k) => Some((
+                k.id.into(),
+                PublicKey::deserialize(&k.public_key)
+                    .map_err(|e| InteropError::Crypto(e.to_string()))?,
+            )),
             None => None,
         };
         let b = PreKeyBundle::new(
             bundle.registration_id,
-            DeviceId::new(bundle.device_id.clamp(1, 127) as u8).map_err(|e| InteropError::Crypto(e.to_string()))?,
+            DeviceId::new(bundle.device_id.clamp(1, 127) as u8)
+                .map_err(|e| InteropError::Crypto(e.to_string()))?,
             pre_key,
             signed.id.into(),
-            PublicKey::deserialize(&signed.public_key).map_err(|e| InteropError::Crypto(e.to_string()))?,
+            PublicKey::deserialize(&signed.public_key)
+                .map_err(|e| InteropError::Crypto(e.to_string()))?,
             signed.signature,
             kyber.id.into(),
             kem::PublicKey::deserialize(&kyber.public_key).map_err(crypto)?,
@@ -492,11 +721,23 @@ impl Actor {
         Ok(())
     }
 
-    async fn encrypt_for(&mut self, peer: &str, plaintext: &[u8]) -> Result<(Kind, Vec<u8>), InteropError> {
+    async fn encrypt_for(
+        &mut self,
+        peer: &str,
+        plaintext: &[u8],
+    ) -> Result<(Kind, Vec<u8>), InteropError> {
         self.ensure_session(peer).await?;
         let address = addr(peer);
         let st = &mut self.store;
-        let r = message_encrypt(plaintext, &address, &mut st.sessions, &mut st.identity, std::time::SystemTime::now(), &mut rand::rng()).await;
+        let r = message_encrypt(
+            plaintext,
+            &address,
+            &mut st.sessions,
+            &mut st.identity,
+            std::time::SystemTime::now(),
+            &mut rand::rng(),
+        )
+        .await;
         let msg = r.map_err(|e| {
             self.store.rollback();
             crypto(e)
@@ -509,18 +750,42 @@ impl Actor {
         Ok((kind, msg.serialize().to_vec()))
     }
 
-    async fn send_data(&mut self, to: &Target, message_id: &str, data: DataMessage) -> Result<pb::Sent, InteropError> {
-        let plaintext = zeroize::Zeroizing::new(Content { body: Some(CBody::Data(data)) }.encode_to_vec());
+    async fn send_data(
+        &mut self,
+        to: &Target,
+        message_id: &str,
+        data: DataMessage,
+    ) -> Result<pb::Sent, InteropError> {
+        let plaintext = zeroize::Zeroizing::new(
+            Content {
+                body: Some(CBody::Data(data)),
+            }
+            .encode_to_vec(),
+        );
         let timestamp = crate::store::now_ms() as u64;
         let send = match to {
             Target::Account(peer) => {
                 let (kind, ciphertext) = self.encrypt_for(peer, &plaintext).await?;
-                pb::Send { to: peer.clone(), group: String::new(), kind: kind as i32, ciphertext, message_id: message_id.to_owned(), timestamp }
+                pb::Send {
+                    to: peer.clone(),
+                    group: String::new(),
+                    kind: kind as i32,
+                    ciphertext,
+                    message_id: message_id.to_owned(),
+                    timestamp,
+                }
             }
             Target::Group(group) => {
                 let dist = self.ensure_sender_key(group).await?;
                 let me = addr(&self.creds.account);
-                let r = group_encrypt(&mut self.store.sender_keys, &me, dist, &plaintext, &mut rand::rng()).await;
+                let r = group_encrypt(
+                    &mut self.store.sender_keys,
+                    &me,
+                    dist,
+                    &plaintext,
+                    &mut rand::rng(),
+                )
+                .await;
                 let msg = r.map_err(|e| {
                     self.store.rollback();
                     crypto(e)
@@ -546,7 +811,13 @@ impl Actor {
         if let Some(m) = self.groups.get(group) {
             return Ok(m.clone());
         }
-        match self.conn()?.request(Body::GetGroup(pb::GetGroup { group: group.to_owned() })).await? {
+        match self
+            .conn()?
+            .request(Body::GetGroup(pb::GetGroup {
+                group: group.to_owned(),
+            }))
+            .await?
+        {
             Body::Group(g) => {
                 self.groups.insert(g.id.clone(), g.members.clone());
                 Ok(g.members)
@@ -559,10 +830,16 @@ impl Actor {
     async fn ensure_sender_key(&mut self, group: &str) -> Result<uuid::Uuid, InteropError> {
         let dist_name = format!("dist/{group}");
         let dist = match self.store.read_extra(META, &dist_name).await? {
-            Some(raw) => uuid::Uuid::from_slice(&raw).map_err(|_| InteropError::Invalid("corrupt distribution id".into()))?,
+            Some(raw) => uuid::Uuid::from_slice(&raw)
+                .map_err(|_| InteropError::Invalid("corrupt distribution id".into()))?,
             None => {
                 let d = uuid::Uuid::new_v4();
-                self.store.commit(vec![(META, dist_name.clone(), Some(d.as_bytes().to_vec())), (META, format!("skdm/{group}"), None)]).await?;
+                self.store
+                    .commit(vec![
+                        (META, dist_name.clone(), Some(d.as_bytes().to_vec())),
+                        (META, format!("skdm/{group}"), None),
+                    ])
+                    .await?;
                 d
             }
         };
@@ -575,19 +852,29 @@ impl Actor {
             .unwrap_or_default();
         let members = self.group_members(group).await?;
         let me = self.creds.account.clone();
-        let missing: Vec<String> = members.into_iter().filter(|m| *m != me && !sent.contains(m)).collect();
+        let missing: Vec<String> = members
+            .into_iter()
+            .filter(|m| *m != me && !sent.contains(m))
+            .collect();
         if missing.is_empty() {
             return Ok(dist);
         }
-        let skdm = create_sender_key_distribution_message(&addr(&me), dist, &mut self.store.sender_keys, &mut rand::rng())
-            .await
-            .map_err(crypto)?;
+        let skdm = create_sender_key_distribution_message(
+            &addr(&me),
+            dist,
+            &mut self.store.sender_keys,
+            &mut rand::rng(),
+        )
+        .await
+        .map_err(crypto)?;
         self.store.commit(vec![]).await?;
         let content = Content {
-            body: Some(CBody::SenderKeyDistribution(content::SenderKeyDistribution {
-                group: group.to_owned(),
-                distribution_message: skdm.serialized().to_vec(),
-            })),
+            body: Some(CBody::SenderKeyDistribution(
+                content::SenderKeyDistribution {
+                    group: group.to_owned(),
+                    distribution_message: skdm.serialized().to_vec(),
+                },
+            )),
         }
         .encode_to_vec();
         for m in missing {
@@ -603,23 +890,42 @@ impl Actor {
             self.conn()?.request(Body::Send(send)).await?;
             sent.push(m);
         }
-        self.store.commit(vec![(META, sent_name, Some(serde_json::to_vec(&sent).expect("serializes")))]).await?;
+        self.store
+            .commit(vec![(
+                META,
+                sent_name,
+                Some(serde_json::to_vec(&sent).expect("serializes")),
+            )])
+            .await?;
         Ok(dist)
     }
 
     /// A member left or was removed: start a new sender key so they cannot read what follows.
     async fn group_changed(&mut self, g: &pb::Group) {
-        let before = self.groups.insert(g.id.clone(), g.members.clone()).unwrap_or_default();
+        let before = self
+            .groups
+            .insert(g.id.clone(), g.members.clone())
+            .unwrap_or_default();
         let removed = before.iter().any(|m| !g.members.contains(m));
         if removed {
-            let _ = self.store.commit(vec![(META, format!("dist/{}", g.id), None), (META, format!("skdm/{}", g.id), None)]).await;
+            let _ = self
+                .store
+                .commit(vec![
+                    (META, format!("dist/{}", g.id), None),
+                    (META, format!("skdm/{}", g.id), None),
+                ])
+                .await;
         }
     }
 
     async fn upload(&mut self, data: Vec<u8>) -> Result<(String, media::Sealed), InteropError> {
         let sealed = media::encrypt(&data);
         let upload = uuid::Uuid::new_v4().to_string();
-        let chunks: Vec<&[u8]> = if sealed.blob.is_empty() { vec![&[][..]] } else { sealed.blob.chunks(512 * 1024).collect() };
+        let chunks: Vec<&[u8]> = if sealed.blob.is_empty() {
+            vec![&[][..]]
+        } else {
+            sealed.blob.chunks(512 * 1024).collect()
+        };
         let n = chunks.len();
         let mut offset = 0u64;
         let conn = self.conn()?.clone();
@@ -630,7 +936,11 @@ impl Actor {
                 offset,
                 data: chunk.to_vec(),
                 last,
-                sha256: if last { sealed.sha256.clone() } else { Vec::new() },
+                sha256: if last {
+                    sealed.sha256.clone()
+                } else {
+                    Vec::new()
+                },
             };
             offset += chunk.len() as u64;
             match conn.request(Body::BlobPut(put)).await? {
@@ -642,11 +952,20 @@ impl Actor {
         Err(InteropError::Unexpected)
     }
 
-    async fn download(&self, blob: &str, key: &[u8], sha256: &[u8]) -> Result<Vec<u8>, InteropError> {
+    async fn download(
+        &self,
+        blob: &str,
+        key: &[u8],
+        sha256: &[u8],
+    ) -> Result<Vec<u8>, InteropError> {
         let conn = self.conn()?.clone();
         let mut data = Vec::new();
         loop {
-            let get = pb::BlobGet { blob: blob.to_owned(), offset: data.len() as u64, length: 512 * 1024 };
+            let get = pb::BlobGet {
+                blob: blob.to_owned(),
+                offset: data.len() as u64,
+                length: 512 * 1024,
+            };
             match conn.request(Body::BlobGet(get)).await? {
                 Body::BlobData(d) => {
                     if d.total_size > 512 * 1024 * 1024 {
@@ -660,11 +979,17 @@ impl Actor {
                 _ => return Err(InteropError::Unexpected),
             }
         }
-        media::decrypt(&data, key, sha256).map(|p| p.to_vec()).map_err(|e| InteropError::Crypto(e.to_string()))
+        media::decrypt(&data, key, sha256)
+            .map(|p| p.to_vec())
+            .map_err(|e| InteropError::Crypto(e.to_string()))
     }
 
     async fn ack(&mut self, envelope_id: u64) {
-        if let Err(e) = self.store.commit(vec![(INBOX, envelope_id.to_string(), None)]).await {
+        if let Err(e) = self
+            .store
+            .commit(vec![(INBOX, envelope_id.to_string(), None)])
+            .await
+        {
             tracing::error!(error = %e, "cannot clear inbox entry");
         }
         self.recent.push_back(envelope_id);
@@ -672,7 +997,11 @@ impl Actor {
             self.recent.pop_front();
         }
         if let Ok(c) = self.conn() {
-            let _ = c.send_unanswered(Body::Ack(pb::Ack { envelope_ids: vec![envelope_id] })).await;
+            let _ = c
+                .send_unanswered(Body::Ack(pb::Ack {
+                    envelope_ids: vec![envelope_id],
+                }))
+                .await;
         }
     }
 
@@ -684,11 +1013,25 @@ impl Actor {
         match st.body {
             Some(Body::Envelope(env)) => self.envelope(env).await,
             Some(Body::Typing(t)) => {
-                self.emit(Event::Typing { from: t.from, group: (!t.group.is_empty()).then_some(t.group), typing: t.typing }).await
+                self.emit(Event::Typing {
+                    from: t.from,
+                    group: (!t.group.is_empty()).then_some(t.group),
+                    typing: t.typing,
+                })
+                .await
             }
-            Some(Body::Presence(p)) => self.emit(Event::Presence { account: p.account, online: p.online }).await,
+            Some(Body::Presence(p)) => {
+                self.emit(Event::Presence {
+                    account: p.account,
+                    online: p.online,
+                })
+                .await
+            }
             Some(Body::PrekeysLow(low)) => {
-                if let Err(e) = self.maintain_keys(low.one_time_prekeys, low.kyber_prekeys).await {
+                if let Err(e) = self
+                    .maintain_keys(low.one_time_prekeys, low.kyber_prekeys)
+                    .await
+                {
                     tracing::warn!(error = %e, "cannot replenish prekeys");
                 }
             }
@@ -696,7 +1039,11 @@ impl Actor {
                 tracing::warn!(code = e.code, message = %e.message, "gateway error push");
                 if e.code == ErrorCode::Unauthorized as i32 {
                     self.conn = None;
-                    self.emit(Event::LoggedOut { account: self.creds.account.clone(), reason: e.message }).await;
+                    self.emit(Event::LoggedOut {
+                        account: self.creds.account.clone(),
+                        reason: e.message,
+                    })
+                    .await;
                 }
             }
             _ => {}
@@ -708,29 +1055,50 @@ impl Actor {
         if self.recent.contains(&id) {
             // Acked before but redelivered (the ack was lost with the connection).
             if let Ok(c) = self.conn() {
-                let _ = c.send_unanswered(Body::Ack(pb::Ack { envelope_ids: vec![id] })).await;
+                let _ = c
+                    .send_unanswered(Body::Ack(pb::Ack {
+                        envelope_ids: vec![id],
+                    }))
+                    .await;
             }
             return;
         }
         // A message decrypted before a crash is replayed from the vault.
-        if let Ok(Some(raw)) = self.store.read_extra(INBOX, &id.to_string()).await {
-            if let Ok(entry) = serde_json::from_slice::<InboxEntry>(&raw) {
-                if let Ok(data) = DataMessage::decode(&entry.data[..]) {
-                    self.emit(Event::Message { envelope_id: id, from: entry.from, group: entry.group, message_id: entry.message_id, timestamp: entry.timestamp, data }).await;
-                    return;
-                }
-            }
+        if let Ok(Some(raw)) = self.store.read_extra(INBOX, &id.to_string()).await
+            && let Ok(entry) = serde_json::from_slice::<InboxEntry>(&raw)
+            && let Ok(data) = DataMessage::decode(&entry.data[..])
+        {
+            self.emit(Event::Message {
+                envelope_id: id,
+                from: entry.from,
+                group: entry.group,
+                message_id: entry.message_id,
+                timestamp: entry.timestamp,
+                data,
+            })
+            .await;
+            return;
         }
         let kind = Kind::try_from(env.kind).unwrap_or(Kind::Unspecified);
         match kind {
             Kind::Receipt => {
                 let receipt = env.receipt.unwrap_or_default();
-                self.emit(Event::Receipt { envelope_id: id, from: env.from, receipt }).await;
+                self.emit(Event::Receipt {
+                    envelope_id: id,
+                    from: env.from,
+                    receipt,
+                })
+                .await;
             }
             Kind::GroupUpdate => {
                 if let Some(g) = env.group_update {
                     self.group_changed(&g).await;
-                    self.emit(Event::GroupUpdate { envelope_id: id, from: env.from, group: g }).await;
+                    self.emit(Event::GroupUpdate {
+                        envelope_id: id,
+                        from: env.from,
+                        group: g,
+                    })
+                    .await;
                 } else {
                     self.ack(id).await;
                 }
@@ -748,17 +1116,38 @@ impl Actor {
                                 data: data.encode_to_vec(),
                             };
                             let sealed_entry = serde_json::to_vec(&entry).expect("serializes");
-                            if let Err(e) = self.store.commit(vec![(INBOX, id.to_string(), Some(sealed_entry))]).await {
+                            if let Err(e) = self
+                                .store
+                                .commit(vec![(INBOX, id.to_string(), Some(sealed_entry))])
+                                .await
+                            {
                                 tracing::error!(error = %e, "cannot store decrypted message; it will be redelivered");
                                 self.store.rollback();
                                 return;
                             }
                             self.report_identity_changes().await;
-                            self.emit(Event::Message { envelope_id: id, from: env.from, group, message_id: env.message_id, timestamp: env.timestamp, data }).await;
+                            self.emit(Event::Message {
+                                envelope_id: id,
+                                from: env.from,
+                                group,
+                                message_id: env.message_id,
+                                timestamp: env.timestamp,
+                                data,
+                            })
+                            .await;
                         }
                         Some(CBody::SenderKeyDistribution(skd)) => {
-                            let r = match SenderKeyDistributionMessage::try_from(&skd.distribution_message[..]) {
-                                Ok(m) => process_sender_key_distribution_message(&addr(&env.from), &m, &mut self.store.sender_keys).await,
+                            let r = match SenderKeyDistributionMessage::try_from(
+                                &skd.distribution_message[..],
+                            ) {
+                                Ok(m) => {
+                                    process_sender_key_distribution_message(
+                                        &addr(&env.from),
+                                        &m,
+                                        &mut self.store.sender_keys,
+                                    )
+                                    .await
+                                }
                                 Err(e) => Err(e),
                             };
                             if let Err(e) = r {
@@ -781,7 +1170,13 @@ impl Actor {
                     Err(reason) => {
                         self.store.rollback();
                         tracing::warn!(envelope = id, %reason, "cannot decrypt envelope");
-                        self.emit(Event::Undecryptable { envelope_id: id, from: env.from, group, reason }).await;
+                        self.emit(Event::Undecryptable {
+                            envelope_id: id,
+                            from: env.from,
+                            group,
+                            reason,
+                        })
+                        .await;
                     }
                 }
             }
@@ -802,9 +1197,11 @@ impl Actor {
             Kind::Group => group_decrypt(&env.ciphertext, &mut self.store.sender_keys, &from).await,
             _ => {
                 let msg = if kind == Kind::Prekey {
-                    PreKeySignalMessage::try_from(&env.ciphertext[..]).map(CiphertextMessage::PreKeySignalMessage)
+                    PreKeySignalMessage::try_from(&env.ciphertext[..])
+                        .map(CiphertextMessage::PreKeySignalMessage)
                 } else {
-                    SignalMessage::try_from(&env.ciphertext[..]).map(CiphertextMessage::SignalMessage)
+                    SignalMessage::try_from(&env.ciphertext[..])
+                        .map(CiphertextMessage::SignalMessage)
                 }
                 .map_err(|e| e.to_string())?;
                 let st = &mut self.store;
@@ -824,11 +1221,12 @@ impl Actor {
         match plaintext {
             Ok(p) => {
                 let p = zeroize::Zeroizing::new(p);
-                Content::decode(&p[..]).map(Some).map_err(|e| format!("undecodable content: {e}"))
+                Content::decode(&p[..])
+                    .map(Some)
+                    .map_err(|e| format!("undecodable content: {e}"))
             }
             Err(SignalProtocolError::DuplicatedMessage(..)) => Ok(None),
             Err(e) => Err(e.to_string()),
         }
     }
 }
-

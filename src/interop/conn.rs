@@ -34,7 +34,11 @@ pub enum InteropError {
     #[error("the gateway did not answer in time")]
     Timeout,
     #[error("gateway refused: {code:?}: {message}")]
-    Gateway { code: ErrorCode, message: String, retry_after_ms: u64 },
+    Gateway {
+        code: ErrorCode,
+        message: String,
+        retry_after_ms: u64,
+    },
     #[error("unexpected answer from the gateway")]
     Unexpected,
     #[error("{0}")]
@@ -55,8 +59,13 @@ impl InteropError {
 
     /// Worth retrying later (the same request may succeed).
     pub fn is_transient(&self) -> bool {
-        matches!(self, InteropError::Connect { .. } | InteropError::Disconnected | InteropError::Timeout)
-            || matches!(self.code(), Some(ErrorCode::RateLimited | ErrorCode::Internal))
+        matches!(
+            self,
+            InteropError::Connect { .. } | InteropError::Disconnected | InteropError::Timeout
+        ) || matches!(
+            self.code(),
+            Some(ErrorCode::RateLimited | ErrorCode::Internal)
+        )
     }
 }
 
@@ -79,23 +88,30 @@ pub struct GatewayAddr {
 
 impl GatewayConn {
     /// Connects and returns the connection and its pushes.
-    pub async fn connect(addr: &GatewayAddr) -> Result<(Self, mpsc::Receiver<pb::Stanza>), InteropError> {
-        let err = |reason: String| InteropError::Connect { addr: addr.address.clone(), reason };
+    pub async fn connect(
+        addr: &GatewayAddr,
+    ) -> Result<(Self, mpsc::Receiver<pb::Stanza>), InteropError> {
+        let err = |reason: String| InteropError::Connect {
+            addr: addr.address.clone(),
+            reason,
+        };
         let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&addr.address))
             .await
             .map_err(|_| err("connection timed out".into()))?
             .map_err(|e| err(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
-        let (mut reader, mut writer) =
-            tokio::time::timeout(Duration::from_secs(10), noise::connect(tcp, &StaticKey::generate(), &addr.public_key))
-                .await
-                .map_err(|_| err("handshake timed out".into()))?
-                .map_err(|e| match e {
-                    TransportError::KeyMismatch => {
-                        err("the gateway's key does not match interop.gateway_public_key".into())
-                    }
-                    other => err(other.to_string()),
-                })?;
+        let (mut reader, mut writer) = tokio::time::timeout(
+            Duration::from_secs(10),
+            noise::connect(tcp, &StaticKey::generate(), &addr.public_key),
+        )
+        .await
+        .map_err(|_| err("handshake timed out".into()))?
+        .map_err(|e| match e {
+            TransportError::KeyMismatch => {
+                err("the gateway's key does not match interop.gateway_public_key".into())
+            }
+            other => err(other.to_string()),
+        })?;
         let (out_tx, mut out_rx) = mpsc::channel::<pb::Stanza>(256);
         let (push_tx, push_rx) = mpsc::channel::<pb::Stanza>(1024);
         let pending: Pending = Arc::default();
@@ -129,11 +145,11 @@ impl GatewayConn {
                         break;
                     }
                 };
-                if st.id != 0 {
-                    if let Some(tx) = p.lock().await.remove(&st.id) {
-                        let _ = tx.send(st);
-                        continue;
-                    }
+                if st.id != 0
+                    && let Some(tx) = p.lock().await.remove(&st.id)
+                {
+                    let _ = tx.send(st);
+                    continue;
                 }
                 if push_tx.send(st).await.is_err() {
                     break;
@@ -141,7 +157,11 @@ impl GatewayConn {
             }
             p.lock().await.clear();
         });
-        let conn = Self { out: out_tx, pending, next_id: Arc::new(AtomicU64::new(1)) };
+        let conn = Self {
+            out: out_tx,
+            pending,
+            next_id: Arc::new(AtomicU64::new(1)),
+        };
         let keepalive = conn.clone();
         let weak = Arc::downgrade(&conn.next_id);
         tokio::spawn(async move {
@@ -152,7 +172,11 @@ impl GatewayConn {
                     return;
                 }
                 nonce += 1;
-                if keepalive.request(Body::Ping(pb::Ping { nonce })).await.is_err() {
+                if keepalive
+                    .request(Body::Ping(pb::Ping { nonce }))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -169,7 +193,15 @@ impl GatewayConn {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.pending.lock().await.insert(id, tx);
-        if self.out.send(pb::Stanza { id, body: Some(body) }).await.is_err() {
+        if self
+            .out
+            .send(pb::Stanza {
+                id,
+                body: Some(body),
+            })
+            .await
+            .is_err()
+        {
             self.pending.lock().await.remove(&id);
             return Err(InteropError::Disconnected);
         }
@@ -194,26 +226,49 @@ impl GatewayConn {
 
     /// Sends without waiting (an id-0 `Ack`).
     pub async fn send_unanswered(&self, body: Body) -> Result<(), InteropError> {
-        self.out.send(pb::Stanza { id: 0, body: Some(body) }).await.map_err(|_| InteropError::Disconnected)
+        self.out
+            .send(pb::Stanza {
+                id: 0,
+                body: Some(body),
+            })
+            .await
+            .map_err(|_| InteropError::Disconnected)
     }
 
     /// Register, then verify: returns the account secret.
     pub async fn request_code(&self, account: &str) -> Result<(), InteropError> {
-        match self.request(Body::Register(pb::Register { account: account.to_owned() })).await? {
+        match self
+            .request(Body::Register(pb::Register {
+                account: account.to_owned(),
+            }))
+            .await?
+        {
             Body::Ok(_) => Ok(()),
             _ => Err(InteropError::Unexpected),
         }
     }
 
     pub async fn verify(&self, account: &str, code: &str) -> Result<Vec<u8>, InteropError> {
-        match self.request(Body::Verify(pb::Verify { account: account.to_owned(), code: code.to_owned() })).await? {
+        match self
+            .request(Body::Verify(pb::Verify {
+                account: account.to_owned(),
+                code: code.to_owned(),
+            }))
+            .await?
+        {
             Body::Registered(r) => Ok(r.secret),
             _ => Err(InteropError::Unexpected),
         }
     }
 
     pub async fn login(&self, account: &str, secret: &[u8]) -> Result<pb::LoggedIn, InteropError> {
-        match self.request(Body::Login(pb::Login { account: account.to_owned(), secret: secret.to_vec() })).await? {
+        match self
+            .request(Body::Login(pb::Login {
+                account: account.to_owned(),
+                secret: secret.to_vec(),
+            }))
+            .await?
+        {
             Body::LoggedIn(l) => Ok(l),
             _ => Err(InteropError::Unexpected),
         }

@@ -18,8 +18,8 @@ use super::{
     account::{self, save_credentials},
 };
 use crate::{
-    bridge::{
-        network::{GroupInfo, NetAccount, NetError, NetEvent, NetEventSink, NetTarget, Network, UploadedMedia},
+    bridge::network::{
+        GroupInfo, NetAccount, NetError, NetEvent, NetEventSink, NetTarget, Network, UploadedMedia,
     },
     vault::{Vault, VaultStore},
     wire::{
@@ -49,8 +49,20 @@ pub struct InteropNetwork {
 }
 
 impl InteropNetwork {
-    pub fn new(rt: SignalRuntime, gateway: GatewayAddr, vault: Vault, db: Arc<dyn VaultStore>) -> Arc<Self> {
-        Arc::new(Self { rt, gateway, vault, db, accounts: Mutex::new(HashMap::new()), sink: OnceLock::new() })
+    pub fn new(
+        rt: SignalRuntime,
+        gateway: GatewayAddr,
+        vault: Vault,
+        db: Arc<dyn VaultStore>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            rt,
+            gateway,
+            vault,
+            db,
+            accounts: Mutex::new(HashMap::new()),
+            sink: OnceLock::new(),
+        })
     }
 
     /// Where events go; set once, after the core exists.
@@ -64,11 +76,24 @@ impl InteropNetwork {
             old.handle.stop().await;
         }
         let (tx, rx) = mpsc::channel(256);
-        let handle = account::spawn_account(&self.rt, mxid, self.gateway.clone(), self.vault.clone(), self.db.clone(), tx)
-            .await
-            .map_err(net_err)?;
-        let acc = Arc::new(InteropAccount { handle, connected: Arc::new(AtomicBool::new(false)) });
-        self.accounts.lock().expect("lock").insert(mxid.to_owned(), acc.clone());
+        let handle = account::spawn_account(
+            &self.rt,
+            mxid,
+            self.gateway.clone(),
+            self.vault.clone(),
+            self.db.clone(),
+            tx,
+        )
+        .await
+        .map_err(net_err)?;
+        let acc = Arc::new(InteropAccount {
+            handle,
+            connected: Arc::new(AtomicBool::new(false)),
+        });
+        self.accounts
+            .lock()
+            .expect("lock")
+            .insert(mxid.to_owned(), acc.clone());
         let sink = self.sink.get().cloned();
         tokio::spawn(pump(mxid.to_owned(), acc.clone(), rx, sink));
         Ok(acc)
@@ -76,15 +101,24 @@ impl InteropNetwork {
 }
 
 /// Hands one login's events to the core in order; acks each after it was handled.
-async fn pump(mxid: String, acc: Arc<InteropAccount>, mut rx: mpsc::Receiver<Event>, sink: Option<Weak<dyn NetEventSink>>) {
+async fn pump(
+    mxid: String,
+    acc: Arc<InteropAccount>,
+    mut rx: mpsc::Receiver<Event>,
+    sink: Option<Weak<dyn NetEventSink>>,
+) {
     while let Some(ev) = rx.recv().await {
         let Some(ev) = convert(ev) else { continue };
         match &ev {
             NetEvent::Connected => acc.connected.store(true, Ordering::Relaxed),
-            NetEvent::Disconnected { .. } | NetEvent::LoggedOut { .. } => acc.connected.store(false, Ordering::Relaxed),
+            NetEvent::Disconnected { .. } | NetEvent::LoggedOut { .. } => {
+                acc.connected.store(false, Ordering::Relaxed)
+            }
             _ => {}
         }
-        let Some(sink) = sink.as_ref().and_then(Weak::upgrade) else { return };
+        let Some(sink) = sink.as_ref().and_then(Weak::upgrade) else {
+            return;
+        };
         let mut delay = Duration::from_millis(200);
         let mut handled = false;
         for attempt in 1..=6 {
@@ -109,7 +143,10 @@ async fn pump(mxid: String, acc: Arc<InteropAccount>, mut rx: mpsc::Receiver<Eve
                 acc.handle.ack(id).await;
             } else {
                 // Not acked: the gateway delivers it again after the next reconnect.
-                tracing::warn!(envelope = id, "interop event left unacknowledged for redelivery");
+                tracing::warn!(
+                    envelope = id,
+                    "interop event left unacknowledged for redelivery"
+                );
             }
         }
     }
@@ -120,24 +157,67 @@ fn convert(ev: Event) -> Option<NetEvent> {
         Event::Connected { .. } => NetEvent::Connected,
         Event::Disconnected { reason, .. } => NetEvent::Disconnected { reason },
         Event::LoggedOut { reason, .. } => NetEvent::LoggedOut { reason },
-        Event::Message { envelope_id, from, group, message_id, timestamp, data } => {
-            NetEvent::Message { envelope_id, from, group, message_id, timestamp, data }
-        }
-        Event::Receipt { envelope_id, from, receipt } => NetEvent::Receipt {
+        Event::Message {
+            envelope_id,
+            from,
+            group,
+            message_id,
+            timestamp,
+            data,
+        } => NetEvent::Message {
+            envelope_id,
+            from,
+            group,
+            message_id,
+            timestamp,
+            data,
+        },
+        Event::Receipt {
+            envelope_id,
+            from,
+            receipt,
+        } => NetEvent::Receipt {
             envelope_id,
             from,
             group: (!receipt.group.is_empty()).then_some(receipt.group),
             read: receipt.r#type == pb::ReceiptType::Read as i32,
             message_ids: receipt.message_ids,
         },
-        Event::GroupUpdate { envelope_id, from, group } => NetEvent::GroupUpdate {
+        Event::GroupUpdate {
             envelope_id,
             from,
-            group: GroupInfo { id: group.id, name: group.name, members: group.members, changed_by: group.changed_by },
+            group,
+        } => NetEvent::GroupUpdate {
+            envelope_id,
+            from,
+            group: GroupInfo {
+                id: group.id,
+                name: group.name,
+                members: group.members,
+                changed_by: group.changed_by,
+            },
         },
-        Event::Typing { from, group, typing } => NetEvent::Typing { from, group, typing },
+        Event::Typing {
+            from,
+            group,
+            typing,
+        } => NetEvent::Typing {
+            from,
+            group,
+            typing,
+        },
         Event::IdentityChanged { peer } => NetEvent::IdentityChanged { peer },
-        Event::Undecryptable { envelope_id, from, group, reason } => NetEvent::Undecryptable { envelope_id, from, group, reason },
+        Event::Undecryptable {
+            envelope_id,
+            from,
+            group,
+            reason,
+        } => NetEvent::Undecryptable {
+            envelope_id,
+            from,
+            group,
+            reason,
+        },
         Event::Presence { .. } => return None,
     })
 }
@@ -146,16 +226,25 @@ fn convert(ev: Event) -> Option<NetEvent> {
 impl Network for InteropNetwork {
     async fn request_code(&self, account: &str) -> Result<(), NetError> {
         if !crate::wire::is_valid_account(account) {
-            return Err(NetError::Refused(format!("`{account}` is not an identifier: use + and 8 to 15 digits")));
+            return Err(NetError::Refused(format!(
+                "`{account}` is not an identifier: use + and 8 to 15 digits"
+            )));
         }
         let (conn, _) = GatewayConn::connect(&self.gateway).await.map_err(net_err)?;
         conn.request_code(account).await.map_err(net_err)
     }
 
-    async fn verify_and_connect(&self, mxid: &str, account: &str, code: &str) -> Result<Arc<dyn NetAccount>, NetError> {
+    async fn verify_and_connect(
+        &self,
+        mxid: &str,
+        account: &str,
+        code: &str,
+    ) -> Result<Arc<dyn NetAccount>, NetError> {
         let (conn, _) = GatewayConn::connect(&self.gateway).await.map_err(net_err)?;
         let secret = conn.verify(account, code).await.map_err(net_err)?;
-        save_credentials(&self.vault, &self.db, mxid, account, &secret).await.map_err(net_err)?;
+        save_credentials(&self.vault, &self.db, mxid, account, &secret)
+            .await
+            .map_err(net_err)?;
         self.start(mxid).await
     }
 
@@ -168,11 +257,18 @@ impl Network for InteropNetwork {
         if let Some(acc) = acc {
             acc.handle.stop().await;
         }
-        self.vault.destroy(mxid).await.map_err(|e| NetError::Other(e.to_string()))
+        self.vault
+            .destroy(mxid)
+            .await
+            .map_err(|e| NetError::Other(e.to_string()))
     }
 
     fn account(&self, mxid: &str) -> Option<Arc<dyn NetAccount>> {
-        self.accounts.lock().expect("lock").get(mxid).map(|a| a.clone() as Arc<dyn NetAccount>)
+        self.accounts
+            .lock()
+            .expect("lock")
+            .get(mxid)
+            .map(|a| a.clone() as Arc<dyn NetAccount>)
     }
 
     async fn reachable(&self) -> bool {
@@ -202,40 +298,104 @@ impl NetAccount for InteropAccount {
         self.connected.load(Ordering::Relaxed)
     }
 
-    async fn send(&self, to: NetTarget, message_id: String, data: DataMessage) -> Result<(), NetError> {
-        self.handle.send(target(to), message_id, data).await.map(|_| ()).map_err(net_err)
+    async fn send(
+        &self,
+        to: NetTarget,
+        message_id: String,
+        data: DataMessage,
+    ) -> Result<(), NetError> {
+        self.handle
+            .send(target(to), message_id, data)
+            .await
+            .map(|_| ())
+            .map_err(net_err)
     }
 
-    async fn receipt(&self, to: &str, read: bool, message_ids: Vec<String>) -> Result<(), NetError> {
-        let r#type = if read { pb::ReceiptType::Read } else { pb::ReceiptType::Delivered } as i32;
-        self.handle.receipt(to.to_owned(), pb::Receipt { r#type, message_ids, group: String::new() }).await.map_err(net_err)
+    async fn receipt(
+        &self,
+        to: &str,
+        read: bool,
+        message_ids: Vec<String>,
+    ) -> Result<(), NetError> {
+        let r#type = if read {
+            pb::ReceiptType::Read
+        } else {
+            pb::ReceiptType::Delivered
+        } as i32;
+        self.handle
+            .receipt(
+                to.to_owned(),
+                pb::Receipt {
+                    r#type,
+                    message_ids,
+                    group: String::new(),
+                },
+            )
+            .await
+            .map_err(net_err)
     }
 
     async fn typing(&self, to: NetTarget, typing: bool) -> Result<(), NetError> {
-        self.handle.typing(target(to), typing).await.map_err(net_err)
+        self.handle
+            .typing(target(to), typing)
+            .await
+            .map_err(net_err)
     }
 
     async fn upload(&self, data: Vec<u8>) -> Result<UploadedMedia, NetError> {
         let (blob, sealed) = self.handle.upload(data).await.map_err(net_err)?;
-        Ok(UploadedMedia { blob, key: sealed.key.to_vec(), sha256: sealed.sha256 })
+        Ok(UploadedMedia {
+            blob,
+            key: sealed.key.to_vec(),
+            sha256: sealed.sha256,
+        })
     }
 
     async fn download(&self, blob: &str, key: &[u8], sha256: &[u8]) -> Result<Vec<u8>, NetError> {
-        self.handle.download(blob.to_owned(), key.to_vec(), sha256.to_vec()).await.map_err(net_err)
+        self.handle
+            .download(blob.to_owned(), key.to_vec(), sha256.to_vec())
+            .await
+            .map_err(net_err)
     }
 
     async fn create_group(&self, name: &str, members: Vec<String>) -> Result<GroupInfo, NetError> {
-        let g = self.handle.create_group(name.to_owned(), members).await.map_err(net_err)?;
-        Ok(GroupInfo { id: g.id, name: g.name, members: g.members, changed_by: g.changed_by })
-    }
-
-    async fn update_group(&self, group: &str, add: Vec<String>, remove: Vec<String>, name: Option<String>) -> Result<GroupInfo, NetError> {
         let g = self
             .handle
-            .update_group(pb::UpdateGroup { group: group.to_owned(), add, remove, name, avatar_blob: None })
+            .create_group(name.to_owned(), members)
             .await
             .map_err(net_err)?;
-        Ok(GroupInfo { id: g.id, name: g.name, members: g.members, changed_by: g.changed_by })
+        Ok(GroupInfo {
+            id: g.id,
+            name: g.name,
+            members: g.members,
+            changed_by: g.changed_by,
+        })
+    }
+
+    async fn update_group(
+        &self,
+        group: &str,
+        add: Vec<String>,
+        remove: Vec<String>,
+        name: Option<String>,
+    ) -> Result<GroupInfo, NetError> {
+        let g = self
+            .handle
+            .update_group(pb::UpdateGroup {
+                group: group.to_owned(),
+                add,
+                remove,
+                name,
+                avatar_blob: None,
+            })
+            .await
+            .map_err(net_err)?;
+        Ok(GroupInfo {
+            id: g.id,
+            name: g.name,
+            members: g.members,
+            changed_by: g.changed_by,
+        })
     }
 
     async fn profile_name(&self, account: &str) -> Result<Option<String>, NetError> {

@@ -3,7 +3,8 @@
 //! into the vault in the same commit as the id counters.
 
 use libsignal_protocol::{
-    GenericSignedPreKey, KeyPair, KyberPreKeyRecord, PreKeyRecord, SignedPreKeyRecord, Timestamp, kem,
+    GenericSignedPreKey, KeyPair, KyberPreKeyRecord, PreKeyRecord, SignedPreKeyRecord, Timestamp,
+    kem,
 };
 
 use crate::{
@@ -46,7 +47,12 @@ fn now() -> Timestamp {
 
 /// Builds an upload with `one_time` EC and `kyber` one-time prekeys, and a fresh signed prekey and
 /// last-resort key when `base` is set. Private halves are committed to the vault before returning.
-pub async fn make_upload(store: &mut SignalStore, base: bool, one_time: u32, kyber: u32) -> Result<pb::UploadKeys, KeyError> {
+pub async fn make_upload(
+    store: &mut SignalStore,
+    base: bool,
+    one_time: u32,
+    kyber: u32,
+) -> Result<pb::UploadKeys, KeyError> {
     use libsignal_protocol::{KyberPreKeyStore, PreKeyStore, SignedPreKeyStore};
     let ikp = store.identity_key_pair();
     let mut rng = rand::rng();
@@ -59,13 +65,27 @@ pub async fn make_upload(store: &mut SignalStore, base: bool, one_time: u32, kyb
     if base {
         let id = next_id(store, "signed_id").await?;
         let kp = KeyPair::generate(&mut rng);
-        let sig = ikp.private_key().calculate_signature(&kp.public_key.serialize(), &mut rng).map_err(|e| KeyError::Curve(e.to_string()))?;
+        let sig = ikp
+            .private_key()
+            .calculate_signature(&kp.public_key.serialize(), &mut rng)
+            .map_err(|e| KeyError::Curve(e.to_string()))?;
         let rec = SignedPreKeyRecord::new(id.into(), now(), &kp, &sig);
         store.signed.save_signed_pre_key(id.into(), &rec).await?;
-        up.signed_prekey = Some(pb::SignedKey { id, public_key: kp.public_key.serialize().to_vec(), signature: sig.to_vec() });
+        up.signed_prekey = Some(pb::SignedKey {
+            id,
+            public_key: kp.public_key.serialize().to_vec(),
+            signature: sig.to_vec(),
+        });
         counters.push(("signed_id", id + 1));
-        let lr = KyberPreKeyRecord::generate(kem::KeyType::Kyber1024, LAST_RESORT_KYBER_ID.into(), ikp.private_key())?;
-        store.kyber.save_kyber_pre_key(LAST_RESORT_KYBER_ID.into(), &lr).await?;
+        let lr = KyberPreKeyRecord::generate(
+            kem::KeyType::Kyber1024,
+            LAST_RESORT_KYBER_ID.into(),
+            ikp.private_key(),
+        )?;
+        store
+            .kyber
+            .save_kyber_pre_key(LAST_RESORT_KYBER_ID.into(), &lr)
+            .await?;
         up.kyber_last_resort = Some(pb::SignedKey {
             id: LAST_RESORT_KYBER_ID,
             public_key: lr.public_key()?.serialize().to_vec(),
@@ -75,18 +95,32 @@ pub async fn make_upload(store: &mut SignalStore, base: bool, one_time: u32, kyb
     let first = next_id(store, "prekey_id").await?;
     for id in first..first + one_time {
         let kp = KeyPair::generate(&mut rng);
-        store.prekeys.save_pre_key(id.into(), &PreKeyRecord::new(id.into(), &kp)).await?;
-        up.one_time_prekeys.push(pb::PreKey { id, public_key: kp.public_key.serialize().to_vec() });
+        store
+            .prekeys
+            .save_pre_key(id.into(), &PreKeyRecord::new(id.into(), &kp))
+            .await?;
+        up.one_time_prekeys.push(pb::PreKey {
+            id,
+            public_key: kp.public_key.serialize().to_vec(),
+        });
     }
     counters.push(("prekey_id", first + one_time));
     let first = next_id(store, "kyber_id").await?;
     for id in first..first + kyber {
-        let rec = KyberPreKeyRecord::generate(kem::KeyType::Kyber1024, id.into(), ikp.private_key())?;
+        let rec =
+            KyberPreKeyRecord::generate(kem::KeyType::Kyber1024, id.into(), ikp.private_key())?;
         store.kyber.save_kyber_pre_key(id.into(), &rec).await?;
-        up.kyber_prekeys.push(pb::SignedKey { id, public_key: rec.public_key()?.serialize().to_vec(), signature: rec.signature()?.to_vec() });
+        up.kyber_prekeys.push(pb::SignedKey {
+            id,
+            public_key: rec.public_key()?.serialize().to_vec(),
+            signature: rec.signature()?.to_vec(),
+        });
     }
     counters.push(("kyber_id", first + kyber));
-    let extra = counters.into_iter().map(|(k, v)| (META, k.to_owned(), Some(v.to_be_bytes().to_vec()))).collect();
+    let extra = counters
+        .into_iter()
+        .map(|(k, v)| (META, k.to_owned(), Some(v.to_be_bytes().to_vec())))
+        .collect();
     store.commit(extra).await?;
     Ok(up)
 }

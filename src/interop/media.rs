@@ -35,11 +35,14 @@ pub fn encrypt(plaintext: &[u8]) -> Sealed {
     let mut iv = [0u8; 16];
     rand::rng().fill_bytes(&mut key);
     rand::rng().fill_bytes(&mut iv);
-    let ct = Enc::new_from_slices(&key[..32], &iv).expect("32-byte key, 16-byte iv").encrypt_padded_vec_mut::<Pkcs7>(plaintext);
+    let ct = Enc::new_from_slices(&key[..32], &iv)
+        .expect("32-byte key, 16-byte iv")
+        .encrypt_padded_vec_mut::<Pkcs7>(plaintext);
     let mut blob = Vec::with_capacity(16 + ct.len() + 32);
     blob.extend_from_slice(&iv);
     blob.extend_from_slice(&ct);
-    let mut mac = <HmacSha256 as Mac>::new_from_slice(&key[32..]).expect("HMAC takes any key length");
+    let mut mac =
+        <HmacSha256 as Mac>::new_from_slice(&key[32..]).expect("HMAC takes any key length");
     mac.update(&blob);
     blob.extend_from_slice(&mac.finalize().into_bytes());
     let sha256 = Sha256::digest(&blob).to_vec();
@@ -58,7 +61,8 @@ pub fn decrypt(blob: &[u8], key: &[u8], sha256: &[u8]) -> Result<Zeroizing<Vec<u
         return Err(MediaError::Malformed);
     }
     let (body, tag) = blob.split_at(blob.len() - 32);
-    let mut mac = <HmacSha256 as Mac>::new_from_slice(&key[32..]).expect("HMAC takes any key length");
+    let mut mac =
+        <HmacSha256 as Mac>::new_from_slice(&key[32..]).expect("HMAC takes any key length");
     mac.update(body);
     mac.verify_slice(tag).map_err(|_| MediaError::Mac)?;
     let (iv, ct) = body.split_at(16);
@@ -76,12 +80,21 @@ mod tests {
     #[test]
     fn roundtrip_and_tamper() {
         let s = encrypt(b"picture bytes");
-        assert_eq!(&decrypt(&s.blob, &s.key, &s.sha256).expect("opens")[..], b"picture bytes");
+        assert_eq!(
+            &decrypt(&s.blob, &s.key, &s.sha256).expect("opens")[..],
+            b"picture bytes"
+        );
         let mut bad = s.blob.clone();
         bad[20] ^= 1;
-        assert_eq!(decrypt(&bad, &s.key, &s.sha256).err(), Some(MediaError::Hash));
+        assert_eq!(
+            decrypt(&bad, &s.key, &s.sha256).err(),
+            Some(MediaError::Hash)
+        );
         let hash = Sha256::digest(&bad).to_vec();
         assert_eq!(decrypt(&bad, &s.key, &hash).err(), Some(MediaError::Mac));
-        assert_eq!(decrypt(&s.blob, &s.key[..10], &s.sha256).err(), Some(MediaError::BadKey));
+        assert_eq!(
+            decrypt(&s.blob, &s.key[..10], &s.sha256).err(),
+            Some(MediaError::BadKey)
+        );
     }
 }

@@ -45,7 +45,10 @@ impl SignalRuntime {
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = ()> + 'static,
     {
-        let shard = key.bytes().fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize)) % self.shards.len();
+        let shard = key
+            .bytes()
+            .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize))
+            % self.shards.len();
         let job: Job = Box::new(move || Box::pin(make()));
         let _ = self.shards[shard].send(job);
     }

@@ -22,7 +22,12 @@ const MAX_ATTEMPTS: u32 = 6;
 pub enum MatrixError {
     /// The homeserver answered with a Matrix error.
     #[error("homeserver answered {status} {errcode}: {message}")]
-    Api { status: u16, errcode: String, message: String, retry_after: Option<Duration> },
+    Api {
+        status: u16,
+        errcode: String,
+        message: String,
+        retry_after: Option<Duration>,
+    },
     #[error("homeserver unreachable: {0}")]
     Network(String),
     #[error("cannot build request: {0}")]
@@ -42,7 +47,9 @@ impl MatrixError {
     fn is_transient(&self) -> bool {
         match self {
             MatrixError::Network(_) => true,
-            MatrixError::Api { status, errcode, .. } => *status >= 500 || errcode == "M_LIMIT_EXCEEDED",
+            MatrixError::Api {
+                status, errcode, ..
+            } => *status >= 500 || errcode == "M_LIMIT_EXCEEDED",
             _ => false,
         }
     }
@@ -89,7 +96,9 @@ struct Inner {
 
 impl fmt::Debug for HomeserverClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HomeserverClient").field("base", &self.inner.base).finish_non_exhaustive()
+        f.debug_struct("HomeserverClient")
+            .field("base", &self.inner.base)
+            .finish_non_exhaustive()
     }
 }
 
@@ -131,7 +140,8 @@ impl HomeserverClient {
     {
         let http_req = self.build(req, user, device)?;
         let resp = self.execute(http_req).await?;
-        R::IncomingResponse::try_from_http_response(resp).map_err(|e| MatrixError::Response(e.to_string()))
+        R::IncomingResponse::try_from_http_response(resp)
+            .map_err(|e| MatrixError::Response(e.to_string()))
     }
 
     fn build<R>(
@@ -159,12 +169,18 @@ impl HomeserverClient {
     }
 
     /// Runs a built request with retries; returns the successful response.
-    async fn execute(&self, req: http::Request<Vec<u8>>) -> Result<http::Response<Vec<u8>>, MatrixError> {
+    async fn execute(
+        &self,
+        req: http::Request<Vec<u8>>,
+    ) -> Result<http::Response<Vec<u8>>, MatrixError> {
         let (parts, body) = req.into_parts();
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let mut rb = self.inner.http.request(parts.method.clone(), parts.uri.to_string());
+            let mut rb = self
+                .inner
+                .http
+                .request(parts.method.clone(), parts.uri.to_string());
             for (k, v) in &parts.headers {
                 rb = rb.header(k, v);
             }
@@ -178,7 +194,9 @@ impl HomeserverClient {
                             for (k, v) in &headers {
                                 b = b.header(k, v);
                             }
-                            return b.body(bytes.to_vec()).map_err(|e| MatrixError::Response(e.to_string()));
+                            return b
+                                .body(bytes.to_vec())
+                                .map_err(|e| MatrixError::Response(e.to_string()));
                         }
                         Ok(bytes) => Err(api_error(status.as_u16(), &bytes)),
                         Err(e) => Err(MatrixError::Network(e.to_string())),
@@ -191,7 +209,10 @@ impl HomeserverClient {
                 return Err(err);
             }
             let backoff = match &err {
-                MatrixError::Api { retry_after: Some(d), .. } => *d,
+                MatrixError::Api {
+                    retry_after: Some(d),
+                    ..
+                } => *d,
                 _ => self.inner.retry_base * 2u32.pow(attempt - 1),
             };
             tracing::warn!(method = %parts.method, path = parts.uri.path(), attempt, ?backoff, error = %err, "retrying homeserver request");
@@ -222,31 +243,48 @@ impl HomeserverClient {
     }
 
     pub async fn set_displayname(&self, user: &UserId, name: &str) -> Result<(), MatrixError> {
-        use ruma::{api::client::profile::set_profile_field::v3 as set, profile::ProfileFieldValue};
-        let req = set::Request::new(user.to_owned(), ProfileFieldValue::DisplayName(name.to_owned()));
+        use ruma::{
+            api::client::profile::set_profile_field::v3 as set, profile::ProfileFieldValue,
+        };
+        let req = set::Request::new(
+            user.to_owned(),
+            ProfileFieldValue::DisplayName(name.to_owned()),
+        );
         self.send(req, Some(user), None).await.map(|_| ())
     }
 
     pub async fn set_avatar(&self, user: &UserId, mxc: OwnedMxcUri) -> Result<(), MatrixError> {
-        use ruma::{api::client::profile::set_profile_field::v3 as set, profile::ProfileFieldValue};
+        use ruma::{
+            api::client::profile::set_profile_field::v3 as set, profile::ProfileFieldValue,
+        };
         let req = set::Request::new(user.to_owned(), ProfileFieldValue::AvatarUrl(mxc));
         self.send(req, Some(user), None).await.map(|_| ())
     }
 
     pub async fn join(&self, room: &RoomId, user: &UserId) -> Result<(), MatrixError> {
         use ruma::api::client::membership::join_room_by_id::v3 as join;
-        self.send(join::Request::new(room.to_owned()), Some(user), None).await.map(|_| ())
+        self.send(join::Request::new(room.to_owned()), Some(user), None)
+            .await
+            .map(|_| ())
     }
 
     pub async fn leave(&self, room: &RoomId, user: &UserId) -> Result<(), MatrixError> {
         use ruma::api::client::membership::leave_room::v3 as leave;
-        self.send(leave::Request::new(room.to_owned()), Some(user), None).await.map(|_| ())
+        self.send(leave::Request::new(room.to_owned()), Some(user), None)
+            .await
+            .map(|_| ())
     }
 
-    pub async fn invite(&self, room: &RoomId, by: &UserId, invitee: &UserId) -> Result<(), MatrixError> {
+    pub async fn invite(
+        &self,
+        room: &RoomId,
+        by: &UserId,
+        invitee: &UserId,
+    ) -> Result<(), MatrixError> {
         use ruma::api::client::membership::invite_user::v3::{self as invite, InvitationRecipient};
-        let recipient: InvitationRecipient = serde_json::from_value(serde_json::json!({ "user_id": invitee }))
-            .map_err(|e| MatrixError::Build(e.to_string()))?;
+        let recipient: InvitationRecipient =
+            serde_json::from_value(serde_json::json!({ "user_id": invitee }))
+                .map_err(|e| MatrixError::Build(e.to_string()))?;
         let req = invite::Request::new(room.to_owned(), recipient);
         self.send(req, Some(by), None).await.map(|_| ())
     }
@@ -261,9 +299,15 @@ impl HomeserverClient {
         txn_id: &str,
     ) -> Result<String, MatrixError> {
         use ruma::api::client::message::send_message_event::v3 as send;
-        let raw = ruma::serde::Raw::new(content).map_err(|e| MatrixError::Build(e.to_string()))?.cast_unchecked();
+        let raw = ruma::serde::Raw::new(content)
+            .map_err(|e| MatrixError::Build(e.to_string()))?
+            .cast_unchecked();
         let req = send::Request::new_raw(room.to_owned(), txn_id.into(), event_type.into(), raw);
-        Ok(self.send(req, Some(as_user), None).await?.event_id.to_string())
+        Ok(self
+            .send(req, Some(as_user), None)
+            .await?
+            .event_id
+            .to_string())
     }
 
     /// Sends a state event given as raw JSON content; returns the event id.
@@ -276,13 +320,28 @@ impl HomeserverClient {
         content: &serde_json::Value,
     ) -> Result<String, MatrixError> {
         use ruma::api::client::state::send_state_event::v3 as send;
-        let raw = ruma::serde::Raw::new(content).map_err(|e| MatrixError::Build(e.to_string()))?.cast_unchecked();
-        let req = send::Request::new_raw(room.to_owned(), event_type.into(), state_key.to_owned(), raw);
-        Ok(self.send(req, Some(as_user), None).await?.event_id.to_string())
+        let raw = ruma::serde::Raw::new(content)
+            .map_err(|e| MatrixError::Build(e.to_string()))?
+            .cast_unchecked();
+        let req = send::Request::new_raw(
+            room.to_owned(),
+            event_type.into(),
+            state_key.to_owned(),
+            raw,
+        );
+        Ok(self
+            .send(req, Some(as_user), None)
+            .await?
+            .event_id
+            .to_string())
     }
 
     /// Creates a room as `creator` from a raw `createRoom` body (spec shape).
-    pub async fn create_room(&self, creator: &UserId, body: serde_json::Value) -> Result<OwnedRoomId, MatrixError> {
+    pub async fn create_room(
+        &self,
+        creator: &UserId,
+        body: serde_json::Value,
+    ) -> Result<OwnedRoomId, MatrixError> {
         use ruma::api::client::room::create_room::v3 as create;
         let req: create::Request = serde_json::from_value::<CreateRoomBody>(body)
             .map_err(|e| MatrixError::Build(e.to_string()))?
@@ -290,9 +349,18 @@ impl HomeserverClient {
         Ok(self.send(req, Some(creator), None).await?.room_id)
     }
 
-    pub async fn joined_members(&self, room: &RoomId, as_user: &UserId) -> Result<Vec<OwnedUserId>, MatrixError> {
+    pub async fn joined_members(
+        &self,
+        room: &RoomId,
+        as_user: &UserId,
+    ) -> Result<Vec<OwnedUserId>, MatrixError> {
         use ruma::api::client::membership::joined_members::v3 as members;
-        Ok(self.send(members::Request::new(room.to_owned()), Some(as_user), None).await?.joined.into_keys().collect())
+        Ok(self
+            .send(members::Request::new(room.to_owned()), Some(as_user), None)
+            .await?
+            .joined
+            .into_keys()
+            .collect())
     }
 
     /// Uploads media; returns its mxc URI.
@@ -310,37 +378,67 @@ impl HomeserverClient {
         Ok(self.send(req, Some(as_user), None).await?.content_uri)
     }
 
-    pub async fn redact(&self, room: &RoomId, as_user: &UserId, event_id: &str, reason: Option<&str>) -> Result<(), MatrixError> {
+    pub async fn redact(
+        &self,
+        room: &RoomId,
+        as_user: &UserId,
+        event_id: &str,
+        reason: Option<&str>,
+    ) -> Result<(), MatrixError> {
         use ruma::api::client::redact::redact_event::v3 as redact;
-        let event_id = ruma::OwnedEventId::try_from(event_id).map_err(|e| MatrixError::Build(e.to_string()))?;
+        let event_id = ruma::OwnedEventId::try_from(event_id)
+            .map_err(|e| MatrixError::Build(e.to_string()))?;
         let mut req = redact::Request::new(room.to_owned(), event_id, ruma::TransactionId::new());
         req.reason = reason.map(str::to_owned);
         self.send(req, Some(as_user), None).await.map(|_| ())
     }
 
-    pub async fn read_receipt(&self, room: &RoomId, as_user: &UserId, event_id: &str) -> Result<(), MatrixError> {
+    pub async fn read_receipt(
+        &self,
+        room: &RoomId,
+        as_user: &UserId,
+        event_id: &str,
+    ) -> Result<(), MatrixError> {
         use ruma::api::client::receipt::create_receipt::v3 as receipt;
-        let event_id = ruma::OwnedEventId::try_from(event_id).map_err(|e| MatrixError::Build(e.to_string()))?;
+        let event_id = ruma::OwnedEventId::try_from(event_id)
+            .map_err(|e| MatrixError::Build(e.to_string()))?;
         let req = receipt::Request::new(room.to_owned(), receipt::ReceiptType::Read, event_id);
         self.send(req, Some(as_user), None).await.map(|_| ())
     }
 
-    pub async fn typing(&self, room: &RoomId, as_user: &UserId, typing: bool) -> Result<(), MatrixError> {
+    pub async fn typing(
+        &self,
+        room: &RoomId,
+        as_user: &UserId,
+        typing: bool,
+    ) -> Result<(), MatrixError> {
         use ruma::api::client::typing::create_typing_event::v3 as typing_ev;
-        let state = if typing { typing_ev::Typing::Yes(typing_ev::TypingInfo::new(Duration::from_secs(20))) } else { typing_ev::Typing::No };
+        let state = if typing {
+            typing_ev::Typing::Yes(typing_ev::TypingInfo::new(Duration::from_secs(20)))
+        } else {
+            typing_ev::Typing::No
+        };
         let req = typing_ev::Request::new(as_user.to_owned(), room.to_owned(), state);
         self.send(req, Some(as_user), None).await.map(|_| ())
     }
 
     /// Downloads media through the authenticated media API; returns the bytes and the content type.
-    pub async fn download(&self, mxc: &str, max_bytes: usize) -> Result<(Vec<u8>, Option<String>), MatrixError> {
+    pub async fn download(
+        &self,
+        mxc: &str,
+        max_bytes: usize,
+    ) -> Result<(Vec<u8>, Option<String>), MatrixError> {
         use ruma::api::client::authenticated_media::get_content::v1 as get;
         let uri = ruma::OwnedMxcUri::from(mxc);
-        let (server, media_id) = uri.parts().map_err(|e| MatrixError::Build(format!("bad mxc uri: {e}")))?;
+        let (server, media_id) = uri
+            .parts()
+            .map_err(|e| MatrixError::Build(format!("bad mxc uri: {e}")))?;
         let req = get::Request::new(media_id.to_owned(), server.to_owned());
         let resp = self.send(req, None, None).await?;
         if resp.file.len() > max_bytes {
-            return Err(MatrixError::Response(format!("media larger than {max_bytes} bytes")));
+            return Err(MatrixError::Response(format!(
+                "media larger than {max_bytes} bytes"
+            )));
         }
         Ok((resp.file, resp.content_type))
     }
@@ -357,19 +455,36 @@ impl HomeserverClient {
             .await
             .map_err(|e| MatrixError::Network(e.to_string()))?;
         let status = resp.status().as_u16();
-        let body = resp.bytes().await.map_err(|e| MatrixError::Network(e.to_string()))?;
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| MatrixError::Network(e.to_string()))?;
         if status != 200 {
             return Err(api_error(status, &body));
         }
-        let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| MatrixError::Response(e.to_string()))?;
-        Ok(v["capabilities"]["m.room_versions"]["default"].as_str().unwrap_or("1").to_owned())
+        let v: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| MatrixError::Response(e.to_string()))?;
+        Ok(v["capabilities"]["m.room_versions"]["default"]
+            .as_str()
+            .unwrap_or("1")
+            .to_owned())
     }
 
     /// `GET /_matrix/client/versions`, to see whether the homeserver is up.
     pub async fn versions(&self) -> Result<(), MatrixError> {
         let url = format!("{}/_matrix/client/versions", self.inner.base);
-        let resp = self.inner.http.get(url).send().await.map_err(|e| MatrixError::Network(e.to_string()))?;
-        if resp.status().is_success() { Ok(()) } else { Err(MatrixError::Network(format!("status {}", resp.status()))) }
+        let resp = self
+            .inner
+            .http
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| MatrixError::Network(e.to_string()))?;
+        if resp.status().is_success() {
+            Ok(())
+        } else {
+            Err(MatrixError::Network(format!("status {}", resp.status())))
+        }
     }
 }
 
@@ -377,9 +492,18 @@ fn api_error(status: u16, body: &[u8]) -> MatrixError {
     let parsed: Option<ErrorBody> = serde_json::from_slice(body).ok();
     let (errcode, message, retry) = match parsed {
         Some(b) => (b.errcode, b.error, b.retry_after_ms),
-        None => (String::new(), String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(), None),
+        None => (
+            String::new(),
+            String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
+            None,
+        ),
     };
-    MatrixError::Api { status, errcode, message, retry_after: retry.map(Duration::from_millis) }
+    MatrixError::Api {
+        status,
+        errcode,
+        message,
+        retry_after: retry.map(Duration::from_millis),
+    }
 }
 
 /// The subset of `createRoom` the bridge uses, deserialized from the spec's JSON shape.
@@ -410,7 +534,9 @@ impl CreateRoomBody {
         req.is_direct = self.is_direct;
         req.preset = self.preset;
         req.initial_state = self.initial_state;
-        req.power_level_content_override = self.power_level_content_override.map(ruma::serde::Raw::from_json);
+        req.power_level_content_override = self
+            .power_level_content_override
+            .map(ruma::serde::Raw::from_json);
         req
     }
 }

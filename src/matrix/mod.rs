@@ -46,7 +46,12 @@ impl MatrixSide {
             .await
     }
 
-    pub fn new(client: HomeserverClient, bot: String, domain: String, ghost_regex: &str) -> Result<Self, regex::Error> {
+    pub fn new(
+        client: HomeserverClient,
+        bot: String,
+        domain: String,
+        ghost_regex: &str,
+    ) -> Result<Self, regex::Error> {
         Ok(Self {
             client,
             bot,
@@ -63,11 +68,13 @@ impl MatrixSide {
 }
 
 fn user(id: &str) -> Result<OwnedUserId, BridgeError> {
-    id.try_into().map_err(|e| BridgeError::Matrix(format!("invalid user id {id}: {e}")))
+    id.try_into()
+        .map_err(|e| BridgeError::Matrix(format!("invalid user id {id}: {e}")))
 }
 
 fn room(id: &str) -> Result<OwnedRoomId, BridgeError> {
-    id.try_into().map_err(|e| BridgeError::Matrix(format!("invalid room id {id}: {e}")))
+    id.try_into()
+        .map_err(|e| BridgeError::Matrix(format!("invalid room id {id}: {e}")))
 }
 
 #[async_trait]
@@ -88,7 +95,13 @@ impl MatrixConnector for MatrixSide {
         Ok(self.client.leave(&room(room_id)?, &user(as_user)?).await?)
     }
 
-    async fn send_notice(&self, room_id: &str, as_user: &str, body: &str, html: &str) -> Result<String, BridgeError> {
+    async fn send_notice(
+        &self,
+        room_id: &str,
+        as_user: &str,
+        body: &str,
+        html: &str,
+    ) -> Result<String, BridgeError> {
         let content = json!({
             "msgtype": "m.notice",
             "body": body,
@@ -96,37 +109,69 @@ impl MatrixConnector for MatrixSide {
             "formatted_body": html,
         });
         let txn = uuid::Uuid::new_v4().to_string();
-        Ok(self.client.send_message(&room(room_id)?, &user(as_user)?, "m.room.message", &content, &txn).await?)
+        Ok(self
+            .client
+            .send_message(
+                &room(room_id)?,
+                &user(as_user)?,
+                "m.room.message",
+                &content,
+                &txn,
+            )
+            .await?)
     }
 
-    async fn joined_members(&self, room_id: &str, as_user: &str) -> Result<Vec<String>, BridgeError> {
-        let members = self.client.joined_members(&room(room_id)?, &user(as_user)?).await?;
+    async fn joined_members(
+        &self,
+        room_id: &str,
+        as_user: &str,
+    ) -> Result<Vec<String>, BridgeError> {
+        let members = self
+            .client
+            .joined_members(&room(room_id)?, &user(as_user)?)
+            .await?;
         Ok(members.into_iter().map(|m| m.to_string()).collect())
     }
 
-    async fn ensure_ghost(&self, localpart: &str, displayname: &str) -> Result<String, BridgeError> {
+    async fn ensure_ghost(
+        &self,
+        localpart: &str,
+        displayname: &str,
+    ) -> Result<String, BridgeError> {
         self.client.register_user(localpart).await?;
         let mxid = format!("@{localpart}:{}", self.domain);
-        self.client.set_displayname(&user(&mxid)?, displayname).await?;
+        self.client
+            .set_displayname(&user(&mxid)?, displayname)
+            .await?;
         Ok(mxid)
     }
 
     async fn create_room(&self, mut body: serde_json::Value) -> Result<String, BridgeError> {
         // From room version 12 on, creators have unlimited power and must not be listed in the
         // power levels (MSC4289); older versions need the bot listed, or it loses its level.
-        if self.creators_are_privileged().await {
-            if let Some(users) = body["power_level_content_override"]["users"].as_object_mut() {
-                users.remove(&self.bot);
-            }
+        if self.creators_are_privileged().await
+            && let Some(users) = body["power_level_content_override"]["users"].as_object_mut()
+        {
+            users.remove(&self.bot);
         }
-        Ok(self.client.create_room(&user(&self.bot)?, body).await?.to_string())
+        Ok(self
+            .client
+            .create_room(&user(&self.bot)?, body)
+            .await?
+            .to_string())
     }
 
     async fn invite(&self, room_id: &str, by: &str, invitee: &str) -> Result<(), BridgeError> {
-        match self.client.invite(&room(room_id)?, &user(by)?, &user(invitee)?).await {
+        match self
+            .client
+            .invite(&room(room_id)?, &user(by)?, &user(invitee)?)
+            .await
+        {
             Ok(()) => Ok(()),
             // Already in the room (or invited): nothing to do.
-            Err(e) if e.errcode() == Some("M_FORBIDDEN") && e.to_string().contains("already") => Ok(()),
+            Err(e) if e.errcode() == Some("M_FORBIDDEN") && e.to_string().contains("already") => {
+                Ok(())
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -139,7 +184,16 @@ impl MatrixConnector for MatrixSide {
         content: serde_json::Value,
         txn_id: &str,
     ) -> Result<String, BridgeError> {
-        Ok(self.client.send_message(&room(room_id)?, &user(as_user)?, event_type, &content, txn_id).await?)
+        Ok(self
+            .client
+            .send_message(
+                &room(room_id)?,
+                &user(as_user)?,
+                event_type,
+                &content,
+                txn_id,
+            )
+            .await?)
     }
 
     async fn send_state(
@@ -150,23 +204,61 @@ impl MatrixConnector for MatrixSide {
         state_key: &str,
         content: serde_json::Value,
     ) -> Result<String, BridgeError> {
-        Ok(self.client.send_state(&room(room_id)?, &user(as_user)?, event_type, state_key, &content).await?)
+        Ok(self
+            .client
+            .send_state(
+                &room(room_id)?,
+                &user(as_user)?,
+                event_type,
+                state_key,
+                &content,
+            )
+            .await?)
     }
 
-    async fn redact(&self, room_id: &str, as_user: &str, event_id: &str) -> Result<(), BridgeError> {
-        Ok(self.client.redact(&room(room_id)?, &user(as_user)?, event_id, None).await?)
+    async fn redact(
+        &self,
+        room_id: &str,
+        as_user: &str,
+        event_id: &str,
+    ) -> Result<(), BridgeError> {
+        Ok(self
+            .client
+            .redact(&room(room_id)?, &user(as_user)?, event_id, None)
+            .await?)
     }
 
-    async fn read_receipt(&self, room_id: &str, as_user: &str, event_id: &str) -> Result<(), BridgeError> {
-        Ok(self.client.read_receipt(&room(room_id)?, &user(as_user)?, event_id).await?)
+    async fn read_receipt(
+        &self,
+        room_id: &str,
+        as_user: &str,
+        event_id: &str,
+    ) -> Result<(), BridgeError> {
+        Ok(self
+            .client
+            .read_receipt(&room(room_id)?, &user(as_user)?, event_id)
+            .await?)
     }
 
     async fn typing(&self, room_id: &str, as_user: &str, typing: bool) -> Result<(), BridgeError> {
-        Ok(self.client.typing(&room(room_id)?, &user(as_user)?, typing).await?)
+        Ok(self
+            .client
+            .typing(&room(room_id)?, &user(as_user)?, typing)
+            .await?)
     }
 
-    async fn upload(&self, as_user: &str, data: Vec<u8>, mimetype: &str, filename: Option<&str>) -> Result<String, BridgeError> {
-        Ok(self.client.upload(&user(as_user)?, data, mimetype, filename).await?.to_string())
+    async fn upload(
+        &self,
+        as_user: &str,
+        data: Vec<u8>,
+        mimetype: &str,
+        filename: Option<&str>,
+    ) -> Result<String, BridgeError> {
+        Ok(self
+            .client
+            .upload(&user(as_user)?, data, mimetype, filename)
+            .await?
+            .to_string())
     }
 
     async fn download(&self, mxc: &str) -> Result<(Vec<u8>, Option<String>), BridgeError> {

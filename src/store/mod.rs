@@ -117,7 +117,11 @@ impl SqlStore {
         let opts: AnyConnectOptions = uri.parse()?;
         // SQLite has a single writer; read-then-write transactions on several connections can fail
         // with SQLITE_BUSY instead of waiting, so SQLite gets one connection.
-        let max = if kind == DatabaseType::Sqlite { 1 } else { cfg.max_connections };
+        let max = if kind == DatabaseType::Sqlite {
+            1
+        } else {
+            cfg.max_connections
+        };
         let pool = AnyPoolOptions::new()
             .max_connections(max)
             .min_connections(cfg.min_connections.min(max))
@@ -153,15 +157,27 @@ impl SqlStore {
 
     /// Fails with a clear message when migrations are pending.
     pub async fn check_migrated(&self) -> Result<(), StoreError> {
-        let applied: Vec<i64> = match sqlx::query("SELECT version FROM _sqlx_migrations WHERE success = TRUE")
-            .fetch_all(&self.pool)
-            .await
-        {
-            Ok(rows) => rows.iter().map(|r| r.try_get::<i64, _>(0)).collect::<Result<_, _>>()?,
-            Err(_) => Vec::new(),
-        };
-        let pending = self.migrator().iter().filter(|m| !applied.contains(&m.version)).count();
-        if pending > 0 { Err(StoreError::NotMigrated(pending)) } else { Ok(()) }
+        let applied: Vec<i64> =
+            match sqlx::query("SELECT version FROM _sqlx_migrations WHERE success = TRUE")
+                .fetch_all(&self.pool)
+                .await
+            {
+                Ok(rows) => rows
+                    .iter()
+                    .map(|r| r.try_get::<i64, _>(0))
+                    .collect::<Result<_, _>>()?,
+                Err(_) => Vec::new(),
+            };
+        let pending = self
+            .migrator()
+            .iter()
+            .filter(|m| !applied.contains(&m.version))
+            .count();
+        if pending > 0 {
+            Err(StoreError::NotMigrated(pending))
+        } else {
+            Ok(())
+        }
     }
 
     pub fn pool(&self) -> &AnyPool {
@@ -192,22 +208,28 @@ impl TxnStore for SqlStore {
         events: &[QueuedEvent],
     ) -> Result<TxnOutcome, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let seen: Option<Vec<u8>> = sqlx::query_scalar("SELECT body_hash FROM appservice_txn WHERE txn_id = $1")
-            .bind(txn_id)
-            .fetch_optional(&mut *tx)
-            .await?;
+        let seen: Option<Vec<u8>> =
+            sqlx::query_scalar("SELECT body_hash FROM appservice_txn WHERE txn_id = $1")
+                .bind(txn_id)
+                .fetch_optional(&mut *tx)
+                .await?;
         if seen.as_deref() == Some(body_hash) {
             return Ok(TxnOutcome::Duplicate);
         }
         let now = now_ms();
         // Same id, other body: the homeserver restarted its counter. Take it as new.
-        sqlx::query("DELETE FROM appservice_txn WHERE txn_id = $1").bind(txn_id).execute(&mut *tx).await?;
-        sqlx::query("INSERT INTO appservice_txn (txn_id, body_hash, received_at) VALUES ($1, $2, $3)")
+        sqlx::query("DELETE FROM appservice_txn WHERE txn_id = $1")
             .bind(txn_id)
-            .bind(body_hash)
-            .bind(now)
             .execute(&mut *tx)
             .await?;
+        sqlx::query(
+            "INSERT INTO appservice_txn (txn_id, body_hash, received_at) VALUES ($1, $2, $3)",
+        )
+        .bind(txn_id)
+        .bind(body_hash)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
         for ev in events {
             sqlx::query("INSERT INTO event_queue (room_id, sealed, attempts, created_at) VALUES ($1, $2, 0, $3)")
                 .bind(ev.room_id.as_deref())
@@ -221,10 +243,12 @@ impl TxnStore for SqlStore {
     }
 
     async fn queued_events(&self, limit: i64) -> Result<Vec<StoredEvent>, StoreError> {
-        let rows = sqlx::query("SELECT seq, room_id, sealed, attempts FROM event_queue ORDER BY seq LIMIT $1")
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT seq, room_id, sealed, attempts FROM event_queue ORDER BY seq LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter()
             .map(|r| {
                 Ok(StoredEvent {
@@ -238,12 +262,18 @@ impl TxnStore for SqlStore {
     }
 
     async fn remove_event(&self, seq: i64) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM event_queue WHERE seq = $1").bind(seq).execute(&self.pool).await?;
+        sqlx::query("DELETE FROM event_queue WHERE seq = $1")
+            .bind(seq)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
     async fn count_attempt(&self, seq: i64) -> Result<(), StoreError> {
-        sqlx::query("UPDATE event_queue SET attempts = attempts + 1 WHERE seq = $1").bind(seq).execute(&self.pool).await?;
+        sqlx::query("UPDATE event_queue SET attempts = attempts + 1 WHERE seq = $1")
+            .bind(seq)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -280,17 +310,22 @@ impl UserStore for SqlStore {
     }
 
     async fn management_room_owner(&self, room_id: &str) -> Result<Option<String>, StoreError> {
-        Ok(sqlx::query_scalar("SELECT mxid FROM matrix_user WHERE management_room = $1")
-            .bind(room_id)
-            .fetch_optional(&self.pool)
-            .await?)
+        Ok(
+            sqlx::query_scalar("SELECT mxid FROM matrix_user WHERE management_room = $1")
+                .bind(room_id)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
     }
 }
 
 #[async_trait]
 impl KvStore for SqlStore {
     async fn kv_get(&self, key: &str) -> Result<Option<String>, StoreError> {
-        Ok(sqlx::query_scalar("SELECT value FROM kv WHERE key = $1").bind(key).fetch_optional(&self.pool).await?)
+        Ok(sqlx::query_scalar("SELECT value FROM kv WHERE key = $1")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?)
     }
 
     async fn kv_set(&self, key: &str, value: &str) -> Result<(), StoreError> {
@@ -309,7 +344,8 @@ pub mod testing {
 
     /// The PostgreSQL server the suite runs against; `MIB_TEST_PG_URL` overrides it.
     pub fn pg_url() -> String {
-        std::env::var("MIB_TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+        std::env::var("MIB_TEST_PG_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
     }
 
     /// A migrated store in a temporary SQLite file (the directory lives as long as the guard).
@@ -330,11 +366,19 @@ pub mod testing {
     pub async fn postgres() -> SqlStore {
         let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
         let base = pg_url();
-        let admin = DatabaseConfig { kind: "postgres".into(), uri: base.clone(), max_connections: 1, min_connections: 0 };
+        let admin = DatabaseConfig {
+            kind: "postgres".into(),
+            uri: base.clone(),
+            max_connections: 1,
+            min_connections: 0,
+        };
         let admin = SqlStore::connect(&admin)
             .await
             .unwrap_or_else(|e| panic!("PostgreSQL at {base} is needed for the store suite: {e}"));
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}"))).execute(admin.pool()).await.expect("create schema");
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+            .execute(admin.pool())
+            .await
+            .expect("create schema");
         admin.close().await;
         let sep = if base.contains('?') { '&' } else { '?' };
         let cfg = DatabaseConfig {
@@ -365,23 +409,51 @@ mod tests {
         };
     }
 
-    store_suite!(retried_transaction_has_no_second_effect, restarted_txn_counter_is_new, users_and_kv, queue_order);
+    store_suite!(
+        retried_transaction_has_no_second_effect,
+        restarted_txn_counter_is_new,
+        users_and_kv,
+        queue_order
+    );
 
     fn ev(room: &str, body: &[u8]) -> QueuedEvent {
-        QueuedEvent { room_id: Some(room.into()), sealed: body.to_vec() }
+        QueuedEvent {
+            room_id: Some(room.into()),
+            sealed: body.to_vec(),
+        }
     }
 
     async fn retried_transaction_has_no_second_effect(s: &SqlStore) {
         let events = [ev("!a:x", b"one"), ev("!a:x", b"two")];
-        assert_eq!(s.apply_transaction("1", b"h1", &events).await.expect("apply"), TxnOutcome::Applied);
-        assert_eq!(s.apply_transaction("1", b"h1", &events).await.expect("apply"), TxnOutcome::Duplicate);
+        assert_eq!(
+            s.apply_transaction("1", b"h1", &events)
+                .await
+                .expect("apply"),
+            TxnOutcome::Applied
+        );
+        assert_eq!(
+            s.apply_transaction("1", b"h1", &events)
+                .await
+                .expect("apply"),
+            TxnOutcome::Duplicate
+        );
         let q = s.queued_events(10).await.expect("queue");
-        assert_eq!(q.iter().map(|e| e.sealed.clone()).collect::<Vec<_>>(), vec![b"one".to_vec(), b"two".to_vec()]);
+        assert_eq!(
+            q.iter().map(|e| e.sealed.clone()).collect::<Vec<_>>(),
+            vec![b"one".to_vec(), b"two".to_vec()]
+        );
     }
 
     async fn restarted_txn_counter_is_new(s: &SqlStore) {
-        s.apply_transaction("1", b"h1", &[ev("!a:x", b"one")]).await.expect("apply");
-        assert_eq!(s.apply_transaction("1", b"h2", &[ev("!a:x", b"new")]).await.expect("apply"), TxnOutcome::Applied);
+        s.apply_transaction("1", b"h1", &[ev("!a:x", b"one")])
+            .await
+            .expect("apply");
+        assert_eq!(
+            s.apply_transaction("1", b"h2", &[ev("!a:x", b"new")])
+                .await
+                .expect("apply"),
+            TxnOutcome::Applied
+        );
         assert_eq!(s.queued_events(10).await.expect("queue").len(), 2);
         assert_eq!(s.prune_transactions(-1000).await.expect("prune"), 1);
     }
@@ -390,8 +462,17 @@ mod tests {
         assert_eq!(s.management_room("@a:x").await.expect("get"), None);
         s.set_management_room("@a:x", "!r1:x").await.expect("set");
         s.set_management_room("@a:x", "!r2:x").await.expect("set");
-        assert_eq!(s.management_room("@a:x").await.expect("get").as_deref(), Some("!r2:x"));
-        assert_eq!(s.management_room_owner("!r2:x").await.expect("owner").as_deref(), Some("@a:x"));
+        assert_eq!(
+            s.management_room("@a:x").await.expect("get").as_deref(),
+            Some("!r2:x")
+        );
+        assert_eq!(
+            s.management_room_owner("!r2:x")
+                .await
+                .expect("owner")
+                .as_deref(),
+            Some("@a:x")
+        );
         assert_eq!(s.management_room_owner("!r1:x").await.expect("owner"), None);
         s.kv_set("k", "v1").await.expect("kv");
         s.kv_set("k", "v2").await.expect("kv");
@@ -401,14 +482,22 @@ mod tests {
 
     async fn queue_order(s: &SqlStore) {
         for i in 0..5u8 {
-            s.apply_transaction(&i.to_string(), &[i], &[ev("!a:x", &[i])]).await.expect("apply");
+            s.apply_transaction(&i.to_string(), &[i], &[ev("!a:x", &[i])])
+                .await
+                .expect("apply");
         }
         let q = s.queued_events(3).await.expect("queue");
-        assert_eq!(q.iter().map(|e| e.sealed[0]).collect::<Vec<_>>(), vec![0, 1, 2]);
+        assert_eq!(
+            q.iter().map(|e| e.sealed[0]).collect::<Vec<_>>(),
+            vec![0, 1, 2]
+        );
         s.count_attempt(q[0].seq).await.expect("attempt");
         s.remove_event(q[1].seq).await.expect("remove");
         let q = s.queued_events(10).await.expect("queue");
-        assert_eq!(q.iter().map(|e| e.sealed[0]).collect::<Vec<_>>(), vec![0, 2, 3, 4]);
+        assert_eq!(
+            q.iter().map(|e| e.sealed[0]).collect::<Vec<_>>(),
+            vec![0, 2, 3, 4]
+        );
         assert_eq!(q[0].attempts, 1);
     }
 }

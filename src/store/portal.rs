@@ -60,11 +60,26 @@ pub trait PortalStore: Send + Sync {
     async fn portals_of(&self, receiver: &str) -> Result<Vec<Portal>, StoreError>;
 
     async fn ghost_profile(&self, account: &str) -> Result<Option<(String, String)>, StoreError>;
-    async fn save_ghost(&self, account: &str, mxid: &str, displayname: &str, avatar: &str) -> Result<(), StoreError>;
+    async fn save_ghost(
+        &self,
+        account: &str,
+        mxid: &str,
+        displayname: &str,
+        avatar: &str,
+    ) -> Result<(), StoreError>;
 
     async fn map_message(&self, m: &MappedMessage) -> Result<(), StoreError>;
-    async fn by_message(&self, room_id: &str, message_id: &str, part: &str) -> Result<Option<MappedMessage>, StoreError>;
-    async fn by_event(&self, room_id: &str, event_id: &str) -> Result<Option<MappedMessage>, StoreError>;
+    async fn by_message(
+        &self,
+        room_id: &str,
+        message_id: &str,
+        part: &str,
+    ) -> Result<Option<MappedMessage>, StoreError>;
+    async fn by_event(
+        &self,
+        room_id: &str,
+        event_id: &str,
+    ) -> Result<Option<MappedMessage>, StoreError>;
     async fn unmap_event(&self, room_id: &str, event_id: &str) -> Result<(), StoreError>;
 }
 
@@ -73,7 +88,11 @@ fn portal_row(r: &sqlx::any::AnyRow) -> Result<Portal, StoreError> {
     Ok(Portal {
         receiver: r.try_get(0)?,
         chat_id: r.try_get(1)?,
-        kind: if kind == "group" { PortalKind::Group } else { PortalKind::Dm },
+        kind: if kind == "group" {
+            PortalKind::Group
+        } else {
+            PortalKind::Dm
+        },
         room_id: r.try_get(3)?,
         name: r.try_get(4)?,
         relay: r.try_get(5)?,
@@ -109,28 +128,47 @@ impl PortalStore for SqlStore {
     }
 
     async fn login(&self, mxid: &str) -> Result<Option<String>, StoreError> {
-        Ok(sqlx::query_scalar("SELECT account FROM login WHERE mxid = $1").bind(mxid).fetch_optional(self.pool()).await?)
+        Ok(
+            sqlx::query_scalar("SELECT account FROM login WHERE mxid = $1")
+                .bind(mxid)
+                .fetch_optional(self.pool())
+                .await?,
+        )
     }
 
     async fn delete_login(&self, mxid: &str) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM login WHERE mxid = $1").bind(mxid).execute(self.pool()).await?;
+        sqlx::query("DELETE FROM login WHERE mxid = $1")
+            .bind(mxid)
+            .execute(self.pool())
+            .await?;
         Ok(())
     }
 
     async fn all_logins(&self) -> Result<Vec<(String, String)>, StoreError> {
-        let rows = sqlx::query("SELECT mxid, account FROM login ORDER BY mxid").fetch_all(self.pool()).await?;
-        rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect()
+        let rows = sqlx::query("SELECT mxid, account FROM login ORDER BY mxid")
+            .fetch_all(self.pool())
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect()
     }
 
     async fn portal(&self, receiver: &str, chat_id: &str) -> Result<Option<Portal>, StoreError> {
         let q = format!("SELECT {PORTAL_COLS} FROM portal WHERE receiver = $1 AND chat_id = $2");
-        let row = sqlx::query(sqlx::AssertSqlSafe(q)).bind(receiver).bind(chat_id).fetch_optional(self.pool()).await?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(q))
+            .bind(receiver)
+            .bind(chat_id)
+            .fetch_optional(self.pool())
+            .await?;
         row.as_ref().map(portal_row).transpose()
     }
 
     async fn portal_by_room(&self, room_id: &str) -> Result<Option<Portal>, StoreError> {
         let q = format!("SELECT {PORTAL_COLS} FROM portal WHERE room_id = $1");
-        let row = sqlx::query(sqlx::AssertSqlSafe(q)).bind(room_id).fetch_optional(self.pool()).await?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(q))
+            .bind(room_id)
+            .fetch_optional(self.pool())
+            .await?;
         row.as_ref().map(portal_row).transpose()
     }
 
@@ -154,22 +192,33 @@ impl PortalStore for SqlStore {
 
     async fn delete_portal(&self, receiver: &str, chat_id: &str) -> Result<(), StoreError> {
         let mut tx = self.pool().begin().await?;
-        let room: Option<Option<String>> = sqlx::query_scalar("SELECT room_id FROM portal WHERE receiver = $1 AND chat_id = $2")
+        let room: Option<Option<String>> =
+            sqlx::query_scalar("SELECT room_id FROM portal WHERE receiver = $1 AND chat_id = $2")
+                .bind(receiver)
+                .bind(chat_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if let Some(Some(room)) = room {
+            sqlx::query("DELETE FROM message_map WHERE room_id = $1")
+                .bind(room)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query("DELETE FROM portal WHERE receiver = $1 AND chat_id = $2")
             .bind(receiver)
             .bind(chat_id)
-            .fetch_optional(&mut *tx)
+            .execute(&mut *tx)
             .await?;
-        if let Some(Some(room)) = room {
-            sqlx::query("DELETE FROM message_map WHERE room_id = $1").bind(room).execute(&mut *tx).await?;
-        }
-        sqlx::query("DELETE FROM portal WHERE receiver = $1 AND chat_id = $2").bind(receiver).bind(chat_id).execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(())
     }
 
     async fn portals_of(&self, receiver: &str) -> Result<Vec<Portal>, StoreError> {
         let q = format!("SELECT {PORTAL_COLS} FROM portal WHERE receiver = $1 ORDER BY created_at");
-        let rows = sqlx::query(sqlx::AssertSqlSafe(q)).bind(receiver).fetch_all(self.pool()).await?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(q))
+            .bind(receiver)
+            .fetch_all(self.pool())
+            .await?;
         rows.iter().map(portal_row).collect()
     }
 
@@ -181,7 +230,13 @@ impl PortalStore for SqlStore {
         row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).transpose()
     }
 
-    async fn save_ghost(&self, account: &str, mxid: &str, displayname: &str, avatar: &str) -> Result<(), StoreError> {
+    async fn save_ghost(
+        &self,
+        account: &str,
+        mxid: &str,
+        displayname: &str,
+        avatar: &str,
+    ) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO ghost (account, mxid, displayname, avatar_mxc) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (account) DO UPDATE SET mxid = excluded.mxid, displayname = excluded.displayname, avatar_mxc = excluded.avatar_mxc",
@@ -211,20 +266,44 @@ impl PortalStore for SqlStore {
         Ok(())
     }
 
-    async fn by_message(&self, room_id: &str, message_id: &str, part: &str) -> Result<Option<MappedMessage>, StoreError> {
-        let q = format!("SELECT {MAP_COLS} FROM message_map WHERE room_id = $1 AND message_id = $2 AND part = $3 LIMIT 1");
-        let row = sqlx::query(sqlx::AssertSqlSafe(q)).bind(room_id).bind(message_id).bind(part).fetch_optional(self.pool()).await?;
+    async fn by_message(
+        &self,
+        room_id: &str,
+        message_id: &str,
+        part: &str,
+    ) -> Result<Option<MappedMessage>, StoreError> {
+        let q = format!(
+            "SELECT {MAP_COLS} FROM message_map WHERE room_id = $1 AND message_id = $2 AND part = $3 LIMIT 1"
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(q))
+            .bind(room_id)
+            .bind(message_id)
+            .bind(part)
+            .fetch_optional(self.pool())
+            .await?;
         row.as_ref().map(mapped_row).transpose()
     }
 
-    async fn by_event(&self, room_id: &str, event_id: &str) -> Result<Option<MappedMessage>, StoreError> {
+    async fn by_event(
+        &self,
+        room_id: &str,
+        event_id: &str,
+    ) -> Result<Option<MappedMessage>, StoreError> {
         let q = format!("SELECT {MAP_COLS} FROM message_map WHERE room_id = $1 AND event_id = $2");
-        let row = sqlx::query(sqlx::AssertSqlSafe(q)).bind(room_id).bind(event_id).fetch_optional(self.pool()).await?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(q))
+            .bind(room_id)
+            .bind(event_id)
+            .fetch_optional(self.pool())
+            .await?;
         row.as_ref().map(mapped_row).transpose()
     }
 
     async fn unmap_event(&self, room_id: &str, event_id: &str) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM message_map WHERE room_id = $1 AND event_id = $2").bind(room_id).bind(event_id).execute(self.pool()).await?;
+        sqlx::query("DELETE FROM message_map WHERE room_id = $1 AND event_id = $2")
+            .bind(room_id)
+            .bind(event_id)
+            .execute(self.pool())
+            .await?;
         Ok(())
     }
 }
@@ -249,7 +328,10 @@ mod tests {
 
     async fn logins_portals_and_map(s: &SqlStore) {
         s.set_login("@a:x", "+15550001111").await.expect("login");
-        assert_eq!(s.login("@a:x").await.expect("get").as_deref(), Some("+15550001111"));
+        assert_eq!(
+            s.login("@a:x").await.expect("get").as_deref(),
+            Some("+15550001111")
+        );
         assert_eq!(s.all_logins().await.expect("all").len(), 1);
         let mut p = Portal {
             receiver: "@a:x".into(),
@@ -262,7 +344,10 @@ mod tests {
         s.save_portal(&p).await.expect("save");
         p.room_id = Some("!r:x".into());
         s.save_portal(&p).await.expect("update");
-        assert_eq!(s.portal_by_room("!r:x").await.expect("by room"), Some(p.clone()));
+        assert_eq!(
+            s.portal_by_room("!r:x").await.expect("by room"),
+            Some(p.clone())
+        );
         assert_eq!(s.portals_of("@a:x").await.expect("of").len(), 1);
         let m = MappedMessage {
             room_id: "!r:x".into(),
@@ -273,12 +358,26 @@ mod tests {
         };
         s.map_message(&m).await.expect("map");
         s.map_message(&m).await.expect("map twice is fine");
-        assert_eq!(s.by_message("!r:x", "m1", "").await.expect("by msg"), Some(m.clone()));
+        assert_eq!(
+            s.by_message("!r:x", "m1", "").await.expect("by msg"),
+            Some(m.clone())
+        );
         assert_eq!(s.by_event("!r:x", "$e").await.expect("by ev"), Some(m));
-        s.delete_portal("@a:x", "+15550002222").await.expect("delete");
+        s.delete_portal("@a:x", "+15550002222")
+            .await
+            .expect("delete");
         assert!(s.by_event("!r:x", "$e").await.expect("by ev").is_none());
-        s.save_ghost("+15550002222", "@interop_15550002222:x", "Bob", "").await.expect("ghost");
-        assert_eq!(s.ghost_profile("+15550002222").await.expect("ghost").map(|g| g.0).as_deref(), Some("Bob"));
+        s.save_ghost("+15550002222", "@interop_15550002222:x", "Bob", "")
+            .await
+            .expect("ghost");
+        assert_eq!(
+            s.ghost_profile("+15550002222")
+                .await
+                .expect("ghost")
+                .map(|g| g.0)
+                .as_deref(),
+            Some("Bob")
+        );
         s.delete_login("@a:x").await.expect("logout");
         assert!(s.login("@a:x").await.expect("get").is_none());
     }

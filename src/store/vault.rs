@@ -9,13 +9,20 @@ use crate::vault::VaultStore;
 #[async_trait]
 impl VaultStore for SqlStore {
     async fn wrapped_key(&self, owner: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(sqlx::query_scalar("SELECT wrapped FROM vault_key WHERE owner = $1")
-            .bind(owner)
-            .fetch_optional(self.pool())
-            .await?)
+        Ok(
+            sqlx::query_scalar("SELECT wrapped FROM vault_key WHERE owner = $1")
+                .bind(owner)
+                .fetch_optional(self.pool())
+                .await?,
+        )
     }
 
-    async fn put_wrapped_key(&self, owner: &str, wrapped: &[u8], master_key_id: &str) -> Result<(), StoreError> {
+    async fn put_wrapped_key(
+        &self,
+        owner: &str,
+        wrapped: &[u8],
+        master_key_id: &str,
+    ) -> Result<(), StoreError> {
         sqlx::query("INSERT INTO vault_key (owner, wrapped, master_key_id) VALUES ($1, $2, $3)")
             .bind(owner)
             .bind(wrapped)
@@ -26,15 +33,27 @@ impl VaultStore for SqlStore {
     }
 
     async fn any_master_key_id(&self) -> Result<Option<String>, StoreError> {
-        Ok(sqlx::query_scalar("SELECT master_key_id FROM vault_key LIMIT 1").fetch_optional(self.pool()).await?)
+        Ok(
+            sqlx::query_scalar("SELECT master_key_id FROM vault_key LIMIT 1")
+                .fetch_optional(self.pool())
+                .await?,
+        )
     }
 
     async fn all_wrapped_keys(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
-        let rows = sqlx::query("SELECT owner, wrapped FROM vault_key ORDER BY owner").fetch_all(self.pool()).await?;
-        rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect()
+        let rows = sqlx::query("SELECT owner, wrapped FROM vault_key ORDER BY owner")
+            .fetch_all(self.pool())
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .collect()
     }
 
-    async fn replace_wrapped_keys(&self, keys: &[(String, Vec<u8>)], master_key_id: &str) -> Result<(), StoreError> {
+    async fn replace_wrapped_keys(
+        &self,
+        keys: &[(String, Vec<u8>)],
+        master_key_id: &str,
+    ) -> Result<(), StoreError> {
         let mut tx = self.pool().begin().await?;
         for (owner, wrapped) in keys {
             sqlx::query("UPDATE vault_key SET wrapped = $1, master_key_id = $2 WHERE owner = $3")
@@ -50,22 +69,41 @@ impl VaultStore for SqlStore {
 
     async fn destroy_owner(&self, owner: &str) -> Result<(), StoreError> {
         let mut tx = self.pool().begin().await?;
-        sqlx::query("DELETE FROM vault_key WHERE owner = $1").bind(owner).execute(&mut *tx).await?;
-        sqlx::query("DELETE FROM vault_record WHERE owner = $1").bind(owner).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM vault_key WHERE owner = $1")
+            .bind(owner)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM vault_record WHERE owner = $1")
+            .bind(owner)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(())
     }
 
-    async fn record(&self, owner: &str, kind: &str, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(sqlx::query_scalar("SELECT sealed FROM vault_record WHERE owner = $1 AND kind = $2 AND name = $3")
-            .bind(owner)
-            .bind(kind)
-            .bind(name)
-            .fetch_optional(self.pool())
-            .await?)
+    async fn record(
+        &self,
+        owner: &str,
+        kind: &str,
+        name: &str,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT sealed FROM vault_record WHERE owner = $1 AND kind = $2 AND name = $3",
+        )
+        .bind(owner)
+        .bind(kind)
+        .bind(name)
+        .fetch_optional(self.pool())
+        .await?)
     }
 
-    async fn put_record(&self, owner: &str, kind: &str, name: &str, sealed: &[u8]) -> Result<(), StoreError> {
+    async fn put_record(
+        &self,
+        owner: &str,
+        kind: &str,
+        name: &str,
+        sealed: &[u8],
+    ) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO vault_record (owner, kind, name, sealed) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (owner, kind, name) DO UPDATE SET sealed = excluded.sealed",
@@ -89,7 +127,11 @@ impl VaultStore for SqlStore {
         Ok(())
     }
 
-    async fn write_records(&self, owner: &str, writes: &[(String, String, Option<Vec<u8>>)]) -> Result<(), StoreError> {
+    async fn write_records(
+        &self,
+        owner: &str,
+        writes: &[(String, String, Option<Vec<u8>>)],
+    ) -> Result<(), StoreError> {
         let mut tx = self.pool().begin().await?;
         for (kind, name, sealed) in writes {
             match sealed {
@@ -106,12 +148,14 @@ impl VaultStore for SqlStore {
                     .await?;
                 }
                 None => {
-                    sqlx::query("DELETE FROM vault_record WHERE owner = $1 AND kind = $2 AND name = $3")
-                        .bind(owner)
-                        .bind(kind.as_str())
-                        .bind(name.as_str())
-                        .execute(&mut *tx)
-                        .await?;
+                    sqlx::query(
+                        "DELETE FROM vault_record WHERE owner = $1 AND kind = $2 AND name = $3",
+                    )
+                    .bind(owner)
+                    .bind(kind.as_str())
+                    .bind(name.as_str())
+                    .execute(&mut *tx)
+                    .await?;
                 }
             }
         }
@@ -120,11 +164,13 @@ impl VaultStore for SqlStore {
     }
 
     async fn record_names(&self, owner: &str, kind: &str) -> Result<Vec<String>, StoreError> {
-        Ok(sqlx::query_scalar("SELECT name FROM vault_record WHERE owner = $1 AND kind = $2 ORDER BY name")
-            .bind(owner)
-            .bind(kind)
-            .fetch_all(self.pool())
-            .await?)
+        Ok(sqlx::query_scalar(
+            "SELECT name FROM vault_record WHERE owner = $1 AND kind = $2 ORDER BY name",
+        )
+        .bind(owner)
+        .bind(kind)
+        .fetch_all(self.pool())
+        .await?)
     }
 }
 
@@ -148,39 +194,105 @@ mod tests {
         };
     }
 
-    vault_suite!(records_roundtrip_and_shred, rotation_rewraps_without_touching_records, swapped_records_fail);
+    vault_suite!(
+        records_roundtrip_and_shred,
+        rotation_rewraps_without_touching_records,
+        swapped_records_fail
+    );
 
     async fn records_roundtrip_and_shred(s: SqlStore) {
         let store: Arc<dyn VaultStore> = Arc::new(s.clone());
-        let vault = Vault::open(SecretKey::random(), store.clone()).await.expect("vault");
-        let sealed = vault.seal_record("@a:x", "session", "+1555", b"ratchet state").await.expect("seal");
-        store.put_record("@a:x", "session", "+1555", &sealed).await.expect("put");
-        let got = store.record("@a:x", "session", "+1555").await.expect("get").expect("present");
-        assert_eq!(&vault.open_record("@a:x", "session", "+1555", &got).await.expect("open")[..], b"ratchet state");
-        assert_eq!(store.record_names("@a:x", "session").await.expect("names"), vec!["+1555".to_owned()]);
+        let vault = Vault::open(SecretKey::random(), store.clone())
+            .await
+            .expect("vault");
+        let sealed = vault
+            .seal_record("@a:x", "session", "+1555", b"ratchet state")
+            .await
+            .expect("seal");
+        store
+            .put_record("@a:x", "session", "+1555", &sealed)
+            .await
+            .expect("put");
+        let got = store
+            .record("@a:x", "session", "+1555")
+            .await
+            .expect("get")
+            .expect("present");
+        assert_eq!(
+            &vault
+                .open_record("@a:x", "session", "+1555", &got)
+                .await
+                .expect("open")[..],
+            b"ratchet state"
+        );
+        assert_eq!(
+            store.record_names("@a:x", "session").await.expect("names"),
+            vec!["+1555".to_owned()]
+        );
         vault.destroy("@a:x").await.expect("destroy");
-        assert!(store.record("@a:x", "session", "+1555").await.expect("get").is_none());
-        assert!(matches!(vault.open_record("@a:x", "session", "+1555", &got).await, Err(VaultError::NoDataKey)));
+        assert!(
+            store
+                .record("@a:x", "session", "+1555")
+                .await
+                .expect("get")
+                .is_none()
+        );
+        assert!(matches!(
+            vault.open_record("@a:x", "session", "+1555", &got).await,
+            Err(VaultError::NoDataKey)
+        ));
     }
 
     async fn rotation_rewraps_without_touching_records(s: SqlStore) {
         let store: Arc<dyn VaultStore> = Arc::new(s.clone());
         let old = SecretKey::random();
-        let vault = Vault::open(old.clone(), store.clone()).await.expect("vault");
-        let sealed = vault.seal_record("@a:x", "k", "n", b"payload").await.expect("seal");
+        let vault = Vault::open(old.clone(), store.clone())
+            .await
+            .expect("vault");
+        let sealed = vault
+            .seal_record("@a:x", "k", "n", b"payload")
+            .await
+            .expect("seal");
         let new = SecretKey::random();
         assert_eq!(vault.rotate_master_key(&new).await.expect("rotate"), 1);
-        assert!(matches!(Vault::open(old, store.clone()).await, Err(VaultError::WrongMasterKey { .. })));
+        assert!(matches!(
+            Vault::open(old, store.clone()).await,
+            Err(VaultError::WrongMasterKey { .. })
+        ));
         let reopened = Vault::open(new, store).await.expect("new master opens");
-        assert_eq!(&reopened.open_record("@a:x", "k", "n", &sealed).await.expect("open")[..], b"payload");
+        assert_eq!(
+            &reopened
+                .open_record("@a:x", "k", "n", &sealed)
+                .await
+                .expect("open")[..],
+            b"payload"
+        );
     }
 
     async fn swapped_records_fail(s: SqlStore) {
         let store: Arc<dyn VaultStore> = Arc::new(s);
-        let vault = Vault::open(SecretKey::random(), store).await.expect("vault");
-        let a = vault.seal_record("@a:x", "session", "+1", b"A").await.expect("seal");
-        assert!(vault.open_record("@a:x", "session", "+2", &a).await.is_err());
-        vault.seal_record("@b:x", "session", "+1", b"B").await.expect("seal");
-        assert!(vault.open_record("@b:x", "session", "+1", &a).await.is_err());
+        let vault = Vault::open(SecretKey::random(), store)
+            .await
+            .expect("vault");
+        let a = vault
+            .seal_record("@a:x", "session", "+1", b"A")
+            .await
+            .expect("seal");
+        assert!(
+            vault
+                .open_record("@a:x", "session", "+2", &a)
+                .await
+                .is_err()
+        );
+        vault
+            .seal_record("@b:x", "session", "+1", b"B")
+            .await
+            .expect("seal");
+        assert!(
+            vault
+                .open_record("@b:x", "session", "+1", &a)
+                .await
+                .is_err()
+        );
     }
 }

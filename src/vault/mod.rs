@@ -33,7 +33,9 @@ pub enum VaultError {
     NoMasterKey(String),
     #[error("the vault master key is unusable: {0}")]
     BadMasterKey(String),
-    #[error("the vault master key does not match the one the data keys were wrapped with (key id {stored}, configured {configured})")]
+    #[error(
+        "the vault master key does not match the one the data keys were wrapped with (key id {stored}, configured {configured})"
+    )]
     WrongMasterKey { stored: String, configured: String },
     #[error("a sealed record failed to open (tampered, moved or wrong key)")]
     Open,
@@ -66,7 +68,9 @@ impl SecretKey {
 
     /// A short public fingerprint, to tell keys apart without revealing them.
     pub fn id(&self) -> String {
-        let digest = Sha256::new_with_prefix(b"mib/key-id/v1").chain_update(self.0).finalize();
+        let digest = Sha256::new_with_prefix(b"mib/key-id/v1")
+            .chain_update(self.0)
+            .finalize();
         hex::encode(&digest[..8])
     }
 
@@ -76,7 +80,13 @@ impl SecretKey {
         let mut nonce = [0u8; NONCE_LEN];
         rand::rng().fill_bytes(&mut nonce);
         let ct = cipher
-            .encrypt(XNonce::from_slice(&nonce), Payload { msg: plaintext, aad: ad })
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: plaintext,
+                    aad: ad,
+                },
+            )
             .expect("XChaCha20-Poly1305 encryption cannot fail for in-memory buffers");
         let mut out = Vec::with_capacity(1 + NONCE_LEN + ct.len());
         out.push(VERSION);
@@ -92,7 +102,13 @@ impl SecretKey {
         }
         let cipher = XChaCha20Poly1305::new((&self.0).into());
         cipher
-            .decrypt(XNonce::from_slice(&sealed[1..1 + NONCE_LEN]), Payload { msg: &sealed[1 + NONCE_LEN..], aad: ad })
+            .decrypt(
+                XNonce::from_slice(&sealed[1..1 + NONCE_LEN]),
+                Payload {
+                    msg: &sealed[1 + NONCE_LEN..],
+                    aad: ad,
+                },
+            )
             .map(Zeroizing::new)
             .map_err(|_| VaultError::Open)
     }
@@ -103,7 +119,8 @@ impl SecretKey {
 pub fn load_master_key(file: &str, env_var: &str) -> Result<SecretKey, VaultError> {
     let raw: Zeroizing<Vec<u8>> = if !file.is_empty() {
         Zeroizing::new(
-            std::fs::read(file).map_err(|e| VaultError::BadMasterKey(format!("cannot read {file}: {e}")))?,
+            std::fs::read(file)
+                .map_err(|e| VaultError::BadMasterKey(format!("cannot read {file}: {e}")))?,
         )
     } else if let Ok(v) = std::env::var(env_var) {
         Zeroizing::new(v.into_bytes())
@@ -115,11 +132,14 @@ pub fn load_master_key(file: &str, env_var: &str) -> Result<SecretKey, VaultErro
 
 fn parse_master_key(raw: &[u8]) -> Result<SecretKey, VaultError> {
     if raw.len() == 32 {
-        return SecretKey::from_bytes(raw).ok_or_else(|| VaultError::BadMasterKey("wrong length".into()));
+        return SecretKey::from_bytes(raw)
+            .ok_or_else(|| VaultError::BadMasterKey("wrong length".into()));
     }
-    let text = std::str::from_utf8(raw).map_err(|_| VaultError::BadMasterKey("neither 32 bytes nor base64".into()))?;
+    let text = std::str::from_utf8(raw)
+        .map_err(|_| VaultError::BadMasterKey("neither 32 bytes nor base64".into()))?;
     let bytes = Zeroizing::new(
-        B64.decode(text.trim()).map_err(|_| VaultError::BadMasterKey("neither 32 bytes nor base64".into()))?,
+        B64.decode(text.trim())
+            .map_err(|_| VaultError::BadMasterKey("neither 32 bytes nor base64".into()))?,
     );
     SecretKey::from_bytes(&bytes)
         .ok_or_else(|| VaultError::BadMasterKey(format!("must be 32 bytes, found {}", bytes.len())))
@@ -160,7 +180,9 @@ struct VaultInner {
 
 impl fmt::Debug for Vault {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Vault").field("master_key_id", &self.inner.master.id()).finish_non_exhaustive()
+        f.debug_struct("Vault")
+            .field("master_key_id", &self.inner.master.id())
+            .finish_non_exhaustive()
     }
 }
 
@@ -170,12 +192,21 @@ pub const BRIDGE_OWNER: &str = "@@bridge";
 impl Vault {
     /// Opens the vault, checking that the configured master key is the one the data keys use.
     pub async fn open(master: SecretKey, store: Arc<dyn VaultStore>) -> Result<Self, VaultError> {
-        if let Some(stored) = store.any_master_key_id().await? {
-            if stored != master.id() {
-                return Err(VaultError::WrongMasterKey { stored, configured: master.id() });
-            }
+        if let Some(stored) = store.any_master_key_id().await?
+            && stored != master.id()
+        {
+            return Err(VaultError::WrongMasterKey {
+                stored,
+                configured: master.id(),
+            });
         }
-        Ok(Self { inner: Arc::new(VaultInner { master, store, cache: Mutex::new(HashMap::new()) }) })
+        Ok(Self {
+            inner: Arc::new(VaultInner {
+                master,
+                store,
+                cache: Mutex::new(HashMap::new()),
+            }),
+        })
     }
 
     /// The owner's data key, created on first use.
@@ -192,7 +223,10 @@ impl Vault {
             None => {
                 let key = SecretKey::random();
                 let wrapped = self.inner.master.seal(&wrap_ad(owner), &key.0);
-                self.inner.store.put_wrapped_key(owner, &wrapped, &self.inner.master.id()).await?;
+                self.inner
+                    .store
+                    .put_wrapped_key(owner, &wrapped, &self.inner.master.id())
+                    .await?;
                 key
             }
         };
@@ -212,8 +246,17 @@ impl Vault {
     }
 
     /// Seals a record of `owner`, bound to its kind and name.
-    pub async fn seal_record(&self, owner: &str, kind: &str, name: &str, plaintext: &[u8]) -> Result<Vec<u8>, VaultError> {
-        Ok(self.data_key(owner).await?.seal(&record_ad(owner, kind, name), plaintext))
+    pub async fn seal_record(
+        &self,
+        owner: &str,
+        kind: &str,
+        name: &str,
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, VaultError> {
+        Ok(self
+            .data_key(owner)
+            .await?
+            .seal(&record_ad(owner, kind, name), plaintext))
     }
 
     pub async fn open_record(
@@ -223,7 +266,9 @@ impl Vault {
         name: &str,
         sealed: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, VaultError> {
-        self.existing_data_key(owner).await?.open(&record_ad(owner, kind, name), sealed)
+        self.existing_data_key(owner)
+            .await?
+            .open(&record_ad(owner, kind, name), sealed)
     }
 
     /// Crypto-shredding: the owner's data key and every record it sealed are gone for good.
@@ -242,7 +287,10 @@ impl Vault {
             rewrapped.push((owner.clone(), new_master.seal(&wrap_ad(&owner), &raw)));
         }
         let n = rewrapped.len();
-        self.inner.store.replace_wrapped_keys(&rewrapped, &new_master.id()).await?;
+        self.inner
+            .store
+            .replace_wrapped_keys(&rewrapped, &new_master.id())
+            .await?;
         Ok(n)
     }
 
@@ -259,8 +307,14 @@ mod tests {
     fn seal_open_roundtrip_and_binding() {
         let k = SecretKey::random();
         let sealed = k.seal(b"ad-1", b"secret record");
-        assert_eq!(&k.open(b"ad-1", &sealed).expect("opens")[..], b"secret record");
-        assert!(k.open(b"ad-2", &sealed).is_err(), "moved record must not open");
+        assert_eq!(
+            &k.open(b"ad-1", &sealed).expect("opens")[..],
+            b"secret record"
+        );
+        assert!(
+            k.open(b"ad-2", &sealed).is_err(),
+            "moved record must not open"
+        );
         let mut tampered = sealed.clone();
         let last = tampered.len() - 1;
         tampered[last] ^= 1;
@@ -274,9 +328,17 @@ mod tests {
         let raw = [7u8; 32];
         assert_eq!(parse_master_key(&raw).expect("raw").0, raw);
         let b64 = B64.encode(raw);
-        assert_eq!(parse_master_key(format!("{b64}\n").as_bytes()).expect("b64").0, raw);
+        assert_eq!(
+            parse_master_key(format!("{b64}\n").as_bytes())
+                .expect("b64")
+                .0,
+            raw
+        );
         assert!(parse_master_key(b"short").is_err());
-        assert!(matches!(load_master_key("", "MIB_TEST_SURELY_UNSET_VAR"), Err(VaultError::NoMasterKey(_))));
+        assert!(matches!(
+            load_master_key("", "MIB_TEST_SURELY_UNSET_VAR"),
+            Err(VaultError::NoMasterKey(_))
+        ));
     }
 
     #[test]

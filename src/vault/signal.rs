@@ -9,10 +9,10 @@ use std::{cell::RefCell, collections::HashMap, rc::Rc};
 
 use async_trait::async_trait;
 use libsignal_protocol::{
-    Direction, GenericSignedPreKey, IdentityChange, IdentityKey, IdentityKeyPair, IdentityKeyStore, KyberPreKeyId, KyberPreKeyRecord,
-    KyberPreKeyStore, PreKeyId, PreKeyRecord, PreKeyStore, ProtocolAddress, PublicKey, SenderKeyRecord,
-    SenderKeyStore, SessionRecord, SessionStore, SignalProtocolError, SignedPreKeyId, SignedPreKeyRecord,
-    SignedPreKeyStore,
+    Direction, GenericSignedPreKey, IdentityChange, IdentityKey, IdentityKeyPair, IdentityKeyStore,
+    KyberPreKeyId, KyberPreKeyRecord, KyberPreKeyStore, PreKeyId, PreKeyRecord, PreKeyStore,
+    ProtocolAddress, PublicKey, SenderKeyRecord, SenderKeyStore, SessionRecord, SessionStore,
+    SignalProtocolError, SignedPreKeyId, SignedPreKeyRecord, SignedPreKeyStore,
 };
 use std::sync::Arc;
 use uuid::Uuid;
@@ -20,6 +20,8 @@ use uuid::Uuid;
 use super::{Vault, VaultError, VaultStore};
 
 type SResult<T> = Result<T, SignalProtocolError>;
+/// (record kind, record name)
+type RecordKey = (&'static str, String);
 
 fn store_err(e: impl std::fmt::Display) -> SignalProtocolError {
     SignalProtocolError::InvalidState("vault store", e.to_string())
@@ -59,9 +61,9 @@ struct State {
     identity: IdentityKeyPair,
     registration_id: u32,
     /// Decoded records: `Some(bytes)` present, `None` known absent or deleted.
-    cache: HashMap<(&'static str, String), Option<Vec<u8>>>,
+    cache: HashMap<RecordKey, Option<Vec<u8>>>,
     /// Writes not yet committed: (kind, name) → new value.
-    pending: HashMap<(&'static str, String), Option<Vec<u8>>>,
+    pending: HashMap<RecordKey, Option<Vec<u8>>>,
     /// Addresses whose identity key changed since the last `take_identity_changes`.
     identity_changes: Vec<String>,
 }
@@ -88,8 +90,19 @@ impl Inner {
                 return Ok(v.clone());
             }
         }
-        let v = match self.db.record(&self.owner, k, name).await.map_err(store_err)? {
-            Some(sealed) => Some(self.vault.open_record(&self.owner, k, name, &sealed).await.map_err(store_err)?.to_vec()),
+        let v = match self
+            .db
+            .record(&self.owner, k, name)
+            .await
+            .map_err(store_err)?
+        {
+            Some(sealed) => Some(
+                self.vault
+                    .open_record(&self.owner, k, name, &sealed)
+                    .await
+                    .map_err(store_err)?
+                    .to_vec(),
+            ),
             None => None,
         };
         self.state.borrow_mut().cache.insert(key, v.clone());
@@ -101,7 +114,12 @@ impl Inner {
     }
 }
 
-async fn seal_identity(vault: &Vault, owner: &str, reg: u32, pair: &IdentityKeyPair) -> Result<Vec<u8>, VaultError> {
+async fn seal_identity(
+    vault: &Vault,
+    owner: &str,
+    reg: u32,
+    pair: &IdentityKeyPair,
+) -> Result<Vec<u8>, VaultError> {
     let mut raw = zeroize::Zeroizing::new(reg.to_be_bytes().to_vec());
     raw.extend_from_slice(&pair.serialize());
     vault.seal_record(owner, kind::IDENTITY, "self", &raw).await
@@ -109,7 +127,11 @@ async fn seal_identity(vault: &Vault, owner: &str, reg: u32, pair: &IdentityKeyP
 
 impl SignalStore {
     /// Opens the owner's store, creating a fresh identity on first use.
-    pub async fn open(owner: &str, vault: Vault, db: Arc<dyn VaultStore>) -> Result<Self, VaultError> {
+    pub async fn open(
+        owner: &str,
+        vault: Vault,
+        db: Arc<dyn VaultStore>,
+    ) -> Result<Self, VaultError> {
         let sealed = db.record(owner, kind::IDENTITY, "self").await?;
         let (identity, registration_id) = match sealed {
             Some(s) => {
@@ -125,7 +147,8 @@ impl SignalStore {
                 let pair = IdentityKeyPair::generate(&mut rand::rng());
                 let reg = rand::Rng::random_range(&mut rand::rng(), 1..16384u32);
                 let sealed = seal_identity(&vault, owner, reg, &pair).await?;
-                db.put_record(owner, kind::IDENTITY, "self", &sealed).await?;
+                db.put_record(owner, kind::IDENTITY, "self", &sealed)
+                    .await?;
                 (pair, reg)
             }
         };
@@ -157,7 +180,10 @@ impl SignalStore {
         let pair = IdentityKeyPair::generate(&mut rand::rng());
         let reg = self.registration_id();
         let sealed = seal_identity(&self.inner.vault, &self.inner.owner, reg, &pair).await?;
-        self.inner.db.put_record(&self.inner.owner, kind::IDENTITY, "self", &sealed).await?;
+        self.inner
+            .db
+            .put_record(&self.inner.owner, kind::IDENTITY, "self", &sealed)
+            .await?;
         self.inner.state.borrow_mut().identity = pair;
         Ok(())
     }
@@ -176,9 +202,18 @@ impl SignalStore {
 
     /// Writes every buffered change, and `extra` records of the same owner, in one database
     /// transaction (`None` deletes).
-    pub async fn commit(&mut self, extra: Vec<(&'static str, String, Option<Vec<u8>>)>) -> Result<(), VaultError> {
-        let pending: Vec<((&'static str, String), Option<Vec<u8>>)> =
-            self.inner.state.borrow().pending.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    pub async fn commit(
+        &mut self,
+        extra: Vec<(&'static str, String, Option<Vec<u8>>)>,
+    ) -> Result<(), VaultError> {
+        let pending: Vec<(RecordKey, Option<Vec<u8>>)> = self
+            .inner
+            .state
+            .borrow()
+            .pending
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         if pending.is_empty() && extra.is_empty() {
             return Ok(());
         }
@@ -186,12 +221,20 @@ impl SignalStore {
         let key = self.inner.vault.data_key(owner).await?;
         let mut writes = Vec::with_capacity(pending.len() + extra.len());
         for ((k, name), v) in &pending {
-            let sealed = v.as_ref().map(|plain| key.seal(&super::record_ad(owner, k, name), plain));
+            let sealed = v
+                .as_ref()
+                .map(|plain| key.seal(&super::record_ad(owner, k, name), plain));
             writes.push((k.to_string(), name.clone(), sealed));
         }
         for (k, name, v) in extra {
-            let sealed = v.as_ref().map(|plain| key.seal(&super::record_ad(owner, k, &name), plain));
-            self.inner.state.borrow_mut().cache.remove(&(k, name.clone()));
+            let sealed = v
+                .as_ref()
+                .map(|plain| key.seal(&super::record_ad(owner, k, &name), plain));
+            self.inner
+                .state
+                .borrow_mut()
+                .cache
+                .remove(&(k, name.clone()));
             writes.push((k.to_string(), name, sealed));
         }
         self.inner.db.write_records(owner, &writes).await?;
@@ -209,9 +252,18 @@ impl SignalStore {
     }
 
     /// Reads a record outside the Signal kinds (e.g. an undelivered decrypted message).
-    pub async fn read_extra(&self, k: &str, name: &str) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, VaultError> {
+    pub async fn read_extra(
+        &self,
+        k: &str,
+        name: &str,
+    ) -> Result<Option<zeroize::Zeroizing<Vec<u8>>>, VaultError> {
         match self.inner.db.record(&self.inner.owner, k, name).await? {
-            Some(sealed) => Ok(Some(self.inner.vault.open_record(&self.inner.owner, k, name, &sealed).await?)),
+            Some(sealed) => Ok(Some(
+                self.inner
+                    .vault
+                    .open_record(&self.inner.owner, k, name, &sealed)
+                    .await?,
+            )),
             None => Ok(None),
         }
     }
@@ -235,7 +287,11 @@ impl IdentityKeyStore for Identity {
         Ok(self.0.state.borrow().registration_id)
     }
 
-    async fn save_identity(&mut self, address: &ProtocolAddress, identity: &IdentityKey) -> SResult<IdentityChange> {
+    async fn save_identity(
+        &mut self,
+        address: &ProtocolAddress,
+        identity: &IdentityKey,
+    ) -> SResult<IdentityChange> {
         let name = addr_name(address);
         let old = self.0.get(kind::PEER_IDENTITY, &name).await?;
         let new = identity.serialize().to_vec();
@@ -244,30 +300,51 @@ impl IdentityKeyStore for Identity {
             self.0.set(kind::PEER_IDENTITY, name, Some(new));
         }
         if changed {
-            self.0.state.borrow_mut().identity_changes.push(address.name().to_owned());
+            self.0
+                .state
+                .borrow_mut()
+                .identity_changes
+                .push(address.name().to_owned());
         }
         Ok(IdentityChange::from_changed(changed))
     }
 
-    async fn is_trusted_identity(&self, _: &ProtocolAddress, _: &IdentityKey, _: Direction) -> SResult<bool> {
+    async fn is_trusted_identity(
+        &self,
+        _: &ProtocolAddress,
+        _: &IdentityKey,
+        _: Direction,
+    ) -> SResult<bool> {
         // Trust on first use, and accept changes: the user is told about them in the portal.
         Ok(true)
     }
 
     async fn get_identity(&self, address: &ProtocolAddress) -> SResult<Option<IdentityKey>> {
-        self.0.get(kind::PEER_IDENTITY, &addr_name(address)).await?.map(|r| IdentityKey::decode(&r)).transpose()
+        self.0
+            .get(kind::PEER_IDENTITY, &addr_name(address))
+            .await?
+            .map(|r| IdentityKey::decode(&r))
+            .transpose()
     }
 }
 
 #[async_trait(?Send)]
 impl PreKeyStore for PreKeys {
     async fn get_pre_key(&self, id: PreKeyId) -> SResult<PreKeyRecord> {
-        let raw = self.0.get(kind::PREKEY, &u32::from(id).to_string()).await?.ok_or(SignalProtocolError::InvalidPreKeyId)?;
+        let raw = self
+            .0
+            .get(kind::PREKEY, &u32::from(id).to_string())
+            .await?
+            .ok_or(SignalProtocolError::InvalidPreKeyId)?;
         PreKeyRecord::deserialize(&raw)
     }
 
     async fn save_pre_key(&mut self, id: PreKeyId, record: &PreKeyRecord) -> SResult<()> {
-        self.0.set(kind::PREKEY, u32::from(id).to_string(), Some(record.serialize()?));
+        self.0.set(
+            kind::PREKEY,
+            u32::from(id).to_string(),
+            Some(record.serialize()?),
+        );
         Ok(())
     }
 
@@ -288,8 +365,16 @@ impl SignedPreKeyStore for SignedPreKeys {
         SignedPreKeyRecord::deserialize(&raw)
     }
 
-    async fn save_signed_pre_key(&mut self, id: SignedPreKeyId, record: &SignedPreKeyRecord) -> SResult<()> {
-        self.0.set(kind::SIGNED_PREKEY, u32::from(id).to_string(), Some(record.serialize()?));
+    async fn save_signed_pre_key(
+        &mut self,
+        id: SignedPreKeyId,
+        record: &SignedPreKeyRecord,
+    ) -> SResult<()> {
+        self.0.set(
+            kind::SIGNED_PREKEY,
+            u32::from(id).to_string(),
+            Some(record.serialize()?),
+        );
         Ok(())
     }
 }
@@ -305,15 +390,29 @@ impl KyberPreKeyStore for KyberPreKeys {
         KyberPreKeyRecord::deserialize(&raw)
     }
 
-    async fn save_kyber_pre_key(&mut self, id: KyberPreKeyId, record: &KyberPreKeyRecord) -> SResult<()> {
-        self.0.set(kind::KYBER_PREKEY, u32::from(id).to_string(), Some(record.serialize()?));
+    async fn save_kyber_pre_key(
+        &mut self,
+        id: KyberPreKeyId,
+        record: &KyberPreKeyRecord,
+    ) -> SResult<()> {
+        self.0.set(
+            kind::KYBER_PREKEY,
+            u32::from(id).to_string(),
+            Some(record.serialize()?),
+        );
         Ok(())
     }
 
-    async fn mark_kyber_pre_key_used(&mut self, id: KyberPreKeyId, _: SignedPreKeyId, _: &PublicKey) -> SResult<()> {
+    async fn mark_kyber_pre_key_used(
+        &mut self,
+        id: KyberPreKeyId,
+        _: SignedPreKeyId,
+        _: &PublicKey,
+    ) -> SResult<()> {
         // One-time Kyber prekeys have ids below the last-resort id; the last-resort one is kept.
         if u32::from(id) < crate::interop::keys::LAST_RESORT_KYBER_ID {
-            self.0.set(kind::KYBER_PREKEY, u32::from(id).to_string(), None);
+            self.0
+                .set(kind::KYBER_PREKEY, u32::from(id).to_string(), None);
         }
         Ok(())
     }
@@ -322,24 +421,50 @@ impl KyberPreKeyStore for KyberPreKeys {
 #[async_trait(?Send)]
 impl SessionStore for Sessions {
     async fn load_session(&self, address: &ProtocolAddress) -> SResult<Option<SessionRecord>> {
-        self.0.get(kind::SESSION, &addr_name(address)).await?.map(|r| SessionRecord::deserialize(&r)).transpose()
+        self.0
+            .get(kind::SESSION, &addr_name(address))
+            .await?
+            .map(|r| SessionRecord::deserialize(&r))
+            .transpose()
     }
 
-    async fn store_session(&mut self, address: &ProtocolAddress, record: &SessionRecord) -> SResult<()> {
-        self.0.set(kind::SESSION, addr_name(address), Some(record.serialize()?));
+    async fn store_session(
+        &mut self,
+        address: &ProtocolAddress,
+        record: &SessionRecord,
+    ) -> SResult<()> {
+        self.0
+            .set(kind::SESSION, addr_name(address), Some(record.serialize()?));
         Ok(())
     }
 }
 
 #[async_trait(?Send)]
 impl SenderKeyStore for SenderKeys {
-    async fn store_sender_key(&mut self, sender: &ProtocolAddress, id: Uuid, record: &SenderKeyRecord) -> SResult<()> {
-        self.0.set(kind::SENDER_KEY, format!("{}/{id}", addr_name(sender)), Some(record.serialize()?));
+    async fn store_sender_key(
+        &mut self,
+        sender: &ProtocolAddress,
+        id: Uuid,
+        record: &SenderKeyRecord,
+    ) -> SResult<()> {
+        self.0.set(
+            kind::SENDER_KEY,
+            format!("{}/{id}", addr_name(sender)),
+            Some(record.serialize()?),
+        );
         Ok(())
     }
 
-    async fn load_sender_key(&mut self, sender: &ProtocolAddress, id: Uuid) -> SResult<Option<SenderKeyRecord>> {
+    async fn load_sender_key(
+        &mut self,
+        sender: &ProtocolAddress,
+        id: Uuid,
+    ) -> SResult<Option<SenderKeyRecord>> {
         let name = format!("{}/{id}", addr_name(sender));
-        self.0.get(kind::SENDER_KEY, &name).await?.map(|r| SenderKeyRecord::deserialize(&r)).transpose()
+        self.0
+            .get(kind::SENDER_KEY, &name)
+            .await?
+            .map(|r| SenderKeyRecord::deserialize(&r))
+            .transpose()
     }
 }

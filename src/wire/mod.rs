@@ -20,7 +20,8 @@ pub const DEVICE_ID: u32 = 1;
 
 /// Whether `s` is a valid account identifier: `+` and 8 to 15 digits.
 pub fn is_valid_account(s: &str) -> bool {
-    s.strip_prefix('+').is_some_and(|d| (8..=15).contains(&d.len()) && d.bytes().all(|b| b.is_ascii_digit()))
+    s.strip_prefix('+')
+        .is_some_and(|d| (8..=15).contains(&d.len()) && d.bytes().all(|b| b.is_ascii_digit()))
 }
 
 #[cfg(test)]

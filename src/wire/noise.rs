@@ -51,14 +51,21 @@ pub struct StaticKey {
 
 impl fmt::Debug for StaticKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("StaticKey").field("public", &B64.encode(&self.public)).finish_non_exhaustive()
+        f.debug_struct("StaticKey")
+            .field("public", &B64.encode(&self.public))
+            .finish_non_exhaustive()
     }
 }
 
 impl StaticKey {
     pub fn generate() -> Self {
-        let kp = snow::Builder::new(params()).generate_keypair().expect("key generation with a valid suite");
-        Self { private: Zeroizing::new(kp.private), public: kp.public }
+        let kp = snow::Builder::new(params())
+            .generate_keypair()
+            .expect("key generation with a valid suite");
+        Self {
+            private: Zeroizing::new(kp.private),
+            public: kp.public,
+        }
     }
 
     /// Key file format: base64 of private (32) || public (32).
@@ -70,7 +77,10 @@ impl StaticKey {
 
     pub fn from_file_text(text: &str) -> Option<Self> {
         let raw = Zeroizing::new(B64.decode(text.trim()).ok()?);
-        (raw.len() == 64).then(|| Self { private: Zeroizing::new(raw[..32].to_vec()), public: raw[32..].to_vec() })
+        (raw.len() == 64).then(|| Self {
+            private: Zeroizing::new(raw[..32].to_vec()),
+            public: raw[32..].to_vec(),
+        })
     }
 
     pub fn public_b64(&self) -> String {
@@ -82,11 +92,16 @@ fn params() -> snow::params::NoiseParams {
     NOISE_PARAMS.parse().expect("a valid Noise suite name")
 }
 
-async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> Result<(), TransportError> {
+async fn read_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+) -> Result<(), TransportError> {
     let mut len = [0u8; 2];
     match r.read_exact(&mut len).await {
         Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(TransportError::Closed),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            return Err(TransportError::Closed);
+        }
         Err(e) => return Err(e.into()),
     }
     let len = u16::from_be_bytes(len) as usize;
@@ -95,7 +110,11 @@ async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, buf: &mut Vec<u8>) -> Resul
     }
     buf.resize(len, 0);
     r.read_exact(buf).await.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof { TransportError::Closed } else { e.into() }
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            TransportError::Closed
+        } else {
+            e.into()
+        }
     })?;
     Ok(())
 }
@@ -114,9 +133,17 @@ pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     local: &StaticKey,
     pinned: &[u8],
-) -> Result<(SecureReader<tokio::io::ReadHalf<S>>, SecureWriter<tokio::io::WriteHalf<S>>), TransportError> {
-    let mut hs =
-        snow::Builder::new(params()).local_private_key(&local.private).prologue(PROLOGUE).build_initiator()?;
+) -> Result<
+    (
+        SecureReader<tokio::io::ReadHalf<S>>,
+        SecureWriter<tokio::io::WriteHalf<S>>,
+    ),
+    TransportError,
+> {
+    let mut hs = snow::Builder::new(params())
+        .local_private_key(&local.private)
+        .prologue(PROLOGUE)
+        .build_initiator()?;
     let mut msg = vec![0u8; MAX_NOISE_MSG];
     let mut frame = Vec::new();
     let n = hs.write_message(&[], &mut msg)?;
@@ -140,15 +167,26 @@ pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
 pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     local: &StaticKey,
-) -> Result<(SecureReader<tokio::io::ReadHalf<S>>, SecureWriter<tokio::io::WriteHalf<S>>, Vec<u8>), TransportError> {
-    let mut hs =
-        snow::Builder::new(params()).local_private_key(&local.private).prologue(PROLOGUE).build_responder()?;
+) -> Result<
+    (
+        SecureReader<tokio::io::ReadHalf<S>>,
+        SecureWriter<tokio::io::WriteHalf<S>>,
+        Vec<u8>,
+    ),
+    TransportError,
+> {
+    let mut hs = snow::Builder::new(params())
+        .local_private_key(&local.private)
+        .prologue(PROLOGUE)
+        .build_responder()?;
     let mut frame = Vec::new();
     let mut payload = vec![0u8; MAX_NOISE_MSG];
     let mut msg = vec![0u8; MAX_NOISE_MSG];
     read_frame(&mut stream, &mut frame).await?;
     if frame.len() != 32 {
-        return Err(TransportError::Protocol("handshake message 1 must be 32 bytes"));
+        return Err(TransportError::Protocol(
+            "handshake message 1 must be 32 bytes",
+        ));
     }
     hs.read_message(&frame, &mut payload)?;
     let n = hs.write_message(&[], &mut msg)?;
@@ -156,13 +194,18 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     stream.flush().await?;
     read_frame(&mut stream, &mut frame).await?;
     if frame.len() != 64 {
-        return Err(TransportError::Protocol("handshake message 3 must be 64 bytes"));
+        return Err(TransportError::Protocol(
+            "handshake message 3 must be 64 bytes",
+        ));
     }
     let n = hs.read_message(&frame, &mut payload)?;
     if n != 0 {
         return Err(TransportError::Protocol("non-empty handshake payload"));
     }
-    let remote = hs.get_remote_static().map(<[u8]>::to_vec).unwrap_or_default();
+    let remote = hs
+        .get_remote_static()
+        .map(<[u8]>::to_vec)
+        .unwrap_or_default();
     let (r, w) = split(stream, hs.into_transport_mode()?);
     Ok((r, w, remote))
 }
@@ -170,12 +213,25 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
 fn split<S: AsyncRead + AsyncWrite>(
     stream: S,
     transport: snow::TransportState,
-) -> (SecureReader<tokio::io::ReadHalf<S>>, SecureWriter<tokio::io::WriteHalf<S>>) {
+) -> (
+    SecureReader<tokio::io::ReadHalf<S>>,
+    SecureWriter<tokio::io::WriteHalf<S>>,
+) {
     let state = Arc::new(Mutex::new(transport));
     let (r, w) = tokio::io::split(stream);
     (
-        SecureReader { inner: r, state: state.clone(), plain: BytesMut::new(), frame: Vec::new(), out: vec![0u8; MAX_NOISE_MSG] },
-        SecureWriter { inner: w, state, out: vec![0u8; MAX_NOISE_MSG] },
+        SecureReader {
+            inner: r,
+            state: state.clone(),
+            plain: BytesMut::new(),
+            frame: Vec::new(),
+            out: vec![0u8; MAX_NOISE_MSG],
+        },
+        SecureWriter {
+            inner: w,
+            state,
+            out: vec![0u8; MAX_NOISE_MSG],
+        },
     )
 }
 
@@ -212,7 +268,11 @@ impl<R: AsyncRead + Unpin> SecureReader<R> {
                 return Ok(rec);
             }
             read_frame(&mut self.inner, &mut self.frame).await?;
-            let n = self.state.lock().await.read_message(&self.frame, &mut self.out)?;
+            let n = self
+                .state
+                .lock()
+                .await
+                .read_message(&self.frame, &mut self.out)?;
             self.plain.extend_from_slice(&self.out[..n]);
         }
     }
@@ -300,10 +360,17 @@ mod tests {
             w.flush().await.expect("flush");
             (big.len(), remote)
         });
-        let (mut r, mut w) = connect(a, &client_key, &server_key.public).await.expect("connect");
+        let (mut r, mut w) = connect(a, &client_key, &server_key.public)
+            .await
+            .expect("connect");
         // A record spanning several transport messages.
-        w.write_record(&vec![7u8; 200_000]).await.expect("write big");
-        let ping = pb::Stanza { id: 5, body: Some(Body::Ping(pb::Ping { nonce: 9 })) };
+        w.write_record(&vec![7u8; 200_000])
+            .await
+            .expect("write big");
+        let ping = pb::Stanza {
+            id: 5,
+            body: Some(Body::Ping(pb::Ping { nonce: 9 })),
+        };
         w.write_stanza(&ping).await.expect("write");
         w.flush().await.expect("flush");
         assert_eq!(r.read_stanza().await.expect("read"), ping);
@@ -320,7 +387,10 @@ mod tests {
         tokio::spawn(async move {
             let _ = accept(b, &sk).await;
         });
-        let err = connect(a, &StaticKey::generate(), &StaticKey::generate().public).await.err().expect("must fail");
+        let err = connect(a, &StaticKey::generate(), &StaticKey::generate().public)
+            .await
+            .err()
+            .expect("must fail");
         assert!(matches!(err, TransportError::KeyMismatch), "{err}");
     }
 
@@ -328,7 +398,8 @@ mod tests {
     async fn garbage_handshake_is_an_error_not_a_panic() {
         let server_key = StaticKey::generate();
         let (mut a, b) = tokio::io::duplex(1 << 16);
-        let server = tokio::spawn(async move { accept(b, &server_key).await.err().map(|e| e.to_string()) });
+        let server =
+            tokio::spawn(async move { accept(b, &server_key).await.err().map(|e| e.to_string()) });
         a.write_all(&[0, 5, 1, 2, 3, 4, 5]).await.expect("write");
         assert!(server.await.expect("join").is_some());
     }

@@ -37,11 +37,22 @@ impl TestGateway {
         cfg.dev_code = Some(CODE.into());
         cfg.max_blob_bytes = 2 * 1024 * 1024;
         let gw = Gateway::open(cfg).await.expect("gateway");
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.expect("bind");
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let (stop, rx) = tokio::sync::watch::channel(false);
         tokio::spawn(gw.serve(listener, rx));
-        Self { key: key.clone(), addr: GatewayAddr { address: format!("127.0.0.1:{port}"), public_key: key.public.clone() }, port, dir, stop }
+        Self {
+            key: key.clone(),
+            addr: GatewayAddr {
+                address: format!("127.0.0.1:{port}"),
+                public_key: key.public.clone(),
+            },
+            port,
+            dir,
+            stop,
+        }
     }
 
     pub fn stop(&self) {
@@ -68,7 +79,9 @@ pub struct Ours {
 /// The vault of `ours` again, as after a restart.
 pub async fn reopen_vault(ours: &Ours) -> Vault {
     let db: Arc<dyn VaultStore> = Arc::new(ours.store.clone());
-    Vault::open(ours.master.clone(), db).await.expect("reopen vault")
+    Vault::open(ours.master.clone(), db)
+        .await
+        .expect("reopen vault")
 }
 
 pub fn random_account() -> String {
@@ -79,14 +92,27 @@ pub async fn register_ours(rt: &SignalRuntime, gw: &GatewayAddr, account: &str) 
     let (store, dir) = testing::sqlite().await;
     let db: Arc<dyn VaultStore> = Arc::new(store.clone());
     let master = SecretKey::random();
-    let vault = Vault::open(master.clone(), db.clone()).await.expect("vault");
+    let vault = Vault::open(master.clone(), db.clone())
+        .await
+        .expect("vault");
     let (conn, _pushes) = GatewayConn::connect(gw).await.expect("connect");
     conn.request_code(account).await.expect("register");
     let secret = conn.verify(account, CODE).await.expect("verify");
-    account::save_credentials(&vault, &db, "@owner:test", account, &secret).await.expect("creds");
+    account::save_credentials(&vault, &db, "@owner:test", account, &secret)
+        .await
+        .expect("creds");
     let (tx, events) = mpsc::channel(1024);
-    let handle = account::spawn_account(rt, "@owner:test", gw.clone(), vault, db, tx).await.expect("spawn");
-    let mut ours = Ours { handle, events, account: account.to_owned(), store, master, _dir: dir };
+    let handle = account::spawn_account(rt, "@owner:test", gw.clone(), vault, db, tx)
+        .await
+        .expect("spawn");
+    let mut ours = Ours {
+        handle,
+        events,
+        account: account.to_owned(),
+        store,
+        master,
+        _dir: dir,
+    };
     ours.wait(|e| matches!(e, Event::Connected { .. })).await;
     ours
 }

@@ -20,7 +20,11 @@ pub fn repo() -> PathBuf {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 /// A child process killed on drop.
@@ -56,7 +60,10 @@ impl Proc {
     pub fn stop(&mut self) {
         #[cfg(unix)]
         {
-            let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(self.child.id().to_string())
+                .status();
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
                 if !self.is_running() {
@@ -73,7 +80,12 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("---- last lines of {} ({}) ----\n{}", self.name, self.log.display(), self.log_tail());
+            eprintln!(
+                "---- last lines of {} ({}) ----\n{}",
+                self.name,
+                self.log.display(),
+                self.log_tail()
+            );
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -82,9 +94,20 @@ impl Drop for Proc {
 
 pub fn venv() -> String {
     std::env::var("MIB_SYNAPSE_VENV").unwrap_or_else(|_| {
-        let out = Command::new(repo().join("scripts/ensure-synapse.sh")).output().expect("run ensure-synapse.sh");
-        assert!(out.status.success(), "ensure-synapse.sh failed: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().trim().to_owned()
+        let out = Command::new(repo().join("scripts/ensure-synapse.sh"))
+            .output()
+            .expect("run ensure-synapse.sh");
+        assert!(
+            out.status.success(),
+            "ensure-synapse.sh failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
     })
 }
 
@@ -109,7 +132,11 @@ impl Synapse {
             .env("MIB_SYNAPSE_VENV", &venv)
             .output()
             .expect("synapse-config.sh");
-        assert!(out.status.success(), "synapse-config.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "synapse-config.sh failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         let field = |k: &str| {
             stdout
@@ -122,8 +149,19 @@ impl Synapse {
         let mut cmd = Command::new(repo().join("scripts/start-synapse.sh"));
         cmd.arg(dir).env("MIB_SYNAPSE_VENV", &venv);
         let proc = Proc::spawn("synapse", cmd, dir.join("synapse.out"));
-        let s = Self { url, server_name: field("server_name"), shared_secret: field("shared_secret"), proc, dir: dir.into() };
-        wait_http(&format!("{}/_matrix/client/versions", s.url), Duration::from_secs(60), &s.proc).await;
+        let s = Self {
+            url,
+            server_name: field("server_name"),
+            shared_secret: field("shared_secret"),
+            proc,
+            dir: dir.into(),
+        };
+        wait_http(
+            &format!("{}/_matrix/client/versions", s.url),
+            Duration::from_secs(60),
+            &s.proc,
+        )
+        .await;
         s
     }
 
@@ -133,7 +171,11 @@ impl Synapse {
             .args([&self.url, &self.shared_secret, localpart, "test-password-1"])
             .output()
             .expect("register-user.sh");
-        assert!(out.status.success(), "register-user.sh: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "register-user.sh: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let http = reqwest::Client::new();
         let resp: Value = http
             .post(format!("{}/_matrix/client/v3/login", self.url))
@@ -147,7 +189,10 @@ impl Synapse {
         MatrixUser {
             http,
             base: self.url.clone(),
-            token: resp["access_token"].as_str().expect("access token").to_owned(),
+            token: resp["access_token"]
+                .as_str()
+                .expect("access token")
+                .to_owned(),
             user_id: resp["user_id"].as_str().expect("user id").to_owned(),
         }
     }
@@ -157,12 +202,16 @@ pub async fn wait_http(url: &str, timeout: Duration, proc: &Proc) {
     let start = Instant::now();
     let http = reqwest::Client::new();
     loop {
-        if let Ok(r) = http.get(url).send().await {
-            if r.status().is_success() {
-                return;
-            }
+        if let Ok(r) = http.get(url).send().await
+            && r.status().is_success()
+        {
+            return;
         }
-        assert!(start.elapsed() < timeout, "{url} did not answer in {timeout:?}\n{}", proc.log_tail());
+        assert!(
+            start.elapsed() < timeout,
+            "{url} did not answer in {timeout:?}\n{}",
+            proc.log_tail()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -176,8 +225,16 @@ pub struct MatrixUser {
 }
 
 impl MatrixUser {
-    pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut req = self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token);
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
         if let Some(b) = body {
             req = req.json(&b);
         }
@@ -214,7 +271,11 @@ impl MatrixUser {
 
     pub async fn messages(&self, room: &str) -> Vec<Value> {
         let (s, b) = self
-            .call(reqwest::Method::GET, &format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=100"), None)
+            .call(
+                reqwest::Method::GET,
+                &format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=100"),
+                None,
+            )
             .await;
         assert_eq!(s, 200, "messages: {b}");
         let mut events = b["chunk"].as_array().cloned().unwrap_or_default();
@@ -229,13 +290,23 @@ impl MatrixUser {
             if let Some(ev) = self.messages(room).await.into_iter().find(|e| pred(e)) {
                 return ev;
             }
-            assert!(start.elapsed() < Duration::from_secs(30), "timed out waiting for {what} in {room}: {:#?}", self.messages(room).await);
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "timed out waiting for {what} in {room}: {:#?}",
+                self.messages(room).await
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
     pub async fn join(&self, room: &str) {
-        let (s, b) = self.call(reqwest::Method::POST, &format!("/_matrix/client/v3/rooms/{room}/join"), Some(json!({}))).await;
+        let (s, b) = self
+            .call(
+                reqwest::Method::POST,
+                &format!("/_matrix/client/v3/rooms/{room}/join"),
+                Some(json!({})),
+            )
+            .await;
         assert_eq!(s, 200, "join: {b}");
     }
 
@@ -243,7 +314,11 @@ impl MatrixUser {
     pub async fn send(&self, room: &str, event_type: &str, content: Value) -> String {
         let txn = uuid::Uuid::new_v4();
         let (s, b) = self
-            .call(reqwest::Method::PUT, &format!("/_matrix/client/v3/rooms/{room}/send/{event_type}/{txn}"), Some(content))
+            .call(
+                reqwest::Method::PUT,
+                &format!("/_matrix/client/v3/rooms/{room}/send/{event_type}/{txn}"),
+                Some(content),
+            )
             .await;
         assert_eq!(s, 200, "send: {b}");
         b["event_id"].as_str().expect("event id").to_owned()
@@ -252,14 +327,22 @@ impl MatrixUser {
     pub async fn redact(&self, room: &str, event_id: &str) {
         let txn = uuid::Uuid::new_v4();
         let (s, b) = self
-            .call(reqwest::Method::PUT, &format!("/_matrix/client/v3/rooms/{room}/redact/{event_id}/{txn}"), Some(json!({})))
+            .call(
+                reqwest::Method::PUT,
+                &format!("/_matrix/client/v3/rooms/{room}/redact/{event_id}/{txn}"),
+                Some(json!({})),
+            )
             .await;
         assert_eq!(s, 200, "redact: {b}");
     }
 
     pub async fn read_receipt(&self, room: &str, event_id: &str) {
         let (s, b) = self
-            .call(reqwest::Method::POST, &format!("/_matrix/client/v3/rooms/{room}/receipt/m.read/{event_id}"), Some(json!({})))
+            .call(
+                reqwest::Method::POST,
+                &format!("/_matrix/client/v3/rooms/{room}/receipt/m.read/{event_id}"),
+                Some(json!({})),
+            )
             .await;
         assert_eq!(s, 200, "receipt: {b}");
     }
@@ -278,7 +361,10 @@ impl MatrixUser {
     pub async fn upload(&self, data: Vec<u8>, mimetype: &str) -> String {
         let resp = self
             .http
-            .post(format!("{}/_matrix/media/v3/upload?filename=file", self.base))
+            .post(format!(
+                "{}/_matrix/media/v3/upload?filename=file",
+                self.base
+            ))
             .bearer_auth(&self.token)
             .header("content-type", mimetype)
             .body(data)
@@ -293,12 +379,19 @@ impl MatrixUser {
         let path = mxc.strip_prefix("mxc://").expect("mxc");
         let resp = self
             .http
-            .get(format!("{}/_matrix/client/v1/media/download/{path}", self.base))
+            .get(format!(
+                "{}/_matrix/client/v1/media/download/{path}",
+                self.base
+            ))
             .bearer_auth(&self.token)
             .send()
             .await
             .expect("download");
-        assert!(resp.status().is_success(), "download {mxc}: {}", resp.status());
+        assert!(
+            resp.status().is_success(),
+            "download {mxc}: {}",
+            resp.status()
+        );
         resp.bytes().await.expect("bytes").to_vec()
     }
 
@@ -307,15 +400,33 @@ impl MatrixUser {
     pub async fn ephemeral(&self, room: &str) -> Vec<Value> {
         let filter = json!({"room": {"rooms": [room], "timeline": {"limit": 1}, "ephemeral": {"types": ["m.receipt", "m.typing"]}}});
         let filter = urlencode(&filter.to_string());
-        let (s, b) = self.call(reqwest::Method::GET, &format!("/_matrix/client/v3/sync?timeout=0&filter={filter}"), None).await;
-        assert_eq!(s, 200, "sync: {b}");
-        let mut out = b["rooms"]["join"][room]["ephemeral"]["events"].as_array().cloned().unwrap_or_default();
-        let since = b["next_batch"].as_str().unwrap_or_default().to_owned();
         let (s, b) = self
-            .call(reqwest::Method::GET, &format!("/_matrix/client/v3/sync?timeout=500&since={since}&filter={filter}"), None)
+            .call(
+                reqwest::Method::GET,
+                &format!("/_matrix/client/v3/sync?timeout=0&filter={filter}"),
+                None,
+            )
             .await;
         assert_eq!(s, 200, "sync: {b}");
-        out.extend(b["rooms"]["join"][room]["ephemeral"]["events"].as_array().cloned().unwrap_or_default());
+        let mut out = b["rooms"]["join"][room]["ephemeral"]["events"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let since = b["next_batch"].as_str().unwrap_or_default().to_owned();
+        let (s, b) = self
+            .call(
+                reqwest::Method::GET,
+                &format!("/_matrix/client/v3/sync?timeout=500&since={since}&filter={filter}"),
+                None,
+            )
+            .await;
+        assert_eq!(s, 200, "sync: {b}");
+        out.extend(
+            b["rooms"]["join"][room]["ephemeral"]["events"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default(),
+        );
         out
     }
 
@@ -331,19 +442,32 @@ impl MatrixUser {
                 format!("/_matrix/client/v3/sync?timeout=1000&since={since}")
             };
             let (_, b) = self.call(reqwest::Method::GET, &path, None).await;
-            if let Some(inv) = b["rooms"]["invite"].as_object() {
-                if let Some(room) = inv.keys().find(|r| !except.contains(&r.as_str())) {
-                    return room.clone();
-                }
+            if let Some(inv) = b["rooms"]["invite"].as_object()
+                && let Some(room) = inv.keys().find(|r| !except.contains(&r.as_str()))
+            {
+                return room.clone();
             }
             since = b["next_batch"].as_str().unwrap_or_default().to_owned();
-            assert!(start.elapsed() < Duration::from_secs(30), "no invite arrived: {}", b["rooms"]);
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "no invite arrived: {}",
+                b["rooms"]
+            );
         }
     }
 
     pub async fn joined_members(&self, room: &str) -> Vec<String> {
-        let (_, b) = self.call(reqwest::Method::GET, &format!("/_matrix/client/v3/rooms/{room}/joined_members"), None).await;
-        b["joined"].as_object().map(|m| m.keys().cloned().collect()).unwrap_or_default()
+        let (_, b) = self
+            .call(
+                reqwest::Method::GET,
+                &format!("/_matrix/client/v3/rooms/{room}/joined_members"),
+                None,
+            )
+            .await;
+        b["joined"]
+            .as_object()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
     }
 }
 
@@ -358,7 +482,13 @@ pub struct BridgeSetup {
 impl BridgeSetup {
     /// Writes config.yaml (with `extra` appended to the bridge section's permissions) and the registration.
     pub fn write(dir: &Path, hs_url_placeholder_port: u16, permissions: &[(&str, &str)]) -> Self {
-        Self::write_with_gateway(dir, hs_url_placeholder_port, permissions, "127.0.0.1:9", "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
+        Self::write_with_gateway(
+            dir,
+            hs_url_placeholder_port,
+            permissions,
+            "127.0.0.1:9",
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        )
     }
 
     pub fn write_with_gateway(
@@ -370,7 +500,10 @@ impl BridgeSetup {
     ) -> Self {
         let port = free_port();
         let metrics_port = free_port();
-        let perms: String = permissions.iter().map(|(k, v)| format!("        \"{k}\": {v}\n")).collect();
+        let perms: String = permissions
+            .iter()
+            .map(|(k, v)| format!("        \"{k}\": {v}\n"))
+            .collect();
         let config = dir.join("config.yaml");
         let text = format!(
             "homeserver:\n    address: http://127.0.0.1:{hs_url_placeholder_port}\n    domain: localhost\n\
@@ -392,15 +525,32 @@ impl BridgeSetup {
             .arg(&registration)
             .output()
             .expect("generate-registration");
-        assert!(out.status.success(), "generate-registration: {}", String::from_utf8_lossy(&out.stderr));
-        Self { config, registration, port, dir: dir.into() }
+        assert!(
+            out.status.success(),
+            "generate-registration: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self {
+            config,
+            registration,
+            port,
+            dir: dir.into(),
+        }
     }
 
     pub async fn start(&self) -> Proc {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_matrix-interop-bridge"));
-        cmd.arg("-c").arg(&self.config).env("MIB_VAULT_MASTER_KEY", "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=");
+        cmd.arg("-c").arg(&self.config).env(
+            "MIB_VAULT_MASTER_KEY",
+            "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+        );
         let proc = Proc::spawn("bridge", cmd, self.dir.join("bridge.log"));
-        wait_http(&format!("http://127.0.0.1:{}/health", self.port), Duration::from_secs(30), &proc).await;
+        wait_http(
+            &format!("http://127.0.0.1:{}/health", self.port),
+            Duration::from_secs(30),
+            &proc,
+        )
+        .await;
         proc
     }
 }

@@ -25,7 +25,9 @@ impl NodeContact {
     pub fn spawn() -> Self {
         let peers = repo().join("tests/peers");
         assert!(
-            peers.join("node_modules/@signalapp/libsignal-client").exists(),
+            peers
+                .join("node_modules/@signalapp/libsignal-client")
+                .exists(),
             "tests/peers/node_modules is missing: run scripts/test.sh (it runs npm ci)"
         );
         let mut child = Command::new("node")
@@ -41,14 +43,21 @@ impl NodeContact {
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { return };
-                if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    if tx.send(v).is_err() {
-                        return;
-                    }
+                if let Ok(v) = serde_json::from_str::<Value>(&line)
+                    && tx.send(v).is_err()
+                {
+                    return;
                 }
             }
         });
-        Self { child, stdin, lines, backlog: Vec::new(), next_req: 1, account: String::new() }
+        Self {
+            child,
+            stdin,
+            lines,
+            backlog: Vec::new(),
+            next_req: 1,
+            account: String::new(),
+        }
     }
 
     /// Runs a command and returns its reply; panics on `ok: false`.
@@ -88,7 +97,12 @@ impl NodeContact {
             let v = self
                 .lines
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .unwrap_or_else(|_| panic!("timed out waiting for node event {what}; backlog: {:#?}", self.backlog));
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "timed out waiting for node event {what}; backlog: {:#?}",
+                        self.backlog
+                    )
+                });
             if v.get("event").is_some() {
                 if pred(&v) {
                     return v;
