@@ -18,12 +18,12 @@ use matrix_interop_bridge::{
         network::{NetEventSink, Network},
         provisioning::Provisioning,
     },
-    config::{Config, EXAMPLE_CONFIG},
+    config::{Config, DatabaseType, EXAMPLE_CONFIG},
     interop::{GatewayAddr, SignalRuntime, connector::InteropNetwork},
-    matrix::{HomeserverClient, MatrixError, MatrixSide},
+    matrix::{HomeserverClient, MatrixError, MatrixSide, crypto::Crypto},
     metrics::Metrics,
     registration,
-    store::{SqlStore, TxnStore, UserStore},
+    store::{KvStore, SqlStore, TxnStore, UserStore},
     vault::{self, BRIDGE_OWNER, Vault, VaultStore},
 };
 use tokio::sync::{Notify, watch};
@@ -197,7 +197,9 @@ fn init_logging(cfg: &Config) {
             .with(fmt::layer().json().with_current_span(false))
             .init();
     } else {
-        registry.with(fmt::layer()).init();
+        registry
+            .with(fmt::layer().with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout())))
+            .init();
     }
 }
 
@@ -264,7 +266,7 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
 
     let hs = HomeserverClient::new(&cfg.homeserver.address, &cfg.appservice.as_token)?;
     let bot = cfg.bot_mxid();
-    let matrix = MatrixSide::new(
+    let matrix: Arc<MatrixSide> = MatrixSide::new(
         hs.clone(),
         bot.clone(),
         cfg.homeserver.domain.clone(),
@@ -284,7 +286,7 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
     let vault_store: Arc<dyn VaultStore> = Arc::new(store.clone());
     let network = InteropNetwork::new(signal_rt, gateway, vault.clone(), vault_store);
     let bridge = Arc::new(Bridge::new(
-        matrix,
+        matrix.clone(),
         users,
         Arc::new(store.clone()),
         network.clone(),
@@ -292,6 +294,8 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
             bridge: cfg.bridge.clone(),
             homeserver_domain: cfg.homeserver.domain.clone(),
             username_template: cfg.appservice.username_template.clone(),
+            encryption_default: cfg.encryption.default,
+            encryption_require: cfg.encryption.require,
         },
     ));
     let sink: Arc<dyn NetEventSink> = bridge.clone();
@@ -358,15 +362,6 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
         });
     }
 
-    let worker = QueueWorker {
-        store: txn_store,
-        key: queue_key,
-        notify,
-        handler: bridge.clone(),
-        metrics,
-    };
-    let worker = tokio::spawn(worker.run(shutdown_rx.clone()));
-
     tokio::select! {
         r = startup_checks(&cfg, &hs) => r?,
         _ = shutdown_signal() => {
@@ -374,6 +369,24 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
             return Ok(());
         }
     }
+    let crypto = if cfg.encryption.allow {
+        let crypto = start_crypto(&cfg, &hs, &store, &vault).await?;
+        matrix.set_crypto(crypto.clone());
+        tokio::spawn(crypto.clone().maintain());
+        Some(crypto)
+    } else {
+        None
+    };
+    // Events that arrived during start-up wait in the queue until now.
+    let worker = QueueWorker {
+        store: txn_store,
+        key: queue_key,
+        notify,
+        handler: bridge.clone(),
+        metrics,
+        crypto,
+    };
+    let worker = tokio::spawn(worker.run(shutdown_rx.clone()));
     let logins = bridge.reconnect_logins().await?;
     tracing::info!(logins, "bridge ready");
 
@@ -385,6 +398,74 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
     store.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Opens the bot's crypto device: its store passphrase lives in the vault, its device id in the
+/// database, its store next to the SQLite database (or in the working directory on PostgreSQL).
+async fn start_crypto(
+    cfg: &Config,
+    hs: &HomeserverClient,
+    store: &SqlStore,
+    vault: &Vault,
+) -> anyhow::Result<Arc<Crypto>> {
+    use base64::Engine;
+    const KIND: &str = "crypto";
+    let db: &dyn VaultStore = store;
+    let passphrase = match db.record(BRIDGE_OWNER, KIND, "store_passphrase").await? {
+        Some(sealed) => String::from_utf8(
+            vault
+                .open_record(BRIDGE_OWNER, KIND, "store_passphrase", &sealed)
+                .await?
+                .to_vec(),
+        )?,
+        None => {
+            let mut raw = [0u8; 32];
+            rand::RngCore::fill_bytes(&mut rand::rng(), &mut raw);
+            let p = base64::engine::general_purpose::STANDARD_NO_PAD.encode(raw);
+            let sealed = vault
+                .seal_record(BRIDGE_OWNER, KIND, "store_passphrase", p.as_bytes())
+                .await?;
+            db.put_record(BRIDGE_OWNER, KIND, "store_passphrase", &sealed)
+                .await?;
+            p
+        }
+    };
+    let device = match store.kv_get("crypto_device_id").await? {
+        Some(d) => d,
+        None => {
+            let d: String = rand::Rng::sample_iter(rand::rng(), rand::distr::Alphanumeric)
+                .take(10)
+                .map(|c| char::from(c).to_ascii_uppercase())
+                .collect();
+            let d = format!("MIB{d}");
+            store.kv_set("crypto_device_id", &d).await?;
+            d
+        }
+    };
+    let path = match cfg.database.db_type() {
+        DatabaseType::Sqlite => {
+            let file = cfg
+                .database
+                .uri
+                .trim_start_matches("sqlite://")
+                .trim_start_matches("sqlite:");
+            let file = file.split('?').next().unwrap_or(file);
+            PathBuf::from(format!("{file}.crypto"))
+        }
+        DatabaseType::Postgres => PathBuf::from("matrix-interop-bridge.crypto"),
+    };
+    let crypto = Crypto::start(
+        hs.clone(),
+        &cfg.bot_mxid(),
+        &device,
+        &path,
+        &passphrase,
+        cfg.encryption.msc4190,
+        cfg.encryption.self_sign,
+    )
+    .await
+    .with_context(|| format!("cannot start encryption (crypto store {})", path.display()))?;
+    Ok(crypto)
 }
 
 /// Waits for the homeserver, registers the bot, sets its profile, and checks that the homeserver

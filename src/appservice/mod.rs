@@ -182,7 +182,7 @@ async fn auth(
 /// One unit of queued work, sealed before it reaches the database.
 #[derive(serde::Serialize, serde::Deserialize)]
 pub struct QueueItem {
-    /// `pdu`, `ephemeral` or `to_device`.
+    /// `pdu`, `ephemeral` or `crypto`.
     pub kind: String,
     pub event: Value,
 }
@@ -236,6 +236,7 @@ async fn transaction(
         }
         Ok(out)
     };
+    tracing::debug!(fields = ?obj.keys().collect::<Vec<_>>(), "transaction");
     let events = list(&["events"])?;
     // Homeservers send the stable and the unstable spelling of the same list; take one.
     let ephemeral = if obj.contains_key("ephemeral") {
@@ -243,18 +244,22 @@ async fn transaction(
     } else {
         list(&["de.sorunome.msc2409.ephemeral"])?
     };
-    let to_device = if obj.contains_key("to_device") {
-        list(&["to_device"])?
-    } else {
-        list(&["de.sorunome.msc2409.to_device"])?
-    };
-
-    let mut queued = Vec::with_capacity(events.len() + ephemeral.len());
-    for (kind, list) in [
-        ("pdu", events),
-        ("ephemeral", ephemeral),
-        ("to_device", to_device),
-    ] {
+    let mut queued = Vec::with_capacity(events.len() + ephemeral.len() + 1);
+    // Crypto changes (to-device messages with room keys, device lists, key counts) go first, so
+    // that the keys for this transaction's encrypted events are known when those are handled.
+    if let Some(changes) = crate::matrix::crypto::CryptoChanges::from_transaction(obj) {
+        let item = QueueItem {
+            kind: "crypto".into(),
+            event: serde_json::to_value(&changes).expect("serializable"),
+        };
+        let plain =
+            zeroize::Zeroizing::new(serde_json::to_vec(&item).expect("a JSON value serializes"));
+        queued.push(QueuedEvent {
+            room_id: None,
+            sealed: state.queue_key.seal(QUEUE_AD, &plain),
+        });
+    }
+    for (kind, list) in [("pdu", events), ("ephemeral", ephemeral)] {
         for event in list {
             if !event.is_object() {
                 return Err(MatrixApiError::new(

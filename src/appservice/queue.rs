@@ -8,7 +8,16 @@ use std::{sync::Arc, time::Duration};
 use tokio::sync::{Notify, watch};
 
 use super::{QUEUE_AD, QueueItem};
-use crate::{bridge::MatrixEventHandler, metrics::Metrics, store::TxnStore, vault::SecretKey};
+use crate::{
+    bridge::MatrixEventHandler,
+    matrix::crypto::{Crypto, CryptoChanges, CryptoError},
+    metrics::Metrics,
+    store::TxnStore,
+    vault::SecretKey,
+};
+
+/// How long an encrypted event waits for its room key.
+const KEY_WAIT: Duration = Duration::from_secs(30);
 
 const BATCH: i64 = 100;
 const MAX_ATTEMPTS: i64 = 8;
@@ -19,6 +28,8 @@ pub struct QueueWorker {
     pub notify: Arc<Notify>,
     pub handler: Arc<dyn MatrixEventHandler>,
     pub metrics: Metrics,
+    /// The bot's crypto device, when encryption is allowed.
+    pub crypto: Option<Arc<Crypto>>,
 }
 
 impl QueueWorker {
@@ -72,9 +83,18 @@ impl QueueWorker {
                 continue;
             };
             let result = match item.kind.as_str() {
-                "pdu" => self.handler.handle_matrix_event(&item.event).await,
+                "pdu" => self.pdu(item.event).await,
                 "ephemeral" => self.handler.handle_ephemeral(&item.event).await,
-                // To-device messages are used once encrypted rooms are supported.
+                "crypto" => {
+                    if let (Some(crypto), Ok(changes)) = (
+                        &self.crypto,
+                        serde_json::from_value::<CryptoChanges>(item.event),
+                    ) && let Err(e) = crypto.receive(&changes).await
+                    {
+                        tracing::warn!(error = %e, "cannot process crypto changes");
+                    }
+                    Ok(())
+                }
                 _ => Ok(()),
             };
             match result {
@@ -95,6 +115,71 @@ impl QueueWorker {
             }
         }
         Ok(true)
+    }
+
+    /// A timeline event: encryption state is noted, encrypted events are decrypted first.
+    async fn pdu(&self, ev: serde_json::Value) -> Result<(), crate::bridge::BridgeError> {
+        let room = ev["room_id"].as_str().unwrap_or_default().to_owned();
+        let sender = ev["sender"].as_str().unwrap_or_default().to_owned();
+        match ev["type"].as_str().unwrap_or_default() {
+            "m.room.encryption" if ev.get("state_key").is_some() => {
+                if let Some(c) = &self.crypto {
+                    c.mark_encrypted(&room).await;
+                }
+                self.handler.handle_matrix_event(&ev).await
+            }
+            "m.room.encrypted" => {
+                let Some(crypto) = self.crypto.clone() else {
+                    return self
+                        .handler
+                        .undecryptable(&room, &sender, "encryption is not enabled on this bridge")
+                        .await;
+                };
+                match crypto.decrypt(&room, &ev).await {
+                    Ok(plain) => self.handler.handle_matrix_event(&plain).await,
+                    Err(CryptoError::MissingKey) => {
+                        crypto.request_key(&room, &ev).await;
+                        // Wait for the key without holding up the rest of the queue.
+                        let handler = self.handler.clone();
+                        tokio::spawn(async move {
+                            let deadline = tokio::time::Instant::now() + KEY_WAIT;
+                            loop {
+                                tokio::select! {
+                                    _ = crypto.keys_arrived.notified() => {}
+                                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                                }
+                                match crypto.decrypt(&room, &ev).await {
+                                    Ok(plain) => {
+                                        if let Err(e) = handler.handle_matrix_event(&plain).await {
+                                            tracing::warn!(error = %e, "late-decrypted event failed");
+                                        }
+                                        return;
+                                    }
+                                    Err(CryptoError::MissingKey)
+                                        if tokio::time::Instant::now() < deadline =>
+                                    {
+                                        continue;
+                                    }
+                                    Err(e) => {
+                                        let _ = handler
+                                            .undecryptable(&room, &sender, &e.to_string())
+                                            .await;
+                                        return;
+                                    }
+                                }
+                            }
+                        });
+                        Ok(())
+                    }
+                    Err(e) => {
+                        self.handler
+                            .undecryptable(&room, &sender, &e.to_string())
+                            .await
+                    }
+                }
+            }
+            _ => self.handler.handle_matrix_event(&ev).await,
+        }
     }
 
     async fn remove(&self, seq: i64) -> Result<(), ()> {

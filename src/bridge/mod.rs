@@ -105,6 +105,25 @@ pub trait MatrixConnector: Send + Sync {
     ) -> Result<String, BridgeError>;
     /// Downloads media by mxc URI (authenticated media); returns the bytes and content type.
     async fn download(&self, mxc: &str) -> Result<(Vec<u8>, Option<String>), BridgeError>;
+    /// Uploads media for a room: the fields to put into the content (`url`, or `file` in
+    /// encrypted rooms).
+    async fn upload_for_room(
+        &self,
+        room_id: &str,
+        as_user: &str,
+        data: Vec<u8>,
+        mimetype: &str,
+        filename: &str,
+    ) -> Result<Value, BridgeError>;
+    /// Downloads the media of a message content (`url`, or `file` with decryption and hash check).
+    async fn download_content(
+        &self,
+        content: &Value,
+    ) -> Result<(Vec<u8>, Option<String>), BridgeError>;
+    /// Whether the room is end-to-end encrypted.
+    async fn is_encrypted(&self, room_id: &str) -> bool;
+    /// The room was created with encryption on.
+    async fn mark_encrypted(&self, room_id: &str);
 }
 
 /// Receives Matrix events in order from the durable queue.
@@ -115,6 +134,15 @@ pub trait MatrixEventHandler: Send + Sync {
     async fn handle_ephemeral(&self, _event: &Value) -> Result<(), BridgeError> {
         Ok(())
     }
+    /// An encrypted event the bridge cannot read.
+    async fn undecryptable(
+        &self,
+        _room_id: &str,
+        _sender: &str,
+        _reason: &str,
+    ) -> Result<(), BridgeError> {
+        Ok(())
+    }
 }
 
 /// Static facts the core needs.
@@ -123,6 +151,10 @@ pub struct BridgeSettings {
     pub bridge: BridgeConfig,
     pub homeserver_domain: String,
     pub username_template: String,
+    /// Create portals with encryption on.
+    pub encryption_default: bool,
+    /// Refuse to bridge unencrypted rooms.
+    pub encryption_require: bool,
 }
 
 pub struct Bridge {
@@ -322,6 +354,24 @@ impl MatrixEventHandler for Bridge {
 
     async fn handle_ephemeral(&self, ev: &Value) -> Result<(), BridgeError> {
         self.on_ephemeral(ev).await
+    }
+
+    async fn undecryptable(
+        &self,
+        room_id: &str,
+        sender: &str,
+        reason: &str,
+    ) -> Result<(), BridgeError> {
+        if sender == self.matrix.bot_mxid() || self.matrix.is_ghost(sender) {
+            return Ok(());
+        }
+        tracing::warn!(room_id, %reason, "undecryptable event");
+        let text = format!(
+            "{sender}: the bridge could not decrypt your message ({reason}). The usual causes: your client does not \
+             send room keys to unverified devices (verify the bridge's device, or allow unverified devices), or \
+             it did not know the bridge's device yet. Please send the message again."
+        );
+        self.notice(room_id, &text).await
     }
 }
 

@@ -165,7 +165,14 @@ impl Bridge {
         if kind == PortalKind::Group && !name.is_empty() {
             body["name"] = json!(name);
         }
+        let encrypted = self.settings.encryption_default || self.settings.encryption_require;
+        if encrypted && let Some(state) = body["initial_state"].as_array_mut() {
+            state.push(json!({"type": "m.room.encryption", "state_key": "", "content": {"algorithm": "m.megolm.v1.aes-sha2"}}));
+        }
         let room_id = self.matrix.create_room(body).await?;
+        if encrypted {
+            self.matrix.mark_encrypted(&room_id).await;
+        }
         for g in &ghosts {
             self.matrix.join(&room_id, g).await?;
         }
@@ -456,7 +463,7 @@ impl Bridge {
                     .await?;
                 return self.map(&room, &ev, &r.target, from, &part).await;
             }
-            Some(D::Media(m)) => self.media_to_matrix(acc, &sender, m).await?,
+            Some(D::Media(m)) => self.media_to_matrix(&room, acc, &sender, m).await?,
             Some(D::Location(l)) => json!({
                 "msgtype": "m.location",
                 "body": msgconv::location_text(l),
@@ -504,6 +511,7 @@ impl Bridge {
 
     async fn media_to_matrix(
         &self,
+        room: &str,
         acc: &Arc<dyn NetAccount>,
         sender: &str,
         m: &Media,
@@ -520,9 +528,9 @@ impl Bridge {
         } else {
             m.filename.clone()
         };
-        let mxc = self
+        let media_fields = self
             .matrix
-            .upload(sender, data, &mime, Some(&filename))
+            .upload_for_room(room, sender, data, &mime, &filename)
             .await?;
         let kind = MediaType::try_from(m.r#type).unwrap_or(MediaType::File);
         let msgtype = match kind {
@@ -542,19 +550,29 @@ impl Bridge {
         if !m.thumbnail.is_empty() {
             let thumb = self
                 .matrix
-                .upload(
+                .upload_for_room(
+                    room,
                     sender,
                     m.thumbnail.clone(),
                     "image/jpeg",
-                    Some("thumbnail.jpg"),
+                    "thumbnail.jpg",
                 )
                 .await?;
-            info["thumbnail_url"] = json!(thumb);
+            if let Some(url) = thumb.get("url") {
+                info["thumbnail_url"] = url.clone();
+            }
+            if let Some(file) = thumb.get("file") {
+                info["thumbnail_file"] = file.clone();
+            }
             info["thumbnail_info"] = json!({"mimetype": "image/jpeg", "size": m.thumbnail.len()});
         }
         let caption = m.caption.as_ref().filter(|c| !c.body.is_empty());
-        let mut content =
-            json!({"msgtype": msgtype, "url": mxc, "info": info, "filename": filename});
+        let mut content = json!({"msgtype": msgtype, "info": info, "filename": filename});
+        if let (Some(c), Some(fields)) = (content.as_object_mut(), media_fields.as_object()) {
+            for (k, v) in fields {
+                c.insert(k.clone(), v.clone());
+            }
+        }
         match caption {
             Some(c) => {
                 content["body"] = json!(c.body);
@@ -590,6 +608,12 @@ impl Bridge {
             return Ok(());
         }
         // Whose login sends it: the portal's owner, or the relay for others.
+        if self.settings.encryption_require && !self.matrix.is_encrypted(&room).await {
+            if ty == "m.room.message" {
+                self.notice(&room, "This bridge only bridges encrypted rooms: turn on encryption in the room settings.").await?;
+            }
+            return Ok(());
+        }
         let (acc, relayed_name) = if sender == portal.receiver {
             match self.network.account(sender) {
                 Some(a) => (a, None),
@@ -744,7 +768,7 @@ impl Bridge {
                 for f in &mut t.formats {
                     f.start += shift;
                 }
-                t.body = prefix + &t.body;
+                t.body = format!("{prefix}{}", t.body);
             }
             t
         };
@@ -793,13 +817,9 @@ impl Bridge {
                 })
             }
             "m.image" | "m.video" | "m.audio" | "m.file" => {
-                if content["file"].is_object() {
-                    return Err("encrypted attachments are not supported yet".into());
-                }
-                let url = content["url"].as_str().ok_or("the attachment has no URL")?;
                 let (data, ct) = self
                     .matrix
-                    .download(url)
+                    .download_content(content)
                     .await
                     .map_err(|e| format!("cannot download the attachment: {e}"))?;
                 let info = &content["info"];

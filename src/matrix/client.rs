@@ -443,6 +443,75 @@ impl HomeserverClient {
         Ok((resp.file, resp.content_type))
     }
 
+    /// MSC4190: creates (or updates) a device of an appservice user.
+    pub async fn create_device(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        display_name: &str,
+    ) -> Result<(), MatrixError> {
+        let url = format!(
+            "{}/_matrix/client/v3/devices/{}",
+            self.inner.base,
+            urlencode(device.as_str())
+        );
+        let resp = self
+            .inner
+            .http
+            .put(url)
+            .query(&[("user_id", user.as_str())])
+            .bearer_auth(&self.inner.as_token)
+            .json(&serde_json::json!({"display_name": display_name}))
+            .send()
+            .await
+            .map_err(|e| MatrixError::Network(e.to_string()))?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| MatrixError::Network(e.to_string()))?;
+        if (200..300).contains(&status) {
+            Ok(())
+        } else {
+            Err(api_error(status, &body))
+        }
+    }
+
+    /// Reads one state event's content.
+    pub async fn room_state(
+        &self,
+        room: &RoomId,
+        as_user: &UserId,
+        event_type: &str,
+        state_key: &str,
+    ) -> Result<serde_json::Value, MatrixError> {
+        let url = format!(
+            "{}/_matrix/client/v3/rooms/{}/state/{}/{}",
+            self.inner.base,
+            urlencode(room.as_str()),
+            urlencode(event_type),
+            urlencode(state_key)
+        );
+        let resp = self
+            .inner
+            .http
+            .get(url)
+            .query(&[("user_id", as_user.as_str())])
+            .bearer_auth(&self.inner.as_token)
+            .send()
+            .await
+            .map_err(|e| MatrixError::Network(e.to_string()))?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| MatrixError::Network(e.to_string()))?;
+        if status != 200 {
+            return Err(api_error(status, &body));
+        }
+        serde_json::from_slice(&body).map_err(|e| MatrixError::Response(e.to_string()))
+    }
+
     /// The homeserver's default room version (from `/capabilities`).
     pub async fn default_room_version(&self) -> Result<String, MatrixError> {
         let url = format!("{}/_matrix/client/v3/capabilities", self.inner.base);
@@ -486,6 +555,12 @@ impl HomeserverClient {
             Err(MatrixError::Network(format!("status {}", resp.status())))
         }
     }
+}
+
+fn urlencode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes())
+        .collect::<String>()
+        .replace('+', "%20")
 }
 
 fn api_error(status: u16, body: &[u8]) -> MatrixError {

@@ -10,8 +10,10 @@ use serde_json::json;
 use crate::bridge::{BridgeError, MatrixConnector};
 
 pub mod client;
+pub mod crypto;
 
 pub use client::{HomeserverClient, MatrixError};
+use crypto::Crypto;
 
 impl From<MatrixError> for BridgeError {
     fn from(e: MatrixError) -> Self {
@@ -27,6 +29,7 @@ pub struct MatrixSide {
     ghost_re: regex::Regex,
     max_media_bytes: usize,
     privileged_creators: tokio::sync::OnceCell<bool>,
+    crypto: std::sync::OnceLock<Arc<Crypto>>,
 }
 
 impl MatrixSide {
@@ -59,6 +62,7 @@ impl MatrixSide {
             ghost_re: regex::Regex::new(&format!("^{ghost_regex}$"))?,
             max_media_bytes: 100 * 1024 * 1024,
             privileged_creators: tokio::sync::OnceCell::new(),
+            crypto: std::sync::OnceLock::new(),
         })
     }
 
@@ -109,16 +113,8 @@ impl MatrixConnector for MatrixSide {
             "formatted_body": html,
         });
         let txn = uuid::Uuid::new_v4().to_string();
-        Ok(self
-            .client
-            .send_message(
-                &room(room_id)?,
-                &user(as_user)?,
-                "m.room.message",
-                &content,
-                &txn,
-            )
-            .await?)
+        self.send_maybe_encrypted(room_id, as_user, "m.room.message", content, &txn)
+            .await
     }
 
     async fn joined_members(
@@ -184,16 +180,8 @@ impl MatrixConnector for MatrixSide {
         content: serde_json::Value,
         txn_id: &str,
     ) -> Result<String, BridgeError> {
-        Ok(self
-            .client
-            .send_message(
-                &room(room_id)?,
-                &user(as_user)?,
-                event_type,
-                &content,
-                txn_id,
-            )
-            .await?)
+        self.send_maybe_encrypted(room_id, as_user, event_type, content, txn_id)
+            .await
     }
 
     async fn send_state(
@@ -263,5 +251,105 @@ impl MatrixConnector for MatrixSide {
 
     async fn download(&self, mxc: &str) -> Result<(Vec<u8>, Option<String>), BridgeError> {
         Ok(self.client.download(mxc, self.max_media_bytes).await?)
+    }
+
+    async fn upload_for_room(
+        &self,
+        room_id: &str,
+        as_user: &str,
+        data: Vec<u8>,
+        mimetype: &str,
+        filename: &str,
+    ) -> Result<serde_json::Value, BridgeError> {
+        if self.is_encrypted(room_id).await {
+            let (ciphertext, file) = Crypto::encrypt_attachment(&data)
+                .map_err(|e| BridgeError::Matrix(e.to_string()))?;
+            let mxc = self
+                .client
+                .upload(
+                    &user(as_user)?,
+                    ciphertext,
+                    "application/octet-stream",
+                    None,
+                )
+                .await?;
+            Ok(json!({ "file": crypto::file_with_url(file, mxc.as_str()) }))
+        } else {
+            let mxc = self
+                .client
+                .upload(&user(as_user)?, data, mimetype, Some(filename))
+                .await?;
+            Ok(json!({ "url": mxc.to_string() }))
+        }
+    }
+
+    async fn download_content(
+        &self,
+        content: &serde_json::Value,
+    ) -> Result<(Vec<u8>, Option<String>), BridgeError> {
+        if let Some(file) = content.get("file").filter(|f| f.is_object()) {
+            let url = file["url"]
+                .as_str()
+                .ok_or_else(|| BridgeError::Matrix("encrypted file without url".into()))?;
+            let (ciphertext, _) = self.client.download(url, self.max_media_bytes).await?;
+            let plain = Crypto::decrypt_attachment(&ciphertext, file)
+                .map_err(|e| BridgeError::Matrix(e.to_string()))?;
+            return Ok((plain, None));
+        }
+        let url = content["url"]
+            .as_str()
+            .ok_or_else(|| BridgeError::Matrix("the attachment has no url".into()))?;
+        Ok(self.client.download(url, self.max_media_bytes).await?)
+    }
+
+    async fn is_encrypted(&self, room_id: &str) -> bool {
+        match self.crypto.get() {
+            Some(c) => c.is_encrypted(room_id).await,
+            None => false,
+        }
+    }
+
+    async fn mark_encrypted(&self, room_id: &str) {
+        if let Some(c) = self.crypto.get() {
+            c.mark_encrypted(room_id).await;
+        }
+    }
+}
+
+impl MatrixSide {
+    /// Sends a message event, encrypted with the bot's device when the room is encrypted.
+    async fn send_maybe_encrypted(
+        &self,
+        room_id: &str,
+        as_user: &str,
+        event_type: &str,
+        content: serde_json::Value,
+        txn_id: &str,
+    ) -> Result<String, BridgeError> {
+        let (event_type, content) = match self.crypto.get() {
+            Some(c) if c.is_encrypted(room_id).await => {
+                let enc = c
+                    .encrypt(room_id, event_type, &content)
+                    .await
+                    .map_err(|e| BridgeError::Matrix(e.to_string()))?;
+                ("m.room.encrypted", enc)
+            }
+            _ => (event_type, content),
+        };
+        Ok(self
+            .client
+            .send_message(
+                &room(room_id)?,
+                &user(as_user)?,
+                event_type,
+                &content,
+                txn_id,
+            )
+            .await?)
+    }
+
+    /// Turns on encryption for everything sent from now on.
+    pub fn set_crypto(&self, crypto: Arc<Crypto>) {
+        let _ = self.crypto.set(crypto);
     }
 }

@@ -498,6 +498,25 @@ impl BridgeSetup {
         gateway: &str,
         gateway_key: &str,
     ) -> Self {
+        Self::write_full(
+            dir,
+            hs_url_placeholder_port,
+            permissions,
+            gateway,
+            gateway_key,
+            "",
+        )
+    }
+
+    /// As [`write_with_gateway`](Self::write_with_gateway), with more top-level sections appended.
+    pub fn write_full(
+        dir: &Path,
+        hs_url_placeholder_port: u16,
+        permissions: &[(&str, &str)],
+        gateway: &str,
+        gateway_key: &str,
+        extra_sections: &str,
+    ) -> Self {
         let port = free_port();
         let metrics_port = free_port();
         let perms: String = permissions
@@ -512,7 +531,7 @@ impl BridgeSetup {
              bridge:\n    permissions:\n{perms}\
              interop:\n    gateway_address: {gateway}\n    gateway_public_key: \"{gateway_key}\"\n\
              metrics:\n    listen: 127.0.0.1:{metrics_port}\n\
-             logging:\n    level: debug\n",
+             logging:\n    level: debug\n{extra_sections}",
             db = dir.join("bridge.db").display(),
         );
         std::fs::write(&config, text).expect("write config");

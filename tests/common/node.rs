@@ -30,8 +30,13 @@ impl NodeContact {
                 .exists(),
             "tests/peers/node_modules is missing: run scripts/test.sh (it runs npm ci)"
         );
-        let mut child = Command::new("node")
-            .arg(peers.join("contact.js"))
+        Self::spawn_program("node", &[&peers.join("contact.js").to_string_lossy()])
+    }
+
+    /// Any JSON-lines agent (the E2EE Matrix client is a Python one).
+    pub fn spawn_program(program: &str, args: &[&str]) -> Self {
+        let mut child = Command::new(program)
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -79,10 +84,12 @@ impl NodeContact {
                 .lines
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
                 .unwrap_or_else(|_| panic!("node did not answer {cmd}"));
+            // Replies carry our `req` (and may have an `event` field of their own).
+            if v["req"] == json!(req) {
+                return v;
+            }
             if v.get("event").is_some() {
                 self.backlog.push(v);
-            } else if v["req"] == json!(req) {
-                return v;
             }
         }
     }

@@ -1,0 +1,215 @@
+//! End to end with encryption: a real Synapse with the appservice crypto extensions, a real E2EE
+//! Matrix client (matrix-nio), the bridge, the gateway and a contact on the official libsignal.
+
+mod common;
+
+use base64::{Engine, engine::general_purpose::STANDARD as B64};
+use common::{
+    BridgeSetup, Proc, Synapse,
+    interop::{CODE, TestGateway, random_account},
+    node::NodeContact,
+    venv,
+};
+use serde_json::{Value, json};
+
+const BOT: &str = "@interopbot:localhost";
+
+// Fields drop in order: processes first, the directory with their logs last.
+struct Env {
+    bridge: Proc,
+    synapse: Synapse,
+    gw: TestGateway,
+    setup: BridgeSetup,
+    _tmp: tempfile::TempDir,
+}
+
+impl Env {
+    async fn start() -> Self {
+        let mut tmp = tempfile::tempdir().expect("tmp");
+        if std::env::var_os("MIB_KEEP_TEST_DIRS").is_some() {
+            tmp.disable_cleanup(true);
+            eprintln!("test files kept in {}", tmp.path().display());
+        }
+        let gw = TestGateway::start().await;
+        let setup = BridgeSetup::write_full(
+            tmp.path(),
+            8008,
+            &[("*", "relay"), ("localhost", "user")],
+            &gw.addr.address,
+            &B64.encode(&gw.addr.public_key),
+            "encryption:\n    allow: true\n    default: true\n    appservice: true\n    msc4190: true\n    self_sign: true\n",
+        );
+        let synapse = Synapse::start(&tmp.path().join("hs"), &setup.registration).await;
+        let cfg = std::fs::read_to_string(&setup.config).expect("config");
+        std::fs::write(
+            &setup.config,
+            cfg.replace("http://127.0.0.1:8008", &synapse.url),
+        )
+        .expect("config");
+        let bridge = setup.start().await;
+        Self {
+            bridge,
+            synapse,
+            gw,
+            setup,
+            _tmp: tmp,
+        }
+    }
+}
+
+/// A matrix-nio client logged in as `user` with its own device.
+fn nio(env: &Env, user: &str, device: &str) -> NodeContact {
+    let venv = venv();
+    let python = format!("{venv}/bin/python");
+    let script = common::repo().join("tests/peers/e2ee_client.py");
+    let script = script.to_string_lossy();
+    let mut args = vec![&*script];
+    if std::env::var_os("MIB_VERBOSE_AGENTS").is_some() {
+        args.push("--verbose");
+    }
+    let mut c = NodeContact::spawn_program(&python, &args);
+    env.synapse_user_exists(user);
+    c.call(json!({"cmd": "login", "homeserver": env.synapse.url, "user": user, "password": "test-password-1", "device_id": device}));
+    c
+}
+
+impl Env {
+    fn synapse_user_exists(&self, localpart: &str) {
+        let out = std::process::Command::new(common::repo().join("scripts/register-user.sh"))
+            .args([
+                &self.synapse.url,
+                &self.synapse.shared_secret,
+                localpart,
+                "test-password-1",
+            ])
+            .output()
+            .expect("register-user.sh");
+        assert!(
+            out.status.success(),
+            "register-user.sh: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+fn wait(c: &mut NodeContact, room: &str, sender: &str, body_contains: &str) -> Value {
+    let r = c.call(json!({"cmd": "wait_event", "room_id": room, "sender": sender, "body_contains": body_contains, "timeout": 40}));
+    r["event"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_dm_portal_end_to_end() {
+    let mut env = Env::start().await;
+    let mut alice = nio(&env, "alice", "ALICEPHONE");
+
+    // An encrypted DM with the bot: commands and answers are encrypted both ways.
+    let mgmt = alice
+        .call(json!({"cmd": "create_room", "invite": [BOT], "encrypted": true, "is_direct": true}))
+        ["room_id"]
+        .as_str()
+        .expect("room")
+        .to_owned();
+    let welcome = wait(&mut alice, &mgmt, BOT, "management room");
+    assert_eq!(
+        welcome["decrypted"], true,
+        "the bot's welcome is encrypted: {welcome}"
+    );
+    let account = random_account();
+    alice.call(json!({"cmd": "send_text", "room_id": mgmt, "body": format!("login {account}")}));
+    wait(&mut alice, &mgmt, BOT, "verification code was sent");
+    alice.call(json!({"cmd": "send_text", "room_id": mgmt, "body": CODE}));
+    wait(&mut alice, &mgmt, BOT, "Logged in as");
+
+    // The bridge's device is cross-signed by the bot's own identity.
+    let keys = alice.call(json!({"cmd": "keys_query", "user_id": BOT}));
+    let devices = keys["devices"].as_object().expect("devices");
+    assert!(!devices.is_empty(), "the bot has a device: {keys}");
+    assert!(
+        devices.values().any(|d| d["cross_signed"] == true),
+        "bot device cross-signed: {keys}"
+    );
+
+    // An encrypted DM portal (encryption.default).
+    let mut node = NodeContact::spawn();
+    node.setup(
+        env.gw.port,
+        &B64.encode(&env.gw.addr.public_key),
+        &random_account(),
+        CODE,
+    );
+    let ghost = format!(
+        "@interop_{}:localhost",
+        node.account.trim_start_matches('+')
+    );
+    alice.call(json!({"cmd": "send_text", "room_id": mgmt, "body": format!("start-chat {}", node.account)}));
+    let link = wait(&mut alice, &mgmt, BOT, "Your chat with");
+    let room = link["content"]["body"]
+        .as_str()
+        .expect("body")
+        .rsplit("/#/")
+        .next()
+        .expect("room")
+        .to_owned();
+    alice.call(json!({"cmd": "join", "room_id": room}));
+    let members = alice.call(json!({"cmd": "members", "room_id": room}));
+    assert_eq!(
+        members["encrypted"], true,
+        "portal created encrypted: {members}"
+    );
+
+    // Text both ways.
+    let sent = alice.call(json!({"cmd": "send_text", "room_id": room, "body": "secret hello"}));
+    assert_eq!(sent["encrypted"], true);
+    node.event("decrypted text at the contact", |v| {
+        v["event"] == "message" && v["content"]["text"]["body"] == "secret hello"
+    });
+    node.call(json!({"cmd": "send", "to": account, "content": "secret reply"}));
+    let reply = wait(&mut alice, &room, &ghost, "secret reply");
+    assert_eq!(reply["decrypted"], true, "{reply}");
+
+    // Images both ways (encrypted attachments, hashes checked).
+    let png: Vec<u8> = (0..3000u32).map(|i| (i * 7 % 256) as u8).collect();
+    alice.call(json!({"cmd": "send_image", "room_id": room, "bytes_b64": B64.encode(&png), "mimetype": "image/png", "filename": "p.png"}));
+    let m = node.event("image at the contact", |v| {
+        v["event"] == "message" && v["content"]["media"].is_object()
+    });
+    let d = node.call(json!({"cmd": "download_media", "media": m["content"]["media"]}));
+    assert_eq!(
+        B64.decode(d["bytes_b64"].as_str().expect("b64"))
+            .expect("b64"),
+        png
+    );
+    let jpg = b"\xff\xd8\xff\xe0 contact picture".to_vec();
+    let up = node.call(json!({"cmd": "upload_media", "bytes_b64": B64.encode(&jpg), "mimetype": "image/jpeg", "type": "IMAGE"}));
+    node.call(json!({"cmd": "send", "to": account, "content": {"media": up["media"]}}));
+    let img = alice.call(json!({"cmd": "wait_event", "room_id": room, "sender": ghost, "msgtype": "m.image", "timeout": 40}))["event"].clone();
+    assert!(
+        img["content"]["file"].is_object(),
+        "encrypted attachment: {img}"
+    );
+    let got = alice.call(json!({"cmd": "download", "content": img["content"]}));
+    assert_eq!(
+        B64.decode(got["bytes_b64"].as_str().expect("b64"))
+            .expect("b64"),
+        jpg
+    );
+
+    // A new device of the user, added mid-conversation, reads new messages.
+    let mut tablet = nio(&env, "alice", "ALICETABLET");
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    node.call(json!({"cmd": "send", "to": account, "content": "for all your devices"}));
+    let ev = wait(&mut tablet, &room, &ghost, "for all your devices");
+    assert_eq!(ev["decrypted"], true, "{ev}");
+
+    // A bridge restart loses no keys: both directions still work afterwards.
+    env.bridge.stop();
+    env.bridge = env.setup.start().await;
+    alice.call(json!({"cmd": "send_text", "room_id": room, "body": "after restart"}));
+    node.event("text after restart", |v| {
+        v["event"] == "message" && v["content"]["text"]["body"] == "after restart"
+    });
+    node.call(json!({"cmd": "send", "to": account, "content": "reply after restart"}));
+    let ev = wait(&mut alice, &room, &ghost, "reply after restart");
+    assert_eq!(ev["decrypted"], true, "{ev}");
+    drop(tablet);
+}
