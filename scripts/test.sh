@@ -54,5 +54,10 @@ if [[ -f $peers/selftest.js ]]; then
     node "$peers/selftest.js" || status=1
 fi
 
+if [[ -f $peers/e2ee_selftest.py ]]; then
+    say "$peers/e2ee_selftest.py (matrix-nio against Synapse)"
+    "$MIB_SYNAPSE_VENV/bin/python" "$peers/e2ee_selftest.py" || status=1
+fi
+
 if ((status == 0)); then say "all tests passed"; else say "SOME TESTS FAILED"; fi
 exit "$status"
