@@ -30,7 +30,9 @@ fn main() {
         let room: OwnedRoomId = "!room:bench".try_into().expect("room");
         let olm = OlmMachine::new(&user, &device).await;
         let none: Vec<&ruma::UserId> = Vec::new();
-        olm.share_room_key(&room, none.into_iter(), EncryptionSettings::default()).await.expect("share");
+        // One session for the whole run (the bridge rotates after 100 messages, as clients do).
+        let settings = EncryptionSettings { rotation_period_msgs: (n as u64) + 10, ..Default::default() };
+        olm.share_room_key(&room, none.into_iter(), settings).await.expect("share");
         let body = "x".repeat(200);
         let content = Raw::new(&json!({"msgtype": "m.text", "body": body})).expect("raw").cast_unchecked();
         let mut enc = Vec::with_capacity(n);
