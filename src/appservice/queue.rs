@@ -12,7 +12,7 @@ use crate::{
     bridge::MatrixEventHandler,
     matrix::crypto::{Crypto, CryptoChanges, CryptoError},
     metrics::Metrics,
-    store::TxnStore,
+    store::{StoredEvent, TxnStore},
     vault::SecretKey,
 };
 
@@ -68,53 +68,82 @@ impl QueueWorker {
         if batch.is_empty() {
             return Ok(false);
         }
+        // Events without a room (crypto changes) first, in order. Then one lane per room: each
+        // room's events in order, different rooms concurrently, so a slow chat does not hold up
+        // the others.
+        let mut roomless = Vec::new();
+        let mut lanes: Vec<(String, Vec<StoredEvent>)> = Vec::new();
         for ev in batch {
-            let item: Option<QueueItem> = self
-                .key
-                .open(QUEUE_AD, &ev.sealed)
-                .ok()
-                .and_then(|plain| serde_json::from_slice(&plain).ok());
-            let Some(item) = item else {
-                tracing::error!(
-                    seq = ev.seq,
-                    "dropping a queued event that cannot be opened"
-                );
-                self.remove(ev.seq).await?;
-                continue;
-            };
-            let result = match item.kind.as_str() {
-                "pdu" => self.pdu(item.event).await,
-                "ephemeral" => self.handler.handle_ephemeral(&item.event).await,
-                "crypto" => {
-                    if let (Some(crypto), Ok(changes)) = (
-                        &self.crypto,
-                        serde_json::from_value::<CryptoChanges>(item.event),
-                    ) && let Err(e) = crypto.receive(&changes).await
-                    {
-                        tracing::warn!(error = %e, "cannot process crypto changes");
-                    }
-                    Ok(())
-                }
-                _ => Ok(()),
-            };
-            match result {
-                Ok(()) => self.remove(ev.seq).await?,
-                Err(e) if e.is_retryable() && ev.attempts + 1 < MAX_ATTEMPTS => {
-                    tracing::warn!(seq = ev.seq, attempt = ev.attempts + 1, error = %e, "event handling failed, will retry");
-                    self.metrics.errors.inc();
-                    if let Err(e) = self.store.count_attempt(ev.seq).await {
-                        tracing::error!(error = %e, "cannot count attempt");
-                    }
-                    return Err(());
-                }
-                Err(e) => {
-                    tracing::error!(seq = ev.seq, error = %e, "giving up on an event");
-                    self.metrics.errors.inc();
-                    self.remove(ev.seq).await?;
-                }
+            match ev.room_id.clone() {
+                None => roomless.push(ev),
+                Some(room) => match lanes.iter_mut().find(|(r, _)| *r == room) {
+                    Some((_, evs)) => evs.push(ev),
+                    None => lanes.push((room, vec![ev])),
+                },
             }
         }
+        for ev in roomless {
+            self.handle_one(ev).await?;
+        }
+        let results = futures::future::join_all(lanes.into_iter().map(|(_, evs)| async move {
+            for ev in evs {
+                // A failed event keeps its room's later events waiting, to keep their order.
+                self.handle_one(ev).await?;
+            }
+            Ok::<(), ()>(())
+        }))
+        .await;
+        if results.iter().any(Result::is_err) {
+            return Err(());
+        }
         Ok(true)
+    }
+
+    /// Handles one queued event; `Err` means it stays queued and is retried later.
+    async fn handle_one(&self, ev: StoredEvent) -> Result<(), ()> {
+        let item: Option<QueueItem> = self
+            .key
+            .open(QUEUE_AD, &ev.sealed)
+            .ok()
+            .and_then(|plain| serde_json::from_slice(&plain).ok());
+        let Some(item) = item else {
+            tracing::error!(
+                seq = ev.seq,
+                "dropping a queued event that cannot be opened"
+            );
+            return self.remove(ev.seq).await;
+        };
+        let result = match item.kind.as_str() {
+            "pdu" => self.pdu(item.event).await,
+            "ephemeral" => self.handler.handle_ephemeral(&item.event).await,
+            "crypto" => {
+                if let (Some(crypto), Ok(changes)) = (
+                    &self.crypto,
+                    serde_json::from_value::<CryptoChanges>(item.event),
+                ) && let Err(e) = crypto.receive(&changes).await
+                {
+                    tracing::warn!(error = %e, "cannot process crypto changes");
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        };
+        match result {
+            Ok(()) => self.remove(ev.seq).await,
+            Err(e) if e.is_retryable() && ev.attempts + 1 < MAX_ATTEMPTS => {
+                tracing::warn!(seq = ev.seq, attempt = ev.attempts + 1, error = %e, "event handling failed, will retry");
+                self.metrics.errors.inc();
+                if let Err(e) = self.store.count_attempt(ev.seq).await {
+                    tracing::error!(error = %e, "cannot count attempt");
+                }
+                Err(())
+            }
+            Err(e) => {
+                tracing::error!(seq = ev.seq, error = %e, "giving up on an event");
+                self.metrics.errors.inc();
+                self.remove(ev.seq).await
+            }
+        }
     }
 
     /// A timeline event: encryption state is noted, encrypted events are decrypted first.
