@@ -22,6 +22,10 @@
 //! - paced: half the measured max rate for `--paced-secs` seconds (at most K messages), for the
 //!   p50/p99 latency of a bridge under load but not saturated.
 //!
+//! Then a reference run: the contacts send K messages to each other in pairs, through the same
+//! gateway and client but without the bridge: the ceiling of everything except the bridge on this
+//! machine, to compare the bridge's rows with.
+//!
 //! Latency is end to end: Matrix→interop from the start of the transaction PUT to the contact's
 //! client handing out the decrypted message; interop→Matrix from the contact's `send` call to the
 //! stand-in homeserver receiving the ghost's `PUT .../send/m.room.message`. Both include the
@@ -30,7 +34,9 @@
 //! bridge's own CPU time per message is printed too.
 //!
 //! Flags: `--users M` (default 20), `--contacts N` (default M), `--messages K` per direction
-//! (default 5000), `--paced-secs S` (default 15), `--quick` (4 users, 200 messages, 3 s paced).
+//! (default 5000), `--paced-secs S` (default 15), `--quick` (4 users, 200 messages, 3 s paced),
+//! `--postgres URI` (the bridge's database in Postgres instead of SQLite; give an empty database
+//! of its own, which the bridge migrates and the bench leaves as it is afterwards).
 //! Running against a real Synapse is not part of this binary (the e2e harness covers Synapse).
 
 // A bench binary's report is its standard output.
@@ -93,6 +99,8 @@ struct Opts {
     messages: usize,
     paced_secs: f64,
     quick: bool,
+    /// The bridge's database: `None` for SQLite in the temporary directory, or a Postgres URI.
+    postgres: Option<String>,
 }
 
 fn parse_opts() -> Opts {
@@ -105,6 +113,7 @@ fn parse_opts() -> Opts {
             messages: 200,
             paced_secs: 3.0,
             quick,
+            postgres: None,
         }
     } else {
         Opts {
@@ -113,6 +122,7 @@ fn parse_opts() -> Opts {
             messages: 5000,
             paced_secs: 15.0,
             quick,
+            postgres: None,
         }
     };
     let mut it = args.iter();
@@ -128,6 +138,10 @@ fn parse_opts() -> Opts {
             "--contacts" => o.contacts = num("--contacts") as usize,
             "--messages" => o.messages = num("--messages") as usize,
             "--paced-secs" => o.paced_secs = num("--paced-secs"),
+            "--postgres" => {
+                let uri = it.next().filter(|u| u.starts_with("postgres"));
+                o.postgres = Some(uri.expect("--postgres needs a postgres:// URI").clone());
+            }
             "--synapse" => panic!(
                 "--synapse is not supported by this binary: it measures the bridge against a stand-in homeserver"
             ),
@@ -472,8 +486,20 @@ struct BridgeEndpoints {
     metrics: String,
 }
 
-fn write_config(dir: &Path, hs_port: u16, gw: &GatewayAddr) -> (PathBuf, BridgeEndpoints) {
+fn write_config(
+    dir: &Path,
+    hs_port: u16,
+    gw: &GatewayAddr,
+    postgres: Option<&str>,
+) -> (PathBuf, BridgeEndpoints) {
     use base64::Engine;
+    let database = match postgres {
+        Some(uri) => format!("database:\n    type: postgres\n    uri: \"{uri}\"\n"),
+        None => format!(
+            "database:\n    type: sqlite\n    uri: sqlite://{}\n",
+            dir.join("bridge.db").display()
+        ),
+    };
     let port = free_port();
     let metrics_port = free_port();
     let key = base64::engine::general_purpose::STANDARD.encode(&gw.public_key);
@@ -481,13 +507,12 @@ fn write_config(dir: &Path, hs_port: u16, gw: &GatewayAddr) -> (PathBuf, BridgeE
         "homeserver:\n    address: http://127.0.0.1:{hs_port}\n    domain: {DOMAIN}\n\
          appservice:\n    address: http://127.0.0.1:{port}\n    hostname: 127.0.0.1\n    port: {port}\n    id: bench\n\
          \x20   as_token: {AS_TOKEN}\n    hs_token: {HS_TOKEN}\n\
-         database:\n    type: sqlite\n    uri: sqlite://{db}\n\
+         {database}\
          bridge:\n    permissions:\n        \"*\": user\n\
          interop:\n    gateway_address: {gw_addr}\n    gateway_public_key: \"{key}\"\n\
          provisioning:\n    enabled: true\n    prefix: /_matrix/provision\n    shared_secret: {PROV_SECRET}\n\
          metrics:\n    enabled: true\n    listen: 127.0.0.1:{metrics_port}\n\
          logging:\n    level: warn\n",
-        db = dir.join("bridge.db").display(),
         gw_addr = gw.address,
     );
     let path = dir.join("config.yaml");
@@ -742,13 +767,28 @@ impl World {
     }
 
     /// One interop message from the contact of `seq`'s user to that user.
-    async fn contact_send(self: Arc<Self>, track: Arc<Track>, run: usize, seq: usize) {
-        let u = seq % self.users.len();
-        let c = &self.contacts[self.contact_of(u)];
+    /// Who sends `seq` in an interop-side run (a contact index), and to which account: the
+    /// contact of the seq's user, to that user; in the reference run, a contact to its partner.
+    fn interop_send(&self, dir: Dir, seq: usize) -> (usize, String) {
+        if dir == Dir::Reference {
+            let n = self.contacts.len();
+            let c = seq % n;
+            let partner = if c ^ 1 < n { c ^ 1 } else { c - 1 };
+            (c, self.contacts[partner].account.clone())
+        } else {
+            let u = seq % self.users.len();
+            (self.contact_of(u), self.user_accounts[u].clone())
+        }
+    }
+
+    /// One interop message from a contact (see [`World::interop_send`]).
+    async fn contact_send(self: Arc<Self>, track: Arc<Track>, dir: Dir, run: usize, seq: usize) {
+        let (sender, to) = self.interop_send(dir, seq);
+        let c = &self.contacts[sender];
         self.reg.mark_sent(&track, seq);
         c.handle
             .send(
-                Target::Account(self.user_accounts[u].clone()),
+                Target::Account(to),
                 uuid::Uuid::new_v4().to_string(),
                 text(Registry::body(run, seq)),
             )
@@ -793,6 +833,9 @@ async fn wait_done(track: &Track, bridge: &mut BridgeProc) {
 enum Dir {
     MatrixToInterop,
     InteropToMatrix,
+    /// Contacts to contacts through the gateway, without the bridge: the ceiling of everything
+    /// but the bridge on this machine.
+    Reference,
 }
 
 impl Dir {
@@ -800,6 +843,7 @@ impl Dir {
         match self {
             Dir::MatrixToInterop => "Matrix → interop",
             Dir::InteropToMatrix => "interop → Matrix",
+            Dir::Reference => "interop → interop",
         }
     }
 }
@@ -889,18 +933,18 @@ async fn run(
                 }
             }
         }
-        (Dir::InteropToMatrix, None) => {
-            // Each contact sends its share (the seqs of its users), SEND_INFLIGHT at a time.
+        (Dir::InteropToMatrix | Dir::Reference, None) => {
+            // Each contact sends its share, SEND_INFLIGHT at a time.
             let mut shares: Vec<Vec<usize>> = vec![Vec::new(); world.contacts.len()];
             for seq in 0..n {
-                shares[world.contact_of(seq % world.users.len())].push(seq);
+                shares[world.interop_send(dir, seq).0].push(seq);
             }
             for share in shares {
                 let (w, t) = (world.clone(), track.clone());
                 tasks.spawn(async move {
                     let mut inflight = JoinSet::new();
                     for seq in share {
-                        inflight.spawn(w.clone().contact_send(t.clone(), run, seq));
+                        inflight.spawn(w.clone().contact_send(t.clone(), dir, run, seq));
                         if inflight.len() >= SEND_INFLIGHT
                             && let Some(r) = inflight.join_next().await
                         {
@@ -929,9 +973,14 @@ async fn run(
                                 tasks.spawn(world.clone().push(track.clone(), run, chunk.to_vec()));
                             }
                         }
-                        Dir::InteropToMatrix => {
+                        Dir::InteropToMatrix | Dir::Reference => {
                             for seq in next..due {
-                                tasks.spawn(world.clone().contact_send(track.clone(), run, seq));
+                                tasks.spawn(world.clone().contact_send(
+                                    track.clone(),
+                                    dir,
+                                    run,
+                                    seq,
+                                ));
                             }
                         }
                     }
@@ -984,7 +1033,7 @@ async fn bench(opts: Opts) {
     tokio::spawn(gw.serve(gl, gw_rx));
 
     let (hs, hs_port) = start_homeserver(reg.clone()).await;
-    let (config, ends) = write_config(tmp.path(), hs_port, &gaddr);
+    let (config, ends) = write_config(tmp.path(), hs_port, &gaddr, opts.postgres.as_deref());
     let mut bridge = spawn_bridge(&config, tmp.path());
     let pid = bridge.pid().to_string();
     let http = reqwest::Client::builder()
@@ -1092,11 +1141,16 @@ async fn bench(opts: Opts) {
     let world = Arc::new(world);
 
     println!(
-        "bridge_load: {} Matrix users, {} interop contacts, {} messages per direction{} (bridge pid {pid})",
+        "bridge_load: {} Matrix users, {} interop contacts, {} messages per direction{}; bridge database {} (bridge pid {pid})",
         opts.users,
         opts.contacts,
         opts.messages,
-        if opts.quick { " (--quick)" } else { "" }
+        if opts.quick { " (--quick)" } else { "" },
+        if opts.postgres.is_some() {
+            "Postgres"
+        } else {
+            "SQLite"
+        }
     );
     println!(
         "set-up: bridge ready {:.1} s, contacts registered {:.1} s, logins {:.1} s, portals {:.1} s (cumulative)",
@@ -1169,9 +1223,40 @@ async fn bench(opts: Opts) {
     }
     let end = sample(&pid, ticks);
 
+    // Reference: the same client and gateway without the bridge (contacts in pairs).
+    if opts.contacts >= 2 {
+        let dir = Dir::Reference;
+        run(
+            &world,
+            &mut bridge,
+            dir,
+            "warm-up reference",
+            opts.contacts,
+            None,
+        )
+        .await;
+        let (b0, m0) = (sample(&pid, ticks), me());
+        let t = run(
+            &world,
+            &mut bridge,
+            dir,
+            "reference max",
+            opts.messages,
+            None,
+        )
+        .await;
+        results.push(summarize(
+            dir,
+            "max, no bridge".into(),
+            &t,
+            (b0, sample(&pid, ticks)),
+            (m0, me()),
+        ));
+    }
+
     println!();
     println!(
-        "{:<17} {:<13} {:>6} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>10} {:>9}",
+        "{:<17} {:<14} {:>6} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>10} {:>9}",
         "direction",
         "run",
         "msgs",
@@ -1185,12 +1270,12 @@ async fn bench(opts: Opts) {
         "bench"
     );
     println!(
-        "{:<17} {:<13} {:>6} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>10} {:>9}",
+        "{:<17} {:<14} {:>6} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>10} {:>9}",
         "", "", "", "", "", "", "", "", "CPU %", "CPU µs/msg", "CPU %"
     );
     for r in &results {
         println!(
-            "{:<17} {:<13} {:>6} {:>7.2} {:>8.0} {:>8.1} {:>8.1} {:>8.1} {:>9.0} {:>10.0} {:>9.0}{}",
+            "{:<17} {:<14} {:>6} {:>7.2} {:>8.0} {:>8.1} {:>8.1} {:>8.1} {:>9.0} {:>10.0} {:>9.0}{}",
             r.dir.label(),
             r.kind,
             r.n,

@@ -5,7 +5,10 @@
 
 use std::time::{Duration, Instant};
 
-use matrix_sdk_crypto::{DecryptionSettings, EncryptionSettings, OlmMachine, TrustRequirement, types::events::room::encrypted::EncryptedEvent};
+use matrix_sdk_crypto::{
+    DecryptionSettings, EncryptionSettings, OlmMachine, TrustRequirement,
+    types::events::room::encrypted::EncryptedEvent,
+};
 use ruma::{OwnedDeviceId, OwnedRoomId, OwnedUserId, serde::Raw};
 use serde_json::{Value, json};
 
@@ -22,8 +25,15 @@ fn report(name: &str, mut samples: Vec<Duration>) {
 }
 
 fn main() {
-    let n: usize = if std::env::args().any(|a| a == "--quick") { 500 } else { 5000 };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let n: usize = if std::env::args().any(|a| a == "--quick") {
+        500
+    } else {
+        5000
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     rt.block_on(async {
         let user: OwnedUserId = "@interopbot:bench".try_into().expect("user");
         let device: OwnedDeviceId = "BENCHDEVICE".into();
