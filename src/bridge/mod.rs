@@ -165,7 +165,8 @@ pub struct Bridge {
     pub(crate) settings: BridgeSettings,
     pub(crate) commands: commands::CommandState,
     pub(crate) ghosts_seen: Mutex<HashSet<String>>,
-    pub(crate) portal_lock: Mutex<()>,
+    /// One lock per (receiver, chat) while its portal room is created.
+    pub(crate) portal_locks: Mutex<HashMap<(String, String), Arc<Mutex<()>>>>,
     pub(crate) typing_state: Mutex<HashMap<String, bool>>,
     /// Rooms the bot leaves once it has answered there (after `delete-portal`).
     pub(crate) leave_after: Mutex<HashSet<String>>,
@@ -187,7 +188,7 @@ impl Bridge {
             settings,
             commands: commands::CommandState::default(),
             ghosts_seen: Mutex::new(HashSet::new()),
-            portal_lock: Mutex::new(()),
+            portal_locks: Mutex::new(HashMap::new()),
             typing_state: Mutex::new(HashMap::new()),
             leave_after: Mutex::new(HashSet::new()),
         }

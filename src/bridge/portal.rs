@@ -116,11 +116,25 @@ impl Bridge {
         chat: &NetTarget,
         group: Option<&GroupInfo>,
     ) -> Result<Portal, BridgeError> {
-        let _guard = self.portal_lock.lock().await;
         let (chat_id, kind) = match chat {
             NetTarget::Contact(a) => (a.clone(), PortalKind::Dm),
             NetTarget::Group(g) => (g.clone(), PortalKind::Group),
         };
+        // Fast path without any lock: the portal exists.
+        if let Some(p) = self.portals.portal(receiver, &chat_id).await?
+            && p.room_id.is_some()
+        {
+            return Ok(p);
+        }
+        // One creator per chat; other chats are not held up.
+        let lock = self
+            .portal_locks
+            .lock()
+            .await
+            .entry((receiver.to_owned(), chat_id.clone()))
+            .or_default()
+            .clone();
+        let _guard = lock.lock().await;
         if let Some(p) = self.portals.portal(receiver, &chat_id).await?
             && p.room_id.is_some()
         {

@@ -165,9 +165,6 @@ enum Command {
     ResetIdentity {
         reply: Reply<()>,
     },
-    Ack {
-        envelope_id: u64,
-    },
     SessionInfo {
         peer: String,
         reply: Reply<SessionInfo>,
@@ -188,6 +185,9 @@ pub struct SessionInfo {
 pub struct AccountHandle {
     pub account: String,
     cmd: mpsc::Sender<Command>,
+    /// Acks travel apart from commands, unbounded: the consumer acks while the actor may be
+    /// waiting to hand it the next event, and neither may block the other.
+    acks: mpsc::UnboundedSender<u64>,
 }
 
 macro_rules! ask {
@@ -256,7 +256,7 @@ impl AccountHandle {
     }
     /// Tells the account that an event was handled; the gateway may forget the envelope.
     pub async fn ack(&self, envelope_id: u64) {
-        let _ = self.cmd.send(Command::Ack { envelope_id }).await;
+        let _ = self.acks.send(envelope_id);
     }
     pub async fn stop(&self) {
         let _ = self.cmd.send(Command::Stop).await;
@@ -343,6 +343,7 @@ pub async fn spawn_account(
     let creds: Credentials = serde_json::from_slice(&raw)
         .map_err(|_| InteropError::Invalid("stored credentials are corrupt".into()))?;
     let (tx, rx) = mpsc::channel(256);
+    let (ack_tx, ack_rx) = mpsc::unbounded_channel();
     let account = creds.account.clone();
     let owner = owner.to_owned();
     rt.spawn(&owner.clone(), move || async move {
@@ -362,9 +363,13 @@ pub async fn spawn_account(
             groups: HashMap::new(),
             recent: std::collections::VecDeque::new(),
         };
-        actor.run(rx).await;
+        actor.run(rx, ack_rx).await;
     });
-    Ok(AccountHandle { account, cmd: tx })
+    Ok(AccountHandle {
+        account,
+        cmd: tx,
+        acks: ack_tx,
+    })
 }
 
 struct Actor {
@@ -391,7 +396,11 @@ fn crypto(e: SignalProtocolError) -> InteropError {
 }
 
 impl Actor {
-    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Command>,
+        mut acks: mpsc::UnboundedReceiver<u64>,
+    ) {
         let mut backoff = Duration::from_millis(250);
         loop {
             if self.conn.is_none() {
@@ -429,8 +438,16 @@ impl Actor {
             }
             let connected = self.conn.is_some();
             tokio::select! {
+                // Acks first: they free the gateway's queue and must not be lost at a stop.
+                biased;
+                Some(envelope_id) = acks.recv() => self.ack(envelope_id).await,
                 cmd = rx.recv() => match cmd {
-                    None | Some(Command::Stop) => return,
+                    None | Some(Command::Stop) => {
+                        while let Ok(envelope_id) = acks.try_recv() {
+                            self.ack(envelope_id).await;
+                        }
+                        return;
+                    }
                     Some(cmd) => self.command(cmd).await,
                 },
                 push = async { match self.conn.as_mut() { Some((_, p)) => p.recv().await, None => std::future::pending().await } }, if connected => {
@@ -612,7 +629,6 @@ impl Actor {
                 .await;
                 let _ = reply.send(r);
             }
-            Command::Ack { envelope_id } => self.ack(envelope_id).await,
             Command::SessionInfo { peer, reply } => {
                 use libsignal_protocol::SessionStore;
                 let r = self
