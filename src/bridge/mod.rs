@@ -157,6 +157,9 @@ pub struct BridgeSettings {
     pub encryption_require: bool,
 }
 
+/// Held while one chat's portal room is created.
+pub(crate) type ChatLock = Arc<Mutex<()>>;
+
 pub struct Bridge {
     pub(crate) matrix: Arc<dyn MatrixConnector>,
     pub(crate) users: Arc<dyn UserStore>,
@@ -166,7 +169,7 @@ pub struct Bridge {
     pub(crate) commands: commands::CommandState,
     pub(crate) ghosts_seen: Mutex<HashSet<String>>,
     /// One lock per (receiver, chat) while its portal room is created.
-    pub(crate) portal_locks: Mutex<HashMap<(String, String), Arc<Mutex<()>>>>,
+    pub(crate) portal_locks: Mutex<HashMap<(String, String), ChatLock>>,
     pub(crate) typing_state: Mutex<HashMap<String, bool>>,
     /// Rooms the bot leaves once it has answered there (after `delete-portal`).
     pub(crate) leave_after: Mutex<HashSet<String>>,
