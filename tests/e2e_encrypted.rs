@@ -5,8 +5,8 @@ mod common;
 
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use common::{
-    BridgeSetup, Proc, Synapse,
-    interop::{CODE, TestGateway, random_account},
+    env::BridgeEnv,
+    interop::{CODE, random_account},
     node::NodeContact,
     venv,
 };
@@ -14,51 +14,8 @@ use serde_json::{Value, json};
 
 const BOT: &str = "@interopbot:localhost";
 
-// Fields drop in order: processes first, the directory with their logs last.
-struct Env {
-    bridge: Proc,
-    synapse: Synapse,
-    gw: TestGateway,
-    setup: BridgeSetup,
-    _tmp: tempfile::TempDir,
-}
-
-impl Env {
-    async fn start() -> Self {
-        let mut tmp = tempfile::tempdir().expect("tmp");
-        if std::env::var_os("MIB_KEEP_TEST_DIRS").is_some() {
-            tmp.disable_cleanup(true);
-            eprintln!("test files kept in {}", tmp.path().display());
-        }
-        let gw = TestGateway::start().await;
-        let setup = BridgeSetup::write_full(
-            tmp.path(),
-            8008,
-            &[("*", "relay"), ("localhost", "user")],
-            &gw.addr.address,
-            &B64.encode(&gw.addr.public_key),
-            "encryption:\n    allow: true\n    default: true\n    appservice: true\n    msc4190: true\n    self_sign: true\n",
-        );
-        let synapse = Synapse::start(&tmp.path().join("hs"), &setup.registration).await;
-        let cfg = std::fs::read_to_string(&setup.config).expect("config");
-        std::fs::write(
-            &setup.config,
-            cfg.replace("http://127.0.0.1:8008", &synapse.url),
-        )
-        .expect("config");
-        let bridge = setup.start().await;
-        Self {
-            bridge,
-            synapse,
-            gw,
-            setup,
-            _tmp: tmp,
-        }
-    }
-}
-
 /// A matrix-nio client logged in as `user` with its own device.
-fn nio(env: &Env, user: &str, device: &str) -> NodeContact {
+fn nio(env: &BridgeEnv, user: &str, device: &str) -> NodeContact {
     let venv = venv();
     let python = format!("{venv}/bin/python");
     let script = common::repo().join("tests/peers/e2ee_client.py");
@@ -68,28 +25,9 @@ fn nio(env: &Env, user: &str, device: &str) -> NodeContact {
         args.push("--verbose");
     }
     let mut c = NodeContact::spawn_program(&python, &args);
-    env.synapse_user_exists(user);
+    env.synapse.register(user);
     c.call(json!({"cmd": "login", "homeserver": env.synapse.url, "user": user, "password": "test-password-1", "device_id": device}));
     c
-}
-
-impl Env {
-    fn synapse_user_exists(&self, localpart: &str) {
-        let out = std::process::Command::new(common::repo().join("scripts/register-user.sh"))
-            .args([
-                &self.synapse.url,
-                &self.synapse.shared_secret,
-                localpart,
-                "test-password-1",
-            ])
-            .output()
-            .expect("register-user.sh");
-        assert!(
-            out.status.success(),
-            "register-user.sh: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
 }
 
 fn wait(c: &mut NodeContact, room: &str, sender: &str, body_contains: &str) -> Value {
@@ -99,7 +37,10 @@ fn wait(c: &mut NodeContact, room: &str, sender: &str, body_contains: &str) -> V
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn encrypted_dm_portal_end_to_end() {
-    let mut env = Env::start().await;
+    let mut env = BridgeEnv::start(
+        "encryption:\n    allow: true\n    default: true\n    appservice: true\n    msc4190: true\n    self_sign: true\n",
+    )
+    .await;
     let mut alice = nio(&env, "alice", "ALICEPHONE");
 
     // An encrypted DM with the bot: commands and answers are encrypted both ways.
@@ -130,13 +71,7 @@ async fn encrypted_dm_portal_end_to_end() {
     );
 
     // An encrypted DM portal (encryption.default).
-    let mut node = NodeContact::spawn();
-    node.setup(
-        env.gw.port,
-        &B64.encode(&env.gw.addr.public_key),
-        &random_account(),
-        CODE,
-    );
+    let mut node = env.node();
     let ghost = format!(
         "@interop_{}:localhost",
         node.account.trim_start_matches('+')

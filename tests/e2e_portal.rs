@@ -7,66 +7,13 @@ use std::time::Duration;
 
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use common::{
-    BridgeSetup, MatrixUser, Proc, Synapse,
-    interop::{CODE, TestGateway, random_account},
-    node::NodeContact,
+    MatrixUser,
+    env::BridgeEnv,
+    interop::{CODE, random_account},
 };
 use serde_json::{Value, json};
 
 const BOT: &str = "@interopbot:localhost";
-
-// Fields drop in order: processes first, the directory with their logs last.
-struct Env {
-    bridge: Proc,
-    synapse: Synapse,
-    gw: TestGateway,
-    setup: BridgeSetup,
-    _tmp: tempfile::TempDir,
-}
-
-impl Env {
-    async fn start() -> Self {
-        let mut tmp = tempfile::tempdir().expect("tmp");
-        if std::env::var_os("MIB_KEEP_TEST_DIRS").is_some() {
-            tmp.disable_cleanup(true);
-            eprintln!("test files kept in {}", tmp.path().display());
-        }
-        let gw = TestGateway::start().await;
-        let setup = BridgeSetup::write_with_gateway(
-            tmp.path(),
-            8008,
-            &[("*", "relay"), ("localhost", "user")],
-            &gw.addr.address,
-            &B64.encode(&gw.addr.public_key),
-        );
-        let synapse = Synapse::start(&tmp.path().join("hs"), &setup.registration).await;
-        let cfg = std::fs::read_to_string(&setup.config).expect("config");
-        std::fs::write(
-            &setup.config,
-            cfg.replace("http://127.0.0.1:8008", &synapse.url),
-        )
-        .expect("config");
-        let bridge = setup.start().await;
-        Self {
-            bridge,
-            synapse,
-            gw,
-            setup,
-            _tmp: tmp,
-        }
-    }
-
-    fn node(&self) -> NodeContact {
-        let mut n = NodeContact::spawn();
-        n.setup(
-            self.gw.port,
-            &B64.encode(&self.gw.addr.public_key),
-            &random_account(),
-            CODE,
-        );
-        n
-    }
-}
 
 fn from_bot(needle: &str) -> impl Fn(&Value) -> bool + '_ {
     move |e| e["sender"] == BOT && e["content"]["body"].as_str().unwrap_or("").contains(needle)
@@ -108,7 +55,7 @@ fn by<'a>(sender: &'a str, pred: impl Fn(&Value) -> bool + 'a) -> impl Fn(&Value
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dm_messages_both_ways() {
-    let env = Env::start().await;
+    let env = BridgeEnv::start("").await;
     let alice = env.synapse.user("alice").await;
     let (mgmt, my_account) = login(&alice).await;
     let mut node = env.node();
@@ -373,7 +320,7 @@ async fn wait_ephemeral(user: &MatrixUser, room: &str, what: &str, pred: impl Fn
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn groups_both_ways() {
-    let env = Env::start().await;
+    let env = BridgeEnv::start("").await;
     let alice = env.synapse.user("alice").await;
     let (mgmt, my_account) = login(&alice).await;
     let mut n1 = env.node();
@@ -450,7 +397,7 @@ async fn groups_both_ways() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_loses_and_duplicates_nothing() {
-    let mut env = Env::start().await;
+    let mut env = BridgeEnv::start("").await;
     let alice = env.synapse.user("alice").await;
     let (mgmt, my_account) = login(&alice).await;
     let mut node = env.node();

@@ -5,38 +5,14 @@ mod common;
 
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use common::{
-    interop::{CODE, TestGateway, random_account, register_ours},
+    interop::{CODE, TestGateway, body_of, random_account, register_ours, text},
     node::NodeContact,
 };
 use matrix_interop_bridge::{
     interop::{Event, SignalRuntime, Target, account},
-    wire::content::{DataMessage, Text, data_message::Body as D},
+    wire::content::{DataMessage, data_message::Body as D},
 };
 use serde_json::json;
-
-fn text(s: &str) -> DataMessage {
-    DataMessage {
-        body: Some(D::Text(Text {
-            body: s.into(),
-            formats: vec![],
-        })),
-        reply_to: None,
-    }
-}
-
-fn body_of(e: &Event) -> Option<String> {
-    match e {
-        Event::Message {
-            data:
-                DataMessage {
-                    body: Some(D::Text(t)),
-                    ..
-                },
-            ..
-        } => Some(t.body.clone()),
-        _ => None,
-    }
-}
 
 fn node_text(v: &serde_json::Value) -> Option<&str> {
     (v["event"] == "message")

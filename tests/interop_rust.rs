@@ -3,38 +3,11 @@
 
 mod common;
 
-use common::interop::{TestGateway, random_account, register_ours};
+use common::interop::{TestGateway, body_of, random_account, register_ours, text};
 use matrix_interop_bridge::{
     interop::{Event, GatewayConn, SignalRuntime, Target},
-    wire::{
-        content::{DataMessage, Text, data_message::Body as D},
-        pb::{self, ErrorCode, stanza::Body},
-    },
+    wire::pb::{self, ErrorCode, stanza::Body},
 };
-
-fn text(s: &str) -> DataMessage {
-    DataMessage {
-        body: Some(D::Text(Text {
-            body: s.into(),
-            formats: vec![],
-        })),
-        reply_to: None,
-    }
-}
-
-fn body_of(e: &Event) -> Option<String> {
-    match e {
-        Event::Message {
-            data:
-                DataMessage {
-                    body: Some(D::Text(t)),
-                    ..
-                },
-            ..
-        } => Some(t.body.clone()),
-        _ => None,
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_both_ways_groups_and_media() {

@@ -252,29 +252,14 @@ async fn connection(
     stream: TcpStream,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), TransportError> {
-    let (mut reader, mut writer, _client_key) = tokio::time::timeout(
+    let (mut reader, writer, _client_key) = tokio::time::timeout(
         Duration::from_secs(10),
         noise::accept(stream, &shared.cfg.key),
     )
     .await
     .map_err(|_| TransportError::Protocol("handshake timed out"))??;
-    let (out_tx, mut out_rx) = mpsc::channel::<pb::Stanza>(1024);
-    let writer_task = tokio::spawn(async move {
-        while let Some(st) = out_rx.recv().await {
-            if writer.write_stanza(&st).await.is_err() {
-                return;
-            }
-            while let Ok(st) = out_rx.try_recv() {
-                if writer.write_stanza(&st).await.is_err() {
-                    return;
-                }
-            }
-            if writer.flush().await.is_err() {
-                return;
-            }
-        }
-        writer.shutdown().await;
-    });
+    let (out_tx, out_rx) = mpsc::channel::<pb::Stanza>(1024);
+    let writer_task = tokio::spawn(writer.pump(out_rx));
     let (kill_tx, mut kill_rx) = watch::channel(false);
     let mut conn = Conn {
         id: shared.next_conn.fetch_add(1, Ordering::Relaxed),

@@ -100,7 +100,7 @@ impl GatewayConn {
             .map_err(|_| err("connection timed out".into()))?
             .map_err(|e| err(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
-        let (mut reader, mut writer) = tokio::time::timeout(
+        let (mut reader, writer) = tokio::time::timeout(
             Duration::from_secs(10),
             noise::connect(tcp, &StaticKey::generate(), &addr.public_key),
         )
@@ -112,25 +112,10 @@ impl GatewayConn {
             }
             other => err(other.to_string()),
         })?;
-        let (out_tx, mut out_rx) = mpsc::channel::<pb::Stanza>(256);
+        let (out_tx, out_rx) = mpsc::channel::<pb::Stanza>(256);
         let (push_tx, push_rx) = mpsc::channel::<pb::Stanza>(1024);
         let pending: Pending = Arc::default();
-        tokio::spawn(async move {
-            while let Some(st) = out_rx.recv().await {
-                if writer.write_stanza(&st).await.is_err() {
-                    return;
-                }
-                while let Ok(st) = out_rx.try_recv() {
-                    if writer.write_stanza(&st).await.is_err() {
-                        return;
-                    }
-                }
-                if writer.flush().await.is_err() {
-                    return;
-                }
-            }
-            writer.shutdown().await;
-        });
+        tokio::spawn(writer.pump(out_rx));
         let p = pending.clone();
         tokio::spawn(async move {
             loop {

@@ -339,6 +339,25 @@ impl<W: AsyncWrite + Unpin> SecureWriter<W> {
     pub async fn shutdown(&mut self) {
         let _ = self.inner.shutdown().await;
     }
+
+    /// Writes every stanza that arrives on `rx`, flushing when the queue runs empty, until the
+    /// channel closes or the connection fails; then shuts the stream down.
+    pub async fn pump(mut self, mut rx: tokio::sync::mpsc::Receiver<Stanza>) {
+        while let Some(st) = rx.recv().await {
+            if self.write_stanza(&st).await.is_err() {
+                return;
+            }
+            while let Ok(st) = rx.try_recv() {
+                if self.write_stanza(&st).await.is_err() {
+                    return;
+                }
+            }
+            if self.flush().await.is_err() {
+                return;
+            }
+        }
+        self.shutdown().await;
+    }
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 
 use std::{sync::Arc, time::Duration};
 
+use matrix_interop_bridge::wire::content::{DataMessage, Text, data_message::Body as D};
 use matrix_interop_bridge::{
     gateway::{Gateway, GatewayConfig},
     interop::{AccountHandle, Event, GatewayAddr, GatewayConn, SignalRuntime, account},
@@ -133,5 +134,31 @@ impl Ours {
                 return ev;
             }
         }
+    }
+}
+
+/// A plain text message.
+pub fn text(s: &str) -> DataMessage {
+    DataMessage {
+        body: Some(D::Text(Text {
+            body: s.into(),
+            formats: vec![],
+        })),
+        reply_to: None,
+    }
+}
+
+/// The text of a message event, if it is one.
+pub fn body_of(e: &Event) -> Option<String> {
+    match e {
+        Event::Message {
+            data:
+                DataMessage {
+                    body: Some(D::Text(t)),
+                    ..
+                },
+            ..
+        } => Some(t.body.clone()),
+        _ => None,
     }
 }

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod env;
 pub mod interop;
 pub mod node;
 
@@ -165,8 +166,8 @@ impl Synapse {
         s
     }
 
-    /// Registers (or reuses) a user and logs in.
-    pub async fn user(&self, localpart: &str) -> MatrixUser {
+    /// Registers a user with the test password (an existing one is fine).
+    pub fn register(&self, localpart: &str) {
         let out = Command::new(repo().join("scripts/register-user.sh"))
             .args([&self.url, &self.shared_secret, localpart, "test-password-1"])
             .output()
@@ -176,6 +177,11 @@ impl Synapse {
             "register-user.sh: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    /// Registers (or reuses) a user and logs in.
+    pub async fn user(&self, localpart: &str) -> MatrixUser {
+        self.register(localpart);
         let http = reqwest::Client::new();
         let resp: Value = http
             .post(format!("{}/_matrix/client/v3/login", self.url))

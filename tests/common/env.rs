@@ -1,0 +1,67 @@
+//! A whole bridge setup for end-to-end tests: the reference gateway, a real Synapse with the
+//! bridge registered, and the bridge binary; contacts on the official libsignal on demand.
+
+use base64::{Engine, engine::general_purpose::STANDARD as B64};
+
+use super::{
+    BridgeSetup, Proc, Synapse,
+    interop::{CODE, TestGateway, random_account},
+    node::NodeContact,
+};
+
+// Fields drop in order: processes first, the directory with their logs last.
+pub struct BridgeEnv {
+    pub bridge: Proc,
+    pub synapse: Synapse,
+    pub gw: TestGateway,
+    pub setup: BridgeSetup,
+    _tmp: tempfile::TempDir,
+}
+
+impl BridgeEnv {
+    /// Starts everything; `extra_sections` is appended to the bridge config (e.g. `encryption:`).
+    /// With `MIB_KEEP_TEST_DIRS` set, the files (logs, databases) are kept for inspection.
+    pub async fn start(extra_sections: &str) -> Self {
+        let mut tmp = tempfile::tempdir().expect("tmp");
+        if std::env::var_os("MIB_KEEP_TEST_DIRS").is_some() {
+            tmp.disable_cleanup(true);
+            eprintln!("test files kept in {}", tmp.path().display());
+        }
+        let gw = TestGateway::start().await;
+        let setup = BridgeSetup::write_full(
+            tmp.path(),
+            8008,
+            &[("*", "relay"), ("localhost", "user")],
+            &gw.addr.address,
+            &B64.encode(&gw.addr.public_key),
+            extra_sections,
+        );
+        let synapse = Synapse::start(&tmp.path().join("hs"), &setup.registration).await;
+        let cfg = std::fs::read_to_string(&setup.config).expect("config");
+        std::fs::write(
+            &setup.config,
+            cfg.replace("http://127.0.0.1:8008", &synapse.url),
+        )
+        .expect("config");
+        let bridge = setup.start().await;
+        Self {
+            bridge,
+            synapse,
+            gw,
+            setup,
+            _tmp: tmp,
+        }
+    }
+
+    /// A new contact on the official libsignal, registered and with keys uploaded.
+    pub fn node(&self) -> NodeContact {
+        let mut n = NodeContact::spawn();
+        n.setup(
+            self.gw.port,
+            &B64.encode(&self.gw.addr.public_key),
+            &random_account(),
+            CODE,
+        );
+        n
+    }
+}
