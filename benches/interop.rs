@@ -7,23 +7,19 @@
 //! - sender-key group encrypt + decrypt through the vault-backed stores;
 //! - gateway relay: envelopes per second between two connected clients (store, push, ack).
 
-use std::{
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use libsignal_protocol::{
-    CiphertextMessage, DeviceId, GenericSignedPreKey, IdentityKeyStore, KeyPair, KyberPreKeyRecord,
-    KyberPreKeyStore, PreKeyBundle, PreKeyRecord, PreKeySignalMessage, PreKeyStore,
-    ProtocolAddress, SignalMessage, SignedPreKeyRecord, SignedPreKeyStore, Timestamp,
-    create_sender_key_distribution_message, group_decrypt, group_encrypt, kem, message_decrypt,
-    message_encrypt, process_prekey_bundle, process_sender_key_distribution_message,
+    create_sender_key_distribution_message, group_decrypt, group_encrypt, process_prekey_bundle,
+    process_sender_key_distribution_message,
 };
 use matrix_interop_bridge::{
     gateway::{Gateway, GatewayConfig},
     interop::GatewayConn,
-    store::{SqlStore, testing},
-    vault::{SecretKey, Vault, VaultStore, signal::SignalStore},
+    vault::{
+        SecretKey,
+        signal::testing::{addr, bundle_of, decrypt, encrypt, store},
+    },
     wire::{
         noise::StaticKey,
         pb::{self, stanza::Body},
@@ -44,108 +40,9 @@ fn report(name: &str, mut samples: Vec<Duration>) {
     );
 }
 
-fn addr(name: &str) -> ProtocolAddress {
-    ProtocolAddress::new(name.to_owned(), DeviceId::new(1).expect("device 1"))
-}
-
-async fn store(owner: &str) -> (SignalStore, SqlStore, tempfile::TempDir) {
-    let (sql, dir) = testing::sqlite().await;
-    let db: Arc<dyn VaultStore> = Arc::new(sql.clone());
-    let vault = Vault::open(SecretKey::random(), db.clone())
-        .await
-        .expect("vault");
-    (
-        SignalStore::open(owner, vault, db).await.expect("store"),
-        sql,
-        dir,
-    )
-}
-
-async fn bundle_of(s: &mut SignalStore) -> PreKeyBundle {
-    let mut rng = rand::rng();
-    let ikp = s.identity_key_pair();
-    let pk = KeyPair::generate(&mut rng);
-    let spk = KeyPair::generate(&mut rng);
-    let sig = ikp
-        .private_key()
-        .calculate_signature(&spk.public_key.serialize(), &mut rng)
-        .expect("sign");
-    s.prekeys
-        .save_pre_key(1u32.into(), &PreKeyRecord::new(1u32.into(), &pk))
-        .await
-        .expect("save");
-    s.signed
-        .save_signed_pre_key(
-            2u32.into(),
-            &SignedPreKeyRecord::new(2u32.into(), Timestamp::from_epoch_millis(0), &spk, &sig),
-        )
-        .await
-        .expect("save");
-    let k = KyberPreKeyRecord::generate(kem::KeyType::Kyber1024, 3u32.into(), ikp.private_key())
-        .expect("kyber");
-    s.kyber
-        .save_kyber_pre_key(3u32.into(), &k)
-        .await
-        .expect("save");
-    s.commit(vec![]).await.expect("commit");
-    PreKeyBundle::new(
-        s.identity.get_local_registration_id().await.expect("reg"),
-        DeviceId::new(1).expect("device"),
-        Some((1u32.into(), pk.public_key)),
-        2u32.into(),
-        spk.public_key,
-        sig.to_vec(),
-        3u32.into(),
-        k.public_key().expect("pk"),
-        k.signature().expect("sig"),
-        *ikp.identity_key(),
-    )
-    .expect("bundle")
-}
-
-async fn decrypt(s: &mut SignalStore, from: &ProtocolAddress, c: &CiphertextMessage) -> Vec<u8> {
-    let msg = match c {
-        CiphertextMessage::PreKeySignalMessage(_) => CiphertextMessage::PreKeySignalMessage(
-            PreKeySignalMessage::try_from(c.serialize()).expect("parse"),
-        ),
-        _ => {
-            CiphertextMessage::SignalMessage(SignalMessage::try_from(c.serialize()).expect("parse"))
-        }
-    };
-    let out = message_decrypt(
-        &msg,
-        from,
-        &mut s.sessions,
-        &mut s.identity,
-        &mut s.prekeys,
-        &s.signed,
-        &mut s.kyber,
-        &mut rand::rng(),
-    )
-    .await
-    .expect("decrypt");
-    s.commit(vec![]).await.expect("commit");
-    out
-}
-
-async fn encrypt(s: &mut SignalStore, to: &ProtocolAddress, pt: &[u8]) -> CiphertextMessage {
-    let c = message_encrypt(
-        pt,
-        to,
-        &mut s.sessions,
-        &mut s.identity,
-        std::time::SystemTime::now(),
-        &mut rand::rng(),
-    )
-    .await
-    .expect("encrypt");
-    s.commit(vec![]).await.expect("commit");
-    c
-}
-
 async fn bench_one_to_one(rounds: usize) {
-    let (mut a, _sa, _da) = store("@a:bench").await;
-    let (mut b, _sb, _db) = store("@b:bench").await;
+    let (mut a, _da) = store("@a:bench").await;
+    let (mut b, _db) = store("@b:bench").await;
     let (aa, ba) = (addr("+15550000001"), addr("+15550000002"));
     let bundle = bundle_of(&mut b).await;
     process_prekey_bundle(
@@ -183,8 +80,8 @@ async fn bench_one_to_one(rounds: usize) {
 }
 
 async fn bench_group(n: usize) {
-    let (mut a, _sa, _da) = store("@a:bench").await;
-    let (mut b, _sb, _db) = store("@b:bench").await;
+    let (mut a, _da) = store("@a:bench").await;
+    let (mut b, _db) = store("@b:bench").await;
     let aa = addr("+15550000001");
     let dist = uuid::Uuid::new_v4();
     let skdm =

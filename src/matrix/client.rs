@@ -443,6 +443,44 @@ impl HomeserverClient {
         Ok((resp.file, resp.content_type))
     }
 
+    /// A client-server request outside the ruma endpoints we use: JSON in, JSON out, with the
+    /// as_token and, for `user`, identity assertion. Any 2xx is success (an empty body is `null`).
+    async fn raw_json(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        user: Option<&UserId>,
+        body: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value, MatrixError> {
+        let mut req = self
+            .inner
+            .http
+            .request(method, format!("{}{path}", self.inner.base))
+            .bearer_auth(&self.inner.as_token);
+        if let Some(user) = user {
+            req = req.query(&[("user_id", user.as_str())]);
+        }
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| MatrixError::Network(e.to_string()))?;
+        let status = resp.status().as_u16();
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| MatrixError::Network(e.to_string()))?;
+        if !(200..300).contains(&status) {
+            return Err(api_error(status, &bytes));
+        }
+        if bytes.is_empty() {
+            return Ok(serde_json::Value::Null);
+        }
+        serde_json::from_slice(&bytes).map_err(|e| MatrixError::Response(e.to_string()))
+    }
+
     /// MSC4190: creates (or updates) a device of an appservice user.
     pub async fn create_device(
         &self,
@@ -450,31 +488,11 @@ impl HomeserverClient {
         device: &DeviceId,
         display_name: &str,
     ) -> Result<(), MatrixError> {
-        let url = format!(
-            "{}/_matrix/client/v3/devices/{}",
-            self.inner.base,
-            urlencode(device.as_str())
-        );
-        let resp = self
-            .inner
-            .http
-            .put(url)
-            .query(&[("user_id", user.as_str())])
-            .bearer_auth(&self.inner.as_token)
-            .json(&serde_json::json!({"display_name": display_name}))
-            .send()
+        let path = format!("/_matrix/client/v3/devices/{}", urlencode(device.as_str()));
+        let body = serde_json::json!({ "display_name": display_name });
+        self.raw_json(reqwest::Method::PUT, &path, Some(user), Some(body))
             .await
-            .map_err(|e| MatrixError::Network(e.to_string()))?;
-        let status = resp.status().as_u16();
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|e| MatrixError::Network(e.to_string()))?;
-        if (200..300).contains(&status) {
-            Ok(())
-        } else {
-            Err(api_error(status, &body))
-        }
+            .map(|_| ())
     }
 
     /// Reads one state event's content.
@@ -485,54 +503,26 @@ impl HomeserverClient {
         event_type: &str,
         state_key: &str,
     ) -> Result<serde_json::Value, MatrixError> {
-        let url = format!(
-            "{}/_matrix/client/v3/rooms/{}/state/{}/{}",
-            self.inner.base,
+        let path = format!(
+            "/_matrix/client/v3/rooms/{}/state/{}/{}",
             urlencode(room.as_str()),
             urlencode(event_type),
             urlencode(state_key)
         );
-        let resp = self
-            .inner
-            .http
-            .get(url)
-            .query(&[("user_id", as_user.as_str())])
-            .bearer_auth(&self.inner.as_token)
-            .send()
+        self.raw_json(reqwest::Method::GET, &path, Some(as_user), None)
             .await
-            .map_err(|e| MatrixError::Network(e.to_string()))?;
-        let status = resp.status().as_u16();
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|e| MatrixError::Network(e.to_string()))?;
-        if status != 200 {
-            return Err(api_error(status, &body));
-        }
-        serde_json::from_slice(&body).map_err(|e| MatrixError::Response(e.to_string()))
     }
 
     /// The homeserver's default room version (from `/capabilities`).
     pub async fn default_room_version(&self) -> Result<String, MatrixError> {
-        let url = format!("{}/_matrix/client/v3/capabilities", self.inner.base);
-        let resp = self
-            .inner
-            .http
-            .get(url)
-            .bearer_auth(&self.inner.as_token)
-            .send()
-            .await
-            .map_err(|e| MatrixError::Network(e.to_string()))?;
-        let status = resp.status().as_u16();
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|e| MatrixError::Network(e.to_string()))?;
-        if status != 200 {
-            return Err(api_error(status, &body));
-        }
-        let v: serde_json::Value =
-            serde_json::from_slice(&body).map_err(|e| MatrixError::Response(e.to_string()))?;
+        let v = self
+            .raw_json(
+                reqwest::Method::GET,
+                "/_matrix/client/v3/capabilities",
+                None,
+                None,
+            )
+            .await?;
         Ok(v["capabilities"]["m.room_versions"]["default"]
             .as_str()
             .unwrap_or("1")

@@ -468,3 +468,126 @@ impl SenderKeyStore for SenderKeys {
             .transpose()
     }
 }
+
+/// Helpers for tests and benchmarks: a vault-backed store on a temporary SQLite file, a bundle
+/// for it, and encrypt/decrypt with a commit, as the account actor does them.
+pub mod testing {
+    use std::sync::Arc;
+
+    use libsignal_protocol::{
+        CiphertextMessage, DeviceId, GenericSignedPreKey, IdentityKeyStore, KeyPair,
+        KyberPreKeyRecord, KyberPreKeyStore, PreKeyBundle, PreKeyRecord, PreKeySignalMessage,
+        PreKeyStore, ProtocolAddress, SignalMessage, SignedPreKeyRecord, SignedPreKeyStore,
+        Timestamp, kem, message_decrypt, message_encrypt,
+    };
+
+    use super::SignalStore;
+    use crate::vault::{SecretKey, Vault, VaultStore};
+
+    pub fn addr(name: &str) -> ProtocolAddress {
+        ProtocolAddress::new(name.to_owned(), DeviceId::new(1).expect("device 1"))
+    }
+
+    pub async fn store(owner: &str) -> (SignalStore, tempfile::TempDir) {
+        let (sql, dir) = crate::store::testing::sqlite().await;
+        let db: Arc<dyn VaultStore> = Arc::new(sql);
+        let vault = Vault::open(SecretKey::random(), db.clone())
+            .await
+            .expect("vault");
+        (
+            SignalStore::open(owner, vault, db).await.expect("store"),
+            dir,
+        )
+    }
+
+    pub async fn bundle_of(s: &mut SignalStore) -> PreKeyBundle {
+        let mut rng = rand::rng();
+        let ikp = s.identity_key_pair();
+        let pk = KeyPair::generate(&mut rng);
+        let spk = KeyPair::generate(&mut rng);
+        let sig = ikp
+            .private_key()
+            .calculate_signature(&spk.public_key.serialize(), &mut rng)
+            .expect("sign");
+        s.prekeys
+            .save_pre_key(1u32.into(), &PreKeyRecord::new(1u32.into(), &pk))
+            .await
+            .expect("save");
+        s.signed
+            .save_signed_pre_key(
+                2u32.into(),
+                &SignedPreKeyRecord::new(2u32.into(), Timestamp::from_epoch_millis(0), &spk, &sig),
+            )
+            .await
+            .expect("save");
+        let k =
+            KyberPreKeyRecord::generate(kem::KeyType::Kyber1024, 3u32.into(), ikp.private_key())
+                .expect("kyber");
+        s.kyber
+            .save_kyber_pre_key(3u32.into(), &k)
+            .await
+            .expect("save");
+        s.commit(vec![]).await.expect("commit");
+        PreKeyBundle::new(
+            s.identity.get_local_registration_id().await.expect("reg"),
+            DeviceId::new(1).expect("device"),
+            Some((1u32.into(), pk.public_key)),
+            2u32.into(),
+            spk.public_key,
+            sig.to_vec(),
+            3u32.into(),
+            k.public_key().expect("pk"),
+            k.signature().expect("sig"),
+            *ikp.identity_key(),
+        )
+        .expect("bundle")
+    }
+
+    pub async fn decrypt(
+        s: &mut SignalStore,
+        from: &ProtocolAddress,
+        c: &CiphertextMessage,
+    ) -> Vec<u8> {
+        let msg = match c {
+            CiphertextMessage::PreKeySignalMessage(_) => CiphertextMessage::PreKeySignalMessage(
+                PreKeySignalMessage::try_from(c.serialize()).expect("parse"),
+            ),
+            _ => CiphertextMessage::SignalMessage(
+                SignalMessage::try_from(c.serialize()).expect("parse"),
+            ),
+        };
+        let out = message_decrypt(
+            &msg,
+            from,
+            &mut s.sessions,
+            &mut s.identity,
+            &mut s.prekeys,
+            &s.signed,
+            &mut s.kyber,
+            &mut rand::rng(),
+        )
+        .await
+        .expect("decrypt");
+        s.commit(vec![]).await.expect("commit");
+        out
+    }
+
+    pub async fn encrypt(
+        s: &mut SignalStore,
+        to: &ProtocolAddress,
+        pt: &[u8],
+    ) -> CiphertextMessage {
+        let c = message_encrypt(
+            pt,
+            to,
+            &mut s.sessions,
+            &mut s.identity,
+            std::time::SystemTime::now(),
+            &mut rand::rng(),
+        )
+        .await
+        .expect("encrypt");
+        s.commit(vec![]).await.expect("commit");
+        c
+    }
+}
