@@ -37,10 +37,19 @@
 //! (default 5000), `--paced-secs S` (default 15), `--quick` (4 users, 200 messages, 3 s paced),
 //! `--postgres URI` (the bridge's database in Postgres instead of SQLite; give an empty database
 //! of its own, which the bridge migrates and the bench leaves as it is afterwards).
-//! Running against a real Synapse is not part of this binary (the e2e harness covers Synapse).
+//! `--synapse`: the real system instead of the stand-in. A Synapse from the test venv (as the
+//! end-to-end tests start it: SQLite, rate limits raised) with the bridge registered; the Matrix
+//! users are real Synapse accounts that join their portals and send through the client-server
+//! API, and read what arrives through `/sync` (one long-polling sync loop per user). Latency is
+//! then from the user's `PUT .../send` to the contact, and from the contact's `send` to the
+//! event showing up in the user's sync. Synapse shares the two cores with everything else.
 
 // A bench binary's report is its standard output.
 #![allow(clippy::print_stdout)]
+
+/// The end-to-end harness (Synapse set-up, client-server API client) for `--synapse`.
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -101,6 +110,8 @@ struct Opts {
     quick: bool,
     /// The bridge's database: `None` for SQLite in the temporary directory, or a Postgres URI.
     postgres: Option<String>,
+    /// A real Synapse instead of the stand-in homeserver.
+    synapse: bool,
 }
 
 fn parse_opts() -> Opts {
@@ -114,6 +125,7 @@ fn parse_opts() -> Opts {
             paced_secs: 3.0,
             quick,
             postgres: None,
+            synapse: false,
         }
     } else {
         Opts {
@@ -123,6 +135,7 @@ fn parse_opts() -> Opts {
             paced_secs: 15.0,
             quick,
             postgres: None,
+            synapse: false,
         }
     };
     let mut it = args.iter();
@@ -142,9 +155,7 @@ fn parse_opts() -> Opts {
                 let uri = it.next().filter(|u| u.starts_with("postgres"));
                 o.postgres = Some(uri.expect("--postgres needs a postgres:// URI").clone());
             }
-            "--synapse" => panic!(
-                "--synapse is not supported by this binary: it measures the bridge against a stand-in homeserver"
-            ),
+            "--synapse" => o.synapse = true,
             // `cargo bench` passes --bench; anything else is ignored too.
             _ => {}
         }
@@ -488,7 +499,8 @@ struct BridgeEndpoints {
 
 fn write_config(
     dir: &Path,
-    hs_port: u16,
+    hs_url: &str,
+    domain: &str,
     gw: &GatewayAddr,
     postgres: Option<&str>,
 ) -> (PathBuf, BridgeEndpoints) {
@@ -504,7 +516,7 @@ fn write_config(
     let metrics_port = free_port();
     let key = base64::engine::general_purpose::STANDARD.encode(&gw.public_key);
     let text = format!(
-        "homeserver:\n    address: http://127.0.0.1:{hs_port}\n    domain: {DOMAIN}\n\
+        "homeserver:\n    address: {hs_url}\n    domain: {domain}\n\
          appservice:\n    address: http://127.0.0.1:{port}\n    hostname: 127.0.0.1\n    port: {port}\n    id: bench\n\
          \x20   as_token: {AS_TOKEN}\n    hs_token: {HS_TOKEN}\n\
          {database}\
@@ -698,6 +710,12 @@ struct World {
     rooms: Vec<String>,
     contacts: Vec<Contact>,
     txn_counter: AtomicU64,
+    /// With `--synapse`: each user's client session (index = user); empty with the stand-in.
+    clients: Vec<common::MatrixUser>,
+    /// Sync loops that finished their first (initial) sync.
+    synced: AtomicUsize,
+    /// Sync responses whose timeline was cut short (messages would be missing).
+    sync_limited: AtomicUsize,
 }
 
 impl World {
@@ -766,6 +784,33 @@ impl World {
         );
     }
 
+    /// With `--synapse`: user `seq % M` sends message `seq` through the client-server API.
+    async fn client_send(self: Arc<Self>, track: Arc<Track>, run: usize, seq: usize) {
+        let u = seq % self.users.len();
+        let c = &self.clients[u];
+        let txn = self.txn_counter.fetch_add(1, Ordering::Relaxed);
+        let path = format!(
+            "/_matrix/client/v3/rooms/{}/send/m.room.message/bench-{txn}",
+            urlencode(&self.rooms[u])
+        );
+        self.reg.mark_sent(&track, seq);
+        let body = json!({"msgtype": "m.text", "body": Registry::body(run, seq)});
+        let (status, v) = c.call(reqwest::Method::PUT, &path, Some(body)).await;
+        assert_eq!(status, 200, "{} cannot send: {v}", c.user_id);
+    }
+
+    /// Sends Matrix→interop message `seq`: a transaction to the bridge (stand-in), or a client
+    /// send through Synapse.
+    async fn matrix_send(self: Arc<Self>, track: Arc<Track>, run: usize, seqs: Vec<usize>) {
+        if self.clients.is_empty() {
+            self.push(track, run, seqs).await;
+        } else {
+            for seq in seqs {
+                self.clone().client_send(track.clone(), run, seq).await;
+            }
+        }
+    }
+
     /// One interop message from the contact of `seq`'s user to that user.
     /// Who sends `seq` in an interop-side run (a contact index), and to which account: the
     /// contact of the seq's user, to that user; in the reference run, a contact to its partner.
@@ -794,6 +839,53 @@ impl World {
             )
             .await
             .unwrap_or_else(|e| panic!("contact {} cannot send: {e}", c.account));
+    }
+}
+
+/// With `--synapse`: user `u`'s sync loop; every bench message from someone else in its rooms
+/// is an arrival. The initial sync only sets the starting point.
+async fn sync_loop(world: Arc<World>, u: usize) {
+    let c = &world.clients[u];
+    let filter = json!({
+        "room": {
+            "timeline": {"limit": 1000, "types": ["m.room.message"]},
+            "state": {"types": []},
+            "ephemeral": {"types": []},
+            "account_data": {"types": []},
+        },
+        "presence": {"types": []},
+        "account_data": {"types": []},
+    });
+    let filter = urlencode(&filter.to_string());
+    let mut since = String::new();
+    loop {
+        let path = if since.is_empty() {
+            format!("/_matrix/client/v3/sync?timeout=0&filter={filter}")
+        } else {
+            format!("/_matrix/client/v3/sync?timeout=30000&filter={filter}&since={since}")
+        };
+        let (status, b) = c.call(reqwest::Method::GET, &path, None).await;
+        if status != 200 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        if since.is_empty() {
+            world.synced.fetch_add(1, Ordering::Relaxed);
+        } else if let Some(rooms) = b["rooms"]["join"].as_object() {
+            for r in rooms.values() {
+                if r["timeline"]["limited"] == true {
+                    world.sync_limited.fetch_add(1, Ordering::Relaxed);
+                }
+                for e in r["timeline"]["events"].as_array().into_iter().flatten() {
+                    if e["sender"] != c.user_id.as_str()
+                        && let Some(body) = e["content"]["body"].as_str()
+                    {
+                        world.reg.arrived(body);
+                    }
+                }
+            }
+        }
+        since = b["next_batch"].as_str().unwrap_or_default().to_owned();
     }
 }
 
@@ -922,7 +1014,7 @@ async fn run(
     let (run, track) = world.reg.track(name, n);
     let mut tasks: JoinSet<()> = JoinSet::new();
     match (dir, rate) {
-        (Dir::MatrixToInterop, None) => {
+        (Dir::MatrixToInterop, None) if world.clients.is_empty() => {
             let seqs: Vec<usize> = (0..n).collect();
             for chunk in seqs.chunks(TXN_EVENTS) {
                 tasks.spawn(world.clone().push(track.clone(), run, chunk.to_vec()));
@@ -933,18 +1025,33 @@ async fn run(
                 }
             }
         }
-        (Dir::InteropToMatrix | Dir::Reference, None) => {
-            // Each contact sends its share, SEND_INFLIGHT at a time.
-            let mut shares: Vec<Vec<usize>> = vec![Vec::new(); world.contacts.len()];
+        (_, None) => {
+            // Each contact (or, Matrix→interop through Synapse, each user) sends its share,
+            // SEND_INFLIGHT at a time.
+            let senders = if dir == Dir::MatrixToInterop {
+                world.users.len()
+            } else {
+                world.contacts.len()
+            };
+            let mut shares: Vec<Vec<usize>> = vec![Vec::new(); senders];
             for seq in 0..n {
-                shares[world.interop_send(dir, seq).0].push(seq);
+                let who = if dir == Dir::MatrixToInterop {
+                    seq % senders
+                } else {
+                    world.interop_send(dir, seq).0
+                };
+                shares[who].push(seq);
             }
             for share in shares {
                 let (w, t) = (world.clone(), track.clone());
                 tasks.spawn(async move {
                     let mut inflight = JoinSet::new();
                     for seq in share {
-                        inflight.spawn(w.clone().contact_send(t.clone(), dir, run, seq));
+                        if dir == Dir::MatrixToInterop {
+                            inflight.spawn(w.clone().client_send(t.clone(), run, seq));
+                        } else {
+                            inflight.spawn(w.clone().contact_send(t.clone(), dir, run, seq));
+                        }
                         if inflight.len() >= SEND_INFLIGHT
                             && let Some(r) = inflight.join_next().await
                         {
@@ -969,8 +1076,17 @@ async fn run(
                     match dir {
                         Dir::MatrixToInterop => {
                             let seqs: Vec<usize> = (next..due).collect();
-                            for chunk in seqs.chunks(TXN_EVENTS) {
-                                tasks.spawn(world.clone().push(track.clone(), run, chunk.to_vec()));
+                            let chunk = if world.clients.is_empty() {
+                                TXN_EVENTS
+                            } else {
+                                1
+                            };
+                            for c in seqs.chunks(chunk) {
+                                tasks.spawn(world.clone().matrix_send(
+                                    track.clone(),
+                                    run,
+                                    c.to_vec(),
+                                ));
                             }
                         }
                         Dir::InteropToMatrix | Dir::Reference => {
@@ -1032,8 +1148,30 @@ async fn bench(opts: Opts) {
     let (_gw_stop, gw_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(gw.serve(gl, gw_rx));
 
-    let (hs, hs_port) = start_homeserver(reg.clone()).await;
-    let (config, ends) = write_config(tmp.path(), hs_port, &gaddr, opts.postgres.as_deref());
+    let domain = if opts.synapse { "localhost" } else { DOMAIN };
+    let pg = opts.postgres.as_deref();
+    let (hs, synapse, config, ends) = if opts.synapse {
+        const PLACEHOLDER: &str = "http://127.0.0.1:8008";
+        let (config, ends) = write_config(tmp.path(), PLACEHOLDER, domain, &gaddr, pg);
+        let registration = tmp.path().join("registration.yaml");
+        let out = Command::new(env!("CARGO_BIN_EXE_matrix-interop-bridge"))
+            .args(["generate-registration", "-c"])
+            .arg(&config)
+            .arg("-o")
+            .arg(&registration)
+            .output()
+            .expect("generate-registration");
+        assert!(out.status.success(), "generate-registration failed");
+        let synapse = common::Synapse::start(&tmp.path().join("hs"), &registration).await;
+        let text = std::fs::read_to_string(&config).expect("read config");
+        std::fs::write(&config, text.replace(PLACEHOLDER, &synapse.url)).expect("write config");
+        (None, Some(synapse), config, ends)
+    } else {
+        let (hs, hs_port) = start_homeserver(reg.clone()).await;
+        let url = format!("http://127.0.0.1:{hs_port}");
+        let (config, ends) = write_config(tmp.path(), &url, domain, &gaddr, pg);
+        (Some(hs), None, config, ends)
+    };
     let mut bridge = spawn_bridge(&config, tmp.path());
     let pid = bridge.pid().to_string();
     let http = reqwest::Client::builder()
@@ -1049,15 +1187,23 @@ async fn bench(opts: Opts) {
             .send()
             .await
             .is_ok_and(|r| r.status().is_success());
-        let pinged = hs
-            .state
-            .routes
-            .lock()
-            .expect("routes lock")
-            .get("ping")
-            .copied()
-            .unwrap_or(0)
-            > 0;
+        let pinged = match &hs {
+            Some(hs) => {
+                hs.state
+                    .routes
+                    .lock()
+                    .expect("routes lock")
+                    .get("ping")
+                    .copied()
+                    .unwrap_or(0)
+                    > 0
+            }
+            None => http
+                .get(format!("{}/ready", ends.base))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success()),
+        };
         if healthy && pinged {
             break;
         }
@@ -1089,8 +1235,14 @@ async fn bench(opts: Opts) {
     let t_contacts = t0.elapsed();
 
     let users: Vec<String> = (0..opts.users)
-        .map(|i| format!("@bench{i}:{DOMAIN}"))
+        .map(|i| format!("@bench{i}:{domain}"))
         .collect();
+    let mut clients = Vec::new();
+    if let Some(synapse) = &synapse {
+        for i in 0..opts.users {
+            clients.push(synapse.user(&format!("bench{i}")).await);
+        }
+    }
     let user_accounts: Vec<String> = (0..opts.users).map(|i| format!("+1555100{i:04}")).collect();
     let mut world = World {
         reg: reg.clone(),
@@ -1101,6 +1253,9 @@ async fn bench(opts: Opts) {
         rooms: Vec::new(),
         contacts,
         txn_counter: AtomicU64::new(0),
+        clients,
+        synced: AtomicUsize::new(0),
+        sync_limited: AtomicUsize::new(0),
     };
 
     // Logins through the provisioning API.
@@ -1135,17 +1290,28 @@ async fn bench(opts: Opts) {
     .collect()
     .await;
     world.rooms = rooms;
+    // Through Synapse, each user joins its portal and reads it through its own sync loop.
+    for (c, room) in world.clients.iter().zip(&world.rooms) {
+        c.join(room).await;
+    }
+    let world = Arc::new(world);
+    for u in 0..world.clients.len() {
+        tokio::spawn(sync_loop(world.clone(), u));
+    }
+    while world.synced.load(Ordering::Relaxed) < world.clients.len() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let t_portals = t0.elapsed();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle = sample(&pid, ticks);
-    let world = Arc::new(world);
 
     println!(
-        "bridge_load: {} Matrix users, {} interop contacts, {} messages per direction{}; bridge database {} (bridge pid {pid})",
+        "bridge_load: {} Matrix users, {} interop contacts, {} messages per direction{}; homeserver {}; bridge database {} (bridge pid {pid})",
         opts.users,
         opts.contacts,
         opts.messages,
         if opts.quick { " (--quick)" } else { "" },
+        if opts.synapse { "Synapse" } else { "stand-in" },
         if opts.postgres.is_some() {
             "Postgres"
         } else {
@@ -1182,6 +1348,8 @@ async fn bench(opts: Opts) {
     let warm = sample(&pid, ticks);
 
     let me = || sample("self", ticks);
+    let synapse_pid = synapse.as_ref().map(|s| s.proc.pid().to_string());
+    let synapse_start = synapse_pid.as_deref().map(|p| sample(p, ticks));
     let mut results = Vec::new();
     let mut rss_after = Vec::new();
     for dir in [Dir::MatrixToInterop, Dir::InteropToMatrix] {
@@ -1313,27 +1481,22 @@ async fn bench(opts: Opts) {
         me().cpu_secs
     );
 
-    // What the stand-in homeserver saw.
-    let st = &hs.state;
-    let routes: Vec<String> = st
-        .routes
-        .lock()
-        .expect("routes lock")
-        .iter()
-        .map(|(k, v)| format!("{k} {v}"))
-        .collect();
-    println!("stand-in homeserver requests: {}", routes.join(", "));
-    let notices = st.notice_count.load(Ordering::Relaxed);
+    if let (Some(p), Some(s0)) = (&synapse_pid, &synapse_start) {
+        let s1 = sample(p, ticks);
+        println!(
+            "Synapse: {:.1} s CPU during the runs, RSS {:.1} MiB at the end; {} sync responses cut short (limited)",
+            s1.cpu_secs - s0.cpu_secs,
+            mib(s1.rss_kib),
+            world.sync_limited.load(Ordering::Relaxed)
+        );
+    }
     println!(
-        "anomalies: {} replayed send txns, {} bad as_token, {} bot notices, {} stray bodies, {} undecryptable at contacts",
-        st.replayed_txns.load(Ordering::Relaxed),
-        st.bad_auth.load(Ordering::Relaxed),
-        notices,
+        "anomalies: {} stray bodies, {} undecryptable at contacts",
         reg.stray.load(Ordering::Relaxed),
         undecryptable.load(Ordering::Relaxed)
     );
-    for n in st.notices.lock().expect("notices lock").iter() {
-        println!("  notice: {n}");
+    if let Some(hs) = &hs {
+        stand_in_report(hs);
     }
     if let Ok(r) = http.get(&ends.metrics).send().await {
         let text = r.text().await.unwrap_or_default();
@@ -1361,6 +1524,28 @@ async fn bench(opts: Opts) {
     bridge.stop();
     drop(world);
     println!("total {:.1} s", t0.elapsed().as_secs_f64());
+}
+
+/// What the stand-in homeserver saw.
+fn stand_in_report(hs: &Hs) {
+    let st = &hs.state;
+    let routes: Vec<String> = st
+        .routes
+        .lock()
+        .expect("routes lock")
+        .iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect();
+    println!("stand-in homeserver requests: {}", routes.join(", "));
+    println!(
+        "stand-in anomalies: {} replayed send txns, {} bad as_token, {} bot notices",
+        st.replayed_txns.load(Ordering::Relaxed),
+        st.bad_auth.load(Ordering::Relaxed),
+        st.notice_count.load(Ordering::Relaxed),
+    );
+    for n in st.notices.lock().expect("notices lock").iter() {
+        println!("  notice: {n}");
+    }
 }
 
 fn main() {

@@ -232,13 +232,14 @@ impl Readiness for ReadyCheck {
 
 struct Users {
     bot: String,
+    bridge: Arc<Bridge>,
 }
 
 #[async_trait::async_trait]
 impl UserQuery for Users {
     async fn user_exists(&self, user_id: &str) -> bool {
-        // Ghosts are registered when their contact is first seen; unknown ones do not exist.
-        user_id == self.bot
+        // A well-formed ghost id is registered on the spot (a user inviting a contact's ghost).
+        user_id == self.bot || self.bridge.provide_ghost(user_id).await
     }
 }
 
@@ -315,7 +316,10 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
             hs: hs.clone(),
             network: network.clone(),
         }),
-        users: Arc::new(Users { bot: bot.clone() }),
+        users: Arc::new(Users {
+            bot: bot.clone(),
+            bridge: bridge.clone(),
+        }),
         protocol: "interop".into(),
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

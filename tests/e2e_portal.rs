@@ -395,6 +395,147 @@ async fn groups_both_ways() {
     assert_eq!(m["group"], upd["group"]["id"]);
 }
 
+/// A state event set by `user` in `room`.
+async fn set_state(user: &MatrixUser, room: &str, event_type: &str, content: Value) {
+    let path = format!(
+        "/_matrix/client/v3/rooms/{}/state/{event_type}/",
+        common::urlencode(room)
+    );
+    let (s, b) = user.call(reqwest::Method::PUT, &path, Some(content)).await;
+    assert_eq!(s, 200, "{event_type}: {b}");
+}
+
+/// A membership action (`invite`, `kick`, `leave`) of `user` in `room`.
+async fn membership(user: &MatrixUser, room: &str, action: &str, target: Option<&str>) {
+    let path = format!(
+        "/_matrix/client/v3/rooms/{}/{action}",
+        common::urlencode(room)
+    );
+    let body = target.map_or(json!({}), |t| json!({"user_id": t}));
+    let (s, b) = user.call(reqwest::Method::POST, &path, Some(body)).await;
+    assert_eq!(s, 200, "{action}: {b}");
+}
+
+fn image(magic: &[u8], n: u32) -> Vec<u8> {
+    let mut v = magic.to_vec();
+    v.extend((0..n).map(|i| (i * 7 % 251) as u8));
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn profiles_avatars_and_group_changes_both_ways() {
+    let env = BridgeEnv::start("").await;
+    let alice = env.synapse.user("alice").await;
+    let (mgmt, my_account) = login(&alice).await;
+    let mut n1 = env.node();
+    let mut n2 = env.node();
+    let mut n3 = env.node();
+    let ghost_of = |n: &common::node::NodeContact| {
+        format!("@interop_{}:localhost", n.account.trim_start_matches('+'))
+    };
+    let (g1, g2, g3) = (ghost_of(&n1), ghost_of(&n2), ghost_of(&n3));
+
+    // The contact's profile (name and avatar) is on its ghost.
+    let face = image(b"\x89PNG\r\n\x1a\n", 3000);
+    let blob = n1.call(json!({"cmd": "upload_media", "bytes_b64": B64.encode(&face), "raw": true}));
+    n1.call(json!({"cmd": "set_profile", "name": "Nora One", "avatar_blob": blob["blob"]}));
+
+    // A group with an avatar made on the interop side: the portal carries it.
+    let cover = image(b"\xff\xd8\xff\xe0", 4000);
+    let cover_blob =
+        n1.call(json!({"cmd": "upload_media", "bytes_b64": B64.encode(&cover), "raw": true}));
+    let g = n1.call(
+        json!({"cmd": "create_group", "name": "Avatars", "members": [my_account, n2.account]}),
+    );
+    let gid = g["group"]["id"].as_str().expect("id").to_owned();
+    let room = alice.wait_invite(&[&mgmt]).await;
+    alice.join(&room).await;
+    n1.call(json!({"cmd": "update_group", "group": gid, "avatar_blob": cover_blob["blob"]}));
+    let ev = alice
+        .wait_for(&room, "group avatar", |e| {
+            e["type"] == "m.room.avatar" && e["content"]["url"].is_string()
+        })
+        .await;
+    assert_eq!(ev["sender"], json!(g1), "the change shows as the contact's");
+    let url = ev["content"]["url"].as_str().expect("url");
+    assert_eq!(alice.download(url).await, cover);
+    let (s, profile) = alice
+        .call(
+            reqwest::Method::GET,
+            &format!("/_matrix/client/v3/profile/{}", common::urlencode(&g1)),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{profile}");
+    assert_eq!(profile["displayname"], "Nora One");
+    let avatar = profile["avatar_url"].as_str().expect("ghost avatar");
+    assert_eq!(alice.download(avatar).await, face);
+
+    // Matrix → interop: name, avatar, invite and kick by the portal's owner.
+    set_state(
+        &alice,
+        &room,
+        "m.room.name",
+        json!({"name": "Renamed on Matrix"}),
+    )
+    .await;
+    n1.event("rename from Matrix", |v| {
+        v["event"] == "group_update" && v["group"]["name"] == "Renamed on Matrix"
+    });
+    let picture = image(b"\x89PNG\r\n\x1a\n", 2500);
+    let mxc = alice.upload(picture.clone(), "image/png").await;
+    set_state(&alice, &room, "m.room.avatar", json!({"url": mxc})).await;
+    let upd = n1.event("avatar from Matrix", |v| {
+        v["event"] == "group_update" && v["group"]["avatar_blob"] != cover_blob["blob"]
+    });
+    let got =
+        n1.call(json!({"cmd": "download_media", "blob": upd["group"]["avatar_blob"], "raw": true}));
+    assert_eq!(
+        B64.decode(got["bytes_b64"].as_str().expect("bytes"))
+            .expect("b64"),
+        picture
+    );
+    membership(&alice, &room, "invite", Some(&g3)).await;
+    let added = n3.event("added from Matrix", |v| v["event"] == "group_update");
+    assert!(
+        added["group"]["members"]
+            .as_array()
+            .expect("members")
+            .contains(&json!(n3.account))
+    );
+    n3.call(json!({"cmd": "send_group", "group": gid, "content": "glad to be here"}));
+    alice
+        .wait_for(
+            &room,
+            "new member writes",
+            by(&g3, |e| e["content"]["body"] == "glad to be here"),
+        )
+        .await;
+    membership(&alice, &room, "kick", Some(&g2)).await;
+    n1.event("kick from Matrix", |v| {
+        v["event"] == "group_update"
+            && !v["group"]["members"]
+                .as_array()
+                .is_some_and(|m| m.contains(&json!(n2.account)))
+    });
+    n2.event("removed", |v| v["event"] == "group_update");
+
+    // The owner leaves: the portal ends (the group stays); the next message opens a new one.
+    membership(&alice, &room, "leave", None).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    n1.call(json!({"cmd": "send_group", "group": gid, "content": "are you still there?"}));
+    let room2 = alice.wait_invite(&[&mgmt, &room]).await;
+    assert_ne!(room2, room);
+    alice.join(&room2).await;
+    alice
+        .wait_for(
+            &room2,
+            "message in the new portal",
+            by(&g1, |e| e["content"]["body"] == "are you still there?"),
+        )
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_loses_and_duplicates_nothing() {
     let mut env = BridgeEnv::start("").await;

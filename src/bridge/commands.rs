@@ -453,7 +453,7 @@ impl Bridge {
         if contact == acc.account_id() {
             return CommandOutcome::text("That is your own identifier.");
         }
-        match acc.profile_name(contact).await {
+        match acc.profile(contact).await {
             Ok(None) => {
                 return CommandOutcome::text(format!("{contact} is not on the interop network."));
             }
@@ -569,18 +569,8 @@ impl Bridge {
                 "Only the owner of this chat or an admin can delete its portal.",
             );
         }
-        if let Err(e) = self
-            .portals
-            .delete_portal(&portal.receiver, &portal.chat_id)
-            .await
-        {
+        if let Err(e) = self.close_portal(&portal, false).await {
             return CommandOutcome::text(format!("Cannot delete the portal: {e}"));
-        }
-        let bot = self.matrix.bot_mxid().to_owned();
-        if let Ok(members) = self.matrix.joined_members(room_id, &bot).await {
-            for m in members.iter().filter(|m| self.matrix.is_ghost(m)) {
-                let _ = self.matrix.leave(room_id, m).await;
-            }
         }
         // The bot leaves after answering (see `after_command`).
         self.leave_after.lock().await.insert(room_id.to_owned());

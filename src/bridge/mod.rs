@@ -5,6 +5,7 @@
 use std::{
     collections::{HashMap, HashSet},
     sync::Arc,
+    time::Instant,
 };
 
 use async_trait::async_trait;
@@ -16,6 +17,7 @@ use crate::{
     store::{StoreError, UserStore, portal::PortalStore},
 };
 
+mod chatinfo;
 pub mod commands;
 pub mod msgconv;
 pub mod network;
@@ -67,6 +69,8 @@ pub trait MatrixConnector: Send + Sync {
     /// Registers a ghost (idempotent) and sets its display name; returns its user id.
     async fn ensure_ghost(&self, localpart: &str, displayname: &str)
     -> Result<String, BridgeError>;
+    /// Sets a user's avatar (an mxc URI; empty removes it).
+    async fn set_avatar(&self, user: &str, mxc: &str) -> Result<(), BridgeError>;
     /// Creates a room as the bot from a `createRoom` body; returns the room id.
     async fn create_room(&self, body: Value) -> Result<String, BridgeError>;
     async fn invite(&self, room_id: &str, by: &str, invitee: &str) -> Result<(), BridgeError>;
@@ -167,7 +171,8 @@ pub struct Bridge {
     pub(crate) network: Arc<dyn network::Network>,
     pub(crate) settings: BridgeSettings,
     pub(crate) commands: commands::CommandState,
-    pub(crate) ghosts_seen: Mutex<HashSet<String>>,
+    /// When each contact's profile was last fetched.
+    pub(crate) ghosts_seen: Mutex<HashMap<String, Instant>>,
     /// One lock per (receiver, chat) while its portal room is created.
     pub(crate) portal_locks: Mutex<HashMap<(String, String), ChatLock>>,
     pub(crate) typing_state: Mutex<HashMap<String, bool>>,
@@ -190,7 +195,7 @@ impl Bridge {
             network,
             settings,
             commands: commands::CommandState::default(),
-            ghosts_seen: Mutex::new(HashSet::new()),
+            ghosts_seen: Mutex::new(HashMap::new()),
             portal_locks: Mutex::new(HashMap::new()),
             typing_state: Mutex::new(HashMap::new()),
             leave_after: Mutex::new(HashSet::new()),
@@ -320,8 +325,15 @@ impl MatrixEventHandler for Bridge {
                     let is_direct = ev["content"]["is_direct"].as_bool().unwrap_or(false);
                     return self.on_bot_invite(room_id, sender, is_direct).await;
                 }
-                Ok(())
+                match self.portals.portal_by_room(room_id).await? {
+                    Some(portal) => self.on_portal_state(portal, ev).await,
+                    None => Ok(()),
+                }
             }
+            "m.room.name" | "m.room.avatar" => match self.portals.portal_by_room(room_id).await? {
+                Some(portal) => self.on_portal_state(portal, ev).await,
+                None => Ok(()),
+            },
             "m.room.message" | "m.reaction" | "m.room.redaction" | "m.sticker" => {
                 if sender == bot || self.matrix.is_ghost(sender) {
                     return Ok(());

@@ -45,6 +45,26 @@ pub struct GroupInfo {
     pub name: String,
     pub members: Vec<String>,
     pub changed_by: String,
+    /// The group's avatar: an unencrypted blob id, empty for none.
+    pub avatar_blob: String,
+}
+
+/// A change to a group; `None` leaves a field as it is.
+#[derive(Clone, Debug, Default)]
+pub struct GroupChange {
+    pub add: Vec<String>,
+    pub remove: Vec<String>,
+    pub name: Option<String>,
+    /// A blob id from [`NetAccount::upload_avatar`], or empty to remove the avatar.
+    pub avatar_blob: Option<String>,
+}
+
+/// A contact's public profile.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NetProfile {
+    pub name: String,
+    /// An unencrypted blob id, empty for none.
+    pub avatar_blob: String,
 }
 
 /// Media uploaded to the network, ready to put into a `Media` content.
@@ -94,15 +114,15 @@ pub trait NetAccount: Send + Sync {
     async fn upload(&self, data: Vec<u8>) -> Result<UploadedMedia, NetError>;
     async fn download(&self, blob: &str, key: &[u8], sha256: &[u8]) -> Result<Vec<u8>, NetError>;
     async fn create_group(&self, name: &str, members: Vec<String>) -> Result<GroupInfo, NetError>;
-    async fn update_group(
-        &self,
-        group: &str,
-        add: Vec<String>,
-        remove: Vec<String>,
-        name: Option<String>,
-    ) -> Result<GroupInfo, NetError>;
-    /// Display name of a contact (`None` if the network does not know the account).
-    async fn profile_name(&self, account: &str) -> Result<Option<String>, NetError>;
+    async fn update_group(&self, group: &str, change: GroupChange) -> Result<GroupInfo, NetError>;
+    /// A group as it is now (the account must be a member).
+    async fn group(&self, group: &str) -> Result<GroupInfo, NetError>;
+    /// A contact's profile (`None` if the network does not know the account).
+    async fn profile(&self, account: &str) -> Result<Option<NetProfile>, NetError>;
+    /// Uploads a public image (a profile or group avatar); returns its blob id.
+    async fn upload_avatar(&self, image: Vec<u8>) -> Result<String, NetError>;
+    /// Downloads a public image named by a profile or group.
+    async fn download_avatar(&self, blob: &str) -> Result<Vec<u8>, NetError>;
     /// The event with this envelope id is handled.
     async fn ack(&self, envelope_id: u64);
 }

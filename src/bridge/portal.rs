@@ -52,7 +52,7 @@ impl Bridge {
             .replace("{id}", account.trim_start_matches('+'))
     }
 
-    fn ghost_mxid(&self, account: &str) -> String {
+    pub(crate) fn ghost_mxid(&self, account: &str) -> String {
         format!(
             "@{}:{}",
             self.ghost_localpart(account),
@@ -69,43 +69,6 @@ impl Bridge {
         let digits = local.strip_prefix(prefix)?.strip_suffix(suffix)?;
         let account = format!("+{digits}");
         crate::wire::is_valid_account(&account).then_some(account)
-    }
-
-    /// Registers the contact's ghost (once) with its display name.
-    pub(crate) async fn ghost(
-        &self,
-        account: &str,
-        via: Option<&Arc<dyn NetAccount>>,
-    ) -> Result<String, BridgeError> {
-        let mxid = self.ghost_mxid(account);
-        if self.ghosts_seen.lock().await.contains(account) {
-            return Ok(mxid);
-        }
-        let known = self.portals.ghost_profile(account).await?;
-        let name = match via {
-            Some(acc) => acc
-                .profile_name(account)
-                .await
-                .ok()
-                .flatten()
-                .filter(|n| !n.is_empty()),
-            None => None,
-        }
-        .or_else(|| {
-            known
-                .as_ref()
-                .map(|k| k.0.clone())
-                .filter(|n| !n.is_empty())
-        })
-        .unwrap_or_else(|| account.to_owned());
-        if known.as_ref().map(|k| &k.0) != Some(&name) {
-            self.matrix
-                .ensure_ghost(&self.ghost_localpart(account), &name)
-                .await?;
-            self.portals.save_ghost(account, &mxid, &name, "").await?;
-        }
-        self.ghosts_seen.lock().await.insert(account.to_owned());
-        Ok(mxid)
     }
 
     /// The portal of `chat` for `receiver`, with its room created when missing.
@@ -142,6 +105,15 @@ impl Bridge {
         }
         let bot = self.matrix.bot_mxid().to_owned();
         let me = acc.account_id().to_owned();
+        // A group first seen through a message: ask the network what it is.
+        let fetched;
+        let group = match (chat, group) {
+            (NetTarget::Group(id), None) => {
+                fetched = acc.group(id).await?;
+                Some(&fetched)
+            }
+            (_, g) => g,
+        };
         let (name, members) = match (chat, group) {
             (NetTarget::Contact(a), _) => (String::new(), vec![a.clone()]),
             (NetTarget::Group(_), Some(g)) => (g.name.clone(), g.members.clone()),
@@ -163,7 +135,10 @@ impl Bridge {
         for g in &ghosts {
             users.insert(g.clone(), json!(50));
         }
-        users.insert(receiver.to_owned(), json!(50));
+        // The owner outranks the ghosts in a group, so it can remove a contact from the group by
+        // kicking its ghost.
+        let owner_level = if kind == PortalKind::Group { 75 } else { 50 };
+        users.insert(receiver.to_owned(), json!(owner_level));
         let mut invite = vec![receiver.to_owned()];
         invite.extend(ghosts.iter().cloned());
         let mut body = json!({
@@ -178,6 +153,21 @@ impl Bridge {
         });
         if kind == PortalKind::Group && !name.is_empty() {
             body["name"] = json!(name);
+        }
+        let avatar_blob = group.map(|g| g.avatar_blob.clone()).unwrap_or_default();
+        let avatar_mxc = match self.avatar_to_matrix(acc, &avatar_blob).await {
+            Ok(mxc) => mxc,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot copy a group's avatar");
+                String::new()
+            }
+        };
+        if !avatar_mxc.is_empty()
+            && let Some(state) = body["initial_state"].as_array_mut()
+        {
+            state.push(
+                json!({"type": "m.room.avatar", "state_key": "", "content": {"url": avatar_mxc}}),
+            );
         }
         let encrypted = self.settings.encryption_default || self.settings.encryption_require;
         if encrypted && let Some(state) = body["initial_state"].as_array_mut() {
@@ -197,6 +187,12 @@ impl Bridge {
             room_id: Some(room_id),
             name,
             relay: None,
+            avatar_blob: if avatar_mxc.is_empty() {
+                String::new()
+            } else {
+                avatar_blob
+            },
+            avatar_mxc,
         };
         self.portals.save_portal(&portal).await?;
         tracing::info!(room_id = portal.room_id.as_deref(), kind = ?kind, "portal created");
@@ -328,64 +324,6 @@ impl Bridge {
             .send_notice(room, &bot, text, &msgconv::escape(text))
             .await
             .map(|_| ())
-    }
-
-    async fn on_group_update(
-        &self,
-        mxid: &str,
-        acc: &Arc<dyn NetAccount>,
-        g: &GroupInfo,
-        from: &str,
-    ) -> Result<(), BridgeError> {
-        let me = acc.account_id().to_owned();
-        let existing = self.portals.portal(mxid, &g.id).await?;
-        let Some(Portal {
-            room_id: Some(room),
-            name,
-            ..
-        }) = existing.clone()
-        else {
-            if g.members.contains(&me) {
-                self.ensure_portal(mxid, acc, &NetTarget::Group(g.id.clone()), Some(g))
-                    .await?;
-            }
-            return Ok(());
-        };
-        let changer = if from == me {
-            self.matrix.bot_mxid().to_owned()
-        } else {
-            self.ghost(from, Some(acc)).await?
-        };
-        if name != g.name {
-            self.matrix
-                .send_state(&room, &changer, "m.room.name", "", json!({"name": g.name}))
-                .await?;
-            if let Some(mut p) = existing {
-                p.name = g.name.clone();
-                self.portals.save_portal(&p).await?;
-            }
-        }
-        let joined = self
-            .matrix
-            .joined_members(&room, self.matrix.bot_mxid())
-            .await?;
-        for m in g.members.iter().filter(|m| **m != me) {
-            let ghost = self.ghost(m, Some(acc)).await?;
-            if !joined.contains(&ghost) {
-                self.matrix
-                    .invite(&room, self.matrix.bot_mxid(), &ghost)
-                    .await?;
-                self.matrix.join(&room, &ghost).await?;
-            }
-        }
-        for j in &joined {
-            if let Some(account) = self.account_of_ghost(j)
-                && !g.members.contains(&account)
-            {
-                self.matrix.leave(&room, j).await?;
-            }
-        }
-        Ok(())
     }
 
     /// interop → Matrix for one data message.

@@ -190,7 +190,7 @@ impl Provisioning for Bridge {
                 "contact must be + and 8 to 15 digits".into(),
             ));
         }
-        if acc.profile_name(contact).await?.is_none() {
+        if acc.profile(contact).await?.is_none() {
             return Err(ProvError::NotFound(format!(
                 "{contact} is not on the interop network"
             )));

@@ -212,6 +212,9 @@ pub struct BridgeConfig {
     pub permissions: BTreeMap<String, String>,
     #[serde(default)]
     pub relay: RelayConfig,
+    /// Whether leaving a group's portal room on Matrix also leaves the group on the network.
+    #[serde(default)]
+    pub bridge_matrix_leave: bool,
 }
 
 impl Default for BridgeConfig {
@@ -220,6 +223,7 @@ impl Default for BridgeConfig {
             command_prefix: default_prefix(),
             permissions: default_permissions(),
             relay: RelayConfig::default(),
+            bridge_matrix_leave: false,
         }
     }
 }

@@ -143,6 +143,10 @@ enum Command {
         update: pb::UpdateGroup,
         reply: Reply<pb::Group>,
     },
+    GetGroup {
+        group: String,
+        reply: Reply<pb::Group>,
+    },
     Upload {
         data: Vec<u8>,
         reply: Reply<(String, media::Sealed)>,
@@ -151,6 +155,15 @@ enum Command {
         blob: String,
         key: Vec<u8>,
         sha256: Vec<u8>,
+        reply: Reply<Vec<u8>>,
+    },
+    UploadPlain {
+        data: Vec<u8>,
+        reply: Reply<String>,
+    },
+    DownloadPlain {
+        blob: String,
+        max: u64,
         reply: Reply<Vec<u8>>,
     },
     Profile {
@@ -230,6 +243,9 @@ impl AccountHandle {
     pub async fn update_group(&self, update: pb::UpdateGroup) -> Result<pb::Group, InteropError> {
         ask!(self, UpdateGroup { update })
     }
+    pub async fn group(&self, group: String) -> Result<pb::Group, InteropError> {
+        ask!(self, GetGroup { group })
+    }
     /// Encrypts and uploads media; returns the blob id and the keys for the `Media` content.
     pub async fn upload(&self, data: Vec<u8>) -> Result<(String, media::Sealed), InteropError> {
         ask!(self, Upload { data })
@@ -241,6 +257,14 @@ impl AccountHandle {
         sha256: Vec<u8>,
     ) -> Result<Vec<u8>, InteropError> {
         ask!(self, Download { blob, key, sha256 })
+    }
+    /// Uploads a blob as it is (profile and group avatars, which are public, §11).
+    pub async fn upload_plain(&self, data: Vec<u8>) -> Result<String, InteropError> {
+        ask!(self, UploadPlain { data })
+    }
+    /// Downloads an unencrypted blob of at most `max` bytes.
+    pub async fn download_plain(&self, blob: String, max: u64) -> Result<Vec<u8>, InteropError> {
+        ask!(self, DownloadPlain { blob, max })
     }
     pub async fn profile(&self, account: String) -> Result<pb::Profile, InteropError> {
         ask!(self, Profile { account })
@@ -551,34 +575,19 @@ impl Actor {
                 members,
                 reply,
             } => {
-                let r = match self.conn() {
-                    Ok(c) => match c
-                        .request(Body::CreateGroup(pb::CreateGroup { name, members }))
-                        .await
-                    {
-                        Ok(Body::Group(g)) => {
-                            self.groups.insert(g.id.clone(), g.members.clone());
-                            Ok(g)
-                        }
-                        Ok(_) => Err(InteropError::Unexpected),
-                        Err(e) => Err(e),
-                    },
-                    Err(e) => Err(e),
-                };
+                let r = self
+                    .group_request(Body::CreateGroup(pb::CreateGroup { name, members }))
+                    .await;
                 let _ = reply.send(r);
             }
             Command::UpdateGroup { update, reply } => {
-                let r = match self.conn() {
-                    Ok(c) => match c.request(Body::UpdateGroup(update)).await {
-                        Ok(Body::Group(g)) => {
-                            self.group_changed(&g).await;
-                            Ok(g)
-                        }
-                        Ok(_) => Err(InteropError::Unexpected),
-                        Err(e) => Err(e),
-                    },
-                    Err(e) => Err(e),
-                };
+                let r = self.group_request(Body::UpdateGroup(update)).await;
+                let _ = reply.send(r);
+            }
+            Command::GetGroup { group, reply } => {
+                let r = self
+                    .group_request(Body::GetGroup(pb::GetGroup { group }))
+                    .await;
                 let _ = reply.send(r);
             }
             Command::Upload { data, reply } => {
@@ -592,6 +601,15 @@ impl Actor {
                 reply,
             } => {
                 let r = self.download(&blob, &key, &sha256).await;
+                let _ = reply.send(r);
+            }
+            Command::UploadPlain { data, reply } => {
+                let sha256 = <sha2::Sha256 as sha2::Digest>::digest(&data).to_vec();
+                let r = self.put_blob(&data, sha256).await;
+                let _ = reply.send(r);
+            }
+            Command::DownloadPlain { blob, max, reply } => {
+                let r = self.get_blob(&blob, max).await;
                 let _ = reply.send(r);
             }
             Command::Profile { account, reply } => {
@@ -917,6 +935,17 @@ impl Actor {
     }
 
     /// A member left or was removed: start a new sender key so they cannot read what follows.
+    /// A request answered by a `Group` (create, update, get); the member list is kept up to date.
+    async fn group_request(&mut self, body: Body) -> Result<pb::Group, InteropError> {
+        match self.conn()?.request(body).await? {
+            Body::Group(g) => {
+                self.group_changed(&g).await;
+                Ok(g)
+            }
+            _ => Err(InteropError::Unexpected),
+        }
+    }
+
     async fn group_changed(&mut self, g: &pb::Group) {
         let before = self
             .groups
@@ -936,11 +965,17 @@ impl Actor {
 
     async fn upload(&mut self, data: Vec<u8>) -> Result<(String, media::Sealed), InteropError> {
         let sealed = media::encrypt(&data);
+        let blob = self.put_blob(&sealed.blob, sealed.sha256.clone()).await?;
+        Ok((blob, sealed))
+    }
+
+    /// Uploads `bytes` in chunks (§13.2); `sha256` is the hash of `bytes`.
+    async fn put_blob(&self, bytes: &[u8], sha256: Vec<u8>) -> Result<String, InteropError> {
         let upload = uuid::Uuid::new_v4().to_string();
-        let chunks: Vec<&[u8]> = if sealed.blob.is_empty() {
+        let chunks: Vec<&[u8]> = if bytes.is_empty() {
             vec![&[][..]]
         } else {
-            sealed.blob.chunks(512 * 1024).collect()
+            bytes.chunks(512 * 1024).collect()
         };
         let n = chunks.len();
         let mut offset = 0u64;
@@ -952,15 +987,11 @@ impl Actor {
                 offset,
                 data: chunk.to_vec(),
                 last,
-                sha256: if last {
-                    sealed.sha256.clone()
-                } else {
-                    Vec::new()
-                },
+                sha256: if last { sha256.clone() } else { Vec::new() },
             };
             offset += chunk.len() as u64;
             match conn.request(Body::BlobPut(put)).await? {
-                Body::BlobStored(s) if last => return Ok((s.blob, sealed)),
+                Body::BlobStored(s) if last => return Ok(s.blob),
                 Body::Ok(_) if !last => {}
                 _ => return Err(InteropError::Unexpected),
             }
@@ -974,6 +1005,14 @@ impl Actor {
         key: &[u8],
         sha256: &[u8],
     ) -> Result<Vec<u8>, InteropError> {
+        let data = self.get_blob(blob, 512 * 1024 * 1024).await?;
+        media::decrypt(&data, key, sha256)
+            .map(|p| p.to_vec())
+            .map_err(|e| InteropError::Crypto(e.to_string()))
+    }
+
+    /// Downloads a whole blob in chunks (§13.3), refusing one over `max` bytes.
+    async fn get_blob(&self, blob: &str, max: u64) -> Result<Vec<u8>, InteropError> {
         let conn = self.conn()?.clone();
         let mut data = Vec::new();
         loop {
@@ -984,8 +1023,11 @@ impl Actor {
             };
             match conn.request(Body::BlobGet(get)).await? {
                 Body::BlobData(d) => {
-                    if d.total_size > 512 * 1024 * 1024 {
-                        return Err(InteropError::Invalid("blob too large".into()));
+                    if d.total_size > max {
+                        return Err(InteropError::Invalid(format!(
+                            "blob of {} bytes is over the limit of {max}",
+                            d.total_size
+                        )));
                     }
                     data.extend_from_slice(&d.data);
                     if data.len() as u64 >= d.total_size || d.data.is_empty() {
@@ -995,9 +1037,7 @@ impl Actor {
                 _ => return Err(InteropError::Unexpected),
             }
         }
-        media::decrypt(&data, key, sha256)
-            .map(|p| p.to_vec())
-            .map_err(|e| InteropError::Crypto(e.to_string()))
+        Ok(data)
     }
 
     async fn ack(&mut self, envelope_id: u64) {

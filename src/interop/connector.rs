@@ -19,7 +19,8 @@ use super::{
 };
 use crate::{
     bridge::network::{
-        GroupInfo, NetAccount, NetError, NetEvent, NetEventSink, NetTarget, Network, UploadedMedia,
+        GroupChange, GroupInfo, NetAccount, NetError, NetEvent, NetEventSink, NetProfile,
+        NetTarget, Network, UploadedMedia,
     },
     vault::{Vault, VaultStore},
     wire::{
@@ -97,6 +98,19 @@ impl InteropNetwork {
         let sink = self.sink.get().cloned();
         tokio::spawn(pump(mxid.to_owned(), acc.clone(), rx, sink));
         Ok(acc)
+    }
+}
+
+/// Avatars larger than this are not downloaded (they are shown as no avatar).
+const MAX_AVATAR_BYTES: u64 = 10 * 1024 * 1024;
+
+fn group_info(g: pb::Group) -> GroupInfo {
+    GroupInfo {
+        id: g.id,
+        name: g.name,
+        members: g.members,
+        changed_by: g.changed_by,
+        avatar_blob: g.avatar_blob,
     }
 }
 
@@ -190,12 +204,7 @@ fn convert(ev: Event) -> Option<NetEvent> {
         } => NetEvent::GroupUpdate {
             envelope_id,
             from,
-            group: GroupInfo {
-                id: group.id,
-                name: group.name,
-                members: group.members,
-                changed_by: group.changed_by,
-            },
+            group: group_info(group),
         },
         Event::Typing {
             from,
@@ -364,46 +373,49 @@ impl NetAccount for InteropAccount {
             .create_group(name.to_owned(), members)
             .await
             .map_err(net_err)?;
-        Ok(GroupInfo {
-            id: g.id,
-            name: g.name,
-            members: g.members,
-            changed_by: g.changed_by,
-        })
+        Ok(group_info(g))
     }
 
-    async fn update_group(
-        &self,
-        group: &str,
-        add: Vec<String>,
-        remove: Vec<String>,
-        name: Option<String>,
-    ) -> Result<GroupInfo, NetError> {
+    async fn update_group(&self, group: &str, change: GroupChange) -> Result<GroupInfo, NetError> {
         let g = self
             .handle
             .update_group(pb::UpdateGroup {
                 group: group.to_owned(),
-                add,
-                remove,
-                name,
-                avatar_blob: None,
+                add: change.add,
+                remove: change.remove,
+                name: change.name,
+                avatar_blob: change.avatar_blob,
             })
             .await
             .map_err(net_err)?;
-        Ok(GroupInfo {
-            id: g.id,
-            name: g.name,
-            members: g.members,
-            changed_by: g.changed_by,
-        })
+        Ok(group_info(g))
     }
 
-    async fn profile_name(&self, account: &str) -> Result<Option<String>, NetError> {
+    async fn group(&self, group: &str) -> Result<GroupInfo, NetError> {
+        let g = self.handle.group(group.to_owned()).await.map_err(net_err)?;
+        Ok(group_info(g))
+    }
+
+    async fn profile(&self, account: &str) -> Result<Option<NetProfile>, NetError> {
         match self.handle.profile(account.to_owned()).await {
-            Ok(p) => Ok(Some(p.name)),
+            Ok(p) => Ok(Some(NetProfile {
+                name: p.name,
+                avatar_blob: p.avatar_blob,
+            })),
             Err(e) if e.code() == Some(ErrorCode::NotFound) => Ok(None),
             Err(e) => Err(net_err(e)),
         }
+    }
+
+    async fn upload_avatar(&self, image: Vec<u8>) -> Result<String, NetError> {
+        self.handle.upload_plain(image).await.map_err(net_err)
+    }
+
+    async fn download_avatar(&self, blob: &str) -> Result<Vec<u8>, NetError> {
+        self.handle
+            .download_plain(blob.to_owned(), MAX_AVATAR_BYTES)
+            .await
+            .map_err(net_err)
     }
 
     async fn ack(&self, envelope_id: u64) {

@@ -142,6 +142,13 @@ impl MatrixConnector for MatrixSide {
         Ok(mxid)
     }
 
+    async fn set_avatar(&self, as_user: &str, mxc: &str) -> Result<(), BridgeError> {
+        self.client
+            .set_avatar(&user(as_user)?, ruma::OwnedMxcUri::from(mxc))
+            .await?;
+        Ok(())
+    }
+
     async fn create_room(&self, mut body: serde_json::Value) -> Result<String, BridgeError> {
         // From room version 12 on, creators have unlimited power and must not be listed in the
         // power levels (MSC4289); older versions need the bot listed, or it loses its level.

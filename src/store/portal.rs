@@ -17,6 +17,18 @@ pub struct Portal {
     pub name: String,
     /// The Matrix user whose login relays for others in this room.
     pub relay: Option<String>,
+    /// The group avatar's interop blob and its copy on Matrix (empty: none).
+    pub avatar_blob: String,
+    pub avatar_mxc: String,
+}
+
+/// What the bridge last set on a ghost.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GhostProfile {
+    pub displayname: String,
+    /// The contact's avatar blob on the interop side and its copy on Matrix (empty: none).
+    pub avatar_blob: String,
+    pub avatar_mxc: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,13 +71,12 @@ pub trait PortalStore: Send + Sync {
     async fn delete_portal(&self, receiver: &str, chat_id: &str) -> Result<(), StoreError>;
     async fn portals_of(&self, receiver: &str) -> Result<Vec<Portal>, StoreError>;
 
-    async fn ghost_profile(&self, account: &str) -> Result<Option<(String, String)>, StoreError>;
+    async fn ghost_profile(&self, account: &str) -> Result<Option<GhostProfile>, StoreError>;
     async fn save_ghost(
         &self,
         account: &str,
         mxid: &str,
-        displayname: &str,
-        avatar: &str,
+        profile: &GhostProfile,
     ) -> Result<(), StoreError>;
 
     async fn map_message(&self, m: &MappedMessage) -> Result<(), StoreError>;
@@ -96,6 +107,8 @@ fn portal_row(r: &sqlx::any::AnyRow) -> Result<Portal, StoreError> {
         room_id: r.try_get(3)?,
         name: r.try_get(4)?,
         relay: r.try_get(5)?,
+        avatar_blob: r.try_get(6)?,
+        avatar_mxc: r.try_get(7)?,
     })
 }
 
@@ -109,7 +122,7 @@ fn mapped_row(r: &sqlx::any::AnyRow) -> Result<MappedMessage, StoreError> {
     })
 }
 
-const PORTAL_COLS: &str = "receiver, chat_id, kind, room_id, name, relay";
+const PORTAL_COLS: &str = "receiver, chat_id, kind, room_id, name, relay, avatar_blob, avatar_mxc";
 const MAP_COLS: &str = "room_id, event_id, message_id, sender, part";
 
 #[async_trait]
@@ -174,9 +187,10 @@ impl PortalStore for SqlStore {
 
     async fn save_portal(&self, p: &Portal) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO portal (receiver, chat_id, kind, room_id, name, relay, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+            "INSERT INTO portal (receiver, chat_id, kind, room_id, name, relay, avatar_blob, avatar_mxc, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
              ON CONFLICT (receiver, chat_id) DO UPDATE SET kind = excluded.kind, room_id = excluded.room_id, \
-             name = excluded.name, relay = excluded.relay",
+             name = excluded.name, relay = excluded.relay, avatar_blob = excluded.avatar_blob, avatar_mxc = excluded.avatar_mxc",
         )
         .bind(&p.receiver)
         .bind(&p.chat_id)
@@ -184,6 +198,8 @@ impl PortalStore for SqlStore {
         .bind(p.room_id.as_deref())
         .bind(&p.name)
         .bind(p.relay.as_deref())
+        .bind(&p.avatar_blob)
+        .bind(&p.avatar_mxc)
         .bind(now_ms())
         .execute(self.pool())
         .await?;
@@ -222,29 +238,39 @@ impl PortalStore for SqlStore {
         rows.iter().map(portal_row).collect()
     }
 
-    async fn ghost_profile(&self, account: &str) -> Result<Option<(String, String)>, StoreError> {
-        let row = sqlx::query("SELECT displayname, avatar_mxc FROM ghost WHERE account = $1")
-            .bind(account)
-            .fetch_optional(self.pool())
-            .await?;
-        row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).transpose()
+    async fn ghost_profile(&self, account: &str) -> Result<Option<GhostProfile>, StoreError> {
+        let row = sqlx::query(
+            "SELECT displayname, avatar_blob, avatar_mxc FROM ghost WHERE account = $1",
+        )
+        .bind(account)
+        .fetch_optional(self.pool())
+        .await?;
+        row.map(|r| {
+            Ok(GhostProfile {
+                displayname: r.try_get(0)?,
+                avatar_blob: r.try_get(1)?,
+                avatar_mxc: r.try_get(2)?,
+            })
+        })
+        .transpose()
     }
 
     async fn save_ghost(
         &self,
         account: &str,
         mxid: &str,
-        displayname: &str,
-        avatar: &str,
+        profile: &GhostProfile,
     ) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO ghost (account, mxid, displayname, avatar_mxc) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (account) DO UPDATE SET mxid = excluded.mxid, displayname = excluded.displayname, avatar_mxc = excluded.avatar_mxc",
+            "INSERT INTO ghost (account, mxid, displayname, avatar_blob, avatar_mxc) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (account) DO UPDATE SET mxid = excluded.mxid, displayname = excluded.displayname, \
+             avatar_blob = excluded.avatar_blob, avatar_mxc = excluded.avatar_mxc",
         )
         .bind(account)
         .bind(mxid)
-        .bind(displayname)
-        .bind(avatar)
+        .bind(&profile.displayname)
+        .bind(&profile.avatar_blob)
+        .bind(&profile.avatar_mxc)
         .execute(self.pool())
         .await?;
         Ok(())
@@ -340,9 +366,13 @@ mod tests {
             room_id: None,
             name: String::new(),
             relay: None,
+            avatar_blob: String::new(),
+            avatar_mxc: String::new(),
         };
         s.save_portal(&p).await.expect("save");
         p.room_id = Some("!r:x".into());
+        p.avatar_blob = "0123456789abcdef0123456789abcdef".into();
+        p.avatar_mxc = "mxc://x/avatar".into();
         s.save_portal(&p).await.expect("update");
         assert_eq!(
             s.portal_by_room("!r:x").await.expect("by room"),
@@ -367,16 +397,17 @@ mod tests {
             .await
             .expect("delete");
         assert!(s.by_event("!r:x", "$e").await.expect("by ev").is_none());
-        s.save_ghost("+15550002222", "@interop_15550002222:x", "Bob", "")
+        let bob = GhostProfile {
+            displayname: "Bob".into(),
+            avatar_blob: "00112233445566778899aabbccddeeff".into(),
+            avatar_mxc: "mxc://x/bob".into(),
+        };
+        s.save_ghost("+15550002222", "@interop_15550002222:x", &bob)
             .await
             .expect("ghost");
         assert_eq!(
-            s.ghost_profile("+15550002222")
-                .await
-                .expect("ghost")
-                .map(|g| g.0)
-                .as_deref(),
-            Some("Bob")
+            s.ghost_profile("+15550002222").await.expect("ghost"),
+            Some(bob)
         );
         s.delete_login("@a:x").await.expect("logout");
         assert!(s.login("@a:x").await.expect("get").is_none());

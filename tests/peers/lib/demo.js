@@ -14,6 +14,41 @@ const { Contact } = require('./contact-agent');
 
 const ECHO_PREFIX = 'You said: ';
 
+/** A 64×64 PNG for the contact's profile: a teal disc on white (profiles carry public images). */
+function avatarPng() {
+  const zlib = require('zlib');
+  const size = 64;
+  const rows = [];
+  for (let y = 0; y < size; y++) {
+    const row = Buffer.alloc(1 + size * 3); // filter byte 0, then RGB
+    for (let x = 0; x < size; x++) {
+      const inside = (x - 31.5) ** 2 + (y - 31.5) ** 2 < 30 ** 2;
+      const rgb = inside ? [0x00, 0x89, 0x7b] : [0xff, 0xff, 0xff];
+      Buffer.from(rgb).copy(row, 1 + x * 3);
+    }
+    rows.push(row);
+  }
+  const chunk = (type, data) => {
+    const len = Buffer.alloc(4);
+    len.writeUInt32BE(data.length);
+    const body = Buffer.concat([Buffer.from(type, 'ascii'), data]);
+    const crc = Buffer.alloc(4);
+    crc.writeUInt32BE(zlib.crc32(body) >>> 0);
+    return Buffer.concat([len, body, crc]);
+  };
+  const ihdr = Buffer.alloc(13);
+  ihdr.writeUInt32BE(size, 0);
+  ihdr.writeUInt32BE(size, 4);
+  ihdr[8] = 8; // bit depth
+  ihdr[9] = 2; // truecolour
+  return Buffer.concat([
+    Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]),
+    chunk('IHDR', ihdr),
+    chunk('IDAT', zlib.deflateSync(Buffer.concat(rows))),
+    chunk('IEND', Buffer.alloc(0)),
+  ]);
+}
+
 function parseArgs(argv) {
   const opts = { name: 'Demo Contact', prekeys: 50, code: null, state: null };
   for (let i = 0; i < argv.length; i++) {
@@ -131,7 +166,8 @@ async function main(argv) {
     if (fresh || logged.one_time_prekeys < 10 || logged.kyber_prekeys < 10) {
       await contact.upload_keys({ one_time: opts.prekeys, kyber: opts.prekeys });
     }
-    await contact.set_profile({ name: opts.name });
+    const avatar = await contact.upload_media({ bytes_b64: avatarPng().toString('base64'), raw: true });
+    await contact.set_profile({ name: opts.name, avatar_blob: avatar.blob });
     await contact.presence({ online: true });
     persist();
     log({ event: 'ready', account: opts.account, identity_key: contact.status().identity_key });
