@@ -73,6 +73,57 @@ async fn dm_messages_both_ways() {
         )
         .await;
 
+    every_row_both_ways(&alice, &mut node, &my_account, &room, &ghost, &Chat::Dm).await;
+
+    let log = std::fs::read_to_string(&env.bridge.log).expect("log");
+    assert!(
+        !log.contains("hello bold") && !log.contains("hi alice"),
+        "message bodies must not reach the log"
+    );
+}
+
+/// Where the contact writes: to our account, or into a group we are both in.
+enum Chat {
+    Dm,
+    Group(String),
+}
+
+impl Chat {
+    fn send(&self, to: &str, content: Value) -> Value {
+        match self {
+            Chat::Dm => json!({"cmd": "send", "to": to, "content": content}),
+            Chat::Group(g) => json!({"cmd": "send_group", "group": g, "content": content}),
+        }
+    }
+
+    fn with_group(&self, mut cmd: Value) -> Value {
+        if let Chat::Group(g) = self {
+            cmd["group"] = json!(g);
+        }
+        cmd
+    }
+
+    fn typing(&self, to: &str) -> Value {
+        match self {
+            Chat::Dm => json!({"cmd": "typing", "to": to, "typing": true}),
+            Chat::Group(g) => json!({"cmd": "typing", "group": g, "typing": true}),
+        }
+    }
+}
+
+/// Every row of "messages both ways" in one portal: text with formatting, replies, edits,
+/// reactions (and removing one), deletions, read receipts, typing, media (image, voice, file),
+/// location and contact cards.
+async fn every_row_both_ways(
+    alice: &MatrixUser,
+    node: &mut common::node::NodeContact,
+    my_account: &str,
+    room: &str,
+    ghost: &str,
+    chat: &Chat,
+) {
+    let room = room.to_owned();
+    let ghost = ghost.to_owned();
     // Text with formatting, Matrix → interop.
     let e1 = alice
         .send(&room, "m.room.message", json!({"msgtype": "m.text", "body": "hello bold", "format": "org.matrix.custom.html", "formatted_body": "hello <b>bold</b>"}))
@@ -81,12 +132,19 @@ async fn dm_messages_both_ways() {
         v["event"] == "message" && v["content"]["text"]["body"] == "hello bold"
     });
     assert_eq!(m1["content"]["text"]["formats"][0]["style"], "BOLD", "{m1}");
+    if let Chat::Group(g) = chat {
+        assert_eq!(m1["kind"], "GROUP");
+        assert_eq!(m1["group"], json!(g));
+    }
     let m1_id = m1["message_id"].as_str().expect("id").to_owned();
 
     // Text with formatting and a reply, interop → Matrix.
-    let sent = node.call(json!({"cmd": "send", "to": my_account, "content": {
+    let sent = node.call(chat.send(
+        my_account,
+        json!({
         "text": {"body": "hi alice", "formats": [{"style": "ITALIC", "start": 3, "length": 5}]},
-        "reply_to": {"message_id": m1_id, "author": my_account}}}));
+        "reply_to": {"message_id": m1_id, "author": my_account}}),
+    ));
     let r = alice
         .wait_for(
             &room,
@@ -116,7 +174,10 @@ async fn dm_messages_both_ways() {
     });
     assert_eq!(m["content"]["edit"]["target"], json!(m1_id));
     assert_eq!(m["content"]["edit"]["text"]["body"], "hello edited");
-    node.call(json!({"cmd": "send", "to": my_account, "content": {"edit": {"target": n1_id, "text": {"body": "hi alice (edited)"}}}}));
+    node.call(chat.send(
+        my_account,
+        json!({"edit": {"target": n1_id, "text": {"body": "hi alice (edited)"}}}),
+    ));
     let ed = alice
         .wait_for(
             &room,
@@ -147,7 +208,10 @@ async fn dm_messages_both_ways() {
         v["event"] == "message" && v["content"]["reaction"]["remove"] == true
     });
     assert_eq!(m["content"]["reaction"]["emoji"], "👍");
-    node.call(json!({"cmd": "send", "to": my_account, "content": {"reaction": {"target": m1_id, "emoji": "❤️", "target_author": my_account}}}));
+    node.call(chat.send(
+        my_account,
+        json!({"reaction": {"target": m1_id, "emoji": "❤️", "target_author": my_account}}),
+    ));
     let re = alice
         .wait_for(
             &room,
@@ -169,7 +233,7 @@ async fn dm_messages_both_ways() {
         v["event"] == "message" && v["content"]["delete"].is_object()
     });
     assert_eq!(m["content"]["delete"]["target"], json!(doomed_id));
-    let s = node.call(json!({"cmd": "send", "to": my_account, "content": "oops"}));
+    let s = node.call(chat.send(my_account, json!("oops")));
     let oops = alice
         .wait_for(
             &room,
@@ -177,7 +241,7 @@ async fn dm_messages_both_ways() {
             by(&ghost, |e| e["content"]["body"] == "oops"),
         )
         .await;
-    node.call(json!({"cmd": "send", "to": my_account, "content": {"delete": {"target": s["message_id"]}}}));
+    node.call(chat.send(my_account, json!({"delete": {"target": s["message_id"]}})));
     let oops_id = oops["event_id"].as_str().expect("id").to_owned();
     alice
         .wait_for(&room, "redaction of oops", |e| {
@@ -192,8 +256,13 @@ async fn dm_messages_both_ways() {
         v["event"] == "receipt" && v["type"] == "READ"
     });
     assert_eq!(m["message_ids"][0], json!(n1_id));
-    node.call(json!({"cmd": "receipt", "to": my_account, "type": "READ", "message_ids": [m1_id]}));
-    wait_ephemeral(&alice, &room, "ghost read receipt", |e| {
+    if let Chat::Group(g) = chat {
+        assert_eq!(m["group"], json!(g), "{m}");
+    }
+    node.call(chat.with_group(
+        json!({"cmd": "receipt", "to": my_account, "type": "READ", "message_ids": [m1_id]}),
+    ));
+    wait_ephemeral(alice, &room, "ghost read receipt", |e| {
         e["type"] == "m.receipt" && e["content"][&e1]["m.read"].get(&ghost).is_some()
     })
     .await;
@@ -201,8 +270,8 @@ async fn dm_messages_both_ways() {
     // Typing both ways.
     alice.typing(&room, true).await;
     node.event("typing", |v| v["event"] == "typing" && v["typing"] == true);
-    node.call(json!({"cmd": "typing", "to": my_account, "typing": true}));
-    wait_ephemeral(&alice, &room, "ghost typing", |e| {
+    node.call(chat.typing(my_account));
+    wait_ephemeral(alice, &room, "ghost typing", |e| {
         e["type"] == "m.typing"
             && e["content"]["user_ids"]
                 .as_array()
@@ -229,7 +298,7 @@ async fn dm_messages_both_ways() {
 
     let ogg = b"OggS voice bytes".to_vec();
     let up = node.call(json!({"cmd": "upload_media", "bytes_b64": B64.encode(&ogg), "mimetype": "audio/ogg", "type": "VOICE", "duration_ms": 3000}));
-    node.call(json!({"cmd": "send", "to": my_account, "content": {"media": up["media"]}}));
+    node.call(chat.send(my_account, json!({"media": up["media"]})));
     let v = alice
         .wait_for(
             &room,
@@ -251,7 +320,7 @@ async fn dm_messages_both_ways() {
 
     let pdf = b"%PDF-1.4 tiny".to_vec();
     let up = node.call(json!({"cmd": "upload_media", "bytes_b64": B64.encode(&pdf), "mimetype": "application/pdf", "type": "FILE", "filename": "doc.pdf", "caption": {"body": "the doc"}}));
-    node.call(json!({"cmd": "send", "to": my_account, "content": {"media": up["media"]}}));
+    node.call(chat.send(my_account, json!({"media": up["media"]})));
     let f = alice
         .wait_for(
             &room,
@@ -263,7 +332,10 @@ async fn dm_messages_both_ways() {
     assert_eq!(f["content"]["body"], "the doc");
 
     // Location and contact card.
-    node.call(json!({"cmd": "send", "to": my_account, "content": {"location": {"latitude": 52.5, "longitude": 13.4, "name": "Berlin"}}}));
+    node.call(chat.send(
+        my_account,
+        json!({"location": {"latitude": 52.5, "longitude": 13.4, "name": "Berlin"}}),
+    ));
     let l = alice
         .wait_for(
             &room,
@@ -283,7 +355,10 @@ async fn dm_messages_both_ways() {
         v["event"] == "message" && v["content"]["location"].is_object()
     });
     assert_eq!(m["content"]["location"]["latitude"], 48.1);
-    node.call(json!({"cmd": "send", "to": my_account, "content": {"contact": {"display_name": "Carol", "phone_numbers": ["+15550009999"]}}}));
+    node.call(chat.send(
+        my_account,
+        json!({"contact": {"display_name": "Carol", "phone_numbers": ["+15550009999"]}}),
+    ));
     alice
         .wait_for(
             &room,
@@ -295,12 +370,31 @@ async fn dm_messages_both_ways() {
             }),
         )
         .await;
+}
 
-    let log = std::fs::read_to_string(&env.bridge.log).expect("log");
-    assert!(
-        !log.contains("hello bold") && !log.contains("hi alice"),
-        "message bodies must not reach the log"
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_messages_both_ways() {
+    let env = BridgeEnv::start("").await;
+    let alice = env.synapse.user("alice").await;
+    let (mgmt, my_account) = login(&alice).await;
+    let mut node = env.node();
+    let ghost = format!(
+        "@interop_{}:localhost",
+        node.account.trim_start_matches('+')
     );
+    let g = node.call(json!({"cmd": "create_group", "name": "Every row", "members": [my_account]}));
+    let gid = g["group"]["id"].as_str().expect("id").to_owned();
+    let room = alice.wait_invite(&[&mgmt]).await;
+    alice.join(&room).await;
+    every_row_both_ways(
+        &alice,
+        &mut node,
+        &my_account,
+        &room,
+        &ghost,
+        &Chat::Group(gid),
+    )
+    .await;
 }
 
 async fn wait_ephemeral(user: &MatrixUser, room: &str, what: &str, pred: impl Fn(&Value) -> bool) {

@@ -108,8 +108,14 @@ pub trait NetAccount: Send + Sync {
         message_id: String,
         data: DataMessage,
     ) -> Result<(), NetError>;
-    async fn receipt(&self, to: &str, read: bool, message_ids: Vec<String>)
-    -> Result<(), NetError>;
+    /// A receipt to the author `to` of messages in a DM, or in `group`.
+    async fn receipt(
+        &self,
+        to: &str,
+        group: Option<&str>,
+        read: bool,
+        message_ids: Vec<String>,
+    ) -> Result<(), NetError>;
     async fn typing(&self, to: NetTarget, typing: bool) -> Result<(), NetError>;
     async fn upload(&self, data: Vec<u8>) -> Result<UploadedMedia, NetError>;
     async fn download(&self, blob: &str, key: &[u8], sha256: &[u8]) -> Result<Vec<u8>, NetError>;

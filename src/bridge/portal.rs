@@ -838,6 +838,7 @@ impl Bridge {
             PortalKind::Dm => NetTarget::Contact(portal.chat_id.clone()),
             PortalKind::Group => NetTarget::Group(portal.chat_id.clone()),
         };
+        let group = (portal.kind == PortalKind::Group).then_some(portal.chat_id.as_str());
         match ev["type"].as_str().unwrap_or_default() {
             "m.receipt" => {
                 let Some(map) = ev["content"].as_object() else {
@@ -850,7 +851,9 @@ impl Bridge {
                     if let Some(m) = self.portals.by_event(room, event_id).await?
                         && m.sender != acc.account_id()
                         && m.part.is_empty()
-                        && let Err(e) = acc.receipt(&m.sender, true, vec![m.message_id]).await
+                        && let Err(e) = acc
+                            .receipt(&m.sender, group, true, vec![m.message_id])
+                            .await
                     {
                         tracing::debug!(error = %e, "read receipt not bridged");
                     }

@@ -323,6 +323,7 @@ impl NetAccount for InteropAccount {
     async fn receipt(
         &self,
         to: &str,
+        group: Option<&str>,
         read: bool,
         message_ids: Vec<String>,
     ) -> Result<(), NetError> {
@@ -337,7 +338,7 @@ impl NetAccount for InteropAccount {
                 pb::Receipt {
                     r#type,
                     message_ids,
-                    group: String::new(),
+                    group: group.unwrap_or_default().to_owned(),
                 },
             )
             .await

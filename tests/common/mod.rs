@@ -408,7 +408,11 @@ impl MatrixUser {
     /// The room's ephemeral events (receipts, typing): an initial sync, then one incremental sync
     /// (typing notifications only show up in the latter).
     pub async fn ephemeral(&self, room: &str) -> Vec<Value> {
-        let filter = json!({"room": {"rooms": [room], "timeline": {"limit": 1}, "ephemeral": {"types": ["m.receipt", "m.typing"]}}});
+        // Synapse answers a sync identical to a recent one from a cache (for minutes), which would
+        // hide new typing notifications: every call uses a filter of its own.
+        static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let limit = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let filter = json!({"room": {"rooms": [room], "timeline": {"limit": limit}, "ephemeral": {"types": ["m.receipt", "m.typing"]}}});
         let filter = urlencode(&filter.to_string());
         let (s, b) = self
             .call(
