@@ -49,6 +49,11 @@ async fn start_chat(user: &MatrixUser, mgmt: &str, contact: &str) -> String {
     room
 }
 
+/// The ghost of an interop account on the test homeserver.
+fn ghost_of(account: &str) -> String {
+    format!("@interop_{}:localhost", account.trim_start_matches('+'))
+}
+
 fn by<'a>(sender: &'a str, pred: impl Fn(&Value) -> bool + 'a) -> impl Fn(&Value) -> bool + 'a {
     move |e| e["sender"] == sender && pred(e)
 }
@@ -59,10 +64,7 @@ async fn dm_messages_both_ways() {
     let alice = env.synapse.user("alice").await;
     let (mgmt, my_account) = login(&alice).await;
     let mut node = env.node();
-    let ghost = format!(
-        "@interop_{}:localhost",
-        node.account.trim_start_matches('+')
-    );
+    let ghost = ghost_of(&node.account);
     let room = start_chat(&alice, &mgmt, &node.account).await;
     alice.send_text(&mgmt, "whoami").await;
     alice
@@ -378,10 +380,7 @@ async fn group_messages_both_ways() {
     let alice = env.synapse.user("alice").await;
     let (mgmt, my_account) = login(&alice).await;
     let mut node = env.node();
-    let ghost = format!(
-        "@interop_{}:localhost",
-        node.account.trim_start_matches('+')
-    );
+    let ghost = ghost_of(&node.account);
     let g = node.call(json!({"cmd": "create_group", "name": "Every row", "members": [my_account]}));
     let gid = g["group"]["id"].as_str().expect("id").to_owned();
     let room = alice.wait_invite(&[&mgmt]).await;
@@ -419,7 +418,7 @@ async fn groups_both_ways() {
     let (mgmt, my_account) = login(&alice).await;
     let mut n1 = env.node();
     let mut n2 = env.node();
-    let g1 = format!("@interop_{}:localhost", n1.account.trim_start_matches('+'));
+    let g1 = ghost_of(&n1.account);
 
     // A group made on the interop side appears as a room with ghost members.
     let g = n1.call(
@@ -454,7 +453,7 @@ async fn groups_both_ways() {
         })
         .await;
     n2.call(json!({"cmd": "update_group", "group": gid, "remove": [n2.account]}));
-    let g2 = format!("@interop_{}:localhost", n2.account.trim_start_matches('+'));
+    let g2 = ghost_of(&n2.account);
     let start = std::time::Instant::now();
     while alice.joined_members(&room).await.contains(&g2) {
         assert!(
@@ -524,9 +523,7 @@ async fn profiles_avatars_and_group_changes_both_ways() {
     let mut n1 = env.node();
     let mut n2 = env.node();
     let mut n3 = env.node();
-    let ghost_of = |n: &common::node::NodeContact| {
-        format!("@interop_{}:localhost", n.account.trim_start_matches('+'))
-    };
+    let ghost_of = |n: &common::node::NodeContact| ghost_of(&n.account);
     let (g1, g2, g3) = (ghost_of(&n1), ghost_of(&n2), ghost_of(&n3));
 
     // The contact's profile (name and avatar) is on its ghost.
@@ -636,10 +633,7 @@ async fn restart_loses_and_duplicates_nothing() {
     let alice = env.synapse.user("alice").await;
     let (mgmt, my_account) = login(&alice).await;
     let mut node = env.node();
-    let ghost = format!(
-        "@interop_{}:localhost",
-        node.account.trim_start_matches('+')
-    );
+    let ghost = ghost_of(&node.account);
     let room = start_chat(&alice, &mgmt, &node.account).await;
     node.call(json!({"cmd": "send", "to": my_account, "content": "before restart"}));
     alice
