@@ -625,6 +625,25 @@ async fn profiles_avatars_and_group_changes_both_ways() {
             by(&g1, |e| e["content"]["body"] == "are you still there?"),
         )
         .await;
+
+    // Profiles are pushed by nobody: `sync` picks up a new name at once.
+    n1.call(json!({"cmd": "set_profile", "name": "Nora Renamed", "avatar_blob": blob["blob"]}));
+    alice.send_text(&mgmt, "sync").await;
+    alice
+        .wait_for(
+            &mgmt,
+            "sync",
+            from_bot("Synced 0 contact(s) and 1 group(s)"),
+        )
+        .await;
+    let (_, profile) = alice
+        .call(
+            reqwest::Method::GET,
+            &format!("/_matrix/client/v3/profile/{}", common::urlencode(&g1)),
+            None,
+        )
+        .await;
+    assert_eq!(profile["displayname"], "Nora Renamed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -505,17 +505,39 @@ impl Bridge {
             return CommandOutcome::text("You are not logged in.");
         };
         let portals = self.portals.portals_of(sender).await.unwrap_or_default();
-        let mut refreshed = 0;
-        for p in portals.iter().filter(|p| p.kind == PortalKind::Dm) {
-            self.ghosts_seen.lock().await.remove(&p.chat_id);
-            if self.ghost(&p.chat_id, Some(&acc)).await.is_ok() {
-                refreshed += 1;
+        let (mut contacts, mut groups, mut failed) = (0, 0, 0);
+        for p in &portals {
+            let done = match p.kind {
+                PortalKind::Dm => {
+                    self.ghosts_seen.lock().await.remove(&p.chat_id);
+                    self.ghost(&p.chat_id, Some(&acc))
+                        .await
+                        .map(|_| contacts += 1)
+                }
+                PortalKind::Group => match acc.group(&p.chat_id).await {
+                    Ok(g) => {
+                        for m in &g.members {
+                            self.ghosts_seen.lock().await.remove(m);
+                        }
+                        self.on_group_update(sender, &acc, &g, &g.changed_by)
+                            .await
+                            .map(|_| groups += 1)
+                    }
+                    Err(e) => Err(e.into()),
+                },
+            };
+            if let Err(e) = done {
+                tracing::debug!(error = %e, chat = %p.chat_id, "sync of a chat failed");
+                failed += 1;
             }
         }
-        CommandOutcome::text(format!(
-            "Synced {refreshed} contact(s) of {} chat(s).",
-            portals.len()
-        ))
+        let mut text = format!("Synced {contacts} contact(s) and {groups} group(s).");
+        if failed > 0 {
+            text.push_str(&format!(
+                " {failed} chat(s) could not be synced; try again later."
+            ));
+        }
+        CommandOutcome::text(text)
     }
 
     async fn cmd_relay(
