@@ -1,11 +1,23 @@
 //! The queue worker: takes sealed events out of the durable queue in arrival order, hands them to
-//! the bridge core, and deletes each one once it has been handled. An event that fails with a
-//! retryable error stays queued and is tried again with backoff; after `MAX_ATTEMPTS` it is dropped
-//! with an error in the log (it never blocks the queue for good).
+//! the bridge core, and deletes each one once it has been handled.
+//!
+//! One dispatcher reads the queue; events without a room (crypto changes) are handled by the
+//! dispatcher itself, before any later event is handed on, and each room's events go to that
+//! room's lane: a task that handles them one after the other. Rooms do not wait for each other,
+//! and an event that fails with a retryable error is retried with backoff in its lane, holding up
+//! only its room's later events; after `MAX_ATTEMPTS` it is dropped with an error in the log (it
+//! never blocks a room for good). A lane ends when its room has been quiet for a while.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
-use tokio::sync::{Notify, watch};
+use tokio::{
+    sync::{Notify, mpsc, watch},
+    task::JoinSet,
+};
 
 use super::{QUEUE_AD, QueueItem};
 use crate::{
@@ -21,6 +33,10 @@ const KEY_WAIT: Duration = Duration::from_secs(30);
 
 const BATCH: i64 = 100;
 const MAX_ATTEMPTS: i64 = 8;
+/// A lane with nothing to do for this long ends (a new event starts a new one).
+const LANE_IDLE: Duration = Duration::from_secs(60);
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 pub struct QueueWorker {
     pub store: Arc<dyn TxnStore>,
@@ -32,75 +48,121 @@ pub struct QueueWorker {
     pub crypto: Option<Arc<Crypto>>,
 }
 
+type Lanes = Arc<Mutex<HashMap<String, mpsc::UnboundedSender<StoredEvent>>>>;
+
+/// What became of one attempt at an event.
+enum Outcome {
+    /// Handled, or given up on: it leaves the queue.
+    Done,
+    /// Try again later.
+    Retry,
+}
+
 impl QueueWorker {
-    /// Runs until `shutdown` turns true; the event in hand is finished first.
+    /// Runs until `shutdown` turns true; the events in hand are finished first, the rest stay
+    /// queued for the next start.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let mut backoff = Duration::from_millis(200);
+        let this = Arc::new(self);
+        let lanes: Lanes = Arc::default();
+        let mut tasks = JoinSet::new();
+        // Events up to this sequence number have been handed out.
+        let mut dispatched = 0i64;
+        let mut backoff = FIRST_BACKOFF;
+        while !*shutdown.borrow() {
+            let batch = match this.store.queued_events_after(dispatched, BATCH).await {
+                Ok(b) => {
+                    backoff = FIRST_BACKOFF;
+                    b
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the event queue");
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    Vec::new()
+                }
+            };
+            if batch.is_empty() {
+                tokio::select! {
+                    _ = this.notify.notified() => {}
+                    _ = tokio::time::sleep(backoff.max(Duration::from_secs(1))) => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
+            for ev in batch {
+                dispatched = ev.seq;
+                let Some(room) = ev.room_id.clone() else {
+                    this.handle_until_done(ev, &mut shutdown.clone()).await;
+                    continue;
+                };
+                let mut map = lanes.lock().unwrap_or_else(|p| p.into_inner());
+                let tx = map.entry(room.clone()).or_insert_with(|| {
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    tasks.spawn(this.clone().lane(room, rx, lanes.clone(), shutdown.clone()));
+                    tx
+                });
+                // A lane only goes away while holding the lock and with nothing queued.
+                let _ = tx.send(ev);
+            }
+            while tasks.try_join_next().is_some() {}
+        }
+        // Lanes finish the event in hand and stop; what they had not started stays queued.
+        lanes.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        while tasks.join_next().await.is_some() {}
+    }
+
+    /// One room's events, in order.
+    async fn lane(
+        self: Arc<Self>,
+        room: String,
+        mut rx: mpsc::UnboundedReceiver<StoredEvent>,
+        lanes: Lanes,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         loop {
+            let ev = match tokio::time::timeout(LANE_IDLE, rx.recv()).await {
+                Ok(Some(ev)) => ev,
+                Ok(None) => return,
+                Err(_) => {
+                    let mut map = lanes.lock().unwrap_or_else(|p| p.into_inner());
+                    if rx.is_empty() {
+                        map.remove(&room);
+                        return;
+                    }
+                    continue;
+                }
+            };
             if *shutdown.borrow() {
                 return;
             }
-            match self.drain().await {
-                Ok(true) => {
-                    backoff = Duration::from_millis(200);
-                    continue;
-                }
-                Ok(false) => backoff = Duration::from_millis(200),
-                Err(()) => backoff = (backoff * 2).min(Duration::from_secs(30)),
-            }
+            self.handle_until_done(ev, &mut shutdown).await;
+        }
+    }
+
+    /// Handles an event, retrying with backoff, until it is done (or the bridge shuts down).
+    async fn handle_until_done(&self, mut ev: StoredEvent, shutdown: &mut watch::Receiver<bool>) {
+        let mut backoff = FIRST_BACKOFF;
+        while let Outcome::Retry = self.handle_one(&ev).await {
+            ev.attempts += 1;
             tokio::select! {
-                _ = self.notify.notified() => {}
                 _ = tokio::time::sleep(backoff) => {}
                 _ = shutdown.changed() => {}
             }
+            if *shutdown.borrow() {
+                return;
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+        // Handled: it leaves the queue (retried, so that it is not handled twice).
+        let mut backoff = FIRST_BACKOFF;
+        while let Err(e) = self.store.remove_event(ev.seq).await {
+            tracing::error!(error = %e, "cannot dequeue event");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 
-    /// Handles one batch. `Ok(true)` when it did work, `Err` when something must be retried later.
-    async fn drain(&self) -> Result<bool, ()> {
-        let batch = match self.store.queued_events(BATCH).await {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read the event queue");
-                return Err(());
-            }
-        };
-        if batch.is_empty() {
-            return Ok(false);
-        }
-        // Events without a room (crypto changes) first, in order. Then one lane per room: each
-        // room's events in order, different rooms concurrently, so a slow chat does not hold up
-        // the others.
-        let mut roomless = Vec::new();
-        let mut lanes: Vec<(String, Vec<StoredEvent>)> = Vec::new();
-        for ev in batch {
-            match ev.room_id.clone() {
-                None => roomless.push(ev),
-                Some(room) => match lanes.iter_mut().find(|(r, _)| *r == room) {
-                    Some((_, evs)) => evs.push(ev),
-                    None => lanes.push((room, vec![ev])),
-                },
-            }
-        }
-        for ev in roomless {
-            self.handle_one(ev).await?;
-        }
-        let results = futures::future::join_all(lanes.into_iter().map(|(_, evs)| async move {
-            for ev in evs {
-                // A failed event keeps its room's later events waiting, to keep their order.
-                self.handle_one(ev).await?;
-            }
-            Ok::<(), ()>(())
-        }))
-        .await;
-        if results.iter().any(Result::is_err) {
-            return Err(());
-        }
-        Ok(true)
-    }
-
-    /// Handles one queued event; `Err` means it stays queued and is retried later.
-    async fn handle_one(&self, ev: StoredEvent) -> Result<(), ()> {
+    /// One attempt at a queued event.
+    async fn handle_one(&self, ev: &StoredEvent) -> Outcome {
         let item: Option<QueueItem> = self
             .key
             .open(QUEUE_AD, &ev.sealed)
@@ -111,7 +173,7 @@ impl QueueWorker {
                 seq = ev.seq,
                 "dropping a queued event that cannot be opened"
             );
-            return self.remove(ev.seq).await;
+            return Outcome::Done;
         };
         let result = match item.kind.as_str() {
             "pdu" => self.pdu(item.event).await,
@@ -129,19 +191,19 @@ impl QueueWorker {
             _ => Ok(()),
         };
         match result {
-            Ok(()) => self.remove(ev.seq).await,
+            Ok(()) => Outcome::Done,
             Err(e) if e.is_retryable() && ev.attempts + 1 < MAX_ATTEMPTS => {
                 tracing::warn!(seq = ev.seq, attempt = ev.attempts + 1, error = %e, "event handling failed, will retry");
                 self.metrics.errors.inc();
                 if let Err(e) = self.store.count_attempt(ev.seq).await {
                     tracing::error!(error = %e, "cannot count attempt");
                 }
-                Err(())
+                Outcome::Retry
             }
             Err(e) => {
                 tracing::error!(seq = ev.seq, error = %e, "giving up on an event");
                 self.metrics.errors.inc();
-                self.remove(ev.seq).await
+                Outcome::Done
             }
         }
     }
@@ -210,11 +272,115 @@ impl QueueWorker {
             _ => self.handler.handle_matrix_event(&ev).await,
         }
     }
+}
 
-    async fn remove(&self, seq: i64) -> Result<(), ()> {
-        self.store
-            .remove_event(seq)
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex as StdMutex;
+
+    use async_trait::async_trait;
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::{
+        bridge::BridgeError,
+        store::{QueuedEvent, testing},
+    };
+
+    /// Records handled events; every event of room `!stuck` fails (retryably) until released.
+    #[derive(Default)]
+    struct Recorder {
+        handled: StdMutex<Vec<String>>,
+        release: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait]
+    impl MatrixEventHandler for Recorder {
+        async fn handle_matrix_event(&self, ev: &Value) -> Result<(), BridgeError> {
+            if ev["room_id"] == "!stuck:x"
+                && !self.release.load(std::sync::atomic::Ordering::SeqCst)
+            {
+                return Err(BridgeError::Matrix("homeserver away".into()));
+            }
+            let id = ev["event_id"].as_str().unwrap_or_default().to_owned();
+            self.handled.lock().expect("lock").push(id);
+            Ok(())
+        }
+    }
+
+    fn queued(key: &SecretKey, room: &str, id: &str) -> QueuedEvent {
+        let item = QueueItem {
+            kind: "pdu".into(),
+            event: json!({"type": "m.room.message", "room_id": room, "event_id": id, "sender": "@u:x"}),
+        };
+        QueuedEvent {
+            room_id: Some(room.into()),
+            sealed: key.seal(QUEUE_AD, &serde_json::to_vec(&item).expect("json")),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failing_room_holds_up_only_itself_and_keeps_its_order() {
+        let (store, _dir) = testing::sqlite().await;
+        let store: Arc<dyn TxnStore> = Arc::new(store);
+        let key = SecretKey::random();
+        let events = vec![
+            queued(&key, "!stuck:x", "$s1"),
+            queued(&key, "!ok:x", "$o1"),
+            queued(&key, "!stuck:x", "$s2"),
+            queued(&key, "!ok:x", "$o2"),
+        ];
+        store
+            .apply_transaction("t1", b"h", &events)
             .await
-            .map_err(|e| tracing::error!(error = %e, "cannot dequeue event"))
+            .expect("queue");
+        let recorder = Arc::new(Recorder::default());
+        let worker = QueueWorker {
+            store: store.clone(),
+            key,
+            notify: Arc::new(Notify::new()),
+            handler: recorder.clone(),
+            metrics: Metrics::new(),
+            crypto: None,
+        };
+        let (stop, stop_rx) = watch::channel(false);
+        let running = tokio::spawn(worker.run(stop_rx));
+        let wait_for = |n: usize| {
+            let recorder = recorder.clone();
+            async move {
+                for _ in 0..200 {
+                    if recorder.handled.lock().expect("lock").len() >= n {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                panic!(
+                    "only {:?} were handled",
+                    recorder.handled.lock().expect("lock")
+                );
+            }
+        };
+        // The other room goes on while the first one retries.
+        wait_for(2).await;
+        assert_eq!(*recorder.handled.lock().expect("lock"), ["$o1", "$o2"]);
+        // Once the homeserver is back, the stuck room's events follow in their order.
+        recorder
+            .release
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        wait_for(4).await;
+        assert_eq!(
+            *recorder.handled.lock().expect("lock"),
+            ["$o1", "$o2", "$s1", "$s2"]
+        );
+        // Handled events leave the queue.
+        for _ in 0..100 {
+            if store.queued_events(10).await.expect("queue").is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(store.queued_events(10).await.expect("queue").is_empty());
+        let _ = stop.send(true);
+        running.await.expect("worker");
     }
 }

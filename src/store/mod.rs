@@ -3,7 +3,10 @@
 //! Queries are written once in the subset of SQL both databases accept (`$n` placeholders in
 //! first-use order, which SQLite binds positionally); dialect differences live in the migrations.
 
-use std::{sync::Once, time::Duration};
+use std::{
+    sync::{Arc, Once},
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use sqlx::{
@@ -66,8 +69,16 @@ pub trait TxnStore: Send + Sync {
         body_hash: &[u8],
         events: &[QueuedEvent],
     ) -> Result<TxnOutcome, StoreError>;
-    /// The oldest queued events, in arrival order.
-    async fn queued_events(&self, limit: i64) -> Result<Vec<StoredEvent>, StoreError>;
+    /// The oldest queued events, in arrival order, at most `limit`.
+    async fn queued_events(&self, limit: i64) -> Result<Vec<StoredEvent>, StoreError> {
+        self.queued_events_after(0, limit).await
+    }
+    /// The oldest queued events after sequence number `after`, at most `limit`.
+    async fn queued_events_after(
+        &self,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError>;
     async fn remove_event(&self, seq: i64) -> Result<(), StoreError>;
     async fn count_attempt(&self, seq: i64) -> Result<(), StoreError>;
     /// Forgets transaction ids older than `max_age_ms` (the events themselves are long applied).
@@ -93,6 +104,10 @@ pub trait KvStore: Send + Sync {
 pub struct SqlStore {
     pool: AnyPool,
     kind: DatabaseType,
+    /// Held while events are queued, so that queue sequence numbers become visible in the
+    /// order they were taken (PostgreSQL would otherwise let a later number commit first, and the
+    /// queue worker, which reads after the last number it saw, would pass over the earlier one).
+    queue_writer: Arc<tokio::sync::Mutex<()>>,
 }
 
 pub fn now_ms() -> i64 {
@@ -139,7 +154,11 @@ impl SqlStore {
             })
             .connect_with(opts)
             .await?;
-        Ok(Self { pool, kind })
+        Ok(Self {
+            pool,
+            kind,
+            queue_writer: Arc::default(),
+        })
     }
 
     fn migrator(&self) -> &'static sqlx::migrate::Migrator {
@@ -207,6 +226,7 @@ impl TxnStore for SqlStore {
         body_hash: &[u8],
         events: &[QueuedEvent],
     ) -> Result<TxnOutcome, StoreError> {
+        let _writer = self.queue_writer.lock().await;
         let mut tx = self.pool.begin().await?;
         let seen: Option<Vec<u8>> =
             sqlx::query_scalar("SELECT body_hash FROM appservice_txn WHERE txn_id = $1")
@@ -242,10 +262,15 @@ impl TxnStore for SqlStore {
         Ok(TxnOutcome::Applied)
     }
 
-    async fn queued_events(&self, limit: i64) -> Result<Vec<StoredEvent>, StoreError> {
+    async fn queued_events_after(
+        &self,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
         let rows = sqlx::query(
-            "SELECT seq, room_id, sealed, attempts FROM event_queue ORDER BY seq LIMIT $1",
+            "SELECT seq, room_id, sealed, attempts FROM event_queue WHERE seq > $1 ORDER BY seq LIMIT $2",
         )
+        .bind(after)
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
