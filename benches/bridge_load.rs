@@ -864,11 +864,20 @@ async fn sync_loop(world: Arc<World>, u: usize) {
         } else {
             format!("/_matrix/client/v3/sync?timeout=30000&filter={filter}&since={since}")
         };
-        let (status, b) = c.call(reqwest::Method::GET, &path, None).await;
-        if status != 200 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        }
+        // Not `MatrixUser::call`: a sync that fails (Synapse going down at the end) is retried.
+        let resp = c
+            .http
+            .get(format!("{}{path}", c.base))
+            .bearer_auth(&c.token)
+            .send()
+            .await;
+        let b: Value = match resp {
+            Ok(r) if r.status().is_success() => r.json().await.unwrap_or(Value::Null),
+            _ => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         if since.is_empty() {
             world.synced.fetch_add(1, Ordering::Relaxed);
         } else if let Some(rooms) = b["rooms"]["join"].as_object() {
