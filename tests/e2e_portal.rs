@@ -161,6 +161,11 @@ async fn every_row_both_ways(
     );
     let r_id = r["event_id"].as_str().expect("id").to_owned();
     let n1_id = sent["message_id"].as_str().expect("id").to_owned();
+    // The bridge reports delivery once the message is on Matrix.
+    let d = node.event("delivery receipt", |v| {
+        v["event"] == "receipt" && v["type"] == "DELIVERED"
+    });
+    assert_eq!(d["message_ids"][0], json!(n1_id), "{d}");
 
     // Reply Matrix → interop.
     alice.send(&room, "m.room.message", json!({"msgtype": "m.text", "body": "a reply", "m.relates_to": {"m.in_reply_to": {"event_id": r_id}}})).await;

@@ -218,7 +218,24 @@ impl Bridge {
                 };
                 let portal = self.ensure_portal(mxid, &acc, &chat, None).await?;
                 self.bridge_incoming(&portal, &acc, from, message_id, data)
-                    .await
+                    .await?;
+                // Delivered: the message reached the user's Matrix side (as a phone would say
+                // once it has the message). Sent in the background, so it costs the loop nothing.
+                let plain = matches!(
+                    data.body,
+                    Some(D::Text(_) | D::Media(_) | D::Location(_) | D::Contact(_))
+                );
+                if plain && from != acc.account_id() {
+                    let (acc, from, group, id) =
+                        (acc.clone(), from.clone(), group.clone(), message_id.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = acc.receipt(&from, group.as_deref(), false, vec![id]).await
+                        {
+                            tracing::debug!(error = %e, "delivery receipt not sent");
+                        }
+                    });
+                }
+                Ok(())
             }
             NetEvent::Receipt {
                 from,
