@@ -35,31 +35,36 @@ fn wait(c: &mut NodeContact, room: &str, sender: &str, body_contains: &str) -> V
     r["event"].clone()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn encrypted_dm_portal_end_to_end() {
-    let mut env = BridgeEnv::start(
-        "encryption:\n    allow: true\n    default: true\n    appservice: true\n    msc4190: true\n    self_sign: true\n",
-    )
-    .await;
-    let mut alice = nio(&env, "alice", "ALICEPHONE");
+const ENCRYPTION: &str = "encryption:\n    allow: true\n    default: true\n    appservice: true\n    msc4190: true\n    self_sign: true\n";
 
-    // An encrypted DM with the bot: commands and answers are encrypted both ways.
+/// Logs `alice` in through an encrypted DM with the bot; returns (management room, account).
+fn encrypted_login(alice: &mut NodeContact) -> (String, String) {
     let mgmt = alice
         .call(json!({"cmd": "create_room", "invite": [BOT], "encrypted": true, "is_direct": true}))
         ["room_id"]
         .as_str()
         .expect("room")
         .to_owned();
-    let welcome = wait(&mut alice, &mgmt, BOT, "management room");
+    let welcome = wait(alice, &mgmt, BOT, "management room");
     assert_eq!(
         welcome["decrypted"], true,
         "the bot's welcome is encrypted: {welcome}"
     );
     let account = random_account();
     alice.call(json!({"cmd": "send_text", "room_id": mgmt, "body": format!("login {account}")}));
-    wait(&mut alice, &mgmt, BOT, "verification code was sent");
+    wait(alice, &mgmt, BOT, "verification code was sent");
     alice.call(json!({"cmd": "send_text", "room_id": mgmt, "body": CODE}));
-    wait(&mut alice, &mgmt, BOT, "Logged in as");
+    wait(alice, &mgmt, BOT, "Logged in as");
+    (mgmt, account)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_dm_portal_end_to_end() {
+    let mut env = BridgeEnv::start(ENCRYPTION).await;
+    let mut alice = nio(&env, "alice", "ALICEPHONE");
+
+    // An encrypted DM with the bot: commands and answers are encrypted both ways.
+    let (mgmt, account) = encrypted_login(&mut alice);
 
     // The bridge's device is cross-signed by the bot's own identity.
     let keys = alice.call(json!({"cmd": "keys_query", "user_id": BOT}));
@@ -147,4 +152,53 @@ async fn encrypted_dm_portal_end_to_end() {
     let ev = wait(&mut alice, &room, &ghost, "reply after restart");
     assert_eq!(ev["decrypted"], true, "{ev}");
     drop(tablet);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_group_portal_end_to_end() {
+    let env = BridgeEnv::start(ENCRYPTION).await;
+    let mut alice = nio(&env, "alice", "ALICEPHONE");
+    let (_mgmt, account) = encrypted_login(&mut alice);
+    let mut n1 = env.node();
+    let mut n2 = env.node();
+    let g1 = format!("@interop_{}:localhost", n1.account.trim_start_matches('+'));
+
+    // A group from the network becomes an encrypted portal with ghost members.
+    let g = n1.call(
+        json!({"cmd": "create_group", "name": "Secret club", "members": [account, n2.account]}),
+    );
+    let gid = g["group"]["id"].as_str().expect("id").to_owned();
+    let inv = alice.call(json!({"cmd": "wait_invite", "join": true, "timeout": 40}));
+    let room = inv["room_id"].as_str().expect("room").to_owned();
+    let members = alice.call(json!({"cmd": "members", "room_id": room}));
+    assert_eq!(
+        members["encrypted"], true,
+        "group portal encrypted: {members}"
+    );
+
+    // Text both ways: sender keys on the interop side, Megolm on the Matrix side.
+    n1.call(json!({"cmd": "send_group", "group": gid, "content": "group secret"}));
+    let ev = wait(&mut alice, &room, &g1, "group secret");
+    assert_eq!(ev["decrypted"], true, "{ev}");
+    let sent = alice.call(json!({"cmd": "send_text", "room_id": room, "body": "hello club"}));
+    assert_eq!(sent["encrypted"], true);
+    for n in [&mut n1, &mut n2] {
+        let m = n.event("group text from Matrix", |v| {
+            v["event"] == "message" && v["content"]["text"]["body"] == "hello club"
+        });
+        assert_eq!(m["group"], json!(gid));
+    }
+
+    // An image from Matrix reaches both members decrypted.
+    let png: Vec<u8> = (0..2000u32).map(|i| (i * 11 % 256) as u8).collect();
+    alice.call(json!({"cmd": "send_image", "room_id": room, "bytes_b64": B64.encode(&png), "mimetype": "image/png", "filename": "g.png"}));
+    let m = n2.event("group image", |v| {
+        v["event"] == "message" && v["content"]["media"].is_object()
+    });
+    let d = n2.call(json!({"cmd": "download_media", "media": m["content"]["media"]}));
+    assert_eq!(
+        B64.decode(d["bytes_b64"].as_str().expect("b64"))
+            .expect("b64"),
+        png
+    );
 }
