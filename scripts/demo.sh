@@ -3,7 +3,8 @@
 # an interop contact, all from this checkout, with their state in .demo/ (git-ignored).
 #
 #   scripts/demo.sh              start everything; keep it running until Ctrl-C
-#   scripts/demo.sh --check      start everything, check that the bot answers `ping`, stop; exit 0/1
+#   scripts/demo.sh --check      start everything, walk through the demo as a check user (ping, login,
+#                                start-chat with the demo contact, its answer), stop; exit 0/1
 #   scripts/demo.sh --reset      wipe .demo/ first (new keys, accounts and rooms); combines with the others
 #   scripts/demo.sh --no-build   use the binaries already built in target/debug instead of `cargo build`
 #
@@ -339,7 +340,11 @@ up_ms=$(($(ms_now) - started_ms))
 note "everything is up after $((up_ms / 1000)).$(printf '%03d' $((up_ms % 1000)) | cut -c1) s"
 
 # ---------------------------------------------------------------------------------------------
-# --check: log in as the demo user, open a DM with the bot, send `ping`, wait for the Pong.
+# --check: as a user of its own (the demo user's chats stay as they are): open a DM with the bot,
+# `ping`, log in with a fresh interop identifier and the dev code, `start-chat` with the demo
+# contact, say hello, and wait for the contact's answer on Matrix; then log out and leave.
+CHECK_USER=demo-check
+CHECK_PASSWORD=demo-check
 
 token=""
 mx_status="" mx_body=""
@@ -359,63 +364,92 @@ mx() {
 json() { python3 -c 'import json, sys; d = json.load(sys.stdin); r = eval(sys.argv[1]); print(r if r is not None else "")' "$@"; }
 urlenc() { python3 -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=""))' "$1"; }
 
+# wait_body ROOM SENDER NEEDLE: waits up to 30 s for a message from SENDER in ROOM whose body
+# contains NEEDLE; prints the body.
+wait_body() {
+    local room_path=/_matrix/client/v3/rooms/$(urlenc "$1") deadline=$((SECONDS + 30)) found=""
+    while [[ -z $found ]]; do
+        if mx GET "$room_path/messages?dir=b&limit=50" && [[ $mx_status == 200 ]]; then
+            found=$(json "next((e['content']['body'] for e in d.get('chunk', []) if e.get('sender') == sys.argv[2]
+                and sys.argv[3] in e.get('content', {}).get('body', '')), None)" "$2" "$3" <<<"$mx_body")
+        fi
+        [[ -n $found ]] && break
+        ((SECONDS < deadline)) || { echo "nothing from $2 containing \"$3\" within 30 s"; return 1; }
+        sleep 0.2
+    done
+    echo "$found"
+}
+
+# say ROOM TEXT: sends a text message.
+say() {
+    local body
+    body=$(python3 -c 'import json, sys; print(json.dumps({"msgtype": "m.text", "body": sys.argv[1]}))' "$2")
+    mx PUT "/_matrix/client/v3/rooms/$(urlenc "$1")/send/m.room.message/demo-check-$(date +%s%N)" "$body" \
+        || return 1
+    [[ $mx_status == 200 ]] || { echo "send: HTTP $mx_status $mx_body"; return 1; }
+    echo "sent: $2"
+}
+
 run_check() {
-    local body room room_path deadline pong_ms t0
+    local body mgmt portal answer t0 identifier
+    bash "$repo/scripts/register-user.sh" "$HS_URL" "$shared_secret" "$CHECK_USER" "$CHECK_PASSWORD" >/dev/null \
+        || { echo "cannot register @$CHECK_USER:$SERVER_NAME"; return 1; }
     body=$(python3 -c 'import json, sys; print(json.dumps({"type": "m.login.password",
         "identifier": {"type": "m.id.user", "user": sys.argv[1]}, "password": sys.argv[2],
-        "initial_device_display_name": "demo.sh --check"}))' "$DEMO_USER" "$DEMO_PASSWORD")
+        "initial_device_display_name": "demo.sh --check"}))' "$CHECK_USER" "$CHECK_PASSWORD")
     mx POST /_matrix/client/v3/login "$body" || return 1
-    [[ $mx_status == 200 ]] || { echo "login as $DEMO_USER: HTTP $mx_status $mx_body"; return 1; }
+    [[ $mx_status == 200 ]] || { echo "login as $CHECK_USER: HTTP $mx_status $mx_body"; return 1; }
     token=$(json 'd["access_token"]' <<<"$mx_body") || return 1
-    echo "logged in as @$DEMO_USER:$SERVER_NAME"
+    echo "logged in as @$CHECK_USER:$SERVER_NAME"
 
     body=$(python3 -c 'import json, sys; print(json.dumps({"invite": [sys.argv[1]], "is_direct": True,
         "preset": "trusted_private_chat", "name": "demo.sh --check"}))' "$BOT")
     mx POST /_matrix/client/v3/createRoom "$body" || return 1
     [[ $mx_status == 200 ]] || { echo "createRoom: HTTP $mx_status $mx_body"; return 1; }
-    room=$(json 'd["room_id"]' <<<"$mx_body") || return 1
-    room_path=/_matrix/client/v3/rooms/$(urlenc "$room") || return 1
-    echo "created $room, inviting $BOT"
-
-    deadline=$((SECONDS + 30))
-    until mx GET "$room_path/joined_members" && [[ $mx_status == 200 ]] \
-        && [[ $(json "sys.argv[2] in d.get('joined', {})" "$BOT" <<<"$mx_body") == True ]]; do
-        ((SECONDS < deadline)) || { echo "the bot did not join within 30 s"; return 1; }
-        sleep 0.3
-    done
-    echo "the bot joined"
+    mgmt=$(json 'd["room_id"]' <<<"$mx_body") || return 1
+    echo "created $mgmt, inviting $BOT"
+    wait_body "$mgmt" "$BOT" "management room" >/dev/null || return 1
+    echo "the bot joined and greeted"
 
     t0=$(ms_now)
-    mx PUT "$room_path/send/m.room.message/demo-check-$(date +%s%N)" '{"msgtype": "m.text", "body": "ping"}' || return 1
-    [[ $mx_status == 200 ]] || { echo "send ping: HTTP $mx_status $mx_body"; return 1; }
-    echo "sent: ping"
+    say "$mgmt" ping || return 1
+    answer=$(wait_body "$mgmt" "$BOT" "Pong") || { echo "$answer"; return 1; }
+    echo "the bot answered after $(($(ms_now) - t0)) ms: $answer"
 
-    deadline=$((SECONDS + 30))
-    local found=""
-    while [[ -z $found ]]; do
-        if mx GET "$room_path/messages?dir=b&limit=50" && [[ $mx_status == 200 ]]; then
-            found=$(json "next((e['content']['body'] for e in d.get('chunk', []) if e.get('sender') == sys.argv[2]
-                and e.get('content', {}).get('msgtype') == 'm.notice' and 'Pong' in e['content'].get('body', '')), None)" \
-                "$BOT" <<<"$mx_body")
-        fi
-        [[ -n $found ]] && break
-        ((SECONDS < deadline)) || { echo "no Pong from the bot within 30 s"; return 1; }
-        sleep 0.2
-    done
-    pong_ms=$(($(ms_now) - t0))
-    echo "the bot answered after $pong_ms ms: $found"
+    identifier=+1555$(printf '%07d' $((RANDOM * 32768 + RANDOM)) | cut -c1-7)
+    say "$mgmt" "login $identifier" || return 1
+    wait_body "$mgmt" "$BOT" "verification code" >/dev/null || return 1
+    say "$mgmt" "$DEV_CODE" || return 1
+    answer=$(wait_body "$mgmt" "$BOT" "Logged in as") || { echo "$answer"; return 1; }
+    echo "$answer"
+
+    say "$mgmt" "start-chat $CONTACT" || return 1
+    answer=$(wait_body "$mgmt" "$BOT" "Your chat with") || { echo "$answer"; return 1; }
+    portal=${answer##*/#/}
+    mx POST "/_matrix/client/v3/rooms/$(urlenc "$portal")/join" '{}' || return 1
+    [[ $mx_status == 200 ]] || { echo "join $portal: HTTP $mx_status $mx_body"; return 1; }
+    echo "joined the portal $portal"
+    t0=$(ms_now)
+    say "$portal" "hello from the check" || return 1
+    answer=$(wait_body "$portal" "@interop_${CONTACT#+}:$SERVER_NAME" "You said: hello from the check") \
+        || { echo "$answer"; return 1; }
+    echo "the demo contact answered after $(($(ms_now) - t0)) ms: $answer"
 
     http_ok "http://127.0.0.1:$AS_PORT/ready" || { echo "the bridge's /ready does not answer 200"; return 1; }
     echo "the bridge's /ready answers 200"
 
-    # Tidy up: leave and forget the check room, end the session.
-    mx POST "$room_path/leave" '{}' || true
-    mx POST "$room_path/forget" '{}' || true
+    # Tidy up: log the check's interop account out, leave the rooms, end the session.
+    say "$mgmt" logout >/dev/null || true
+    wait_body "$mgmt" "$BOT" "Logged out" >/dev/null || true
+    for r in "$portal" "$mgmt"; do
+        mx POST "/_matrix/client/v3/rooms/$(urlenc "$r")/leave" '{}' || true
+        mx POST "/_matrix/client/v3/rooms/$(urlenc "$r")/forget" '{}' || true
+    done
     mx POST /_matrix/client/v3/logout '{}' || true
 }
 
 if ((check)); then
-    note "check: DM $BOT, send ping, expect Pong"
+    note "check: as @$CHECK_USER: ping the bot, log in, start-chat $CONTACT, expect its answer"
     if run_check 2>&1 | sed 's/^/check: /'; then
         total_ms=$(($(ms_now) - started_ms))
         note "PASS (total $((total_ms / 1000)) s)"
@@ -440,8 +474,6 @@ cat <<EOF
       login +15550000001          then the code $DEV_CODE (the gateway runs in demo mode)
       start-chat $CONTACT   the bot invites you to a chat with "$CONTACT_NAME",
                                   who reacts to every text and echoes it
-    A build from before the portal work answers "not available yet" to login and
-    start-chat; ping, version and whoami work in every build.
 
  Logs:    .demo/logs/gateway.log  synapse.log  bridge.log  demo-contact.log
           (Synapse's full log: .demo/synapse/homeserver.log)

@@ -4,8 +4,8 @@
 #   scripts/test.sh [extra arguments for cargo nextest / cargo test]
 #
 # Installs or reuses the Synapse/matrix-nio venv and the Node test peer's packages,
-# makes sure PostgreSQL answers, runs the Rust tests and the Node peer's self-test,
-# and exits non-zero if any of them failed.
+# makes sure PostgreSQL answers, runs the Rust tests, the Node peer's and the matrix-nio
+# client's self-tests and the demo's own check, and exits non-zero if any of them failed.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -57,6 +57,15 @@ fi
 if [[ -f $peers/e2ee_selftest.py ]]; then
     say "$peers/e2ee_selftest.py (matrix-nio against Synapse)"
     "$MIB_SYNAPSE_VENV/bin/python" "$peers/e2ee_selftest.py" || status=1
+fi
+
+# The README's demo, walked through end to end (it listens on fixed loopback ports; a demo that is
+# already running on them is left alone).
+say "scripts/demo.sh --check"
+if (exec 3<>/dev/tcp/127.0.0.1/8008) 2>/dev/null; then
+    echo "port 8008 is in use (a running demo?): demo check skipped"
+else
+    MIB_SYNAPSE_VENV=$MIB_SYNAPSE_VENV bash scripts/demo.sh --check || status=1
 fi
 
 if ((status == 0)); then say "all tests passed"; else say "SOME TESTS FAILED"; fi
