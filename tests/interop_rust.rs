@@ -284,21 +284,7 @@ async fn gateway_restart_loses_no_envelope_and_db_holds_no_secrets() {
     let gw2 = TestGateway::restart(gw, port).await;
     assert_eq!(gw2.addr.address, addr.address);
 
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    b.events = rx;
-    let vault = common::interop::reopen_vault(&b).await;
-    let db: std::sync::Arc<dyn matrix_interop_bridge::vault::VaultStore> =
-        std::sync::Arc::new(b.store.clone());
-    b.handle = matrix_interop_bridge::interop::account::spawn_account(
-        &rt,
-        "@owner:test",
-        addr.clone(),
-        vault.clone(),
-        db.clone(),
-        tx,
-    )
-    .await
-    .expect("respawn");
+    b.respawn(&rt, &addr).await;
     for i in 0..2 {
         assert_eq!(
             body_of(&b.wait(|e| body_of(e).is_some()).await),
@@ -338,6 +324,9 @@ async fn gateway_restart_loses_no_envelope_and_db_holds_no_secrets() {
     // Neither the message text nor B's private identity key is anywhere in B's database files.
     b.handle.stop().await;
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let vault = common::interop::reopen_vault(&b).await;
+    let db: std::sync::Arc<dyn matrix_interop_bridge::vault::VaultStore> =
+        std::sync::Arc::new(b.store.clone());
     let signal = matrix_interop_bridge::vault::signal::SignalStore::open("@owner:test", vault, db)
         .await
         .expect("open");
@@ -359,4 +348,55 @@ async fn gateway_restart_loses_no_envelope_and_db_holds_no_secrets() {
         }
     }
     assert!(files >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_not_acked_before_a_restart_is_replayed_from_the_inbox() {
+    let gw = TestGateway::start().await;
+    let rt = SignalRuntime::start(1);
+    let a = register_ours(&rt, &gw.addr, &random_account()).await;
+    let mut b = register_ours(&rt, &gw.addr, &random_account()).await;
+    a.handle
+        .send(
+            Target::Account(b.account.clone()),
+            "m1".into(),
+            text("kept for later"),
+        )
+        .await
+        .expect("send");
+    // B decrypts it but stops before acking (the bridge crashed before the Matrix side had it).
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let ev = tokio::time::timeout_at(deadline, b.events.recv())
+            .await
+            .expect("timed out")
+            .expect("events");
+        if body_of(&ev).is_some() {
+            break;
+        }
+        if let Some(id) = ev.envelope_id() {
+            b.handle.ack(id).await;
+        }
+    }
+    b.handle.stop().await;
+    // The gateway redelivers; the ratchet has moved on, so only the vault's inbox can answer.
+    b.respawn(&rt, &gw.addr).await;
+    let again = b
+        .wait(|e| body_of(e).is_some() || matches!(e, Event::Undecryptable { .. }))
+        .await;
+    assert_eq!(
+        body_of(&again).as_deref(),
+        Some("kept for later"),
+        "{again:?}"
+    );
+    a.handle
+        .send(
+            Target::Account(b.account.clone()),
+            "m2".into(),
+            text("and the next one"),
+        )
+        .await
+        .expect("send");
+    let next = b.wait(|e| body_of(e).is_some()).await;
+    assert_eq!(body_of(&next).as_deref(), Some("and the next one"));
 }

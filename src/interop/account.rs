@@ -378,6 +378,14 @@ pub async fn spawn_account(
                 return;
             }
         };
+        // Which envelopes have a decrypted message waiting (from before a restart).
+        let inbox = match store.extra_names(INBOX).await {
+            Ok(names) => Some(names.iter().filter_map(|n| n.parse().ok()).collect()),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the account's inbox");
+                None
+            }
+        };
         let actor = Actor {
             creds,
             gateway,
@@ -386,6 +394,7 @@ pub async fn spawn_account(
             events,
             groups: HashMap::new(),
             recent: std::collections::VecDeque::new(),
+            inbox,
         };
         actor.run(rx, ack_rx).await;
     });
@@ -406,6 +415,9 @@ struct Actor {
     groups: HashMap<String, Vec<String>>,
     /// Recently handled envelope ids (redelivery after reconnect).
     recent: std::collections::VecDeque<u64>,
+    /// Envelopes whose decrypted message waits in the vault's inbox until it is acked, so that
+    /// other envelopes need no look-up there (`None`: unknown, always look).
+    inbox: Option<std::collections::HashSet<u64>>,
 }
 
 fn addr(account: &str) -> ProtocolAddress {
@@ -1041,11 +1053,16 @@ impl Actor {
     }
 
     async fn ack(&mut self, envelope_id: u64) {
-        if let Err(e) = self
-            .store
-            .commit(vec![(INBOX, envelope_id.to_string(), None)])
-            .await
-        {
+        let in_inbox = self
+            .inbox
+            .as_mut()
+            .is_none_or(|inbox| inbox.remove(&envelope_id));
+        let clear = if in_inbox {
+            vec![(INBOX, envelope_id.to_string(), None)]
+        } else {
+            vec![]
+        };
+        if let Err(e) = self.store.commit(clear).await {
             tracing::error!(error = %e, "cannot clear inbox entry");
         }
         self.recent.push_back(envelope_id);
@@ -1120,7 +1137,9 @@ impl Actor {
             return;
         }
         // A message decrypted before a crash is replayed from the vault.
-        if let Ok(Some(raw)) = self.store.read_extra(INBOX, &id.to_string()).await
+        let waiting = self.inbox.as_ref().is_none_or(|inbox| inbox.contains(&id));
+        if waiting
+            && let Ok(Some(raw)) = self.store.read_extra(INBOX, &id.to_string()).await
             && let Ok(entry) = serde_json::from_slice::<InboxEntry>(&raw)
             && let Ok(data) = DataMessage::decode(&entry.data[..])
         {
@@ -1180,6 +1199,9 @@ impl Actor {
                                 tracing::error!(error = %e, "cannot store decrypted message; it will be redelivered");
                                 self.store.rollback();
                                 return;
+                            }
+                            if let Some(inbox) = self.inbox.as_mut() {
+                                inbox.insert(id);
                             }
                             self.report_identity_changes().await;
                             self.emit(Event::Message {

@@ -132,32 +132,15 @@ impl VaultStore for SqlStore {
         owner: &str,
         writes: &[(String, String, Option<Vec<u8>>)],
     ) -> Result<(), StoreError> {
+        // One statement is atomic on its own: the common single write (a session after a
+        // message) skips BEGIN and COMMIT, two round trips to the database.
+        if let [(kind, name, sealed)] = writes {
+            let mut conn = self.pool().acquire().await?;
+            return write_record(&mut conn, owner, kind, name, sealed.as_deref()).await;
+        }
         let mut tx = self.pool().begin().await?;
         for (kind, name, sealed) in writes {
-            match sealed {
-                Some(sealed) => {
-                    sqlx::query(
-                        "INSERT INTO vault_record (owner, kind, name, sealed) VALUES ($1, $2, $3, $4) \
-                         ON CONFLICT (owner, kind, name) DO UPDATE SET sealed = excluded.sealed",
-                    )
-                    .bind(owner)
-                    .bind(kind.as_str())
-                    .bind(name.as_str())
-                    .bind(&sealed[..])
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                None => {
-                    sqlx::query(
-                        "DELETE FROM vault_record WHERE owner = $1 AND kind = $2 AND name = $3",
-                    )
-                    .bind(owner)
-                    .bind(kind.as_str())
-                    .bind(name.as_str())
-                    .execute(&mut *tx)
-                    .await?;
-                }
-            }
+            write_record(&mut tx, owner, kind, name, sealed.as_deref()).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -172,6 +155,39 @@ impl VaultStore for SqlStore {
         .fetch_all(self.pool())
         .await?)
     }
+}
+
+/// Writes (or, with `None`, deletes) one sealed record.
+async fn write_record(
+    conn: &mut sqlx::AnyConnection,
+    owner: &str,
+    kind: &str,
+    name: &str,
+    sealed: Option<&[u8]>,
+) -> Result<(), StoreError> {
+    match sealed {
+        Some(sealed) => {
+            sqlx::query(
+                "INSERT INTO vault_record (owner, kind, name, sealed) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (owner, kind, name) DO UPDATE SET sealed = excluded.sealed",
+            )
+            .bind(owner)
+            .bind(kind)
+            .bind(name)
+            .bind(sealed)
+            .execute(conn)
+            .await?;
+        }
+        None => {
+            sqlx::query("DELETE FROM vault_record WHERE owner = $1 AND kind = $2 AND name = $3")
+                .bind(owner)
+                .bind(kind)
+                .bind(name)
+                .execute(conn)
+                .await?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

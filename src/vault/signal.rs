@@ -251,6 +251,11 @@ impl SignalStore {
         self.inner.state.borrow_mut().pending.clear();
     }
 
+    /// The names of the records of kind `k` outside the Signal kinds.
+    pub async fn extra_names(&self, k: &str) -> Result<Vec<String>, VaultError> {
+        Ok(self.inner.db.record_names(&self.inner.owner, k).await?)
+    }
+
     /// Reads a record outside the Signal kinds (e.g. an undelivered decrypted message).
     pub async fn read_extra(
         &self,

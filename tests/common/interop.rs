@@ -119,6 +119,18 @@ pub async fn register_ours(rt: &SignalRuntime, gw: &GatewayAddr, account: &str) 
 }
 
 impl Ours {
+    /// Starts the account again from its vault and database (after `handle.stop()`), as the
+    /// bridge does after a restart; its events go to a new channel.
+    pub async fn respawn(&mut self, rt: &SignalRuntime, gw: &GatewayAddr) {
+        let (tx, rx) = mpsc::channel(1024);
+        self.events = rx;
+        let vault = reopen_vault(self).await;
+        let db: Arc<dyn VaultStore> = Arc::new(self.store.clone());
+        self.handle = account::spawn_account(rt, "@owner:test", gw.clone(), vault, db, tx)
+            .await
+            .expect("respawn");
+    }
+
     /// Waits for an event matching `pred`, acking every event on the way.
     pub async fn wait(&mut self, pred: impl Fn(&Event) -> bool) -> Event {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
