@@ -104,17 +104,8 @@ impl VaultStore for SqlStore {
         name: &str,
         sealed: &[u8],
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO vault_record (owner, kind, name, sealed) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (owner, kind, name) DO UPDATE SET sealed = excluded.sealed",
-        )
-        .bind(owner)
-        .bind(kind)
-        .bind(name)
-        .bind(sealed)
-        .execute(self.pool())
-        .await?;
-        Ok(())
+        let mut conn = self.pool().acquire().await?;
+        write_record(&mut conn, owner, kind, name, Some(sealed)).await
     }
 
     async fn delete_record(&self, owner: &str, kind: &str, name: &str) -> Result<(), StoreError> {
