@@ -729,3 +729,62 @@ async fn restart_loses_and_duplicates_nothing() {
         "the contact got the downtime message more than once"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_mode_bridges_users_without_a_login() {
+    let mut env = BridgeEnv::start("").await;
+    // Relay mode on, for every user with a login (not only admins).
+    env.bridge.stop();
+    let cfg = std::fs::read_to_string(&env.setup.config).expect("config");
+    let cfg = cfg.replacen(
+        "bridge:\n",
+        "bridge:\n    relay:\n        enabled: true\n        admin_only: false\n",
+        1,
+    );
+    std::fs::write(&env.setup.config, cfg).expect("config");
+    env.bridge = env.setup.start().await;
+
+    let alice = env.synapse.user("alice").await;
+    let bob = env.synapse.user("bob").await;
+    let (mgmt, _) = login(&alice).await;
+    let mut node = env.node();
+    let ghost = ghost_of(&node.account);
+    let room = start_chat(&alice, &mgmt, &node.account).await;
+
+    // Without a relay, bob's message is refused with a notice.
+    membership(&alice, &room, "invite", Some(&bob.user_id)).await;
+    bob.join(&room).await;
+    bob.send_text(&room, "unrelayed").await;
+    alice
+        .wait_for(&room, "refusal", from_bot("this room has no relay"))
+        .await;
+
+    alice.send_text(&room, "!interop set-relay").await;
+    alice
+        .wait_for(&room, "relay set", from_bot("go out through your login"))
+        .await;
+    bob.send_text(&room, "hello from bob").await;
+    let m = node.event("relayed text", |v| {
+        v["event"] == "message"
+            && v["content"]["text"]["body"]
+                .as_str()
+                .is_some_and(|b| b.ends_with("hello from bob"))
+    });
+    assert_eq!(m["content"]["text"]["body"], "bob: hello from bob", "{m}");
+    node.call(json!({"cmd": "send", "to": m["from"], "content": "hi bob"}));
+    bob.wait_for(
+        &room,
+        "the contact's answer",
+        by(&ghost, |e| e["content"]["body"] == "hi bob"),
+    )
+    .await;
+
+    // The owner leaving does not end a portal that relays for people still in it.
+    membership(&alice, &room, "leave", None).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    bob.send_text(&room, "still here").await;
+    node.event("relayed after the owner left", |v| {
+        v["event"] == "message" && v["content"]["text"]["body"] == "bob: still here"
+    });
+    assert!(bob.joined_members(&room).await.contains(&ghost));
+}

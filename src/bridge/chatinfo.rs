@@ -354,10 +354,24 @@ impl Bridge {
         }
     }
 
-    /// The owner left (or was removed from) their portal: the portal ends, and with
-    /// `bridge.bridge_matrix_leave` the owner also leaves the group on the network. A later
-    /// message in the chat opens a new portal.
+    /// The owner left (or was removed from) their portal: the portal ends (unless it relays for
+    /// others still in the room), and with `bridge.bridge_matrix_leave` the owner also leaves the
+    /// group on the network. A later message in the chat opens a new portal.
     async fn on_owner_left(&self, portal: &Portal) -> Result<(), BridgeError> {
+        // A relayed room stays bridged for the people still in it.
+        if portal.relay.is_some()
+            && let Some(room) = &portal.room_id
+        {
+            let bot = self.matrix.bot_mxid().to_owned();
+            let members = self.matrix.joined_members(room, &bot).await?;
+            if members
+                .iter()
+                .any(|m| *m != bot && *m != portal.receiver && !self.matrix.is_ghost(m))
+            {
+                tracing::info!(room_id = %room, "the owner left a relayed portal; it stays bridged");
+                return Ok(());
+            }
+        }
         if portal.kind == PortalKind::Group
             && self.settings.bridge.bridge_matrix_leave
             && let Some(acc) = self.network.account(&portal.receiver)
