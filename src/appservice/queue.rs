@@ -95,13 +95,22 @@ impl QueueWorker {
                     continue;
                 };
                 let mut map = lanes.lock().unwrap_or_else(|p| p.into_inner());
-                let tx = map.entry(room.clone()).or_insert_with(|| {
-                    let (tx, rx) = mpsc::unbounded_channel();
-                    tasks.spawn(this.clone().lane(room, rx, lanes.clone(), shutdown.clone()));
-                    tx
-                });
-                // A lane only goes away while holding the lock and with nothing queued.
+                // A lane only goes away while holding the lock and with nothing queued; one
+                // whose task died is replaced.
+                let ev = match map.get(&room) {
+                    Some(tx) => match tx.send(ev) {
+                        Ok(()) => continue,
+                        Err(mpsc::error::SendError(ev)) => ev,
+                    },
+                    None => ev,
+                };
+                let (tx, rx) = mpsc::unbounded_channel();
+                tasks.spawn(
+                    this.clone()
+                        .lane(room.clone(), rx, lanes.clone(), shutdown.clone()),
+                );
                 let _ = tx.send(ev);
+                map.insert(room, tx);
             }
             while tasks.try_join_next().is_some() {}
         }
@@ -161,8 +170,24 @@ impl QueueWorker {
         }
     }
 
-    /// One attempt at a queued event.
+    /// One attempt at a queued event; a panic while handling it counts as giving up on it (it
+    /// would only panic again).
     async fn handle_one(&self, ev: &StoredEvent) -> Outcome {
+        use futures::FutureExt;
+        match std::panic::AssertUnwindSafe(self.attempt(ev))
+            .catch_unwind()
+            .await
+        {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                tracing::error!(seq = ev.seq, "handling an event panicked; dropping it");
+                self.metrics.errors.inc();
+                Outcome::Done
+            }
+        }
+    }
+
+    async fn attempt(&self, ev: &StoredEvent) -> Outcome {
         let item: Option<QueueItem> = self
             .key
             .open(QUEUE_AD, &ev.sealed)

@@ -98,11 +98,16 @@ impl Bridge {
             && p.avatar_blob != row.avatar_blob
         {
             match self.avatar_to_matrix(acc, &p.avatar_blob).await {
-                Ok(mxc) => {
-                    self.matrix.set_avatar(&mxid, &mxc).await?;
-                    row.avatar_blob = p.avatar_blob.clone();
-                    row.avatar_mxc = mxc;
-                }
+                Ok(mxc) => match self.matrix.set_avatar(&mxid, &mxc).await {
+                    Ok(()) => {
+                        row.avatar_blob = p.avatar_blob.clone();
+                        row.avatar_mxc = mxc;
+                    }
+                    // e.g. the homeserver refuses the image type or size: no avatar, no failure.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the homeserver refused a contact's avatar")
+                    }
+                },
                 // Shown without an avatar; tried again at the next refresh.
                 Err(e) => tracing::warn!(error = %e, "cannot copy a contact's avatar"),
             }
@@ -219,8 +224,7 @@ impl Bridge {
         };
         let mut changed = false;
         if portal.name != g.name {
-            self.matrix
-                .send_state(&room, &changer, "m.room.name", "", json!({"name": g.name}))
+            self.room_state(&room, &changer, "m.room.name", json!({"name": g.name}))
                 .await?;
             portal.name = g.name.clone();
             changed = true;
@@ -228,8 +232,7 @@ impl Bridge {
         if portal.avatar_blob != g.avatar_blob {
             match self.avatar_to_matrix(acc, &g.avatar_blob).await {
                 Ok(mxc) => {
-                    self.matrix
-                        .send_state(&room, &changer, "m.room.avatar", "", avatar_content(&mxc))
+                    self.room_state(&room, &changer, "m.room.avatar", avatar_content(&mxc))
                         .await?;
                     portal.avatar_blob = g.avatar_blob.clone();
                     portal.avatar_mxc = mxc;
@@ -239,9 +242,35 @@ impl Bridge {
             }
         }
         if changed {
-            self.portals.save_portal(&portal).await?;
+            self.portals.update_portal_look(&portal).await?;
         }
         Ok(())
+    }
+
+    /// Sets room state as `changer`, or as the bot when the changer may not (a ghost that joined
+    /// after the room was made has no power level of its own).
+    async fn room_state(
+        &self,
+        room: &str,
+        changer: &str,
+        event_type: &str,
+        content: Value,
+    ) -> Result<(), BridgeError> {
+        let bot = self.matrix.bot_mxid();
+        match self
+            .matrix
+            .send_state(room, changer, event_type, "", content.clone())
+            .await
+        {
+            Err(e) if changer != bot => {
+                tracing::debug!(error = %e, "state change as the contact refused; sending it as the bot");
+                self.matrix
+                    .send_state(room, bot, event_type, "", content)
+                    .await
+                    .map(|_| ())
+            }
+            r => r.map(|_| ()),
+        }
     }
 
     /// A state change in a portal room made on Matrix: the owner's changes to a group's name,
@@ -257,6 +286,9 @@ impl Bridge {
         let room = portal.room_id.clone().unwrap_or_default();
         if sender == self.matrix.bot_mxid() || self.matrix.is_ghost(sender) {
             return Ok(()); // our own echo
+        }
+        if ty != "m.room.member" && ev["state_key"] != "" {
+            return Ok(()); // not the room's name or avatar
         }
         if ty == "m.room.member" {
             let target = ev["state_key"].as_str().unwrap_or_default();
@@ -336,7 +368,7 @@ impl Bridge {
         match acc.update_group(&portal.chat_id, change.clone()).await {
             Ok(g) => {
                 portal.name = g.name;
-                self.portals.save_portal(&portal).await?;
+                self.portals.update_portal_look(&portal).await?;
                 if let Some(ghost) = invited_ghost {
                     self.matrix.join(&room, &ghost).await?;
                 }

@@ -108,10 +108,18 @@ impl Bridge {
         // A group first seen through a message: ask the network what it is.
         let fetched;
         let group = match (chat, group) {
-            (NetTarget::Group(id), None) => {
-                fetched = acc.group(id).await?;
-                Some(&fetched)
-            }
+            (NetTarget::Group(id), None) => match acc.group(id).await {
+                Ok(g) => {
+                    fetched = g;
+                    Some(&fetched)
+                }
+                Err(e) if e.is_transient() => return Err(e.into()),
+                // E.g. no longer a member: the portal starts without the member list.
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot look up a group");
+                    None
+                }
+            },
             (_, g) => g,
         };
         let (name, members) = match (chat, group) {

@@ -1191,6 +1191,11 @@ impl Actor {
                                 data: data.encode_to_vec(),
                             };
                             let sealed_entry = serde_json::to_vec(&entry).expect("serializes");
+                            // Noted before the write: a commit that fails after all (a lost
+                            // connection during COMMIT) must still be looked up on redelivery.
+                            if let Some(inbox) = self.inbox.as_mut() {
+                                inbox.insert(id);
+                            }
                             if let Err(e) = self
                                 .store
                                 .commit(vec![(INBOX, id.to_string(), Some(sealed_entry))])
@@ -1199,9 +1204,6 @@ impl Actor {
                                 tracing::error!(error = %e, "cannot store decrypted message; it will be redelivered");
                                 self.store.rollback();
                                 return;
-                            }
-                            if let Some(inbox) = self.inbox.as_mut() {
-                                inbox.insert(id);
                             }
                             self.report_identity_changes().await;
                             self.emit(Event::Message {

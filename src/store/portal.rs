@@ -68,6 +68,9 @@ pub trait PortalStore: Send + Sync {
     async fn portal(&self, receiver: &str, chat_id: &str) -> Result<Option<Portal>, StoreError>;
     async fn portal_by_room(&self, room_id: &str) -> Result<Option<Portal>, StoreError>;
     async fn save_portal(&self, p: &Portal) -> Result<(), StoreError>;
+    /// Updates only the name and avatar of the portal, and only while it still has the same room
+    /// (a portal closed meanwhile stays closed).
+    async fn update_portal_look(&self, p: &Portal) -> Result<(), StoreError>;
     async fn delete_portal(&self, receiver: &str, chat_id: &str) -> Result<(), StoreError>;
     async fn portals_of(&self, receiver: &str) -> Result<Vec<Portal>, StoreError>;
 
@@ -201,6 +204,22 @@ impl PortalStore for SqlStore {
         .bind(&p.avatar_blob)
         .bind(&p.avatar_mxc)
         .bind(now_ms())
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    async fn update_portal_look(&self, p: &Portal) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE portal SET name = $1, avatar_blob = $2, avatar_mxc = $3 \
+             WHERE receiver = $4 AND chat_id = $5 AND room_id = $6",
+        )
+        .bind(&p.name)
+        .bind(&p.avatar_blob)
+        .bind(&p.avatar_mxc)
+        .bind(&p.receiver)
+        .bind(&p.chat_id)
+        .bind(p.room_id.as_deref())
         .execute(self.pool())
         .await?;
         Ok(())
@@ -373,12 +392,40 @@ mod tests {
         p.room_id = Some("!r:x".into());
         p.avatar_blob = "0123456789abcdef0123456789abcdef".into();
         p.avatar_mxc = "mxc://x/avatar".into();
+        p.relay = Some("@a:x".into());
         s.save_portal(&p).await.expect("update");
         assert_eq!(
             s.portal_by_room("!r:x").await.expect("by room"),
             Some(p.clone())
         );
         assert_eq!(s.portals_of("@a:x").await.expect("of").len(), 1);
+        // A look update changes name and avatar only, and only for the same room.
+        let mut look = p.clone();
+        look.name = "Renamed".into();
+        look.avatar_mxc = "mxc://x/new".into();
+        look.relay = None;
+        s.update_portal_look(&look).await.expect("look");
+        let got = s
+            .portal_by_room("!r:x")
+            .await
+            .expect("by room")
+            .expect("portal");
+        assert_eq!(
+            (got.name.as_str(), got.avatar_mxc.as_str()),
+            ("Renamed", "mxc://x/new")
+        );
+        assert_eq!(got.relay.as_deref(), Some("@a:x"), "relay untouched");
+        look.room_id = Some("!other:x".into());
+        look.name = "Stale".into();
+        s.update_portal_look(&look).await.expect("look");
+        assert_eq!(
+            s.portal_by_room("!r:x")
+                .await
+                .expect("by room")
+                .expect("portal")
+                .name,
+            "Renamed"
+        );
         let m = MappedMessage {
             room_id: "!r:x".into(),
             event_id: "$e".into(),
