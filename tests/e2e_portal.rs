@@ -528,8 +528,11 @@ async fn profiles_avatars_and_group_changes_both_ways() {
     let mut n1 = env.node();
     let mut n2 = env.node();
     let mut n3 = env.node();
-    let ghost_of = |n: &common::node::NodeContact| ghost_of(&n.account);
-    let (g1, g2, g3) = (ghost_of(&n1), ghost_of(&n2), ghost_of(&n3));
+    let (g1, g2, g3) = (
+        ghost_of(&n1.account),
+        ghost_of(&n2.account),
+        ghost_of(&n3.account),
+    );
 
     // The contact's profile (name and avatar) is on its ghost.
     let face = image(b"\x89PNG\r\n\x1a\n", 3000);
@@ -591,6 +594,15 @@ async fn profiles_avatars_and_group_changes_both_ways() {
             .expect("b64"),
         picture
     );
+    // Inviting the ghost of an account the network does not know is refused with a notice.
+    membership(&alice, &room, "invite", Some(&ghost_of(&random_account()))).await;
+    alice
+        .wait_for(
+            &room,
+            "refused invite",
+            from_bot("Your change was not bridged"),
+        )
+        .await;
     membership(&alice, &room, "invite", Some(&g3)).await;
     let added = n3.event("added from Matrix", |v| v["event"] == "group_update");
     assert!(

@@ -122,8 +122,8 @@ impl Bridge {
         Ok(mxid)
     }
 
-    /// Answers the homeserver's query for a user in our namespace: a well-formed ghost id is
-    /// registered (named after the contact's id until its profile is fetched).
+    /// Answers the homeserver's query for a user in our namespace: the ghost of an account that
+    /// exists on the network is registered (named after the contact's profile, or its id).
     pub async fn provide_ghost(&self, mxid: &str) -> bool {
         let Some(account) = self.account_of_ghost(mxid) else {
             return false;
@@ -131,12 +131,21 @@ impl Bridge {
         match self.portals.ghost_profile(&account).await {
             Ok(Some(_)) => true,
             Ok(None) => {
+                // Only real contacts: a look-up through any connected login.
+                let Some(acc) = self.network.any_account() else {
+                    return false;
+                };
+                let name = match acc.profile(&account).await {
+                    Ok(Some(p)) if !p.name.is_empty() => p.name,
+                    Ok(Some(_)) => account.clone(),
+                    Ok(None) | Err(_) => return false,
+                };
                 let registered = self
                     .matrix
-                    .ensure_ghost(&self.ghost_localpart(&account), &account)
+                    .ensure_ghost(&self.ghost_localpart(&account), &name)
                     .await;
                 let row = GhostProfile {
-                    displayname: account.clone(),
+                    displayname: name,
                     ..Default::default()
                 };
                 registered.is_ok() && self.portals.save_ghost(&account, mxid, &row).await.is_ok()

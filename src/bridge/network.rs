@@ -93,6 +93,8 @@ pub trait Network: Send + Sync {
     async fn logout(&self, mxid: &str) -> Result<(), NetError>;
     /// The connected account of `mxid`.
     fn account(&self, mxid: &str) -> Option<Arc<dyn NetAccount>>;
+    /// Some connected login, for look-ups that belong to no user in particular.
+    fn any_account(&self) -> Option<Arc<dyn NetAccount>>;
     /// Whether the network is reachable (for `/ready`).
     async fn reachable(&self) -> bool;
 }

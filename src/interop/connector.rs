@@ -280,6 +280,15 @@ impl Network for InteropNetwork {
             .map(|a| a.clone() as Arc<dyn NetAccount>)
     }
 
+    fn any_account(&self) -> Option<Arc<dyn NetAccount>> {
+        self.accounts
+            .lock()
+            .expect("lock")
+            .values()
+            .find(|a| a.is_connected())
+            .map(|a| a.clone() as Arc<dyn NetAccount>)
+    }
+
     async fn reachable(&self) -> bool {
         GatewayConn::connect(&self.gateway).await.is_ok()
     }
