@@ -745,12 +745,14 @@ async fn restart_loses_and_duplicates_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_mode_bridges_users_without_a_login() {
     let mut env = BridgeEnv::start("").await;
-    // Relay mode on, for every user with a login (not only admins).
+    // Relay mode on, for every user with a login (not only admins); message statuses and the
+    // bot's delivery receipts on.
     env.bridge.stop();
     let cfg = std::fs::read_to_string(&env.setup.config).expect("config");
     let cfg = cfg.replacen(
         "bridge:\n",
-        "bridge:\n    relay:\n        enabled: true\n        admin_only: false\n",
+        "bridge:\n    relay:\n        enabled: true\n        admin_only: false\n    \
+         delivery_receipts: true\n    message_status_events: true\n",
         1,
     );
     std::fs::write(&env.setup.config, cfg).expect("config");
@@ -766,16 +768,24 @@ async fn relay_mode_bridges_users_without_a_login() {
     // Without a relay, bob's message is refused with a notice.
     membership(&alice, &room, "invite", Some(&bob.user_id)).await;
     bob.join(&room).await;
-    bob.send_text(&room, "unrelayed").await;
+    let refused = bob.send_text(&room, "unrelayed").await;
     alice
         .wait_for(&room, "refusal", from_bot("this room has no relay"))
         .await;
+    let status = alice
+        .wait_for(&room, "failure status", |e| {
+            e["type"] == "com.beeper.message_send_status"
+                && e["content"]["m.relates_to"]["event_id"] == json!(refused)
+        })
+        .await;
+    assert_eq!(status["content"]["status"], "FAIL", "{status}");
+    assert_eq!(status["content"]["reason"], "m_no_permission");
 
     alice.send_text(&room, "!interop set-relay").await;
     alice
         .wait_for(&room, "relay set", from_bot("go out through your login"))
         .await;
-    bob.send_text(&room, "hello from bob").await;
+    let relayed = bob.send_text(&room, "hello from bob").await;
     let m = node.event("relayed text", |v| {
         v["event"] == "message"
             && v["content"]["text"]["body"]
@@ -783,6 +793,17 @@ async fn relay_mode_bridges_users_without_a_login() {
                 .is_some_and(|b| b.ends_with("hello from bob"))
     });
     assert_eq!(m["content"]["text"]["body"], "bob: hello from bob", "{m}");
+    let status = bob
+        .wait_for(&room, "success status", |e| {
+            e["type"] == "com.beeper.message_send_status"
+                && e["content"]["m.relates_to"]["event_id"] == json!(relayed)
+        })
+        .await;
+    assert_eq!(status["content"]["status"], "SUCCESS", "{status}");
+    wait_ephemeral(&bob, &room, "the bot's delivery receipt", |e| {
+        e["type"] == "m.receipt" && e["content"][&relayed]["m.read"].get(BOT).is_some()
+    })
+    .await;
     node.call(json!({"cmd": "send", "to": m["from"], "content": "hi bob"}));
     bob.wait_for(
         &room,

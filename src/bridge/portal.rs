@@ -587,7 +587,7 @@ impl Bridge {
         // Whose login sends it: the portal's owner, or the relay for others.
         if self.settings.encryption_require && !self.matrix.is_encrypted(&room).await {
             if ty == "m.room.message" {
-                self.notice(&room, "This bridge only bridges encrypted rooms: turn on encryption in the room settings.").await?;
+                self.not_bridged(&room, event_id, Status::Unsupported, "This bridge only bridges encrypted rooms: turn on encryption in the room settings.").await?;
             }
             return Ok(());
         }
@@ -595,7 +595,7 @@ impl Bridge {
             match self.network.account(sender) {
                 Some(a) => (a, None),
                 None => {
-                    self.notice(&room, "Your message was not bridged: you are not logged in. Send `login` to the bridge bot.").await?;
+                    self.not_bridged(&room, event_id, Status::NoPermission, "Your message was not bridged: you are not logged in. Send `login` to the bridge bot.").await?;
                     return Ok(());
                 }
             }
@@ -608,7 +608,7 @@ impl Bridge {
                 Some(a) if self.settings.bridge.relay.enabled => (a, Some(display_name_of(sender))),
                 _ => {
                     if ty == "m.room.message" {
-                        self.notice(&room, &format!("{sender}: your message was not bridged: this room has no relay and it is not your chat.")).await?;
+                        self.not_bridged(&room, event_id, Status::NoPermission, &format!("{sender}: your message was not bridged: this room has no relay and it is not your chat.")).await?;
                     }
                     return Ok(());
                 }
@@ -685,7 +685,8 @@ impl Bridge {
                 Ok(Some(d)) => d,
                 Ok(None) => return Ok(()),
                 Err(reason) => {
-                    self.notice(&room, &format!("Your message was not bridged: {reason}"))
+                    let text = format!("Your message was not bridged: {reason}");
+                    self.not_bridged(&room, event_id, Status::Unsupported, &text)
                         .await?;
                     return Ok(());
                 }
@@ -696,7 +697,8 @@ impl Bridge {
             Ok(()) => {}
             Err(e) if e.is_transient() => return Err(e.into()),
             Err(e) => {
-                self.notice(&room, &format!("Your message was not bridged: {e}"))
+                let text = format!("Your message was not bridged: {e}");
+                self.not_bridged(&room, event_id, Status::NetworkError, &text)
                     .await?;
                 return Ok(());
             }
@@ -704,7 +706,67 @@ impl Bridge {
         if is_plain_message {
             self.map(&room, event_id, &message_id, &me, "").await?;
         }
+        self.bridged(&room, event_id).await;
         Ok(())
+    }
+
+    /// A Matrix event reached the network: the bot's read receipt on it
+    /// (`bridge.delivery_receipts`) and a success status (`bridge.message_status_events`).
+    async fn bridged(&self, room: &str, event_id: &str) {
+        let bot = self.matrix.bot_mxid().to_owned();
+        if self.settings.bridge.delivery_receipts
+            && let Err(e) = self.matrix.read_receipt(room, &bot, event_id).await
+        {
+            tracing::debug!(error = %e, "delivery receipt not sent");
+        }
+        if self.settings.bridge.message_status_events
+            && let Err(e) = self.send_status(room, event_id, None).await
+        {
+            tracing::debug!(error = %e, "message status not sent");
+        }
+    }
+
+    /// A Matrix event that was not bridged: a notice (`bridge.message_error_notices`) and a
+    /// failure status (`bridge.message_status_events`).
+    async fn not_bridged(
+        &self,
+        room: &str,
+        event_id: &str,
+        why: Status,
+        text: &str,
+    ) -> Result<(), BridgeError> {
+        if self.settings.bridge.message_status_events {
+            self.send_status(room, event_id, Some((why, text))).await?;
+        }
+        if self.settings.bridge.message_error_notices {
+            self.notice(room, text).await?;
+        }
+        Ok(())
+    }
+
+    /// A `com.beeper.message_send_status` event about `event_id` (as mautrix bridges send them).
+    async fn send_status(
+        &self,
+        room: &str,
+        event_id: &str,
+        failure: Option<(Status, &str)>,
+    ) -> Result<(), BridgeError> {
+        let mut content = json!({
+            "network": "interop",
+            "m.relates_to": {"rel_type": "m.reference", "event_id": event_id},
+            "status": "SUCCESS",
+        });
+        if let Some((why, text)) = failure {
+            content["status"] = json!(why.status());
+            content["reason"] = json!(why.reason());
+            content["message"] = json!(text);
+        }
+        let bot = self.matrix.bot_mxid().to_owned();
+        let txn = stable_id(&["status", room, event_id]);
+        self.matrix
+            .send_event(room, &bot, "com.beeper.message_send_status", content, &txn)
+            .await
+            .map(|_| ())
     }
 
     /// Converts Matrix message content; `Err` is a reason to show the user.
@@ -900,6 +962,35 @@ impl Bridge {
             _ => {}
         }
         Ok(())
+    }
+}
+
+/// Why a Matrix event was not bridged, in message-status terms.
+#[derive(Clone, Copy)]
+pub(crate) enum Status {
+    /// The sender may not send here (no login, no relay).
+    NoPermission,
+    /// The content cannot be bridged.
+    Unsupported,
+    /// The network refused it.
+    NetworkError,
+}
+
+impl Status {
+    /// Failures that sending again will not fix are `FAIL`; a network refusal may pass later.
+    fn status(self) -> &'static str {
+        match self {
+            Status::NetworkError => "RETRIABLE",
+            _ => "FAIL",
+        }
+    }
+
+    fn reason(self) -> &'static str {
+        match self {
+            Status::NoPermission => "m_no_permission",
+            Status::Unsupported => "m_unsupported",
+            Status::NetworkError => "m_foreign_network_error",
+        }
     }
 }
 

@@ -215,6 +215,15 @@ pub struct BridgeConfig {
     /// Whether leaving a group's portal room on Matrix also leaves the group on the network.
     #[serde(default)]
     pub bridge_matrix_leave: bool,
+    /// The bot puts a read receipt on each Matrix message once it reached the network.
+    #[serde(default)]
+    pub delivery_receipts: bool,
+    /// `com.beeper.message_send_status` events for each bridged (or refused) Matrix message.
+    #[serde(default)]
+    pub message_status_events: bool,
+    /// A notice in the room when a Matrix message cannot be bridged.
+    #[serde(default = "yes")]
+    pub message_error_notices: bool,
 }
 
 impl Default for BridgeConfig {
@@ -224,6 +233,9 @@ impl Default for BridgeConfig {
             permissions: default_permissions(),
             relay: RelayConfig::default(),
             bridge_matrix_leave: false,
+            delivery_receipts: false,
+            message_status_events: false,
+            message_error_notices: true,
         }
     }
 }
