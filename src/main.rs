@@ -286,6 +286,7 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
     );
     let vault_store: Arc<dyn VaultStore> = Arc::new(store.clone());
     let network = InteropNetwork::new(signal_rt, gateway, vault.clone(), vault_store);
+    let metrics = Metrics::new();
     let bridge = Arc::new(Bridge::new(
         matrix.clone(),
         users,
@@ -298,11 +299,11 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
             encryption_default: cfg.encryption.default,
             encryption_require: cfg.encryption.require,
         },
+        metrics.clone(),
     ));
     let sink: Arc<dyn NetEventSink> = bridge.clone();
     network.set_sink(Arc::downgrade(&sink));
 
-    let metrics = Metrics::new();
     let notify = Arc::new(Notify::new());
     let txn_store: Arc<dyn TxnStore> = Arc::new(store.clone());
     let state = AppState {

@@ -13,6 +13,26 @@ pub struct EventLabels {
     pub kind: String,
 }
 
+/// `matrix_to_interop` or `interop_to_matrix`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: String,
+}
+
+/// Why a Matrix message was not bridged (the message-status reason).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    Histogram::new([
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+    ])
+}
+
 /// All of the bridge's metrics; cheap to clone.
 #[derive(Clone)]
 pub struct Metrics {
@@ -23,6 +43,26 @@ pub struct Metrics {
     pub errors: Counter,
     pub auth_failures: Counter,
     pub transaction_seconds: Histogram,
+    /// Messages bridged, by direction.
+    pub messages: Family<DirectionLabels, Counter>,
+    /// Time the bridge took for one message, by direction (from the event to the other side's
+    /// answer, Signal and the homeserver included).
+    pub message_seconds: HistogramFamily<DirectionLabels>,
+    /// Matrix messages that were not bridged, by reason.
+    pub not_bridged: Family<ReasonLabels, Counter>,
+}
+
+impl Metrics {
+    /// Counts a bridged message and the time it took since `started`.
+    pub fn message_bridged(&self, direction: &str, started: std::time::Instant) {
+        let labels = DirectionLabels {
+            direction: direction.to_owned(),
+        };
+        self.messages.get_or_create(&labels).inc();
+        self.message_seconds
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
+    }
 }
 
 impl Default for Metrics {
@@ -42,6 +82,25 @@ impl Metrics {
         let transaction_seconds = Histogram::new([
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
         ]);
+        let messages = Family::<DirectionLabels, Counter>::default();
+        let message_seconds: HistogramFamily<DirectionLabels> =
+            Family::new_with_constructor(latency_histogram);
+        let not_bridged = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "messages_bridged",
+            "Messages bridged, by direction",
+            messages.clone(),
+        );
+        registry.register(
+            "message_seconds",
+            "Time the bridge took for one message, by direction",
+            message_seconds.clone(),
+        );
+        registry.register(
+            "messages_not_bridged",
+            "Matrix messages that were not bridged, by reason",
+            not_bridged.clone(),
+        );
         registry.register(
             "appservice_transactions",
             "Appservice transactions applied",
@@ -80,6 +139,9 @@ impl Metrics {
             errors,
             auth_failures,
             transaction_seconds,
+            messages,
+            message_seconds,
+            not_bridged,
         }
     }
 

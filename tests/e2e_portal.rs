@@ -77,6 +77,35 @@ async fn dm_messages_both_ways() {
 
     every_row_both_ways(&alice, &mut node, &my_account, &room, &ghost, &Chat::Dm).await;
 
+    // The bridge counts what it bridged, per direction, with the time it took.
+    let cfg = std::fs::read_to_string(&env.setup.config).expect("config");
+    let listen = cfg
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("listen: "))
+        .expect("metrics listen");
+    let text = reqwest::get(format!("http://{listen}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    for direction in ["matrix_to_interop", "interop_to_matrix"] {
+        let count: f64 = text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!(
+                    "mib_messages_bridged_total{{direction=\"{direction}\"}} "
+                ))
+            })
+            .unwrap_or_else(|| panic!("no {direction} count in\n{text}"))
+            .parse()
+            .expect("number");
+        assert!(count >= 5.0, "{direction}: {count}");
+        assert!(text.contains(&format!(
+            "mib_message_seconds_count{{direction=\"{direction}\"}}"
+        )));
+    }
+
     let log = std::fs::read_to_string(&env.bridge.log).expect("log");
     assert!(
         !log.contains("hello bold") && !log.contains("hi alice"),

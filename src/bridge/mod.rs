@@ -178,6 +178,7 @@ pub struct Bridge {
     pub(crate) typing_state: Mutex<HashMap<String, bool>>,
     /// Rooms the bot leaves once it has answered there (after `delete-portal`).
     pub(crate) leave_after: Mutex<HashSet<String>>,
+    pub(crate) metrics: crate::metrics::Metrics,
 }
 
 impl Bridge {
@@ -187,6 +188,7 @@ impl Bridge {
         portals: Arc<dyn PortalStore>,
         network: Arc<dyn network::Network>,
         settings: BridgeSettings,
+        metrics: crate::metrics::Metrics,
     ) -> Self {
         Self {
             matrix,
@@ -199,6 +201,7 @@ impl Bridge {
             portal_locks: Mutex::new(HashMap::new()),
             typing_state: Mutex::new(HashMap::new()),
             leave_after: Mutex::new(HashSet::new()),
+            metrics,
         }
     }
 

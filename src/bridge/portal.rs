@@ -224,9 +224,11 @@ impl Bridge {
                     Some(g) => NetTarget::Group(g.clone()),
                     None => NetTarget::Contact(from.clone()),
                 };
+                let started = std::time::Instant::now();
                 let portal = self.ensure_portal(mxid, &acc, &chat, None).await?;
                 self.bridge_incoming(&portal, &acc, from, message_id, data)
                     .await?;
+                self.metrics.message_bridged("interop_to_matrix", started);
                 // Delivered: the message reached the user's Matrix side (as a phone would say
                 // once it has the message). Sent in the background, so it costs the loop nothing.
                 let plain = matches!(
@@ -574,6 +576,7 @@ impl Bridge {
         portal: Portal,
         ev: &Value,
     ) -> Result<(), BridgeError> {
+        let started = std::time::Instant::now();
         let sender = ev["sender"].as_str().unwrap_or_default();
         let room = portal.room_id.clone().unwrap_or_default();
         let event_id = ev["event_id"].as_str().unwrap_or_default();
@@ -707,6 +710,7 @@ impl Bridge {
             self.map(&room, event_id, &message_id, &me, "").await?;
         }
         self.bridged(&room, event_id).await;
+        self.metrics.message_bridged("matrix_to_interop", started);
         Ok(())
     }
 
@@ -735,6 +739,12 @@ impl Bridge {
         why: Status,
         text: &str,
     ) -> Result<(), BridgeError> {
+        self.metrics
+            .not_bridged
+            .get_or_create(&crate::metrics::ReasonLabels {
+                reason: why.reason().to_owned(),
+            })
+            .inc();
         if self.settings.bridge.message_status_events {
             self.send_status(room, event_id, Some((why, text))).await?;
         }
