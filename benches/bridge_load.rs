@@ -1160,8 +1160,8 @@ async fn bench(opts: Opts) {
     let domain = if opts.synapse { "localhost" } else { DOMAIN };
     let pg = opts.postgres.as_deref();
     let (hs, synapse, config, ends) = if opts.synapse {
-        const PLACEHOLDER: &str = "http://127.0.0.1:8008";
-        let (config, ends) = write_config(tmp.path(), PLACEHOLDER, domain, &gaddr, pg);
+        let placeholder = common::HS_PLACEHOLDER;
+        let (config, ends) = write_config(tmp.path(), placeholder, domain, &gaddr, pg);
         let registration = tmp.path().join("registration.yaml");
         let out = Command::new(env!("CARGO_BIN_EXE_matrix-interop-bridge"))
             .args(["generate-registration", "-c"])
@@ -1171,9 +1171,8 @@ async fn bench(opts: Opts) {
             .output()
             .expect("generate-registration");
         assert!(out.status.success(), "generate-registration failed");
-        let synapse = common::Synapse::start(&tmp.path().join("hs"), &registration).await;
-        let text = std::fs::read_to_string(&config).expect("read config");
-        std::fs::write(&config, text.replace(PLACEHOLDER, &synapse.url)).expect("write config");
+        let synapse =
+            common::Synapse::start_for_bridge(&tmp.path().join("hs"), &config, &registration).await;
         (None, Some(synapse), config, ends)
     } else {
         let (hs, hs_port) = start_homeserver(reg.clone()).await;

@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant};
 
 use libsignal_protocol::{
-    create_sender_key_distribution_message, group_decrypt, group_encrypt, process_prekey_bundle,
+    create_sender_key_distribution_message, group_decrypt, group_encrypt,
     process_sender_key_distribution_message,
 };
 use matrix_interop_bridge::{
@@ -18,7 +18,7 @@ use matrix_interop_bridge::{
     interop::GatewayConn,
     vault::{
         SecretKey,
-        signal::testing::{addr, bundle_of, decrypt, encrypt, store},
+        signal::testing::{addr, decrypt, encrypt, session_to, store},
     },
     wire::{
         noise::StaticKey,
@@ -44,18 +44,7 @@ async fn bench_one_to_one(rounds: usize) {
     let (mut a, _da) = store("@a:bench").await;
     let (mut b, _db) = store("@b:bench").await;
     let (aa, ba) = (addr("+15550000001"), addr("+15550000002"));
-    let bundle = bundle_of(&mut b).await;
-    process_prekey_bundle(
-        &ba,
-        &mut a.sessions,
-        &mut a.identity,
-        &bundle,
-        std::time::SystemTime::now(),
-        &mut rand::rng(),
-    )
-    .await
-    .expect("bundle");
-    a.commit(vec![]).await.expect("commit");
+    session_to(&mut a, &mut b, &ba).await;
     let pt = vec![b'x'; 200];
     let first = encrypt(&mut a, &ba, &pt).await;
     decrypt(&mut b, &aa, &first).await;

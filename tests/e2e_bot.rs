@@ -28,13 +28,8 @@ async fn bot_answers_permitted_users_and_refuses_others() {
             ("@eve:localhost", "relay"),
         ],
     );
-    let synapse = Synapse::start(&tmp.path().join("hs"), &setup.registration).await;
-    let cfg = std::fs::read_to_string(&setup.config).expect("config");
-    std::fs::write(
-        &setup.config,
-        cfg.replace("http://127.0.0.1:8008", &synapse.url),
-    )
-    .expect("config");
+    let synapse =
+        Synapse::start_for_bridge(&tmp.path().join("hs"), &setup.config, &setup.registration).await;
     let mut bridge = setup.start().await;
     let bot = "@interopbot:localhost";
 

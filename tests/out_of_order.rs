@@ -2,10 +2,10 @@
 //! session (after PQXDH) and of a sender-key chain, decrypted in another order than they were sent.
 
 use libsignal_protocol::{
-    create_sender_key_distribution_message, group_decrypt, group_encrypt, process_prekey_bundle,
+    create_sender_key_distribution_message, group_decrypt, group_encrypt,
     process_sender_key_distribution_message,
 };
-use matrix_interop_bridge::vault::signal::testing::{addr, bundle_of, decrypt, encrypt, store};
+use matrix_interop_bridge::vault::signal::testing::{addr, decrypt, encrypt, session_to, store};
 
 #[tokio::test(flavor = "current_thread")]
 async fn one_to_one_messages_decrypt_in_any_order() {
@@ -15,18 +15,7 @@ async fn one_to_one_messages_decrypt_in_any_order() {
             let (mut a, _da) = store("@a:test").await;
             let (mut b, _db) = store("@b:test").await;
             let (aa, ba) = (addr("+15550000001"), addr("+15550000002"));
-            let bundle = bundle_of(&mut b).await;
-            process_prekey_bundle(
-                &ba,
-                &mut a.sessions,
-                &mut a.identity,
-                &bundle,
-                std::time::SystemTime::now(),
-                &mut rand::rng(),
-            )
-            .await
-            .expect("bundle");
-            a.commit(vec![]).await.expect("commit");
+            session_to(&mut a, &mut b, &ba).await;
             // Three messages sent in a row; the first two arrive late, the third first.
             let c0 = encrypt(&mut a, &ba, b"zero").await;
             let c1 = encrypt(&mut a, &ba, b"one").await;

@@ -12,7 +12,7 @@ use super::{
     Bridge, BridgeError,
     network::{GroupChange, GroupInfo, NetAccount, NetTarget},
 };
-use crate::store::portal::{GhostProfile, Portal, PortalKind};
+use crate::store::portal::{Portal, PortalKind};
 
 /// How long a contact's profile is trusted before it is fetched again: the network pushes no
 /// profile changes, so ghosts pick them up when the contact is next active after this.
@@ -135,20 +135,9 @@ impl Bridge {
                 let Some(acc) = self.network.any_account() else {
                     return false;
                 };
-                let name = match acc.profile(&account).await {
-                    Ok(Some(p)) if !p.name.is_empty() => p.name,
-                    Ok(Some(_)) => account.clone(),
-                    Ok(None) | Err(_) => return false,
-                };
-                let registered = self
-                    .matrix
-                    .ensure_ghost(&self.ghost_localpart(&account), &name)
-                    .await;
-                let row = GhostProfile {
-                    displayname: name,
-                    ..Default::default()
-                };
-                registered.is_ok() && self.portals.save_ghost(&account, mxid, &row).await.is_ok()
+                // `ghost` registers unknown accounts too, so the network is asked first.
+                matches!(acc.profile(&account).await, Ok(Some(_)))
+                    && self.ghost(&account, Some(&acc)).await.is_ok()
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot look up a ghost");

@@ -548,6 +548,22 @@ pub mod testing {
         .expect("bundle")
     }
 
+    /// Starts `a`'s session to `b` (at address `b_addr`) from a fresh bundle of `b`'s, committed.
+    pub async fn session_to(a: &mut SignalStore, b: &mut SignalStore, b_addr: &ProtocolAddress) {
+        let bundle = bundle_of(b).await;
+        libsignal_protocol::process_prekey_bundle(
+            b_addr,
+            &mut a.sessions,
+            &mut a.identity,
+            &bundle,
+            std::time::SystemTime::now(),
+            &mut rand::rng(),
+        )
+        .await
+        .expect("bundle");
+        a.commit(vec![]).await.expect("commit");
+    }
+
     pub async fn decrypt(
         s: &mut SignalStore,
         from: &ProtocolAddress,

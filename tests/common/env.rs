@@ -36,13 +36,9 @@ impl BridgeEnv {
             &B64.encode(&gw.addr.public_key),
             extra_sections,
         );
-        let synapse = Synapse::start(&tmp.path().join("hs"), &setup.registration).await;
-        let cfg = std::fs::read_to_string(&setup.config).expect("config");
-        std::fs::write(
-            &setup.config,
-            cfg.replace("http://127.0.0.1:8008", &synapse.url),
-        )
-        .expect("config");
+        let synapse =
+            Synapse::start_for_bridge(&tmp.path().join("hs"), &setup.config, &setup.registration)
+                .await;
         let bridge = setup.start().await;
         Self {
             bridge,

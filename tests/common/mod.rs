@@ -116,6 +116,9 @@ pub fn venv() -> String {
     })
 }
 
+/// The homeserver address a bridge config is written with before Synapse's port is known.
+pub const HS_PLACEHOLDER: &str = "http://127.0.0.1:8008";
+
 pub struct Synapse {
     pub url: String,
     pub server_name: String,
@@ -168,6 +171,15 @@ impl Synapse {
         )
         .await;
         s
+    }
+
+    /// Starts Synapse in `dir` with the bridge's `registration`, then points the bridge `config`
+    /// (written with [`HS_PLACEHOLDER`] as the homeserver address) at it.
+    pub async fn start_for_bridge(dir: &Path, config: &Path, registration: &Path) -> Self {
+        let synapse = Self::start(dir, registration).await;
+        let text = std::fs::read_to_string(config).expect("read config");
+        std::fs::write(config, text.replace(HS_PLACEHOLDER, &synapse.url)).expect("write config");
+        synapse
     }
 
     /// Registers a user with the test password (an existing one is fine).
