@@ -273,6 +273,7 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
         cfg.homeserver.domain.clone(),
         &cfg.ghost_regex(),
     )?
+    .with_max_media(cfg.bridge.max_media_size)
     .arc();
     let users: Arc<dyn UserStore> = Arc::new(store.clone());
     let gateway = GatewayAddr {
@@ -285,6 +286,10 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
             .unwrap_or(2),
     );
     let vault_store: Arc<dyn VaultStore> = Arc::new(store.clone());
+    let requests = Arc::new(matrix_interop_bridge::vault::requests::SealedRequests::new(
+        vault.clone(),
+        vault_store.clone(),
+    ));
     let network = InteropNetwork::new(signal_rt, gateway, vault.clone(), vault_store);
     let metrics = Metrics::new();
     let bridge = Arc::new(Bridge::new(
@@ -292,6 +297,7 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
         users,
         Arc::new(store.clone()),
         network.clone(),
+        requests,
         BridgeSettings {
             bridge: cfg.bridge.clone(),
             homeserver_domain: cfg.homeserver.domain.clone(),

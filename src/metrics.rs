@@ -50,6 +50,9 @@ pub struct Metrics {
     pub message_seconds: HistogramFamily<DirectionLabels>,
     /// Matrix messages that were not bridged, by reason.
     pub not_bridged: Family<ReasonLabels, Counter>,
+    /// Inputs refused by a security check (an edit by someone else, a formatting bomb, media
+    /// over the limit, a rate limit), by reason.
+    pub refused: Family<ReasonLabels, Counter>,
 }
 
 impl Metrics {
@@ -62,6 +65,15 @@ impl Metrics {
         self.message_seconds
             .get_or_create(&labels)
             .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Counts an input refused by a security check.
+    pub fn refused(&self, reason: &str) {
+        self.refused
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
     }
 }
 
@@ -86,6 +98,12 @@ impl Metrics {
         let message_seconds: HistogramFamily<DirectionLabels> =
             Family::new_with_constructor(latency_histogram);
         let not_bridged = Family::<ReasonLabels, Counter>::default();
+        let refused = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "refused",
+            "Inputs refused by a security check, by reason",
+            refused.clone(),
+        );
         registry.register(
             "messages_bridged",
             "Messages bridged, by direction",
@@ -142,6 +160,7 @@ impl Metrics {
             messages,
             message_seconds,
             not_bridged,
+            refused,
         }
     }
 

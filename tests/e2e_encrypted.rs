@@ -158,7 +158,7 @@ async fn encrypted_dm_portal_end_to_end() {
 async fn encrypted_group_portal_end_to_end() {
     let env = BridgeEnv::start(ENCRYPTION).await;
     let mut alice = nio(&env, "alice", "ALICEPHONE");
-    let (_mgmt, account) = encrypted_login(&mut alice);
+    let (mgmt, account) = encrypted_login(&mut alice);
     let mut n1 = env.node();
     let mut n2 = env.node();
     let g1 = format!("@interop_{}:localhost", n1.account.trim_start_matches('+'));
@@ -168,6 +168,9 @@ async fn encrypted_group_portal_end_to_end() {
         json!({"cmd": "create_group", "name": "Secret club", "members": [account, n2.account]}),
     );
     let gid = g["group"]["id"].as_str().expect("id").to_owned();
+    // From a stranger: a message request first, accepted in the (encrypted) management room.
+    wait(&mut alice, &mgmt, BOT, &format!("accept {gid}"));
+    alice.call(json!({"cmd": "send_text", "room_id": mgmt, "body": format!("accept {gid}")}));
     let inv = alice.call(json!({"cmd": "wait_invite", "join": true, "timeout": 40}));
     let room = inv["room_id"].as_str().expect("room").to_owned();
     let members = alice.call(json!({"cmd": "members", "room_id": room}));

@@ -37,6 +37,15 @@ async fn login(user: &MatrixUser) -> (String, String) {
     (mgmt, account)
 }
 
+/// Accepts the message request of `chat` (a contact or a group) that the bot announced.
+async fn accept(user: &MatrixUser, mgmt: &str, chat: &str) {
+    user.wait_for(mgmt, "message request", from_bot(&format!("accept {chat}")))
+        .await;
+    user.send_text(mgmt, &format!("accept {chat}")).await;
+    user.wait_for(mgmt, "request accepted", from_bot("Accepted;"))
+        .await;
+}
+
 /// Opens a DM portal with `contact` and joins it.
 async fn start_chat(user: &MatrixUser, mgmt: &str, contact: &str) -> String {
     user.send_text(mgmt, &format!("start-chat {contact}")).await;
@@ -417,6 +426,7 @@ async fn group_messages_both_ways() {
     let ghost = ghost_of(&node.account);
     let g = node.call(json!({"cmd": "create_group", "name": "Every row", "members": [my_account]}));
     let gid = g["group"]["id"].as_str().expect("id").to_owned();
+    accept(&alice, &mgmt, &gid).await;
     let room = alice.wait_invite(&[&mgmt]).await;
     alice.join(&room).await;
     every_row_both_ways(
@@ -459,6 +469,7 @@ async fn groups_both_ways() {
         json!({"cmd": "create_group", "name": "Hiking", "members": [my_account, n2.account]}),
     );
     let gid = g["group"]["id"].as_str().expect("id").to_owned();
+    accept(&alice, &mgmt, &gid).await;
     let room = alice.wait_invite(&[&mgmt]).await;
     alice.join(&room).await;
     n1.call(json!({"cmd": "send_group", "group": gid, "content": "welcome to the group"}));
@@ -576,6 +587,7 @@ async fn profiles_avatars_and_group_changes_both_ways() {
         json!({"cmd": "create_group", "name": "Avatars", "members": [my_account, n2.account]}),
     );
     let gid = g["group"]["id"].as_str().expect("id").to_owned();
+    accept(&alice, &mgmt, &gid).await;
     let room = alice.wait_invite(&[&mgmt]).await;
     alice.join(&room).await;
     n1.call(json!({"cmd": "update_group", "group": gid, "avatar_blob": cover_blob["blob"]}));
@@ -821,7 +833,12 @@ async fn relay_mode_bridges_users_without_a_login() {
                 .as_str()
                 .is_some_and(|b| b.ends_with("hello from bob"))
     });
-    assert_eq!(m["content"]["text"]["body"], "bob: hello from bob", "{m}");
+    // Named by the full Matrix ID, which no other user can take.
+    assert_eq!(
+        m["content"]["text"]["body"],
+        format!("{}: hello from bob", bob.user_id),
+        "{m}"
+    );
     let status = bob
         .wait_for(&room, "success status", |e| {
             e["type"] == "com.beeper.message_send_status"
@@ -846,7 +863,8 @@ async fn relay_mode_bridges_users_without_a_login() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     bob.send_text(&room, "still here").await;
     node.event("relayed after the owner left", |v| {
-        v["event"] == "message" && v["content"]["text"]["body"] == "bob: still here"
+        v["event"] == "message"
+            && v["content"]["text"]["body"] == format!("{}: still here", bob.user_id)
     });
     assert!(bob.joined_members(&room).await.contains(&ghost));
 }

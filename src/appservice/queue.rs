@@ -253,6 +253,11 @@ impl QueueWorker {
                 };
                 match crypto.decrypt(&room, &ev).await {
                     Ok(plain) => self.handler.handle_matrix_event(&plain).await,
+                    Err(CryptoError::NotAllowed(ty)) => {
+                        tracing::warn!(%room, %sender, event_type = %ty, "dropping an encrypted event of a type that may not be encrypted");
+                        self.metrics.refused("encrypted_non_message");
+                        Ok(())
+                    }
                     Err(CryptoError::MissingKey) => {
                         crypto.request_key(&room, &ev).await;
                         // Wait for the key without holding up the rest of the queue.
@@ -275,6 +280,10 @@ impl QueueWorker {
                                         if tokio::time::Instant::now() < deadline =>
                                     {
                                         continue;
+                                    }
+                                    Err(CryptoError::NotAllowed(ty)) => {
+                                        tracing::warn!(event_type = %ty, "dropping an encrypted event of a type that may not be encrypted");
+                                        return;
                                     }
                                     Err(e) => {
                                         let _ = handler

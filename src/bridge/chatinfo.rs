@@ -131,13 +131,24 @@ impl Bridge {
         match self.portals.ghost_profile(&account).await {
             Ok(Some(_)) => true,
             Ok(None) => {
+                // Anyone on the homeserver can make it ask (by inviting a made-up id), so the
+                // network is asked at a bounded rate, and an unknown account is not asked about
+                // again for a while.
+                if !self.user_lookups.lock().await.allow(&account) {
+                    self.metrics.refused("user_query_rate");
+                    return false;
+                }
                 // Only real contacts: a look-up through any connected login.
                 let Some(acc) = self.network.any_account() else {
                     return false;
                 };
                 // `ghost` registers unknown accounts too, so the network is asked first.
-                matches!(acc.profile(&account).await, Ok(Some(_)))
-                    && self.ghost(&account, Some(&acc)).await.is_ok()
+                let known = matches!(acc.profile(&account).await, Ok(Some(_)));
+                if !known {
+                    self.user_lookups.lock().await.miss(&account);
+                    return false;
+                }
+                self.ghost(&account, Some(&acc)).await.is_ok()
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot look up a ghost");
@@ -190,9 +201,12 @@ impl Bridge {
             .await?
             .filter(|p| p.room_id.is_some())
         else {
-            if g.members.contains(&me) {
-                self.ensure_portal(mxid, acc, &NetTarget::Group(g.id.clone()), Some(g))
-                    .await?;
+            let chat = NetTarget::Group(g.id.clone());
+            if g.members.contains(&me)
+                && self.request_gate(mxid, acc, &chat, from, None).await?
+                    == super::requests::Gate::Open
+            {
+                self.ensure_portal(mxid, acc, &chat, Some(g)).await?;
             }
             return Ok(());
         };
@@ -430,6 +444,10 @@ impl Bridge {
         self.portals
             .delete_portal(&portal.receiver, &portal.chat_id)
             .await?;
+        // The chat stays known: its next message opens a new portal, not a message request.
+        if let Err(e) = self.remember_known_chat(portal).await {
+            tracing::warn!(error = %e, "cannot remember a closed chat");
+        }
         let Some(room) = &portal.room_id else {
             return Ok(());
         };

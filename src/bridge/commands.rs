@@ -108,6 +108,27 @@ pub const COMMANDS: &[CommandSpec] = &[
         available: true,
     },
     CommandSpec {
+        name: "list-requests",
+        args: "",
+        help: "List message requests: chats from people you have no chat with yet.",
+        level: PermissionLevel::User,
+        available: true,
+    },
+    CommandSpec {
+        name: "accept",
+        args: "<contact or group>",
+        help: "Accept a message request: open the chat and bridge its messages.",
+        level: PermissionLevel::User,
+        available: true,
+    },
+    CommandSpec {
+        name: "decline",
+        args: "<contact or group>",
+        help: "Decline a message request: its messages are dropped, and so are later ones.",
+        level: PermissionLevel::User,
+        available: true,
+    },
+    CommandSpec {
         name: "list-chats",
         args: "",
         help: "List your bridged chats.",
@@ -221,6 +242,9 @@ impl Bridge {
             "list-logins" => self.cmd_list_logins(sender).await,
             "start-chat" => self.cmd_start_chat(sender, &arg).await,
             "list-chats" => self.cmd_list_chats(sender).await,
+            "list-requests" => self.cmd_list_requests(sender).await,
+            "accept" => self.cmd_accept(sender, &arg).await,
+            "decline" => self.cmd_decline(sender, &arg).await,
             "sync" => self.cmd_sync(sender).await,
             "set-relay" => self.cmd_relay(room_id, sender, level, true).await,
             "unset-relay" => self.cmd_relay(room_id, sender, level, false).await,
@@ -412,6 +436,7 @@ impl Bridge {
                     }
                 }
                 let _ = self.matrix.leave(room, &bot).await;
+                self.matrix.discard_room_key(room).await;
             }
             let _ = self.portals.delete_portal(sender, &p.chat_id).await;
         }
@@ -465,6 +490,11 @@ impl Bridge {
             .await
         {
             Ok(p) => {
+                // Opening the chat oneself answers its request: held messages come in, and a
+                // refusal is forgotten.
+                if let Err(e) = self.accept_request(sender, &acc, contact).await {
+                    tracing::warn!(error = %e, "cannot bridge a request's held messages");
+                }
                 let room = p.room_id.unwrap_or_default();
                 let bot = self.matrix.bot_mxid().to_owned();
                 let _ = self.matrix.invite(&room, &bot, sender).await;
@@ -473,6 +503,68 @@ impl Bridge {
                 ))
             }
             Err(e) => CommandOutcome::text(format!("Cannot open the chat: {e}")),
+        }
+    }
+
+    async fn cmd_list_requests(&self, sender: &str) -> CommandOutcome {
+        match self.requests.requests(sender).await {
+            Ok(rs) => {
+                let open: Vec<String> = rs
+                    .iter()
+                    .filter(|r| r.is_open())
+                    .map(|r| {
+                        let who = if r.name.is_empty() {
+                            r.from.clone()
+                        } else {
+                            format!("{} ({})", r.name, r.from)
+                        };
+                        let what = if r.group { "group" } else { "chat" };
+                        format!("- {what} `{}` from {who}: {} message(s)", r.chat_id, r.held)
+                    })
+                    .collect();
+                if open.is_empty() {
+                    CommandOutcome::text("You have no message requests.")
+                } else {
+                    CommandOutcome::text(format!(
+                        "Message requests (answer with `accept <id>` or `decline <id>`):\n{}",
+                        open.join("\n")
+                    ))
+                }
+            }
+            Err(e) => CommandOutcome::text(format!("Cannot read your message requests: {e}")),
+        }
+    }
+
+    async fn cmd_accept(&self, sender: &str, chat: &str) -> CommandOutcome {
+        let Some(acc) = self.network.account(sender) else {
+            return CommandOutcome::text("You are not logged in. Send `login <identifier>` first.");
+        };
+        match self.accept_request(sender, &acc, chat).await {
+            Ok(Some((room, n))) => {
+                let bot = self.matrix.bot_mxid().to_owned();
+                let _ = self.matrix.invite(&room, &bot, sender).await;
+                CommandOutcome::text(format!(
+                    "Accepted; {n} message(s) bridged: https://matrix.to/#/{room}"
+                ))
+            }
+            Ok(None) => CommandOutcome::text(format!(
+                "There is no message request `{chat}`. Send `list-requests` to see them."
+            )),
+            Err(e) => CommandOutcome::text(format!(
+                "Cannot accept it now ({e}); nothing was lost, try again later."
+            )),
+        }
+    }
+
+    async fn cmd_decline(&self, sender: &str, chat: &str) -> CommandOutcome {
+        match self.decline_request(sender, chat).await {
+            Ok(true) => CommandOutcome::text(format!(
+                "Declined. Messages in `{chat}` are dropped from now on; `start-chat` opens it again."
+            )),
+            Ok(false) => CommandOutcome::text(format!(
+                "There is no message request `{chat}`. Send `list-requests` to see them."
+            )),
+            Err(e) => CommandOutcome::text(format!("Cannot decline it now: {e}")),
         }
     }
 
@@ -560,6 +652,12 @@ impl Bridge {
         let Ok(Some(mut portal)) = self.portals.portal_by_room(room_id).await else {
             return CommandOutcome::text("Run this in a portal room.");
         };
+        // Only the chat's owner (whose login it is) or an admin decides who speaks for others.
+        if portal.receiver != sender && level < PermissionLevel::Admin {
+            return CommandOutcome::text(
+                "Only the owner of this portal or a bridge admin may change its relay.",
+            );
+        }
         if on {
             if self.network.account(sender).is_none() {
                 return CommandOutcome::text("You need a login to relay for others.");

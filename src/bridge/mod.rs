@@ -23,6 +23,9 @@ pub mod msgconv;
 pub mod network;
 mod portal;
 pub mod provisioning;
+pub mod requests;
+#[cfg(test)]
+pub(crate) mod tests;
 
 pub use commands::CommandOutcome;
 
@@ -35,12 +38,17 @@ pub enum BridgeError {
     /// The network refused; retrying will not help.
     #[error("interop network: {0}")]
     Network(String),
+    #[error("key vault: {0}")]
+    Vault(String),
 }
 
 impl BridgeError {
     /// Whether handling the event again later may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, BridgeError::Matrix(_) | BridgeError::Store(_))
+        matches!(
+            self,
+            BridgeError::Matrix(_) | BridgeError::Store(_) | BridgeError::Vault(_)
+        )
     }
 }
 
@@ -128,6 +136,8 @@ pub trait MatrixConnector: Send + Sync {
     async fn is_encrypted(&self, room_id: &str) -> bool;
     /// The room was created with encryption on.
     async fn mark_encrypted(&self, room_id: &str);
+    /// Forgets the bridge's outgoing room key of a room (its portal ended).
+    async fn discard_room_key(&self, _room_id: &str) {}
 }
 
 /// Receives Matrix events in order from the durable queue.
@@ -169,6 +179,8 @@ pub struct Bridge {
     pub(crate) users: Arc<dyn UserStore>,
     pub(crate) portals: Arc<dyn PortalStore>,
     pub(crate) network: Arc<dyn network::Network>,
+    /// Message requests and their held messages.
+    pub(crate) requests: Arc<dyn requests::RequestStore>,
     pub(crate) settings: BridgeSettings,
     pub(crate) commands: commands::CommandState,
     /// When each contact's profile was last fetched.
@@ -178,7 +190,64 @@ pub struct Bridge {
     pub(crate) typing_state: Mutex<HashMap<String, bool>>,
     /// Rooms the bot leaves once it has answered there (after `delete-portal`).
     pub(crate) leave_after: Mutex<HashSet<String>>,
+    /// Network look-ups made for the homeserver's user queries.
+    pub(crate) user_lookups: Mutex<LookupLimit>,
     pub(crate) metrics: crate::metrics::Metrics,
+}
+
+/// Bounds the network look-ups that user queries cause: a token bucket (a burst of
+/// [`LookupLimit::BURST`], then one every [`LookupLimit::EVERY`]) and a memory of accounts the
+/// network did not know (forgotten after [`LookupLimit::MISS_TTL`]; bounded in size).
+pub(crate) struct LookupLimit {
+    tokens: f64,
+    last: Instant,
+    misses: HashMap<String, Instant>,
+}
+
+impl LookupLimit {
+    const BURST: f64 = 20.0;
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(3);
+    const MISS_TTL: std::time::Duration = std::time::Duration::from_secs(600);
+    const MAX_MISSES: usize = 10_000;
+
+    fn new() -> Self {
+        Self {
+            tokens: Self::BURST,
+            last: Instant::now(),
+            misses: HashMap::new(),
+        }
+    }
+
+    /// Whether the network may be asked about `account` now (takes a token).
+    pub(crate) fn allow(&mut self, account: &str) -> bool {
+        if self
+            .misses
+            .get(account)
+            .is_some_and(|t| t.elapsed() < Self::MISS_TTL)
+        {
+            return false;
+        }
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() / Self::EVERY.as_secs_f64();
+        self.tokens = (self.tokens + refill).min(Self::BURST);
+        self.last = now;
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
+    }
+
+    /// The network does not know `account`.
+    pub(crate) fn miss(&mut self, account: &str) {
+        if self.misses.len() >= Self::MAX_MISSES {
+            self.misses.retain(|_, t| t.elapsed() < Self::MISS_TTL);
+            if self.misses.len() >= Self::MAX_MISSES {
+                self.misses.clear();
+            }
+        }
+        self.misses.insert(account.to_owned(), Instant::now());
+    }
 }
 
 impl Bridge {
@@ -187,6 +256,7 @@ impl Bridge {
         users: Arc<dyn UserStore>,
         portals: Arc<dyn PortalStore>,
         network: Arc<dyn network::Network>,
+        requests: Arc<dyn requests::RequestStore>,
         settings: BridgeSettings,
         metrics: crate::metrics::Metrics,
     ) -> Self {
@@ -195,12 +265,14 @@ impl Bridge {
             users,
             portals,
             network,
+            requests,
             settings,
             commands: commands::CommandState::default(),
             ghosts_seen: Mutex::new(HashMap::new()),
             portal_locks: Mutex::new(HashMap::new()),
             typing_state: Mutex::new(HashMap::new()),
             leave_after: Mutex::new(HashSet::new()),
+            user_lookups: Mutex::new(LookupLimit::new()),
             metrics,
         }
     }

@@ -2,8 +2,6 @@
 //! HTML ↔ styled ranges over code points), with everything else escaped, and plain-text
 //! renderings of content Matrix has no type for.
 
-use std::collections::BTreeSet;
-
 use crate::wire::content::{ContactCard, Format, Location, Text, format::Style};
 
 /// Escapes text for HTML.
@@ -59,41 +57,101 @@ fn is_safe_url(url: &str) -> bool {
         .any(|p| lower.starts_with(p))
 }
 
-/// Renders interop text as Matrix HTML, or `None` when it has no formatting. Overlapping ranges
-/// are closed and reopened at each boundary, so the result always nests correctly.
+/// At most this many format ranges of one message are rendered; the rest are dropped. Real
+/// clients send a handful; the cap keeps a hostile message from costing more than a bounded
+/// amount of work.
+pub const MAX_FORMATS: usize = 512;
+/// Rendered HTML longer than this is not sent: the message goes as plain text instead. Matrix
+/// events are limited to 64 KiB (and Megolm adds a third), so it leaves room for the body.
+pub const MAX_HTML_BYTES: usize = 20 * 1024;
+/// Links with a longer target are not rendered as links.
+const MAX_URL_BYTES: usize = 2048;
+/// Tags nested deeper than this in Matrix HTML are ignored (their text is kept).
+const MAX_HTML_DEPTH: usize = 64;
+/// A message body longer than this is cut (at a character boundary) with a note saying so.
+pub const MAX_BODY_BYTES: usize = 24 * 1024;
+
+/// The body as it can go into one Matrix event: cut to [`MAX_BODY_BYTES`] with a note when longer.
+pub fn bounded_body(body: &str) -> std::borrow::Cow<'_, str> {
+    if body.len() <= MAX_BODY_BYTES {
+        return body.into();
+    }
+    let mut cut = MAX_BODY_BYTES;
+    while !body.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let rest = body[cut..].chars().count();
+    format!("{}… [message cut: {rest} more characters]", &body[..cut]).into()
+}
+
+/// Renders interop text as Matrix HTML, or `None` when it has no formatting (or when the HTML
+/// would be over [`MAX_HTML_BYTES`]). Overlapping ranges are closed and reopened at each
+/// boundary, so the result always nests correctly. The work is bounded by the body's length,
+/// the number of ranges (at most [`MAX_FORMATS`]) and the output's size limit.
 pub fn text_to_html(t: &Text) -> Option<String> {
-    let chars: Vec<char> = t.body.chars().collect();
-    let n = chars.len();
-    let formats: Vec<&Format> = t
+    // Byte offset of every code point, and of the end.
+    let offsets: Vec<usize> = t
+        .body
+        .char_indices()
+        .map(|(i, _)| i)
+        .chain(std::iter::once(t.body.len()))
+        .collect();
+    let n = offsets.len() - 1;
+    // (start, end) in code points, clamped to the body; u64 so `start + length` cannot overflow.
+    let mut formats: Vec<(usize, usize, &Format)> = t
         .formats
         .iter()
-        .filter(|f| f.length > 0 && (f.start as usize) < n && !open_tag(f).is_empty())
+        .filter(|f| f.length > 0 && (f.start as usize) < n && has_tag(f))
+        .take(MAX_FORMATS)
+        .map(|f| {
+            let end = (u64::from(f.start) + u64::from(f.length)).min(n as u64) as usize;
+            (f.start as usize, end, f)
+        })
         .collect();
     if formats.is_empty() {
         return None;
     }
-    let mut bounds: BTreeSet<usize> = BTreeSet::from([0, n]);
-    for f in &formats {
-        bounds.insert(f.start as usize);
-        bounds.insert(((f.start + f.length) as usize).min(n));
-    }
-    let bounds: Vec<usize> = bounds.into_iter().collect();
+    formats.sort_by_key(|&(start, end, _)| (start, std::cmp::Reverse(end)));
+    let mut bounds: Vec<usize> = formats.iter().flat_map(|&(s, e, _)| [s, e]).collect();
+    bounds.extend([0, n]);
+    bounds.sort_unstable();
+    bounds.dedup();
     let mut html = String::new();
+    // Formats covering the current segment, in the order they open.
+    let mut active: Vec<usize> = Vec::new();
+    let mut next = 0;
     for w in bounds.windows(2) {
         let (a, b) = (w[0], w[1]);
-        let active: Vec<&&Format> = formats
-            .iter()
-            .filter(|f| (f.start as usize) <= a && b <= (f.start + f.length) as usize)
-            .collect();
-        for f in &active {
-            html.push_str(&open_tag(f));
+        active.retain(|&i| formats[i].1 > a);
+        while next < formats.len() && formats[next].0 <= a {
+            if formats[next].1 > a {
+                active.push(next);
+            }
+            next += 1;
         }
-        html.push_str(&escape(&chars[a..b].iter().collect::<String>()));
-        for f in active.iter().rev() {
-            html.push_str(close_tag(f));
+        for &i in &active {
+            html.push_str(&open_tag(formats[i].2));
+            if html.len() > MAX_HTML_BYTES {
+                return None;
+            }
+        }
+        html.push_str(&escape(&t.body[offsets[a]..offsets[b]]));
+        for &i in active.iter().rev() {
+            html.push_str(close_tag(formats[i].2));
+        }
+        if html.len() > MAX_HTML_BYTES {
+            return None;
         }
     }
     Some(html)
+}
+
+fn has_tag(f: &Format) -> bool {
+    match Style::try_from(f.style).unwrap_or(Style::Unspecified) {
+        Style::Link => f.url.len() <= MAX_URL_BYTES && is_safe_url(&f.url),
+        Style::Unspecified | Style::Mention => false,
+        _ => true,
+    }
 }
 
 /// Parses Matrix HTML into plain text with styled ranges. Unknown tags are dropped (their text
@@ -158,14 +216,18 @@ pub fn html_to_text(html: &str) -> Text {
                     } else {
                         String::new()
                     };
-                    open.push((name, style, body.len(), url));
+                    let void = tag.ends_with('/')
+                        || matches!(name.as_str(), "img" | "hr" | "wbr" | "input" | "meta");
+                    if !void && open.len() < MAX_HTML_DEPTH {
+                        open.push((name, style, body.len(), url));
+                    }
                 }
                 (true, _) => {
                     if let Some(pos) = open.iter().rposition(|o| o.0 == name) {
                         let (_, style, start, url) = open.remove(pos);
                         if let Some(style) = style {
                             let len = body.len() - start;
-                            if len > 0 {
+                            if len > 0 && formats.len() < MAX_FORMATS {
                                 let (style, url) = match (style, url) {
                                     (Style::Link, u) if u.starts_with("https://matrix.to/#/@") => {
                                         (Style::Mention, u)
@@ -338,6 +400,72 @@ mod tests {
             }),
             None
         );
+    }
+
+    /// Overlapping ranges used to cost (segments × ranges) work and output: 2,000 of them over
+    /// 30 KB made 70 MB of HTML. Now the output is bounded and no range arithmetic overflows.
+    #[test]
+    fn formatting_bombs_render_bounded() {
+        let body = "x".repeat(30_000);
+        let formats = (0..2_000).map(|i| f(Style::Bold, i * 7, 20_000)).collect();
+        let html = text_to_html(&Text { body, formats });
+        assert!(html.is_none_or(|h| h.len() <= MAX_HTML_BYTES));
+
+        // The figure: 300 KB with 20,000 overlapping ranges (render then cut).
+        let body = "y".repeat(300_000);
+        let formats: Vec<Format> = (0..20_000)
+            .map(|i| f(Style::Bold, i * 13, 250_000))
+            .collect();
+        let t = Text { body, formats };
+        assert!(text_to_html(&t).is_none_or(|h| h.len() <= MAX_HTML_BYTES));
+        assert!(bounded_body(&t.body).len() < MAX_BODY_BYTES + 100);
+
+        // start + length past u32::MAX, and ranges starting past the end.
+        let t = Text {
+            body: "overflow".into(),
+            formats: vec![
+                f(Style::Italic, 2, u32::MAX),
+                f(Style::Bold, u32::MAX, u32::MAX),
+                f(Style::Strikethrough, u32::MAX - 1, 5),
+            ],
+        };
+        assert_eq!(text_to_html(&t).as_deref(), Some("ov<em>erflow</em>"));
+
+        // A few ranges over a short text still render in full.
+        let t = Text {
+            body: "a".repeat(100),
+            formats: (0..MAX_FORMATS as u32 + 50)
+                .map(|i| f(Style::Bold, i % 100, 1))
+                .collect(),
+        };
+        assert!(text_to_html(&t).is_some());
+    }
+
+    #[test]
+    fn deep_matrix_html_is_bounded() {
+        let html = format!(
+            "{}text{}",
+            "<b><i>".repeat(20_000),
+            "</i></b>".repeat(20_000)
+        );
+        let t = html_to_text(&html);
+        assert_eq!(t.body, "text");
+        assert!(t.formats.len() <= MAX_FORMATS);
+        let many = "<b>x</b>".repeat(5_000);
+        assert!(html_to_text(&many).formats.len() <= MAX_FORMATS);
+        // Void elements do not use up the nesting depth.
+        let t = html_to_text(&format!("{}<b>bold</b>", "<img src=\"x\">".repeat(100)));
+        assert_eq!(t.formats, vec![f(Style::Bold, 0, 4)]);
+    }
+
+    #[test]
+    fn long_bodies_are_cut_with_a_note() {
+        let short = "é".repeat(10);
+        assert_eq!(bounded_body(&short), short.as_str());
+        let long = "é".repeat(MAX_BODY_BYTES);
+        let cut = bounded_body(&long);
+        assert!(cut.len() <= MAX_BODY_BYTES + 64);
+        assert!(cut.ends_with("more characters]"));
     }
 
     #[test]

@@ -120,7 +120,15 @@ pub trait NetAccount: Send + Sync {
     ) -> Result<(), NetError>;
     async fn typing(&self, to: NetTarget, typing: bool) -> Result<(), NetError>;
     async fn upload(&self, data: Vec<u8>) -> Result<UploadedMedia, NetError>;
-    async fn download(&self, blob: &str, key: &[u8], sha256: &[u8]) -> Result<Vec<u8>, NetError>;
+    /// Downloads and decrypts a media blob of at most `max` bytes (refused with
+    /// [`NetError::Refused`] when larger, without reading it all).
+    async fn download(
+        &self,
+        blob: &str,
+        key: &[u8],
+        sha256: &[u8],
+        max: u64,
+    ) -> Result<Vec<u8>, NetError>;
     async fn create_group(&self, name: &str, members: Vec<String>) -> Result<GroupInfo, NetError>;
     async fn update_group(&self, group: &str, change: GroupChange) -> Result<GroupInfo, NetError>;
     /// A group as it is now (the account must be a member).

@@ -11,6 +11,7 @@ use super::{
     network::{GroupInfo, NetAccount, NetError, NetEvent, NetTarget},
 };
 use crate::{
+    config::PermissionLevel,
     store::portal::{MappedMessage, Portal, PortalKind},
     wire::content::{
         DataMessage, Delete, Edit, Location, Media, Quote, Reaction, Text, data_message::Body as D,
@@ -157,7 +158,7 @@ impl Bridge {
                 {"type": "m.bridge", "state_key": state_key, "content": bridge_info},
                 {"type": "uk.half-shot.bridge", "state_key": state_key, "content": bridge_info},
             ],
-            "power_level_content_override": {"users": users},
+            "power_level_content_override": portal_power_levels(users),
         });
         if kind == PortalKind::Group && !name.is_empty() {
             body["name"] = json!(name);
@@ -218,12 +219,25 @@ impl Bridge {
                 group,
                 message_id,
                 data,
+                timestamp,
                 ..
             } => {
                 let chat = match group {
                     Some(g) => NetTarget::Group(g.clone()),
                     None => NetTarget::Contact(from.clone()),
                 };
+                let gate = self
+                    .request_gate(
+                        mxid,
+                        &acc,
+                        &chat,
+                        from,
+                        Some((message_id.as_str(), *timestamp, data)),
+                    )
+                    .await?;
+                if gate == super::requests::Gate::Closed {
+                    return Ok(());
+                }
                 let started = std::time::Instant::now();
                 let portal = self.ensure_portal(mxid, &acc, &chat, None).await?;
                 self.bridge_incoming(&portal, &acc, from, message_id, data)
@@ -354,7 +368,7 @@ impl Bridge {
     }
 
     /// interop → Matrix for one data message.
-    async fn bridge_incoming(
+    pub(crate) async fn bridge_incoming(
         &self,
         portal: &Portal,
         acc: &Arc<dyn NetAccount>,
@@ -391,6 +405,11 @@ impl Bridge {
                 let Some(target) = self.portals.by_message(&room, &e.target, "").await? else {
                     return Ok(()); // edit of a message we never saw
                 };
+                if target.sender != from {
+                    tracing::info!(%room, "dropping an edit of a message its sender did not write");
+                    self.metrics.refused("interop_edit_not_author");
+                    return Ok(());
+                }
                 let t = e.text.clone().unwrap_or_default();
                 let new = text_content(&t, "m.text");
                 let mut c = text_content(
@@ -406,14 +425,23 @@ impl Bridge {
                     .matrix
                     .send_event(&room, &sender, "m.room.message", c, &txn)
                     .await?;
-                return self.map(&room, &ev, message_id, from, "edit").await;
+                return self
+                    .map(&room, &ev, message_id, from, &sender, "edit")
+                    .await;
             }
             Some(D::Delete(d)) => {
                 if let Some(target) = self.portals.by_message(&room, &d.target, "").await? {
+                    if target.sender != from {
+                        tracing::info!(%room, "dropping a deletion of a message its sender did not write");
+                        self.metrics.refused("interop_delete_not_author");
+                        return Ok(());
+                    }
                     self.matrix.redact(&room, &sender, &target.event_id).await?;
                     self.portals.unmap_event(&room, &target.event_id).await?;
                 }
-                return self.map(&room, "", message_id, from, "delete").await;
+                return self
+                    .map(&room, "", message_id, from, &sender, "delete")
+                    .await;
             }
             Some(D::Reaction(r)) => {
                 let part = reaction_part(from, &r.emoji);
@@ -440,7 +468,7 @@ impl Bridge {
                     .matrix
                     .send_event(&room, &sender, "m.reaction", c, &txn)
                     .await?;
-                return self.map(&room, &ev, &r.target, from, &part).await;
+                return self.map(&room, &ev, &r.target, from, &sender, &part).await;
             }
             Some(D::Media(m)) => self.media_to_matrix(&room, acc, &sender, m).await?,
             Some(D::Location(l)) => json!({
@@ -460,7 +488,7 @@ impl Bridge {
             .matrix
             .send_event(&room, &sender, "m.room.message", content, &txn)
             .await?;
-        self.map(&room, &ev, message_id, from, "").await
+        self.map(&room, &ev, message_id, from, &sender, "").await
     }
 
     async fn map(
@@ -469,6 +497,7 @@ impl Bridge {
         event_id: &str,
         message_id: &str,
         sender: &str,
+        matrix_sender: &str,
         part: &str,
     ) -> Result<(), BridgeError> {
         let event_id = if event_id.is_empty() {
@@ -483,6 +512,7 @@ impl Bridge {
                 message_id: message_id.to_owned(),
                 sender: sender.to_owned(),
                 part: part.to_owned(),
+                matrix_sender: matrix_sender.to_owned(),
             })
             .await?;
         Ok(())
@@ -495,7 +525,30 @@ impl Bridge {
         sender: &str,
         m: &Media,
     ) -> Result<Value, BridgeError> {
-        let data = acc.download(&m.blob, &m.key, &m.sha256).await?;
+        let max = self.settings.bridge.max_media_size;
+        if m.size > max {
+            self.metrics.refused("media_too_large");
+            return Ok(json!({"msgtype": "m.notice", "body": format!(
+                "A file of {} was not bridged: it is larger than this bridge's limit of {}.",
+                human_size(m.size), human_size(max)
+            )}));
+        }
+        let data = match acc.download(&m.blob, &m.key, &m.sha256, max).await {
+            Ok(d) if m.size == 0 || d.len() as u64 == m.size => d,
+            Err(e) if e.is_transient() => return Err(e.into()),
+            // Over the limit after all, not the size its sender declared, or not what its hash
+            // says: the sender's doing, so the room hears of it and nothing is retried.
+            other => {
+                self.metrics.refused("media_refused");
+                let why = match other {
+                    Ok(_) => "it is not the size its sender declared".to_owned(),
+                    Err(e) => e.to_string(),
+                };
+                return Ok(
+                    json!({"msgtype": "m.notice", "body": format!("A file was not bridged: {why}.")}),
+                );
+            }
+        };
         let size = data.len();
         let mime = if m.mimetype.is_empty() {
             "application/octet-stream".to_owned()
@@ -608,7 +661,14 @@ impl Bridge {
                 .as_deref()
                 .and_then(|r| self.network.account(r))
             {
-                Some(a) if self.settings.bridge.relay.enabled => (a, Some(display_name_of(sender))),
+                // Relayed messages name their sender by the full Matrix ID: a display name or a
+                // localpart could pass for someone else.
+                Some(a)
+                    if self.settings.bridge.relay.enabled
+                        && self.permission_of(sender) >= PermissionLevel::Relay =>
+                {
+                    (a, Some(sender.to_owned()))
+                }
                 _ => {
                     if ty == "m.room.message" {
                         self.not_bridged(&room, event_id, Status::NoPermission, &format!("{sender}: your message was not bridged: this room has no relay and it is not your chat.")).await?;
@@ -639,6 +699,7 @@ impl Bridge {
                         message_id: t.message_id.clone(),
                         sender: me.clone(),
                         part: reaction_part(&me, &emoji),
+                        matrix_sender: sender.to_owned(),
                     })
                     .await?;
                 DataMessage {
@@ -659,6 +720,16 @@ impl Bridge {
                 let Some(t) = self.portals.by_event(&room, redacts).await? else {
                     return Ok(());
                 };
+                if !is_author(&t, sender, &me, &portal) {
+                    if t.part.is_empty() {
+                        let text = format!(
+                            "{sender}: the deletion was not bridged: only a message's author can delete it on the network."
+                        );
+                        self.not_bridged(&room, event_id, Status::NoPermission, &text)
+                            .await?;
+                    }
+                    return Ok(());
+                }
                 self.portals.unmap_event(&room, redacts).await?;
                 if let Some(emoji) = t.part.strip_prefix(&format!("reaction:{me}:")) {
                     DataMessage {
@@ -682,7 +753,7 @@ impl Bridge {
                 }
             }
             _ => match self
-                .matrix_to_data(&acc, &room, content, relayed_name.as_deref())
+                .matrix_to_data(&acc, &portal, sender, content, relayed_name.as_deref())
                 .await
             {
                 Ok(Some(d)) => d,
@@ -707,7 +778,8 @@ impl Bridge {
             }
         }
         if is_plain_message {
-            self.map(&room, event_id, &message_id, &me, "").await?;
+            self.map(&room, event_id, &message_id, &me, sender, "")
+                .await?;
         }
         self.bridged(&room, event_id).await;
         self.metrics.message_bridged("matrix_to_interop", started);
@@ -783,10 +855,12 @@ impl Bridge {
     async fn matrix_to_data(
         &self,
         acc: &Arc<dyn NetAccount>,
-        room: &str,
+        portal: &Portal,
+        sender: &str,
         content: &Value,
         relayed_name: Option<&str>,
     ) -> Result<Option<DataMessage>, String> {
+        let room = portal.room_id.as_deref().unwrap_or_default();
         let msgtype = content["msgtype"].as_str().unwrap_or_default();
         let rel = &content["m.relates_to"];
         let reply_to = match rel["m.in_reply_to"]["event_id"].as_str() {
@@ -815,7 +889,7 @@ impl Bridge {
                 let prefix = format!("{name}: ");
                 let shift = prefix.chars().count() as u32;
                 for f in &mut t.formats {
-                    f.start += shift;
+                    f.start = f.start.saturating_add(shift);
                 }
                 t.body = format!("{prefix}{}", t.body);
             }
@@ -831,6 +905,12 @@ impl Bridge {
             else {
                 return Ok(None);
             };
+            if !t.part.is_empty() || !is_author(&t, sender, acc.account_id(), portal) {
+                return Err(
+                    "only a message's author can edit it on the network; the edit stays on Matrix only."
+                        .into(),
+                );
+            }
             let new = if content["m.new_content"].is_object() {
                 &content["m.new_content"]
             } else {
@@ -850,7 +930,7 @@ impl Bridge {
                 let mut t = text_of(content);
                 t.body = format!("* {}", t.body);
                 for f in &mut t.formats {
-                    f.start += 2;
+                    f.start = f.start.saturating_add(2);
                 }
                 D::Text(t)
             }
@@ -866,6 +946,13 @@ impl Bridge {
                 })
             }
             "m.image" | "m.video" | "m.audio" | "m.file" => {
+                let max = self.settings.bridge.max_media_size;
+                if content["info"]["size"].as_u64().is_some_and(|n| n > max) {
+                    return Err(format!(
+                        "the attachment is larger than this bridge's limit of {}.",
+                        human_size(max)
+                    ));
+                }
                 let (data, ct) = self
                     .matrix
                     .download_content(content)
@@ -1004,21 +1091,67 @@ impl Status {
     }
 }
 
-fn display_name_of(mxid: &str) -> String {
-    mxid.trim_start_matches('@')
-        .split(':')
-        .next()
-        .unwrap_or(mxid)
-        .to_owned()
+/// A portal's power levels: the bot above everyone, the owner at 75 in groups (so it can kick
+/// ghosts), ghosts at 50. Redacting other people's events, kicking, banning and the state that
+/// shapes the room need more than a ghost has, so no contact can act on others' events through
+/// its ghost, even if the bridge were tricked into trying.
+fn portal_power_levels(users: serde_json::Map<String, Value>) -> Value {
+    json!({
+        "users": users,
+        "redact": 75,
+        "kick": 75,
+        "ban": 75,
+        "events": {
+            "m.room.power_levels": 100,
+            "m.room.tombstone": 100,
+            "m.room.server_acl": 100,
+            "m.room.join_rules": 100,
+            "m.bridge": 100,
+            "uk.half-shot.bridge": 100,
+        },
+    })
+}
+
+/// Whether the Matrix user `sender` wrote the mapped message (or reaction) `t`, so may edit or
+/// delete it on the network. Rows from before authors were recorded count as the portal owner's
+/// when they went out through the owner's own login (`me`).
+fn is_author(t: &MappedMessage, sender: &str, me: &str, portal: &Portal) -> bool {
+    if t.matrix_sender.is_empty() {
+        t.sender == me && sender == portal.receiver
+    } else {
+        t.matrix_sender == sender
+    }
 }
 
 fn text_content(t: &Text, msgtype: &str) -> Value {
+    let cut;
+    let t = match msgconv::bounded_body(&t.body) {
+        std::borrow::Cow::Borrowed(_) => t,
+        std::borrow::Cow::Owned(body) => {
+            cut = Text {
+                body,
+                formats: t.formats.clone(),
+            };
+            &cut
+        }
+    };
     let mut c = json!({"msgtype": msgtype, "body": t.body});
     if let Some(html) = msgconv::text_to_html(t) {
         c["format"] = json!("org.matrix.custom.html");
         c["formatted_body"] = json!(html);
     }
     c
+}
+
+/// `12.3 MiB`, for notices.
+pub(crate) fn human_size(bytes: u64) -> String {
+    if bytes >= 1024 * 1024 {
+        format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+    } else if bytes >= 1024 {
+        format!("{:.1} KiB", bytes as f64 / 1024.0)
+    } else {
+        format!("{bytes} bytes")
+    }
 }
 
 fn default_filename(m: &Media, mime: &str) -> String {

@@ -224,6 +224,17 @@ pub struct BridgeConfig {
     /// A notice in the room when a Matrix message cannot be bridged.
     #[serde(default = "yes")]
     pub message_error_notices: bool,
+    /// The largest file bridged in either direction, in bytes.
+    #[serde(default = "default_max_media")]
+    pub max_media_size: u64,
+    /// A stranger's first message (or being added to a group by one) is held as a message
+    /// request the user accepts or declines, instead of opening a room at once.
+    #[serde(default = "yes")]
+    pub message_requests: bool,
+}
+
+fn default_max_media() -> u64 {
+    100 * 1024 * 1024
 }
 
 impl Default for BridgeConfig {
@@ -236,6 +247,8 @@ impl Default for BridgeConfig {
             delivery_receipts: false,
             message_status_events: false,
             message_error_notices: true,
+            max_media_size: default_max_media(),
+            message_requests: true,
         }
     }
 }

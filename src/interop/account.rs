@@ -155,6 +155,7 @@ enum Command {
         blob: String,
         key: Vec<u8>,
         sha256: Vec<u8>,
+        max: u64,
         reply: Reply<Vec<u8>>,
     },
     UploadPlain {
@@ -255,8 +256,17 @@ impl AccountHandle {
         blob: String,
         key: Vec<u8>,
         sha256: Vec<u8>,
+        max: u64,
     ) -> Result<Vec<u8>, InteropError> {
-        ask!(self, Download { blob, key, sha256 })
+        ask!(
+            self,
+            Download {
+                blob,
+                key,
+                sha256,
+                max
+            }
+        )
     }
     /// Uploads a blob as it is (profile and group avatars, which are public, §11).
     pub async fn upload_plain(&self, data: Vec<u8>) -> Result<String, InteropError> {
@@ -282,10 +292,23 @@ impl AccountHandle {
     pub async fn ack(&self, envelope_id: u64) {
         let _ = self.acks.send(envelope_id);
     }
+    /// Stops the actor and returns once it has ended (its last write done), so that a new actor
+    /// for the same account never shares its Signal state and a logout can destroy the keys
+    /// after it. Waits at most [`STOP_WAIT`]; an actor that has not ended by then can no longer
+    /// write once its data key is destroyed (the vault does not create a new one for it).
     pub async fn stop(&self) {
-        let _ = self.cmd.send(Command::Stop).await;
+        let stopped = async {
+            let _ = self.cmd.send(Command::Stop).await;
+            self.cmd.closed().await;
+        };
+        if tokio::time::timeout(STOP_WAIT, stopped).await.is_err() {
+            tracing::warn!(account = %self.account, "the account's actor did not stop in time");
+        }
     }
 }
+
+/// How long [`AccountHandle::stop`] waits for the actor to end.
+const STOP_WAIT: Duration = Duration::from_secs(15);
 
 /// Credentials kept sealed in the vault.
 #[derive(Serialize, Deserialize)]
@@ -395,6 +418,7 @@ pub async fn spawn_account(
             groups: HashMap::new(),
             recent: std::collections::VecDeque::new(),
             inbox,
+            last_replenish: None,
         };
         actor.run(rx, ack_rx).await;
     });
@@ -418,7 +442,14 @@ struct Actor {
     /// Envelopes whose decrypted message waits in the vault's inbox until it is acked, so that
     /// other envelopes need no look-up there (`None`: unknown, always look).
     inbox: Option<std::collections::HashSet<u64>>,
+    /// When one-time prekeys were last replenished because the gateway said they ran low.
+    last_replenish: Option<std::time::Instant>,
 }
+
+/// `PREKEYS_LOW` pushes within this time of a replenish are not acted on: someone fetching
+/// bundle after bundle makes the gateway push one per fetch, and each would cost a batch of
+/// new keys.
+const REPLENISH_COALESCE: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn addr(account: &str) -> ProtocolAddress {
     ProtocolAddress::new(
@@ -610,9 +641,10 @@ impl Actor {
                 blob,
                 key,
                 sha256,
+                max,
                 reply,
             } => {
-                let r = self.download(&blob, &key, &sha256).await;
+                let r = self.download(&blob, &key, &sha256, max).await;
                 let _ = reply.send(r);
             }
             Command::UploadPlain { data, reply } => {
@@ -853,6 +885,26 @@ impl Actor {
         }
     }
 
+    /// Whether `account` is a member of `group` (asking the gateway again when the members as
+    /// last seen do not include it).
+    async fn is_member(&mut self, group: &str, account: &str) -> bool {
+        if self
+            .groups
+            .get(group)
+            .is_some_and(|m| m.iter().any(|a| a == account))
+        {
+            return true;
+        }
+        self.groups.remove(group);
+        match self.group_members(group).await {
+            Ok(m) => m.iter().any(|a| a == account),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot look up a group's members");
+                false
+            }
+        }
+    }
+
     async fn group_members(&mut self, group: &str) -> Result<Vec<String>, InteropError> {
         if let Some(m) = self.groups.get(group) {
             return Ok(m.clone());
@@ -1016,8 +1068,10 @@ impl Actor {
         blob: &str,
         key: &[u8],
         sha256: &[u8],
+        max: u64,
     ) -> Result<Vec<u8>, InteropError> {
-        let data = self.get_blob(blob, 512 * 1024 * 1024).await?;
+        // The ciphertext carries an IV, up to a block of padding and a MAC on top.
+        let data = self.get_blob(blob, max.saturating_add(64)).await?;
         media::decrypt(&data, key, sha256)
             .map(|p| p.to_vec())
             .map_err(|e| InteropError::Crypto(e.to_string()))
@@ -1027,6 +1081,7 @@ impl Actor {
     async fn get_blob(&self, blob: &str, max: u64) -> Result<Vec<u8>, InteropError> {
         let conn = self.conn()?.clone();
         let mut data = Vec::new();
+        let mut total = None;
         loop {
             let get = pb::BlobGet {
                 blob: blob.to_owned(),
@@ -1036,14 +1091,24 @@ impl Actor {
             match conn.request(Body::BlobGet(get)).await? {
                 Body::BlobData(d) => {
                     if d.total_size > max {
-                        return Err(InteropError::Invalid(format!(
-                            "blob of {} bytes is over the limit of {max}",
-                            d.total_size
-                        )));
+                        return Err(InteropError::TooLarge(max));
+                    }
+                    // The size must hold still, and no chunk may run past it.
+                    if *total.get_or_insert(d.total_size) != d.total_size
+                        || (data.len() + d.data.len()) as u64 > d.total_size
+                    {
+                        return Err(InteropError::Invalid(
+                            "the blob's chunks do not match its announced size".into(),
+                        ));
                     }
                     data.extend_from_slice(&d.data);
-                    if data.len() as u64 >= d.total_size || d.data.is_empty() {
+                    if data.len() as u64 == d.total_size {
                         break;
+                    }
+                    if d.data.is_empty() {
+                        return Err(InteropError::Invalid(
+                            "the blob ended before its announced size".into(),
+                        ));
                     }
                 }
                 _ => return Err(InteropError::Unexpected),
@@ -1100,7 +1165,15 @@ impl Actor {
                 })
                 .await
             }
+            Some(Body::PrekeysLow(_))
+                if self
+                    .last_replenish
+                    .is_some_and(|t| t.elapsed() < REPLENISH_COALESCE) =>
+            {
+                tracing::debug!("prekeys low again soon after a replenish; coalesced");
+            }
             Some(Body::PrekeysLow(low)) => {
+                self.last_replenish = Some(std::time::Instant::now());
                 if let Err(e) = self
                     .maintain_keys(low.one_time_prekeys, low.kyber_prekeys)
                     .await
@@ -1215,6 +1288,18 @@ impl Actor {
                                 data,
                             })
                             .await;
+                        }
+                        Some(CBody::SenderKeyDistribution(skd))
+                            if !self.is_member(&skd.group, &env.from).await =>
+                        {
+                            // A sender key only from a member of the group it names; the
+                            // pairwise session's step is kept.
+                            tracing::warn!(group = %skd.group, "dropping a sender key from someone outside the group");
+                            if let Err(e) = self.store.commit(vec![]).await {
+                                tracing::error!(error = %e, "cannot store session");
+                                return;
+                            }
+                            self.ack(id).await;
                         }
                         Some(CBody::SenderKeyDistribution(skd)) => {
                             let r = match SenderKeyDistributionMessage::try_from(

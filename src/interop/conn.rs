@@ -47,6 +47,9 @@ pub enum InteropError {
     Vault(#[from] crate::vault::VaultError),
     #[error("{0}")]
     Invalid(String),
+    /// A blob over the caller's size limit (not downloaded).
+    #[error("the file is larger than the limit of {0} bytes")]
+    TooLarge(u64),
 }
 
 impl InteropError {

@@ -370,9 +370,15 @@ impl NetAccount for InteropAccount {
         })
     }
 
-    async fn download(&self, blob: &str, key: &[u8], sha256: &[u8]) -> Result<Vec<u8>, NetError> {
+    async fn download(
+        &self,
+        blob: &str,
+        key: &[u8],
+        sha256: &[u8],
+        max: u64,
+    ) -> Result<Vec<u8>, NetError> {
         self.handle
-            .download(blob.to_owned(), key.to_vec(), sha256.to_vec())
+            .download(blob.to_owned(), key.to_vec(), sha256.to_vec(), max)
             .await
             .map_err(net_err)
     }

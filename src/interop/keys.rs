@@ -8,7 +8,10 @@ use libsignal_protocol::{
 };
 
 use crate::{
-    vault::{VaultError, signal::SignalStore},
+    vault::{
+        VaultError,
+        signal::{SignalStore, kind as vault_kind},
+    },
     wire::pb,
 };
 
@@ -18,6 +21,20 @@ pub const LAST_RESORT_KYBER_ID: u32 = 0x00FF_FFFF;
 pub const LOW_WATER: u32 = 10;
 /// Batch size of one-time keys.
 pub const BATCH: u32 = 50;
+/// One-time prekeys of each kind kept in the vault: each upload deletes the keys that fall this
+/// far behind the newest, so someone who drains the gateway of keys (fetching bundles they
+/// never use) cannot make the vault grow without bound. A peer that fetched a key and writes
+/// only after this many newer keys were handed out cannot start a session with it.
+pub const MAX_KEPT: u32 = 10 * BATCH;
+/// One-time prekey ids run over 1..=ID_SPACE and wrap around (24-bit, as Signal clients use
+/// them, and below the last-resort Kyber id).
+const ID_SPACE: u32 = LAST_RESORT_KYBER_ID - 1;
+
+/// The id `n` places after `id` in the wrapping id space.
+fn id_after(id: u32, n: u32) -> u32 {
+    let zero_based = (u64::from(id.clamp(1, ID_SPACE)) - 1 + u64::from(n)) % u64::from(ID_SPACE);
+    zero_based as u32 + 1
+}
 
 const META: &str = "meta";
 
@@ -62,6 +79,7 @@ pub async fn make_upload(
         ..Default::default()
     };
     let mut counters = Vec::new();
+    let mut extra: Vec<(&'static str, String, Option<Vec<u8>>)> = Vec::new();
     if base {
         let id = next_id(store, "signed_id").await?;
         let kp = KeyPair::generate(&mut rng);
@@ -77,6 +95,10 @@ pub async fn make_upload(
             signature: sig.to_vec(),
         });
         counters.push(("signed_id", id + 1));
+        // The previous signed prekey stays for messages already under way; older ones go.
+        if id > 2 {
+            extra.push((vault_kind::SIGNED_PREKEY, (id - 2).to_string(), None));
+        }
         let lr = KyberPreKeyRecord::generate(
             kem::KeyType::Kyber1024,
             LAST_RESORT_KYBER_ID.into(),
@@ -93,7 +115,14 @@ pub async fn make_upload(
         });
     }
     let first = next_id(store, "prekey_id").await?;
-    for id in first..first + one_time {
+    for i in 0..one_time {
+        let id = id_after(first, i);
+        // The key that falls out of the window as this one comes in.
+        extra.push((
+            vault_kind::PREKEY,
+            id_after(id, ID_SPACE - MAX_KEPT).to_string(),
+            None,
+        ));
         let kp = KeyPair::generate(&mut rng);
         store
             .prekeys
@@ -104,9 +133,15 @@ pub async fn make_upload(
             public_key: kp.public_key.serialize().to_vec(),
         });
     }
-    counters.push(("prekey_id", first + one_time));
+    counters.push(("prekey_id", id_after(first, one_time)));
     let first = next_id(store, "kyber_id").await?;
-    for id in first..first + kyber {
+    for i in 0..kyber {
+        let id = id_after(first, i);
+        extra.push((
+            vault_kind::KYBER_PREKEY,
+            id_after(id, ID_SPACE - MAX_KEPT).to_string(),
+            None,
+        ));
         let rec =
             KyberPreKeyRecord::generate(kem::KeyType::Kyber1024, id.into(), ikp.private_key())?;
         store.kyber.save_kyber_pre_key(id.into(), &rec).await?;
@@ -116,11 +151,12 @@ pub async fn make_upload(
             signature: rec.signature()?.to_vec(),
         });
     }
-    counters.push(("kyber_id", first + kyber));
-    let extra = counters
-        .into_iter()
-        .map(|(k, v)| (META, k.to_owned(), Some(v.to_be_bytes().to_vec())))
-        .collect();
+    counters.push(("kyber_id", id_after(first, kyber)));
+    extra.extend(
+        counters
+            .into_iter()
+            .map(|(k, v)| (META, k.to_owned(), Some(v.to_be_bytes().to_vec()))),
+    );
     store.commit(extra).await?;
     Ok(up)
 }

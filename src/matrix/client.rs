@@ -34,6 +34,32 @@ pub enum MatrixError {
     Build(String),
     #[error("unexpected response from the homeserver: {0}")]
     Response(String),
+    /// A response (a media download, say) is over the bridge's limit; it was not read further.
+    #[error("the homeserver's answer is larger than the bridge's limit of {0} bytes")]
+    TooLarge(u64),
+}
+
+/// The largest non-media answer the bridge reads from the homeserver.
+const MAX_API_RESPONSE: u64 = 32 * 1024 * 1024;
+
+/// Reads a response body, refusing it (without reading further) once it is over `max` bytes,
+/// whether the homeserver announced its length or not.
+async fn read_limited(mut resp: reqwest::Response, max: u64) -> Result<Vec<u8>, MatrixError> {
+    if resp.content_length().is_some_and(|n| n > max) {
+        return Err(MatrixError::TooLarge(max));
+    }
+    let mut data = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| MatrixError::Network(e.to_string()))?
+    {
+        if (data.len() + chunk.len()) as u64 > max {
+            return Err(MatrixError::TooLarge(max));
+        }
+        data.extend_from_slice(&chunk);
+    }
+    Ok(data)
 }
 
 impl MatrixError {
@@ -173,6 +199,15 @@ impl HomeserverClient {
         &self,
         req: http::Request<Vec<u8>>,
     ) -> Result<http::Response<Vec<u8>>, MatrixError> {
+        self.execute_limited(req, MAX_API_RESPONSE).await
+    }
+
+    /// [`Self::execute`] with a limit on the answer's size.
+    async fn execute_limited(
+        &self,
+        req: http::Request<Vec<u8>>,
+        max: u64,
+    ) -> Result<http::Response<Vec<u8>>, MatrixError> {
         let (parts, body) = req.into_parts();
         let mut attempt = 0;
         loop {
@@ -188,7 +223,8 @@ impl HomeserverClient {
                 Ok(resp) => {
                     let status = resp.status();
                     let headers = resp.headers().clone();
-                    match resp.bytes().await {
+                    let limit = if status.is_success() { max } else { 64 * 1024 };
+                    match read_limited(resp, limit).await {
                         Ok(bytes) if status.is_success() => {
                             let mut b = http::Response::builder().status(status);
                             for (k, v) in &headers {
@@ -199,7 +235,7 @@ impl HomeserverClient {
                                 .map_err(|e| MatrixError::Response(e.to_string()));
                         }
                         Ok(bytes) => Err(api_error(status.as_u16(), &bytes)),
-                        Err(e) => Err(MatrixError::Network(e.to_string())),
+                        Err(e) => Err(e),
                     }
                 }
                 Err(e) => Err(MatrixError::Network(e.to_string())),
@@ -434,12 +470,11 @@ impl HomeserverClient {
             .parts()
             .map_err(|e| MatrixError::Build(format!("bad mxc uri: {e}")))?;
         let req = get::Request::new(media_id.to_owned(), server.to_owned());
-        let resp = self.send(req, None, None).await?;
-        if resp.file.len() > max_bytes {
-            return Err(MatrixError::Response(format!(
-                "media larger than {max_bytes} bytes"
-            )));
-        }
+        // Read at most `max_bytes` of it, whatever the homeserver says or sends.
+        let http_req = self.build(req, None, None)?;
+        let resp = self.execute_limited(http_req, max_bytes as u64).await?;
+        let resp = <get::Response as ruma::api::IncomingResponse>::try_from_http_response(resp)
+            .map_err(|e| MatrixError::Response(e.to_string()))?;
         Ok((resp.file, resp.content_type))
     }
 
@@ -603,5 +638,87 @@ impl CreateRoomBody {
             .power_level_content_override
             .map(ruma::serde::Raw::from_json);
         req
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    };
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// A homeserver that answers every request with `total` bytes of media in 64 KiB chunks,
+    /// announcing the length or not; returns its address and how much it managed to write.
+    async fn media_server(total: usize, announce: bool) -> (String, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let written = Arc::new(AtomicUsize::new(0));
+        let w = written.clone();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let w = w.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = sock.read(&mut buf).await;
+                    let head = if announce {
+                        format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: image/png\r\ncontent-length: {total}\r\n\r\n"
+                        )
+                    } else {
+                        "HTTP/1.1 200 OK\r\ncontent-type: image/png\r\nconnection: close\r\n\r\n"
+                            .to_owned()
+                    };
+                    if sock.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let chunk = vec![0x42u8; 64 * 1024];
+                    let mut sent = 0;
+                    while sent < total {
+                        if sock.write_all(&chunk).await.is_err() {
+                            return;
+                        }
+                        sent += chunk.len();
+                        w.fetch_add(chunk.len(), Ordering::SeqCst);
+                    }
+                });
+            }
+        });
+        (format!("http://{addr}"), written)
+    }
+
+    /// The download stops at the limit: a homeserver (or a remote server through it) sending
+    /// 200 MB, announced or not, costs the bridge about the limit, not 200 MB.
+    #[tokio::test]
+    async fn media_downloads_stop_at_the_limit() {
+        for announce in [true, false] {
+            let (base, written) = media_server(200 * 1024 * 1024, announce).await;
+            let client = HomeserverClient::new(&base, "as_token").unwrap();
+            let err = client
+                .download("mxc://x/abcdef", 1024 * 1024)
+                .await
+                .expect_err("over the limit");
+            assert!(matches!(err, MatrixError::TooLarge(_)), "{err}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let sent = written.load(Ordering::SeqCst);
+            // What the kernel's socket buffers took on top of the limit, and no more.
+            assert!(
+                sent < 24 * 1024 * 1024,
+                "announce={announce}: {sent} bytes sent"
+            );
+        }
+        // Under the limit it arrives whole.
+        let (base, _) = media_server(128 * 1024, false).await;
+        let client = HomeserverClient::new(&base, "as_token").unwrap();
+        let (data, ct) = client
+            .download("mxc://x/abcdef", 1024 * 1024)
+            .await
+            .unwrap();
+        assert_eq!(data.len(), 128 * 1024);
+        assert_eq!(ct.as_deref(), Some("image/png"));
     }
 }

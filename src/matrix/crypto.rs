@@ -49,6 +49,43 @@ pub enum CryptoError {
     Encrypt(String),
     #[error("encrypted attachment: {0}")]
     Attachment(String),
+    /// The decrypted payload is of a type that must not come encrypted (state, membership,
+    /// redactions): membership and power come only from the homeserver's own state.
+    #[error("an encrypted `{0}` event is not accepted")]
+    NotAllowed(String),
+}
+
+/// The event types the bridge accepts from inside a Megolm payload: messages and the relations
+/// on them. State events (`m.room.member`, power levels, names) and redactions are never taken
+/// from an encrypted payload.
+const ENCRYPTABLE_TYPES: &[&str] = &["m.room.message", "m.reaction", "m.sticker"];
+
+/// Builds the event the core sees from a decrypted payload: only its `type` (one of
+/// [`ENCRYPTABLE_TYPES`]) and its `content` are taken; the event id, room, sender, time and
+/// `unsigned` come from the homeserver's outer event, and a `state_key`, `redacts` or anything
+/// else in the payload is dropped.
+pub fn sanitize_decrypted(outer: &Value, inner: &Value) -> Result<Value, CryptoError> {
+    let ty = inner["type"].as_str().unwrap_or_default();
+    if !ENCRYPTABLE_TYPES.contains(&ty) {
+        return Err(CryptoError::NotAllowed(ty.chars().take(100).collect()));
+    }
+    let content = match &inner["content"] {
+        Value::Object(c) => Value::Object(c.clone()),
+        _ => return Err(CryptoError::Decrypt("the payload has no content".into())),
+    };
+    let mut ev = json!({"type": ty, "content": content});
+    for k in [
+        "event_id",
+        "room_id",
+        "sender",
+        "origin_server_ts",
+        "unsigned",
+    ] {
+        if let Some(v) = outer.get(k) {
+            ev[k] = v.clone();
+        }
+    }
+    Ok(ev)
 }
 
 fn store_err(e: impl std::fmt::Display) -> CryptoError {
@@ -308,22 +345,11 @@ impl Crypto {
         );
         match self.olm.decrypt_room_event(&raw, &room, &settings()).await {
             Ok(d) => {
-                let mut inner: Value = d
+                let inner: Value = d
                     .event
                     .deserialize_as()
                     .map_err(|e| CryptoError::Decrypt(e.to_string()))?;
-                for k in [
-                    "event_id",
-                    "room_id",
-                    "sender",
-                    "origin_server_ts",
-                    "unsigned",
-                ] {
-                    if let Some(v) = event.get(k) {
-                        inner[k] = v.clone();
-                    }
-                }
-                Ok(inner)
+                sanitize_decrypted(event, &inner)
             }
             Err(matrix_sdk_crypto::MegolmError::MissingRoomKey(_)) => Err(CryptoError::MissingKey),
             Err(e) => Err(CryptoError::Decrypt(e.to_string())),
@@ -435,6 +461,17 @@ impl Crypto {
     }
 
     /// Whether a room is encrypted (cached; asks the homeserver the first time).
+    /// Drops the bridge's outgoing room key of a room (a portal whose owner logged out): the
+    /// next message there starts a new Megolm session that only the current members get.
+    pub async fn discard_room_key(&self, room_id: &str) {
+        let Ok(room) = OwnedRoomId::try_from(room_id) else {
+            return;
+        };
+        if let Err(e) = self.olm.discard_room_key(&room).await {
+            tracing::warn!(error = %e, "cannot discard a room key");
+        }
+    }
+
     pub async fn is_encrypted(&self, room_id: &str) -> bool {
         if let Some(v) = self.encrypted.read().await.get(room_id) {
             return *v;
@@ -501,4 +538,52 @@ impl Crypto {
 pub fn file_with_url(mut file: Value, mxc: &str) -> Value {
     file["url"] = json!(mxc);
     file
+}
+
+#[cfg(test)]
+mod sanitize_tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn outer() -> Value {
+        json!({"type": "m.room.encrypted", "event_id": "$e", "room_id": "!r:x", "sender": "@mallory:x",
+               "origin_server_ts": 1, "content": {"algorithm": "m.megolm.v1.aes-sha2"}})
+    }
+
+    /// Membership, power and redactions come only from the homeserver: an encrypted payload that
+    /// claims to be the owner's leave, an invite of the bot or a redaction is not taken.
+    #[test]
+    fn decrypted_state_and_redactions_are_refused() {
+        for inner in [
+            json!({"type": "m.room.member", "state_key": "@alice:x", "content": {"membership": "leave"}}),
+            json!({"type": "m.room.member", "state_key": "@interopbot:x", "content": {"membership": "invite"}}),
+            json!({"type": "m.room.power_levels", "state_key": "", "content": {"users": {"@mallory:x": 100}}}),
+            json!({"type": "m.room.redaction", "redacts": "$other", "content": {"redacts": "$other"}}),
+            json!({"type": "m.room.name", "state_key": "", "content": {"name": "x"}}),
+        ] {
+            assert!(
+                matches!(
+                    sanitize_decrypted(&outer(), &inner),
+                    Err(CryptoError::NotAllowed(_))
+                ),
+                "{inner}"
+            );
+        }
+    }
+
+    #[test]
+    fn decrypted_messages_keep_only_type_and_content() {
+        let inner = json!({"type": "m.room.message", "state_key": "", "redacts": "$x", "sender": "@alice:x",
+                           "room_id": "!other:x", "content": {"msgtype": "m.text", "body": "hi"}});
+        let ev = sanitize_decrypted(&outer(), &inner).unwrap();
+        assert_eq!(ev["sender"], json!("@mallory:x"));
+        assert_eq!(ev["room_id"], json!("!r:x"));
+        assert_eq!(ev["event_id"], json!("$e"));
+        assert!(ev.get("state_key").is_none());
+        assert!(ev.get("redacts").is_none());
+        assert_eq!(ev["content"]["body"], json!("hi"));
+        let no_content = json!({"type": "m.reaction", "content": "nope"});
+        assert!(sanitize_decrypted(&outer(), &no_content).is_err());
+    }
 }

@@ -66,6 +66,12 @@ impl MatrixSide {
         })
     }
 
+    /// The largest media download read from the homeserver (`bridge.max_media_size`).
+    pub fn with_max_media(mut self, bytes: u64) -> Self {
+        self.max_media_bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
+        self
+    }
+
     pub fn arc(self) -> Arc<Self> {
         Arc::new(self)
     }
@@ -319,6 +325,12 @@ impl MatrixConnector for MatrixSide {
     async fn mark_encrypted(&self, room_id: &str) {
         if let Some(c) = self.crypto.get() {
             c.mark_encrypted(room_id).await;
+        }
+    }
+
+    async fn discard_room_key(&self, room_id: &str) {
+        if let Some(c) = self.crypto.get() {
+            c.discard_room_key(room_id).await;
         }
     }
 }

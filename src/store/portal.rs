@@ -56,6 +56,9 @@ pub struct MappedMessage {
     pub sender: String,
     /// "" for the message itself, "reaction:<account>:<emoji>" for reactions.
     pub part: String,
+    /// The Matrix user who wrote it: a real user for messages bridged from Matrix, the ghost or
+    /// the bot for messages from the network ("" in rows older than this column).
+    pub matrix_sender: String,
 }
 
 #[async_trait]
@@ -122,11 +125,12 @@ fn mapped_row(r: &sqlx::any::AnyRow) -> Result<MappedMessage, StoreError> {
         message_id: r.try_get(2)?,
         sender: r.try_get(3)?,
         part: r.try_get(4)?,
+        matrix_sender: r.try_get(5)?,
     })
 }
 
 const PORTAL_COLS: &str = "receiver, chat_id, kind, room_id, name, relay, avatar_blob, avatar_mxc";
-const MAP_COLS: &str = "room_id, event_id, message_id, sender, part";
+const MAP_COLS: &str = "room_id, event_id, message_id, sender, part, matrix_sender";
 
 #[async_trait]
 impl PortalStore for SqlStore {
@@ -297,7 +301,8 @@ impl PortalStore for SqlStore {
 
     async fn map_message(&self, m: &MappedMessage) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO message_map (room_id, event_id, message_id, sender, part, created_at) VALUES ($1, $2, $3, $4, $5, $6) \
+            "INSERT INTO message_map (room_id, event_id, message_id, sender, part, matrix_sender, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) \
              ON CONFLICT DO NOTHING",
         )
         .bind(&m.room_id)
@@ -305,6 +310,7 @@ impl PortalStore for SqlStore {
         .bind(&m.message_id)
         .bind(&m.sender)
         .bind(&m.part)
+        .bind(&m.matrix_sender)
         .bind(now_ms())
         .execute(self.pool())
         .await?;
@@ -432,6 +438,7 @@ mod tests {
             message_id: "m1".into(),
             sender: "+15550002222".into(),
             part: String::new(),
+            matrix_sender: "@interop_15550002222:x".into(),
         };
         s.map_message(&m).await.expect("map");
         s.map_message(&m).await.expect("map twice is fine");

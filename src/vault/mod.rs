@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
+pub mod requests;
 pub mod signal;
 pub mod store;
 

@@ -218,7 +218,9 @@ impl SignalStore {
             return Ok(());
         }
         let owner = &self.inner.owner;
-        let key = self.inner.vault.data_key(owner).await?;
+        // Never creates a data key: after a logout destroyed it, a late write fails instead of
+        // sealing under a new key that nobody would shred.
+        let key = self.inner.vault.existing_data_key(owner).await?;
         let mut writes = Vec::with_capacity(pending.len() + extra.len());
         for ((k, name), v) in &pending {
             let sealed = v

@@ -74,6 +74,8 @@ pub struct Ours {
     pub account: String,
     pub store: SqlStore,
     pub master: SecretKey,
+    /// The vault the running actor uses (shared cache of data keys).
+    pub vault: Vault,
     pub _dir: tempfile::TempDir,
 }
 
@@ -103,7 +105,7 @@ pub async fn register_ours(rt: &SignalRuntime, gw: &GatewayAddr, account: &str) 
         .await
         .expect("creds");
     let (tx, events) = mpsc::channel(1024);
-    let handle = account::spawn_account(rt, "@owner:test", gw.clone(), vault, db, tx)
+    let handle = account::spawn_account(rt, "@owner:test", gw.clone(), vault.clone(), db, tx)
         .await
         .expect("spawn");
     let mut ours = Ours {
@@ -112,6 +114,7 @@ pub async fn register_ours(rt: &SignalRuntime, gw: &GatewayAddr, account: &str) 
         account: account.to_owned(),
         store,
         master,
+        vault,
         _dir: dir,
     };
     ours.wait(|e| matches!(e, Event::Connected { .. })).await;
@@ -125,6 +128,7 @@ impl Ours {
         let (tx, rx) = mpsc::channel(1024);
         self.events = rx;
         let vault = reopen_vault(self).await;
+        self.vault = vault.clone();
         let db: Arc<dyn VaultStore> = Arc::new(self.store.clone());
         self.handle = account::spawn_account(rt, "@owner:test", gw.clone(), vault, db, tx)
             .await

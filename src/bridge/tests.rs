@@ -1,0 +1,1124 @@
+//! The core against recording stand-ins for both sides and a real SQLite store: who may make the
+//! bridge do what (authors only, relay permissions, power levels). The end-to-end tests show the
+//! same paths against Synapse and official libsignal; these pin the rules down one by one.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+};
+
+use async_trait::async_trait;
+use serde_json::{Value, json};
+
+use super::{
+    Bridge, BridgeError, BridgeSettings, MatrixConnector, MatrixEventHandler,
+    network::{
+        GroupChange, GroupInfo, NetAccount, NetError, NetEvent, NetProfile, NetTarget, Network,
+        UploadedMedia,
+    },
+};
+use crate::{
+    config::{BridgeConfig, RelayConfig},
+    store::{SqlStore, testing},
+    wire::content::{DataMessage, Delete, Edit, Text, data_message::Body as D},
+};
+
+/// What the core asked the Matrix side to do, in order.
+#[derive(Default)]
+pub(crate) struct FakeMatrix {
+    pub calls: Mutex<Vec<(String, Value)>>,
+    counter: Mutex<u64>,
+}
+
+impl FakeMatrix {
+    fn record(&self, what: &str, v: Value) -> String {
+        self.calls.lock().unwrap().push((what.to_owned(), v));
+        let mut n = self.counter.lock().unwrap();
+        *n += 1;
+        format!("{n}")
+    }
+
+    pub fn calls_of(&self, what: &str) -> Vec<Value> {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(w, _)| w == what)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    pub fn clear(&self) {
+        self.calls.lock().unwrap().clear();
+    }
+}
+
+#[async_trait]
+impl MatrixConnector for FakeMatrix {
+    fn bot_mxid(&self) -> &str {
+        "@interopbot:x"
+    }
+    fn is_ghost(&self, mxid: &str) -> bool {
+        mxid.starts_with("@interop_")
+    }
+    async fn join(&self, room_id: &str, as_user: &str) -> Result<(), BridgeError> {
+        self.record("join", json!({"room": room_id, "as": as_user}));
+        Ok(())
+    }
+    async fn leave(&self, room_id: &str, as_user: &str) -> Result<(), BridgeError> {
+        self.record("leave", json!({"room": room_id, "as": as_user}));
+        Ok(())
+    }
+    async fn send_notice(
+        &self,
+        room_id: &str,
+        as_user: &str,
+        body: &str,
+        _html: &str,
+    ) -> Result<String, BridgeError> {
+        let n = self.record(
+            "notice",
+            json!({"room": room_id, "as": as_user, "body": body}),
+        );
+        Ok(format!("$notice{n}"))
+    }
+    async fn joined_members(
+        &self,
+        _room_id: &str,
+        _as_user: &str,
+    ) -> Result<Vec<String>, BridgeError> {
+        Ok(vec![])
+    }
+    async fn ensure_ghost(
+        &self,
+        localpart: &str,
+        displayname: &str,
+    ) -> Result<String, BridgeError> {
+        self.record(
+            "ensure_ghost",
+            json!({"localpart": localpart, "name": displayname}),
+        );
+        Ok(format!("@{localpart}:x"))
+    }
+    async fn set_avatar(&self, _user: &str, _mxc: &str) -> Result<(), BridgeError> {
+        Ok(())
+    }
+    async fn create_room(&self, body: Value) -> Result<String, BridgeError> {
+        let n = self.record("create_room", body);
+        Ok(format!("!room{n}:x"))
+    }
+    async fn invite(&self, room_id: &str, by: &str, invitee: &str) -> Result<(), BridgeError> {
+        self.record(
+            "invite",
+            json!({"room": room_id, "by": by, "invitee": invitee}),
+        );
+        Ok(())
+    }
+    async fn send_event(
+        &self,
+        room_id: &str,
+        as_user: &str,
+        event_type: &str,
+        content: Value,
+        txn_id: &str,
+    ) -> Result<String, BridgeError> {
+        let n = self.record(
+            "send_event",
+            json!({"room": room_id, "as": as_user, "type": event_type, "content": content, "txn": txn_id}),
+        );
+        Ok(format!("$ev{n}"))
+    }
+    async fn send_state(
+        &self,
+        room_id: &str,
+        as_user: &str,
+        event_type: &str,
+        state_key: &str,
+        content: Value,
+    ) -> Result<String, BridgeError> {
+        let n = self.record(
+            "send_state",
+            json!({"room": room_id, "as": as_user, "type": event_type, "state_key": state_key, "content": content}),
+        );
+        Ok(format!("$state{n}"))
+    }
+    async fn redact(
+        &self,
+        room_id: &str,
+        as_user: &str,
+        event_id: &str,
+    ) -> Result<(), BridgeError> {
+        self.record(
+            "redact",
+            json!({"room": room_id, "as": as_user, "event": event_id}),
+        );
+        Ok(())
+    }
+    async fn read_receipt(
+        &self,
+        _room_id: &str,
+        _as_user: &str,
+        _event_id: &str,
+    ) -> Result<(), BridgeError> {
+        Ok(())
+    }
+    async fn typing(
+        &self,
+        _room_id: &str,
+        _as_user: &str,
+        _typing: bool,
+    ) -> Result<(), BridgeError> {
+        Ok(())
+    }
+    async fn upload(
+        &self,
+        _as_user: &str,
+        _data: Vec<u8>,
+        _mimetype: &str,
+        _filename: Option<&str>,
+    ) -> Result<String, BridgeError> {
+        Ok("mxc://x/upload".into())
+    }
+    async fn download(&self, _mxc: &str) -> Result<(Vec<u8>, Option<String>), BridgeError> {
+        Ok((b"media".to_vec(), None))
+    }
+    async fn upload_for_room(
+        &self,
+        _room_id: &str,
+        _as_user: &str,
+        _data: Vec<u8>,
+        _mimetype: &str,
+        _filename: &str,
+    ) -> Result<Value, BridgeError> {
+        Ok(json!({"url": "mxc://x/upload"}))
+    }
+    async fn download_content(
+        &self,
+        _content: &Value,
+    ) -> Result<(Vec<u8>, Option<String>), BridgeError> {
+        Ok((b"media".to_vec(), None))
+    }
+    async fn is_encrypted(&self, _room_id: &str) -> bool {
+        false
+    }
+    async fn mark_encrypted(&self, _room_id: &str) {}
+}
+
+/// One login on the stand-in network: records what it was asked to send.
+pub(crate) struct FakeAccount {
+    id: String,
+    pub sent: Mutex<Vec<(NetTarget, String, DataMessage)>>,
+    /// Members of every group this account is asked about.
+    pub group_members: Mutex<Vec<String>>,
+    pub profile_lookups: Mutex<u32>,
+}
+
+impl FakeAccount {
+    pub fn new(id: &str) -> Arc<Self> {
+        Arc::new(Self {
+            id: id.to_owned(),
+            sent: Mutex::default(),
+            group_members: Mutex::default(),
+            profile_lookups: Mutex::default(),
+        })
+    }
+
+    pub fn sent_bodies(&self) -> Vec<D> {
+        self.sent
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(_, _, d)| d.body.clone())
+            .collect()
+    }
+}
+
+#[async_trait]
+impl NetAccount for FakeAccount {
+    fn account_id(&self) -> &str {
+        &self.id
+    }
+    fn is_connected(&self) -> bool {
+        true
+    }
+    async fn send(
+        &self,
+        to: NetTarget,
+        message_id: String,
+        data: DataMessage,
+    ) -> Result<(), NetError> {
+        self.sent.lock().unwrap().push((to, message_id, data));
+        Ok(())
+    }
+    async fn receipt(
+        &self,
+        _to: &str,
+        _group: Option<&str>,
+        _read: bool,
+        _message_ids: Vec<String>,
+    ) -> Result<(), NetError> {
+        Ok(())
+    }
+    async fn typing(&self, _to: NetTarget, _typing: bool) -> Result<(), NetError> {
+        Ok(())
+    }
+    async fn upload(&self, _data: Vec<u8>) -> Result<UploadedMedia, NetError> {
+        Ok(UploadedMedia {
+            blob: "blob".into(),
+            key: vec![0; 64],
+            sha256: vec![0; 32],
+        })
+    }
+    async fn download(
+        &self,
+        _blob: &str,
+        _key: &[u8],
+        _sha256: &[u8],
+        _max: u64,
+    ) -> Result<Vec<u8>, NetError> {
+        Ok(b"media".to_vec())
+    }
+    async fn create_group(&self, name: &str, members: Vec<String>) -> Result<GroupInfo, NetError> {
+        Ok(GroupInfo {
+            id: "g-new".into(),
+            name: name.to_owned(),
+            members,
+            ..Default::default()
+        })
+    }
+    async fn update_group(&self, group: &str, _change: GroupChange) -> Result<GroupInfo, NetError> {
+        self.group(group).await
+    }
+    async fn group(&self, group: &str) -> Result<GroupInfo, NetError> {
+        Ok(GroupInfo {
+            id: group.to_owned(),
+            name: "A group".into(),
+            members: self.group_members.lock().unwrap().clone(),
+            ..Default::default()
+        })
+    }
+    async fn profile(&self, account: &str) -> Result<Option<NetProfile>, NetError> {
+        *self.profile_lookups.lock().unwrap() += 1;
+        Ok(Some(NetProfile {
+            name: format!("Contact {account}"),
+            avatar_blob: String::new(),
+        }))
+    }
+    async fn upload_avatar(&self, _image: Vec<u8>) -> Result<String, NetError> {
+        Ok("avatar".into())
+    }
+    async fn download_avatar(&self, _blob: &str) -> Result<Vec<u8>, NetError> {
+        Ok(vec![])
+    }
+    async fn ack(&self, _envelope_id: u64) {}
+}
+
+/// The stand-in network: the logins the test connected.
+#[derive(Default)]
+pub(crate) struct FakeNetwork {
+    pub accounts: Mutex<HashMap<String, Arc<FakeAccount>>>,
+}
+
+#[async_trait]
+impl Network for FakeNetwork {
+    async fn request_code(&self, _account: &str) -> Result<(), NetError> {
+        Ok(())
+    }
+    async fn verify_and_connect(
+        &self,
+        mxid: &str,
+        account: &str,
+        _code: &str,
+    ) -> Result<Arc<dyn NetAccount>, NetError> {
+        let acc = FakeAccount::new(account);
+        self.accounts
+            .lock()
+            .unwrap()
+            .insert(mxid.to_owned(), acc.clone());
+        Ok(acc)
+    }
+    async fn reconnect(&self, mxid: &str) -> Result<Arc<dyn NetAccount>, NetError> {
+        self.account(mxid).ok_or(NetError::NotLoggedIn)
+    }
+    async fn logout(&self, mxid: &str) -> Result<(), NetError> {
+        self.accounts.lock().unwrap().remove(mxid);
+        Ok(())
+    }
+    fn account(&self, mxid: &str) -> Option<Arc<dyn NetAccount>> {
+        self.accounts
+            .lock()
+            .unwrap()
+            .get(mxid)
+            .map(|a| a.clone() as Arc<dyn NetAccount>)
+    }
+    fn any_account(&self) -> Option<Arc<dyn NetAccount>> {
+        self.accounts
+            .lock()
+            .unwrap()
+            .values()
+            .next()
+            .map(|a| a.clone() as Arc<dyn NetAccount>)
+    }
+    async fn reachable(&self) -> bool {
+        true
+    }
+}
+
+/// A bridge core over the stand-ins, with `@alice:x` logged in as `+15550001000`.
+pub(crate) struct Harness {
+    pub bridge: Bridge,
+    pub matrix: Arc<FakeMatrix>,
+    pub network: Arc<FakeNetwork>,
+    pub store: SqlStore,
+    pub alice: Arc<FakeAccount>,
+    pub _vault: crate::vault::Vault,
+    pub _dir: tempfile::TempDir,
+    next_envelope: Mutex<u64>,
+}
+
+pub(crate) const ALICE: &str = "@alice:x";
+pub(crate) const ALICE_ACC: &str = "+15550001000";
+
+impl Harness {
+    /// Message requests off: the other rules are easier to show on portals that open at once.
+    pub async fn new() -> Self {
+        Self::with(|s| s.bridge.message_requests = false).await
+    }
+
+    pub async fn with(tune: impl FnOnce(&mut BridgeSettings)) -> Self {
+        let (store, dir) = testing::sqlite().await;
+        let matrix = Arc::new(FakeMatrix::default());
+        let network = Arc::new(FakeNetwork::default());
+        let alice = FakeAccount::new(ALICE_ACC);
+        network
+            .accounts
+            .lock()
+            .unwrap()
+            .insert(ALICE.into(), alice.clone());
+        use crate::store::portal::PortalStore;
+        store.set_login(ALICE, ALICE_ACC).await.unwrap();
+        let mut settings = BridgeSettings {
+            bridge: BridgeConfig {
+                permissions: BTreeMap::from([
+                    ("*".to_owned(), "relay".to_owned()),
+                    ("x".to_owned(), "user".to_owned()),
+                    ("@admin:x".to_owned(), "admin".to_owned()),
+                    ("other.example".to_owned(), "none".to_owned()),
+                ]),
+                relay: RelayConfig {
+                    enabled: true,
+                    admin_only: false,
+                },
+                ..BridgeConfig::default()
+            },
+            homeserver_domain: "x".into(),
+            username_template: "interop_{id}".into(),
+            encryption_default: false,
+            encryption_require: false,
+        };
+        tune(&mut settings);
+        let s = Arc::new(store.clone());
+        let vault = crate::vault::Vault::open(crate::vault::SecretKey::random(), s.clone())
+            .await
+            .unwrap();
+        // Alice's data key, as her login made it.
+        vault.data_key(ALICE).await.unwrap();
+        let requests = Arc::new(crate::vault::requests::SealedRequests::new(
+            vault.clone(),
+            s.clone(),
+        ));
+        let bridge = Bridge::new(
+            matrix.clone(),
+            s.clone(),
+            s,
+            network.clone(),
+            requests,
+            settings,
+            crate::metrics::Metrics::new(),
+        );
+        Self {
+            bridge,
+            matrix,
+            network,
+            store,
+            alice,
+            _vault: vault,
+            _dir: dir,
+            next_envelope: Mutex::new(1),
+        }
+    }
+
+    /// Logs `mxid` in as `account` on the stand-in network.
+    pub async fn login(&self, mxid: &str, account: &str) -> Arc<FakeAccount> {
+        use crate::store::portal::PortalStore;
+        let acc = FakeAccount::new(account);
+        self.network
+            .accounts
+            .lock()
+            .unwrap()
+            .insert(mxid.into(), acc.clone());
+        self.store.set_login(mxid, account).await.unwrap();
+        acc
+    }
+
+    /// An interop message to alice's login.
+    pub async fn from_network(
+        &self,
+        from: &str,
+        group: Option<&str>,
+        message_id: &str,
+        body: D,
+    ) -> Result<(), BridgeError> {
+        let envelope_id = {
+            let mut n = self.next_envelope.lock().unwrap();
+            *n += 1;
+            *n
+        };
+        let ev = NetEvent::Message {
+            envelope_id,
+            from: from.into(),
+            group: group.map(str::to_owned),
+            message_id: message_id.into(),
+            timestamp: 0,
+            data: DataMessage {
+                body: Some(body),
+                reply_to: None,
+            },
+        };
+        self.bridge.on_network_event(ALICE, &ev).await
+    }
+
+    /// A Matrix event, as the queue hands it to the core.
+    pub async fn from_matrix(
+        &self,
+        room: &str,
+        sender: &str,
+        event_id: &str,
+        ty: &str,
+        content: Value,
+    ) -> Result<(), BridgeError> {
+        let mut ev = json!({"type": ty, "room_id": room, "sender": sender, "event_id": event_id, "content": content});
+        if ty == "m.room.redaction" {
+            ev["redacts"] = ev["content"]["redacts"].clone();
+        }
+        self.bridge.handle_matrix_event(&ev).await
+    }
+
+    /// The portal room of a chat of alice's.
+    pub async fn room_of(&self, chat: &str) -> String {
+        use crate::store::portal::PortalStore;
+        self.store
+            .portal(ALICE, chat)
+            .await
+            .unwrap()
+            .and_then(|p| p.room_id)
+            .expect("portal room")
+    }
+
+    /// The interop message id of a Matrix event (from the message map).
+    pub async fn message_id_of(&self, room: &str, event_id: &str) -> String {
+        use crate::store::portal::PortalStore;
+        self.store
+            .by_event(room, event_id)
+            .await
+            .unwrap()
+            .expect("mapped")
+            .message_id
+    }
+
+    pub fn notices(&self) -> Vec<String> {
+        self.matrix
+            .calls_of("notice")
+            .iter()
+            .map(|n| n["body"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    }
+}
+
+pub(crate) fn text(body: &str) -> D {
+    D::Text(Text {
+        body: body.into(),
+        formats: vec![],
+    })
+}
+
+fn matrix_text(body: &str) -> Value {
+    json!({"msgtype": "m.text", "body": body})
+}
+
+fn matrix_edit(target: &str, body: &str) -> Value {
+    json!({
+        "msgtype": "m.text",
+        "body": format!("* {body}"),
+        "m.new_content": {"msgtype": "m.text", "body": body},
+        "m.relates_to": {"rel_type": "m.replace", "event_id": target},
+    })
+}
+
+const BOB_ACC: &str = "+15550002000";
+const CAROL_ACC: &str = "+15550003000";
+
+/// A DM portal with Bob (made by Bob's first message), and an event alice wrote in it.
+async fn dm_with_alices_message(h: &Harness) -> (String, String) {
+    h.from_network(BOB_ACC, None, "bob-1", text("hi alice"))
+        .await
+        .unwrap();
+    let room = h.room_of(BOB_ACC).await;
+    h.from_matrix(
+        &room,
+        ALICE,
+        "$alice1",
+        "m.room.message",
+        matrix_text("hello bob"),
+    )
+    .await
+    .unwrap();
+    let id = h.message_id_of(&room, "$alice1").await;
+    (room, id)
+}
+
+#[tokio::test]
+async fn a_contact_cannot_delete_or_edit_the_users_message() {
+    let h = Harness::new().await;
+    let (room, alices) = dm_with_alices_message(&h).await;
+    h.matrix.clear();
+    h.from_network(
+        BOB_ACC,
+        None,
+        "bob-del",
+        D::Delete(Delete {
+            target: alices.clone(),
+        }),
+    )
+    .await
+    .unwrap();
+    h.from_network(
+        BOB_ACC,
+        None,
+        "bob-edit",
+        D::Edit(Edit {
+            target: alices.clone(),
+            text: Some(Text {
+                body: "I owe Bob 1000 EUR".into(),
+                formats: vec![],
+            }),
+        }),
+    )
+    .await
+    .unwrap();
+    assert!(
+        h.matrix.calls_of("redact").is_empty(),
+        "redacted: {:?}",
+        h.matrix.calls_of("redact")
+    );
+    assert!(
+        h.matrix.calls_of("send_event").is_empty(),
+        "edited: {:?}",
+        h.matrix.calls_of("send_event")
+    );
+    // Bob's own message: both work.
+    let bobs = "bob-1".to_owned();
+    h.from_network(
+        BOB_ACC,
+        None,
+        "bob-edit2",
+        D::Edit(Edit {
+            target: bobs.clone(),
+            text: Some(Text {
+                body: "hi Alice".into(),
+                formats: vec![],
+            }),
+        }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(h.matrix.calls_of("send_event").len(), 1);
+    h.from_network(
+        BOB_ACC,
+        None,
+        "bob-del2",
+        D::Delete(Delete { target: bobs }),
+    )
+    .await
+    .unwrap();
+    let redactions = h.matrix.calls_of("redact");
+    assert_eq!(redactions.len(), 1);
+    assert_eq!(redactions[0]["room"], json!(room));
+    assert_eq!(redactions[0]["as"], json!("@interop_15550002000:x"));
+}
+
+#[tokio::test]
+async fn a_group_member_cannot_delete_another_members_message() {
+    let h = Harness::new().await;
+    *h.alice.group_members.lock().unwrap() =
+        vec![ALICE_ACC.into(), BOB_ACC.into(), CAROL_ACC.into()];
+    h.from_network(BOB_ACC, Some("g1"), "bob-g1", text("from bob"))
+        .await
+        .unwrap();
+    h.from_network(
+        CAROL_ACC,
+        Some("g1"),
+        "carol-g1",
+        D::Delete(Delete {
+            target: "bob-g1".into(),
+        }),
+    )
+    .await
+    .unwrap();
+    assert!(h.matrix.calls_of("redact").is_empty());
+}
+
+#[tokio::test]
+async fn only_the_author_edits_or_deletes_on_the_network() {
+    let h = Harness::new().await;
+    let (room, _) = dm_with_alices_message(&h).await;
+    // Alice's portal relays for others.
+    use crate::store::portal::PortalStore;
+    let mut p = h.store.portal(ALICE, BOB_ACC).await.unwrap().unwrap();
+    p.relay = Some(ALICE.into());
+    h.store.save_portal(&p).await.unwrap();
+    h.from_matrix(
+        &room,
+        "@bob:x",
+        "$b1",
+        "m.room.message",
+        matrix_text("from matrix bob"),
+    )
+    .await
+    .unwrap();
+    h.alice.sent.lock().unwrap().clear();
+    h.matrix.clear();
+
+    // Carol (another Matrix user in the room) edits and redacts Bob's relayed message and Alice's.
+    h.from_matrix(
+        &room,
+        "@carol:x",
+        "$c1",
+        "m.room.message",
+        matrix_edit("$b1", "forged"),
+    )
+    .await
+    .unwrap();
+    h.from_matrix(
+        &room,
+        "@carol:x",
+        "$c2",
+        "m.room.redaction",
+        json!({"redacts": "$b1"}),
+    )
+    .await
+    .unwrap();
+    h.from_matrix(
+        &room,
+        "@carol:x",
+        "$c3",
+        "m.room.message",
+        matrix_edit("$alice1", "forged"),
+    )
+    .await
+    .unwrap();
+    // The owner redacts the contact's message (which the owner did not write).
+    let bobs_event = {
+        let m = h
+            .store
+            .by_message(&room, "bob-1", "")
+            .await
+            .unwrap()
+            .unwrap();
+        m.event_id
+    };
+    h.from_matrix(
+        &room,
+        ALICE,
+        "$a2",
+        "m.room.redaction",
+        json!({"redacts": bobs_event}),
+    )
+    .await
+    .unwrap();
+    // Alice edits Bob's relayed message.
+    h.from_matrix(
+        &room,
+        ALICE,
+        "$a3",
+        "m.room.message",
+        matrix_edit("$b1", "forged by owner"),
+    )
+    .await
+    .unwrap();
+    let sent = h.alice.sent_bodies();
+    assert!(sent.is_empty(), "sent for someone else: {sent:?}");
+
+    // The authors themselves may.
+    h.from_matrix(
+        &room,
+        "@bob:x",
+        "$b2",
+        "m.room.message",
+        matrix_edit("$b1", "fixed"),
+    )
+    .await
+    .unwrap();
+    h.from_matrix(
+        &room,
+        ALICE,
+        "$a4",
+        "m.room.redaction",
+        json!({"redacts": "$alice1"}),
+    )
+    .await
+    .unwrap();
+    let sent = h.alice.sent_bodies();
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    match &sent[0] {
+        D::Edit(e) => assert_eq!(e.text.as_ref().unwrap().body, "@bob:x: fixed"),
+        other => panic!("expected an edit, got {other:?}"),
+    }
+    assert!(matches!(&sent[1], D::Delete(_)));
+}
+
+#[tokio::test]
+async fn relayed_messages_name_the_full_matrix_id_and_need_the_relay_level() {
+    let h = Harness::new().await;
+    let (room, _) = dm_with_alices_message(&h).await;
+    use crate::store::portal::PortalStore;
+    let mut p = h.store.portal(ALICE, BOB_ACC).await.unwrap().unwrap();
+    p.relay = Some(ALICE.into());
+    h.store.save_portal(&p).await.unwrap();
+    h.alice.sent.lock().unwrap().clear();
+    // A display name or localpart "alice" on another server must not read as the owner.
+    h.from_matrix(
+        &room,
+        "@alice:evil.example",
+        "$e1",
+        "m.room.message",
+        matrix_text("pay him"),
+    )
+    .await
+    .unwrap();
+    // A server whose users have no permission at all.
+    h.from_matrix(
+        &room,
+        "@mallory:other.example",
+        "$m1",
+        "m.room.message",
+        matrix_text("hi"),
+    )
+    .await
+    .unwrap();
+    let sent = h.alice.sent_bodies();
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    match &sent[0] {
+        D::Text(t) => assert_eq!(t.body, "@alice:evil.example: pay him"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn only_the_owner_or_an_admin_sets_the_relay() {
+    let h = Harness::new().await;
+    let (room, _) = dm_with_alices_message(&h).await;
+    h.login("@bob:x", "+15550009999").await;
+    h.login("@admin:x", "+15550009998").await;
+    use crate::store::portal::PortalStore;
+    let relay = || async { h.store.portal(ALICE, BOB_ACC).await.unwrap().unwrap().relay };
+    h.from_matrix(
+        &room,
+        "@bob:x",
+        "$r1",
+        "m.room.message",
+        matrix_text("!interop set-relay"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(relay().await, None, "{:?}", h.notices());
+    h.from_matrix(
+        &room,
+        ALICE,
+        "$r2",
+        "m.room.message",
+        matrix_text("!interop set-relay"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(relay().await.as_deref(), Some(ALICE));
+    h.from_matrix(
+        &room,
+        "@bob:x",
+        "$r3",
+        "m.room.message",
+        matrix_text("!interop unset-relay"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(relay().await.as_deref(), Some(ALICE));
+    h.from_matrix(
+        &room,
+        "@admin:x",
+        "$r4",
+        "m.room.message",
+        matrix_text("!interop unset-relay"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(relay().await, None);
+}
+
+#[tokio::test]
+async fn ghosts_cannot_redact_others_in_portal_rooms() {
+    let h = Harness::new().await;
+    *h.alice.group_members.lock().unwrap() = vec![ALICE_ACC.into(), BOB_ACC.into()];
+    h.from_network(BOB_ACC, Some("g2"), "m1", text("hi"))
+        .await
+        .unwrap();
+    h.from_network(BOB_ACC, None, "m2", text("hi"))
+        .await
+        .unwrap();
+    let rooms = h.matrix.calls_of("create_room");
+    assert_eq!(rooms.len(), 2);
+    for body in rooms {
+        let pl = &body["power_level_content_override"];
+        let ghost = pl["users"]["@interop_15550002000:x"].as_i64().unwrap();
+        for action in ["redact", "kick", "ban"] {
+            assert!(pl[action].as_i64().unwrap() > ghost, "{action}: {pl}");
+        }
+        assert!(pl["events"]["m.room.power_levels"].as_i64().unwrap() > ghost);
+    }
+}
+
+#[tokio::test]
+async fn media_over_the_limit_is_refused_with_a_notice_both_ways() {
+    use crate::wire::content::Media;
+    let h = Harness::with(|s| {
+        s.bridge.max_media_size = 1000;
+        s.bridge.message_requests = false;
+    })
+    .await;
+    let (room, _) = dm_with_alices_message(&h).await;
+    h.matrix.clear();
+    h.alice.sent.lock().unwrap().clear();
+    // From the network: a file announcing 5 MB.
+    h.from_network(
+        BOB_ACC,
+        None,
+        "bob-big",
+        D::Media(Media {
+            r#type: 1,
+            blob: "b".into(),
+            key: vec![0; 64],
+            sha256: vec![0; 32],
+            size: 5_000_000,
+            mimetype: "image/png".into(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .unwrap();
+    let sent = h.matrix.calls_of("send_event");
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0]["content"]["msgtype"], json!("m.notice"));
+    assert!(
+        sent[0]["content"]["body"]
+            .as_str()
+            .unwrap()
+            .contains("limit")
+    );
+    // A file whose bytes are not the size it declared.
+    h.from_network(
+        BOB_ACC,
+        None,
+        "bob-liar",
+        D::Media(Media {
+            r#type: 1,
+            blob: "b".into(),
+            key: vec![0; 64],
+            sha256: vec![0; 32],
+            size: 3,
+            mimetype: "image/png".into(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .unwrap();
+    let sent = h.matrix.calls_of("send_event");
+    assert_eq!(sent[1]["content"]["msgtype"], json!("m.notice"));
+    // From Matrix: an image announcing 2 MB is refused before anything is downloaded.
+    h.from_matrix(
+        &room,
+        ALICE,
+        "$img",
+        "m.room.message",
+        json!({"msgtype": "m.image", "body": "a.png", "url": "mxc://x/a", "info": {"size": 2_000_000, "mimetype": "image/png"}}),
+    )
+    .await
+    .unwrap();
+    assert!(h.alice.sent_bodies().is_empty());
+    assert!(
+        h.notices().iter().any(|n| n.contains("limit")),
+        "{:?}",
+        h.notices()
+    );
+}
+
+/// Anyone on the homeserver can make it query a ghost id; 200 probes of numbers cost at most
+/// the burst in network look-ups and ghost registrations, and an unknown number is not asked
+/// about again.
+#[tokio::test]
+async fn user_queries_are_rate_limited() {
+    let h = Harness::new().await;
+    let mut yes = 0;
+    for i in 0..200 {
+        if h.bridge
+            .provide_ghost(&format!("@interop_1555700{i:04}:x"))
+            .await
+        {
+            yes += 1;
+        }
+    }
+    let lookups = *h.alice.profile_lookups.lock().unwrap();
+    // One look-up to ask, one for the profile of each ghost registered.
+    assert!(lookups <= 2 * 21, "{lookups} look-ups");
+    assert!(h.matrix.calls_of("ensure_ghost").len() <= 21);
+    assert!(yes <= 21);
+    // A known ghost still answers at once.
+    h.from_network(BOB_ACC, None, "m", text("hi"))
+        .await
+        .unwrap();
+    assert!(h.bridge.provide_ghost("@interop_15550002000:x").await);
+}
+
+/// A stranger's messages open nothing and register no ghost: they are held, sealed, until the
+/// user accepts; then they arrive in order.
+#[tokio::test]
+async fn a_strangers_first_messages_wait_for_the_users_answer() {
+    use crate::store::UserStore;
+    let h = Harness::with(|_| {}).await;
+    h.store.set_management_room(ALICE, "!mgmt:x").await.unwrap();
+    for i in 0..3 {
+        h.from_network(
+            BOB_ACC,
+            None,
+            &format!("s{i}"),
+            text(&format!("secret offer {i}")),
+        )
+        .await
+        .unwrap();
+    }
+    assert!(h.matrix.calls_of("create_room").is_empty());
+    assert!(h.matrix.calls_of("ensure_ghost").is_empty());
+    assert!(h.matrix.calls_of("send_event").is_empty());
+    let notices = h.notices();
+    assert_eq!(notices.len(), 1, "{notices:?}");
+    assert!(notices[0].contains("accept +15550002000"));
+    // Held sealed: the text is nowhere in the database.
+    let db = std::fs::read(h._dir.path().join("test.db")).unwrap();
+    let wal = std::fs::read(h._dir.path().join("test.db-wal")).unwrap_or_default();
+    for bytes in [db, wal] {
+        assert!(!bytes.windows(12).any(|w| w == b"secret offer"));
+    }
+    h.from_matrix(
+        "!mgmt:x",
+        ALICE,
+        "$acc",
+        "m.room.message",
+        matrix_text("accept +15550002000"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(h.matrix.calls_of("create_room").len(), 1);
+    let bodies: Vec<Value> = h
+        .matrix
+        .calls_of("send_event")
+        .iter()
+        .map(|e| e["content"]["body"].clone())
+        .collect();
+    assert_eq!(
+        bodies,
+        vec![
+            json!("secret offer 0"),
+            json!("secret offer 1"),
+            json!("secret offer 2")
+        ]
+    );
+    // From now on Bob's messages go straight in.
+    h.from_network(BOB_ACC, None, "s3", text("next"))
+        .await
+        .unwrap();
+    assert_eq!(h.matrix.calls_of("send_event").len(), 4);
+    assert_eq!(h.matrix.calls_of("create_room").len(), 1);
+}
+
+/// Being added to a 1,000-member group by a stranger creates no room and no ghost; a decline
+/// drops it and what follows; a group from a known contact opens at once.
+#[tokio::test]
+async fn a_strangers_big_group_is_a_request() {
+    use crate::store::UserStore;
+    let h = Harness::with(|_| {}).await;
+    h.store.set_management_room(ALICE, "!mgmt:x").await.unwrap();
+    let mut members: Vec<String> = (0..1000).map(|i| format!("+1555800{i:04}")).collect();
+    members.push(ALICE_ACC.into());
+    *h.alice.group_members.lock().unwrap() = members.clone();
+    let update = NetEvent::GroupUpdate {
+        envelope_id: 1,
+        from: "+15558000000".into(),
+        group: GroupInfo {
+            id: "spam".into(),
+            name: "Win big".into(),
+            members,
+            ..Default::default()
+        },
+    };
+    h.bridge.on_network_event(ALICE, &update).await.unwrap();
+    h.from_network("+15558000001", Some("spam"), "sp1", text("click here"))
+        .await
+        .unwrap();
+    assert!(h.matrix.calls_of("create_room").is_empty());
+    assert!(h.matrix.calls_of("ensure_ghost").is_empty());
+    assert_eq!(h.notices().len(), 1, "{:?}", h.notices());
+    h.from_matrix(
+        "!mgmt:x",
+        ALICE,
+        "$d",
+        "m.room.message",
+        matrix_text("decline spam"),
+    )
+    .await
+    .unwrap();
+    h.from_network("+15558000001", Some("spam"), "sp2", text("click here"))
+        .await
+        .unwrap();
+    h.bridge.on_network_event(ALICE, &update).await.unwrap();
+    assert!(h.matrix.calls_of("create_room").is_empty());
+    assert!(h.matrix.calls_of("ensure_ghost").is_empty());
+    h.from_matrix(
+        "!mgmt:x",
+        ALICE,
+        "$l",
+        "m.room.message",
+        matrix_text("list-requests"),
+    )
+    .await
+    .unwrap();
+    assert!(
+        h.notices().last().unwrap().contains("no message requests"),
+        "{:?}",
+        h.notices()
+    );
+
+    // Bob is a contact (Alice opened a chat with him); his group opens directly.
+    h.from_matrix(
+        "!mgmt:x",
+        ALICE,
+        "$s",
+        "m.room.message",
+        matrix_text("start-chat +15550002000"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(h.matrix.calls_of("create_room").len(), 1);
+    *h.alice.group_members.lock().unwrap() = vec![ALICE_ACC.into(), BOB_ACC.into()];
+    h.from_network(BOB_ACC, Some("friends"), "f1", text("hi all"))
+        .await
+        .unwrap();
+    assert_eq!(h.matrix.calls_of("create_room").len(), 2);
+}

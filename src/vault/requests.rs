@@ -1,0 +1,157 @@
+//! Message requests and their held messages, sealed with the receiving user's data key (so a
+//! logout shreds them with everything else of the user's).
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Serialize, de::DeserializeOwned};
+
+use super::{Vault, VaultError, VaultStore, record_ad};
+use crate::bridge::{
+    BridgeError,
+    requests::{HeldMessage, MessageRequest, RequestStore},
+};
+
+const REQUEST: &str = "request";
+const HELD: &str = "held";
+
+/// [`RequestStore`] over the vault's sealed records.
+pub struct SealedRequests {
+    vault: Vault,
+    db: Arc<dyn VaultStore>,
+}
+
+impl SealedRequests {
+    pub fn new(vault: Vault, db: Arc<dyn VaultStore>) -> Self {
+        Self { vault, db }
+    }
+
+    async fn put<T: Serialize>(
+        &self,
+        owner: &str,
+        kind: &str,
+        name: &str,
+        value: &T,
+    ) -> Result<(), BridgeError> {
+        let plain = zeroize::Zeroizing::new(
+            serde_json::to_vec(value).map_err(|e| BridgeError::Vault(e.to_string()))?,
+        );
+        // Never creates a data key: a user who logged out meanwhile gets nothing stored.
+        let key = self
+            .vault
+            .existing_data_key(owner)
+            .await
+            .map_err(vault_err)?;
+        let sealed = key.seal(&record_ad(owner, kind, name), &plain);
+        self.db
+            .put_record(owner, kind, name, &sealed)
+            .await
+            .map_err(BridgeError::Store)
+    }
+
+    async fn get<T: DeserializeOwned>(
+        &self,
+        owner: &str,
+        kind: &str,
+        name: &str,
+    ) -> Result<Option<T>, BridgeError> {
+        let Some(sealed) = self.db.record(owner, kind, name).await? else {
+            return Ok(None);
+        };
+        let plain = self
+            .vault
+            .open_record(owner, kind, name, &sealed)
+            .await
+            .map_err(vault_err)?;
+        serde_json::from_slice(&plain)
+            .map(Some)
+            .map_err(|e| BridgeError::Vault(e.to_string()))
+    }
+
+    async fn held_names(&self, owner: &str, chat_id: &str) -> Result<Vec<String>, BridgeError> {
+        let prefix = format!("{chat_id}/");
+        let mut names: Vec<String> = self
+            .db
+            .record_names(owner, HELD)
+            .await?
+            .into_iter()
+            .filter(|n| n.starts_with(&prefix))
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+}
+
+fn vault_err(e: VaultError) -> BridgeError {
+    match e {
+        VaultError::Store(s) => BridgeError::Store(s),
+        e => BridgeError::Vault(e.to_string()),
+    }
+}
+
+#[async_trait]
+impl RequestStore for SealedRequests {
+    async fn request(
+        &self,
+        receiver: &str,
+        chat_id: &str,
+    ) -> Result<Option<MessageRequest>, BridgeError> {
+        self.get(receiver, REQUEST, chat_id).await
+    }
+
+    async fn save_request(&self, receiver: &str, r: &MessageRequest) -> Result<(), BridgeError> {
+        self.put(receiver, REQUEST, &r.chat_id, r).await
+    }
+
+    async fn requests(&self, receiver: &str) -> Result<Vec<MessageRequest>, BridgeError> {
+        let mut out = Vec::new();
+        for name in self.db.record_names(receiver, REQUEST).await? {
+            if let Some(r) = self.get(receiver, REQUEST, &name).await? {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn hold(
+        &self,
+        receiver: &str,
+        chat_id: &str,
+        seq: u32,
+        m: &HeldMessage,
+    ) -> Result<(), BridgeError> {
+        self.put(receiver, HELD, &format!("{chat_id}/{seq:08}"), m)
+            .await
+    }
+
+    async fn held(&self, receiver: &str, chat_id: &str) -> Result<Vec<HeldMessage>, BridgeError> {
+        let mut out = Vec::new();
+        for name in self.held_names(receiver, chat_id).await? {
+            if let Some(m) = self.get(receiver, HELD, &name).await? {
+                out.push(m);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn forget(
+        &self,
+        receiver: &str,
+        chat_id: &str,
+        keep_request: bool,
+    ) -> Result<(), BridgeError> {
+        let mut writes: Vec<(String, String, Option<Vec<u8>>)> = self
+            .held_names(receiver, chat_id)
+            .await?
+            .into_iter()
+            .map(|n| (HELD.to_owned(), n, None))
+            .collect();
+        if !keep_request {
+            writes.push((REQUEST.to_owned(), chat_id.to_owned(), None));
+        }
+        self.db
+            .write_records(receiver, &writes)
+            .await
+            .map_err(BridgeError::Store)
+    }
+}
