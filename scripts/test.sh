@@ -4,8 +4,9 @@
 #   scripts/test.sh [extra arguments for cargo nextest / cargo test]
 #
 # Installs or reuses the Synapse/matrix-nio venv and the Node test peer's packages,
-# makes sure PostgreSQL answers, runs the Rust tests, the Node peer's and the matrix-nio
-# client's self-tests and the demo's own check, and exits non-zero if any of them failed.
+# makes sure PostgreSQL answers, runs the supply-chain checks (scripts/deny.sh), the Rust
+# tests, the Node peer's and the matrix-nio client's self-tests and the demo's own check, and
+# exits non-zero if any of them failed.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -41,6 +42,11 @@ fi
 echo "MIB_TEST_PG_URL=$MIB_TEST_PG_URL"
 
 status=0
+# Advisories (against the repository's copy of the RustSec database), licences, sources and
+# duplicate versions, as configured in deny.toml.
+say "supply chain: cargo deny check (scripts/deny.sh)"
+bash scripts/deny.sh || status=1
+
 if cargo nextest --version >/dev/null 2>&1; then
     say "cargo nextest run"
     cargo nextest run --workspace --no-fail-fast "$@" || status=1
