@@ -144,7 +144,7 @@ async fn official_libsignal_contact_both_directions() {
     };
     let bytes = ours
         .handle
-        .download(m.blob, m.key, m.sha256)
+        .download(m.blob, m.key, m.sha256, 100 << 20)
         .await
         .expect("download");
     assert_eq!(bytes, png);

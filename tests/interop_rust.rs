@@ -90,7 +90,7 @@ async fn sessions_both_ways_groups_and_media() {
     let (blob, sealed) = a.handle.upload(picture.clone()).await.expect("upload");
     let back = b
         .handle
-        .download(blob, sealed.key.to_vec(), sealed.sha256.clone())
+        .download(blob, sealed.key.to_vec(), sealed.sha256.clone(), 100 << 20)
         .await
         .expect("download");
     assert_eq!(back, picture);

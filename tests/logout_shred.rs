@@ -16,7 +16,7 @@ async fn logout_leaves_no_key_and_no_late_write() {
     let gw = TestGateway::start().await;
     let rt = SignalRuntime::start(1);
     let mut ours = register_ours(&rt, &gw.addr, &random_account()).await;
-    let mut friend = register_ours(&rt, &gw.addr, &random_account()).await;
+    let friend = register_ours(&rt, &gw.addr, &random_account()).await;
     for i in 0..5 {
         friend
             .handle
