@@ -199,6 +199,10 @@ impl Provisioning for Bridge {
             .ensure_portal(user, &acc, &NetTarget::Contact(contact.to_owned()), None)
             .await
             .map_err(|e| ProvError::Internal(e.to_string()))?;
+        // Opening the chat answers its message request, if there is one.
+        if let Err(e) = self.accept_request(user, &acc, contact).await {
+            tracing::warn!(error = %e, "cannot bridge a request's held messages");
+        }
         Ok(chat_info(portal))
     }
 

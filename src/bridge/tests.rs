@@ -462,7 +462,7 @@ impl Harness {
     }
 
     /// An interop message to alice's login.
-    pub async fn from_network(
+    pub async fn net_message(
         &self,
         from: &str,
         group: Option<&str>,
@@ -489,7 +489,7 @@ impl Harness {
     }
 
     /// A Matrix event, as the queue hands it to the core.
-    pub async fn from_matrix(
+    pub async fn matrix_event(
         &self,
         room: &str,
         sender: &str,
@@ -560,11 +560,11 @@ const CAROL_ACC: &str = "+15550003000";
 
 /// A DM portal with Bob (made by Bob's first message), and an event alice wrote in it.
 async fn dm_with_alices_message(h: &Harness) -> (String, String) {
-    h.from_network(BOB_ACC, None, "bob-1", text("hi alice"))
+    h.net_message(BOB_ACC, None, "bob-1", text("hi alice"))
         .await
         .unwrap();
     let room = h.room_of(BOB_ACC).await;
-    h.from_matrix(
+    h.matrix_event(
         &room,
         ALICE,
         "$alice1",
@@ -582,7 +582,7 @@ async fn a_contact_cannot_delete_or_edit_the_users_message() {
     let h = Harness::new().await;
     let (room, alices) = dm_with_alices_message(&h).await;
     h.matrix.clear();
-    h.from_network(
+    h.net_message(
         BOB_ACC,
         None,
         "bob-del",
@@ -592,7 +592,7 @@ async fn a_contact_cannot_delete_or_edit_the_users_message() {
     )
     .await
     .unwrap();
-    h.from_network(
+    h.net_message(
         BOB_ACC,
         None,
         "bob-edit",
@@ -618,7 +618,7 @@ async fn a_contact_cannot_delete_or_edit_the_users_message() {
     );
     // Bob's own message: both work.
     let bobs = "bob-1".to_owned();
-    h.from_network(
+    h.net_message(
         BOB_ACC,
         None,
         "bob-edit2",
@@ -633,7 +633,7 @@ async fn a_contact_cannot_delete_or_edit_the_users_message() {
     .await
     .unwrap();
     assert_eq!(h.matrix.calls_of("send_event").len(), 1);
-    h.from_network(
+    h.net_message(
         BOB_ACC,
         None,
         "bob-del2",
@@ -652,10 +652,10 @@ async fn a_group_member_cannot_delete_another_members_message() {
     let h = Harness::new().await;
     *h.alice.group_members.lock().unwrap() =
         vec![ALICE_ACC.into(), BOB_ACC.into(), CAROL_ACC.into()];
-    h.from_network(BOB_ACC, Some("g1"), "bob-g1", text("from bob"))
+    h.net_message(BOB_ACC, Some("g1"), "bob-g1", text("from bob"))
         .await
         .unwrap();
-    h.from_network(
+    h.net_message(
         CAROL_ACC,
         Some("g1"),
         "carol-g1",
@@ -677,7 +677,7 @@ async fn only_the_author_edits_or_deletes_on_the_network() {
     let mut p = h.store.portal(ALICE, BOB_ACC).await.unwrap().unwrap();
     p.relay = Some(ALICE.into());
     h.store.save_portal(&p).await.unwrap();
-    h.from_matrix(
+    h.matrix_event(
         &room,
         "@bob:x",
         "$b1",
@@ -690,7 +690,7 @@ async fn only_the_author_edits_or_deletes_on_the_network() {
     h.matrix.clear();
 
     // Carol (another Matrix user in the room) edits and redacts Bob's relayed message and Alice's.
-    h.from_matrix(
+    h.matrix_event(
         &room,
         "@carol:x",
         "$c1",
@@ -699,7 +699,7 @@ async fn only_the_author_edits_or_deletes_on_the_network() {
     )
     .await
     .unwrap();
-    h.from_matrix(
+    h.matrix_event(
         &room,
         "@carol:x",
         "$c2",
@@ -708,7 +708,7 @@ async fn only_the_author_edits_or_deletes_on_the_network() {
     )
     .await
     .unwrap();
-    h.from_matrix(
+    h.matrix_event(
         &room,
         "@carol:x",
         "$c3",
@@ -727,7 +727,7 @@ async fn only_the_author_edits_or_deletes_on_the_network() {
             .unwrap();
         m.event_id
     };
-    h.from_matrix(
+    h.matrix_event(
         &room,
         ALICE,
         "$a2",
@@ -737,7 +737,7 @@ async fn only_the_author_edits_or_deletes_on_the_network() {
     .await
     .unwrap();
     // Alice edits Bob's relayed message.
-    h.from_matrix(
+    h.matrix_event(
         &room,
         ALICE,
         "$a3",
@@ -750,7 +750,7 @@ async fn only_the_author_edits_or_deletes_on_the_network() {
     assert!(sent.is_empty(), "sent for someone else: {sent:?}");
 
     // The authors themselves may.
-    h.from_matrix(
+    h.matrix_event(
         &room,
         "@bob:x",
         "$b2",
@@ -759,7 +759,7 @@ async fn only_the_author_edits_or_deletes_on_the_network() {
     )
     .await
     .unwrap();
-    h.from_matrix(
+    h.matrix_event(
         &room,
         ALICE,
         "$a4",
@@ -787,7 +787,7 @@ async fn relayed_messages_name_the_full_matrix_id_and_need_the_relay_level() {
     h.store.save_portal(&p).await.unwrap();
     h.alice.sent.lock().unwrap().clear();
     // A display name or localpart "alice" on another server must not read as the owner.
-    h.from_matrix(
+    h.matrix_event(
         &room,
         "@alice:evil.example",
         "$e1",
@@ -797,7 +797,7 @@ async fn relayed_messages_name_the_full_matrix_id_and_need_the_relay_level() {
     .await
     .unwrap();
     // A server whose users have no permission at all.
-    h.from_matrix(
+    h.matrix_event(
         &room,
         "@mallory:other.example",
         "$m1",
@@ -822,7 +822,7 @@ async fn only_the_owner_or_an_admin_sets_the_relay() {
     h.login("@admin:x", "+15550009998").await;
     use crate::store::portal::PortalStore;
     let relay = || async { h.store.portal(ALICE, BOB_ACC).await.unwrap().unwrap().relay };
-    h.from_matrix(
+    h.matrix_event(
         &room,
         "@bob:x",
         "$r1",
@@ -832,7 +832,7 @@ async fn only_the_owner_or_an_admin_sets_the_relay() {
     .await
     .unwrap();
     assert_eq!(relay().await, None, "{:?}", h.notices());
-    h.from_matrix(
+    h.matrix_event(
         &room,
         ALICE,
         "$r2",
@@ -842,7 +842,7 @@ async fn only_the_owner_or_an_admin_sets_the_relay() {
     .await
     .unwrap();
     assert_eq!(relay().await.as_deref(), Some(ALICE));
-    h.from_matrix(
+    h.matrix_event(
         &room,
         "@bob:x",
         "$r3",
@@ -852,7 +852,7 @@ async fn only_the_owner_or_an_admin_sets_the_relay() {
     .await
     .unwrap();
     assert_eq!(relay().await.as_deref(), Some(ALICE));
-    h.from_matrix(
+    h.matrix_event(
         &room,
         "@admin:x",
         "$r4",
@@ -868,10 +868,10 @@ async fn only_the_owner_or_an_admin_sets_the_relay() {
 async fn ghosts_cannot_redact_others_in_portal_rooms() {
     let h = Harness::new().await;
     *h.alice.group_members.lock().unwrap() = vec![ALICE_ACC.into(), BOB_ACC.into()];
-    h.from_network(BOB_ACC, Some("g2"), "m1", text("hi"))
+    h.net_message(BOB_ACC, Some("g2"), "m1", text("hi"))
         .await
         .unwrap();
-    h.from_network(BOB_ACC, None, "m2", text("hi"))
+    h.net_message(BOB_ACC, None, "m2", text("hi"))
         .await
         .unwrap();
     let rooms = h.matrix.calls_of("create_room");
@@ -898,7 +898,7 @@ async fn media_over_the_limit_is_refused_with_a_notice_both_ways() {
     h.matrix.clear();
     h.alice.sent.lock().unwrap().clear();
     // From the network: a file announcing 5 MB.
-    h.from_network(
+    h.net_message(
         BOB_ACC,
         None,
         "bob-big",
@@ -924,7 +924,7 @@ async fn media_over_the_limit_is_refused_with_a_notice_both_ways() {
             .contains("limit")
     );
     // A file whose bytes are not the size it declared.
-    h.from_network(
+    h.net_message(
         BOB_ACC,
         None,
         "bob-liar",
@@ -943,7 +943,7 @@ async fn media_over_the_limit_is_refused_with_a_notice_both_ways() {
     let sent = h.matrix.calls_of("send_event");
     assert_eq!(sent[1]["content"]["msgtype"], json!("m.notice"));
     // From Matrix: an image announcing 2 MB is refused before anything is downloaded.
-    h.from_matrix(
+    h.matrix_event(
         &room,
         ALICE,
         "$img",
@@ -981,9 +981,7 @@ async fn user_queries_are_rate_limited() {
     assert!(h.matrix.calls_of("ensure_ghost").len() <= 21);
     assert!(yes <= 21);
     // A known ghost still answers at once.
-    h.from_network(BOB_ACC, None, "m", text("hi"))
-        .await
-        .unwrap();
+    h.net_message(BOB_ACC, None, "m", text("hi")).await.unwrap();
     assert!(h.bridge.provide_ghost("@interop_15550002000:x").await);
 }
 
@@ -995,7 +993,7 @@ async fn a_strangers_first_messages_wait_for_the_users_answer() {
     let h = Harness::with(|_| {}).await;
     h.store.set_management_room(ALICE, "!mgmt:x").await.unwrap();
     for i in 0..3 {
-        h.from_network(
+        h.net_message(
             BOB_ACC,
             None,
             &format!("s{i}"),
@@ -1016,7 +1014,7 @@ async fn a_strangers_first_messages_wait_for_the_users_answer() {
     for bytes in [db, wal] {
         assert!(!bytes.windows(12).any(|w| w == b"secret offer"));
     }
-    h.from_matrix(
+    h.matrix_event(
         "!mgmt:x",
         ALICE,
         "$acc",
@@ -1041,7 +1039,7 @@ async fn a_strangers_first_messages_wait_for_the_users_answer() {
         ]
     );
     // From now on Bob's messages go straight in.
-    h.from_network(BOB_ACC, None, "s3", text("next"))
+    h.net_message(BOB_ACC, None, "s3", text("next"))
         .await
         .unwrap();
     assert_eq!(h.matrix.calls_of("send_event").len(), 4);
@@ -1069,13 +1067,13 @@ async fn a_strangers_big_group_is_a_request() {
         },
     };
     h.bridge.on_network_event(ALICE, &update).await.unwrap();
-    h.from_network("+15558000001", Some("spam"), "sp1", text("click here"))
+    h.net_message("+15558000001", Some("spam"), "sp1", text("click here"))
         .await
         .unwrap();
     assert!(h.matrix.calls_of("create_room").is_empty());
     assert!(h.matrix.calls_of("ensure_ghost").is_empty());
     assert_eq!(h.notices().len(), 1, "{:?}", h.notices());
-    h.from_matrix(
+    h.matrix_event(
         "!mgmt:x",
         ALICE,
         "$d",
@@ -1084,13 +1082,13 @@ async fn a_strangers_big_group_is_a_request() {
     )
     .await
     .unwrap();
-    h.from_network("+15558000001", Some("spam"), "sp2", text("click here"))
+    h.net_message("+15558000001", Some("spam"), "sp2", text("click here"))
         .await
         .unwrap();
     h.bridge.on_network_event(ALICE, &update).await.unwrap();
     assert!(h.matrix.calls_of("create_room").is_empty());
     assert!(h.matrix.calls_of("ensure_ghost").is_empty());
-    h.from_matrix(
+    h.matrix_event(
         "!mgmt:x",
         ALICE,
         "$l",
@@ -1106,7 +1104,7 @@ async fn a_strangers_big_group_is_a_request() {
     );
 
     // Bob is a contact (Alice opened a chat with him); his group opens directly.
-    h.from_matrix(
+    h.matrix_event(
         "!mgmt:x",
         ALICE,
         "$s",
@@ -1117,7 +1115,7 @@ async fn a_strangers_big_group_is_a_request() {
     .unwrap();
     assert_eq!(h.matrix.calls_of("create_room").len(), 1);
     *h.alice.group_members.lock().unwrap() = vec![ALICE_ACC.into(), BOB_ACC.into()];
-    h.from_network(BOB_ACC, Some("friends"), "f1", text("hi all"))
+    h.net_message(BOB_ACC, Some("friends"), "f1", text("hi all"))
         .await
         .unwrap();
     assert_eq!(h.matrix.calls_of("create_room").len(), 2);
