@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::interop::{CODE, TestGateway, random_account};
-use libsignal_protocol::{IdentityKeyPair, KeyPair, KyberPreKeyRecord, kem};
+use libsignal_protocol::{GenericSignedPreKey, IdentityKeyPair, KeyPair, KyberPreKeyRecord, kem};
 use matrix_interop_bridge::{
     gateway::{CodeDelivery, GatewayConfig},
     interop::{GatewayConn, InteropError},
@@ -900,7 +900,10 @@ async fn s7_queue_is_pushed_in_storage_order_then_queue_drained_once() {
         Body::QueueDrained(pb::QueueDrained { delivered: 3 })
     ));
     // Later envelopes are pushed as they are stored; no second QueueDrained.
-    queue_messages(&a, &b, 1).await;
+    a.conn
+        .request(send(&b, pb::Kind::Message, "later"))
+        .await
+        .expect("send");
     assert!(matches!(
         expect_push(&mut pushes, |_| true).await,
         Body::Envelope(_)
@@ -1253,9 +1256,12 @@ async fn s8_2_bundle_fetches_of_one_account_are_rate_limited() {
     let (up, _) = keys(10, 10);
     b.conn.request(Body::UploadKeys(up)).await.expect("upload");
     let fetch = |who: &Client| {
-        who.conn.request(Body::FetchBundle(pb::FetchBundle {
-            account: b.account.clone(),
-        }))
+        let conn = who.conn.clone();
+        let account = b.account.clone();
+        async move {
+            conn.request(Body::FetchBundle(pb::FetchBundle { account }))
+                .await
+        }
     };
     for _ in 0..3 {
         fetch(&a).await.expect("within the limit");
@@ -1648,20 +1654,28 @@ async fn s10_3_repeating_the_current_presence_pushes_nothing() {
 #[tokio::test]
 async fn s10_3_presence_reaches_accounts_that_exchanged_any_envelope_and_closing_makes_offline() {
     let gw = TestGateway::start().await;
-    let a = client(&gw).await;
+    let (a_account, a_secret) = offline_account(&gw).await;
     let mut b = client(&gw).await;
     let mut c = client(&gw).await;
     let mut stranger = client(&gw).await;
     // Only a receipt (b) or a group update (c) was ever exchanged with a: both count.
-    b.conn.request(receipt(&a.account)).await.expect("receipt");
-    create_group(&c, &[&a.account]).await;
-    a.conn
-        .request(Body::SetPresence(pb::SetPresence { online: true }))
-        .await
-        .expect("online");
-    assert!(presence(&mut b.pushes, &a.account).await);
-    assert!(presence(&mut c.pushes, &a.account).await);
-    let a_account = a.account.clone();
+    b.conn.request(receipt(&a_account)).await.expect("receipt");
+    create_group(&c, &[&a_account]).await;
+    // a on a connection of its own, which it then closes.
+    let mut a = raw(&gw).await;
+    a.send(
+        1,
+        Some(Body::Login(pb::Login {
+            account: a_account.clone(),
+            secret: a_secret,
+        })),
+    )
+    .await;
+    a.send(2, Some(Body::SetPresence(pb::SetPresence { online: true })))
+        .await;
+    assert!(presence(&mut b.pushes, &a_account).await);
+    assert!(presence(&mut c.pushes, &a_account).await);
+    a.w.shutdown().await;
     drop(a);
     assert!(
         !presence(&mut b.pushes, &a_account).await,
