@@ -37,7 +37,7 @@ enum Command {
         key_file: PathBuf,
     },
     /// Run the gateway.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 #[derive(clap::Args)]
@@ -175,7 +175,7 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", read_key(&key_file)?.public_b64());
             Ok(())
         }
-        Command::Run(args) => run(args).await,
+        Command::Run(args) => run(*args).await,
     }
 }
 
