@@ -1615,20 +1615,19 @@ async fn presence(p: &mut Pushes, of: &str) -> bool {
 #[tokio::test]
 async fn s10_3_a_login_does_not_make_an_account_online() {
     let gw = TestGateway::start().await;
-    let a = client(&gw).await;
+    let (a_account, a_secret) = offline_account(&gw).await;
     let mut b = client(&gw).await;
-    a.conn
-        .request(send(&b.account, pb::Kind::Message, "m"))
+    b.conn
+        .request(send(&a_account, pb::Kind::Message, "m"))
         .await
         .expect("send");
-    let _a2 = again(&gw, &a).await;
-    assert!(
-        no_push(
-            &mut b.pushes,
-            |x| matches!(x, Body::Presence(p) if p.online)
-        )
+    let (conn, _pushes) = connect(&gw).await;
+    conn.login(&a_account, &a_secret).await.expect("login");
+    assert!(no_push(&mut b.pushes, |x| matches!(x, Body::Presence(_))).await);
+    conn.request(Body::SetPresence(pb::SetPresence { online: true }))
         .await
-    );
+        .expect("online");
+    assert!(presence(&mut b.pushes, &a_account).await);
 }
 
 #[tokio::test]
