@@ -733,6 +733,27 @@ async fn s6_2_verify_without_a_pending_code_is_bad_code() {
 }
 
 #[tokio::test]
+async fn s6_2_an_expired_code_is_code_expired_and_dropped() {
+    let gw = TestGateway::start_with(|c| c.limits.code_ttl = Duration::from_millis(300)).await;
+    let (conn, _p) = connect(&gw).await;
+    let account = random_account();
+    conn.request_code(&account).await.expect("register");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let verify = || {
+        conn.request(Body::Verify(pb::Verify {
+            account: account.clone(),
+            code: CODE.into(),
+        }))
+    };
+    assert_eq!(code(verify().await), ErrorCode::CodeExpired);
+    assert_eq!(
+        code(verify().await),
+        ErrorCode::BadCode,
+        "the code was dropped"
+    );
+}
+
+#[tokio::test]
 async fn s6_2_a_code_is_consumed_by_its_use() {
     let gw = TestGateway::start().await;
     let (conn, _p) = connect(&gw).await;
@@ -833,6 +854,30 @@ async fn s6_3_unknown_account_or_wrong_secret_is_unauthorized() {
             .await;
         assert_eq!(code(r), ErrorCode::Unauthorized);
     }
+}
+
+#[tokio::test]
+async fn s6_3_logged_in_reports_queue_and_one_time_key_counts() {
+    let gw = TestGateway::start().await;
+    let a = client(&gw).await;
+    let (b, secret) = offline_account(&gw).await;
+    queue_messages(&a, &b, 2).await;
+    let (conn, _p) = connect(&gw).await;
+    conn.login(&b, &secret).await.expect("login");
+    let (up, _) = keys(3, 2);
+    conn.request(Body::UploadKeys(up)).await.expect("upload");
+    let (conn2, _p2) = connect(&gw).await;
+    let logged = conn2.login(&b, &secret).await.expect("login");
+    assert_eq!(
+        (
+            logged.account.as_str(),
+            logged.queued,
+            logged.one_time_prekeys,
+            logged.kyber_prekeys
+        ),
+        (b.as_str(), 2, 3, 2),
+        "the last-resort key is not counted"
+    );
 }
 
 #[tokio::test]

@@ -82,6 +82,9 @@ struct RunArgs {
     /// Stanzas per second per connection (token bucket refill; capacity is 5 s worth).
     #[arg(long, env = "INTEROP_GATEWAY_RATE", default_value_t = 100.0)]
     rate: f64,
+    /// Seconds a verification code stays valid.
+    #[arg(long, env = "INTEROP_GATEWAY_CODE_TTL_SECS", default_value_t = 600)]
+    code_ttl_secs: u64,
     /// Wrong verification codes per account before its verification is locked.
     #[arg(long, env = "INTEROP_GATEWAY_VERIFY_BUDGET", default_value_t = 5)]
     verify_budget: u32,
@@ -210,6 +213,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         ),
     };
     let l = &mut cfg.limits;
+    l.code_ttl = Duration::from_secs(args.code_ttl_secs);
     l.verify_budget = args.verify_budget.max(1);
     l.verify_lockout = Duration::from_secs(args.verify_lockout_secs);
     l.registrations_per_source = args.registrations_per_hour;

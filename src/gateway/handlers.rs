@@ -14,7 +14,6 @@ use super::{
 };
 use crate::wire::pb::{self, ErrorCode, Kind, stanza::Body};
 
-const CODE_TTL_MS: i64 = 10 * 60 * 1000;
 const LOW_PREKEYS: u32 = 10;
 const MAX_ONE_TIME_KEYS: usize = 1000;
 /// Profile and group names, in bytes of UTF-8 (docs §11, §12).
@@ -193,7 +192,7 @@ async fn verify(shared: &Shared, v: pb::Verify) -> Result<Body, Reject> {
     check_account(&v.account)?;
     let l = &shared.cfg.limits;
     let budget = VerifyBudget {
-        code_ttl_ms: CODE_TTL_MS,
+        code_ttl_ms: l.code_ttl.as_millis() as i64,
         tries: i64::from(l.verify_budget.max(1)),
         window_ms: l.verify_window.as_millis() as i64,
         lockout_ms: l.verify_lockout.as_millis() as i64,

@@ -67,6 +67,8 @@ impl std::fmt::Debug for CodeDelivery {
 /// Abuse limits; docs/interop-protocol.md §19 "Limits" lists each with its default and error.
 #[derive(Clone, Debug)]
 pub struct Limits {
+    /// How long a verification code is valid.
+    pub code_ttl: Duration,
     /// Wrong verification codes an account may try before its verification is locked.
     pub verify_budget: u32,
     /// Window in which wrong tries are counted (it starts at the first wrong try).
@@ -107,6 +109,7 @@ impl Default for Limits {
         const HOUR: Duration = Duration::from_secs(3600);
         const DAY: Duration = Duration::from_secs(24 * 3600);
         Self {
+            code_ttl: Duration::from_secs(10 * 60),
             verify_budget: 5,
             verify_window: HOUR,
             verify_lockout: Duration::from_secs(5 * 60),
