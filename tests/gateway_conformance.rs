@@ -365,6 +365,58 @@ async fn s2_a_client_must_not_talk_to_a_gateway_with_another_key() {
     assert!(matches!(r, Err(noise::TransportError::KeyMismatch)));
 }
 
+/// Runs the XX handshake by hand (to misbehave after it); `payload3` goes into message 3.
+async fn handshake_by_hand(gw: &TestGateway, payload3: &[u8]) -> TcpStream {
+    let params: snow::params::NoiseParams =
+        "Noise_XX_25519_ChaChaPoly_BLAKE2b".parse().expect("params");
+    let builder = snow::Builder::new(params.clone());
+    let key = builder.generate_keypair().expect("key");
+    let mut hs = snow::Builder::new(params)
+        .local_private_key(&key.private)
+        .prologue(b"interop/1")
+        .build_initiator()
+        .expect("initiator");
+    let mut tcp = TcpStream::connect(&gw.addr.address).await.expect("tcp");
+    let mut buf = vec![0u8; 65535];
+    let frame = |n: usize, b: &[u8]| {
+        let mut v = (n as u16).to_be_bytes().to_vec();
+        v.extend_from_slice(&b[..n]);
+        v
+    };
+    let n = hs.write_message(&[], &mut buf).expect("m1");
+    tcp.write_all(&frame(n, &buf)).await.expect("write");
+    let mut len = [0u8; 2];
+    tcp.read_exact(&mut len).await.expect("len");
+    let mut m2 = vec![0u8; u16::from_be_bytes(len) as usize];
+    tcp.read_exact(&mut m2).await.expect("m2");
+    let mut payload = vec![0u8; 65535];
+    hs.read_message(&m2, &mut payload).expect("read m2");
+    assert_eq!(hs.get_remote_static(), Some(&gw.addr.public_key[..]));
+    let n = hs.write_message(payload3, &mut buf).expect("m3");
+    tcp.write_all(&frame(n, &buf)).await.expect("write");
+    tcp
+}
+
+#[tokio::test]
+async fn s2_a_non_empty_handshake_payload_is_rejected_by_closing() {
+    let gw = TestGateway::start().await;
+    let mut tcp = handshake_by_hand(&gw, b"hello").await;
+    assert!(tcp_closed(&mut tcp, WAIT).await);
+}
+
+#[tokio::test]
+async fn s2_a_transport_message_with_a_bad_tag_closes_at_once_without_an_answer() {
+    let gw = TestGateway::start().await;
+    let mut tcp = handshake_by_hand(&gw, &[]).await;
+    let mut junk = vec![0, 40];
+    junk.extend_from_slice(&[0x5a; 40]);
+    tcp.write_all(&junk).await.expect("write");
+    let mut got = Vec::new();
+    let r = tokio::time::timeout(WAIT, tcp.read_to_end(&mut got)).await;
+    assert!(r.is_ok(), "closed in time");
+    assert!(got.is_empty(), "nothing is sent before closing");
+}
+
 // ---- §3 Records ----------------------------------------------------------------------------
 
 #[tokio::test]
