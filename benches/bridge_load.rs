@@ -71,7 +71,7 @@ use axum::{
 };
 use futures::StreamExt;
 use matrix_interop_bridge::{
-    gateway::{Gateway, GatewayConfig},
+    gateway::{CodeDelivery, Gateway, GatewayConfig},
     interop::{AccountHandle, Event, GatewayAddr, GatewayConn, SignalRuntime, Target, account},
     store::testing,
     vault::{SecretKey, Vault, VaultStore},
@@ -1143,7 +1143,8 @@ async fn bench(opts: Opts) {
         format!("sqlite://{}", tmp.path().join("gateway.db").display()),
         tmp.path().join("blobs"),
     );
-    gcfg.dev_code = Some(CODE.into());
+    gcfg.codes = CodeDelivery::DevFixed(CODE.into());
+    gcfg.limits.registrations_per_source = u32::MAX;
     gcfg.rate_per_sec = 1e9;
     gcfg.rate_capacity = 1e9;
     let gw = Gateway::open(gcfg).await.expect("gateway");

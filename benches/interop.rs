@@ -14,7 +14,7 @@ use libsignal_protocol::{
     process_sender_key_distribution_message,
 };
 use matrix_interop_bridge::{
-    gateway::{Gateway, GatewayConfig},
+    gateway::{CodeDelivery, Gateway, GatewayConfig},
     interop::GatewayConn,
     vault::{
         SecretKey,
@@ -128,7 +128,8 @@ async fn bench_gateway(n: usize) {
         format!("sqlite://{}", dir.path().join("gw.db").display()),
         dir.path().join("blobs"),
     );
-    cfg.dev_code = Some("123456".into());
+    cfg.codes = CodeDelivery::DevFixed("123456".into());
+    cfg.limits.registrations_per_source = u32::MAX;
     cfg.rate_per_sec = 1e9;
     cfg.rate_capacity = 1e9;
     let gw = Gateway::open(cfg).await.expect("gateway");

@@ -11,6 +11,8 @@ use super::{Reject, Shared, reject};
 use crate::wire::pb::{self, ErrorCode};
 
 pub const MAX_CHUNK: usize = 512 * 1024;
+/// Unfinished uploads on one connection (docs §19).
+const MAX_UPLOADS: usize = 8;
 
 pub(crate) struct Upload {
     path: PathBuf,
@@ -51,6 +53,19 @@ pub(crate) async fn put(
     if req.data.len() > MAX_CHUNK {
         return Err(reject(ErrorCode::BadRequest, "chunk larger than 512 KiB"));
     }
+    if req.data.is_empty() && !req.last {
+        return Err(reject(
+            ErrorCode::BadRequest,
+            "empty chunk that is not last",
+        ));
+    }
+    // Checked before anything is written, so the client may resend the chunk with the hash.
+    if req.last && req.sha256.len() != 32 {
+        return Err(reject(
+            ErrorCode::BadRequest,
+            "the last chunk carries the 32-byte SHA-256 of the blob",
+        ));
+    }
     if !uploads.contains_key(&req.upload) {
         if req.offset != 0 {
             return Err(reject(
@@ -58,7 +73,7 @@ pub(crate) async fn put(
                 "unknown upload: the first chunk must have offset 0",
             ));
         }
-        if uploads.len() >= 8 {
+        if uploads.len() >= MAX_UPLOADS {
             return Err(reject(
                 ErrorCode::BadRequest,
                 "too many uploads in progress on this connection",

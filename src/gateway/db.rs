@@ -18,6 +18,41 @@ static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/gatewa
 #[derive(Clone, Debug)]
 pub struct GatewayDb {
     pub(crate) pool: SqlitePool,
+    /// Envelopes and blobs older than these are gone, also before the sweep deletes them.
+    pub(crate) envelope_ttl_ms: i64,
+    pub(crate) blob_ttl_ms: i64,
+}
+
+/// Settings of the verification try budget (docs §6.2).
+#[derive(Clone, Copy, Debug)]
+pub struct VerifyBudget {
+    pub code_ttl_ms: i64,
+    pub tries: i64,
+    pub window_ms: i64,
+    pub lockout_ms: i64,
+    pub lockout_max_ms: i64,
+}
+
+/// What a `Verify` came to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum VerifyOutcome {
+    /// The account's verification is locked for this many more milliseconds; nothing was checked.
+    Locked(i64),
+    NoCode,
+    Expired,
+    Wrong,
+    Correct,
+}
+
+/// What storing a `Send` came to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SendOutcome {
+    /// Stored now: (server_timestamp, envelopes stored).
+    Stored(i64, i64),
+    /// A repeat of an earlier `Send`: its (server_timestamp, recipients).
+    Repeat(i64, i64),
+    /// The (single) recipient's queue is full; nothing was stored.
+    QueueFull,
 }
 
 pub fn now_ms() -> i64 {
@@ -46,7 +81,165 @@ impl GatewayDb {
             .connect_with(opts)
             .await?;
         MIGRATIONS.run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            envelope_ttl_ms: i64::MAX,
+            blob_ttl_ms: i64::MAX,
+        })
+    }
+
+    fn envelope_cutoff(&self) -> i64 {
+        now_ms().saturating_sub(self.envelope_ttl_ms)
+    }
+
+    fn blob_cutoff(&self) -> i64 {
+        now_ms().saturating_sub(self.blob_ttl_ms)
+    }
+
+    /// Checks a verification code against the account's try budget, all in one transaction
+    /// (the pool has one connection, so concurrent `Verify`s of any connections are serialized).
+    pub async fn verify_code(
+        &self,
+        account: &str,
+        code: &str,
+        b: VerifyBudget,
+    ) -> Result<VerifyOutcome, sqlx::Error> {
+        use subtle::ConstantTimeEq;
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let budget = sqlx::query(
+            "SELECT window_start, failures, locked_until, lockouts FROM verify_budget WHERE account = ?",
+        )
+        .bind(account)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let (mut window_start, mut failures, locked_until, mut lockouts) = match budget {
+            Some(r) => (
+                r.try_get::<i64, _>(0)?,
+                r.try_get::<i64, _>(1)?,
+                r.try_get::<i64, _>(2)?,
+                r.try_get::<i64, _>(3)?,
+            ),
+            None => (now, 0, 0, 0),
+        };
+        if locked_until > now {
+            return Ok(VerifyOutcome::Locked(locked_until - now));
+        }
+        let pending = sqlx::query("SELECT code, created_at FROM verification WHERE account = ?")
+            .bind(account)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(pending) = pending else {
+            return Ok(VerifyOutcome::NoCode);
+        };
+        let (stored, created): (String, i64) = (pending.try_get(0)?, pending.try_get(1)?);
+        if now - created > b.code_ttl_ms {
+            sqlx::query("DELETE FROM verification WHERE account = ?")
+                .bind(account)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            return Ok(VerifyOutcome::Expired);
+        }
+        if bool::from(stored.as_bytes().ct_eq(code.as_bytes())) {
+            for q in [
+                "DELETE FROM verification WHERE account = ?",
+                "DELETE FROM verify_budget WHERE account = ?",
+            ] {
+                sqlx::query(q).bind(account).execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+            return Ok(VerifyOutcome::Correct);
+        }
+        // A lock-out long past is forgiven: the next one starts short again.
+        if locked_until > 0 && now - locked_until > b.lockout_max_ms {
+            lockouts = 0;
+        }
+        if now - window_start > b.window_ms {
+            window_start = now;
+            failures = 0;
+        }
+        failures += 1;
+        let mut new_lock = locked_until;
+        if failures >= b.tries {
+            let shift = lockouts.clamp(0, 30) as u32;
+            new_lock = now
+                + b.lockout_ms
+                    .saturating_mul(1 << shift)
+                    .min(b.lockout_max_ms);
+            lockouts += 1;
+            failures = 0;
+            window_start = now;
+            // The code is invalidated too: after the lock-out a new `Register` is needed.
+            sqlx::query("DELETE FROM verification WHERE account = ?")
+                .bind(account)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query(
+            "INSERT INTO verify_budget (account, window_start, failures, locked_until, lockouts) \
+             VALUES (?, ?, ?, ?, ?) ON CONFLICT (account) DO UPDATE SET \
+             window_start = excluded.window_start, failures = excluded.failures, \
+             locked_until = excluded.locked_until, lockouts = excluded.lockouts",
+        )
+        .bind(account)
+        .bind(window_start)
+        .bind(failures)
+        .bind(new_lock)
+        .bind(lockouts)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(VerifyOutcome::Wrong)
+    }
+
+    /// Milliseconds the account's verification stays locked (0 when it is not).
+    pub async fn verify_locked_for(&self, account: &str) -> Result<i64, sqlx::Error> {
+        let until: Option<i64> =
+            sqlx::query_scalar("SELECT locked_until FROM verify_budget WHERE account = ?")
+                .bind(account)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok((until.unwrap_or(0) - now_ms()).max(0))
+    }
+
+    /// Deletes envelopes stored before `envelopes_before`, blobs stored before `blobs_before`
+    /// and idempotency records before `sent_before`; returns the deleted blob ids.
+    pub async fn expire(
+        &self,
+        envelopes_before: i64,
+        blobs_before: i64,
+        sent_before: i64,
+    ) -> Result<Vec<String>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM envelope WHERE server_timestamp < ?")
+            .bind(envelopes_before)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM sent WHERE server_timestamp < ?")
+            .bind(sent_before)
+            .execute(&mut *tx)
+            .await?;
+        let blobs: Vec<String> = sqlx::query_scalar("SELECT id FROM blob WHERE created_at < ?")
+            .bind(blobs_before)
+            .fetch_all(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM blob WHERE created_at < ?")
+            .bind(blobs_before)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(blobs)
+    }
+
+    async fn queue_len(
+        tx: &mut sqlx::SqliteConnection,
+        recipient: &str,
+    ) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar("SELECT COUNT(*) FROM envelope WHERE recipient = ?")
+            .bind(recipient)
+            .fetch_one(&mut *tx)
+            .await
     }
 
     pub async fn account_secret_hash(&self, account: &str) -> Result<Option<Vec<u8>>, sqlx::Error> {
@@ -87,44 +280,17 @@ impl GatewayDb {
         Ok(())
     }
 
-    /// (code, created_at, tries) of the pending code.
-    pub async fn code(&self, account: &str) -> Result<Option<(String, i64, i64)>, sqlx::Error> {
-        let row = sqlx::query("SELECT code, created_at, tries FROM verification WHERE account = ?")
-            .bind(account)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
-            .transpose()
-    }
-
-    pub async fn count_wrong_code(&self, account: &str) -> Result<(), sqlx::Error> {
-        sqlx::query("UPDATE verification SET tries = tries + 1 WHERE account = ?")
-            .bind(account)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    pub async fn drop_code(&self, account: &str) -> Result<(), sqlx::Error> {
-        sqlx::query("DELETE FROM verification WHERE account = ?")
-            .bind(account)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    pub async fn queued_count(&self, account: &str) -> Result<i64, sqlx::Error> {
-        sqlx::query_scalar("SELECT COUNT(*) FROM envelope WHERE recipient = ?")
-            .bind(account)
-            .fetch_one(&self.pool)
-            .await
-    }
-
-    pub async fn max_envelope_id(&self, account: &str) -> Result<i64, sqlx::Error> {
-        sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM envelope WHERE recipient = ?")
-            .bind(account)
-            .fetch_one(&self.pool)
-            .await
+    /// (number of queued envelopes, highest queued id) of an account, read together so that
+    /// `LoggedIn.queued` equals what the delivery up to that id pushes.
+    pub async fn queue_state(&self, account: &str) -> Result<(i64, i64), sqlx::Error> {
+        let r = sqlx::query(
+            "SELECT COUNT(*), COALESCE(MAX(id), 0) FROM envelope WHERE recipient = ? AND server_timestamp >= ?",
+        )
+        .bind(account)
+        .bind(self.envelope_cutoff())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((r.try_get(0)?, r.try_get(1)?))
     }
 
     pub async fn key_counts(&self, account: &str) -> Result<(u32, u32), sqlx::Error> {
@@ -239,6 +405,39 @@ impl GatewayDb {
         tx.commit().await
     }
 
+    /// Ids of the stored one-time EC prekeys and one-time Kyber prekeys.
+    pub async fn one_time_key_ids(
+        &self,
+        account: &str,
+    ) -> Result<
+        (
+            std::collections::BTreeSet<u32>,
+            std::collections::BTreeSet<u32>,
+        ),
+        sqlx::Error,
+    > {
+        let rows = sqlx::query(
+            "SELECT kind, id FROM prekey WHERE account = ? AND kind IN ('one_time','kyber')",
+        )
+        .bind(account)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut ids = (
+            std::collections::BTreeSet::new(),
+            std::collections::BTreeSet::new(),
+        );
+        for r in rows {
+            let kind: String = r.try_get(0)?;
+            let id = r.try_get::<i64, _>(1)? as u32;
+            if kind == "one_time" {
+                ids.0.insert(id);
+            } else {
+                ids.1.insert(id);
+            }
+        }
+        Ok(ids)
+    }
+
     /// Whether the account has a signed prekey and a Kyber last-resort key stored.
     pub async fn has_base_keys(&self, account: &str) -> Result<(bool, bool), sqlx::Error> {
         let kinds: Vec<String> = sqlx::query_scalar(
@@ -315,51 +514,52 @@ impl GatewayDb {
         }))
     }
 
-    /// Stores envelopes of one `Send` (and the idempotency record) in one transaction.
-    /// Returns `Err(existing)` with the earlier (server_timestamp, recipients) for a repeat.
+    /// Stores envelopes of one `Send` (and the idempotency record) in one transaction. A 1:1 send
+    /// to a full queue stores nothing; a group fan-out (`fanout`) skips members whose queue is full.
     pub async fn store_send(
         &self,
         sender: &str,
         message_id: &str,
         envelopes: &[pb::Envelope],
-    ) -> Result<Result<i64, (i64, i64)>, sqlx::Error> {
+        queue_max: u32,
+        fanout: bool,
+    ) -> Result<SendOutcome, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        if !message_id.is_empty() {
-            let prev = sqlx::query(
-                "SELECT server_timestamp, recipients FROM sent WHERE sender = ? AND message_id = ?",
-            )
-            .bind(sender)
-            .bind(message_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-            if let Some(r) = prev {
-                return Ok(Err((r.try_get(0)?, r.try_get(1)?)));
-            }
+        let prev = sqlx::query(
+            "SELECT server_timestamp, recipients FROM sent WHERE sender = ? AND message_id = ?",
+        )
+        .bind(sender)
+        .bind(message_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(r) = prev {
+            return Ok(SendOutcome::Repeat(r.try_get(0)?, r.try_get(1)?));
         }
         let now = now_ms();
+        let mut stored = 0i64;
         for e in envelopes {
-            Self::insert_envelope(&mut tx, e, now).await?;
-            for (a, b) in [(sender, e.to.as_str()), (e.to.as_str(), sender)] {
-                sqlx::query("INSERT OR IGNORE INTO contact (a, b) VALUES (?, ?)")
-                    .bind(a)
-                    .bind(b)
-                    .execute(&mut *tx)
-                    .await?;
+            if Self::queue_len(&mut tx, &e.to).await? >= i64::from(queue_max) {
+                if fanout {
+                    continue;
+                }
+                return Ok(SendOutcome::QueueFull);
             }
+            Self::insert_envelope(&mut tx, e, now).await?;
+            stored += 1;
         }
-        if !message_id.is_empty() {
-            sqlx::query("INSERT INTO sent (sender, message_id, server_timestamp, recipients) VALUES (?, ?, ?, ?)")
-                .bind(sender)
-                .bind(message_id)
-                .bind(now)
-                .bind(envelopes.len() as i64)
-                .execute(&mut *tx)
-                .await?;
-        }
+        sqlx::query("INSERT INTO sent (sender, message_id, server_timestamp, recipients) VALUES (?, ?, ?, ?)")
+            .bind(sender)
+            .bind(message_id)
+            .bind(now)
+            .bind(stored)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
-        Ok(Ok(now))
+        Ok(SendOutcome::Stored(now, stored))
     }
 
+    /// Stores one envelope and records the two accounts as contacts (docs §10.3: envelopes of any
+    /// kind count).
     async fn insert_envelope(
         tx: &mut sqlx::SqliteConnection,
         e: &pb::Envelope,
@@ -371,7 +571,8 @@ impl GatewayDb {
             (_, Some(g)) => Some(g.encode_to_vec()),
             _ => None,
         };
-        let ts = if e.timestamp == 0 {
+        // Receipts and group updates carry the server's time; messages the sender's, as sent.
+        let ts = if e.kind == pb::Kind::Receipt as i32 || e.kind == pb::Kind::GroupUpdate as i32 {
             now
         } else {
             e.timestamp as i64
@@ -391,17 +592,35 @@ impl GatewayDb {
         .bind(extra)
         .execute(&mut *tx)
         .await?;
+        if e.from != e.to {
+            for (a, b) in [
+                (e.from.as_str(), e.to.as_str()),
+                (e.to.as_str(), e.from.as_str()),
+            ] {
+                sqlx::query("INSERT OR IGNORE INTO contact (a, b) VALUES (?, ?)")
+                    .bind(a)
+                    .bind(b)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
         Ok(())
     }
 
-    /// Stores envelopes that need no idempotency (receipts, group updates).
-    pub async fn store_envelopes(&self, envelopes: &[pb::Envelope]) -> Result<(), sqlx::Error> {
+    /// Stores one envelope that needs no idempotency (a receipt); `false` when the recipient's
+    /// queue is full and nothing was stored.
+    pub async fn store_envelope(
+        &self,
+        envelope: &pb::Envelope,
+        queue_max: u32,
+    ) -> Result<bool, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        let now = now_ms();
-        for e in envelopes {
-            Self::insert_envelope(&mut tx, e, now).await?;
+        if Self::queue_len(&mut tx, &envelope.to).await? >= i64::from(queue_max) {
+            return Ok(false);
         }
-        tx.commit().await
+        Self::insert_envelope(&mut tx, envelope, now_ms()).await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     /// Envelopes for `account` with id in (`after`, `upto`], oldest first.
@@ -415,11 +634,12 @@ impl GatewayDb {
         use prost::Message;
         let rows = sqlx::query(
             "SELECT id, sender, recipient, timestamp, server_timestamp, kind, ciphertext, message_id, grp, extra \
-             FROM envelope WHERE recipient = ? AND id > ? AND id <= ? ORDER BY id LIMIT ?",
+             FROM envelope WHERE recipient = ? AND id > ? AND id <= ? AND server_timestamp >= ? ORDER BY id LIMIT ?",
         )
         .bind(account)
         .bind(after)
         .bind(upto)
+        .bind(self.envelope_cutoff())
         .bind(limit)
         .fetch_all(&self.pool)
         .await?;
@@ -502,10 +722,11 @@ impl GatewayDb {
     }
 
     pub async fn group(&self, id: &str) -> Result<Option<pb::Group>, sqlx::Error> {
-        let row = sqlx::query("SELECT name, avatar_blob, revision FROM grp WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row =
+            sqlx::query("SELECT name, avatar_blob, revision, changed_by FROM grp WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
         let Some(r) = row else { return Ok(None) };
         let members: Vec<String> =
             sqlx::query_scalar("SELECT account FROM grp_member WHERE grp = ? ORDER BY account")
@@ -517,27 +738,31 @@ impl GatewayDb {
             name: r.try_get(0)?,
             avatar_blob: r.try_get(1)?,
             members,
-            changed_by: String::new(),
+            changed_by: r.try_get(3)?,
             revision: r.try_get::<i64, _>(2)? as u64,
         }))
     }
 
-    /// Writes a group (create or update) and the update envelopes in one transaction.
+    /// Writes a group (create or update) and the update envelopes in one transaction; members
+    /// whose queue is full get no update envelope.
     pub async fn save_group(
         &self,
         g: &pb::Group,
         envelopes: &[pb::Envelope],
+        queue_max: u32,
     ) -> Result<(), sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
-            "INSERT INTO grp (id, name, avatar_blob, revision, created_at) VALUES (?, ?, ?, ?, ?) \
-             ON CONFLICT (id) DO UPDATE SET name = excluded.name, avatar_blob = excluded.avatar_blob, revision = excluded.revision",
+            "INSERT INTO grp (id, name, avatar_blob, revision, created_at, changed_by) VALUES (?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (id) DO UPDATE SET name = excluded.name, avatar_blob = excluded.avatar_blob, \
+             revision = excluded.revision, changed_by = excluded.changed_by",
         )
         .bind(&g.id)
         .bind(&g.name)
         .bind(&g.avatar_blob)
         .bind(g.revision as i64)
         .bind(now_ms())
+        .bind(&g.changed_by)
         .execute(&mut *tx)
         .await?;
         sqlx::query("DELETE FROM grp_member WHERE grp = ?")
@@ -553,7 +778,9 @@ impl GatewayDb {
         }
         let now = now_ms();
         for e in envelopes {
-            Self::insert_envelope(&mut tx, e, now).await?;
+            if Self::queue_len(&mut tx, &e.to).await? < i64::from(queue_max) {
+                Self::insert_envelope(&mut tx, e, now).await?;
+            }
         }
         tx.commit().await
     }
@@ -570,10 +797,12 @@ impl GatewayDb {
     }
 
     pub async fn blob_size(&self, id: &str) -> Result<Option<u64>, sqlx::Error> {
-        let s: Option<i64> = sqlx::query_scalar("SELECT size FROM blob WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let s: Option<i64> =
+            sqlx::query_scalar("SELECT size FROM blob WHERE id = ? AND created_at >= ?")
+                .bind(id)
+                .bind(self.blob_cutoff())
+                .fetch_optional(&self.pool)
+                .await?;
         Ok(s.map(|s| s as u64))
     }
 }

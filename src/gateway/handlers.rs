@@ -7,13 +7,32 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::sync::{Notify, mpsc};
 
-use super::{Conn, Online, Reject, Shared, blobs, check_account, reject};
+use super::{
+    CodeDelivery, Conn, Online, Reject, Shared, blobs, check_account,
+    db::{SendOutcome, VerifyBudget, VerifyOutcome},
+    reject,
+};
 use crate::wire::pb::{self, ErrorCode, Kind, stanza::Body};
 
-const CODE_TTL_MS: i64 = 10 * 60 * 1000;
-const MAX_CODE_TRIES: i64 = 5;
 const LOW_PREKEYS: u32 = 10;
-const MAX_ONE_TIME_KEYS: u32 = 1000;
+const MAX_ONE_TIME_KEYS: usize = 1000;
+/// Profile and group names, in bytes of UTF-8 (docs §11, §12).
+const MAX_NAME_BYTES: usize = 256;
+
+fn rate_limited(message: &str, retry_after_ms: u64) -> Reject {
+    Reject {
+        code: ErrorCode::RateLimited,
+        message: message.into(),
+        retry_after_ms: retry_after_ms.max(1),
+    }
+}
+
+fn check_name(name: &str) -> Result<(), Reject> {
+    if name.len() > MAX_NAME_BYTES {
+        return Err(reject(ErrorCode::BadRequest, "name longer than 256 bytes"));
+    }
+    Ok(())
+}
 
 /// Whether a body is one a client may send.
 pub(crate) fn is_request(b: &Body) -> bool {
@@ -65,7 +84,7 @@ pub(crate) async fn handle(
     };
     let answer = match body {
         Body::Ping(p) => Body::Pong(pb::Pong { nonce: p.nonce }),
-        Body::Register(r) => register(shared, r).await?,
+        Body::Register(r) => register(shared, conn, r).await?,
         Body::Verify(v) => verify(shared, v).await?,
         Body::Login(l) => login(shared, conn, l).await?,
         Body::UploadKeys(u) => upload_keys(shared, &me, u).await?,
@@ -79,22 +98,24 @@ pub(crate) async fn handle(
         Body::FetchBundle(f) => fetch_bundle(shared, f).await?,
         Body::Send(s) => send(shared, &me, s).await?,
         Body::Ack(a) => {
+            let max = shared.cfg.limits.ack_max_ids;
+            if a.envelope_ids.len() > max as usize {
+                return Err(reject(
+                    ErrorCode::BadRequest,
+                    format!("more than {max} envelope ids in one Ack"),
+                ));
+            }
             shared.db.ack(&me, &a.envelope_ids).await?;
             ok()
         }
         Body::SendReceipt(r) => send_receipt(shared, &me, r).await?,
         Body::SendTyping(t) => send_typing(shared, &me, t).await?,
         Body::SetPresence(p) => {
-            announce_presence(shared, &me, p.online).await;
+            set_presence(shared, &me, p.online).await;
             ok()
         }
         Body::SetProfile(p) => {
-            if p.name.chars().count() > 256 {
-                return Err(reject(
-                    ErrorCode::BadRequest,
-                    "name longer than 256 characters",
-                ));
-            }
+            check_name(&p.name)?;
             shared.db.set_profile(&me, &p.name, &p.avatar_blob).await?;
             ok()
         }
@@ -128,47 +149,77 @@ pub(crate) async fn handle(
     Ok(Some(answer))
 }
 
-async fn register(shared: &Shared, r: pb::Register) -> Result<Body, Reject> {
+async fn register(shared: &Shared, conn: &Conn, r: pb::Register) -> Result<Body, Reject> {
     check_account(&r.account)?;
-    let code = match &shared.cfg.dev_code {
-        Some(c) => c.clone(),
-        None => {
-            let code = format!("{:06}", rand::rng().random_range(0..1_000_000));
-            // Development delivery of the code: the operator reads it from the log.
-            tracing::info!(account = %r.account, %code, "verification code");
-            code
-        }
+    if conn.account.is_none()
+        && let Err(retry) = shared.registrations.take(&conn.peer)
+    {
+        return Err(rate_limited(
+            "too many registrations from this address",
+            retry,
+        ));
+    }
+    // No code goes out while the account's verification is locked.
+    let locked = shared.db.verify_locked_for(&r.account).await?;
+    if locked > 0 {
+        return Err(rate_limited(
+            "verification of this account is locked",
+            locked as u64,
+        ));
+    }
+    let code = match &shared.cfg.codes {
+        CodeDelivery::DevFixed(c) => zeroize::Zeroizing::new(c.clone()),
+        _ => zeroize::Zeroizing::new(format!("{:06}", rand::rng().random_range(0..1_000_000))),
     };
     shared.db.set_code(&r.account, &code).await?;
+    match &shared.cfg.codes {
+        CodeDelivery::DevFixed(_) => {}
+        // Development delivery of the code: the operator reads it from the log.
+        CodeDelivery::DevLog => {
+            tracing::info!(account = %r.account, code = %*code, "verification code (development mode)");
+        }
+        CodeDelivery::Channel(tx) => {
+            if tx.try_send((r.account.clone(), code)).is_err() {
+                tracing::warn!("the verification code sender is busy or gone");
+                return Err(reject(ErrorCode::Internal, "cannot send a code now"));
+            }
+        }
+    }
     Ok(ok())
 }
 
 async fn verify(shared: &Shared, v: pb::Verify) -> Result<Body, Reject> {
     check_account(&v.account)?;
-    let Some((code, created, tries)) = shared.db.code(&v.account).await? else {
-        return Err(reject(
-            ErrorCode::BadCode,
-            "no code pending: send Register first",
-        ));
+    let l = &shared.cfg.limits;
+    let budget = VerifyBudget {
+        code_ttl_ms: l.code_ttl.as_millis() as i64,
+        tries: i64::from(l.verify_budget.max(1)),
+        window_ms: l.verify_window.as_millis() as i64,
+        lockout_ms: l.verify_lockout.as_millis() as i64,
+        lockout_max_ms: l.verify_lockout_max.as_millis() as i64,
     };
-    if tries >= MAX_CODE_TRIES {
-        return Err(reject(
-            ErrorCode::BadCode,
-            "too many wrong tries: send Register for a new code",
-        ));
+    match shared.db.verify_code(&v.account, &v.code, budget).await? {
+        VerifyOutcome::Locked(ms) => {
+            return Err(rate_limited(
+                "too many wrong codes: verification is locked",
+                ms as u64,
+            ));
+        }
+        VerifyOutcome::NoCode => {
+            return Err(reject(
+                ErrorCode::BadCode,
+                "no code pending: send Register first",
+            ));
+        }
+        VerifyOutcome::Expired => {
+            return Err(reject(
+                ErrorCode::CodeExpired,
+                "the code expired: send Register for a new one",
+            ));
+        }
+        VerifyOutcome::Wrong => return Err(reject(ErrorCode::BadCode, "wrong code")),
+        VerifyOutcome::Correct => {}
     }
-    if crate::store::now_ms() - created > CODE_TTL_MS {
-        shared.db.drop_code(&v.account).await?;
-        return Err(reject(
-            ErrorCode::CodeExpired,
-            "the code expired: send Register for a new one",
-        ));
-    }
-    if !bool::from(code.as_bytes().ct_eq(v.code.as_bytes())) {
-        shared.db.count_wrong_code(&v.account).await?;
-        return Err(reject(ErrorCode::BadCode, "wrong code"));
-    }
-    shared.db.drop_code(&v.account).await?;
     let mut secret = vec![0u8; 32];
     rand::rng().fill_bytes(&mut secret);
     shared
@@ -220,11 +271,10 @@ async fn login(shared: &Arc<Shared>, conn: &mut Conn, l: pb::Login) -> Result<Bo
         let _ = old.kill.send(true);
     }
     conn.account = Some(l.account.clone());
-    let upto = shared.db.max_envelope_id(&l.account).await?;
-    let queued = shared.db.queued_count(&l.account).await?;
+    let (queued, upto) = shared.db.queue_state(&l.account).await?;
     let (ot, ky) = shared.db.key_counts(&l.account).await?;
     conn.pending_delivery = Some(upto);
-    announce_presence(shared, &l.account, true).await;
+    // A login does not make the account online (docs §10.3); `SetPresence` does.
     Ok(Body::LoggedIn(pb::LoggedIn {
         account: l.account,
         queued: queued as u32,
@@ -244,6 +294,7 @@ pub(crate) async fn after_answer(
         shared.clone(),
         account,
         conn.out.clone(),
+        conn.kill_tx.clone(),
         conn.wake.clone(),
         upto,
     )))
@@ -253,9 +304,11 @@ async fn deliver(
     shared: Arc<Shared>,
     account: String,
     out: mpsc::Sender<pb::Stanza>,
+    kill: tokio::sync::watch::Sender<bool>,
     wake: Arc<Notify>,
     upto: i64,
 ) {
+    let stall = shared.cfg.limits.slow_reader_timeout;
     let push = |body| pb::Stanza {
         id: 0,
         body: Some(body),
@@ -276,8 +329,8 @@ async fn deliver(
         if batch.is_empty() {
             if !drained {
                 drained = true;
-                if out
-                    .send(push(Body::QueueDrained(pb::QueueDrained { delivered })))
+                let drained_push = push(Body::QueueDrained(pb::QueueDrained { delivered }));
+                if super::enqueue(&out, &kill, stall, drained_push)
                     .await
                     .is_err()
                 {
@@ -291,14 +344,32 @@ async fn deliver(
         for env in batch {
             last = env.id as i64;
             delivered += 1;
-            if out.send(push(Body::Envelope(env))).await.is_err() {
+            if super::enqueue(&out, &kill, stall, push(Body::Envelope(env)))
+                .await
+                .is_err()
+            {
                 return;
             }
         }
     }
 }
 
-pub(crate) async fn announce_presence(shared: &Shared, account: &str, online: bool) {
+/// Sets an account's presence and, when it changed, tells its contacts (docs §10.3).
+pub(crate) async fn set_presence(shared: &Shared, account: &str, online: bool) {
+    let changed = {
+        let mut present = shared.present.lock().await;
+        if online {
+            present.insert(account.to_owned())
+        } else {
+            present.remove(account)
+        }
+    };
+    if changed {
+        announce_presence(shared, account, online).await;
+    }
+}
+
+async fn announce_presence(shared: &Shared, account: &str, online: bool) {
     let contacts = match shared.db.contacts(account).await {
         Ok(c) => c,
         Err(e) => {
@@ -374,20 +445,35 @@ async fn upload_keys(shared: &Shared, me: &str, u: pb::UploadKeys) -> Result<Bod
             "registration_id must be in 1..16383",
         ));
     }
-    if let Some(k) = &u.signed_prekey {
-        check_ec_key(&k.public_key, "signed_prekey")?;
-        check_signature(&identity, k, "signed_prekey")?;
-    }
-    if let Some(k) = &u.kyber_last_resort {
-        check_kyber_key(&k.public_key, "kyber_last_resort")?;
-        check_signature(&identity, k, "kyber_last_resort")?;
+    // Sizes of every key and signature first, then the signatures (docs §8.1 order).
+    let signed = u
+        .signed_prekey
+        .iter()
+        .map(|k| (k, "signed_prekey", false))
+        .chain(
+            u.kyber_last_resort
+                .iter()
+                .map(|k| (k, "kyber_last_resort", true)),
+        )
+        .chain(u.kyber_prekeys.iter().map(|k| (k, "kyber_prekeys", true)));
+    for (k, what, kyber) in signed.clone() {
+        if kyber {
+            check_kyber_key(&k.public_key, what)?;
+        } else {
+            check_ec_key(&k.public_key, what)?;
+        }
+        if k.signature.len() != 64 {
+            return Err(reject(
+                ErrorCode::BadRequest,
+                format!("{what}: signature must be 64 bytes"),
+            ));
+        }
     }
     for k in &u.one_time_prekeys {
         check_ec_key(&k.public_key, "one_time_prekeys")?;
     }
-    for k in &u.kyber_prekeys {
-        check_kyber_key(&k.public_key, "kyber_prekeys")?;
-        check_signature(&identity, k, "kyber_prekeys")?;
+    for (k, what, _) in signed {
+        check_signature(&identity, k, what)?;
     }
     let same_identity = shared
         .db
@@ -405,14 +491,15 @@ async fn upload_keys(shared: &Shared, me: &str, u: pb::UploadKeys) -> Result<Bod
             "a signed prekey and a Kyber last-resort prekey are required",
         ));
     }
-    let (ot, ky) = if same_identity {
-        shared.db.key_counts(me).await?
+    // Count what would be stored: an uploaded id already stored replaces that key.
+    let (mut ot, mut ky): (BTreeSet<u32>, BTreeSet<u32>) = if same_identity {
+        shared.db.one_time_key_ids(me).await?
     } else {
-        (0, 0)
+        Default::default()
     };
-    if ot + u.one_time_prekeys.len() as u32 > MAX_ONE_TIME_KEYS
-        || ky + u.kyber_prekeys.len() as u32 > MAX_ONE_TIME_KEYS
-    {
+    ot.extend(u.one_time_prekeys.iter().map(|k| k.id));
+    ky.extend(u.kyber_prekeys.iter().map(|k| k.id));
+    if ot.len() > MAX_ONE_TIME_KEYS || ky.len() > MAX_ONE_TIME_KEYS {
         return Err(reject(
             ErrorCode::BadRequest,
             "more than 1000 one-time keys",
@@ -428,6 +515,14 @@ async fn upload_keys(shared: &Shared, me: &str, u: pb::UploadKeys) -> Result<Bod
 
 async fn fetch_bundle(shared: &Shared, f: pb::FetchBundle) -> Result<Body, Reject> {
     check_account(&f.account)?;
+    // Each fetch consumes one-time keys of the target: a bucket per target keeps anyone from
+    // draining them.
+    if let Err(retry) = shared.bundle_fetches.take(&f.account) {
+        return Err(rate_limited(
+            "too many bundle fetches for this account",
+            retry,
+        ));
+    }
     let bundle = shared
         .db
         .fetch_bundle(&f.account)
@@ -465,34 +560,45 @@ async fn group_members_for(shared: &Shared, me: &str, group: &str) -> Result<Vec
 }
 
 async fn send(shared: &Shared, me: &str, s: pb::Send) -> Result<Body, Reject> {
-    if s.message_id.is_empty() || s.message_id.len() > 128 {
+    let kind = Kind::try_from(s.kind).unwrap_or(Kind::Unspecified);
+    if !matches!(kind, Kind::Prekey | Kind::Message | Kind::Group) {
         return Err(reject(
             ErrorCode::BadRequest,
-            "message_id must be 1 to 128 characters",
+            "kind must be PREKEY, MESSAGE or GROUP",
         ));
     }
     if s.ciphertext.is_empty() {
         return Err(reject(ErrorCode::BadRequest, "empty ciphertext"));
     }
-    let kind = Kind::try_from(s.kind).unwrap_or(Kind::Unspecified);
-    let recipients = match kind {
-        Kind::Prekey | Kind::Message => {
-            check_account(&s.to)?;
-            if s.to == me {
-                return Err(reject(ErrorCode::BadRequest, "cannot send to yourself"));
-            }
-            if !shared.db.account_exists(&s.to).await? {
-                return Err(reject(ErrorCode::NotFound, "no such account"));
-            }
-            vec![s.to.clone()]
-        }
-        Kind::Group => group_members_for(shared, me, &s.group).await?,
-        _ => {
+    if s.message_id.is_empty() || s.message_id.len() > 128 {
+        return Err(reject(
+            ErrorCode::BadRequest,
+            "message_id must be 1 to 128 bytes",
+        ));
+    }
+    let recipients = if kind == Kind::Group {
+        if s.group.is_empty() || !s.to.is_empty() {
             return Err(reject(
                 ErrorCode::BadRequest,
-                "kind must be PREKEY, MESSAGE or GROUP",
+                "a GROUP send names the group and no recipient",
             ));
         }
+        group_members_for(shared, me, &s.group).await?
+    } else {
+        check_account(&s.to)?;
+        if s.to == me {
+            return Err(reject(ErrorCode::BadRequest, "cannot send to yourself"));
+        }
+        if !s.group.is_empty() {
+            return Err(reject(
+                ErrorCode::BadRequest,
+                "a PREKEY or MESSAGE send names no group",
+            ));
+        }
+        if !shared.db.account_exists(&s.to).await? {
+            return Err(reject(ErrorCode::NotFound, "no such account"));
+        }
+        vec![s.to.clone()]
     };
     let envelopes: Vec<pb::Envelope> = recipients
         .iter()
@@ -503,29 +609,44 @@ async fn send(shared: &Shared, me: &str, s: pb::Send) -> Result<Body, Reject> {
             kind: s.kind,
             ciphertext: s.ciphertext.clone(),
             message_id: s.message_id.clone(),
-            group: if kind == Kind::Group {
-                s.group.clone()
-            } else {
-                String::new()
-            },
+            group: s.group.clone(),
             ..Default::default()
         })
         .collect();
-    let (ts, n) = match shared.db.store_send(me, &s.message_id, &envelopes).await? {
-        Ok(ts) => {
+    let fanout = kind == Kind::Group;
+    let outcome = shared
+        .db
+        .store_send(
+            me,
+            &s.message_id,
+            &envelopes,
+            shared.cfg.limits.queue_max,
+            fanout,
+        )
+        .await?;
+    let (ts, n) = match outcome {
+        SendOutcome::Stored(ts, n) => {
             shared
                 .relayed
-                .fetch_add(envelopes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
             shared.wake(&recipients).await;
-            (ts, envelopes.len() as i64)
+            (ts, n)
         }
-        Err(earlier) => earlier,
+        SendOutcome::Repeat(ts, n) => (ts, n),
+        SendOutcome::QueueFull => return Err(queue_full()),
     };
     Ok(Body::Sent(pb::Sent {
         message_id: s.message_id,
         server_timestamp: ts as u64,
         recipients: n as u32,
     }))
+}
+
+fn queue_full() -> Reject {
+    reject(
+        ErrorCode::QueueFull,
+        "the recipient's queue is full: retry later",
+    )
 }
 
 async fn send_receipt(shared: &Shared, me: &str, r: pb::SendReceipt) -> Result<Body, Reject> {
@@ -541,21 +662,32 @@ async fn send_receipt(shared: &Shared, me: &str, r: pb::SendReceipt) -> Result<B
             "receipt type must be DELIVERED or READ",
         ));
     }
-    if receipt.message_ids.is_empty() || receipt.message_ids.len() > 1000 {
-        return Err(reject(ErrorCode::BadRequest, "1 to 1000 message ids"));
+    let max = shared.cfg.limits.receipt_max_ids as usize;
+    if receipt.message_ids.is_empty() || receipt.message_ids.len() > max {
+        return Err(reject(
+            ErrorCode::BadRequest,
+            format!("1 to {max} message ids"),
+        ));
     }
     if !shared.db.account_exists(&r.to).await? {
         return Err(reject(ErrorCode::NotFound, "no such account"));
     }
+    // The receipt's own `group` travels inside it; the envelope's `group` is for GROUP and
+    // GROUP_UPDATE only (docs §7).
     let env = pb::Envelope {
         from: me.to_owned(),
         to: r.to.clone(),
         kind: Kind::Receipt as i32,
-        group: receipt.group.clone(),
         receipt: Some(receipt),
         ..Default::default()
     };
-    shared.db.store_envelopes(&[env]).await?;
+    if !shared
+        .db
+        .store_envelope(&env, shared.cfg.limits.queue_max)
+        .await?
+    {
+        return Err(queue_full());
+    }
     shared.wake([&r.to]).await;
     Ok(ok())
 }
@@ -614,9 +746,17 @@ fn group_update_envelopes(
         .collect()
 }
 
-async fn check_members_exist(shared: &Shared, members: &[String]) -> Result<(), Reject> {
-    for m in members {
+/// Checks accounts named in a group request: every malformed one first (`BAD_REQUEST`), then
+/// every unknown one (`NOT_FOUND`), as docs §12 orders them.
+async fn check_members(
+    shared: &Shared,
+    must_exist: &[String],
+    well_formed: &[String],
+) -> Result<(), Reject> {
+    for m in must_exist.iter().chain(well_formed) {
         check_account(m)?;
+    }
+    for m in must_exist {
         if !shared.db.account_exists(m).await? {
             return Err(reject(ErrorCode::NotFound, format!("no such account {m}")));
         }
@@ -624,18 +764,23 @@ async fn check_members_exist(shared: &Shared, members: &[String]) -> Result<(), 
     Ok(())
 }
 
-async fn create_group(shared: &Shared, me: &str, c: pb::CreateGroup) -> Result<Body, Reject> {
-    if c.name.chars().count() > 256 {
+fn check_group_size(shared: &Shared, members: usize) -> Result<(), Reject> {
+    let max = shared.cfg.limits.group_max_members;
+    if members > max as usize {
         return Err(reject(
             ErrorCode::BadRequest,
-            "name longer than 256 characters",
+            format!("a group has at most {max} members"),
         ));
     }
-    if c.members.len() > 1024 {
-        return Err(reject(ErrorCode::BadRequest, "more than 1024 members"));
-    }
-    check_members_exist(shared, &c.members).await?;
+    Ok(())
+}
+
+async fn create_group(shared: &Shared, me: &str, c: pb::CreateGroup) -> Result<Body, Reject> {
+    check_name(&c.name)?;
+    check_members(shared, &[], &c.members).await?;
     let members: BTreeSet<String> = c.members.into_iter().chain([me.to_owned()]).collect();
+    check_group_size(shared, members.len())?;
+    check_members(shared, &members.iter().cloned().collect::<Vec<_>>(), &[]).await?;
     let mut raw = [0u8; 16];
     rand::rng().fill_bytes(&mut raw);
     let g = pb::Group {
@@ -647,7 +792,10 @@ async fn create_group(shared: &Shared, me: &str, c: pb::CreateGroup) -> Result<B
         revision: 1,
     };
     let envelopes = group_update_envelopes(&g, me, members.iter().cloned());
-    shared.db.save_group(&g, &envelopes).await?;
+    shared
+        .db
+        .save_group(&g, &envelopes, shared.cfg.limits.queue_max)
+        .await?;
     shared.wake(members.iter()).await;
     Ok(Body::Group(g))
 }
@@ -661,17 +809,9 @@ async fn update_group(shared: &Shared, me: &str, u: pb::UpdateGroup) -> Result<B
     if !g.members.iter().any(|m| m == me) {
         return Err(reject(ErrorCode::NotMember, "not a member of this group"));
     }
-    check_members_exist(shared, &u.add).await?;
-    for r in &u.remove {
-        check_account(r)?;
-    }
+    check_members(shared, &u.add, &u.remove).await?;
     if let Some(name) = &u.name {
-        if name.chars().count() > 256 {
-            return Err(reject(
-                ErrorCode::BadRequest,
-                "name longer than 256 characters",
-            ));
-        }
+        check_name(name)?;
         g.name = name.clone();
     }
     if let Some(avatar) = &u.avatar_blob {
@@ -683,12 +823,16 @@ async fn update_group(shared: &Shared, me: &str, u: pb::UpdateGroup) -> Result<B
     for r in &u.remove {
         after.remove(r);
     }
+    check_group_size(shared, after.len())?;
     g.members = after.iter().cloned().collect();
     g.revision += 1;
     g.changed_by = me.to_owned();
     let everyone: BTreeSet<String> = before.union(&after).cloned().collect();
     let envelopes = group_update_envelopes(&g, me, everyone.iter().cloned());
-    shared.db.save_group(&g, &envelopes).await?;
+    shared
+        .db
+        .save_group(&g, &envelopes, shared.cfg.limits.queue_max)
+        .await?;
     shared.wake(everyone.iter()).await;
     Ok(Body::Group(g))
 }

@@ -21,6 +21,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::{Mutex, Notify, mpsc, watch},
 };
+use zeroize::Zeroizing;
 
 use crate::wire::{
     self,
@@ -34,32 +35,138 @@ mod handlers;
 
 pub use db::GatewayDb;
 
+/// How verification codes reach the owner of an account (docs §6.1).
+#[derive(Clone)]
+pub enum CodeDelivery {
+    /// Development: every code is this fixed code; nothing is sent.
+    DevFixed(String),
+    /// Development: random codes are written to the log.
+    DevLog,
+    /// Production: each (account, code) is handed to this channel, whose receiver sends it out of
+    /// band (the binary runs a command with it). Codes never reach the log.
+    Channel(mpsc::Sender<(String, Zeroizing<String>)>),
+}
+
+impl CodeDelivery {
+    /// Development modes put codes where anyone with log access (or the source) can read them.
+    pub fn is_dev(&self) -> bool {
+        !matches!(self, CodeDelivery::Channel(_))
+    }
+}
+
+impl std::fmt::Debug for CodeDelivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CodeDelivery::DevFixed(_) => "DevFixed(<redacted>)",
+            CodeDelivery::DevLog => "DevLog",
+            CodeDelivery::Channel(_) => "Channel",
+        })
+    }
+}
+
+/// Abuse limits; docs/interop-protocol.md §19 "Limits" lists each with its default and error.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// How long a verification code is valid.
+    pub code_ttl: Duration,
+    /// Wrong verification codes an account may try before its verification is locked.
+    pub verify_budget: u32,
+    /// Window in which wrong tries are counted (it starts at the first wrong try).
+    pub verify_window: Duration,
+    /// First lock-out; every further lock-out of the same account doubles it.
+    pub verify_lockout: Duration,
+    /// Longest lock-out.
+    pub verify_lockout_max: Duration,
+    /// `Register` requests from connections that are not logged in, per source IP and
+    /// `registration_window` (token bucket: this burst, refilled over the window).
+    pub registrations_per_source: u32,
+    pub registration_window: Duration,
+    /// Envelopes waiting for one recipient.
+    pub queue_max: u32,
+    /// Unacked envelopes older than this are deleted.
+    pub envelope_ttl: Duration,
+    /// Blobs older than this are deleted.
+    pub blob_ttl: Duration,
+    /// Members of one group.
+    pub group_max_members: u32,
+    /// Envelope ids in one `Ack`.
+    pub ack_max_ids: u32,
+    /// Message ids in one receipt.
+    pub receipt_max_ids: u32,
+    /// Stanzas waiting to be written to one connection.
+    pub out_queue: usize,
+    /// How long a full outgoing queue may stay full before the connection is closed.
+    pub slow_reader_timeout: Duration,
+    /// `FetchBundle` of one target account, per `bundle_window` (token bucket).
+    pub bundle_fetches_per_target: u32,
+    pub bundle_window: Duration,
+    /// Time from TCP accept to the end of the Noise handshake.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        const HOUR: Duration = Duration::from_secs(3600);
+        const DAY: Duration = Duration::from_secs(24 * 3600);
+        Self {
+            code_ttl: Duration::from_secs(10 * 60),
+            verify_budget: 5,
+            verify_window: HOUR,
+            verify_lockout: Duration::from_secs(5 * 60),
+            verify_lockout_max: DAY,
+            registrations_per_source: 20,
+            registration_window: HOUR,
+            queue_max: 10_000,
+            envelope_ttl: 30 * DAY,
+            blob_ttl: 30 * DAY,
+            group_max_members: 1024,
+            ack_max_ids: 1000,
+            receipt_max_ids: 1000,
+            out_queue: 256,
+            slow_reader_timeout: Duration::from_secs(30),
+            bundle_fetches_per_target: 100,
+            bundle_window: HOUR,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 /// Gateway settings.
 #[derive(Clone, Debug)]
 pub struct GatewayConfig {
     pub key: StaticKey,
     pub database_uri: String,
     pub blob_dir: PathBuf,
-    /// A fixed verification code (development); `None` writes random codes to the log.
-    pub dev_code: Option<String>,
+    pub codes: CodeDelivery,
     pub max_blob_bytes: u64,
     pub rate_capacity: f64,
     pub rate_per_sec: f64,
     pub idle_timeout: Duration,
+    pub limits: Limits,
 }
 
 impl GatewayConfig {
+    /// Settings with the documented defaults, in development mode with codes written to the log.
     pub fn new(key: StaticKey, database_uri: String, blob_dir: PathBuf) -> Self {
         Self {
             key,
             database_uri,
             blob_dir,
-            dev_code: None,
+            codes: CodeDelivery::DevLog,
             max_blob_bytes: 100 * 1024 * 1024,
             rate_capacity: 500.0,
             rate_per_sec: 100.0,
             idle_timeout: Duration::from_secs(120),
+            limits: Limits::default(),
         }
+    }
+
+    /// Development modes must not be reachable from other hosts: refuses a non-loopback address.
+    pub fn check_listen_addr(&self, addr: std::net::SocketAddr) -> Result<(), GatewayError> {
+        if self.codes.is_dev() && !addr.ip().is_loopback() {
+            return Err(GatewayError::DevModeNotLoopback(addr));
+        }
+        Ok(())
     }
 }
 
@@ -71,6 +178,10 @@ pub enum GatewayError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
+    #[error(
+        "development mode (fixed or logged verification codes) listens only on loopback, not on {0}"
+    )]
+    DevModeNotLoopback(std::net::SocketAddr),
 }
 
 /// An error answer to a request.
@@ -129,6 +240,12 @@ pub(crate) struct Shared {
     pub cfg: GatewayConfig,
     pub db: GatewayDb,
     pub online: Mutex<HashMap<String, Online>>,
+    /// Accounts whose presence is `online` (docs §10.3); the rest are offline.
+    pub present: Mutex<std::collections::HashSet<String>>,
+    /// Unauthenticated `Register`s per source address.
+    pub registrations: RateMap<std::net::IpAddr>,
+    /// `FetchBundle`s per target account.
+    pub bundle_fetches: RateMap<String>,
     pub next_conn: AtomicU64,
     pub relayed: AtomicU64,
 }
@@ -144,11 +261,14 @@ impl Shared {
         }
     }
 
-    /// Sends a push to an account if it is online (dropped when its queue is full: pushes sent this
-    /// way are ephemeral).
+    /// Sends a push to an account if it is online. A connection whose outgoing queue is full does
+    /// not read: it is closed rather than buffered for (docs §19).
     pub async fn push(&self, account: &str, stanza: pb::Stanza) {
-        if let Some(o) = self.online.lock().await.get(account) {
-            let _ = o.out.try_send(stanza);
+        if let Some(o) = self.online.lock().await.get(account)
+            && let Err(mpsc::error::TrySendError::Full(_)) = o.out.try_send(stanza)
+        {
+            tracing::info!("closing a connection that does not read");
+            let _ = o.kill.send(true);
         }
     }
 }
@@ -163,11 +283,24 @@ impl Gateway {
     pub async fn open(cfg: GatewayConfig) -> Result<Self, GatewayError> {
         std::fs::create_dir_all(cfg.blob_dir.join("tmp"))?;
         let db = GatewayDb::open(&cfg.database_uri).await?;
+        let cfg_limits = cfg.limits.clone();
+        let mut db = db;
+        db.envelope_ttl_ms = cfg_limits.envelope_ttl.as_millis() as i64;
+        db.blob_ttl_ms = cfg_limits.blob_ttl.as_millis() as i64;
         Ok(Self {
             shared: Arc::new(Shared {
                 cfg,
                 db,
                 online: Mutex::new(HashMap::new()),
+                present: Mutex::new(Default::default()),
+                registrations: RateMap::new(
+                    cfg_limits.registrations_per_source,
+                    cfg_limits.registration_window,
+                ),
+                bundle_fetches: RateMap::new(
+                    cfg_limits.bundle_fetches_per_target,
+                    cfg_limits.bundle_window,
+                ),
                 next_conn: AtomicU64::new(1),
                 relayed: AtomicU64::new(0),
             }),
@@ -183,8 +316,22 @@ impl Gateway {
         self.shared.relayed.load(Ordering::Relaxed)
     }
 
-    /// Accepts connections until `shutdown` turns true.
+    /// Accepts connections until `shutdown` turns true. In development mode a listener on a
+    /// non-loopback address is refused (nothing is served).
     pub async fn serve(self, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+        match listener.local_addr() {
+            Ok(addr) => {
+                if let Err(e) = self.shared.cfg.check_listen_addr(addr) {
+                    tracing::error!(error = %e, "refusing to serve");
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "listener has no address");
+                return;
+            }
+        }
+        tokio::spawn(sweep(self.shared.clone(), shutdown.clone()));
         loop {
             tokio::select! {
                 r = listener.accept() => match r {
@@ -193,7 +340,7 @@ impl Gateway {
                         let shared = self.shared.clone();
                         let shutdown = shutdown.clone();
                         tokio::spawn(async move {
-                            if let Err(e) = connection(shared, stream, shutdown).await {
+                            if let Err(e) = connection(shared, stream, peer, shutdown).await {
                                 tracing::debug!(%peer, error = %e, "connection ended");
                             }
                         });
@@ -211,7 +358,79 @@ impl Gateway {
     }
 }
 
-/// Token bucket of one connection.
+/// Deletes expired envelopes, blobs and idempotency records now and then (docs §19).
+async fn sweep(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let l = &shared.cfg.limits;
+    let every = (l.envelope_ttl.min(l.blob_ttl) / 4)
+        .clamp(Duration::from_secs(1), Duration::from_secs(600));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => {
+                if *shutdown.borrow() { return; }
+            }
+        }
+        let now = db::now_ms();
+        let blobs = match shared
+            .db
+            .expire(
+                now - l.envelope_ttl.as_millis() as i64,
+                now - l.blob_ttl.as_millis() as i64,
+                now - 48 * 3600 * 1000,
+            )
+            .await
+        {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "expiry sweep failed");
+                continue;
+            }
+        };
+        for id in blobs {
+            let _ = tokio::fs::remove_file(shared.cfg.blob_dir.join(&id)).await;
+        }
+        shared.registrations.prune();
+        shared.bundle_fetches.prune();
+    }
+}
+
+/// Token buckets by key (source address, target account), behind one lock so that taking a
+/// token is atomic across connections.
+pub(crate) struct RateMap<K> {
+    cap: f64,
+    rate: f64,
+    buckets: std::sync::Mutex<HashMap<K, Bucket>>,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> RateMap<K> {
+    fn new(per_window: u32, window: Duration) -> Self {
+        let cap = f64::from(per_window.max(1));
+        Self {
+            cap,
+            rate: cap / window.as_secs_f64().max(0.001),
+            buckets: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes a token for `key`, or says in how many milliseconds one is available.
+    pub fn take(&self, key: &K) -> Result<(), u64> {
+        let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(key.clone())
+            .or_insert_with(|| Bucket::new(self.cap, self.rate))
+            .take()
+    }
+
+    /// Forgets buckets that are full again (they behave like new ones).
+    fn prune(&self) {
+        let mut map = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        map.retain(|_, b| {
+            b.refill();
+            b.tokens < b.cap
+        });
+    }
+}
+
+/// A token bucket.
 struct Bucket {
     tokens: f64,
     cap: f64,
@@ -220,11 +439,24 @@ struct Bucket {
 }
 
 impl Bucket {
-    fn take(&mut self) -> Result<(), u64> {
+    fn new(cap: f64, rate: f64) -> Self {
+        Self {
+            tokens: cap,
+            cap,
+            rate,
+            at: Instant::now(),
+        }
+    }
+
+    fn refill(&mut self) {
         let now = Instant::now();
         self.tokens =
             (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.cap);
         self.at = now;
+    }
+
+    fn take(&mut self) -> Result<(), u64> {
+        self.refill();
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             Ok(())
@@ -237,6 +469,7 @@ impl Bucket {
 /// Per-connection state the handlers use.
 pub(crate) struct Conn {
     pub id: u64,
+    pub peer: std::net::IpAddr,
     pub account: Option<String>,
     pub out: mpsc::Sender<pb::Stanza>,
     pub wake: Arc<Notify>,
@@ -247,36 +480,55 @@ pub(crate) struct Conn {
     pub pending_delivery: Option<i64>,
 }
 
+/// Queues a stanza for a connection's writer. A client that does not read lets the queue fill;
+/// when it stays full for `stall`, the connection is closed instead of buffering more.
+pub(crate) async fn enqueue(
+    out: &mpsc::Sender<pb::Stanza>,
+    kill: &watch::Sender<bool>,
+    stall: Duration,
+    stanza: pb::Stanza,
+) -> Result<(), TransportError> {
+    match out.send_timeout(stanza, stall).await {
+        Ok(()) => Ok(()),
+        Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+            tracing::info!("closing a connection that does not read");
+            let _ = kill.send(true);
+            Err(TransportError::Protocol("client does not read"))
+        }
+        Err(mpsc::error::SendTimeoutError::Closed(_)) => Err(TransportError::Closed),
+    }
+}
+
 async fn connection(
     shared: Arc<Shared>,
     stream: TcpStream,
+    peer: std::net::SocketAddr,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), TransportError> {
+    let limits = &shared.cfg.limits;
     let (mut reader, writer, _client_key) = tokio::time::timeout(
-        Duration::from_secs(10),
+        limits.handshake_timeout,
         noise::accept(stream, &shared.cfg.key),
     )
     .await
     .map_err(|_| TransportError::Protocol("handshake timed out"))??;
-    let (out_tx, out_rx) = mpsc::channel::<pb::Stanza>(1024);
+    let (out_tx, out_rx) = mpsc::channel::<pb::Stanza>(limits.out_queue.max(1));
     let writer_task = tokio::spawn(writer.pump(out_rx));
     let (kill_tx, mut kill_rx) = watch::channel(false);
     let mut conn = Conn {
         id: shared.next_conn.fetch_add(1, Ordering::Relaxed),
+        peer: peer.ip(),
         account: None,
         out: out_tx.clone(),
         wake: Arc::new(Notify::new()),
-        kill_tx,
+        kill_tx: kill_tx.clone(),
         uploads: HashMap::new(),
         delivery: None,
         pending_delivery: None,
     };
-    let mut bucket = Bucket {
-        tokens: shared.cfg.rate_capacity,
-        cap: shared.cfg.rate_capacity,
-        rate: shared.cfg.rate_per_sec,
-        at: Instant::now(),
-    };
+    let stall = limits.slow_reader_timeout;
+    let send = |st: pb::Stanza| enqueue(&out_tx, &kill_tx, stall, st);
+    let mut bucket = Bucket::new(shared.cfg.rate_capacity, shared.cfg.rate_per_sec);
     let result = loop {
         let next = tokio::select! {
             r = tokio::time::timeout(shared.cfg.idle_timeout, reader.read_stanza()) => r,
@@ -286,24 +538,22 @@ async fn connection(
         let stanza = match next {
             Err(_) => break Err(TransportError::Protocol("idle timeout")),
             Ok(Err(TransportError::TooLarge(n))) => {
-                let _ = out_tx
-                    .send(error_stanza(
-                        0,
-                        &reject(
-                            ErrorCode::TooLarge,
-                            format!("record of {n} bytes exceeds 1 MiB"),
-                        ),
-                    ))
-                    .await;
+                let _ = send(error_stanza(
+                    0,
+                    &reject(
+                        ErrorCode::TooLarge,
+                        format!("record of {n} bytes exceeds 1 MiB"),
+                    ),
+                ))
+                .await;
                 break Err(TransportError::TooLarge(n));
             }
             Ok(Err(TransportError::Decode(e))) => {
-                let _ = out_tx
-                    .send(error_stanza(
-                        0,
-                        &reject(ErrorCode::BadRequest, "malformed stanza"),
-                    ))
-                    .await;
+                let _ = send(error_stanza(
+                    0,
+                    &reject(ErrorCode::BadRequest, "malformed stanza"),
+                ))
+                .await;
                 break Err(TransportError::Decode(e));
             }
             Ok(Err(e)) => break Err(e),
@@ -316,12 +566,11 @@ async fn connection(
             .filter(handlers::is_request)
             .filter(|_| id != 0 || is_ack)
         else {
-            let _ = out_tx
-                .send(error_stanza(
-                    id,
-                    &reject(ErrorCode::BadRequest, "malformed stanza"),
-                ))
-                .await;
+            let _ = send(error_stanza(
+                id,
+                &reject(ErrorCode::BadRequest, "malformed stanza"),
+            ))
+            .await;
             break Err(TransportError::Protocol("malformed stanza"));
         };
         if let Err(retry) = bucket.take() {
@@ -330,7 +579,9 @@ async fn connection(
                 message: "slow down".into(),
                 retry_after_ms: retry,
             };
-            let _ = out_tx.send(error_stanza(id, &r)).await;
+            if let Err(e) = send(error_stanza(id, &r)).await {
+                break Err(e);
+            }
             continue;
         }
         let answer = handlers::handle(&shared, &mut conn, body).await;
@@ -347,8 +598,13 @@ async fn connection(
             if id == 0 && matches!(reply.body, Some(Body::Ok(_))) {
                 continue;
             }
-            if out_tx.send(reply).await.is_err() {
-                break Err(TransportError::Closed);
+            let fatal = id == 0 && is_ack;
+            if let Err(e) = send(reply).await {
+                break Err(e);
+            }
+            if fatal {
+                // An error pushed for an id-0 Ack other than RATE_LIMITED ends the connection.
+                break Err(TransportError::Protocol("bad id-0 ack"));
             }
         }
         if let Some(after) = handlers::after_answer(&shared, &mut conn).await {
@@ -364,7 +620,7 @@ async fn connection(
         if online.get(&account).is_some_and(|o| o.conn_id == conn.id) {
             online.remove(&account);
             drop(online);
-            handlers::announce_presence(&shared, &account, false).await;
+            handlers::set_presence(&shared, &account, false).await;
         }
     }
     for (_, up) in conn.uploads.drain() {
@@ -372,7 +628,14 @@ async fn connection(
     }
     drop(out_tx);
     drop(conn);
-    let _ = tokio::time::timeout(Duration::from_secs(5), writer_task).await;
+    // A writer stuck on a peer that does not read is not waited for.
+    let mut writer_task = writer_task;
+    if tokio::time::timeout(Duration::from_secs(5), &mut writer_task)
+        .await
+        .is_err()
+    {
+        writer_task.abort();
+    }
     result
 }
 

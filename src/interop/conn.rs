@@ -67,7 +67,7 @@ impl InteropError {
             InteropError::Connect { .. } | InteropError::Disconnected | InteropError::Timeout
         ) || matches!(
             self.code(),
-            Some(ErrorCode::RateLimited | ErrorCode::Internal)
+            Some(ErrorCode::RateLimited | ErrorCode::Internal | ErrorCode::QueueFull)
         )
     }
 }

@@ -4,7 +4,7 @@ use std::{sync::Arc, time::Duration};
 
 use matrix_interop_bridge::wire::content::{DataMessage, Text, data_message::Body as D};
 use matrix_interop_bridge::{
-    gateway::{Gateway, GatewayConfig},
+    gateway::{CodeDelivery, Gateway, GatewayConfig},
     interop::{AccountHandle, Event, GatewayAddr, GatewayConn, SignalRuntime, account},
     store::{SqlStore, testing},
     vault::{SecretKey, Vault, VaultStore},
@@ -28,15 +28,31 @@ impl TestGateway {
         Self::start_in(dir, StaticKey::generate(), 0).await
     }
 
+    /// Starts a gateway with settings changed by `f` (limits a test wants to reach quickly).
+    pub async fn start_with(f: impl FnOnce(&mut GatewayConfig)) -> Self {
+        let dir = tempfile::tempdir().expect("tmp");
+        Self::start_configured(dir, StaticKey::generate(), 0, f).await
+    }
+
     /// Starts (or restarts) a gateway with its state in `dir`.
     pub async fn start_in(dir: tempfile::TempDir, key: StaticKey, port: u16) -> Self {
+        Self::start_configured(dir, key, port, |_| {}).await
+    }
+
+    async fn start_configured(
+        dir: tempfile::TempDir,
+        key: StaticKey,
+        port: u16,
+        f: impl FnOnce(&mut GatewayConfig),
+    ) -> Self {
         let mut cfg = GatewayConfig::new(
             key.clone(),
             format!("sqlite://{}", dir.path().join("gateway.db").display()),
             dir.path().join("blobs"),
         );
-        cfg.dev_code = Some(CODE.into());
+        cfg.codes = CodeDelivery::DevFixed(CODE.into());
         cfg.max_blob_bytes = 2 * 1024 * 1024;
+        f(&mut cfg);
         let gw = Gateway::open(cfg).await.expect("gateway");
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
