@@ -1363,8 +1363,8 @@ async fn s8_2_bundle_fetches_of_one_account_are_rate_limited() {
     for _ in 0..3 {
         fetch(&a).await.expect("within the limit");
     }
-    // Per target: another fetcher is limited as well, and no key was consumed.
-    let (e, retry) = gateway_error(fetch(&c).await);
+    // The fourth fetch by the same client is refused and consumes no key.
+    let (e, retry) = gateway_error(fetch(&a).await);
     assert_eq!(e, ErrorCode::RateLimited);
     assert!(retry >= 1);
     assert_eq!(
@@ -1376,6 +1376,10 @@ async fn s8_2_bundle_fetches_of_one_account_are_rate_limited() {
         ),
         (7, 7)
     );
+    // Another client still starts its session with b: one client cannot lock b away.
+    fetch(&c)
+        .await
+        .expect("another fetcher is not limited by the first");
 }
 
 // ---- §9 Sending ----------------------------------------------------------------------------

@@ -95,7 +95,7 @@ pub(crate) async fn handle(
                 kyber_prekeys: ky,
             })
         }
-        Body::FetchBundle(f) => fetch_bundle(shared, f).await?,
+        Body::FetchBundle(f) => fetch_bundle(shared, &me, f).await?,
         Body::Send(s) => send(shared, &me, s).await?,
         Body::Ack(a) => {
             let max = shared.cfg.limits.ack_max_ids;
@@ -513,11 +513,11 @@ async fn upload_keys(shared: &Shared, me: &str, u: pb::UploadKeys) -> Result<Bod
     }))
 }
 
-async fn fetch_bundle(shared: &Shared, f: pb::FetchBundle) -> Result<Body, Reject> {
+async fn fetch_bundle(shared: &Shared, me: &str, f: pb::FetchBundle) -> Result<Body, Reject> {
     check_account(&f.account)?;
-    // Each fetch consumes one-time keys of the target: a bucket per target keeps anyone from
-    // draining them.
-    if let Err(retry) = shared.bundle_fetches.take(&f.account) {
+    // Each fetch consumes one-time keys of the target: a bucket per (fetcher, target) keeps
+    // anyone from draining them, without letting one fetcher lock everyone else out.
+    if let Err(retry) = shared.bundle_fetches.take(&format!("{me} {}", f.account)) {
         return Err(rate_limited(
             "too many bundle fetches for this account",
             retry,

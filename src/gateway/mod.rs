@@ -97,7 +97,8 @@ pub struct Limits {
     pub out_queue: usize,
     /// How long a full outgoing queue may stay full before the connection is closed.
     pub slow_reader_timeout: Duration,
-    /// `FetchBundle` of one target account, per `bundle_window` (token bucket).
+    /// `FetchBundle` of one target account by one fetching account, per `bundle_window` (token
+    /// bucket).
     pub bundle_fetches_per_target: u32,
     pub bundle_window: Duration,
     /// Time from TCP accept to the end of the Noise handshake.
