@@ -143,10 +143,14 @@ impl Bridge {
                     return false;
                 };
                 // `ghost` registers unknown accounts too, so the network is asked first.
-                let known = matches!(acc.profile(&account).await, Ok(Some(_)));
-                if !known {
-                    self.user_lookups.lock().await.miss(&account);
-                    return false;
+                match acc.profile(&account).await {
+                    Ok(Some(_)) => {}
+                    // Only a definite "no such account" is remembered; a failed look-up is not.
+                    Ok(None) => {
+                        self.user_lookups.lock().await.miss(&account);
+                        return false;
+                    }
+                    Err(_) => return false,
                 }
                 self.ghost(&account, Some(&acc)).await.is_ok()
             }

@@ -242,6 +242,12 @@ impl Bridge {
             "list-logins" => self.cmd_list_logins(sender).await,
             "start-chat" => self.cmd_start_chat(sender, &arg).await,
             "list-chats" => self.cmd_list_chats(sender).await,
+            // Requests name strangers' numbers: only in the user's own management room.
+            "list-requests" if !self.is_management_room(room_id, sender).await => {
+                CommandOutcome::text(
+                    "Send `list-requests` in your management room (your DM with the bot).",
+                )
+            }
             "list-requests" => self.cmd_list_requests(sender).await,
             "accept" => self.cmd_accept(sender, &arg).await,
             "decline" => self.cmd_decline(sender, &arg).await,
@@ -504,6 +510,10 @@ impl Bridge {
             }
             Err(e) => CommandOutcome::text(format!("Cannot open the chat: {e}")),
         }
+    }
+
+    async fn is_management_room(&self, room_id: &str, sender: &str) -> bool {
+        matches!(self.users.management_room(sender).await, Ok(Some(r)) if r == room_id)
     }
 
     async fn cmd_list_requests(&self, sender: &str) -> CommandOutcome {

@@ -63,13 +63,21 @@ fn is_safe_url(url: &str) -> bool {
 pub const MAX_FORMATS: usize = 512;
 /// Rendered HTML longer than this is not sent: the message goes as plain text instead. Matrix
 /// events are limited to 64 KiB (and Megolm adds a third), so it leaves room for the body.
-pub const MAX_HTML_BYTES: usize = 20 * 1024;
+pub const MAX_HTML_BYTES: usize = 16 * 1024;
 /// Links with a longer target are not rendered as links.
 const MAX_URL_BYTES: usize = 2048;
 /// Tags nested deeper than this in Matrix HTML are ignored (their text is kept).
 const MAX_HTML_DEPTH: usize = 64;
 /// A message body longer than this is cut (at a character boundary) with a note saying so.
-pub const MAX_BODY_BYTES: usize = 24 * 1024;
+pub const MAX_BODY_BYTES: usize = 16 * 1024;
+
+/// The first `max_chars` characters of `body`, with `…` when there was more.
+pub fn preview(body: &str, max_chars: usize) -> std::borrow::Cow<'_, str> {
+    match body.char_indices().nth(max_chars) {
+        Some((i, _)) => format!("{}…", &body[..i]).into(),
+        None => body.into(),
+    }
+}
 
 /// The body as it can go into one Matrix event: cut to [`MAX_BODY_BYTES`] with a note when longer.
 pub fn bounded_body(body: &str) -> std::borrow::Cow<'_, str> {

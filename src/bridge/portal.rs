@@ -412,9 +412,11 @@ impl Bridge {
                 }
                 let t = e.text.clone().unwrap_or_default();
                 let new = text_content(&t, "m.text");
+                // The fallback for clients without edits is short: the event must hold the new
+                // content too, within the homeserver's 64 KiB.
                 let mut c = text_content(
                     &Text {
-                        body: format!("* {}", t.body),
+                        body: format!("* {}", msgconv::preview(&t.body, 500)),
                         formats: vec![],
                     },
                     "m.text",
@@ -685,6 +687,9 @@ impl Bridge {
         let message_id = stable_id(&["out", &room, event_id]);
         let content = &ev["content"];
         let data = match ty {
+            // A reaction carries no text to name its sender by: from a relayed user it would
+            // show as the relay's own (mautrix bridges drop them too).
+            "m.reaction" if relayed_name.is_some() => return Ok(()),
             "m.reaction" => {
                 let rel = &content["m.relates_to"];
                 let target_ev = rel["event_id"].as_str().unwrap_or_default();
@@ -720,7 +725,7 @@ impl Bridge {
                 let Some(t) = self.portals.by_event(&room, redacts).await? else {
                     return Ok(());
                 };
-                if !is_author(&t, sender, &me, &portal) {
+                if !is_author(&t, sender, &me, &portal, self.matrix.bot_mxid()) {
                     if t.part.is_empty() {
                         let text = format!(
                             "{sender}: the deletion was not bridged: only a message's author can delete it on the network."
@@ -905,7 +910,9 @@ impl Bridge {
             else {
                 return Ok(None);
             };
-            if !t.part.is_empty() || !is_author(&t, sender, acc.account_id(), portal) {
+            if !t.part.is_empty()
+                || !is_author(&t, sender, acc.account_id(), portal, self.matrix.bot_mxid())
+            {
                 return Err(
                     "only a message's author can edit it on the network; the edit stays on Matrix only."
                         .into(),
@@ -938,10 +945,14 @@ impl Bridge {
                 let (latitude, longitude) =
                     msgconv::parse_geo_uri(content["geo_uri"].as_str().unwrap_or_default())
                         .ok_or("the location has no valid geo: URI")?;
+                let name = content["body"].as_str().unwrap_or_default();
                 D::Location(Location {
                     latitude,
                     longitude,
-                    name: content["body"].as_str().unwrap_or_default().to_owned(),
+                    name: match relayed_name {
+                        Some(who) => format!("{who}: {name}"),
+                        None => name.to_owned(),
+                    },
                     address: String::new(),
                 })
             }
@@ -966,8 +977,17 @@ impl Bridge {
                     .unwrap_or_else(|| "application/octet-stream".into());
                 let body = content["body"].as_str().unwrap_or_default();
                 let filename = content["filename"].as_str().unwrap_or(body).to_owned();
-                let caption =
-                    (content["filename"].is_string() && body != filename).then(|| text_of(content));
+                let caption = match relayed_name {
+                    // Relayed media always say whose they are.
+                    Some(who) if !(content["filename"].is_string() && body != filename) => {
+                        Some(Text {
+                            body: format!("{who} sent a file"),
+                            formats: vec![],
+                        })
+                    }
+                    _ => (content["filename"].is_string() && body != filename)
+                        .then(|| text_of(content)),
+                };
                 let kind = match msgtype {
                     "m.image" => MediaType::Image,
                     "m.video" => MediaType::Video,
@@ -1103,6 +1123,7 @@ fn portal_power_levels(users: serde_json::Map<String, Value>) -> Value {
         "ban": 75,
         "events": {
             "m.room.power_levels": 100,
+            "m.room.history_visibility": 100,
             "m.room.tombstone": 100,
             "m.room.server_acl": 100,
             "m.room.join_rules": 100,
@@ -1113,13 +1134,16 @@ fn portal_power_levels(users: serde_json::Map<String, Value>) -> Value {
 }
 
 /// Whether the Matrix user `sender` wrote the mapped message (or reaction) `t`, so may edit or
-/// delete it on the network. Rows from before authors were recorded count as the portal owner's
-/// when they went out through the owner's own login (`me`).
-fn is_author(t: &MappedMessage, sender: &str, me: &str, portal: &Portal) -> bool {
+/// delete it on the network (`me`: the account the edit would go out through). The owner also
+/// wrote what their own account sent from another device (shown by the bot). Rows from before
+/// authors were recorded count as the owner's when they went out through the owner's own login
+/// in a room without a relay (where they could be anyone's).
+fn is_author(t: &MappedMessage, sender: &str, me: &str, portal: &Portal, bot: &str) -> bool {
+    let owners_own = sender == portal.receiver && t.sender == me;
     if t.matrix_sender.is_empty() {
-        t.sender == me && sender == portal.receiver
+        owners_own && portal.relay.is_none()
     } else {
-        t.matrix_sender == sender
+        t.matrix_sender == sender || (t.matrix_sender == bot && owners_own)
     }
 }
 

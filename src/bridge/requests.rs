@@ -20,8 +20,13 @@ use crate::wire::content::DataMessage;
 
 /// Messages held per request; later ones are counted and dropped.
 pub const MAX_HELD: u32 = 100;
+/// Bytes of messages held per request (media are held by reference, so this is text).
+pub const MAX_HELD_BYTES: u64 = 1024 * 1024;
 /// Open requests per login; messages from further strangers are dropped.
 pub const MAX_REQUESTS: usize = 50;
+/// Open requests one stranger may cause per login (one DM and a few groups), so that one
+/// account cannot fill the login's requests and crowd out everyone else.
+pub const MAX_REQUESTS_PER_SENDER: usize = 3;
 
 /// A chat waiting for the user's answer.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -41,6 +46,9 @@ pub struct MessageRequest {
     /// The user accepted (or had a portal for this chat before): no longer a request.
     #[serde(default)]
     pub accepted: bool,
+    /// Bytes of the messages held.
+    #[serde(default)]
+    pub held_bytes: u64,
 }
 
 impl MessageRequest {
@@ -134,27 +142,34 @@ impl Bridge {
         if has_room(self.portals.portal(receiver, chat_id).await?) {
             return Ok(Gate::Open);
         }
-        // A group from a contact the user already talks to is no stranger's.
-        if group && has_room(self.portals.portal(receiver, from).await?) {
-            return Ok(Gate::Open);
-        }
         let lock = self.request_lock(receiver, chat_id).await;
         let _guard = lock.lock().await;
         // Accepted meanwhile?
         if has_room(self.portals.portal(receiver, chat_id).await?) {
             return Ok(Gate::Open);
         }
-        let mut req = match self.requests.request(receiver, chat_id).await? {
+        let known = self.requests.request(receiver, chat_id).await?;
+        match &known {
             Some(r) if r.accepted => return Ok(Gate::Open),
+            // A refusal holds, even if a contact of the user is in the group too.
             Some(r) if r.declined => {
                 self.metrics.refused("message_request_declined");
                 return Ok(Gate::Closed);
             }
+            _ => {}
+        }
+        // A group from a contact the user already talks to is no stranger's.
+        if group && has_room(self.portals.portal(receiver, from).await?) {
+            return Ok(Gate::Open);
+        }
+        let mut req = match known {
             Some(r) => r,
             None => {
-                let open = self.requests.requests(receiver).await?;
-                if open.iter().filter(|r| r.is_open()).count() >= MAX_REQUESTS {
-                    tracing::info!(user = %receiver, "too many open message requests; dropping a stranger's message");
+                let all = self.requests.requests(receiver).await?;
+                let open: Vec<&MessageRequest> = all.iter().filter(|r| r.is_open()).collect();
+                let by_sender = open.iter().filter(|r| r.from == from).count();
+                if open.len() >= MAX_REQUESTS || by_sender >= MAX_REQUESTS_PER_SENDER {
+                    tracing::info!(user = %receiver, "over the message-request limits; dropping a stranger's message");
                     self.metrics.refused("message_requests_full");
                     return Ok(Gate::Closed);
                 }
@@ -171,6 +186,7 @@ impl Bridge {
                     dropped: 0,
                     declined: false,
                     accepted: false,
+                    held_bytes: 0,
                 };
                 self.requests.save_request(receiver, &req).await?;
                 self.announce_request(receiver, &req).await;
@@ -178,9 +194,11 @@ impl Bridge {
             }
         };
         if let Some((message_id, timestamp, data)) = message {
-            if req.held >= MAX_HELD {
+            let bytes = data.encoded_len() as u64;
+            if req.held >= MAX_HELD || req.held_bytes + bytes > MAX_HELD_BYTES {
                 req.dropped += 1;
             } else {
+                req.held_bytes += bytes;
                 let held = HeldMessage {
                     from: from.to_owned(),
                     message_id: message_id.to_owned(),
@@ -264,6 +282,7 @@ impl Bridge {
         req.declined = false;
         req.held = 0;
         req.dropped = 0;
+        req.held_bytes = 0;
         self.requests.save_request(receiver, &req).await?;
         Ok(Some((portal.room_id.unwrap_or_default(), n)))
     }
@@ -285,6 +304,7 @@ impl Bridge {
             dropped: 0,
             declined: false,
             accepted: true,
+            held_bytes: 0,
         };
         self.requests.save_request(&portal.receiver, &req).await
     }
@@ -308,6 +328,7 @@ impl Bridge {
         self.requests.forget(receiver, chat_id, true).await?;
         req.declined = true;
         req.held = 0;
+        req.held_bytes = 0;
         self.requests.save_request(receiver, &req).await?;
         Ok(true)
     }

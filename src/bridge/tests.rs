@@ -812,6 +812,45 @@ async fn relayed_messages_name_the_full_matrix_id_and_need_the_relay_level() {
         D::Text(t) => assert_eq!(t.body, "@alice:evil.example: pay him"),
         other => panic!("{other:?}"),
     }
+    // Content without text still names its sender; a reaction, which cannot, is not relayed.
+    h.alice.sent.lock().unwrap().clear();
+    h.matrix_event(
+        &room,
+        "@bob:x",
+        "$img",
+        "m.room.message",
+        json!({"msgtype": "m.image", "body": "a.png", "url": "mxc://x/a", "info": {"mimetype": "image/png"}}),
+    )
+    .await
+    .unwrap();
+    h.matrix_event(
+        &room,
+        "@bob:x",
+        "$loc",
+        "m.room.message",
+        json!({"msgtype": "m.location", "body": "Home", "geo_uri": "geo:1,2"}),
+    )
+    .await
+    .unwrap();
+    h.matrix_event(
+        &room,
+        "@bob:x",
+        "$react",
+        "m.reaction",
+        json!({"m.relates_to": {"rel_type": "m.annotation", "event_id": "$alice1", "key": "👍"}}),
+    )
+    .await
+    .unwrap();
+    let sent = h.alice.sent_bodies();
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    match &sent[0] {
+        D::Media(m) => assert_eq!(m.caption.as_ref().unwrap().body, "@bob:x sent a file"),
+        other => panic!("{other:?}"),
+    }
+    match &sent[1] {
+        D::Location(l) => assert_eq!(l.name, "@bob:x: Home"),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[tokio::test]
@@ -1119,4 +1158,76 @@ async fn a_strangers_big_group_is_a_request() {
         .await
         .unwrap();
     assert_eq!(h.matrix.calls_of("create_room").len(), 2);
+}
+
+/// One stranger cannot fill a login's message requests (and crowd out everyone else), and a
+/// declined group stays declined when a contact of the user writes in it.
+#[tokio::test]
+async fn request_limits_and_refusals_hold() {
+    use crate::store::UserStore;
+    let h = Harness::with(|_| {}).await;
+    h.store.set_management_room(ALICE, "!mgmt:x").await.unwrap();
+    h.matrix_event(
+        "!mgmt:x",
+        ALICE,
+        "$s",
+        "m.room.message",
+        matrix_text("start-chat +15550002000"),
+    )
+    .await
+    .unwrap();
+    let rooms_before = h.matrix.calls_of("create_room").len();
+    let mallory = "+15559990000";
+    for i in 0..10 {
+        let g = GroupInfo {
+            id: format!("spam{i}"),
+            name: "Prize".into(),
+            members: vec![ALICE_ACC.into(), mallory.into(), BOB_ACC.into()],
+            ..Default::default()
+        };
+        let ev = NetEvent::GroupUpdate {
+            envelope_id: 100 + i,
+            from: mallory.into(),
+            group: g,
+        };
+        h.bridge.on_network_event(ALICE, &ev).await.unwrap();
+    }
+    let open: Vec<_> = h
+        .bridge
+        .requests
+        .requests(ALICE)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.is_open())
+        .collect();
+    assert_eq!(
+        open.len(),
+        super::requests::MAX_REQUESTS_PER_SENDER,
+        "{open:?}"
+    );
+    // A newcomer still gets through to the user.
+    h.net_message("+15557770000", None, "new-1", text("hello, I am new"))
+        .await
+        .unwrap();
+    assert!(
+        h.notices()
+            .iter()
+            .any(|n| n.contains("accept +15557770000"))
+    );
+    // Declined: Bob (a contact) writing in that group does not open it.
+    h.matrix_event(
+        "!mgmt:x",
+        ALICE,
+        "$d",
+        "m.room.message",
+        matrix_text("decline spam0"),
+    )
+    .await
+    .unwrap();
+    *h.alice.group_members.lock().unwrap() = vec![ALICE_ACC.into(), mallory.into(), BOB_ACC.into()];
+    h.net_message(BOB_ACC, Some("spam0"), "b-spam", text("who is this?"))
+        .await
+        .unwrap();
+    assert_eq!(h.matrix.calls_of("create_room").len(), rooms_before);
 }

@@ -887,21 +887,23 @@ impl Actor {
 
     /// Whether `account` is a member of `group` (asking the gateway again when the members as
     /// last seen do not include it).
-    async fn is_member(&mut self, group: &str, account: &str) -> bool {
+    async fn is_member(&mut self, group: &str, account: &str) -> Result<bool, InteropError> {
         if self
             .groups
             .get(group)
             .is_some_and(|m| m.iter().any(|a| a == account))
         {
-            return true;
+            return Ok(true);
         }
         self.groups.remove(group);
         match self.group_members(group).await {
-            Ok(m) => m.iter().any(|a| a == account),
-            Err(e) => {
+            Ok(m) => Ok(m.iter().any(|a| a == account)),
+            // Not a member (or no such group): a definite no.
+            Err(e) if !e.is_transient() => {
                 tracing::debug!(error = %e, "cannot look up a group's members");
-                false
+                Ok(false)
             }
+            Err(e) => Err(e),
         }
     }
 
@@ -1173,12 +1175,12 @@ impl Actor {
                 tracing::debug!("prekeys low again soon after a replenish; coalesced");
             }
             Some(Body::PrekeysLow(low)) => {
-                self.last_replenish = Some(std::time::Instant::now());
-                if let Err(e) = self
+                match self
                     .maintain_keys(low.one_time_prekeys, low.kyber_prekeys)
                     .await
                 {
-                    tracing::warn!(error = %e, "cannot replenish prekeys");
+                    Ok(()) => self.last_replenish = Some(std::time::Instant::now()),
+                    Err(e) => tracing::warn!(error = %e, "cannot replenish prekeys"),
                 }
             }
             Some(Body::Error(e)) => {
@@ -1289,19 +1291,29 @@ impl Actor {
                             })
                             .await;
                         }
-                        Some(CBody::SenderKeyDistribution(skd))
-                            if !self.is_member(&skd.group, &env.from).await =>
-                        {
-                            // A sender key only from a member of the group it names; the
-                            // pairwise session's step is kept.
-                            tracing::warn!(group = %skd.group, "dropping a sender key from someone outside the group");
-                            if let Err(e) = self.store.commit(vec![]).await {
-                                tracing::error!(error = %e, "cannot store session");
-                                return;
-                            }
-                            self.ack(id).await;
-                        }
                         Some(CBody::SenderKeyDistribution(skd)) => {
+                            // A sender key only from a member of the group it names.
+                            match self.is_member(&skd.group, &env.from).await {
+                                Ok(true) => {}
+                                Ok(false) => {
+                                    // The pairwise session's step is kept; the key is not.
+                                    tracing::warn!(group = %skd.group, "dropping a sender key from someone outside the group");
+                                    if let Err(e) = self.store.commit(vec![]).await {
+                                        tracing::error!(error = %e, "cannot store session");
+                                        return;
+                                    }
+                                    self.ack(id).await;
+                                    return;
+                                }
+                                Err(e) => {
+                                    // The gateway cannot say now: left unacked (and the
+                                    // session step undone), so it comes again rather than
+                                    // losing a member's sender key.
+                                    tracing::warn!(error = %e, "cannot check a sender key's group; it will be redelivered");
+                                    self.store.rollback();
+                                    return;
+                                }
+                            }
                             let r = match SenderKeyDistributionMessage::try_from(
                                 &skd.distribution_message[..],
                             ) {

@@ -30,6 +30,10 @@ use crate::{
 };
 
 fn net_err(e: InteropError) -> NetError {
+    // Rate limits, full queues and the gateway's internal errors pass: retry them.
+    if e.is_transient() {
+        return NetError::Unavailable(e.to_string());
+    }
     match e.code() {
         Some(ErrorCode::BadCode) => NetError::BadCode,
         Some(ErrorCode::CodeExpired) => NetError::CodeExpired,

@@ -78,6 +78,15 @@ impl VaultStore for SqlStore {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
+        // SQLite keeps the deleted pages (the wrapped key among them) in its write-ahead log
+        // until a checkpoint: write them back, overwritten (`secure_delete`), and empty the log.
+        if self.kind() == crate::config::DatabaseType::Sqlite
+            && let Err(e) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                .execute(self.pool())
+                .await
+        {
+            tracing::warn!(error = %e, "cannot checkpoint the database after a shred");
+        }
         Ok(())
     }
 

@@ -237,13 +237,22 @@ impl Vault {
 
     /// The owner's data key if one exists (never creates one).
     pub async fn existing_data_key(&self, owner: &str) -> Result<SecretKey, VaultError> {
-        if let Some(k) = self.inner.cache.lock().await.get(owner) {
+        // Looked up and unwrapped under the cache lock, which `destroy` takes too: a logout
+        // between the look-up and the use cannot bring a key back.
+        let mut cache = self.inner.cache.lock().await;
+        if let Some(k) = cache.get(owner) {
             return Ok(k.clone());
         }
-        if self.inner.store.wrapped_key(owner).await?.is_none() {
-            return Err(VaultError::NoDataKey);
-        }
-        self.data_key(owner).await
+        let wrapped = self
+            .inner
+            .store
+            .wrapped_key(owner)
+            .await?
+            .ok_or(VaultError::NoDataKey)?;
+        let raw = self.inner.master.open(&wrap_ad(owner), &wrapped)?;
+        let key = SecretKey::from_bytes(&raw).ok_or(VaultError::Open)?;
+        cache.insert(owner.to_owned(), key.clone());
+        Ok(key)
     }
 
     /// Seals a record of `owner`, bound to its kind and name.
@@ -274,7 +283,9 @@ impl Vault {
 
     /// Crypto-shredding: the owner's data key and every record it sealed are gone for good.
     pub async fn destroy(&self, owner: &str) -> Result<(), VaultError> {
-        self.inner.cache.lock().await.remove(owner);
+        // The cache lock is held until the rows are gone, so no look-up sees a key in between.
+        let mut cache = self.inner.cache.lock().await;
+        cache.remove(owner);
         self.inner.store.destroy_owner(owner).await?;
         Ok(())
     }

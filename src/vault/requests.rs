@@ -69,13 +69,14 @@ impl SealedRequests {
     }
 
     async fn held_names(&self, owner: &str, chat_id: &str) -> Result<Vec<String>, BridgeError> {
-        let prefix = format!("{chat_id}/");
+        // `{chat_id}/{seq}`: the chat is everything before the last `/`, compared exactly (a
+        // group id may itself hold a `/`).
         let mut names: Vec<String> = self
             .db
             .record_names(owner, HELD)
             .await?
             .into_iter()
-            .filter(|n| n.starts_with(&prefix))
+            .filter(|n| n.rsplit_once('/').is_some_and(|(chat, _)| chat == chat_id))
             .collect();
         names.sort();
         Ok(names)
@@ -106,8 +107,11 @@ impl RequestStore for SealedRequests {
     async fn requests(&self, receiver: &str) -> Result<Vec<MessageRequest>, BridgeError> {
         let mut out = Vec::new();
         for name in self.db.record_names(receiver, REQUEST).await? {
-            if let Some(r) = self.get(receiver, REQUEST, &name).await? {
-                out.push(r);
+            // One unreadable record must not stop every later stranger's message.
+            match self.get(receiver, REQUEST, &name).await {
+                Ok(Some(r)) => out.push(r),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "skipping an unreadable message request"),
             }
         }
         Ok(out)
