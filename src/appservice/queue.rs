@@ -33,6 +33,10 @@ const KEY_WAIT: Duration = Duration::from_secs(30);
 
 const BATCH: i64 = 100;
 const MAX_ATTEMPTS: i64 = 8;
+/// Attempts for an event that waits for something coming by itself (a login still connecting
+/// after a restart, a gateway that is down): with the backoff capped at `MAX_BACKOFF`, about
+/// 17 minutes.
+const MAX_WAIT_ATTEMPTS: i64 = 40;
 /// A lane with nothing to do for this long ends (a new event starts a new one).
 const LANE_IDLE: Duration = Duration::from_secs(60);
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
@@ -217,7 +221,15 @@ impl QueueWorker {
         };
         match result {
             Ok(()) => Outcome::Done,
-            Err(e) if e.is_retryable() && ev.attempts + 1 < MAX_ATTEMPTS => {
+            Err(e)
+                if e.is_retryable()
+                    && ev.attempts + 1
+                        < if e.is_waiting() {
+                            MAX_WAIT_ATTEMPTS
+                        } else {
+                            MAX_ATTEMPTS
+                        } =>
+            {
                 tracing::warn!(seq = ev.seq, attempt = ev.attempts + 1, error = %e, "event handling failed, will retry");
                 self.metrics.errors.inc();
                 if let Err(e) = self.store.count_attempt(ev.seq).await {

@@ -40,6 +40,10 @@ pub enum BridgeError {
     Network(String),
     #[error("key vault: {0}")]
     Vault(String),
+    /// Something the event needs is coming but not there yet (a login that is still
+    /// connecting, a gateway that is down): wait and try again, longer than for other errors.
+    #[error("not ready yet: {0}")]
+    NotReady(String),
 }
 
 impl BridgeError {
@@ -47,8 +51,17 @@ impl BridgeError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            BridgeError::Matrix(_) | BridgeError::Store(_) | BridgeError::Vault(_)
+            BridgeError::Matrix(_)
+                | BridgeError::Store(_)
+                | BridgeError::Vault(_)
+                | BridgeError::NotReady(_)
         )
+    }
+
+    /// Whether the event waits for something that comes by itself (a login connecting): its
+    /// room's lane keeps trying for longer before giving up.
+    pub fn is_waiting(&self) -> bool {
+        matches!(self, BridgeError::NotReady(_))
     }
 }
 

@@ -22,7 +22,7 @@ use crate::{
 impl From<NetError> for BridgeError {
     fn from(e: NetError) -> Self {
         if e.is_transient() {
-            BridgeError::Matrix(e.to_string())
+            BridgeError::NotReady(e.to_string())
         } else {
             BridgeError::Network(e.to_string())
         }
@@ -649,36 +649,35 @@ impl Bridge {
             }
             return Ok(());
         }
-        let (acc, relayed_name) = if sender == portal.receiver {
-            match self.network.account(sender) {
-                Some(a) => (a, None),
-                None => {
-                    self.not_bridged(&room, event_id, Status::NoPermission, "Your message was not bridged: you are not logged in. Send `login` to the bridge bot.").await?;
-                    return Ok(());
-                }
-            }
+        // Relayed messages name their sender by the full Matrix ID: a display name or a
+        // localpart could pass for someone else.
+        let relayed = sender != portal.receiver;
+        let login_of = if relayed {
+            portal.relay.as_deref().filter(|_| {
+                self.settings.bridge.relay.enabled
+                    && self.permission_of(sender) >= PermissionLevel::Relay
+            })
         } else {
-            match portal
-                .relay
-                .as_deref()
-                .and_then(|r| self.network.account(r))
-            {
-                // Relayed messages name their sender by the full Matrix ID: a display name or a
-                // localpart could pass for someone else.
-                Some(a)
-                    if self.settings.bridge.relay.enabled
-                        && self.permission_of(sender) >= PermissionLevel::Relay =>
-                {
-                    (a, Some(sender.to_owned()))
-                }
-                _ => {
-                    if ty == "m.room.message" {
-                        self.not_bridged(&room, event_id, Status::NoPermission, &format!("{sender}: your message was not bridged: this room has no relay and it is not your chat.")).await?;
-                    }
-                    return Ok(());
-                }
-            }
+            Some(sender)
         };
+        let Some(acc) = login_of.and_then(|l| self.network.account(l)) else {
+            // A login that exists but is not connected yet (start-up, reconnect): the event
+            // waits in its room's lane instead of being refused.
+            if let Some(l) = login_of
+                && self.portals.login(l).await?.is_some()
+            {
+                return Err(BridgeError::NotReady(format!(
+                    "the interop login of {l} is not connected yet"
+                )));
+            }
+            if !relayed {
+                self.not_bridged(&room, event_id, Status::NoPermission, "Your message was not bridged: you are not logged in. Send `login` to the bridge bot.").await?;
+            } else if ty == "m.room.message" {
+                self.not_bridged(&room, event_id, Status::NoPermission, &format!("{sender}: your message was not bridged: this room has no relay and it is not your chat.")).await?;
+            }
+            return Ok(());
+        };
+        let relayed_name = relayed.then(|| sender.to_owned());
         let me = acc.account_id().to_owned();
         let target = match portal.kind {
             PortalKind::Dm => NetTarget::Contact(portal.chat_id.clone()),

@@ -1230,4 +1230,37 @@ async fn request_limits_and_refusals_hold() {
         .await
         .unwrap();
     assert_eq!(h.matrix.calls_of("create_room").len(), rooms_before);
+
+/// After a restart a login exists before it is connected again: a Matrix event in its portal
+/// waits (a retryable error its room's lane retries, no notice) and goes out once the login is
+/// there. Only a user with no login at all is told they are not logged in.
+#[tokio::test]
+async fn a_login_still_connecting_makes_the_event_wait() {
+    use crate::store::portal::PortalStore;
+    let h = Harness::new().await;
+    let (room, _) = dm_with_alices_message(&h).await;
+    let alice = h.network.accounts.lock().unwrap().remove(ALICE).unwrap();
+    h.matrix.clear();
+    let send = |id: &'static str| {
+        h.matrix_event(&room, ALICE, id, "m.room.message", matrix_text("sent at start-up"))
+    };
+    let r = send("$w1").await;
+    assert!(
+        matches!(&r, Err(e) if e.is_retryable() && e.is_waiting()),
+        "{r:?}"
+    );
+    assert!(h.notices().is_empty(), "{:?}", h.notices());
+    h.network
+        .accounts
+        .lock()
+        .unwrap()
+        .insert(ALICE.into(), alice.clone());
+    alice.sent.lock().unwrap().clear();
+    send("$w1").await.unwrap();
+    assert_eq!(alice.sent_bodies().len(), 1);
+    // No login at all: refused with the notice.
+    h.network.accounts.lock().unwrap().remove(ALICE);
+    h.store.delete_login(ALICE).await.unwrap();
+    send("$w2").await.unwrap();
+    assert!(h.notices().iter().any(|n| n.contains("not logged in")));
 }
