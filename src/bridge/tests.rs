@@ -1230,6 +1230,7 @@ async fn request_limits_and_refusals_hold() {
         .await
         .unwrap();
     assert_eq!(h.matrix.calls_of("create_room").len(), rooms_before);
+}
 
 /// After a restart a login exists before it is connected again: a Matrix event in its portal
 /// waits (a retryable error its room's lane retries, no notice) and goes out once the login is
@@ -1242,7 +1243,13 @@ async fn a_login_still_connecting_makes_the_event_wait() {
     let alice = h.network.accounts.lock().unwrap().remove(ALICE).unwrap();
     h.matrix.clear();
     let send = |id: &'static str| {
-        h.matrix_event(&room, ALICE, id, "m.room.message", matrix_text("sent at start-up"))
+        h.matrix_event(
+            &room,
+            ALICE,
+            id,
+            "m.room.message",
+            matrix_text("sent at start-up"),
+        )
     };
     let r = send("$w1").await;
     assert!(
