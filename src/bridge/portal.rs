@@ -475,10 +475,12 @@ impl Bridge {
             Some(D::Media(m)) => self.media_to_matrix(&room, acc, &sender, m).await?,
             Some(D::Location(l)) => json!({
                 "msgtype": "m.location",
-                "body": msgconv::location_text(l),
+                "body": msgconv::bounded_body(&msgconv::location_text(l)),
                 "geo_uri": format!("geo:{},{}", l.latitude, l.longitude),
             }),
-            Some(D::Contact(c)) => json!({"msgtype": "m.text", "body": msgconv::contact_text(c)}),
+            Some(D::Contact(c)) => {
+                json!({"msgtype": "m.text", "body": msgconv::bounded_body(&msgconv::contact_text(c))})
+            }
             None => {
                 json!({"msgtype": "m.notice", "body": "(an empty or unsupported message was received)"})
             }
@@ -560,7 +562,7 @@ impl Bridge {
         let filename = if m.filename.is_empty() {
             default_filename(m, &mime)
         } else {
-            m.filename.clone()
+            msgconv::preview(&m.filename, 255).into_owned()
         };
         let media_fields = self
             .matrix
@@ -608,19 +610,20 @@ impl Bridge {
             }
         }
         match caption {
+            // Bounded like any text.
             Some(c) => {
-                content["body"] = json!(c.body);
-                if let Some(html) = msgconv::text_to_html(c) {
-                    content["format"] = json!("org.matrix.custom.html");
-                    content["formatted_body"] = json!(html);
+                let text = text_content(c, msgtype);
+                for k in ["body", "format", "formatted_body"] {
+                    if let Some(v) = text.get(k) {
+                        content[k] = v.clone();
+                    }
                 }
             }
             None => content["body"] = json!(filename),
         }
         if kind == MediaType::Voice {
             content["org.matrix.msc3245.voice"] = json!({});
-            content["org.matrix.msc1767.audio"] =
-                json!({"duration": m.duration_ms, "waveform": m.waveform});
+            content["org.matrix.msc1767.audio"] = json!({"duration": m.duration_ms, "waveform": m.waveform.iter().take(1024).collect::<Vec<_>>()});
         }
         Ok(content)
     }
