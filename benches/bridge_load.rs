@@ -646,7 +646,7 @@ async fn start_contact(
     account::save_credentials(&vault, &db, &owner, &account, &secret)
         .await
         .expect("save credentials");
-    let (tx, mut events) = mpsc::channel(1024);
+    let (tx, mut events) = mpsc::unbounded_channel();
     let handle = account::spawn_account(rt, &owner, gw.clone(), vault, db, tx)
         .await
         .expect("spawn contact");

@@ -148,7 +148,7 @@ async fn bench_gateway(n: usize) {
         let (c, p) = GatewayConn::connect(&ga).await.expect("connect");
         c.request_code(acc).await.expect("register");
         let secret = c.verify(acc, "123456").await.expect("verify");
-        c.login(acc, &secret).await.expect("login");
+        c.login(acc, &secret, 0).await.expect("login");
         login.push((c, p));
     }
     let (rx_conn, mut pushes) = login.pop().expect("b");

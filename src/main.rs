@@ -373,8 +373,9 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
         });
     }
 
+    let startup_client = hs.with_retries(6);
     tokio::select! {
-        r = startup_checks(&cfg, &hs) => r?,
+        r = startup_checks(&cfg, &startup_client) => r?,
         _ = shutdown_signal() => {
             let _ = shutdown_tx.send(true);
             return Ok(());
@@ -465,8 +466,9 @@ async fn start_crypto(
         }
         DatabaseType::Postgres => PathBuf::from("matrix-interop-bridge.crypto"),
     };
+    // The device's upkeep (key uploads, claims, to-device) has no event retry layer above it.
     let crypto = Crypto::start(
-        hs.clone(),
+        hs.with_retries(6),
         &cfg.bot_mxid(),
         &device,
         &path,

@@ -268,3 +268,107 @@ async fn queued_events_hold_no_plaintext() {
         );
     }
 }
+
+/// A transaction the homeserver delivers late (after a later one, as Synapse has done after a
+/// retry) is accepted: its events are queued after those that arrived first, each once, and a
+/// repeat of it changes nothing. The bridge handles events in arrival order (documented in
+/// docs/architecture.md); nothing is lost or doubled.
+#[tokio::test]
+async fn a_late_transaction_is_queued_once_in_arrival_order() {
+    let (store, _dir) = testing::sqlite().await;
+    let key = SecretKey::random();
+    let app = router(
+        AppState {
+            hs_token: HS_TOKEN.into(),
+            store: Arc::new(store.clone()),
+            queue_key: key.clone(),
+            notify: Default::default(),
+            metrics: Metrics::new(),
+            readiness: Arc::new(AlwaysReady),
+            users: Arc::new(OnlyBot),
+            protocol: "interop".into(),
+        },
+        64 * 1024,
+    );
+    let body = |id: &str| {
+        json!({"events": [{
+            "type": "m.room.message", "room_id": "!r:example.org", "sender": "@alice:example.org",
+            "event_id": id, "origin_server_ts": 1, "content": {"msgtype": "m.text", "body": id}
+        }]})
+        .to_string()
+    };
+    for (txn, event) in [("2", "$second"), ("1", "$first"), ("1", "$first")] {
+        let uri = format!("/_matrix/app/v1/transactions/{txn}");
+        let (status, _) = call(&app, "PUT", &uri, Some(HS_TOKEN), body(event)).await;
+        assert_eq!(status, 200);
+    }
+    let queued: Vec<String> = store
+        .queued_events(100)
+        .await
+        .expect("queue")
+        .iter()
+        .map(|e| {
+            let plain = key
+                .open(matrix_interop_bridge::appservice::QUEUE_AD, &e.sealed)
+                .expect("open");
+            let item: matrix_interop_bridge::appservice::QueueItem =
+                serde_json::from_slice(&plain).expect("item");
+            item.event["event_id"].as_str().expect("id").to_owned()
+        })
+        .collect();
+    assert_eq!(queued, ["$second", "$first"]);
+}
+
+/// A full disk makes the bridge refuse the transaction with an error the homeserver retries
+/// (500, nothing half-written); once there is room again the same transaction is taken, once.
+#[tokio::test]
+async fn a_full_disk_refuses_transactions_until_there_is_room() {
+    let (app, store, _d) = setup().await;
+    let pages: i64 = sqlx::query_scalar("PRAGMA page_count")
+        .fetch_one(store.pool())
+        .await
+        .expect("page count");
+    // The database may not grow: as good as a full disk for SQLite.
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "PRAGMA max_page_count = {pages}"
+    )))
+    .execute(store.pool())
+    .await
+    .expect("limit");
+    let big = "x".repeat(4000);
+    let events: Vec<Value> = (0..10)
+        .map(|i| {
+            json!({"type": "m.room.message", "room_id": "!r:example.org", "sender": "@alice:example.org",
+                "event_id": format!("$big{i}"), "origin_server_ts": 1, "content": {"msgtype": "m.text", "body": big}})
+        })
+        .collect();
+    let body = json!({ "events": events }).to_string();
+    let uri = "/_matrix/app/v1/transactions/full";
+    let (status, answer) = call(&app, "PUT", uri, Some(HS_TOKEN), body.clone()).await;
+    assert_eq!(status, 500, "{answer}");
+    // Inside the bridge the same failure is one to wait out, not to give up on.
+    let direct = store
+        .apply_transaction(
+            "direct",
+            b"h",
+            &[matrix_interop_bridge::store::QueuedEvent {
+                room_id: Some("!r:example.org".into()),
+                sealed: vec![0; 64 * 1024],
+            }],
+        )
+        .await
+        .expect_err("no room");
+    assert!(direct.is_unavailable(), "{direct}");
+    assert_eq!(answer["errcode"], "M_UNKNOWN", "{answer}");
+    assert!(store.queued_events(100).await.expect("queue").is_empty());
+    // Room again: the homeserver's retry is taken, and only once.
+    sqlx::query("PRAGMA max_page_count = 1073741823")
+        .execute(store.pool())
+        .await
+        .expect("unlimit");
+    for _ in 0..2 {
+        let (status, _) = call(&app, "PUT", uri, Some(HS_TOKEN), body.clone()).await;
+        assert_eq!(status, 200);
+    }
+    assert_eq!(store.queued_events(100).await.expect("queue").len(), 10);
+}

@@ -62,7 +62,7 @@ async fn login(
     conn: GatewayConn,
     mut pushes: Pushes,
 ) -> Client {
-    conn.login(&account, &secret).await.expect("login");
+    conn.login(&account, &secret, 0).await.expect("login");
     expect_push(&mut pushes, |b| matches!(b, Body::QueueDrained(_))).await;
     Client {
         conn,
@@ -534,6 +534,7 @@ async fn s4_3_second_login_on_a_logged_in_connection_is_bad_request() {
         .request(Body::Login(pb::Login {
             account: c.account.clone(),
             secret: c.secret.clone(),
+            window: 0,
         }))
         .await;
     assert_eq!(code(r), ErrorCode::BadRequest);
@@ -882,12 +883,13 @@ async fn s6_2_reregistration_closes_old_sessions_with_unauthorized_and_keeps_the
             c2.request(Body::Login(pb::Login {
                 account: old.account.clone(),
                 secret: old.secret.clone(),
+                window: 0,
             }))
             .await
         ),
         ErrorCode::Unauthorized
     );
-    let logged = conn.login(&old.account, &secret).await.expect("login");
+    let logged = conn.login(&old.account, &secret, 0).await.expect("login");
     assert_eq!(logged.queued, 1);
     drop(pushes);
 }
@@ -902,7 +904,11 @@ async fn s6_3_unknown_account_or_wrong_secret_is_unauthorized() {
         (c.account.clone(), vec![1u8; 32]),
     ] {
         let r = conn
-            .request(Body::Login(pb::Login { account, secret }))
+            .request(Body::Login(pb::Login {
+                account,
+                secret,
+                window: 0,
+            }))
             .await;
         assert_eq!(code(r), ErrorCode::Unauthorized);
     }
@@ -915,11 +921,11 @@ async fn s6_3_logged_in_reports_queue_and_one_time_key_counts() {
     let (b, secret) = offline_account(&gw).await;
     queue_messages(&a, &b, 2).await;
     let (conn, _p) = connect(&gw).await;
-    conn.login(&b, &secret).await.expect("login");
+    conn.login(&b, &secret, 0).await.expect("login");
     let (up, _) = keys(3, 2);
     conn.request(Body::UploadKeys(up)).await.expect("upload");
     let (conn2, _p2) = connect(&gw).await;
-    let logged = conn2.login(&b, &secret).await.expect("login");
+    let logged = conn2.login(&b, &secret, 0).await.expect("login");
     assert_eq!(
         (
             logged.account.as_str(),
@@ -973,7 +979,7 @@ async fn s7_queue_is_pushed_in_storage_order_then_queue_drained_once() {
     let (b, secret) = offline_account(&gw).await;
     queue_messages(&a, &b, 3).await;
     let (conn, mut pushes) = connect(&gw).await;
-    let logged = conn.login(&b, &secret).await.expect("login");
+    let logged = conn.login(&b, &secret, 0).await.expect("login");
     assert_eq!(logged.queued, 3);
     let mut last = 0;
     for i in 0..3 {
@@ -1006,6 +1012,61 @@ async fn s7_queue_is_pushed_in_storage_order_then_queue_drained_once() {
         Body::Envelope(_)
     ));
     assert!(no_push(&mut pushes, |b| matches!(b, Body::QueueDrained(_))).await);
+}
+
+#[tokio::test]
+async fn s7_a_window_keeps_at_most_that_many_envelopes_unacked() {
+    let gw = TestGateway::start().await;
+    let a = client(&gw).await;
+    let (b, secret) = offline_account(&gw).await;
+    queue_messages(&a, &b, 5).await;
+    let (conn, mut pushes) = connect(&gw).await;
+    let logged = conn.login(&b, &secret, 2).await.expect("login");
+    assert_eq!(logged.queued, 5);
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        match expect_push(&mut pushes, |_| true).await {
+            Body::Envelope(e) => ids.push(e.id),
+            other => panic!("{other:?}"),
+        }
+    }
+    // Two in flight: nothing more until an ack.
+    assert!(no_push(&mut pushes, |b| matches!(b, Body::Envelope(_))).await);
+    // Acking an id that is not in flight frees nothing.
+    conn.request(Body::Ack(pb::Ack {
+        envelope_ids: vec![ids[1] + 1000],
+    }))
+    .await
+    .expect("ack");
+    assert!(no_push(&mut pushes, |b| matches!(b, Body::Envelope(_))).await);
+    conn.request(Body::Ack(pb::Ack {
+        envelope_ids: vec![ids[0]],
+    }))
+    .await
+    .expect("ack");
+    match expect_push(&mut pushes, |_| true).await {
+        Body::Envelope(e) => assert_eq!(e.message_id, "q2"),
+        other => panic!("{other:?}"),
+    }
+    assert!(no_push(&mut pushes, |b| matches!(b, Body::Envelope(_))).await);
+    // Acking the rest lets the queue drain, in order.
+    let mut seen = vec!["q0".to_owned(), "q1".to_owned(), "q2".to_owned()];
+    let mut in_flight = vec![ids[1]];
+    while seen.len() < 5 {
+        conn.request(Body::Ack(pb::Ack {
+            envelope_ids: std::mem::take(&mut in_flight),
+        }))
+        .await
+        .expect("ack");
+        match expect_push(&mut pushes, |b| matches!(b, Body::Envelope(_))).await {
+            Body::Envelope(e) => {
+                in_flight.push(e.id);
+                seen.push(e.message_id);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(seen, ["q0", "q1", "q2", "q3", "q4"]);
 }
 
 #[tokio::test]
@@ -1050,7 +1111,7 @@ async fn s7_unacked_envelopes_are_redelivered_after_the_next_login_only() {
         .expect("ack answers Ok, unknown ids ignored");
     drop(b.conn);
     let (conn, mut pushes) = connect(&gw).await;
-    let logged = conn.login(&b.account, &b.secret).await.expect("login");
+    let logged = conn.login(&b.account, &b.secret, 0).await.expect("login");
     assert_eq!(logged.queued, 1);
     match expect_push(&mut pushes, |b| matches!(b, Body::Envelope(_))).await {
         Body::Envelope(e) => assert_eq!(e.id, ids[1]),
@@ -1076,7 +1137,7 @@ async fn s7_ack_of_someone_elses_envelope_is_ignored() {
         .expect("ok");
     let (conn, _p) = connect(&gw).await;
     assert_eq!(
-        conn.login(&b.account, &b.secret)
+        conn.login(&b.account, &b.secret, 0)
             .await
             .expect("login")
             .queued,
@@ -1113,6 +1174,7 @@ async fn s7_ack_with_id_0_gets_no_answer() {
         Some(Body::Login(pb::Login {
             account,
             secret: r.secret,
+            window: 0,
         })),
     )
     .await;
@@ -1149,7 +1211,7 @@ async fn s7_an_ack_over_the_batch_limit_is_bad_request_and_acks_nothing() {
     assert_eq!(code(r), ErrorCode::BadRequest);
     let (conn, _p) = connect(&gw).await;
     assert_eq!(
-        conn.login(&b.account, &b.secret)
+        conn.login(&b.account, &b.secret, 0)
             .await
             .expect("login")
             .queued,
@@ -1165,7 +1227,7 @@ async fn s7_envelopes_expire_after_the_configured_lifetime() {
     queue_messages(&a, &b, 2).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let (conn, mut pushes) = connect(&gw).await;
-    assert_eq!(conn.login(&b, &secret).await.expect("login").queued, 0);
+    assert_eq!(conn.login(&b, &secret, 0).await.expect("login").queued, 0);
     assert!(matches!(
         expect_push(&mut pushes, |_| true).await,
         Body::QueueDrained(pb::QueueDrained { delivered: 0 })
@@ -1702,7 +1764,7 @@ async fn s10_2_typing_reaches_connected_members_and_is_never_stored() {
         .await
         .expect("typing to an offline account is Ok");
     let (conn, mut pushes) = connect(&gw).await;
-    conn.login(&b_account, &b_secret).await.expect("login");
+    conn.login(&b_account, &b_secret, 0).await.expect("login");
     assert!(no_push(&mut pushes, |b| matches!(b, Body::Typing(_))).await);
 }
 
@@ -1723,7 +1785,7 @@ async fn s10_3_a_login_does_not_make_an_account_online() {
         .await
         .expect("send");
     let (conn, _pushes) = connect(&gw).await;
-    conn.login(&a_account, &a_secret).await.expect("login");
+    conn.login(&a_account, &a_secret, 0).await.expect("login");
     assert!(no_push(&mut b.pushes, |x| matches!(x, Body::Presence(_))).await);
     conn.request(Body::SetPresence(pb::SetPresence { online: true }))
         .await
@@ -1768,6 +1830,7 @@ async fn s10_3_presence_reaches_accounts_that_exchanged_any_envelope_and_closing
         Some(Body::Login(pb::Login {
             account: a_account.clone(),
             secret: a_secret,
+            window: 0,
         })),
     )
     .await;

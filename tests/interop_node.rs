@@ -171,14 +171,13 @@ async fn queued_messages_arrive_after_reconnect_and_restart() {
 
     // Our side goes away (bridge restart): messages queue at the gateway.
     ours.handle.stop().await;
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     for i in 0..3 {
         node.call(json!({"cmd": "send", "to": ours.account, "content": format!("queued {i}")}));
     }
     // The account comes back from the vault (same keys and sessions) and gets them in order.
     let db: std::sync::Arc<dyn matrix_interop_bridge::vault::VaultStore> =
         std::sync::Arc::new(ours.store.clone());
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     ours.events = rx;
     let vault = common::interop::reopen_vault(&ours).await;
     ours.handle = account::spawn_account(&rt, "@owner:test", gw.addr.clone(), vault, db, tx)

@@ -184,11 +184,11 @@ async fn gateway_rejects_bad_input_clearly() {
         .await
         .expect("verify");
     let e = conn
-        .login(&account, b"wrong")
+        .login(&account, b"wrong", 0)
         .await
         .expect_err("wrong secret");
     assert_eq!(e.code(), Some(ErrorCode::Unauthorized));
-    conn.login(&account, &secret).await.expect("login");
+    conn.login(&account, &secret, 0).await.expect("login");
     // A bundle with a bad signature is refused.
     let ik = libsignal_protocol::IdentityKeyPair::generate(&mut rand::rng());
     let spk = libsignal_protocol::KeyPair::generate(&mut rand::rng());
@@ -266,7 +266,6 @@ async fn gateway_restart_loses_no_envelope_and_db_holds_no_secrets() {
 
     // B is offline while A sends; then the gateway restarts with its state.
     b.handle.stop().await;
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     for i in 0..2 {
         a.handle
             .send(
@@ -323,7 +322,6 @@ async fn gateway_restart_loses_no_envelope_and_db_holds_no_secrets() {
 
     // Neither the message text nor B's private identity key is anywhere in B's database files.
     b.handle.stop().await;
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let vault = common::interop::reopen_vault(&b).await;
     let db: std::sync::Arc<dyn matrix_interop_bridge::vault::VaultStore> =
         std::sync::Arc::new(b.store.clone());
@@ -399,4 +397,61 @@ async fn a_message_not_acked_before_a_restart_is_replayed_from_the_inbox() {
         .expect("send");
     let next = b.wait(|e| body_of(e).is_some()).await;
     assert_eq!(body_of(&next).as_deref(), Some("and the next one"));
+}
+
+/// A login that comes back to a long queue works through it while whoever handles its events
+/// calls back into the account for each one (as the bridge does for media, profiles and
+/// groups): the gateway pushes only a window of envelopes ahead of the acks and the account
+/// never waits on its consumer, so neither can block the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_backlog_drains_while_the_consumer_calls_back_into_the_account() {
+    const BACKLOG: usize = 1500;
+    let gw = TestGateway::start().await;
+    let rt = SignalRuntime::start(1);
+    let a = register_ours(&rt, &gw.addr, &random_account()).await;
+    let mut b = register_ours(&rt, &gw.addr, &random_account()).await;
+    b.handle.stop().await;
+    for i in 0..BACKLOG {
+        // The gateway rate-limits a fast sender; wait as it asks.
+        loop {
+            match a
+                .handle
+                .send(
+                    Target::Account(b.account.clone()),
+                    format!("m{i}"),
+                    text(&format!("queued {i}")),
+                )
+                .await
+            {
+                Ok(_) => break,
+                Err(matrix_interop_bridge::interop::InteropError::Gateway {
+                    code: ErrorCode::RateLimited,
+                    retry_after_ms,
+                    ..
+                }) => tokio::time::sleep(std::time::Duration::from_millis(retry_after_ms)).await,
+                Err(e) => panic!("send: {e}"),
+            }
+        }
+    }
+    b.respawn(&rt, &gw.addr).await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(240);
+    let mut next = 0;
+    while next < BACKLOG {
+        let ev = tokio::time::timeout_at(deadline, b.events.recv())
+            .await
+            .unwrap_or_else(|_| panic!("stuck after {next} of {BACKLOG} messages"))
+            .expect("events");
+        if let Some(body) = body_of(&ev) {
+            assert_eq!(body, format!("queued {next}"), "out of order");
+            next += 1;
+            // A call back into the account's actor before the ack.
+            b.handle
+                .session_info(a.account.clone())
+                .await
+                .expect("session info while draining");
+        }
+        if let Some(id) = ev.envelope_id() {
+            b.handle.ack(id).await;
+        }
+    }
 }

@@ -52,7 +52,6 @@ async fn logout_leaves_no_key_and_no_late_write() {
     }
     ours.handle.stop().await;
     ours.vault.destroy("@owner:test").await.expect("destroy");
-    tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         ours.store
             .wrapped_key("@owner:test")

@@ -30,7 +30,7 @@ async fn draining_prekeys_keeps_the_vault_bounded() {
         .verify(&attacker, common::interop::CODE)
         .await
         .expect("verify");
-    conn.login(&attacker, &secret).await.expect("login");
+    conn.login(&attacker, &secret, 0).await.expect("login");
     let mut fetched = 0;
     for _ in 0..1_500 {
         if conn

@@ -93,14 +93,27 @@ async fn expect_error_then_close(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_peers_lose_only_their_connection() {
     let gw = TestGateway::start().await;
+    // A well-behaved client, connected before the hostile ones: it must outlive them all.
+    let (bystander, _bystander_pushes) = GatewayConn::connect(&gw.addr).await.expect("connect");
 
-    // Garbage instead of a handshake.
+    // Garbage instead of a handshake: that connection is closed, without an answer.
     let mut tcp = tokio::net::TcpStream::connect(&gw.addr.address)
         .await
         .expect("tcp");
     tcp.write_all(&[0, 3, 1, 2, 3, 0xff, 0xff])
         .await
         .expect("write");
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read(&mut tcp, &mut buf),
+    )
+    .await
+    .expect("the gateway must close a connection with a garbage handshake in time");
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "a garbage handshake must get no answer but a close: {read:?}"
+    );
     // A wrong pinned key is refused on our side.
     let tcp2 = tokio::net::TcpStream::connect(&gw.addr.address)
         .await
@@ -115,7 +128,9 @@ async fn hostile_peers_lose_only_their_connection() {
     w.write_record(&[])
         .await
         .expect("empty record is framed fine");
-    let _ = r.read_stanza().await; // BAD_REQUEST for the empty stanza, then closed
+    w.flush().await.expect("flush");
+    // An empty record is a stanza without a body (docs §4.4).
+    expect_error_then_close(&mut r, ErrorCode::BadRequest).await;
     let (mut r, mut w) = raw(&gw).await;
     // Forge a length prefix of 2 MiB inside the encrypted stream: write a record whose first 4
     // bytes, as seen by the gateway, announce the oversized length.
@@ -155,7 +170,11 @@ async fn hostile_peers_lose_only_their_connection() {
     w.flush().await.expect("flush");
     expect_error_then_close(&mut r, ErrorCode::BadRequest).await;
 
-    // After all that, the gateway still serves well-behaved clients.
+    // After all that, the gateway still serves well-behaved clients, old and new.
+    assert!(matches!(
+        bystander.request(Body::Ping(pb::Ping { nonce: 8 })).await,
+        Ok(Body::Pong(pb::Pong { nonce: 8 }))
+    ));
     let (conn, _p) = GatewayConn::connect(&gw.addr).await.expect("connect");
     assert!(matches!(
         conn.request(Body::Ping(pb::Ping { nonce: 9 })).await,
@@ -368,7 +387,7 @@ async fn a_client_that_does_not_read_is_disconnected() {
         .verify(&a_account, common::interop::CODE)
         .await
         .expect("verify");
-    a.login(&a_account, &a_secret).await.expect("login");
+    a.login(&a_account, &a_secret, 0).await.expect("login");
     let (b, _p) = GatewayConn::connect(&gw.addr).await.expect("connect");
     let b_account = common::interop::random_account();
     b.request_code(&b_account).await.expect("register");
@@ -384,6 +403,7 @@ async fn a_client_that_does_not_read_is_disconnected() {
             Body::Login(pb::Login {
                 account: b_account.clone(),
                 secret: b_secret,
+                window: 0,
             }),
         ),
         (2, Body::SetPresence(pb::SetPresence { online: true })),

@@ -21,26 +21,31 @@ use tokio::{
 
 use super::{QUEUE_AD, QueueItem};
 use crate::{
-    bridge::MatrixEventHandler,
+    bridge::{BridgeError, MatrixEventHandler, RetryClass},
     matrix::crypto::{Crypto, CryptoChanges, CryptoError},
     metrics::Metrics,
     store::{StoredEvent, TxnStore},
     vault::SecretKey,
 };
 
-/// How long an encrypted event waits for its room key.
-const KEY_WAIT: Duration = Duration::from_secs(30);
-
 const BATCH: i64 = 100;
+/// Attempts for an event that failed transiently (homeserver unreachable, 5xx): with the
+/// backoff below, about a minute.
 const MAX_ATTEMPTS: i64 = 8;
 /// Attempts for an event that waits for something coming by itself (a login still connecting
 /// after a restart, a gateway that is down): with the backoff capped at `MAX_BACKOFF`, about
 /// 17 minutes.
 const MAX_WAIT_ATTEMPTS: i64 = 40;
+/// Attempts for an encrypted event whose room key has not arrived: it keeps its place in its
+/// room's lane (later events of the room wait behind it) for about a minute and a half, woken
+/// early when keys arrive.
+const KEY_WAIT_ATTEMPTS: i64 = 10;
 /// A lane with nothing to do for this long ends (a new event starts a new one).
 const LANE_IDLE: Duration = Duration::from_secs(60);
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// The longest rate-limit wait honoured as asked; longer ones are cut to this.
+const MAX_RATE_WAIT: Duration = Duration::from_secs(120);
 
 pub struct QueueWorker {
     pub store: Arc<dyn TxnStore>,
@@ -56,10 +61,11 @@ type Lanes = Arc<Mutex<HashMap<String, mpsc::UnboundedSender<StoredEvent>>>>;
 
 /// What became of one attempt at an event.
 enum Outcome {
-    /// Handled, or given up on: it leaves the queue.
+    /// Handled, or given up on (and reported): it leaves the queue.
     Done,
-    /// Try again later.
-    Retry,
+    /// Try again after this long (`None`: the lane's backoff); `key` when it waits for a room
+    /// key, so that arriving keys wake it early.
+    Retry { after: Option<Duration>, key: bool },
 }
 
 impl QueueWorker {
@@ -154,10 +160,17 @@ impl QueueWorker {
     /// Handles an event, retrying with backoff, until it is done (or the bridge shuts down).
     async fn handle_until_done(&self, mut ev: StoredEvent, shutdown: &mut watch::Receiver<bool>) {
         let mut backoff = FIRST_BACKOFF;
-        while let Outcome::Retry = self.handle_one(&ev).await {
+        while let Outcome::Retry { after, key } = self.handle_one(&ev).await {
             ev.attempts += 1;
+            let keys = async {
+                match (&self.crypto, key) {
+                    (Some(c), true) => c.keys_arrived.notified().await,
+                    _ => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(after.unwrap_or(backoff)) => {}
+                _ = keys => {}
                 _ = shutdown.changed() => {}
             }
             if *shutdown.borrow() {
@@ -204,13 +217,23 @@ impl QueueWorker {
             );
             return Outcome::Done;
         };
+        // Notices sent while handling it get ids derived from the event: a retry after a
+        // failure or a crash does not send them twice.
+        let key = match item.event["event_id"].as_str() {
+            Some(id) => format!("matrix:{id}"),
+            None => format!("queue:{}", ev.seq),
+        };
+        crate::bridge::handling_event(key, self.attempt_item(ev, item)).await
+    }
+
+    async fn attempt_item(&self, ev: &StoredEvent, item: QueueItem) -> Outcome {
         let result = match item.kind.as_str() {
-            "pdu" => self.pdu(item.event).await,
+            "pdu" => self.pdu(&item.event, ev.attempts == 0).await,
             "ephemeral" => self.handler.handle_ephemeral(&item.event).await,
             "crypto" => {
                 if let (Some(crypto), Ok(changes)) = (
                     &self.crypto,
-                    serde_json::from_value::<CryptoChanges>(item.event),
+                    serde_json::from_value::<CryptoChanges>(item.event.clone()),
                 ) && let Err(e) = crypto.receive(&changes).await
                 {
                     tracing::warn!(error = %e, "cannot process crypto changes");
@@ -219,34 +242,53 @@ impl QueueWorker {
             }
             _ => Ok(()),
         };
-        match result {
-            Ok(()) => Outcome::Done,
-            Err(e)
-                if e.is_retryable()
-                    && ev.attempts + 1
-                        < if e.is_waiting() {
-                            MAX_WAIT_ATTEMPTS
-                        } else {
-                            MAX_ATTEMPTS
-                        } =>
-            {
-                tracing::warn!(seq = ev.seq, attempt = ev.attempts + 1, error = %e, "event handling failed, will retry");
-                self.metrics.errors.inc();
-                if let Err(e) = self.store.count_attempt(ev.seq).await {
-                    tracing::error!(error = %e, "cannot count attempt");
-                }
-                Outcome::Retry
+        let Err(e) = result else {
+            return Outcome::Done;
+        };
+        let class = e.retry_class();
+        let budget = match class {
+            RetryClass::Permanent | RetryClass::UntilTarget => 0,
+            RetryClass::Transient => MAX_ATTEMPTS,
+            RetryClass::After(_) | RetryClass::Waiting => match e {
+                BridgeError::MissingRoomKey => KEY_WAIT_ATTEMPTS,
+                _ => MAX_WAIT_ATTEMPTS,
+            },
+        };
+        self.metrics.errors.inc();
+        if ev.attempts + 1 < budget {
+            tracing::warn!(seq = ev.seq, attempt = ev.attempts + 1, error = %e, "event handling failed, will retry");
+            if let Err(e) = self.store.count_attempt(ev.seq).await {
+                tracing::error!(error = %e, "cannot count attempt");
             }
-            Err(e) => {
-                tracing::error!(seq = ev.seq, error = %e, "giving up on an event");
-                self.metrics.errors.inc();
-                Outcome::Done
-            }
+            return Outcome::Retry {
+                after: match class {
+                    RetryClass::After(d) => Some(d.min(MAX_RATE_WAIT)),
+                    _ => None,
+                },
+                key: matches!(e, BridgeError::MissingRoomKey),
+            };
         }
+        // Given up: the sender hears of it in the room, not only the log.
+        tracing::error!(seq = ev.seq, error = %e, "giving up on an event");
+        let reported = match (&e, item.kind.as_str()) {
+            (BridgeError::MissingRoomKey, _) => {
+                let room = item.event["room_id"].as_str().unwrap_or_default();
+                let sender = item.event["sender"].as_str().unwrap_or_default();
+                self.handler
+                    .undecryptable(room, sender, "its room key did not arrive")
+                    .await
+            }
+            (_, "pdu") => self.handler.not_handled(&item.event, &e).await,
+            _ => Ok(()),
+        };
+        if let Err(e) = reported {
+            tracing::warn!(error = %e, "cannot report a failed event");
+        }
+        Outcome::Done
     }
 
     /// A timeline event: encryption state is noted, encrypted events are decrypted first.
-    async fn pdu(&self, ev: serde_json::Value) -> Result<(), crate::bridge::BridgeError> {
+    async fn pdu(&self, ev: &serde_json::Value, first_attempt: bool) -> Result<(), BridgeError> {
         let room = ev["room_id"].as_str().unwrap_or_default().to_owned();
         let sender = ev["sender"].as_str().unwrap_or_default().to_owned();
         match ev["type"].as_str().unwrap_or_default() {
@@ -254,7 +296,7 @@ impl QueueWorker {
                 if let Some(c) = &self.crypto {
                     c.mark_encrypted(&room).await;
                 }
-                self.handler.handle_matrix_event(&ev).await
+                self.handler.handle_matrix_event(ev).await
             }
             "m.room.encrypted" => {
                 let Some(crypto) = self.crypto.clone() else {
@@ -263,7 +305,7 @@ impl QueueWorker {
                         .undecryptable(&room, &sender, "encryption is not enabled on this bridge")
                         .await;
                 };
-                match crypto.decrypt(&room, &ev).await {
+                match crypto.decrypt(&room, ev).await {
                     Ok(plain) => self.handler.handle_matrix_event(&plain).await,
                     Err(CryptoError::NotAllowed(ty)) => {
                         tracing::warn!(%room, %sender, event_type = %ty, "dropping an encrypted event of a type that may not be encrypted");
@@ -271,42 +313,12 @@ impl QueueWorker {
                         Ok(())
                     }
                     Err(CryptoError::MissingKey) => {
-                        crypto.request_key(&room, &ev).await;
-                        // Wait for the key without holding up the rest of the queue.
-                        let handler = self.handler.clone();
-                        tokio::spawn(async move {
-                            let deadline = tokio::time::Instant::now() + KEY_WAIT;
-                            loop {
-                                tokio::select! {
-                                    _ = crypto.keys_arrived.notified() => {}
-                                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-                                }
-                                match crypto.decrypt(&room, &ev).await {
-                                    Ok(plain) => {
-                                        if let Err(e) = handler.handle_matrix_event(&plain).await {
-                                            tracing::warn!(error = %e, "late-decrypted event failed");
-                                        }
-                                        return;
-                                    }
-                                    Err(CryptoError::MissingKey)
-                                        if tokio::time::Instant::now() < deadline =>
-                                    {
-                                        continue;
-                                    }
-                                    Err(CryptoError::NotAllowed(ty)) => {
-                                        tracing::warn!(event_type = %ty, "dropping an encrypted event of a type that may not be encrypted");
-                                        return;
-                                    }
-                                    Err(e) => {
-                                        let _ = handler
-                                            .undecryptable(&room, &sender, &e.to_string())
-                                            .await;
-                                        return;
-                                    }
-                                }
-                            }
-                        });
-                        Ok(())
+                        // Asked for once; the event keeps its place in its room's lane while
+                        // the key is on its way.
+                        if first_attempt {
+                            crypto.request_key(&room, ev).await;
+                        }
+                        Err(BridgeError::MissingRoomKey)
                     }
                     Err(e) => {
                         self.handler
@@ -315,7 +327,7 @@ impl QueueWorker {
                     }
                 }
             }
-            _ => self.handler.handle_matrix_event(&ev).await,
+            _ => self.handler.handle_matrix_event(ev).await,
         }
     }
 }
@@ -328,15 +340,13 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
-    use crate::{
-        bridge::BridgeError,
-        store::{QueuedEvent, testing},
-    };
+    use crate::store::{QueuedEvent, testing};
 
     /// Records handled events; every event of room `!stuck` fails (retryably) until released.
     #[derive(Default)]
     struct Recorder {
         handled: StdMutex<Vec<String>>,
+        reported: StdMutex<Vec<String>>,
         release: std::sync::atomic::AtomicBool,
     }
 
@@ -348,8 +358,18 @@ mod tests {
             {
                 return Err(BridgeError::Matrix("homeserver away".into()));
             }
+            if ev["room_id"] == "!refused:x" && ev["event_id"] == "$r1" {
+                return Err(BridgeError::MatrixRefused("413 M_TOO_LARGE".into()));
+            }
             let id = ev["event_id"].as_str().unwrap_or_default().to_owned();
             self.handled.lock().expect("lock").push(id);
+            Ok(())
+        }
+        async fn not_handled(&self, ev: &Value, e: &BridgeError) -> Result<(), BridgeError> {
+            self.reported.lock().expect("lock").push(format!(
+                "{} {e}",
+                ev["event_id"].as_str().unwrap_or_default()
+            ));
             Ok(())
         }
     }
@@ -365,17 +385,23 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_failing_room_holds_up_only_itself_and_keeps_its_order() {
-        let (store, _dir) = testing::sqlite().await;
+    struct Running {
+        store: Arc<dyn TxnStore>,
+        recorder: Arc<Recorder>,
+        stop: watch::Sender<bool>,
+        running: tokio::task::JoinHandle<()>,
+        _dir: tempfile::TempDir,
+    }
+
+    /// A worker over a fresh queue holding `(room, event id)` messages in this order.
+    async fn run_worker(events: &[(&str, &str)]) -> Running {
+        let (store, dir) = testing::sqlite().await;
         let store: Arc<dyn TxnStore> = Arc::new(store);
         let key = SecretKey::random();
-        let events = vec![
-            queued(&key, "!stuck:x", "$s1"),
-            queued(&key, "!ok:x", "$o1"),
-            queued(&key, "!stuck:x", "$s2"),
-            queued(&key, "!ok:x", "$o2"),
-        ];
+        let events: Vec<_> = events
+            .iter()
+            .map(|(room, id)| queued(&key, room, id))
+            .collect();
         store
             .apply_transaction("t1", b"h", &events)
             .await
@@ -391,8 +417,26 @@ mod tests {
         };
         let (stop, stop_rx) = watch::channel(false);
         let running = tokio::spawn(worker.run(stop_rx));
+        Running {
+            store,
+            recorder,
+            stop,
+            running,
+            _dir: dir,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failing_room_holds_up_only_itself_and_keeps_its_order() {
+        let w = run_worker(&[
+            ("!stuck:x", "$s1"),
+            ("!ok:x", "$o1"),
+            ("!stuck:x", "$s2"),
+            ("!ok:x", "$o2"),
+        ])
+        .await;
         let wait_for = |n: usize| {
-            let recorder = recorder.clone();
+            let recorder = w.recorder.clone();
             async move {
                 for _ in 0..200 {
                     if recorder.handled.lock().expect("lock").len() >= n {
@@ -408,25 +452,47 @@ mod tests {
         };
         // The other room goes on while the first one retries.
         wait_for(2).await;
-        assert_eq!(*recorder.handled.lock().expect("lock"), ["$o1", "$o2"]);
+        assert_eq!(*w.recorder.handled.lock().expect("lock"), ["$o1", "$o2"]);
         // Once the homeserver is back, the stuck room's events follow in their order.
-        recorder
+        w.recorder
             .release
             .store(true, std::sync::atomic::Ordering::SeqCst);
         wait_for(4).await;
         assert_eq!(
-            *recorder.handled.lock().expect("lock"),
+            *w.recorder.handled.lock().expect("lock"),
             ["$o1", "$o2", "$s1", "$s2"]
         );
         // Handled events leave the queue.
         for _ in 0..100 {
-            if store.queued_events(10).await.expect("queue").is_empty() {
+            if w.store.queued_events(10).await.expect("queue").is_empty() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert!(store.queued_events(10).await.expect("queue").is_empty());
-        let _ = stop.send(true);
-        running.await.expect("worker");
+        assert!(w.store.queued_events(10).await.expect("queue").is_empty());
+        let _ = w.stop.send(true);
+        w.running.await.expect("worker");
+    }
+
+    #[tokio::test]
+    async fn a_permanent_failure_is_reported_once_and_does_not_hold_up_its_room() {
+        let w = run_worker(&[("!refused:x", "$r1"), ("!refused:x", "$r2")]).await;
+        for _ in 0..200 {
+            if w.recorder.handled.lock().expect("lock").len() == 1
+                && w.store.queued_events(10).await.expect("queue").is_empty()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Not retried (a 4xx would be refused again), told to the sender, and the room goes on.
+        assert_eq!(
+            *w.recorder.reported.lock().expect("lock"),
+            ["$r1 the homeserver refused: 413 M_TOO_LARGE"]
+        );
+        assert_eq!(*w.recorder.handled.lock().expect("lock"), ["$r2"]);
+        assert!(w.store.queued_events(10).await.expect("queue").is_empty());
+        let _ = w.stop.send(true);
+        w.running.await.expect("worker");
     }
 }

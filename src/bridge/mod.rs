@@ -5,7 +5,7 @@
 use std::{
     collections::{HashMap, HashSet},
     sync::Arc,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use async_trait::async_trait;
@@ -31,8 +31,19 @@ pub use commands::CommandOutcome;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BridgeError {
+    /// The homeserver could not be reached or failed (network error, 5xx): try again.
     #[error("Matrix side: {0}")]
     Matrix(String),
+    /// The homeserver refused the request (a 4xx other than 429) or the request cannot be
+    /// built: the same request would be refused again.
+    #[error("the homeserver refused: {0}")]
+    MatrixRefused(String),
+    /// The homeserver rate-limited the bridge (429 / `M_LIMIT_EXCEEDED`).
+    #[error("rate-limited by the homeserver: {message}")]
+    RateLimited {
+        message: String,
+        retry_after: Option<Duration>,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
     /// The network refused; retrying will not help.
@@ -44,24 +55,59 @@ pub enum BridgeError {
     /// connecting, a gateway that is down): wait and try again, longer than for other errors.
     #[error("not ready yet: {0}")]
     NotReady(String),
+    /// An encrypted event whose room key has not arrived (yet).
+    #[error("the room key has not arrived")]
+    MissingRoomKey,
+    /// An edit, reaction or deletion that arrived before the message it is about (out-of-order
+    /// delivery, a restart): it is set aside and tried again when later messages have arrived.
+    #[error("the message {0} it refers to has not arrived yet")]
+    TargetNotYet(String),
+}
+
+/// What to do with an event whose handling failed: every error says which one applies, and
+/// the one retry layer (the queue's room lanes, the interop event pump) acts on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetryClass {
+    /// Try again with backoff, a bounded number of times.
+    Transient,
+    /// Try again not before this long (a rate limit's `retry_after_ms`).
+    After(Duration),
+    /// Waits for something that comes by itself (a login connecting, a room key): try again,
+    /// for longer than transient errors.
+    Waiting,
+    /// Set aside (not holding up later events) until the message it refers to has arrived,
+    /// for a bounded time.
+    UntilTarget,
+    /// Trying again cannot help: report it and move on.
+    Permanent,
 }
 
 impl BridgeError {
+    pub fn retry_class(&self) -> RetryClass {
+        match self {
+            BridgeError::Store(e) if e.is_unavailable() => RetryClass::Waiting,
+            BridgeError::Matrix(_) | BridgeError::Store(_) | BridgeError::Vault(_) => {
+                RetryClass::Transient
+            }
+            BridgeError::RateLimited { retry_after, .. } => match retry_after {
+                Some(d) => RetryClass::After(*d),
+                None => RetryClass::Transient,
+            },
+            BridgeError::NotReady(_) | BridgeError::MissingRoomKey => RetryClass::Waiting,
+            BridgeError::TargetNotYet(_) => RetryClass::UntilTarget,
+            BridgeError::MatrixRefused(_) | BridgeError::Network(_) => RetryClass::Permanent,
+        }
+    }
+
     /// Whether handling the event again later may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            BridgeError::Matrix(_)
-                | BridgeError::Store(_)
-                | BridgeError::Vault(_)
-                | BridgeError::NotReady(_)
-        )
+        self.retry_class() != RetryClass::Permanent
     }
 
     /// Whether the event waits for something that comes by itself (a login connecting): its
     /// room's lane keeps trying for longer before giving up.
     pub fn is_waiting(&self) -> bool {
-        matches!(self, BridgeError::NotReady(_))
+        self.retry_class() == RetryClass::Waiting
     }
 }
 
@@ -74,13 +120,15 @@ pub trait MatrixConnector: Send + Sync {
     fn is_ghost(&self, mxid: &str) -> bool;
     async fn join(&self, room_id: &str, as_user: &str) -> Result<(), BridgeError>;
     async fn leave(&self, room_id: &str, as_user: &str) -> Result<(), BridgeError>;
-    /// Sends an `m.notice` with a plain body and an HTML body; returns the event id.
+    /// Sends an `m.notice` with a plain body and an HTML body; returns the event id. The same
+    /// `txn_id` from the same user is applied once.
     async fn send_notice(
         &self,
         room_id: &str,
         as_user: &str,
         body: &str,
         html: &str,
+        txn_id: &str,
     ) -> Result<String, BridgeError>;
     async fn joined_members(
         &self,
@@ -95,7 +143,8 @@ pub trait MatrixConnector: Send + Sync {
     /// Creates a room as the bot from a `createRoom` body; returns the room id.
     async fn create_room(&self, body: Value) -> Result<String, BridgeError>;
     async fn invite(&self, room_id: &str, by: &str, invitee: &str) -> Result<(), BridgeError>;
-    /// Sends a message event; the same `txn_id` from the same user is applied once.
+    /// Sends a message event; the same `txn_id` from the same user is applied once. `ts` (ms
+    /// since the epoch) is the time it was sent on the network (timestamp massaging).
     async fn send_event(
         &self,
         room_id: &str,
@@ -103,6 +152,7 @@ pub trait MatrixConnector: Send + Sync {
         event_type: &str,
         content: Value,
         txn_id: &str,
+        ts: Option<u64>,
     ) -> Result<String, BridgeError>;
     async fn send_state(
         &self,
@@ -170,6 +220,11 @@ pub trait MatrixEventHandler: Send + Sync {
     ) -> Result<(), BridgeError> {
         Ok(())
     }
+    /// An event the bridge gave up on (a permanent error, or its retries ran out): its sender
+    /// is told in the room.
+    async fn not_handled(&self, _event: &Value, _error: &BridgeError) -> Result<(), BridgeError> {
+        Ok(())
+    }
 }
 
 /// Static facts the core needs.
@@ -182,6 +237,42 @@ pub struct BridgeSettings {
     pub encryption_default: bool,
     /// Refuse to bridge unencrypted rooms.
     pub encryption_require: bool,
+}
+
+tokio::task_local! {
+    /// The event being handled on this task (a queued Matrix event, an interop envelope).
+    static HANDLING: EventScope;
+}
+
+struct EventScope {
+    key: String,
+    notices: std::sync::atomic::AtomicU32,
+}
+
+/// Runs `f` as the handling of the event named `key`: the notices it sends get transaction ids
+/// derived from `key` and their order, so handling the same event again after a failure or a
+/// crash sends each notice once (the homeserver drops a repeated transaction id).
+pub async fn handling_event<F: std::future::Future>(key: String, f: F) -> F::Output {
+    HANDLING
+        .scope(
+            EventScope {
+                key,
+                notices: Default::default(),
+            },
+            f,
+        )
+        .await
+}
+
+/// The transaction id of the next notice into `room`: derived inside [`handling_event`],
+/// random outside it.
+pub(crate) fn notice_txn(room: &str) -> String {
+    HANDLING
+        .try_with(|s| {
+            let n = s.notices.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            portal::stable_id(&["notice", &s.key, room, &n.to_string()])
+        })
+        .unwrap_or_else(|_| uuid::Uuid::new_v4().to_string())
 }
 
 /// Held while one chat's portal room is created.
@@ -323,7 +414,7 @@ impl Bridge {
             );
             let msg =
                 "You are not allowed to use this bridge. Ask the homeserver admin for access.";
-            self.matrix.send_notice(room_id, &bot, msg, msg).await?;
+            self.reply(room_id, msg, msg).await?;
             self.matrix.leave(room_id, &bot).await?;
             return Ok(());
         }
@@ -336,7 +427,7 @@ impl Bridge {
                         send commands here without a prefix. Send `help` to see what you can do.";
             let html = "Hello, I am the interop bridge bot. This room is now your management room: \
                         send commands here without a prefix. Send <code>help</code> to see what you can do.";
-            self.matrix.send_notice(room_id, &bot, body, html).await?;
+            self.reply(room_id, body, html).await?;
         } else {
             let prefix = &self.settings.bridge.command_prefix;
             let body = format!(
@@ -345,9 +436,18 @@ impl Bridge {
             let html = format!(
                 "Hello! Commands in this room start with <code>{prefix}</code>, e.g. <code>{prefix} help</code>."
             );
-            self.matrix.send_notice(room_id, &bot, &body, &html).await?;
+            self.reply(room_id, &body, &html).await?;
         }
         Ok(())
+    }
+
+    /// A notice from the bot with a plain and an HTML body.
+    async fn reply(&self, room_id: &str, body: &str, html: &str) -> Result<(), BridgeError> {
+        let bot = self.matrix.bot_mxid().to_owned();
+        self.matrix
+            .send_notice(room_id, &bot, body, html, &notice_txn(room_id))
+            .await
+            .map(|_| ())
     }
 
     async fn on_text(&self, room_id: &str, sender: &str, body: &str) -> Result<(), BridgeError> {
@@ -357,10 +457,7 @@ impl Bridge {
             && !body.starts_with(prefix.as_str())
             && let Some(outcome) = self.continue_pending(room_id, sender, body.trim()).await
         {
-            let bot = self.matrix.bot_mxid().to_owned();
-            self.matrix
-                .send_notice(room_id, &bot, &outcome.body, &outcome.html)
-                .await?;
+            self.reply(room_id, &outcome.body, &outcome.html).await?;
             return Ok(());
         }
         let command = if let Some(rest) = body.strip_prefix(prefix.as_str()) {
@@ -377,9 +474,7 @@ impl Bridge {
             Some(cmd) => {
                 let outcome = self.run_command(room_id, sender, cmd).await;
                 let bot = self.matrix.bot_mxid().to_owned();
-                self.matrix
-                    .send_notice(room_id, &bot, &outcome.body, &outcome.html)
-                    .await?;
+                self.reply(room_id, &outcome.body, &outcome.html).await?;
                 if self.leave_after.lock().await.remove(room_id) {
                     self.matrix.leave(room_id, &bot).await?;
                 }
@@ -477,6 +572,27 @@ impl MatrixEventHandler for Bridge {
         );
         self.notice(room_id, &text).await
     }
+
+    async fn not_handled(&self, ev: &Value, error: &BridgeError) -> Result<(), BridgeError> {
+        let sender = ev["sender"].as_str().unwrap_or_default();
+        let room = ev["room_id"].as_str().unwrap_or_default();
+        let event_id = ev["event_id"].as_str().unwrap_or_default();
+        let is_message = matches!(
+            ev["type"].as_str().unwrap_or_default(),
+            "m.room.message" | "m.room.encrypted" | "m.sticker" | "m.reaction"
+        );
+        if !is_message
+            || ev.get("state_key").is_some()
+            || sender == self.matrix.bot_mxid()
+            || self.matrix.is_ghost(sender)
+            || self.portals.portal_by_room(room).await?.is_none()
+        {
+            return Ok(());
+        }
+        let text = format!("{sender}: your message was not bridged: {error}");
+        self.not_bridged(room, event_id, portal::Status::Failed, &text)
+            .await
+    }
 }
 
 #[async_trait]
@@ -487,5 +603,32 @@ impl network::NetEventSink for Bridge {
         event: &network::NetEvent,
     ) -> Result<(), BridgeError> {
         self.on_network_event(mxid, event).await
+    }
+
+    async fn network_event_failed(
+        &self,
+        mxid: &str,
+        event: &network::NetEvent,
+        error: &BridgeError,
+    ) {
+        let network::NetEvent::Message { from, group, .. } = event else {
+            return;
+        };
+        let chat = group.as_deref().unwrap_or(from);
+        let room = match self.portals.portal(mxid, chat).await {
+            Ok(Some(p)) => p.room_id,
+            _ => None,
+        };
+        let Some(room) = room else { return };
+        self.metrics
+            .not_bridged
+            .get_or_create(&crate::metrics::ReasonLabels {
+                reason: "interop_failed".to_owned(),
+            })
+            .inc();
+        let text = format!("A message from {from} could not be bridged: {error}");
+        if let Err(e) = self.notice(&room, &text).await {
+            tracing::warn!(error = %e, "cannot report a message that was not bridged");
+        }
     }
 }

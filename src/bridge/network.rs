@@ -151,6 +151,15 @@ pub trait NetEventSink: Send + Sync {
         mxid: &str,
         event: &NetEvent,
     ) -> Result<(), super::BridgeError>;
+    /// An event the bridge gave up on (a permanent error, its retries ran out, or the message
+    /// it refers to never came): the user is told in the chat's room.
+    async fn network_event_failed(
+        &self,
+        _mxid: &str,
+        _event: &NetEvent,
+        _error: &super::BridgeError,
+    ) {
+    }
 }
 
 /// Something that happened on the network for the login of `mxid`.

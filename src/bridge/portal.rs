@@ -240,7 +240,7 @@ impl Bridge {
                 }
                 let started = std::time::Instant::now();
                 let portal = self.ensure_portal(mxid, &acc, &chat, None).await?;
-                self.bridge_incoming(&portal, &acc, from, message_id, data)
+                self.bridge_incoming(&portal, &acc, from, message_id, *timestamp, data)
                     .await?;
                 self.metrics.message_bridged("interop_to_matrix", started);
                 // Delivered: the message reached the user's Matrix side (as a phone would say
@@ -362,7 +362,13 @@ impl Bridge {
     pub(crate) async fn notice(&self, room: &str, text: &str) -> Result<(), BridgeError> {
         let bot = self.matrix.bot_mxid().to_owned();
         self.matrix
-            .send_notice(room, &bot, text, &msgconv::escape(text))
+            .send_notice(
+                room,
+                &bot,
+                text,
+                &msgconv::escape(text),
+                &super::notice_txn(room),
+            )
             .await
             .map(|_| ())
     }
@@ -374,12 +380,15 @@ impl Bridge {
         acc: &Arc<dyn NetAccount>,
         from: &str,
         message_id: &str,
+        timestamp: u64,
         data: &DataMessage,
     ) -> Result<(), BridgeError> {
         let room = portal
             .room_id
             .clone()
             .ok_or_else(|| BridgeError::Matrix("portal without room".into()))?;
+        // The sender's time, so that a backlog does not show up as "now"; never in the future.
+        let ts = (timestamp > 0).then(|| timestamp.min(crate::store::now_ms() as u64));
         if self
             .portals
             .by_message(&room, message_id, "")
@@ -403,7 +412,7 @@ impl Bridge {
             Some(D::Text(t)) => text_content(t, "m.text"),
             Some(D::Edit(e)) => {
                 let Some(target) = self.portals.by_message(&room, &e.target, "").await? else {
-                    return Ok(()); // edit of a message we never saw
+                    return Err(BridgeError::TargetNotYet(e.target.clone()));
                 };
                 if target.sender != from {
                     tracing::info!(%room, "dropping an edit of a message its sender did not write");
@@ -425,22 +434,24 @@ impl Bridge {
                 c["m.relates_to"] = json!({"rel_type": "m.replace", "event_id": target.event_id});
                 let ev = self
                     .matrix
-                    .send_event(&room, &sender, "m.room.message", c, &txn)
+                    .send_event(&room, &sender, "m.room.message", c, &txn, ts)
                     .await?;
                 return self
                     .map(&room, &ev, message_id, from, &sender, "edit")
                     .await;
             }
             Some(D::Delete(d)) => {
-                if let Some(target) = self.portals.by_message(&room, &d.target, "").await? {
-                    if target.sender != from {
-                        tracing::info!(%room, "dropping a deletion of a message its sender did not write");
-                        self.metrics.refused("interop_delete_not_author");
-                        return Ok(());
-                    }
-                    self.matrix.redact(&room, &sender, &target.event_id).await?;
-                    self.portals.unmap_event(&room, &target.event_id).await?;
+                let Some(target) = self.portals.by_message(&room, &d.target, "").await? else {
+                    return Err(BridgeError::TargetNotYet(d.target.clone()));
+                };
+                if target.sender != from {
+                    tracing::info!(%room, "dropping a deletion of a message its sender did not write");
+                    self.metrics.refused("interop_delete_not_author");
+                    return Ok(());
                 }
+                // The mapping goes once the redaction went out (a failed one is tried again).
+                self.matrix.redact(&room, &sender, &target.event_id).await?;
+                self.portals.unmap_event(&room, &target.event_id).await?;
                 return self
                     .map(&room, "", message_id, from, &sender, "delete")
                     .await;
@@ -455,7 +466,7 @@ impl Bridge {
                     return Ok(());
                 }
                 let Some(target) = self.portals.by_message(&room, &r.target, "").await? else {
-                    return Ok(());
+                    return Err(BridgeError::TargetNotYet(r.target.clone()));
                 };
                 if self
                     .portals
@@ -468,7 +479,7 @@ impl Bridge {
                 let c = json!({"m.relates_to": {"rel_type": "m.annotation", "event_id": target.event_id, "key": r.emoji}});
                 let ev = self
                     .matrix
-                    .send_event(&room, &sender, "m.reaction", c, &txn)
+                    .send_event(&room, &sender, "m.reaction", c, &txn, ts)
                     .await?;
                 return self.map(&room, &ev, &r.target, from, &sender, &part).await;
             }
@@ -490,7 +501,7 @@ impl Bridge {
         }
         let ev = self
             .matrix
-            .send_event(&room, &sender, "m.room.message", content, &txn)
+            .send_event(&room, &sender, "m.room.message", content, &txn, ts)
             .await?;
         self.map(&room, &ev, message_id, from, &sender, "").await
     }
@@ -688,6 +699,7 @@ impl Bridge {
         };
         let message_id = stable_id(&["out", &room, event_id]);
         let content = &ev["content"];
+        let mut unmap_after: Option<String> = None;
         let data = match ty {
             // A reaction carries no text to name its sender by: from a relayed user it would
             // show as the relay's own (mautrix bridges drop them too).
@@ -737,7 +749,9 @@ impl Bridge {
                     }
                     return Ok(());
                 }
-                self.portals.unmap_event(&room, redacts).await?;
+                // The mapping goes once the deletion was sent (below): a send that fails
+                // transiently is retried and must still find it.
+                unmap_after = Some(redacts.to_owned());
                 if let Some(emoji) = t.part.strip_prefix(&format!("reaction:{me}:")) {
                     DataMessage {
                         body: Some(D::Reaction(Reaction {
@@ -774,15 +788,20 @@ impl Bridge {
             },
         };
         let is_plain_message = matches!(data.body, Some(D::Text(_) | D::Media(_) | D::Location(_)));
-        match acc.send(target, message_id.clone(), data).await {
-            Ok(()) => {}
-            Err(e) if e.is_transient() => return Err(e.into()),
-            Err(e) => {
-                let text = format!("Your message was not bridged: {e}");
-                self.not_bridged(&room, event_id, Status::NetworkError, &text)
-                    .await?;
-                return Ok(());
-            }
+        let sent = acc.send(target, message_id.clone(), data).await;
+        if let Err(e) = &sent
+            && e.is_transient()
+        {
+            return Err(e.clone().into());
+        }
+        if let Some(redacted) = unmap_after {
+            self.portals.unmap_event(&room, &redacted).await?;
+        }
+        if let Err(e) = sent {
+            let text = format!("Your message was not bridged: {e}");
+            self.not_bridged(&room, event_id, Status::NetworkError, &text)
+                .await?;
+            return Ok(());
         }
         if is_plain_message {
             self.map(&room, event_id, &message_id, &me, sender, "")
@@ -811,7 +830,7 @@ impl Bridge {
 
     /// A Matrix event that was not bridged: a notice (`bridge.message_error_notices`) and a
     /// failure status (`bridge.message_status_events`).
-    async fn not_bridged(
+    pub(super) async fn not_bridged(
         &self,
         room: &str,
         event_id: &str,
@@ -853,7 +872,14 @@ impl Bridge {
         let bot = self.matrix.bot_mxid().to_owned();
         let txn = stable_id(&["status", room, event_id]);
         self.matrix
-            .send_event(room, &bot, "com.beeper.message_send_status", content, &txn)
+            .send_event(
+                room,
+                &bot,
+                "com.beeper.message_send_status",
+                content,
+                &txn,
+                None,
+            )
             .await
             .map(|_| ())
     }
@@ -1093,6 +1119,8 @@ pub(crate) enum Status {
     Unsupported,
     /// The network refused it.
     NetworkError,
+    /// The bridge gave up on it (a permanent error, or its retries ran out).
+    Failed,
 }
 
 impl Status {
@@ -1109,6 +1137,7 @@ impl Status {
             Status::NoPermission => "m_no_permission",
             Status::Unsupported => "m_unsupported",
             Status::NetworkError => "m_foreign_network_error",
+            Status::Failed => "m_generic_error",
         }
     }
 }

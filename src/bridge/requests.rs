@@ -274,7 +274,7 @@ impl Bridge {
                 }
             };
             // Already bridged ones (a retried accept) are skipped by the message map.
-            self.bridge_incoming(&portal, acc, &m.from, &m.message_id, &data)
+            self.bridge_incoming(&portal, acc, &m.from, &m.message_id, m.timestamp, &data)
                 .await?;
         }
         self.requests.forget(receiver, chat_id, true).await?;

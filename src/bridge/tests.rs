@@ -75,10 +75,11 @@ impl MatrixConnector for FakeMatrix {
         as_user: &str,
         body: &str,
         _html: &str,
+        txn_id: &str,
     ) -> Result<String, BridgeError> {
         let n = self.record(
             "notice",
-            json!({"room": room_id, "as": as_user, "body": body}),
+            json!({"room": room_id, "as": as_user, "body": body, "txn": txn_id}),
         );
         Ok(format!("$notice{n}"))
     }
@@ -121,10 +122,11 @@ impl MatrixConnector for FakeMatrix {
         event_type: &str,
         content: Value,
         txn_id: &str,
+        ts: Option<u64>,
     ) -> Result<String, BridgeError> {
         let n = self.record(
             "send_event",
-            json!({"room": room_id, "as": as_user, "type": event_type, "content": content, "txn": txn_id}),
+            json!({"room": room_id, "as": as_user, "type": event_type, "content": content, "txn": txn_id, "ts": ts}),
         );
         Ok(format!("$ev{n}"))
     }
@@ -211,6 +213,8 @@ pub(crate) struct FakeAccount {
     /// Members of every group this account is asked about.
     pub group_members: Mutex<Vec<String>>,
     pub profile_lookups: Mutex<u32>,
+    /// Sends that fail (transiently) before sends succeed again.
+    pub failing_sends: Mutex<u32>,
 }
 
 impl FakeAccount {
@@ -220,6 +224,7 @@ impl FakeAccount {
             sent: Mutex::default(),
             group_members: Mutex::default(),
             profile_lookups: Mutex::default(),
+            failing_sends: Mutex::default(),
         })
     }
 
@@ -247,6 +252,13 @@ impl NetAccount for FakeAccount {
         message_id: String,
         data: DataMessage,
     ) -> Result<(), NetError> {
+        {
+            let mut failing = self.failing_sends.lock().unwrap();
+            if *failing > 0 {
+                *failing -= 1;
+                return Err(NetError::Unavailable("gateway away".into()));
+            }
+        }
         self.sent.lock().unwrap().push((to, message_id, data));
         Ok(())
     }
@@ -479,7 +491,7 @@ impl Harness {
             from: from.into(),
             group: group.map(str::to_owned),
             message_id: message_id.into(),
-            timestamp: 0,
+            timestamp: SENT_AT + envelope_id,
             data: DataMessage {
                 body: Some(body),
                 reply_to: None,
@@ -534,6 +546,20 @@ impl Harness {
             .collect()
     }
 }
+
+/// An interop edit of `target` to `body`.
+pub(crate) fn net_edit(target: &str, body: &str) -> D {
+    D::Edit(Edit {
+        target: target.into(),
+        text: Some(Text {
+            body: body.into(),
+            formats: vec![],
+        }),
+    })
+}
+
+/// When the harness's interop messages were sent (plus their envelope number).
+pub(crate) const SENT_AT: u64 = 1_700_000_000_000;
 
 pub(crate) fn text(body: &str) -> D {
     D::Text(Text {
@@ -1270,4 +1296,173 @@ async fn a_login_still_connecting_makes_the_event_wait() {
     h.store.delete_login(ALICE).await.unwrap();
     send("$w2").await.unwrap();
     assert!(h.notices().iter().any(|n| n.contains("not logged in")));
+}
+
+#[tokio::test]
+async fn messages_keep_the_time_they_were_sent() {
+    let h = Harness::new().await;
+    h.net_message(BOB_ACC, None, "late-1", text("written hours ago"))
+        .await
+        .unwrap();
+    let sent = h.matrix.calls_of("send_event");
+    let msg = sent
+        .iter()
+        .find(|e| e["content"]["body"] == "written hours ago")
+        .expect("bridged");
+    let ts = msg["ts"].as_u64().expect("sent with a timestamp");
+    assert!((SENT_AT..SENT_AT + 100).contains(&ts), "ts {ts}");
+}
+
+#[tokio::test]
+async fn relations_before_their_message_are_set_aside_not_dropped() {
+    let h = Harness::new().await;
+    h.net_message(BOB_ACC, None, "bob-0", text("first"))
+        .await
+        .unwrap();
+    for early in [
+        net_edit("bob-1", "second, edited"),
+        D::Delete(Delete {
+            target: "bob-1".into(),
+        }),
+        D::Reaction(crate::wire::content::Reaction {
+            target: "bob-1".into(),
+            emoji: "👍".into(),
+            remove: false,
+            target_author: String::new(),
+        }),
+    ] {
+        let r = h.net_message(BOB_ACC, None, "bob-rel", early).await;
+        assert!(
+            matches!(&r, Err(e @ BridgeError::TargetNotYet(_)) if e.retry_class() == crate::bridge::RetryClass::UntilTarget),
+            "{r:?}"
+        );
+    }
+    // Once the message is there, the same edit applies.
+    h.net_message(BOB_ACC, None, "bob-1", text("second"))
+        .await
+        .unwrap();
+    h.net_message(
+        BOB_ACC,
+        None,
+        "bob-edit",
+        net_edit("bob-1", "second, edited"),
+    )
+    .await
+    .unwrap();
+    assert!(
+        h.matrix
+            .calls_of("send_event")
+            .iter()
+            .any(|e| e["content"]["m.new_content"]["body"] == "second, edited")
+    );
+}
+
+#[tokio::test]
+async fn notices_sent_again_for_the_same_event_reuse_their_transaction_ids() {
+    let h = Harness::new().await;
+    let room = "!r:x";
+    for _ in 0..2 {
+        crate::bridge::handling_event("matrix:$e1".into(), async {
+            h.bridge.notice(room, "one").await.unwrap();
+            h.bridge.notice(room, "two").await.unwrap();
+        })
+        .await;
+    }
+    crate::bridge::handling_event("matrix:$e2".into(), async {
+        h.bridge.notice(room, "one").await.unwrap();
+    })
+    .await;
+    let txns: Vec<String> = h
+        .matrix
+        .calls_of("notice")
+        .iter()
+        .map(|n| n["txn"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(txns.len(), 5);
+    // A retry repeats the ids (the homeserver applies each once); notices differ among
+    // themselves and from another event's.
+    assert_eq!(txns[0], txns[2]);
+    assert_eq!(txns[1], txns[3]);
+    assert_ne!(txns[0], txns[1]);
+    assert_ne!(txns[4], txns[0]);
+}
+
+#[tokio::test]
+async fn a_message_the_bridge_gives_up_on_is_reported_in_its_room() {
+    let h = Harness::new().await;
+    let (room, _) = dm_with_alices_message(&h).await;
+    h.matrix.clear();
+    let ev = json!({"type": "m.room.message", "room_id": room, "sender": ALICE, "event_id": "$lost",
+        "content": {"msgtype": "m.text", "body": "hi"}});
+    h.bridge
+        .not_handled(&ev, &BridgeError::MatrixRefused("413 M_TOO_LARGE".into()))
+        .await
+        .unwrap();
+    let notices = h.notices();
+    assert!(
+        notices
+            .iter()
+            .any(|n| n.contains("not bridged") && n.contains("M_TOO_LARGE")),
+        "{notices:?}"
+    );
+    // Events of the bridge's own users are not reported.
+    h.matrix.clear();
+    let ghost = json!({"type": "m.room.message", "room_id": room, "sender": "@interop_15550002000:x",
+        "event_id": "$g", "content": {"msgtype": "m.text", "body": "hi"}});
+    h.bridge
+        .not_handled(&ghost, &BridgeError::MatrixRefused("x".into()))
+        .await
+        .unwrap();
+    assert!(h.notices().is_empty());
+}
+
+#[test]
+fn homeserver_answers_carry_their_retry_class() {
+    use crate::{bridge::RetryClass, matrix::MatrixError};
+    let api = |status, errcode: &str, retry_after| MatrixError::Api {
+        status,
+        errcode: errcode.into(),
+        message: String::new(),
+        retry_after,
+    };
+    let class = |e: MatrixError| BridgeError::from(e).retry_class();
+    assert_eq!(class(api(413, "M_TOO_LARGE", None)), RetryClass::Permanent);
+    assert_eq!(class(api(403, "M_FORBIDDEN", None)), RetryClass::Permanent);
+    assert_eq!(
+        class(api(
+            429,
+            "M_LIMIT_EXCEEDED",
+            Some(std::time::Duration::from_millis(1500))
+        )),
+        RetryClass::After(std::time::Duration::from_millis(1500))
+    );
+    assert_eq!(class(api(502, "M_UNKNOWN", None)), RetryClass::Transient);
+    assert_eq!(
+        class(MatrixError::Network("refused".into())),
+        RetryClass::Waiting
+    );
+}
+
+#[tokio::test]
+async fn a_redaction_that_failed_to_send_is_sent_when_retried() {
+    let h = Harness::new().await;
+    let (room, alices) = dm_with_alices_message(&h).await;
+    *h.alice.failing_sends.lock().unwrap() = 1;
+    let redaction = json!({"redacts": "$alice1"});
+    let first = h
+        .matrix_event(&room, ALICE, "$red1", "m.room.redaction", redaction.clone())
+        .await;
+    assert!(matches!(&first, Err(e) if e.is_retryable()), "{first:?}");
+    // The queue hands it over again: the mapping is still there, so the deletion goes out.
+    h.matrix_event(&room, ALICE, "$red1", "m.room.redaction", redaction)
+        .await
+        .unwrap();
+    assert!(
+        h.alice
+            .sent_bodies()
+            .iter()
+            .any(|b| matches!(b, D::Delete(d) if d.target == alices)),
+        "{:?}",
+        h.alice.sent_bodies()
+    );
 }

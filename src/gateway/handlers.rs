@@ -106,6 +106,9 @@ pub(crate) async fn handle(
                 ));
             }
             shared.db.ack(&me, &a.envelope_ids).await?;
+            if let Some(w) = &conn.window {
+                w.acked(&a.envelope_ids);
+            }
             ok()
         }
         Body::SendReceipt(r) => send_receipt(shared, &me, r).await?,
@@ -274,6 +277,11 @@ async fn login(shared: &Arc<Shared>, conn: &mut Conn, l: pb::Login) -> Result<Bo
     let (queued, upto) = shared.db.queue_state(&l.account).await?;
     let (ot, ky) = shared.db.key_counts(&l.account).await?;
     conn.pending_delivery = Some(upto);
+    conn.window = (l.window > 0).then(|| {
+        Arc::new(super::Window::new(
+            l.window.min(shared.cfg.limits.max_window),
+        ))
+    });
     // A login does not make the account online (docs §10.3); `SetPresence` does.
     Ok(Body::LoggedIn(pb::LoggedIn {
         account: l.account,
@@ -296,6 +304,7 @@ pub(crate) async fn after_answer(
         conn.out.clone(),
         conn.kill_tx.clone(),
         conn.wake.clone(),
+        conn.window.clone(),
         upto,
     )))
 }
@@ -306,6 +315,7 @@ async fn deliver(
     out: mpsc::Sender<pb::Stanza>,
     kill: tokio::sync::watch::Sender<bool>,
     wake: Arc<Notify>,
+    window: Option<Arc<super::Window>>,
     upto: i64,
 ) {
     let stall = shared.cfg.limits.slow_reader_timeout;
@@ -342,6 +352,9 @@ async fn deliver(
             continue;
         }
         for env in batch {
+            if let Some(w) = &window {
+                w.admit(env.id).await;
+            }
             last = env.id as i64;
             delivered += 1;
             if super::enqueue(&out, &kill, stall, push(Body::Envelope(env)))

@@ -91,6 +91,8 @@ pub struct Limits {
     pub group_max_members: u32,
     /// Envelope ids in one `Ack`.
     pub ack_max_ids: u32,
+    /// The largest delivery window a login may ask for (`Login.window`, §7).
+    pub max_window: u32,
     /// Message ids in one receipt.
     pub receipt_max_ids: u32,
     /// Stanzas waiting to be written to one connection.
@@ -122,6 +124,7 @@ impl Default for Limits {
             blob_ttl: 30 * DAY,
             group_max_members: 1024,
             ack_max_ids: 1000,
+            max_window: 10_000,
             receipt_max_ids: 1000,
             out_queue: 256,
             slow_reader_timeout: Duration::from_secs(30),
@@ -479,6 +482,55 @@ pub(crate) struct Conn {
     pub delivery: Option<tokio::task::JoinHandle<()>>,
     /// Set by `Login`: deliver envelopes up to this id, then `QueueDrained`.
     pub pending_delivery: Option<i64>,
+    /// The login's delivery window, when it asked for one (`Login.window`, docs §7).
+    pub window: Option<Arc<Window>>,
+}
+
+/// Flow control of one login's delivery (docs §7): at most `size` envelopes pushed on this
+/// connection and not yet acked. Delivery waits for acks before pushing more.
+pub(crate) struct Window {
+    size: usize,
+    in_flight: std::sync::Mutex<std::collections::HashSet<u64>>,
+    freed: Notify,
+}
+
+impl Window {
+    pub fn new(size: u32) -> Self {
+        Self {
+            size: size.max(1) as usize,
+            in_flight: Default::default(),
+            freed: Notify::new(),
+        }
+    }
+
+    /// Waits until the window has room, then counts `id` as in flight.
+    pub async fn admit(&self, id: u64) {
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            {
+                let mut f = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+                if f.len() < self.size {
+                    f.insert(id);
+                    return;
+                }
+            }
+            freed.await;
+        }
+    }
+
+    /// Acked envelopes leave the window (ids that were not in flight change nothing).
+    pub fn acked(&self, ids: &[u64]) {
+        let mut f = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        let before = f.len();
+        for id in ids {
+            f.remove(id);
+        }
+        if f.len() < before {
+            self.freed.notify_waiters();
+        }
+    }
 }
 
 /// Queues a stanza for a connection's writer. A client that does not read lets the queue fill;
@@ -526,6 +578,7 @@ async fn connection(
         uploads: HashMap::new(),
         delivery: None,
         pending_delivery: None,
+        window: None,
     };
     let stall = limits.slow_reader_timeout;
     let send = |st: pb::Stanza| enqueue(&out_tx, &kill_tx, stall, st);

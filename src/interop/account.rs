@@ -16,7 +16,7 @@ use libsignal_protocol::{
 use prost::Message;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
     conn::{GatewayAddr, GatewayConn, InteropError},
@@ -147,30 +147,6 @@ enum Command {
         group: String,
         reply: Reply<pb::Group>,
     },
-    Upload {
-        data: Vec<u8>,
-        reply: Reply<(String, media::Sealed)>,
-    },
-    Download {
-        blob: String,
-        key: Vec<u8>,
-        sha256: Vec<u8>,
-        max: u64,
-        reply: Reply<Vec<u8>>,
-    },
-    UploadPlain {
-        data: Vec<u8>,
-        reply: Reply<String>,
-    },
-    DownloadPlain {
-        blob: String,
-        max: u64,
-        reply: Reply<Vec<u8>>,
-    },
-    Profile {
-        account: String,
-        reply: Reply<pb::Profile>,
-    },
     SetProfile {
         name: String,
         avatar_blob: String,
@@ -200,15 +176,35 @@ pub struct AccountHandle {
     pub account: String,
     cmd: mpsc::Sender<Command>,
     /// Acks travel apart from commands, unbounded: the consumer acks while the actor may be
-    /// waiting to hand it the next event, and neither may block the other.
+    /// busy, and neither may block the other.
     acks: mpsc::UnboundedSender<u64>,
+    /// The actor's current gateway connection: blob transfers and profile look-ups need no
+    /// Signal state, so they run on the caller's task instead of stalling the actor.
+    conn: watch::Receiver<Option<GatewayConn>>,
 }
+
+/// How long a command to the actor may take, end to end (a send may fetch a bundle, encrypt
+/// and wait for the gateway; each gateway request has its own shorter timeout).
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// How many envelopes the gateway may push before the bridge acks some (`Login.window`, docs
+/// §7): bounds the decrypted events waiting between the actor and the core.
+pub const DELIVERY_WINDOW: u32 = 128;
+
+/// How long blob transfers and profile look-ups wait for a connection.
+const CONNECT_WAIT: Duration = Duration::from_secs(30);
+
+/// Envelope ids in one `Ack` (the protocol allows up to 1000, docs §7).
+const MAX_ACK_BATCH: usize = 500;
 
 macro_rules! ask {
     ($self:ident, $variant:ident { $($field:ident),* }) => {{
         let (reply, rx) = oneshot::channel();
-        $self.cmd.send(Command::$variant { $($field,)* reply }).await.map_err(|_| InteropError::Disconnected)?;
-        rx.await.map_err(|_| InteropError::Disconnected)?
+        let asked = async {
+            $self.cmd.send(Command::$variant { $($field,)* reply }).await.map_err(|_| InteropError::Disconnected)?;
+            rx.await.map_err(|_| InteropError::Disconnected)?
+        };
+        tokio::time::timeout(COMMAND_TIMEOUT, asked).await.map_err(|_| InteropError::Timeout)?
     }};
 }
 
@@ -247,9 +243,26 @@ impl AccountHandle {
     pub async fn group(&self, group: String) -> Result<pb::Group, InteropError> {
         ask!(self, GetGroup { group })
     }
+    /// The current gateway connection, for work that needs no Signal state; while the actor
+    /// is (re)connecting, waits for it as a command to the actor would.
+    async fn connection(&self) -> Result<GatewayConn, InteropError> {
+        let mut conn = self.conn.clone();
+        let ready = conn.wait_for(|c| c.as_ref().is_some_and(|c| !c.is_closed()));
+        match tokio::time::timeout(CONNECT_WAIT, ready).await {
+            Ok(Ok(c)) => c.clone().ok_or(InteropError::Disconnected),
+            // The actor ended.
+            Ok(Err(_)) => Err(InteropError::Disconnected),
+            Err(_) => Err(InteropError::Timeout),
+        }
+    }
     /// Encrypts and uploads media; returns the blob id and the keys for the `Media` content.
     pub async fn upload(&self, data: Vec<u8>) -> Result<(String, media::Sealed), InteropError> {
-        ask!(self, Upload { data })
+        let conn = self.connection().await?;
+        let sealed = tokio::task::spawn_blocking(move || media::encrypt(&data))
+            .await
+            .map_err(|e| InteropError::Invalid(e.to_string()))?;
+        let blob = put_blob(&conn, &sealed.blob, sealed.sha256.clone()).await?;
+        Ok((blob, sealed))
     }
     pub async fn download(
         &self,
@@ -258,26 +271,35 @@ impl AccountHandle {
         sha256: Vec<u8>,
         max: u64,
     ) -> Result<Vec<u8>, InteropError> {
-        ask!(
-            self,
-            Download {
-                blob,
-                key,
-                sha256,
-                max
-            }
-        )
+        // The ciphertext carries an IV, up to a block of padding and a MAC on top.
+        let data = get_blob(&self.connection().await?, &blob, max.saturating_add(64)).await?;
+        tokio::task::spawn_blocking(move || {
+            media::decrypt(&data, &key, &sha256)
+                .map(|p| p.to_vec())
+                .map_err(|e| InteropError::Crypto(e.to_string()))
+        })
+        .await
+        .map_err(|e| InteropError::Invalid(e.to_string()))?
     }
     /// Uploads a blob as it is (profile and group avatars, which are public, §11).
     pub async fn upload_plain(&self, data: Vec<u8>) -> Result<String, InteropError> {
-        ask!(self, UploadPlain { data })
+        let sha256 = <sha2::Sha256 as sha2::Digest>::digest(&data).to_vec();
+        put_blob(&self.connection().await?, &data, sha256).await
     }
     /// Downloads an unencrypted blob of at most `max` bytes.
     pub async fn download_plain(&self, blob: String, max: u64) -> Result<Vec<u8>, InteropError> {
-        ask!(self, DownloadPlain { blob, max })
+        get_blob(&self.connection().await?, &blob, max).await
     }
     pub async fn profile(&self, account: String) -> Result<pb::Profile, InteropError> {
-        ask!(self, Profile { account })
+        match self
+            .connection()
+            .await?
+            .request(Body::GetProfile(pb::GetProfile { account }))
+            .await?
+        {
+            Body::Profile(p) => Ok(p),
+            _ => Err(InteropError::Unexpected),
+        }
     }
     pub async fn set_profile(&self, name: String, avatar_blob: String) -> Result<(), InteropError> {
         ask!(self, SetProfile { name, avatar_blob })
@@ -287,6 +309,10 @@ impl AccountHandle {
     }
     pub async fn session_info(&self, peer: String) -> Result<SessionInfo, InteropError> {
         ask!(self, SessionInfo { peer })
+    }
+    /// Whether the actor has ended (stopped, logged out).
+    pub fn is_stopped(&self) -> bool {
+        self.cmd.is_closed()
     }
     /// Tells the account that an event was handled; the gateway may forget the envelope.
     pub async fn ack(&self, envelope_id: u64) {
@@ -304,6 +330,30 @@ impl AccountHandle {
         if tokio::time::timeout(STOP_WAIT, stopped).await.is_err() {
             tracing::warn!(account = %self.account, "the account's actor did not stop in time");
         }
+    }
+}
+
+#[cfg(test)]
+impl AccountHandle {
+    /// A handle with no actor behind it, for tests of what consumes an account's events: the
+    /// acks come out of the returned channel; the first value keeps the command channel open.
+    pub(crate) fn detached(
+        account: &str,
+    ) -> (
+        Self,
+        Box<dyn std::any::Any + Send>,
+        mpsc::UnboundedReceiver<u64>,
+    ) {
+        let (cmd, cmd_rx) = mpsc::channel(1);
+        let (acks, acks_rx) = mpsc::unbounded_channel();
+        let (_, conn) = watch::channel(None);
+        let handle = Self {
+            account: account.to_owned(),
+            cmd,
+            acks,
+            conn,
+        };
+        (handle, Box::new(cmd_rx), acks_rx)
     }
 }
 
@@ -377,7 +427,7 @@ pub async fn spawn_account(
     gateway: GatewayAddr,
     vault: Vault,
     db: Arc<dyn VaultStore>,
-    events: mpsc::Sender<Event>,
+    events: mpsc::UnboundedSender<Event>,
 ) -> Result<AccountHandle, InteropError> {
     let sealed = db
         .record(owner, META, "credentials")
@@ -391,6 +441,7 @@ pub async fn spawn_account(
         .map_err(|_| InteropError::Invalid("stored credentials are corrupt".into()))?;
     let (tx, rx) = mpsc::channel(256);
     let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+    let (conn_tx, conn_rx) = watch::channel(None);
     let account = creds.account.clone();
     let owner = owner.to_owned();
     rt.spawn(&owner.clone(), move || async move {
@@ -414,6 +465,7 @@ pub async fn spawn_account(
             gateway,
             store,
             conn: None,
+            published: conn_tx,
             events,
             groups: HashMap::new(),
             recent: std::collections::VecDeque::new(),
@@ -426,6 +478,7 @@ pub async fn spawn_account(
         account,
         cmd: tx,
         acks: ack_tx,
+        conn: conn_rx,
     })
 }
 
@@ -434,7 +487,11 @@ struct Actor {
     gateway: GatewayAddr,
     store: SignalStore,
     conn: Option<(GatewayConn, mpsc::Receiver<pb::Stanza>)>,
-    events: mpsc::Sender<Event>,
+    /// The connection as the handle sees it (for blob transfers and profile look-ups).
+    published: watch::Sender<Option<GatewayConn>>,
+    /// Never waits: the consumer calls back into this actor, so a full channel here could
+    /// block both; the gateway's delivery window bounds what is in flight.
+    events: mpsc::UnboundedSender<Event>,
     /// Group members as last seen.
     groups: HashMap<String, Vec<String>>,
     /// Recently handled envelope ids (redelivery after reconnect).
@@ -474,32 +531,26 @@ impl Actor {
                 match self.connect().await {
                     Ok(()) => {
                         backoff = Duration::from_millis(250);
-                        let _ = self
-                            .events
-                            .send(Event::Connected {
-                                account: self.creds.account.clone(),
-                            })
-                            .await;
+                        self.emit(Event::Connected {
+                            account: self.creds.account.clone(),
+                        })
+                        .await;
                     }
                     Err(e) if e.code() == Some(ErrorCode::Unauthorized) => {
-                        let _ = self
-                            .events
-                            .send(Event::LoggedOut {
-                                account: self.creds.account.clone(),
-                                reason: e.to_string(),
-                            })
-                            .await;
+                        self.emit(Event::LoggedOut {
+                            account: self.creds.account.clone(),
+                            reason: e.to_string(),
+                        })
+                        .await;
                         return;
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, ?backoff, "interop connection failed");
-                        let _ = self
-                            .events
-                            .send(Event::Disconnected {
-                                account: self.creds.account.clone(),
-                                reason: e.to_string(),
-                            })
-                            .await;
+                        self.emit(Event::Disconnected {
+                            account: self.creds.account.clone(),
+                            reason: e.to_string(),
+                        })
+                        .await;
                     }
                 }
             }
@@ -507,11 +558,24 @@ impl Actor {
             tokio::select! {
                 // Acks first: they free the gateway's queue and must not be lost at a stop.
                 biased;
-                Some(envelope_id) = acks.recv() => self.ack(envelope_id).await,
+                Some(envelope_id) = acks.recv() => {
+                    // Whatever else is ready goes in the same commit and the same `Ack`.
+                    let mut batch = vec![envelope_id];
+                    while batch.len() < MAX_ACK_BATCH
+                        && let Ok(id) = acks.try_recv()
+                    {
+                        batch.push(id);
+                    }
+                    self.ack(&batch).await;
+                }
                 cmd = rx.recv() => match cmd {
                     None | Some(Command::Stop) => {
+                        let mut batch = Vec::new();
                         while let Ok(envelope_id) = acks.try_recv() {
-                            self.ack(envelope_id).await;
+                            batch.push(envelope_id);
+                        }
+                        for chunk in batch.chunks(MAX_ACK_BATCH) {
+                            self.ack(chunk).await;
                         }
                         return;
                     }
@@ -522,7 +586,8 @@ impl Actor {
                         Some(st) => self.push(st).await,
                         None => {
                             self.conn = None;
-                            let _ = self.events.send(Event::Disconnected { account: self.creds.account.clone(), reason: "connection lost".into() }).await;
+                            self.published.send_replace(None);
+                            self.emit(Event::Disconnected { account: self.creds.account.clone(), reason: "connection lost".into() }).await;
                         }
                     }
                 }
@@ -535,7 +600,10 @@ impl Actor {
 
     async fn connect(&mut self) -> Result<(), InteropError> {
         let (conn, pushes) = GatewayConn::connect(&self.gateway).await?;
-        let logged = conn.login(&self.creds.account, &self.creds.secret).await?;
+        let logged = conn
+            .login(&self.creds.account, &self.creds.secret, DELIVERY_WINDOW)
+            .await?;
+        self.published.send_replace(Some(conn.clone()));
         self.conn = Some((conn, pushes));
         self.maintain_keys(logged.one_time_prekeys, logged.kyber_prekeys)
             .await?;
@@ -631,43 +699,6 @@ impl Actor {
                 let r = self
                     .group_request(Body::GetGroup(pb::GetGroup { group }))
                     .await;
-                let _ = reply.send(r);
-            }
-            Command::Upload { data, reply } => {
-                let r = self.upload(data).await;
-                let _ = reply.send(r);
-            }
-            Command::Download {
-                blob,
-                key,
-                sha256,
-                max,
-                reply,
-            } => {
-                let r = self.download(&blob, &key, &sha256, max).await;
-                let _ = reply.send(r);
-            }
-            Command::UploadPlain { data, reply } => {
-                let sha256 = <sha2::Sha256 as sha2::Digest>::digest(&data).to_vec();
-                let r = self.put_blob(&data, sha256).await;
-                let _ = reply.send(r);
-            }
-            Command::DownloadPlain { blob, max, reply } => {
-                let r = self.get_blob(&blob, max).await;
-                let _ = reply.send(r);
-            }
-            Command::Profile { account, reply } => {
-                let r = match self.conn() {
-                    Ok(c) => match c
-                        .request(Body::GetProfile(pb::GetProfile { account }))
-                        .await
-                    {
-                        Ok(Body::Profile(p)) => Ok(p),
-                        Ok(_) => Err(InteropError::Unexpected),
-                        Err(e) => Err(e),
-                    },
-                    Err(e) => Err(e),
-                };
                 let _ = reply.send(r);
             }
             Command::SetProfile {
@@ -1029,124 +1060,60 @@ impl Actor {
         }
     }
 
-    async fn upload(&mut self, data: Vec<u8>) -> Result<(String, media::Sealed), InteropError> {
-        let sealed = media::encrypt(&data);
-        let blob = self.put_blob(&sealed.blob, sealed.sha256.clone()).await?;
-        Ok((blob, sealed))
-    }
-
-    /// Uploads `bytes` in chunks (§13.2); `sha256` is the hash of `bytes`.
-    async fn put_blob(&self, bytes: &[u8], sha256: Vec<u8>) -> Result<String, InteropError> {
-        let upload = uuid::Uuid::new_v4().to_string();
-        let chunks: Vec<&[u8]> = if bytes.is_empty() {
-            vec![&[][..]]
-        } else {
-            bytes.chunks(512 * 1024).collect()
-        };
-        let n = chunks.len();
-        let mut offset = 0u64;
-        let conn = self.conn()?.clone();
-        for (i, chunk) in chunks.into_iter().enumerate() {
-            let last = i + 1 == n;
-            let put = pb::BlobPut {
-                upload: upload.clone(),
-                offset,
-                data: chunk.to_vec(),
-                last,
-                sha256: if last { sha256.clone() } else { Vec::new() },
-            };
-            offset += chunk.len() as u64;
-            match conn.request(Body::BlobPut(put)).await? {
-                Body::BlobStored(s) if last => return Ok(s.blob),
-                Body::Ok(_) if !last => {}
-                _ => return Err(InteropError::Unexpected),
-            }
-        }
-        Err(InteropError::Unexpected)
-    }
-
-    async fn download(
-        &self,
-        blob: &str,
-        key: &[u8],
-        sha256: &[u8],
-        max: u64,
-    ) -> Result<Vec<u8>, InteropError> {
-        // The ciphertext carries an IV, up to a block of padding and a MAC on top.
-        let data = self.get_blob(blob, max.saturating_add(64)).await?;
-        media::decrypt(&data, key, sha256)
-            .map(|p| p.to_vec())
-            .map_err(|e| InteropError::Crypto(e.to_string()))
-    }
-
-    /// Downloads a whole blob in chunks (§13.3), refusing one over `max` bytes.
-    async fn get_blob(&self, blob: &str, max: u64) -> Result<Vec<u8>, InteropError> {
-        let conn = self.conn()?.clone();
-        let mut data = Vec::new();
-        let mut total = None;
-        loop {
-            let get = pb::BlobGet {
-                blob: blob.to_owned(),
-                offset: data.len() as u64,
-                length: 512 * 1024,
-            };
-            match conn.request(Body::BlobGet(get)).await? {
-                Body::BlobData(d) => {
-                    if d.total_size > max {
-                        return Err(InteropError::TooLarge(max));
-                    }
-                    // The size must hold still, and no chunk may run past it.
-                    if *total.get_or_insert(d.total_size) != d.total_size
-                        || (data.len() + d.data.len()) as u64 > d.total_size
-                    {
-                        return Err(InteropError::Invalid(
-                            "the blob's chunks do not match its announced size".into(),
-                        ));
-                    }
-                    data.extend_from_slice(&d.data);
-                    if data.len() as u64 == d.total_size {
-                        break;
-                    }
-                    if d.data.is_empty() {
-                        return Err(InteropError::Invalid(
-                            "the blob ended before its announced size".into(),
-                        ));
-                    }
-                }
-                _ => return Err(InteropError::Unexpected),
-            }
-        }
-        Ok(data)
-    }
-
-    async fn ack(&mut self, envelope_id: u64) {
-        let in_inbox = self
-            .inbox
-            .as_mut()
-            .is_none_or(|inbox| inbox.remove(&envelope_id));
-        let clear = if in_inbox {
-            vec![(INBOX, envelope_id.to_string(), None)]
-        } else {
-            vec![]
-        };
+    /// Envelopes handled: their inbox entries (and any buffered Signal state) are committed in
+    /// one transaction, then the gateway is told.
+    async fn ack(&mut self, envelope_ids: &[u64]) {
+        let clear: Vec<_> = envelope_ids
+            .iter()
+            .filter(|id| self.inbox.as_mut().is_none_or(|inbox| inbox.remove(id)))
+            .map(|id| (INBOX, id.to_string(), None))
+            .collect();
         if let Err(e) = self.store.commit(clear).await {
             tracing::error!(error = %e, "cannot clear inbox entry");
         }
-        self.recent.push_back(envelope_id);
-        if self.recent.len() > 1024 {
+        for id in envelope_ids {
+            self.recent.push_back(*id);
+        }
+        while self.recent.len() > 1024 {
             self.recent.pop_front();
         }
-        if let Ok(c) = self.conn() {
-            let _ = c
-                .send_unanswered(Body::Ack(pb::Ack {
-                    envelope_ids: vec![envelope_id],
-                }))
-                .await;
-        }
+        self.send_acks(envelope_ids.to_vec());
+    }
+
+    /// Sends an `Ack` as a request, so that one the gateway rate-limits is sent again when it
+    /// says (with a delivery window, a lost ack would hold up delivery until the next login).
+    /// Runs apart from the actor; an ack lost with the connection is made good at the next
+    /// login, when the envelope comes again and is acked from `recent`.
+    fn send_acks(&self, envelope_ids: Vec<u64>) {
+        let Ok(conn) = self.conn().cloned() else {
+            return;
+        };
+        tokio::spawn(async move {
+            for _ in 0..8 {
+                let ack = Body::Ack(pb::Ack {
+                    envelope_ids: envelope_ids.clone(),
+                });
+                match conn.request(ack).await {
+                    Ok(_) => return,
+                    Err(InteropError::Gateway {
+                        code: ErrorCode::RateLimited,
+                        retry_after_ms,
+                        ..
+                    }) => {
+                        tokio::time::sleep(Duration::from_millis(retry_after_ms.clamp(10, 10_000)))
+                            .await
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "ack not delivered; the envelopes come again");
+                        return;
+                    }
+                }
+            }
+        });
     }
 
     async fn emit(&self, ev: Event) {
-        let _ = self.events.send(ev).await;
+        let _ = self.events.send(ev);
     }
 
     async fn push(&mut self, st: pb::Stanza) {
@@ -1187,6 +1154,7 @@ impl Actor {
                 tracing::warn!(code = e.code, message = %e.message, "gateway error push");
                 if e.code == ErrorCode::Unauthorized as i32 {
                     self.conn = None;
+                    self.published.send_replace(None);
                     self.emit(Event::LoggedOut {
                         account: self.creds.account.clone(),
                         reason: e.message,
@@ -1202,13 +1170,7 @@ impl Actor {
         let id = env.id;
         if self.recent.contains(&id) {
             // Acked before but redelivered (the ack was lost with the connection).
-            if let Ok(c) = self.conn() {
-                let _ = c
-                    .send_unanswered(Body::Ack(pb::Ack {
-                        envelope_ids: vec![id],
-                    }))
-                    .await;
-            }
+            self.send_acks(vec![id]);
             return;
         }
         // A message decrypted before a crash is replayed from the vault.
@@ -1250,7 +1212,7 @@ impl Actor {
                     })
                     .await;
                 } else {
-                    self.ack(id).await;
+                    self.ack(&[id]).await;
                 }
             }
             Kind::Prekey | Kind::Message | Kind::Group => {
@@ -1302,7 +1264,7 @@ impl Actor {
                                         tracing::error!(error = %e, "cannot store session");
                                         return;
                                     }
-                                    self.ack(id).await;
+                                    self.ack(&[id]).await;
                                     return;
                                 }
                                 Err(e) => {
@@ -1336,14 +1298,14 @@ impl Actor {
                                 return;
                             }
                             self.report_identity_changes().await;
-                            self.ack(id).await;
+                            self.ack(&[id]).await;
                         }
                         None => {
                             let _ = self.store.commit(vec![]).await;
-                            self.ack(id).await;
+                            self.ack(&[id]).await;
                         }
                     },
-                    Ok(None) => self.ack(id).await,
+                    Ok(None) => self.ack(&[id]).await,
                     Err(reason) => {
                         self.store.rollback();
                         tracing::warn!(envelope = id, %reason, "cannot decrypt envelope");
@@ -1357,7 +1319,7 @@ impl Actor {
                     }
                 }
             }
-            Kind::Unspecified => self.ack(id).await,
+            Kind::Unspecified => self.ack(&[id]).await,
         }
     }
 
@@ -1406,4 +1368,76 @@ impl Actor {
             Err(e) => Err(e.to_string()),
         }
     }
+}
+
+/// Uploads `bytes` in chunks (§13.2); `sha256` is the hash of `bytes`.
+async fn put_blob(
+    conn: &GatewayConn,
+    bytes: &[u8],
+    sha256: Vec<u8>,
+) -> Result<String, InteropError> {
+    let upload = uuid::Uuid::new_v4().to_string();
+    let chunks: Vec<&[u8]> = if bytes.is_empty() {
+        vec![&[][..]]
+    } else {
+        bytes.chunks(512 * 1024).collect()
+    };
+    let n = chunks.len();
+    let mut offset = 0u64;
+    for (i, chunk) in chunks.into_iter().enumerate() {
+        let last = i + 1 == n;
+        let put = pb::BlobPut {
+            upload: upload.clone(),
+            offset,
+            data: chunk.to_vec(),
+            last,
+            sha256: if last { sha256.clone() } else { Vec::new() },
+        };
+        offset += chunk.len() as u64;
+        match conn.request(Body::BlobPut(put)).await? {
+            Body::BlobStored(s) if last => return Ok(s.blob),
+            Body::Ok(_) if !last => {}
+            _ => return Err(InteropError::Unexpected),
+        }
+    }
+    Err(InteropError::Unexpected)
+}
+
+/// Downloads a whole blob in chunks (§13.3), refusing one over `max` bytes.
+async fn get_blob(conn: &GatewayConn, blob: &str, max: u64) -> Result<Vec<u8>, InteropError> {
+    let mut data = Vec::new();
+    let mut total = None;
+    loop {
+        let get = pb::BlobGet {
+            blob: blob.to_owned(),
+            offset: data.len() as u64,
+            length: 512 * 1024,
+        };
+        match conn.request(Body::BlobGet(get)).await? {
+            Body::BlobData(d) => {
+                if d.total_size > max {
+                    return Err(InteropError::TooLarge(max));
+                }
+                // The size must hold still, and no chunk may run past it.
+                if *total.get_or_insert(d.total_size) != d.total_size
+                    || (data.len() + d.data.len()) as u64 > d.total_size
+                {
+                    return Err(InteropError::Invalid(
+                        "the blob's chunks do not match its announced size".into(),
+                    ));
+                }
+                data.extend_from_slice(&d.data);
+                if data.len() as u64 == d.total_size {
+                    break;
+                }
+                if d.data.is_empty() {
+                    return Err(InteropError::Invalid(
+                        "the blob ended before its announced size".into(),
+                    ));
+                }
+            }
+            _ => return Err(InteropError::Unexpected),
+        }
+    }
+    Ok(data)
 }

@@ -249,11 +249,19 @@ impl GatewayConn {
         }
     }
 
-    pub async fn login(&self, account: &str, secret: &[u8]) -> Result<pb::LoggedIn, InteropError> {
+    /// Logs in; `window` > 0 asks the gateway to keep at most that many envelopes pushed and
+    /// not acked (docs §7), 0 for no limit.
+    pub async fn login(
+        &self,
+        account: &str,
+        secret: &[u8],
+        window: u32,
+    ) -> Result<pb::LoggedIn, InteropError> {
         match self
             .request(Body::Login(pb::Login {
                 account: account.to_owned(),
                 secret: secret.to_vec(),
+                window,
             }))
             .await?
         {

@@ -80,7 +80,9 @@ impl InteropNetwork {
         if let Some(old) = old {
             old.handle.stop().await;
         }
-        let (tx, rx) = mpsc::channel(256);
+        // Unbounded: the actor never waits for the pump (which calls back into it); the
+        // gateway's delivery window bounds how many envelopes are in flight.
+        let (tx, rx) = mpsc::unbounded_channel();
         let handle = account::spawn_account(
             &self.rt,
             mxid,
@@ -118,15 +120,63 @@ fn group_info(g: pb::Group) -> GroupInfo {
     }
 }
 
-/// Hands one login's events to the core in order; acks each after it was handled.
+/// Attempts at an event that fails transiently (the homeserver answering 5xx) before it is
+/// reported in its room and acked. Waiting errors (the homeserver unreachable, a rate limit)
+/// have no such limit: the envelopes stay with the gateway meanwhile.
+const MAX_TRANSIENT_ATTEMPTS: u32 = 10;
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// How long an edit, reaction or deletion waits for the message it refers to.
+const EARLY_WINDOW: Duration = Duration::from_secs(600);
+/// How many such events wait per login (unacked, within the gateway's delivery window).
+const MAX_EARLY: usize = 32;
+
+/// What became of an event.
+enum Delivery {
+    /// Handled, or given up on and reported: ack it.
+    Done,
+    /// It refers to a message that has not arrived yet: set it aside.
+    Early,
+    /// The login stopped meanwhile: leave it to the next start (not acked).
+    Stopped,
+}
+
+/// Hands one login's events to the core in order and acks each once it was handled (or given
+/// up on and reported). An event that fails waits, holding up the login's later events, so
+/// nothing is acked past it; an edit, reaction or deletion whose message has not arrived is set
+/// aside (unacked) and tried again after later messages, for [`EARLY_WINDOW`].
 async fn pump(
     mxid: String,
     acc: Arc<InteropAccount>,
-    mut rx: mpsc::Receiver<Event>,
+    mut rx: mpsc::UnboundedReceiver<Event>,
     sink: Option<Weak<dyn NetEventSink>>,
 ) {
-    while let Some(ev) = rx.recv().await {
-        let Some(ev) = convert(ev) else { continue };
+    let mut early: std::collections::VecDeque<(tokio::time::Instant, NetEvent)> =
+        Default::default();
+    loop {
+        let next = match tokio::time::timeout(Duration::from_secs(30), rx.recv()).await {
+            Ok(None) => return,
+            Ok(Some(ev)) => convert(ev),
+            Err(_) => None,
+        };
+        let Some(sink) = sink.as_ref().and_then(Weak::upgrade) else {
+            return;
+        };
+        // Relations whose message never came are reported and acked.
+        while early
+            .front()
+            .is_some_and(|(since, _)| since.elapsed() >= EARLY_WINDOW)
+            || early.len() > MAX_EARLY
+        {
+            let Some((_, ev)) = early.pop_front() else {
+                break;
+            };
+            let e = crate::bridge::BridgeError::TargetNotYet("(never came)".into());
+            tracing::warn!(error = %e, "giving up on an interop event");
+            sink.network_event_failed(&mxid, &ev, &e).await;
+            ack(&acc, &ev).await;
+        }
+        let Some(ev) = next else { continue };
         match &ev {
             NetEvent::Connected => acc.connected.store(true, Ordering::Relaxed),
             NetEvent::Disconnected { .. } | NetEvent::LoggedOut { .. } => {
@@ -134,39 +184,79 @@ async fn pump(
             }
             _ => {}
         }
-        let Some(sink) = sink.as_ref().and_then(Weak::upgrade) else {
-            return;
+        match deliver(&mxid, &acc, &*sink, &ev).await {
+            Delivery::Stopped => return,
+            Delivery::Early => early.push_back((tokio::time::Instant::now(), ev)),
+            Delivery::Done => {
+                ack(&acc, &ev).await;
+                // A new message may be what set-aside relations wait for.
+                if matches!(ev, NetEvent::Message { .. }) && !early.is_empty() {
+                    for (since, ev) in std::mem::take(&mut early) {
+                        match deliver(&mxid, &acc, &*sink, &ev).await {
+                            Delivery::Stopped => return,
+                            Delivery::Early => early.push_back((since, ev)),
+                            Delivery::Done => ack(&acc, &ev).await,
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn ack(acc: &InteropAccount, ev: &NetEvent) {
+    if let Some(id) = ev.envelope_id() {
+        acc.handle.ack(id).await;
+    }
+}
+
+/// Hands one event to the core until it is handled or given up on, as its error's retry class
+/// says: the one retry layer for interop events.
+async fn deliver(
+    mxid: &str,
+    acc: &InteropAccount,
+    sink: &dyn NetEventSink,
+    ev: &NetEvent,
+) -> Delivery {
+    use crate::bridge::RetryClass;
+    let Some(envelope) = ev.envelope_id() else {
+        // Typing, presence, connection changes: one attempt, nothing to redeliver.
+        if let Err(e) = sink.handle_network_event(mxid, ev).await {
+            tracing::debug!(error = %e, "interop event not bridged");
+        }
+        return Delivery::Done;
+    };
+    let key = format!("interop:{mxid}:{envelope}");
+    let mut backoff = FIRST_BACKOFF;
+    let mut transient = 0;
+    loop {
+        let result =
+            crate::bridge::handling_event(key.clone(), sink.handle_network_event(mxid, ev)).await;
+        let Err(e) = result else {
+            return Delivery::Done;
         };
-        let mut delay = Duration::from_millis(200);
-        let mut handled = false;
-        for attempt in 1..=6 {
-            match sink.handle_network_event(&mxid, &ev).await {
-                Ok(()) => {
-                    handled = true;
-                    break;
-                }
-                Err(e) if e.is_retryable() && attempt < 6 => {
-                    tracing::warn!(attempt, error = %e, "bridging an interop event failed, retrying");
-                    tokio::time::sleep(delay).await;
-                    delay *= 2;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "giving up on an interop event");
-                    break;
-                }
+        let wait = match e.retry_class() {
+            RetryClass::UntilTarget => return Delivery::Early,
+            RetryClass::Permanent => None,
+            RetryClass::Transient => {
+                transient += 1;
+                (transient < MAX_TRANSIENT_ATTEMPTS).then_some(backoff)
             }
+            RetryClass::Waiting => Some(backoff),
+            RetryClass::After(d) => Some(d.min(Duration::from_secs(120))),
+        };
+        let Some(wait) = wait else {
+            tracing::error!(envelope, error = %e, "giving up on an interop event");
+            crate::bridge::handling_event(key.clone(), sink.network_event_failed(mxid, ev, &e))
+                .await;
+            return Delivery::Done;
+        };
+        tracing::warn!(envelope, ?wait, error = %e, "bridging an interop event failed, will retry");
+        tokio::time::sleep(wait).await;
+        if acc.handle.is_stopped() {
+            return Delivery::Stopped;
         }
-        if let Some(id) = ev.envelope_id() {
-            if handled {
-                acc.handle.ack(id).await;
-            } else {
-                // Not acked: the gateway delivers it again after the next reconnect.
-                tracing::warn!(
-                    envelope = id,
-                    "interop event left unacknowledged for redelivery"
-                );
-            }
-        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
@@ -440,5 +530,128 @@ impl NetAccount for InteropAccount {
 
     async fn ack(&self, envelope_id: u64) {
         self.handle.ack(envelope_id).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::HashSet, sync::Mutex as StdMutex};
+
+    use super::*;
+    use crate::{
+        bridge::BridgeError,
+        wire::content::{Edit, Text, data_message::Body as D},
+    };
+
+    /// Handles messages in order; an edit whose target it has not seen is early, the message
+    /// "flaky" fails twice with a 5xx, the message "refused" is refused for good.
+    #[derive(Default)]
+    struct Sink {
+        seen: StdMutex<HashSet<String>>,
+        handled: StdMutex<Vec<u64>>,
+        reported: StdMutex<Vec<u64>>,
+        flaky_failures: StdMutex<u32>,
+    }
+
+    #[async_trait]
+    impl NetEventSink for Sink {
+        async fn handle_network_event(&self, _: &str, ev: &NetEvent) -> Result<(), BridgeError> {
+            let NetEvent::Message {
+                envelope_id,
+                message_id,
+                data,
+                ..
+            } = ev
+            else {
+                return Ok(());
+            };
+            if let Some(D::Edit(e)) = &data.body
+                && !self.seen.lock().unwrap().contains(&e.target)
+            {
+                return Err(BridgeError::TargetNotYet(e.target.clone()));
+            }
+            if message_id == "flaky" {
+                let mut n = self.flaky_failures.lock().unwrap();
+                if *n < 2 {
+                    *n += 1;
+                    return Err(BridgeError::Matrix("502 Bad Gateway".into()));
+                }
+            }
+            if message_id == "refused" {
+                return Err(BridgeError::MatrixRefused("413 M_TOO_LARGE".into()));
+            }
+            self.seen.lock().unwrap().insert(message_id.clone());
+            self.handled.lock().unwrap().push(*envelope_id);
+            Ok(())
+        }
+
+        async fn network_event_failed(&self, _: &str, ev: &NetEvent, _: &BridgeError) {
+            if let Some(id) = ev.envelope_id() {
+                self.reported.lock().unwrap().push(id);
+            }
+        }
+    }
+
+    fn message(envelope_id: u64, message_id: &str, body: D) -> Event {
+        Event::Message {
+            envelope_id,
+            from: "+15550001111".into(),
+            group: None,
+            message_id: message_id.into(),
+            timestamp: 1,
+            data: DataMessage {
+                body: Some(body),
+                reply_to: None,
+            },
+        }
+    }
+
+    fn text(s: &str) -> D {
+        D::Text(Text {
+            body: s.into(),
+            formats: vec![],
+        })
+    }
+
+    #[tokio::test]
+    async fn nothing_is_acked_past_a_failing_event_and_early_edits_wait_for_their_message() {
+        let (handle, _keep, mut acks) = AccountHandle::detached("+15550002222");
+        let acc = Arc::new(InteropAccount {
+            handle,
+            connected: Arc::new(AtomicBool::new(true)),
+        });
+        let sink = Arc::new(Sink::default());
+        let dyn_sink: Arc<dyn NetEventSink> = sink.clone();
+        let (tx, rx) = mpsc::unbounded_channel();
+        for ev in [
+            message(
+                1,
+                "edit",
+                D::Edit(Edit {
+                    target: "m3".into(),
+                    text: Some(Text {
+                        body: "edited".into(),
+                        formats: vec![],
+                    }),
+                }),
+            ),
+            message(2, "flaky", text("two")),
+            message(3, "m3", text("three")),
+            message(4, "refused", text("four")),
+            message(5, "m5", text("five")),
+        ] {
+            tx.send(ev).unwrap();
+        }
+        drop(tx);
+        pump("@a:x".into(), acc, rx, Some(Arc::downgrade(&dyn_sink))).await;
+        let mut acked = Vec::new();
+        while let Ok(id) = acks.try_recv() {
+            acked.push(id);
+        }
+        // The flaky one was retried before anything after it; the early edit was applied
+        // once its message came; the refused one was reported and acked, not redelivered.
+        assert_eq!(*sink.handled.lock().unwrap(), [2, 3, 1, 5]);
+        assert_eq!(*sink.reported.lock().unwrap(), [4]);
+        assert_eq!(acked, [2, 3, 1, 4, 5]);
     }
 }

@@ -1,6 +1,11 @@
 //! The homeserver client: ruma request types sent with the `as_token`, identity assertion for
-//! ghosts (`user_id`, and `device_id` where a device is needed), and retries with backoff for
-//! transient failures (network errors, 5xx, `M_LIMIT_EXCEEDED` honouring `retry_after_ms`).
+//! ghosts (`user_id`, and `device_id` where a device is needed), and typed errors that say
+//! whether a failure is transient (network errors, 5xx), rate-limited (`retry_after_ms`) or
+//! permanent (other 4xx).
+//!
+//! By default a request is tried once: the event it belongs to is retried by the one retry layer
+//! (the queue's room lanes, the interop event pump), which knows the event's budget. Work with
+//! no such layer above it (start-up, the crypto device's upkeep) uses [`HomeserverClient::with_retries`].
 
 use std::{borrow::Cow, collections::BTreeMap, fmt, sync::Arc, time::Duration};
 
@@ -14,9 +19,6 @@ use ruma::{
     },
 };
 use serde::Deserialize;
-
-/// How many times a request is tried before its error is returned.
-const MAX_ATTEMPTS: u32 = 6;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MatrixError {
@@ -118,6 +120,8 @@ struct Inner {
     as_token: String,
     versions: SupportedVersions,
     retry_base: Duration,
+    /// How many times a request is tried before its error is returned.
+    attempts: u32,
 }
 
 impl fmt::Debug for HomeserverClient {
@@ -144,8 +148,24 @@ impl HomeserverClient {
                 as_token: as_token.to_owned(),
                 versions,
                 retry_base: Duration::from_millis(250),
+                attempts: 1,
             }),
         })
+    }
+
+    /// A client of the same homeserver that tries each request up to `attempts` times,
+    /// waiting with backoff after transient failures and as long as a rate limit asks.
+    pub fn with_retries(&self, attempts: u32) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                http: self.inner.http.clone(),
+                base: self.inner.base.clone(),
+                as_token: self.inner.as_token.clone(),
+                versions: self.inner.versions.clone(),
+                retry_base: self.inner.retry_base,
+                attempts: attempts.max(1),
+            }),
+        }
     }
 
     pub fn base_url(&self) -> &str {
@@ -241,7 +261,7 @@ impl HomeserverClient {
                 Err(e) => Err(MatrixError::Network(e.to_string())),
             };
             let err = result.expect_err("success returned above");
-            if !err.is_transient() || attempt >= MAX_ATTEMPTS {
+            if !err.is_transient() || attempt >= self.inner.attempts {
                 return Err(err);
             }
             let backoff = match &err {
@@ -333,12 +353,18 @@ impl HomeserverClient {
         event_type: &str,
         content: &serde_json::Value,
         txn_id: &str,
+        ts: Option<u64>,
     ) -> Result<String, MatrixError> {
         use ruma::api::client::message::send_message_event::v3 as send;
         let raw = ruma::serde::Raw::new(content)
             .map_err(|e| MatrixError::Build(e.to_string()))?
             .cast_unchecked();
-        let req = send::Request::new_raw(room.to_owned(), txn_id.into(), event_type.into(), raw);
+        let mut req =
+            send::Request::new_raw(room.to_owned(), txn_id.into(), event_type.into(), raw);
+        // Timestamp massaging: the event shows the time it was sent on the network.
+        req.timestamp = ts
+            .and_then(ruma::UInt::new)
+            .map(ruma::MilliSecondsSinceUnixEpoch);
         Ok(self
             .send(req, Some(as_user), None)
             .await?

@@ -15,9 +15,34 @@ pub mod crypto;
 pub use client::{HomeserverClient, MatrixError};
 use crypto::Crypto;
 
+/// The homeserver's answer decides the retry class: an unreachable homeserver is waited for,
+/// 5xx and answers that do not parse are transient, a rate limit waits for its `retry_after_ms`, any other 4xx (and a
+/// request that cannot be built, or an answer over the bridge's limit) is permanent.
 impl From<MatrixError> for BridgeError {
     fn from(e: MatrixError) -> Self {
-        BridgeError::Matrix(e.to_string())
+        match &e {
+            MatrixError::Api {
+                status,
+                errcode,
+                retry_after,
+                ..
+            } if *status == 429 || errcode == "M_LIMIT_EXCEEDED" => BridgeError::RateLimited {
+                message: e.to_string(),
+                retry_after: *retry_after,
+            },
+            MatrixError::Api { status, .. } if (400..500).contains(status) => {
+                BridgeError::MatrixRefused(e.to_string())
+            }
+            MatrixError::Build(_) | MatrixError::TooLarge(_) => {
+                BridgeError::MatrixRefused(e.to_string())
+            }
+            // Unreachable comes back by itself (a restart, an outage): wait for it, longer
+            // than for a homeserver that answers with errors.
+            MatrixError::Network(_) => BridgeError::NotReady(e.to_string()),
+            MatrixError::Api { .. } | MatrixError::Response(_) => {
+                BridgeError::Matrix(e.to_string())
+            }
+        }
     }
 }
 
@@ -79,12 +104,12 @@ impl MatrixSide {
 
 fn user(id: &str) -> Result<OwnedUserId, BridgeError> {
     id.try_into()
-        .map_err(|e| BridgeError::Matrix(format!("invalid user id {id}: {e}")))
+        .map_err(|e| BridgeError::MatrixRefused(format!("invalid user id {id}: {e}")))
 }
 
 fn room(id: &str) -> Result<OwnedRoomId, BridgeError> {
     id.try_into()
-        .map_err(|e| BridgeError::Matrix(format!("invalid room id {id}: {e}")))
+        .map_err(|e| BridgeError::MatrixRefused(format!("invalid room id {id}: {e}")))
 }
 
 #[async_trait]
@@ -111,6 +136,7 @@ impl MatrixConnector for MatrixSide {
         as_user: &str,
         body: &str,
         html: &str,
+        txn_id: &str,
     ) -> Result<String, BridgeError> {
         let content = json!({
             "msgtype": "m.notice",
@@ -118,8 +144,7 @@ impl MatrixConnector for MatrixSide {
             "format": "org.matrix.custom.html",
             "formatted_body": html,
         });
-        let txn = uuid::Uuid::new_v4().to_string();
-        self.send_maybe_encrypted(room_id, as_user, "m.room.message", content, &txn)
+        self.send_maybe_encrypted(room_id, as_user, "m.room.message", content, txn_id, None)
             .await
     }
 
@@ -192,8 +217,9 @@ impl MatrixConnector for MatrixSide {
         event_type: &str,
         content: serde_json::Value,
         txn_id: &str,
+        ts: Option<u64>,
     ) -> Result<String, BridgeError> {
-        self.send_maybe_encrypted(room_id, as_user, event_type, content, txn_id)
+        self.send_maybe_encrypted(room_id, as_user, event_type, content, txn_id, ts)
             .await
     }
 
@@ -303,15 +329,15 @@ impl MatrixConnector for MatrixSide {
         if let Some(file) = content.get("file").filter(|f| f.is_object()) {
             let url = file["url"]
                 .as_str()
-                .ok_or_else(|| BridgeError::Matrix("encrypted file without url".into()))?;
+                .ok_or_else(|| BridgeError::MatrixRefused("encrypted file without url".into()))?;
             let (ciphertext, _) = self.client.download(url, self.max_media_bytes).await?;
             let plain = Crypto::decrypt_attachment(&ciphertext, file)
-                .map_err(|e| BridgeError::Matrix(e.to_string()))?;
+                .map_err(|e| BridgeError::MatrixRefused(e.to_string()))?;
             return Ok((plain, None));
         }
         let url = content["url"]
             .as_str()
-            .ok_or_else(|| BridgeError::Matrix("the attachment has no url".into()))?;
+            .ok_or_else(|| BridgeError::MatrixRefused("the attachment has no url".into()))?;
         Ok(self.client.download(url, self.max_media_bytes).await?)
     }
 
@@ -344,6 +370,7 @@ impl MatrixSide {
         event_type: &str,
         content: serde_json::Value,
         txn_id: &str,
+        ts: Option<u64>,
     ) -> Result<String, BridgeError> {
         let (event_type, content) = match self.crypto.get() {
             Some(c) if c.is_encrypted(room_id).await => {
@@ -363,6 +390,7 @@ impl MatrixSide {
                 event_type,
                 &content,
                 txn_id,
+                ts,
             )
             .await?)
     }

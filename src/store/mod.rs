@@ -37,6 +37,41 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+impl StoreError {
+    /// Whether the database is away or out of room (a connection lost, PostgreSQL restarting, a
+    /// full disk) rather than refusing this one request: it comes back by itself, so what
+    /// failed waits and is tried again.
+    pub fn is_unavailable(&self) -> bool {
+        let StoreError::Db(e) = self else {
+            return false;
+        };
+        match e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::WorkerCrashed => true,
+            sqlx::Error::Database(d) => {
+                let code = d.code().unwrap_or_default();
+                // SQLite: BUSY, LOCKED, IOERR, FULL, CANTOPEN (primary result codes, also as
+                // the low byte of extended ones). PostgreSQL: connection exceptions (08),
+                // insufficient resources (53, disk full among them), operator intervention
+                // (57: shutdown, cannot connect now).
+                // A SQLSTATE has five characters; SQLite's codes are numbers of at most four
+                // digits.
+                if code.len() == 5 {
+                    ["08", "53", "57"].iter().any(|c| code.starts_with(c))
+                } else {
+                    code.parse::<i64>()
+                        .is_ok_and(|n| matches!(n & 0xff, 5 | 6 | 10 | 13 | 14))
+                }
+            }
+            _ => false,
+        }
+    }
+}
+
 /// An inbound Matrix event waiting in the durable queue, sealed by the vault.
 #[derive(Clone, Debug)]
 pub struct QueuedEvent {

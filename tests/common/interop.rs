@@ -86,7 +86,7 @@ impl TestGateway {
 /// A bridge-side account with its own vault on SQLite.
 pub struct Ours {
     pub handle: AccountHandle,
-    pub events: mpsc::Receiver<Event>,
+    pub events: mpsc::UnboundedReceiver<Event>,
     pub account: String,
     pub store: SqlStore,
     pub master: SecretKey,
@@ -120,7 +120,7 @@ pub async fn register_ours(rt: &SignalRuntime, gw: &GatewayAddr, account: &str) 
     account::save_credentials(&vault, &db, "@owner:test", account, &secret)
         .await
         .expect("creds");
-    let (tx, events) = mpsc::channel(1024);
+    let (tx, events) = mpsc::unbounded_channel();
     let handle = account::spawn_account(rt, "@owner:test", gw.clone(), vault.clone(), db, tx)
         .await
         .expect("spawn");
@@ -141,7 +141,7 @@ impl Ours {
     /// Starts the account again from its vault and database (after `handle.stop()`), as the
     /// bridge does after a restart; its events go to a new channel.
     pub async fn respawn(&mut self, rt: &SignalRuntime, gw: &GatewayAddr) {
-        let (tx, rx) = mpsc::channel(1024);
+        let (tx, rx) = mpsc::unbounded_channel();
         self.events = rx;
         let vault = reopen_vault(self).await;
         self.vault = vault.clone();
