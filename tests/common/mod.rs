@@ -7,6 +7,7 @@
 pub mod env;
 pub mod interop;
 pub mod node;
+pub mod portal;
 
 use std::{
     path::{Path, PathBuf},
