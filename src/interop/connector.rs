@@ -136,7 +136,7 @@ enum Delivery {
     /// Handled, or given up on and reported: ack it.
     Done,
     /// It refers to a message that has not arrived yet: set it aside.
-    Early,
+    Early(crate::bridge::BridgeError),
     /// The login stopped meanwhile: leave it to the next start (not acked).
     Stopped,
 }
@@ -151,8 +151,11 @@ async fn pump(
     mut rx: mpsc::UnboundedReceiver<Event>,
     sink: Option<Weak<dyn NetEventSink>>,
 ) {
-    let mut early: std::collections::VecDeque<(tokio::time::Instant, NetEvent)> =
-        Default::default();
+    let mut early: std::collections::VecDeque<(
+        tokio::time::Instant,
+        NetEvent,
+        crate::bridge::BridgeError,
+    )> = Default::default();
     loop {
         let next = match tokio::time::timeout(Duration::from_secs(30), rx.recv()).await {
             Ok(None) => return,
@@ -165,13 +168,12 @@ async fn pump(
         // Relations whose message never came are reported and acked.
         while early
             .front()
-            .is_some_and(|(since, _)| since.elapsed() >= EARLY_WINDOW)
+            .is_some_and(|(since, ..)| since.elapsed() >= EARLY_WINDOW)
             || early.len() > MAX_EARLY
         {
-            let Some((_, ev)) = early.pop_front() else {
+            let Some((_, ev, e)) = early.pop_front() else {
                 break;
             };
-            let e = crate::bridge::BridgeError::TargetNotYet("(never came)".into());
             tracing::warn!(error = %e, "giving up on an interop event");
             sink.network_event_failed(&mxid, &ev, &e).await;
             ack(&acc, &ev).await;
@@ -186,15 +188,15 @@ async fn pump(
         }
         match deliver(&mxid, &acc, &*sink, &ev).await {
             Delivery::Stopped => return,
-            Delivery::Early => early.push_back((tokio::time::Instant::now(), ev)),
+            Delivery::Early(e) => early.push_back((tokio::time::Instant::now(), ev, e)),
             Delivery::Done => {
                 ack(&acc, &ev).await;
                 // A new message may be what set-aside relations wait for.
                 if matches!(ev, NetEvent::Message { .. }) && !early.is_empty() {
-                    for (since, ev) in std::mem::take(&mut early) {
+                    for (since, ev, _) in std::mem::take(&mut early) {
                         match deliver(&mxid, &acc, &*sink, &ev).await {
                             Delivery::Stopped => return,
-                            Delivery::Early => early.push_back((since, ev)),
+                            Delivery::Early(e) => early.push_back((since, ev, e)),
                             Delivery::Done => ack(&acc, &ev).await,
                         }
                     }
@@ -236,7 +238,7 @@ async fn deliver(
             return Delivery::Done;
         };
         let wait = match e.retry_class() {
-            RetryClass::UntilTarget => return Delivery::Early,
+            RetryClass::UntilTarget => return Delivery::Early(e),
             RetryClass::Permanent => None,
             RetryClass::Transient => {
                 transient += 1;
@@ -653,5 +655,42 @@ mod tests {
         assert_eq!(*sink.handled.lock().unwrap(), [2, 3, 1, 5]);
         assert_eq!(*sink.reported.lock().unwrap(), [4]);
         assert_eq!(acked, [2, 3, 1, 4, 5]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_edit_whose_message_never_comes_is_reported_and_acked_after_the_window() {
+        let (handle, _keep, mut acks) = AccountHandle::detached("+15550002222");
+        let acc = Arc::new(InteropAccount {
+            handle,
+            connected: Arc::new(AtomicBool::new(true)),
+        });
+        let sink = Arc::new(Sink::default());
+        let dyn_sink: Arc<dyn NetEventSink> = sink.clone();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tx.send(message(
+            7,
+            "edit",
+            D::Edit(Edit {
+                target: "never".into(),
+                text: None,
+            }),
+        ))
+        .unwrap();
+        let pumping = tokio::spawn(pump(
+            "@a:x".into(),
+            acc,
+            rx,
+            Some(Arc::downgrade(&dyn_sink)),
+        ));
+        // Within the window it waits, unacked.
+        tokio::time::sleep(EARLY_WINDOW / 2).await;
+        assert!(acks.try_recv().is_err());
+        assert!(sink.reported.lock().unwrap().is_empty());
+        // After it, it is reported and acked (the clock is paused: this takes no real time).
+        tokio::time::sleep(EARLY_WINDOW).await;
+        drop(tx);
+        pumping.await.unwrap();
+        assert_eq!(*sink.reported.lock().unwrap(), [7]);
+        assert_eq!(acks.try_recv().ok(), Some(7));
     }
 }
