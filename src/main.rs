@@ -328,6 +328,7 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
             bridge: bridge.clone(),
         }),
         protocol: "interop".into(),
+        txn_order: Default::default(),
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
 

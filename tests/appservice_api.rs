@@ -42,6 +42,7 @@ async fn setup() -> (axum::Router, SqlStore, tempfile::TempDir) {
         readiness: Arc::new(AlwaysReady),
         users: Arc::new(OnlyBot),
         protocol: "interop".into(),
+        txn_order: Default::default(),
     };
     (router(state, 64 * 1024), store, dir)
 }
@@ -287,6 +288,7 @@ async fn a_late_transaction_is_queued_once_in_arrival_order() {
             readiness: Arc::new(AlwaysReady),
             users: Arc::new(OnlyBot),
             protocol: "interop".into(),
+            txn_order: Default::default(),
         },
         64 * 1024,
     );
@@ -371,4 +373,41 @@ async fn a_full_disk_refuses_transactions_until_there_is_room() {
         assert_eq!(status, 200);
     }
     assert_eq!(store.queued_events(100).await.expect("queue").len(), 10);
+}
+
+/// A transaction after a skipped number (Synapse can leave one behind, docs/architecture.md) is
+/// refused with 503, so that the homeserver marks the bridge down and its recoverer sends the
+/// skipped one first; then both are taken, in their order.
+#[tokio::test]
+async fn a_transaction_after_a_skipped_one_waits_for_it() {
+    let (app, store, _d) = setup().await;
+    let body = |id: &str| {
+        json!({"events": [{
+            "type": "m.room.message", "room_id": "!r:example.org", "sender": "@alice:example.org",
+            "event_id": id, "origin_server_ts": 1, "content": {"msgtype": "m.text", "body": id}
+        }]})
+        .to_string()
+    };
+    let put = |txn: &'static str, event: &'static str| {
+        let app = app.clone();
+        let body = body(event);
+        async move {
+            call(
+                &app,
+                "PUT",
+                &format!("/_matrix/app/v1/transactions/{txn}"),
+                Some(HS_TOKEN),
+                body,
+            )
+            .await
+        }
+    };
+    assert_eq!(put("40", "$a").await.0, 200);
+    let (status, answer) = put("42", "$c").await;
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(store.queued_events(100).await.expect("queue").len(), 1);
+    // The recoverer sends what it held back, oldest first.
+    assert_eq!(put("41", "$b").await.0, 200);
+    assert_eq!(put("42", "$c").await.0, 200);
+    assert_eq!(store.queued_events(100).await.expect("queue").len(), 3);
 }

@@ -24,6 +24,7 @@ use crate::{
     vault::SecretKey,
 };
 
+pub mod order;
 pub mod provisioning;
 pub mod queue;
 
@@ -91,6 +92,8 @@ pub struct AppState {
     pub readiness: Arc<dyn Readiness>,
     pub users: Arc<dyn UserQuery>,
     pub protocol: Arc<str>,
+    /// Notices transactions the homeserver skipped.
+    pub txn_order: order::TxnOrder,
 }
 
 /// The appservice router. `max_body` bounds every request body.
@@ -205,6 +208,13 @@ async fn transaction(
             MatrixApiError::new(StatusCode::BAD_REQUEST, "M_BAD_JSON", rej.body_text())
         }
     })?;
+    if let Err(missing) = state.txn_order.check(&txn_id) {
+        return Err(MatrixApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "M_UNKNOWN",
+            format!("transaction {missing} has not arrived; send it first"),
+        ));
+    }
     let parsed: Value = serde_json::from_slice(&body).map_err(|e| {
         MatrixApiError::new(
             StatusCode::BAD_REQUEST,
@@ -295,6 +305,7 @@ async fn transaction(
         .apply_transaction(&txn_id, &hash, &queued)
         .await
         .map_err(|e| MatrixApiError::internal("cannot record transaction", &e))?;
+    state.txn_order.taken(&txn_id);
     match outcome {
         TxnOutcome::Applied => {
             state.metrics.transactions.inc();
