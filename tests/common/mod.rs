@@ -63,6 +63,13 @@ impl Proc {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// SIGKILL, as a crash or the OOM killer would: no shutdown code runs.
+    pub fn kill(&mut self) {
+        // `Child::kill` sends SIGKILL on Unix.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     pub fn stop(&mut self) {
         #[cfg(unix)]
         {
@@ -302,6 +309,29 @@ impl MatrixUser {
             .await;
         assert_eq!(s, 200, "messages: {b}");
         let mut events = b["chunk"].as_array().cloned().unwrap_or_default();
+        events.reverse();
+        events
+    }
+
+    /// Every event of `room`'s timeline, oldest first (paginates past the 100 of `messages`).
+    pub async fn all_messages(&self, room: &str) -> Vec<Value> {
+        let mut events = Vec::new();
+        let mut from = String::new();
+        loop {
+            let mut path = format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=1000");
+            if !from.is_empty() {
+                path.push_str(&format!("&from={}", urlencode(&from)));
+            }
+            let (s, b) = self.call(reqwest::Method::GET, &path, None).await;
+            assert_eq!(s, 200, "messages: {b}");
+            let chunk = b["chunk"].as_array().cloned().unwrap_or_default();
+            let done = chunk.is_empty();
+            events.extend(chunk);
+            match b["end"].as_str() {
+                Some(end) if !done => from = end.to_owned(),
+                _ => break,
+            }
+        }
         events.reverse();
         events
     }

@@ -48,10 +48,14 @@ impl NodeContact {
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { return };
-                if let Ok(v) = serde_json::from_str::<Value>(&line)
-                    && tx.send(v).is_err()
-                {
-                    return;
+                if let Ok(mut v) = serde_json::from_str::<Value>(&line) {
+                    // When the line arrived (ms since the epoch), for delay measurements.
+                    if v.get("event").is_some() {
+                        v["rx_ms"] = json!(now_ms());
+                    }
+                    if tx.send(v).is_err() {
+                        return;
+                    }
                 }
             }
         });
@@ -119,6 +123,22 @@ impl NodeContact {
         }
     }
 
+    /// Moves the event lines that arrive within `wait` into the backlog; never panics.
+    pub fn pump(&mut self, wait: Duration) {
+        let deadline = Instant::now() + wait;
+        while let Ok(v) = self
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            if v.get("event").is_some() {
+                self.backlog.push(v);
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+        }
+    }
+
     /// Connects, registers with `code`, logs in and uploads keys.
     pub fn setup(&mut self, port: u16, server_key_b64: &str, account: &str, code: &str) {
         self.call(json!({"cmd": "connect", "host": "127.0.0.1", "port": port, "server_key": server_key_b64}));
@@ -127,6 +147,13 @@ impl NodeContact {
         self.call(json!({"cmd": "upload_keys", "one_time": 20, "kyber": 20}));
         self.account = account.to_owned();
     }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Drop for NodeContact {

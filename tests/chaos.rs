@@ -1,0 +1,1289 @@
+//! The chaos suite: tries to break the delivery promise of docs/architecture.md (every message
+//! reaches the other side exactly once, in order per chat) with a real Synapse, the reference
+//! gateway run as the `interop-gateway` binary, the bridge binary and contacts on the official
+//! libsignal (tests/peers/contact.js). The bridge is killed with SIGKILL (no shutdown code runs)
+//! at random moments while messages flow both ways, and so is the gateway once.
+//!
+//! Each test prints a table to stderr (sent, delivered, lost, duplicated, out of order, worst
+//! delay per chat and direction) and fails when a message was lost, duplicated or reordered.
+//!
+//! The defaults are sized for CI (each test well under 4 minutes on 2 cores). Knobs:
+//!
+//! | variable | default | meaning |
+//! | --- | --- | --- |
+//! | `MIB_CHAOS_MESSAGES` | 100 | N: messages per direction per chat in the two-way scenarios |
+//! | `MIB_CHAOS_KILLS` | 3 | K: SIGKILLs (and restarts) of the bridge during the stream; the gateway is killed once more |
+//! | `MIB_CHAOS_SEED` | random, printed | seed of the kill moments, downtimes, pauses and which backlog messages are images |
+//! | `MIB_CHAOS_BACKLOG` | 300 | M: messages the contact sends while the bridge is down in `backlog_drains_in_order` |
+//! | `MIB_CHAOS_PACE_MS` | 300 | mean pause between two steps of one sender (each step sends to every chat of that sender) |
+//!
+//! A long run: `MIB_CHAOS_MESSAGES=2000 MIB_CHAOS_KILLS=20 cargo nextest run --test chaos`.
+//! `MIB_KEEP_TEST_DIRS=1` keeps the logs (one file per bridge and gateway run) and databases.
+//! A failure is replayed (same schedule of kills, same pauses) with the printed `MIB_CHAOS_SEED`.
+
+mod common;
+
+use std::{
+    collections::HashMap,
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use base64::{Engine, engine::general_purpose::STANDARD as B64};
+use common::{
+    BridgeSetup, MatrixUser, Proc, Synapse, free_port,
+    interop::{CODE, random_account},
+    node::{NodeContact, now_ms},
+    urlencode,
+};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use serde_json::{Value, json};
+
+const BOT: &str = "@interopbot:localhost";
+
+// ---------------------------------------------------------------------------------- knobs
+
+struct Knobs {
+    messages: usize,
+    kills: usize,
+    backlog: usize,
+    pace_ms: u64,
+    seed: u64,
+}
+
+impl Knobs {
+    fn from_env() -> Self {
+        fn num(name: &str, default: u64) -> u64 {
+            match std::env::var(name) {
+                Ok(v) => v
+                    .trim()
+                    .parse()
+                    .unwrap_or_else(|_| panic!("{name}={v:?} is not a whole number")),
+                Err(_) => default,
+            }
+        }
+        let seed = num("MIB_CHAOS_SEED", rand::random::<u64>() >> 12);
+        Self {
+            messages: num("MIB_CHAOS_MESSAGES", 100) as usize,
+            kills: num("MIB_CHAOS_KILLS", 3) as usize,
+            backlog: num("MIB_CHAOS_BACKLOG", 300) as usize,
+            pace_ms: num("MIB_CHAOS_PACE_MS", 300),
+            seed,
+        }
+    }
+}
+
+fn pause(rng: &mut StdRng, pace_ms: u64) -> Duration {
+    Duration::from_millis(rng.random_range(0..=2 * pace_ms))
+}
+
+// ------------------------------------------------------------------------ the environment
+
+/// Renames `log` to `<stem>.<run>.log` so that the next run of the process writes a new file and
+/// every run's lines stay available.
+fn keep_log(log: &Path, run: u32) {
+    let stem = log
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("process");
+    let _ = std::fs::rename(log, log.with_file_name(format!("{stem}.{run}.log")));
+}
+
+/// The reference gateway as its own process, so that it can be killed with SIGKILL.
+struct GatewayProc {
+    proc: Proc,
+    dir: PathBuf,
+    port: u16,
+    key_b64: String,
+    runs: u32,
+}
+
+impl GatewayProc {
+    async fn start(dir: &Path) -> Self {
+        std::fs::create_dir_all(dir).expect("gateway dir");
+        let out = Command::new(env!("CARGO_BIN_EXE_interop-gateway"))
+            .arg("generate-key")
+            .arg("--out")
+            .arg(dir.join("gateway.key"))
+            .output()
+            .expect("interop-gateway generate-key");
+        assert!(
+            out.status.success(),
+            "generate-key: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let key_b64 = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let port = free_port();
+        let mut gw = Self {
+            proc: Self::spawn(dir, port),
+            dir: dir.into(),
+            port,
+            key_b64,
+            runs: 1,
+        };
+        gw.wait_ready().await;
+        gw
+    }
+
+    fn spawn(dir: &Path, port: u16) -> Proc {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_interop-gateway"));
+        cmd.arg("run")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--key-file")
+            .arg(dir.join("gateway.key"))
+            .arg("--database")
+            .arg(format!("sqlite://{}", dir.join("gateway.db").display()))
+            .arg("--blob-dir")
+            .arg(dir.join("blobs"))
+            .arg("--dev-code")
+            .arg(CODE)
+            .arg("--max-blob-bytes")
+            .arg((2 * 1024 * 1024).to_string());
+        Proc::spawn("gateway", cmd, dir.join("gateway.log"))
+    }
+
+    /// Waits for the line the gateway logs once it listens with its database open.
+    async fn wait_ready(&mut self) {
+        let start = Instant::now();
+        loop {
+            let log = std::fs::read_to_string(&self.proc.log).unwrap_or_default();
+            if log.contains("interop gateway running") {
+                return;
+            }
+            assert!(
+                self.proc.is_running(),
+                "the gateway exited:\n{}",
+                self.proc.log_tail()
+            );
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the gateway did not start:\n{}",
+                self.proc.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Starts the gateway again on the same port with the same key and state.
+    async fn start_again(&mut self) {
+        keep_log(&self.proc.log, self.runs);
+        self.runs += 1;
+        self.proc = Self::spawn(&self.dir, self.port);
+        self.wait_ready().await;
+    }
+}
+
+enum Db {
+    Sqlite,
+    Postgres,
+}
+
+// Fields drop in order: processes first, the directory with their logs last.
+struct ChaosEnv {
+    bridge: Proc,
+    synapse: Synapse,
+    gw: GatewayProc,
+    setup: BridgeSetup,
+    bridge_runs: u32,
+    pg_schema: Option<String>,
+    _tmp: tempfile::TempDir,
+}
+
+impl ChaosEnv {
+    async fn start(db: Db) -> Self {
+        let mut tmp = tempfile::tempdir().expect("tmp");
+        if std::env::var_os("MIB_KEEP_TEST_DIRS").is_some() {
+            tmp.disable_cleanup(true);
+            eprintln!("test files kept in {}", tmp.path().display());
+        }
+        let gw = GatewayProc::start(&tmp.path().join("gateway")).await;
+        let setup = BridgeSetup::write_full(
+            tmp.path(),
+            8008,
+            &[("*", "relay"), ("localhost", "user")],
+            &format!("127.0.0.1:{}", gw.port),
+            &gw.key_b64,
+            "",
+        );
+        let pg_schema = match db {
+            Db::Sqlite => None,
+            Db::Postgres => Some(use_fresh_pg_schema(&setup.config).await),
+        };
+        let synapse =
+            Synapse::start_for_bridge(&tmp.path().join("hs"), &setup.config, &setup.registration)
+                .await;
+        let bridge = setup.start().await;
+        Self {
+            bridge,
+            synapse,
+            gw,
+            setup,
+            bridge_runs: 1,
+            pg_schema,
+            _tmp: tmp,
+        }
+    }
+
+    /// A new contact on the official libsignal, registered with keys uploaded.
+    fn node(&self) -> NodeContact {
+        let mut n = NodeContact::spawn();
+        n.setup(self.gw.port, &self.gw.key_b64, &random_account(), CODE);
+        n
+    }
+
+    /// Starts the bridge again after a kill (same config and database); waits for /health.
+    async fn start_bridge_again(&mut self) {
+        keep_log(&self.bridge.log, self.bridge_runs);
+        self.bridge_runs += 1;
+        self.bridge = self.setup.start().await;
+    }
+
+    /// Drops the PostgreSQL schema of a passed run (a failed one keeps it for inspection).
+    async fn drop_pg_schema(&mut self) {
+        if let Some(schema) = self.pg_schema.take() {
+            self.bridge.kill();
+            let pool = sqlx::PgPool::connect(&pg_url()).await.expect("postgres");
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+                .execute(&pool)
+                .await;
+            pool.close().await;
+        }
+    }
+}
+
+fn pg_url() -> String {
+    std::env::var("MIB_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// Creates a new schema on the test PostgreSQL server (as the store suite does) and points the
+/// bridge config at it; returns the schema's name.
+async fn use_fresh_pg_schema(config: &Path) -> String {
+    let base = pg_url();
+    let schema = format!("chaos_{}", uuid::Uuid::new_v4().simple());
+    let pool = sqlx::PgPool::connect(&base)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {base} (MIB_TEST_PG_URL) is needed: {e}"));
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+        .execute(&pool)
+        .await
+        .expect("create schema");
+    pool.close().await;
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let uri = format!("{base}{sep}options=-c%20search_path%3D{schema}");
+    let text = std::fs::read_to_string(config).expect("config");
+    let text: String = text
+        .lines()
+        .map(|l| {
+            if l == "    type: sqlite" {
+                "    type: postgres".to_owned()
+            } else if l.starts_with("    uri: sqlite://") {
+                format!("    uri: \"{uri}\"")
+            } else {
+                l.to_owned()
+            }
+        })
+        .map(|l| l + "\n")
+        .collect();
+    assert!(text.contains("type: postgres"), "{text}");
+    std::fs::write(config, text).expect("write config");
+    schema
+}
+
+// ------------------------------------------------------------------- Matrix-side helpers
+
+fn from_bot(needle: &str) -> impl Fn(&Value) -> bool + '_ {
+    move |e| e["sender"] == BOT && e["content"]["body"].as_str().unwrap_or("").contains(needle)
+}
+
+fn ghost_of(account: &str) -> String {
+    format!("@interop_{}:localhost", account.trim_start_matches('+'))
+}
+
+/// Logs `user` in through the bot; returns (management room, account).
+async fn login(user: &MatrixUser) -> (String, String) {
+    let mgmt = user.create_dm(BOT).await;
+    user.wait_for(&mgmt, "welcome", from_bot("management room"))
+        .await;
+    let account = random_account();
+    user.send_text(&mgmt, &format!("login {account}")).await;
+    user.wait_for(&mgmt, "code prompt", from_bot("verification code was sent"))
+        .await;
+    user.send_text(&mgmt, CODE).await;
+    user.wait_for(&mgmt, "logged in", from_bot("Logged in as"))
+        .await;
+    (mgmt, account)
+}
+
+/// Opens the DM portal with `contact` and joins it.
+async fn start_chat(user: &MatrixUser, mgmt: &str, contact: &str) -> String {
+    user.send_text(mgmt, &format!("start-chat {contact}")).await;
+    let ev = user
+        .wait_for(mgmt, "portal link", from_bot("Your chat with"))
+        .await;
+    let body = ev["content"]["body"].as_str().expect("body");
+    let room = body.rsplit("/#/").next().expect("room").to_owned();
+    user.join(&room).await;
+    room
+}
+
+async fn wait_body(user: &MatrixUser, room: &str, sender: &str, body: &str) {
+    user.wait_for(room, body, |e| {
+        e["sender"] == sender && e["content"]["body"] == body
+    })
+    .await;
+}
+
+/// When each event was first seen by a /sync long-poll of the user (ms since the epoch): the
+/// arrival times of messages on Matrix, measured while the test does other things.
+#[derive(Clone, Default)]
+struct Arrivals(Arc<Mutex<HashMap<String, u64>>>);
+
+impl Arrivals {
+    fn get(&self, event_id: &str) -> Option<u64> {
+        self.0.lock().expect("lock").get(event_id).copied()
+    }
+}
+
+struct SyncWatch {
+    arrivals: Arrivals,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for SyncWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn watch_arrivals(user: &MatrixUser) -> SyncWatch {
+    let u = MatrixUser {
+        http: user.http.clone(),
+        base: user.base.clone(),
+        token: user.token.clone(),
+        user_id: user.user_id.clone(),
+    };
+    let arrivals = Arrivals::default();
+    let seen = arrivals.clone();
+    let filter = urlencode(
+        &json!({
+            "room": {"timeline": {"limit": 1000}, "state": {"types": []},
+                     "ephemeral": {"types": []}, "account_data": {"types": []}},
+            "presence": {"types": []}, "account_data": {"types": []}
+        })
+        .to_string(),
+    );
+    let task = tokio::spawn(async move {
+        let mut since = String::new();
+        loop {
+            let path = if since.is_empty() {
+                format!("/_matrix/client/v3/sync?timeout=0&filter={filter}")
+            } else {
+                format!(
+                    "/_matrix/client/v3/sync?timeout=5000&filter={filter}&since={}",
+                    urlencode(&since)
+                )
+            };
+            let (status, b) = u.call(reqwest::Method::GET, &path, None).await;
+            if status != 200 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            let now = now_ms();
+            if let Some(rooms) = b["rooms"]["join"].as_object() {
+                let mut seen = seen.0.lock().expect("lock");
+                for r in rooms.values() {
+                    for ev in r["timeline"]["events"].as_array().into_iter().flatten() {
+                        if let Some(id) = ev["event_id"].as_str() {
+                            seen.entry(id.to_owned()).or_insert(now);
+                        }
+                    }
+                }
+            }
+            since = b["next_batch"].as_str().unwrap_or_default().to_owned();
+        }
+    });
+    SyncWatch { arrivals, task }
+}
+
+// -------------------------------------------------------------------- contact-side helpers
+
+/// Makes sure the contact is connected and logged in (after the gateway was killed, say).
+fn ensure_online(node: &mut NodeContact, port: u16, key: &str, deadline: Instant) {
+    loop {
+        let st = node.try_call(&mut json!({"cmd": "status"}));
+        if st["connected"] == true && st["logged_in"] == true {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "contact {} could not get back online: {st}",
+            node.account
+        );
+        let connected = st["connected"] == true
+            || node.try_call(&mut json!({"cmd": "connect", "host": "127.0.0.1", "port": port, "server_key": key}))["ok"]
+                == true;
+        if !(connected && node.try_call(&mut json!({"cmd": "login"}))["ok"] == true) {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// Sends until the gateway took it; a retry keeps the message id, which the gateway
+/// deduplicates, so an answer lost with a killed gateway does not send the message twice.
+fn send_reliably(node: &mut NodeContact, cmd: &Value, port: u16, key: &str) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let r = node.try_call(&mut cmd.clone());
+        if r["ok"] == true {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "contact {} could not send {cmd}: {r}",
+            node.account
+        );
+        ensure_online(node, port, key, deadline);
+    }
+}
+
+/// Where a contact writes.
+#[derive(Clone)]
+enum Target {
+    Dm(String),
+    Group(String),
+}
+
+impl Target {
+    fn cmd(&self, content: Value, timestamp: u64) -> Value {
+        let id = uuid::Uuid::new_v4().to_string();
+        match self {
+            Target::Dm(to) => {
+                json!({"cmd": "send", "to": to, "content": content, "message_id": id, "timestamp": timestamp})
+            }
+            Target::Group(g) => {
+                json!({"cmd": "send_group", "group": g, "content": content, "message_id": id, "timestamp": timestamp})
+            }
+        }
+    }
+}
+
+/// Send times (ms since the epoch) by sequence number.
+type SentLog = HashMap<usize, u64>;
+
+struct ContactPlan {
+    targets: Vec<(Target, String)>,
+    n: usize,
+    pace_ms: u64,
+    seed: u64,
+    port: u16,
+    key: String,
+}
+
+/// One contact's stream: step i sends "<prefix>-i" to each target, then pauses.
+fn contact_stream(mut node: NodeContact, plan: ContactPlan) -> (NodeContact, Vec<SentLog>) {
+    let mut rng = StdRng::seed_from_u64(plan.seed);
+    let mut sent = vec![SentLog::new(); plan.targets.len()];
+    for i in 0..plan.n {
+        for (t, (target, prefix)) in plan.targets.iter().enumerate() {
+            let ts = now_ms();
+            let cmd = target.cmd(json!(format!("{prefix}-{i:04}")), ts);
+            send_reliably(&mut node, &cmd, plan.port, &plan.key);
+            sent[t].insert(i, ts);
+        }
+        std::thread::sleep(pause(&mut rng, plan.pace_ms));
+    }
+    (node, sent)
+}
+
+/// The Matrix user's stream: step i sends "<prefix>-i" into each room, then pauses.
+async fn matrix_stream(
+    user: &MatrixUser,
+    targets: &[(String, String)],
+    n: usize,
+    pace_ms: u64,
+    seed: u64,
+    progress: &AtomicUsize,
+) -> Vec<SentLog> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut sent = vec![SentLog::new(); targets.len()];
+    for i in 0..n {
+        for (t, (room, prefix)) in targets.iter().enumerate() {
+            let ts = now_ms();
+            user.send_text(room, &format!("{prefix}-{i:04}")).await;
+            sent[t].insert(i, ts);
+        }
+        progress.store(i + 1, Ordering::SeqCst);
+        tokio::time::sleep(pause(&mut rng, pace_ms)).await;
+    }
+    sent
+}
+
+fn join_thread<T>(h: std::thread::JoinHandle<T>) -> T {
+    h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
+
+// ---------------------------------------------------------------------------- the chaos
+
+#[derive(Debug, Clone, Copy)]
+enum Blow {
+    Bridge,
+    Gateway,
+}
+
+/// One blow of the chaos: when (once the Matrix stream has sent `after_step` steps, plus
+/// `jitter`), what is killed, and for how long it stays down.
+struct Strike {
+    after_step: usize,
+    jitter: Duration,
+    blow: Blow,
+    down: Duration,
+}
+
+/// K bridge kills and one gateway kill at random points of the stream (between 5 % and 90 % of
+/// its N steps, at a random moment within a step), each down for a random 0 to 3 s.
+fn chaos_plan(rng: &mut StdRng, kills: usize, n: usize, pace_ms: u64) -> Vec<Strike> {
+    let mut plan: Vec<Strike> = (0..kills)
+        .map(|_| Blow::Bridge)
+        .chain([Blow::Gateway])
+        .map(|blow| Strike {
+            after_step: rng.random_range(n / 20..=(n * 9 / 10).max(n / 20)),
+            jitter: Duration::from_millis(rng.random_range(0..=2 * pace_ms)),
+            blow,
+            down: Duration::from_millis(rng.random_range(0..=3000)),
+        })
+        .collect();
+    plan.sort_by_key(|s| (s.after_step, s.jitter));
+    plan
+}
+
+/// Carries out the plan while the Matrix stream reports its `progress`; returns what happened
+/// when, for the report.
+async fn run_chaos(
+    env: &mut ChaosEnv,
+    plan: &[Strike],
+    progress: &AtomicUsize,
+    t0: Instant,
+) -> Vec<String> {
+    let mut log = Vec::new();
+    for s in plan {
+        while progress.load(Ordering::SeqCst) < s.after_step {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(s.jitter).await;
+        let (killed_at, killed_ms) = (t0.elapsed(), now_ms());
+        let pid = match s.blow {
+            Blow::Bridge => {
+                let pid = env.bridge.pid();
+                env.bridge.kill();
+                tokio::time::sleep(s.down).await;
+                env.start_bridge_again().await;
+                pid
+            }
+            Blow::Gateway => {
+                let pid = env.gw.proc.pid();
+                env.gw.proc.kill();
+                tokio::time::sleep(s.down).await;
+                env.gw.start_again().await;
+                pid
+            }
+        };
+        log.push(format!(
+            "t+{:.1}s ({}) SIGKILL {:?} (pid {pid}) after step {}, down {:.1}s, back at t+{:.1}s",
+            killed_at.as_secs_f64(),
+            clock(killed_ms),
+            s.blow,
+            s.after_step,
+            s.down.as_secs_f64(),
+            t0.elapsed().as_secs_f64()
+        ));
+    }
+    log
+}
+
+// --------------------------------------------------------------------------- accounting
+
+/// One arrival of a numbered message: its sequence number and when it arrived.
+#[derive(Clone, Copy)]
+struct Seen {
+    seq: usize,
+    at_ms: u64,
+}
+
+struct Row {
+    scenario: &'static str,
+    chat: &'static str,
+    direction: String,
+    sent: usize,
+    delivered: usize,
+    lost: usize,
+    duplicated: usize,
+    out_of_order: usize,
+    unexpected: usize,
+    worst_delay_ms: u64,
+    /// Which messages went wrong, for the report.
+    details: Vec<String>,
+}
+
+/// A time of day in UTC with milliseconds, as in the logs of the bridge and the gateway.
+fn clock(ms: u64) -> String {
+    let d = ms % 86_400_000;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}Z",
+        d / 3_600_000,
+        d / 60_000 % 60,
+        d / 1000 % 60,
+        d % 1000
+    )
+}
+
+impl Row {
+    fn new(
+        scenario: &'static str,
+        chat: &'static str,
+        direction: &str,
+        prefix: &str,
+        sent: &SentLog,
+        seen: &[Seen],
+    ) -> Self {
+        let name = |seq: usize| {
+            let at = sent
+                .get(&seq)
+                .map_or(String::new(), |t| format!(", sent {}", clock(*t)));
+            format!("{chat} {direction}: {prefix}-{seq:04}{at}")
+        };
+        let mut details = Vec::new();
+        let mut count: HashMap<usize, usize> = HashMap::new();
+        let mut highest: Option<usize> = None;
+        let (mut out_of_order, mut worst) = (0, 0);
+        for s in seen {
+            let c = count.entry(s.seq).or_default();
+            *c += 1;
+            if *c > 1 {
+                details.push(format!(
+                    "{} arrived again at {}",
+                    name(s.seq),
+                    clock(s.at_ms)
+                ));
+                continue;
+            }
+            if let Some(h) = highest.filter(|h| s.seq < *h) {
+                out_of_order += 1;
+                details.push(format!(
+                    "{} arrived after {prefix}-{h:04}, at {}",
+                    name(s.seq),
+                    clock(s.at_ms)
+                ));
+            }
+            highest = highest.max(Some(s.seq));
+            if let Some(t) = sent.get(&s.seq) {
+                worst = worst.max(s.at_ms.saturating_sub(*t));
+            }
+        }
+        let delivered = count.keys().filter(|k| sent.contains_key(k)).count();
+        let mut lost: Vec<usize> = sent
+            .keys()
+            .filter(|k| !count.contains_key(k))
+            .copied()
+            .collect();
+        lost.sort_unstable();
+        details.extend(
+            lost.iter()
+                .map(|&seq| format!("{} never arrived", name(seq))),
+        );
+        let mut unexpected: Vec<usize> = count
+            .keys()
+            .filter(|k| !sent.contains_key(k))
+            .copied()
+            .collect();
+        unexpected.sort_unstable();
+        details.extend(
+            unexpected
+                .iter()
+                .map(|&seq| format!("{} was never sent", name(seq))),
+        );
+        Self {
+            scenario,
+            chat,
+            direction: direction.to_owned(),
+            sent: sent.len(),
+            delivered,
+            lost: sent.len() - delivered,
+            duplicated: seen.len() - count.len(),
+            out_of_order,
+            unexpected: count.len() - delivered,
+            worst_delay_ms: worst,
+            details,
+        }
+    }
+
+    fn complete(&self) -> bool {
+        self.lost == 0
+    }
+
+    fn bad(&self) -> bool {
+        self.lost + self.duplicated + self.out_of_order + self.unexpected > 0
+    }
+}
+
+fn table(rows: &[Row]) -> String {
+    let mut t = format!(
+        "{:<42} {:<6} {:<10} {:>5} {:>9} {:>5} {:>10} {:>12} {:>10} {:>11}\n",
+        "scenario",
+        "chat",
+        "direction",
+        "sent",
+        "delivered",
+        "lost",
+        "duplicated",
+        "out of order",
+        "unexpected",
+        "worst delay"
+    );
+    for r in rows {
+        let _ = writeln!(
+            t,
+            "{:<42} {:<6} {:<10} {:>5} {:>9} {:>5} {:>10} {:>12} {:>10} {:>9.1} s",
+            r.scenario,
+            r.chat,
+            r.direction,
+            r.sent,
+            r.delivered,
+            r.lost,
+            r.duplicated,
+            r.out_of_order,
+            r.unexpected,
+            r.worst_delay_ms as f64 / 1000.0
+        );
+    }
+    t
+}
+
+/// The sequence number of a body "<prefix>-<digits>".
+fn seq_of(body: &str, prefix: &str) -> Option<usize> {
+    let rest = body.strip_prefix(prefix)?.strip_prefix('-')?;
+    if rest.is_empty() || !rest.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    rest.parse().ok()
+}
+
+/// A numbered stream as it arrived on Matrix: messages of `sender` in `events`, in timeline order.
+fn seen_on_matrix(
+    events: &[Value],
+    sender: &str,
+    prefix: &str,
+    arrivals: &Arrivals,
+    now: u64,
+) -> Vec<Seen> {
+    events
+        .iter()
+        .filter(|e| e["type"] == "m.room.message" && e["sender"] == sender)
+        .filter_map(|e| {
+            let seq = seq_of(e["content"]["body"].as_str()?, prefix)?;
+            let at_ms = e["event_id"]
+                .as_str()
+                .and_then(|id| arrivals.get(id))
+                .unwrap_or(now);
+            Some(Seen { seq, at_ms })
+        })
+        .collect()
+}
+
+/// A numbered stream as it arrived at a contact (redeliveries the agent reports again after a
+/// reconnect are the agent's, not new messages, and are skipped).
+fn seen_by_contact(node: &NodeContact, prefix: &str) -> Vec<Seen> {
+    node.backlog
+        .iter()
+        .filter(|v| v["event"] == "message" && v["redelivered"] != true)
+        .filter_map(|v| {
+            let seq = seq_of(v["content"]["text"]["body"].as_str()?, prefix)?;
+            Some(Seen {
+                seq,
+                at_ms: v["rx_ms"].as_u64().unwrap_or(0),
+            })
+        })
+        .collect()
+}
+
+/// Events at a contact that point at trouble (undecryptable or duplicated ciphertexts, agent errors).
+fn contact_troubles(node: &NodeContact) -> Vec<String> {
+    node.backlog
+        .iter()
+        .filter(|v| {
+            matches!(
+                v["event"].as_str(),
+                Some("decrypt_error" | "duplicate" | "agent_error")
+            )
+        })
+        .map(|v| format!("contact {}: {v}", node.account))
+        .collect()
+}
+
+/// Appservice transactions Synapse still holds unsent at the end of a run: their events never
+/// reached the bridge. Synapse stores a transaction without sending it while it counts the
+/// appservice as down, for its recoverer to send; one stored just as the recoverer finishes
+/// stays behind until the next recovery (synapse/appservice/scheduler.py, `send` and
+/// `_Recoverer.retry`).
+async fn unsent_appservice_txns(hs_dir: &Path, rooms: &[&[Value]]) -> Vec<String> {
+    let url = format!(
+        "sqlite://{}?mode=ro",
+        hs_dir.join("homeserver.db").display()
+    );
+    let rows: Result<Vec<(i64, String)>, sqlx::Error> = async {
+        let pool = sqlx::SqlitePool::connect(&url).await?;
+        let rows = sqlx::query_as(
+            "SELECT txn_id, event_ids FROM application_services_txns ORDER BY txn_id",
+        )
+        .fetch_all(&pool)
+        .await;
+        pool.close().await;
+        rows
+    }
+    .await;
+    let rows = match rows {
+        Ok(rows) => rows,
+        Err(e) => {
+            return vec![format!(
+                "cannot read Synapse's appservice transactions: {e}"
+            )];
+        }
+    };
+    let body_of = |id: &str| {
+        rooms
+            .iter()
+            .flat_map(|r| r.iter())
+            .find(|e| e["event_id"] == id)
+            .and_then(|e| e["content"]["body"].as_str())
+            .unwrap_or("?")
+            .to_owned()
+    };
+    rows.into_iter()
+        .map(|(txn, ids)| {
+            let ids: Vec<String> = serde_json::from_str(&ids).unwrap_or_default();
+            let events: Vec<String> = ids
+                .iter()
+                .map(|id| format!("{} ({id})", body_of(id)))
+                .collect();
+            format!(
+                "Synapse still holds appservice transaction {txn} unsent; the bridge never got: {}",
+                events.join(", ")
+            )
+        })
+        .collect()
+}
+
+/// Notices of the bot in the portal rooms (a message that could not be bridged, say).
+fn bot_notices(events: &[Value]) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| e["sender"] == BOT && e["type"] == "m.room.message")
+        .map(|e| format!("bot notice: {}", e["content"]["body"]))
+        .collect()
+}
+
+// ------------------------------------------------------------------------ scenario 1
+
+async fn two_way_streams(db: Db, scenario: &'static str) {
+    let k = Knobs::from_env();
+    let n = k.messages;
+    eprintln!(
+        "chaos {scenario}: MIB_CHAOS_SEED={} MIB_CHAOS_MESSAGES={n} MIB_CHAOS_KILLS={} MIB_CHAOS_PACE_MS={}",
+        k.seed, k.kills, k.pace_ms
+    );
+    let test_start = Instant::now();
+    let mut env = ChaosEnv::start(db).await;
+    let alice = env.synapse.user("alice").await;
+    let (mgmt, me) = login(&alice).await;
+    let mut a = env.node();
+    let mut b = env.node();
+    let (ghost_a, ghost_b) = (ghost_of(&a.account), ghost_of(&b.account));
+    let dm = start_chat(&alice, &mgmt, &a.account).await;
+    let g = a.call(json!({"cmd": "create_group", "name": "Chaos", "members": [me, b.account]}));
+    let gid = g["group"]["id"].as_str().expect("group id").to_owned();
+    // A contact alice already has a chat with adds her to a group: no message request, the
+    // portal opens at once.
+    let group = alice.wait_invite(&[&mgmt, &dm]).await;
+    alice.join(&group).await;
+
+    // Warm-up: every path once, so that sessions and sender keys exist before the chaos.
+    a.call(json!({"cmd": "send", "to": me, "content": "warmup-dm-a"}));
+    wait_body(&alice, &dm, &ghost_a, "warmup-dm-a").await;
+    a.call(json!({"cmd": "send_group", "group": gid, "content": "warmup-grp-a"}));
+    wait_body(&alice, &group, &ghost_a, "warmup-grp-a").await;
+    b.call(json!({"cmd": "send_group", "group": gid, "content": "warmup-grp-b"}));
+    wait_body(&alice, &group, &ghost_b, "warmup-grp-b").await;
+    alice.send_text(&dm, "warmup-dm-m").await;
+    a.event("warm-up DM", |v| {
+        v["content"]["text"]["body"] == "warmup-dm-m"
+    });
+    alice.send_text(&group, "warmup-grp-m").await;
+    for c in [&mut a, &mut b] {
+        c.event("warm-up group", |v| {
+            v["content"]["text"]["body"] == "warmup-grp-m"
+        });
+    }
+    let setup_time = test_start.elapsed();
+    eprintln!(
+        "chaos {scenario}: set up in {:.1}s; streaming",
+        setup_time.as_secs_f64()
+    );
+
+    // The streams and the chaos, all at once.
+    let watch = watch_arrivals(&alice);
+    let mut rng = StdRng::seed_from_u64(k.seed);
+    let plan = chaos_plan(&mut rng, k.kills, n, k.pace_ms);
+    let progress = AtomicUsize::new(0);
+    let (port, key) = (env.gw.port, env.gw.key_b64.clone());
+    let t0 = Instant::now();
+    let plan_a = ContactPlan {
+        targets: vec![
+            (Target::Dm(me.clone()), "dm-a2m".into()),
+            (Target::Group(gid.clone()), "grp-a2m".into()),
+        ],
+        n,
+        pace_ms: k.pace_ms,
+        seed: k.seed.wrapping_add(1),
+        port,
+        key: key.clone(),
+    };
+    let plan_b = ContactPlan {
+        targets: vec![(Target::Group(gid.clone()), "grp-b2m".into())],
+        n,
+        pace_ms: k.pace_ms,
+        seed: k.seed.wrapping_add(2),
+        port,
+        key: key.clone(),
+    };
+    let thread_a = std::thread::spawn(move || contact_stream(a, plan_a));
+    let thread_b = std::thread::spawn(move || contact_stream(b, plan_b));
+    let m_targets = [
+        (dm.clone(), "dm-m2a".to_owned()),
+        (group.clone(), "grp-m2x".to_owned()),
+    ];
+    let (m_sent, chaos_log) = tokio::join!(
+        matrix_stream(
+            &alice,
+            &m_targets,
+            n,
+            k.pace_ms,
+            k.seed.wrapping_add(3),
+            &progress
+        ),
+        run_chaos(&mut env, &plan, &progress, t0)
+    );
+    let (mut a, a_sent) = tokio::task::spawn_blocking(move || join_thread(thread_a))
+        .await
+        .expect("join A");
+    let (mut b, b_sent) = tokio::task::spawn_blocking(move || join_thread(thread_b))
+        .await
+        .expect("join B");
+    let stream_time = t0.elapsed();
+    eprintln!(
+        "chaos {scenario}: streams done in {:.1}s; waiting for delivery",
+        stream_time.as_secs_f64()
+    );
+
+    // Wait until everything arrived and nothing more comes (a late duplicate), or the deadline.
+    let deadline =
+        Instant::now() + Duration::from_secs(120).max(Duration::from_millis(n as u64 * 600));
+    let quiet = Duration::from_secs(3);
+    let mut last_change = (0usize, Instant::now());
+    let compute =
+        |dm_events: &[Value], group_events: &[Value], a: &NodeContact, b: &NodeContact| {
+            let now = now_ms();
+            let arr = &watch.arrivals;
+            vec![
+                Row::new(
+                    scenario,
+                    "dm",
+                    "matrix->A",
+                    "dm-m2a",
+                    &m_sent[0],
+                    &seen_by_contact(a, "dm-m2a"),
+                ),
+                Row::new(
+                    scenario,
+                    "dm",
+                    "A->matrix",
+                    "dm-a2m",
+                    &a_sent[0],
+                    &seen_on_matrix(dm_events, &ghost_a, "dm-a2m", arr, now),
+                ),
+                Row::new(
+                    scenario,
+                    "group",
+                    "matrix->A",
+                    "grp-m2x",
+                    &m_sent[1],
+                    &seen_by_contact(a, "grp-m2x"),
+                ),
+                Row::new(
+                    scenario,
+                    "group",
+                    "matrix->B",
+                    "grp-m2x",
+                    &m_sent[1],
+                    &seen_by_contact(b, "grp-m2x"),
+                ),
+                Row::new(
+                    scenario,
+                    "group",
+                    "A->matrix",
+                    "grp-a2m",
+                    &a_sent[1],
+                    &seen_on_matrix(group_events, &ghost_a, "grp-a2m", arr, now),
+                ),
+                Row::new(
+                    scenario,
+                    "group",
+                    "B->matrix",
+                    "grp-b2m",
+                    &b_sent[0],
+                    &seen_on_matrix(group_events, &ghost_b, "grp-b2m", arr, now),
+                ),
+            ]
+        };
+    let (rows, dm_events, group_events) = loop {
+        let d = Instant::now() + Duration::from_secs(120);
+        tokio::task::block_in_place(|| {
+            for c in [&mut a, &mut b] {
+                ensure_online(c, port, &key, d);
+                c.pump(Duration::from_millis(100));
+            }
+        });
+        let dm_events = alice.all_messages(&dm).await;
+        let group_events = alice.all_messages(&group).await;
+        let rows = compute(&dm_events, &group_events, &a, &b);
+        let arrived: usize = rows.iter().map(|r| r.delivered + r.duplicated).sum();
+        if arrived != last_change.0 {
+            last_change = (arrived, Instant::now());
+        }
+        let done = rows.iter().all(Row::complete) && last_change.1.elapsed() >= quiet;
+        if done || Instant::now() > deadline {
+            break (rows, dm_events, group_events);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let drain_time = t0.elapsed() - stream_time;
+
+    let t = table(&rows);
+    let mut notes: Vec<String> = chaos_log;
+    notes.extend(rows.iter().flat_map(|r| r.details.iter().cloned()));
+    notes.extend(unsent_appservice_txns(&env.synapse.dir, &[&dm_events, &group_events]).await);
+    notes.extend(contact_troubles(&a));
+    notes.extend(contact_troubles(&b));
+    notes.extend(bot_notices(&dm_events));
+    notes.extend(bot_notices(&group_events));
+    eprintln!(
+        "\nchaos {scenario} (MIB_CHAOS_SEED={}; setup {:.1}s, streams {:.1}s, drain {:.1}s)\n{t}{}\n",
+        k.seed,
+        setup_time.as_secs_f64(),
+        stream_time.as_secs_f64(),
+        drain_time.as_secs_f64(),
+        notes.join("\n")
+    );
+    let bad = rows.iter().any(Row::bad);
+    if !bad {
+        env.drop_pg_schema().await;
+    }
+    assert!(
+        !bad,
+        "messages were lost, duplicated or reordered (replay with MIB_CHAOS_SEED={}):\n{t}{}",
+        k.seed,
+        notes.join("\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_way_streams_survive_kill_9() {
+    two_way_streams(Db::Sqlite, "two_way_streams_survive_kill_9").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_way_streams_survive_kill_9_on_postgres() {
+    two_way_streams(Db::Postgres, "two_way_streams_survive_kill_9_on_postgres").await;
+}
+
+// ------------------------------------------------------------------------ scenario 2
+
+/// A small image with a PNG signature.
+fn png(seq: usize) -> Vec<u8> {
+    let mut v = b"\x89PNG\r\n\x1a\n".to_vec();
+    v.extend((0..2000u32).map(|i| ((i as usize * 31 + seq) % 251) as u8));
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlog_drains_in_order() {
+    const SCENARIO: &str = "backlog_drains_in_order";
+    let k = Knobs::from_env();
+    let m = k.backlog;
+    eprintln!(
+        "chaos {SCENARIO}: MIB_CHAOS_SEED={} MIB_CHAOS_BACKLOG={m}",
+        k.seed
+    );
+    let test_start = Instant::now();
+    let mut env = ChaosEnv::start(Db::Sqlite).await;
+    let alice = env.synapse.user("alice").await;
+    let (mgmt, me) = login(&alice).await;
+    let mut a = env.node();
+    let ghost_a = ghost_of(&a.account);
+    let dm = start_chat(&alice, &mgmt, &a.account).await;
+    a.call(json!({"cmd": "send", "to": me, "content": "warmup-a"}));
+    wait_body(&alice, &dm, &ghost_a, "warmup-a").await;
+    alice.send_text(&dm, "warmup-m").await;
+    a.event("warm-up", |v| v["content"]["text"]["body"] == "warmup-m");
+    let watch = watch_arrivals(&alice);
+
+    // The bridge dies; the contact writes M messages, about one in ten an image.
+    env.bridge.kill();
+    let mut rng = StdRng::seed_from_u64(k.seed);
+    let mut sent = SentLog::new();
+    let mut images = 0;
+    let sending = Instant::now();
+    for i in 0..m {
+        let label = format!("bl-{i:04}");
+        let ts = now_ms();
+        let content = if rng.random_range(0..10) == 0 {
+            images += 1;
+            let up = a.call(json!({
+                "cmd": "upload_media", "bytes_b64": B64.encode(png(i)), "mimetype": "image/png",
+                "type": "IMAGE", "filename": format!("{label}.png"), "width": 40, "height": 30,
+                "caption": {"body": label}
+            }));
+            json!({"media": up["media"]})
+        } else {
+            json!(label)
+        };
+        a.call(Target::Dm(me.clone()).cmd(content, ts));
+        sent.insert(i, ts);
+    }
+    let send_time = sending.elapsed();
+
+    // The bridge comes back and drains the backlog.
+    let restart = Instant::now();
+    let restart_ms = now_ms();
+    env.start_bridge_again().await;
+    let deadline =
+        Instant::now() + Duration::from_secs(120).max(Duration::from_millis(m as u64 * 500));
+    let quiet = Duration::from_secs(3);
+    let mut last_change = (0usize, Instant::now());
+    let mut drained_after = None;
+    let (row, events) = loop {
+        let events = alice.all_messages(&dm).await;
+        let seen = seen_on_matrix(&events, &ghost_a, "bl", &watch.arrivals, now_ms());
+        let row = Row::new(SCENARIO, "dm", "A->matrix", "bl", &sent, &seen);
+        if row.complete() && drained_after.is_none() {
+            drained_after = Some(restart.elapsed());
+        }
+        if seen.len() != last_change.0 {
+            last_change = (seen.len(), Instant::now());
+        }
+        if (row.complete() && last_change.1.elapsed() >= quiet) || Instant::now() > deadline {
+            break (row, events);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+
+    // The drain rate, from the first to the last arrival seen by /sync, and from the restart.
+    let arrival_times: Vec<u64> = events
+        .iter()
+        .filter(|e| e["sender"] == json!(ghost_a))
+        .filter(|e| seq_of(e["content"]["body"].as_str().unwrap_or(""), "bl").is_some())
+        .filter_map(|e| watch.arrivals.get(e["event_id"].as_str()?))
+        .collect();
+    let first = arrival_times.iter().min().copied().unwrap_or(restart_ms);
+    let last = arrival_times.iter().max().copied().unwrap_or(first);
+    let rate_between = if last > first {
+        (arrival_times.len().saturating_sub(1)) as f64 / ((last - first) as f64 / 1000.0)
+    } else {
+        0.0
+    };
+    let rate_overall = drained_after.map_or(0.0, |d| m as f64 / d.as_secs_f64());
+
+    // Each message carries the contact's send time, not the time it was bridged, and images are
+    // images.
+    let mut skewed = Vec::new();
+    let mut worst_skew = 0i64;
+    let mut malformed = Vec::new();
+    for e in events.iter().filter(|e| e["sender"] == json!(ghost_a)) {
+        let Some(seq) = seq_of(e["content"]["body"].as_str().unwrap_or(""), "bl") else {
+            continue;
+        };
+        let Some(&sent_ms) = sent.get(&seq) else {
+            continue;
+        };
+        let skew = e["origin_server_ts"].as_i64().unwrap_or(0) - sent_ms as i64;
+        worst_skew = worst_skew.max(skew.abs());
+        if skew.abs() > 2000 {
+            skewed.push(seq);
+        }
+        if e["content"]["msgtype"] == "m.image" && !e["content"]["url"].is_string() {
+            malformed.push(format!("bl-{seq:04}: image without url"));
+        }
+    }
+    let image_events = events
+        .iter()
+        .filter(|e| e["sender"] == json!(ghost_a) && e["content"]["msgtype"] == "m.image")
+        .count();
+    if image_events != images {
+        malformed.push(format!(
+            "{images} images sent, {image_events} m.image events arrived"
+        ));
+    }
+
+    let t = table(std::slice::from_ref(&row));
+    let mut notes = vec![
+        format!(
+            "backlog of {m} ({images} images) sent in {:.1}s while the bridge was down",
+            send_time.as_secs_f64()
+        ),
+        match drained_after {
+            Some(d) => format!(
+                "drained {m} in {:.1}s after the restart began: {rate_overall:.1} msgs/s (bridge start included); \
+                 {rate_between:.1} msgs/s from the first to the last arrival",
+                d.as_secs_f64()
+            ),
+            None => "the backlog did not drain before the deadline".to_owned(),
+        },
+        format!(
+            "origin_server_ts vs the contact's send time: worst {:.1}s off; {} of {} more than 2 s off{}",
+            worst_skew as f64 / 1000.0,
+            skewed.len(),
+            row.delivered,
+            skewed
+                .first()
+                .map_or(String::new(), |s| format!(" (first: bl-{s:04})"))
+        ),
+    ];
+    notes.extend(row.details.iter().cloned());
+    notes.extend(malformed.iter().cloned());
+    notes.extend(contact_troubles(&a));
+    notes.extend(bot_notices(&events));
+    eprintln!(
+        "\nchaos {SCENARIO} (MIB_CHAOS_SEED={}; total {:.1}s)\n{t}{}\n",
+        k.seed,
+        test_start.elapsed().as_secs_f64(),
+        notes.join("\n")
+    );
+    assert!(
+        !row.bad() && malformed.is_empty(),
+        "the backlog was not delivered once each and in order (MIB_CHAOS_SEED={}):\n{t}{}",
+        k.seed,
+        notes.join("\n")
+    );
+    // Timestamp massaging: the bridge sends with the appservice `ts` parameter.
+    assert!(
+        skewed.is_empty(),
+        "bridged messages carry the bridging time, not the contact's send time:\n{}",
+        notes.join("\n")
+    );
+}
