@@ -40,12 +40,11 @@ use common::{
     BridgeSetup, MatrixUser, Proc, Synapse, free_port,
     interop::{CODE, random_account},
     node::{NodeContact, now_ms},
+    portal::{BOT, ghost_of, login, start_chat},
     urlencode,
 };
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde_json::{Value, json};
-
-const BOT: &str = "@interopbot:localhost";
 
 // ---------------------------------------------------------------------------------- knobs
 
@@ -298,41 +297,6 @@ async fn use_fresh_pg_schema(config: &Path) -> String {
 }
 
 // ------------------------------------------------------------------- Matrix-side helpers
-
-fn from_bot(needle: &str) -> impl Fn(&Value) -> bool + '_ {
-    move |e| e["sender"] == BOT && e["content"]["body"].as_str().unwrap_or("").contains(needle)
-}
-
-fn ghost_of(account: &str) -> String {
-    format!("@interop_{}:localhost", account.trim_start_matches('+'))
-}
-
-/// Logs `user` in through the bot; returns (management room, account).
-async fn login(user: &MatrixUser) -> (String, String) {
-    let mgmt = user.create_dm(BOT).await;
-    user.wait_for(&mgmt, "welcome", from_bot("management room"))
-        .await;
-    let account = random_account();
-    user.send_text(&mgmt, &format!("login {account}")).await;
-    user.wait_for(&mgmt, "code prompt", from_bot("verification code was sent"))
-        .await;
-    user.send_text(&mgmt, CODE).await;
-    user.wait_for(&mgmt, "logged in", from_bot("Logged in as"))
-        .await;
-    (mgmt, account)
-}
-
-/// Opens the DM portal with `contact` and joins it.
-async fn start_chat(user: &MatrixUser, mgmt: &str, contact: &str) -> String {
-    user.send_text(mgmt, &format!("start-chat {contact}")).await;
-    let ev = user
-        .wait_for(mgmt, "portal link", from_bot("Your chat with"))
-        .await;
-    let body = ev["content"]["body"].as_str().expect("body");
-    let room = body.rsplit("/#/").next().expect("room").to_owned();
-    user.join(&room).await;
-    room
-}
 
 async fn wait_body(user: &MatrixUser, room: &str, sender: &str, body: &str) {
     user.wait_for(room, body, |e| {
