@@ -232,6 +232,9 @@ print(json.dumps({
     "interop.gateway_public_key": gw_public,
     "metrics.enabled": True,
     "metrics.listen": "127.0.0.1:$METRICS_PORT",
+    # Element creates encrypted DMs by default: the bot answers in them, and portals are encrypted.
+    "encryption.allow": True,
+    "encryption.default": True,
 }))
 PY
 )
@@ -416,6 +419,9 @@ run_check() {
     answer=$(wait_body "$mgmt" "$BOT" "Pong") || { echo "$answer"; return 1; }
     echo "the bot answered after $(($(ms_now) - t0)) ms: $answer"
 
+    # A check that stopped half-way may have left its login behind.
+    say "$mgmt" logout >/dev/null || return 1
+    wait_body "$mgmt" "$BOT" "ogged" >/dev/null || return 1
     identifier=+1555$(printf '%07d' $((RANDOM * 32768 + RANDOM)) | cut -c1-7)
     say "$mgmt" "login $identifier" || return 1
     wait_body "$mgmt" "$BOT" "verification code" >/dev/null || return 1
@@ -429,14 +435,20 @@ run_check() {
     mx POST "/_matrix/client/v3/rooms/$(urlenc "$portal")/join" '{}' || return 1
     [[ $mx_status == 200 ]] || { echo "join $portal: HTTP $mx_status $mx_body"; return 1; }
     echo "joined the portal $portal"
-    t0=$(ms_now)
-    say "$portal" "hello from the check" || return 1
-    answer=$(wait_body "$portal" "@interop_${CONTACT#+}:$SERVER_NAME" "You said: hello from the check") \
-        || { echo "$answer"; return 1; }
-    echo "the demo contact answered after $(($(ms_now) - t0)) ms: $answer"
+    # Portals are encrypted (encryption.default): this client cannot read them, the encrypted
+    # check below talks in one.
+    mx GET "/_matrix/client/v3/rooms/$(urlenc "$portal")/state/m.room.encryption/" || return 1
+    [[ $mx_status == 200 ]] || { echo "the portal is not encrypted: HTTP $mx_status $mx_body"; return 1; }
+    echo "the portal is encrypted"
 
     http_ok "http://127.0.0.1:$AS_PORT/ready" || { echo "the bridge's /ready does not answer 200"; return 1; }
     echo "the bridge's /ready answers 200"
+
+    # The same with an encrypting client: an encrypted DM with the bot and an encrypted portal.
+    bash "$repo/scripts/register-user.sh" "$HS_URL" "$shared_secret" "$CHECK_USER-e2ee" "$CHECK_PASSWORD" >/dev/null \
+        || { echo "cannot register @$CHECK_USER-e2ee:$SERVER_NAME"; return 1; }
+    timeout 300 "$MIB_SYNAPSE_VENV/bin/python" "$repo/scripts/demo-check-e2ee.py" "$HS_URL" "$CHECK_USER-e2ee" \
+        "$CHECK_PASSWORD" "$BOT" "$CONTACT" "$DEV_CODE" "@interop_${CONTACT#+}:$SERVER_NAME" || return 1
 
     # Tidy up: log the check's interop account out, leave the rooms, end the session.
     say "$mgmt" logout >/dev/null || true
@@ -449,7 +461,7 @@ run_check() {
 }
 
 if ((check)); then
-    note "check: as @$CHECK_USER: ping the bot, log in, start-chat $CONTACT, expect its answer"
+    note "check: as @$CHECK_USER: ping the bot, log in, start-chat $CONTACT; then with an encrypting client, the same in an encrypted DM and the contact's answer in the encrypted portal"
     if run_check 2>&1 | sed 's/^/check: /'; then
         total_ms=$(($(ms_now) - started_ms))
         note "PASS (total $((total_ms / 1000)) s)"

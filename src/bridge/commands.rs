@@ -362,8 +362,13 @@ impl Bridge {
                                     "Logged in, but the login could not be saved: {e}"
                                 )));
                             }
+                            let incoming = if self.settings.bridge.message_requests {
+                                "Chats you start, and people you accept, appear as rooms; someone new who writes to you first shows up here as a message request (`list-requests`)."
+                            } else {
+                                "Incoming chats will appear as rooms."
+                            };
                             CommandOutcome::text(format!(
-                                "Logged in as {account}. Incoming chats will appear as rooms; start one with `start-chat <identifier>`."
+                                "Logged in as {account}. {incoming} Start a chat with `start-chat <identifier>`."
                             ))
                         }
                         Err(NetError::BadCode) => CommandOutcome::text(
