@@ -133,6 +133,9 @@ pub struct Synapse {
     pub shared_secret: String,
     pub proc: Proc,
     pub dir: PathBuf,
+    venv: String,
+    /// How many times this Synapse was started (see [`Synapse::start_again`]).
+    runs: u32,
 }
 
 impl Synapse {
@@ -162,23 +165,60 @@ impl Synapse {
                 .to_owned()
         };
         let url = field("base_url").trim_end_matches('/').to_owned();
-        let mut cmd = Command::new(repo().join("scripts/start-synapse.sh"));
-        cmd.arg(dir).env("MIB_SYNAPSE_VENV", &venv);
-        let proc = Proc::spawn("synapse", cmd, dir.join("synapse.out"));
         let s = Self {
             url,
             server_name: field("server_name"),
             shared_secret: field("shared_secret"),
-            proc,
+            proc: Self::spawn(dir, &venv),
             dir: dir.into(),
+            venv,
+            runs: 1,
         };
+        s.wait_ready().await;
+        s
+    }
+
+    /// Runs scripts/start-synapse.sh, which execs Synapse: the child process is Synapse itself.
+    fn spawn(dir: &Path, venv: &str) -> Proc {
+        let mut cmd = Command::new(repo().join("scripts/start-synapse.sh"));
+        cmd.arg(dir).env("MIB_SYNAPSE_VENV", venv);
+        Proc::spawn("synapse", cmd, dir.join("synapse.out"))
+    }
+
+    async fn wait_ready(&self) {
         wait_http(
-            &format!("{}/_matrix/client/versions", s.url),
+            &format!("{}/_matrix/client/versions", self.url),
             Duration::from_secs(60),
-            &s.proc,
+            &self.proc,
         )
         .await;
-        s
+    }
+
+    /// Kills Synapse with SIGKILL, as a crash or the OOM killer would: no shutdown code runs.
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    /// Starts Synapse again after [`kill`](Self::kill): same directory, so the same config,
+    /// port, signing key and database (users, access tokens, rooms, appservice transactions);
+    /// waits until it answers. The previous run's output is kept as `synapse.N.out`
+    /// (homeserver.log is appended to).
+    pub async fn start_again(&mut self) {
+        self.proc.kill();
+        let _ = std::fs::rename(
+            self.dir.join("synapse.out"),
+            self.dir.join(format!("synapse.{}.out", self.runs)),
+        );
+        self.runs += 1;
+        self.proc = Self::spawn(&self.dir, &self.venv);
+        self.wait_ready().await;
+    }
+
+    /// [`kill`](Self::kill), `down` without a homeserver, then [`start_again`](Self::start_again).
+    pub async fn restart(&mut self, down: Duration) {
+        self.kill();
+        tokio::time::sleep(down).await;
+        self.start_again().await;
     }
 
     /// Starts Synapse in `dir` with the bridge's `registration`, then points the bridge `config`
@@ -261,6 +301,17 @@ impl MatrixUser {
         path: &str,
         body: Option<Value>,
     ) -> (u16, Value) {
+        self.try_call(method, path, body).await.expect("request")
+    }
+
+    /// As [`call`](Self::call), with an unreachable homeserver (stopped, restarting) an error
+    /// instead of a panic.
+    pub async fn try_call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<(u16, Value), reqwest::Error> {
         let mut req = self
             .http
             .request(method, format!("{}{path}", self.base))
@@ -268,9 +319,9 @@ impl MatrixUser {
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let resp = req.send().await.expect("request");
+        let resp = req.send().await?;
         let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
+        Ok((status, resp.json().await.unwrap_or(Value::Null)))
     }
 
     /// Creates a DM with `invitee` and returns the room id.
