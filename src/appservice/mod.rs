@@ -305,7 +305,9 @@ async fn transaction(
         .apply_transaction(&txn_id, &hash, &queued)
         .await
         .map_err(|e| MatrixApiError::internal("cannot record transaction", &e))?;
-    state.txn_order.taken(&txn_id);
+    state
+        .txn_order
+        .taken(&txn_id, matches!(outcome, TxnOutcome::Applied));
     match outcome {
         TxnOutcome::Applied => {
             state.metrics.transactions.inc();

@@ -8,9 +8,12 @@
 //! Synapse then marks the appservice down and its recoverer sends every stored transaction from
 //! the oldest, the skipped one first. A gap that is not filled within [`MAX_GAP_WAIT`] (or
 //! [`MAX_REFUSALS`] refusals) is let go, so a homeserver that numbers otherwise is never stalled.
-//! Transaction ids that are not numbers are taken as they come.
+//! Transaction ids that are not numbers are taken as they come. Synapse starts counting again
+//! after a restart (from its highest stored transaction), so a number that comes again with
+//! another body begins a new count.
 
 use std::{
+    collections::BTreeSet,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -19,17 +22,39 @@ use std::{
 const MAX_GAP_WAIT: Duration = Duration::from_secs(60);
 /// How many times one gap makes the bridge refuse a transaction.
 const MAX_REFUSALS: u32 = 5;
-/// A number this far below the last one means the homeserver started counting again.
-const RESTART_DISTANCE: u64 = 1000;
+/// How many numbers of the current numbering are remembered.
+const REMEMBERED: usize = 4096;
 
 #[derive(Clone, Default)]
 pub struct TxnOrder(Arc<Mutex<State>>);
 
 #[derive(Default)]
 struct State {
-    /// The highest transaction number taken.
-    last: Option<u64>,
+    /// The numbers taken since the homeserver last started counting (Synapse starts again
+    /// after a restart, from its highest stored transaction; a number seen again with another
+    /// body begins a new count).
+    taken: BTreeSet<u64>,
+    /// Ranges of numbers given up on (they never came): a late one among them is no gap.
+    abandoned: std::collections::VecDeque<(u64, u64)>,
     gap: Option<Gap>,
+}
+
+impl State {
+    fn abandoned(&self, n: u64) -> bool {
+        self.abandoned.iter().any(|(a, b)| (*a..=*b).contains(&n))
+    }
+
+    /// The highest number below `n` that was taken or given up on.
+    fn below(&self, n: u64) -> Option<u64> {
+        let taken = self.taken.range(..n).next_back().copied();
+        let given_up = self
+            .abandoned
+            .iter()
+            .filter(|(a, _)| *a < n)
+            .map(|(_, b)| (*b).min(n - 1))
+            .max();
+        taken.max(given_up)
+    }
 }
 
 struct Gap {
@@ -47,13 +72,18 @@ impl TxnOrder {
             return Ok(());
         };
         let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(last) = s.last else {
-            return Ok(());
-        };
-        let missing = last.saturating_add(1);
-        if n <= missing {
+        // The number below it that was taken last: none (the first, or older than all we
+        // know: late or counted anew) or the one just before it means no gap.
+        if s.taken.contains(&n) || s.abandoned(n) {
             return Ok(());
         }
+        let Some(below) = s.below(n) else {
+            return Ok(());
+        };
+        if below + 1 == n {
+            return Ok(());
+        }
+        let missing = below + 1;
         let gap = match &mut s.gap {
             Some(g) if g.missing == missing => g,
             other => other.insert(Gap {
@@ -77,21 +107,30 @@ impl TxnOrder {
             "a skipped transaction did not come; going on without it"
         );
         s.gap = None;
+        s.abandoned.push_back((missing, n - 1));
+        if s.abandoned.len() > 64 {
+            s.abandoned.pop_front();
+        }
         Ok(())
     }
 
-    /// Transaction `txn_id` was taken (applied, or a repeat of one that was).
-    pub fn taken(&self, txn_id: &str) {
+    /// Transaction `txn_id` was taken: `fresh` when it was applied now, not a repeat of one
+    /// applied before.
+    pub fn taken(&self, txn_id: &str, fresh: bool) {
         let Ok(n) = txn_id.parse::<u64>() else {
             return;
         };
         let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        s.last = Some(match s.last {
-            Some(last) if n.saturating_add(RESTART_DISTANCE) < last => n,
-            Some(last) => last.max(n),
-            None => n,
-        });
-        if s.gap.as_ref().is_some_and(|g| n >= g.missing) {
+        if fresh && s.taken.contains(&n) {
+            // A number seen before, with another body: the homeserver counts anew.
+            s.taken.clear();
+            s.abandoned.clear();
+        }
+        s.taken.insert(n);
+        while s.taken.len() > REMEMBERED {
+            s.taken.pop_first();
+        }
+        if s.gap.as_ref().is_some_and(|g| g.missing == n) {
             s.gap = None;
         }
     }
@@ -101,33 +140,46 @@ impl TxnOrder {
 mod tests {
     use super::*;
 
+    fn take(o: &TxnOrder, id: &str) {
+        assert_eq!(o.check(id), Ok(()), "{id}");
+        o.taken(id, true);
+    }
+
     #[test]
     fn a_skipped_number_is_asked_for_a_bounded_number_of_times() {
         let o = TxnOrder::default();
-        assert_eq!(o.check("7"), Ok(()));
-        o.taken("7");
-        assert_eq!(o.check("8"), Ok(()));
-        o.taken("8");
+        take(&o, "7");
+        take(&o, "8");
         // 9 was skipped: 10 is refused until 9 came.
         assert_eq!(o.check("10"), Err(9));
-        assert_eq!(o.check("9"), Ok(()));
-        o.taken("9");
-        assert_eq!(o.check("10"), Ok(()));
-        o.taken("10");
+        take(&o, "9");
+        take(&o, "10");
         // A gap that never fills is let go after a few refusals.
         for _ in 0..MAX_REFUSALS {
             assert_eq!(o.check("13"), Err(11));
         }
+        take(&o, "13");
+        // A late one and a repeat are taken.
+        take(&o, "12");
         assert_eq!(o.check("13"), Ok(()));
-        o.taken("13");
-        // Repeats, a restart of the numbering and ids that are no numbers are taken.
-        assert_eq!(o.check("12"), Ok(()));
-        o.taken("12");
-        assert_eq!(o.check("14"), Ok(()));
-        o.taken("5000");
-        assert_eq!(o.check("1"), Ok(()));
-        o.taken("1");
-        assert_eq!(o.check("2"), Ok(()));
+        o.taken("13", false);
+        take(&o, "14");
         assert_eq!(o.check("txn-abc"), Ok(()));
+    }
+
+    #[test]
+    fn a_gap_after_the_homeserver_counts_anew_is_noticed() {
+        let o = TxnOrder::default();
+        for n in 30..=40 {
+            take(&o, &n.to_string());
+        }
+        // Synapse restarted and counts from 18 again (new bodies): taken as a new count.
+        for n in 18..=21 {
+            take(&o, &n.to_string());
+        }
+        // 22 is held back: 23 waits for it, although 22 and 23 were seen in the old count.
+        assert_eq!(o.check("23"), Err(22));
+        take(&o, "22");
+        take(&o, "23");
     }
 }

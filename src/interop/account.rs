@@ -191,6 +191,19 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(180);
 /// §7): bounds the decrypted events waiting between the actor and the core.
 pub const DELIVERY_WINDOW: u32 = 128;
 
+/// The pause before logging in again after the database failed an envelope, doubling up to
+/// the maximum while it keeps failing.
+const FIRST_STORE_BACKOFF: Duration = Duration::from_millis(250);
+const MAX_STORE_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Why an envelope could not be decrypted.
+enum Undecryptable {
+    /// The vault's database failed: the envelope is fine, try it again later.
+    StoreUnavailable(String),
+    /// The envelope itself (or its session) is bad.
+    Invalid(String),
+}
+
 /// How long blob transfers and profile look-ups wait for a connection.
 const CONNECT_WAIT: Duration = Duration::from_secs(30);
 
@@ -471,6 +484,7 @@ pub async fn spawn_account(
             recent: std::collections::VecDeque::new(),
             inbox,
             last_replenish: None,
+            store_backoff: FIRST_STORE_BACKOFF,
         };
         actor.run(rx, ack_rx).await;
     });
@@ -501,6 +515,8 @@ struct Actor {
     inbox: Option<std::collections::HashSet<u64>>,
     /// When one-time prekeys were last replenished because the gateway said they ran low.
     last_replenish: Option<std::time::Instant>,
+    /// The pause before the next login after the database failed an envelope.
+    store_backoff: Duration,
 }
 
 /// `PREKEYS_LOW` pushes within this time of a replenish are not acted on: someone fetching
@@ -1069,7 +1085,11 @@ impl Actor {
             .map(|id| (INBOX, id.to_string(), None))
             .collect();
         if let Err(e) = self.store.commit(clear).await {
-            tracing::error!(error = %e, "cannot clear inbox entry");
+            // Not acked: they come again once the database is back (a message replayed from
+            // the inbox is found in the message map and acked without a second effect).
+            self.redeliver_later(&format!("cannot record acks: {e}"))
+                .await;
+            return;
         }
         for id in envelope_ids {
             self.recent.push_back(*id);
@@ -1078,6 +1098,25 @@ impl Actor {
             self.recent.pop_front();
         }
         self.send_acks(envelope_ids.to_vec());
+    }
+
+    /// Something an envelope needs from the database cannot be had now (a connection lost, a
+    /// full disk). Acking later envelopes past it would break their order, and the gateway
+    /// sends an unacked envelope again only after a new login (docs §7); so the buffered state
+    /// is undone and the connection dropped: after a pause, the actor logs in again and gets
+    /// this envelope and all later ones again, in order.
+    async fn redeliver_later(&mut self, reason: &str) {
+        self.store.rollback();
+        tracing::warn!(%reason, pause = ?self.store_backoff, "cannot process an envelope now; it and later ones will be delivered again");
+        self.conn = None;
+        self.published.send_replace(None);
+        self.emit(Event::Disconnected {
+            account: self.creds.account.clone(),
+            reason: reason.to_owned(),
+        })
+        .await;
+        tokio::time::sleep(self.store_backoff).await;
+        self.store_backoff = (self.store_backoff * 2).min(MAX_STORE_BACKOFF);
     }
 
     /// Sends an `Ack` as a request, so that one the gateway rate-limits is sent again when it
@@ -1238,10 +1277,13 @@ impl Actor {
                                 .commit(vec![(INBOX, id.to_string(), Some(sealed_entry))])
                                 .await
                             {
-                                tracing::error!(error = %e, "cannot store decrypted message; it will be redelivered");
-                                self.store.rollback();
+                                self.redeliver_later(&format!(
+                                    "cannot store a decrypted message: {e}"
+                                ))
+                                .await;
                                 return;
                             }
+                            self.store_backoff = FIRST_STORE_BACKOFF;
                             self.report_identity_changes().await;
                             self.emit(Event::Message {
                                 envelope_id: id,
@@ -1261,7 +1303,10 @@ impl Actor {
                                     // The pairwise session's step is kept; the key is not.
                                     tracing::warn!(group = %skd.group, "dropping a sender key from someone outside the group");
                                     if let Err(e) = self.store.commit(vec![]).await {
-                                        tracing::error!(error = %e, "cannot store session");
+                                        self.redeliver_later(&format!(
+                                            "cannot store a session: {e}"
+                                        ))
+                                        .await;
                                         return;
                                     }
                                     self.ack(&[id]).await;
@@ -1271,8 +1316,10 @@ impl Actor {
                                     // The gateway cannot say now: left unacked (and the
                                     // session step undone), so it comes again rather than
                                     // losing a member's sender key.
-                                    tracing::warn!(error = %e, "cannot check a sender key's group; it will be redelivered");
-                                    self.store.rollback();
+                                    self.redeliver_later(&format!(
+                                        "cannot check a sender key's group: {e}"
+                                    ))
+                                    .await;
                                     return;
                                 }
                             }
@@ -1294,19 +1341,20 @@ impl Actor {
                                 self.store.rollback();
                             }
                             if let Err(e) = self.store.commit(vec![]).await {
-                                tracing::error!(error = %e, "cannot store sender key");
+                                self.redeliver_later(&format!("cannot store a sender key: {e}"))
+                                    .await;
                                 return;
                             }
                             self.report_identity_changes().await;
                             self.ack(&[id]).await;
                         }
-                        None => {
-                            let _ = self.store.commit(vec![]).await;
-                            self.ack(&[id]).await;
-                        }
+                        None => self.ack(&[id]).await,
                     },
                     Ok(None) => self.ack(&[id]).await,
-                    Err(reason) => {
+                    Err(Undecryptable::StoreUnavailable(reason)) => {
+                        self.redeliver_later(&reason).await;
+                    }
+                    Err(Undecryptable::Invalid(reason)) => {
                         self.store.rollback();
                         tracing::warn!(envelope = id, %reason, "cannot decrypt envelope");
                         self.emit(Event::Undecryptable {
@@ -1330,7 +1378,11 @@ impl Actor {
     }
 
     /// `Ok(None)` for a duplicate that needs no event.
-    async fn decrypt(&mut self, env: &pb::Envelope, kind: Kind) -> Result<Option<Content>, String> {
+    async fn decrypt(
+        &mut self,
+        env: &pb::Envelope,
+        kind: Kind,
+    ) -> Result<Option<Content>, Undecryptable> {
         let from = addr(&env.from);
         let plaintext = match kind {
             Kind::Group => group_decrypt(&env.ciphertext, &mut self.store.sender_keys, &from).await,
@@ -1342,7 +1394,7 @@ impl Actor {
                     SignalMessage::try_from(&env.ciphertext[..])
                         .map(CiphertextMessage::SignalMessage)
                 }
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| Undecryptable::Invalid(e.to_string()))?;
                 let st = &mut self.store;
                 message_decrypt(
                     &msg,
@@ -1362,10 +1414,14 @@ impl Actor {
                 let p = zeroize::Zeroizing::new(p);
                 Content::decode(&p[..])
                     .map(Some)
-                    .map_err(|e| format!("undecodable content: {e}"))
+                    .map_err(|e| Undecryptable::Invalid(format!("undecodable content: {e}")))
             }
             Err(SignalProtocolError::DuplicatedMessage(..)) => Ok(None),
-            Err(e) => Err(e.to_string()),
+            // The vault's database, not the message, failed (vault/signal.rs).
+            Err(SignalProtocolError::InvalidState("vault store", e)) => {
+                Err(Undecryptable::StoreUnavailable(format!("vault store: {e}")))
+            }
+            Err(e) => Err(Undecryptable::Invalid(e.to_string())),
         }
     }
 }
