@@ -30,6 +30,10 @@ use serde_json::Value;
 const PASS: u8 = 0;
 const FAIL_500: u8 = 1;
 const RATE_LIMIT: u8 = 2;
+/// Each send's first try is applied by Synapse under another transaction id (as if Synapse
+/// had forgotten the id, which it does for users without a device when it restarts) and the
+/// answer is lost (502).
+const LOSE_REPLY: u8 = 3;
 /// A message with this text is refused by the proxy with 413, always.
 const TOO_LARGE: &str = "REFUSED-AS-TOO-LARGE";
 
@@ -40,6 +44,8 @@ struct Proxy {
     mode: Arc<AtomicU8>,
     /// Sends answered with a failure.
     failed: Arc<AtomicUsize>,
+    /// Sends already tried once (for `LOSE_REPLY`).
+    tried: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 async fn forward(State(p): State<Proxy>, req: Request) -> Response {
@@ -75,6 +81,33 @@ async fn forward(State(p): State<Proxy>, req: Request) -> Response {
                     429,
                     r#"{"errcode":"M_LIMIT_EXCEEDED","error":"slow down","retry_after_ms":300}"#,
                 );
+            }
+            LOSE_REPLY => {
+                let path = parts.uri.path().to_owned();
+                let first = p.tried.lock().expect("lock").insert(path.clone());
+                if first {
+                    let query = parts
+                        .uri
+                        .query()
+                        .map(|q| format!("?{q}"))
+                        .unwrap_or_default();
+                    let mut rb = p.http.request(
+                        parts.method.clone(),
+                        format!("{}{path}-forgotten{query}", p.upstream),
+                    );
+                    for (k, v) in &parts.headers {
+                        if k != "host" && k != "content-length" {
+                            rb = rb.header(k, v);
+                        }
+                    }
+                    let applied = rb.body(bytes.to_vec()).send().await;
+                    assert!(
+                        applied.is_ok_and(|r| r.status().is_success()),
+                        "the first try reached Synapse"
+                    );
+                    p.failed.fetch_add(1, Ordering::SeqCst);
+                    return answer(502, r#"{"errcode":"M_UNKNOWN","error":"bad gateway"}"#);
+                }
             }
             _ => {}
         }
@@ -113,6 +146,7 @@ async fn start_proxy(upstream: &str) -> (Proxy, String) {
         http: reqwest::Client::new(),
         mode: Arc::default(),
         failed: Arc::default(),
+        tried: Arc::default(),
     };
     let app = axum::Router::new()
         .fallback(forward)
@@ -219,6 +253,11 @@ async fn a_failing_homeserver_loses_and_doubles_nothing() {
             "homeserver answers 429 (300 ms) for 3 s",
             RATE_LIMIT,
             "ratelimit",
+        ),
+        (
+            "homeserver applies a send, loses the answer and forgets its id",
+            LOSE_REPLY,
+            "lostreply",
         ),
     ] {
         let failed_before = proxy.failed.load(Ordering::SeqCst);

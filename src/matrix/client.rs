@@ -72,6 +72,16 @@ impl MatrixError {
         }
     }
 
+    /// Whether the request may have had its effect although it failed (the homeserver went
+    /// away or failed while handling it).
+    pub fn outcome_unknown(&self) -> bool {
+        match self {
+            MatrixError::Network(_) | MatrixError::Response(_) => true,
+            MatrixError::Api { status, .. } => *status >= 500,
+            _ => false,
+        }
+    }
+
     fn is_transient(&self) -> bool {
         match self {
             MatrixError::Network(_) => true,
@@ -370,6 +380,28 @@ impl HomeserverClient {
             .await?
             .event_id
             .to_string())
+    }
+
+    /// The id of a recent event `as_user` sent into `room` whose content has `field` equal to
+    /// `value` (among the sender's last 50 events), if any.
+    pub async fn find_sent(
+        &self,
+        room: &RoomId,
+        as_user: &UserId,
+        field: &str,
+        value: &str,
+    ) -> Result<Option<String>, MatrixError> {
+        use ruma::api::client::message::get_message_events::v3 as messages;
+        let mut req = messages::Request::backward(room.to_owned());
+        req.limit = ruma::UInt::from(50u32);
+        req.filter.senders = Some(vec![as_user.to_owned()]);
+        let resp = self.send(req, Some(as_user), None).await?;
+        Ok(resp.chunk.iter().find_map(|raw| {
+            let ev: serde_json::Value = serde_json::from_str(raw.json().get()).ok()?;
+            (ev["content"][field] == value)
+                .then(|| ev["event_id"].as_str().map(str::to_owned))
+                .flatten()
+        }))
     }
 
     /// Sends a state event given as raw JSON content; returns the event id.

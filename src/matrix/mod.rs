@@ -55,7 +55,19 @@ pub struct MatrixSide {
     max_media_bytes: usize,
     privileged_creators: tokio::sync::OnceCell<bool>,
     crypto: std::sync::OnceLock<Arc<Crypto>>,
+    /// Sends that failed without saying whether they took effect: (room, sender, txn id).
+    unsure: std::sync::Mutex<std::collections::VecDeque<(String, String, String)>>,
 }
+
+/// A content field holding the transaction id the bridge sent an event with: after a send
+/// whose outcome is unknown (the homeserver went away mid-request) the event can be found and
+/// is not sent twice, also when the homeserver forgot the transaction id (Synapse keeps those
+/// of users without a device only in memory, so a restart forgets them). Outside the
+/// ciphertext in encrypted rooms; it is a hash and tells nothing.
+pub const TXN_FIELD: &str = "org.matrix_interop_bridge.txn_id";
+
+/// How many unsure sends are remembered.
+const MAX_UNSURE: usize = 1024;
 
 impl MatrixSide {
     /// Whether the homeserver's default room version gives creators unlimited power (v12+).
@@ -88,6 +100,7 @@ impl MatrixSide {
             max_media_bytes: 100 * 1024 * 1024,
             privileged_creators: tokio::sync::OnceCell::new(),
             crypto: std::sync::OnceLock::new(),
+            unsure: Default::default(),
         })
     }
 
@@ -372,7 +385,20 @@ impl MatrixSide {
         txn_id: &str,
         ts: Option<u64>,
     ) -> Result<String, BridgeError> {
-        let (event_type, content) = match self.crypto.get() {
+        let key = (room_id.to_owned(), as_user.to_owned(), txn_id.to_owned());
+        let (room_id_parsed, user_parsed) = (room(room_id)?, user(as_user)?);
+        if self.was_unsure(&key) {
+            // The last try may have reached the homeserver: look before sending again.
+            if let Some(id) = self
+                .client
+                .find_sent(&room_id_parsed, &user_parsed, TXN_FIELD, txn_id)
+                .await?
+            {
+                self.forget_unsure(&key);
+                return Ok(id);
+            }
+        }
+        let (event_type, mut content) = match self.crypto.get() {
             Some(c) if c.is_encrypted(room_id).await => {
                 let enc = c
                     .encrypt(room_id, event_type, &content)
@@ -382,17 +408,56 @@ impl MatrixSide {
             }
             _ => (event_type, content),
         };
-        Ok(self
+        if let Some(obj) = content.as_object_mut() {
+            obj.insert(TXN_FIELD.to_owned(), txn_id.into());
+        }
+        match self
             .client
             .send_message(
-                &room(room_id)?,
-                &user(as_user)?,
+                &room_id_parsed,
+                &user_parsed,
                 event_type,
                 &content,
                 txn_id,
                 ts,
             )
-            .await?)
+            .await
+        {
+            Ok(id) => {
+                self.forget_unsure(&key);
+                Ok(id)
+            }
+            Err(e) => {
+                if e.outcome_unknown() {
+                    self.remember_unsure(key);
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    fn was_unsure(&self, key: &(String, String, String)) -> bool {
+        self.unsure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(key)
+    }
+
+    fn remember_unsure(&self, key: (String, String, String)) {
+        let mut unsure = self.unsure.lock().unwrap_or_else(|p| p.into_inner());
+        if !unsure.contains(&key) {
+            unsure.push_back(key);
+        }
+        while unsure.len() > MAX_UNSURE {
+            unsure.pop_front();
+        }
+    }
+
+    fn forget_unsure(&self, key: &(String, String, String)) {
+        self.unsure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|k| k != key);
     }
 
     /// Turns on encryption for everything sent from now on.
