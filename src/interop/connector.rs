@@ -188,7 +188,15 @@ async fn pump(
         }
         match deliver(&mxid, &acc, &*sink, &ev).await {
             Delivery::Stopped => return,
-            Delivery::Early(e) => early.push_back((tokio::time::Instant::now(), ev, e)),
+            // The gateway delivers what is set aside again after a reconnect: kept once.
+            Delivery::Early(e) => {
+                if !early
+                    .iter()
+                    .any(|(_, held, _)| held.envelope_id() == ev.envelope_id())
+                {
+                    early.push_back((tokio::time::Instant::now(), ev, e));
+                }
+            }
             Delivery::Done => {
                 ack(&acc, &ev).await;
                 // A new message may be what set-aside relations wait for.
@@ -692,5 +700,39 @@ mod tests {
         pumping.await.unwrap();
         assert_eq!(*sink.reported.lock().unwrap(), [7]);
         assert_eq!(acks.try_recv().ok(), Some(7));
+    }
+
+    #[tokio::test]
+    async fn a_set_aside_relation_delivered_again_is_kept_once() {
+        let (handle, _keep, mut acks) = AccountHandle::detached("+15550002222");
+        let acc = Arc::new(InteropAccount {
+            handle,
+            connected: Arc::new(AtomicBool::new(true)),
+        });
+        let sink = Arc::new(Sink::default());
+        let dyn_sink: Arc<dyn NetEventSink> = sink.clone();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let edit = || {
+            message(
+                1,
+                "edit",
+                D::Edit(Edit {
+                    target: "m2".into(),
+                    text: None,
+                }),
+            )
+        };
+        // Set aside, then delivered again (a reconnect), then its message comes.
+        for ev in [edit(), edit(), message(2, "m2", text("two"))] {
+            tx.send(ev).unwrap();
+        }
+        drop(tx);
+        pump("@a:x".into(), acc, rx, Some(Arc::downgrade(&dyn_sink))).await;
+        let mut acked = Vec::new();
+        while let Ok(id) = acks.try_recv() {
+            acked.push(id);
+        }
+        assert_eq!(*sink.handled.lock().unwrap(), [2, 1]);
+        assert_eq!(acked, [2, 1]);
     }
 }
