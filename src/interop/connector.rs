@@ -623,9 +623,29 @@ mod tests {
         })
     }
 
-    #[tokio::test]
-    async fn nothing_is_acked_past_a_failing_event_and_early_edits_wait_for_their_message() {
-        let (handle, _keep, mut acks) = AccountHandle::detached("+15550002222");
+    fn edit_of(envelope_id: u64, target: &str) -> Event {
+        message(
+            envelope_id,
+            "edit",
+            D::Edit(Edit {
+                target: target.into(),
+                text: None,
+            }),
+        )
+    }
+
+    /// A pump running over a detached account.
+    struct Running {
+        /// Feeds the pump; dropping it ends the pump once it is idle.
+        tx: mpsc::UnboundedSender<Event>,
+        task: tokio::task::JoinHandle<()>,
+        sink: Arc<Sink>,
+        acks: mpsc::UnboundedReceiver<u64>,
+        _keep: Box<dyn std::any::Any + Send>,
+    }
+
+    fn start_pump() -> Running {
+        let (handle, keep, acks) = AccountHandle::detached("+15550002222");
         let acc = Arc::new(InteropAccount {
             handle,
             connected: Arc::new(AtomicBool::new(true)),
@@ -633,31 +653,43 @@ mod tests {
         let sink = Arc::new(Sink::default());
         let dyn_sink: Arc<dyn NetEventSink> = sink.clone();
         let (tx, rx) = mpsc::unbounded_channel();
-        for ev in [
-            message(
-                1,
-                "edit",
-                D::Edit(Edit {
-                    target: "m3".into(),
-                    text: Some(Text {
-                        body: "edited".into(),
-                        formats: vec![],
-                    }),
-                }),
-            ),
+        let task = tokio::spawn(async move {
+            pump("@a:x".into(), acc, rx, Some(Arc::downgrade(&dyn_sink))).await;
+        });
+        Running {
+            tx,
+            task,
+            sink,
+            acks,
+            _keep: keep,
+        }
+    }
+
+    /// Pumps `events` to the end; returns the sink and the acks in order.
+    async fn pump_all(events: Vec<Event>) -> (Arc<Sink>, Vec<u64>) {
+        let mut p = start_pump();
+        for ev in events {
+            p.tx.send(ev).unwrap();
+        }
+        drop(p.tx);
+        p.task.await.unwrap();
+        let mut acked = Vec::new();
+        while let Ok(id) = p.acks.try_recv() {
+            acked.push(id);
+        }
+        (p.sink, acked)
+    }
+
+    #[tokio::test]
+    async fn nothing_is_acked_past_a_failing_event_and_early_edits_wait_for_their_message() {
+        let (sink, acked) = pump_all(vec![
+            edit_of(1, "m3"),
             message(2, "flaky", text("two")),
             message(3, "m3", text("three")),
             message(4, "refused", text("four")),
             message(5, "m5", text("five")),
-        ] {
-            tx.send(ev).unwrap();
-        }
-        drop(tx);
-        pump("@a:x".into(), acc, rx, Some(Arc::downgrade(&dyn_sink))).await;
-        let mut acked = Vec::new();
-        while let Ok(id) = acks.try_recv() {
-            acked.push(id);
-        }
+        ])
+        .await;
         // The flaky one was retried before anything after it; the early edit was applied
         // once its message came; the refused one was reported and acked, not redelivered.
         assert_eq!(*sink.handled.lock().unwrap(), [2, 3, 1, 5]);
@@ -667,71 +699,29 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_edit_whose_message_never_comes_is_reported_and_acked_after_the_window() {
-        let (handle, _keep, mut acks) = AccountHandle::detached("+15550002222");
-        let acc = Arc::new(InteropAccount {
-            handle,
-            connected: Arc::new(AtomicBool::new(true)),
-        });
-        let sink = Arc::new(Sink::default());
-        let dyn_sink: Arc<dyn NetEventSink> = sink.clone();
-        let (tx, rx) = mpsc::unbounded_channel();
-        tx.send(message(
-            7,
-            "edit",
-            D::Edit(Edit {
-                target: "never".into(),
-                text: None,
-            }),
-        ))
-        .unwrap();
-        let pumping = tokio::spawn(pump(
-            "@a:x".into(),
-            acc,
-            rx,
-            Some(Arc::downgrade(&dyn_sink)),
-        ));
+        let mut p = start_pump();
+        p.tx.send(edit_of(7, "never")).unwrap();
         // Within the window it waits, unacked.
         tokio::time::sleep(EARLY_WINDOW / 2).await;
-        assert!(acks.try_recv().is_err());
-        assert!(sink.reported.lock().unwrap().is_empty());
+        assert!(p.acks.try_recv().is_err());
+        assert!(p.sink.reported.lock().unwrap().is_empty());
         // After it, it is reported and acked (the clock is paused: this takes no real time).
         tokio::time::sleep(EARLY_WINDOW).await;
-        drop(tx);
-        pumping.await.unwrap();
-        assert_eq!(*sink.reported.lock().unwrap(), [7]);
-        assert_eq!(acks.try_recv().ok(), Some(7));
+        drop(p.tx);
+        p.task.await.unwrap();
+        assert_eq!(*p.sink.reported.lock().unwrap(), [7]);
+        assert_eq!(p.acks.try_recv().ok(), Some(7));
     }
 
     #[tokio::test]
     async fn a_set_aside_relation_delivered_again_is_kept_once() {
-        let (handle, _keep, mut acks) = AccountHandle::detached("+15550002222");
-        let acc = Arc::new(InteropAccount {
-            handle,
-            connected: Arc::new(AtomicBool::new(true)),
-        });
-        let sink = Arc::new(Sink::default());
-        let dyn_sink: Arc<dyn NetEventSink> = sink.clone();
-        let (tx, rx) = mpsc::unbounded_channel();
-        let edit = || {
-            message(
-                1,
-                "edit",
-                D::Edit(Edit {
-                    target: "m2".into(),
-                    text: None,
-                }),
-            )
-        };
         // Set aside, then delivered again (a reconnect), then its message comes.
-        for ev in [edit(), edit(), message(2, "m2", text("two"))] {
-            tx.send(ev).unwrap();
-        }
-        drop(tx);
-        pump("@a:x".into(), acc, rx, Some(Arc::downgrade(&dyn_sink))).await;
-        let mut acked = Vec::new();
-        while let Ok(id) = acks.try_recv() {
-            acked.push(id);
-        }
+        let (sink, acked) = pump_all(vec![
+            edit_of(1, "m2"),
+            edit_of(1, "m2"),
+            message(2, "m2", text("two")),
+        ])
+        .await;
         assert_eq!(*sink.handled.lock().unwrap(), [2, 1]);
         assert_eq!(acked, [2, 1]);
     }
