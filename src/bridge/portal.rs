@@ -30,6 +30,9 @@ impl From<NetError> for BridgeError {
 }
 
 /// A stable id for what we send, so a retried send is deduplicated downstream.
+/// The number of per-chat creation locks kept before the unused ones are dropped.
+const MAX_IDLE_PORTAL_LOCKS: usize = 1024;
+
 pub(crate) fn stable_id(parts: &[&str]) -> String {
     let mut h = Sha256::new();
     for p in parts {
@@ -91,13 +94,17 @@ impl Bridge {
             return Ok(p);
         }
         // One creator per chat; other chats are not held up.
-        let lock = self
-            .portal_locks
-            .lock()
-            .await
-            .entry((receiver.to_owned(), chat_id.clone()))
-            .or_default()
-            .clone();
+        let lock = {
+            let mut locks = self.portal_locks.lock().await;
+            // Locks nobody holds (only the map has them) go, so the map stays small.
+            if locks.len() >= MAX_IDLE_PORTAL_LOCKS {
+                locks.retain(|_, l| Arc::strong_count(l) > 1);
+            }
+            locks
+                .entry((receiver.to_owned(), chat_id.clone()))
+                .or_default()
+                .clone()
+        };
         let _guard = lock.lock().await;
         if let Some(p) = self.portals.portal(receiver, &chat_id).await?
             && p.room_id.is_some()

@@ -1466,3 +1466,16 @@ async fn a_redaction_that_failed_to_send_is_sent_when_retried() {
         h.alice.sent_bodies()
     );
 }
+
+#[tokio::test]
+async fn portal_creation_locks_do_not_pile_up() {
+    let h = Harness::new().await;
+    for i in 0..1100u32 {
+        let contact = format!("+1555{i:07}");
+        h.net_message(&contact, None, &format!("m{i}"), text("hi"))
+            .await
+            .unwrap();
+    }
+    let locks = h.bridge.portal_locks.lock().await.len();
+    assert!(locks <= 1024, "{locks} portal locks kept");
+}
