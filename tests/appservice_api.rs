@@ -32,11 +32,16 @@ impl UserQuery for OnlyBot {
 }
 
 async fn setup() -> (axum::Router, SqlStore, tempfile::TempDir) {
+    setup_with_key(SecretKey::random()).await
+}
+
+/// [`setup`] with the queue sealed under `key`, to read what was queued.
+async fn setup_with_key(key: SecretKey) -> (axum::Router, SqlStore, tempfile::TempDir) {
     let (store, dir) = testing::sqlite().await;
     let state = AppState {
         hs_token: HS_TOKEN.into(),
         store: Arc::new(store.clone()),
-        queue_key: SecretKey::random(),
+        queue_key: key,
         notify: Default::default(),
         metrics: Metrics::new(),
         readiness: Arc::new(AlwaysReady),
@@ -72,6 +77,15 @@ async fn call(
         status,
         serde_json::from_slice(&bytes).unwrap_or(Value::Null),
     )
+}
+
+/// A transaction with one message whose event id is also its body.
+fn one_message(id: &str) -> String {
+    json!({"events": [{
+        "type": "m.room.message", "room_id": "!r:example.org", "sender": "@alice:example.org",
+        "event_id": id, "origin_server_ts": 1, "content": {"msgtype": "m.text", "body": id}
+    }]})
+    .to_string()
 }
 
 fn txn_body(text: &str) -> String {
@@ -276,32 +290,11 @@ async fn queued_events_hold_no_plaintext() {
 /// docs/architecture.md); nothing is lost or doubled.
 #[tokio::test]
 async fn a_late_transaction_is_queued_once_in_arrival_order() {
-    let (store, _dir) = testing::sqlite().await;
     let key = SecretKey::random();
-    let app = router(
-        AppState {
-            hs_token: HS_TOKEN.into(),
-            store: Arc::new(store.clone()),
-            queue_key: key.clone(),
-            notify: Default::default(),
-            metrics: Metrics::new(),
-            readiness: Arc::new(AlwaysReady),
-            users: Arc::new(OnlyBot),
-            protocol: "interop".into(),
-            txn_order: Default::default(),
-        },
-        64 * 1024,
-    );
-    let body = |id: &str| {
-        json!({"events": [{
-            "type": "m.room.message", "room_id": "!r:example.org", "sender": "@alice:example.org",
-            "event_id": id, "origin_server_ts": 1, "content": {"msgtype": "m.text", "body": id}
-        }]})
-        .to_string()
-    };
+    let (app, store, _dir) = setup_with_key(key.clone()).await;
     for (txn, event) in [("2", "$second"), ("1", "$first"), ("1", "$first")] {
         let uri = format!("/_matrix/app/v1/transactions/{txn}");
-        let (status, _) = call(&app, "PUT", &uri, Some(HS_TOKEN), body(event)).await;
+        let (status, _) = call(&app, "PUT", &uri, Some(HS_TOKEN), one_message(event)).await;
         assert_eq!(status, 200);
     }
     let queued: Vec<String> = store
@@ -381,16 +374,9 @@ async fn a_full_disk_refuses_transactions_until_there_is_room() {
 #[tokio::test]
 async fn a_transaction_after_a_skipped_one_waits_for_it() {
     let (app, store, _d) = setup().await;
-    let body = |id: &str| {
-        json!({"events": [{
-            "type": "m.room.message", "room_id": "!r:example.org", "sender": "@alice:example.org",
-            "event_id": id, "origin_server_ts": 1, "content": {"msgtype": "m.text", "body": id}
-        }]})
-        .to_string()
-    };
     let put = |txn: &'static str, event: &'static str| {
         let app = app.clone();
-        let body = body(event);
+        let body = one_message(event);
         async move {
             call(
                 &app,

@@ -442,7 +442,12 @@ impl Bridge {
     }
 
     /// A notice from the bot with a plain and an HTML body.
-    async fn reply(&self, room_id: &str, body: &str, html: &str) -> Result<(), BridgeError> {
+    pub(crate) async fn reply(
+        &self,
+        room_id: &str,
+        body: &str,
+        html: &str,
+    ) -> Result<(), BridgeError> {
         let bot = self.matrix.bot_mxid().to_owned();
         self.matrix
             .send_notice(room_id, &bot, body, html, &notice_txn(room_id))

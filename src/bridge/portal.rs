@@ -367,17 +367,7 @@ impl Bridge {
     }
 
     pub(crate) async fn notice(&self, room: &str, text: &str) -> Result<(), BridgeError> {
-        let bot = self.matrix.bot_mxid().to_owned();
-        self.matrix
-            .send_notice(
-                room,
-                &bot,
-                text,
-                &msgconv::escape(text),
-                &super::notice_txn(room),
-            )
-            .await
-            .map(|_| ())
+        self.reply(room, text, &msgconv::escape(text)).await
     }
 
     /// interop → Matrix for one data message.
