@@ -5,8 +5,8 @@
 #
 # Installs or reuses the Synapse/matrix-nio venv and the Node test peer's packages,
 # makes sure PostgreSQL answers, runs the supply-chain checks (scripts/deny.sh), the Rust
-# tests, the Node peer's and the matrix-nio client's self-tests and the demo's own check, and
-# exits non-zero if any of them failed.
+# tests, the Node peer's, the matrix-nio client's and the matrix-js-sdk client's self-tests and the
+# demo's own check, and exits non-zero if any of them failed.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -63,6 +63,11 @@ fi
 if [[ -f $peers/e2ee_selftest.py ]]; then
     say "$peers/e2ee_selftest.py (matrix-nio against Synapse)"
     "$MIB_SYNAPSE_VENV/bin/python" "$peers/e2ee_selftest.py" || status=1
+fi
+
+if [[ -f $peers/js_e2ee_selftest.js ]]; then
+    say "node $peers/js_e2ee_selftest.js (matrix-js-sdk, exclude insecure devices, against Synapse)"
+    MIB_SYNAPSE_VENV=$MIB_SYNAPSE_VENV node "$peers/js_e2ee_selftest.js" || status=1
 fi
 
 # The README's demo, walked through end to end (it listens on fixed loopback ports; a demo that is

@@ -20,7 +20,10 @@ use matrix_interop_bridge::{
     },
     config::{Config, DatabaseType, EXAMPLE_CONFIG},
     interop::{GatewayAddr, SignalRuntime, connector::InteropNetwork},
-    matrix::{HomeserverClient, MatrixError, MatrixSide, crypto::Crypto},
+    matrix::{
+        HomeserverClient, MatrixError, MatrixSide,
+        crypto::{Crypto, CryptoOptions},
+    },
     metrics::Metrics,
     registration,
     store::{KvStore, SqlStore, TxnStore, UserStore},
@@ -470,12 +473,16 @@ async fn start_crypto(
     // The device's upkeep (key uploads, claims, to-device) has no event retry layer above it.
     let crypto = Crypto::start(
         hs.with_retries(6),
-        &cfg.bot_mxid(),
-        &device,
-        &path,
-        &passphrase,
-        cfg.encryption.msc4190,
-        cfg.encryption.self_sign,
+        CryptoOptions {
+            bot: cfg.bot_mxid(),
+            device,
+            store_path: path.clone(),
+            passphrase,
+            msc4190: cfg.encryption.msc4190,
+            self_sign: cfg.encryption.self_sign,
+            ghost_devices: cfg.encryption.ghost_devices,
+            ghost_device_cache: cfg.encryption.ghost_device_cache,
+        },
     )
     .await
     .with_context(|| format!("cannot start encryption (crypto store {})", path.display()))?;

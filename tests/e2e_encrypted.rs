@@ -5,58 +5,11 @@ mod common;
 
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use common::{
+    e2ee::{BOT, ENCRYPTION, encrypted_login, nio, start_chat, wait, wait_for},
     env::BridgeEnv,
-    interop::{CODE, random_account},
-    node::NodeContact,
-    venv,
+    portal::ghost_of,
 };
-use serde_json::{Value, json};
-
-const BOT: &str = "@interopbot:localhost";
-
-/// A matrix-nio client logged in as `user` with its own device.
-fn nio(env: &BridgeEnv, user: &str, device: &str) -> NodeContact {
-    let venv = venv();
-    let python = format!("{venv}/bin/python");
-    let script = common::repo().join("tests/peers/e2ee_client.py");
-    let script = script.to_string_lossy();
-    let mut args = vec![&*script];
-    if std::env::var_os("MIB_VERBOSE_AGENTS").is_some() {
-        args.push("--verbose");
-    }
-    let mut c = NodeContact::spawn_program(&python, &args);
-    env.synapse.register(user);
-    c.call(json!({"cmd": "login", "homeserver": env.synapse.url, "user": user, "password": "test-password-1", "device_id": device}));
-    c
-}
-
-fn wait(c: &mut NodeContact, room: &str, sender: &str, body_contains: &str) -> Value {
-    let r = c.call(json!({"cmd": "wait_event", "room_id": room, "sender": sender, "body_contains": body_contains, "timeout": 40}));
-    r["event"].clone()
-}
-
-const ENCRYPTION: &str = "encryption:\n    allow: true\n    default: true\n    appservice: true\n    msc4190: true\n    self_sign: true\n";
-
-/// Logs `alice` in through an encrypted DM with the bot; returns (management room, account).
-fn encrypted_login(alice: &mut NodeContact) -> (String, String) {
-    let mgmt = alice
-        .call(json!({"cmd": "create_room", "invite": [BOT], "encrypted": true, "is_direct": true}))
-        ["room_id"]
-        .as_str()
-        .expect("room")
-        .to_owned();
-    let welcome = wait(alice, &mgmt, BOT, "management room");
-    assert_eq!(
-        welcome["decrypted"], true,
-        "the bot's welcome is encrypted: {welcome}"
-    );
-    let account = random_account();
-    alice.call(json!({"cmd": "send_text", "room_id": mgmt, "body": format!("login {account}")}));
-    wait(alice, &mgmt, BOT, "verification code was sent");
-    alice.call(json!({"cmd": "send_text", "room_id": mgmt, "body": CODE}));
-    wait(alice, &mgmt, BOT, "Logged in as");
-    (mgmt, account)
-}
+use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn encrypted_dm_portal_end_to_end() {
@@ -64,7 +17,11 @@ async fn encrypted_dm_portal_end_to_end() {
     let mut alice = nio(&env, "alice", "ALICEPHONE");
 
     // An encrypted DM with the bot: commands and answers are encrypted both ways.
-    let (mgmt, account) = encrypted_login(&mut alice);
+    let (mgmt, account, welcome) = encrypted_login(&mut alice);
+    assert_eq!(
+        welcome["decrypted"], true,
+        "the bot's welcome is encrypted: {welcome}"
+    );
 
     // The bridge's device is cross-signed by the bot's own identity.
     let keys = alice.call(json!({"cmd": "keys_query", "user_id": BOT}));
@@ -77,20 +34,8 @@ async fn encrypted_dm_portal_end_to_end() {
 
     // An encrypted DM portal (encryption.default).
     let mut node = env.node();
-    let ghost = format!(
-        "@interop_{}:localhost",
-        node.account.trim_start_matches('+')
-    );
-    alice.call(json!({"cmd": "send_text", "room_id": mgmt, "body": format!("start-chat {}", node.account)}));
-    let link = wait(&mut alice, &mgmt, BOT, "Your chat with");
-    let room = link["content"]["body"]
-        .as_str()
-        .expect("body")
-        .rsplit("/#/")
-        .next()
-        .expect("room")
-        .to_owned();
-    alice.call(json!({"cmd": "join", "room_id": room}));
+    let ghost = ghost_of(&node.account);
+    let room = start_chat(&mut alice, &mgmt, &node.account);
     let members = alice.call(json!({"cmd": "members", "room_id": room}));
     assert_eq!(
         members["encrypted"], true,
@@ -122,7 +67,10 @@ async fn encrypted_dm_portal_end_to_end() {
     let jpg = b"\xff\xd8\xff\xe0 contact picture".to_vec();
     let up = node.call(json!({"cmd": "upload_media", "bytes_b64": B64.encode(&jpg), "mimetype": "image/jpeg", "type": "IMAGE"}));
     node.call(json!({"cmd": "send", "to": account, "content": {"media": up["media"]}}));
-    let img = alice.call(json!({"cmd": "wait_event", "room_id": room, "sender": ghost, "msgtype": "m.image", "timeout": 40}))["event"].clone();
+    let img = wait_for(
+        &mut alice,
+        json!({"room_id": room, "sender": ghost, "msgtype": "m.image"}),
+    );
     assert!(
         img["content"]["file"].is_object(),
         "encrypted attachment: {img}"
@@ -158,10 +106,10 @@ async fn encrypted_dm_portal_end_to_end() {
 async fn encrypted_group_portal_end_to_end() {
     let env = BridgeEnv::start(ENCRYPTION).await;
     let mut alice = nio(&env, "alice", "ALICEPHONE");
-    let (mgmt, account) = encrypted_login(&mut alice);
+    let (mgmt, account, _) = encrypted_login(&mut alice);
     let mut n1 = env.node();
     let mut n2 = env.node();
-    let g1 = format!("@interop_{}:localhost", n1.account.trim_start_matches('+'));
+    let g1 = ghost_of(&n1.account);
 
     // A group from the network becomes an encrypted portal with ghost members.
     let g = n1.call(

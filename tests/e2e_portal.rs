@@ -10,7 +10,7 @@ use common::{
     MatrixUser,
     env::BridgeEnv,
     interop::random_account,
-    portal::{BOT, accept, by, from_bot, ghost_of, login, start_chat},
+    portal::{BOT, accept, by, from_bot, ghost_of, linked_room, login, start_chat},
 };
 use serde_json::{Value, json};
 
@@ -462,13 +462,7 @@ async fn groups_both_ways() {
     let ev = alice
         .wait_for(&mgmt, "group created", from_bot("Group created"))
         .await;
-    let room2 = ev["content"]["body"]
-        .as_str()
-        .expect("body")
-        .rsplit("/#/")
-        .next()
-        .expect("room")
-        .to_owned();
+    let room2 = linked_room(&ev);
     alice.join(&room2).await;
     let upd = n1.event("group update", |v| {
         v["event"] == "group_update" && v["group"]["name"] == "Book club"

@@ -289,6 +289,16 @@ pub struct EncryptionConfig {
     pub msc4190: bool,
     #[serde(default = "yes")]
     pub self_sign: bool,
+    /// Each ghost that sends into an encrypted room gets its own cross-signed device.
+    #[serde(default = "yes")]
+    pub ghost_devices: bool,
+    /// How many ghost devices stay loaded in memory.
+    #[serde(default = "default_ghost_device_cache")]
+    pub ghost_device_cache: usize,
+}
+
+fn default_ghost_device_cache() -> usize {
+    128
 }
 
 impl Default for EncryptionConfig {
@@ -300,6 +310,8 @@ impl Default for EncryptionConfig {
             appservice: true,
             msc4190: true,
             self_sign: true,
+            ghost_devices: true,
+            ghost_device_cache: default_ghost_device_cache(),
         }
     }
 }

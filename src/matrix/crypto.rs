@@ -3,13 +3,16 @@
 //! MSC2409/MSC3202, and send what it asks for). The device is created through MSC4190, and
 //! cross-signed by the bot's own identity when `encryption.self_sign` is on.
 //!
-//! Everything the bridge or a ghost sends into an encrypted room is encrypted with the bot's
-//! device (one writer per room for key sharing and encryption).
+//! What the bot sends into an encrypted room is encrypted with the bot's device. What a ghost
+//! sends is encrypted with the ghost's own device ([`GhostDevices`]), created through MSC4190 on
+//! its first encrypted message and cross-signed by the ghost's own identity, unless
+//! `encryption.ghost_devices` is off. One writer per (device, room) for key sharing and
+//! encryption.
 
 use std::{
     collections::{BTreeMap, HashMap},
     io::Read,
-    path::Path,
+    path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
 };
@@ -136,14 +139,41 @@ impl CryptoChanges {
     }
 }
 
-pub struct Crypto {
+/// How the crypto side is set up (from the `encryption` section of the config).
+#[derive(Clone, Debug)]
+pub struct CryptoOptions {
+    /// The bridge bot's user id and device id.
+    pub bot: String,
+    pub device: String,
+    /// The bot's crypto store; ghosts' stores live in its `ghosts/` folder.
+    pub store_path: PathBuf,
+    /// Encrypts the crypto stores at rest.
+    pub passphrase: String,
+    /// Create devices through MSC4190 (needed for ghost devices).
+    pub msc4190: bool,
+    /// Cross-sign the bot's device with the bot's own identity.
+    pub self_sign: bool,
+    /// Give each ghost that sends into an encrypted room a cross-signed device of its own.
+    pub ghost_devices: bool,
+    /// How many ghost devices stay loaded.
+    pub ghost_device_cache: usize,
+}
+
+/// One Matrix device the bridge runs: the bot's, or a ghost's. It owns an `OlmMachine` and
+/// sends what the machine asks for in the name of its user and device (MSC3202 masquerading).
+struct Device {
     olm: OlmMachine,
     hs: HomeserverClient,
     user: OwnedUserId,
     device: OwnedDeviceId,
     room_locks: Mutex<HashMap<OwnedRoomId, Arc<Mutex<()>>>>,
-    encrypted: RwLock<HashMap<String, bool>>,
     flush_lock: Mutex<()>,
+}
+
+pub struct Crypto {
+    bot: Device,
+    ghosts: Option<GhostDevices>,
+    encrypted: RwLock<HashMap<String, bool>>,
     /// Signalled when room keys arrive (events waiting for a key retry then).
     pub keys_arrived: Notify,
 }
@@ -154,22 +184,54 @@ fn settings() -> DecryptionSettings {
     }
 }
 
-impl Crypto {
-    /// Creates (or reuses) the bot's device, opens the crypto store and uploads keys.
-    pub async fn start(
-        hs: HomeserverClient,
-        bot: &str,
+/// What one transaction carries for one device.
+struct DeviceChanges<'a> {
+    to_device: Vec<Raw<AnyToDeviceEvent>>,
+    device_lists: &'a DeviceLists,
+    otk: BTreeMap<OneTimeKeyAlgorithm, UInt>,
+    fallback: Option<Vec<OneTimeKeyAlgorithm>>,
+}
+
+impl<'a> DeviceChanges<'a> {
+    fn for_device(
+        changes: &CryptoChanges,
+        device_lists: &'a DeviceLists,
+        user: &str,
         device: &str,
+    ) -> Self {
+        let to_device = changes
+            .to_device
+            .iter()
+            .filter(|e| e["to_user_id"] == user && e["to_device_id"] == device)
+            .filter_map(|e| serde_json::value::to_raw_value(e).ok().map(Raw::from_json))
+            .collect();
+        Self {
+            to_device,
+            device_lists,
+            otk: serde_json::from_value(changes.otk_counts[user][device].clone())
+                .unwrap_or_default(),
+            fallback: serde_json::from_value(changes.fallback_keys[user][device].clone()).ok(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.to_device.is_empty()
+            && self.otk.is_empty()
+            && self.fallback.is_none()
+            && self.device_lists.changed.is_empty()
+            && self.device_lists.left.is_empty()
+    }
+}
+
+impl Device {
+    /// Opens (or creates) the device's crypto store and machine.
+    async fn open(
+        hs: HomeserverClient,
+        user: OwnedUserId,
+        device: OwnedDeviceId,
         store_path: &Path,
         passphrase: &str,
-        msc4190: bool,
-        self_sign: bool,
-    ) -> Result<Arc<Self>, CryptoError> {
-        let user: OwnedUserId = bot.try_into().map_err(store_err)?;
-        let device: OwnedDeviceId = device.into();
-        if msc4190 {
-            hs.create_device(&user, &device, "Interop bridge").await?;
-        }
+    ) -> Result<Self, CryptoError> {
         std::fs::create_dir_all(store_path).map_err(store_err)?;
         let store = SqliteCryptoStore::open(store_path, Some(passphrase))
             .await
@@ -177,34 +239,20 @@ impl Crypto {
         let olm = OlmMachine::with_store(&user, &device, store, None)
             .await
             .map_err(store_err)?;
-        let me = Arc::new(Self {
+        Ok(Self {
             olm,
             hs,
             user,
             device,
             room_locks: Mutex::new(HashMap::new()),
-            encrypted: RwLock::new(HashMap::new()),
             flush_lock: Mutex::new(()),
-            keys_arrived: Notify::new(),
-        });
-        me.flush().await?;
-        if self_sign {
-            me.cross_sign().await?;
-        }
-        tracing::info!(device = %me.device, "encryption ready");
-        Ok(me)
+        })
     }
 
-    pub fn device_id(&self) -> &str {
-        self.device.as_str()
-    }
-
-    /// Creates the bot's cross-signing identity once and signs the device with it.
+    /// Creates the user's cross-signing identity (or re-uploads the existing one) and signs the
+    /// device with it. The appservice asserts the user, so no interactive auth is needed
+    /// (MSC4190).
     async fn cross_sign(&self) -> Result<(), CryptoError> {
-        let status = self.olm.cross_signing_status().await;
-        if status.has_master && status.has_self_signing {
-            return Ok(());
-        }
         let reqs = self
             .olm
             .bootstrap_cross_signing(false)
@@ -225,7 +273,6 @@ impl Crypto {
         self.hs
             .send(sig, Some(&self.user), Some(&self.device))
             .await?;
-        tracing::info!("bridge device cross-signed by the bot's identity");
         Ok(())
     }
 
@@ -285,7 +332,7 @@ impl Crypto {
     }
 
     /// Sends everything the machine asks for.
-    pub async fn flush(&self) -> Result<(), CryptoError> {
+    async fn flush(&self) -> Result<(), CryptoError> {
         let _guard = self.flush_lock.lock().await;
         for r in self.olm.outgoing_requests().await.map_err(store_err)? {
             self.send_outgoing(r.request_id(), r.request()).await?;
@@ -293,111 +340,42 @@ impl Crypto {
         Ok(())
     }
 
-    /// Feeds one transaction's to-device events, device-list changes and key counts.
-    pub async fn receive(&self, changes: &CryptoChanges) -> Result<(), CryptoError> {
-        let me = self.user.as_str();
-        let dev = self.device.as_str();
-        let to_device: Vec<Raw<AnyToDeviceEvent>> = changes
-            .to_device
-            .iter()
-            .filter(|e| e["to_user_id"] == me && e["to_device_id"] == dev)
-            .filter_map(|e| serde_json::value::to_raw_value(e).ok().map(Raw::from_json))
-            .collect();
-        tracing::debug!(
-            received = changes.to_device.len(),
-            for_us = to_device.len(),
-            "to-device events in transaction"
-        );
-        let device_lists: DeviceLists =
-            serde_json::from_value(changes.device_lists.clone()).unwrap_or_default();
-        let otk: BTreeMap<OneTimeKeyAlgorithm, UInt> =
-            serde_json::from_value(changes.otk_counts[me][dev].clone()).unwrap_or_default();
-        let fallback: Option<Vec<OneTimeKeyAlgorithm>> =
-            serde_json::from_value(changes.fallback_keys[me][dev].clone()).ok();
+    /// Feeds what a transaction carries for this device; true when room keys arrived.
+    async fn receive(&self, changes: DeviceChanges<'_>) -> Result<bool, CryptoError> {
         let (_, room_keys) = self
             .olm
             .receive_sync_changes(
                 EncryptionSyncChanges {
-                    to_device_events: to_device,
-                    changed_devices: &device_lists,
-                    one_time_keys_counts: &otk,
-                    unused_fallback_keys: fallback.as_deref(),
+                    to_device_events: changes.to_device,
+                    changed_devices: changes.device_lists,
+                    one_time_keys_counts: &changes.otk,
+                    unused_fallback_keys: changes.fallback.as_deref(),
                     next_batch_token: None,
                 },
                 &settings(),
             )
             .await
             .map_err(store_err)?;
-        if !room_keys.is_empty() {
-            self.keys_arrived.notify_waiters();
-        }
-        self.flush().await
-    }
-
-    /// Decrypts an `m.room.encrypted` event into the event it carries.
-    pub async fn decrypt(&self, room_id: &str, event: &Value) -> Result<Value, CryptoError> {
-        let room: OwnedRoomId = room_id
-            .try_into()
-            .map_err(|e| CryptoError::Decrypt(format!("{e}")))?;
-        let raw: Raw<EncryptedEvent> = Raw::from_json(
-            serde_json::value::to_raw_value(event)
-                .map_err(|e| CryptoError::Decrypt(e.to_string()))?,
-        );
-        match self.olm.decrypt_room_event(&raw, &room, &settings()).await {
-            Ok(d) => {
-                let inner: Value = d
-                    .event
-                    .deserialize_as()
-                    .map_err(|e| CryptoError::Decrypt(e.to_string()))?;
-                sanitize_decrypted(event, &inner)
-            }
-            Err(matrix_sdk_crypto::MegolmError::MissingRoomKey(_)) => Err(CryptoError::MissingKey),
-            Err(e) => Err(CryptoError::Decrypt(e.to_string())),
-        }
-    }
-
-    /// Asks the sender's other devices for a missing room key.
-    pub async fn request_key(&self, room_id: &str, event: &Value) {
-        let Ok(room) = OwnedRoomId::try_from(room_id) else {
-            return;
-        };
-        let Ok(raw) = serde_json::value::to_raw_value(event).map(Raw::<EncryptedEvent>::from_json)
-        else {
-            return;
-        };
-        if let Ok((cancel, request)) = self.olm.request_room_key(&raw, &room).await {
-            if let Some(c) = cancel {
-                let _ = self.send_outgoing(c.request_id(), c.request()).await;
-            }
-            let _ = self
-                .send_outgoing(request.request_id(), request.request())
-                .await;
-        }
-    }
-
-    fn room_lock_key(room: &RoomId) -> OwnedRoomId {
-        room.to_owned()
+        self.flush().await?;
+        Ok(!room_keys.is_empty())
     }
 
     /// Encrypts `content` for the room's current members; returns the `m.room.encrypted` content.
-    pub async fn encrypt(
+    async fn encrypt(
         &self,
-        room_id: &str,
+        room: &OwnedRoomId,
         event_type: &str,
         content: &Value,
     ) -> Result<Value, CryptoError> {
-        let room: OwnedRoomId = room_id
-            .try_into()
-            .map_err(|e| CryptoError::Encrypt(format!("{e}")))?;
         let lock = self
             .room_locks
             .lock()
             .await
-            .entry(Self::room_lock_key(&room))
+            .entry(room.clone())
             .or_default()
             .clone();
         let _one_writer = lock.lock().await;
-        let members = self.hs.joined_members(&room, &self.user).await?;
+        let members = self.hs.joined_members(room, &self.user).await?;
         // Plain references collected first: a borrowing iterator held across an await would
         // make this future non-Send.
         let refs: Vec<&ruma::UserId> = members.iter().map(|u| &**u).collect();
@@ -425,7 +403,7 @@ impl Crypto {
         let shares = self
             .olm
             .share_room_key(
-                &room,
+                room,
                 refs.clone().into_iter(),
                 EncryptionSettings::default(),
             )
@@ -452,7 +430,7 @@ impl Crypto {
         );
         let enc = self
             .olm
-            .encrypt_room_event_raw(&room, event_type, &raw)
+            .encrypt_room_event_raw(room, event_type, &raw)
             .await
             .map_err(|e| CryptoError::Encrypt(e.to_string()))?;
         enc.content
@@ -460,26 +438,406 @@ impl Crypto {
             .map_err(|e| CryptoError::Encrypt(e.to_string()))
     }
 
-    /// Whether a room is encrypted (cached; asks the homeserver the first time).
-    /// Drops the bridge's outgoing room key of a room (a portal whose owner logged out): the
-    /// next message there starts a new Megolm session that only the current members get.
+    async fn discard_room_key(&self, room: &RoomId) {
+        if let Err(e) = self.olm.discard_room_key(room).await {
+            tracing::warn!(error = %e, "cannot discard a room key");
+        }
+    }
+}
+
+/// The ghosts' own devices: one per ghost that ever sent into an encrypted room, each with its
+/// own Olm account and cross-signing identity, so the sender of a ghost's event and the owner of
+/// its Megolm session are the same user (no "mismatched sender" in clients, and clients that
+/// exclude insecure devices decrypt it).
+///
+/// Each device's crypto store is a folder `ghosts/<sha256 of the user id>/` next to the bot's
+/// store; `device_id` there names the device and `ready` is written once the device exists on
+/// the homeserver with its keys and cross-signing identity uploaded. Loaded machines are kept in
+/// a bounded cache; one that is in use is never evicted, so a ghost never has two machines.
+struct GhostDevices {
+    dir: PathBuf,
+    passphrase: String,
+    hs: HomeserverClient,
+    capacity: usize,
+    cache: std::sync::Mutex<GhostCache<Device>>,
+    /// Serialises loading and creating (one machine per ghost, ever).
+    opening: Mutex<()>,
+}
+
+/// The loaded ghost devices, least recently used dropped first; one that is in use (held
+/// outside the cache) is never dropped, so a ghost never has two machines on one store.
+struct GhostCache<D> {
+    devices: HashMap<OwnedUserId, (Arc<D>, u64)>,
+    tick: u64,
+}
+
+impl<D> Default for GhostCache<D> {
+    fn default() -> Self {
+        Self {
+            devices: HashMap::new(),
+            tick: 0,
+        }
+    }
+}
+
+impl<D> GhostCache<D> {
+    fn get(&mut self, user: &ruma::UserId) -> Option<Arc<D>> {
+        self.tick += 1;
+        let tick = self.tick;
+        self.devices.get_mut(user).map(|(d, used)| {
+            *used = tick;
+            d.clone()
+        })
+    }
+
+    /// Adds a device, then drops the least recently used idle ones above `capacity`.
+    fn insert(&mut self, user: OwnedUserId, device: Arc<D>, capacity: usize) {
+        self.tick += 1;
+        self.devices.insert(user, (device, self.tick));
+        while self.devices.len() > capacity {
+            let idle = self
+                .devices
+                .iter()
+                .filter(|(_, (d, _))| Arc::strong_count(d) == 1)
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(u, _)| u.clone());
+            match idle {
+                Some(u) => {
+                    self.devices.remove(&u);
+                }
+                None => break,
+            }
+        }
+    }
+
+    fn loaded(&self) -> Vec<Arc<D>> {
+        self.devices.values().map(|(d, _)| d.clone()).collect()
+    }
+}
+
+const READY: &str = "ready";
+const DEVICE_ID: &str = "device_id";
+
+impl GhostDevices {
+    fn folder(&self, user: &ruma::UserId) -> PathBuf {
+        use sha2::Digest;
+        self.dir.join(hex::encode(
+            &sha2::Sha256::digest(user.as_str().as_bytes())[..16],
+        ))
+    }
+
+    fn cached(&self) -> std::sync::MutexGuard<'_, GhostCache<Device>> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The ghost's device: from the cache, else from its store; created when `create` and the
+    /// ghost has none yet. `None` when it has none and `create` is false.
+    async fn get(
+        &self,
+        user: &ruma::UserId,
+        create: bool,
+    ) -> Result<Option<Arc<Device>>, CryptoError> {
+        if let Some(d) = self.cached().get(user) {
+            return Ok(Some(d));
+        }
+        let _one = self.opening.lock().await;
+        if let Some(d) = self.cached().get(user) {
+            return Ok(Some(d));
+        }
+        let folder = self.folder(user);
+        let device_id = match std::fs::read_to_string(folder.join(DEVICE_ID)) {
+            Ok(d) => OwnedDeviceId::from(d.trim()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if !create {
+                    return Ok(None);
+                }
+                std::fs::create_dir_all(&folder).map_err(store_err)?;
+                let d = OwnedDeviceId::from(new_device_id().as_str());
+                write_atomically(&folder.join(DEVICE_ID), d.as_str())?;
+                d
+            }
+            Err(e) => return Err(store_err(e)),
+        };
+        let started = std::time::Instant::now();
+        let ready = folder.join(READY).exists();
+        if !ready {
+            // Each step is idempotent, so a crash half-way is finished here next time.
+            self.hs
+                .create_device(user, &device_id, "Interop bridge (contact)")
+                .await?;
+        }
+        let device = Device::open(
+            self.hs.clone(),
+            user.to_owned(),
+            device_id,
+            &folder.join("store"),
+            &self.passphrase,
+        )
+        .await?;
+        if ready {
+            // Device-list changes that came while it was not loaded were not fed to it.
+            device
+                .olm
+                .mark_all_tracked_users_as_dirty()
+                .await
+                .map_err(store_err)?;
+        } else {
+            device.flush().await?;
+            device.cross_sign().await?;
+            write_atomically(&folder.join(READY), "")?;
+            tracing::info!(
+                ghost = %user,
+                device = %device.device,
+                ms = started.elapsed().as_millis() as u64,
+                "ghost device created and cross-signed"
+            );
+        }
+        let device = Arc::new(device);
+        self.cached()
+            .insert(device.user.clone(), device.clone(), self.capacity);
+        Ok(Some(device))
+    }
+}
+
+fn new_device_id() -> String {
+    let d: String = rand::Rng::sample_iter(rand::rng(), rand::distr::Alphanumeric)
+        .take(10)
+        .map(|c| char::from(c).to_ascii_uppercase())
+        .collect();
+    format!("MIBG{d}")
+}
+
+fn write_atomically(path: &Path, text: &str) -> Result<(), CryptoError> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).map_err(store_err)?;
+    std::fs::rename(&tmp, path).map_err(store_err)
+}
+
+impl Crypto {
+    /// Creates (or reuses) the bot's device, opens the crypto store and uploads keys.
+    pub async fn start(
+        hs: HomeserverClient,
+        opts: CryptoOptions,
+    ) -> Result<Arc<Self>, CryptoError> {
+        let user: OwnedUserId = opts.bot.as_str().try_into().map_err(store_err)?;
+        let device: OwnedDeviceId = opts.device.as_str().into();
+        if opts.msc4190 {
+            hs.create_device(&user, &device, "Interop bridge").await?;
+        }
+        let bot =
+            Device::open(hs.clone(), user, device, &opts.store_path, &opts.passphrase).await?;
+        bot.flush().await?;
+        if opts.self_sign {
+            let status = bot.olm.cross_signing_status().await;
+            if !(status.has_master && status.has_self_signing) {
+                bot.cross_sign().await?;
+                tracing::info!("bridge device cross-signed by the bot's identity");
+            }
+        }
+        let ghosts = if opts.ghost_devices && !opts.msc4190 {
+            tracing::warn!(
+                "encryption.ghost_devices needs encryption.msc4190: ghosts' messages are encrypted by the bot's device"
+            );
+            None
+        } else if opts.ghost_devices {
+            Some(GhostDevices {
+                dir: opts.store_path.join("ghosts"),
+                passphrase: opts.passphrase.clone(),
+                hs,
+                capacity: opts.ghost_device_cache.max(1),
+                cache: std::sync::Mutex::new(GhostCache::default()),
+                opening: Mutex::new(()),
+            })
+        } else {
+            None
+        };
+        tracing::info!(device = %bot.device, ghost_devices = ghosts.is_some(), "encryption ready");
+        Ok(Arc::new(Self {
+            bot,
+            ghosts,
+            encrypted: RwLock::new(HashMap::new()),
+            keys_arrived: Notify::new(),
+        }))
+    }
+
+    pub fn device_id(&self) -> &str {
+        self.bot.device.as_str()
+    }
+
+    /// The device of a ghost, creating it on first use; `None` when ghost devices are off.
+    pub async fn ghost_device_id(&self, ghost: &str) -> Result<Option<String>, CryptoError> {
+        let (Some(ghosts), Ok(user)) = (&self.ghosts, OwnedUserId::try_from(ghost)) else {
+            return Ok(None);
+        };
+        Ok(ghosts.get(&user, true).await?.map(|d| d.device.to_string()))
+    }
+
+    /// Sends everything the bot's machine asks for.
+    pub async fn flush(&self) -> Result<(), CryptoError> {
+        self.bot.flush().await
+    }
+
+    /// Feeds one transaction's to-device events, device-list changes and key counts to the bot's
+    /// device and to the ghosts' devices they are meant for.
+    pub async fn receive(&self, changes: &CryptoChanges) -> Result<(), CryptoError> {
+        let device_lists: DeviceLists =
+            serde_json::from_value(changes.device_lists.clone()).unwrap_or_default();
+        let (me, dev) = (self.bot.user.as_str(), self.bot.device.as_str());
+        let for_bot = DeviceChanges::for_device(changes, &device_lists, me, dev);
+        tracing::debug!(
+            received = changes.to_device.len(),
+            for_bot = for_bot.to_device.len(),
+            "to-device events in transaction"
+        );
+        let mut room_keys = self.bot.receive(for_bot).await?;
+        if let Some(ghosts) = &self.ghosts {
+            // Ghosts named in this transaction: loaded if they have a device.
+            let mut named: Vec<&str> = changes
+                .to_device
+                .iter()
+                .filter_map(|e| e["to_user_id"].as_str())
+                .chain(
+                    changes
+                        .otk_counts
+                        .as_object()
+                        .into_iter()
+                        .flat_map(|m| m.keys().map(String::as_str)),
+                )
+                .filter(|u| *u != me)
+                .collect();
+            named.sort_unstable();
+            named.dedup();
+            for u in named {
+                let Ok(user) = OwnedUserId::try_from(u) else {
+                    continue;
+                };
+                if let Err(e) = ghosts.get(&user, false).await {
+                    tracing::warn!(ghost = %user, error = %e, "cannot load a ghost's device");
+                }
+            }
+            let loaded = ghosts.cached().loaded();
+            for ghost in loaded {
+                let c = DeviceChanges::for_device(
+                    changes,
+                    &device_lists,
+                    ghost.user.as_str(),
+                    ghost.device.as_str(),
+                );
+                if c.is_empty() {
+                    continue;
+                }
+                match ghost.receive(c).await {
+                    Ok(k) => room_keys |= k,
+                    Err(e) => {
+                        tracing::warn!(ghost = %ghost.user, error = %e, "a ghost's device could not take its to-device events")
+                    }
+                }
+            }
+        }
+        if room_keys {
+            self.keys_arrived.notify_waiters();
+        }
+        Ok(())
+    }
+
+    /// Decrypts an `m.room.encrypted` event into the event it carries (with the bot's device,
+    /// which is in every portal).
+    pub async fn decrypt(&self, room_id: &str, event: &Value) -> Result<Value, CryptoError> {
+        let room: OwnedRoomId = room_id
+            .try_into()
+            .map_err(|e| CryptoError::Decrypt(format!("{e}")))?;
+        let raw: Raw<EncryptedEvent> = Raw::from_json(
+            serde_json::value::to_raw_value(event)
+                .map_err(|e| CryptoError::Decrypt(e.to_string()))?,
+        );
+        match self
+            .bot
+            .olm
+            .decrypt_room_event(&raw, &room, &settings())
+            .await
+        {
+            Ok(d) => {
+                let inner: Value = d
+                    .event
+                    .deserialize_as()
+                    .map_err(|e| CryptoError::Decrypt(e.to_string()))?;
+                sanitize_decrypted(event, &inner)
+            }
+            Err(matrix_sdk_crypto::MegolmError::MissingRoomKey(_)) => Err(CryptoError::MissingKey),
+            Err(e) => Err(CryptoError::Decrypt(e.to_string())),
+        }
+    }
+
+    /// Asks the sender's other devices for a missing room key.
+    pub async fn request_key(&self, room_id: &str, event: &Value) {
+        let Ok(room) = OwnedRoomId::try_from(room_id) else {
+            return;
+        };
+        let Ok(raw) = serde_json::value::to_raw_value(event).map(Raw::<EncryptedEvent>::from_json)
+        else {
+            return;
+        };
+        if let Ok((cancel, request)) = self.bot.olm.request_room_key(&raw, &room).await {
+            if let Some(c) = cancel {
+                let _ = self.bot.send_outgoing(c.request_id(), c.request()).await;
+            }
+            let _ = self
+                .bot
+                .send_outgoing(request.request_id(), request.request())
+                .await;
+        }
+    }
+
+    /// Encrypts `content` for the room's current members, with the device of `sender` (a
+    /// ghost's own device when ghost devices are on, else the bot's); returns the
+    /// `m.room.encrypted` content.
+    pub async fn encrypt(
+        &self,
+        room_id: &str,
+        sender: &str,
+        event_type: &str,
+        content: &Value,
+    ) -> Result<Value, CryptoError> {
+        let room: OwnedRoomId = room_id
+            .try_into()
+            .map_err(|e| CryptoError::Encrypt(format!("{e}")))?;
+        let ghost = match (&self.ghosts, OwnedUserId::try_from(sender)) {
+            (Some(ghosts), Ok(user)) if user != self.bot.user => ghosts.get(&user, true).await?,
+            _ => None,
+        };
+        match ghost {
+            Some(device) => device.encrypt(&room, event_type, content).await,
+            None => self.bot.encrypt(&room, event_type, content).await,
+        }
+    }
+
+    /// Drops the bridge's outgoing room keys of a room (a portal whose owner logged out): the
+    /// next message there starts a new Megolm session that only the current members get. Ghost
+    /// devices that are not loaded rotate on their own when they next send, because a member
+    /// that had their session has left.
     pub async fn discard_room_key(&self, room_id: &str) {
         let Ok(room) = OwnedRoomId::try_from(room_id) else {
             return;
         };
-        if let Err(e) = self.olm.discard_room_key(&room).await {
-            tracing::warn!(error = %e, "cannot discard a room key");
+        self.bot.discard_room_key(&room).await;
+        if let Some(ghosts) = &self.ghosts {
+            let loaded = ghosts.cached().loaded();
+            for g in loaded {
+                g.discard_room_key(&room).await;
+            }
         }
     }
 
+    /// Whether a room is encrypted (cached; asks the homeserver the first time).
     pub async fn is_encrypted(&self, room_id: &str) -> bool {
         if let Some(v) = self.encrypted.read().await.get(room_id) {
             return *v;
         }
         let v = match OwnedRoomId::try_from(room_id) {
             Ok(room) => self
+                .bot
                 .hs
-                .room_state(&room, &self.user, "m.room.encryption", "")
+                .room_state(&room, &self.bot.user, "m.room.encryption", "")
                 .await
                 .is_ok_and(|s| s["algorithm"].is_string()),
             Err(_) => false,
@@ -523,12 +881,21 @@ impl Crypto {
         Ok(out)
     }
 
-    /// Keeps the one-time keys topped up even without traffic.
+    /// Keeps the one-time keys topped up even without traffic (the bot's and the loaded
+    /// ghosts' devices).
     pub async fn maintain(self: Arc<Self>) {
         loop {
             tokio::time::sleep(Duration::from_secs(60)).await;
             if let Err(e) = self.flush().await {
                 tracing::warn!(error = %e, "crypto maintenance failed");
+            }
+            if let Some(ghosts) = &self.ghosts {
+                let loaded = ghosts.cached().loaded();
+                for g in loaded {
+                    if let Err(e) = g.flush().await {
+                        tracing::warn!(ghost = %g.user, error = %e, "crypto maintenance failed");
+                    }
+                }
             }
         }
     }
@@ -538,6 +905,53 @@ impl Crypto {
 pub fn file_with_url(mut file: Value, mxc: &str) -> Value {
     file["url"] = json!(mxc);
     file
+}
+
+#[cfg(test)]
+mod ghost_cache_tests {
+    use super::*;
+
+    fn user(n: u32) -> OwnedUserId {
+        format!("@interop_{n}:x").try_into().unwrap()
+    }
+
+    /// Inserts as the bridge does: the caller holds the device while it is inserted.
+    fn add(c: &mut GhostCache<u32>, n: u32, capacity: usize) -> Arc<u32> {
+        let d = Arc::new(n);
+        c.insert(user(n), d.clone(), capacity);
+        d
+    }
+
+    #[test]
+    fn the_least_recently_used_idle_device_goes_first() {
+        let mut c = GhostCache::default();
+        for n in 0..3 {
+            add(&mut c, n, 3);
+        }
+        assert!(c.get(&user(0)).is_some()); // 1 is now the oldest
+        add(&mut c, 3, 3);
+        assert!(c.get(&user(1)).is_none());
+        for n in [0, 2, 3] {
+            assert!(c.get(&user(n)).is_some(), "{n}");
+        }
+    }
+
+    /// Two machines on one ghost's store would reuse Megolm message indexes: a device that is
+    /// in use stays cached even above the capacity.
+    #[test]
+    fn a_device_in_use_is_never_dropped() {
+        let mut c = GhostCache::default();
+        let held = add(&mut c, 0, 1);
+        add(&mut c, 1, 1);
+        assert_eq!(c.loaded().len(), 2, "nothing idle to drop yet");
+        add(&mut c, 2, 1);
+        assert!(c.get(&user(0)).is_some(), "the held device is kept");
+        assert!(c.get(&user(1)).is_none(), "the idle one goes instead");
+        drop(held);
+        add(&mut c, 3, 1);
+        assert_eq!(c.loaded().len(), 1);
+        assert!(c.get(&user(3)).is_some());
+    }
 }
 
 #[cfg(test)]

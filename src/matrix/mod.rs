@@ -375,7 +375,7 @@ impl MatrixConnector for MatrixSide {
 }
 
 impl MatrixSide {
-    /// Sends a message event, encrypted with the bot's device when the room is encrypted.
+    /// Sends a message event, encrypted with the sender's device when the room is encrypted.
     async fn send_maybe_encrypted(
         &self,
         room_id: &str,
@@ -401,7 +401,7 @@ impl MatrixSide {
         let (event_type, mut content) = match self.crypto.get() {
             Some(c) if c.is_encrypted(room_id).await => {
                 let enc = c
-                    .encrypt(room_id, event_type, &content)
+                    .encrypt(room_id, as_user, event_type, &content)
                     .await
                     .map_err(|e| BridgeError::Matrix(e.to_string()))?;
                 ("m.room.encrypted", enc)

@@ -47,10 +47,15 @@ pub async fn start_chat(user: &MatrixUser, mgmt: &str, contact: &str) -> String 
     let ev = user
         .wait_for(mgmt, "portal link", from_bot("Your chat with"))
         .await;
-    let body = ev["content"]["body"].as_str().expect("body");
-    let room = body.rsplit("/#/").next().expect("room").to_owned();
+    let room = linked_room(&ev);
     user.join(&room).await;
     room
+}
+
+/// The room a bot notice links to (`…/#/!room:server` at the end of its body).
+pub fn linked_room(notice: &serde_json::Value) -> String {
+    let body = notice["content"]["body"].as_str().expect("body");
+    body.rsplit("/#/").next().expect("room").to_owned()
 }
 
 /// The ghost of an interop account on the test homeserver.
