@@ -18,11 +18,11 @@ use matrix_interop_bridge::{
         network::{NetEventSink, Network},
         provisioning::Provisioning,
     },
-    config::{Config, DatabaseType, EXAMPLE_CONFIG},
+    config::{Config, CryptoStoreKind, DatabaseType, EXAMPLE_CONFIG},
     interop::{GatewayAddr, SignalRuntime, connector::InteropNetwork},
     matrix::{
         HomeserverClient, MatrixError, MatrixSide,
-        crypto::{Crypto, CryptoOptions},
+        crypto::{Crypto, CryptoOptions, StoreLocation},
     },
     metrics::Metrics,
     registration,
@@ -416,8 +416,10 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Opens the bot's crypto device: its store passphrase lives in the vault, its device id in the
-/// database, its store next to the SQLite database (or in the working directory on PostgreSQL).
+/// Opens the bridge's crypto devices. Their state lives in the database (`crypto_item`), sealed
+/// with the bridge's data key; with `encryption.store: directory` it lives in local SQLite stores
+/// instead, next to the SQLite database (or in the working directory on PostgreSQL), as before.
+/// The bot's device id is in the database; a directory store's passphrase is in the vault.
 async fn start_crypto(
     cfg: &Config,
     hs: &HomeserverClient,
@@ -427,14 +429,15 @@ async fn start_crypto(
     use base64::Engine;
     const KIND: &str = "crypto";
     let db: &dyn VaultStore = store;
+    let directory = cfg.encryption.store == CryptoStoreKind::Directory;
     let passphrase = match db.record(BRIDGE_OWNER, KIND, "store_passphrase").await? {
-        Some(sealed) => String::from_utf8(
+        Some(sealed) => Some(String::from_utf8(
             vault
                 .open_record(BRIDGE_OWNER, KIND, "store_passphrase", &sealed)
                 .await?
                 .to_vec(),
-        )?,
-        None => {
+        )?),
+        None if directory => {
             let mut raw = [0u8; 32];
             rand::RngCore::fill_bytes(&mut rand::rng(), &mut raw);
             let p = base64::engine::general_purpose::STANDARD_NO_PAD.encode(raw);
@@ -443,8 +446,9 @@ async fn start_crypto(
                 .await?;
             db.put_record(BRIDGE_OWNER, KIND, "store_passphrase", &sealed)
                 .await?;
-            p
+            Some(p)
         }
+        None => None,
     };
     let device = match store.kv_get("crypto_device_id").await? {
         Some(d) => d,
@@ -470,14 +474,33 @@ async fn start_crypto(
         }
         DatabaseType::Postgres => PathBuf::from("matrix-interop-bridge.crypto"),
     };
+    let (location, shown) = match passphrase {
+        Some(passphrase) if directory => (
+            StoreLocation::Directory {
+                root: path.clone(),
+                passphrase,
+            },
+            path.display().to_string(),
+        ),
+        passphrase => (
+            StoreLocation::Database {
+                db: store.clone(),
+                key: vault.data_key(BRIDGE_OWNER).await?,
+                // A directory store of an earlier version is copied in once, never changed.
+                legacy: passphrase
+                    .filter(|_| path.exists())
+                    .map(|p| (path.clone(), p)),
+            },
+            "the database".to_owned(),
+        ),
+    };
     // The device's upkeep (key uploads, claims, to-device) has no event retry layer above it.
     let crypto = Crypto::start(
         hs.with_retries(6),
         CryptoOptions {
             bot: cfg.bot_mxid(),
             device,
-            store_path: path.clone(),
-            passphrase,
+            store: location,
             msc4190: cfg.encryption.msc4190,
             self_sign: cfg.encryption.self_sign,
             ghost_devices: cfg.encryption.ghost_devices,
@@ -485,7 +508,7 @@ async fn start_crypto(
         },
     )
     .await
-    .with_context(|| format!("cannot start encryption (crypto store {})", path.display()))?;
+    .with_context(|| format!("cannot start encryption (crypto store in {shown})"))?;
     Ok(crypto)
 }
 

@@ -295,6 +295,20 @@ pub struct EncryptionConfig {
     /// How many ghost devices stay loaded in memory.
     #[serde(default = "default_ghost_device_cache")]
     pub ghost_device_cache: usize,
+    /// Where the crypto state of the bridge's devices lives.
+    #[serde(default)]
+    pub store: CryptoStoreKind,
+}
+
+/// Where the crypto state of the bridge's Matrix devices lives.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CryptoStoreKind {
+    /// In the bridge's database, sealed with the vault: no local state.
+    #[default]
+    Database,
+    /// In local SQLite stores next to the database (earlier versions; for rolling back).
+    Directory,
 }
 
 fn default_ghost_device_cache() -> usize {
@@ -312,6 +326,7 @@ impl Default for EncryptionConfig {
             self_sign: true,
             ghost_devices: true,
             ghost_device_cache: default_ghost_device_cache(),
+            store: CryptoStoreKind::Database,
         }
     }
 }

@@ -24,7 +24,7 @@ use matrix_sdk_crypto::{
 };
 use matrix_sdk_sqlite::SqliteCryptoStore;
 use ruma::{
-    OneTimeKeyAlgorithm, OwnedDeviceId, OwnedRoomId, OwnedUserId, RoomId, UInt,
+    DeviceId, OneTimeKeyAlgorithm, OwnedDeviceId, OwnedRoomId, OwnedUserId, RoomId, UInt,
     api::client::{
         keys::{claim_keys, get_keys, upload_signatures, upload_signing_keys},
         sync::sync_events::DeviceLists,
@@ -37,6 +37,10 @@ use serde_json::{Value, json};
 use tokio::sync::{Mutex, Notify, RwLock};
 
 use super::client::{HomeserverClient, MatrixError};
+use crate::{
+    store::{KvStore, SqlStore, crypto::DbCryptoStore},
+    vault::SecretKey,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CryptoError {
@@ -140,15 +144,13 @@ impl CryptoChanges {
 }
 
 /// How the crypto side is set up (from the `encryption` section of the config).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct CryptoOptions {
     /// The bridge bot's user id and device id.
     pub bot: String,
     pub device: String,
-    /// The bot's crypto store; ghosts' stores live in its `ghosts/` folder.
-    pub store_path: PathBuf,
-    /// Encrypts the crypto stores at rest.
-    pub passphrase: String,
+    /// Where the devices' crypto state lives.
+    pub store: StoreLocation,
     /// Create devices through MSC4190 (needed for ghost devices).
     pub msc4190: bool,
     /// Cross-sign the bot's device with the bot's own identity.
@@ -157,6 +159,254 @@ pub struct CryptoOptions {
     pub ghost_devices: bool,
     /// How many ghost devices stay loaded.
     pub ghost_device_cache: usize,
+}
+
+/// Where the crypto stores of the bridge's devices are.
+#[derive(Clone)]
+pub enum StoreLocation {
+    /// In the bridge's database (`crypto_item`), sealed with `key`. The local store directory of
+    /// an earlier version, if `legacy` names one (with its passphrase), is copied in on first
+    /// use and left untouched.
+    Database {
+        db: SqlStore,
+        key: SecretKey,
+        legacy: Option<(PathBuf, String)>,
+    },
+    /// matrix-sdk-crypto's SQLite stores in a local directory (the bot's at its root, each
+    /// ghost's in `ghosts/<sha256 of the user id>/store`), encrypted with `passphrase`.
+    Directory { root: PathBuf, passphrase: String },
+}
+
+/// A ghost device's record: its device id, and whether its setup finished.
+struct GhostRecord {
+    device: OwnedDeviceId,
+    ready: bool,
+}
+
+fn ghost_folder(root: &Path, user: &ruma::UserId) -> PathBuf {
+    use sha2::Digest;
+    root.join("ghosts").join(hex::encode(
+        &sha2::Sha256::digest(user.as_str().as_bytes())[..16],
+    ))
+}
+
+impl StoreLocation {
+    /// Opens the machine of `device` of `user`; `folder` is where its directory store is (or
+    /// was, before the database).
+    async fn machine(
+        &self,
+        user: &ruma::UserId,
+        device: &DeviceId,
+        folder: &Path,
+    ) -> Result<OlmMachine, CryptoError> {
+        match self {
+            Self::Directory { passphrase, .. } => {
+                std::fs::create_dir_all(folder).map_err(store_err)?;
+                let store = SqliteCryptoStore::open(folder, Some(passphrase))
+                    .await
+                    .map_err(store_err)?;
+                OlmMachine::with_store(user, device, store, None)
+                    .await
+                    .map_err(store_err)
+            }
+            Self::Database { db, key, legacy } => {
+                let store = DbCryptoStore::new(db.clone(), key.clone(), user, device);
+                if let Some((_, passphrase)) = legacy
+                    && !store.has_account().await.map_err(store_err)?
+                    && folder.join("matrix-sdk-crypto.sqlite3").exists()
+                {
+                    let old = SqliteCryptoStore::open(folder, Some(passphrase))
+                        .await
+                        .map_err(store_err)?;
+                    let n = migrate_store(&old, &store, user, device).await?;
+                    tracing::info!(
+                        %user, %device, from = %folder.display(), olm_sessions = n.sessions,
+                        megolm_sessions = n.inbound, devices = n.devices,
+                        "crypto store copied into the database (the directory is left as it was)"
+                    );
+                }
+                OlmMachine::with_store(user, device, store, None)
+                    .await
+                    .map_err(store_err)
+            }
+        }
+    }
+
+    /// The directory the bot's store is (or was) in.
+    fn root(&self) -> Option<&Path> {
+        match self {
+            Self::Directory { root, .. } => Some(root),
+            Self::Database { legacy, .. } => legacy.as_ref().map(|(p, _)| p.as_path()),
+        }
+    }
+
+    async fn ghost_record(&self, user: &ruma::UserId) -> Result<Option<GhostRecord>, CryptoError> {
+        // A device an earlier version created in its directory keeps its id.
+        let from_folder = |root: &Path| -> Result<Option<GhostRecord>, CryptoError> {
+            let folder = ghost_folder(root, user);
+            match std::fs::read_to_string(folder.join(DEVICE_ID)) {
+                Ok(d) => Ok(Some(GhostRecord {
+                    device: d.trim().into(),
+                    ready: folder.join(READY).exists(),
+                })),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(store_err(e)),
+            }
+        };
+        match self {
+            Self::Directory { root, .. } => from_folder(root),
+            Self::Database { db, legacy, .. } => {
+                let key = format!("ghost_device:{user}");
+                match db.kv_get(&key).await.map_err(store_err)? {
+                    Some(v) => {
+                        let (device, ready) = match v.split_once(' ') {
+                            Some((d, r)) => (d, r == "ready"),
+                            None => (v.as_str(), false),
+                        };
+                        Ok(Some(GhostRecord {
+                            device: device.into(),
+                            ready,
+                        }))
+                    }
+                    None => match legacy {
+                        Some((root, _)) => from_folder(root),
+                        None => Ok(None),
+                    },
+                }
+            }
+        }
+    }
+
+    async fn set_ghost_record(
+        &self,
+        user: &ruma::UserId,
+        r: &GhostRecord,
+    ) -> Result<(), CryptoError> {
+        match self {
+            Self::Directory { root, .. } => {
+                let folder = ghost_folder(root, user);
+                std::fs::create_dir_all(&folder).map_err(store_err)?;
+                write_atomically(&folder.join(DEVICE_ID), r.device.as_str())?;
+                if r.ready {
+                    write_atomically(&folder.join(READY), "")?;
+                }
+                Ok(())
+            }
+            Self::Database { db, .. } => {
+                let v = if r.ready {
+                    format!("{} ready", r.device)
+                } else {
+                    r.device.to_string()
+                };
+                db.kv_set(&format!("ghost_device:{user}"), &v)
+                    .await
+                    .map_err(store_err)
+            }
+        }
+    }
+}
+
+/// How much a migration copied.
+struct Migrated {
+    sessions: usize,
+    inbound: usize,
+    devices: usize,
+}
+
+/// Copies a device's crypto state from a directory store into the database: its Olm account,
+/// cross-signing identity, tracked users with their devices and identities, the Olm sessions
+/// with those devices, and the inbound Megolm sessions. Outbound Megolm sessions are not copied
+/// (the device starts new ones) and the directory is not changed.
+async fn migrate_store(
+    from: &SqliteCryptoStore,
+    to: &DbCryptoStore,
+    user: &ruma::UserId,
+    device: &DeviceId,
+) -> Result<Migrated, CryptoError> {
+    use matrix_sdk_crypto::store::{
+        CryptoStore,
+        types::{Changes, DeviceChanges, IdentityChanges, PendingChanges},
+    };
+    let Some(account) = from.load_account().await.map_err(store_err)? else {
+        return Ok(Migrated {
+            sessions: 0,
+            inbound: 0,
+            devices: 0,
+        });
+    };
+    if account.user_id() != user || account.device_id() != device {
+        return Err(CryptoError::Store(format!(
+            "the store directory holds {} {}, not {user} {device}",
+            account.user_id(),
+            account.device_id()
+        )));
+    }
+    let identity = from.load_identity().await.map_err(store_err)?;
+    let tracked = from.load_tracked_users().await.map_err(store_err)?;
+    let mut users: Vec<OwnedUserId> = tracked.iter().map(|t| t.user_id.clone()).collect();
+    if !users.iter().any(|u| u == user) {
+        users.push(user.to_owned());
+    }
+    let (mut devices, mut identities) = (Vec::new(), Vec::new());
+    for u in &users {
+        devices.extend(
+            from.get_user_devices(u)
+                .await
+                .map_err(store_err)?
+                .into_values(),
+        );
+        if let Some(i) = from.get_user_identity(u).await.map_err(store_err)? {
+            identities.push(i);
+        }
+    }
+    let inbound = from.get_inbound_group_sessions().await.map_err(store_err)?;
+    // Olm sessions are found by the peer device's key: the keys of the devices the store knows,
+    // and those of the devices that sent room keys (their device list may not be known).
+    let mut peers: Vec<String> = devices
+        .iter()
+        .filter_map(|d| d.curve25519_key())
+        .chain(inbound.iter().map(|s| s.sender_key()))
+        .map(|k| k.to_base64())
+        .collect();
+    peers.sort_unstable();
+    peers.dedup();
+    let mut sessions = Vec::new();
+    for k in &peers {
+        if let Some(s) = from.get_sessions(k).await.map_err(store_err)? {
+            sessions.extend(s);
+        }
+    }
+    let counts = Migrated {
+        sessions: sessions.len(),
+        inbound: inbound.len(),
+        devices: devices.len(),
+    };
+    to.save_changes(Changes {
+        private_identity: identity,
+        sessions,
+        inbound_group_sessions: inbound,
+        identities: IdentityChanges {
+            new: identities,
+            ..Default::default()
+        },
+        devices: DeviceChanges {
+            new: devices,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await
+    .map_err(store_err)?;
+    let pairs: Vec<(&ruma::UserId, bool)> =
+        tracked.iter().map(|t| (&*t.user_id, t.dirty)).collect();
+    to.save_tracked_users(&pairs).await.map_err(store_err)?;
+    // The account last: a migration cut short is done again from the start.
+    to.save_pending_changes(PendingChanges {
+        account: Some(account),
+    })
+    .await
+    .map_err(store_err)?;
+    Ok(counts)
 }
 
 /// One Matrix device the bridge runs: the bot's, or a ghost's. It owns an `OlmMachine` and
@@ -229,16 +479,10 @@ impl Device {
         hs: HomeserverClient,
         user: OwnedUserId,
         device: OwnedDeviceId,
-        store_path: &Path,
-        passphrase: &str,
+        store: &StoreLocation,
+        folder: &Path,
     ) -> Result<Self, CryptoError> {
-        std::fs::create_dir_all(store_path).map_err(store_err)?;
-        let store = SqliteCryptoStore::open(store_path, Some(passphrase))
-            .await
-            .map_err(store_err)?;
-        let olm = OlmMachine::with_store(&user, &device, store, None)
-            .await
-            .map_err(store_err)?;
+        let olm = store.machine(&user, &device, folder).await?;
         Ok(Self {
             olm,
             hs,
@@ -455,8 +699,7 @@ impl Device {
 /// the homeserver with its keys and cross-signing identity uploaded. Loaded machines are kept in
 /// a bounded cache; one that is in use is never evicted, so a ghost never has two machines.
 struct GhostDevices {
-    dir: PathBuf,
-    passphrase: String,
+    store: StoreLocation,
     hs: HomeserverClient,
     capacity: usize,
     cache: std::sync::Mutex<GhostCache<Device>>,
@@ -519,13 +762,6 @@ const READY: &str = "ready";
 const DEVICE_ID: &str = "device_id";
 
 impl GhostDevices {
-    fn folder(&self, user: &ruma::UserId) -> PathBuf {
-        use sha2::Digest;
-        self.dir.join(hex::encode(
-            &sha2::Sha256::digest(user.as_str().as_bytes())[..16],
-        ))
-    }
-
     fn cached(&self) -> std::sync::MutexGuard<'_, GhostCache<Device>> {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -544,37 +780,39 @@ impl GhostDevices {
         if let Some(d) = self.cached().get(user) {
             return Ok(Some(d));
         }
-        let folder = self.folder(user);
-        let device_id = match std::fs::read_to_string(folder.join(DEVICE_ID)) {
-            Ok(d) => OwnedDeviceId::from(d.trim()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if !create {
-                    return Ok(None);
-                }
-                std::fs::create_dir_all(&folder).map_err(store_err)?;
-                let d = OwnedDeviceId::from(new_device_id().as_str());
-                write_atomically(&folder.join(DEVICE_ID), d.as_str())?;
-                d
+        let mut record = match self.store.ghost_record(user).await? {
+            Some(r) => r,
+            None if create => {
+                let r = GhostRecord {
+                    device: new_device_id().as_str().into(),
+                    ready: false,
+                };
+                self.store.set_ghost_record(user, &r).await?;
+                r
             }
-            Err(e) => return Err(store_err(e)),
+            None => return Ok(None),
         };
         let started = std::time::Instant::now();
-        let ready = folder.join(READY).exists();
-        if !ready {
+        if !record.ready {
             // Each step is idempotent, so a crash half-way is finished here next time.
             self.hs
-                .create_device(user, &device_id, "Interop bridge (contact)")
+                .create_device(user, &record.device, "Interop bridge (contact)")
                 .await?;
         }
+        let folder = self
+            .store
+            .root()
+            .map(|r| ghost_folder(r, user).join("store"))
+            .unwrap_or_default();
         let device = Device::open(
             self.hs.clone(),
             user.to_owned(),
-            device_id,
-            &folder.join("store"),
-            &self.passphrase,
+            record.device.clone(),
+            &self.store,
+            &folder,
         )
         .await?;
-        if ready {
+        if record.ready {
             // Device-list changes that came while it was not loaded were not fed to it.
             device
                 .olm
@@ -584,7 +822,6 @@ impl GhostDevices {
         } else {
             device.flush().await?;
             device.cross_sign().await?;
-            write_atomically(&folder.join(READY), "")?;
             tracing::info!(
                 ghost = %user,
                 device = %device.device,
@@ -592,6 +829,9 @@ impl GhostDevices {
                 "ghost device created and cross-signed"
             );
         }
+        // Recorded as ready (again): this also moves a directory-era ghost into the database.
+        record.ready = true;
+        self.store.set_ghost_record(user, &record).await?;
         let device = Arc::new(device);
         self.cached()
             .insert(device.user.clone(), device.clone(), self.capacity);
@@ -624,8 +864,8 @@ impl Crypto {
         if opts.msc4190 {
             hs.create_device(&user, &device, "Interop bridge").await?;
         }
-        let bot =
-            Device::open(hs.clone(), user, device, &opts.store_path, &opts.passphrase).await?;
+        let root = opts.store.root().map(Path::to_path_buf).unwrap_or_default();
+        let bot = Device::open(hs.clone(), user, device, &opts.store, &root).await?;
         bot.flush().await?;
         if opts.self_sign {
             let status = bot.olm.cross_signing_status().await;
@@ -641,8 +881,7 @@ impl Crypto {
             None
         } else if opts.ghost_devices {
             Some(GhostDevices {
-                dir: opts.store_path.join("ghosts"),
-                passphrase: opts.passphrase.clone(),
+                store: opts.store.clone(),
                 hs,
                 capacity: opts.ghost_device_cache.max(1),
                 cache: std::sync::Mutex::new(GhostCache::default()),

@@ -17,6 +17,7 @@ use sqlx::{
 
 use crate::config::{DatabaseConfig, DatabaseType};
 
+pub mod crypto;
 pub mod portal;
 mod vault;
 

@@ -22,6 +22,21 @@ impl BridgeEnv {
     /// Starts everything; `extra_sections` is appended to the bridge config (e.g. `encryption:`).
     /// With `MIB_KEEP_TEST_DIRS` set, the files (logs, databases) are kept for inspection.
     pub async fn start(extra_sections: &str) -> Self {
+        Self::start_with(extra_sections, None, |_| async {}).await
+    }
+
+    /// As [`start`](Self::start), the bridge in `workdir` if given; `before_bridge` gets the
+    /// setup (e.g. to point its config at PostgreSQL) once Synapse runs and before the bridge
+    /// starts.
+    pub async fn start_with<F, Fut>(
+        extra_sections: &str,
+        workdir: Option<&std::path::Path>,
+        before_bridge: F,
+    ) -> Self
+    where
+        F: FnOnce(&BridgeSetup) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
         let mut tmp = tempfile::tempdir().expect("tmp");
         if std::env::var_os("MIB_KEEP_TEST_DIRS").is_some() {
             tmp.disable_cleanup(true);
@@ -39,7 +54,8 @@ impl BridgeEnv {
         let synapse =
             Synapse::start_for_bridge(&tmp.path().join("hs"), &setup.config, &setup.registration)
                 .await;
-        let bridge = setup.start().await;
+        before_bridge(&setup).await;
+        let bridge = setup.start_in(workdir).await;
         Self {
             bridge,
             synapse,

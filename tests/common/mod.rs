@@ -8,6 +8,7 @@ pub mod e2ee;
 pub mod env;
 pub mod interop;
 pub mod node;
+pub mod pg;
 pub mod portal;
 
 use std::{
@@ -667,7 +668,15 @@ impl BridgeSetup {
     }
 
     pub async fn start(&self) -> Proc {
+        self.start_in(None).await
+    }
+
+    /// Starts the bridge with `workdir` as its working directory (the test's own by default).
+    pub async fn start_in(&self, workdir: Option<&Path>) -> Proc {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_matrix-interop-bridge"));
+        if let Some(dir) = workdir {
+            cmd.current_dir(dir);
+        }
         cmd.arg("-c").arg(&self.config).env(
             "MIB_VAULT_MASTER_KEY",
             "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
