@@ -505,6 +505,7 @@ async fn start_crypto(
             self_sign: cfg.encryption.self_sign,
             ghost_devices: cfg.encryption.ghost_devices,
             ghost_device_cache: cfg.encryption.ghost_device_cache,
+            msc4350: cfg.encryption.msc4350,
         },
     )
     .await

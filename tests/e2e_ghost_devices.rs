@@ -222,3 +222,59 @@ async fn with_ghost_devices_off_the_same_client_shows_a_red_shield() {
         "no ghost device: {keys}"
     );
 }
+
+/// MSC4350 (opt-in): instead of a device of its own, the ghost publishes a device without keys
+/// that names the bot's device as its impersonator, signed by the bot's device; the bot's device
+/// encrypts the ghost's messages. No client implements MSC4350 yet, so matrix-js-sdk still shows
+/// them with a red shield; the test checks what is published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_msc4350_the_ghost_names_the_bot_as_its_impersonator() {
+    use matrix_sdk_crypto::vodozemac::{Ed25519PublicKey, Ed25519Signature};
+
+    let env = BridgeEnv::start(&format!("{ENCRYPTION}    msc4350: true\n")).await;
+    let mut alice = js(&env, "alice", "ALICEWEB", "all_devices");
+    let (mgmt, account) = login(&mut alice);
+    let mut node = env.node();
+    let ghost = ghost_of(&node.account);
+    let room = start_chat(&mut alice, &mgmt, &node.account);
+    node.call(json!({"cmd": "send", "to": account, "content": "through the impersonator"}));
+    let ev = wait(&mut alice, &room, &ghost, "through the impersonator");
+    assert_eq!(ev["decrypted"], true, "{ev}");
+
+    let bot = alice.call(json!({"cmd": "keys_query", "user_id": BOT}));
+    let (bot_device, bot_keys) = bot["devices"]
+        .as_object()
+        .and_then(|d| d.iter().next())
+        .expect("the bot's device");
+    let keys = alice.call(json!({"cmd": "keys_query", "user_id": ghost}));
+    let devices = keys["devices"].as_object().expect("devices");
+    assert_eq!(devices.len(), 1, "{keys}");
+    let (device, d) = devices.iter().next().expect("device");
+    assert!(device.starts_with("MIBI"), "{device}");
+    assert_eq!(d["algorithms"], json!([]), "no keys of its own: {d}");
+    assert_eq!(d["keys"], json!({}), "{d}");
+    let imp = &d["fi.mau.msc4350.impersonator"];
+    assert_eq!(imp["user_id"], BOT, "{d}");
+    assert_eq!(imp["device_id"], json!(bot_device), "{d}");
+    assert_eq!(imp["keys"], bot_keys["keys"], "the bot's device keys: {d}");
+    assert!(imp.get("signatures").is_none());
+
+    // Signed by the bot's device over the canonical JSON of the device keys.
+    let signed = json!({"user_id": d["user_id"], "device_id": d["device_id"], "algorithms": d["algorithms"],
+                        "keys": d["keys"], "fi.mau.msc4350.impersonator": imp});
+    let canonical = ruma::canonical_json::to_canonical_value(&signed)
+        .expect("canonical")
+        .to_string();
+    let key_id = format!("ed25519:{bot_device}");
+    let public = Ed25519PublicKey::from_base64(imp["keys"][&key_id].as_str().expect("key"))
+        .expect("public key");
+    let sig = Ed25519Signature::from_base64(
+        d["signatures"][BOT][&key_id]
+            .as_str()
+            .expect("the bot's signature"),
+    )
+    .expect("signature");
+    public
+        .verify(canonical.as_bytes(), &sig)
+        .expect("the bot's signature verifies");
+}

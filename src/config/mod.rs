@@ -298,6 +298,10 @@ pub struct EncryptionConfig {
     /// Where the crypto state of the bridge's devices lives.
     #[serde(default)]
     pub store: CryptoStoreKind,
+    /// MSC4350 (unstable): ghosts get keyless devices naming the bot's device as impersonator,
+    /// instead of devices of their own.
+    #[serde(default)]
+    pub msc4350: bool,
 }
 
 /// Where the crypto state of the bridge's Matrix devices lives.
@@ -327,6 +331,7 @@ impl Default for EncryptionConfig {
             ghost_devices: true,
             ghost_device_cache: default_ghost_device_cache(),
             store: CryptoStoreKind::Database,
+            msc4350: false,
         }
     }
 }

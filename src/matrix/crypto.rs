@@ -159,6 +159,22 @@ pub struct CryptoOptions {
     pub ghost_devices: bool,
     /// How many ghost devices stay loaded.
     pub ghost_device_cache: usize,
+    /// MSC4350 instead of ghosts' own devices: each ghost gets a device without keys that names
+    /// the bot's device as its impersonator, and the bot's device encrypts for it.
+    pub msc4350: bool,
+}
+
+/// The unstable name of MSC4350's `impersonator` field of device keys.
+pub const MSC4350_IMPERSONATOR: &str = "fi.mau.msc4350.impersonator";
+
+/// The device id of a ghost's MSC4350 device: derived from the ghost and the bot's device, so it
+/// needs no storage and stays the same across restarts.
+fn impersonatable_device_id(ghost: &ruma::UserId, bot_device: &DeviceId) -> OwnedDeviceId {
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(format!("{ghost} {bot_device}").as_bytes());
+    format!("MIBI{}", hex::encode_upper(&h[..5]))
+        .as_str()
+        .into()
 }
 
 /// Where the crypto stores of the bridge's devices are.
@@ -423,6 +439,8 @@ struct Device {
 pub struct Crypto {
     bot: Device,
     ghosts: Option<GhostDevices>,
+    /// With MSC4350: the ghosts whose impersonatable device was published by this process.
+    impersonated: Option<std::sync::Mutex<std::collections::HashSet<OwnedUserId>>>,
     encrypted: RwLock<HashMap<String, bool>>,
     /// Signalled when room keys arrive (events waiting for a key retry then).
     pub keys_arrived: Notify,
@@ -874,7 +892,9 @@ impl Crypto {
                 tracing::info!("bridge device cross-signed by the bot's identity");
             }
         }
-        let ghosts = if opts.ghost_devices && !opts.msc4190 {
+        let ghosts = if opts.msc4350 {
+            None
+        } else if opts.ghost_devices && !opts.msc4190 {
             tracing::warn!(
                 "encryption.ghost_devices needs encryption.msc4190: ghosts' messages are encrypted by the bot's device"
             );
@@ -894,6 +914,7 @@ impl Crypto {
         Ok(Arc::new(Self {
             bot,
             ghosts,
+            impersonated: opts.msc4350.then(Default::default),
             encrypted: RwLock::new(HashMap::new()),
             keys_arrived: Notify::new(),
         }))
@@ -901,14 +922,6 @@ impl Crypto {
 
     pub fn device_id(&self) -> &str {
         self.bot.device.as_str()
-    }
-
-    /// The device of a ghost, creating it on first use; `None` when ghost devices are off.
-    pub async fn ghost_device_id(&self, ghost: &str) -> Result<Option<String>, CryptoError> {
-        let (Some(ghosts), Ok(user)) = (&self.ghosts, OwnedUserId::try_from(ghost)) else {
-            return Ok(None);
-        };
-        Ok(ghosts.get(&user, true).await?.map(|d| d.device.to_string()))
     }
 
     /// Sends everything the bot's machine asks for.
@@ -1042,12 +1055,86 @@ impl Crypto {
             .map_err(|e| CryptoError::Encrypt(format!("{e}")))?;
         let ghost = match (&self.ghosts, OwnedUserId::try_from(sender)) {
             (Some(ghosts), Ok(user)) if user != self.bot.user => ghosts.get(&user, true).await?,
+            (None, Ok(user)) if user != self.bot.user && self.impersonated.is_some() => {
+                self.publish_impersonatable(&user).await?;
+                None
+            }
             _ => None,
         };
         match ghost {
             Some(device) => device.encrypt(&room, event_type, content).await,
             None => self.bot.encrypt(&room, event_type, content).await,
         }
+    }
+
+    /// MSC4350: publishes the ghost's device that names the bot's device as its impersonator
+    /// (once per ghost and process; both requests are idempotent).
+    async fn publish_impersonatable(&self, ghost: &ruma::UserId) -> Result<(), CryptoError> {
+        let Some(done) = &self.impersonated else {
+            return Ok(());
+        };
+        if done
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(ghost)
+        {
+            return Ok(());
+        }
+        let device = impersonatable_device_id(ghost, &self.bot.device);
+        self.bot
+            .hs
+            .create_device(ghost, &device, "Interop bridge (through the bot)")
+            .await?;
+        let keys = self.impersonatable_keys(ghost, &device).await?;
+        let mut req = ruma::api::client::keys::upload_keys::v3::Request::new();
+        req.device_keys = Some(Raw::from_json(
+            serde_json::value::to_raw_value(&keys).map_err(store_err)?,
+        ));
+        self.bot.hs.send(req, Some(ghost), Some(&device)).await?;
+        done.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(ghost.to_owned());
+        tracing::info!(%ghost, %device, "MSC4350 device published for the ghost");
+        Ok(())
+    }
+
+    /// The device keys of a ghost's MSC4350 device: no algorithms or keys of its own, the bot's
+    /// device keys (without signatures) under [`MSC4350_IMPERSONATOR`], signed by the bot's
+    /// device over the canonical JSON.
+    async fn impersonatable_keys(
+        &self,
+        ghost: &ruma::UserId,
+        device: &DeviceId,
+    ) -> Result<Value, CryptoError> {
+        let (bot, bot_device) = (&self.bot.user, &self.bot.device);
+        let ids = self.bot.olm.identity_keys();
+        let mut keys = json!({
+            "user_id": ghost,
+            "device_id": device,
+            "algorithms": [],
+            "keys": {},
+            MSC4350_IMPERSONATOR: {
+                "user_id": bot,
+                "device_id": bot_device,
+                "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
+                "keys": {
+                    format!("curve25519:{bot_device}"): ids.curve25519.to_base64(),
+                    format!("ed25519:{bot_device}"): ids.ed25519.to_base64(),
+                },
+            },
+        });
+        let canonical = ruma::canonical_json::to_canonical_value(&keys)
+            .map_err(store_err)?
+            .to_string();
+        let all = self.bot.olm.sign(&canonical).await.map_err(store_err)?;
+        let all = serde_json::to_value(&all).map_err(store_err)?;
+        let key_id = format!("ed25519:{bot_device}");
+        let sig = all[bot.as_str()][&key_id].clone();
+        if !sig.is_string() {
+            return Err(CryptoError::Store("no device signature".into()));
+        }
+        keys["signatures"] = json!({ bot.as_str(): { key_id: sig } });
+        Ok(keys)
     }
 
     /// Drops the bridge's outgoing room keys of a room (a portal whose owner logged out): the
