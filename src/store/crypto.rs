@@ -134,6 +134,11 @@ pub struct DbCryptoStore {
     user_id: OwnedUserId,
     device_id: OwnedDeviceId,
     leases: Arc<RwLock<HashMap<String, Lease>>>,
+    /// Device lists and identities read on every message (key sharing checks each recipient):
+    /// kept in memory once read, written through by `save_changes`, with the rows the source of
+    /// truth. One process holds a device, so nothing else changes them underneath.
+    devices: tokio::sync::RwLock<HashMap<OwnedUserId, HashMap<OwnedDeviceId, DeviceData>>>,
+    identities: tokio::sync::RwLock<HashMap<OwnedUserId, Option<UserIdentityData>>>,
 }
 
 impl std::fmt::Debug for DbCryptoStore {
@@ -158,6 +163,8 @@ impl DbCryptoStore {
             user_id: user.to_owned(),
             device_id: device.to_owned(),
             leases: Arc::default(),
+            devices: Default::default(),
+            identities: Default::default(),
         }
     }
 
@@ -421,6 +428,12 @@ impl CryptoStore for DbCryptoStore {
             w.push(Write::json(kind::KEY_REQUEST, r.request_id.as_str(), r)?.idx(r.info.as_key()));
         }
         let identities = &changes.identities;
+        let changed_identities: Vec<UserIdentityData> = identities
+            .new
+            .iter()
+            .chain(&identities.changed)
+            .cloned()
+            .collect();
         for i in identities.new.iter().chain(&identities.changed) {
             w.push(Write::json(kind::USER_IDENTITY, i.user_id().as_str(), i)?);
         }
@@ -483,7 +496,30 @@ impl CryptoStore for DbCryptoStore {
                 None => Write::delete(kind::PENDING_BUNDLE, room.as_str()),
             });
         }
-        self.write(w).await
+        self.write(w).await?;
+        // The rows are written: bring what is cached up to date (a user whose devices were
+        // never read is loaded from the rows when first asked for).
+        let devices = &changes.devices;
+        if !(devices.new.is_empty() && devices.changed.is_empty() && devices.deleted.is_empty()) {
+            let mut cache = self.devices.write().await;
+            for d in devices.new.iter().chain(&devices.changed) {
+                if let Some(known) = cache.get_mut(d.user_id()) {
+                    known.insert(d.device_id().to_owned(), d.clone());
+                }
+            }
+            for d in &devices.deleted {
+                if let Some(known) = cache.get_mut(d.user_id()) {
+                    known.remove(d.device_id());
+                }
+            }
+        }
+        if !changed_identities.is_empty() {
+            let mut cache = self.identities.write().await;
+            for i in changed_identities {
+                cache.insert(i.user_id().to_owned(), Some(i));
+            }
+        }
+        Ok(())
     }
 
     async fn save_inbound_group_sessions(
@@ -722,20 +758,28 @@ impl CryptoStore for DbCryptoStore {
         user_id: &UserId,
         device_id: &DeviceId,
     ) -> Result<Option<DeviceData>> {
-        self.get_json(kind::DEVICE, &pair(user_id.as_str(), device_id.as_str()))
-            .await
+        Ok(self.get_user_devices(user_id).await?.remove(device_id))
     }
 
     async fn get_user_devices(
         &self,
         user_id: &UserId,
     ) -> Result<HashMap<OwnedDeviceId, DeviceData>> {
-        Ok(self
+        if let Some(known) = self.devices.read().await.get(user_id) {
+            return Ok(known.clone());
+        }
+        let mut cache = self.devices.write().await;
+        if let Some(known) = cache.get(user_id) {
+            return Ok(known.clone());
+        }
+        let loaded: HashMap<OwnedDeviceId, DeviceData> = self
             .list_json::<DeviceData>(kind::DEVICE, Some(user_id.as_str()))
             .await?
             .into_iter()
             .map(|d| (d.device_id().to_owned(), d))
-            .collect())
+            .collect();
+        cache.insert(user_id.to_owned(), loaded.clone());
+        Ok(loaded)
     }
 
     async fn get_own_device(&self) -> Result<DeviceData> {
@@ -750,7 +794,14 @@ impl CryptoStore for DbCryptoStore {
     }
 
     async fn get_user_identity(&self, user_id: &UserId) -> Result<Option<UserIdentityData>> {
-        self.get_json(kind::USER_IDENTITY, user_id.as_str()).await
+        if let Some(known) = self.identities.read().await.get(user_id) {
+            return Ok(known.clone());
+        }
+        let loaded: Option<UserIdentityData> =
+            self.get_json(kind::USER_IDENTITY, user_id.as_str()).await?;
+        // A newer identity saved meanwhile stays.
+        let mut cache = self.identities.write().await;
+        Ok(cache.entry(user_id.to_owned()).or_insert(loaded).clone())
     }
 
     async fn is_message_known(&self, message_hash: &OlmMessageHash) -> Result<bool> {
