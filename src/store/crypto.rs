@@ -253,46 +253,61 @@ impl DbCryptoStore {
             .collect()
     }
 
-    /// Writes rows in one transaction.
-    async fn write(&self, writes: Vec<Write>) -> Result<()> {
-        if writes.is_empty() {
-            return Ok(());
-        }
-        let mut tx = self.db.pool().begin().await.map_err(backend)?;
-        for w in writes {
-            match w.value {
-                Some(v) => {
-                    let sealed = self.key.seal(&self.ad(w.kind, &w.name), &v);
-                    sqlx::query(
-                        "INSERT INTO crypto_item (device, kind, name, idx, backup, sealed) \
-                         VALUES ($1, $2, $3, $4, $5, $6) \
-                         ON CONFLICT (device, kind, name) DO UPDATE SET \
-                         idx = excluded.idx, backup = excluded.backup, sealed = excluded.sealed",
-                    )
-                    .bind(&self.device)
-                    .bind(w.kind)
-                    .bind(&w.name)
-                    .bind(&w.idx)
-                    .bind(&w.backup)
-                    .bind(sealed)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(backend)?;
-                }
-                None => {
-                    sqlx::query(
-                        "DELETE FROM crypto_item WHERE device = $1 AND kind = $2 AND name = $3",
-                    )
-                    .bind(&self.device)
-                    .bind(w.kind)
-                    .bind(&w.name)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(backend)?;
+    /// Writes rows in one transaction (a single row, the common case of a message's ratchet
+    /// step, is one statement, atomic on its own, without BEGIN and COMMIT).
+    async fn write(&self, mut writes: Vec<Write>) -> Result<()> {
+        match writes.len() {
+            0 => Ok(()),
+            1 => {
+                let mut conn = self.db.pool().acquire().await.map_err(backend)?;
+                match writes.pop() {
+                    Some(w) => self.write_one(&mut conn, w).await,
+                    None => Ok(()),
                 }
             }
+            _ => {
+                let mut tx = self.db.pool().begin().await.map_err(backend)?;
+                for w in writes {
+                    self.write_one(&mut tx, w).await?;
+                }
+                tx.commit().await.map_err(backend)
+            }
         }
-        tx.commit().await.map_err(backend)
+    }
+
+    async fn write_one(&self, conn: &mut sqlx::AnyConnection, w: Write) -> Result<()> {
+        match w.value {
+            Some(v) => {
+                let sealed = self.key.seal(&self.ad(w.kind, &w.name), &v);
+                sqlx::query(
+                    "INSERT INTO crypto_item (device, kind, name, idx, backup, sealed) \
+                     VALUES ($1, $2, $3, $4, $5, $6) \
+                     ON CONFLICT (device, kind, name) DO UPDATE SET \
+                     idx = excluded.idx, backup = excluded.backup, sealed = excluded.sealed",
+                )
+                .bind(&self.device)
+                .bind(w.kind)
+                .bind(&w.name)
+                .bind(&w.idx)
+                .bind(&w.backup)
+                .bind(sealed)
+                .execute(conn)
+                .await
+                .map_err(backend)?;
+            }
+            None => {
+                sqlx::query(
+                    "DELETE FROM crypto_item WHERE device = $1 AND kind = $2 AND name = $3",
+                )
+                .bind(&self.device)
+                .bind(w.kind)
+                .bind(&w.name)
+                .execute(conn)
+                .await
+                .map_err(backend)?;
+            }
+        }
+        Ok(())
     }
 
     async fn inbound_write(
