@@ -333,16 +333,6 @@ impl DbCryptoStore {
     async fn inbound_rows(&self, room: Option<&RoomId>) -> Result<Vec<Row>> {
         self.list(kind::INBOUND, room.map(RoomId::as_str)).await
     }
-
-    /// Deletes everything of this device (a ghost whose device is gone).
-    pub async fn clear(&self) -> Result<()> {
-        sqlx::query("DELETE FROM crypto_item WHERE device = $1")
-            .bind(&self.device)
-            .execute(self.db.pool())
-            .await
-            .map_err(backend)?;
-        Ok(())
-    }
 }
 
 #[async_trait::async_trait]
@@ -610,14 +600,25 @@ impl CryptoStore for DbCryptoStore {
         &self,
         backup_version: Option<&str>,
     ) -> Result<RoomKeyCounts> {
-        let rows = self.inbound_rows(None).await?;
-        let backed_up = match backup_version {
-            Some(v) => rows.iter().filter(|r| r.backup == v).count(),
-            None => 0,
+        // Counted in SQL: nothing needs opening.
+        let (total, backed_up): (i64, i64) = sqlx::query_as(
+            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN backup = $3 THEN 1 ELSE 0 END), 0) \
+             FROM crypto_item WHERE device = $1 AND kind = $2",
+        )
+        .bind(&self.device)
+        .bind(kind::INBOUND)
+        .bind(backup_version.unwrap_or_default())
+        .fetch_one(self.db.pool())
+        .await
+        .map_err(backend)?;
+        let backed_up = if backup_version.is_some() {
+            backed_up
+        } else {
+            0
         };
         Ok(RoomKeyCounts {
-            total: rows.len(),
-            backed_up,
+            total: total as usize,
+            backed_up: backed_up as usize,
         })
     }
 
