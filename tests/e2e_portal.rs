@@ -387,6 +387,60 @@ async fn group_messages_both_ways() {
     .await;
 }
 
+/// A contact's ghost that is not in the portal (it left, or a message raced its join after
+/// the group gained it) is joined when the contact writes, rather than the message being
+/// given up: the contact is in the chat on the network, which is what counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ghost_missing_from_its_portal_is_joined_when_its_contact_writes() {
+    let env = BridgeEnv::start("").await;
+    let alice = env.synapse.user("alice").await;
+    let (mgmt, my_account) = login(&alice).await;
+    let mut node = env.node();
+    let ghost = ghost_of(&node.account);
+    let g = node.call(json!({"cmd": "create_group", "name": "Away", "members": [my_account]}));
+    let gid = g["group"]["id"].as_str().expect("id").to_owned();
+    accept(&alice, &mgmt, &gid).await;
+    let group_room = alice.wait_invite(&[&mgmt]).await;
+    alice.join(&group_room).await;
+    let dm_room = start_chat(&alice, &mgmt, &node.account).await;
+    for (room, chat, what) in [
+        (&group_room, Chat::Group(gid.clone()), "group"),
+        (&dm_room, Chat::Dm, "dm"),
+    ] {
+        let room_path = format!(
+            "/_matrix/client/v3/rooms/{}",
+            room.replace('!', "%21").replace(':', "%3A")
+        );
+        let (s, b) = env
+            .as_appservice(
+                reqwest::Method::POST,
+                &format!("{room_path}/leave"),
+                &ghost,
+                Some(json!({})),
+            )
+            .await;
+        assert_eq!(s, 200, "leave: {b}");
+        let text = format!("still here ({what})");
+        node.call(chat.send(&my_account, json!(text)));
+        alice
+            .wait_for(room, &text, |e| {
+                e["sender"] == json!(ghost) && e["content"]["body"] == json!(text)
+            })
+            .await;
+        let (_, members) = alice
+            .call(
+                reqwest::Method::GET,
+                &format!("{room_path}/joined_members"),
+                None,
+            )
+            .await;
+        assert!(
+            members["joined"].get(&ghost).is_some(),
+            "{ghost} is back in {room}: {members}"
+        );
+    }
+}
+
 async fn wait_ephemeral(user: &MatrixUser, room: &str, what: &str, pred: impl Fn(&Value) -> bool) {
     let start = std::time::Instant::now();
     loop {

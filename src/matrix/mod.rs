@@ -262,10 +262,14 @@ impl MatrixConnector for MatrixSide {
         as_user: &str,
         event_id: &str,
     ) -> Result<(), BridgeError> {
-        Ok(self
-            .client
-            .redact(&room(room_id)?, &user(as_user)?, event_id, None)
-            .await?)
+        let (room_id, as_user) = (room(room_id)?, user(as_user)?);
+        match self.client.redact(&room_id, &as_user, event_id, None).await {
+            Err(e) if self.rejoin_ghost(&room_id, &as_user, &e).await => Ok(self
+                .client
+                .redact(&room_id, &as_user, event_id, None)
+                .await?),
+            r => Ok(r?),
+        }
     }
 
     async fn read_receipt(
@@ -411,18 +415,29 @@ impl MatrixSide {
         if let Some(obj) = content.as_object_mut() {
             obj.insert(TXN_FIELD.to_owned(), txn_id.into());
         }
-        match self
-            .client
-            .send_message(
-                &room_id_parsed,
-                &user_parsed,
-                event_type,
-                &content,
-                txn_id,
-                ts,
-            )
-            .await
-        {
+        let mut rejoined = false;
+        let sent = loop {
+            let sent = self
+                .client
+                .send_message(
+                    &room_id_parsed,
+                    &user_parsed,
+                    event_type,
+                    &content,
+                    txn_id,
+                    ts,
+                )
+                .await;
+            match &sent {
+                Err(e)
+                    if !rejoined && self.rejoin_ghost(&room_id_parsed, &user_parsed, e).await =>
+                {
+                    rejoined = true;
+                }
+                _ => break sent,
+            }
+        };
+        match sent {
             Ok(id) => {
                 self.forget_unsure(&key);
                 Ok(id)
@@ -432,6 +447,48 @@ impl MatrixSide {
                     self.remember_unsure(key);
                 }
                 Err(e.into())
+            }
+        }
+    }
+
+    /// After `e` refused an action of `as_user` in `room_id`: when `as_user` is a ghost that
+    /// is not in the room (it left, was never joined after a crash, or the action raced its
+    /// join), the bot invites it and it joins. Returns whether the action is worth one more try.
+    ///
+    /// The core only acts as a ghost in the portal of a chat the contact is in on the network,
+    /// so a ghost missing from its portal is a gap to repair, not a decision to respect.
+    async fn rejoin_ghost(
+        &self,
+        room_id: &ruma::RoomId,
+        as_user: &ruma::UserId,
+        e: &MatrixError,
+    ) -> bool {
+        let not_in_room =
+            matches!(e, MatrixError::Api { status: 403, errcode, .. } if errcode == "M_FORBIDDEN");
+        if !not_in_room || !self.is_ghost(as_user.as_str()) {
+            return false;
+        }
+        let Ok(bot) = user(&self.bot) else {
+            return false;
+        };
+        match self.client.invite(room_id, &bot, as_user).await {
+            Ok(()) => {}
+            // Already invited or joined: the refusal was for another reason, unless the join
+            // is what is missing.
+            Err(e) if e.errcode() == Some("M_FORBIDDEN") && e.to_string().contains("already") => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot invite a ghost back into its portal");
+                return false;
+            }
+        }
+        match self.client.join(room_id, as_user).await {
+            Ok(()) => {
+                tracing::info!(%room_id, ghost = %as_user, "a ghost refused in its portal was (re)joined to it");
+                true
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "a ghost cannot join its portal");
+                false
             }
         }
     }

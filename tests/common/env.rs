@@ -65,6 +65,34 @@ impl BridgeEnv {
         }
     }
 
+    /// Calls the client API as `user_id` with the bridge's appservice token, as the bridge
+    /// itself would: to put a ghost where the bridge did not.
+    pub async fn as_appservice(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        user_id: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let reg = std::fs::read_to_string(&self.setup.registration).expect("registration");
+        let token = reg
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("as_token:"))
+            .expect("as_token")
+            .trim()
+            .trim_matches(|c| c == '"' || c == '\'')
+            .to_owned();
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let user = super::MatrixUser {
+            http: reqwest::Client::new(),
+            base: self.synapse.url.clone(),
+            token,
+            user_id: user_id.to_owned(),
+        };
+        let path = format!("{path}{sep}user_id={}", urlencoding(user_id));
+        user.call(method, &path, body).await
+    }
+
     /// A new contact on the official libsignal, registered and with keys uploaded.
     pub fn node(&self) -> NodeContact {
         let mut n = NodeContact::spawn();
@@ -76,4 +104,15 @@ impl BridgeEnv {
         );
         n
     }
+}
+
+fn urlencoding(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
