@@ -71,7 +71,6 @@ use axum::{
 };
 use futures::StreamExt;
 use matrix_interop_bridge::{
-    gateway::{CodeDelivery, Gateway, GatewayConfig},
     interop::{AccountHandle, Event, GatewayAddr, GatewayConn, SignalRuntime, Target, account},
     store::testing,
     vault::{SecretKey, Vault, VaultStore},
@@ -80,6 +79,7 @@ use matrix_interop_bridge::{
         noise::StaticKey,
     },
 };
+use mib_gateway::{CodeDelivery, Gateway, GatewayConfig};
 use serde_json::{Value, json};
 use tokio::{sync::mpsc, task::JoinSet};
 

@@ -14,7 +14,6 @@ use libsignal_protocol::{
     process_sender_key_distribution_message,
 };
 use matrix_interop_bridge::{
-    gateway::{CodeDelivery, Gateway, GatewayConfig},
     interop::GatewayConn,
     vault::{
         SecretKey,
@@ -25,6 +24,7 @@ use matrix_interop_bridge::{
         pb::{self, stanza::Body},
     },
 };
+use mib_gateway::{CodeDelivery, Gateway, GatewayConfig};
 
 fn report(name: &str, mut samples: Vec<Duration>) {
     samples.sort();

@@ -8,11 +8,12 @@
 pub mod appservice;
 pub mod bridge;
 pub mod config;
-pub mod gateway;
 pub mod interop;
 pub mod matrix;
 pub mod metrics;
 pub mod registration;
 pub mod store;
 pub mod vault;
-pub mod wire;
+
+/// The interop wire protocol (its own crate, shared with the reference gateway).
+pub use mib_wire as wire;

@@ -131,7 +131,7 @@ struct GatewayProc {
 impl GatewayProc {
     async fn start(dir: &Path) -> Self {
         std::fs::create_dir_all(dir).expect("gateway dir");
-        let out = Command::new(env!("CARGO_BIN_EXE_interop-gateway"))
+        let out = Command::new(common::gateway_bin())
             .arg("generate-key")
             .arg("--out")
             .arg(dir.join("gateway.key"))
@@ -156,7 +156,7 @@ impl GatewayProc {
     }
 
     fn spawn(dir: &Path, port: u16) -> Proc {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_interop-gateway"));
+        let mut cmd = Command::new(common::gateway_bin());
         cmd.arg("run")
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))

@@ -9,13 +9,13 @@ use std::time::Duration;
 use common::interop::{CODE, TestGateway, random_account};
 use libsignal_protocol::{GenericSignedPreKey, IdentityKeyPair, KeyPair, KyberPreKeyRecord, kem};
 use matrix_interop_bridge::{
-    gateway::{CodeDelivery, GatewayConfig},
     interop::{GatewayConn, InteropError},
     wire::{
         noise::{self, SecureReader, SecureWriter, StaticKey},
         pb::{self, ErrorCode, stanza::Body},
     },
 };
+use mib_gateway::{CodeDelivery, GatewayConfig};
 use sha2::{Digest, Sha256};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf},
@@ -723,9 +723,7 @@ async fn s6_1_dev_mode_must_not_listen_beyond_loopback() {
         dir.path().join("blobs"),
     );
     cfg.codes = CodeDelivery::DevFixed(CODE.into());
-    let gw = matrix_interop_bridge::gateway::Gateway::open(cfg)
-        .await
-        .expect("open");
+    let gw = mib_gateway::Gateway::open(cfg).await.expect("open");
     let listener = tokio::net::TcpListener::bind("0.0.0.0:0")
         .await
         .expect("bind");

@@ -339,10 +339,7 @@ async fn verification_codes_are_never_logged_outside_dev_mode() {
         .with_writer(log.clone())
         .init();
     let (tx, mut rx) = tokio::sync::mpsc::channel(16);
-    let gw = TestGateway::start_with(|c| {
-        c.codes = matrix_interop_bridge::gateway::CodeDelivery::Channel(tx)
-    })
-    .await;
+    let gw = TestGateway::start_with(|c| c.codes = mib_gateway::CodeDelivery::Channel(tx)).await;
     let (conn, _p) = GatewayConn::connect(&gw.addr).await.expect("connect");
     let mut codes = Vec::new();
     for _ in 0..3 {
@@ -359,9 +356,7 @@ async fn verification_codes_are_never_logged_outside_dev_mode() {
         assert!(!text.contains(code.as_str()), "code {code} in the log");
     }
 
-    let dev =
-        TestGateway::start_with(|c| c.codes = matrix_interop_bridge::gateway::CodeDelivery::DevLog)
-            .await;
+    let dev = TestGateway::start_with(|c| c.codes = mib_gateway::CodeDelivery::DevLog).await;
     let (conn, _p) = GatewayConn::connect(&dev.addr).await.expect("connect");
     conn.request_code(&common::interop::random_account())
         .await

@@ -16,7 +16,10 @@ fn render(t: &Text) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(Content { body: Some(Body::Data(dm)) }) = Content::decode(data) {
+    if let Ok(Content {
+        body: Some(Body::Data(dm)),
+    }) = Content::decode(data)
+    {
         match dm.body {
             Some(D::Text(t)) => render(&t),
             Some(D::Edit(e)) => {

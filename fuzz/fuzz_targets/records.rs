@@ -2,7 +2,7 @@
 #![no_main]
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use matrix_interop_bridge::wire::noise::next_record;
+use mib_wire::noise::next_record;
 
 fuzz_target!(|data: &[u8]| {
     let mut buf = BytesMut::new();
@@ -11,7 +11,7 @@ fuzz_target!(|data: &[u8]| {
         loop {
             match next_record(&mut buf) {
                 Ok(Some(rec)) => {
-                    let _ = <matrix_interop_bridge::wire::pb::Stanza as prost::Message>::decode(&rec[..]);
+                    let _ = <mib_wire::pb::Stanza as prost::Message>::decode(&rec[..]);
                 }
                 Ok(None) => break,
                 Err(_) => return,

@@ -4,7 +4,7 @@ use libfuzzer_sys::fuzz_target;
 use prost::Message;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(st) = matrix_interop_bridge::wire::pb::Stanza::decode(data) {
+    if let Ok(st) = mib_wire::pb::Stanza::decode(data) {
         // Re-encoding what decoded must not panic either.
         let _ = st.encode_to_vec();
     }

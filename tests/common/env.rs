@@ -89,7 +89,7 @@ impl BridgeEnv {
             token,
             user_id: user_id.to_owned(),
         };
-        let path = format!("{path}{sep}user_id={}", urlencoding(user_id));
+        let path = format!("{path}{sep}user_id={}", super::urlencode(user_id));
         user.call(method, &path, body).await
     }
 
@@ -104,15 +104,4 @@ impl BridgeEnv {
         );
         n
     }
-}
-
-fn urlencoding(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }

@@ -4,12 +4,12 @@ use std::{sync::Arc, time::Duration};
 
 use matrix_interop_bridge::wire::content::{DataMessage, Text, data_message::Body as D};
 use matrix_interop_bridge::{
-    gateway::{CodeDelivery, Gateway, GatewayConfig},
     interop::{AccountHandle, Event, GatewayAddr, GatewayConn, SignalRuntime, account},
     store::{SqlStore, testing},
     vault::{SecretKey, Vault, VaultStore},
     wire::noise::StaticKey,
 };
+use mib_gateway::{CodeDelivery, Gateway, GatewayConfig};
 use tokio::sync::mpsc;
 
 pub const CODE: &str = "123456";

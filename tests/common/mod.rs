@@ -23,6 +23,39 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The reference gateway's binary (`interop-gateway`, crate `mib-gateway`), built when a run
+/// of only this package's tests did not build it.
+pub fn gateway_bin() -> PathBuf {
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        // target/<profile>/deps/<test> → target/<profile>/interop-gateway
+        let exe = std::env::current_exe().expect("test executable");
+        let bin = exe
+            .parent()
+            .and_then(|deps| deps.parent())
+            .expect("target directory")
+            .join("interop-gateway");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut build = std::process::Command::new(cargo);
+        build.args([
+            "build",
+            "--quiet",
+            "-p",
+            "mib-gateway",
+            "--bin",
+            "interop-gateway",
+        ]);
+        if bin.parent().is_some_and(|p| p.ends_with("release")) {
+            build.arg("--release");
+        }
+        let status = build.current_dir(repo()).status().expect("cargo build");
+        assert!(status.success(), "building interop-gateway failed");
+        assert!(bin.exists(), "{} is missing", bin.display());
+        bin
+    })
+    .clone()
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")

@@ -1,7 +1,11 @@
 //! The reference interop gateway (binary `interop-gateway`): accounts with verification codes, the
 //! key directory, store-and-forward envelopes with acks, receipts, typing, presence, profiles,
-//! groups and media blobs, exactly as docs/interop-protocol.md describes. It shares only the wire
-//! definitions (`crate::wire`) with the bridge's client.
+//! groups and media blobs, exactly as docs/interop-protocol.md describes.
+//!
+//! It shares only the wire definitions (the `mib-wire` crate) with the bridge's client, and keeps
+//! its own storage (SQLite, `migrations/` of this crate): it must never depend on a crate of the
+//! bridge, on Matrix or on HTTP (checked by `tests/architecture.rs`), so that it stays a second,
+//! independent implementation of the protocol document.
 //!
 //! Every connection is one task reading requests in order and one writer task; delivery to a
 //! logged-in account is pulled from the database in envelope order, so nothing is lost or reordered
@@ -23,8 +27,8 @@ use tokio::{
 };
 use zeroize::Zeroizing;
 
-use crate::wire::{
-    self,
+use mib_wire::{
+    self as wire,
     noise::{self, StaticKey, TransportError},
     pb::{self, ErrorCode, stanza::Body},
 };

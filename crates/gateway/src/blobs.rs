@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 use super::{Reject, Shared, reject};
-use crate::wire::pb::{self, ErrorCode};
+use mib_wire::pb::{self, ErrorCode};
 
 pub const MAX_CHUNK: usize = 512 * 1024;
 /// Unfinished uploads on one connection (docs §19).

@@ -1,5 +1,10 @@
 //! The interop wire protocol shared by the bridge's client and the reference gateway
-//! (docs/interop-protocol.md): the protobuf schemas of proto/, and the Noise transport.
+//! (docs/interop-protocol.md): the protobuf types generated from the repository's `proto/`, the
+//! Noise transport and its record framing.
+//!
+//! Both ends of a connection link this crate, so it holds the protocol and no policy: it must never
+//! depend on the bridge's crates or the gateway, on a database, on HTTP, on Matrix or on Signal
+//! (checked by `tests/architecture.rs`). It uses tokio's I/O traits but starts no runtime.
 
 pub mod noise;
 

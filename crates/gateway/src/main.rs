@@ -7,10 +7,8 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use matrix_interop_bridge::{
-    gateway::{CodeDelivery, Gateway, GatewayConfig},
-    wire::noise::StaticKey,
-};
+use mib_gateway::{CodeDelivery, Gateway, GatewayConfig};
+use mib_wire::noise::StaticKey;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]

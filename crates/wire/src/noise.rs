@@ -363,7 +363,7 @@ impl<W: AsyncWrite + Unpin> SecureWriter<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::pb::{self, stanza::Body};
+    use crate::pb::{self, stanza::Body};
 
     #[tokio::test]
     async fn handshake_records_and_pinning() {

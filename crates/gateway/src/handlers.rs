@@ -12,7 +12,7 @@ use super::{
     db::{SendOutcome, VerifyBudget, VerifyOutcome},
     reject,
 };
-use crate::wire::pb::{self, ErrorCode, Kind, stanza::Body};
+use mib_wire::pb::{self, ErrorCode, Kind, stanza::Body};
 
 const LOW_PREKEYS: u32 = 10;
 const MAX_ONE_TIME_KEYS: usize = 1000;
@@ -393,7 +393,7 @@ async fn announce_presence(shared: &Shared, account: &str, online: bool) {
     let p = pb::Presence {
         account: account.to_owned(),
         online,
-        last_seen: crate::store::now_ms() as u64,
+        last_seen: super::db::now_ms() as u64,
     };
     for c in contacts {
         shared

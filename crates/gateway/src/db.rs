@@ -11,9 +11,9 @@ use sqlx::{
 };
 
 use super::GatewayError;
-use crate::wire::pb;
+use mib_wire::pb;
 
-static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/gateway");
+static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 #[derive(Clone, Debug)]
 pub struct GatewayDb {
@@ -55,8 +55,12 @@ pub enum SendOutcome {
     QueueFull,
 }
 
+/// Milliseconds since the Unix epoch (0 for a clock before it).
 pub fn now_ms() -> i64 {
-    crate::store::now_ms()
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
 }
 
 /// A stored key of the directory.
@@ -502,7 +506,7 @@ impl GatewayDb {
         };
         Ok(Some(pb::Bundle {
             account: account.to_owned(),
-            device_id: crate::wire::DEVICE_ID,
+            device_id: mib_wire::DEVICE_ID,
             registration_id,
             identity_key,
             signed_prekey: Some(signed_key(signed)),
