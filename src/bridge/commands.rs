@@ -399,7 +399,7 @@ impl Bridge {
             Ok(None) => {}
             Err(e) => return CommandOutcome::text(format!("Cannot check your login: {e}")),
         }
-        if !crate::wire::is_valid_account(account) {
+        if !self.network.is_valid_account(account) {
             return CommandOutcome::text(
                 "Usage: `login <identifier>`, e.g. `login +15551234567` (+ and 8 to 15 digits).",
             );
@@ -481,7 +481,7 @@ impl Bridge {
         let Some(acc) = self.network.account(sender) else {
             return CommandOutcome::text("You are not logged in. Send `login <identifier>` first.");
         };
-        if !crate::wire::is_valid_account(contact) {
+        if !self.network.is_valid_account(contact) {
             return CommandOutcome::text(
                 "Usage: `start-chat <identifier>`, e.g. `start-chat +15551234567`.",
             );
@@ -718,7 +718,7 @@ impl Bridge {
         };
         let (name, members): (Vec<&str>, Vec<&str>) =
             args.iter().partition(|a| !a.starts_with('+'));
-        if members.is_empty() || members.iter().any(|m| !crate::wire::is_valid_account(m)) {
+        if members.is_empty() || members.iter().any(|m| !self.network.is_valid_account(m)) {
             return CommandOutcome::text(
                 "Usage: `create-group <name> <+contact> [<+contact>...]`.",
             );

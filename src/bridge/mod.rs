@@ -19,6 +19,7 @@ use crate::{
 
 mod chatinfo;
 pub mod commands;
+pub mod model;
 pub mod msgconv;
 pub mod network;
 mod portal;

@@ -2,7 +2,7 @@
 //! HTML ↔ styled ranges over code points), with everything else escaped, and plain-text
 //! renderings of content Matrix has no type for.
 
-use crate::wire::content::{ContactCard, Format, Location, Text, format::Style};
+use super::model::{ContactCard, Format, Location, Style, Text};
 
 /// Escapes text for HTML.
 pub fn escape(s: &str) -> String {
@@ -22,7 +22,7 @@ pub fn escape(s: &str) -> String {
 }
 
 fn open_tag(f: &Format) -> String {
-    match Style::try_from(f.style).unwrap_or(Style::Unspecified) {
+    match f.style {
         Style::Bold => "<strong>".into(),
         Style::Italic => "<em>".into(),
         Style::Strikethrough => "<del>".into(),
@@ -31,13 +31,12 @@ fn open_tag(f: &Format) -> String {
         Style::Quote => "<blockquote>".into(),
         Style::Spoiler => "<span data-mx-spoiler>".into(),
         Style::Link if is_safe_url(&f.url) => format!("<a href=\"{}\">", escape(&f.url)),
-        Style::Mention => String::new(),
-        _ => String::new(),
+        Style::Link | Style::Mention => String::new(),
     }
 }
 
 fn close_tag(f: &Format) -> &'static str {
-    match Style::try_from(f.style).unwrap_or(Style::Unspecified) {
+    match f.style {
         Style::Bold => "</strong>",
         Style::Italic => "</em>",
         Style::Strikethrough => "</del>",
@@ -46,7 +45,7 @@ fn close_tag(f: &Format) -> &'static str {
         Style::Quote => "</blockquote>",
         Style::Spoiler => "</span>",
         Style::Link if is_safe_url(&f.url) => "</a>",
-        _ => "",
+        Style::Link | Style::Mention => "",
     }
 }
 
@@ -155,9 +154,9 @@ pub fn text_to_html(t: &Text) -> Option<String> {
 }
 
 fn has_tag(f: &Format) -> bool {
-    match Style::try_from(f.style).unwrap_or(Style::Unspecified) {
+    match f.style {
         Style::Link => f.url.len() <= MAX_URL_BYTES && is_safe_url(&f.url),
-        Style::Unspecified | Style::Mention => false,
+        Style::Mention => false,
         _ => true,
     }
 }
@@ -243,7 +242,7 @@ pub fn html_to_text(html: &str) -> Text {
                                     (s, u) => (s, u),
                                 };
                                 formats.push(Format {
-                                    style: style as i32,
+                                    style,
                                     start: start as u32,
                                     length: len as u32,
                                     url,
@@ -384,7 +383,7 @@ mod tests {
 
     fn f(style: Style, start: u32, length: u32) -> Format {
         Format {
-            style: style as i32,
+            style,
             start,
             length,
             url: String::new(),
@@ -483,7 +482,7 @@ mod tests {
         );
         assert_eq!(t.body, "héllo wörld link\nline c");
         assert_eq!(t.formats[0], f(Style::Bold, 6, 5));
-        assert_eq!(t.formats[1].style, Style::Link as i32);
+        assert_eq!(t.formats[1].style, Style::Link);
         assert_eq!(t.formats[1].url, "https://x.org/?a=1&b=2");
         assert!(t.formats.iter().any(|x| *x == f(Style::Monospace, 22, 1)));
     }
@@ -493,7 +492,7 @@ mod tests {
         let t = Text {
             body: "click".into(),
             formats: vec![Format {
-                style: Style::Link as i32,
+                style: Style::Link,
                 start: 0,
                 length: 5,
                 url: "javascript:alert(1)".into(),

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::wire::content::DataMessage;
+use super::model::Message;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum NetError {
@@ -97,6 +97,14 @@ pub trait Network: Send + Sync {
     fn any_account(&self) -> Option<Arc<dyn NetAccount>>;
     /// Whether the network is reachable (for `/ready`).
     async fn reachable(&self) -> bool;
+    /// Whether `id` is an account identifier of this network (a contact, or a login).
+    fn is_valid_account(&self, id: &str) -> bool;
+    /// A message in the network's own encoding, for keeping it (held messages of a message
+    /// request) in the form the network delivered it.
+    fn encode_message(&self, message: &Message) -> Vec<u8>;
+    /// The reverse of [`encode_message`](Self::encode_message); an error for bytes that do not
+    /// decode.
+    fn decode_message(&self, bytes: &[u8]) -> Result<Message, NetError>;
 }
 
 /// One logged-in interop account.
@@ -104,12 +112,7 @@ pub trait Network: Send + Sync {
 pub trait NetAccount: Send + Sync {
     fn account_id(&self) -> &str;
     fn is_connected(&self) -> bool;
-    async fn send(
-        &self,
-        to: NetTarget,
-        message_id: String,
-        data: DataMessage,
-    ) -> Result<(), NetError>;
+    async fn send(&self, to: NetTarget, message_id: String, data: Message) -> Result<(), NetError>;
     /// A receipt to the author `to` of messages in a DM, or in `group`.
     async fn receipt(
         &self,
@@ -173,7 +176,7 @@ pub enum NetEvent {
         group: Option<String>,
         message_id: String,
         timestamp: u64,
-        data: DataMessage,
+        data: Message,
     },
     Receipt {
         envelope_id: u64,

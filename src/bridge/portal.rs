@@ -7,16 +7,14 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use super::{
-    Bridge, BridgeError, msgconv,
+    Bridge, BridgeError,
+    model::{Body as D, Delete, Edit, Location, Media, MediaKind, Message, Quote, Reaction, Text},
+    msgconv,
     network::{GroupInfo, NetAccount, NetError, NetEvent, NetTarget},
 };
 use crate::{
     config::PermissionLevel,
     store::portal::{MappedMessage, Portal, PortalKind},
-    wire::content::{
-        DataMessage, Delete, Edit, Location, Media, Quote, Reaction, Text, data_message::Body as D,
-        media::Type as MediaType,
-    },
 };
 
 impl From<NetError> for BridgeError {
@@ -72,7 +70,7 @@ impl Bridge {
             .strip_suffix(&format!(":{}", self.settings.homeserver_domain))?;
         let digits = local.strip_prefix(prefix)?.strip_suffix(suffix)?;
         let account = format!("+{digits}");
-        crate::wire::is_valid_account(&account).then_some(account)
+        self.network.is_valid_account(&account).then_some(account)
     }
 
     /// The portal of `chat` for `receiver`, with its room created when missing.
@@ -378,7 +376,7 @@ impl Bridge {
         from: &str,
         message_id: &str,
         timestamp: u64,
-        data: &DataMessage,
+        data: &Message,
     ) -> Result<(), BridgeError> {
         let room = portal
             .room_id
@@ -576,11 +574,11 @@ impl Bridge {
             .matrix
             .upload_for_room(room, sender, data, &mime, &filename)
             .await?;
-        let kind = MediaType::try_from(m.r#type).unwrap_or(MediaType::File);
+        let kind = m.kind;
         let msgtype = match kind {
-            MediaType::Image | MediaType::Sticker => "m.image",
-            MediaType::Video => "m.video",
-            MediaType::Audio | MediaType::Voice => "m.audio",
+            MediaKind::Image | MediaKind::Sticker => "m.image",
+            MediaKind::Video => "m.video",
+            MediaKind::Audio | MediaKind::Voice => "m.audio",
             _ => "m.file",
         };
         let mut info = json!({"mimetype": mime, "size": size});
@@ -629,7 +627,7 @@ impl Bridge {
             }
             None => content["body"] = json!(filename),
         }
-        if kind == MediaType::Voice {
+        if kind == MediaKind::Voice {
             content["org.matrix.msc3245.voice"] = json!({});
             content["org.matrix.msc1767.audio"] = json!({"duration": m.duration_ms, "waveform": m.waveform.iter().take(1024).collect::<Vec<_>>()});
         }
@@ -718,7 +716,7 @@ impl Bridge {
                         matrix_sender: sender.to_owned(),
                     })
                     .await?;
-                DataMessage {
+                Message {
                     body: Some(D::Reaction(Reaction {
                         target: t.message_id,
                         emoji,
@@ -750,7 +748,7 @@ impl Bridge {
                 // transiently is retried and must still find it.
                 unmap_after = Some(redacts.to_owned());
                 if let Some(emoji) = t.part.strip_prefix(&format!("reaction:{me}:")) {
-                    DataMessage {
+                    Message {
                         body: Some(D::Reaction(Reaction {
                             target: t.message_id,
                             emoji: emoji.to_owned(),
@@ -760,7 +758,7 @@ impl Bridge {
                         reply_to: None,
                     }
                 } else if t.part.is_empty() {
-                    DataMessage {
+                    Message {
                         body: Some(D::Delete(Delete {
                             target: t.message_id,
                         })),
@@ -889,7 +887,7 @@ impl Bridge {
         sender: &str,
         content: &Value,
         relayed_name: Option<&str>,
-    ) -> Result<Option<DataMessage>, String> {
+    ) -> Result<Option<Message>, String> {
         let room = portal.room_id.as_deref().unwrap_or_default();
         let msgtype = content["msgtype"].as_str().unwrap_or_default();
         let rel = &content["m.relates_to"];
@@ -948,7 +946,7 @@ impl Bridge {
             } else {
                 content
             };
-            return Ok(Some(DataMessage {
+            return Ok(Some(Message {
                 body: Some(D::Edit(Edit {
                     target: t.message_id,
                     text: Some(text_of(new)),
@@ -1014,13 +1012,13 @@ impl Bridge {
                         .then(|| text_of(content)),
                 };
                 let kind = match msgtype {
-                    "m.image" => MediaType::Image,
-                    "m.video" => MediaType::Video,
+                    "m.image" => MediaKind::Image,
+                    "m.video" => MediaKind::Video,
                     "m.audio" if content.get("org.matrix.msc3245.voice").is_some() => {
-                        MediaType::Voice
+                        MediaKind::Voice
                     }
-                    "m.audio" => MediaType::Audio,
-                    _ => MediaType::File,
+                    "m.audio" => MediaKind::Audio,
+                    _ => MediaKind::File,
                 };
                 let size = data.len() as u64;
                 let up = acc
@@ -1028,7 +1026,7 @@ impl Bridge {
                     .await
                     .map_err(|e| format!("cannot upload the attachment: {e}"))?;
                 D::Media(Media {
-                    r#type: kind as i32,
+                    kind,
                     blob: up.blob,
                     key: up.key,
                     sha256: up.sha256,
@@ -1045,7 +1043,7 @@ impl Bridge {
             }
             other => return Err(format!("messages of type {other} cannot be bridged")),
         };
-        Ok(Some(DataMessage {
+        Ok(Some(Message {
             body: Some(body),
             reply_to,
         }))
@@ -1214,11 +1212,11 @@ fn default_filename(m: &Media, mime: &str) -> String {
         .split(';')
         .next()
         .unwrap_or("bin");
-    let base = match MediaType::try_from(m.r#type).unwrap_or(MediaType::File) {
-        MediaType::Image | MediaType::Sticker => "image",
-        MediaType::Video => "video",
-        MediaType::Audio => "audio",
-        MediaType::Voice => "voice",
+    let base = match m.kind {
+        MediaKind::Image | MediaKind::Sticker => "image",
+        MediaKind::Video => "video",
+        MediaKind::Audio => "audio",
+        MediaKind::Voice => "voice",
         _ => "file",
     };
     format!("{base}.{ext}")

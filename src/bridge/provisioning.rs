@@ -113,7 +113,7 @@ impl Provisioning for Bridge {
         if let Some(a) = self.portals.login(user).await? {
             return Err(ProvError::Conflict(format!("already logged in as {a}")));
         }
-        if !crate::wire::is_valid_account(identifier) {
+        if !self.network.is_valid_account(identifier) {
             return Err(ProvError::BadRequest(
                 "identifier must be + and 8 to 15 digits".into(),
             ));
@@ -185,7 +185,7 @@ impl Provisioning for Bridge {
             .network
             .account(user)
             .ok_or_else(|| ProvError::Forbidden("not logged in".into()))?;
-        if !crate::wire::is_valid_account(contact) {
+        if !self.network.is_valid_account(contact) {
             return Err(ProvError::BadRequest(
                 "contact must be + and 8 to 15 digits".into(),
             ));

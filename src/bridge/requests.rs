@@ -9,14 +9,13 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use prost::Message as _;
 use serde::{Deserialize, Serialize};
 
+use super::model::Message;
 use super::{
     Bridge, BridgeError,
     network::{NetAccount, NetTarget},
 };
-use crate::wire::content::DataMessage;
 
 /// Messages held per request; later ones are counted and dropped.
 pub const MAX_HELD: u32 = 100;
@@ -64,7 +63,7 @@ pub struct HeldMessage {
     pub from: String,
     pub message_id: String,
     pub timestamp: u64,
-    /// The `DataMessage`, protobuf-encoded.
+    /// The message in the network's encoding ([`Network::encode_message`](super::network::Network::encode_message)).
     pub data: Vec<u8>,
 }
 
@@ -128,7 +127,7 @@ impl Bridge {
         acc: &Arc<dyn NetAccount>,
         chat: &NetTarget,
         from: &str,
-        message: Option<(&str, u64, &DataMessage)>,
+        message: Option<(&str, u64, &Message)>,
     ) -> Result<Gate, BridgeError> {
         if !self.settings.bridge.message_requests || from == acc.account_id() {
             return Ok(Gate::Open);
@@ -194,7 +193,8 @@ impl Bridge {
             }
         };
         if let Some((message_id, timestamp, data)) = message {
-            let bytes = data.encoded_len() as u64;
+            let data = self.network.encode_message(data);
+            let bytes = data.len() as u64;
             if req.held >= MAX_HELD || req.held_bytes + bytes > MAX_HELD_BYTES {
                 req.dropped += 1;
             } else {
@@ -203,7 +203,7 @@ impl Bridge {
                     from: from.to_owned(),
                     message_id: message_id.to_owned(),
                     timestamp,
-                    data: data.encode_to_vec(),
+                    data,
                 };
                 self.requests
                     .hold(receiver, chat_id, req.held, &held)
@@ -266,7 +266,7 @@ impl Bridge {
         let held = self.requests.held(receiver, chat_id).await?;
         let n = held.len();
         for m in held {
-            let data = match DataMessage::decode(&m.data[..]) {
+            let data = match self.network.decode_message(&m.data) {
                 Ok(d) => d,
                 Err(e) => {
                     tracing::warn!(error = %e, "dropping an unreadable held message");

@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 
 use super::{
     Bridge, BridgeError, BridgeSettings, MatrixConnector, MatrixEventHandler,
+    model::{Body as D, Delete, Edit, Message, Text},
     network::{
         GroupChange, GroupInfo, NetAccount, NetError, NetEvent, NetProfile, NetTarget, Network,
         UploadedMedia,
@@ -20,7 +21,6 @@ use super::{
 use crate::{
     config::{BridgeConfig, RelayConfig},
     store::{SqlStore, testing},
-    wire::content::{DataMessage, Delete, Edit, Text, data_message::Body as D},
 };
 
 /// What the core asked the Matrix side to do, in order.
@@ -209,7 +209,7 @@ impl MatrixConnector for FakeMatrix {
 /// One login on the stand-in network: records what it was asked to send.
 pub(crate) struct FakeAccount {
     id: String,
-    pub sent: Mutex<Vec<(NetTarget, String, DataMessage)>>,
+    pub sent: Mutex<Vec<(NetTarget, String, Message)>>,
     /// Members of every group this account is asked about.
     pub group_members: Mutex<Vec<String>>,
     pub profile_lookups: Mutex<u32>,
@@ -246,12 +246,7 @@ impl NetAccount for FakeAccount {
     fn is_connected(&self) -> bool {
         true
     }
-    async fn send(
-        &self,
-        to: NetTarget,
-        message_id: String,
-        data: DataMessage,
-    ) -> Result<(), NetError> {
+    async fn send(&self, to: NetTarget, message_id: String, data: Message) -> Result<(), NetError> {
         {
             let mut failing = self.failing_sends.lock().unwrap();
             if *failing > 0 {
@@ -329,6 +324,8 @@ impl NetAccount for FakeAccount {
 #[derive(Default)]
 pub(crate) struct FakeNetwork {
     pub accounts: Mutex<HashMap<String, Arc<FakeAccount>>>,
+    /// Messages "encoded" for keeping: the encoding is the index here.
+    kept: Mutex<Vec<Message>>,
 }
 
 #[async_trait]
@@ -373,6 +370,23 @@ impl Network for FakeNetwork {
     }
     async fn reachable(&self) -> bool {
         true
+    }
+    fn is_valid_account(&self, id: &str) -> bool {
+        // The reference network's rule: `+` and 8 to 15 digits.
+        id.strip_prefix('+')
+            .is_some_and(|d| (8..=15).contains(&d.len()) && d.bytes().all(|b| b.is_ascii_digit()))
+    }
+    fn encode_message(&self, message: &Message) -> Vec<u8> {
+        let mut kept = self.kept.lock().unwrap();
+        kept.push(message.clone());
+        (kept.len() - 1).to_string().into_bytes()
+    }
+    fn decode_message(&self, bytes: &[u8]) -> Result<Message, NetError> {
+        std::str::from_utf8(bytes)
+            .ok()
+            .and_then(|i| i.parse::<usize>().ok())
+            .and_then(|i| self.kept.lock().unwrap().get(i).cloned())
+            .ok_or_else(|| NetError::Other("not a kept message".into()))
     }
 }
 
@@ -492,7 +506,7 @@ impl Harness {
             group: group.map(str::to_owned),
             message_id: message_id.into(),
             timestamp: SENT_AT + envelope_id,
-            data: DataMessage {
+            data: Message {
                 body: Some(body),
                 reply_to: None,
             },
@@ -953,7 +967,7 @@ async fn ghosts_cannot_redact_others_in_portal_rooms() {
 
 #[tokio::test]
 async fn media_over_the_limit_is_refused_with_a_notice_both_ways() {
-    use crate::wire::content::Media;
+    use super::model::{Media, MediaKind};
     let h = Harness::with(|s| {
         s.bridge.max_media_size = 1000;
         s.bridge.message_requests = false;
@@ -968,7 +982,7 @@ async fn media_over_the_limit_is_refused_with_a_notice_both_ways() {
         None,
         "bob-big",
         D::Media(Media {
-            r#type: 1,
+            kind: MediaKind::Image,
             blob: "b".into(),
             key: vec![0; 64],
             sha256: vec![0; 32],
@@ -994,7 +1008,7 @@ async fn media_over_the_limit_is_refused_with_a_notice_both_ways() {
         None,
         "bob-liar",
         D::Media(Media {
-            r#type: 1,
+            kind: MediaKind::Image,
             blob: "b".into(),
             key: vec![0; 64],
             sha256: vec![0; 32],
@@ -1324,7 +1338,7 @@ async fn relations_before_their_message_are_set_aside_not_dropped() {
         D::Delete(Delete {
             target: "bob-1".into(),
         }),
-        D::Reaction(crate::wire::content::Reaction {
+        D::Reaction(super::model::Reaction {
             target: "bob-1".into(),
             emoji: "👍".into(),
             remove: false,

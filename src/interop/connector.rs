@@ -18,16 +18,18 @@ use super::{
     account::{self, save_credentials},
 };
 use crate::{
-    bridge::network::{
-        GroupChange, GroupInfo, NetAccount, NetError, NetEvent, NetEventSink, NetProfile,
-        NetTarget, Network, UploadedMedia,
+    bridge::{
+        model::Message,
+        network::{
+            GroupChange, GroupInfo, NetAccount, NetError, NetEvent, NetEventSink, NetProfile,
+            NetTarget, Network, UploadedMedia,
+        },
     },
     vault::{Vault, VaultStore},
-    wire::{
-        content::DataMessage,
-        pb::{self, ErrorCode},
-    },
+    wire::pb::{self, ErrorCode},
 };
+
+use super::convert;
 
 fn net_err(e: InteropError) -> NetError {
     // Rate limits, full queues and the gateway's internal errors pass: retry them.
@@ -288,7 +290,7 @@ fn convert(ev: Event) -> Option<NetEvent> {
             group,
             message_id,
             timestamp,
-            data,
+            data: convert::to_model(data),
         },
         Event::Receipt {
             envelope_id,
@@ -396,6 +398,18 @@ impl Network for InteropNetwork {
     async fn reachable(&self) -> bool {
         GatewayConn::connect(&self.gateway).await.is_ok()
     }
+
+    fn is_valid_account(&self, id: &str) -> bool {
+        crate::wire::is_valid_account(id)
+    }
+
+    fn encode_message(&self, message: &Message) -> Vec<u8> {
+        convert::encode(message)
+    }
+
+    fn decode_message(&self, bytes: &[u8]) -> Result<Message, NetError> {
+        convert::decode(bytes).map_err(|e| NetError::Other(format!("undecodable message: {e}")))
+    }
 }
 
 pub struct InteropAccount {
@@ -420,14 +434,9 @@ impl NetAccount for InteropAccount {
         self.connected.load(Ordering::Relaxed)
     }
 
-    async fn send(
-        &self,
-        to: NetTarget,
-        message_id: String,
-        data: DataMessage,
-    ) -> Result<(), NetError> {
+    async fn send(&self, to: NetTarget, message_id: String, data: Message) -> Result<(), NetError> {
         self.handle
-            .send(target(to), message_id, data)
+            .send(target(to), message_id, convert::to_wire(&data))
             .await
             .map(|_| ())
             .map_err(net_err)
@@ -549,8 +558,8 @@ mod tests {
 
     use super::*;
     use crate::{
-        bridge::BridgeError,
-        wire::content::{Edit, Text, data_message::Body as D},
+        bridge::{BridgeError, model::Body},
+        wire::content::{DataMessage, Edit, Text, data_message::Body as D},
     };
 
     /// Handles messages in order; an edit whose target it has not seen is early, the message
@@ -575,7 +584,7 @@ mod tests {
             else {
                 return Ok(());
             };
-            if let Some(D::Edit(e)) = &data.body
+            if let Some(Body::Edit(e)) = &data.body
                 && !self.seen.lock().unwrap().contains(&e.target)
             {
                 return Err(BridgeError::TargetNotYet(e.target.clone()));

@@ -4,6 +4,7 @@
 pub mod account;
 pub mod conn;
 pub mod connector;
+pub mod convert;
 pub mod keys;
 pub mod media;
 pub mod runtime;

@@ -1,0 +1,142 @@
+//! The core's message model: what a chat message is, whichever side it came from.
+//!
+//! The Matrix side maps events to and from it (`portal.rs`, `msgconv.rs`); the interop side maps
+//! the network's content encoding to and from it (`interop::convert`). Nothing here knows how
+//! either side encodes a message.
+
+/// One message of a chat: its content, and the message it replies to.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Message {
+    /// `None` for content this bridge does not know (a newer client's message type).
+    pub body: Option<Body>,
+    pub reply_to: Option<Quote>,
+}
+
+/// What a message carries.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Body {
+    Text(Text),
+    Edit(Edit),
+    Delete(Delete),
+    Reaction(Reaction),
+    Media(Media),
+    Location(Location),
+    Contact(ContactCard),
+}
+
+/// The message a reply answers, by its network id and author.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Quote {
+    pub message_id: String,
+    pub author: String,
+}
+
+/// Plain text with styled ranges; ranges count Unicode scalar values (code points) of `body`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Text {
+    pub body: String,
+    pub formats: Vec<Format>,
+}
+
+/// One styled range of a [`Text`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Format {
+    pub style: Style,
+    /// Code point offset into the text.
+    pub start: u32,
+    /// Length in code points.
+    pub length: u32,
+    /// [`Style::Link`]: the target; [`Style::Mention`]: the mentioned account.
+    pub url: String,
+}
+
+/// How a range of text is shown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Style {
+    Bold,
+    Italic,
+    Strikethrough,
+    Monospace,
+    CodeBlock,
+    Quote,
+    Link,
+    Spoiler,
+    Mention,
+}
+
+/// A new text for an earlier message of the same sender.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Edit {
+    pub target: String,
+    pub text: Option<Text>,
+}
+
+/// Deletes an earlier message of the same sender.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Delete {
+    pub target: String,
+}
+
+/// Adds (or, with `remove`, takes back) an emoji reaction to a message.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reaction {
+    pub target: String,
+    pub emoji: String,
+    pub remove: bool,
+    pub target_author: String,
+}
+
+/// What kind of file a [`Media`] is; decides how it is shown.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum MediaKind {
+    Image,
+    Video,
+    Audio,
+    Voice,
+    #[default]
+    File,
+    Sticker,
+}
+
+/// An attachment: the network blob holding its ciphertext, the keys to open it, and what a
+/// client shows before opening it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Media {
+    pub kind: MediaKind,
+    /// The network's id of the encrypted blob.
+    pub blob: String,
+    /// The attachment's keys (encryption and MAC), as the network defines them.
+    pub key: Vec<u8>,
+    /// Digest of the encrypted blob.
+    pub sha256: Vec<u8>,
+    /// Size of the plaintext.
+    pub size: u64,
+    pub mimetype: String,
+    pub filename: String,
+    pub caption: Option<Text>,
+    pub width: u32,
+    pub height: u32,
+    pub duration_ms: u32,
+    /// A small JPEG, inline; empty for none.
+    pub thumbnail: Vec<u8>,
+    /// Voice messages: samples 0..=255; empty for none.
+    pub waveform: Vec<u32>,
+}
+
+/// A shared location.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Location {
+    pub latitude: f64,
+    pub longitude: f64,
+    pub name: String,
+    pub address: String,
+}
+
+/// A shared contact.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ContactCard {
+    pub display_name: String,
+    pub phone_numbers: Vec<String>,
+    pub emails: Vec<String>,
+    pub vcard: String,
+}
