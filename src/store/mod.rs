@@ -222,7 +222,7 @@ impl SqlStore {
             {
                 Ok(rows) => rows
                     .iter()
-                    .map(|r| r.try_get::<i64, _>(0))
+                    .map(|r| r.try_get::<i64, _>("version"))
                     .collect::<Result<_, _>>()?,
                 Err(_) => Vec::new(),
             };
@@ -316,10 +316,10 @@ impl TxnStore for SqlStore {
         rows.iter()
             .map(|r| {
                 Ok(StoredEvent {
-                    seq: r.try_get(0)?,
-                    room_id: r.try_get(1)?,
-                    sealed: r.try_get(2)?,
-                    attempts: r.try_get::<i32, _>(3).map(i64::from)?,
+                    seq: r.try_get("seq")?,
+                    room_id: r.try_get("room_id")?,
+                    sealed: r.try_get("sealed")?,
+                    attempts: r.try_get::<i32, _>("attempts").map(i64::from)?,
                 })
             })
             .collect()

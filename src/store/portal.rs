@@ -101,31 +101,31 @@ pub trait PortalStore: Send + Sync {
 }
 
 fn portal_row(r: &sqlx::any::AnyRow) -> Result<Portal, StoreError> {
-    let kind: String = r.try_get(2)?;
+    let kind: String = r.try_get("kind")?;
     Ok(Portal {
-        receiver: r.try_get(0)?,
-        chat_id: r.try_get(1)?,
+        receiver: r.try_get("receiver")?,
+        chat_id: r.try_get("chat_id")?,
         kind: if kind == "group" {
             PortalKind::Group
         } else {
             PortalKind::Dm
         },
-        room_id: r.try_get(3)?,
-        name: r.try_get(4)?,
-        relay: r.try_get(5)?,
-        avatar_blob: r.try_get(6)?,
-        avatar_mxc: r.try_get(7)?,
+        room_id: r.try_get("room_id")?,
+        name: r.try_get("name")?,
+        relay: r.try_get("relay")?,
+        avatar_blob: r.try_get("avatar_blob")?,
+        avatar_mxc: r.try_get("avatar_mxc")?,
     })
 }
 
 fn mapped_row(r: &sqlx::any::AnyRow) -> Result<MappedMessage, StoreError> {
     Ok(MappedMessage {
-        room_id: r.try_get(0)?,
-        event_id: r.try_get(1)?,
-        message_id: r.try_get(2)?,
-        sender: r.try_get(3)?,
-        part: r.try_get(4)?,
-        matrix_sender: r.try_get(5)?,
+        room_id: r.try_get("receiver")?,
+        event_id: r.try_get("chat_id")?,
+        message_id: r.try_get("kind")?,
+        sender: r.try_get("room_id")?,
+        part: r.try_get("name")?,
+        matrix_sender: r.try_get("relay")?,
     })
 }
 
@@ -169,7 +169,7 @@ impl PortalStore for SqlStore {
             .fetch_all(self.pool())
             .await?;
         rows.iter()
-            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .map(|r| Ok((r.try_get("mxid")?, r.try_get("account")?)))
             .collect()
     }
 
@@ -270,9 +270,9 @@ impl PortalStore for SqlStore {
         .await?;
         row.map(|r| {
             Ok(GhostProfile {
-                displayname: r.try_get(0)?,
-                avatar_blob: r.try_get(1)?,
-                avatar_mxc: r.try_get(2)?,
+                displayname: r.try_get("displayname")?,
+                avatar_blob: r.try_get("avatar_blob")?,
+                avatar_mxc: r.try_get("avatar_mxc")?,
             })
         })
         .transpose()

@@ -45,7 +45,7 @@ impl VaultStore for SqlStore {
             .fetch_all(self.pool())
             .await?;
         rows.iter()
-            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .map(|r| Ok((r.try_get("owner")?, r.try_get("wrapped")?)))
             .collect()
     }
 

@@ -1,0 +1,341 @@
+//! The account actor's loop: connecting and logging in, the handle's commands, pushes from the
+//! gateway, and acks.
+
+use super::*;
+
+impl Actor {
+    pub(super) async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Command>,
+        mut acks: mpsc::UnboundedReceiver<u64>,
+    ) {
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            if self.conn.is_none() {
+                match self.connect().await {
+                    Ok(()) => {
+                        backoff = Duration::from_millis(250);
+                        self.emit(Event::Connected {
+                            account: self.creds.account.clone(),
+                        })
+                        .await;
+                    }
+                    Err(e) if e.code() == Some(ErrorCode::Unauthorized) => {
+                        self.emit(Event::LoggedOut {
+                            account: self.creds.account.clone(),
+                            reason: e.to_string(),
+                        })
+                        .await;
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, ?backoff, "interop connection failed");
+                        self.emit(Event::Disconnected {
+                            account: self.creds.account.clone(),
+                            reason: e.to_string(),
+                        })
+                        .await;
+                    }
+                }
+            }
+            let connected = self.conn.is_some();
+            tokio::select! {
+                // Acks first: they free the gateway's queue and must not be lost at a stop.
+                biased;
+                Some(envelope_id) = acks.recv() => {
+                    // Whatever else is ready goes in the same commit and the same `Ack`.
+                    let mut batch = vec![envelope_id];
+                    while batch.len() < MAX_ACK_BATCH
+                        && let Ok(id) = acks.try_recv()
+                    {
+                        batch.push(id);
+                    }
+                    self.ack(&batch).await;
+                }
+                cmd = rx.recv() => match cmd {
+                    None | Some(Command::Stop) => {
+                        let mut batch = Vec::new();
+                        while let Ok(envelope_id) = acks.try_recv() {
+                            batch.push(envelope_id);
+                        }
+                        for chunk in batch.chunks(MAX_ACK_BATCH) {
+                            self.ack(chunk).await;
+                        }
+                        return;
+                    }
+                    Some(cmd) => self.command(cmd).await,
+                },
+                push = async { match self.conn.as_mut() { Some((_, p)) => p.recv().await, None => std::future::pending().await } }, if connected => {
+                    match push {
+                        Some(st) => self.push(st).await,
+                        None => {
+                            self.conn = None;
+                            self.published.send_replace(None);
+                            self.emit(Event::Disconnected { account: self.creds.account.clone(), reason: "connection lost".into() }).await;
+                        }
+                    }
+                }
+                _ = tokio::time::sleep(backoff), if !connected => {
+                    backoff = (backoff * 2).min(Duration::from_secs(60));
+                }
+            }
+        }
+    }
+
+    pub(super) async fn connect(&mut self) -> Result<(), InteropError> {
+        let (conn, pushes) = GatewayConn::connect(&self.gateway).await?;
+        let logged = conn
+            .login(&self.creds.account, &self.creds.secret, DELIVERY_WINDOW)
+            .await?;
+        self.published.send_replace(Some(conn.clone()));
+        self.conn = Some((conn, pushes));
+        self.maintain_keys(logged.one_time_prekeys, logged.kyber_prekeys)
+            .await?;
+        Ok(())
+    }
+
+    pub(super) fn conn(&self) -> Result<&GatewayConn, InteropError> {
+        self.conn
+            .as_ref()
+            .map(|(c, _)| c)
+            .ok_or(InteropError::Disconnected)
+    }
+
+    pub(super) async fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Send {
+                to,
+                message_id,
+                data,
+                reply,
+            } => {
+                let r = self.send_data(&to, &message_id, data).await;
+                let _ = reply.send(r);
+            }
+            Command::Receipt { to, receipt, reply } => {
+                let r = self
+                    .simple(Body::SendReceipt(pb::SendReceipt {
+                        to,
+                        receipt: Some(receipt),
+                    }))
+                    .await;
+                let _ = reply.send(r);
+            }
+            Command::Typing { to, typing, reply } => {
+                let (to, group) = match to {
+                    Target::Account(a) => (a, String::new()),
+                    Target::Group(g) => (String::new(), g),
+                };
+                let r = self
+                    .simple(Body::SendTyping(pb::SendTyping { to, group, typing }))
+                    .await;
+                let _ = reply.send(r);
+            }
+            Command::CreateGroup {
+                name,
+                members,
+                reply,
+            } => {
+                let r = self
+                    .group_request(Body::CreateGroup(pb::CreateGroup { name, members }))
+                    .await;
+                let _ = reply.send(r);
+            }
+            Command::UpdateGroup { update, reply } => {
+                let r = self.group_request(Body::UpdateGroup(update)).await;
+                let _ = reply.send(r);
+            }
+            Command::GetGroup { group, reply } => {
+                let r = self
+                    .group_request(Body::GetGroup(pb::GetGroup { group }))
+                    .await;
+                let _ = reply.send(r);
+            }
+            Command::SetProfile {
+                name,
+                avatar_blob,
+                reply,
+            } => {
+                let r = self
+                    .simple(Body::SetProfile(pb::SetProfile { name, avatar_blob }))
+                    .await;
+                let _ = reply.send(r);
+            }
+            Command::ResetIdentity { reply } => {
+                let r = async {
+                    self.store.reset_identity().await?;
+                    self.store
+                        .commit(vec![(META, "signed_at".into(), None)])
+                        .await?;
+                    self.maintain_keys(0, 0).await
+                }
+                .await;
+                let _ = reply.send(r);
+            }
+            Command::SessionInfo { peer, reply } => {
+                use libsignal_protocol::SessionStore;
+                let r = self
+                    .store
+                    .sessions
+                    .load_session(&addr(&peer))
+                    .await
+                    .map_err(crypto)
+                    .and_then(|s| match s {
+                        None => Ok(SessionInfo {
+                            exists: false,
+                            version: 0,
+                            post_quantum: false,
+                        }),
+                        Some(rec) => Ok(SessionInfo {
+                            exists: true,
+                            version: rec.session_version().map_err(crypto)?,
+                            post_quantum: rec
+                                .has_usable_sender_chain(
+                                    std::time::SystemTime::now(),
+                                    libsignal_protocol::SessionUsabilityRequirements::all(),
+                                )
+                                .unwrap_or(false),
+                        }),
+                    });
+                let _ = reply.send(r);
+            }
+            Command::Stop => {}
+        }
+    }
+
+    pub(super) async fn simple(&self, body: Body) -> Result<(), InteropError> {
+        match self.conn()?.request(body).await? {
+            Body::Ok(_) => Ok(()),
+            _ => Err(InteropError::Unexpected),
+        }
+    }
+
+    /// Envelopes handled: their inbox entries (and any buffered Signal state) are committed in
+    /// one transaction, then the gateway is told.
+    pub(super) async fn ack(&mut self, envelope_ids: &[u64]) {
+        let clear: Vec<_> = envelope_ids
+            .iter()
+            .filter(|id| self.inbox.as_mut().is_none_or(|inbox| inbox.remove(id)))
+            .map(|id| (INBOX, id.to_string(), None))
+            .collect();
+        if let Err(e) = self.store.commit(clear).await {
+            // Not acked: they come again once the database is back (a message replayed from
+            // the inbox is found in the message map and acked without a second effect).
+            self.redeliver_later(&format!("cannot record acks: {e}"))
+                .await;
+            return;
+        }
+        for id in envelope_ids {
+            self.recent.push_back(*id);
+        }
+        while self.recent.len() > 1024 {
+            self.recent.pop_front();
+        }
+        self.send_acks(envelope_ids.to_vec());
+    }
+
+    /// Something an envelope needs from the database cannot be had now (a connection lost, a
+    /// full disk). Acking later envelopes past it would break their order, and the gateway
+    /// sends an unacked envelope again only after a new login (docs §7); so the buffered state
+    /// is undone and the connection dropped: after a pause, the actor logs in again and gets
+    /// this envelope and all later ones again, in order.
+    pub(super) async fn redeliver_later(&mut self, reason: &str) {
+        self.store.rollback();
+        tracing::warn!(%reason, pause = ?self.store_backoff, "cannot process an envelope now; it and later ones will be delivered again");
+        self.conn = None;
+        self.published.send_replace(None);
+        self.emit(Event::Disconnected {
+            account: self.creds.account.clone(),
+            reason: reason.to_owned(),
+        })
+        .await;
+        tokio::time::sleep(self.store_backoff).await;
+        self.store_backoff = (self.store_backoff * 2).min(MAX_STORE_BACKOFF);
+    }
+
+    /// Sends an `Ack` as a request, so that one the gateway rate-limits is sent again when it
+    /// says (with a delivery window, a lost ack would hold up delivery until the next login).
+    /// Runs apart from the actor; an ack lost with the connection is made good at the next
+    /// login, when the envelope comes again and is acked from `recent`.
+    pub(super) fn send_acks(&self, envelope_ids: Vec<u64>) {
+        let Ok(conn) = self.conn().cloned() else {
+            return;
+        };
+        tokio::spawn(async move {
+            for _ in 0..8 {
+                let ack = Body::Ack(pb::Ack {
+                    envelope_ids: envelope_ids.clone(),
+                });
+                match conn.request(ack).await {
+                    Ok(_) => return,
+                    Err(InteropError::Gateway {
+                        code: ErrorCode::RateLimited,
+                        retry_after_ms,
+                        ..
+                    }) => {
+                        tokio::time::sleep(Duration::from_millis(retry_after_ms.clamp(10, 10_000)))
+                            .await
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "ack not delivered; the envelopes come again");
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    pub(super) async fn emit(&self, ev: Event) {
+        let _ = self.events.send(ev);
+    }
+
+    pub(super) async fn push(&mut self, st: pb::Stanza) {
+        match st.body {
+            Some(Body::Envelope(env)) => self.envelope(env).await,
+            Some(Body::Typing(t)) => {
+                self.emit(Event::Typing {
+                    from: t.from,
+                    group: (!t.group.is_empty()).then_some(t.group),
+                    typing: t.typing,
+                })
+                .await
+            }
+            Some(Body::Presence(p)) => {
+                self.emit(Event::Presence {
+                    account: p.account,
+                    online: p.online,
+                })
+                .await
+            }
+            Some(Body::PrekeysLow(_))
+                if self
+                    .last_replenish
+                    .is_some_and(|t| t.elapsed() < REPLENISH_COALESCE) =>
+            {
+                tracing::debug!("prekeys low again soon after a replenish; coalesced");
+            }
+            Some(Body::PrekeysLow(low)) => {
+                match self
+                    .maintain_keys(low.one_time_prekeys, low.kyber_prekeys)
+                    .await
+                {
+                    Ok(()) => self.last_replenish = Some(std::time::Instant::now()),
+                    Err(e) => tracing::warn!(error = %e, "cannot replenish prekeys"),
+                }
+            }
+            Some(Body::Error(e)) => {
+                tracing::warn!(code = e.code, message = %e.message, "gateway error push");
+                if e.code == ErrorCode::Unauthorized as i32 {
+                    self.conn = None;
+                    self.published.send_replace(None);
+                    self.emit(Event::LoggedOut {
+                        account: self.creds.account.clone(),
+                        reason: e.message,
+                    })
+                    .await;
+                }
+            }
+            _ => {}
+        }
+    }
+}

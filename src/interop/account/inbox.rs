@@ -1,0 +1,220 @@
+//! Incoming envelopes: decryption, the sealed inbox that keeps a decrypted message until its ack,
+//! and the events handed to the consumer.
+
+use super::*;
+
+impl Actor {
+    pub(super) async fn envelope(&mut self, env: pb::Envelope) {
+        let id = env.id;
+        if self.recent.contains(&id) {
+            // Acked before but redelivered (the ack was lost with the connection).
+            self.send_acks(vec![id]);
+            return;
+        }
+        // A message decrypted before a crash is replayed from the vault.
+        let waiting = self.inbox.as_ref().is_none_or(|inbox| inbox.contains(&id));
+        if waiting
+            && let Ok(Some(raw)) = self.store.read_extra(INBOX, &id.to_string()).await
+            && let Ok(entry) = serde_json::from_slice::<InboxEntry>(&raw)
+            && let Ok(data) = DataMessage::decode(&entry.data[..])
+        {
+            self.emit(Event::Message {
+                envelope_id: id,
+                from: entry.from,
+                group: entry.group,
+                message_id: entry.message_id,
+                timestamp: entry.timestamp,
+                data,
+            })
+            .await;
+            return;
+        }
+        let kind = Kind::try_from(env.kind).unwrap_or(Kind::Unspecified);
+        match kind {
+            Kind::Receipt => {
+                let receipt = env.receipt.unwrap_or_default();
+                self.emit(Event::Receipt {
+                    envelope_id: id,
+                    from: env.from,
+                    receipt,
+                })
+                .await;
+            }
+            Kind::GroupUpdate => {
+                if let Some(g) = env.group_update {
+                    self.group_changed(&g).await;
+                    self.emit(Event::GroupUpdate {
+                        envelope_id: id,
+                        from: env.from,
+                        group: g,
+                    })
+                    .await;
+                } else {
+                    self.ack(&[id]).await;
+                }
+            }
+            Kind::Prekey | Kind::Message | Kind::Group => {
+                let group = (kind == Kind::Group).then(|| env.group.clone());
+                match self.decrypt(&env, kind).await {
+                    Ok(Some(content)) => match content.body {
+                        Some(CBody::Data(data)) => {
+                            let entry = InboxEntry {
+                                from: env.from.clone(),
+                                group: group.clone(),
+                                message_id: env.message_id.clone(),
+                                timestamp: env.timestamp,
+                                data: data.encode_to_vec(),
+                            };
+                            let sealed_entry = serde_json::to_vec(&entry).expect("serializes");
+                            // Noted before the write: a commit that fails after all (a lost
+                            // connection during COMMIT) must still be looked up on redelivery.
+                            if let Some(inbox) = self.inbox.as_mut() {
+                                inbox.insert(id);
+                            }
+                            if let Err(e) = self
+                                .store
+                                .commit(vec![(INBOX, id.to_string(), Some(sealed_entry))])
+                                .await
+                            {
+                                self.redeliver_later(&format!(
+                                    "cannot store a decrypted message: {e}"
+                                ))
+                                .await;
+                                return;
+                            }
+                            self.store_backoff = FIRST_STORE_BACKOFF;
+                            self.report_identity_changes().await;
+                            self.emit(Event::Message {
+                                envelope_id: id,
+                                from: env.from,
+                                group,
+                                message_id: env.message_id,
+                                timestamp: env.timestamp,
+                                data,
+                            })
+                            .await;
+                        }
+                        Some(CBody::SenderKeyDistribution(skd)) => {
+                            // A sender key only from a member of the group it names.
+                            match self.is_member(&skd.group, &env.from).await {
+                                Ok(true) => {}
+                                Ok(false) => {
+                                    // The pairwise session's step is kept; the key is not.
+                                    tracing::warn!(group = %skd.group, "dropping a sender key from someone outside the group");
+                                    if let Err(e) = self.store.commit(vec![]).await {
+                                        self.redeliver_later(&format!(
+                                            "cannot store a session: {e}"
+                                        ))
+                                        .await;
+                                        return;
+                                    }
+                                    self.ack(&[id]).await;
+                                    return;
+                                }
+                                Err(e) => {
+                                    // The gateway cannot say now: left unacked (and the
+                                    // session step undone), so it comes again rather than
+                                    // losing a member's sender key.
+                                    self.redeliver_later(&format!(
+                                        "cannot check a sender key's group: {e}"
+                                    ))
+                                    .await;
+                                    return;
+                                }
+                            }
+                            let r = match SenderKeyDistributionMessage::try_from(
+                                &skd.distribution_message[..],
+                            ) {
+                                Ok(m) => {
+                                    process_sender_key_distribution_message(
+                                        &addr(&env.from),
+                                        &m,
+                                        &mut self.store.sender_keys,
+                                    )
+                                    .await
+                                }
+                                Err(e) => Err(e),
+                            };
+                            if let Err(e) = r {
+                                tracing::warn!(error = %e, "bad sender key distribution");
+                                self.store.rollback();
+                            }
+                            if let Err(e) = self.store.commit(vec![]).await {
+                                self.redeliver_later(&format!("cannot store a sender key: {e}"))
+                                    .await;
+                                return;
+                            }
+                            self.report_identity_changes().await;
+                            self.ack(&[id]).await;
+                        }
+                        None => self.ack(&[id]).await,
+                    },
+                    Ok(None) => self.ack(&[id]).await,
+                    Err(Undecryptable::StoreUnavailable(reason)) => {
+                        self.redeliver_later(&reason).await;
+                    }
+                    Err(Undecryptable::Invalid(reason)) => {
+                        self.store.rollback();
+                        tracing::warn!(envelope = id, %reason, "cannot decrypt envelope");
+                        self.emit(Event::Undecryptable {
+                            envelope_id: id,
+                            from: env.from,
+                            group,
+                            reason,
+                        })
+                        .await;
+                    }
+                }
+            }
+            Kind::Unspecified => self.ack(&[id]).await,
+        }
+    }
+
+    /// `Ok(None)` for a duplicate that needs no event.
+    pub(super) async fn decrypt(
+        &mut self,
+        env: &pb::Envelope,
+        kind: Kind,
+    ) -> Result<Option<Content>, Undecryptable> {
+        let from = addr(&env.from);
+        let plaintext = match kind {
+            Kind::Group => group_decrypt(&env.ciphertext, &mut self.store.sender_keys, &from).await,
+            _ => {
+                let msg = if kind == Kind::Prekey {
+                    PreKeySignalMessage::try_from(&env.ciphertext[..])
+                        .map(CiphertextMessage::PreKeySignalMessage)
+                } else {
+                    SignalMessage::try_from(&env.ciphertext[..])
+                        .map(CiphertextMessage::SignalMessage)
+                }
+                .map_err(|e| Undecryptable::Invalid(e.to_string()))?;
+                let st = &mut self.store;
+                message_decrypt(
+                    &msg,
+                    &from,
+                    &mut st.sessions,
+                    &mut st.identity,
+                    &mut st.prekeys,
+                    &st.signed,
+                    &mut st.kyber,
+                    &mut rand::rng(),
+                )
+                .await
+            }
+        };
+        match plaintext {
+            Ok(p) => {
+                let p = zeroize::Zeroizing::new(p);
+                Content::decode(&p[..])
+                    .map(Some)
+                    .map_err(|e| Undecryptable::Invalid(format!("undecodable content: {e}")))
+            }
+            Err(SignalProtocolError::DuplicatedMessage(..)) => Ok(None),
+            // The vault's database, not the message, failed (vault/signal.rs).
+            Err(SignalProtocolError::InvalidState("vault store", e)) => {
+                Err(Undecryptable::StoreUnavailable(format!("vault store: {e}")))
+            }
+            Err(e) => Err(Undecryptable::Invalid(e.to_string())),
+        }
+    }
+}
