@@ -253,65 +253,15 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
         version = env!("CARGO_PKG_VERSION"),
         "starting matrix-interop-bridge"
     );
-
-    let store = SqlStore::connect(&cfg.database)
-        .await
-        .context("cannot open the database")?;
-    store
-        .migrate()
-        .await
-        .context("cannot migrate the database")?;
-    let pruned = store.prune_transactions(7 * 24 * 3600 * 1000).await?;
-    tracing::debug!(pruned, "old transaction ids pruned");
-
-    let master = vault::load_master_key(&cfg.vault.master_key_file, &cfg.vault.master_key_env)?;
-    let vault = Vault::open(master, Arc::new(store.clone())).await?;
+    let (store, vault) = open_store(&cfg).await?;
     let queue_key = vault.data_key(BRIDGE_OWNER).await?;
-
     let hs = HomeserverClient::new(&cfg.homeserver.address, &cfg.appservice.as_token)?;
-    let bot = cfg.bot_mxid();
-    let matrix: Arc<MatrixSide> = MatrixSide::new(
-        hs.clone(),
-        bot.clone(),
-        cfg.homeserver.domain.clone(),
-        &cfg.ghost_regex(),
-    )?
-    .with_max_media(cfg.bridge.max_media_size)
-    .arc();
-    let users: Arc<dyn UserStore> = Arc::new(store.clone());
-    let gateway = GatewayAddr {
-        address: cfg.interop.gateway_address.clone(),
-        public_key: cfg.interop.gateway_key()?,
-    };
-    let signal_rt = SignalRuntime::start(
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(2),
-    );
-    let vault_store: Arc<dyn VaultStore> = Arc::new(store.clone());
-    let requests = Arc::new(matrix_interop_bridge::vault::requests::SealedRequests::new(
-        vault.clone(),
-        vault_store.clone(),
-    ));
-    let network = InteropNetwork::new(signal_rt, gateway, vault.clone(), vault_store);
-    let metrics = Metrics::new();
-    let bridge = Arc::new(Bridge::new(
-        matrix.clone(),
-        users,
-        Arc::new(store.clone()),
-        network.clone(),
-        requests,
-        BridgeSettings {
-            bridge: cfg.bridge.clone(),
-            homeserver_domain: cfg.homeserver.domain.clone(),
-            username_template: cfg.appservice.username_template.clone(),
-            encryption_default: cfg.encryption.default,
-            encryption_require: cfg.encryption.require,
-        },
-        metrics.clone(),
-    ));
-    let sink: Arc<dyn NetEventSink> = bridge.clone();
-    network.set_sink(Arc::downgrade(&sink));
+    let Parts {
+        matrix,
+        network,
+        bridge,
+        metrics,
+    } = assemble(&cfg, &hs, &store, &vault)?;
 
     let notify = Arc::new(Notify::new());
     let txn_store: Arc<dyn TxnStore> = Arc::new(store.clone());
@@ -327,54 +277,16 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
             network: network.clone(),
         }),
         users: Arc::new(Users {
-            bot: bot.clone(),
+            bot: cfg.bot_mxid(),
             bridge: bridge.clone(),
         }),
         protocol: "interop".into(),
         txn_order: Default::default(),
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-
-    let listener = tokio::net::TcpListener::bind(cfg.listen_addr())
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {} (appservice.hostname/port)",
-                cfg.listen_addr()
-            )
-        })?;
-    tracing::info!(addr = %cfg.listen_addr(), "appservice API listening");
-    let mut app = appservice::router(state, cfg.appservice.max_body_bytes);
-    if cfg.provisioning.enabled {
-        let api: Arc<dyn Provisioning> = bridge.clone();
-        app = app.nest(
-            &cfg.provisioning.prefix,
-            appservice::provisioning::router(&cfg.provisioning.shared_secret, api),
-        );
-        tracing::info!(prefix = %cfg.provisioning.prefix, "provisioning API enabled");
-    }
-    let mut rx = shutdown_rx.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = rx.wait_for(|v| *v).await;
-            })
-            .await
-    });
-
+    let server = serve_appservice(&cfg, state, &bridge, shutdown_rx.clone()).await?;
     if cfg.metrics.enabled {
-        let l = tokio::net::TcpListener::bind(&cfg.metrics.listen)
-            .await
-            .with_context(|| format!("cannot listen on {} (metrics.listen)", cfg.metrics.listen))?;
-        let router = metrics.router();
-        let mut rx = shutdown_rx.clone();
-        tokio::spawn(async move {
-            let _ = axum::serve(l, router)
-                .with_graceful_shutdown(async move {
-                    let _ = rx.wait_for(|v| *v).await;
-                })
-                .await;
-        });
+        serve_metrics(&cfg, &metrics, shutdown_rx.clone()).await?;
     }
 
     let startup_client = hs.with_retries(6);
@@ -413,6 +325,140 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(30), worker).await;
     store.close().await;
     tracing::info!("stopped");
+    Ok(())
+}
+
+/// Opens and migrates the database, and opens the vault over it.
+async fn open_store(cfg: &Config) -> anyhow::Result<(SqlStore, Vault)> {
+    let store = SqlStore::connect(&cfg.database)
+        .await
+        .context("cannot open the database")?;
+    store
+        .migrate()
+        .await
+        .context("cannot migrate the database")?;
+    let pruned = store.prune_transactions(7 * 24 * 3600 * 1000).await?;
+    tracing::debug!(pruned, "old transaction ids pruned");
+    let master = vault::load_master_key(&cfg.vault.master_key_file, &cfg.vault.master_key_env)?;
+    let vault = Vault::open(master, Arc::new(store.clone())).await?;
+    Ok((store, vault))
+}
+
+/// The bridge's parts, wired together: the core between its Matrix side and its network side.
+struct Parts {
+    matrix: Arc<MatrixSide>,
+    network: Arc<InteropNetwork>,
+    bridge: Arc<Bridge>,
+    metrics: Metrics,
+}
+
+fn assemble(
+    cfg: &Config,
+    hs: &HomeserverClient,
+    store: &SqlStore,
+    vault: &Vault,
+) -> anyhow::Result<Parts> {
+    let matrix: Arc<MatrixSide> = MatrixSide::new(
+        hs.clone(),
+        cfg.bot_mxid(),
+        cfg.homeserver.domain.clone(),
+        &cfg.ghost_regex(),
+    )?
+    .with_max_media(cfg.bridge.max_media_size)
+    .arc();
+    let gateway = GatewayAddr {
+        address: cfg.interop.gateway_address.clone(),
+        public_key: cfg.interop.gateway_key()?,
+    };
+    let signal_rt = SignalRuntime::start(
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2),
+    );
+    let vault_store: Arc<dyn VaultStore> = Arc::new(store.clone());
+    let requests = Arc::new(matrix_interop_bridge::vault::requests::SealedRequests::new(
+        vault.clone(),
+        vault_store.clone(),
+    ));
+    let network = InteropNetwork::new(signal_rt, gateway, vault.clone(), vault_store);
+    let metrics = Metrics::new();
+    let users: Arc<dyn UserStore> = Arc::new(store.clone());
+    let bridge = Arc::new(Bridge::new(
+        matrix.clone(),
+        users,
+        Arc::new(store.clone()),
+        network.clone(),
+        requests,
+        BridgeSettings {
+            bridge: cfg.bridge.clone(),
+            homeserver_domain: cfg.homeserver.domain.clone(),
+            username_template: cfg.appservice.username_template.clone(),
+            encryption_default: cfg.encryption.default,
+            encryption_require: cfg.encryption.require,
+        },
+        metrics.clone(),
+    ));
+    let sink: Arc<dyn NetEventSink> = bridge.clone();
+    network.set_sink(Arc::downgrade(&sink));
+    Ok(Parts {
+        matrix,
+        network,
+        bridge,
+        metrics,
+    })
+}
+
+/// Listens for the homeserver (and, when enabled, the provisioning API) until shutdown.
+async fn serve_appservice(
+    cfg: &Config,
+    state: AppState,
+    bridge: &Arc<Bridge>,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<tokio::task::JoinHandle<std::io::Result<()>>> {
+    let listener = tokio::net::TcpListener::bind(cfg.listen_addr())
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (appservice.hostname/port)",
+                cfg.listen_addr()
+            )
+        })?;
+    tracing::info!(addr = %cfg.listen_addr(), "appservice API listening");
+    let mut app = appservice::router(state, cfg.appservice.max_body_bytes);
+    if cfg.provisioning.enabled {
+        let api: Arc<dyn Provisioning> = bridge.clone();
+        app = app.nest(
+            &cfg.provisioning.prefix,
+            appservice::provisioning::router(&cfg.provisioning.shared_secret, api),
+        );
+        tracing::info!(prefix = %cfg.provisioning.prefix, "provisioning API enabled");
+    }
+    Ok(tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = shutdown.wait_for(|v| *v).await;
+            })
+            .await
+    }))
+}
+
+/// Serves Prometheus metrics until shutdown.
+async fn serve_metrics(
+    cfg: &Config,
+    metrics: &Metrics,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let l = tokio::net::TcpListener::bind(&cfg.metrics.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (metrics.listen)", cfg.metrics.listen))?;
+    let router = metrics.router();
+    tokio::spawn(async move {
+        let _ = axum::serve(l, router)
+            .with_graceful_shutdown(async move {
+                let _ = shutdown.wait_for(|v| *v).await;
+            })
+            .await;
+    });
     Ok(())
 }
 
