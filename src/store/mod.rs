@@ -403,6 +403,9 @@ impl KvStore for SqlStore {
 }
 
 /// Helpers for the store conformance suite: a fresh SQLite file, or a fresh PostgreSQL schema.
+/// Only in test builds (this crate's tests, and the `testing` feature its integration tests and
+/// benches turn on): production builds do not ship them.
+#[cfg(any(test, feature = "testing"))]
 pub mod testing {
     use super::*;
 

@@ -477,7 +477,9 @@ impl SenderKeyStore for SenderKeys {
 }
 
 /// Helpers for tests and benchmarks: a vault-backed store on a temporary SQLite file, a bundle
-/// for it, and encrypt/decrypt with a commit, as the account actor does them.
+/// for it, and encrypt/decrypt with a commit, as the account actor does them. Only in test builds
+/// (see `store::testing`).
+#[cfg(any(test, feature = "testing"))]
 pub mod testing {
     use std::sync::Arc;
 
