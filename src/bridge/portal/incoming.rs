@@ -1,0 +1,423 @@
+//! The network to Matrix: events of a login (messages, receipts, group changes, typing, identity
+//! changes) become events in the chat's portal, sent as the contact's ghost.
+
+use super::*;
+
+impl Bridge {
+    /// Handles one event of the login of `mxid`.
+    pub async fn on_network_event(&self, mxid: &str, ev: &NetEvent) -> Result<(), BridgeError> {
+        let Some(acc) = self.network.account(mxid) else {
+            return Ok(());
+        };
+        match ev {
+            NetEvent::Message {
+                from,
+                group,
+                message_id,
+                data,
+                timestamp,
+                ..
+            } => {
+                let chat = match group {
+                    Some(g) => NetTarget::Group(g.clone()),
+                    None => NetTarget::Contact(from.clone()),
+                };
+                let gate = self
+                    .request_gate(
+                        mxid,
+                        &acc,
+                        &chat,
+                        from,
+                        Some((message_id.as_str(), *timestamp, data)),
+                    )
+                    .await?;
+                if gate == crate::bridge::requests::Gate::Closed {
+                    return Ok(());
+                }
+                let started = std::time::Instant::now();
+                let portal = self.ensure_portal(mxid, &acc, &chat, None).await?;
+                self.bridge_incoming(&portal, &acc, from, message_id, *timestamp, data)
+                    .await?;
+                self.metrics.message_bridged("interop_to_matrix", started);
+                // Delivered: the message reached the user's Matrix side (as a phone would say
+                // once it has the message). Sent in the background, so it costs the loop nothing.
+                let plain = matches!(
+                    data.body,
+                    Some(D::Text(_) | D::Media(_) | D::Location(_) | D::Contact(_))
+                );
+                if plain && from != acc.account_id() {
+                    let (acc, from, group, id) =
+                        (acc.clone(), from.clone(), group.clone(), message_id.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = acc.receipt(&from, group.as_deref(), false, vec![id]).await
+                        {
+                            tracing::debug!(error = %e, "delivery receipt not sent");
+                        }
+                    });
+                }
+                Ok(())
+            }
+            NetEvent::Receipt {
+                from,
+                group,
+                read,
+                message_ids,
+                ..
+            } => {
+                if !read {
+                    return Ok(());
+                }
+                let chat_id = group.clone().unwrap_or_else(|| from.clone());
+                let Some(portal) = self.portals.portal(mxid, &chat_id).await? else {
+                    return Ok(());
+                };
+                let Some(room) = portal.room_id.as_deref() else {
+                    return Ok(());
+                };
+                let ghost = self.ghost(from, Some(&acc)).await?;
+                let mut last = None;
+                for id in message_ids {
+                    if let Some(m) = self.portals.by_message(room, id, "").await? {
+                        last = Some(m.event_id);
+                    }
+                }
+                if let Some(event_id) = last {
+                    self.matrix.read_receipt(room, &ghost, &event_id).await?;
+                }
+                Ok(())
+            }
+            NetEvent::Typing {
+                from,
+                group,
+                typing,
+            } => {
+                let chat_id = group.clone().unwrap_or_else(|| from.clone());
+                if let Some(Portal {
+                    room_id: Some(room),
+                    ..
+                }) = self.portals.portal(mxid, &chat_id).await?
+                {
+                    let ghost = self.ghost(from, Some(&acc)).await?;
+                    self.matrix.typing(&room, &ghost, *typing).await?;
+                }
+                Ok(())
+            }
+            NetEvent::GroupUpdate { group, from, .. } => {
+                self.on_group_update(mxid, &acc, group, from).await
+            }
+            NetEvent::IdentityChanged { peer } => {
+                if let Some(Portal {
+                    room_id: Some(room),
+                    ..
+                }) = self.portals.portal(mxid, peer).await?
+                {
+                    let text = format!(
+                        "The safety number with {peer} changed: their device or app was reinstalled, or someone \
+                         else may be using their account. Verify it with them if this is unexpected."
+                    );
+                    self.notice(&room, &text).await?;
+                }
+                Ok(())
+            }
+            NetEvent::Undecryptable {
+                from,
+                group,
+                reason,
+                ..
+            } => {
+                let chat_id = group.clone().unwrap_or_else(|| from.clone());
+                if let Some(Portal {
+                    room_id: Some(room),
+                    ..
+                }) = self.portals.portal(mxid, &chat_id).await?
+                {
+                    self.notice(
+                        &room,
+                        &format!("A message from {from} could not be decrypted ({reason})."),
+                    )
+                    .await?;
+                }
+                Ok(())
+            }
+            NetEvent::LoggedOut { reason } => {
+                if let Some(room) = self.users.management_room(mxid).await? {
+                    self.notice(
+                        &room,
+                        &format!(
+                            "Your interop login ended: {reason}. Send `login` to log in again."
+                        ),
+                    )
+                    .await?;
+                }
+                Ok(())
+            }
+            NetEvent::Connected | NetEvent::Disconnected { .. } => Ok(()),
+        }
+    }
+
+    /// interop → Matrix for one data message.
+    pub(crate) async fn bridge_incoming(
+        &self,
+        portal: &Portal,
+        acc: &Arc<dyn NetAccount>,
+        from: &str,
+        message_id: &str,
+        timestamp: u64,
+        data: &Message,
+    ) -> Result<(), BridgeError> {
+        let room = portal
+            .room_id
+            .clone()
+            .ok_or_else(|| BridgeError::Matrix("portal without room".into()))?;
+        // The sender's time, so that a backlog does not show up as "now"; never in the future.
+        let ts = (timestamp > 0).then(|| timestamp.min(crate::store::now_ms() as u64));
+        if self
+            .portals
+            .by_message(&room, message_id, "")
+            .await?
+            .is_some()
+        {
+            return Ok(()); // redelivered, already bridged
+        }
+        let me = acc.account_id();
+        let sender = if from == me {
+            self.matrix.bot_mxid().to_owned()
+        } else {
+            self.ghost(from, Some(acc)).await?
+        };
+        let txn = stable_id(&["in", &room, from, message_id]);
+        let reply_to = match &data.reply_to {
+            Some(q) => self.portals.by_message(&room, &q.message_id, "").await?,
+            None => None,
+        };
+        let mut content = match &data.body {
+            Some(D::Text(t)) => text_content(t, "m.text"),
+            Some(D::Edit(e)) => {
+                let Some(target) = self.portals.by_message(&room, &e.target, "").await? else {
+                    return Err(BridgeError::TargetNotYet(e.target.clone()));
+                };
+                if target.sender != from {
+                    tracing::info!(%room, "dropping an edit of a message its sender did not write");
+                    self.metrics.refused("interop_edit_not_author");
+                    return Ok(());
+                }
+                let t = e.text.clone().unwrap_or_default();
+                let new = text_content(&t, "m.text");
+                // The fallback for clients without edits is short: the event must hold the new
+                // content too, within the homeserver's 64 KiB.
+                let mut c = text_content(
+                    &Text {
+                        body: format!("* {}", msgconv::preview(&t.body, 500)),
+                        formats: vec![],
+                    },
+                    "m.text",
+                );
+                c["m.new_content"] = new;
+                c["m.relates_to"] = json!({"rel_type": "m.replace", "event_id": target.event_id});
+                let ev = self
+                    .matrix
+                    .send_event(&room, &sender, "m.room.message", c, &txn, ts)
+                    .await?;
+                return self
+                    .map(&room, &ev, message_id, from, &sender, "edit")
+                    .await;
+            }
+            Some(D::Delete(d)) => {
+                let Some(target) = self.portals.by_message(&room, &d.target, "").await? else {
+                    return Err(BridgeError::TargetNotYet(d.target.clone()));
+                };
+                if target.sender != from {
+                    tracing::info!(%room, "dropping a deletion of a message its sender did not write");
+                    self.metrics.refused("interop_delete_not_author");
+                    return Ok(());
+                }
+                // The mapping goes once the redaction went out (a failed one is tried again).
+                self.matrix.redact(&room, &sender, &target.event_id).await?;
+                self.portals.unmap_event(&room, &target.event_id).await?;
+                return self
+                    .map(&room, "", message_id, from, &sender, "delete")
+                    .await;
+            }
+            Some(D::Reaction(r)) => {
+                let part = reaction_part(from, &r.emoji);
+                if r.remove {
+                    if let Some(m) = self.portals.by_message(&room, &r.target, &part).await? {
+                        self.matrix.redact(&room, &sender, &m.event_id).await?;
+                        self.portals.unmap_event(&room, &m.event_id).await?;
+                    }
+                    return Ok(());
+                }
+                let Some(target) = self.portals.by_message(&room, &r.target, "").await? else {
+                    return Err(BridgeError::TargetNotYet(r.target.clone()));
+                };
+                if self
+                    .portals
+                    .by_message(&room, &r.target, &part)
+                    .await?
+                    .is_some()
+                {
+                    return Ok(());
+                }
+                let c = json!({"m.relates_to": {"rel_type": "m.annotation", "event_id": target.event_id, "key": r.emoji}});
+                let ev = self
+                    .matrix
+                    .send_event(&room, &sender, "m.reaction", c, &txn, ts)
+                    .await?;
+                return self.map(&room, &ev, &r.target, from, &sender, &part).await;
+            }
+            Some(D::Media(m)) => self.media_to_matrix(&room, acc, &sender, m).await?,
+            Some(D::Location(l)) => json!({
+                "msgtype": "m.location",
+                "body": msgconv::bounded_body(&msgconv::location_text(l)),
+                "geo_uri": format!("geo:{},{}", l.latitude, l.longitude),
+            }),
+            Some(D::Contact(c)) => {
+                json!({"msgtype": "m.text", "body": msgconv::bounded_body(&msgconv::contact_text(c))})
+            }
+            None => {
+                json!({"msgtype": "m.notice", "body": "(an empty or unsupported message was received)"})
+            }
+        };
+        if let Some(target) = reply_to {
+            content["m.relates_to"] = json!({"m.in_reply_to": {"event_id": target.event_id}});
+        }
+        let ev = self
+            .matrix
+            .send_event(&room, &sender, "m.room.message", content, &txn, ts)
+            .await?;
+        self.map(&room, &ev, message_id, from, &sender, "").await
+    }
+
+    pub(super) async fn map(
+        &self,
+        room: &str,
+        event_id: &str,
+        message_id: &str,
+        sender: &str,
+        matrix_sender: &str,
+        part: &str,
+    ) -> Result<(), BridgeError> {
+        let event_id = if event_id.is_empty() {
+            format!("$none-{message_id}-{part}")
+        } else {
+            event_id.to_owned()
+        };
+        self.portals
+            .map_message(&MappedMessage {
+                room_id: room.to_owned(),
+                event_id,
+                message_id: message_id.to_owned(),
+                sender: sender.to_owned(),
+                part: part.to_owned(),
+                matrix_sender: matrix_sender.to_owned(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn media_to_matrix(
+        &self,
+        room: &str,
+        acc: &Arc<dyn NetAccount>,
+        sender: &str,
+        m: &Media,
+    ) -> Result<Value, BridgeError> {
+        let max = self.settings.bridge.max_media_size;
+        if m.size > max {
+            self.metrics.refused("media_too_large");
+            return Ok(json!({"msgtype": "m.notice", "body": format!(
+                "A file of {} was not bridged: it is larger than this bridge's limit of {}.",
+                human_size(m.size), human_size(max)
+            )}));
+        }
+        let data = match acc.download(&m.blob, &m.key, &m.sha256, max).await {
+            Ok(d) if m.size == 0 || d.len() as u64 == m.size => d,
+            Err(e) if e.is_transient() => return Err(e.into()),
+            // Over the limit after all, not the size its sender declared, or not what its hash
+            // says: the sender's doing, so the room hears of it and nothing is retried.
+            other => {
+                self.metrics.refused("media_refused");
+                let why = match other {
+                    Ok(_) => "it is not the size its sender declared".to_owned(),
+                    Err(e) => e.to_string(),
+                };
+                return Ok(
+                    json!({"msgtype": "m.notice", "body": format!("A file was not bridged: {why}.")}),
+                );
+            }
+        };
+        let size = data.len();
+        let mime = if m.mimetype.is_empty() {
+            "application/octet-stream".to_owned()
+        } else {
+            m.mimetype.clone()
+        };
+        let filename = if m.filename.is_empty() {
+            default_filename(m, &mime)
+        } else {
+            msgconv::preview(&m.filename, 255).into_owned()
+        };
+        let media_fields = self
+            .matrix
+            .upload_for_room(room, sender, data, &mime, &filename)
+            .await?;
+        let kind = m.kind;
+        let msgtype = match kind {
+            MediaKind::Image | MediaKind::Sticker => "m.image",
+            MediaKind::Video => "m.video",
+            MediaKind::Audio | MediaKind::Voice => "m.audio",
+            _ => "m.file",
+        };
+        let mut info = json!({"mimetype": mime, "size": size});
+        if m.width > 0 && m.height > 0 {
+            info["w"] = json!(m.width);
+            info["h"] = json!(m.height);
+        }
+        if m.duration_ms > 0 {
+            info["duration"] = json!(m.duration_ms);
+        }
+        if !m.thumbnail.is_empty() {
+            let thumb = self
+                .matrix
+                .upload_for_room(
+                    room,
+                    sender,
+                    m.thumbnail.clone(),
+                    "image/jpeg",
+                    "thumbnail.jpg",
+                )
+                .await?;
+            if let Some(url) = thumb.get("url") {
+                info["thumbnail_url"] = url.clone();
+            }
+            if let Some(file) = thumb.get("file") {
+                info["thumbnail_file"] = file.clone();
+            }
+            info["thumbnail_info"] = json!({"mimetype": "image/jpeg", "size": m.thumbnail.len()});
+        }
+        let caption = m.caption.as_ref().filter(|c| !c.body.is_empty());
+        let mut content = json!({"msgtype": msgtype, "info": info, "filename": filename});
+        if let (Some(c), Some(fields)) = (content.as_object_mut(), media_fields.as_object()) {
+            for (k, v) in fields {
+                c.insert(k.clone(), v.clone());
+            }
+        }
+        match caption {
+            // Bounded like any text.
+            Some(c) => {
+                let text = text_content(c, msgtype);
+                for k in ["body", "format", "formatted_body"] {
+                    if let Some(v) = text.get(k) {
+                        content[k] = v.clone();
+                    }
+                }
+            }
+            None => content["body"] = json!(filename),
+        }
+        if kind == MediaKind::Voice {
+            content["org.matrix.msc3245.voice"] = json!({});
+            content["org.matrix.msc1767.audio"] = json!({"duration": m.duration_ms, "waveform": m.waveform.iter().take(1024).collect::<Vec<_>>()});
+        }
+        Ok(content)
+    }
+}

@@ -1,0 +1,366 @@
+//! Portals: one Matrix room per interop chat of a login, ghosts for contacts, and messages in
+//! both directions through the message map (replies, edits, reactions, deletions, receipts).
+//!
+//! Here: ghosts and creating a portal's room. The two directions are `incoming` (network to
+//! Matrix) and `outgoing` (Matrix to network).
+
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use super::{
+    Bridge, BridgeError,
+    model::{Body as D, Delete, Edit, Location, Media, MediaKind, Message, Quote, Reaction, Text},
+    msgconv,
+    network::{GroupInfo, NetAccount, NetError, NetEvent, NetTarget},
+};
+use crate::{
+    config::PermissionLevel,
+    store::portal::{MappedMessage, Portal, PortalKind},
+};
+
+impl From<NetError> for BridgeError {
+    fn from(e: NetError) -> Self {
+        if e.is_transient() {
+            BridgeError::NotReady(e.to_string())
+        } else {
+            BridgeError::Network(e.to_string())
+        }
+    }
+}
+
+/// A stable id for what we send, so a retried send is deduplicated downstream.
+/// The number of per-chat creation locks kept before the unused ones are dropped.
+mod incoming;
+mod outgoing;
+
+const MAX_IDLE_PORTAL_LOCKS: usize = 1024;
+
+pub(crate) fn stable_id(parts: &[&str]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p.as_bytes());
+        h.update([0]);
+    }
+    let d = h.finalize();
+    let mut b = [0u8; 16];
+    b.copy_from_slice(&d[..16]);
+    uuid::Builder::from_random_bytes(b).into_uuid().to_string()
+}
+
+fn reaction_part(author: &str, emoji: &str) -> String {
+    format!("reaction:{author}:{emoji}")
+}
+
+impl Bridge {
+    pub(crate) fn ghost_localpart(&self, account: &str) -> String {
+        self.settings
+            .username_template
+            .replace("{id}", account.trim_start_matches('+'))
+    }
+
+    pub(crate) fn ghost_mxid(&self, account: &str) -> String {
+        format!(
+            "@{}:{}",
+            self.ghost_localpart(account),
+            self.settings.homeserver_domain
+        )
+    }
+
+    /// The interop account a ghost stands for.
+    pub(crate) fn account_of_ghost(&self, mxid: &str) -> Option<String> {
+        let (prefix, suffix) = self.settings.username_template.split_once("{id}")?;
+        let local = mxid
+            .strip_prefix('@')?
+            .strip_suffix(&format!(":{}", self.settings.homeserver_domain))?;
+        let digits = local.strip_prefix(prefix)?.strip_suffix(suffix)?;
+        let account = format!("+{digits}");
+        self.network.is_valid_account(&account).then_some(account)
+    }
+
+    /// The portal of `chat` for `receiver`, with its room created when missing.
+    pub(crate) async fn ensure_portal(
+        &self,
+        receiver: &str,
+        acc: &Arc<dyn NetAccount>,
+        chat: &NetTarget,
+        group: Option<&GroupInfo>,
+    ) -> Result<Portal, BridgeError> {
+        let (chat_id, kind) = match chat {
+            NetTarget::Contact(a) => (a.clone(), PortalKind::Dm),
+            NetTarget::Group(g) => (g.clone(), PortalKind::Group),
+        };
+        // Fast path without any lock: the portal exists.
+        if let Some(p) = self.portals.portal(receiver, &chat_id).await?
+            && p.room_id.is_some()
+        {
+            return Ok(p);
+        }
+        // One creator per chat; other chats are not held up.
+        let lock = {
+            let mut locks = self.portal_locks.lock().await;
+            // Locks nobody holds (only the map has them) go, so the map stays small.
+            if locks.len() >= MAX_IDLE_PORTAL_LOCKS {
+                locks.retain(|_, l| Arc::strong_count(l) > 1);
+            }
+            locks
+                .entry((receiver.to_owned(), chat_id.clone()))
+                .or_default()
+                .clone()
+        };
+        let _guard = lock.lock().await;
+        if let Some(p) = self.portals.portal(receiver, &chat_id).await?
+            && p.room_id.is_some()
+        {
+            return Ok(p);
+        }
+        let bot = self.matrix.bot_mxid().to_owned();
+        let me = acc.account_id().to_owned();
+        // A group first seen through a message: ask the network what it is.
+        let fetched;
+        let group = match (chat, group) {
+            (NetTarget::Group(id), None) => match acc.group(id).await {
+                Ok(g) => {
+                    fetched = g;
+                    Some(&fetched)
+                }
+                Err(e) if e.is_transient() => return Err(e.into()),
+                // E.g. no longer a member: the portal starts without the member list.
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot look up a group");
+                    None
+                }
+            },
+            (_, g) => g,
+        };
+        let (name, members) = match (chat, group) {
+            (NetTarget::Contact(a), _) => (String::new(), vec![a.clone()]),
+            (NetTarget::Group(_), Some(g)) => (g.name.clone(), g.members.clone()),
+            (NetTarget::Group(_), None) => (String::new(), vec![]),
+        };
+        let mut ghosts = Vec::new();
+        for m in members.iter().filter(|m| **m != me) {
+            ghosts.push(self.ghost(m, Some(acc)).await?);
+        }
+        let bridge_info = json!({
+            "bridgebot": bot,
+            "creator": bot,
+            "protocol": {"id": "interop", "displayname": "Interop"},
+            "channel": {"id": chat_id, "displayname": if name.is_empty() { chat_id.clone() } else { name.clone() }},
+        });
+        let state_key = format!("net.interop://interop/{chat_id}");
+        let mut users = serde_json::Map::new();
+        users.insert(bot.clone(), json!(100));
+        for g in &ghosts {
+            users.insert(g.clone(), json!(50));
+        }
+        // The owner outranks the ghosts in a group, so it can remove a contact from the group by
+        // kicking its ghost.
+        let owner_level = if kind == PortalKind::Group { 75 } else { 50 };
+        users.insert(receiver.to_owned(), json!(owner_level));
+        let mut invite = vec![receiver.to_owned()];
+        invite.extend(ghosts.iter().cloned());
+        let mut body = json!({
+            "preset": "private_chat",
+            "is_direct": kind == PortalKind::Dm,
+            "invite": invite,
+            "initial_state": [
+                {"type": "m.bridge", "state_key": state_key, "content": bridge_info},
+                {"type": "uk.half-shot.bridge", "state_key": state_key, "content": bridge_info},
+            ],
+            "power_level_content_override": portal_power_levels(users),
+        });
+        if kind == PortalKind::Group && !name.is_empty() {
+            body["name"] = json!(name);
+        }
+        let avatar_blob = group.map(|g| g.avatar_blob.clone()).unwrap_or_default();
+        let avatar_mxc = match self.avatar_to_matrix(acc, &avatar_blob).await {
+            Ok(mxc) => mxc,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot copy a group's avatar");
+                String::new()
+            }
+        };
+        if !avatar_mxc.is_empty()
+            && let Some(state) = body["initial_state"].as_array_mut()
+        {
+            state.push(
+                json!({"type": "m.room.avatar", "state_key": "", "content": {"url": avatar_mxc}}),
+            );
+        }
+        let encrypted = self.settings.encryption_default || self.settings.encryption_require;
+        if encrypted && let Some(state) = body["initial_state"].as_array_mut() {
+            state.push(json!({"type": "m.room.encryption", "state_key": "", "content": {"algorithm": "m.megolm.v1.aes-sha2"}}));
+        }
+        let room_id = self.matrix.create_room(body).await?;
+        if encrypted {
+            self.matrix.mark_encrypted(&room_id).await;
+        }
+        for g in &ghosts {
+            self.matrix.join(&room_id, g).await?;
+        }
+        let portal = Portal {
+            receiver: receiver.to_owned(),
+            chat_id,
+            kind,
+            room_id: Some(room_id),
+            name,
+            relay: None,
+            avatar_blob: if avatar_mxc.is_empty() {
+                String::new()
+            } else {
+                avatar_blob
+            },
+            avatar_mxc,
+        };
+        self.portals.save_portal(&portal).await?;
+        tracing::info!(room_id = portal.room_id.as_deref(), kind = ?kind, "portal created");
+        Ok(portal)
+    }
+
+    pub(crate) async fn notice(&self, room: &str, text: &str) -> Result<(), BridgeError> {
+        self.reply(room, text, &msgconv::escape(text)).await
+    }
+
+    /// A Matrix event that was not bridged: a notice (`bridge.message_error_notices`) and a
+    /// failure status (`bridge.message_status_events`).
+    pub(super) async fn not_bridged(
+        &self,
+        room: &str,
+        event_id: &str,
+        why: Status,
+        text: &str,
+    ) -> Result<(), BridgeError> {
+        self.metrics
+            .not_bridged
+            .get_or_create(&crate::metrics::ReasonLabels {
+                reason: why.reason().to_owned(),
+            })
+            .inc();
+        if self.settings.bridge.message_status_events {
+            self.send_status(room, event_id, Some((why, text))).await?;
+        }
+        if self.settings.bridge.message_error_notices {
+            self.notice(room, text).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a Matrix event was not bridged, in message-status terms.
+#[derive(Clone, Copy)]
+pub(crate) enum Status {
+    /// The sender may not send here (no login, no relay).
+    NoPermission,
+    /// The content cannot be bridged.
+    Unsupported,
+    /// The network refused it.
+    NetworkError,
+    /// The bridge gave up on it (a permanent error, or its retries ran out).
+    Failed,
+}
+
+impl Status {
+    /// Failures that sending again will not fix are `FAIL`; a network refusal may pass later.
+    fn status(self) -> &'static str {
+        match self {
+            Status::NetworkError => "RETRIABLE",
+            _ => "FAIL",
+        }
+    }
+
+    fn reason(self) -> &'static str {
+        match self {
+            Status::NoPermission => "m_no_permission",
+            Status::Unsupported => "m_unsupported",
+            Status::NetworkError => "m_foreign_network_error",
+            Status::Failed => "m_generic_error",
+        }
+    }
+}
+
+/// A portal's power levels: the bot above everyone, the owner at 75 in groups (so it can kick
+/// ghosts), ghosts at 50. Redacting other people's events, kicking, banning and the state that
+/// shapes the room need more than a ghost has, so no contact can act on others' events through
+/// its ghost, even if the bridge were tricked into trying.
+fn portal_power_levels(users: serde_json::Map<String, Value>) -> Value {
+    json!({
+        "users": users,
+        "redact": 75,
+        "kick": 75,
+        "ban": 75,
+        "events": {
+            "m.room.power_levels": 100,
+            "m.room.history_visibility": 100,
+            "m.room.tombstone": 100,
+            "m.room.server_acl": 100,
+            "m.room.join_rules": 100,
+            "m.bridge": 100,
+            "uk.half-shot.bridge": 100,
+        },
+    })
+}
+
+/// Whether the Matrix user `sender` wrote the mapped message (or reaction) `t`, so may edit or
+/// delete it on the network (`me`: the account the edit would go out through). The owner also
+/// wrote what their own account sent from another device (shown by the bot). Rows from before
+/// authors were recorded count as the owner's when they went out through the owner's own login
+/// in a room without a relay (where they could be anyone's).
+fn is_author(t: &MappedMessage, sender: &str, me: &str, portal: &Portal, bot: &str) -> bool {
+    let owners_own = sender == portal.receiver && t.sender == me;
+    if t.matrix_sender.is_empty() {
+        owners_own && portal.relay.is_none()
+    } else {
+        t.matrix_sender == sender || (t.matrix_sender == bot && owners_own)
+    }
+}
+
+fn text_content(t: &Text, msgtype: &str) -> Value {
+    let cut;
+    let t = match msgconv::bounded_body(&t.body) {
+        std::borrow::Cow::Borrowed(_) => t,
+        std::borrow::Cow::Owned(body) => {
+            cut = Text {
+                body,
+                formats: t.formats.clone(),
+            };
+            &cut
+        }
+    };
+    let mut c = json!({"msgtype": msgtype, "body": t.body});
+    if let Some(html) = msgconv::text_to_html(t) {
+        c["format"] = json!("org.matrix.custom.html");
+        c["formatted_body"] = json!(html);
+    }
+    c
+}
+
+/// `12.3 MiB`, for notices.
+pub(crate) fn human_size(bytes: u64) -> String {
+    if bytes >= 1024 * 1024 {
+        format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+    } else if bytes >= 1024 {
+        format!("{:.1} KiB", bytes as f64 / 1024.0)
+    } else {
+        format!("{bytes} bytes")
+    }
+}
+
+fn default_filename(m: &Media, mime: &str) -> String {
+    let ext = mime
+        .split('/')
+        .nth(1)
+        .unwrap_or("bin")
+        .split(';')
+        .next()
+        .unwrap_or("bin");
+    let base = match m.kind {
+        MediaKind::Image | MediaKind::Sticker => "image",
+        MediaKind::Video => "video",
+        MediaKind::Audio => "audio",
+        MediaKind::Voice => "voice",
+        _ => "file",
+    };
+    format!("{base}.{ext}")
+}
