@@ -120,12 +120,12 @@ fn portal_row(r: &sqlx::any::AnyRow) -> Result<Portal, StoreError> {
 
 fn mapped_row(r: &sqlx::any::AnyRow) -> Result<MappedMessage, StoreError> {
     Ok(MappedMessage {
-        room_id: r.try_get("receiver")?,
-        event_id: r.try_get("chat_id")?,
-        message_id: r.try_get("kind")?,
-        sender: r.try_get("room_id")?,
-        part: r.try_get("name")?,
-        matrix_sender: r.try_get("relay")?,
+        room_id: r.try_get("room_id")?,
+        event_id: r.try_get("event_id")?,
+        message_id: r.try_get("message_id")?,
+        sender: r.try_get("sender")?,
+        part: r.try_get("part")?,
+        matrix_sender: r.try_get("matrix_sender")?,
     })
 }
 
