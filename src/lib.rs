@@ -1,9 +1,15 @@
 //! matrix-interop-bridge: a Matrix application service that bridges Matrix users to a
-//! Signal-protocol interop network (DESIGN: two connectors around one core).
+//! Signal-protocol interop network (docs/architecture.md: two sides around one core).
 //!
-//! - [`appservice`] and [`matrix`]: the Matrix side (inbound HTTP API, outbound client).
-//! - [`bridge`]: the core (commands, portals), free of HTTP, SQL and Signal types.
+//! - [`appservice`] and [`matrix`]: the Matrix side (inbound HTTP API, outbound client, Megolm).
+//! - [`bridge`]: the core (commands, portals, ghosts, logins, its own message model in
+//!   [`bridge::model`]); it names no protobuf, SQL, HTTP or Signal type.
+//! - [`interop`]: the network side (gateway connection, Signal sessions, content mapping).
 //! - [`store`] and [`vault`]: persistence, and envelope encryption of secrets at rest.
+//!
+//! The wire protocol is the crate `mib-wire`, re-exported as [`wire`]. This crate must never
+//! link the reference gateway (`mib-gateway`); `tests/architecture.rs` checks it, and the rules
+//! for the crates this one is being split into.
 
 pub mod appservice;
 pub mod bridge;
