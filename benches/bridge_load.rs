@@ -1130,18 +1130,13 @@ fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
-async fn bench(opts: Opts) {
-    let ticks = clock_ticks();
-    let t0 = Instant::now();
-    let reg = Registry::new();
-    let tmp = tempfile::tempdir().expect("temp dir");
-
-    // Gateway, with rate limits out of the way.
+/// The reference gateway, in-process, with its rate limits out of the way; the sender stops it.
+async fn start_gateway(dir: &Path) -> (GatewayAddr, tokio::sync::watch::Sender<bool>) {
     let key = StaticKey::generate();
     let mut gcfg = GatewayConfig::new(
         key.clone(),
-        format!("sqlite://{}", tmp.path().join("gateway.db").display()),
-        tmp.path().join("blobs"),
+        format!("sqlite://{}", dir.join("gateway.db").display()),
+        dir.join("blobs"),
     );
     gcfg.codes = CodeDelivery::DevFixed(CODE.into());
     gcfg.limits.registrations_per_source = u32::MAX;
@@ -1155,40 +1150,20 @@ async fn bench(opts: Opts) {
         address: gl.local_addr().expect("addr").to_string(),
         public_key: key.public.clone(),
     };
-    let (_gw_stop, gw_rx) = tokio::sync::watch::channel(false);
+    let (gw_stop, gw_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(gw.serve(gl, gw_rx));
 
-    let domain = if opts.synapse { "localhost" } else { DOMAIN };
-    let pg = opts.postgres.as_deref();
-    let (hs, synapse, config, ends) = if opts.synapse {
-        let placeholder = common::HS_PLACEHOLDER;
-        let (config, ends) = write_config(tmp.path(), placeholder, domain, &gaddr, pg);
-        let registration = tmp.path().join("registration.yaml");
-        let out = Command::new(env!("CARGO_BIN_EXE_matrix-interop-bridge"))
-            .args(["generate-registration", "-c"])
-            .arg(&config)
-            .arg("-o")
-            .arg(&registration)
-            .output()
-            .expect("generate-registration");
-        assert!(out.status.success(), "generate-registration failed");
-        let synapse =
-            common::Synapse::start_for_bridge(&tmp.path().join("hs"), &config, &registration).await;
-        (None, Some(synapse), config, ends)
-    } else {
-        let (hs, hs_port) = start_homeserver(reg.clone()).await;
-        let url = format!("http://127.0.0.1:{hs_port}");
-        let (config, ends) = write_config(tmp.path(), &url, domain, &gaddr, pg);
-        (Some(hs), None, config, ends)
-    };
-    let mut bridge = spawn_bridge(&config, tmp.path());
-    let pid = bridge.pid().to_string();
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(64)
-        .build()
-        .expect("http client");
+    (gaddr, gw_stop)
+}
 
-    // Ready: /health answers and the start-up checks reached the ping.
+/// Waits until /health answers and the start-up checks reached the ping (stand-in) or /ready
+/// answers (Synapse).
+async fn wait_ready(
+    http: &reqwest::Client,
+    ends: &BridgeEndpoints,
+    hs: Option<&Arc<Hs>>,
+    bridge: &mut BridgeProc,
+) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let healthy = http
@@ -1223,6 +1198,207 @@ async fn bench(opts: Opts) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The measured runs: a warm-up each way, then per direction a run at full speed and one paced
+/// at half that rate, then the reference without the bridge. Returns the results, the bridge's
+/// memory after each direction, and its sample after the warm-up.
+async fn measure(
+    world: &Arc<World>,
+    bridge: &mut BridgeProc,
+    opts: &Opts,
+    pid: &str,
+    ticks: f64,
+) -> (Vec<RunResult>, Vec<(Dir, ProcSample)>, ProcSample) {
+    // Warm-up: one message per pair each way (Signal sessions), not measured.
+    run(
+        world,
+        bridge,
+        Dir::MatrixToInterop,
+        "warm-up Matrix→interop",
+        opts.users,
+        None,
+    )
+    .await;
+    run(
+        world,
+        bridge,
+        Dir::InteropToMatrix,
+        "warm-up interop→Matrix",
+        opts.users,
+        None,
+    )
+    .await;
+    let warm = sample(pid, ticks);
+
+    let me = || sample("self", ticks);
+    let mut results = Vec::new();
+    let mut rss_after = Vec::new();
+    for dir in [Dir::MatrixToInterop, Dir::InteropToMatrix] {
+        let (b0, m0) = (sample(pid, ticks), me());
+        let t = run(
+            world,
+            bridge,
+            dir,
+            &format!("max {}", dir.label()),
+            opts.messages,
+            None,
+        )
+        .await;
+        let max = summarize(dir, "max".into(), &t, (b0, sample(pid, ticks)), (m0, me()));
+        let rate = (max.rate / 2.0).max(1.0);
+        let n =
+            ((rate * opts.paced_secs) as usize).clamp(opts.users.min(opts.messages), opts.messages);
+        results.push(max);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (b0, m0) = (sample(pid, ticks), me());
+        let t = run(
+            world,
+            bridge,
+            dir,
+            &format!("paced {}", dir.label()),
+            n,
+            Some(rate),
+        )
+        .await;
+        results.push(summarize(
+            dir,
+            format!("paced {rate:.0}/s"),
+            &t,
+            (b0, sample(pid, ticks)),
+            (m0, me()),
+        ));
+        rss_after.push((dir, sample(pid, ticks)));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // Reference: the same client and gateway without the bridge (contacts in pairs).
+    if opts.contacts >= 2 {
+        let dir = Dir::Reference;
+        run(world, bridge, dir, "warm-up reference", opts.contacts, None).await;
+        let (b0, m0) = (sample(pid, ticks), me());
+        let t = run(world, bridge, dir, "reference max", opts.messages, None).await;
+        results.push(summarize(
+            dir,
+            "max, no bridge".into(),
+            &t,
+            (b0, sample(pid, ticks)),
+            (m0, me()),
+        ));
+    }
+
+    (results, rss_after, warm)
+}
+
+/// The results table: rate, latency and CPU per run.
+fn print_table(results: &[RunResult]) {
+    println!();
+    println!(
+        "{:<17} {:<14} {:>6} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>10} {:>9}",
+        "direction",
+        "run",
+        "msgs",
+        "time s",
+        "msgs/s",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "bridge",
+        "bridge",
+        "bench"
+    );
+    println!(
+        "{:<17} {:<14} {:>6} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>10} {:>9}",
+        "", "", "", "", "", "", "", "", "CPU %", "CPU µs/msg", "CPU %"
+    );
+    for r in results {
+        println!(
+            "{:<17} {:<14} {:>6} {:>7.2} {:>8.0} {:>8.1} {:>8.1} {:>8.1} {:>9.0} {:>10.0} {:>9.0}{}",
+            r.dir.label(),
+            r.kind,
+            r.n,
+            r.secs,
+            r.rate,
+            r.p50_ms,
+            r.p99_ms,
+            r.max_ms,
+            r.bridge_cpu_pct,
+            r.bridge_cpu_us_per_msg,
+            r.bench_cpu_pct,
+            if r.dups > 0 {
+                format!("  ({} duplicates)", r.dups)
+            } else {
+                String::new()
+            }
+        );
+    }
+}
+
+/// The bridge's error counters and the warnings in its log.
+async fn print_bridge_health(http: &reqwest::Client, ends: &BridgeEndpoints, log: &Path) {
+    if let Ok(r) = http.get(&ends.metrics).send().await {
+        let text = r.text().await.unwrap_or_default();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| {
+                !l.starts_with('#')
+                    && (l.starts_with("mib_errors")
+                        || l.starts_with("mib_appservice_transactions")
+                        || l.starts_with("mib_appservice_duplicate"))
+            })
+            .collect();
+        println!("bridge metrics: {}", lines.join(", "));
+    }
+    let log = std::fs::read_to_string(log).unwrap_or_default();
+    let warns: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .collect();
+    println!("bridge log: {} warning/error lines", warns.len());
+    for l in warns.iter().take(5) {
+        println!("  {}", l.chars().take(300).collect::<String>());
+    }
+}
+
+async fn bench(opts: Opts) {
+    let ticks = clock_ticks();
+    let t0 = Instant::now();
+    let reg = Registry::new();
+    let tmp = tempfile::tempdir().expect("temp dir");
+
+    let (gaddr, _gw_stop) = start_gateway(tmp.path()).await;
+
+    let domain = if opts.synapse { "localhost" } else { DOMAIN };
+    let pg = opts.postgres.as_deref();
+    let (hs, synapse, config, ends) = if opts.synapse {
+        let placeholder = common::HS_PLACEHOLDER;
+        let (config, ends) = write_config(tmp.path(), placeholder, domain, &gaddr, pg);
+        let registration = tmp.path().join("registration.yaml");
+        let out = Command::new(env!("CARGO_BIN_EXE_matrix-interop-bridge"))
+            .args(["generate-registration", "-c"])
+            .arg(&config)
+            .arg("-o")
+            .arg(&registration)
+            .output()
+            .expect("generate-registration");
+        assert!(out.status.success(), "generate-registration failed");
+        let synapse =
+            common::Synapse::start_for_bridge(&tmp.path().join("hs"), &config, &registration).await;
+        (None, Some(synapse), config, ends)
+    } else {
+        let (hs, hs_port) = start_homeserver(reg.clone()).await;
+        let url = format!("http://127.0.0.1:{hs_port}");
+        let (config, ends) = write_config(tmp.path(), &url, domain, &gaddr, pg);
+        (Some(hs), None, config, ends)
+    };
+    let mut bridge = spawn_bridge(&config, tmp.path());
+    let pid = bridge.pid().to_string();
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()
+        .expect("http client");
+
+    wait_ready(&http, &ends, hs.as_ref(), &mut bridge).await;
     let t_ready = t0.elapsed();
     let started = sample(&pid, ticks);
 
@@ -1335,142 +1511,12 @@ async fn bench(opts: Opts) {
         t_portals.as_secs_f64()
     );
 
-    // Warm-up: one message per pair each way (Signal sessions), not measured.
-    run(
-        &world,
-        &mut bridge,
-        Dir::MatrixToInterop,
-        "warm-up Matrix→interop",
-        opts.users,
-        None,
-    )
-    .await;
-    run(
-        &world,
-        &mut bridge,
-        Dir::InteropToMatrix,
-        "warm-up interop→Matrix",
-        opts.users,
-        None,
-    )
-    .await;
-    let warm = sample(&pid, ticks);
-
-    let me = || sample("self", ticks);
     let synapse_pid = synapse.as_ref().map(|s| s.proc.pid().to_string());
     let synapse_start = synapse_pid.as_deref().map(|p| sample(p, ticks));
-    let mut results = Vec::new();
-    let mut rss_after = Vec::new();
-    for dir in [Dir::MatrixToInterop, Dir::InteropToMatrix] {
-        let (b0, m0) = (sample(&pid, ticks), me());
-        let t = run(
-            &world,
-            &mut bridge,
-            dir,
-            &format!("max {}", dir.label()),
-            opts.messages,
-            None,
-        )
-        .await;
-        let max = summarize(dir, "max".into(), &t, (b0, sample(&pid, ticks)), (m0, me()));
-        let rate = (max.rate / 2.0).max(1.0);
-        let n =
-            ((rate * opts.paced_secs) as usize).clamp(opts.users.min(opts.messages), opts.messages);
-        results.push(max);
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let (b0, m0) = (sample(&pid, ticks), me());
-        let t = run(
-            &world,
-            &mut bridge,
-            dir,
-            &format!("paced {}", dir.label()),
-            n,
-            Some(rate),
-        )
-        .await;
-        results.push(summarize(
-            dir,
-            format!("paced {rate:.0}/s"),
-            &t,
-            (b0, sample(&pid, ticks)),
-            (m0, me()),
-        ));
-        rss_after.push((dir, sample(&pid, ticks)));
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    let (results, rss_after, warm) = measure(&world, &mut bridge, &opts, &pid, ticks).await;
     let end = sample(&pid, ticks);
-
-    // Reference: the same client and gateway without the bridge (contacts in pairs).
-    if opts.contacts >= 2 {
-        let dir = Dir::Reference;
-        run(
-            &world,
-            &mut bridge,
-            dir,
-            "warm-up reference",
-            opts.contacts,
-            None,
-        )
-        .await;
-        let (b0, m0) = (sample(&pid, ticks), me());
-        let t = run(
-            &world,
-            &mut bridge,
-            dir,
-            "reference max",
-            opts.messages,
-            None,
-        )
-        .await;
-        results.push(summarize(
-            dir,
-            "max, no bridge".into(),
-            &t,
-            (b0, sample(&pid, ticks)),
-            (m0, me()),
-        ));
-    }
-
-    println!();
-    println!(
-        "{:<17} {:<14} {:>6} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>10} {:>9}",
-        "direction",
-        "run",
-        "msgs",
-        "time s",
-        "msgs/s",
-        "p50 ms",
-        "p99 ms",
-        "max ms",
-        "bridge",
-        "bridge",
-        "bench"
-    );
-    println!(
-        "{:<17} {:<14} {:>6} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>10} {:>9}",
-        "", "", "", "", "", "", "", "", "CPU %", "CPU µs/msg", "CPU %"
-    );
-    for r in &results {
-        println!(
-            "{:<17} {:<14} {:>6} {:>7.2} {:>8.0} {:>8.1} {:>8.1} {:>8.1} {:>9.0} {:>10.0} {:>9.0}{}",
-            r.dir.label(),
-            r.kind,
-            r.n,
-            r.secs,
-            r.rate,
-            r.p50_ms,
-            r.p99_ms,
-            r.max_ms,
-            r.bridge_cpu_pct,
-            r.bridge_cpu_us_per_msg,
-            r.bench_cpu_pct,
-            if r.dups > 0 {
-                format!("  ({} duplicates)", r.dups)
-            } else {
-                String::new()
-            }
-        );
-    }
+    let me = || sample("self", ticks);
+    print_table(&results);
     println!();
     print!(
         "bridge RSS: after start-up {:.1} MiB, idle after {} logins and portals {:.1} MiB, after warm-up {:.1} MiB",
@@ -1507,29 +1553,7 @@ async fn bench(opts: Opts) {
     if let Some(hs) = &hs {
         stand_in_report(hs);
     }
-    if let Ok(r) = http.get(&ends.metrics).send().await {
-        let text = r.text().await.unwrap_or_default();
-        let lines: Vec<&str> = text
-            .lines()
-            .filter(|l| {
-                !l.starts_with('#')
-                    && (l.starts_with("mib_errors")
-                        || l.starts_with("mib_appservice_transactions")
-                        || l.starts_with("mib_appservice_duplicate"))
-            })
-            .collect();
-        println!("bridge metrics: {}", lines.join(", "));
-    }
-    let log = std::fs::read_to_string(&bridge.log).unwrap_or_default();
-    let warns: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
-        .collect();
-    println!("bridge log: {} warning/error lines", warns.len());
-    for l in warns.iter().take(5) {
-        println!("  {}", l.chars().take(300).collect::<String>());
-    }
-
+    print_bridge_health(&http, &ends, &bridge.log).await;
     bridge.stop();
     drop(world);
     println!("total {:.1} s", t0.elapsed().as_secs_f64());
