@@ -8,11 +8,11 @@ use std::{
 
 use serde_json::{Value, json};
 
+use super::types::{Portal, PortalKind};
 use super::{
     Bridge, BridgeError,
     network::{GroupChange, GroupInfo, NetAccount, NetTarget},
 };
-use crate::store::portal::{Portal, PortalKind};
 
 /// How long a contact's profile is trusted before it is fetched again: the network pushes no
 /// profile changes, so ghosts pick them up when the contact is next active after this.

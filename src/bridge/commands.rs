@@ -5,11 +5,12 @@ use std::collections::HashMap;
 
 use tokio::sync::Mutex;
 
+use super::types::PortalKind;
 use super::{
     Bridge,
     network::{NetError, NetTarget},
 };
-use crate::{config::PermissionLevel, store::portal::PortalKind};
+use crate::config::PermissionLevel;
 
 /// What the bot answers.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -27,6 +27,7 @@ pub mod provisioning;
 pub mod requests;
 #[cfg(test)]
 pub(crate) mod tests;
+pub mod types;
 
 pub use commands::CommandOutcome;
 
@@ -637,4 +638,12 @@ impl network::NetEventSink for Bridge {
             tracing::warn!(error = %e, "cannot report a message that was not bridged");
         }
     }
+}
+
+/// Milliseconds since the Unix epoch (0 for a clock before it).
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
 }

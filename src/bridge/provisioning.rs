@@ -94,12 +94,12 @@ impl Bridge {
     }
 }
 
-fn chat_info(p: crate::store::portal::Portal) -> ChatInfo {
+fn chat_info(p: super::types::Portal) -> ChatInfo {
     ChatInfo {
         chat_id: p.chat_id,
         kind: match p.kind {
-            crate::store::portal::PortalKind::Dm => "dm",
-            crate::store::portal::PortalKind::Group => "group",
+            super::types::PortalKind::Dm => "dm",
+            super::types::PortalKind::Group => "group",
         },
         name: p.name,
         room_id: p.room_id,

@@ -136,8 +136,7 @@ impl Bridge {
             NetTarget::Contact(c) => (c.as_str(), false),
             NetTarget::Group(g) => (g.as_str(), true),
         };
-        let has_room =
-            |p: Option<crate::store::portal::Portal>| p.is_some_and(|p| p.room_id.is_some());
+        let has_room = |p: Option<super::types::Portal>| p.is_some_and(|p| p.room_id.is_some());
         if has_room(self.portals.portal(receiver, chat_id).await?) {
             return Ok(Gate::Open);
         }
@@ -290,14 +289,14 @@ impl Bridge {
     /// A chat that had a portal stays known after the portal ends.
     pub(crate) async fn remember_known_chat(
         &self,
-        portal: &crate::store::portal::Portal,
+        portal: &super::types::Portal,
     ) -> Result<(), BridgeError> {
         if !self.settings.bridge.message_requests {
             return Ok(());
         }
         let req = MessageRequest {
             chat_id: portal.chat_id.clone(),
-            group: portal.kind == crate::store::portal::PortalKind::Group,
+            group: portal.kind == super::types::PortalKind::Group,
             from: String::new(),
             name: String::new(),
             held: 0,

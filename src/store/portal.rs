@@ -5,61 +5,7 @@ use sqlx::Row;
 
 use super::{SqlStore, StoreError, now_ms};
 
-/// A bridged chat of one login.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Portal {
-    /// The Matrix user whose login sees this chat.
-    pub receiver: String,
-    /// The contact's account (`dm`) or the group id (`group`).
-    pub chat_id: String,
-    pub kind: PortalKind,
-    pub room_id: Option<String>,
-    pub name: String,
-    /// The Matrix user whose login relays for others in this room.
-    pub relay: Option<String>,
-    /// The group avatar's interop blob and its copy on Matrix (empty: none).
-    pub avatar_blob: String,
-    pub avatar_mxc: String,
-}
-
-/// What the bridge last set on a ghost.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct GhostProfile {
-    pub displayname: String,
-    /// The contact's avatar blob on the interop side and its copy on Matrix (empty: none).
-    pub avatar_blob: String,
-    pub avatar_mxc: String,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PortalKind {
-    Dm,
-    Group,
-}
-
-impl PortalKind {
-    fn as_str(self) -> &'static str {
-        match self {
-            PortalKind::Dm => "dm",
-            PortalKind::Group => "group",
-        }
-    }
-}
-
-/// One row of the message map.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MappedMessage {
-    pub room_id: String,
-    pub event_id: String,
-    pub message_id: String,
-    /// Interop account of the author.
-    pub sender: String,
-    /// "" for the message itself, "reaction:<account>:<emoji>" for reactions.
-    pub part: String,
-    /// The Matrix user who wrote it: a real user for messages bridged from Matrix, the ghost or
-    /// the bot for messages from the network ("" in rows older than this column).
-    pub matrix_sender: String,
-}
+pub use crate::bridge::types::{GhostProfile, MappedMessage, Portal, PortalKind};
 
 #[async_trait]
 pub trait PortalStore: Send + Sync {

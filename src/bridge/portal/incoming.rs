@@ -170,7 +170,7 @@ impl Bridge {
             .clone()
             .ok_or_else(|| BridgeError::Matrix("portal without room".into()))?;
         // The sender's time, so that a backlog does not show up as "now"; never in the future.
-        let ts = (timestamp > 0).then(|| timestamp.min(crate::store::now_ms() as u64));
+        let ts = (timestamp > 0).then(|| timestamp.min(crate::bridge::now_ms()));
         if self
             .portals
             .by_message(&room, message_id, "")

@@ -14,11 +14,9 @@ use super::{
     model::{Body as D, Delete, Edit, Location, Media, MediaKind, Message, Quote, Reaction, Text},
     msgconv,
     network::{GroupInfo, NetAccount, NetError, NetEvent, NetTarget},
+    types::{MappedMessage, Portal, PortalKind},
 };
-use crate::{
-    config::PermissionLevel,
-    store::portal::{MappedMessage, Portal, PortalKind},
-};
+use crate::config::PermissionLevel;
 
 impl From<NetError> for BridgeError {
     fn from(e: NetError) -> Self {
