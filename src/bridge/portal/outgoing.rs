@@ -70,74 +70,26 @@ impl Bridge {
             // show as the relay's own (mautrix bridges drop them too).
             "m.reaction" if relayed_name.is_some() => return Ok(()),
             "m.reaction" => {
-                let rel = &content["m.relates_to"];
-                let target_ev = rel["event_id"].as_str().unwrap_or_default();
-                let emoji = rel["key"].as_str().unwrap_or_default().to_owned();
-                let Some(t) = self.portals.by_event(&room, target_ev).await? else {
-                    return Ok(());
-                };
-                self.portals
-                    .map_message(&MappedMessage {
-                        room_id: room.clone(),
-                        event_id: event_id.to_owned(),
-                        message_id: t.message_id.clone(),
-                        sender: me.clone(),
-                        part: reaction_part(&me, &emoji),
-                        matrix_sender: sender.to_owned(),
-                    })
-                    .await?;
-                Message {
-                    body: Some(D::Reaction(Reaction {
-                        target: t.message_id,
-                        emoji,
-                        remove: false,
-                        target_author: t.sender,
-                    })),
-                    reply_to: None,
+                match self
+                    .reaction_to_network(&room, event_id, &me, sender, content)
+                    .await?
+                {
+                    Some(m) => m,
+                    None => return Ok(()),
                 }
             }
-            "m.room.redaction" => {
-                let redacts = ev["redacts"]
-                    .as_str()
-                    .or_else(|| content["redacts"].as_str())
-                    .unwrap_or_default();
-                let Some(t) = self.portals.by_event(&room, redacts).await? else {
-                    return Ok(());
-                };
-                if !is_author(&t, sender, &me, &portal, self.matrix.bot_mxid()) {
-                    if t.part.is_empty() {
-                        let text = format!(
-                            "{sender}: the deletion was not bridged: only a message's author can delete it on the network."
-                        );
-                        self.not_bridged(&room, event_id, Status::NoPermission, &text)
-                            .await?;
-                    }
-                    return Ok(());
+            "m.room.redaction" => match self
+                .redaction_to_network(&portal, event_id, &me, sender, ev)
+                .await?
+            {
+                Some((m, redacted)) => {
+                    // The mapping goes once the deletion was sent (below): a send that fails
+                    // transiently is retried and must still find it.
+                    unmap_after = Some(redacted);
+                    m
                 }
-                // The mapping goes once the deletion was sent (below): a send that fails
-                // transiently is retried and must still find it.
-                unmap_after = Some(redacts.to_owned());
-                if let Some(emoji) = t.part.strip_prefix(&format!("reaction:{me}:")) {
-                    Message {
-                        body: Some(D::Reaction(Reaction {
-                            target: t.message_id,
-                            emoji: emoji.to_owned(),
-                            remove: true,
-                            target_author: String::new(),
-                        })),
-                        reply_to: None,
-                    }
-                } else if t.part.is_empty() {
-                    Message {
-                        body: Some(D::Delete(Delete {
-                            target: t.message_id,
-                        })),
-                        reply_to: None,
-                    }
-                } else {
-                    return Ok(());
-                }
-            }
+                None => return Ok(()),
+            },
             _ => match self
                 .matrix_to_data(&acc, &portal, sender, content, relayed_name.as_deref())
                 .await
@@ -175,6 +127,96 @@ impl Bridge {
         self.bridged(&room, event_id).await;
         self.metrics.message_bridged("matrix_to_interop", started);
         Ok(())
+    }
+
+    /// A reaction from Matrix: mapped (so its redaction can take it back), then sent as a
+    /// reaction to the message it targets; `None` when that message is not bridged.
+    async fn reaction_to_network(
+        &self,
+        room: &str,
+        event_id: &str,
+        me: &str,
+        sender: &str,
+        content: &Value,
+    ) -> Result<Option<Message>, BridgeError> {
+        let rel = &content["m.relates_to"];
+        let target_ev = rel["event_id"].as_str().unwrap_or_default();
+        let emoji = rel["key"].as_str().unwrap_or_default().to_owned();
+        let Some(t) = self.portals.by_event(room, target_ev).await? else {
+            return Ok(None);
+        };
+        self.portals
+            .map_message(&MappedMessage {
+                room_id: room.to_owned(),
+                event_id: event_id.to_owned(),
+                message_id: t.message_id.clone(),
+                sender: me.to_owned(),
+                part: reaction_part(me, &emoji),
+                matrix_sender: sender.to_owned(),
+            })
+            .await?;
+        Ok(Some(Message {
+            body: Some(D::Reaction(Reaction {
+                target: t.message_id,
+                emoji,
+                remove: false,
+                target_author: t.sender,
+            })),
+            reply_to: None,
+        }))
+    }
+
+    /// A redaction from Matrix, by the author of what it redacts: a removed reaction or a
+    /// deleted message, with the redacted event (its mapping goes once the deletion is sent).
+    /// `None` when there is nothing to send.
+    async fn redaction_to_network(
+        &self,
+        portal: &Portal,
+        event_id: &str,
+        me: &str,
+        sender: &str,
+        ev: &Value,
+    ) -> Result<Option<(Message, String)>, BridgeError> {
+        let room = portal.room_id.as_deref().unwrap_or_default();
+        let content = &ev["content"];
+        let redacts = ev["redacts"]
+            .as_str()
+            .or_else(|| content["redacts"].as_str())
+            .unwrap_or_default();
+        let Some(t) = self.portals.by_event(room, redacts).await? else {
+            return Ok(None);
+        };
+        if !is_author(&t, sender, me, portal, self.matrix.bot_mxid()) {
+            if t.part.is_empty() {
+                let text = format!(
+                    "{sender}: the deletion was not bridged: only a message's author can delete it on the network."
+                );
+                self.not_bridged(room, event_id, Status::NoPermission, &text)
+                    .await?;
+            }
+            return Ok(None);
+        }
+        let m = if let Some(emoji) = t.part.strip_prefix(&format!("reaction:{me}:")) {
+            Message {
+                body: Some(D::Reaction(Reaction {
+                    target: t.message_id,
+                    emoji: emoji.to_owned(),
+                    remove: true,
+                    target_author: String::new(),
+                })),
+                reply_to: None,
+            }
+        } else if t.part.is_empty() {
+            Message {
+                body: Some(D::Delete(Delete {
+                    target: t.message_id,
+                })),
+                reply_to: None,
+            }
+        } else {
+            return Ok(None);
+        };
+        Ok(Some((m, redacts.to_owned())))
     }
 
     /// A Matrix event reached the network: the bot's read receipt on it

@@ -11,22 +11,7 @@ impl Actor {
             self.send_acks(vec![id]);
             return;
         }
-        // A message decrypted before a crash is replayed from the vault.
-        let waiting = self.inbox.as_ref().is_none_or(|inbox| inbox.contains(&id));
-        if waiting
-            && let Ok(Some(raw)) = self.store.read_extra(INBOX, &id.to_string()).await
-            && let Ok(entry) = serde_json::from_slice::<InboxEntry>(&raw)
-            && let Ok(data) = DataMessage::decode(&entry.data[..])
-        {
-            self.emit(Event::Message {
-                envelope_id: id,
-                from: entry.from,
-                group: entry.group,
-                message_id: entry.message_id,
-                timestamp: entry.timestamp,
-                data,
-            })
-            .await;
+        if self.replay_from_inbox(id).await {
             return;
         }
         let kind = Kind::try_from(env.kind).unwrap_or(Kind::Unspecified);
@@ -58,94 +43,10 @@ impl Actor {
                 match self.decrypt(&env, kind).await {
                     Ok(Some(content)) => match content.body {
                         Some(CBody::Data(data)) => {
-                            let entry = InboxEntry {
-                                from: env.from.clone(),
-                                group: group.clone(),
-                                message_id: env.message_id.clone(),
-                                timestamp: env.timestamp,
-                                data: data.encode_to_vec(),
-                            };
-                            let sealed_entry = serde_json::to_vec(&entry).expect("serializes");
-                            // Noted before the write: a commit that fails after all (a lost
-                            // connection during COMMIT) must still be looked up on redelivery.
-                            if let Some(inbox) = self.inbox.as_mut() {
-                                inbox.insert(id);
-                            }
-                            if let Err(e) = self
-                                .store
-                                .commit(vec![(INBOX, id.to_string(), Some(sealed_entry))])
-                                .await
-                            {
-                                self.redeliver_later(&format!(
-                                    "cannot store a decrypted message: {e}"
-                                ))
-                                .await;
-                                return;
-                            }
-                            self.store_backoff = FIRST_STORE_BACKOFF;
-                            self.report_identity_changes().await;
-                            self.emit(Event::Message {
-                                envelope_id: id,
-                                from: env.from,
-                                group,
-                                message_id: env.message_id,
-                                timestamp: env.timestamp,
-                                data,
-                            })
-                            .await;
+                            self.data_message(env, group, data).await;
                         }
                         Some(CBody::SenderKeyDistribution(skd)) => {
-                            // A sender key only from a member of the group it names.
-                            match self.is_member(&skd.group, &env.from).await {
-                                Ok(true) => {}
-                                Ok(false) => {
-                                    // The pairwise session's step is kept; the key is not.
-                                    tracing::warn!(group = %skd.group, "dropping a sender key from someone outside the group");
-                                    if let Err(e) = self.store.commit(vec![]).await {
-                                        self.redeliver_later(&format!(
-                                            "cannot store a session: {e}"
-                                        ))
-                                        .await;
-                                        return;
-                                    }
-                                    self.ack(&[id]).await;
-                                    return;
-                                }
-                                Err(e) => {
-                                    // The gateway cannot say now: left unacked (and the
-                                    // session step undone), so it comes again rather than
-                                    // losing a member's sender key.
-                                    self.redeliver_later(&format!(
-                                        "cannot check a sender key's group: {e}"
-                                    ))
-                                    .await;
-                                    return;
-                                }
-                            }
-                            let r = match SenderKeyDistributionMessage::try_from(
-                                &skd.distribution_message[..],
-                            ) {
-                                Ok(m) => {
-                                    process_sender_key_distribution_message(
-                                        &addr(&env.from),
-                                        &m,
-                                        &mut self.store.sender_keys,
-                                    )
-                                    .await
-                                }
-                                Err(e) => Err(e),
-                            };
-                            if let Err(e) = r {
-                                tracing::warn!(error = %e, "bad sender key distribution");
-                                self.store.rollback();
-                            }
-                            if let Err(e) = self.store.commit(vec![]).await {
-                                self.redeliver_later(&format!("cannot store a sender key: {e}"))
-                                    .await;
-                                return;
-                            }
-                            self.report_identity_changes().await;
-                            self.ack(&[id]).await;
+                            self.sender_key(env, skd).await;
                         }
                         None => self.ack(&[id]).await,
                     },
@@ -168,6 +69,116 @@ impl Actor {
             }
             Kind::Unspecified => self.ack(&[id]).await,
         }
+    }
+
+    /// A message decrypted before a crash is replayed from the vault; whether there was one.
+    async fn replay_from_inbox(&mut self, id: u64) -> bool {
+        let waiting = self.inbox.as_ref().is_none_or(|inbox| inbox.contains(&id));
+        if waiting
+            && let Ok(Some(raw)) = self.store.read_extra(INBOX, &id.to_string()).await
+            && let Ok(entry) = serde_json::from_slice::<InboxEntry>(&raw)
+            && let Ok(data) = DataMessage::decode(&entry.data[..])
+        {
+            self.emit(Event::Message {
+                envelope_id: id,
+                from: entry.from,
+                group: entry.group,
+                message_id: entry.message_id,
+                timestamp: entry.timestamp,
+                data,
+            })
+            .await;
+            return true;
+        }
+        false
+    }
+    /// A decrypted message: sealed into the inbox with the ratchet step that produced it, then
+    /// handed to the consumer (acked when it says so).
+    async fn data_message(&mut self, env: pb::Envelope, group: Option<String>, data: DataMessage) {
+        let id = env.id;
+        let entry = InboxEntry {
+            from: env.from.clone(),
+            group: group.clone(),
+            message_id: env.message_id.clone(),
+            timestamp: env.timestamp,
+            data: data.encode_to_vec(),
+        };
+        let sealed_entry = serde_json::to_vec(&entry).expect("serializes");
+        // Noted before the write: a commit that fails after all (a lost
+        // connection during COMMIT) must still be looked up on redelivery.
+        if let Some(inbox) = self.inbox.as_mut() {
+            inbox.insert(id);
+        }
+        if let Err(e) = self
+            .store
+            .commit(vec![(INBOX, id.to_string(), Some(sealed_entry))])
+            .await
+        {
+            self.redeliver_later(&format!("cannot store a decrypted message: {e}"))
+                .await;
+            return;
+        }
+        self.store_backoff = FIRST_STORE_BACKOFF;
+        self.report_identity_changes().await;
+        self.emit(Event::Message {
+            envelope_id: id,
+            from: env.from,
+            group,
+            message_id: env.message_id,
+            timestamp: env.timestamp,
+            data,
+        })
+        .await;
+    }
+
+    /// A sender key for a group, taken only from a member of that group.
+    async fn sender_key(&mut self, env: pb::Envelope, skd: content::SenderKeyDistribution) {
+        let id = env.id;
+        // A sender key only from a member of the group it names.
+        match self.is_member(&skd.group, &env.from).await {
+            Ok(true) => {}
+            Ok(false) => {
+                // The pairwise session's step is kept; the key is not.
+                tracing::warn!(group = %skd.group, "dropping a sender key from someone outside the group");
+                if let Err(e) = self.store.commit(vec![]).await {
+                    self.redeliver_later(&format!("cannot store a session: {e}"))
+                        .await;
+                    return;
+                }
+                self.ack(&[id]).await;
+                return;
+            }
+            Err(e) => {
+                // The gateway cannot say now: left unacked (and the
+                // session step undone), so it comes again rather than
+                // losing a member's sender key.
+                self.redeliver_later(&format!("cannot check a sender key's group: {e}"))
+                    .await;
+                return;
+            }
+        }
+        let r = match SenderKeyDistributionMessage::try_from(&skd.distribution_message[..]) {
+            Ok(m) => {
+                process_sender_key_distribution_message(
+                    &addr(&env.from),
+                    &m,
+                    &mut self.store.sender_keys,
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "bad sender key distribution");
+            self.store.rollback();
+        }
+        if let Err(e) = self.store.commit(vec![]).await {
+            self.redeliver_later(&format!("cannot store a sender key: {e}"))
+                .await;
+            return;
+        }
+        self.report_identity_changes().await;
+        self.ack(&[id]).await;
     }
 
     /// `Ok(None)` for a duplicate that needs no event.
