@@ -484,14 +484,6 @@ impl Drop for BridgeProc {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 struct BridgeEndpoints {
     base: String,
     metrics: String,
@@ -512,8 +504,8 @@ fn write_config(
             dir.join("bridge.db").display()
         ),
     };
-    let port = free_port();
-    let metrics_port = free_port();
+    let port = common::free_port();
+    let metrics_port = common::free_port();
     let key = base64::engine::general_purpose::STANDARD.encode(&gw.public_key);
     let text = format!(
         "homeserver:\n    address: {hs_url}\n    domain: {domain}\n\

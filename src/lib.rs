@@ -16,10 +16,12 @@ pub mod bridge;
 pub mod config;
 pub mod interop;
 pub mod matrix;
-pub mod metrics;
 pub mod registration;
 pub mod store;
 pub mod vault;
+
+/// The core's metrics (kept at this path for the sides and the binary).
+pub use bridge::metrics;
 
 /// The interop wire protocol (its own crate, shared with the reference gateway).
 pub use mib_wire as wire;

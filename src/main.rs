@@ -451,7 +451,7 @@ async fn serve_metrics(
     let l = tokio::net::TcpListener::bind(&cfg.metrics.listen)
         .await
         .with_context(|| format!("cannot listen on {} (metrics.listen)", cfg.metrics.listen))?;
-    let router = metrics.router();
+    let router = metrics_router(metrics);
     tokio::spawn(async move {
         let _ = axum::serve(l, router)
             .with_graceful_shutdown(async move {
@@ -654,4 +654,24 @@ async fn shutdown_signal() {
         _ = ctrl_c => {}
         _ = term => {}
     }
+}
+
+/// `GET /metrics`: the Prometheus text exposition.
+fn metrics_router(metrics: &Metrics) -> axum::Router {
+    let metrics = metrics.clone();
+    axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let metrics = metrics.clone();
+            async move {
+                (
+                    [(
+                        http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    metrics.render(),
+                )
+            }
+        }),
+    )
 }

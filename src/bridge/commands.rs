@@ -5,12 +5,12 @@ use std::collections::HashMap;
 
 use tokio::sync::Mutex;
 
+use super::settings::PermissionLevel;
 use super::types::PortalKind;
 use super::{
     Bridge,
     network::{NetError, NetTarget},
 };
-use crate::config::PermissionLevel;
 
 /// What the bot answers.
 #[derive(Debug, Clone, PartialEq, Eq)]

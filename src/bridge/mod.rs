@@ -12,19 +12,20 @@ use async_trait::async_trait;
 use serde_json::Value;
 use tokio::sync::Mutex;
 
-use crate::{
-    config::{BridgeConfig, PermissionLevel},
-    store::{StoreError, UserStore, portal::PortalStore},
-};
+use settings::{BridgeConfig, PermissionLevel};
+use store::{PortalStore, StoreError, UserStore};
 
 mod chatinfo;
 pub mod commands;
+pub mod metrics;
 pub mod model;
 pub mod msgconv;
 pub mod network;
 mod portal;
 pub mod provisioning;
 pub mod requests;
+pub mod settings;
+pub mod store;
 #[cfg(test)]
 pub(crate) mod tests;
 pub mod types;
@@ -298,7 +299,7 @@ pub struct Bridge {
     pub(crate) leave_after: Mutex<HashSet<String>>,
     /// Network look-ups made for the homeserver's user queries.
     pub(crate) user_lookups: Mutex<LookupLimit>,
-    pub(crate) metrics: crate::metrics::Metrics,
+    pub(crate) metrics: metrics::Metrics,
 }
 
 /// Bounds the network look-ups that user queries cause: a token bucket (a burst of
@@ -364,7 +365,7 @@ impl Bridge {
         network: Arc<dyn network::Network>,
         requests: Arc<dyn requests::RequestStore>,
         settings: BridgeSettings,
-        metrics: crate::metrics::Metrics,
+        metrics: metrics::Metrics,
     ) -> Self {
         Self {
             matrix,
@@ -629,7 +630,7 @@ impl network::NetEventSink for Bridge {
         let Some(room) = room else { return };
         self.metrics
             .not_bridged
-            .get_or_create(&crate::metrics::ReasonLabels {
+            .get_or_create(&metrics::ReasonLabels {
                 reason: "interop_failed".to_owned(),
             })
             .inc();

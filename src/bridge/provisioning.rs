@@ -4,12 +4,12 @@
 use async_trait::async_trait;
 use serde::Serialize;
 
+use super::settings::PermissionLevel;
 use super::{
     Bridge,
     commands::Pending,
     network::{NetError, NetTarget},
 };
-use crate::config::PermissionLevel;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProvError {
@@ -40,8 +40,8 @@ impl From<NetError> for ProvError {
     }
 }
 
-impl From<crate::store::StoreError> for ProvError {
-    fn from(e: crate::store::StoreError) -> Self {
+impl From<super::store::StoreError> for ProvError {
+    fn from(e: super::store::StoreError) -> Self {
         ProvError::Internal(e.to_string())
     }
 }

@@ -3,6 +3,7 @@
 //! Queries are written once in the subset of SQL both databases accept (`$n` placeholders in
 //! first-use order, which SQLite binds positionally); dialect differences live in the migrations.
 
+use crate::bridge::store::StoreError as CoreError;
 use std::{
     sync::{Arc, Once},
     time::Duration,
@@ -36,6 +37,34 @@ pub enum StoreError {
     NotMigrated(usize),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+}
+
+/// The store's error as the core sees it: its message, and whether it comes back by itself.
+impl From<StoreError> for crate::bridge::store::StoreError {
+    fn from(e: StoreError) -> Self {
+        if e.is_unavailable() {
+            Self::unavailable(e)
+        } else {
+            Self::failed(e)
+        }
+    }
+}
+
+impl From<StoreError> for crate::bridge::BridgeError {
+    fn from(e: StoreError) -> Self {
+        crate::bridge::BridgeError::Store(e.into())
+    }
+}
+
+/// A database result in the store's error, on its way to the core's (`.db()?`).
+pub(crate) trait Db<T> {
+    fn db(self) -> Result<T, StoreError>;
+}
+
+impl<T> Db<T> for Result<T, sqlx::Error> {
+    fn db(self) -> Result<T, StoreError> {
+        self.map_err(StoreError::from)
+    }
 }
 
 impl StoreError {
@@ -121,13 +150,7 @@ pub trait TxnStore: Send + Sync {
     async fn prune_transactions(&self, max_age_ms: i64) -> Result<u64, StoreError>;
 }
 
-#[async_trait]
-pub trait UserStore: Send + Sync {
-    async fn management_room(&self, mxid: &str) -> Result<Option<String>, StoreError>;
-    async fn set_management_room(&self, mxid: &str, room_id: &str) -> Result<(), StoreError>;
-    /// The user whose management room this is, if any.
-    async fn management_room_owner(&self, room_id: &str) -> Result<Option<String>, StoreError>;
-}
+pub use crate::bridge::store::UserStore;
 
 #[async_trait]
 pub trait KvStore: Send + Sync {
@@ -352,16 +375,17 @@ impl TxnStore for SqlStore {
 
 #[async_trait]
 impl UserStore for SqlStore {
-    async fn management_room(&self, mxid: &str) -> Result<Option<String>, StoreError> {
+    async fn management_room(&self, mxid: &str) -> Result<Option<String>, CoreError> {
         let room: Option<Option<String>> =
             sqlx::query_scalar("SELECT management_room FROM matrix_user WHERE mxid = $1")
                 .bind(mxid)
                 .fetch_optional(&self.pool)
-                .await?;
+                .await
+                .db()?;
         Ok(room.flatten())
     }
 
-    async fn set_management_room(&self, mxid: &str, room_id: &str) -> Result<(), StoreError> {
+    async fn set_management_room(&self, mxid: &str, room_id: &str) -> Result<(), CoreError> {
         sqlx::query(
             "INSERT INTO matrix_user (mxid, management_room) VALUES ($1, $2) \
              ON CONFLICT (mxid) DO UPDATE SET management_room = excluded.management_room",
@@ -369,16 +393,18 @@ impl UserStore for SqlStore {
         .bind(mxid)
         .bind(room_id)
         .execute(&self.pool)
-        .await?;
+        .await
+        .db()?;
         Ok(())
     }
 
-    async fn management_room_owner(&self, room_id: &str) -> Result<Option<String>, StoreError> {
+    async fn management_room_owner(&self, room_id: &str) -> Result<Option<String>, CoreError> {
         Ok(
             sqlx::query_scalar("SELECT mxid FROM matrix_user WHERE management_room = $1")
                 .bind(room_id)
                 .fetch_optional(&self.pool)
-                .await?,
+                .await
+                .db()?,
         )
     }
 }

@@ -1,50 +1,15 @@
 //! Logins, portals, ghosts and the message map.
 
+use crate::bridge::store::StoreError as CoreError;
 use async_trait::async_trait;
 use sqlx::Row;
 
-use super::{SqlStore, StoreError, now_ms};
+use super::{Db, SqlStore, StoreError, now_ms};
 
-pub use crate::bridge::types::{GhostProfile, MappedMessage, Portal, PortalKind};
-
-#[async_trait]
-pub trait PortalStore: Send + Sync {
-    async fn set_login(&self, mxid: &str, account: &str) -> Result<(), StoreError>;
-    async fn login(&self, mxid: &str) -> Result<Option<String>, StoreError>;
-    async fn delete_login(&self, mxid: &str) -> Result<(), StoreError>;
-    async fn all_logins(&self) -> Result<Vec<(String, String)>, StoreError>;
-
-    async fn portal(&self, receiver: &str, chat_id: &str) -> Result<Option<Portal>, StoreError>;
-    async fn portal_by_room(&self, room_id: &str) -> Result<Option<Portal>, StoreError>;
-    async fn save_portal(&self, p: &Portal) -> Result<(), StoreError>;
-    /// Updates only the name and avatar of the portal, and only while it still has the same room
-    /// (a portal closed meanwhile stays closed).
-    async fn update_portal_look(&self, p: &Portal) -> Result<(), StoreError>;
-    async fn delete_portal(&self, receiver: &str, chat_id: &str) -> Result<(), StoreError>;
-    async fn portals_of(&self, receiver: &str) -> Result<Vec<Portal>, StoreError>;
-
-    async fn ghost_profile(&self, account: &str) -> Result<Option<GhostProfile>, StoreError>;
-    async fn save_ghost(
-        &self,
-        account: &str,
-        mxid: &str,
-        profile: &GhostProfile,
-    ) -> Result<(), StoreError>;
-
-    async fn map_message(&self, m: &MappedMessage) -> Result<(), StoreError>;
-    async fn by_message(
-        &self,
-        room_id: &str,
-        message_id: &str,
-        part: &str,
-    ) -> Result<Option<MappedMessage>, StoreError>;
-    async fn by_event(
-        &self,
-        room_id: &str,
-        event_id: &str,
-    ) -> Result<Option<MappedMessage>, StoreError>;
-    async fn unmap_event(&self, room_id: &str, event_id: &str) -> Result<(), StoreError>;
-}
+pub use crate::bridge::{
+    store::PortalStore,
+    types::{GhostProfile, MappedMessage, Portal, PortalKind},
+};
 
 fn portal_row(r: &sqlx::any::AnyRow) -> Result<Portal, StoreError> {
     let kind: String = r.try_get("kind")?;
@@ -80,7 +45,7 @@ const MAP_COLS: &str = "room_id, event_id, message_id, sender, part, matrix_send
 
 #[async_trait]
 impl PortalStore for SqlStore {
-    async fn set_login(&self, mxid: &str, account: &str) -> Result<(), StoreError> {
+    async fn set_login(&self, mxid: &str, account: &str) -> Result<(), CoreError> {
         sqlx::query(
             "INSERT INTO login (mxid, account, created_at) VALUES ($1, $2, $3) \
              ON CONFLICT (mxid) DO UPDATE SET account = excluded.account",
@@ -89,56 +54,62 @@ impl PortalStore for SqlStore {
         .bind(account)
         .bind(now_ms())
         .execute(self.pool())
-        .await?;
+        .await
+        .db()?;
         Ok(())
     }
 
-    async fn login(&self, mxid: &str) -> Result<Option<String>, StoreError> {
+    async fn login(&self, mxid: &str) -> Result<Option<String>, CoreError> {
         Ok(
             sqlx::query_scalar("SELECT account FROM login WHERE mxid = $1")
                 .bind(mxid)
                 .fetch_optional(self.pool())
-                .await?,
+                .await
+                .db()?,
         )
     }
 
-    async fn delete_login(&self, mxid: &str) -> Result<(), StoreError> {
+    async fn delete_login(&self, mxid: &str) -> Result<(), CoreError> {
         sqlx::query("DELETE FROM login WHERE mxid = $1")
             .bind(mxid)
             .execute(self.pool())
-            .await?;
+            .await
+            .db()?;
         Ok(())
     }
 
-    async fn all_logins(&self) -> Result<Vec<(String, String)>, StoreError> {
+    async fn all_logins(&self) -> Result<Vec<(String, String)>, CoreError> {
         let rows = sqlx::query("SELECT mxid, account FROM login ORDER BY mxid")
             .fetch_all(self.pool())
-            .await?;
+            .await
+            .db()?;
         rows.iter()
-            .map(|r| Ok((r.try_get("mxid")?, r.try_get("account")?)))
+            .map(|r| Ok((r.try_get("mxid").db()?, r.try_get("account").db()?)))
             .collect()
     }
 
-    async fn portal(&self, receiver: &str, chat_id: &str) -> Result<Option<Portal>, StoreError> {
+    async fn portal(&self, receiver: &str, chat_id: &str) -> Result<Option<Portal>, CoreError> {
         let q = format!("SELECT {PORTAL_COLS} FROM portal WHERE receiver = $1 AND chat_id = $2");
         let row = sqlx::query(sqlx::AssertSqlSafe(q))
             .bind(receiver)
             .bind(chat_id)
             .fetch_optional(self.pool())
-            .await?;
-        row.as_ref().map(portal_row).transpose()
+            .await
+            .db()?;
+        Ok(row.as_ref().map(portal_row).transpose()?)
     }
 
-    async fn portal_by_room(&self, room_id: &str) -> Result<Option<Portal>, StoreError> {
+    async fn portal_by_room(&self, room_id: &str) -> Result<Option<Portal>, CoreError> {
         let q = format!("SELECT {PORTAL_COLS} FROM portal WHERE room_id = $1");
         let row = sqlx::query(sqlx::AssertSqlSafe(q))
             .bind(room_id)
             .fetch_optional(self.pool())
-            .await?;
-        row.as_ref().map(portal_row).transpose()
+            .await
+            .db()?;
+        Ok(row.as_ref().map(portal_row).transpose()?)
     }
 
-    async fn save_portal(&self, p: &Portal) -> Result<(), StoreError> {
+    async fn save_portal(&self, p: &Portal) -> Result<(), CoreError> {
         sqlx::query(
             "INSERT INTO portal (receiver, chat_id, kind, room_id, name, relay, avatar_blob, avatar_mxc, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
@@ -155,11 +126,11 @@ impl PortalStore for SqlStore {
         .bind(&p.avatar_mxc)
         .bind(now_ms())
         .execute(self.pool())
-        .await?;
+        .await.db()?;
         Ok(())
     }
 
-    async fn update_portal_look(&self, p: &Portal) -> Result<(), StoreError> {
+    async fn update_portal_look(&self, p: &Portal) -> Result<(), CoreError> {
         sqlx::query(
             "UPDATE portal SET name = $1, avatar_blob = $2, avatar_mxc = $3 \
              WHERE receiver = $4 AND chat_id = $5 AND room_id = $6",
@@ -171,54 +142,60 @@ impl PortalStore for SqlStore {
         .bind(&p.chat_id)
         .bind(p.room_id.as_deref())
         .execute(self.pool())
-        .await?;
+        .await
+        .db()?;
         Ok(())
     }
 
-    async fn delete_portal(&self, receiver: &str, chat_id: &str) -> Result<(), StoreError> {
-        let mut tx = self.pool().begin().await?;
+    async fn delete_portal(&self, receiver: &str, chat_id: &str) -> Result<(), CoreError> {
+        let mut tx = self.pool().begin().await.db()?;
         let room: Option<Option<String>> =
             sqlx::query_scalar("SELECT room_id FROM portal WHERE receiver = $1 AND chat_id = $2")
                 .bind(receiver)
                 .bind(chat_id)
                 .fetch_optional(&mut *tx)
-                .await?;
+                .await
+                .db()?;
         if let Some(Some(room)) = room {
             sqlx::query("DELETE FROM message_map WHERE room_id = $1")
                 .bind(room)
                 .execute(&mut *tx)
-                .await?;
+                .await
+                .db()?;
         }
         sqlx::query("DELETE FROM portal WHERE receiver = $1 AND chat_id = $2")
             .bind(receiver)
             .bind(chat_id)
             .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
+            .await
+            .db()?;
+        tx.commit().await.db()?;
         Ok(())
     }
 
-    async fn portals_of(&self, receiver: &str) -> Result<Vec<Portal>, StoreError> {
+    async fn portals_of(&self, receiver: &str) -> Result<Vec<Portal>, CoreError> {
         let q = format!("SELECT {PORTAL_COLS} FROM portal WHERE receiver = $1 ORDER BY created_at");
         let rows = sqlx::query(sqlx::AssertSqlSafe(q))
             .bind(receiver)
             .fetch_all(self.pool())
-            .await?;
-        rows.iter().map(portal_row).collect()
+            .await
+            .db()?;
+        Ok(rows.iter().map(portal_row).collect::<Result<_, _>>()?)
     }
 
-    async fn ghost_profile(&self, account: &str) -> Result<Option<GhostProfile>, StoreError> {
+    async fn ghost_profile(&self, account: &str) -> Result<Option<GhostProfile>, CoreError> {
         let row = sqlx::query(
             "SELECT displayname, avatar_blob, avatar_mxc FROM ghost WHERE account = $1",
         )
         .bind(account)
         .fetch_optional(self.pool())
-        .await?;
+        .await
+        .db()?;
         row.map(|r| {
             Ok(GhostProfile {
-                displayname: r.try_get("displayname")?,
-                avatar_blob: r.try_get("avatar_blob")?,
-                avatar_mxc: r.try_get("avatar_mxc")?,
+                displayname: r.try_get("displayname").db()?,
+                avatar_blob: r.try_get("avatar_blob").db()?,
+                avatar_mxc: r.try_get("avatar_mxc").db()?,
             })
         })
         .transpose()
@@ -229,7 +206,7 @@ impl PortalStore for SqlStore {
         account: &str,
         mxid: &str,
         profile: &GhostProfile,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), CoreError> {
         sqlx::query(
             "INSERT INTO ghost (account, mxid, displayname, avatar_blob, avatar_mxc) VALUES ($1, $2, $3, $4, $5) \
              ON CONFLICT (account) DO UPDATE SET mxid = excluded.mxid, displayname = excluded.displayname, \
@@ -241,11 +218,11 @@ impl PortalStore for SqlStore {
         .bind(&profile.avatar_blob)
         .bind(&profile.avatar_mxc)
         .execute(self.pool())
-        .await?;
+        .await.db()?;
         Ok(())
     }
 
-    async fn map_message(&self, m: &MappedMessage) -> Result<(), StoreError> {
+    async fn map_message(&self, m: &MappedMessage) -> Result<(), CoreError> {
         sqlx::query(
             "INSERT INTO message_map (room_id, event_id, message_id, sender, part, matrix_sender, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7) \
@@ -259,7 +236,7 @@ impl PortalStore for SqlStore {
         .bind(&m.matrix_sender)
         .bind(now_ms())
         .execute(self.pool())
-        .await?;
+        .await.db()?;
         Ok(())
     }
 
@@ -268,7 +245,7 @@ impl PortalStore for SqlStore {
         room_id: &str,
         message_id: &str,
         part: &str,
-    ) -> Result<Option<MappedMessage>, StoreError> {
+    ) -> Result<Option<MappedMessage>, CoreError> {
         let q = format!(
             "SELECT {MAP_COLS} FROM message_map WHERE room_id = $1 AND message_id = $2 AND part = $3 LIMIT 1"
         );
@@ -277,30 +254,33 @@ impl PortalStore for SqlStore {
             .bind(message_id)
             .bind(part)
             .fetch_optional(self.pool())
-            .await?;
-        row.as_ref().map(mapped_row).transpose()
+            .await
+            .db()?;
+        Ok(row.as_ref().map(mapped_row).transpose()?)
     }
 
     async fn by_event(
         &self,
         room_id: &str,
         event_id: &str,
-    ) -> Result<Option<MappedMessage>, StoreError> {
+    ) -> Result<Option<MappedMessage>, CoreError> {
         let q = format!("SELECT {MAP_COLS} FROM message_map WHERE room_id = $1 AND event_id = $2");
         let row = sqlx::query(sqlx::AssertSqlSafe(q))
             .bind(room_id)
             .bind(event_id)
             .fetch_optional(self.pool())
-            .await?;
-        row.as_ref().map(mapped_row).transpose()
+            .await
+            .db()?;
+        Ok(row.as_ref().map(mapped_row).transpose()?)
     }
 
-    async fn unmap_event(&self, room_id: &str, event_id: &str) -> Result<(), StoreError> {
+    async fn unmap_event(&self, room_id: &str, event_id: &str) -> Result<(), CoreError> {
         sqlx::query("DELETE FROM message_map WHERE room_id = $1 AND event_id = $2")
             .bind(room_id)
             .bind(event_id)
             .execute(self.pool())
-            .await?;
+            .await
+            .db()?;
         Ok(())
     }
 }

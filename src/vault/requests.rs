@@ -46,7 +46,7 @@ impl SealedRequests {
         self.db
             .put_record(owner, kind, name, &sealed)
             .await
-            .map_err(BridgeError::Store)
+            .map_err(BridgeError::from)
     }
 
     async fn get<T: DeserializeOwned>(
@@ -85,7 +85,7 @@ impl SealedRequests {
 
 fn vault_err(e: VaultError) -> BridgeError {
     match e {
-        VaultError::Store(s) => BridgeError::Store(s),
+        VaultError::Store(s) => BridgeError::from(s),
         e => BridgeError::Vault(e.to_string()),
     }
 }
@@ -156,6 +156,6 @@ impl RequestStore for SealedRequests {
         self.db
             .write_records(receiver, &writes)
             .await
-            .map_err(BridgeError::Store)
+            .map_err(BridgeError::from)
     }
 }

@@ -56,12 +56,20 @@ pub fn gateway_bin() -> PathBuf {
     .clone()
 }
 
+/// A free loopback port for a process a test starts (Synapse, the bridge, its metrics).
+///
+/// Picked at random below the kernel's ephemeral range (32768 and up on Linux), not with
+/// `bind(0)`: a port from `bind(0)` is an ephemeral one, which any outgoing connection on the
+/// machine may take before the child process binds it (tests run in parallel).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    use rand::Rng;
+    let mut rng = rand::rng();
+    loop {
+        let port = rng.random_range(20_000..32_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A child process killed on drop.

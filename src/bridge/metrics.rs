@@ -1,4 +1,5 @@
-//! Prometheus metrics, served as text at `GET /metrics` on the metrics listener.
+//! The bridge's Prometheus metrics: what it counts, and their text rendering. The binary serves
+//! them at `GET /metrics` on the metrics listener.
 
 use std::sync::Arc;
 
@@ -169,24 +170,5 @@ impl Metrics {
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
-    }
-
-    pub fn router(&self) -> axum::Router {
-        let me = self.clone();
-        axum::Router::new().route(
-            "/metrics",
-            axum::routing::get(move || {
-                let me = me.clone();
-                async move {
-                    (
-                        [(
-                            http::header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        me.render(),
-                    )
-                }
-            }),
-        )
     }
 }
