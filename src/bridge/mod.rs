@@ -642,7 +642,7 @@ impl network::NetEventSink for Bridge {
 }
 
 /// Milliseconds since the Unix epoch (0 for a clock before it).
-pub(crate) fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

@@ -111,6 +111,7 @@ fn default_permissions() -> BTreeMap<String, String> {
     BTreeMap::from([("*".to_owned(), "relay".to_owned())])
 }
 
-fn yes() -> bool {
+/// `true`, as a serde default.
+pub(crate) fn yes() -> bool {
     true
 }

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use url::Url;
 
 use super::{ConfigError, invalid};
+use crate::bridge::settings::yes;
 pub use crate::bridge::settings::{BridgeConfig, PermissionLevel, RelayConfig};
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -319,9 +320,6 @@ impl Default for LoggingConfig {
     }
 }
 
-fn yes() -> bool {
-    true
-}
 fn default_hostname() -> String {
     "127.0.0.1".into()
 }

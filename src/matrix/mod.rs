@@ -468,18 +468,13 @@ impl MatrixSide {
         if !not_in_room || !self.is_ghost(as_user.as_str()) {
             return false;
         }
-        let Ok(bot) = user(&self.bot) else {
+        // The connector's invite, which takes "already in the room" as done: then the join is
+        // what is missing, or the refusal was for another reason and the retry says so.
+        if let Err(e) =
+            MatrixConnector::invite(self, room_id.as_str(), &self.bot, as_user.as_str()).await
+        {
+            tracing::debug!(error = %e, "cannot invite a ghost back into its portal");
             return false;
-        };
-        match self.client.invite(room_id, &bot, as_user).await {
-            Ok(()) => {}
-            // Already invited or joined: the refusal was for another reason, unless the join
-            // is what is missing.
-            Err(e) if e.errcode() == Some("M_FORBIDDEN") && e.to_string().contains("already") => {}
-            Err(e) => {
-                tracing::debug!(error = %e, "cannot invite a ghost back into its portal");
-                return false;
-            }
         }
         match self.client.join(room_id, as_user).await {
             Ok(()) => {

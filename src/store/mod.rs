@@ -169,11 +169,9 @@ pub struct SqlStore {
     queue_writer: Arc<tokio::sync::Mutex<()>>,
 }
 
+/// The core's clock, as stored (milliseconds since the Unix epoch).
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
+    crate::bridge::now_ms() as i64
 }
 
 impl SqlStore {
