@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use matrix_interop_bridge::{
-    appservice::{self, AppState, Readiness, UserQuery, queue::QueueWorker},
+    appservice::{self, AppState, Readiness, UserQuery, catchup::CatchUp, queue::QueueWorker},
     bridge::{
         Bridge, BridgeSettings,
         network::{NetEventSink, Network},
@@ -265,6 +265,16 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
 
     let notify = Arc::new(Notify::new());
     let txn_store: Arc<dyn TxnStore> = Arc::new(store.clone());
+    let catch_up = Arc::new(
+        CatchUp::new(
+            Arc::new(hs.clone()),
+            txn_store.clone(),
+            Arc::new(store.clone()),
+            queue_key.clone(),
+            notify.clone(),
+        )
+        .await,
+    );
     let state = AppState {
         hs_token: cfg.appservice.hs_token.as_str().into(),
         store: txn_store.clone(),
@@ -282,6 +292,7 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
         }),
         protocol: "interop".into(),
         txn_order: Default::default(),
+        catch_up: Some(catch_up.clone()),
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let server = serve_appservice(&cfg, state, &bridge, shutdown_rx.clone()).await?;
@@ -315,6 +326,7 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
         crypto,
     };
     let worker = tokio::spawn(worker.run(shutdown_rx.clone()));
+    tokio::spawn(catch_up.run(shutdown_rx.clone()));
     let logins = bridge.reconnect_logins().await?;
     tracing::info!(logins, "bridge ready");
 

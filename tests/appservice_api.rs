@@ -48,6 +48,7 @@ async fn setup_with_key(key: SecretKey) -> (axum::Router, SqlStore, tempfile::Te
         users: Arc::new(OnlyBot),
         protocol: "interop".into(),
         txn_order: Default::default(),
+        catch_up: None,
     };
     (router(state, 64 * 1024), store, dir)
 }
@@ -348,6 +349,7 @@ async fn a_full_disk_refuses_transactions_until_there_is_room() {
             b"h",
             &[matrix_interop_bridge::store::QueuedEvent {
                 room_id: Some("!r:example.org".into()),
+                event_id: None,
                 sealed: vec![0; 64 * 1024],
             }],
         )

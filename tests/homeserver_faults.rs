@@ -112,32 +112,7 @@ async fn forward(State(p): State<Proxy>, req: Request) -> Response {
             _ => {}
         }
     }
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    let mut rb = p
-        .http
-        .request(parts.method.clone(), format!("{}{path}", p.upstream));
-    for (k, v) in &parts.headers {
-        if k != "host" && k != "content-length" {
-            rb = rb.header(k, v);
-        }
-    }
-    match rb.body(bytes.to_vec()).send().await {
-        Ok(resp) => {
-            let mut b = Response::builder().status(resp.status().as_u16());
-            for (k, v) in resp.headers() {
-                if k != "content-length" && k != "transfer-encoding" {
-                    b = b.header(k, v);
-                }
-            }
-            let body = resp.bytes().await.unwrap_or_default();
-            b.body(Body::from(body)).expect("response")
-        }
-        Err(e) => answer(502, &format!(r#"{{"errcode":"M_UNKNOWN","error":"{e}"}}"#)),
-    }
+    common::forward(&p.http, &p.upstream, &parts, bytes.to_vec()).await
 }
 
 async fn start_proxy(upstream: &str) -> (Proxy, String) {

@@ -24,6 +24,7 @@ use crate::{
     vault::SecretKey,
 };
 
+pub mod catchup;
 pub mod order;
 pub mod provisioning;
 pub mod queue;
@@ -94,6 +95,8 @@ pub struct AppState {
     pub protocol: Arc<str>,
     /// Notices transactions the homeserver skipped.
     pub txn_order: order::TxnOrder,
+    /// Finds the events a homeserver outage lost (none in tests that run without a homeserver).
+    pub catch_up: Option<Arc<catchup::CatchUp>>,
 }
 
 /// The appservice router. `max_body` bounds every request body.
@@ -182,6 +185,27 @@ async fn auth(
     Ok(next.run(req).await)
 }
 
+/// Seals one unit of work for the queue: `kind` is `pdu`, `ephemeral` or `crypto`. A room
+/// event (`pdu`) keeps its id, so that it is queued once however often it comes.
+pub fn seal(key: &SecretKey, kind: &str, event: Value) -> QueuedEvent {
+    let room_id = event["room_id"].as_str().map(str::to_owned);
+    let event_id = match kind {
+        "pdu" => event["event_id"].as_str().map(str::to_owned),
+        _ => None,
+    };
+    let item = QueueItem {
+        kind: kind.to_owned(),
+        event,
+    };
+    let plain =
+        zeroize::Zeroizing::new(serde_json::to_vec(&item).expect("a JSON value serializes"));
+    QueuedEvent {
+        room_id,
+        event_id,
+        sealed: key.seal(QUEUE_AD, &plain),
+    }
+}
+
 /// One unit of queued work, sealed before it reaches the database.
 #[derive(serde::Serialize, serde::Deserialize)]
 pub struct QueueItem {
@@ -258,16 +282,8 @@ async fn transaction(
     // Crypto changes (to-device messages with room keys, device lists, key counts) go first, so
     // that the keys for this transaction's encrypted events are known when those are handled.
     if let Some(changes) = crate::matrix::crypto::CryptoChanges::from_transaction(obj) {
-        let item = QueueItem {
-            kind: "crypto".into(),
-            event: serde_json::to_value(&changes).expect("serializable"),
-        };
-        let plain =
-            zeroize::Zeroizing::new(serde_json::to_vec(&item).expect("a JSON value serializes"));
-        queued.push(QueuedEvent {
-            room_id: None,
-            sealed: state.queue_key.seal(QUEUE_AD, &plain),
-        });
+        let event = serde_json::to_value(&changes).expect("serializable");
+        queued.push(seal(&state.queue_key, "crypto", event));
     }
     for (kind, list) in [("pdu", events), ("ephemeral", ephemeral)] {
         for event in list {
@@ -285,19 +301,13 @@ async fn transaction(
                     kind: kind.to_owned(),
                 })
                 .inc();
-            let room_id = event["room_id"].as_str().map(str::to_owned);
-            let item = QueueItem {
-                kind: kind.to_owned(),
-                event,
-            };
-            let plain = zeroize::Zeroizing::new(
-                serde_json::to_vec(&item).expect("a JSON value serializes"),
-            );
-            queued.push(QueuedEvent {
-                room_id,
-                sealed: state.queue_key.seal(QUEUE_AD, &plain),
-            });
+            queued.push(seal(&state.queue_key, kind, event));
         }
+    }
+    // Events the catch-up after an outage is about to queue come first, so that a room keeps
+    // its order.
+    if let Some(catch_up) = &state.catch_up {
+        catch_up.before_transaction().await;
     }
     let hash = Sha256::digest(&body);
     let outcome = state

@@ -381,6 +381,7 @@ mod tests {
         };
         QueuedEvent {
             room_id: Some(room.into()),
+            event_id: Some(id.into()),
             sealed: key.seal(QUEUE_AD, &serde_json::to_vec(&item).expect("json")),
         }
     }

@@ -7,7 +7,16 @@
 //! (the queue's room lanes, the interop event pump), which knows the event's budget. Work with
 //! no such layer above it (start-up, the crypto device's upkeep) uses [`HomeserverClient::with_retries`].
 
-use std::{borrow::Cow, collections::BTreeMap, fmt, sync::Arc, time::Duration};
+use std::{
+    borrow::Cow,
+    collections::BTreeMap,
+    fmt,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use ruma::{
     DeviceId, OwnedMxcUri, OwnedRoomId, OwnedUserId, RoomId, UserId,
@@ -132,6 +141,9 @@ struct Inner {
     retry_base: Duration,
     /// How many times a request is tried before its error is returned.
     attempts: u32,
+    /// Raised when a request finds the homeserver unreachable or failing (5xx); shared by all
+    /// clients of the homeserver.
+    outage: Arc<AtomicBool>,
 }
 
 impl fmt::Debug for HomeserverClient {
@@ -159,6 +171,7 @@ impl HomeserverClient {
                 versions,
                 retry_base: Duration::from_millis(250),
                 attempts: 1,
+                outage: Arc::default(),
             }),
         })
     }
@@ -174,12 +187,18 @@ impl HomeserverClient {
                 versions: self.inner.versions.clone(),
                 retry_base: self.inner.retry_base,
                 attempts: attempts.max(1),
+                outage: self.inner.outage.clone(),
             }),
         }
     }
 
     pub fn base_url(&self) -> &str {
         &self.inner.base
+    }
+
+    /// Whether a request found the homeserver unreachable or failing since the last call.
+    pub fn take_outage(&self) -> bool {
+        self.inner.outage.swap(false, Ordering::SeqCst)
     }
 
     /// Sends `req` as `user` (identity assertion; `None` = the appservice's sender, the bot).
@@ -271,6 +290,11 @@ impl HomeserverClient {
                 Err(e) => Err(MatrixError::Network(e.to_string())),
             };
             let err = result.expect_err("success returned above");
+            if matches!(&err, MatrixError::Network(_))
+                || matches!(&err, MatrixError::Api { status, .. } if *status >= 500)
+            {
+                self.inner.outage.store(true, Ordering::SeqCst);
+            }
             if !err.is_transient() || attempt >= self.inner.attempts {
                 return Err(err);
             }
@@ -545,33 +569,48 @@ impl HomeserverClient {
         user: Option<&UserId>,
         body: Option<serde_json::Value>,
     ) -> Result<serde_json::Value, MatrixError> {
-        let mut req = self
-            .inner
-            .http
-            .request(method, format!("{}{path}", self.inner.base))
-            .bearer_auth(&self.inner.as_token);
+        let mut uri = format!("{}{path}", self.inner.base);
         if let Some(user) = user {
-            req = req.query(&[("user_id", user.as_str())]);
+            let sep = if path.contains('?') { '&' } else { '?' };
+            uri = format!("{uri}{sep}user_id={}", urlencode(user.as_str()));
         }
-        if let Some(body) = body {
-            req = req.json(&body);
-        }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| MatrixError::Network(e.to_string()))?;
-        let status = resp.status().as_u16();
-        let bytes = resp
-            .bytes()
-            .await
-            .map_err(|e| MatrixError::Network(e.to_string()))?;
-        if !(200..300).contains(&status) {
-            return Err(api_error(status, &bytes));
-        }
+        let mut req = http::Request::builder().method(method).uri(uri).header(
+            http::header::AUTHORIZATION,
+            format!("Bearer {}", self.inner.as_token),
+        );
+        let body = match body {
+            Some(body) => {
+                req = req.header(http::header::CONTENT_TYPE, "application/json");
+                serde_json::to_vec(&body).map_err(|e| MatrixError::Build(e.to_string()))?
+            }
+            None => Vec::new(),
+        };
+        let req = req
+            .body(body)
+            .map_err(|e| MatrixError::Build(e.to_string()))?;
+        let bytes = self.execute(req).await?.into_body();
         if bytes.is_empty() {
             return Ok(serde_json::Value::Null);
         }
         serde_json::from_slice(&bytes).map_err(|e| MatrixError::Response(e.to_string()))
+    }
+
+    /// `GET` of a client-API path with query parameters, as the bot (no device: a sync of the
+    /// bot's takes none of its device's to-device messages).
+    pub async fn get_json(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+    ) -> Result<serde_json::Value, MatrixError> {
+        let query: String = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(query)
+            .finish();
+        let path = if query.is_empty() {
+            path.to_owned()
+        } else {
+            format!("{path}?{query}")
+        };
+        self.raw_json(reqwest::Method::GET, &path, None, None).await
     }
 
     /// MSC4190: creates (or updates) a device of an appservice user.

@@ -11,6 +11,7 @@ use crate::bridge::{BridgeError, MatrixConnector};
 
 pub mod client;
 pub mod crypto;
+pub mod timeline;
 
 pub use client::{HomeserverClient, MatrixError};
 use crypto::Crypto;

@@ -106,6 +106,8 @@ impl StoreError {
 #[derive(Clone, Debug)]
 pub struct QueuedEvent {
     pub room_id: Option<String>,
+    /// The event's id, for room events: an id already queued is not queued again.
+    pub event_id: Option<String>,
     pub sealed: Vec<u8>,
 }
 
@@ -127,7 +129,8 @@ pub enum TxnOutcome {
 #[async_trait]
 pub trait TxnStore: Send + Sync {
     /// Records the transaction and queues its events in one database transaction. A transaction
-    /// with the same id and the same body hash is a retry and changes nothing.
+    /// with the same id and the same body hash is a retry and changes nothing; an event whose id
+    /// was queued before (by another transaction or by [`TxnStore::queue_missed`]) is skipped.
     async fn apply_transaction(
         &self,
         txn_id: &str,
@@ -144,9 +147,13 @@ pub trait TxnStore: Send + Sync {
         after: i64,
         limit: i64,
     ) -> Result<Vec<StoredEvent>, StoreError>;
+    /// Queues events the homeserver never sent (found by the catch-up after an outage), those
+    /// whose ids were not queued before; returns how many were new.
+    async fn queue_missed(&self, events: &[QueuedEvent]) -> Result<usize, StoreError>;
     async fn remove_event(&self, seq: i64) -> Result<(), StoreError>;
     async fn count_attempt(&self, seq: i64) -> Result<(), StoreError>;
-    /// Forgets transaction ids older than `max_age_ms` (the events themselves are long applied).
+    /// Forgets transaction ids and queued event ids older than `max_age_ms` (the events
+    /// themselves are long applied).
     async fn prune_transactions(&self, max_age_ms: i64) -> Result<u64, StoreError>;
 }
 
@@ -278,6 +285,43 @@ impl SqlStore {
     }
 }
 
+/// Queues the events whose ids were not queued before (events without an id always), in their
+/// order, inside `tx`; returns how many were queued.
+async fn queue_new(
+    conn: &mut sqlx::AnyConnection,
+    events: &[QueuedEvent],
+    now: i64,
+) -> Result<usize, StoreError> {
+    let mut queued = 0;
+    for ev in events {
+        if let Some(id) = &ev.event_id {
+            let fresh = sqlx::query(
+                "INSERT INTO matrix_event_seen (event_id, received_at) VALUES ($1, $2) \
+                 ON CONFLICT (event_id) DO NOTHING",
+            )
+            .bind(id)
+            .bind(now)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected()
+                == 1;
+            if !fresh {
+                continue;
+            }
+        }
+        sqlx::query(
+            "INSERT INTO event_queue (room_id, sealed, attempts, created_at) VALUES ($1, $2, 0, $3)",
+        )
+        .bind(ev.room_id.as_deref())
+        .bind(&ev.sealed[..])
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+        queued += 1;
+    }
+    Ok(queued)
+}
+
 #[async_trait]
 impl TxnStore for SqlStore {
     async fn apply_transaction(
@@ -310,16 +354,17 @@ impl TxnStore for SqlStore {
         .bind(now)
         .execute(&mut *tx)
         .await?;
-        for ev in events {
-            sqlx::query("INSERT INTO event_queue (room_id, sealed, attempts, created_at) VALUES ($1, $2, 0, $3)")
-                .bind(ev.room_id.as_deref())
-                .bind(&ev.sealed[..])
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-        }
+        queue_new(&mut tx, events, now).await?;
         tx.commit().await?;
         Ok(TxnOutcome::Applied)
+    }
+
+    async fn queue_missed(&self, events: &[QueuedEvent]) -> Result<usize, StoreError> {
+        let _writer = self.queue_writer.lock().await;
+        let mut tx = self.pool.begin().await?;
+        let queued = queue_new(&mut tx, events, now_ms()).await?;
+        tx.commit().await?;
+        Ok(queued)
     }
 
     async fn queued_events_after(
@@ -363,8 +408,13 @@ impl TxnStore for SqlStore {
     }
 
     async fn prune_transactions(&self, max_age_ms: i64) -> Result<u64, StoreError> {
+        let before = now_ms() - max_age_ms;
         let r = sqlx::query("DELETE FROM appservice_txn WHERE received_at < $1")
-            .bind(now_ms() - max_age_ms)
+            .bind(before)
+            .execute(&self.pool)
+            .await?;
+        sqlx::query("DELETE FROM matrix_event_seen WHERE received_at < $1")
+            .bind(before)
             .execute(&self.pool)
             .await?;
         Ok(r.rows_affected())
@@ -504,14 +554,60 @@ mod tests {
         retried_transaction_has_no_second_effect,
         restarted_txn_counter_is_new,
         users_and_kv,
-        queue_order
+        queue_order,
+        an_event_is_queued_once_whichever_way_it_came
     );
 
     fn ev(room: &str, body: &[u8]) -> QueuedEvent {
         QueuedEvent {
             room_id: Some(room.into()),
+            event_id: None,
             sealed: body.to_vec(),
         }
+    }
+
+    fn pdu(id: &str) -> QueuedEvent {
+        QueuedEvent {
+            room_id: Some("!a:x".into()),
+            event_id: Some(id.into()),
+            sealed: id.as_bytes().to_vec(),
+        }
+    }
+
+    async fn an_event_is_queued_once_whichever_way_it_came(s: &SqlStore) {
+        // The catch-up finds $1 and $2; then a transaction brings $2 (late) and $3; another
+        // transaction (the homeserver restarted its count) brings $3 again; the catch-up runs again.
+        assert_eq!(
+            s.queue_missed(&[pdu("$1"), pdu("$2")])
+                .await
+                .expect("missed"),
+            2
+        );
+        s.apply_transaction("1", b"h1", &[pdu("$2"), pdu("$3")])
+            .await
+            .expect("apply");
+        s.apply_transaction("1", b"h2", &[pdu("$3"), ev("!a:x", b"receipt")])
+            .await
+            .expect("apply");
+        assert_eq!(
+            s.queue_missed(&[pdu("$1"), pdu("$3")])
+                .await
+                .expect("missed"),
+            0
+        );
+        let q = s.queued_events(10).await.expect("queue");
+        assert_eq!(
+            q.iter().map(|e| e.sealed.clone()).collect::<Vec<_>>(),
+            vec![
+                b"$1".to_vec(),
+                b"$2".to_vec(),
+                b"$3".to_vec(),
+                b"receipt".to_vec()
+            ]
+        );
+        // Once forgotten (after the retention), an id counts as new again.
+        s.prune_transactions(-1000).await.expect("prune");
+        assert_eq!(s.queue_missed(&[pdu("$1")]).await.expect("missed"), 1);
     }
 
     async fn retried_transaction_has_no_second_effect(s: &SqlStore) {

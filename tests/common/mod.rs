@@ -733,6 +733,47 @@ impl BridgeSetup {
     }
 }
 
+/// Sends on a request a test's proxy took, to `upstream`, and gives back the answer (502 when
+/// `upstream` cannot be reached, as a reverse proxy would).
+pub async fn forward(
+    http: &reqwest::Client,
+    upstream: &str,
+    parts: &http::request::Parts,
+    body: Vec<u8>,
+) -> axum::response::Response {
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let mut rb = http.request(parts.method.clone(), format!("{upstream}{path}"));
+    for (k, v) in &parts.headers {
+        if k != "host" && k != "content-length" {
+            rb = rb.header(k, v);
+        }
+    }
+    let mut b = axum::response::Response::builder();
+    match rb.body(body).send().await {
+        Ok(resp) => {
+            b = b.status(resp.status().as_u16());
+            for (k, v) in resp.headers() {
+                if k != "content-length" && k != "transfer-encoding" {
+                    b = b.header(k, v);
+                }
+            }
+            let body = resp.bytes().await.unwrap_or_default();
+            b.body(axum::body::Body::from(body)).expect("response")
+        }
+        Err(e) => b
+            .status(502)
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from(
+                json!({"errcode": "M_UNKNOWN", "error": e.to_string()}).to_string(),
+            ))
+            .expect("response"),
+    }
+}
+
 pub fn urlencode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }

@@ -123,6 +123,15 @@ impl NodeContact {
         }
     }
 
+    /// Takes the events in the backlog that match `pred`, oldest first.
+    pub fn take_events(&mut self, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let (taken, kept) = std::mem::take(&mut self.backlog)
+            .into_iter()
+            .partition(pred);
+        self.backlog = kept;
+        taken
+    }
+
     /// Moves the event lines that arrive within `wait` into the backlog; never panics.
     pub fn pump(&mut self, wait: Duration) {
         let deadline = Instant::now() + wait;

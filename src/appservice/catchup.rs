@@ -1,0 +1,440 @@
+//! The catch-up after a homeserver outage: room events the homeserver stored but never sent.
+//!
+//! Synapse (seen with 1.163) hands an appservice's events to an in-memory queue and moves the
+//! appservice's stream position past them before it stores them as a transaction. When it is
+//! killed in between, those events are in rooms but never reach the bridge: a message a user
+//! sent shortly before the crash is silently not bridged.
+//!
+//! So the bridge remembers when it last saw the homeserver well (checked every
+//! [`CHECK_EVERY`], kept in the database every [`SAVE_MARK_EVERY`]). When the homeserver was
+//! unreachable or failing since (a request of the bridge's saw it, or the health check), and at
+//! every start, it reads back each room the bot is in to [`LOOKBACK`] before that moment and
+//! queues the events it has not queued before. Every queued room event's id is remembered for a
+//! week (`matrix_event_seen`), in the same database transaction that queues it, so that an event
+//! is queued once whichever way it comes: a transaction, a retried one, or the catch-up. The
+//! first transaction after an outage waits for the catch-up (up to [`TXN_WAIT`]), so that a
+//! room's lost events are queued before its later ones.
+//!
+//! The cost: one `/messages` request per room the bot is in, per outage (four at a time).
+//! Not caught up: ephemeral events (receipts, typing: they are of the moment), to-device
+//! messages (room keys are asked for again by the crypto layer), and invites of the bot.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicI64, Ordering},
+    },
+    time::Duration,
+};
+
+use futures::StreamExt;
+use serde_json::Value;
+use tokio::sync::{Mutex, Notify, watch};
+
+use crate::{
+    store::{KvStore, TxnStore, now_ms},
+    vault::SecretKey,
+};
+
+/// How often the homeserver's health is checked.
+const CHECK_EVERY: Duration = Duration::from_secs(2);
+/// How often the moment the homeserver was last seen well is written down.
+const SAVE_MARK_EVERY: Duration = Duration::from_secs(30);
+/// How far before that moment the rooms are read back: events a homeserver held in memory
+/// when it died, and clocks that differ a little.
+const LOOKBACK: Duration = Duration::from_secs(60);
+/// A mark older than this is not caught up from: the ids of events queued before it may have
+/// been forgotten (they are kept for [`SEEN_RETENTION`]).
+const MAX_MARK_AGE: Duration = Duration::from_secs(3 * 24 * 3600);
+/// How long queued event ids (and transaction ids) are remembered.
+pub const SEEN_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// How long a transaction waits for a catch-up before its events are queued anyway.
+const TXN_WAIT: Duration = Duration::from_secs(10);
+/// Rooms read at the same time.
+const CONCURRENCY: usize = 4;
+const KV_MARK: &str = "catchup.healthy_ms";
+
+/// The homeserver's rooms, as the catch-up reads them.
+#[async_trait::async_trait]
+pub trait Timeline: Send + Sync {
+    /// Whether the homeserver answers.
+    async fn alive(&self) -> bool;
+    /// The rooms the bot is in.
+    async fn rooms(&self) -> Result<Vec<String>, String>;
+    /// The events of `room` stamped at `since_ms` or later, oldest first, each with its
+    /// `room_id`.
+    async fn events_since(&self, room: &str, since_ms: i64) -> Result<Vec<Value>, String>;
+    /// Whether a request saw the homeserver unreachable or failing since the last call.
+    fn outage_seen(&self) -> bool;
+}
+
+pub struct CatchUp {
+    timeline: Arc<dyn Timeline>,
+    store: Arc<dyn TxnStore>,
+    kv: Arc<dyn KvStore>,
+    key: SecretKey,
+    notify: Arc<Notify>,
+    /// Set at start and when an outage is seen; cleared by a catch-up that succeeded.
+    pending: AtomicBool,
+    /// When the homeserver was last seen well, before the outage being caught up (ms since the
+    /// epoch; 0: never, nothing to catch up from).
+    healthy_ms: AtomicI64,
+    saved_ms: AtomicI64,
+    /// When the last catch-up began: a transaction does not start another within
+    /// [`CHECK_EVERY`] of it (one that keeps failing is the health check's to retry).
+    tried_ms: AtomicI64,
+    running: Mutex<()>,
+}
+
+impl CatchUp {
+    /// Starts with the mark kept in the database, and a catch-up pending (the homeserver may
+    /// have lost events while the bridge was down).
+    pub async fn new(
+        timeline: Arc<dyn Timeline>,
+        store: Arc<dyn TxnStore>,
+        kv: Arc<dyn KvStore>,
+        key: SecretKey,
+        notify: Arc<Notify>,
+    ) -> Self {
+        let mark = match kv.kv_get(KV_MARK).await {
+            Ok(text) => text.and_then(|t| t.parse().ok()).unwrap_or(0),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the catch-up mark");
+                0
+            }
+        };
+        Self {
+            timeline,
+            store,
+            kv,
+            key,
+            notify,
+            pending: AtomicBool::new(true),
+            healthy_ms: AtomicI64::new(mark),
+            saved_ms: AtomicI64::new(0),
+            tried_ms: AtomicI64::new(0),
+            running: Mutex::new(()),
+        }
+    }
+
+    /// Called by a transaction before its events are queued: catches up first if an outage was
+    /// seen. A catch-up that fails or takes long does not hold up the transaction for good.
+    pub async fn before_transaction(&self) {
+        if self.timeline.outage_seen() {
+            self.pending.store(true, Ordering::SeqCst);
+            self.tried_ms.store(0, Ordering::SeqCst);
+        }
+        let tried_lately =
+            now_ms() - self.tried_ms.load(Ordering::SeqCst) < CHECK_EVERY.as_millis() as i64;
+        if self.pending.load(Ordering::SeqCst)
+            && !tried_lately
+            && tokio::time::timeout(TXN_WAIT, self.catch_up())
+                .await
+                .is_err()
+        {
+            tracing::warn!("catch-up still running; the transaction goes ahead");
+        }
+    }
+
+    /// Watches the homeserver and catches up after outages, until `shutdown`.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut last_prune = tokio::time::Instant::now();
+        loop {
+            if self.timeline.outage_seen() || !self.timeline.alive().await {
+                self.pending.store(true, Ordering::SeqCst);
+            } else if self.pending.load(Ordering::SeqCst) {
+                self.catch_up().await;
+            } else {
+                self.seen_well().await;
+            }
+            if last_prune.elapsed() >= PRUNE_EVERY {
+                last_prune = tokio::time::Instant::now();
+                let age = SEEN_RETENTION.as_millis() as i64;
+                if let Err(e) = self.store.prune_transactions(age).await {
+                    tracing::warn!(error = %e, "cannot prune old transaction and event ids");
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(CHECK_EVERY) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// The homeserver is well now: moves the mark (and writes it down now and then).
+    async fn seen_well(&self) {
+        let now = now_ms();
+        self.healthy_ms.store(now, Ordering::SeqCst);
+        if now - self.saved_ms.load(Ordering::SeqCst) < SAVE_MARK_EVERY.as_millis() as i64 {
+            return;
+        }
+        match self.kv.kv_set(KV_MARK, &now.to_string()).await {
+            Ok(()) => self.saved_ms.store(now, Ordering::SeqCst),
+            Err(e) => tracing::warn!(error = %e, "cannot store the catch-up mark"),
+        }
+    }
+
+    /// Queues the room events since the mark that were never queued.
+    async fn catch_up(&self) {
+        let _running = self.running.lock().await;
+        if !self.pending.load(Ordering::SeqCst) {
+            return; // Done while this one waited.
+        }
+        self.tried_ms.store(now_ms(), Ordering::SeqCst);
+        let mark = self.healthy_ms.load(Ordering::SeqCst);
+        let age = now_ms() - mark;
+        if mark == 0 || age > MAX_MARK_AGE.as_millis() as i64 {
+            if mark != 0 {
+                tracing::warn!(
+                    mark_age_s = age / 1000,
+                    "the catch-up mark is too old to catch up from"
+                );
+            }
+            self.pending.store(false, Ordering::SeqCst);
+            self.seen_well().await;
+            return;
+        }
+        let since = mark - LOOKBACK.as_millis() as i64;
+        let rooms = match self.timeline.rooms().await {
+            Ok(rooms) => rooms,
+            Err(e) => {
+                tracing::warn!(error = %e, "catch-up: cannot list the rooms; will try again");
+                return;
+            }
+        };
+        let results: Vec<Result<usize, String>> = futures::stream::iter(rooms.clone())
+            .map(|room| async move { self.catch_up_room(&room, since).await })
+            .buffer_unordered(CONCURRENCY)
+            .collect()
+            .await;
+        let queued: usize = results.iter().filter_map(|r| r.as_ref().ok()).sum();
+        let failed: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+        if queued > 0 {
+            self.notify.notify_one();
+        }
+        if let Some(first) = failed.first() {
+            tracing::warn!(rooms = rooms.len(), failed = failed.len(), queued, error = %first, "catch-up incomplete; will try again");
+            return;
+        }
+        if queued > 0 {
+            tracing::warn!(
+                rooms = rooms.len(),
+                queued,
+                "catch-up: queued events the homeserver never sent"
+            );
+        } else {
+            tracing::info!(
+                rooms = rooms.len(),
+                "catch-up: the homeserver lost no events"
+            );
+        }
+        self.pending.store(false, Ordering::SeqCst);
+        self.seen_well().await;
+    }
+
+    /// Queues one room's events since `since` that were never queued; returns how many.
+    async fn catch_up_room(&self, room: &str, since: i64) -> Result<usize, String> {
+        let events = self.timeline.events_since(room, since).await?;
+        let sealed: Vec<_> = events
+            .into_iter()
+            .filter(|ev| ev["event_id"].is_string() && ev["room_id"].is_string())
+            .map(|ev| super::seal(&self.key, "pdu", ev))
+            .collect();
+        self.store
+            .queue_missed(&sealed)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::HashMap, sync::Mutex as StdMutex};
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::store::{QueuedEvent, StoreError, StoredEvent, TxnOutcome};
+
+    #[derive(Default)]
+    struct FakeHs {
+        down: AtomicBool,
+        outage: AtomicBool,
+        /// Per room: (timestamp, event id), oldest first.
+        rooms: StdMutex<HashMap<String, Vec<(i64, String)>>>,
+    }
+
+    impl FakeHs {
+        fn post(&self, room: &str, id: &str, ts: i64) {
+            let mut rooms = self.rooms.lock().unwrap();
+            rooms.entry(room.into()).or_default().push((ts, id.into()));
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Timeline for FakeHs {
+        async fn alive(&self) -> bool {
+            !self.down.load(Ordering::SeqCst)
+        }
+        async fn rooms(&self) -> Result<Vec<String>, String> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err("down".into());
+            }
+            let mut rooms: Vec<String> = self.rooms.lock().unwrap().keys().cloned().collect();
+            rooms.sort();
+            Ok(rooms)
+        }
+        async fn events_since(&self, room: &str, since_ms: i64) -> Result<Vec<Value>, String> {
+            if room == "!broken:x" {
+                return Err("500".into());
+            }
+            let rooms = self.rooms.lock().unwrap();
+            Ok(rooms[room]
+                .iter()
+                .filter(|(ts, _)| *ts >= since_ms)
+                .map(|(_, id)| json!({"event_id": id, "room_id": room, "type": "m.room.message"}))
+                .collect())
+        }
+        fn outage_seen(&self) -> bool {
+            self.outage.swap(false, Ordering::SeqCst)
+        }
+    }
+
+    #[derive(Default)]
+    struct FakeStore {
+        seen: StdMutex<std::collections::HashSet<String>>,
+        queued: StdMutex<Vec<String>>,
+        kv: StdMutex<HashMap<String, String>>,
+    }
+
+    #[async_trait::async_trait]
+    impl TxnStore for FakeStore {
+        async fn apply_transaction(
+            &self,
+            _: &str,
+            _: &[u8],
+            events: &[QueuedEvent],
+        ) -> Result<TxnOutcome, StoreError> {
+            self.queue_missed(events).await?;
+            Ok(TxnOutcome::Applied)
+        }
+        async fn queued_events_after(
+            &self,
+            _: i64,
+            _: i64,
+        ) -> Result<Vec<StoredEvent>, StoreError> {
+            Ok(vec![])
+        }
+        async fn queue_missed(&self, events: &[QueuedEvent]) -> Result<usize, StoreError> {
+            let mut n = 0;
+            for ev in events {
+                let id = ev.event_id.clone().expect("id");
+                if self.seen.lock().unwrap().insert(id.clone()) {
+                    self.queued.lock().unwrap().push(id);
+                    n += 1;
+                }
+            }
+            Ok(n)
+        }
+        async fn remove_event(&self, _: i64) -> Result<(), StoreError> {
+            Ok(())
+        }
+        async fn count_attempt(&self, _: i64) -> Result<(), StoreError> {
+            Ok(())
+        }
+        async fn prune_transactions(&self, _: i64) -> Result<u64, StoreError> {
+            Ok(0)
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl KvStore for FakeStore {
+        async fn kv_get(&self, key: &str) -> Result<Option<String>, StoreError> {
+            Ok(self.kv.lock().unwrap().get(key).cloned())
+        }
+        async fn kv_set(&self, key: &str, value: &str) -> Result<(), StoreError> {
+            self.kv.lock().unwrap().insert(key.into(), value.into());
+            Ok(())
+        }
+    }
+
+    async fn start(hs: &Arc<FakeHs>, store: &Arc<FakeStore>) -> CatchUp {
+        CatchUp::new(
+            hs.clone(),
+            store.clone(),
+            store.clone(),
+            SecretKey::random(),
+            Arc::new(Notify::new()),
+        )
+        .await
+    }
+
+    async fn deliver(c: &CatchUp, store: &FakeStore, id: &str) {
+        c.before_transaction().await;
+        let ev = super::super::seal(&c.key, "pdu", json!({"event_id": id, "room_id": "!r:x"}));
+        store.apply_transaction("t", b"h", &[ev]).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn events_lost_in_an_outage_are_queued_once_and_before_the_next_transaction() {
+        let hs = Arc::new(FakeHs::default());
+        let store = Arc::new(FakeStore::default());
+        let now = now_ms();
+        hs.post("!r:x", "$long-ago", now - 3_600_000);
+        let c = start(&hs, &store).await;
+        // First start: nothing to catch up from; from now on there is.
+        deliver(&c, &store, "$0").await;
+        hs.post("!r:x", "$0", now);
+        // $1 (and $2 in another room) were lost when the homeserver died.
+        hs.post("!r:x", "$1", now);
+        hs.post("!s:x", "$2", now);
+        hs.outage.store(true, Ordering::SeqCst);
+        deliver(&c, &store, "$3").await;
+        hs.post("!r:x", "$3", now);
+        assert_eq!(*store.queued.lock().unwrap(), ["$0", "$1", "$2", "$3"]);
+        // Another outage: nothing comes twice.
+        hs.outage.store(true, Ordering::SeqCst);
+        deliver(&c, &store, "$4").await;
+        assert_eq!(
+            *store.queued.lock().unwrap(),
+            ["$0", "$1", "$2", "$3", "$4"]
+        );
+
+        // A restart catches up from the mark kept in the database.
+        hs.post("!r:x", "$5", now);
+        let c = start(&hs, &store).await;
+        deliver(&c, &store, "$6").await;
+        assert_eq!(
+            *store.queued.lock().unwrap(),
+            ["$0", "$1", "$2", "$3", "$4", "$5", "$6"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_catch_up_that_fails_is_tried_again_and_keeps_what_it_got() {
+        let hs = Arc::new(FakeHs::default());
+        let store = Arc::new(FakeStore::default());
+        let c = start(&hs, &store).await;
+        c.before_transaction().await; // the first start sets the mark
+        hs.post("!r:x", "$1", now_ms());
+        hs.post("!broken:x", "$b", now_ms());
+        hs.outage.store(true, Ordering::SeqCst);
+        c.before_transaction().await;
+        assert!(
+            c.pending.load(Ordering::SeqCst),
+            "an incomplete catch-up stays pending"
+        );
+        assert_eq!(*store.queued.lock().unwrap(), ["$1"]);
+        hs.rooms.lock().unwrap().remove("!broken:x");
+        c.before_transaction().await;
+        assert!(
+            c.pending.load(Ordering::SeqCst),
+            "a transaction right after a failed catch-up does not start another"
+        );
+        c.tried_ms.store(0, Ordering::SeqCst);
+        c.before_transaction().await;
+        assert!(!c.pending.load(Ordering::SeqCst));
+        assert_eq!(*store.queued.lock().unwrap(), ["$1"]);
+    }
+}
