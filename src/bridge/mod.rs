@@ -17,6 +17,8 @@ use store::{PortalStore, StoreError, UserStore};
 
 mod chatinfo;
 pub mod commands;
+#[cfg(any(test, feature = "testing"))]
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod msgconv;

@@ -518,3 +518,35 @@ impl MatrixSide {
         let _ = self.crypto.set(crypto);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn homeserver_answers_carry_their_retry_class() {
+        use crate::bridge::RetryClass;
+        let api = |status, errcode: &str, retry_after| MatrixError::Api {
+            status,
+            errcode: errcode.into(),
+            message: String::new(),
+            retry_after,
+        };
+        let class = |e: MatrixError| BridgeError::from(e).retry_class();
+        assert_eq!(class(api(413, "M_TOO_LARGE", None)), RetryClass::Permanent);
+        assert_eq!(class(api(403, "M_FORBIDDEN", None)), RetryClass::Permanent);
+        assert_eq!(
+            class(api(
+                429,
+                "M_LIMIT_EXCEEDED",
+                Some(std::time::Duration::from_millis(1500))
+            )),
+            RetryClass::After(std::time::Duration::from_millis(1500))
+        );
+        assert_eq!(class(api(502, "M_UNKNOWN", None)), RetryClass::Transient);
+        assert_eq!(
+            class(MatrixError::Network("refused".into())),
+            RetryClass::Waiting
+        );
+    }
+}

@@ -159,3 +159,105 @@ impl RequestStore for SealedRequests {
             .map_err(BridgeError::from)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{store::testing, vault::SecretKey};
+
+    fn held(n: u32) -> HeldMessage {
+        HeldMessage {
+            from: "+15550002000".into(),
+            message_id: format!("m{n}"),
+            timestamp: u64::from(n),
+            data: format!("secret offer {n}").into_bytes(),
+        }
+    }
+
+    /// Requests and held messages come back as kept, held ones in order, and are never
+    /// plaintext in the database (nor its write-ahead log).
+    #[tokio::test]
+    async fn held_messages_are_sealed_at_rest_and_come_back_in_order() {
+        let (store, dir) = testing::sqlite().await;
+        let db = Arc::new(store);
+        let vault = Vault::open(SecretKey::random(), db.clone()).await.unwrap();
+        vault.data_key("@alice:x").await.unwrap();
+        let requests = SealedRequests::new(vault, db);
+        let request = MessageRequest {
+            chat_id: "+15550002000".into(),
+            group: false,
+            from: "+15550002000".into(),
+            name: "secret name".into(),
+            held: 11,
+            dropped: 0,
+            declined: false,
+            accepted: false,
+            held_bytes: 0,
+        };
+        requests.save_request("@alice:x", &request).await.unwrap();
+        for n in [0, 1, 2, 10] {
+            requests
+                .hold("@alice:x", "+15550002000", n, &held(n))
+                .await
+                .unwrap();
+        }
+        // Another chat whose id begins like this one's is another chat.
+        requests
+            .hold("@alice:x", "+1555000200", 0, &held(99))
+            .await
+            .unwrap();
+        let back = requests.held("@alice:x", "+15550002000").await.unwrap();
+        assert_eq!(
+            back.iter()
+                .map(|m| m.message_id.as_str())
+                .collect::<Vec<_>>(),
+            ["m0", "m1", "m2", "m10"]
+        );
+        assert_eq!(
+            requests.requests("@alice:x").await.unwrap(),
+            vec![request.clone()]
+        );
+        for file in ["test.db", "test.db-wal"] {
+            let bytes = std::fs::read(dir.path().join(file)).unwrap_or_default();
+            assert!(!bytes.windows(12).any(|w| w == b"secret offer"), "{file}");
+            assert!(!bytes.windows(11).any(|w| w == b"secret name"), "{file}");
+        }
+        requests
+            .forget("@alice:x", "+15550002000", true)
+            .await
+            .unwrap();
+        assert!(
+            requests
+                .held("@alice:x", "+15550002000")
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            requests
+                .held("@alice:x", "+1555000200")
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        assert!(
+            requests
+                .request("@alice:x", "+15550002000")
+                .await
+                .unwrap()
+                .is_some()
+        );
+        requests
+            .forget("@alice:x", "+15550002000", false)
+            .await
+            .unwrap();
+        assert!(
+            requests
+                .request("@alice:x", "+15550002000")
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+}

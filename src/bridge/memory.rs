@@ -1,0 +1,294 @@
+//! The core's stores in memory, for tests of the core's logic that need no database: the same
+//! answers as the SQL store and the vault-sealed requests (`store::portal`'s and
+//! `vault::requests`' own tests pin those down on both databases), without SQL or encryption.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Mutex, MutexGuard},
+};
+
+use async_trait::async_trait;
+
+use super::{
+    BridgeError,
+    requests::{HeldMessage, MessageRequest, RequestStore},
+    store::{PortalStore, StoreError, UserStore},
+    types::{GhostProfile, MappedMessage, Portal},
+};
+
+#[derive(Default)]
+struct Data {
+    logins: BTreeMap<String, String>,
+    /// In the order they were created, as the SQL store lists them.
+    portals: Vec<Portal>,
+    ghosts: HashMap<String, GhostProfile>,
+    map: Vec<MappedMessage>,
+    management_rooms: HashMap<String, String>,
+    requests: BTreeMap<(String, String), MessageRequest>,
+    held: BTreeMap<(String, String, u32), HeldMessage>,
+}
+
+/// Logins, portals, ghosts, the message map, management rooms and message requests in memory.
+#[derive(Default)]
+pub struct MemoryStore(Mutex<Data>);
+
+impl MemoryStore {
+    fn data(&self) -> MutexGuard<'_, Data> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[async_trait]
+impl PortalStore for MemoryStore {
+    async fn set_login(&self, mxid: &str, account: &str) -> Result<(), StoreError> {
+        self.data().logins.insert(mxid.into(), account.into());
+        Ok(())
+    }
+
+    async fn login(&self, mxid: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.data().logins.get(mxid).cloned())
+    }
+
+    async fn delete_login(&self, mxid: &str) -> Result<(), StoreError> {
+        self.data().logins.remove(mxid);
+        Ok(())
+    }
+
+    async fn all_logins(&self) -> Result<Vec<(String, String)>, StoreError> {
+        Ok(self
+            .data()
+            .logins
+            .iter()
+            .map(|(m, a)| (m.clone(), a.clone()))
+            .collect())
+    }
+
+    async fn portal(&self, receiver: &str, chat_id: &str) -> Result<Option<Portal>, StoreError> {
+        Ok(self
+            .data()
+            .portals
+            .iter()
+            .find(|p| p.receiver == receiver && p.chat_id == chat_id)
+            .cloned())
+    }
+
+    async fn portal_by_room(&self, room_id: &str) -> Result<Option<Portal>, StoreError> {
+        Ok(self
+            .data()
+            .portals
+            .iter()
+            .find(|p| p.room_id.as_deref() == Some(room_id))
+            .cloned())
+    }
+
+    async fn save_portal(&self, p: &Portal) -> Result<(), StoreError> {
+        let mut data = self.data();
+        let taken = p.room_id.is_some()
+            && data.portals.iter().any(|q| {
+                q.room_id == p.room_id && (q.receiver != p.receiver || q.chat_id != p.chat_id)
+            });
+        if taken {
+            // The SQL store's unique index on the room.
+            return Err(StoreError::failed("the room belongs to another portal"));
+        }
+        match data
+            .portals
+            .iter_mut()
+            .find(|q| q.receiver == p.receiver && q.chat_id == p.chat_id)
+        {
+            Some(q) => *q = p.clone(),
+            None => data.portals.push(p.clone()),
+        }
+        Ok(())
+    }
+
+    async fn update_portal_look(&self, p: &Portal) -> Result<(), StoreError> {
+        let mut data = self.data();
+        if let Some(q) = data
+            .portals
+            .iter_mut()
+            .find(|q| q.receiver == p.receiver && q.chat_id == p.chat_id && q.room_id == p.room_id)
+        {
+            q.name.clone_from(&p.name);
+            q.avatar_blob.clone_from(&p.avatar_blob);
+            q.avatar_mxc.clone_from(&p.avatar_mxc);
+        }
+        Ok(())
+    }
+
+    async fn delete_portal(&self, receiver: &str, chat_id: &str) -> Result<(), StoreError> {
+        let mut data = self.data();
+        let room = data
+            .portals
+            .iter()
+            .find(|p| p.receiver == receiver && p.chat_id == chat_id)
+            .and_then(|p| p.room_id.clone());
+        if let Some(room) = room {
+            data.map.retain(|m| m.room_id != room);
+        }
+        data.portals
+            .retain(|p| !(p.receiver == receiver && p.chat_id == chat_id));
+        Ok(())
+    }
+
+    async fn portals_of(&self, receiver: &str) -> Result<Vec<Portal>, StoreError> {
+        Ok(self
+            .data()
+            .portals
+            .iter()
+            .filter(|p| p.receiver == receiver)
+            .cloned()
+            .collect())
+    }
+
+    async fn ghost_profile(&self, account: &str) -> Result<Option<GhostProfile>, StoreError> {
+        Ok(self.data().ghosts.get(account).cloned())
+    }
+
+    async fn save_ghost(
+        &self,
+        account: &str,
+        _mxid: &str,
+        profile: &GhostProfile,
+    ) -> Result<(), StoreError> {
+        self.data().ghosts.insert(account.into(), profile.clone());
+        Ok(())
+    }
+
+    async fn map_message(&self, m: &MappedMessage) -> Result<(), StoreError> {
+        let mut data = self.data();
+        // Both of the SQL store's keys; a second row for either is ignored.
+        let known = data.map.iter().any(|o| {
+            o.room_id == m.room_id
+                && (o.event_id == m.event_id
+                    || (o.message_id == m.message_id && o.sender == m.sender && o.part == m.part))
+        });
+        if !known {
+            data.map.push(m.clone());
+        }
+        Ok(())
+    }
+
+    async fn by_message(
+        &self,
+        room_id: &str,
+        message_id: &str,
+        part: &str,
+    ) -> Result<Option<MappedMessage>, StoreError> {
+        Ok(self
+            .data()
+            .map
+            .iter()
+            .find(|m| m.room_id == room_id && m.message_id == message_id && m.part == part)
+            .cloned())
+    }
+
+    async fn by_event(
+        &self,
+        room_id: &str,
+        event_id: &str,
+    ) -> Result<Option<MappedMessage>, StoreError> {
+        Ok(self
+            .data()
+            .map
+            .iter()
+            .find(|m| m.room_id == room_id && m.event_id == event_id)
+            .cloned())
+    }
+
+    async fn unmap_event(&self, room_id: &str, event_id: &str) -> Result<(), StoreError> {
+        self.data()
+            .map
+            .retain(|m| !(m.room_id == room_id && m.event_id == event_id));
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl UserStore for MemoryStore {
+    async fn management_room(&self, mxid: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.data().management_rooms.get(mxid).cloned())
+    }
+
+    async fn set_management_room(&self, mxid: &str, room_id: &str) -> Result<(), StoreError> {
+        self.data()
+            .management_rooms
+            .insert(mxid.into(), room_id.into());
+        Ok(())
+    }
+
+    async fn management_room_owner(&self, room_id: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .data()
+            .management_rooms
+            .iter()
+            .find(|(_, r)| *r == room_id)
+            .map(|(m, _)| m.clone()))
+    }
+}
+
+#[async_trait]
+impl RequestStore for MemoryStore {
+    async fn request(
+        &self,
+        receiver: &str,
+        chat_id: &str,
+    ) -> Result<Option<MessageRequest>, BridgeError> {
+        let key = (receiver.to_owned(), chat_id.to_owned());
+        Ok(self.data().requests.get(&key).cloned())
+    }
+
+    async fn save_request(&self, receiver: &str, r: &MessageRequest) -> Result<(), BridgeError> {
+        let key = (receiver.to_owned(), r.chat_id.clone());
+        self.data().requests.insert(key, r.clone());
+        Ok(())
+    }
+
+    async fn requests(&self, receiver: &str) -> Result<Vec<MessageRequest>, BridgeError> {
+        Ok(self
+            .data()
+            .requests
+            .iter()
+            .filter(|((r, _), _)| r == receiver)
+            .map(|(_, req)| req.clone())
+            .collect())
+    }
+
+    async fn hold(
+        &self,
+        receiver: &str,
+        chat_id: &str,
+        seq: u32,
+        m: &HeldMessage,
+    ) -> Result<(), BridgeError> {
+        let key = (receiver.to_owned(), chat_id.to_owned(), seq);
+        self.data().held.insert(key, m.clone());
+        Ok(())
+    }
+
+    async fn held(&self, receiver: &str, chat_id: &str) -> Result<Vec<HeldMessage>, BridgeError> {
+        Ok(self
+            .data()
+            .held
+            .iter()
+            .filter(|((r, c, _), _)| r == receiver && c == chat_id)
+            .map(|(_, m)| m.clone())
+            .collect())
+    }
+
+    async fn forget(
+        &self,
+        receiver: &str,
+        chat_id: &str,
+        keep_request: bool,
+    ) -> Result<(), BridgeError> {
+        let mut data = self.data();
+        data.held
+            .retain(|(r, c, _), _| !(r == receiver && c == chat_id));
+        if !keep_request {
+            data.requests
+                .remove(&(receiver.to_owned(), chat_id.to_owned()));
+        }
+        Ok(())
+    }
+}
