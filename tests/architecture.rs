@@ -143,7 +143,12 @@ fn linked(meta: &Value) -> BTreeMap<String, BTreeSet<String>> {
 #[test]
 fn every_crate_links_only_what_the_architecture_allows() {
     let linked = linked(&metadata());
-    for required in ["matrix-interop-bridge", "mib-wire", "mib-gateway"] {
+    for required in [
+        "matrix-interop-bridge",
+        "mib-core",
+        "mib-wire",
+        "mib-gateway",
+    ] {
         assert!(
             linked.contains_key(required),
             "{required} is not in the workspace"
@@ -171,4 +176,6 @@ fn the_rules_see_real_dependencies() {
     assert!(linked["mib-gateway"].contains("sqlx"));
     assert!(linked["matrix-interop-bridge"].contains("mib-wire"));
     assert!(linked["matrix-interop-bridge"].contains("ruma"));
+    assert!(linked["matrix-interop-bridge"].contains("mib-core"));
+    assert!(linked["mib-core"].contains("serde_json"));
 }

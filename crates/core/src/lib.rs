@@ -1,6 +1,10 @@
 //! The bridge core: decides what happens for each Matrix event and each interop event, and talks
-//! to both sides and to the store only through traits (no axum, sqlx or Signal types here).
-//! Modelled on mautrix-go bridgev2: one core, a Matrix connector and a network connector.
+//! to both sides and to the store only through its own traits (`MatrixConnector`, `Network`,
+//! `store::PortalStore` and the rest). Modelled on mautrix-go bridgev2: one core, a Matrix
+//! connector and a network connector.
+//!
+//! It must never depend on either side, the store, the wire protocol or the gateway, nor on an
+//! HTTP, SQL, Signal or protobuf crate (`tests/architecture.rs` checks it).
 
 use std::{
     collections::{HashMap, HashSet},

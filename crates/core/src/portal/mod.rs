@@ -16,7 +16,7 @@ use super::{
     network::{GroupInfo, NetAccount, NetError, NetEvent, NetTarget},
     types::{MappedMessage, Portal, PortalKind},
 };
-use crate::bridge::settings::PermissionLevel;
+use crate::settings::PermissionLevel;
 
 impl From<NetError> for BridgeError {
     fn from(e: NetError) -> Self {
@@ -232,7 +232,7 @@ impl Bridge {
     ) -> Result<(), BridgeError> {
         self.metrics
             .not_bridged
-            .get_or_create(&crate::bridge::metrics::ReasonLabels {
+            .get_or_create(&crate::metrics::ReasonLabels {
                 reason: why.reason().to_owned(),
             })
             .inc();

@@ -31,7 +31,7 @@ impl Bridge {
                         Some((message_id.as_str(), *timestamp, data)),
                     )
                     .await?;
-                if gate == crate::bridge::requests::Gate::Closed {
+                if gate == crate::requests::Gate::Closed {
                     return Ok(());
                 }
                 let started = std::time::Instant::now();
@@ -170,7 +170,7 @@ impl Bridge {
             .clone()
             .ok_or_else(|| BridgeError::Matrix("portal without room".into()))?;
         // The sender's time, so that a backlog does not show up as "now"; never in the future.
-        let ts = (timestamp > 0).then(|| timestamp.min(crate::bridge::now_ms()));
+        let ts = (timestamp > 0).then(|| timestamp.min(crate::now_ms()));
         if self
             .portals
             .by_message(&room, message_id, "")

@@ -112,6 +112,6 @@ fn default_permissions() -> BTreeMap<String, String> {
 }
 
 /// `true`, as a serde default.
-pub(crate) fn yes() -> bool {
+pub fn yes() -> bool {
     true
 }
