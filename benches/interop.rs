@@ -14,11 +14,11 @@ use libsignal_protocol::{
     process_sender_key_distribution_message,
 };
 use matrix_interop_bridge::{
-    interop::GatewayConn,
-    vault::{
-        SecretKey,
-        signal::testing::{addr, decrypt, encrypt, session_to, store},
+    interop::{
+        GatewayConn,
+        signal_store::testing::{addr, decrypt, encrypt, session_to, store},
     },
+    vault::SecretKey,
     wire::{
         noise::StaticKey,
         pb::{self, stanza::Body},

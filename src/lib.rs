@@ -17,7 +17,10 @@ pub mod interop;
 pub mod matrix;
 pub mod registration;
 pub mod store;
-pub mod vault;
+
+/// Encryption at rest (its own crate, `mib-vault`): master key, per-owner data keys, sealed
+/// records.
+pub use mib_vault as vault;
 
 /// The bridge core (its own crate, `mib-core`): kept at this path for the sides and the binary.
 pub use mib_core as bridge;

@@ -388,7 +388,7 @@ fn assemble(
             .unwrap_or(2),
     );
     let vault_store: Arc<dyn VaultStore> = Arc::new(store.clone());
-    let requests = Arc::new(matrix_interop_bridge::vault::requests::SealedRequests::new(
+    let requests = Arc::new(matrix_interop_bridge::store::requests::SealedRequests::new(
         vault.clone(),
         vault_store.clone(),
     ));

@@ -325,9 +325,10 @@ async fn gateway_restart_loses_no_envelope_and_db_holds_no_secrets() {
     let vault = common::interop::reopen_vault(&b).await;
     let db: std::sync::Arc<dyn matrix_interop_bridge::vault::VaultStore> =
         std::sync::Arc::new(b.store.clone());
-    let signal = matrix_interop_bridge::vault::signal::SignalStore::open("@owner:test", vault, db)
-        .await
-        .expect("open");
+    let signal =
+        matrix_interop_bridge::interop::signal_store::SignalStore::open("@owner:test", vault, db)
+            .await
+            .expect("open");
     let private = signal.identity_key_pair().private_key().serialize();
     b.store.close().await;
     let mut files = 0;

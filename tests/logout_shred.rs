@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use common::interop::{TestGateway, body_of, random_account, register_ours, text};
 use matrix_interop_bridge::{
-    interop::{SignalRuntime, Target},
-    vault::{VaultError, VaultStore, signal::SignalStore},
+    interop::{SignalRuntime, Target, signal_store::SignalStore},
+    vault::{VaultError, VaultStore},
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,9 @@ use libsignal_protocol::{
     create_sender_key_distribution_message, group_decrypt, group_encrypt,
     process_sender_key_distribution_message,
 };
-use matrix_interop_bridge::vault::signal::testing::{addr, decrypt, encrypt, session_to, store};
+use matrix_interop_bridge::interop::signal_store::testing::{
+    addr, decrypt, encrypt, session_to, store,
+};
 
 #[tokio::test(flavor = "current_thread")]
 async fn one_to_one_messages_decrypt_in_any_order() {

@@ -7,13 +7,8 @@ use libsignal_protocol::{
     kem,
 };
 
-use crate::{
-    vault::{
-        VaultError,
-        signal::{SignalStore, kind as vault_kind},
-    },
-    wire::pb,
-};
+use super::signal_store::{SignalStore, kind as vault_kind};
+use crate::{vault::VaultError, wire::pb};
 
 /// Id of the Kyber last-resort prekey; one-time Kyber prekeys use ids below it.
 pub const LAST_RESORT_KYBER_ID: u32 = 0x00FF_FFFF;

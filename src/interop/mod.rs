@@ -8,6 +8,7 @@ pub mod convert;
 pub mod keys;
 pub mod media;
 pub mod runtime;
+pub mod signal_store;
 
 pub use account::{AccountHandle, Event, Target};
 pub use conn::{GatewayAddr, GatewayConn, InteropError};

@@ -20,6 +20,7 @@ use crate::config::{DatabaseConfig, DatabaseType};
 
 pub mod crypto;
 pub mod portal;
+pub mod requests;
 mod vault;
 
 pub type AnyPool = Pool<sqlx::Any>;

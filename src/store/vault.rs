@@ -3,17 +3,19 @@
 use async_trait::async_trait;
 use sqlx::Row;
 
-use super::{SqlStore, StoreError};
+use super::{Db, SqlStore, StoreError};
+use crate::bridge::store::StoreError as CoreError;
 use crate::vault::VaultStore;
 
 #[async_trait]
 impl VaultStore for SqlStore {
-    async fn wrapped_key(&self, owner: &str) -> Result<Option<Vec<u8>>, StoreError> {
+    async fn wrapped_key(&self, owner: &str) -> Result<Option<Vec<u8>>, CoreError> {
         Ok(
             sqlx::query_scalar("SELECT wrapped FROM vault_key WHERE owner = $1")
                 .bind(owner)
                 .fetch_optional(self.pool())
-                .await?,
+                .await
+                .db()?,
         )
     }
 
@@ -22,30 +24,33 @@ impl VaultStore for SqlStore {
         owner: &str,
         wrapped: &[u8],
         master_key_id: &str,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), CoreError> {
         sqlx::query("INSERT INTO vault_key (owner, wrapped, master_key_id) VALUES ($1, $2, $3)")
             .bind(owner)
             .bind(wrapped)
             .bind(master_key_id)
             .execute(self.pool())
-            .await?;
+            .await
+            .db()?;
         Ok(())
     }
 
-    async fn any_master_key_id(&self) -> Result<Option<String>, StoreError> {
+    async fn any_master_key_id(&self) -> Result<Option<String>, CoreError> {
         Ok(
             sqlx::query_scalar("SELECT master_key_id FROM vault_key LIMIT 1")
                 .fetch_optional(self.pool())
-                .await?,
+                .await
+                .db()?,
         )
     }
 
-    async fn all_wrapped_keys(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    async fn all_wrapped_keys(&self) -> Result<Vec<(String, Vec<u8>)>, CoreError> {
         let rows = sqlx::query("SELECT owner, wrapped FROM vault_key ORDER BY owner")
             .fetch_all(self.pool())
-            .await?;
+            .await
+            .db()?;
         rows.iter()
-            .map(|r| Ok((r.try_get("owner")?, r.try_get("wrapped")?)))
+            .map(|r| Ok((r.try_get("owner").db()?, r.try_get("wrapped").db()?)))
             .collect()
     }
 
@@ -53,31 +58,34 @@ impl VaultStore for SqlStore {
         &self,
         keys: &[(String, Vec<u8>)],
         master_key_id: &str,
-    ) -> Result<(), StoreError> {
-        let mut tx = self.pool().begin().await?;
+    ) -> Result<(), CoreError> {
+        let mut tx = self.pool().begin().await.db()?;
         for (owner, wrapped) in keys {
             sqlx::query("UPDATE vault_key SET wrapped = $1, master_key_id = $2 WHERE owner = $3")
                 .bind(&wrapped[..])
                 .bind(master_key_id)
                 .bind(owner.as_str())
                 .execute(&mut *tx)
-                .await?;
+                .await
+                .db()?;
         }
-        tx.commit().await?;
+        tx.commit().await.db()?;
         Ok(())
     }
 
-    async fn destroy_owner(&self, owner: &str) -> Result<(), StoreError> {
-        let mut tx = self.pool().begin().await?;
+    async fn destroy_owner(&self, owner: &str) -> Result<(), CoreError> {
+        let mut tx = self.pool().begin().await.db()?;
         sqlx::query("DELETE FROM vault_key WHERE owner = $1")
             .bind(owner)
             .execute(&mut *tx)
-            .await?;
+            .await
+            .db()?;
         sqlx::query("DELETE FROM vault_record WHERE owner = $1")
             .bind(owner)
             .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
+            .await
+            .db()?;
+        tx.commit().await.db()?;
         // SQLite keeps the deleted pages (the wrapped key among them) in its write-ahead log
         // until a checkpoint: write them back, overwritten (`secure_delete`), and empty the log.
         if self.kind() == crate::config::DatabaseType::Sqlite
@@ -95,7 +103,7 @@ impl VaultStore for SqlStore {
         owner: &str,
         kind: &str,
         name: &str,
-    ) -> Result<Option<Vec<u8>>, StoreError> {
+    ) -> Result<Option<Vec<u8>>, CoreError> {
         Ok(sqlx::query_scalar(
             "SELECT sealed FROM vault_record WHERE owner = $1 AND kind = $2 AND name = $3",
         )
@@ -103,7 +111,8 @@ impl VaultStore for SqlStore {
         .bind(kind)
         .bind(name)
         .fetch_optional(self.pool())
-        .await?)
+        .await
+        .db()?)
     }
 
     async fn put_record(
@@ -112,18 +121,19 @@ impl VaultStore for SqlStore {
         kind: &str,
         name: &str,
         sealed: &[u8],
-    ) -> Result<(), StoreError> {
-        let mut conn = self.pool().acquire().await?;
-        write_record(&mut conn, owner, kind, name, Some(sealed)).await
+    ) -> Result<(), CoreError> {
+        let mut conn = self.pool().acquire().await.db()?;
+        Ok(write_record(&mut conn, owner, kind, name, Some(sealed)).await?)
     }
 
-    async fn delete_record(&self, owner: &str, kind: &str, name: &str) -> Result<(), StoreError> {
+    async fn delete_record(&self, owner: &str, kind: &str, name: &str) -> Result<(), CoreError> {
         sqlx::query("DELETE FROM vault_record WHERE owner = $1 AND kind = $2 AND name = $3")
             .bind(owner)
             .bind(kind)
             .bind(name)
             .execute(self.pool())
-            .await?;
+            .await
+            .db()?;
         Ok(())
     }
 
@@ -131,29 +141,30 @@ impl VaultStore for SqlStore {
         &self,
         owner: &str,
         writes: &[(String, String, Option<Vec<u8>>)],
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), CoreError> {
         // One statement is atomic on its own: the common single write (a session after a
         // message) skips BEGIN and COMMIT, two round trips to the database.
         if let [(kind, name, sealed)] = writes {
-            let mut conn = self.pool().acquire().await?;
-            return write_record(&mut conn, owner, kind, name, sealed.as_deref()).await;
+            let mut conn = self.pool().acquire().await.db()?;
+            return Ok(write_record(&mut conn, owner, kind, name, sealed.as_deref()).await?);
         }
-        let mut tx = self.pool().begin().await?;
+        let mut tx = self.pool().begin().await.db()?;
         for (kind, name, sealed) in writes {
             write_record(&mut tx, owner, kind, name, sealed.as_deref()).await?;
         }
-        tx.commit().await?;
+        tx.commit().await.db()?;
         Ok(())
     }
 
-    async fn record_names(&self, owner: &str, kind: &str) -> Result<Vec<String>, StoreError> {
+    async fn record_names(&self, owner: &str, kind: &str) -> Result<Vec<String>, CoreError> {
         Ok(sqlx::query_scalar(
             "SELECT name FROM vault_record WHERE owner = $1 AND kind = $2 ORDER BY name",
         )
         .bind(owner)
         .bind(kind)
         .fetch_all(self.pool())
-        .await?)
+        .await
+        .db()?)
     }
 }
 

@@ -221,7 +221,7 @@ impl Actor {
                     .map_err(|e| Undecryptable::Invalid(format!("undecodable content: {e}")))
             }
             Err(SignalProtocolError::DuplicatedMessage(..)) => Ok(None),
-            // The vault's database, not the message, failed (vault/signal.rs).
+            // The vault's database, not the message, failed (interop/signal_store.rs).
             Err(SignalProtocolError::InvalidState("vault store", e)) => {
                 Err(Undecryptable::StoreUnavailable(format!("vault store: {e}")))
             }

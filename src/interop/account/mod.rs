@@ -29,7 +29,8 @@ use super::{
     runtime::SignalRuntime,
 };
 use crate::{
-    vault::{Vault, VaultStore, signal::SignalStore},
+    interop::signal_store::SignalStore,
+    vault::{Vault, VaultStore},
     wire::{
         DEVICE_ID,
         content::{self, Content, DataMessage, content::Body as CBody},

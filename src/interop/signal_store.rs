@@ -17,7 +17,7 @@ use libsignal_protocol::{
 use std::sync::Arc;
 use uuid::Uuid;
 
-use super::{Vault, VaultError, VaultStore};
+use crate::vault::{Vault, VaultError, VaultStore};
 
 type SResult<T> = Result<T, SignalProtocolError>;
 /// (record kind, record name)
@@ -225,13 +225,13 @@ impl SignalStore {
         for ((k, name), v) in &pending {
             let sealed = v
                 .as_ref()
-                .map(|plain| key.seal(&super::record_ad(owner, k, name), plain));
+                .map(|plain| key.seal(&crate::vault::record_ad(owner, k, name), plain));
             writes.push((k.to_string(), name.clone(), sealed));
         }
         for (k, name, v) in extra {
             let sealed = v
                 .as_ref()
-                .map(|plain| key.seal(&super::record_ad(owner, k, &name), plain));
+                .map(|plain| key.seal(&crate::vault::record_ad(owner, k, &name), plain));
             self.inner
                 .state
                 .borrow_mut()
@@ -417,7 +417,7 @@ impl KyberPreKeyStore for KyberPreKeys {
         _: &PublicKey,
     ) -> SResult<()> {
         // One-time Kyber prekeys have ids below the last-resort id; the last-resort one is kept.
-        if u32::from(id) < crate::interop::keys::LAST_RESORT_KYBER_ID {
+        if u32::from(id) < super::keys::LAST_RESORT_KYBER_ID {
             self.0
                 .set(kind::KYBER_PREKEY, u32::from(id).to_string(), None);
         }

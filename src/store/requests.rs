@@ -6,11 +6,11 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde::{Serialize, de::DeserializeOwned};
 
-use super::{Vault, VaultError, VaultStore, record_ad};
 use crate::bridge::{
     BridgeError,
     requests::{HeldMessage, MessageRequest, RequestStore},
 };
+use crate::vault::{Vault, VaultError, VaultStore, record_ad};
 
 const REQUEST: &str = "request";
 const HELD: &str = "held";

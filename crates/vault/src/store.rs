@@ -2,7 +2,7 @@
 
 use async_trait::async_trait;
 
-use crate::store::StoreError;
+use mib_core::store::StoreError;
 
 #[async_trait]
 pub trait VaultStore: Send + Sync {

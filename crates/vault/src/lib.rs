@@ -6,6 +6,10 @@
 //! data, so a record copied to another row or owner fails to open. Destroying an owner's data key
 //! makes all of its records unreadable (crypto-shredding); rotating the master key re-wraps the
 //! data keys and leaves the records untouched.
+//!
+//! Its own crate, so that the store and both sides can seal with it while none of them depends
+//! on another: it must never link a bridge side, the store, SQL, HTTP, Matrix or Signal
+//! (`tests/architecture.rs` checks it). Where records live is the [`VaultStore`] trait's.
 
 use std::{collections::HashMap, fmt, path::Path, sync::Arc};
 
@@ -19,8 +23,6 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
-pub mod requests;
-pub mod signal;
 pub mod store;
 
 pub use store::VaultStore;
@@ -43,7 +45,7 @@ pub enum VaultError {
     #[error("no data key for this owner (logged out, or never logged in)")]
     NoDataKey,
     #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] mib_core::store::StoreError),
 }
 
 /// A 256-bit symmetric key, zeroized on drop and never printed.
@@ -163,7 +165,8 @@ fn wrap_ad(owner: &str) -> Vec<u8> {
     format!("mib/data-key/v1\0{owner}").into_bytes()
 }
 
-fn record_ad(owner: &str, kind: &str, name: &str) -> Vec<u8> {
+/// The associated data that binds a sealed record to its owner, kind and name.
+pub fn record_ad(owner: &str, kind: &str, name: &str) -> Vec<u8> {
     format!("mib/record/v1\0{owner}\0{kind}\0{name}").into_bytes()
 }
 
