@@ -5,7 +5,8 @@
 //! - [`bridge`]: the core, the crate `mib-core` (commands, portals, ghosts, logins, its own
 //!   message model in [`bridge::model`]); it links no protobuf, SQL, HTTP or Signal crate.
 //! - [`interop`]: the network side (gateway connection, Signal sessions, content mapping).
-//! - [`store`] and [`vault`]: persistence, and envelope encryption of secrets at rest.
+//! - [`store`] and [`vault`]: persistence (`mib-store`) and envelope encryption of secrets at rest
+//!   (`mib-vault`).
 //!
 //! The wire protocol is the crate `mib-wire`, re-exported as [`wire`]. This crate must never
 //! link the reference gateway (`mib-gateway`); `tests/architecture.rs` checks it, and the rules
@@ -16,7 +17,9 @@ pub mod config;
 pub mod interop;
 pub mod matrix;
 pub mod registration;
-pub mod store;
+
+/// Persistence (its own crate, `mib-store`): sqlx, migrations, every store trait's implementation.
+pub use mib_store as store;
 
 /// Encryption at rest (its own crate, `mib-vault`): master key, per-owner data keys, sealed
 /// records.

@@ -197,4 +197,6 @@ fn the_rules_see_real_dependencies() {
     assert!(linked["matrix-interop-bridge"].contains("mib-core"));
     assert!(linked["mib-core"].contains("serde_json"));
     assert!(linked["mib-vault"].contains("chacha20poly1305"));
+    assert!(linked["mib-store"].contains("sqlx"));
+    assert!(linked["mib-store"].contains("mib-core"));
 }

@@ -5,11 +5,10 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use url::Url;
-
 use super::{ConfigError, invalid};
 use crate::bridge::settings::yes;
 pub use crate::bridge::settings::{BridgeConfig, PermissionLevel, RelayConfig};
+pub use crate::store::settings::{DatabaseConfig, DatabaseType};
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -72,66 +71,6 @@ impl Default for BotConfig {
             username: default_bot_username(),
             displayname: default_bot_displayname(),
             avatar: String::new(),
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum DatabaseType {
-    Sqlite,
-    Postgres,
-}
-
-#[derive(Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct DatabaseConfig {
-    #[serde(rename = "type", default = "default_db_type")]
-    pub kind: String,
-    #[serde(default = "default_db_uri")]
-    pub uri: String,
-    #[serde(default = "default_max_conns")]
-    pub max_connections: u32,
-    #[serde(default = "default_min_conns")]
-    pub min_connections: u32,
-}
-
-impl DatabaseConfig {
-    /// The database kind; valid after [`Config::validate`].
-    pub fn db_type(&self) -> DatabaseType {
-        if self.kind == "postgres" {
-            DatabaseType::Postgres
-        } else {
-            DatabaseType::Sqlite
-        }
-    }
-}
-
-impl fmt::Debug for DatabaseConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // The URI may hold a password.
-        let uri = Url::parse(&self.uri)
-            .map(|mut u| {
-                if u.password().is_some() {
-                    let _ = u.set_password(Some("redacted"));
-                }
-                u.to_string()
-            })
-            .unwrap_or_else(|_| "<unparsable>".to_owned());
-        f.debug_struct("DatabaseConfig")
-            .field("type", &self.kind)
-            .field("uri", &uri)
-            .finish()
-    }
-}
-
-impl Default for DatabaseConfig {
-    fn default() -> Self {
-        Self {
-            kind: default_db_type(),
-            uri: default_db_uri(),
-            max_connections: default_max_conns(),
-            min_connections: default_min_conns(),
         }
     }
 }
@@ -340,18 +279,6 @@ fn default_username_template() -> String {
 }
 fn default_max_body() -> usize {
     10 * 1024 * 1024
-}
-fn default_db_type() -> String {
-    "sqlite".into()
-}
-fn default_db_uri() -> String {
-    "sqlite://matrix-interop-bridge.db".into()
-}
-fn default_max_conns() -> u32 {
-    5
-}
-fn default_min_conns() -> u32 {
-    1
 }
 fn default_gateway() -> String {
     "127.0.0.1:29400".into()

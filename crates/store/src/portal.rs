@@ -1,12 +1,12 @@
 //! Logins, portals, ghosts and the message map.
 
-use crate::bridge::store::StoreError as CoreError;
 use async_trait::async_trait;
+use mib_core::store::StoreError as CoreError;
 use sqlx::Row;
 
 use super::{Db, SqlStore, StoreError, now_ms};
 
-pub use crate::bridge::{
+pub use mib_core::{
     store::PortalStore,
     types::{GhostProfile, MappedMessage, Portal, PortalKind},
 };
@@ -288,7 +288,7 @@ impl PortalStore for SqlStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::testing;
+    use crate::testing;
 
     macro_rules! suite {
         ($($name:ident),* $(,)?) => {

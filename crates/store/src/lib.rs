@@ -2,8 +2,12 @@
 //! migrations of `migrations/{sqlite,postgres}`, and the store traits the rest of the bridge uses.
 //! Queries are written once in the subset of SQL both databases accept (`$n` placeholders in
 //! first-use order, which SQLite binds positionally); dialect differences live in the migrations.
+//!
+//! It implements the core's store traits, the vault's, matrix-sdk-crypto's `CryptoStore` and the
+//! appservice queue's; it must never depend on the Matrix or interop side, the gateway or an
+//! HTTP server (`tests/architecture.rs` checks it).
 
-use crate::bridge::store::StoreError as CoreError;
+use mib_core::store::StoreError as CoreError;
 use std::{
     sync::{Arc, Once},
     time::Duration,
@@ -16,17 +20,18 @@ use sqlx::{
     pool::Pool,
 };
 
-use crate::config::{DatabaseConfig, DatabaseType};
+use crate::settings::{DatabaseConfig, DatabaseType};
 
 pub mod crypto;
 pub mod portal;
 pub mod requests;
+pub mod settings;
 mod vault;
 
 pub type AnyPool = Pool<sqlx::Any>;
 
-static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
-static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -41,7 +46,7 @@ pub enum StoreError {
 }
 
 /// The store's error as the core sees it: its message, and whether it comes back by itself.
-impl From<StoreError> for crate::bridge::store::StoreError {
+impl From<StoreError> for mib_core::store::StoreError {
     fn from(e: StoreError) -> Self {
         if e.is_unavailable() {
             Self::unavailable(e)
@@ -51,9 +56,9 @@ impl From<StoreError> for crate::bridge::store::StoreError {
     }
 }
 
-impl From<StoreError> for crate::bridge::BridgeError {
+impl From<StoreError> for mib_core::BridgeError {
     fn from(e: StoreError) -> Self {
-        crate::bridge::BridgeError::Store(e.into())
+        mib_core::BridgeError::Store(e.into())
     }
 }
 
@@ -158,7 +163,7 @@ pub trait TxnStore: Send + Sync {
     async fn prune_transactions(&self, max_age_ms: i64) -> Result<u64, StoreError>;
 }
 
-pub use crate::bridge::store::UserStore;
+pub use mib_core::store::UserStore;
 
 #[async_trait]
 pub trait KvStore: Send + Sync {
@@ -179,7 +184,7 @@ pub struct SqlStore {
 
 /// The core's clock, as stored (milliseconds since the Unix epoch).
 pub fn now_ms() -> i64 {
-    crate::bridge::now_ms() as i64
+    mib_core::now_ms() as i64
 }
 
 impl SqlStore {

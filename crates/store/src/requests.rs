@@ -6,11 +6,11 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde::{Serialize, de::DeserializeOwned};
 
-use crate::bridge::{
+use mib_core::{
     BridgeError,
     requests::{HeldMessage, MessageRequest, RequestStore},
 };
-use crate::vault::{Vault, VaultError, VaultStore, record_ad};
+use mib_vault::{Vault, VaultError, VaultStore, record_ad};
 
 const REQUEST: &str = "request";
 const HELD: &str = "held";
@@ -163,7 +163,8 @@ impl RequestStore for SealedRequests {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{store::testing, vault::SecretKey};
+    use crate::testing;
+    use mib_vault::SecretKey;
 
     fn held(n: u32) -> HeldMessage {
         HeldMessage {

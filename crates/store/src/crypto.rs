@@ -42,7 +42,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use zeroize::Zeroizing;
 
 use super::SqlStore;
-use crate::vault::SecretKey;
+use mib_vault::SecretKey;
 
 type Result<T, E = CryptoStoreError> = std::result::Result<T, E>;
 
@@ -985,7 +985,7 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
-    use crate::store::testing;
+    use crate::testing;
 
     macro_rules! crypto_suite {
         ($($name:ident),* $(,)?) => {

@@ -4,8 +4,8 @@ use async_trait::async_trait;
 use sqlx::Row;
 
 use super::{Db, SqlStore, StoreError};
-use crate::bridge::store::StoreError as CoreError;
-use crate::vault::VaultStore;
+use mib_core::store::StoreError as CoreError;
+use mib_vault::VaultStore;
 
 #[async_trait]
 impl VaultStore for SqlStore {
@@ -88,7 +88,7 @@ impl VaultStore for SqlStore {
         tx.commit().await.db()?;
         // SQLite keeps the deleted pages (the wrapped key among them) in its write-ahead log
         // until a checkpoint: write them back, overwritten (`secure_delete`), and empty the log.
-        if self.kind() == crate::config::DatabaseType::Sqlite
+        if self.kind() == crate::settings::DatabaseType::Sqlite
             && let Err(e) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
                 .execute(self.pool())
                 .await
@@ -205,10 +205,9 @@ async fn write_record(
 mod tests {
     use std::sync::Arc;
 
-    use crate::{
-        store::{SqlStore, testing},
-        vault::{SecretKey, Vault, VaultError, VaultStore},
-    };
+    use mib_vault::{SecretKey, Vault, VaultError, VaultStore};
+
+    use crate::{SqlStore, testing};
 
     macro_rules! vault_suite {
         ($($name:ident),* $(,)?) => {
