@@ -279,6 +279,11 @@ impl Bridge {
         let room = portal.room_id.as_deref().unwrap_or_default();
         let msgtype = content["msgtype"].as_str().unwrap_or_default();
         let rel = &content["m.relates_to"];
+        if rel["rel_type"] == "m.replace" {
+            return self
+                .edit_to_data(acc, portal, sender, content, relayed_name)
+                .await;
+        }
         let reply_to = match rel["m.in_reply_to"]["event_id"].as_str() {
             Some(e) => self
                 .portals
@@ -291,61 +296,10 @@ impl Bridge {
                 }),
             None => None,
         };
-        let text_of = |c: &Value| -> Text {
-            let mut t = if c["format"] == "org.matrix.custom.html" {
-                msgconv::html_to_text(c["formatted_body"].as_str().unwrap_or_default())
-            } else {
-                Text {
-                    body: msgconv::strip_reply_fallback(c["body"].as_str().unwrap_or_default())
-                        .to_owned(),
-                    formats: vec![],
-                }
-            };
-            if let Some(name) = relayed_name {
-                let prefix = format!("{name}: ");
-                let shift = prefix.chars().count() as u32;
-                for f in &mut t.formats {
-                    f.start = f.start.saturating_add(shift);
-                }
-                t.body = format!("{prefix}{}", t.body);
-            }
-            t
-        };
-        if rel["rel_type"] == "m.replace" {
-            let target = rel["event_id"].as_str().unwrap_or_default();
-            let Some(t) = self
-                .portals
-                .by_event(room, target)
-                .await
-                .map_err(|e| e.to_string())?
-            else {
-                return Ok(None);
-            };
-            if !t.part.is_empty()
-                || !is_author(&t, sender, acc.account_id(), portal, self.matrix.bot_mxid())
-            {
-                return Err(
-                    "only a message's author can edit it on the network; the edit stays on Matrix only."
-                        .into(),
-                );
-            }
-            let new = if content["m.new_content"].is_object() {
-                &content["m.new_content"]
-            } else {
-                content
-            };
-            return Ok(Some(Message {
-                body: Some(D::Edit(Edit {
-                    target: t.message_id,
-                    text: Some(text_of(new)),
-                })),
-                reply_to: None,
-            }));
-        }
         let body = match msgtype {
-            "m.text" | "m.notice" => D::Text(text_of(content)),
+            "m.text" | "m.notice" => D::Text(matrix_text(content, relayed_name)),
             "m.emote" => {
-                let mut t = text_of(content);
+                let mut t = matrix_text(content, relayed_name);
                 t.body = format!("* {}", t.body);
                 for f in &mut t.formats {
                     f.start = f.start.saturating_add(2);
@@ -368,66 +322,7 @@ impl Bridge {
                 })
             }
             "m.image" | "m.video" | "m.audio" | "m.file" => {
-                let max = self.settings.bridge.max_media_size;
-                if content["info"]["size"].as_u64().is_some_and(|n| n > max) {
-                    return Err(format!(
-                        "the attachment is larger than this bridge's limit of {}.",
-                        human_size(max)
-                    ));
-                }
-                let (data, ct) = self
-                    .matrix
-                    .download_content(content)
-                    .await
-                    .map_err(|e| format!("cannot download the attachment: {e}"))?;
-                let info = &content["info"];
-                let mimetype = info["mimetype"]
-                    .as_str()
-                    .map(str::to_owned)
-                    .or(ct)
-                    .unwrap_or_else(|| "application/octet-stream".into());
-                let body = content["body"].as_str().unwrap_or_default();
-                let filename = content["filename"].as_str().unwrap_or(body).to_owned();
-                let caption = match relayed_name {
-                    // Relayed media always say whose they are.
-                    Some(who) if !(content["filename"].is_string() && body != filename) => {
-                        Some(Text {
-                            body: format!("{who} sent a file"),
-                            formats: vec![],
-                        })
-                    }
-                    _ => (content["filename"].is_string() && body != filename)
-                        .then(|| text_of(content)),
-                };
-                let kind = match msgtype {
-                    "m.image" => MediaKind::Image,
-                    "m.video" => MediaKind::Video,
-                    "m.audio" if content.get("org.matrix.msc3245.voice").is_some() => {
-                        MediaKind::Voice
-                    }
-                    "m.audio" => MediaKind::Audio,
-                    _ => MediaKind::File,
-                };
-                let size = data.len() as u64;
-                let up = acc
-                    .upload(data)
-                    .await
-                    .map_err(|e| format!("cannot upload the attachment: {e}"))?;
-                D::Media(Media {
-                    kind,
-                    blob: up.blob,
-                    key: up.key,
-                    sha256: up.sha256,
-                    size,
-                    mimetype,
-                    filename,
-                    caption,
-                    width: info["w"].as_u64().unwrap_or(0) as u32,
-                    height: info["h"].as_u64().unwrap_or(0) as u32,
-                    duration_ms: info["duration"].as_u64().unwrap_or(0) as u32,
-                    thumbnail: Vec::new(),
-                    waveform: Vec::new(),
-                })
+                D::Media(self.media_to_data(acc, content, relayed_name).await?)
             }
             other => return Err(format!("messages of type {other} cannot be bridged")),
         };
@@ -435,6 +330,115 @@ impl Bridge {
             body: Some(body),
             reply_to,
         }))
+    }
+
+    /// A Matrix edit (`m.replace`) as a network edit; only the author's messages are edited, and
+    /// an edit of a message the bridge never bridged is not sent (`None`).
+    async fn edit_to_data(
+        &self,
+        acc: &Arc<dyn NetAccount>,
+        portal: &Portal,
+        sender: &str,
+        content: &Value,
+        relayed_name: Option<&str>,
+    ) -> Result<Option<Message>, String> {
+        let room = portal.room_id.as_deref().unwrap_or_default();
+        let target = content["m.relates_to"]["event_id"]
+            .as_str()
+            .unwrap_or_default();
+        let Some(t) = self
+            .portals
+            .by_event(room, target)
+            .await
+            .map_err(|e| e.to_string())?
+        else {
+            return Ok(None);
+        };
+        if !t.part.is_empty()
+            || !is_author(&t, sender, acc.account_id(), portal, self.matrix.bot_mxid())
+        {
+            return Err(
+                "only a message's author can edit it on the network; the edit stays on Matrix only."
+                    .into(),
+            );
+        }
+        let new = if content["m.new_content"].is_object() {
+            &content["m.new_content"]
+        } else {
+            content
+        };
+        Ok(Some(Message {
+            body: Some(D::Edit(Edit {
+                target: t.message_id,
+                text: Some(matrix_text(new, relayed_name)),
+            })),
+            reply_to: None,
+        }))
+    }
+
+    /// A Matrix attachment: downloaded (within the size limit), uploaded to the network.
+    async fn media_to_data(
+        &self,
+        acc: &Arc<dyn NetAccount>,
+        content: &Value,
+        relayed_name: Option<&str>,
+    ) -> Result<Media, String> {
+        let max = self.settings.bridge.max_media_size;
+        if content["info"]["size"].as_u64().is_some_and(|n| n > max) {
+            return Err(format!(
+                "the attachment is larger than this bridge's limit of {}.",
+                human_size(max)
+            ));
+        }
+        let (data, ct) = self
+            .matrix
+            .download_content(content)
+            .await
+            .map_err(|e| format!("cannot download the attachment: {e}"))?;
+        let info = &content["info"];
+        let mimetype = info["mimetype"]
+            .as_str()
+            .map(str::to_owned)
+            .or(ct)
+            .unwrap_or_else(|| "application/octet-stream".into());
+        let body = content["body"].as_str().unwrap_or_default();
+        let filename = content["filename"].as_str().unwrap_or(body).to_owned();
+        let has_caption = content["filename"].is_string() && body != filename;
+        let caption = match relayed_name {
+            // Relayed media always say whose they are.
+            Some(who) if !has_caption => Some(Text {
+                body: format!("{who} sent a file"),
+                formats: vec![],
+            }),
+            _ => has_caption.then(|| matrix_text(content, relayed_name)),
+        };
+        let kind = match content["msgtype"].as_str().unwrap_or_default() {
+            "m.image" => MediaKind::Image,
+            "m.video" => MediaKind::Video,
+            "m.audio" if content.get("org.matrix.msc3245.voice").is_some() => MediaKind::Voice,
+            "m.audio" => MediaKind::Audio,
+            _ => MediaKind::File,
+        };
+        let size = data.len() as u64;
+        let up = acc
+            .upload(data)
+            .await
+            .map_err(|e| format!("cannot upload the attachment: {e}"))?;
+        Ok(Media {
+            kind,
+            blob: up.blob,
+            key: up.key,
+            sha256: up.sha256,
+            size,
+            mimetype,
+            filename,
+            caption,
+            width: info["w"].as_u64().unwrap_or(0) as u32,
+            height: info["h"].as_u64().unwrap_or(0) as u32,
+            duration_ms: info["duration"].as_u64().unwrap_or(0) as u32,
+            thumbnail: Vec::new(),
+            waveform: Vec::new(),
+        })
     }
 
     /// Receipts and typing from Matrix, for portal rooms.
@@ -491,4 +495,26 @@ impl Bridge {
         }
         Ok(())
     }
+}
+
+/// The text of a Matrix message's content (its HTML when it has some, without the reply
+/// fallback), after "name: " when it is relayed for someone.
+fn matrix_text(c: &Value, relayed_name: Option<&str>) -> Text {
+    let mut t = if c["format"] == "org.matrix.custom.html" {
+        msgconv::html_to_text(c["formatted_body"].as_str().unwrap_or_default())
+    } else {
+        Text {
+            body: msgconv::strip_reply_fallback(c["body"].as_str().unwrap_or_default()).to_owned(),
+            formats: vec![],
+        }
+    };
+    if let Some(name) = relayed_name {
+        let prefix = format!("{name}: ");
+        let shift = prefix.chars().count() as u32;
+        for f in &mut t.formats {
+            f.start = f.start.saturating_add(shift);
+        }
+        t.body = format!("{prefix}{}", t.body);
+    }
+    t
 }
