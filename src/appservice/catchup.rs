@@ -54,6 +54,10 @@ const TXN_WAIT: Duration = Duration::from_secs(10);
 /// Rooms read at the same time.
 const CONCURRENCY: usize = 4;
 const KV_MARK: &str = "catchup.healthy_ms";
+/// Since when queued event ids are kept (the first start of a bridge that keeps them): the
+/// catch-up never reads back before it, where events were queued without their ids and would
+/// be queued again.
+const KV_TRACKED_FROM: &str = "catchup.tracked_from_ms";
 
 /// The homeserver's rooms, as the catch-up reads them.
 #[async_trait::async_trait]
@@ -80,6 +84,8 @@ pub struct CatchUp {
     /// When the homeserver was last seen well, before the outage being caught up (ms since the
     /// epoch; 0: never, nothing to catch up from).
     healthy_ms: AtomicI64,
+    /// See [`KV_TRACKED_FROM`].
+    tracked_from_ms: i64,
     saved_ms: AtomicI64,
     /// When the last catch-up began: a transaction does not start another within
     /// [`CHECK_EVERY`] of it (one that keeps failing is the health check's to retry).
@@ -97,11 +103,27 @@ impl CatchUp {
         key: SecretKey,
         notify: Arc<Notify>,
     ) -> Self {
-        let mark = match kv.kv_get(KV_MARK).await {
-            Ok(text) => text.and_then(|t| t.parse().ok()).unwrap_or(0),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the catch-up mark");
-                0
+        let read = |key: &'static str| {
+            let kv = kv.clone();
+            async move {
+                match kv.kv_get(key).await {
+                    Ok(text) => text.and_then(|t| t.parse::<i64>().ok()),
+                    Err(e) => {
+                        tracing::warn!(error = %e, key, "cannot read a catch-up mark");
+                        None
+                    }
+                }
+            }
+        };
+        let mark = read(KV_MARK).await.unwrap_or(0);
+        let tracked_from_ms = match read(KV_TRACKED_FROM).await {
+            Some(t) => t,
+            None => {
+                let now = now_ms();
+                if let Err(e) = kv.kv_set(KV_TRACKED_FROM, &now.to_string()).await {
+                    tracing::warn!(error = %e, "cannot store the catch-up start");
+                }
+                now
             }
         };
         Self {
@@ -112,6 +134,7 @@ impl CatchUp {
             notify,
             pending: AtomicBool::new(true),
             healthy_ms: AtomicI64::new(mark),
+            tracked_from_ms,
             saved_ms: AtomicI64::new(0),
             tried_ms: AtomicI64::new(0),
             running: Mutex::new(()),
@@ -195,7 +218,7 @@ impl CatchUp {
             self.seen_well().await;
             return;
         }
-        let since = mark - LOOKBACK.as_millis() as i64;
+        let since = (mark - LOOKBACK.as_millis() as i64).max(self.tracked_from_ms);
         let rooms = match self.timeline.rooms().await {
             Ok(rooms) => rooms,
             Err(e) => {
@@ -380,7 +403,8 @@ mod tests {
     async fn events_lost_in_an_outage_are_queued_once_and_before_the_next_transaction() {
         let hs = Arc::new(FakeHs::default());
         let store = Arc::new(FakeStore::default());
-        let now = now_ms();
+        // Stamped a little ahead, so that they are after the start whatever the clock does.
+        let now = now_ms() + 1_000;
         hs.post("!r:x", "$long-ago", now - 3_600_000);
         let c = start(&hs, &store).await;
         // First start: nothing to catch up from; from now on there is.
@@ -409,6 +433,22 @@ mod tests {
             *store.queued.lock().unwrap(),
             ["$0", "$1", "$2", "$3", "$4", "$5", "$6"]
         );
+    }
+
+    /// Events from before the bridge kept queued event ids were queued without them: reading
+    /// back never reaches them, however soon the next outage comes.
+    #[tokio::test]
+    async fn the_catch_up_never_reads_back_before_ids_were_kept() {
+        let hs = Arc::new(FakeHs::default());
+        let store = Arc::new(FakeStore::default());
+        let now = now_ms();
+        hs.post("!r:x", "$before-upgrade", now - 5_000);
+        let c = start(&hs, &store).await;
+        c.before_transaction().await; // the first start sets the mark
+        hs.post("!r:x", "$lost", now_ms());
+        hs.outage.store(true, Ordering::SeqCst);
+        c.before_transaction().await;
+        assert_eq!(*store.queued.lock().unwrap(), ["$lost"]);
     }
 
     #[tokio::test]
