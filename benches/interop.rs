@@ -16,8 +16,9 @@ use libsignal_protocol::{
 use matrix_interop_bridge::{
     interop::{
         GatewayConn,
-        signal_store::testing::{addr, decrypt, encrypt, session_to, store},
+        signal_store::testing::{addr, decrypt, encrypt, session_to},
     },
+    testing::signal_store as store,
     vault::SecretKey,
     wire::{
         noise::StaticKey,

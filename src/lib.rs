@@ -12,11 +12,16 @@
 //! link the reference gateway (`mib-gateway`); `tests/architecture.rs` checks it, and the rules
 //! for the crates this one is still to be split into.
 
-pub mod appservice;
 pub mod config;
-pub mod interop;
-pub mod matrix;
 pub mod registration;
+
+/// The Matrix side (its own crate, `mib-matrix`): the homeserver client and Megolm at
+/// [`matrix`], the appservice API and the inbound queue at [`appservice`].
+pub use mib_matrix::{self as matrix, appservice};
+
+/// The interop side (its own crate, `mib-interop`): gateway connections, Signal sessions,
+/// content mapping.
+pub use mib_interop as interop;
 
 /// Persistence (its own crate, `mib-store`): sqlx, migrations, every store trait's implementation.
 pub use mib_store as store;
@@ -33,3 +38,23 @@ pub use bridge::metrics;
 
 /// The interop wire protocol (its own crate, shared with the reference gateway).
 pub use mib_wire as wire;
+
+/// Helpers for this package's tests and benches (the feature `testing`; production builds do not
+/// contain them).
+#[cfg(feature = "testing")]
+pub mod testing {
+    use std::sync::Arc;
+
+    use crate::{interop::signal_store::SignalStore, vault::VaultStore};
+
+    /// A vault-backed Signal store for `owner` on a temporary SQLite database, which lives as long
+    /// as the returned directory.
+    pub async fn signal_store(owner: &str) -> (SignalStore, tempfile::TempDir) {
+        let (sql, dir) = crate::store::testing::sqlite().await;
+        let db: Arc<dyn VaultStore> = Arc::new(sql);
+        (
+            crate::interop::signal_store::testing::store(owner, db).await,
+            dir,
+        )
+    }
+}

@@ -22,11 +22,11 @@ use matrix_interop_bridge::{
     interop::{GatewayAddr, SignalRuntime, connector::InteropNetwork},
     matrix::{
         HomeserverClient, MatrixError, MatrixSide,
-        crypto::{Crypto, CryptoOptions, StoreLocation},
+        crypto::{Crypto, CryptoOptions, OpenStore, StoreLocation},
     },
     metrics::Metrics,
     registration,
-    store::{KvStore, SqlStore, TxnStore, UserStore},
+    store::{KvStore, SqlStore, TxnStore, UserStore, crypto::DbCryptoStore},
     vault::{self, BRIDGE_OWNER, Vault, VaultStore},
 };
 use tokio::sync::{Notify, watch};
@@ -542,8 +542,8 @@ async fn start_crypto(
         ),
         passphrase => (
             StoreLocation::Database {
-                db: store.clone(),
-                key: vault.data_key(BRIDGE_OWNER).await?,
+                open: crypto_stores(store, vault.data_key(BRIDGE_OWNER).await?),
+                kv: Arc::new(store.clone()),
                 // A directory store of an earlier version is copied in once, never changed.
                 legacy: passphrase
                     .filter(|_| path.exists())
@@ -573,6 +573,14 @@ async fn start_crypto(
 
 /// Waits for the homeserver, registers the bot, sets its profile, and checks that the homeserver
 /// can reach the bridge with the right tokens.
+/// The crypto stores of the bridge's devices in its database, sealed under `key`.
+fn crypto_stores(db: &SqlStore, key: vault::SecretKey) -> OpenStore {
+    let db = db.clone();
+    Arc::new(move |user, device| {
+        Arc::new(DbCryptoStore::new(db.clone(), key.clone(), user, device))
+    })
+}
+
 async fn startup_checks(cfg: &Config, hs: &HomeserverClient) -> anyhow::Result<()> {
     let mut delay = Duration::from_millis(500);
     loop {

@@ -164,6 +164,10 @@ fn every_crate_links_only_what_the_architecture_allows() {
     for required in [
         "matrix-interop-bridge",
         "mib-core",
+        "mib-matrix",
+        "mib-interop",
+        "mib-store",
+        "mib-vault",
         "mib-wire",
         "mib-gateway",
     ] {
@@ -199,4 +203,10 @@ fn the_rules_see_real_dependencies() {
     assert!(linked["mib-vault"].contains("chacha20poly1305"));
     assert!(linked["mib-store"].contains("sqlx"));
     assert!(linked["mib-store"].contains("mib-core"));
+    assert!(linked["mib-matrix"].contains("axum"));
+    assert!(linked["mib-matrix"].contains("matrix-sdk-crypto"));
+    assert!(linked["mib-matrix"].contains("mib-core"));
+    assert!(linked["mib-interop"].contains("libsignal-protocol-syft"));
+    assert!(linked["mib-interop"].contains("mib-wire"));
+    assert!(linked["mib-interop"].contains("mib-vault"));
 }

@@ -5,8 +5,9 @@ use libsignal_protocol::{
     create_sender_key_distribution_message, group_decrypt, group_encrypt,
     process_sender_key_distribution_message,
 };
-use matrix_interop_bridge::interop::signal_store::testing::{
-    addr, decrypt, encrypt, session_to, store,
+use matrix_interop_bridge::{
+    interop::signal_store::testing::{addr, decrypt, encrypt, session_to},
+    testing::signal_store as store,
 };
 
 #[tokio::test(flavor = "current_thread")]

@@ -83,3 +83,64 @@ pub trait UserStore: Send + Sync {
     /// The user whose management room this is, if any.
     async fn management_room_owner(&self, room_id: &str) -> Result<Option<String>, StoreError>;
 }
+
+/// An inbound Matrix event waiting in the durable queue, sealed by the vault.
+#[derive(Clone, Debug)]
+pub struct QueuedEvent {
+    pub room_id: Option<String>,
+    /// The event's id, for room events: an id already queued is not queued again.
+    pub event_id: Option<String>,
+    pub sealed: Vec<u8>,
+}
+
+#[derive(Clone, Debug)]
+pub struct StoredEvent {
+    pub seq: i64,
+    pub room_id: Option<String>,
+    pub sealed: Vec<u8>,
+    pub attempts: i64,
+}
+
+/// What happened to an appservice transaction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TxnOutcome {
+    Applied,
+    Duplicate,
+}
+
+#[async_trait]
+pub trait TxnStore: Send + Sync {
+    /// Records the transaction and queues its events in one database transaction. A transaction
+    /// with the same id and the same body hash is a retry and changes nothing; an event whose id
+    /// was queued before (by another transaction or by [`TxnStore::queue_missed`]) is skipped.
+    async fn apply_transaction(
+        &self,
+        txn_id: &str,
+        body_hash: &[u8],
+        events: &[QueuedEvent],
+    ) -> Result<TxnOutcome, StoreError>;
+    /// The oldest queued events, in arrival order, at most `limit`.
+    async fn queued_events(&self, limit: i64) -> Result<Vec<StoredEvent>, StoreError> {
+        self.queued_events_after(0, limit).await
+    }
+    /// The oldest queued events after sequence number `after`, at most `limit`.
+    async fn queued_events_after(
+        &self,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError>;
+    /// Queues events the homeserver never sent (found by the catch-up after an outage), those
+    /// whose ids were not queued before; returns how many were new.
+    async fn queue_missed(&self, events: &[QueuedEvent]) -> Result<usize, StoreError>;
+    async fn remove_event(&self, seq: i64) -> Result<(), StoreError>;
+    async fn count_attempt(&self, seq: i64) -> Result<(), StoreError>;
+    /// Forgets transaction ids and queued event ids older than `max_age_ms` (the events
+    /// themselves are long applied).
+    async fn prune_transactions(&self, max_age_ms: i64) -> Result<u64, StoreError>;
+}
+
+#[async_trait]
+pub trait KvStore: Send + Sync {
+    async fn kv_get(&self, key: &str) -> Result<Option<String>, StoreError>;
+    async fn kv_set(&self, key: &str, value: &str) -> Result<(), StoreError>;
+}

@@ -119,10 +119,10 @@ impl GatewayDb {
         .await?;
         let (mut window_start, mut failures, locked_until, mut lockouts) = match budget {
             Some(r) => (
-                r.try_get::<i64, _>(0)?,
-                r.try_get::<i64, _>(1)?,
-                r.try_get::<i64, _>(2)?,
-                r.try_get::<i64, _>(3)?,
+                r.try_get::<i64, _>("window_start")?,
+                r.try_get::<i64, _>("failures")?,
+                r.try_get::<i64, _>("locked_until")?,
+                r.try_get::<i64, _>("lockouts")?,
             ),
             None => (now, 0, 0, 0),
         };
@@ -136,7 +136,8 @@ impl GatewayDb {
         let Some(pending) = pending else {
             return Ok(VerifyOutcome::NoCode);
         };
-        let (stored, created): (String, i64) = (pending.try_get(0)?, pending.try_get(1)?);
+        let (stored, created): (String, i64) =
+            (pending.try_get("code")?, pending.try_get("created_at")?);
         if now - created > b.code_ttl_ms {
             sqlx::query("DELETE FROM verification WHERE account = ?")
                 .bind(account)
@@ -288,24 +289,25 @@ impl GatewayDb {
     /// `LoggedIn.queued` equals what the delivery up to that id pushes.
     pub async fn queue_state(&self, account: &str) -> Result<(i64, i64), sqlx::Error> {
         let r = sqlx::query(
-            "SELECT COUNT(*), COALESCE(MAX(id), 0) FROM envelope WHERE recipient = ? AND server_timestamp >= ?",
+            "SELECT COUNT(*) AS queued, COALESCE(MAX(id), 0) AS last_id FROM envelope \
+             WHERE recipient = ? AND server_timestamp >= ?",
         )
         .bind(account)
         .bind(self.envelope_cutoff())
         .fetch_one(&self.pool)
         .await?;
-        Ok((r.try_get(0)?, r.try_get(1)?))
+        Ok((r.try_get("queued")?, r.try_get("last_id")?))
     }
 
     pub async fn key_counts(&self, account: &str) -> Result<(u32, u32), sqlx::Error> {
-        let rows = sqlx::query("SELECT kind, COUNT(*) FROM prekey WHERE account = ? AND kind IN ('one_time','kyber') GROUP BY kind")
+        let rows = sqlx::query("SELECT kind, COUNT(*) AS n FROM prekey WHERE account = ? AND kind IN ('one_time','kyber') GROUP BY kind")
             .bind(account)
             .fetch_all(&self.pool)
             .await?;
         let mut counts = (0, 0);
         for r in rows {
-            let kind: String = r.try_get(0)?;
-            let n: i64 = r.try_get(1)?;
+            let kind: String = r.try_get("kind")?;
+            let n: i64 = r.try_get("n")?;
             if kind == "one_time" {
                 counts.0 = n as u32
             } else {
@@ -322,8 +324,8 @@ impl GatewayDb {
                 .fetch_optional(&self.pool)
                 .await?;
         Ok(row.and_then(|r| {
-            let ik: Option<Vec<u8>> = r.try_get(0).ok()?;
-            let reg: i64 = r.try_get(1).ok()?;
+            let ik: Option<Vec<u8>> = r.try_get("identity_key").ok()?;
+            let reg: i64 = r.try_get("registration_id").ok()?;
             ik.map(|ik| (ik, reg as u32))
         }))
     }
@@ -431,8 +433,8 @@ impl GatewayDb {
             std::collections::BTreeSet::new(),
         );
         for r in rows {
-            let kind: String = r.try_get(0)?;
-            let id = r.try_get::<i64, _>(1)? as u32;
+            let kind: String = r.try_get("kind")?;
+            let id = r.try_get::<i64, _>("id")? as u32;
             if kind == "one_time" {
                 ids.0.insert(id);
             } else {
@@ -469,9 +471,11 @@ impl GatewayDb {
             .await?;
         let Some(r) = row else { return Ok(None) };
         let key = StoredKey {
-            id: r.try_get::<i64, _>(0)? as u32,
-            public_key: r.try_get(1)?,
-            signature: r.try_get::<Option<Vec<u8>>, _>(2)?.unwrap_or_default(),
+            id: r.try_get::<i64, _>("id")? as u32,
+            public_key: r.try_get("public_key")?,
+            signature: r
+                .try_get::<Option<Vec<u8>>, _>("signature")?
+                .unwrap_or_default(),
         };
         if remove {
             sqlx::query("DELETE FROM prekey WHERE account = ? AND kind = ? AND id = ?")
@@ -537,7 +541,10 @@ impl GatewayDb {
         .fetch_optional(&mut *tx)
         .await?;
         if let Some(r) = prev {
-            return Ok(SendOutcome::Repeat(r.try_get(0)?, r.try_get(1)?));
+            return Ok(SendOutcome::Repeat(
+                r.try_get("server_timestamp")?,
+                r.try_get("recipients")?,
+            ));
         }
         let now = now_ms();
         let mut stored = 0i64;
@@ -649,18 +656,18 @@ impl GatewayDb {
         .await?;
         rows.iter()
             .map(|r| {
-                let kind: i32 = r.try_get(5)?;
-                let extra: Option<Vec<u8>> = r.try_get(9)?;
+                let kind: i32 = r.try_get("kind")?;
+                let extra: Option<Vec<u8>> = r.try_get("extra")?;
                 let mut env = pb::Envelope {
-                    id: r.try_get::<i64, _>(0)? as u64,
-                    from: r.try_get(1)?,
-                    to: r.try_get(2)?,
-                    timestamp: r.try_get::<i64, _>(3)? as u64,
-                    server_timestamp: r.try_get::<i64, _>(4)? as u64,
+                    id: r.try_get::<i64, _>("id")? as u64,
+                    from: r.try_get("sender")?,
+                    to: r.try_get("recipient")?,
+                    timestamp: r.try_get::<i64, _>("timestamp")? as u64,
+                    server_timestamp: r.try_get::<i64, _>("server_timestamp")? as u64,
                     kind,
-                    ciphertext: r.try_get(6)?,
-                    message_id: r.try_get(7)?,
-                    group: r.try_get(8)?,
+                    ciphertext: r.try_get("ciphertext")?,
+                    message_id: r.try_get("message_id")?,
+                    group: r.try_get("grp")?,
                     receipt: None,
                     group_update: None,
                 };
@@ -718,8 +725,8 @@ impl GatewayDb {
         row.map(|r| {
             Ok(pb::Profile {
                 account: account.to_owned(),
-                name: r.try_get(0)?,
-                avatar_blob: r.try_get(1)?,
+                name: r.try_get("name")?,
+                avatar_blob: r.try_get("avatar_blob")?,
             })
         })
         .transpose()
@@ -739,11 +746,11 @@ impl GatewayDb {
                 .await?;
         Ok(Some(pb::Group {
             id: id.to_owned(),
-            name: r.try_get(0)?,
-            avatar_blob: r.try_get(1)?,
+            name: r.try_get("name")?,
+            avatar_blob: r.try_get("avatar_blob")?,
             members,
-            changed_by: r.try_get(3)?,
-            revision: r.try_get::<i64, _>(2)? as u64,
+            changed_by: r.try_get("changed_by")?,
+            revision: r.try_get::<i64, _>("revision")? as u64,
         }))
     }
 

@@ -39,6 +39,7 @@ use ruma::{
     events::secret::request::SecretName,
 };
 use serde::{Serialize, de::DeserializeOwned};
+use sqlx::Row as _;
 use zeroize::Zeroizing;
 
 use super::SqlStore;
@@ -154,6 +155,102 @@ fn pair(a: &str, b: &str) -> String {
 }
 
 impl DbCryptoStore {
+    /// The writes of the keys and sessions in `changes`: the identity, backup and dehydration
+    /// keys, Olm and Megolm sessions, message hashes and key requests.
+    async fn key_writes(&self, changes: &Changes) -> Result<Vec<Write>> {
+        let mut w = Vec::new();
+        if let Some(identity) = &changes.private_identity {
+            w.push(Write::json(kind::IDENTITY, "", &identity.pickle().await)?);
+        }
+        if let Some(version) = &changes.backup_version {
+            w.push(Write::put(
+                kind::BACKUP,
+                "version",
+                version.as_bytes().to_vec(),
+            ));
+        }
+        if let Some(key) = &changes.backup_decryption_key {
+            w.push(Write::put(
+                kind::BACKUP,
+                "decryption_key",
+                key.to_base64().as_bytes().to_vec(),
+            ));
+        }
+        if let Some(key) = &changes.dehydrated_device_pickle_key {
+            w.push(Write::put(
+                kind::DEHYDRATED,
+                "",
+                key.to_base64().as_bytes().to_vec(),
+            ));
+        }
+        for s in &changes.sessions {
+            let pickle = s.pickle().await;
+            w.push(
+                Write::json(kind::SESSION, s.session_id(), &pickle)?
+                    .idx(s.sender_key().to_base64()),
+            );
+        }
+        for h in &changes.message_hashes {
+            w.push(Write::put(
+                kind::MESSAGE_HASH,
+                pair(&h.sender_key, &h.hash),
+                vec![1],
+            ));
+        }
+        for s in &changes.inbound_group_sessions {
+            // Keep the backup version a session was marked with.
+            let name = pair(s.room_id().as_str(), s.session_id());
+            let backup: Option<String> = sqlx::query_scalar(
+                "SELECT backup FROM crypto_item WHERE device = $1 AND kind = $2 AND name = $3",
+            )
+            .bind(&self.device)
+            .bind(kind::INBOUND)
+            .bind(&name)
+            .fetch_optional(self.db.pool())
+            .await
+            .map_err(backend)?;
+            let backup = backup.filter(|b| !b.is_empty() && s.backed_up());
+            w.push(self.inbound_write(s, backup.as_deref()).await?);
+        }
+        for s in &changes.outbound_group_sessions {
+            w.push(Write::json(
+                kind::OUTBOUND,
+                s.room_id().as_str(),
+                &s.pickle().await,
+            )?);
+        }
+        for r in &changes.key_requests {
+            w.push(Write::json(kind::KEY_REQUEST, r.request_id.as_str(), r)?.idx(r.info.as_key()));
+        }
+        Ok(w)
+    }
+
+    /// Brings what is cached up to date after `changes` were written.
+    async fn refresh_caches(&self, changes: &Changes) {
+        // A user whose devices were never read is loaded from the rows when first asked for.
+        let devices = &changes.devices;
+        if !(devices.new.is_empty() && devices.changed.is_empty() && devices.deleted.is_empty()) {
+            let mut cache = self.devices.write().await;
+            for d in devices.new.iter().chain(&devices.changed) {
+                if let Some(known) = cache.get_mut(d.user_id()) {
+                    known.insert(d.device_id().to_owned(), d.clone());
+                }
+            }
+            for d in &devices.deleted {
+                if let Some(known) = cache.get_mut(d.user_id()) {
+                    known.remove(d.device_id());
+                }
+            }
+        }
+        let identities = &changes.identities;
+        if !(identities.new.is_empty() && identities.changed.is_empty()) {
+            let mut cache = self.identities.write().await;
+            for i in identities.new.iter().chain(&identities.changed) {
+                cache.insert(i.user_id().to_owned(), Some(i.clone()));
+            }
+        }
+    }
+
     /// The store of `device` of `user`, sealed with `key`.
     pub fn new(db: SqlStore, key: SecretKey, user: &UserId, device: &DeviceId) -> Self {
         Self {
@@ -205,7 +302,6 @@ impl DbCryptoStore {
 
     /// Every row of a kind, or those whose `idx` is `idx`.
     async fn list(&self, kind: &str, idx: Option<&str>) -> Result<Vec<Row>> {
-        use sqlx::Row as _;
         let rows = match idx {
             Some(idx) => {
                 sqlx::query(
@@ -335,6 +431,75 @@ impl DbCryptoStore {
     }
 }
 
+/// The writes of the rest of `changes`: identities, devices, withheld sessions, room settings,
+/// secrets, the sync token and room key bundles.
+fn state_writes(changes: &Changes, w: &mut Vec<Write>) -> Result<()> {
+    let identities = &changes.identities;
+    for i in identities.new.iter().chain(&identities.changed) {
+        w.push(Write::json(kind::USER_IDENTITY, i.user_id().as_str(), i)?);
+    }
+    let devices = &changes.devices;
+    for d in devices.new.iter().chain(&devices.changed) {
+        w.push(
+            Write::json(
+                kind::DEVICE,
+                pair(d.user_id().as_str(), d.device_id().as_str()),
+                d,
+            )?
+            .idx(d.user_id().as_str()),
+        );
+    }
+    for d in &devices.deleted {
+        w.push(Write::delete(
+            kind::DEVICE,
+            pair(d.user_id().as_str(), d.device_id().as_str()),
+        ));
+    }
+    for (room, sessions) in &changes.withheld_session_info {
+        for (session, entry) in sessions {
+            w.push(
+                Write::json(kind::WITHHELD, pair(room.as_str(), session), entry)?
+                    .idx(room.as_str()),
+            );
+        }
+    }
+    for (room, settings) in &changes.room_settings {
+        w.push(Write::json(kind::ROOM_SETTINGS, room.as_str(), settings)?);
+    }
+    for s in &changes.secrets {
+        use sha2::Digest;
+        let digest = hex::encode(sha2::Sha256::digest(s.secret.as_bytes()));
+        w.push(
+            Write::put(
+                kind::SECRET,
+                pair(s.secret_name.as_str(), &digest),
+                s.secret.as_bytes().to_vec(),
+            )
+            .idx(s.secret_name.as_str()),
+        );
+    }
+    if let Some(token) = &changes.next_batch_token {
+        w.push(Write::put(kind::NEXT_BATCH, "", token.as_bytes().to_vec()));
+    }
+    for b in &changes.received_room_key_bundles {
+        w.push(Write::json(
+            kind::BUNDLE,
+            pair(b.bundle_data.room_id.as_str(), b.sender_user.as_str()),
+            b,
+        )?);
+    }
+    for room in &changes.room_key_backups_fully_downloaded {
+        w.push(Write::put(kind::DOWNLOADED, room.as_str(), vec![1]));
+    }
+    for (room, details) in &changes.rooms_pending_key_bundle {
+        w.push(match details {
+            Some(d) => Write::json(kind::PENDING_BUNDLE, room.as_str(), d)?,
+            None => Write::delete(kind::PENDING_BUNDLE, room.as_str()),
+        });
+    }
+    Ok(())
+}
+
 #[async_trait::async_trait]
 impl CryptoStore for DbCryptoStore {
     type Error = CryptoStoreError;
@@ -368,162 +533,10 @@ impl CryptoStore for DbCryptoStore {
     }
 
     async fn save_changes(&self, changes: Changes) -> Result<()> {
-        let mut w = Vec::new();
-        if let Some(identity) = &changes.private_identity {
-            w.push(Write::json(kind::IDENTITY, "", &identity.pickle().await)?);
-        }
-        if let Some(version) = &changes.backup_version {
-            w.push(Write::put(
-                kind::BACKUP,
-                "version",
-                version.as_bytes().to_vec(),
-            ));
-        }
-        if let Some(key) = &changes.backup_decryption_key {
-            w.push(Write::put(
-                kind::BACKUP,
-                "decryption_key",
-                key.to_base64().as_bytes().to_vec(),
-            ));
-        }
-        if let Some(key) = &changes.dehydrated_device_pickle_key {
-            w.push(Write::put(
-                kind::DEHYDRATED,
-                "",
-                key.to_base64().as_bytes().to_vec(),
-            ));
-        }
-        for s in &changes.sessions {
-            let pickle = s.pickle().await;
-            w.push(
-                Write::json(kind::SESSION, s.session_id(), &pickle)?
-                    .idx(s.sender_key().to_base64()),
-            );
-        }
-        for h in &changes.message_hashes {
-            w.push(Write::put(
-                kind::MESSAGE_HASH,
-                pair(&h.sender_key, &h.hash),
-                vec![1],
-            ));
-        }
-        for s in &changes.inbound_group_sessions {
-            // Keep the backup version a session was marked with.
-            let name = pair(s.room_id().as_str(), s.session_id());
-            let backup: Option<String> = sqlx::query_scalar(
-                "SELECT backup FROM crypto_item WHERE device = $1 AND kind = $2 AND name = $3",
-            )
-            .bind(&self.device)
-            .bind(kind::INBOUND)
-            .bind(&name)
-            .fetch_optional(self.db.pool())
-            .await
-            .map_err(backend)?;
-            let backup = backup.filter(|b| !b.is_empty() && s.backed_up());
-            w.push(self.inbound_write(s, backup.as_deref()).await?);
-        }
-        for s in &changes.outbound_group_sessions {
-            w.push(Write::json(
-                kind::OUTBOUND,
-                s.room_id().as_str(),
-                &s.pickle().await,
-            )?);
-        }
-        for r in &changes.key_requests {
-            w.push(Write::json(kind::KEY_REQUEST, r.request_id.as_str(), r)?.idx(r.info.as_key()));
-        }
-        let identities = &changes.identities;
-        let changed_identities: Vec<UserIdentityData> = identities
-            .new
-            .iter()
-            .chain(&identities.changed)
-            .cloned()
-            .collect();
-        for i in identities.new.iter().chain(&identities.changed) {
-            w.push(Write::json(kind::USER_IDENTITY, i.user_id().as_str(), i)?);
-        }
-        let devices = &changes.devices;
-        for d in devices.new.iter().chain(&devices.changed) {
-            w.push(
-                Write::json(
-                    kind::DEVICE,
-                    pair(d.user_id().as_str(), d.device_id().as_str()),
-                    d,
-                )?
-                .idx(d.user_id().as_str()),
-            );
-        }
-        for d in &devices.deleted {
-            w.push(Write::delete(
-                kind::DEVICE,
-                pair(d.user_id().as_str(), d.device_id().as_str()),
-            ));
-        }
-        for (room, sessions) in &changes.withheld_session_info {
-            for (session, entry) in sessions {
-                w.push(
-                    Write::json(kind::WITHHELD, pair(room.as_str(), session), entry)?
-                        .idx(room.as_str()),
-                );
-            }
-        }
-        for (room, settings) in &changes.room_settings {
-            w.push(Write::json(kind::ROOM_SETTINGS, room.as_str(), settings)?);
-        }
-        for s in &changes.secrets {
-            use sha2::Digest;
-            let digest = hex::encode(sha2::Sha256::digest(s.secret.as_bytes()));
-            w.push(
-                Write::put(
-                    kind::SECRET,
-                    pair(s.secret_name.as_str(), &digest),
-                    s.secret.as_bytes().to_vec(),
-                )
-                .idx(s.secret_name.as_str()),
-            );
-        }
-        if let Some(token) = &changes.next_batch_token {
-            w.push(Write::put(kind::NEXT_BATCH, "", token.as_bytes().to_vec()));
-        }
-        for b in &changes.received_room_key_bundles {
-            w.push(Write::json(
-                kind::BUNDLE,
-                pair(b.bundle_data.room_id.as_str(), b.sender_user.as_str()),
-                b,
-            )?);
-        }
-        for room in &changes.room_key_backups_fully_downloaded {
-            w.push(Write::put(kind::DOWNLOADED, room.as_str(), vec![1]));
-        }
-        for (room, details) in &changes.rooms_pending_key_bundle {
-            w.push(match details {
-                Some(d) => Write::json(kind::PENDING_BUNDLE, room.as_str(), d)?,
-                None => Write::delete(kind::PENDING_BUNDLE, room.as_str()),
-            });
-        }
+        let mut w = self.key_writes(&changes).await?;
+        state_writes(&changes, &mut w)?;
         self.write(w).await?;
-        // The rows are written: bring what is cached up to date (a user whose devices were
-        // never read is loaded from the rows when first asked for).
-        let devices = &changes.devices;
-        if !(devices.new.is_empty() && devices.changed.is_empty() && devices.deleted.is_empty()) {
-            let mut cache = self.devices.write().await;
-            for d in devices.new.iter().chain(&devices.changed) {
-                if let Some(known) = cache.get_mut(d.user_id()) {
-                    known.insert(d.device_id().to_owned(), d.clone());
-                }
-            }
-            for d in &devices.deleted {
-                if let Some(known) = cache.get_mut(d.user_id()) {
-                    known.remove(d.device_id());
-                }
-            }
-        }
-        if !changed_identities.is_empty() {
-            let mut cache = self.identities.write().await;
-            for i in changed_identities {
-                cache.insert(i.user_id().to_owned(), Some(i));
-            }
-        }
+        self.refresh_caches(&changes).await;
         Ok(())
     }
 
@@ -601,8 +614,9 @@ impl CryptoStore for DbCryptoStore {
         backup_version: Option<&str>,
     ) -> Result<RoomKeyCounts> {
         // Counted in SQL: nothing needs opening.
-        let (total, backed_up): (i64, i64) = sqlx::query_as(
-            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN backup = $3 THEN 1 ELSE 0 END), 0) \
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS total, \
+             COALESCE(SUM(CASE WHEN backup = $3 THEN 1 ELSE 0 END), 0) AS backed_up \
              FROM crypto_item WHERE device = $1 AND kind = $2",
         )
         .bind(&self.device)
@@ -611,6 +625,8 @@ impl CryptoStore for DbCryptoStore {
         .fetch_one(self.db.pool())
         .await
         .map_err(backend)?;
+        let total: i64 = row.try_get("total").map_err(backend)?;
+        let backed_up: i64 = row.try_get("backed_up").map_err(backend)?;
         let backed_up = if backup_version.is_some() {
             backed_up
         } else {

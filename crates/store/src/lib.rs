@@ -3,9 +3,9 @@
 //! Queries are written once in the subset of SQL both databases accept (`$n` placeholders in
 //! first-use order, which SQLite binds positionally); dialect differences live in the migrations.
 //!
-//! It implements the core's store traits, the vault's, matrix-sdk-crypto's `CryptoStore` and the
-//! appservice queue's; it must never depend on the Matrix or interop side, the gateway or an
-//! HTTP server (`tests/architecture.rs` checks it).
+//! It implements the core's store traits (portals, users, the inbound event queue, kv), the
+//! vault's and matrix-sdk-crypto's `CryptoStore`; it must never depend on the Matrix or interop
+//! side, the gateway or an HTTP server (`tests/architecture.rs` checks it).
 
 use mib_core::store::StoreError as CoreError;
 use std::{
@@ -27,6 +27,9 @@ pub mod portal;
 pub mod requests;
 pub mod settings;
 mod vault;
+
+#[cfg(test)]
+mod sql_check;
 
 pub type AnyPool = Pool<sqlx::Any>;
 
@@ -108,68 +111,7 @@ impl StoreError {
     }
 }
 
-/// An inbound Matrix event waiting in the durable queue, sealed by the vault.
-#[derive(Clone, Debug)]
-pub struct QueuedEvent {
-    pub room_id: Option<String>,
-    /// The event's id, for room events: an id already queued is not queued again.
-    pub event_id: Option<String>,
-    pub sealed: Vec<u8>,
-}
-
-#[derive(Clone, Debug)]
-pub struct StoredEvent {
-    pub seq: i64,
-    pub room_id: Option<String>,
-    pub sealed: Vec<u8>,
-    pub attempts: i64,
-}
-
-/// What happened to an appservice transaction.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TxnOutcome {
-    Applied,
-    Duplicate,
-}
-
-#[async_trait]
-pub trait TxnStore: Send + Sync {
-    /// Records the transaction and queues its events in one database transaction. A transaction
-    /// with the same id and the same body hash is a retry and changes nothing; an event whose id
-    /// was queued before (by another transaction or by [`TxnStore::queue_missed`]) is skipped.
-    async fn apply_transaction(
-        &self,
-        txn_id: &str,
-        body_hash: &[u8],
-        events: &[QueuedEvent],
-    ) -> Result<TxnOutcome, StoreError>;
-    /// The oldest queued events, in arrival order, at most `limit`.
-    async fn queued_events(&self, limit: i64) -> Result<Vec<StoredEvent>, StoreError> {
-        self.queued_events_after(0, limit).await
-    }
-    /// The oldest queued events after sequence number `after`, at most `limit`.
-    async fn queued_events_after(
-        &self,
-        after: i64,
-        limit: i64,
-    ) -> Result<Vec<StoredEvent>, StoreError>;
-    /// Queues events the homeserver never sent (found by the catch-up after an outage), those
-    /// whose ids were not queued before; returns how many were new.
-    async fn queue_missed(&self, events: &[QueuedEvent]) -> Result<usize, StoreError>;
-    async fn remove_event(&self, seq: i64) -> Result<(), StoreError>;
-    async fn count_attempt(&self, seq: i64) -> Result<(), StoreError>;
-    /// Forgets transaction ids and queued event ids older than `max_age_ms` (the events
-    /// themselves are long applied).
-    async fn prune_transactions(&self, max_age_ms: i64) -> Result<u64, StoreError>;
-}
-
-pub use mib_core::store::UserStore;
-
-#[async_trait]
-pub trait KvStore: Send + Sync {
-    async fn kv_get(&self, key: &str) -> Result<Option<String>, StoreError>;
-    async fn kv_set(&self, key: &str, value: &str) -> Result<(), StoreError>;
-}
+pub use mib_core::store::{KvStore, QueuedEvent, StoredEvent, TxnOutcome, TxnStore, UserStore};
 
 /// The SQL store over SQLite or PostgreSQL.
 #[derive(Clone, Debug)]
@@ -335,14 +277,15 @@ impl TxnStore for SqlStore {
         txn_id: &str,
         body_hash: &[u8],
         events: &[QueuedEvent],
-    ) -> Result<TxnOutcome, StoreError> {
+    ) -> Result<TxnOutcome, CoreError> {
         let _writer = self.queue_writer.lock().await;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin().await.db()?;
         let seen: Option<Vec<u8>> =
             sqlx::query_scalar("SELECT body_hash FROM appservice_txn WHERE txn_id = $1")
                 .bind(txn_id)
                 .fetch_optional(&mut *tx)
-                .await?;
+                .await
+                .db()?;
         if seen.as_deref() == Some(body_hash) {
             return Ok(TxnOutcome::Duplicate);
         }
@@ -351,7 +294,8 @@ impl TxnStore for SqlStore {
         sqlx::query("DELETE FROM appservice_txn WHERE txn_id = $1")
             .bind(txn_id)
             .execute(&mut *tx)
-            .await?;
+            .await
+            .db()?;
         sqlx::query(
             "INSERT INTO appservice_txn (txn_id, body_hash, received_at) VALUES ($1, $2, $3)",
         )
@@ -359,17 +303,18 @@ impl TxnStore for SqlStore {
         .bind(body_hash)
         .bind(now)
         .execute(&mut *tx)
-        .await?;
+        .await
+        .db()?;
         queue_new(&mut tx, events, now).await?;
-        tx.commit().await?;
+        tx.commit().await.db()?;
         Ok(TxnOutcome::Applied)
     }
 
-    async fn queue_missed(&self, events: &[QueuedEvent]) -> Result<usize, StoreError> {
+    async fn queue_missed(&self, events: &[QueuedEvent]) -> Result<usize, CoreError> {
         let _writer = self.queue_writer.lock().await;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin().await.db()?;
         let queued = queue_new(&mut tx, events, now_ms()).await?;
-        tx.commit().await?;
+        tx.commit().await.db()?;
         Ok(queued)
     }
 
@@ -377,15 +322,16 @@ impl TxnStore for SqlStore {
         &self,
         after: i64,
         limit: i64,
-    ) -> Result<Vec<StoredEvent>, StoreError> {
+    ) -> Result<Vec<StoredEvent>, CoreError> {
         let rows = sqlx::query(
             "SELECT seq, room_id, sealed, attempts FROM event_queue WHERE seq > $1 ORDER BY seq LIMIT $2",
         )
         .bind(after)
         .bind(limit)
         .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
+        .await.db()?;
+        let events = rows
+            .iter()
             .map(|r| {
                 Ok(StoredEvent {
                     seq: r.try_get("seq")?,
@@ -394,35 +340,41 @@ impl TxnStore for SqlStore {
                     attempts: r.try_get::<i32, _>("attempts").map(i64::from)?,
                 })
             })
-            .collect()
+            .collect::<Result<_, sqlx::Error>>()
+            .db()?;
+        Ok(events)
     }
 
-    async fn remove_event(&self, seq: i64) -> Result<(), StoreError> {
+    async fn remove_event(&self, seq: i64) -> Result<(), CoreError> {
         sqlx::query("DELETE FROM event_queue WHERE seq = $1")
             .bind(seq)
             .execute(&self.pool)
-            .await?;
+            .await
+            .db()?;
         Ok(())
     }
 
-    async fn count_attempt(&self, seq: i64) -> Result<(), StoreError> {
+    async fn count_attempt(&self, seq: i64) -> Result<(), CoreError> {
         sqlx::query("UPDATE event_queue SET attempts = attempts + 1 WHERE seq = $1")
             .bind(seq)
             .execute(&self.pool)
-            .await?;
+            .await
+            .db()?;
         Ok(())
     }
 
-    async fn prune_transactions(&self, max_age_ms: i64) -> Result<u64, StoreError> {
+    async fn prune_transactions(&self, max_age_ms: i64) -> Result<u64, CoreError> {
         let before = now_ms() - max_age_ms;
         let r = sqlx::query("DELETE FROM appservice_txn WHERE received_at < $1")
             .bind(before)
             .execute(&self.pool)
-            .await?;
+            .await
+            .db()?;
         sqlx::query("DELETE FROM matrix_event_seen WHERE received_at < $1")
             .bind(before)
             .execute(&self.pool)
-            .await?;
+            .await
+            .db()?;
         Ok(r.rows_affected())
     }
 }
@@ -465,19 +417,20 @@ impl UserStore for SqlStore {
 
 #[async_trait]
 impl KvStore for SqlStore {
-    async fn kv_get(&self, key: &str) -> Result<Option<String>, StoreError> {
+    async fn kv_get(&self, key: &str) -> Result<Option<String>, CoreError> {
         Ok(sqlx::query_scalar("SELECT value FROM kv WHERE key = $1")
             .bind(key)
             .fetch_optional(&self.pool)
-            .await?)
+            .await
+            .db()?)
     }
 
-    async fn kv_set(&self, key: &str, value: &str) -> Result<(), StoreError> {
+    async fn kv_set(&self, key: &str, value: &str) -> Result<(), CoreError> {
         sqlx::query("INSERT INTO kv (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value")
             .bind(key)
             .bind(value)
             .execute(&self.pool)
-            .await?;
+            .await.db()?;
         Ok(())
     }
 }

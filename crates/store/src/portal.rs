@@ -40,8 +40,9 @@ fn mapped_row(r: &sqlx::any::AnyRow) -> Result<MappedMessage, StoreError> {
     })
 }
 
-const PORTAL_COLS: &str = "receiver, chat_id, kind, room_id, name, relay, avatar_blob, avatar_mxc";
-const MAP_COLS: &str = "room_id, event_id, message_id, sender, part, matrix_sender";
+pub(crate) const PORTAL_COLS: &str =
+    "receiver, chat_id, kind, room_id, name, relay, avatar_blob, avatar_mxc";
+pub(crate) const MAP_COLS: &str = "room_id, event_id, message_id, sender, part, matrix_sender";
 
 #[async_trait]
 impl PortalStore for SqlStore {

@@ -18,44 +18,16 @@ impl Bridge {
                 timestamp,
                 ..
             } => {
-                let chat = match group {
-                    Some(g) => NetTarget::Group(g.clone()),
-                    None => NetTarget::Contact(from.clone()),
-                };
-                let gate = self
-                    .request_gate(
-                        mxid,
-                        &acc,
-                        &chat,
-                        from,
-                        Some((message_id.as_str(), *timestamp, data)),
-                    )
-                    .await?;
-                if gate == crate::requests::Gate::Closed {
-                    return Ok(());
-                }
-                let started = std::time::Instant::now();
-                let portal = self.ensure_portal(mxid, &acc, &chat, None).await?;
-                self.bridge_incoming(&portal, &acc, from, message_id, *timestamp, data)
-                    .await?;
-                self.metrics.message_bridged("interop_to_matrix", started);
-                // Delivered: the message reached the user's Matrix side (as a phone would say
-                // once it has the message). Sent in the background, so it costs the loop nothing.
-                let plain = matches!(
-                    data.body,
-                    Some(D::Text(_) | D::Media(_) | D::Location(_) | D::Contact(_))
-                );
-                if plain && from != acc.account_id() {
-                    let (acc, from, group, id) =
-                        (acc.clone(), from.clone(), group.clone(), message_id.clone());
-                    tokio::spawn(async move {
-                        if let Err(e) = acc.receipt(&from, group.as_deref(), false, vec![id]).await
-                        {
-                            tracing::debug!(error = %e, "delivery receipt not sent");
-                        }
-                    });
-                }
-                Ok(())
+                self.on_message(
+                    mxid,
+                    &acc,
+                    from,
+                    group.as_deref(),
+                    message_id,
+                    *timestamp,
+                    data,
+                )
+                .await
             }
             NetEvent::Receipt {
                 from,
@@ -67,36 +39,16 @@ impl Bridge {
                 if !read {
                     return Ok(());
                 }
-                let chat_id = group.clone().unwrap_or_else(|| from.clone());
-                let Some(portal) = self.portals.portal(mxid, &chat_id).await? else {
-                    return Ok(());
-                };
-                let Some(room) = portal.room_id.as_deref() else {
-                    return Ok(());
-                };
-                let ghost = self.ghost(from, Some(&acc)).await?;
-                let mut last = None;
-                for id in message_ids {
-                    if let Some(m) = self.portals.by_message(room, id, "").await? {
-                        last = Some(m.event_id);
-                    }
-                }
-                if let Some(event_id) = last {
-                    self.matrix.read_receipt(room, &ghost, &event_id).await?;
-                }
-                Ok(())
+                self.on_read(mxid, &acc, from, group.as_deref(), message_ids)
+                    .await
             }
             NetEvent::Typing {
                 from,
                 group,
                 typing,
             } => {
-                let chat_id = group.clone().unwrap_or_else(|| from.clone());
-                if let Some(Portal {
-                    room_id: Some(room),
-                    ..
-                }) = self.portals.portal(mxid, &chat_id).await?
-                {
+                let chat_id = group.as_deref().unwrap_or(from);
+                if let Some(room) = self.portal_room(mxid, chat_id).await? {
                     let ghost = self.ghost(from, Some(&acc)).await?;
                     self.matrix.typing(&room, &ghost, *typing).await?;
                 }
@@ -106,11 +58,7 @@ impl Bridge {
                 self.on_group_update(mxid, &acc, group, from).await
             }
             NetEvent::IdentityChanged { peer } => {
-                if let Some(Portal {
-                    room_id: Some(room),
-                    ..
-                }) = self.portals.portal(mxid, peer).await?
-                {
+                if let Some(room) = self.portal_room(mxid, peer).await? {
                     let text = format!(
                         "The safety number with {peer} changed: their device or app was reinstalled, or someone \
                          else may be using their account. Verify it with them if this is unexpected."
@@ -125,34 +73,110 @@ impl Bridge {
                 reason,
                 ..
             } => {
-                let chat_id = group.clone().unwrap_or_else(|| from.clone());
-                if let Some(Portal {
-                    room_id: Some(room),
-                    ..
-                }) = self.portals.portal(mxid, &chat_id).await?
-                {
-                    self.notice(
-                        &room,
-                        &format!("A message from {from} could not be decrypted ({reason})."),
-                    )
-                    .await?;
+                let chat_id = group.as_deref().unwrap_or(from);
+                if let Some(room) = self.portal_room(mxid, chat_id).await? {
+                    let text = format!("A message from {from} could not be decrypted ({reason}).");
+                    self.notice(&room, &text).await?;
                 }
                 Ok(())
             }
             NetEvent::LoggedOut { reason } => {
                 if let Some(room) = self.users.management_room(mxid).await? {
-                    self.notice(
-                        &room,
-                        &format!(
-                            "Your interop login ended: {reason}. Send `login` to log in again."
-                        ),
-                    )
-                    .await?;
+                    let text = format!(
+                        "Your interop login ended: {reason}. Send `login` to log in again."
+                    );
+                    self.notice(&room, &text).await?;
                 }
                 Ok(())
             }
             NetEvent::Connected | NetEvent::Disconnected { .. } => Ok(()),
         }
+    }
+
+    /// The room of the portal of `mxid` for `chat_id`, if it has one.
+    async fn portal_room(&self, mxid: &str, chat_id: &str) -> Result<Option<String>, BridgeError> {
+        Ok(self
+            .portals
+            .portal(mxid, chat_id)
+            .await?
+            .and_then(|p| p.room_id))
+    }
+
+    /// A data message from `from` (in `group`, or their 1:1 chat): through the message request
+    /// gate, into its portal (created if needed), then a delivery receipt back.
+    #[allow(clippy::too_many_arguments)]
+    async fn on_message(
+        &self,
+        mxid: &str,
+        acc: &Arc<dyn NetAccount>,
+        from: &str,
+        group: Option<&str>,
+        message_id: &str,
+        timestamp: u64,
+        data: &Message,
+    ) -> Result<(), BridgeError> {
+        let chat = match group {
+            Some(g) => NetTarget::Group(g.to_owned()),
+            None => NetTarget::Contact(from.to_owned()),
+        };
+        let gate = self
+            .request_gate(mxid, acc, &chat, from, Some((message_id, timestamp, data)))
+            .await?;
+        if gate == crate::requests::Gate::Closed {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        let portal = self.ensure_portal(mxid, acc, &chat, None).await?;
+        self.bridge_incoming(&portal, acc, from, message_id, timestamp, data)
+            .await?;
+        self.metrics.message_bridged("interop_to_matrix", started);
+        // Delivered: the message reached the user's Matrix side (as a phone would say once it
+        // has the message). Sent in the background, so it costs the loop nothing.
+        let plain = matches!(
+            data.body,
+            Some(D::Text(_) | D::Media(_) | D::Location(_) | D::Contact(_))
+        );
+        if plain && from != acc.account_id() {
+            let (acc, from, group, id) = (
+                acc.clone(),
+                from.to_owned(),
+                group.map(str::to_owned),
+                message_id.to_owned(),
+            );
+            tokio::spawn(async move {
+                if let Err(e) = acc.receipt(&from, group.as_deref(), false, vec![id]).await {
+                    tracing::debug!(error = %e, "delivery receipt not sent");
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// `from` read `message_ids`: the ghost's read receipt moves to the last of them that is
+    /// bridged.
+    async fn on_read(
+        &self,
+        mxid: &str,
+        acc: &Arc<dyn NetAccount>,
+        from: &str,
+        group: Option<&str>,
+        message_ids: &[String],
+    ) -> Result<(), BridgeError> {
+        let chat_id = group.unwrap_or(from);
+        let Some(room) = self.portal_room(mxid, chat_id).await? else {
+            return Ok(());
+        };
+        let ghost = self.ghost(from, Some(acc)).await?;
+        let mut last = None;
+        for id in message_ids {
+            if let Some(m) = self.portals.by_message(&room, id, "").await? {
+                last = Some(m.event_id);
+            }
+        }
+        if let Some(event_id) = last {
+            self.matrix.read_receipt(&room, &ghost, &event_id).await?;
+        }
+        Ok(())
     }
 
     /// interop → Matrix for one data message.

@@ -96,17 +96,7 @@ impl Bridge {
             return Ok(p);
         }
         // One creator per chat; other chats are not held up.
-        let lock = {
-            let mut locks = self.portal_locks.lock().await;
-            // Locks nobody holds (only the map has them) go, so the map stays small.
-            if locks.len() >= MAX_IDLE_PORTAL_LOCKS {
-                locks.retain(|_, l| Arc::strong_count(l) > 1);
-            }
-            locks
-                .entry((receiver.to_owned(), chat_id.clone()))
-                .or_default()
-                .clone()
-        };
+        let lock = self.portal_lock(receiver, &chat_id).await;
         let _guard = lock.lock().await;
         if let Some(p) = self.portals.portal(receiver, &chat_id).await?
             && p.room_id.is_some()
@@ -116,22 +106,11 @@ impl Bridge {
         let bot = self.matrix.bot_mxid().to_owned();
         let me = acc.account_id().to_owned();
         // A group first seen through a message: ask the network what it is.
-        let fetched;
-        let group = match (chat, group) {
-            (NetTarget::Group(id), None) => match acc.group(id).await {
-                Ok(g) => {
-                    fetched = g;
-                    Some(&fetched)
-                }
-                Err(e) if e.is_transient() => return Err(e.into()),
-                // E.g. no longer a member: the portal starts without the member list.
-                Err(e) => {
-                    tracing::debug!(error = %e, "cannot look up a group");
-                    None
-                }
-            },
-            (_, g) => g,
+        let fetched = match (chat, group) {
+            (NetTarget::Group(id), None) => lookup_group(acc, id).await?,
+            _ => None,
         };
+        let group = group.or(fetched.as_ref());
         let (name, members) = match (chat, group) {
             (NetTarget::Contact(a), _) => (String::new(), vec![a.clone()]),
             (NetTarget::Group(_), Some(g)) => (g.name.clone(), g.members.clone()),
@@ -141,37 +120,7 @@ impl Bridge {
         for m in members.iter().filter(|m| **m != me) {
             ghosts.push(self.ghost(m, Some(acc)).await?);
         }
-        let bridge_info = json!({
-            "bridgebot": bot,
-            "creator": bot,
-            "protocol": {"id": "interop", "displayname": "Interop"},
-            "channel": {"id": chat_id, "displayname": if name.is_empty() { chat_id.clone() } else { name.clone() }},
-        });
-        let state_key = format!("net.interop://interop/{chat_id}");
-        let mut users = serde_json::Map::new();
-        users.insert(bot.clone(), json!(100));
-        for g in &ghosts {
-            users.insert(g.clone(), json!(50));
-        }
-        // The owner outranks the ghosts in a group, so it can remove a contact from the group by
-        // kicking its ghost.
-        let owner_level = if kind == PortalKind::Group { 75 } else { 50 };
-        users.insert(receiver.to_owned(), json!(owner_level));
-        let mut invite = vec![receiver.to_owned()];
-        invite.extend(ghosts.iter().cloned());
-        let mut body = json!({
-            "preset": "private_chat",
-            "is_direct": kind == PortalKind::Dm,
-            "invite": invite,
-            "initial_state": [
-                {"type": "m.bridge", "state_key": state_key, "content": bridge_info},
-                {"type": "uk.half-shot.bridge", "state_key": state_key, "content": bridge_info},
-            ],
-            "power_level_content_override": portal_power_levels(users),
-        });
-        if kind == PortalKind::Group && !name.is_empty() {
-            body["name"] = json!(name);
-        }
+        let mut body = portal_room_body(&bot, receiver, &chat_id, kind, &name, &ghosts);
         let avatar_blob = group.map(|g| g.avatar_blob.clone()).unwrap_or_default();
         let avatar_mxc = match self.avatar_to_matrix(acc, &avatar_blob).await {
             Ok(mxc) => mxc,
@@ -215,6 +164,19 @@ impl Bridge {
         self.portals.save_portal(&portal).await?;
         tracing::info!(room_id = portal.room_id.as_deref(), kind = ?kind, "portal created");
         Ok(portal)
+    }
+
+    /// The lock held while the portal of (`receiver`, `chat_id`) is created.
+    async fn portal_lock(&self, receiver: &str, chat_id: &str) -> crate::ChatLock {
+        let mut locks = self.portal_locks.lock().await;
+        // Locks nobody holds (only the map has them) go, so the map stays small.
+        if locks.len() >= MAX_IDLE_PORTAL_LOCKS {
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        locks
+            .entry((receiver.to_owned(), chat_id.to_owned()))
+            .or_default()
+            .clone()
     }
 
     pub(crate) async fn notice(&self, room: &str, text: &str) -> Result<(), BridgeError> {
@@ -282,6 +244,67 @@ impl Status {
 /// ghosts), ghosts at 50. Redacting other people's events, kicking, banning and the state that
 /// shapes the room need more than a ghost has, so no contact can act on others' events through
 /// its ghost, even if the bridge were tricked into trying.
+/// What a group is, asked of the network; `None` when it will not say (no longer a member, say):
+/// the portal then starts without the member list.
+async fn lookup_group(
+    acc: &Arc<dyn NetAccount>,
+    id: &str,
+) -> Result<Option<GroupInfo>, BridgeError> {
+    match acc.group(id).await {
+        Ok(g) => Ok(Some(g)),
+        Err(e) if e.is_transient() => Err(e.into()),
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot look up a group");
+            Ok(None)
+        }
+    }
+}
+
+/// The `createRoom` body of a portal: invites, bridge state (MSC2346 and its older name) and
+/// power levels.
+fn portal_room_body(
+    bot: &str,
+    receiver: &str,
+    chat_id: &str,
+    kind: PortalKind,
+    name: &str,
+    ghosts: &[String],
+) -> Value {
+    let shown = if name.is_empty() { chat_id } else { name };
+    let bridge_info = json!({
+        "bridgebot": bot,
+        "creator": bot,
+        "protocol": {"id": "interop", "displayname": "Interop"},
+        "channel": {"id": chat_id, "displayname": shown},
+    });
+    let state_key = format!("net.interop://interop/{chat_id}");
+    let mut users = serde_json::Map::new();
+    users.insert(bot.to_owned(), json!(100));
+    for g in ghosts {
+        users.insert(g.clone(), json!(50));
+    }
+    // The owner outranks the ghosts in a group, so it can remove a contact from the group by
+    // kicking its ghost.
+    let owner_level = if kind == PortalKind::Group { 75 } else { 50 };
+    users.insert(receiver.to_owned(), json!(owner_level));
+    let mut invite = vec![receiver.to_owned()];
+    invite.extend(ghosts.iter().cloned());
+    let mut body = json!({
+        "preset": "private_chat",
+        "is_direct": kind == PortalKind::Dm,
+        "invite": invite,
+        "initial_state": [
+            {"type": "m.bridge", "state_key": state_key, "content": bridge_info},
+            {"type": "uk.half-shot.bridge", "state_key": state_key, "content": bridge_info},
+        ],
+        "power_level_content_override": portal_power_levels(users),
+    });
+    if kind == PortalKind::Group && !name.is_empty() {
+        body["name"] = json!(name);
+    }
+    body
+}
+
 fn portal_power_levels(users: serde_json::Map<String, Value>) -> Value {
     json!({
         "users": users,

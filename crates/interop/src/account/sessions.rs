@@ -16,7 +16,7 @@ impl Actor {
             .await?
             .and_then(|b| <[u8; 8]>::try_from(&b[..]).ok())
             .map(i64::from_be_bytes);
-        let now = crate::store::now_ms();
+        let now = mib_core::now_ms() as i64;
         let base = signed_at.is_none_or(|t| now - t > SIGNED_PREKEY_MAX_AGE_MS);
         let need_ot = if one_time < LOW_WATER { BATCH } else { 0 };
         let need_ky = if kyber < LOW_WATER { BATCH } else { 0 };
@@ -153,7 +153,7 @@ impl Actor {
             }
             .encode_to_vec(),
         );
-        let timestamp = crate::store::now_ms() as u64;
+        let timestamp = mib_core::now_ms();
         let send = match to {
             Target::Account(peer) => {
                 let (kind, ciphertext) = self.encrypt_for(peer, &plaintext).await?;

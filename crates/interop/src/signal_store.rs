@@ -17,7 +17,7 @@ use libsignal_protocol::{
 use std::sync::Arc;
 use uuid::Uuid;
 
-use crate::vault::{Vault, VaultError, VaultStore};
+use mib_vault::{Vault, VaultError, VaultStore};
 
 type SResult<T> = Result<T, SignalProtocolError>;
 /// (record kind, record name)
@@ -225,13 +225,13 @@ impl SignalStore {
         for ((k, name), v) in &pending {
             let sealed = v
                 .as_ref()
-                .map(|plain| key.seal(&crate::vault::record_ad(owner, k, name), plain));
+                .map(|plain| key.seal(&mib_vault::record_ad(owner, k, name), plain));
             writes.push((k.to_string(), name.clone(), sealed));
         }
         for (k, name, v) in extra {
             let sealed = v
                 .as_ref()
-                .map(|plain| key.seal(&crate::vault::record_ad(owner, k, &name), plain));
+                .map(|plain| key.seal(&mib_vault::record_ad(owner, k, &name), plain));
             self.inner
                 .state
                 .borrow_mut()
@@ -491,22 +491,18 @@ pub mod testing {
     };
 
     use super::SignalStore;
-    use crate::vault::{SecretKey, Vault, VaultStore};
+    use mib_vault::{SecretKey, Vault, VaultStore};
 
     pub fn addr(name: &str) -> ProtocolAddress {
         ProtocolAddress::new(name.to_owned(), DeviceId::new(1).expect("device 1"))
     }
 
-    pub async fn store(owner: &str) -> (SignalStore, tempfile::TempDir) {
-        let (sql, dir) = crate::store::testing::sqlite().await;
-        let db: Arc<dyn VaultStore> = Arc::new(sql);
+    /// A store for `owner` over `db`, under a fresh master key.
+    pub async fn store(owner: &str, db: Arc<dyn VaultStore>) -> SignalStore {
         let vault = Vault::open(SecretKey::random(), db.clone())
             .await
             .expect("vault");
-        (
-            SignalStore::open(owner, vault, db).await.expect("store"),
-            dir,
-        )
+        SignalStore::open(owner, vault, db).await.expect("store")
     }
 
     pub async fn bundle_of(s: &mut SignalStore) -> PreKeyBundle {

@@ -20,13 +20,13 @@ use tokio::{
 };
 
 use super::{QUEUE_AD, QueueItem};
-use crate::{
-    bridge::{BridgeError, MatrixEventHandler, RetryClass},
-    matrix::crypto::{Crypto, CryptoChanges, CryptoError},
+use crate::crypto::{Crypto, CryptoChanges, CryptoError};
+use mib_core::{
+    BridgeError, MatrixEventHandler, RetryClass,
     metrics::Metrics,
     store::{StoredEvent, TxnStore},
-    vault::SecretKey,
 };
+use mib_vault::SecretKey;
 
 const BATCH: i64 = 100;
 /// Attempts for an event that failed transiently (homeserver unreachable, 5xx): with the
@@ -223,7 +223,7 @@ impl QueueWorker {
             Some(id) => format!("matrix:{id}"),
             None => format!("queue:{}", ev.seq),
         };
-        crate::bridge::handling_event(key, self.attempt_item(ev, item)).await
+        mib_core::handling_event(key, self.attempt_item(ev, item)).await
     }
 
     async fn attempt_item(&self, ev: &StoredEvent, item: QueueItem) -> Outcome {
@@ -340,7 +340,8 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
-    use crate::store::{QueuedEvent, testing};
+    use mib_core::store::QueuedEvent;
+    use mib_store::testing;
 
     /// Records handled events; every event of room `!stuck` fails (retryably) until released.
     #[derive(Default)]

@@ -8,7 +8,8 @@ use libsignal_protocol::{
 };
 
 use super::signal_store::{SignalStore, kind as vault_kind};
-use crate::{vault::VaultError, wire::pb};
+use mib_vault::VaultError;
+use mib_wire::pb;
 
 /// Id of the Kyber last-resort prekey; one-time Kyber prekeys use ids below it.
 pub const LAST_RESORT_KYBER_ID: u32 = 0x00FF_FFFF;
@@ -54,7 +55,7 @@ async fn next_id(store: &mut SignalStore, counter: &str) -> Result<u32, KeyError
 }
 
 fn now() -> Timestamp {
-    Timestamp::from_epoch_millis(crate::store::now_ms() as u64)
+    Timestamp::from_epoch_millis(mib_core::now_ms())
 }
 
 /// Builds an upload with `one_time` EC and `kyber` one-time prekeys, and a fresh signed prekey and

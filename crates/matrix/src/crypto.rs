@@ -37,10 +37,8 @@ use serde_json::{Value, json};
 use tokio::sync::{Mutex, Notify, RwLock};
 
 use super::client::{HomeserverClient, MatrixError};
-use crate::{
-    store::{KvStore, SqlStore, crypto::DbCryptoStore},
-    vault::SecretKey,
-};
+use matrix_sdk_crypto::store::DynCryptoStore;
+use mib_core::store::KvStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CryptoError {
@@ -177,15 +175,19 @@ fn impersonatable_device_id(ghost: &ruma::UserId, bot_device: &DeviceId) -> Owne
         .into()
 }
 
+/// Opens the crypto store of one device (user, device) of the bridge's in its database.
+pub type OpenStore = Arc<dyn Fn(&ruma::UserId, &DeviceId) -> Arc<DynCryptoStore> + Send + Sync>;
+
 /// Where the crypto stores of the bridge's devices are.
 #[derive(Clone)]
 pub enum StoreLocation {
-    /// In the bridge's database (`crypto_item`), sealed with `key`. The local store directory of
-    /// an earlier version, if `legacy` names one (with its passphrase), is copied in on first
-    /// use and left untouched.
+    /// In the bridge's database: `open` gives a device's store (the store crate's, sealed at
+    /// rest), `kv` keeps each ghost's device id. The local store directory of an earlier
+    /// version, if `legacy` names one (with its passphrase), is copied in on first use and left
+    /// untouched.
     Database {
-        db: SqlStore,
-        key: SecretKey,
+        open: OpenStore,
+        kv: Arc<dyn KvStore>,
         legacy: Option<(PathBuf, String)>,
     },
     /// matrix-sdk-crypto's SQLite stores in a local directory (the bot's at its root, each
@@ -225,16 +227,16 @@ impl StoreLocation {
                     .await
                     .map_err(store_err)
             }
-            Self::Database { db, key, legacy } => {
-                let store = DbCryptoStore::new(db.clone(), key.clone(), user, device);
+            Self::Database { open, legacy, .. } => {
+                let store = open(user, device);
                 if let Some((_, passphrase)) = legacy
-                    && !store.has_account().await.map_err(store_err)?
+                    && store.load_account().await.map_err(store_err)?.is_none()
                     && folder.join("matrix-sdk-crypto.sqlite3").exists()
                 {
                     let old = SqliteCryptoStore::open(folder, Some(passphrase))
                         .await
                         .map_err(store_err)?;
-                    let n = migrate_store(&old, &store, user, device).await?;
+                    let n = migrate_store(&old, &*store, user, device).await?;
                     tracing::info!(
                         %user, %device, from = %folder.display(), olm_sessions = n.sessions,
                         megolm_sessions = n.inbound, devices = n.devices,
@@ -271,9 +273,9 @@ impl StoreLocation {
         };
         match self {
             Self::Directory { root, .. } => from_folder(root),
-            Self::Database { db, legacy, .. } => {
+            Self::Database { kv, legacy, .. } => {
                 let key = format!("ghost_device:{user}");
-                match db.kv_get(&key).await.map_err(store_err)? {
+                match kv.kv_get(&key).await.map_err(store_err)? {
                     Some(v) => {
                         let (device, ready) = match v.split_once(' ') {
                             Some((d, r)) => (d, r == "ready"),
@@ -308,13 +310,13 @@ impl StoreLocation {
                 }
                 Ok(())
             }
-            Self::Database { db, .. } => {
+            Self::Database { kv, .. } => {
                 let v = if r.ready {
                     format!("{} ready", r.device)
                 } else {
                     r.device.to_string()
                 };
-                db.kv_set(&format!("ghost_device:{user}"), &v)
+                kv.kv_set(&format!("ghost_device:{user}"), &v)
                     .await
                     .map_err(store_err)
             }
@@ -335,7 +337,7 @@ struct Migrated {
 /// (the device starts new ones) and the directory is not changed.
 async fn migrate_store(
     from: &SqliteCryptoStore,
-    to: &DbCryptoStore,
+    to: &DynCryptoStore,
     user: &ruma::UserId,
     device: &DeviceId,
 ) -> Result<Migrated, CryptoError> {

@@ -31,10 +31,13 @@ use futures::StreamExt;
 use serde_json::Value;
 use tokio::sync::{Mutex, Notify, watch};
 
-use crate::{
-    store::{KvStore, TxnStore, now_ms},
-    vault::SecretKey,
-};
+use mib_core::store::{KvStore, TxnStore};
+use mib_vault::SecretKey;
+
+/// The clock as the store keeps it (milliseconds since the Unix epoch).
+fn now_ms() -> i64 {
+    mib_core::now_ms() as i64
+}
 
 /// How often the homeserver's health is checked.
 const CHECK_EVERY: Duration = Duration::from_secs(2);
@@ -278,7 +281,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::store::{QueuedEvent, StoreError, StoredEvent, TxnOutcome};
+    use mib_core::store::{QueuedEvent, StoreError, StoredEvent, TxnOutcome};
 
     #[derive(Default)]
     struct FakeHs {

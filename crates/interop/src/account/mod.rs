@@ -28,14 +28,12 @@ use super::{
     media,
     runtime::SignalRuntime,
 };
-use crate::{
-    interop::signal_store::SignalStore,
-    vault::{Vault, VaultStore},
-    wire::{
-        DEVICE_ID,
-        content::{self, Content, DataMessage, content::Body as CBody},
-        pb::{self, ErrorCode, Kind, stanza::Body},
-    },
+use crate::signal_store::SignalStore;
+use mib_vault::{Vault, VaultStore};
+use mib_wire::{
+    DEVICE_ID,
+    content::{self, Content, DataMessage, content::Body as CBody},
+    pb::{self, ErrorCode, Kind, stanza::Body},
 };
 
 mod actor;

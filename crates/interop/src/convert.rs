@@ -5,13 +5,11 @@
 
 use prost::Message as _;
 
-use crate::{
-    bridge::model::{
-        Body, ContactCard, Delete, Edit, Format, Location, Media, MediaKind, Message, Quote,
-        Reaction, Style, Text,
-    },
-    wire::content::{self as pb, data_message::Body as PbBody, format::Style as PbStyle},
+use mib_core::model::{
+    Body, ContactCard, Delete, Edit, Format, Location, Media, MediaKind, Message, Quote, Reaction,
+    Style, Text,
 };
+use mib_wire::content::{self as pb, data_message::Body as PbBody, format::Style as PbStyle};
 
 /// A decoded `DataMessage` in the core's terms.
 pub fn to_model(m: pb::DataMessage) -> Message {

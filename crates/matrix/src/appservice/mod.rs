@@ -18,11 +18,11 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::sync::Notify;
 
-use crate::{
+use mib_core::{
     metrics::Metrics,
     store::{QueuedEvent, TxnOutcome, TxnStore},
-    vault::SecretKey,
 };
+use mib_vault::SecretKey;
 
 pub mod catchup;
 pub mod order;
@@ -281,7 +281,7 @@ async fn transaction(
     let mut queued = Vec::with_capacity(events.len() + ephemeral.len() + 1);
     // Crypto changes (to-device messages with room keys, device lists, key counts) go first, so
     // that the keys for this transaction's encrypted events are known when those are handled.
-    if let Some(changes) = crate::matrix::crypto::CryptoChanges::from_transaction(obj) {
+    if let Some(changes) = crate::crypto::CryptoChanges::from_transaction(obj) {
         let event = serde_json::to_value(&changes).expect("serializable");
         queued.push(seal(&state.queue_key, "crypto", event));
     }
@@ -297,7 +297,7 @@ async fn transaction(
             state
                 .metrics
                 .events
-                .get_or_create(&crate::metrics::EventLabels {
+                .get_or_create(&mib_core::metrics::EventLabels {
                     kind: kind.to_owned(),
                 })
                 .inc();

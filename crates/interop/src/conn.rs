@@ -15,7 +15,7 @@ use tokio::{
     sync::{Mutex, mpsc, oneshot},
 };
 
-use crate::wire::{
+use mib_wire::{
     noise::{self, StaticKey, TransportError},
     pb::{self, ErrorCode, stanza::Body},
 };
@@ -44,7 +44,7 @@ pub enum InteropError {
     #[error("{0}")]
     Crypto(String),
     #[error("vault: {0}")]
-    Vault(#[from] crate::vault::VaultError),
+    Vault(#[from] mib_vault::VaultError),
     #[error("{0}")]
     Invalid(String),
     /// A blob over the caller's size limit (not downloaded).

@@ -1,5 +1,12 @@
-//! The Matrix side, outbound: the homeserver client, and the [`MatrixConnector`] the bridge core
-//! uses to act as the bot or a ghost.
+//! The bridge's Matrix side: the appservice API the homeserver pushes to ([`appservice`]: axum,
+//! transactions into a durable queue, the catch-up after an outage, the provisioning API), the
+//! homeserver client ([`client`]), Megolm for the bot and the ghosts ([`crypto`],
+//! matrix-sdk-crypto), and the [`MatrixConnector`] the core uses to act as the bot or a ghost.
+//!
+//! It talks to the core through the core's traits and types only. It must never depend on the
+//! interop side, the store, the wire protocol or the gateway, nor on an SQL or Signal crate
+//! (`tests/architecture.rs` checks it): the stores it needs come in as the core's traits and, for
+//! the crypto store in the database, as matrix-sdk-crypto's `CryptoStore` ([`crypto::OpenStore`]).
 
 use std::sync::Arc;
 
@@ -7,8 +14,9 @@ use async_trait::async_trait;
 use ruma::{OwnedRoomId, OwnedUserId};
 use serde_json::json;
 
-use crate::bridge::{BridgeError, MatrixConnector};
+use mib_core::{BridgeError, MatrixConnector};
 
+pub mod appservice;
 pub mod client;
 pub mod crypto;
 pub mod timeline;
@@ -525,7 +533,7 @@ mod tests {
 
     #[test]
     fn homeserver_answers_carry_their_retry_class() {
-        use crate::bridge::RetryClass;
+        use mib_core::RetryClass;
         let api = |status, errcode: &str, retry_after| MatrixError::Api {
             status,
             errcode: errcode.into(),

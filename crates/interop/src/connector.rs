@@ -17,17 +17,15 @@ use super::{
     AccountHandle, Event, GatewayAddr, GatewayConn, InteropError, SignalRuntime, Target,
     account::{self, save_credentials},
 };
-use crate::{
-    bridge::{
-        model::Message,
-        network::{
-            GroupChange, GroupInfo, NetAccount, NetError, NetEvent, NetEventSink, NetProfile,
-            NetTarget, Network, UploadedMedia,
-        },
+use mib_core::{
+    model::Message,
+    network::{
+        GroupChange, GroupInfo, NetAccount, NetError, NetEvent, NetEventSink, NetProfile,
+        NetTarget, Network, UploadedMedia,
     },
-    vault::{Vault, VaultStore},
-    wire::pb::{self, ErrorCode},
 };
+use mib_vault::{Vault, VaultStore};
+use mib_wire::pb::{self, ErrorCode};
 
 use super::convert;
 
@@ -138,7 +136,7 @@ enum Delivery {
     /// Handled, or given up on and reported: ack it.
     Done,
     /// It refers to a message that has not arrived yet: set it aside.
-    Early(crate::bridge::BridgeError),
+    Early(mib_core::BridgeError),
     /// The login stopped meanwhile: leave it to the next start (not acked).
     Stopped,
 }
@@ -156,7 +154,7 @@ async fn pump(
     let mut early: std::collections::VecDeque<(
         tokio::time::Instant,
         NetEvent,
-        crate::bridge::BridgeError,
+        mib_core::BridgeError,
     )> = Default::default();
     loop {
         let next = match tokio::time::timeout(Duration::from_secs(30), rx.recv()).await {
@@ -230,7 +228,7 @@ async fn deliver(
     sink: &dyn NetEventSink,
     ev: &NetEvent,
 ) -> Delivery {
-    use crate::bridge::RetryClass;
+    use mib_core::RetryClass;
     let Some(envelope) = ev.envelope_id() else {
         // Typing, presence, connection changes: one attempt, nothing to redeliver.
         if let Err(e) = sink.handle_network_event(mxid, ev).await {
@@ -243,7 +241,7 @@ async fn deliver(
     let mut transient = 0;
     loop {
         let result =
-            crate::bridge::handling_event(key.clone(), sink.handle_network_event(mxid, ev)).await;
+            mib_core::handling_event(key.clone(), sink.handle_network_event(mxid, ev)).await;
         let Err(e) = result else {
             return Delivery::Done;
         };
@@ -259,8 +257,7 @@ async fn deliver(
         };
         let Some(wait) = wait else {
             tracing::error!(envelope, error = %e, "giving up on an interop event");
-            crate::bridge::handling_event(key.clone(), sink.network_event_failed(mxid, ev, &e))
-                .await;
+            mib_core::handling_event(key.clone(), sink.network_event_failed(mxid, ev, &e)).await;
             return Delivery::Done;
         };
         tracing::warn!(envelope, ?wait, error = %e, "bridging an interop event failed, will retry");
@@ -340,7 +337,7 @@ fn convert(ev: Event) -> Option<NetEvent> {
 #[async_trait]
 impl Network for InteropNetwork {
     async fn request_code(&self, account: &str) -> Result<(), NetError> {
-        if !crate::wire::is_valid_account(account) {
+        if !mib_wire::is_valid_account(account) {
             return Err(NetError::Refused(format!(
                 "`{account}` is not an identifier: use + and 8 to 15 digits"
             )));
@@ -400,7 +397,7 @@ impl Network for InteropNetwork {
     }
 
     fn is_valid_account(&self, id: &str) -> bool {
-        crate::wire::is_valid_account(id)
+        mib_wire::is_valid_account(id)
     }
 
     fn encode_message(&self, message: &Message) -> Vec<u8> {
@@ -557,10 +554,8 @@ mod tests {
     use std::{collections::HashSet, sync::Mutex as StdMutex};
 
     use super::*;
-    use crate::{
-        bridge::{BridgeError, model::Body},
-        wire::content::{DataMessage, Edit, Text, data_message::Body as D},
-    };
+    use mib_core::{BridgeError, model::Body};
+    use mib_wire::content::{DataMessage, Edit, Text, data_message::Body as D};
 
     /// Handles messages in order; an edit whose target it has not seen is early, the message
     /// "flaky" fails twice with a 5xx, the message "refused" is refused for good.

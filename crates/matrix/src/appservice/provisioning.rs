@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
 use super::MatrixApiError;
-use crate::bridge::provisioning::{ProvError, Provisioning};
+use mib_core::provisioning::{ProvError, Provisioning};
 
 #[derive(Clone)]
 struct Prov {

@@ -110,7 +110,7 @@ impl Actor {
                 kind: kind as i32,
                 ciphertext,
                 message_id: uuid::Uuid::new_v4().to_string(),
-                timestamp: crate::store::now_ms() as u64,
+                timestamp: mib_core::now_ms(),
             };
             self.conn()?.request(Body::Send(send)).await?;
             sent.push(m);

@@ -20,7 +20,7 @@ pub async fn save_credentials(
     let sealed = vault.seal_record(owner, META, "credentials", &raw).await?;
     db.put_record(owner, META, "credentials", &sealed)
         .await
-        .map_err(crate::vault::VaultError::from)?;
+        .map_err(mib_vault::VaultError::from)?;
     Ok(())
 }
 
@@ -33,7 +33,7 @@ pub async fn stored_account(
     let Some(sealed) = db
         .record(owner, META, "credentials")
         .await
-        .map_err(crate::vault::VaultError::from)?
+        .map_err(mib_vault::VaultError::from)?
     else {
         return Ok(None);
     };
@@ -57,7 +57,7 @@ pub async fn spawn_account(
     let sealed = db
         .record(owner, META, "credentials")
         .await
-        .map_err(crate::vault::VaultError::from)?
+        .map_err(mib_vault::VaultError::from)?
         .ok_or_else(|| InteropError::Invalid("not logged in".into()))?;
     let raw = vault
         .open_record(owner, META, "credentials", &sealed)
