@@ -669,21 +669,7 @@ async fn connection(
             conn.delivery = Some(after);
         }
     };
-    // Going offline.
-    if let Some(d) = conn.delivery.take() {
-        d.abort();
-    }
-    if let Some(account) = conn.account.take() {
-        let mut online = shared.online.lock().await;
-        if online.get(&account).is_some_and(|o| o.conn_id == conn.id) {
-            online.remove(&account);
-            drop(online);
-            handlers::set_presence(&shared, &account, false).await;
-        }
-    }
-    for (_, up) in conn.uploads.drain() {
-        up.discard().await;
-    }
+    go_offline(&shared, &mut conn).await;
     drop(out_tx);
     drop(conn);
     // A writer stuck on a peer that does not read is not waited for.
@@ -695,6 +681,25 @@ async fn connection(
         writer_task.abort();
     }
     result
+}
+
+/// A connection ends: its delivery stops, its account goes offline (unless a newer connection
+/// of the account took over), and its unfinished uploads are discarded.
+async fn go_offline(shared: &Shared, conn: &mut Conn) {
+    if let Some(d) = conn.delivery.take() {
+        d.abort();
+    }
+    if let Some(account) = conn.account.take() {
+        let mut online = shared.online.lock().await;
+        if online.get(&account).is_some_and(|o| o.conn_id == conn.id) {
+            online.remove(&account);
+            drop(online);
+            handlers::set_presence(shared, &account, false).await;
+        }
+    }
+    for (_, up) in conn.uploads.drain() {
+        up.discard().await;
+    }
 }
 
 /// Checks that an account string is valid, for handlers.

@@ -1,0 +1,190 @@
+//! The bridge process: its configuration, start-up, samples of its memory and CPU, health.
+
+use super::*;
+
+/// The bridge's process: the tests' process guard (its log's last lines are printed when the
+/// bench panics; it is killed when dropped).
+pub(crate) type BridgeProc = common::Proc;
+
+pub(crate) struct BridgeEndpoints {
+    pub(crate) base: String,
+    pub(crate) metrics: String,
+}
+
+pub(crate) fn write_config(
+    dir: &Path,
+    hs_url: &str,
+    domain: &str,
+    gw: &GatewayAddr,
+    postgres: Option<&str>,
+) -> (PathBuf, BridgeEndpoints) {
+    use base64::Engine;
+    let database = match postgres {
+        Some(uri) => format!("database:\n    type: postgres\n    uri: \"{uri}\"\n"),
+        None => format!(
+            "database:\n    type: sqlite\n    uri: sqlite://{}\n",
+            dir.join("bridge.db").display()
+        ),
+    };
+    let port = common::free_port();
+    let metrics_port = common::free_port();
+    let key = base64::engine::general_purpose::STANDARD.encode(&gw.public_key);
+    let text = format!(
+        "homeserver:\n    address: {hs_url}\n    domain: {domain}\n\
+         appservice:\n    address: http://127.0.0.1:{port}\n    hostname: 127.0.0.1\n    port: {port}\n    id: bench\n\
+         \x20   as_token: {AS_TOKEN}\n    hs_token: {HS_TOKEN}\n\
+         {database}\
+         bridge:\n    permissions:\n        \"*\": user\n\
+         interop:\n    gateway_address: {gw_addr}\n    gateway_public_key: \"{key}\"\n\
+         provisioning:\n    enabled: true\n    prefix: /_matrix/provision\n    shared_secret: {PROV_SECRET}\n\
+         metrics:\n    enabled: true\n    listen: 127.0.0.1:{metrics_port}\n\
+         logging:\n    level: warn\n",
+        gw_addr = gw.address,
+    );
+    let path = dir.join("config.yaml");
+    std::fs::write(&path, text).expect("write bridge config");
+    (
+        path,
+        BridgeEndpoints {
+            base: format!("http://127.0.0.1:{port}"),
+            metrics: format!("http://127.0.0.1:{metrics_port}/metrics"),
+        },
+    )
+}
+
+pub(crate) fn spawn_bridge(config: &Path, dir: &Path) -> BridgeProc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_matrix-interop-bridge"));
+    cmd.arg("-c")
+        .arg(config)
+        .env("MIB_VAULT_MASTER_KEY", VAULT_KEY)
+        .env_remove("RUST_LOG");
+    common::Proc::spawn("the bridge", cmd, dir.join("bridge.log"))
+}
+
+/// Memory and CPU of a process, from /proc.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct ProcSample {
+    pub(crate) rss_kib: u64,
+    pub(crate) hwm_kib: u64,
+    pub(crate) cpu_secs: f64,
+}
+
+pub(crate) fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .unwrap_or(100.0)
+}
+
+pub(crate) fn sample(pid: &str, ticks: f64) -> ProcSample {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = |field: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15.
+    let rest: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let field = |i: usize| {
+        rest.get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    ProcSample {
+        rss_kib: kib("VmRSS:"),
+        hwm_kib: kib("VmHWM:"),
+        cpu_secs: (field(11) + field(12)) / ticks,
+    }
+}
+
+/// Waits until /health answers and the start-up checks reached the ping (stand-in) or /ready
+/// answers (Synapse).
+pub(crate) async fn wait_ready(
+    http: &reqwest::Client,
+    ends: &BridgeEndpoints,
+    hs: Option<&Arc<Hs>>,
+    bridge: &mut BridgeProc,
+) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let healthy = http
+            .get(format!("{}/health", ends.base))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        let pinged = match &hs {
+            Some(hs) => {
+                hs.state
+                    .routes
+                    .lock()
+                    .expect("routes lock")
+                    .get("ping")
+                    .copied()
+                    .unwrap_or(0)
+                    > 0
+            }
+            None => http
+                .get(format!("{}/ready", ends.base))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success()),
+        };
+        if healthy && pinged {
+            break;
+        }
+        assert!(bridge.is_running(), "the bridge exited at start-up");
+        assert!(
+            Instant::now() < deadline,
+            "the bridge did not become ready in 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The bridge's error counters and the warnings in its log.
+pub(crate) async fn print_bridge_health(
+    http: &reqwest::Client,
+    ends: &BridgeEndpoints,
+    log: &Path,
+) {
+    if let Ok(r) = http.get(&ends.metrics).send().await {
+        let text = r.text().await.unwrap_or_default();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| {
+                !l.starts_with('#')
+                    && (l.starts_with("mib_errors")
+                        || l.starts_with("mib_appservice_transactions")
+                        || l.starts_with("mib_appservice_duplicate"))
+            })
+            .collect();
+        println!("bridge metrics: {}", lines.join(", "));
+    }
+    let log = std::fs::read_to_string(log).unwrap_or_default();
+    let warns: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .collect();
+    println!("bridge log: {} warning/error lines", warns.len());
+    for l in warns.iter().take(5) {
+        println!("  {}", l.chars().take(300).collect::<String>());
+    }
+}
+
+pub(crate) fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}

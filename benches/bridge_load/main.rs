@@ -1,0 +1,430 @@
+//! Bridge load generator (a bench binary): `cargo bench --bench bridge_load -- [flags]`.
+//!
+//! Its parts: `track` (send and arrival times), `standin` (the stand-in homeserver), `bridge`
+//! (the bridge process, its configuration and samples of it), `world` (contacts, users, portals)
+//! and `runs` (the measured runs and the table). The gateway, the contacts' registration, the
+//! process guard and Synapse are the end-to-end tests' own helpers (`tests/common`), not copies.
+//!
+//! Drives M Matrix users and N interop contacts through the real bridge binary and an in-process
+//! interop gateway, and reports messages/s and added latency (p50/p99) per direction, the bridge's
+//! CPU use and its resident memory. The homeserver is a minimal stand-in (an axum server in this
+//! process that answers every client-server call the bridge makes at once), so the figures are
+//! the ceiling of the bridge itself (plus the gateway hop), not of a real homeserver.
+//!
+//! Set-up: the gateway and the stand-in homeserver run in this process; the bridge runs as its
+//! own process (so its RSS and CPU can be read from /proc). Each Matrix user `@benchN:bench` logs
+//! in through the provisioning API (its own interop account, dev code 123456) and opens a DM with
+//! its contact through `POST v1/chats`. User i talks to contact `i % N` (N = M by default, so each
+//! user has its own contact; with `--contacts N` below M a contact talks to several users). The
+//! contacts are interop accounts of our own Rust client running in this process.
+//!
+//! Runs, each direction:
+//! - warm-up: one message per pair (sets up the Signal sessions; not measured);
+//! - max: K messages as fast as the bridge takes them. Matrix→interop pushes appservice
+//!   transactions of 50 events, 4 in flight; interop→Matrix has every contact send its share with
+//!   4 sends in flight. Throughput = messages / (first send → last arrival); the latency of this
+//!   run is mostly queueing;
+//! - paced: half the measured max rate for `--paced-secs` seconds (at most K messages), for the
+//!   p50/p99 latency of a bridge under load but not saturated.
+//!
+//! Then a reference run: the contacts send K messages to each other in pairs, through the same
+//! gateway and client but without the bridge: the ceiling of everything except the bridge on this
+//! machine, to compare the bridge's rows with.
+//!
+//! Latency is end to end: Matrix→interop from the start of the transaction PUT to the contact's
+//! client handing out the decrypted message; interop→Matrix from the contact's `send` call to the
+//! stand-in homeserver receiving the ghost's `PUT .../send/m.room.message`. Both include the
+//! Signal encrypt/decrypt at the ends and the gateway hop. Everything shares one machine: the
+//! bench process (gateway, contacts, stand-in) competes with the bridge for the CPU, so the
+//! bridge's own CPU time per message is printed too.
+//!
+//! Flags: `--users M` (default 20), `--contacts N` (default M), `--messages K` per direction
+//! (default 5000), `--paced-secs S` (default 15), `--quick` (4 users, 200 messages, 3 s paced),
+//! `--postgres URI` (the bridge's database in Postgres instead of SQLite; give an empty database
+//! of its own, which the bridge migrates and the bench leaves as it is afterwards).
+//! `--synapse`: the real system instead of the stand-in. A Synapse from the test venv (as the
+//! end-to-end tests start it: SQLite, rate limits raised) with the bridge registered; the Matrix
+//! users are real Synapse accounts that join their portals and send through the client-server
+//! API, and read what arrives through `/sync` (one long-polling sync loop per user). Latency is
+//! then from the user's `PUT .../send` to the contact, and from the contact's `send` to the
+//! event showing up in the user's sync. Synapse shares the two cores with everything else.
+
+// A bench binary's report is its standard output.
+#![allow(clippy::print_stdout)]
+
+/// The end-to-end tests' helpers: the in-process gateway, registered contacts, the process guard,
+/// and for `--synapse` the Synapse set-up and client-server API client.
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
+mod bridge;
+mod runs;
+mod standin;
+mod track;
+mod world;
+
+use bridge::*;
+use runs::*;
+use standin::*;
+use track::*;
+use world::*;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::State,
+    http::{HeaderMap, Method, StatusCode, Uri},
+    response::{IntoResponse, Response},
+};
+use common::interop::CODE;
+use futures::StreamExt;
+use matrix_interop_bridge::interop::{AccountHandle, Event, GatewayAddr, SignalRuntime, Target};
+use serde_json::{Value, json};
+use tokio::{sync::mpsc, task::JoinSet};
+
+const DOMAIN: &str = "bench";
+const AS_TOKEN: &str = "bench-as-token-0123456789abcdef";
+const HS_TOKEN: &str = "bench-hs-token-0123456789abcdef";
+const PROV_SECRET: &str = "bench-provisioning-secret-0123456789";
+/// base64 of the 32 bytes "0123456789abcdef0123456789abcdef".
+const VAULT_KEY: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+/// Events per appservice transaction in the Matrix→interop runs.
+const TXN_EVENTS: usize = 50;
+/// Transactions in flight in the Matrix→interop max run.
+const TXN_INFLIGHT: usize = 4;
+/// Sends in flight per contact in the interop→Matrix max run.
+const SEND_INFLIGHT: usize = 4;
+/// A run fails when no message arrives for this long.
+const STALL: Duration = Duration::from_secs(45);
+
+// ---------------------------------------------------------------------------------------------
+// Options
+
+struct Opts {
+    users: usize,
+    contacts: usize,
+    messages: usize,
+    paced_secs: f64,
+    quick: bool,
+    /// The bridge's database: `None` for SQLite in the temporary directory, or a Postgres URI.
+    postgres: Option<String>,
+    /// A real Synapse instead of the stand-in homeserver.
+    synapse: bool,
+}
+
+fn parse_opts() -> Opts {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let mut o = if quick {
+        Opts {
+            users: 4,
+            contacts: 0,
+            messages: 200,
+            paced_secs: 3.0,
+            quick,
+            postgres: None,
+            synapse: false,
+        }
+    } else {
+        Opts {
+            users: 20,
+            contacts: 0,
+            messages: 5000,
+            paced_secs: 15.0,
+            quick,
+            postgres: None,
+            synapse: false,
+        }
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut num = |name: &str| -> f64 {
+            it.next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .filter(|v| *v > 0.0)
+                .unwrap_or_else(|| panic!("{name} needs a positive number"))
+        };
+        match a.as_str() {
+            "--users" => o.users = num("--users") as usize,
+            "--contacts" => o.contacts = num("--contacts") as usize,
+            "--messages" => o.messages = num("--messages") as usize,
+            "--paced-secs" => o.paced_secs = num("--paced-secs"),
+            "--postgres" => {
+                let uri = it.next().filter(|u| u.starts_with("postgres"));
+                o.postgres = Some(uri.expect("--postgres needs a postgres:// URI").clone());
+            }
+            "--synapse" => o.synapse = true,
+            // `cargo bench` passes --bench; anything else is ignored too.
+            _ => {}
+        }
+    }
+    if o.contacts == 0 || o.contacts > o.users {
+        o.contacts = o.users;
+    }
+    o.messages = o.messages.max(o.users);
+    o
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// The reference gateway, in-process (the tests' own), with its rate limits out of the way.
+async fn start_gateway() -> common::interop::TestGateway {
+    common::interop::TestGateway::start_with(|cfg| {
+        cfg.limits.registrations_per_source = u32::MAX;
+        cfg.rate_per_sec = 1e9;
+        cfg.rate_capacity = 1e9;
+    })
+    .await
+}
+
+/// Every user logs in through the provisioning API, then opens a DM portal with its contact;
+/// returns the portals' rooms (index = user) and when the logins were done (since `t0`).
+async fn log_in_and_open_portals(
+    world: &World,
+    users: usize,
+    t0: Instant,
+) -> (Vec<String>, Duration) {
+    let w = world;
+    futures::stream::iter((0..users).map(|i| async move {
+        w.provision(
+            "login/start",
+            &w.users[i],
+            json!({"identifier": w.user_accounts[i]}),
+        )
+        .await;
+        w.provision("login/verify", &w.users[i], json!({"code": CODE}))
+            .await;
+    }))
+    .buffer_unordered(4)
+    .collect::<Vec<()>>()
+    .await;
+    let t_logins = t0.elapsed();
+    // One DM portal per user, with its contact.
+    let rooms: Vec<String> = futures::stream::iter((0..users).map(|i| async move {
+        let contact = &w.contacts[w.contact_of(i)].account;
+        let v = w
+            .provision("chats", &w.users[i], json!({"contact": contact}))
+            .await;
+        v["chat"]["room_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no room in {v}"))
+            .to_owned()
+    }))
+    .buffered(4)
+    .collect()
+    .await;
+    (rooms, t_logins)
+}
+
+/// The homeserver the bridge talks to: the stand-in in this process, or a Synapse from the test
+/// venv with the bridge registered; and the bridge's configuration for it.
+async fn homeserver(
+    opts: &Opts,
+    dir: &Path,
+    reg: &Arc<Registry>,
+    gateway: &GatewayAddr,
+) -> (
+    Option<Arc<Hs>>,
+    Option<common::Synapse>,
+    std::path::PathBuf,
+    BridgeEndpoints,
+) {
+    let pg = opts.postgres.as_deref();
+    if opts.synapse {
+        let placeholder = common::HS_PLACEHOLDER;
+        let (config, ends) = write_config(dir, placeholder, "localhost", gateway, pg);
+        let registration = dir.join("registration.yaml");
+        let out = Command::new(env!("CARGO_BIN_EXE_matrix-interop-bridge"))
+            .args(["generate-registration", "-c"])
+            .arg(&config)
+            .arg("-o")
+            .arg(&registration)
+            .output()
+            .expect("generate-registration");
+        assert!(out.status.success(), "generate-registration failed");
+        let synapse =
+            common::Synapse::start_for_bridge(&dir.join("hs"), &config, &registration).await;
+        (None, Some(synapse), config, ends)
+    } else {
+        let (hs, hs_port) = start_homeserver(reg.clone()).await;
+        let url = format!("http://127.0.0.1:{hs_port}");
+        let (config, ends) = write_config(dir, &url, DOMAIN, gateway, pg);
+        (Some(hs), None, config, ends)
+    }
+}
+
+/// The first line of the report: what runs against what.
+fn print_header(opts: &Opts, pid: &str) {
+    println!(
+        "bridge_load: {} Matrix users, {} interop contacts, {} messages per direction{}; homeserver {}; bridge database {} (bridge pid {pid})",
+        opts.users,
+        opts.contacts,
+        opts.messages,
+        if opts.quick { " (--quick)" } else { "" },
+        if opts.synapse { "Synapse" } else { "stand-in" },
+        if opts.postgres.is_some() {
+            "Postgres"
+        } else {
+            "SQLite"
+        }
+    );
+}
+
+async fn bench(opts: Opts) {
+    let ticks = clock_ticks();
+    let t0 = Instant::now();
+    let reg = Registry::new();
+    let tmp = tempfile::tempdir().expect("temp dir");
+
+    let gateway = start_gateway().await;
+    let gaddr = gateway.addr.clone();
+
+    let domain = if opts.synapse { "localhost" } else { DOMAIN };
+    let (hs, synapse, config, ends) = homeserver(&opts, tmp.path(), &reg, &gaddr).await;
+    let mut bridge = spawn_bridge(&config, tmp.path());
+    let pid = bridge.pid().to_string();
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()
+        .expect("http client");
+
+    wait_ready(&http, &ends, hs.as_ref(), &mut bridge).await;
+    let t_ready = t0.elapsed();
+    let started = sample(&pid, ticks);
+
+    // Contacts.
+    let signal_rt = SignalRuntime::start(2);
+    let undecryptable = Arc::new(AtomicUsize::new(0));
+    let contacts: Vec<Contact> = futures::stream::iter((0..opts.contacts).map(|i| {
+        start_contact(
+            &signal_rt,
+            &gaddr,
+            format!("+1555200{i:04}"),
+            reg.clone(),
+            undecryptable.clone(),
+        )
+    }))
+    .buffered(4)
+    .collect()
+    .await;
+    let t_contacts = t0.elapsed();
+
+    let users: Vec<String> = (0..opts.users)
+        .map(|i| format!("@bench{i}:{domain}"))
+        .collect();
+    let mut clients = Vec::new();
+    if let Some(synapse) = &synapse {
+        for i in 0..opts.users {
+            clients.push(synapse.user(&format!("bench{i}")).await);
+        }
+    }
+    let user_accounts: Vec<String> = (0..opts.users).map(|i| format!("+1555100{i:04}")).collect();
+    let mut world = World {
+        reg: reg.clone(),
+        http: http.clone(),
+        bridge_base: ends.base.clone(),
+        users,
+        user_accounts,
+        rooms: Vec::new(),
+        contacts,
+        txn_counter: AtomicU64::new(0),
+        clients,
+        synced: AtomicUsize::new(0),
+        sync_limited: AtomicUsize::new(0),
+    };
+
+    let (rooms, t_logins) = log_in_and_open_portals(&world, opts.users, t0).await;
+    world.rooms = rooms;
+    // Through Synapse, each user joins its portal and reads it through its own sync loop.
+    for (c, room) in world.clients.iter().zip(&world.rooms) {
+        c.join(room).await;
+    }
+    let world = Arc::new(world);
+    for u in 0..world.clients.len() {
+        tokio::spawn(sync_loop(world.clone(), u));
+    }
+    while world.synced.load(Ordering::Relaxed) < world.clients.len() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let t_portals = t0.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle = sample(&pid, ticks);
+
+    print_header(&opts, &pid);
+    println!(
+        "set-up: bridge ready {:.1} s, contacts registered {:.1} s, logins {:.1} s, portals {:.1} s (cumulative)",
+        t_ready.as_secs_f64(),
+        t_contacts.as_secs_f64(),
+        t_logins.as_secs_f64(),
+        t_portals.as_secs_f64()
+    );
+
+    let synapse_pid = synapse.as_ref().map(|s| s.proc.pid().to_string());
+    let synapse_start = synapse_pid.as_deref().map(|p| sample(p, ticks));
+    let (results, rss_after, warm) = measure(&world, &mut bridge, &opts, &pid, ticks).await;
+    let end = sample(&pid, ticks);
+    let me = || sample("self", ticks);
+    print_table(&results);
+    println!();
+    print!(
+        "bridge RSS: after start-up {:.1} MiB, idle after {} logins and portals {:.1} MiB, after warm-up {:.1} MiB",
+        mib(started.rss_kib),
+        opts.users,
+        mib(idle.rss_kib),
+        mib(warm.rss_kib)
+    );
+    for (dir, s) in &rss_after {
+        print!(", after {} {:.1} MiB", dir.label(), mib(s.rss_kib));
+    }
+    println!("; peak (VmHWM) {:.1} MiB", mib(end.hwm_kib));
+    println!(
+        "bridge CPU: {:.1} s in all ({:.1} s during set-up); bench process (gateway, contacts, stand-in): {:.1} s",
+        end.cpu_secs,
+        idle.cpu_secs,
+        me().cpu_secs
+    );
+
+    if let (Some(p), Some(s0)) = (&synapse_pid, &synapse_start) {
+        let s1 = sample(p, ticks);
+        println!(
+            "Synapse: {:.1} s CPU during the runs, RSS {:.1} MiB at the end; {} sync responses cut short (limited)",
+            s1.cpu_secs - s0.cpu_secs,
+            mib(s1.rss_kib),
+            world.sync_limited.load(Ordering::Relaxed)
+        );
+    }
+    println!(
+        "anomalies: {} stray bodies, {} undecryptable at contacts",
+        reg.stray.load(Ordering::Relaxed),
+        undecryptable.load(Ordering::Relaxed)
+    );
+    if let Some(hs) = &hs {
+        stand_in_report(hs);
+    }
+    print_bridge_health(&http, &ends, &bridge.log).await;
+    bridge.stop();
+    drop(world);
+    println!("total {:.1} s", t0.elapsed().as_secs_f64());
+}
+
+fn main() {
+    let opts = parse_opts();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(bench(opts));
+    rt.shutdown_timeout(Duration::from_secs(2));
+}

@@ -1,0 +1,331 @@
+//! The runs: one direction at a time, at full speed or paced; their results and table.
+
+use super::*;
+
+#[derive(Clone, Copy, PartialEq)]
+pub(crate) enum Dir {
+    MatrixToInterop,
+    InteropToMatrix,
+    /// Contacts to contacts through the gateway, without the bridge: the ceiling of everything
+    /// but the bridge on this machine.
+    Reference,
+}
+
+impl Dir {
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Dir::MatrixToInterop => "Matrix → interop",
+            Dir::InteropToMatrix => "interop → Matrix",
+            Dir::Reference => "interop → interop",
+        }
+    }
+}
+
+pub(crate) struct RunResult {
+    pub(crate) dir: Dir,
+    pub(crate) kind: String,
+    pub(crate) n: usize,
+    pub(crate) secs: f64,
+    pub(crate) rate: f64,
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
+    pub(crate) max_ms: f64,
+    pub(crate) bridge_cpu_pct: f64,
+    pub(crate) bridge_cpu_us_per_msg: f64,
+    pub(crate) bench_cpu_pct: f64,
+    pub(crate) dups: usize,
+}
+
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
+pub(crate) fn summarize(
+    dir: Dir,
+    kind: String,
+    t: &Track,
+    cpu: (ProcSample, ProcSample),
+    me: (ProcSample, ProcSample),
+) -> RunResult {
+    let mut lat = Vec::with_capacity(t.len());
+    let (mut first, mut last) = (u64::MAX, 0u64);
+    for i in 0..t.len() {
+        let (s, r) = (
+            t.sent[i].load(Ordering::Relaxed),
+            t.recv[i].load(Ordering::Relaxed),
+        );
+        first = first.min(s);
+        last = last.max(r);
+        lat.push(r.saturating_sub(s) as f64 / 1e6);
+    }
+    lat.sort_by(f64::total_cmp);
+    let secs = (last.saturating_sub(first)) as f64 / 1e9;
+    let n = t.len();
+    let bridge_cpu = cpu.1.cpu_secs - cpu.0.cpu_secs;
+    let bench_cpu = me.1.cpu_secs - me.0.cpu_secs;
+    RunResult {
+        dir,
+        kind,
+        n,
+        secs,
+        rate: n as f64 / secs.max(1e-9),
+        p50_ms: percentile(&lat, 0.50),
+        p99_ms: percentile(&lat, 0.99),
+        max_ms: lat.last().copied().unwrap_or(f64::NAN),
+        bridge_cpu_pct: 100.0 * bridge_cpu / secs.max(1e-9),
+        bridge_cpu_us_per_msg: 1e6 * bridge_cpu / n as f64,
+        bench_cpu_pct: 100.0 * bench_cpu / secs.max(1e-9),
+        dups: t.dups.load(Ordering::Relaxed),
+    }
+}
+
+/// Sends `n` messages in `dir` at full speed (`rate` = None) or paced at `rate` per second.
+pub(crate) async fn run(
+    world: &Arc<World>,
+    bridge: &mut BridgeProc,
+    dir: Dir,
+    name: &str,
+    n: usize,
+    rate: Option<f64>,
+) -> Arc<Track> {
+    let (run, track) = world.reg.track(name, n);
+    let mut tasks: JoinSet<()> = JoinSet::new();
+    match (dir, rate) {
+        (Dir::MatrixToInterop, None) if world.clients.is_empty() => {
+            let seqs: Vec<usize> = (0..n).collect();
+            for chunk in seqs.chunks(TXN_EVENTS) {
+                tasks.spawn(world.clone().push(track.clone(), run, chunk.to_vec()));
+                if tasks.len() >= TXN_INFLIGHT
+                    && let Some(r) = tasks.join_next().await
+                {
+                    r.expect("push task");
+                }
+            }
+        }
+        (_, None) => {
+            // Each contact (or, Matrix→interop through Synapse, each user) sends its share,
+            // SEND_INFLIGHT at a time.
+            let senders = if dir == Dir::MatrixToInterop {
+                world.users.len()
+            } else {
+                world.contacts.len()
+            };
+            let mut shares: Vec<Vec<usize>> = vec![Vec::new(); senders];
+            for seq in 0..n {
+                let who = if dir == Dir::MatrixToInterop {
+                    seq % senders
+                } else {
+                    world.interop_send(dir, seq).0
+                };
+                shares[who].push(seq);
+            }
+            for share in shares {
+                let (w, t) = (world.clone(), track.clone());
+                tasks.spawn(async move {
+                    let mut inflight = JoinSet::new();
+                    for seq in share {
+                        if dir == Dir::MatrixToInterop {
+                            inflight.spawn(w.clone().client_send(t.clone(), run, seq));
+                        } else {
+                            inflight.spawn(w.clone().contact_send(t.clone(), dir, run, seq));
+                        }
+                        if inflight.len() >= SEND_INFLIGHT
+                            && let Some(r) = inflight.join_next().await
+                        {
+                            r.expect("send task");
+                        }
+                    }
+                    while let Some(r) = inflight.join_next().await {
+                        r.expect("send task");
+                    }
+                });
+            }
+        }
+        (_, Some(rate)) => {
+            let start = Instant::now();
+            let mut next = 0;
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            while next < n {
+                tick.tick().await;
+                let due = ((start.elapsed().as_secs_f64() * rate) as usize + 1).min(n);
+                if due > next {
+                    match dir {
+                        Dir::MatrixToInterop => {
+                            let seqs: Vec<usize> = (next..due).collect();
+                            let chunk = if world.clients.is_empty() {
+                                TXN_EVENTS
+                            } else {
+                                1
+                            };
+                            for c in seqs.chunks(chunk) {
+                                tasks.spawn(world.clone().matrix_send(
+                                    track.clone(),
+                                    run,
+                                    c.to_vec(),
+                                ));
+                            }
+                        }
+                        Dir::InteropToMatrix | Dir::Reference => {
+                            for seq in next..due {
+                                tasks.spawn(world.clone().contact_send(
+                                    track.clone(),
+                                    dir,
+                                    run,
+                                    seq,
+                                ));
+                            }
+                        }
+                    }
+                    next = due;
+                }
+                while let Some(r) = tasks.try_join_next() {
+                    r.expect("send task");
+                }
+            }
+        }
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.expect("send task");
+    }
+    wait_done(&track, bridge).await;
+    track
+}
+
+/// The measured runs: a warm-up each way, then per direction a run at full speed and one paced
+/// at half that rate, then the reference without the bridge. Returns the results, the bridge's
+/// memory after each direction, and its sample after the warm-up.
+pub(crate) async fn measure(
+    world: &Arc<World>,
+    bridge: &mut BridgeProc,
+    opts: &Opts,
+    pid: &str,
+    ticks: f64,
+) -> (Vec<RunResult>, Vec<(Dir, ProcSample)>, ProcSample) {
+    // Warm-up: one message per pair each way (Signal sessions), not measured.
+    run(
+        world,
+        bridge,
+        Dir::MatrixToInterop,
+        "warm-up Matrix→interop",
+        opts.users,
+        None,
+    )
+    .await;
+    run(
+        world,
+        bridge,
+        Dir::InteropToMatrix,
+        "warm-up interop→Matrix",
+        opts.users,
+        None,
+    )
+    .await;
+    let warm = sample(pid, ticks);
+
+    let me = || sample("self", ticks);
+    let mut results = Vec::new();
+    let mut rss_after = Vec::new();
+    for dir in [Dir::MatrixToInterop, Dir::InteropToMatrix] {
+        let (b0, m0) = (sample(pid, ticks), me());
+        let t = run(
+            world,
+            bridge,
+            dir,
+            &format!("max {}", dir.label()),
+            opts.messages,
+            None,
+        )
+        .await;
+        let max = summarize(dir, "max".into(), &t, (b0, sample(pid, ticks)), (m0, me()));
+        let rate = (max.rate / 2.0).max(1.0);
+        let n =
+            ((rate * opts.paced_secs) as usize).clamp(opts.users.min(opts.messages), opts.messages);
+        results.push(max);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (b0, m0) = (sample(pid, ticks), me());
+        let t = run(
+            world,
+            bridge,
+            dir,
+            &format!("paced {}", dir.label()),
+            n,
+            Some(rate),
+        )
+        .await;
+        results.push(summarize(
+            dir,
+            format!("paced {rate:.0}/s"),
+            &t,
+            (b0, sample(pid, ticks)),
+            (m0, me()),
+        ));
+        rss_after.push((dir, sample(pid, ticks)));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // Reference: the same client and gateway without the bridge (contacts in pairs).
+    if opts.contacts >= 2 {
+        let dir = Dir::Reference;
+        run(world, bridge, dir, "warm-up reference", opts.contacts, None).await;
+        let (b0, m0) = (sample(pid, ticks), me());
+        let t = run(world, bridge, dir, "reference max", opts.messages, None).await;
+        results.push(summarize(
+            dir,
+            "max, no bridge".into(),
+            &t,
+            (b0, sample(pid, ticks)),
+            (m0, me()),
+        ));
+    }
+
+    (results, rss_after, warm)
+}
+
+/// The results table: rate, latency and CPU per run.
+pub(crate) fn print_table(results: &[RunResult]) {
+    println!();
+    println!(
+        "{:<17} {:<14} {:>6} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>10} {:>9}",
+        "direction",
+        "run",
+        "msgs",
+        "time s",
+        "msgs/s",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "bridge",
+        "bridge",
+        "bench"
+    );
+    println!(
+        "{:<17} {:<14} {:>6} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>10} {:>9}",
+        "", "", "", "", "", "", "", "", "CPU %", "CPU µs/msg", "CPU %"
+    );
+    for r in results {
+        println!(
+            "{:<17} {:<14} {:>6} {:>7.2} {:>8.0} {:>8.1} {:>8.1} {:>8.1} {:>9.0} {:>10.0} {:>9.0}{}",
+            r.dir.label(),
+            r.kind,
+            r.n,
+            r.secs,
+            r.rate,
+            r.p50_ms,
+            r.p99_ms,
+            r.max_ms,
+            r.bridge_cpu_pct,
+            r.bridge_cpu_us_per_msg,
+            r.bench_cpu_pct,
+            if r.dups > 0 {
+                format!("  ({} duplicates)", r.dups)
+            } else {
+                String::new()
+            }
+        );
+    }
+}

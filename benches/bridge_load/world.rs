@@ -1,0 +1,290 @@
+//! The contacts (interop accounts of our own client, in this process) and the world of
+//! users, contacts and portals a run sends through.
+
+use super::*;
+
+/// A contact: an interop account of our own client, registered as the tests register theirs.
+pub(crate) struct Contact {
+    pub(crate) account: String,
+    pub(crate) handle: AccountHandle,
+    /// Its store and vault (kept open while the contact lives).
+    pub(crate) _ours: common::interop::Ours,
+}
+
+/// Registers `account` at the gateway, starts its client, and feeds its messages to `reg`.
+pub(crate) async fn start_contact(
+    rt: &SignalRuntime,
+    gw: &GatewayAddr,
+    account: String,
+    reg: Arc<Registry>,
+    undecryptable: Arc<AtomicUsize>,
+) -> Contact {
+    let mut ours = common::interop::register_ours(rt, gw, &account).await;
+    let handle = ours.handle.clone();
+    let (_, mut events) = mpsc::unbounded_channel();
+    std::mem::swap(&mut events, &mut ours.events);
+    // Acks go through their own task, so receiving never waits on the account's command queue
+    // (the account waits on this channel while it hands out events).
+    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<u64>();
+    let acker = handle.clone();
+    tokio::spawn(async move {
+        while let Some(id) = ack_rx.recv().await {
+            acker.ack(id).await;
+        }
+    });
+    tokio::spawn(async move {
+        while let Some(ev) = events.recv().await {
+            if let Some(id) = ev.envelope_id() {
+                let _ = ack_tx.send(id);
+            }
+            if let Some(body) = common::interop::body_of(&ev) {
+                reg.arrived(&body);
+            } else if matches!(ev, Event::Undecryptable { .. }) {
+                undecryptable.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    });
+    Contact {
+        account,
+        handle,
+        _ours: ours,
+    }
+}
+
+pub(crate) struct World {
+    pub(crate) reg: Arc<Registry>,
+    pub(crate) http: reqwest::Client,
+    pub(crate) bridge_base: String,
+    /// Matrix user ids, their interop accounts, and their portal rooms (index = user).
+    pub(crate) users: Vec<String>,
+    pub(crate) user_accounts: Vec<String>,
+    pub(crate) rooms: Vec<String>,
+    pub(crate) contacts: Vec<Contact>,
+    pub(crate) txn_counter: AtomicU64,
+    /// With `--synapse`: each user's client session (index = user); empty with the stand-in.
+    pub(crate) clients: Vec<common::MatrixUser>,
+    /// Sync loops that finished their first (initial) sync.
+    pub(crate) synced: AtomicUsize,
+    /// Sync responses whose timeline was cut short (messages would be missing).
+    pub(crate) sync_limited: AtomicUsize,
+}
+
+impl World {
+    pub(crate) fn contact_of(&self, user: usize) -> usize {
+        user % self.contacts.len()
+    }
+
+    pub(crate) async fn provision(&self, path: &str, user: &str, body: Value) -> Value {
+        let url = format!(
+            "{}/_matrix/provision/v1/{path}?user_id={}",
+            self.bridge_base,
+            common::urlencode(user)
+        );
+        let resp = self
+            .http
+            .post(url)
+            .bearer_auth(PROV_SECRET)
+            .json(&body)
+            .send()
+            .await
+            .expect("provisioning request");
+        let status = resp.status();
+        let v: Value = resp.json().await.unwrap_or(Value::Null);
+        assert!(
+            status.is_success(),
+            "provisioning {path} for {user}: {status} {v}"
+        );
+        v
+    }
+
+    pub(crate) fn event(&self, run: usize, seq: usize) -> Value {
+        let u = seq % self.users.len();
+        json!({
+            "type": "m.room.message",
+            "room_id": self.rooms[u],
+            "sender": self.users[u],
+            "event_id": format!("$bench-{run}-{seq}"),
+            "origin_server_ts": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+            "content": {"msgtype": "m.text", "body": Registry::body(run, seq)},
+        })
+    }
+
+    /// Pushes one appservice transaction with the given messages; marks them sent first.
+    pub(crate) async fn push(self: Arc<Self>, track: Arc<Track>, run: usize, seqs: Vec<usize>) {
+        let events: Vec<Value> = seqs.iter().map(|&s| self.event(run, s)).collect();
+        let txn = self.txn_counter.fetch_add(1, Ordering::Relaxed);
+        let url = format!(
+            "{}/_matrix/app/v1/transactions/bench-{txn}",
+            self.bridge_base
+        );
+        for &s in &seqs {
+            self.reg.mark_sent(&track, s);
+        }
+        let resp = self
+            .http
+            .put(url)
+            .bearer_auth(HS_TOKEN)
+            .json(&json!({"events": events}))
+            .send()
+            .await
+            .expect("push transaction");
+        assert!(
+            resp.status().is_success(),
+            "transaction refused: {}",
+            resp.status()
+        );
+    }
+
+    /// With `--synapse`: user `seq % M` sends message `seq` through the client-server API.
+    pub(crate) async fn client_send(self: Arc<Self>, track: Arc<Track>, run: usize, seq: usize) {
+        let u = seq % self.users.len();
+        let c = &self.clients[u];
+        let txn = self.txn_counter.fetch_add(1, Ordering::Relaxed);
+        let path = format!(
+            "/_matrix/client/v3/rooms/{}/send/m.room.message/bench-{txn}",
+            common::urlencode(&self.rooms[u])
+        );
+        self.reg.mark_sent(&track, seq);
+        let body = json!({"msgtype": "m.text", "body": Registry::body(run, seq)});
+        let (status, v) = c.call(reqwest::Method::PUT, &path, Some(body)).await;
+        assert_eq!(status, 200, "{} cannot send: {v}", c.user_id);
+    }
+
+    /// Sends Matrix→interop message `seq`: a transaction to the bridge (stand-in), or a client
+    /// send through Synapse.
+    pub(crate) async fn matrix_send(
+        self: Arc<Self>,
+        track: Arc<Track>,
+        run: usize,
+        seqs: Vec<usize>,
+    ) {
+        if self.clients.is_empty() {
+            self.push(track, run, seqs).await;
+        } else {
+            for seq in seqs {
+                self.clone().client_send(track.clone(), run, seq).await;
+            }
+        }
+    }
+
+    /// One interop message from the contact of `seq`'s user to that user.
+    /// Who sends `seq` in an interop-side run (a contact index), and to which account: the
+    /// contact of the seq's user, to that user; in the reference run, a contact to its partner.
+    pub(crate) fn interop_send(&self, dir: Dir, seq: usize) -> (usize, String) {
+        if dir == Dir::Reference {
+            let n = self.contacts.len();
+            let c = seq % n;
+            let partner = if c ^ 1 < n { c ^ 1 } else { c - 1 };
+            (c, self.contacts[partner].account.clone())
+        } else {
+            let u = seq % self.users.len();
+            (self.contact_of(u), self.user_accounts[u].clone())
+        }
+    }
+
+    /// One interop message from a contact (see [`World::interop_send`]).
+    pub(crate) async fn contact_send(
+        self: Arc<Self>,
+        track: Arc<Track>,
+        dir: Dir,
+        run: usize,
+        seq: usize,
+    ) {
+        let (sender, to) = self.interop_send(dir, seq);
+        let c = &self.contacts[sender];
+        self.reg.mark_sent(&track, seq);
+        c.handle
+            .send(
+                Target::Account(to),
+                uuid::Uuid::new_v4().to_string(),
+                common::interop::text(&Registry::body(run, seq)),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("contact {} cannot send: {e}", c.account));
+    }
+}
+
+/// With `--synapse`: user `u`'s sync loop; every bench message from someone else in its rooms
+/// is an arrival. The initial sync only sets the starting point.
+pub(crate) async fn sync_loop(world: Arc<World>, u: usize) {
+    let c = &world.clients[u];
+    let filter = json!({
+        "room": {
+            "timeline": {"limit": 1000, "types": ["m.room.message"]},
+            "state": {"types": []},
+            "ephemeral": {"types": []},
+            "account_data": {"types": []},
+        },
+        "presence": {"types": []},
+        "account_data": {"types": []},
+    });
+    let filter = common::urlencode(&filter.to_string());
+    let mut since = String::new();
+    loop {
+        let path = if since.is_empty() {
+            format!("/_matrix/client/v3/sync?timeout=0&filter={filter}")
+        } else {
+            format!("/_matrix/client/v3/sync?timeout=30000&filter={filter}&since={since}")
+        };
+        // Not `MatrixUser::call`: a sync that fails (Synapse going down at the end) is retried.
+        let resp = c
+            .http
+            .get(format!("{}{path}", c.base))
+            .bearer_auth(&c.token)
+            .send()
+            .await;
+        let b: Value = match resp {
+            Ok(r) if r.status().is_success() => r.json().await.unwrap_or(Value::Null),
+            _ => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if since.is_empty() {
+            world.synced.fetch_add(1, Ordering::Relaxed);
+        } else if let Some(rooms) = b["rooms"]["join"].as_object() {
+            for r in rooms.values() {
+                if r["timeline"]["limited"] == true {
+                    world.sync_limited.fetch_add(1, Ordering::Relaxed);
+                }
+                for e in r["timeline"]["events"].as_array().into_iter().flatten() {
+                    if e["sender"] != c.user_id.as_str()
+                        && let Some(body) = e["content"]["body"].as_str()
+                    {
+                        world.reg.arrived(body);
+                    }
+                }
+            }
+        }
+        since = b["next_batch"].as_str().unwrap_or_default().to_owned();
+    }
+}
+
+/// Waits until every message of `track` arrived; panics when nothing arrives for `STALL`.
+pub(crate) async fn wait_done(track: &Track, bridge: &mut BridgeProc) {
+    let mut last = usize::MAX;
+    let mut since = Instant::now();
+    loop {
+        let got = track.received.load(Ordering::Relaxed);
+        if got >= track.len() {
+            return;
+        }
+        if got != last {
+            last = got;
+            since = Instant::now();
+        }
+        assert!(
+            bridge.is_running(),
+            "the bridge exited during {}",
+            track.name
+        );
+        assert!(
+            since.elapsed() < STALL,
+            "{}: {got} of {} messages arrived, then nothing for {} s",
+            track.name,
+            track.len(),
+            STALL.as_secs()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
