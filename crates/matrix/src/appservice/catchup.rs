@@ -11,9 +11,11 @@
 //! every start, it reads back each room the bot is in to [`LOOKBACK`] before that moment and
 //! queues the events it has not queued before. Every queued room event's id is remembered for a
 //! week (`matrix_event_seen`), in the same database transaction that queues it, so that an event
-//! is queued once whichever way it comes: a transaction, a retried one, or the catch-up. The
-//! first transaction after an outage waits for the catch-up (up to [`TXN_WAIT`]), so that a
-//! room's lost events are queued before its later ones.
+//! is queued once whichever way it comes: a transaction, a retried one, or the catch-up. No
+//! transaction is queued while a catch-up is pending: it waits for the one in progress (or runs
+//! one), and is refused when the lost events are not all queued (the homeserver keeps it and
+//! sends it again), so that a room's lost events come before its later ones. A catch-up that
+//! keeps failing holds transactions back for at most [`MAX_HOLD`].
 //!
 //! The cost: one `/messages` request per room the bot is in, per outage (four at a time).
 //! Not caught up: ephemeral events (receipts, typing: they are of the moment), to-device
@@ -52,8 +54,12 @@ const MAX_MARK_AGE: Duration = Duration::from_secs(3 * 24 * 3600);
 /// How long queued event ids (and transaction ids) are remembered.
 pub const SEEN_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
-/// How long a transaction waits for a catch-up before its events are queued anyway.
+/// How long a transaction waits for a catch-up before it is held back (answered with an error,
+/// so that the homeserver sends it again later).
 const TXN_WAIT: Duration = Duration::from_secs(10);
+/// How long transactions are held back while a catch-up keeps failing; after that they go
+/// ahead (a room the bot cannot read back must not stall the bridge for good).
+pub const MAX_HOLD: Duration = Duration::from_secs(60);
 /// Rooms read at the same time.
 const CONCURRENCY: usize = 4;
 const KV_MARK: &str = "catchup.healthy_ms";
@@ -76,6 +82,10 @@ pub trait Timeline: Send + Sync {
     fn outage_seen(&self) -> bool;
 }
 
+/// A catch-up after an outage has not queued the lost events yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CatchingUp;
+
 pub struct CatchUp {
     timeline: Arc<dyn Timeline>,
     store: Arc<dyn TxnStore>,
@@ -84,6 +94,8 @@ pub struct CatchUp {
     notify: Arc<Notify>,
     /// Set at start and when an outage is seen; cleared by a catch-up that succeeded.
     pending: AtomicBool,
+    /// Since when a catch-up has been pending (ms since the epoch).
+    pending_since_ms: AtomicI64,
     /// When the homeserver was last seen well, before the outage being caught up (ms since the
     /// epoch; 0: never, nothing to catch up from).
     healthy_ms: AtomicI64,
@@ -136,6 +148,7 @@ impl CatchUp {
             key,
             notify,
             pending: AtomicBool::new(true),
+            pending_since_ms: AtomicI64::new(now_ms()),
             healthy_ms: AtomicI64::new(mark),
             tracked_from_ms,
             saved_ms: AtomicI64::new(0),
@@ -144,22 +157,48 @@ impl CatchUp {
         }
     }
 
-    /// Called by a transaction before its events are queued: catches up first if an outage was
-    /// seen. A catch-up that fails or takes long does not hold up the transaction for good.
-    pub async fn before_transaction(&self) {
+    /// Called by a transaction before its events are queued: when an outage was seen, the
+    /// events it lost are queued first, so that a room keeps its order. The transaction waits
+    /// for a catch-up in progress, or runs one (not again within [`CHECK_EVERY`] of one that
+    /// failed). `Err` when the lost events are not all queued yet: the transaction is to be
+    /// refused, and the homeserver sends it again later. After [`MAX_HOLD`] of failing
+    /// catch-ups, transactions go ahead regardless.
+    pub async fn before_transaction(&self) -> Result<(), CatchingUp> {
         if self.timeline.outage_seen() {
-            self.pending.store(true, Ordering::SeqCst);
+            self.set_pending();
             self.tried_ms.store(0, Ordering::SeqCst);
         }
-        let tried_lately =
-            now_ms() - self.tried_ms.load(Ordering::SeqCst) < CHECK_EVERY.as_millis() as i64;
-        if self.pending.load(Ordering::SeqCst)
-            && !tried_lately
-            && tokio::time::timeout(TXN_WAIT, self.catch_up())
-                .await
-                .is_err()
-        {
-            tracing::warn!("catch-up still running; the transaction goes ahead");
+        if !self.pending.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let attempt = async {
+            let _running = self.running.lock().await;
+            let tried_lately =
+                now_ms() - self.tried_ms.load(Ordering::SeqCst) < CHECK_EVERY.as_millis() as i64;
+            if self.pending.load(Ordering::SeqCst) && !tried_lately {
+                self.catch_up_locked().await;
+            }
+        };
+        if tokio::time::timeout(TXN_WAIT, attempt).await.is_err() {
+            tracing::warn!("catch-up still running");
+        }
+        if !self.pending.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let held_ms = now_ms() - self.pending_since_ms.load(Ordering::SeqCst);
+        if held_ms > MAX_HOLD.as_millis() as i64 {
+            tracing::warn!(
+                held_s = held_ms / 1000,
+                "catch-up still failing; transactions go ahead without it"
+            );
+            return Ok(());
+        }
+        Err(CatchingUp)
+    }
+
+    fn set_pending(&self) {
+        if !self.pending.swap(true, Ordering::SeqCst) {
+            self.pending_since_ms.store(now_ms(), Ordering::SeqCst);
         }
     }
 
@@ -168,7 +207,7 @@ impl CatchUp {
         let mut last_prune = tokio::time::Instant::now();
         loop {
             if self.timeline.outage_seen() || !self.timeline.alive().await {
-                self.pending.store(true, Ordering::SeqCst);
+                self.set_pending();
             } else if self.pending.load(Ordering::SeqCst) {
                 self.catch_up().await;
             } else {
@@ -204,6 +243,11 @@ impl CatchUp {
     /// Queues the room events since the mark that were never queued.
     async fn catch_up(&self) {
         let _running = self.running.lock().await;
+        self.catch_up_locked().await;
+    }
+
+    /// [`Self::catch_up`] with `running` held.
+    async fn catch_up_locked(&self) {
         if !self.pending.load(Ordering::SeqCst) {
             return; // Done while this one waited.
         }
@@ -286,6 +330,8 @@ mod tests {
     #[derive(Default)]
     struct FakeHs {
         down: AtomicBool,
+        /// How long reading a room takes.
+        read_ms: std::sync::atomic::AtomicU64,
         outage: AtomicBool,
         /// Per room: (timestamp, event id), oldest first.
         rooms: StdMutex<HashMap<String, Vec<(i64, String)>>>,
@@ -312,6 +358,10 @@ mod tests {
             Ok(rooms)
         }
         async fn events_since(&self, room: &str, since_ms: i64) -> Result<Vec<Value>, String> {
+            let read_ms = self.read_ms.load(Ordering::SeqCst);
+            if read_ms > 0 {
+                tokio::time::sleep(Duration::from_millis(read_ms)).await;
+            }
             if room == "!broken:x" {
                 return Err("500".into());
             }
@@ -397,7 +447,7 @@ mod tests {
     }
 
     async fn deliver(c: &CatchUp, store: &FakeStore, id: &str) {
-        c.before_transaction().await;
+        c.before_transaction().await.expect("not held");
         let ev = super::super::seal(&c.key, "pdu", json!({"event_id": id, "room_id": "!r:x"}));
         store.apply_transaction("t", b"h", &[ev]).await.unwrap();
     }
@@ -447,37 +497,67 @@ mod tests {
         let now = now_ms();
         hs.post("!r:x", "$before-upgrade", now - 5_000);
         let c = start(&hs, &store).await;
-        c.before_transaction().await; // the first start sets the mark
+        c.before_transaction().await.expect("first start"); // sets the mark
         hs.post("!r:x", "$lost", now_ms());
         hs.outage.store(true, Ordering::SeqCst);
-        c.before_transaction().await;
+        c.before_transaction().await.expect("caught up");
         assert_eq!(*store.queued.lock().unwrap(), ["$lost"]);
     }
 
+    /// A transaction that comes while a catch-up is running (the one at start, or the health
+    /// check's) waits for it: its events are queued after the lost ones.
     #[tokio::test]
-    async fn a_catch_up_that_fails_is_tried_again_and_keeps_what_it_got() {
+    async fn a_transaction_waits_for_the_catch_up_in_progress() {
+        let hs = Arc::new(FakeHs::default());
+        let store = Arc::new(FakeStore::default());
+        let c = Arc::new(start(&hs, &store).await);
+        c.before_transaction().await.expect("first start"); // sets the mark
+        hs.post("!r:x", "$lost", now_ms());
+        c.pending.store(true, Ordering::SeqCst);
+        hs.read_ms.store(300, Ordering::SeqCst);
+        let running = tokio::spawn({
+            let c = c.clone();
+            async move { c.catch_up().await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        deliver(&c, &store, "$next").await;
+        running.await.expect("catch-up");
+        assert_eq!(*store.queued.lock().unwrap(), ["$lost", "$next"]);
+    }
+
+    /// A catch-up that fails holds transactions back (the homeserver keeps them and sends them
+    /// again) instead of queueing them ahead of the lost events; it keeps what it got, and
+    /// after [`MAX_HOLD`] transactions go ahead so that one unreadable room cannot stall the
+    /// bridge.
+    #[tokio::test]
+    async fn a_catch_up_that_fails_holds_transactions_back_for_a_while() {
         let hs = Arc::new(FakeHs::default());
         let store = Arc::new(FakeStore::default());
         let c = start(&hs, &store).await;
-        c.before_transaction().await; // the first start sets the mark
+        c.before_transaction().await.expect("first start"); // sets the mark
         hs.post("!r:x", "$1", now_ms());
         hs.post("!broken:x", "$b", now_ms());
         hs.outage.store(true, Ordering::SeqCst);
-        c.before_transaction().await;
-        assert!(
-            c.pending.load(Ordering::SeqCst),
-            "an incomplete catch-up stays pending"
-        );
+        assert!(c.before_transaction().await.is_err(), "held back");
+        assert!(c.pending.load(Ordering::SeqCst), "still pending");
         assert_eq!(*store.queued.lock().unwrap(), ["$1"]);
+        // The homeserver sends it again at once: held back without another read.
+        assert!(c.before_transaction().await.is_err(), "held back again");
+        // Later, the room can be read: the transaction goes through after the catch-up.
         hs.rooms.lock().unwrap().remove("!broken:x");
-        c.before_transaction().await;
-        assert!(
-            c.pending.load(Ordering::SeqCst),
-            "a transaction right after a failed catch-up does not start another"
-        );
         c.tried_ms.store(0, Ordering::SeqCst);
-        c.before_transaction().await;
+        c.before_transaction().await.expect("caught up");
         assert!(!c.pending.load(Ordering::SeqCst));
         assert_eq!(*store.queued.lock().unwrap(), ["$1"]);
+
+        // A room that never reads: held back until MAX_HOLD, then let through.
+        hs.post("!broken:x", "$b2", now_ms());
+        hs.outage.store(true, Ordering::SeqCst);
+        assert!(c.before_transaction().await.is_err(), "held back");
+        c.pending_since_ms
+            .store(now_ms() - MAX_HOLD.as_millis() as i64 - 1, Ordering::SeqCst);
+        c.before_transaction()
+            .await
+            .expect("let through after MAX_HOLD");
     }
 }

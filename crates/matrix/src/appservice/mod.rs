@@ -306,8 +306,14 @@ async fn transaction(
     }
     // Events the catch-up after an outage is about to queue come first, so that a room keeps
     // its order.
-    if let Some(catch_up) = &state.catch_up {
-        catch_up.before_transaction().await;
+    if let Some(catch_up) = &state.catch_up
+        && catch_up.before_transaction().await.is_err()
+    {
+        return Err(MatrixApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "M_UNKNOWN",
+            "catching up after a homeserver outage; send this transaction again later",
+        ));
     }
     let hash = Sha256::digest(&body);
     let outcome = state
