@@ -6,6 +6,14 @@ use std::{
     time::{Duration, Instant},
 };
 
+use ruma::events::{
+    AnyStateEvent,
+    room::{
+        avatar::RoomAvatarEvent,
+        member::{MembershipState, RoomMemberEvent},
+        name::RoomNameEvent,
+    },
+};
 use serde_json::{Value, json};
 
 use super::types::{Portal, PortalKind};
@@ -294,31 +302,36 @@ impl Bridge {
     pub(crate) async fn on_portal_state(
         &self,
         mut portal: Portal,
-        ev: &Value,
+        ev: &AnyStateEvent,
     ) -> Result<(), BridgeError> {
-        let ty = ev["type"].as_str().unwrap_or_default();
-        let sender = ev["sender"].as_str().unwrap_or_default();
-        let content = &ev["content"];
+        let sender = ev.sender().as_str();
         let room = portal.room_id.clone().unwrap_or_default();
         if sender == self.matrix.bot_mxid() || self.matrix.is_ghost(sender) {
             return Ok(()); // our own echo
         }
-        if ty != "m.room.member" && ev["state_key"] != "" {
+        let is_member = matches!(ev, AnyStateEvent::RoomMember(_));
+        if !is_member && !ev.state_key().is_empty() {
             return Ok(()); // not the room's name or avatar
         }
-        if ty == "m.room.member" {
-            let target = ev["state_key"].as_str().unwrap_or_default();
-            let membership = content["membership"].as_str().unwrap_or_default();
-            if target == portal.receiver && matches!(membership, "leave" | "ban") {
-                return self.on_owner_left(&portal).await;
-            }
+        let membership = match ev {
+            AnyStateEvent::RoomMember(RoomMemberEvent::Original(m)) => Some(&m.content.membership),
+            _ => None,
+        };
+        let target = ev.state_key();
+        if target == portal.receiver
+            && matches!(
+                membership,
+                Some(MembershipState::Leave | MembershipState::Ban)
+            )
+        {
+            return self.on_owner_left(&portal).await;
         }
         if sender != portal.receiver {
             tracing::debug!("state change by a user who does not own the portal: not bridged");
             return Ok(());
         }
         let Some(acc) = self.network.account(sender) else {
-            if ty != "m.room.member" {
+            if !is_member {
                 self.notice(&room, "Your change was not bridged: you are not logged in.")
                     .await?;
             }
@@ -326,15 +339,16 @@ impl Bridge {
         };
         let mut change = GroupChange::default();
         let mut invited_ghost = None;
-        match ty {
-            "m.room.member" => {
-                let target = ev["state_key"].as_str().unwrap_or_default();
-                let membership = content["membership"].as_str().unwrap_or_default();
+        match ev {
+            AnyStateEvent::RoomMember(_) => {
+                let Some(membership) = membership else {
+                    return Ok(());
+                };
                 let Some(account) = self.account_of_ghost(target) else {
                     return Ok(());
                 };
                 if portal.kind == PortalKind::Dm {
-                    if membership == "invite" && account != portal.chat_id {
+                    if *membership == MembershipState::Invite && account != portal.chat_id {
                         self.matrix.leave(&room, target).await?;
                         self.notice(
                             &room,
@@ -345,24 +359,29 @@ impl Bridge {
                     return Ok(());
                 }
                 match membership {
-                    "invite" => {
+                    MembershipState::Invite => {
                         change.add.push(account);
                         invited_ghost = Some(target.to_owned());
                     }
-                    "leave" | "ban" => change.remove.push(account),
+                    MembershipState::Leave | MembershipState::Ban => change.remove.push(account),
                     _ => return Ok(()),
                 }
             }
             _ if portal.kind == PortalKind::Dm => return Ok(()), // a DM's look is the user's own
-            "m.room.name" => {
-                let name = content["name"].as_str().unwrap_or_default().to_owned();
+            AnyStateEvent::RoomName(RoomNameEvent::Original(n)) => {
+                let name = n.content.name.clone();
                 if name == portal.name {
                     return Ok(());
                 }
                 change.name = Some(name);
             }
-            "m.room.avatar" => {
-                let mxc = content["url"].as_str().unwrap_or_default().to_owned();
+            AnyStateEvent::RoomAvatar(RoomAvatarEvent::Original(a)) => {
+                let mxc = a
+                    .content
+                    .url
+                    .as_ref()
+                    .map(|u| u.to_string())
+                    .unwrap_or_default();
                 if mxc == portal.avatar_mxc {
                     return Ok(());
                 }

@@ -3,8 +3,10 @@
 //! `store::PortalStore` and the rest). Modelled on mautrix-go bridgev2: one core, a Matrix
 //! connector and a network connector.
 //!
-//! It must never depend on either side, the store, the wire protocol or the gateway, nor on an
-//! HTTP, SQL, Signal or protobuf crate (`tests/architecture.rs` checks it).
+//! Matrix events arrive typed (ruma's event types, parsed by the Matrix side); the core links
+//! ruma's identifiers and events only. It must never depend on either side, the store, the wire
+//! protocol or the gateway, nor on an HTTP, SQL, Signal or protobuf crate
+//! (`tests/architecture.rs` checks it).
 
 use std::{
     collections::{HashMap, HashSet},
@@ -13,6 +15,13 @@ use std::{
 };
 
 use async_trait::async_trait;
+use ruma::events::{
+    AnyMessageLikeEvent, AnyStateEvent, AnySyncEphemeralRoomEvent, AnyTimelineEvent,
+    room::{
+        member::{MembershipState, RoomMemberEvent},
+        message::{MessageType, Relation, RoomMessageEvent},
+    },
+};
 use serde_json::Value;
 use tokio::sync::Mutex;
 
@@ -199,10 +208,10 @@ pub trait MatrixConnector: Send + Sync {
         mimetype: &str,
         filename: &str,
     ) -> Result<Value, BridgeError>;
-    /// Downloads the media of a message content (`url`, or `file` with decryption and hash check).
+    /// Downloads the media of a message (`url`, or `file` with decryption and hash check).
     async fn download_content(
         &self,
-        content: &Value,
+        source: &ruma::events::room::MediaSource,
     ) -> Result<(Vec<u8>, Option<String>), BridgeError>;
     /// Whether the room is end-to-end encrypted.
     async fn is_encrypted(&self, room_id: &str) -> bool;
@@ -212,12 +221,17 @@ pub trait MatrixConnector: Send + Sync {
     async fn discard_room_key(&self, _room_id: &str) {}
 }
 
-/// Receives Matrix events in order from the durable queue.
+/// Receives Matrix events in order from the durable queue, typed (the Matrix side parses them;
+/// one that does not parse goes to [`MatrixEventHandler::malformed`]).
 #[async_trait]
 pub trait MatrixEventHandler: Send + Sync {
-    async fn handle_matrix_event(&self, event: &Value) -> Result<(), BridgeError>;
-    /// Typing notifications and receipts.
-    async fn handle_ephemeral(&self, _event: &Value) -> Result<(), BridgeError> {
+    async fn handle_matrix_event(&self, event: &AnyTimelineEvent) -> Result<(), BridgeError>;
+    /// Typing notifications and receipts in `room_id`.
+    async fn handle_ephemeral(
+        &self,
+        _room_id: &str,
+        _event: &AnySyncEphemeralRoomEvent,
+    ) -> Result<(), BridgeError> {
         Ok(())
     }
     /// An encrypted event the bridge cannot read.
@@ -229,12 +243,35 @@ pub trait MatrixEventHandler: Send + Sync {
     ) -> Result<(), BridgeError> {
         Ok(())
     }
+    /// A room event of `event_type` that is not valid Matrix (a message without a body, say):
+    /// its sender is told in the room when it was a message in a portal.
+    async fn malformed(
+        &self,
+        _room_id: &str,
+        _sender: &str,
+        _event_type: &str,
+        _reason: &str,
+    ) -> Result<(), BridgeError> {
+        Ok(())
+    }
     /// An event the bridge gave up on (a permanent error, or its retries ran out): its sender
     /// is told in the room.
-    async fn not_handled(&self, _event: &Value, _error: &BridgeError) -> Result<(), BridgeError> {
+    async fn not_handled(
+        &self,
+        _event: &AnyTimelineEvent,
+        _error: &BridgeError,
+    ) -> Result<(), BridgeError> {
         Ok(())
     }
 }
+
+/// Matrix event types whose failure is told to their sender.
+const MESSAGE_TYPES: &[&str] = &[
+    "m.room.message",
+    "m.room.encrypted",
+    "m.sticker",
+    "m.reaction",
+];
 
 /// Static facts the core needs.
 #[derive(Clone, Debug)]
@@ -503,70 +540,71 @@ impl Bridge {
 #[async_trait]
 impl MatrixEventHandler for Bridge {
     #[tracing::instrument(skip_all, fields(event_type, room_id))]
-    async fn handle_matrix_event(&self, ev: &Value) -> Result<(), BridgeError> {
-        let ty = ev["type"].as_str().unwrap_or_default();
-        let room_id = ev["room_id"].as_str().unwrap_or_default();
-        let sender = ev["sender"].as_str().unwrap_or_default();
+    async fn handle_matrix_event(&self, ev: &AnyTimelineEvent) -> Result<(), BridgeError> {
+        let room_id = ev.room_id().as_str();
+        let sender = ev.sender().as_str();
         tracing::Span::current()
-            .record("event_type", ty)
+            .record("event_type", ev.event_type().to_string())
             .record("room_id", room_id);
-        if room_id.is_empty() || sender.is_empty() {
-            return Ok(());
-        }
         let bot = self.matrix.bot_mxid();
-        match ty {
-            "m.room.member" => {
-                let state_key = ev["state_key"].as_str().unwrap_or_default();
-                let membership = ev["content"]["membership"].as_str().unwrap_or_default();
-                if state_key == bot && membership == "invite" {
-                    let is_direct = ev["content"]["is_direct"].as_bool().unwrap_or(false);
+        let message = match ev {
+            AnyTimelineEvent::State(state) => {
+                if let AnyStateEvent::RoomMember(RoomMemberEvent::Original(m)) = state
+                    && m.state_key == bot
+                    && m.content.membership == MembershipState::Invite
+                {
+                    let is_direct = m.content.is_direct.unwrap_or(false);
                     return self.on_bot_invite(room_id, sender, is_direct).await;
                 }
-                match self.portals.portal_by_room(room_id).await? {
-                    Some(portal) => self.on_portal_state(portal, ev).await,
+                if !matches!(
+                    state,
+                    AnyStateEvent::RoomMember(_)
+                        | AnyStateEvent::RoomName(_)
+                        | AnyStateEvent::RoomAvatar(_)
+                ) {
+                    return Ok(());
+                }
+                return match self.portals.portal_by_room(room_id).await? {
+                    Some(portal) => self.on_portal_state(portal, state).await,
                     None => Ok(()),
-                }
+                };
             }
-            "m.room.name" | "m.room.avatar" => match self.portals.portal_by_room(room_id).await? {
-                Some(portal) => self.on_portal_state(portal, ev).await,
-                None => Ok(()),
-            },
-            "m.room.message" | "m.reaction" | "m.room.redaction" | "m.sticker" => {
-                if sender == bot || self.matrix.is_ghost(sender) {
-                    return Ok(());
-                }
-                let content = &ev["content"];
-                let body = content["body"].as_str().unwrap_or_default();
-                if let Some(portal) = self.portals.portal_by_room(room_id).await? {
-                    // Commands work in portals too; everything else is bridged.
-                    let prefix = &self.settings.bridge.command_prefix;
-                    if ty == "m.room.message"
-                        && content["msgtype"] == "m.text"
-                        && body.starts_with(prefix.as_str())
-                    {
-                        return self.on_text(room_id, sender, body).await;
-                    }
-                    return self.on_portal_event(portal, ev).await;
-                }
-                if ty != "m.room.message" {
-                    return Ok(());
-                }
-                if content["msgtype"] == "m.text"
-                    && content
-                        .get("m.relates_to")
-                        .is_none_or(|r| r["rel_type"] != "m.replace")
-                {
-                    let body = content["body"].as_str().unwrap_or_default();
-                    return self.on_text(room_id, sender, body).await;
-                }
-                Ok(())
+            AnyTimelineEvent::MessageLike(m) => m,
+        };
+        if !matches!(
+            message,
+            AnyMessageLikeEvent::RoomMessage(_)
+                | AnyMessageLikeEvent::Reaction(_)
+                | AnyMessageLikeEvent::RoomRedaction(_)
+                | AnyMessageLikeEvent::Sticker(_)
+        ) || sender == bot
+            || self.matrix.is_ghost(sender)
+        {
+            return Ok(());
+        }
+        let command = command_text(message);
+        if let Some(portal) = self.portals.portal_by_room(room_id).await? {
+            // Commands work in portals too; everything else is bridged.
+            let prefix = &self.settings.bridge.command_prefix;
+            if let Some((body, _)) = command
+                && body.starts_with(prefix.as_str())
+            {
+                return self.on_text(room_id, sender, body).await;
             }
+            return self.on_portal_event(portal, message).await;
+        }
+        match command {
+            Some((body, false)) => self.on_text(room_id, sender, body).await,
             _ => Ok(()),
         }
     }
 
-    async fn handle_ephemeral(&self, ev: &Value) -> Result<(), BridgeError> {
-        self.on_ephemeral(ev).await
+    async fn handle_ephemeral(
+        &self,
+        room_id: &str,
+        ev: &AnySyncEphemeralRoomEvent,
+    ) -> Result<(), BridgeError> {
+        self.on_ephemeral(room_id, ev).await
     }
 
     async fn undecryptable(
@@ -587,16 +625,35 @@ impl MatrixEventHandler for Bridge {
         self.notice(room_id, &text).await
     }
 
-    async fn not_handled(&self, ev: &Value, error: &BridgeError) -> Result<(), BridgeError> {
-        let sender = ev["sender"].as_str().unwrap_or_default();
-        let room = ev["room_id"].as_str().unwrap_or_default();
-        let event_id = ev["event_id"].as_str().unwrap_or_default();
-        let is_message = matches!(
-            ev["type"].as_str().unwrap_or_default(),
-            "m.room.message" | "m.room.encrypted" | "m.sticker" | "m.reaction"
-        );
+    async fn malformed(
+        &self,
+        room_id: &str,
+        sender: &str,
+        event_type: &str,
+        reason: &str,
+    ) -> Result<(), BridgeError> {
+        if !MESSAGE_TYPES.contains(&event_type)
+            || sender == self.matrix.bot_mxid()
+            || self.matrix.is_ghost(sender)
+            || self.portals.portal_by_room(room_id).await?.is_none()
+        {
+            return Ok(());
+        }
+        let text =
+            format!("{sender}: your message was not bridged: it is not valid Matrix ({reason})");
+        self.notice(room_id, &text).await
+    }
+
+    async fn not_handled(
+        &self,
+        ev: &AnyTimelineEvent,
+        error: &BridgeError,
+    ) -> Result<(), BridgeError> {
+        let sender = ev.sender().as_str();
+        let room = ev.room_id().as_str();
+        let is_message = matches!(ev, AnyTimelineEvent::MessageLike(_))
+            && MESSAGE_TYPES.contains(&ev.event_type().to_string().as_str());
         if !is_message
-            || ev.get("state_key").is_some()
             || sender == self.matrix.bot_mxid()
             || self.matrix.is_ghost(sender)
             || self.portals.portal_by_room(room).await?.is_none()
@@ -604,9 +661,21 @@ impl MatrixEventHandler for Bridge {
             return Ok(());
         }
         let text = format!("{sender}: your message was not bridged: {error}");
-        self.not_bridged(room, event_id, portal::Status::Failed, &text)
+        self.not_bridged(room, ev.event_id().as_str(), portal::Status::Failed, &text)
             .await
     }
+}
+
+/// The body of a plain-text message, and whether it is an edit: what a command is read from.
+fn command_text(ev: &AnyMessageLikeEvent) -> Option<(&str, bool)> {
+    let AnyMessageLikeEvent::RoomMessage(RoomMessageEvent::Original(m)) = ev else {
+        return None;
+    };
+    let MessageType::Text(t) = &m.content.msgtype else {
+        return None;
+    };
+    let edit = matches!(m.content.relates_to, Some(Relation::Replacement(_)));
+    Some((t.body.as_str(), edit))
 }
 
 #[async_trait]

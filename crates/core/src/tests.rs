@@ -197,7 +197,7 @@ impl MatrixConnector for FakeMatrix {
     }
     async fn download_content(
         &self,
-        _content: &Value,
+        _source: &ruma::events::room::MediaSource,
     ) -> Result<(Vec<u8>, Option<String>), BridgeError> {
         Ok((b"media".to_vec(), None))
     }
@@ -512,7 +512,7 @@ impl Harness {
         if ty == "m.room.redaction" {
             ev["redacts"] = ev["content"]["redacts"].clone();
         }
-        self.bridge.handle_matrix_event(&ev).await
+        self.bridge.handle_matrix_event(&typed(ev)).await
     }
 
     /// The portal room of a chat of alice's.
@@ -563,6 +563,13 @@ pub(crate) fn text(body: &str) -> D {
         body: body.into(),
         formats: vec![],
     })
+}
+
+/// A room event as the Matrix side hands it to the core: parsed with ruma (the homeserver adds
+/// the timestamp).
+pub(crate) fn typed(mut ev: Value) -> ruma::events::AnyTimelineEvent {
+    ev["origin_server_ts"] = json!(1);
+    serde_json::from_value(ev.clone()).unwrap_or_else(|e| panic!("not a valid event: {e}: {ev}"))
 }
 
 fn matrix_text(body: &str) -> Value {
@@ -1380,7 +1387,10 @@ async fn a_message_the_bridge_gives_up_on_is_reported_in_its_room() {
     let ev = json!({"type": "m.room.message", "room_id": room, "sender": ALICE, "event_id": "$lost",
         "content": {"msgtype": "m.text", "body": "hi"}});
     h.bridge
-        .not_handled(&ev, &BridgeError::MatrixRefused("413 M_TOO_LARGE".into()))
+        .not_handled(
+            &typed(ev),
+            &BridgeError::MatrixRefused("413 M_TOO_LARGE".into()),
+        )
         .await
         .unwrap();
     let notices = h.notices();
@@ -1395,7 +1405,7 @@ async fn a_message_the_bridge_gives_up_on_is_reported_in_its_room() {
     let ghost = json!({"type": "m.room.message", "room_id": room, "sender": "@interop_15550002000:x",
         "event_id": "$g", "content": {"msgtype": "m.text", "body": "hi"}});
     h.bridge
-        .not_handled(&ghost, &BridgeError::MatrixRefused("x".into()))
+        .not_handled(&typed(ghost), &BridgeError::MatrixRefused("x".into()))
         .await
         .unwrap();
     assert!(h.notices().is_empty());
@@ -1436,4 +1446,120 @@ async fn portal_creation_locks_do_not_pile_up() {
     }
     let locks = h.bridge.portal_locks.lock().await.len();
     assert!(locks <= 1024, "{locks} portal locks kept");
+}
+
+/// Matrix attachments reach the network with what their typed content says: the kind (a voice
+/// message is not just audio), size, dimensions, duration, file name and HTML caption; a reply
+/// in a thread quotes the message it answers; a sticker is refused with a reason.
+#[tokio::test]
+async fn matrix_attachments_and_replies_keep_their_details() {
+    let h = Harness::new().await;
+    let (room, _) = dm_with_alices_message(&h).await;
+    h.alice.sent.lock().unwrap().clear();
+    let send = |id: &'static str, ty: &'static str, content: Value| {
+        let room = room.clone();
+        let h = &h;
+        async move { h.matrix_event(&room, ALICE, id, ty, content).await.unwrap() }
+    };
+    send(
+        "$voice",
+        "m.room.message",
+        json!({"msgtype": "m.audio", "body": "voice.ogg", "url": "mxc://x/v",
+            "info": {"duration": 4200, "mimetype": "audio/ogg"}, "org.matrix.msc3245.voice": {}}),
+    )
+    .await;
+    send(
+        "$img",
+        "m.room.message",
+        json!({"msgtype": "m.image", "body": "look at **this**", "filename": "cat.png",
+            "format": "org.matrix.custom.html", "formatted_body": "look at <b>this</b>",
+            "url": "mxc://x/c", "info": {"w": 640, "h": 480, "size": 5, "mimetype": "image/png"}}),
+    )
+    .await;
+    send(
+        "$video",
+        "m.room.message",
+        json!({"msgtype": "m.video", "body": "clip.mp4", "url": "mxc://x/m",
+            "info": {"duration": 1500, "w": 2, "h": 3}}),
+    )
+    .await;
+    send(
+        "$threaded",
+        "m.room.message",
+        json!({"msgtype": "m.text", "body": "in a thread", "m.relates_to": {"rel_type": "m.thread",
+            "event_id": "$alice1", "is_falling_back": false, "m.in_reply_to": {"event_id": "$alice1"}}}),
+    )
+    .await;
+    send(
+        "$sticker",
+        "m.sticker",
+        json!({"body": "a cat", "url": "mxc://x/s", "info": {}}),
+    )
+    .await;
+    let sent = h.alice.sent.lock().unwrap().clone();
+    assert_eq!(sent.len(), 4, "{sent:?}");
+    let media = |i: usize| match &sent[i].2.body {
+        Some(D::Media(m)) => m.clone(),
+        other => panic!("{other:?}"),
+    };
+    let voice = media(0);
+    assert_eq!(voice.kind, super::model::MediaKind::Voice);
+    assert_eq!(
+        (voice.duration_ms, voice.mimetype.as_str()),
+        (4200, "audio/ogg")
+    );
+    let image = media(1);
+    assert_eq!(image.kind, super::model::MediaKind::Image);
+    assert_eq!((image.width, image.height), (640, 480));
+    assert_eq!(image.filename, "cat.png");
+    let caption = image.caption.expect("caption");
+    assert_eq!(caption.body, "look at this");
+    assert!(
+        !caption.formats.is_empty(),
+        "the HTML caption keeps its bold"
+    );
+    let video = media(2);
+    assert_eq!(
+        (video.kind, video.duration_ms, video.width, video.height),
+        (super::model::MediaKind::Video, 1500, 2, 3)
+    );
+    assert_eq!(video.mimetype, "application/octet-stream");
+    let quote = sent[3].2.reply_to.as_ref().expect("a reply");
+    assert_eq!(quote.author, ALICE_ACC);
+    let mut told = h.notices();
+    told.extend(
+        h.matrix
+            .calls_of("send_event")
+            .iter()
+            .filter_map(|s| s["content"]["message"].as_str().map(str::to_owned)),
+    );
+    assert!(
+        told.iter().any(|m| m.contains("stickers")),
+        "the sticker is refused with a reason: {told:?}"
+    );
+}
+
+/// A message the Matrix side could not parse is answered in its portal, naming its sender;
+/// elsewhere, and from the bridge's own users, it is only logged.
+#[tokio::test]
+async fn a_malformed_message_is_reported_to_its_sender() {
+    let h = Harness::new().await;
+    let (room, _) = dm_with_alices_message(&h).await;
+    h.matrix.clear();
+    h.bridge
+        .malformed(&room, ALICE, "m.room.message", "missing field `body`")
+        .await
+        .unwrap();
+    let notices = h.notices();
+    assert_eq!(notices.len(), 1, "{notices:?}");
+    assert!(notices[0].contains(ALICE) && notices[0].contains("missing field `body`"));
+    h.matrix.clear();
+    for (room, sender, ty) in [
+        ("!elsewhere:x", ALICE, "m.room.message"),
+        (room.as_str(), "@interop_15550002000:x", "m.room.message"),
+        (room.as_str(), ALICE, "m.room.topic"),
+    ] {
+        h.bridge.malformed(room, sender, ty, "bad").await.unwrap();
+    }
+    assert!(h.notices().is_empty(), "{:?}", h.notices());
 }

@@ -4,7 +4,8 @@
 //!
 //! It talks to the core through the core's `Network` trait and types only, and keeps its secrets
 //! with the vault. It must never depend on the Matrix side, the store or the gateway, nor on an
-//! HTTP or Matrix crate (`tests/architecture.rs` checks it).
+//! HTTP or Matrix crate (ruma it links only through the core; `tests/architecture.rs` checks
+//! it).
 
 pub mod account;
 pub mod conn;

@@ -11,7 +11,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use ruma::{OwnedRoomId, OwnedUserId};
+use ruma::{OwnedRoomId, OwnedUserId, events::room::MediaSource};
 use serde_json::json;
 
 use mib_core::{BridgeError, MatrixConnector};
@@ -350,21 +350,25 @@ impl MatrixConnector for MatrixSide {
 
     async fn download_content(
         &self,
-        content: &serde_json::Value,
+        source: &MediaSource,
     ) -> Result<(Vec<u8>, Option<String>), BridgeError> {
-        if let Some(file) = content.get("file").filter(|f| f.is_object()) {
-            let url = file["url"]
-                .as_str()
-                .ok_or_else(|| BridgeError::MatrixRefused("encrypted file without url".into()))?;
-            let (ciphertext, _) = self.client.download(url, self.max_media_bytes).await?;
-            let plain = Crypto::decrypt_attachment(&ciphertext, file)
-                .map_err(|e| BridgeError::MatrixRefused(e.to_string()))?;
-            return Ok((plain, None));
+        match source {
+            MediaSource::Encrypted(file) => {
+                let (ciphertext, _) = self
+                    .client
+                    .download(file.url.as_str(), self.max_media_bytes)
+                    .await?;
+                let file = serde_json::to_value(file)
+                    .map_err(|e| BridgeError::MatrixRefused(e.to_string()))?;
+                let plain = Crypto::decrypt_attachment(&ciphertext, &file)
+                    .map_err(|e| BridgeError::MatrixRefused(e.to_string()))?;
+                Ok((plain, None))
+            }
+            MediaSource::Plain(url) => Ok(self
+                .client
+                .download(url.as_str(), self.max_media_bytes)
+                .await?),
         }
-        let url = content["url"]
-            .as_str()
-            .ok_or_else(|| BridgeError::MatrixRefused("the attachment has no url".into()))?;
-        Ok(self.client.download(url, self.max_media_bytes).await?)
     }
 
     async fn is_encrypted(&self, room_id: &str) -> bool {

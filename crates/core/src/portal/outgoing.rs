@@ -1,6 +1,20 @@
 //! Matrix to the network: messages, edits, reactions, redactions and receipts in a portal go out
 //! through its owner's login (or the relay), with a send status for each message.
 
+use ruma::events::{
+    AnyMessageLikeEvent, AnySyncEphemeralRoomEvent,
+    reaction::{ReactionEvent, ReactionEventContent},
+    receipt::ReceiptType,
+    room::{
+        MediaSource,
+        message::{
+            FormattedBody, MessageFormat, MessageType, Relation, RoomMessageEvent,
+            RoomMessageEventContent,
+        },
+        redaction::RoomRedactionEvent,
+    },
+};
+
 use super::*;
 
 impl Bridge {
@@ -8,22 +22,25 @@ impl Bridge {
     pub(crate) async fn on_portal_event(
         &self,
         portal: Portal,
-        ev: &Value,
+        ev: &AnyMessageLikeEvent,
     ) -> Result<(), BridgeError> {
         let started = std::time::Instant::now();
-        let sender = ev["sender"].as_str().unwrap_or_default();
+        let sender = ev.sender().as_str();
         let room = portal.room_id.clone().unwrap_or_default();
-        let event_id = ev["event_id"].as_str().unwrap_or_default();
-        let ty = ev["type"].as_str().unwrap_or_default();
+        let event_id = ev.event_id().as_str();
+        let is_message = matches!(ev, AnyMessageLikeEvent::RoomMessage(_));
         if !matches!(
-            ty,
-            "m.room.message" | "m.reaction" | "m.room.redaction" | "m.sticker"
+            ev,
+            AnyMessageLikeEvent::RoomMessage(_)
+                | AnyMessageLikeEvent::Reaction(_)
+                | AnyMessageLikeEvent::RoomRedaction(_)
+                | AnyMessageLikeEvent::Sticker(_)
         ) {
             return Ok(());
         }
         // Whose login sends it: the portal's owner, or the relay for others.
         if self.settings.encryption_require && !self.matrix.is_encrypted(&room).await {
-            if ty == "m.room.message" {
+            if is_message {
                 self.not_bridged(&room, event_id, Status::Unsupported, "This bridge only bridges encrypted rooms: turn on encryption in the room settings.").await?;
             }
             return Ok(());
@@ -51,7 +68,7 @@ impl Bridge {
             }
             if !relayed {
                 self.not_bridged(&room, event_id, Status::NoPermission, "Your message was not bridged: you are not logged in. Send `login` to the bridge bot.").await?;
-            } else if ty == "m.room.message" {
+            } else if is_message {
                 self.not_bridged(&room, event_id, Status::NoPermission, &format!("{sender}: your message was not bridged: this room has no relay and it is not your chat.")).await?;
             }
             return Ok(());
@@ -63,46 +80,47 @@ impl Bridge {
             PortalKind::Group => NetTarget::Group(portal.chat_id.clone()),
         };
         let message_id = stable_id(&["out", &room, event_id]);
-        let content = &ev["content"];
         let mut unmap_after: Option<String> = None;
-        let data = match ty {
+        let converted = match ev {
             // A reaction carries no text to name its sender by: from a relayed user it would
             // show as the relay's own (mautrix bridges drop them too).
-            "m.reaction" if relayed_name.is_some() => return Ok(()),
-            "m.reaction" => {
-                match self
-                    .reaction_to_network(&room, event_id, &me, sender, content)
-                    .await?
-                {
-                    Some(m) => m,
-                    None => return Ok(()),
+            AnyMessageLikeEvent::Reaction(_) if relayed_name.is_some() => return Ok(()),
+            AnyMessageLikeEvent::Reaction(ReactionEvent::Original(r)) => Ok(self
+                .reaction_to_network(&room, event_id, &me, sender, &r.content)
+                .await?),
+            AnyMessageLikeEvent::RoomRedaction(RoomRedactionEvent::Original(r)) => {
+                let redacts = r.redacts.as_ref().or(r.content.redacts.as_ref());
+                match redacts {
+                    Some(redacts) => self
+                        .redaction_to_network(&portal, event_id, &me, sender, redacts.as_str())
+                        .await?
+                        .map(|(m, redacted)| {
+                            // The mapping goes once the deletion was sent (below): a send that
+                            // fails transiently is retried and must still find it.
+                            unmap_after = Some(redacted);
+                            m
+                        }),
+                    None => None,
                 }
+                .map_or(Ok(None), |m| Ok(Some(m)))
             }
-            "m.room.redaction" => match self
-                .redaction_to_network(&portal, event_id, &me, sender, ev)
-                .await?
-            {
-                Some((m, redacted)) => {
-                    // The mapping goes once the deletion was sent (below): a send that fails
-                    // transiently is retried and must still find it.
-                    unmap_after = Some(redacted);
-                    m
-                }
-                None => return Ok(()),
-            },
-            _ => match self
-                .matrix_to_data(&acc, &portal, sender, content, relayed_name.as_deref())
-                .await
-            {
-                Ok(Some(d)) => d,
-                Ok(None) => return Ok(()),
-                Err(reason) => {
-                    let text = format!("Your message was not bridged: {reason}");
-                    self.not_bridged(&room, event_id, Status::Unsupported, &text)
-                        .await?;
-                    return Ok(());
-                }
-            },
+            AnyMessageLikeEvent::RoomMessage(RoomMessageEvent::Original(m)) => {
+                self.matrix_to_data(&acc, &portal, sender, &m.content, relayed_name.as_deref())
+                    .await
+            }
+            AnyMessageLikeEvent::Sticker(_) => Err("stickers cannot be bridged yet".to_owned()),
+            // Redacted before the bridge saw it: nothing to send.
+            _ => Ok(None),
+        };
+        let data = match converted {
+            Ok(Some(d)) => d,
+            Ok(None) => return Ok(()),
+            Err(reason) => {
+                let text = format!("Your message was not bridged: {reason}");
+                self.not_bridged(&room, event_id, Status::Unsupported, &text)
+                    .await?;
+                return Ok(());
+            }
         };
         let is_plain_message = matches!(data.body, Some(D::Text(_) | D::Media(_) | D::Location(_)));
         let sent = acc.send(target, message_id.clone(), data).await;
@@ -137,11 +155,10 @@ impl Bridge {
         event_id: &str,
         me: &str,
         sender: &str,
-        content: &Value,
+        content: &ReactionEventContent,
     ) -> Result<Option<Message>, BridgeError> {
-        let rel = &content["m.relates_to"];
-        let target_ev = rel["event_id"].as_str().unwrap_or_default();
-        let emoji = rel["key"].as_str().unwrap_or_default().to_owned();
+        let target_ev = content.relates_to.event_id.as_str();
+        let emoji = content.relates_to.key.clone();
         let Some(t) = self.portals.by_event(room, target_ev).await? else {
             return Ok(None);
         };
@@ -175,14 +192,9 @@ impl Bridge {
         event_id: &str,
         me: &str,
         sender: &str,
-        ev: &Value,
+        redacts: &str,
     ) -> Result<Option<(Message, String)>, BridgeError> {
         let room = portal.room_id.as_deref().unwrap_or_default();
-        let content = &ev["content"];
-        let redacts = ev["redacts"]
-            .as_str()
-            .or_else(|| content["redacts"].as_str())
-            .unwrap_or_default();
         let Some(t) = self.portals.by_event(room, redacts).await? else {
             return Ok(None);
         };
@@ -273,21 +285,31 @@ impl Bridge {
         acc: &Arc<dyn NetAccount>,
         portal: &Portal,
         sender: &str,
-        content: &Value,
+        content: &RoomMessageEventContent,
         relayed_name: Option<&str>,
     ) -> Result<Option<Message>, String> {
         let room = portal.room_id.as_deref().unwrap_or_default();
-        let msgtype = content["msgtype"].as_str().unwrap_or_default();
-        let rel = &content["m.relates_to"];
-        if rel["rel_type"] == "m.replace" {
-            return self
-                .edit_to_data(acc, portal, sender, content, relayed_name)
-                .await;
-        }
-        let reply_to = match rel["m.in_reply_to"]["event_id"].as_str() {
+        let in_reply_to = match &content.relates_to {
+            Some(Relation::Replacement(r)) => {
+                return self
+                    .edit_to_data(
+                        acc,
+                        portal,
+                        sender,
+                        r.event_id.as_str(),
+                        &r.new_content.msgtype,
+                        relayed_name,
+                    )
+                    .await;
+            }
+            Some(Relation::Reply(r)) => Some(&r.in_reply_to.event_id),
+            Some(Relation::Thread(t)) => t.in_reply_to.as_ref().map(|r| &r.event_id),
+            _ => None,
+        };
+        let reply_to = match in_reply_to {
             Some(e) => self
                 .portals
-                .by_event(room, e)
+                .by_event(room, e.as_str())
                 .await
                 .map_err(|e| e.to_string())?
                 .map(|m| Quote {
@@ -296,35 +318,41 @@ impl Bridge {
                 }),
             None => None,
         };
+        let msgtype = &content.msgtype;
         let body = match msgtype {
-            "m.text" | "m.notice" => D::Text(matrix_text(content, relayed_name)),
-            "m.emote" => {
-                let mut t = matrix_text(content, relayed_name);
+            MessageType::Text(_) | MessageType::Notice(_) => {
+                D::Text(matrix_text(msgtype, relayed_name))
+            }
+            MessageType::Emote(_) => {
+                let mut t = matrix_text(msgtype, relayed_name);
                 t.body = format!("* {}", t.body);
                 for f in &mut t.formats {
                     f.start = f.start.saturating_add(2);
                 }
                 D::Text(t)
             }
-            "m.location" => {
-                let (latitude, longitude) =
-                    msgconv::parse_geo_uri(content["geo_uri"].as_str().unwrap_or_default())
-                        .ok_or("the location has no valid geo: URI")?;
-                let name = content["body"].as_str().unwrap_or_default();
+            MessageType::Location(l) => {
+                let (latitude, longitude) = msgconv::parse_geo_uri(&l.geo_uri)
+                    .ok_or("the location has no valid geo: URI")?;
                 D::Location(Location {
                     latitude,
                     longitude,
                     name: match relayed_name {
-                        Some(who) => format!("{who}: {name}"),
-                        None => name.to_owned(),
+                        Some(who) => format!("{who}: {}", l.body),
+                        None => l.body.clone(),
                     },
                     address: String::new(),
                 })
             }
-            "m.image" | "m.video" | "m.audio" | "m.file" => {
-                D::Media(self.media_to_data(acc, content, relayed_name).await?)
-            }
-            other => return Err(format!("messages of type {other} cannot be bridged")),
+            other => match MatrixMedia::of(other) {
+                Some(media) => D::Media(self.media_to_data(acc, &media, relayed_name).await?),
+                None => {
+                    return Err(format!(
+                        "messages of type {} cannot be bridged",
+                        other.msgtype()
+                    ));
+                }
+            },
         };
         Ok(Some(Message {
             body: Some(body),
@@ -332,20 +360,18 @@ impl Bridge {
         }))
     }
 
-    /// A Matrix edit (`m.replace`) as a network edit; only the author's messages are edited, and
-    /// an edit of a message the bridge never bridged is not sent (`None`).
+    /// A Matrix edit (`m.replace` of `target`) as a network edit; only the author's messages
+    /// are edited, and an edit of a message the bridge never bridged is not sent (`None`).
     async fn edit_to_data(
         &self,
         acc: &Arc<dyn NetAccount>,
         portal: &Portal,
         sender: &str,
-        content: &Value,
+        target: &str,
+        new: &MessageType,
         relayed_name: Option<&str>,
     ) -> Result<Option<Message>, String> {
         let room = portal.room_id.as_deref().unwrap_or_default();
-        let target = content["m.relates_to"]["event_id"]
-            .as_str()
-            .unwrap_or_default();
         let Some(t) = self
             .portals
             .by_event(room, target)
@@ -362,11 +388,6 @@ impl Bridge {
                     .into(),
             );
         }
-        let new = if content["m.new_content"].is_object() {
-            &content["m.new_content"]
-        } else {
-            content
-        };
         Ok(Some(Message {
             body: Some(D::Edit(Edit {
                 target: t.message_id,
@@ -380,11 +401,11 @@ impl Bridge {
     async fn media_to_data(
         &self,
         acc: &Arc<dyn NetAccount>,
-        content: &Value,
+        m: &MatrixMedia<'_>,
         relayed_name: Option<&str>,
     ) -> Result<Media, String> {
         let max = self.settings.bridge.max_media_size;
-        if content["info"]["size"].as_u64().is_some_and(|n| n > max) {
+        if m.size.is_some_and(|n| n > max) {
             return Err(format!(
                 "the attachment is larger than this bridge's limit of {}.",
                 human_size(max)
@@ -392,32 +413,23 @@ impl Bridge {
         }
         let (data, ct) = self
             .matrix
-            .download_content(content)
+            .download_content(m.source)
             .await
             .map_err(|e| format!("cannot download the attachment: {e}"))?;
-        let info = &content["info"];
-        let mimetype = info["mimetype"]
-            .as_str()
+        let mimetype = m
+            .mimetype
             .map(str::to_owned)
             .or(ct)
             .unwrap_or_else(|| "application/octet-stream".into());
-        let body = content["body"].as_str().unwrap_or_default();
-        let filename = content["filename"].as_str().unwrap_or(body).to_owned();
-        let has_caption = content["filename"].is_string() && body != filename;
+        let filename = m.filename.unwrap_or(m.body).to_owned();
+        let has_caption = m.filename.is_some() && m.body != filename;
         let caption = match relayed_name {
             // Relayed media always say whose they are.
             Some(who) if !has_caption => Some(Text {
                 body: format!("{who} sent a file"),
                 formats: vec![],
             }),
-            _ => has_caption.then(|| matrix_text(content, relayed_name)),
-        };
-        let kind = match content["msgtype"].as_str().unwrap_or_default() {
-            "m.image" => MediaKind::Image,
-            "m.video" => MediaKind::Video,
-            "m.audio" if content.get("org.matrix.msc3245.voice").is_some() => MediaKind::Voice,
-            "m.audio" => MediaKind::Audio,
-            _ => MediaKind::File,
+            _ => has_caption.then(|| text_of(m.body, m.formatted, relayed_name)),
         };
         let size = data.len() as u64;
         let up = acc
@@ -425,7 +437,7 @@ impl Bridge {
             .await
             .map_err(|e| format!("cannot upload the attachment: {e}"))?;
         Ok(Media {
-            kind,
+            kind: m.kind,
             blob: up.blob,
             key: up.key,
             sha256: up.sha256,
@@ -433,20 +445,20 @@ impl Bridge {
             mimetype,
             filename,
             caption,
-            width: info["w"].as_u64().unwrap_or(0) as u32,
-            height: info["h"].as_u64().unwrap_or(0) as u32,
-            duration_ms: info["duration"].as_u64().unwrap_or(0) as u32,
+            width: m.width,
+            height: m.height,
+            duration_ms: m.duration_ms,
             thumbnail: Vec::new(),
             waveform: Vec::new(),
         })
     }
 
     /// Receipts and typing from Matrix, for portal rooms.
-    pub(crate) async fn on_ephemeral(&self, ev: &Value) -> Result<(), BridgeError> {
-        let room = ev["room_id"].as_str().unwrap_or_default();
-        if room.is_empty() {
-            return Ok(());
-        }
+    pub(crate) async fn on_ephemeral(
+        &self,
+        room: &str,
+        ev: &AnySyncEphemeralRoomEvent,
+    ) -> Result<(), BridgeError> {
         let Some(portal) = self.portals.portal_by_room(room).await? else {
             return Ok(());
         };
@@ -458,16 +470,16 @@ impl Bridge {
             PortalKind::Group => NetTarget::Group(portal.chat_id.clone()),
         };
         let group = (portal.kind == PortalKind::Group).then_some(portal.chat_id.as_str());
-        match ev["type"].as_str().unwrap_or_default() {
-            "m.receipt" => {
-                let Some(map) = ev["content"].as_object() else {
-                    return Ok(());
-                };
-                for (event_id, kinds) in map {
-                    if kinds["m.read"].get(&portal.receiver).is_none() {
+        match ev {
+            AnySyncEphemeralRoomEvent::Receipt(r) => {
+                for (event_id, kinds) in r.content.iter() {
+                    let by_owner = kinds
+                        .get(&ReceiptType::Read)
+                        .is_some_and(|users| users.keys().any(|u| u.as_str() == portal.receiver));
+                    if !by_owner {
                         continue;
                     }
-                    if let Some(m) = self.portals.by_event(room, event_id).await?
+                    if let Some(m) = self.portals.by_event(room, event_id.as_str()).await?
                         && m.sender != acc.account_id()
                         && m.part.is_empty()
                         && let Err(e) = acc
@@ -478,10 +490,12 @@ impl Bridge {
                     }
                 }
             }
-            "m.typing" => {
-                let typing = ev["content"]["user_ids"]
-                    .as_array()
-                    .is_some_and(|ids| ids.iter().any(|u| u == &json!(portal.receiver)));
+            AnySyncEphemeralRoomEvent::Typing(t) => {
+                let typing = t
+                    .content
+                    .user_ids
+                    .iter()
+                    .any(|u| u.as_str() == portal.receiver);
                 let mut state = self.typing_state.lock().await;
                 if state.get(room).copied().unwrap_or(false) != typing {
                     state.insert(room.to_owned(), typing);
@@ -497,16 +511,103 @@ impl Bridge {
     }
 }
 
-/// The text of a Matrix message's content (its HTML when it has some, without the reply
-/// fallback), after "name: " when it is relayed for someone.
-fn matrix_text(c: &Value, relayed_name: Option<&str>) -> Text {
-    let mut t = if c["format"] == "org.matrix.custom.html" {
-        msgconv::html_to_text(c["formatted_body"].as_str().unwrap_or_default())
-    } else {
-        Text {
-            body: msgconv::strip_reply_fallback(c["body"].as_str().unwrap_or_default()).to_owned(),
-            formats: vec![],
+/// The parts of a Matrix attachment (`m.image`, `m.video`, `m.audio`, `m.file`) the network
+/// needs.
+struct MatrixMedia<'a> {
+    kind: MediaKind,
+    body: &'a str,
+    formatted: Option<&'a FormattedBody>,
+    filename: Option<&'a str>,
+    source: &'a MediaSource,
+    mimetype: Option<&'a str>,
+    size: Option<u64>,
+    width: u32,
+    height: u32,
+    duration_ms: u32,
+}
+
+/// The fields every attachment type has (`$c` is its content), with no dimensions or duration.
+macro_rules! media_common {
+    ($c:expr, $kind:expr) => {{
+        let info = $c.info.as_deref();
+        MatrixMedia {
+            kind: $kind,
+            body: &$c.body,
+            formatted: $c.formatted.as_ref(),
+            filename: $c.filename.as_deref(),
+            source: &$c.source,
+            mimetype: info.and_then(|i| i.mimetype.as_deref()),
+            size: info.and_then(|i| i.size).map(u64::from),
+            width: 0,
+            height: 0,
+            duration_ms: 0,
         }
+    }};
+}
+
+impl<'a> MatrixMedia<'a> {
+    fn of(msgtype: &'a MessageType) -> Option<Self> {
+        let px = |v: Option<ruma::UInt>| {
+            v.map_or(0, |v| u32::try_from(u64::from(v)).unwrap_or(u32::MAX))
+        };
+        let ms = |d: Option<std::time::Duration>| {
+            d.map_or(0, |d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX))
+        };
+        Some(match msgtype {
+            MessageType::Image(c) => {
+                let info = c.info.as_deref();
+                Self {
+                    width: px(info.and_then(|i| i.width)),
+                    height: px(info.and_then(|i| i.height)),
+                    ..media_common!(c, MediaKind::Image)
+                }
+            }
+            MessageType::Video(c) => {
+                let info = c.info.as_deref();
+                Self {
+                    width: px(info.and_then(|i| i.width)),
+                    height: px(info.and_then(|i| i.height)),
+                    duration_ms: ms(info.and_then(|i| i.duration)),
+                    ..media_common!(c, MediaKind::Video)
+                }
+            }
+            MessageType::Audio(c) => {
+                let kind = if c.voice.is_some() {
+                    MediaKind::Voice
+                } else {
+                    MediaKind::Audio
+                };
+                Self {
+                    duration_ms: ms(c.info.as_deref().and_then(|i| i.duration)),
+                    ..media_common!(c, kind)
+                }
+            }
+            MessageType::File(c) => media_common!(c, MediaKind::File),
+            _ => return None,
+        })
+    }
+}
+
+/// The text of a Matrix message (its HTML when it has some, without the reply fallback), after
+/// "name: " when it is relayed for someone.
+fn matrix_text(msgtype: &MessageType, relayed_name: Option<&str>) -> Text {
+    let formatted = match msgtype {
+        MessageType::Text(c) => c.formatted.as_ref(),
+        MessageType::Notice(c) => c.formatted.as_ref(),
+        MessageType::Emote(c) => c.formatted.as_ref(),
+        other => MatrixMedia::of(other).and_then(|m| m.formatted),
+    };
+    text_of(msgtype.body(), formatted, relayed_name)
+}
+
+/// A Matrix message's `body` and `formatted_body` as the network's text.
+fn text_of(body: &str, formatted: Option<&FormattedBody>, relayed_name: Option<&str>) -> Text {
+    let mut t = match formatted.filter(|f| f.format == MessageFormat::Html) {
+        Some(f) => msgconv::html_to_text(&f.body),
+        None => Text {
+            body: msgconv::strip_reply_fallback(body).to_owned(),
+            formats: vec![],
+        },
     };
     if let Some(name) = relayed_name {
         let prefix = format!("{name}: ");

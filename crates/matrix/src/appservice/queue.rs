@@ -19,6 +19,8 @@ use tokio::{
     task::JoinSet,
 };
 
+use ruma::events::{AnySyncEphemeralRoomEvent, AnyTimelineEvent};
+
 use super::{QUEUE_AD, QueueItem};
 use crate::crypto::{Crypto, CryptoChanges, CryptoError};
 use mib_core::{
@@ -229,7 +231,7 @@ impl QueueWorker {
     async fn attempt_item(&self, ev: &StoredEvent, item: QueueItem) -> Outcome {
         let result = match item.kind.as_str() {
             "pdu" => self.pdu(&item.event, ev.attempts == 0).await,
-            "ephemeral" => self.handler.handle_ephemeral(&item.event).await,
+            "ephemeral" => self.ephemeral(&item.event).await,
             "crypto" => {
                 if let (Some(crypto), Ok(changes)) = (
                     &self.crypto,
@@ -278,13 +280,46 @@ impl QueueWorker {
                     .undecryptable(room, sender, "its room key did not arrive")
                     .await
             }
-            (_, "pdu") => self.handler.not_handled(&item.event, &e).await,
+            (_, "pdu") => match serde_json::from_value(item.event.clone()) {
+                Ok(typed) => self.handler.not_handled(&typed, &e).await,
+                Err(_) => Ok(()),
+            },
             _ => Ok(()),
         };
         if let Err(e) = reported {
             tracing::warn!(error = %e, "cannot report a failed event");
         }
         Outcome::Done
+    }
+
+    /// Hands a room event to the core, typed; one that is not valid Matrix is reported.
+    async fn room_event(&self, ev: &serde_json::Value) -> Result<(), BridgeError> {
+        match serde_json::from_value::<AnyTimelineEvent>(ev.clone()) {
+            Ok(typed) => self.handler.handle_matrix_event(&typed).await,
+            Err(e) => {
+                let field = |k: &str| ev[k].as_str().unwrap_or_default().to_owned();
+                let ty: String = field("type").chars().take(100).collect();
+                tracing::warn!(room_id = %field("room_id"), event_type = %ty, error = %e, "a room event that is not valid Matrix");
+                self.metrics.refused("malformed_event");
+                self.handler
+                    .malformed(&field("room_id"), &field("sender"), &ty, &e.to_string())
+                    .await
+            }
+        }
+    }
+
+    /// Receipts and typing, typed; other ephemeral events are not the core's.
+    async fn ephemeral(&self, ev: &serde_json::Value) -> Result<(), BridgeError> {
+        let Some(room) = ev["room_id"].as_str() else {
+            return Ok(());
+        };
+        match serde_json::from_value::<AnySyncEphemeralRoomEvent>(ev.clone()) {
+            Ok(typed) => self.handler.handle_ephemeral(room, &typed).await,
+            Err(e) => {
+                tracing::debug!(error = %e, "an ephemeral event that is not valid Matrix");
+                Ok(())
+            }
+        }
     }
 
     /// A timeline event: encryption state is noted, encrypted events are decrypted first.
@@ -296,7 +331,7 @@ impl QueueWorker {
                 if let Some(c) = &self.crypto {
                     c.mark_encrypted(&room).await;
                 }
-                self.handler.handle_matrix_event(ev).await
+                self.room_event(ev).await
             }
             "m.room.encrypted" => {
                 let Some(crypto) = self.crypto.clone() else {
@@ -306,7 +341,7 @@ impl QueueWorker {
                         .await;
                 };
                 match crypto.decrypt(&room, ev).await {
-                    Ok(plain) => self.handler.handle_matrix_event(&plain).await,
+                    Ok(plain) => self.room_event(&plain).await,
                     Err(CryptoError::NotAllowed(ty)) => {
                         tracing::warn!(%room, %sender, event_type = %ty, "dropping an encrypted event of a type that may not be encrypted");
                         self.metrics.refused("encrypted_non_message");
@@ -327,7 +362,7 @@ impl QueueWorker {
                     }
                 }
             }
-            _ => self.handler.handle_matrix_event(ev).await,
+            _ => self.room_event(ev).await,
         }
     }
 }
@@ -337,7 +372,7 @@ mod tests {
     use std::sync::Mutex as StdMutex;
 
     use async_trait::async_trait;
-    use serde_json::{Value, json};
+    use serde_json::json;
 
     use super::*;
     use mib_core::store::QueuedEvent;
@@ -353,24 +388,40 @@ mod tests {
 
     #[async_trait]
     impl MatrixEventHandler for Recorder {
-        async fn handle_matrix_event(&self, ev: &Value) -> Result<(), BridgeError> {
-            if ev["room_id"] == "!stuck:x"
-                && !self.release.load(std::sync::atomic::Ordering::SeqCst)
-            {
+        async fn handle_matrix_event(&self, ev: &AnyTimelineEvent) -> Result<(), BridgeError> {
+            let room = ev.room_id().as_str();
+            if room == "!stuck:x" && !self.release.load(std::sync::atomic::Ordering::SeqCst) {
                 return Err(BridgeError::Matrix("homeserver away".into()));
             }
-            if ev["room_id"] == "!refused:x" && ev["event_id"] == "$r1" {
+            if room == "!refused:x" && ev.event_id() == "$r1" {
                 return Err(BridgeError::MatrixRefused("413 M_TOO_LARGE".into()));
             }
-            let id = ev["event_id"].as_str().unwrap_or_default().to_owned();
+            let id = ev.event_id().to_string();
             self.handled.lock().expect("lock").push(id);
             Ok(())
         }
-        async fn not_handled(&self, ev: &Value, e: &BridgeError) -> Result<(), BridgeError> {
-            self.reported.lock().expect("lock").push(format!(
-                "{} {e}",
-                ev["event_id"].as_str().unwrap_or_default()
-            ));
+        async fn malformed(
+            &self,
+            room: &str,
+            sender: &str,
+            ty: &str,
+            _reason: &str,
+        ) -> Result<(), BridgeError> {
+            self.reported
+                .lock()
+                .expect("lock")
+                .push(format!("malformed {ty} in {room} from {sender}"));
+            Ok(())
+        }
+        async fn not_handled(
+            &self,
+            ev: &AnyTimelineEvent,
+            e: &BridgeError,
+        ) -> Result<(), BridgeError> {
+            self.reported
+                .lock()
+                .expect("lock")
+                .push(format!("{} {e}", ev.event_id()));
             Ok(())
         }
     }
@@ -378,7 +429,12 @@ mod tests {
     fn queued(key: &SecretKey, room: &str, id: &str) -> QueuedEvent {
         let item = QueueItem {
             kind: "pdu".into(),
-            event: json!({"type": "m.room.message", "room_id": room, "event_id": id, "sender": "@u:x"}),
+            event: json!({"type": "m.room.message", "room_id": room, "event_id": id, "sender": "@u:x",
+            "origin_server_ts": 1, "content": if room == "!malformed:x" {
+                json!({"msgtype": "m.text"})
+            } else {
+                json!({"msgtype": "m.text", "body": "hi"})
+            }}),
         };
         QueuedEvent {
             room_id: Some(room.into()),
@@ -426,6 +482,25 @@ mod tests {
             running,
             _dir: dir,
         }
+    }
+
+    /// An event that is not valid Matrix is reported once, not handled and not retried; the
+    /// events after it go on.
+    #[tokio::test]
+    async fn an_event_that_does_not_parse_is_reported_and_skipped() {
+        let w = run_worker(&[("!malformed:x", "$m1"), ("!ok:x", "$o1")]).await;
+        for _ in 0..200 {
+            if !w.recorder.handled.lock().expect("lock").is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(*w.recorder.handled.lock().expect("lock"), ["$o1"]);
+        assert_eq!(
+            *w.recorder.reported.lock().expect("lock"),
+            ["malformed m.room.message in !malformed:x from @u:x"]
+        );
+        let _ = w.stop.send(true);
     }
 
     #[tokio::test]
