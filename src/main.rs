@@ -380,7 +380,10 @@ fn assemble(
     .arc();
     let gateway = GatewayAddr {
         address: cfg.interop.gateway_address.clone(),
-        public_key: cfg.interop.gateway_key()?,
+        public_key: cfg
+            .interop
+            .gateway_key()
+            .context("interop.gateway_public_key")?,
     };
     let signal_rt = SignalRuntime::start(
         std::thread::available_parallelism()

@@ -20,6 +20,12 @@ pub enum ConfigError {
     Invalid { key: &'static str, problem: String },
 }
 
+impl From<mib_interop::settings::KeyError> for ConfigError {
+    fn from(e: mib_interop::settings::KeyError) -> Self {
+        invalid("interop.gateway_public_key", e.0)
+    }
+}
+
 fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key,

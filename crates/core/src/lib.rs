@@ -161,8 +161,19 @@ pub trait MatrixConnector: Send + Sync {
     /// Creates a room as the bot from a `createRoom` body; returns the room id.
     async fn create_room(&self, body: Value) -> Result<String, BridgeError>;
     async fn invite(&self, room_id: &str, by: &str, invitee: &str) -> Result<(), BridgeError>;
-    /// Sends a message event; the same `txn_id` from the same user is applied once. `ts` (ms
-    /// since the epoch) is the time it was sent on the network (timestamp massaging).
+    /// Sends a message-like event (a message, an edit, a reaction); the same `txn_id` from the
+    /// same user is applied once. `ts` (ms since the epoch) is the time it was sent on the
+    /// network (timestamp massaging).
+    async fn send_message(
+        &self,
+        room_id: &str,
+        as_user: &str,
+        content: ruma::events::AnyMessageLikeEventContent,
+        txn_id: &str,
+        ts: Option<u64>,
+    ) -> Result<String, BridgeError>;
+    /// Sends an event of a type ruma does not model (`com.beeper.message_send_status`), as
+    /// [`MatrixConnector::send_message`] does.
     async fn send_event(
         &self,
         room_id: &str,
@@ -198,8 +209,8 @@ pub trait MatrixConnector: Send + Sync {
     ) -> Result<String, BridgeError>;
     /// Downloads media by mxc URI (authenticated media); returns the bytes and content type.
     async fn download(&self, mxc: &str) -> Result<(Vec<u8>, Option<String>), BridgeError>;
-    /// Uploads media for a room: the fields to put into the content (`url`, or `file` in
-    /// encrypted rooms).
+    /// Uploads media for a room: where the content finds it (a plain `url`, or an encrypted
+    /// `file` in encrypted rooms).
     async fn upload_for_room(
         &self,
         room_id: &str,
@@ -207,7 +218,7 @@ pub trait MatrixConnector: Send + Sync {
         data: Vec<u8>,
         mimetype: &str,
         filename: &str,
-    ) -> Result<Value, BridgeError>;
+    ) -> Result<ruma::events::room::MediaSource, BridgeError>;
     /// Downloads the media of a message (`url`, or `file` with decryption and hash check).
     async fn download_content(
         &self,

@@ -116,6 +116,19 @@ impl MatrixConnector for FakeMatrix {
         );
         Ok(())
     }
+    async fn send_message(
+        &self,
+        room_id: &str,
+        as_user: &str,
+        content: ruma::events::AnyMessageLikeEventContent,
+        txn_id: &str,
+        ts: Option<u64>,
+    ) -> Result<String, BridgeError> {
+        let ty = ruma::events::MessageLikeEventContent::event_type(&content).to_string();
+        let json = serde_json::to_value(&content).expect("serializable");
+        self.send_event(room_id, as_user, &ty, json, txn_id, ts)
+            .await
+    }
     async fn send_event(
         &self,
         room_id: &str,
@@ -192,8 +205,10 @@ impl MatrixConnector for FakeMatrix {
         _data: Vec<u8>,
         _mimetype: &str,
         _filename: &str,
-    ) -> Result<Value, BridgeError> {
-        Ok(json!({"url": "mxc://x/upload"}))
+    ) -> Result<ruma::events::room::MediaSource, BridgeError> {
+        Ok(ruma::events::room::MediaSource::Plain(
+            "mxc://x/upload".into(),
+        ))
     }
     async fn download_content(
         &self,
@@ -1562,4 +1577,102 @@ async fn a_malformed_message_is_reported_to_its_sender() {
         h.bridge.malformed(room, sender, ty, "bad").await.unwrap();
     }
     assert!(h.notices().is_empty(), "{:?}", h.notices());
+}
+
+/// Network attachments become Matrix content with everything a client shows: a voice message
+/// is marked as one (MSC3245, with its duration and waveform), an image has its dimensions,
+/// thumbnail and HTML caption, and a reply relates to the event it answers.
+#[tokio::test]
+async fn network_attachments_become_complete_matrix_content() {
+    use super::model::{Media, MediaKind, Quote};
+    let h = Harness::new().await;
+    let (room, _) = dm_with_alices_message(&h).await;
+    h.matrix.clear();
+    let media = |kind, extra: fn(&mut Media)| {
+        let mut m = Media {
+            kind,
+            blob: "b".into(),
+            key: vec![0; 64],
+            sha256: vec![0; 32],
+            size: 5,
+            mimetype: "audio/ogg".into(),
+            ..Default::default()
+        };
+        extra(&mut m);
+        D::Media(m)
+    };
+    h.net_message(
+        BOB_ACC,
+        None,
+        "bob-voice",
+        media(MediaKind::Voice, |m| {
+            m.duration_ms = 3000;
+            m.waveform = vec![0, 128, 255];
+        }),
+    )
+    .await
+    .unwrap();
+    h.bridge
+        .on_network_event(
+            ALICE,
+            &NetEvent::Message {
+                from: BOB_ACC.into(),
+                group: None,
+                message_id: "bob-photo".into(),
+                timestamp: 0,
+                data: Message {
+                    body: Some(media(MediaKind::Image, |m| {
+                        m.mimetype = "image/png".into();
+                        (m.width, m.height) = (640, 480);
+                        m.thumbnail = vec![1, 2, 3];
+                        m.filename = "cat.png".into();
+                        m.caption = Some(super::msgconv::html_to_text("a <b>cat</b>"));
+                    })),
+                    reply_to: Some(Quote {
+                        message_id: "bob-voice".into(),
+                        author: BOB_ACC.into(),
+                    }),
+                },
+                envelope_id: 0,
+            },
+        )
+        .await
+        .unwrap();
+    let sent = h.matrix.calls_of("send_event");
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    let voice = &sent[0]["content"];
+    assert_eq!(voice["msgtype"], "m.audio");
+    assert_eq!(voice["url"], "mxc://x/upload");
+    assert_eq!(voice["info"]["duration"], 3000);
+    assert_eq!(voice["info"]["size"], 5);
+    assert!(voice["org.matrix.msc3245.voice"].is_object(), "{voice}");
+    assert_eq!(voice["org.matrix.msc1767.audio"]["duration"], 3000);
+    assert_eq!(
+        voice["org.matrix.msc1767.audio"]["waveform"],
+        json!([0, 128, 255])
+    );
+    let image = &sent[1]["content"];
+    assert_eq!(image["msgtype"], "m.image");
+    assert_eq!(
+        (image["info"]["w"].clone(), image["info"]["h"].clone()),
+        (json!(640), json!(480))
+    );
+    assert_eq!(image["info"]["mimetype"], "image/png");
+    assert_eq!(image["info"]["thumbnail_url"], "mxc://x/upload");
+    assert_eq!(image["info"]["thumbnail_info"]["size"], 3);
+    assert_eq!(image["filename"], "cat.png");
+    assert_eq!(image["body"], "a cat");
+    assert_eq!(image["format"], "org.matrix.custom.html");
+    assert_eq!(image["formatted_body"], "a <strong>cat</strong>");
+    let voice_event = h
+        .store
+        .by_message(&room, "bob-voice", "")
+        .await
+        .unwrap()
+        .expect("mapped")
+        .event_id;
+    assert_eq!(
+        image["m.relates_to"]["m.in_reply_to"]["event_id"],
+        json!(voice_event)
+    );
 }

@@ -14,6 +14,7 @@ pub mod convert;
 pub mod keys;
 pub mod media;
 pub mod runtime;
+pub mod settings;
 pub mod signal_store;
 
 pub use account::{AccountHandle, Event, Target};

@@ -11,7 +11,10 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use ruma::{OwnedRoomId, OwnedUserId, events::room::MediaSource};
+use ruma::{
+    OwnedRoomId, OwnedUserId,
+    events::{AnyMessageLikeEventContent, MessageLikeEventContent, room::MediaSource},
+};
 use serde_json::json;
 
 use mib_core::{BridgeError, MatrixConnector};
@@ -19,6 +22,7 @@ use mib_core::{BridgeError, MatrixConnector};
 pub mod appservice;
 pub mod client;
 pub mod crypto;
+pub mod settings;
 pub mod timeline;
 
 pub use client::{HomeserverClient, MatrixError};
@@ -232,6 +236,21 @@ impl MatrixConnector for MatrixSide {
         }
     }
 
+    async fn send_message(
+        &self,
+        room_id: &str,
+        as_user: &str,
+        content: AnyMessageLikeEventContent,
+        txn_id: &str,
+        ts: Option<u64>,
+    ) -> Result<String, BridgeError> {
+        let event_type = MessageLikeEventContent::event_type(&content).to_string();
+        let json = serde_json::to_value(&content)
+            .map_err(|e| BridgeError::Matrix(format!("cannot serialize {event_type}: {e}")))?;
+        self.send_maybe_encrypted(room_id, as_user, &event_type, json, txn_id, ts)
+            .await
+    }
+
     async fn send_event(
         &self,
         room_id: &str,
@@ -325,7 +344,7 @@ impl MatrixConnector for MatrixSide {
         data: Vec<u8>,
         mimetype: &str,
         filename: &str,
-    ) -> Result<serde_json::Value, BridgeError> {
+    ) -> Result<MediaSource, BridgeError> {
         if self.is_encrypted(room_id).await {
             let (ciphertext, file) = Crypto::encrypt_attachment(&data)
                 .map_err(|e| BridgeError::Matrix(e.to_string()))?;
@@ -338,13 +357,15 @@ impl MatrixConnector for MatrixSide {
                     None,
                 )
                 .await?;
-            Ok(json!({ "file": crypto::file_with_url(file, mxc.as_str()) }))
+            let file = serde_json::from_value(crypto::file_with_url(file, mxc.as_str()))
+                .map_err(|e| BridgeError::Matrix(format!("an encrypted file's keys: {e}")))?;
+            Ok(MediaSource::Encrypted(Box::new(file)))
         } else {
             let mxc = self
                 .client
                 .upload(&user(as_user)?, data, mimetype, Some(filename))
                 .await?;
-            Ok(json!({ "url": mxc.to_string() }))
+            Ok(MediaSource::Plain(mxc))
         }
     }
 

@@ -1,6 +1,27 @@
 //! The network to Matrix: events of a login (messages, receipts, group changes, typing, identity
 //! changes) become events in the chat's portal, sent as the contact's ghost.
 
+use std::time::Duration;
+
+use ruma::{
+    UInt,
+    events::{
+        AnyMessageLikeEventContent,
+        reaction::ReactionEventContent,
+        relation::{Annotation, InReplyTo, Replacement, Reply},
+        room::{
+            ImageInfo, ThumbnailInfo,
+            message::{
+                AudioInfo, AudioMessageEventContent, FileInfo, FileMessageEventContent,
+                ImageMessageEventContent, LocationMessageEventContent, NoticeMessageEventContent,
+                Relation, RoomMessageEventContentWithoutRelation, UnstableAmplitude,
+                UnstableAudioDetailsContentBlock, UnstableVoiceContentBlock, VideoInfo,
+                VideoMessageEventContent,
+            },
+        },
+    },
+};
+
 use super::*;
 
 impl Bridge {
@@ -214,8 +235,8 @@ impl Bridge {
             Some(q) => self.portals.by_message(&room, &q.message_id, "").await?,
             None => None,
         };
-        let mut content = match &data.body {
-            Some(D::Text(t)) => text_content(t, "m.text"),
+        let msgtype = match &data.body {
+            Some(D::Text(t)) => text_message(t),
             Some(D::Edit(e)) => {
                 let Some(target) = self.portals.by_message(&room, &e.target, "").await? else {
                     return Err(BridgeError::TargetNotYet(e.target.clone()));
@@ -226,21 +247,19 @@ impl Bridge {
                     return Ok(());
                 }
                 let t = e.text.clone().unwrap_or_default();
-                let new = text_content(&t, "m.text");
                 // The fallback for clients without edits is short: the event must hold the new
                 // content too, within the homeserver's 64 KiB.
-                let mut c = text_content(
-                    &Text {
-                        body: format!("* {}", msgconv::preview(&t.body, 500)),
-                        formats: vec![],
-                    },
-                    "m.text",
-                );
-                c["m.new_content"] = new;
-                c["m.relates_to"] = json!({"rel_type": "m.replace", "event_id": target.event_id});
+                let mut c = message(text_message(&Text {
+                    body: format!("* {}", msgconv::preview(&t.body, 500)),
+                    formats: vec![],
+                }));
+                c.relates_to = Some(Relation::Replacement(Replacement::new(
+                    event_id(&target.event_id)?,
+                    RoomMessageEventContentWithoutRelation::new(text_message(&t)),
+                )));
                 let ev = self
                     .matrix
-                    .send_event(&room, &sender, "m.room.message", c, &txn, ts)
+                    .send_message(&room, &sender, c.into(), &txn, ts)
                     .await?;
                 return self
                     .map(&room, &ev, message_id, from, &sender, "edit")
@@ -282,32 +301,43 @@ impl Bridge {
                 {
                     return Ok(());
                 }
-                let c = json!({"m.relates_to": {"rel_type": "m.annotation", "event_id": target.event_id, "key": r.emoji}});
+                let c = ReactionEventContent::new(Annotation::new(
+                    event_id(&target.event_id)?,
+                    r.emoji.clone(),
+                ));
                 let ev = self
                     .matrix
-                    .send_event(&room, &sender, "m.reaction", c, &txn, ts)
+                    .send_message(&room, &sender, c.into(), &txn, ts)
                     .await?;
                 return self.map(&room, &ev, &r.target, from, &sender, &part).await;
             }
             Some(D::Media(m)) => self.media_to_matrix(&room, acc, &sender, m).await?,
-            Some(D::Location(l)) => json!({
-                "msgtype": "m.location",
-                "body": msgconv::bounded_body(&msgconv::location_text(l)),
-                "geo_uri": format!("geo:{},{}", l.latitude, l.longitude),
-            }),
-            Some(D::Contact(c)) => {
-                json!({"msgtype": "m.text", "body": msgconv::bounded_body(&msgconv::contact_text(c))})
-            }
-            None => {
-                json!({"msgtype": "m.notice", "body": "(an empty or unsupported message was received)"})
-            }
+            Some(D::Location(l)) => MessageType::Location(LocationMessageEventContent::new(
+                msgconv::bounded_body(&msgconv::location_text(l)).into_owned(),
+                format!("geo:{},{}", l.latitude, l.longitude),
+            )),
+            Some(D::Contact(c)) => MessageType::Text(TextMessageEventContent::plain(
+                msgconv::bounded_body(&msgconv::contact_text(c)).into_owned(),
+            )),
+            None => MessageType::Notice(NoticeMessageEventContent::plain(
+                "(an empty or unsupported message was received)",
+            )),
         };
+        let mut content = message(msgtype);
         if let Some(target) = reply_to {
-            content["m.relates_to"] = json!({"m.in_reply_to": {"event_id": target.event_id}});
+            content.relates_to = Some(Relation::Reply(Reply::new(InReplyTo::new(event_id(
+                &target.event_id,
+            )?))));
         }
         let ev = self
             .matrix
-            .send_event(&room, &sender, "m.room.message", content, &txn, ts)
+            .send_message(
+                &room,
+                &sender,
+                AnyMessageLikeEventContent::RoomMessage(content),
+                &txn,
+                ts,
+            )
             .await?;
         self.map(&room, &ev, message_id, from, &sender, "").await
     }
@@ -345,14 +375,16 @@ impl Bridge {
         acc: &Arc<dyn NetAccount>,
         sender: &str,
         m: &Media,
-    ) -> Result<Value, BridgeError> {
+    ) -> Result<MessageType, BridgeError> {
         let max = self.settings.bridge.max_media_size;
+        let notice = |text: String| MessageType::Notice(NoticeMessageEventContent::plain(text));
         if m.size > max {
             self.metrics.refused("media_too_large");
-            return Ok(json!({"msgtype": "m.notice", "body": format!(
+            return Ok(notice(format!(
                 "A file of {} was not bridged: it is larger than this bridge's limit of {}.",
-                human_size(m.size), human_size(max)
-            )}));
+                human_size(m.size),
+                human_size(max)
+            )));
         }
         let data = match acc.download(&m.blob, &m.key, &m.sha256, max).await {
             Ok(d) if m.size == 0 || d.len() as u64 == m.size => d,
@@ -365,12 +397,10 @@ impl Bridge {
                     Ok(_) => "it is not the size its sender declared".to_owned(),
                     Err(e) => e.to_string(),
                 };
-                return Ok(
-                    json!({"msgtype": "m.notice", "body": format!("A file was not bridged: {why}.")}),
-                );
+                return Ok(notice(format!("A file was not bridged: {why}.")));
             }
         };
-        let size = data.len();
+        let size = UInt::new(data.len() as u64);
         let mime = if m.mimetype.is_empty() {
             "application/octet-stream".to_owned()
         } else {
@@ -381,26 +411,13 @@ impl Bridge {
         } else {
             msgconv::preview(&m.filename, 255).into_owned()
         };
-        let media_fields = self
+        let source = self
             .matrix
             .upload_for_room(room, sender, data, &mime, &filename)
             .await?;
-        let kind = m.kind;
-        let msgtype = match kind {
-            MediaKind::Image | MediaKind::Sticker => "m.image",
-            MediaKind::Video => "m.video",
-            MediaKind::Audio | MediaKind::Voice => "m.audio",
-            _ => "m.file",
-        };
-        let mut info = json!({"mimetype": mime, "size": size});
-        if m.width > 0 && m.height > 0 {
-            info["w"] = json!(m.width);
-            info["h"] = json!(m.height);
-        }
-        if m.duration_ms > 0 {
-            info["duration"] = json!(m.duration_ms);
-        }
-        if !m.thumbnail.is_empty() {
+        let thumbnail = if m.thumbnail.is_empty() {
+            None
+        } else {
             let thumb = self
                 .matrix
                 .upload_for_room(
@@ -411,37 +428,70 @@ impl Bridge {
                     "thumbnail.jpg",
                 )
                 .await?;
-            if let Some(url) = thumb.get("url") {
-                info["thumbnail_url"] = url.clone();
+            let mut info = ThumbnailInfo::new();
+            info.mimetype = Some("image/jpeg".into());
+            info.size = UInt::new(m.thumbnail.len() as u64);
+            Some((thumb, Box::new(info)))
+        };
+        // The caption is bounded like any text; without one, the body is the file name.
+        let (body, formatted) = match m.caption.as_ref().filter(|c| !c.body.is_empty()) {
+            Some(c) => text_parts(c),
+            None => (filename.clone(), None),
+        };
+        let px = |n: u32| (m.width > 0 && m.height > 0).then(|| UInt::from(n));
+        let duration = (m.duration_ms > 0).then(|| Duration::from_millis(m.duration_ms.into()));
+        let (thumbnail_source, thumbnail_info) = thumbnail.unzip();
+        Ok(match m.kind {
+            MediaKind::Image | MediaKind::Sticker => {
+                let mut info = ImageInfo::new();
+                (info.mimetype, info.size) = (Some(mime), size);
+                (info.width, info.height) = (px(m.width), px(m.height));
+                (info.thumbnail_source, info.thumbnail_info) = (thumbnail_source, thumbnail_info);
+                let mut c = ImageMessageEventContent::new(body, source);
+                (c.formatted, c.filename, c.info) =
+                    (formatted, Some(filename), Some(Box::new(info)));
+                MessageType::Image(c)
             }
-            if let Some(file) = thumb.get("file") {
-                info["thumbnail_file"] = file.clone();
+            MediaKind::Video => {
+                let mut info = VideoInfo::new();
+                (info.mimetype, info.size, info.duration) = (Some(mime), size, duration);
+                (info.width, info.height) = (px(m.width), px(m.height));
+                (info.thumbnail_source, info.thumbnail_info) = (thumbnail_source, thumbnail_info);
+                let mut c = VideoMessageEventContent::new(body, source);
+                (c.formatted, c.filename, c.info) =
+                    (formatted, Some(filename), Some(Box::new(info)));
+                MessageType::Video(c)
             }
-            info["thumbnail_info"] = json!({"mimetype": "image/jpeg", "size": m.thumbnail.len()});
-        }
-        let caption = m.caption.as_ref().filter(|c| !c.body.is_empty());
-        let mut content = json!({"msgtype": msgtype, "info": info, "filename": filename});
-        if let (Some(c), Some(fields)) = (content.as_object_mut(), media_fields.as_object()) {
-            for (k, v) in fields {
-                c.insert(k.clone(), v.clone());
-            }
-        }
-        match caption {
-            // Bounded like any text.
-            Some(c) => {
-                let text = text_content(c, msgtype);
-                for k in ["body", "format", "formatted_body"] {
-                    if let Some(v) = text.get(k) {
-                        content[k] = v.clone();
-                    }
+            kind @ (MediaKind::Audio | MediaKind::Voice) => {
+                let mut info = AudioInfo::new();
+                (info.mimetype, info.size, info.duration) = (Some(mime), size, duration);
+                let mut c = AudioMessageEventContent::new(body, source);
+                (c.formatted, c.filename, c.info) =
+                    (formatted, Some(filename), Some(Box::new(info)));
+                if kind == MediaKind::Voice {
+                    let waveform = m
+                        .waveform
+                        .iter()
+                        .take(1024)
+                        .map(|v| UnstableAmplitude::new(u16::try_from(*v).unwrap_or(u16::MAX)))
+                        .collect();
+                    c.voice = Some(UnstableVoiceContentBlock::new());
+                    c.audio = Some(UnstableAudioDetailsContentBlock::new(
+                        Duration::from_millis(m.duration_ms.into()),
+                        waveform,
+                    ));
                 }
+                MessageType::Audio(c)
             }
-            None => content["body"] = json!(filename),
-        }
-        if kind == MediaKind::Voice {
-            content["org.matrix.msc3245.voice"] = json!({});
-            content["org.matrix.msc1767.audio"] = json!({"duration": m.duration_ms, "waveform": m.waveform.iter().take(1024).collect::<Vec<_>>()});
-        }
-        Ok(content)
+            _ => {
+                let mut info = FileInfo::new();
+                (info.mimetype, info.size) = (Some(mime), size);
+                (info.thumbnail_source, info.thumbnail_info) = (thumbnail_source, thumbnail_info);
+                let mut c = FileMessageEventContent::new(body, source);
+                (c.formatted, c.filename, c.info) =
+                    (formatted, Some(filename), Some(Box::new(info)));
+                MessageType::File(c)
+            }
+        })
     }
 }

@@ -6,6 +6,12 @@
 
 use std::sync::Arc;
 
+use ruma::{
+    OwnedEventId,
+    events::room::message::{
+        FormattedBody, MessageType, RoomMessageEventContent, TextMessageEventContent,
+    },
+};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
@@ -337,7 +343,8 @@ fn is_author(t: &MappedMessage, sender: &str, me: &str, portal: &Portal, bot: &s
     }
 }
 
-fn text_content(t: &Text, msgtype: &str) -> Value {
+/// A text's Matrix `body` (bounded) and its HTML, when it has formatting.
+fn text_parts(t: &Text) -> (String, Option<FormattedBody>) {
     let cut;
     let t = match msgconv::bounded_body(&t.body) {
         std::borrow::Cow::Borrowed(_) => t,
@@ -349,12 +356,29 @@ fn text_content(t: &Text, msgtype: &str) -> Value {
             &cut
         }
     };
-    let mut c = json!({"msgtype": msgtype, "body": t.body});
-    if let Some(html) = msgconv::text_to_html(t) {
-        c["format"] = json!("org.matrix.custom.html");
-        c["formatted_body"] = json!(html);
-    }
-    c
+    (
+        t.body.clone(),
+        msgconv::text_to_html(t).map(FormattedBody::html),
+    )
+}
+
+/// A text as an `m.text` message.
+fn text_message(t: &Text) -> MessageType {
+    let (body, formatted) = text_parts(t);
+    let mut c = TextMessageEventContent::plain(body);
+    c.formatted = formatted;
+    MessageType::Text(c)
+}
+
+/// A message event's content.
+fn message(msgtype: MessageType) -> RoomMessageEventContent {
+    RoomMessageEventContent::new(msgtype)
+}
+
+/// An event id the bridge stored, for a relation to it.
+fn event_id(id: &str) -> Result<OwnedEventId, BridgeError> {
+    OwnedEventId::try_from(id)
+        .map_err(|e| BridgeError::Matrix(format!("a stored event id is not valid ({id}): {e}")))
 }
 
 /// `12.3 MiB`, for notices.
