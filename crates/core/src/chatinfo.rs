@@ -7,14 +7,13 @@ use std::{
 };
 
 use ruma::events::{
-    AnyStateEvent,
+    AnyStateEvent, AnyStateEventContent,
     room::{
-        avatar::RoomAvatarEvent,
+        avatar::{RoomAvatarEvent, RoomAvatarEventContent},
         member::{MembershipState, RoomMemberEvent},
-        name::RoomNameEvent,
+        name::{RoomNameEvent, RoomNameEventContent},
     },
 };
-use serde_json::{Value, json};
 
 use super::types::{Portal, PortalKind};
 use super::{
@@ -52,12 +51,10 @@ fn image_mimetype(data: &[u8]) -> &'static str {
 }
 
 /// `m.room.avatar` content for an mxc URI; empty removes the avatar.
-fn avatar_content(mxc: &str) -> Value {
-    if mxc.is_empty() {
-        json!({})
-    } else {
-        json!({ "url": mxc })
-    }
+fn avatar_content(mxc: &str) -> RoomAvatarEventContent {
+    let mut c = RoomAvatarEventContent::new();
+    c.url = (!mxc.is_empty()).then(|| mxc.into());
+    c
 }
 
 impl Bridge {
@@ -248,15 +245,15 @@ impl Bridge {
         };
         let mut changed = false;
         if portal.name != g.name {
-            self.room_state(&room, &changer, "m.room.name", json!({"name": g.name}))
-                .await?;
+            let name = RoomNameEventContent::new(g.name.clone());
+            self.room_state(&room, &changer, name.into()).await?;
             portal.name = g.name.clone();
             changed = true;
         }
         if portal.avatar_blob != g.avatar_blob {
             match self.avatar_to_matrix(acc, &g.avatar_blob).await {
                 Ok(mxc) => {
-                    self.room_state(&room, &changer, "m.room.avatar", avatar_content(&mxc))
+                    self.room_state(&room, &changer, avatar_content(&mxc).into())
                         .await?;
                     portal.avatar_blob = g.avatar_blob.clone();
                     portal.avatar_mxc = mxc;
@@ -277,19 +274,18 @@ impl Bridge {
         &self,
         room: &str,
         changer: &str,
-        event_type: &str,
-        content: Value,
+        content: AnyStateEventContent,
     ) -> Result<(), BridgeError> {
         let bot = self.matrix.bot_mxid();
         match self
             .matrix
-            .send_state(room, changer, event_type, "", content.clone())
+            .send_state(room, changer, content.clone(), "")
             .await
         {
             Err(e) if changer != bot => {
                 tracing::debug!(error = %e, "state change as the contact refused; sending it as the bot");
                 self.matrix
-                    .send_state(room, bot, event_type, "", content)
+                    .send_state(room, bot, content, "")
                     .await
                     .map(|_| ())
             }
@@ -499,7 +495,13 @@ mod tests {
         assert_eq!(image_mimetype(b"GIF89a"), "image/gif");
         assert_eq!(image_mimetype(b"RIFF\0\0\0\0WEBPVP8 "), "image/webp");
         assert_eq!(image_mimetype(b""), "application/octet-stream");
-        assert_eq!(avatar_content(""), json!({}));
-        assert_eq!(avatar_content("mxc://x/y"), json!({"url": "mxc://x/y"}));
+        assert_eq!(avatar_content("").url, None);
+        assert_eq!(
+            avatar_content("mxc://x/y")
+                .url
+                .as_deref()
+                .map(|u| u.as_str()),
+            Some("mxc://x/y")
+        );
     }
 }

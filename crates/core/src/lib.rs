@@ -158,8 +158,8 @@ pub trait MatrixConnector: Send + Sync {
     -> Result<String, BridgeError>;
     /// Sets a user's avatar (an mxc URI; empty removes it).
     async fn set_avatar(&self, user: &str, mxc: &str) -> Result<(), BridgeError>;
-    /// Creates a room as the bot from a `createRoom` body; returns the room id.
-    async fn create_room(&self, body: Value) -> Result<String, BridgeError>;
+    /// Creates a portal's room as the bot; returns the room id.
+    async fn create_room(&self, room: types::NewRoom) -> Result<String, BridgeError>;
     async fn invite(&self, room_id: &str, by: &str, invitee: &str) -> Result<(), BridgeError>;
     /// Sends a message-like event (a message, an edit, a reaction); the same `txn_id` from the
     /// same user is applied once. `ts` (ms since the epoch) is the time it was sent on the
@@ -187,9 +187,8 @@ pub trait MatrixConnector: Send + Sync {
         &self,
         room_id: &str,
         as_user: &str,
-        event_type: &str,
+        content: ruma::events::AnyStateEventContent,
         state_key: &str,
-        content: Value,
     ) -> Result<String, BridgeError>;
     async fn redact(&self, room_id: &str, as_user: &str, event_id: &str)
     -> Result<(), BridgeError>;

@@ -105,7 +105,12 @@ impl MatrixConnector for FakeMatrix {
     async fn set_avatar(&self, _user: &str, _mxc: &str) -> Result<(), BridgeError> {
         Ok(())
     }
-    async fn create_room(&self, body: Value) -> Result<String, BridgeError> {
+    async fn create_room(&self, room: super::types::NewRoom) -> Result<String, BridgeError> {
+        let pl = &room.power_levels;
+        let body = json!({"name": room.name, "is_direct": room.is_direct, "invite": room.invite,
+            "avatar": room.avatar_mxc, "encrypted": room.encrypted,
+            "power_levels": {"users": pl.users, "redact": pl.redact, "kick": pl.kick, "ban": pl.ban,
+                "events": pl.events}});
         let n = self.record("create_room", body);
         Ok(format!("!room{n}:x"))
     }
@@ -148,10 +153,11 @@ impl MatrixConnector for FakeMatrix {
         &self,
         room_id: &str,
         as_user: &str,
-        event_type: &str,
+        content: ruma::events::AnyStateEventContent,
         state_key: &str,
-        content: Value,
     ) -> Result<String, BridgeError> {
+        let event_type = ruma::events::StateEventContent::event_type(&content).to_string();
+        let content = serde_json::to_value(&content).expect("serializable");
         let n = self.record(
             "send_state",
             json!({"room": room_id, "as": as_user, "type": event_type, "state_key": state_key, "content": content}),
@@ -958,7 +964,7 @@ async fn ghosts_cannot_redact_others_in_portal_rooms() {
     let rooms = h.matrix.calls_of("create_room");
     assert_eq!(rooms.len(), 2);
     for body in rooms {
-        let pl = &body["power_level_content_override"];
+        let pl = &body["power_levels"];
         let ghost = pl["users"]["@interop_15550002000:x"].as_i64().unwrap();
         for action in ["redact", "kick", "ban"] {
             assert!(pl[action].as_i64().unwrap() > ghost, "{action}: {pl}");

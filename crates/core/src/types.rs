@@ -57,3 +57,43 @@ pub struct MappedMessage {
     /// the bot for messages from the network ("" in rows older than this column).
     pub matrix_sender: String,
 }
+
+/// A portal's room as the core asks the Matrix side to create it (as the bot, a private chat);
+/// the Matrix side turns it into a `createRoom` request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewRoom {
+    /// Set for groups; a direct chat is named by its members.
+    pub name: Option<String>,
+    pub is_direct: bool,
+    pub invite: Vec<String>,
+    /// What the room bridges, for its bridge state (MSC2346 `m.bridge`, and the older
+    /// `uk.half-shot.bridge`).
+    pub bridge: BridgeInfo,
+    pub power_levels: PowerLevels,
+    /// The group's avatar (an mxc URI).
+    pub avatar_mxc: Option<String>,
+    /// Created with encryption on (Megolm).
+    pub encrypted: bool,
+}
+
+/// The bridge state of a portal room.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BridgeInfo {
+    /// The bridge bot (creator and `bridgebot`).
+    pub bot: String,
+    /// The protocol's id and name.
+    pub protocol: (String, String),
+    /// The chat's id and shown name.
+    pub channel: (String, String),
+}
+
+/// A room's power levels: per user, for moderation, and per state event type (everything not
+/// named takes the homeserver's defaults).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PowerLevels {
+    pub users: std::collections::BTreeMap<String, i64>,
+    pub redact: i64,
+    pub kick: i64,
+    pub ban: i64,
+    pub events: std::collections::BTreeMap<String, i64>,
+}

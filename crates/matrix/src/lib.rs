@@ -13,11 +13,14 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use ruma::{
     OwnedRoomId, OwnedUserId,
-    events::{AnyMessageLikeEventContent, MessageLikeEventContent, room::MediaSource},
+    events::{
+        AnyMessageLikeEventContent, AnyStateEventContent, MessageLikeEventContent,
+        StateEventContent, room::MediaSource,
+    },
 };
 use serde_json::json;
 
-use mib_core::{BridgeError, MatrixConnector};
+use mib_core::{BridgeError, MatrixConnector, types::NewRoom};
 
 pub mod appservice;
 pub mod client;
@@ -206,17 +209,16 @@ impl MatrixConnector for MatrixSide {
         Ok(())
     }
 
-    async fn create_room(&self, mut body: serde_json::Value) -> Result<String, BridgeError> {
+    async fn create_room(&self, room: NewRoom) -> Result<String, BridgeError> {
         // From room version 12 on, creators have unlimited power and must not be listed in the
         // power levels (MSC4289); older versions need the bot listed, or it loses its level.
-        if self.creators_are_privileged().await
-            && let Some(users) = body["power_level_content_override"]["users"].as_object_mut()
-        {
-            users.remove(&self.bot);
-        }
+        let privileged_creator = self.creators_are_privileged().await.then_some(&self.bot);
         Ok(self
             .client
-            .create_room(&user(&self.bot)?, body)
+            .create_room(
+                &user(&self.bot)?,
+                create_room_body(&room, privileged_creator.map(String::as_str)),
+            )
             .await?
             .to_string())
     }
@@ -268,16 +270,16 @@ impl MatrixConnector for MatrixSide {
         &self,
         room_id: &str,
         as_user: &str,
-        event_type: &str,
+        content: AnyStateEventContent,
         state_key: &str,
-        content: serde_json::Value,
     ) -> Result<String, BridgeError> {
+        let (event_type, content) = state_json(&content)?;
         Ok(self
             .client
             .send_state(
                 &room(room_id)?,
                 &user(as_user)?,
-                event_type,
+                &event_type,
                 state_key,
                 &content,
             )
@@ -410,6 +412,67 @@ impl MatrixConnector for MatrixSide {
             c.discard_room_key(room_id).await;
         }
     }
+}
+
+/// A state event's type and content as sent: an absent field is left out, not null (ruma writes
+/// a removed avatar as `url: null`).
+fn state_json(content: &AnyStateEventContent) -> Result<(String, serde_json::Value), BridgeError> {
+    let event_type = StateEventContent::event_type(content).to_string();
+    let mut json = serde_json::to_value(content)
+        .map_err(|e| BridgeError::Matrix(format!("cannot serialize {event_type}: {e}")))?;
+    if let Some(fields) = json.as_object_mut() {
+        fields.retain(|_, v| !v.is_null());
+    }
+    Ok((event_type, json))
+}
+
+/// The `createRoom` body (the spec's shape) of a portal's room; `privileged_creator` is left
+/// out of the power levels.
+fn create_room_body(room: &NewRoom, privileged_creator: Option<&str>) -> serde_json::Value {
+    let b = &room.bridge;
+    let bridge_info = json!({
+        "bridgebot": b.bot,
+        "creator": b.bot,
+        "protocol": {"id": b.protocol.0, "displayname": b.protocol.1},
+        "channel": {"id": b.channel.0, "displayname": b.channel.1},
+    });
+    let state_key = format!("net.{0}://{0}/{1}", b.protocol.0, b.channel.0);
+    let mut initial_state = vec![
+        json!({"type": "m.bridge", "state_key": state_key, "content": bridge_info}),
+        json!({"type": "uk.half-shot.bridge", "state_key": state_key, "content": bridge_info}),
+    ];
+    if let Some(mxc) = &room.avatar_mxc {
+        initial_state
+            .push(json!({"type": "m.room.avatar", "state_key": "", "content": {"url": mxc}}));
+    }
+    if room.encrypted {
+        initial_state.push(json!({"type": "m.room.encryption", "state_key": "",
+            "content": {"algorithm": "m.megolm.v1.aes-sha2"}}));
+    }
+    let pl = &room.power_levels;
+    let users: serde_json::Map<String, serde_json::Value> = pl
+        .users
+        .iter()
+        .filter(|(u, _)| Some(u.as_str()) != privileged_creator)
+        .map(|(u, level)| (u.clone(), json!(level)))
+        .collect();
+    let mut body = json!({
+        "preset": "private_chat",
+        "is_direct": room.is_direct,
+        "invite": room.invite,
+        "initial_state": initial_state,
+        "power_level_content_override": {
+            "users": users,
+            "redact": pl.redact,
+            "kick": pl.kick,
+            "ban": pl.ban,
+            "events": pl.events,
+        },
+    });
+    if let Some(name) = &room.name {
+        body["name"] = json!(name);
+    }
+    body
 }
 
 impl MatrixSide {
@@ -581,5 +644,68 @@ mod tests {
             class(MatrixError::Network("refused".into())),
             RetryClass::Waiting
         );
+    }
+
+    #[test]
+    fn portal_rooms_carry_bridge_state_and_power_levels() {
+        use mib_core::types::{BridgeInfo, PowerLevels};
+        let room = NewRoom {
+            name: Some("Friends".into()),
+            is_direct: false,
+            invite: vec!["@alice:x".into(), "@interop_1:x".into()],
+            bridge: BridgeInfo {
+                bot: "@bot:x".into(),
+                protocol: ("interop".into(), "Interop".into()),
+                channel: ("g1".into(), "Friends".into()),
+            },
+            power_levels: PowerLevels {
+                users: [("@bot:x".into(), 100), ("@alice:x".into(), 75)].into(),
+                redact: 75,
+                kick: 75,
+                ban: 75,
+                events: [("m.bridge".into(), 100)].into(),
+            },
+            avatar_mxc: Some("mxc://x/a".into()),
+            encrypted: true,
+        };
+        let body = create_room_body(&room, None);
+        assert_eq!(body["name"], "Friends");
+        assert_eq!(body["preset"], "private_chat");
+        assert_eq!(body["is_direct"], false);
+        let state = body["initial_state"].as_array().unwrap();
+        let of = |ty: &str| state.iter().find(|s| s["type"] == ty).cloned().unwrap();
+        assert_eq!(of("m.bridge")["state_key"], "net.interop://interop/g1");
+        assert_eq!(
+            of("m.bridge")["content"]["channel"]["displayname"],
+            "Friends"
+        );
+        assert_eq!(
+            of("m.bridge")["content"],
+            of("uk.half-shot.bridge")["content"]
+        );
+        assert_eq!(of("m.room.avatar")["content"]["url"], "mxc://x/a");
+        assert_eq!(
+            of("m.room.encryption")["content"]["algorithm"],
+            "m.megolm.v1.aes-sha2"
+        );
+        let pl = &body["power_level_content_override"];
+        assert_eq!(pl["users"]["@bot:x"], 100);
+        assert_eq!(pl["events"]["m.bridge"], 100);
+        assert_eq!(pl["redact"], 75);
+        // Where creators have unlimited power (room version 12), the bot is not listed.
+        let body = create_room_body(&room, Some("@bot:x"));
+        assert!(
+            body["power_level_content_override"]["users"]
+                .get("@bot:x")
+                .is_none()
+        );
+        assert_eq!(
+            body["power_level_content_override"]["users"]["@alice:x"],
+            75
+        );
+        // Typed state leaves absent fields out.
+        let removed = ruma::events::room::avatar::RoomAvatarEventContent::new();
+        let (ty, json) = state_json(&removed.into()).unwrap();
+        assert_eq!((ty.as_str(), json), ("m.room.avatar", json!({})));
     }
 }

@@ -4,7 +4,7 @@
 //! Here: ghosts and creating a portal's room. The two directions are `incoming` (network to
 //! Matrix) and `outgoing` (Matrix to network).
 
-use std::sync::Arc;
+use std::{collections::BTreeMap, sync::Arc};
 
 use ruma::{
     OwnedEventId,
@@ -12,7 +12,7 @@ use ruma::{
         FormattedBody, MessageType, RoomMessageEventContent, TextMessageEventContent,
     },
 };
-use serde_json::{Value, json};
+use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use super::{
@@ -20,7 +20,7 @@ use super::{
     model::{Body as D, Delete, Edit, Location, Media, MediaKind, Message, Quote, Reaction, Text},
     msgconv,
     network::{GroupInfo, NetAccount, NetError, NetEvent, NetTarget},
-    types::{MappedMessage, Portal, PortalKind},
+    types::{BridgeInfo, MappedMessage, NewRoom, Portal, PortalKind, PowerLevels},
 };
 use crate::settings::PermissionLevel;
 
@@ -126,7 +126,7 @@ impl Bridge {
         for m in members.iter().filter(|m| **m != me) {
             ghosts.push(self.ghost(m, Some(acc)).await?);
         }
-        let mut body = portal_room_body(&bot, receiver, &chat_id, kind, &name, &ghosts);
+        let mut room = portal_room(&bot, receiver, &chat_id, kind, &name, &ghosts);
         let avatar_blob = group.map(|g| g.avatar_blob.clone()).unwrap_or_default();
         let avatar_mxc = match self.avatar_to_matrix(acc, &avatar_blob).await {
             Ok(mxc) => mxc,
@@ -135,18 +135,10 @@ impl Bridge {
                 String::new()
             }
         };
-        if !avatar_mxc.is_empty()
-            && let Some(state) = body["initial_state"].as_array_mut()
-        {
-            state.push(
-                json!({"type": "m.room.avatar", "state_key": "", "content": {"url": avatar_mxc}}),
-            );
-        }
+        room.avatar_mxc = (!avatar_mxc.is_empty()).then(|| avatar_mxc.clone());
         let encrypted = self.settings.encryption_default || self.settings.encryption_require;
-        if encrypted && let Some(state) = body["initial_state"].as_array_mut() {
-            state.push(json!({"type": "m.room.encryption", "state_key": "", "content": {"algorithm": "m.megolm.v1.aes-sha2"}}));
-        }
-        let room_id = self.matrix.create_room(body).await?;
+        room.encrypted = encrypted;
+        let room_id = self.matrix.create_room(room).await?;
         if encrypted {
             self.matrix.mark_encrypted(&room_id).await;
         }
@@ -266,67 +258,57 @@ async fn lookup_group(
     }
 }
 
-/// The `createRoom` body of a portal: invites, bridge state (MSC2346 and its older name) and
-/// power levels.
-fn portal_room_body(
+/// A portal's room: invites, bridge state and power levels.
+fn portal_room(
     bot: &str,
     receiver: &str,
     chat_id: &str,
     kind: PortalKind,
     name: &str,
     ghosts: &[String],
-) -> Value {
+) -> NewRoom {
     let shown = if name.is_empty() { chat_id } else { name };
-    let bridge_info = json!({
-        "bridgebot": bot,
-        "creator": bot,
-        "protocol": {"id": "interop", "displayname": "Interop"},
-        "channel": {"id": chat_id, "displayname": shown},
-    });
-    let state_key = format!("net.interop://interop/{chat_id}");
-    let mut users = serde_json::Map::new();
-    users.insert(bot.to_owned(), json!(100));
+    let mut users = BTreeMap::from([(bot.to_owned(), 100)]);
     for g in ghosts {
-        users.insert(g.clone(), json!(50));
+        users.insert(g.clone(), 50);
     }
     // The owner outranks the ghosts in a group, so it can remove a contact from the group by
     // kicking its ghost.
     let owner_level = if kind == PortalKind::Group { 75 } else { 50 };
-    users.insert(receiver.to_owned(), json!(owner_level));
+    users.insert(receiver.to_owned(), owner_level);
     let mut invite = vec![receiver.to_owned()];
     invite.extend(ghosts.iter().cloned());
-    let mut body = json!({
-        "preset": "private_chat",
-        "is_direct": kind == PortalKind::Dm,
-        "invite": invite,
-        "initial_state": [
-            {"type": "m.bridge", "state_key": state_key, "content": bridge_info},
-            {"type": "uk.half-shot.bridge", "state_key": state_key, "content": bridge_info},
-        ],
-        "power_level_content_override": portal_power_levels(users),
-    });
-    if kind == PortalKind::Group && !name.is_empty() {
-        body["name"] = json!(name);
-    }
-    body
-}
-
-fn portal_power_levels(users: serde_json::Map<String, Value>) -> Value {
-    json!({
-        "users": users,
-        "redact": 75,
-        "kick": 75,
-        "ban": 75,
-        "events": {
-            "m.room.power_levels": 100,
-            "m.room.history_visibility": 100,
-            "m.room.tombstone": 100,
-            "m.room.server_acl": 100,
-            "m.room.join_rules": 100,
-            "m.bridge": 100,
-            "uk.half-shot.bridge": 100,
+    // Only the bot changes what the room is and who may do what.
+    let events = [
+        "m.room.power_levels",
+        "m.room.history_visibility",
+        "m.room.tombstone",
+        "m.room.server_acl",
+        "m.room.join_rules",
+        "m.bridge",
+        "uk.half-shot.bridge",
+    ]
+    .map(|ty| (ty.to_owned(), 100))
+    .into();
+    NewRoom {
+        name: (kind == PortalKind::Group && !name.is_empty()).then(|| name.to_owned()),
+        is_direct: kind == PortalKind::Dm,
+        invite,
+        bridge: BridgeInfo {
+            bot: bot.to_owned(),
+            protocol: ("interop".into(), "Interop".into()),
+            channel: (chat_id.to_owned(), shown.to_owned()),
         },
-    })
+        power_levels: PowerLevels {
+            users,
+            redact: 75,
+            kick: 75,
+            ban: 75,
+            events,
+        },
+        avatar_mxc: None,
+        encrypted: false,
+    }
 }
 
 /// Whether the Matrix user `sender` wrote the mapped message (or reaction) `t`, so may edit or
