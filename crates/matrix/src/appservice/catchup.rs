@@ -57,8 +57,9 @@ const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// How long a transaction waits for a catch-up before it is held back (answered with an error,
 /// so that the homeserver sends it again later).
 const TXN_WAIT: Duration = Duration::from_secs(10);
-/// How long transactions are held back while a catch-up keeps failing; after that they go
-/// ahead (a room the bot cannot read back must not stall the bridge for good).
+/// How long transactions are held back while catch-ups keep failing (from the first failure);
+/// after that they go ahead (a room the bot cannot read back must not stall the bridge for
+/// good).
 pub const MAX_HOLD: Duration = Duration::from_secs(60);
 /// Rooms read at the same time.
 const CONCURRENCY: usize = 4;
@@ -94,8 +95,9 @@ pub struct CatchUp {
     notify: Arc<Notify>,
     /// Set at start and when an outage is seen; cleared by a catch-up that succeeded.
     pending: AtomicBool,
-    /// Since when a catch-up has been pending (ms since the epoch).
-    pending_since_ms: AtomicI64,
+    /// Since when catch-ups have been failing (ms since the epoch; 0: none failed since the
+    /// last one that succeeded).
+    failing_since_ms: AtomicI64,
     /// When the homeserver was last seen well, before the outage being caught up (ms since the
     /// epoch; 0: never, nothing to catch up from).
     healthy_ms: AtomicI64,
@@ -148,7 +150,7 @@ impl CatchUp {
             key,
             notify,
             pending: AtomicBool::new(true),
-            pending_since_ms: AtomicI64::new(now_ms()),
+            failing_since_ms: AtomicI64::new(0),
             healthy_ms: AtomicI64::new(mark),
             tracked_from_ms,
             saved_ms: AtomicI64::new(0),
@@ -185,8 +187,9 @@ impl CatchUp {
         if !self.pending.load(Ordering::SeqCst) {
             return Ok(());
         }
-        let held_ms = now_ms() - self.pending_since_ms.load(Ordering::SeqCst);
-        if held_ms > MAX_HOLD.as_millis() as i64 {
+        let failing_since = self.failing_since_ms.load(Ordering::SeqCst);
+        let held_ms = now_ms() - failing_since;
+        if failing_since != 0 && held_ms > MAX_HOLD.as_millis() as i64 {
             tracing::warn!(
                 held_s = held_ms / 1000,
                 "catch-up still failing; transactions go ahead without it"
@@ -197,9 +200,20 @@ impl CatchUp {
     }
 
     fn set_pending(&self) {
-        if !self.pending.swap(true, Ordering::SeqCst) {
-            self.pending_since_ms.store(now_ms(), Ordering::SeqCst);
-        }
+        self.pending.store(true, Ordering::SeqCst);
+    }
+
+    /// A catch-up failed: the hold on transactions counts from the first failure.
+    fn failed(&self) {
+        let _ =
+            self.failing_since_ms
+                .compare_exchange(0, now_ms(), Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    /// The lost events are all queued.
+    fn done(&self) {
+        self.pending.store(false, Ordering::SeqCst);
+        self.failing_since_ms.store(0, Ordering::SeqCst);
     }
 
     /// Watches the homeserver and catches up after outages, until `shutdown`.
@@ -261,7 +275,7 @@ impl CatchUp {
                     "the catch-up mark is too old to catch up from"
                 );
             }
-            self.pending.store(false, Ordering::SeqCst);
+            self.done();
             self.seen_well().await;
             return;
         }
@@ -270,6 +284,7 @@ impl CatchUp {
             Ok(rooms) => rooms,
             Err(e) => {
                 tracing::warn!(error = %e, "catch-up: cannot list the rooms; will try again");
+                self.failed();
                 return;
             }
         };
@@ -285,6 +300,7 @@ impl CatchUp {
         }
         if let Some(first) = failed.first() {
             tracing::warn!(rooms = rooms.len(), failed = failed.len(), queued, error = %first, "catch-up incomplete; will try again");
+            self.failed();
             return;
         }
         if queued > 0 {
@@ -299,7 +315,7 @@ impl CatchUp {
                 "catch-up: the homeserver lost no events"
             );
         }
-        self.pending.store(false, Ordering::SeqCst);
+        self.done();
         self.seen_well().await;
     }
 
@@ -554,7 +570,9 @@ mod tests {
         hs.post("!broken:x", "$b2", now_ms());
         hs.outage.store(true, Ordering::SeqCst);
         assert!(c.before_transaction().await.is_err(), "held back");
-        c.pending_since_ms
+        // However long the outage was, the hold counts from the first failed catch-up.
+        assert!(now_ms() - c.failing_since_ms.load(Ordering::SeqCst) < 5_000);
+        c.failing_since_ms
             .store(now_ms() - MAX_HOLD.as_millis() as i64 - 1, Ordering::SeqCst);
         c.before_transaction()
             .await
