@@ -435,7 +435,7 @@ impl Bridge {
         }
         let bot = self.matrix.bot_mxid().to_owned();
         for p in &portals {
-            if let Some(room) = &p.room_id {
+            if let Some(room) = p.room_id.as_ref().map(|r| r.as_str()) {
                 let _ = self
                     .notice(
                         room,
@@ -507,7 +507,7 @@ impl Bridge {
                 if let Err(e) = self.accept_request(sender, &acc, contact).await {
                     tracing::warn!(error = %e, "cannot bridge a request's held messages");
                 }
-                let room = p.room_id.unwrap_or_default();
+                let room = p.room;
                 let bot = self.matrix.bot_mxid().to_owned();
                 let _ = self.matrix.invite(&room, &bot, sender).await;
                 CommandOutcome::text(format!(
@@ -598,7 +598,7 @@ impl Bridge {
                         };
                         format!(
                             "- {what}: https://matrix.to/#/{}",
-                            p.room_id.clone().unwrap_or_default()
+                            p.room_id.as_ref().map(|r| r.as_str()).unwrap_or_default()
                         )
                     })
                     .collect();
@@ -678,7 +678,8 @@ impl Bridge {
             if self.network.account(sender).is_none() {
                 return CommandOutcome::text("You need a login to relay for others.");
             }
-            portal.relay = Some(sender.to_owned());
+            // The sender of a Matrix event: a valid user id.
+            portal.relay = ruma::UserId::parse(sender).ok();
         } else {
             portal.relay = None;
         }
@@ -733,10 +734,9 @@ impl Bridge {
                 .ensure_portal(sender, &acc, &NetTarget::Group(g.id.clone()), Some(&g))
                 .await
             {
-                Ok(p) => CommandOutcome::text(format!(
-                    "Group created: https://matrix.to/#/{}",
-                    p.room_id.unwrap_or_default()
-                )),
+                Ok(p) => {
+                    CommandOutcome::text(format!("Group created: https://matrix.to/#/{}", p.room))
+                }
                 Err(e) => CommandOutcome::text(format!(
                     "The group was created but its room could not be: {e}"
                 )),

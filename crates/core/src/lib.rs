@@ -28,8 +28,8 @@ use tokio::sync::Mutex;
 use settings::{BridgeConfig, PermissionLevel};
 use store::{PortalStore, StoreError, UserStore};
 
-mod chatinfo;
 pub mod commands;
+mod ghost;
 #[cfg(any(test, feature = "testing"))]
 pub mod memory;
 pub mod metrics;
@@ -351,63 +351,8 @@ pub struct Bridge {
     /// Rooms the bot leaves once it has answered there (after `delete-portal`).
     pub(crate) leave_after: Mutex<HashSet<String>>,
     /// Network look-ups made for the homeserver's user queries.
-    pub(crate) user_lookups: Mutex<LookupLimit>,
+    pub(crate) user_lookups: Mutex<ghost::LookupLimit>,
     pub(crate) metrics: metrics::Metrics,
-}
-
-/// Bounds the network look-ups that user queries cause: a token bucket (a burst of
-/// [`LookupLimit::BURST`], then one every [`LookupLimit::EVERY`]) and a memory of accounts the
-/// network did not know (forgotten after [`LookupLimit::MISS_TTL`]; bounded in size).
-pub(crate) struct LookupLimit {
-    tokens: f64,
-    last: Instant,
-    misses: HashMap<String, Instant>,
-}
-
-impl LookupLimit {
-    const BURST: f64 = 20.0;
-    const EVERY: std::time::Duration = std::time::Duration::from_secs(3);
-    const MISS_TTL: std::time::Duration = std::time::Duration::from_secs(600);
-    const MAX_MISSES: usize = 10_000;
-
-    fn new() -> Self {
-        Self {
-            tokens: Self::BURST,
-            last: Instant::now(),
-            misses: HashMap::new(),
-        }
-    }
-
-    /// Whether the network may be asked about `account` now (takes a token).
-    pub(crate) fn allow(&mut self, account: &str) -> bool {
-        if self
-            .misses
-            .get(account)
-            .is_some_and(|t| t.elapsed() < Self::MISS_TTL)
-        {
-            return false;
-        }
-        let now = Instant::now();
-        let refill = now.duration_since(self.last).as_secs_f64() / Self::EVERY.as_secs_f64();
-        self.tokens = (self.tokens + refill).min(Self::BURST);
-        self.last = now;
-        if self.tokens < 1.0 {
-            return false;
-        }
-        self.tokens -= 1.0;
-        true
-    }
-
-    /// The network does not know `account`.
-    pub(crate) fn miss(&mut self, account: &str) {
-        if self.misses.len() >= Self::MAX_MISSES {
-            self.misses.retain(|_, t| t.elapsed() < Self::MISS_TTL);
-            if self.misses.len() >= Self::MAX_MISSES {
-                self.misses.clear();
-            }
-        }
-        self.misses.insert(account.to_owned(), Instant::now());
-    }
 }
 
 impl Bridge {
@@ -432,7 +377,7 @@ impl Bridge {
             portal_locks: Mutex::new(HashMap::new()),
             typing_state: Mutex::new(HashMap::new()),
             leave_after: Mutex::new(HashSet::new()),
-            user_lookups: Mutex::new(LookupLimit::new()),
+            user_lookups: Mutex::new(ghost::LookupLimit::new()),
             metrics,
         }
     }
@@ -574,8 +519,8 @@ impl MatrixEventHandler for Bridge {
                 ) {
                     return Ok(());
                 }
-                return match self.portals.portal_by_room(room_id).await? {
-                    Some(portal) => self.on_portal_state(portal, state).await,
+                return match self.portal_in(room_id).await? {
+                    Some(portal) => portal.matrix_state(state).await,
                     None => Ok(()),
                 };
             }
@@ -593,7 +538,7 @@ impl MatrixEventHandler for Bridge {
             return Ok(());
         }
         let command = command_text(message);
-        if let Some(portal) = self.portals.portal_by_room(room_id).await? {
+        if let Some(portal) = self.portal_in(room_id).await? {
             // Commands work in portals too; everything else is bridged.
             let prefix = &self.settings.bridge.command_prefix;
             if let Some((body, _)) = command
@@ -601,7 +546,7 @@ impl MatrixEventHandler for Bridge {
             {
                 return self.on_text(room_id, sender, body).await;
             }
-            return self.on_portal_event(portal, message).await;
+            return portal.matrix_event(message).await;
         }
         match command {
             Some((body, false)) => self.on_text(room_id, sender, body).await,
@@ -709,7 +654,7 @@ impl network::NetEventSink for Bridge {
         };
         let chat = group.as_deref().unwrap_or(from);
         let room = match self.portals.portal(mxid, chat).await {
-            Ok(Some(p)) => p.room_id,
+            Ok(Some(p)) => p.room_id.map(String::from),
             _ => None,
         };
         let Some(room) = room else { return };

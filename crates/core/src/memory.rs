@@ -77,7 +77,7 @@ impl PortalStore for MemoryStore {
             .data()
             .portals
             .iter()
-            .find(|p| p.room_id.as_deref() == Some(room_id))
+            .find(|p| p.room_id.as_ref().is_some_and(|r| r == room_id))
             .cloned())
     }
 
@@ -122,7 +122,7 @@ impl PortalStore for MemoryStore {
             .portals
             .iter()
             .find(|p| p.receiver == receiver && p.chat_id == chat_id)
-            .and_then(|p| p.room_id.clone());
+            .and_then(|p| p.room_id.as_ref().map(|r| r.to_string()));
         if let Some(room) = room {
             data.map.retain(|m| m.room_id != room);
         }

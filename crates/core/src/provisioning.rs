@@ -102,7 +102,7 @@ fn chat_info(p: super::types::Portal) -> ChatInfo {
             super::types::PortalKind::Group => "group",
         },
         name: p.name,
-        room_id: p.room_id,
+        room_id: p.room_id.map(String::from),
     }
 }
 
@@ -203,7 +203,7 @@ impl Provisioning for Bridge {
         if let Err(e) = self.accept_request(user, &acc, contact).await {
             tracing::warn!(error = %e, "cannot bridge a request's held messages");
         }
-        Ok(chat_info(portal))
+        Ok(chat_info(portal.record))
     }
 
     async fn chats(&self, user: &str) -> Result<Vec<ChatInfo>, ProvError> {

@@ -273,7 +273,8 @@ impl Bridge {
                 }
             };
             // Already bridged ones (a retried accept) are skipped by the message map.
-            self.bridge_incoming(&portal, acc, &m.from, &m.message_id, m.timestamp, &data)
+            portal
+                .network_message(acc, &m.from, &m.message_id, m.timestamp, &data)
                 .await?;
         }
         self.requests.forget(receiver, chat_id, true).await?;
@@ -283,7 +284,7 @@ impl Bridge {
         req.dropped = 0;
         req.held_bytes = 0;
         self.requests.save_request(receiver, &req).await?;
-        Ok(Some((portal.room_id.unwrap_or_default(), n)))
+        Ok(Some((portal.room, n)))
     }
 
     /// A chat that had a portal stays known after the portal ends.
@@ -305,7 +306,9 @@ impl Bridge {
             accepted: true,
             held_bytes: 0,
         };
-        self.requests.save_request(&portal.receiver, &req).await
+        self.requests
+            .save_request(portal.receiver.as_str(), &req)
+            .await
     }
 
     /// Drops a request's held messages and remembers the refusal.

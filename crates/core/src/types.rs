@@ -1,18 +1,21 @@
 //! The core's records: portals, ghosts as last set, and the message map. The store keeps them; the
-//! core owns their shape.
+//! core owns their shape. Matrix identifiers in them are ruma's (checked when the record is
+//! made or read back), so a room id cannot stand where a user id belongs.
+
+use ruma::{OwnedRoomId, OwnedUserId};
 
 /// A bridged chat of one login.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Portal {
     /// The Matrix user whose login sees this chat.
-    pub receiver: String,
+    pub receiver: OwnedUserId,
     /// The contact's account (`dm`) or the group id (`group`).
     pub chat_id: String,
     pub kind: PortalKind,
-    pub room_id: Option<String>,
+    pub room_id: Option<OwnedRoomId>,
     pub name: String,
     /// The Matrix user whose login relays for others in this room.
-    pub relay: Option<String>,
+    pub relay: Option<OwnedUserId>,
     /// The group avatar's interop blob and its copy on Matrix (empty: none).
     pub avatar_blob: String,
     pub avatar_mxc: String,

@@ -11,19 +11,41 @@ pub use mib_core::{
     types::{GhostProfile, MappedMessage, Portal, PortalKind},
 };
 
+/// A Matrix identifier in column `col`, checked as ruma parses it; `None` for NULL.
+fn matrix_id<T>(r: &sqlx::any::AnyRow, col: &str) -> Result<Option<T>, StoreError>
+where
+    T: TryFrom<String, Error = ruma::IdParseError>,
+{
+    let Some(raw) = r.try_get::<Option<String>, _>(col)? else {
+        return Ok(None);
+    };
+    T::try_from(raw).map(Some).map_err(|e| {
+        StoreError::from(sqlx::Error::ColumnDecode {
+            index: col.to_owned(),
+            source: Box::new(e),
+        })
+    })
+}
+
 fn portal_row(r: &sqlx::any::AnyRow) -> Result<Portal, StoreError> {
     let kind: String = r.try_get("kind")?;
+    let receiver = matrix_id(r, "receiver")?.ok_or_else(|| {
+        StoreError::from(sqlx::Error::ColumnDecode {
+            index: "receiver".into(),
+            source: "NULL".into(),
+        })
+    })?;
     Ok(Portal {
-        receiver: r.try_get("receiver")?,
+        receiver,
         chat_id: r.try_get("chat_id")?,
         kind: if kind == "group" {
             PortalKind::Group
         } else {
             PortalKind::Dm
         },
-        room_id: r.try_get("room_id")?,
+        room_id: matrix_id(r, "room_id")?,
         name: r.try_get("name")?,
-        relay: r.try_get("relay")?,
+        relay: matrix_id(r, "relay")?,
         avatar_blob: r.try_get("avatar_blob")?,
         avatar_mxc: r.try_get("avatar_mxc")?,
     })
@@ -117,12 +139,12 @@ impl PortalStore for SqlStore {
              ON CONFLICT (receiver, chat_id) DO UPDATE SET kind = excluded.kind, room_id = excluded.room_id, \
              name = excluded.name, relay = excluded.relay, avatar_blob = excluded.avatar_blob, avatar_mxc = excluded.avatar_mxc",
         )
-        .bind(&p.receiver)
+        .bind(p.receiver.as_str())
         .bind(&p.chat_id)
         .bind(p.kind.as_str())
-        .bind(p.room_id.as_deref())
+        .bind(p.room_id.as_ref().map(|r| r.as_str()))
         .bind(&p.name)
-        .bind(p.relay.as_deref())
+        .bind(p.relay.as_ref().map(|r| r.as_str()))
         .bind(&p.avatar_blob)
         .bind(&p.avatar_mxc)
         .bind(now_ms())
@@ -139,9 +161,9 @@ impl PortalStore for SqlStore {
         .bind(&p.name)
         .bind(&p.avatar_blob)
         .bind(&p.avatar_mxc)
-        .bind(&p.receiver)
+        .bind(p.receiver.as_str())
         .bind(&p.chat_id)
-        .bind(p.room_id.as_deref())
+        .bind(p.room_id.as_ref().map(|r| r.as_str()))
         .execute(self.pool())
         .await
         .db()?;
@@ -312,7 +334,7 @@ mod tests {
         );
         assert_eq!(s.all_logins().await.expect("all").len(), 1);
         let mut p = Portal {
-            receiver: "@a:x".into(),
+            receiver: "@a:x".try_into().unwrap(),
             chat_id: "+15550002222".into(),
             kind: PortalKind::Dm,
             room_id: None,
@@ -322,10 +344,10 @@ mod tests {
             avatar_mxc: String::new(),
         };
         s.save_portal(&p).await.expect("save");
-        p.room_id = Some("!r:x".into());
+        p.room_id = Some("!r:x".try_into().unwrap());
         p.avatar_blob = "0123456789abcdef0123456789abcdef".into();
         p.avatar_mxc = "mxc://x/avatar".into();
-        p.relay = Some("@a:x".into());
+        p.relay = Some("@a:x".try_into().unwrap());
         s.save_portal(&p).await.expect("update");
         assert_eq!(
             s.portal_by_room("!r:x").await.expect("by room"),
@@ -347,8 +369,12 @@ mod tests {
             (got.name.as_str(), got.avatar_mxc.as_str()),
             ("Renamed", "mxc://x/new")
         );
-        assert_eq!(got.relay.as_deref(), Some("@a:x"), "relay untouched");
-        look.room_id = Some("!other:x".into());
+        assert_eq!(
+            got.relay.as_ref().map(|u| u.as_str()),
+            Some("@a:x"),
+            "relay untouched"
+        );
+        look.room_id = Some("!other:x".try_into().unwrap());
         look.name = "Stale".into();
         s.update_portal_look(&look).await.expect("look");
         assert_eq!(

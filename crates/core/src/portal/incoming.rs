@@ -120,7 +120,8 @@ impl Bridge {
             .portals
             .portal(mxid, chat_id)
             .await?
-            .and_then(|p| p.room_id))
+            .and_then(|p| p.room_id)
+            .map(String::from))
     }
 
     /// A data message from `from` (in `group`, or their 1:1 chat): through the message request
@@ -148,7 +149,8 @@ impl Bridge {
         }
         let started = std::time::Instant::now();
         let portal = self.ensure_portal(mxid, acc, &chat, None).await?;
-        self.bridge_incoming(&portal, acc, from, message_id, timestamp, data)
+        portal
+            .network_message(acc, from, message_id, timestamp, data)
             .await?;
         self.metrics.message_bridged("interop_to_matrix", started);
         // Delivered: the message reached the user's Matrix side (as a phone would say once it
@@ -199,26 +201,25 @@ impl Bridge {
         }
         Ok(())
     }
+}
 
-    /// interop → Matrix for one data message.
-    pub(crate) async fn bridge_incoming(
+impl PortalRef<'_> {
+    /// interop → Matrix for one data message in the portal.
+    pub(crate) async fn network_message(
         &self,
-        portal: &Portal,
         acc: &Arc<dyn NetAccount>,
         from: &str,
         message_id: &str,
         timestamp: u64,
         data: &Message,
     ) -> Result<(), BridgeError> {
-        let room = portal
-            .room_id
-            .clone()
-            .ok_or_else(|| BridgeError::Matrix("portal without room".into()))?;
+        let room = self.room.as_str();
         // The sender's time, so that a backlog does not show up as "now"; never in the future.
         let ts = (timestamp > 0).then(|| timestamp.min(crate::now_ms()));
         if self
+            .bridge
             .portals
-            .by_message(&room, message_id, "")
+            .by_message(room, message_id, "")
             .await?
             .is_some()
         {
@@ -226,24 +227,30 @@ impl Bridge {
         }
         let me = acc.account_id();
         let sender = if from == me {
-            self.matrix.bot_mxid().to_owned()
+            self.bridge.matrix.bot_mxid().to_owned()
         } else {
-            self.ghost(from, Some(acc)).await?
+            self.bridge.ghost(from, Some(acc)).await?
         };
-        let txn = stable_id(&["in", &room, from, message_id]);
+        let txn = stable_id(&["in", room, from, message_id]);
         let reply_to = match &data.reply_to {
-            Some(q) => self.portals.by_message(&room, &q.message_id, "").await?,
+            Some(q) => {
+                self.bridge
+                    .portals
+                    .by_message(room, &q.message_id, "")
+                    .await?
+            }
             None => None,
         };
         let msgtype = match &data.body {
             Some(D::Text(t)) => text_message(t),
             Some(D::Edit(e)) => {
-                let Some(target) = self.portals.by_message(&room, &e.target, "").await? else {
+                let Some(target) = self.bridge.portals.by_message(room, &e.target, "").await?
+                else {
                     return Err(BridgeError::TargetNotYet(e.target.clone()));
                 };
                 if target.sender != from {
                     tracing::info!(%room, "dropping an edit of a message its sender did not write");
-                    self.metrics.refused("interop_edit_not_author");
+                    self.bridge.metrics.refused("interop_edit_not_author");
                     return Ok(());
                 }
                 let t = e.text.clone().unwrap_or_default();
@@ -258,44 +265,58 @@ impl Bridge {
                     RoomMessageEventContentWithoutRelation::new(text_message(&t)),
                 )));
                 let ev = self
+                    .bridge
                     .matrix
-                    .send_message(&room, &sender, c.into(), &txn, ts)
+                    .send_message(room, &sender, c.into(), &txn, ts)
                     .await?;
-                return self
-                    .map(&room, &ev, message_id, from, &sender, "edit")
-                    .await;
+                return self.map(&ev, message_id, from, &sender, "edit").await;
             }
             Some(D::Delete(d)) => {
-                let Some(target) = self.portals.by_message(&room, &d.target, "").await? else {
+                let Some(target) = self.bridge.portals.by_message(room, &d.target, "").await?
+                else {
                     return Err(BridgeError::TargetNotYet(d.target.clone()));
                 };
                 if target.sender != from {
                     tracing::info!(%room, "dropping a deletion of a message its sender did not write");
-                    self.metrics.refused("interop_delete_not_author");
+                    self.bridge.metrics.refused("interop_delete_not_author");
                     return Ok(());
                 }
                 // The mapping goes once the redaction went out (a failed one is tried again).
-                self.matrix.redact(&room, &sender, &target.event_id).await?;
-                self.portals.unmap_event(&room, &target.event_id).await?;
-                return self
-                    .map(&room, "", message_id, from, &sender, "delete")
-                    .await;
+                self.bridge
+                    .matrix
+                    .redact(room, &sender, &target.event_id)
+                    .await?;
+                self.bridge
+                    .portals
+                    .unmap_event(room, &target.event_id)
+                    .await?;
+                return self.map("", message_id, from, &sender, "delete").await;
             }
             Some(D::Reaction(r)) => {
                 let part = reaction_part(from, &r.emoji);
                 if r.remove {
-                    if let Some(m) = self.portals.by_message(&room, &r.target, &part).await? {
-                        self.matrix.redact(&room, &sender, &m.event_id).await?;
-                        self.portals.unmap_event(&room, &m.event_id).await?;
+                    if let Some(m) = self
+                        .bridge
+                        .portals
+                        .by_message(room, &r.target, &part)
+                        .await?
+                    {
+                        self.bridge
+                            .matrix
+                            .redact(room, &sender, &m.event_id)
+                            .await?;
+                        self.bridge.portals.unmap_event(room, &m.event_id).await?;
                     }
                     return Ok(());
                 }
-                let Some(target) = self.portals.by_message(&room, &r.target, "").await? else {
+                let Some(target) = self.bridge.portals.by_message(room, &r.target, "").await?
+                else {
                     return Err(BridgeError::TargetNotYet(r.target.clone()));
                 };
                 if self
+                    .bridge
                     .portals
-                    .by_message(&room, &r.target, &part)
+                    .by_message(room, &r.target, &part)
                     .await?
                     .is_some()
                 {
@@ -306,12 +327,13 @@ impl Bridge {
                     r.emoji.clone(),
                 ));
                 let ev = self
+                    .bridge
                     .matrix
-                    .send_message(&room, &sender, c.into(), &txn, ts)
+                    .send_message(room, &sender, c.into(), &txn, ts)
                     .await?;
-                return self.map(&room, &ev, &r.target, from, &sender, &part).await;
+                return self.map(&ev, &r.target, from, &sender, &part).await;
             }
-            Some(D::Media(m)) => self.media_to_matrix(&room, acc, &sender, m).await?,
+            Some(D::Media(m)) => self.media_to_matrix(acc, &sender, m).await?,
             Some(D::Location(l)) => MessageType::Location(LocationMessageEventContent::new(
                 msgconv::bounded_body(&msgconv::location_text(l)).into_owned(),
                 format!("geo:{},{}", l.latitude, l.longitude),
@@ -330,33 +352,37 @@ impl Bridge {
             )?))));
         }
         let ev = self
+            .bridge
             .matrix
             .send_message(
-                &room,
+                room,
                 &sender,
                 AnyMessageLikeEventContent::RoomMessage(content),
                 &txn,
                 ts,
             )
             .await?;
-        self.map(&room, &ev, message_id, from, &sender, "").await
+        self.map(&ev, message_id, from, &sender, "").await
     }
 
+    /// Maps the portal's Matrix event `event_id` to the network's `message_id` (`part` tells
+    /// what of the message it is: "" the message, an edit, a deletion, a reaction).
     pub(super) async fn map(
         &self,
-        room: &str,
         event_id: &str,
         message_id: &str,
         sender: &str,
         matrix_sender: &str,
         part: &str,
     ) -> Result<(), BridgeError> {
+        let room = self.room.as_str();
         let event_id = if event_id.is_empty() {
             format!("$none-{message_id}-{part}")
         } else {
             event_id.to_owned()
         };
-        self.portals
+        self.bridge
+            .portals
             .map_message(&MappedMessage {
                 room_id: room.to_owned(),
                 event_id,
@@ -371,15 +397,15 @@ impl Bridge {
 
     pub(super) async fn media_to_matrix(
         &self,
-        room: &str,
         acc: &Arc<dyn NetAccount>,
         sender: &str,
         m: &Media,
     ) -> Result<MessageType, BridgeError> {
-        let max = self.settings.bridge.max_media_size;
+        let room = self.room.as_str();
+        let max = self.bridge.settings.bridge.max_media_size;
         let notice = |text: String| MessageType::Notice(NoticeMessageEventContent::plain(text));
         if m.size > max {
-            self.metrics.refused("media_too_large");
+            self.bridge.metrics.refused("media_too_large");
             return Ok(notice(format!(
                 "A file of {} was not bridged: it is larger than this bridge's limit of {}.",
                 human_size(m.size),
@@ -392,7 +418,7 @@ impl Bridge {
             // Over the limit after all, not the size its sender declared, or not what its hash
             // says: the sender's doing, so the room hears of it and nothing is retried.
             other => {
-                self.metrics.refused("media_refused");
+                self.bridge.metrics.refused("media_refused");
                 let why = match other {
                     Ok(_) => "it is not the size its sender declared".to_owned(),
                     Err(e) => e.to_string(),
@@ -412,6 +438,7 @@ impl Bridge {
             msgconv::preview(&m.filename, 255).into_owned()
         };
         let source = self
+            .bridge
             .matrix
             .upload_for_room(room, sender, data, &mime, &filename)
             .await?;
@@ -419,6 +446,7 @@ impl Bridge {
             None
         } else {
             let thumb = self
+                .bridge
                 .matrix
                 .upload_for_room(
                     room,

@@ -34,13 +34,76 @@ impl From<NetError> for BridgeError {
     }
 }
 
-/// A stable id for what we send, so a retried send is deduplicated downstream.
-/// The number of per-chat creation locks kept before the unused ones are dropped.
+mod chatinfo;
 mod incoming;
 mod outgoing;
 
+/// The number of per-chat creation locks kept before the unused ones are dropped.
 const MAX_IDLE_PORTAL_LOCKS: usize = 1024;
 
+/// One portal at work: its stored record, its room, and the bridge it belongs to (bridgev2's
+/// `Portal`). What happens in a portal is a method of this: a Matrix event in its room
+/// ([`PortalRef::matrix_event`], [`PortalRef::matrix_state`], [`PortalRef::ephemeral`]), a
+/// message or a group change from the network ([`PortalRef::network_message`],
+/// [`PortalRef::group_update`]).
+///
+/// A portal's events are handled one at a time in order: Matrix events in its room's lane of
+/// the durable queue, network events in its login's event pump. Nothing is kept here between
+/// events: the store is the source of truth.
+pub(crate) struct PortalRef<'a> {
+    pub(crate) bridge: &'a Bridge,
+    pub(crate) record: Portal,
+    /// The portal's room (every portal at work has one).
+    pub(crate) room: String,
+}
+
+impl<'a> PortalRef<'a> {
+    /// `None` for a portal whose room is not created yet.
+    pub(crate) fn new(bridge: &'a Bridge, record: Portal) -> Option<Self> {
+        let room = record.room_id.as_ref()?.to_string();
+        Some(Self {
+            bridge,
+            record,
+            room,
+        })
+    }
+
+    /// Where the portal sends: the contact (a DM) or the group.
+    fn target(&self) -> NetTarget {
+        match self.record.kind {
+            PortalKind::Dm => NetTarget::Contact(self.record.chat_id.clone()),
+            PortalKind::Group => NetTarget::Group(self.record.chat_id.clone()),
+        }
+    }
+
+    /// A notice from the bot in the portal.
+    pub(crate) async fn notice(&self, text: &str) -> Result<(), BridgeError> {
+        self.bridge.notice(&self.room, text).await
+    }
+
+    /// A Matrix event of the portal that was not bridged (see [`Bridge::not_bridged`]).
+    async fn not_bridged(
+        &self,
+        event_id: &str,
+        why: Status,
+        text: &str,
+    ) -> Result<(), BridgeError> {
+        self.bridge
+            .not_bridged(&self.room, event_id, why, text)
+            .await
+    }
+}
+
+/// A Matrix identifier the bridge was given (a user's, a room's), checked.
+fn matrix_id<T>(raw: &str) -> Result<T, BridgeError>
+where
+    T: for<'s> TryFrom<&'s str, Error = ruma::IdParseError>,
+{
+    T::try_from(raw)
+        .map_err(|e| BridgeError::MatrixRefused(format!("{raw:?} is not a valid id: {e}")))
+}
+
+/// A stable id for what we send, so a retried send is deduplicated downstream.
 pub(crate) fn stable_id(parts: &[&str]) -> String {
     let mut h = Sha256::new();
     for p in parts {
@@ -58,29 +121,13 @@ fn reaction_part(author: &str, emoji: &str) -> String {
 }
 
 impl Bridge {
-    pub(crate) fn ghost_localpart(&self, account: &str) -> String {
-        self.settings
-            .username_template
-            .replace("{id}", account.trim_start_matches('+'))
-    }
-
-    pub(crate) fn ghost_mxid(&self, account: &str) -> String {
-        format!(
-            "@{}:{}",
-            self.ghost_localpart(account),
-            self.settings.homeserver_domain
-        )
-    }
-
-    /// The interop account a ghost stands for.
-    pub(crate) fn account_of_ghost(&self, mxid: &str) -> Option<String> {
-        let (prefix, suffix) = self.settings.username_template.split_once("{id}")?;
-        let local = mxid
-            .strip_prefix('@')?
-            .strip_suffix(&format!(":{}", self.settings.homeserver_domain))?;
-        let digits = local.strip_prefix(prefix)?.strip_suffix(suffix)?;
-        let account = format!("+{digits}");
-        self.network.is_valid_account(&account).then_some(account)
+    /// The portal in `room`, if the room is a portal.
+    pub(crate) async fn portal_in(&self, room: &str) -> Result<Option<PortalRef<'_>>, BridgeError> {
+        Ok(self
+            .portals
+            .portal_by_room(room)
+            .await?
+            .and_then(|p| PortalRef::new(self, p)))
     }
 
     /// The portal of `chat` for `receiver`, with its room created when missing.
@@ -90,14 +137,14 @@ impl Bridge {
         acc: &Arc<dyn NetAccount>,
         chat: &NetTarget,
         group: Option<&GroupInfo>,
-    ) -> Result<Portal, BridgeError> {
+    ) -> Result<PortalRef<'_>, BridgeError> {
         let (chat_id, kind) = match chat {
             NetTarget::Contact(a) => (a.clone(), PortalKind::Dm),
             NetTarget::Group(g) => (g.clone(), PortalKind::Group),
         };
         // Fast path without any lock: the portal exists.
         if let Some(p) = self.portals.portal(receiver, &chat_id).await?
-            && p.room_id.is_some()
+            && let Some(p) = PortalRef::new(self, p)
         {
             return Ok(p);
         }
@@ -105,7 +152,7 @@ impl Bridge {
         let lock = self.portal_lock(receiver, &chat_id).await;
         let _guard = lock.lock().await;
         if let Some(p) = self.portals.portal(receiver, &chat_id).await?
-            && p.room_id.is_some()
+            && let Some(p) = PortalRef::new(self, p)
         {
             return Ok(p);
         }
@@ -146,10 +193,10 @@ impl Bridge {
             self.matrix.join(&room_id, g).await?;
         }
         let portal = Portal {
-            receiver: receiver.to_owned(),
+            receiver: matrix_id(receiver)?,
             chat_id,
             kind,
-            room_id: Some(room_id),
+            room_id: Some(matrix_id(&room_id)?),
             name,
             relay: None,
             avatar_blob: if avatar_mxc.is_empty() {
@@ -160,8 +207,12 @@ impl Bridge {
             avatar_mxc,
         };
         self.portals.save_portal(&portal).await?;
-        tracing::info!(room_id = portal.room_id.as_deref(), kind = ?kind, "portal created");
-        Ok(portal)
+        tracing::info!(room_id, kind = ?kind, "portal created");
+        Ok(PortalRef {
+            bridge: self,
+            record: portal,
+            room: room_id,
+        })
     }
 
     /// The lock held while the portal of (`receiver`, `chat_id`) is created.
@@ -238,10 +289,6 @@ impl Status {
     }
 }
 
-/// A portal's power levels: the bot above everyone, the owner at 75 in groups (so it can kick
-/// ghosts), ghosts at 50. Redacting other people's events, kicking, banning and the state that
-/// shapes the room need more than a ghost has, so no contact can act on others' events through
-/// its ghost, even if the bridge were tricked into trying.
 /// What a group is, asked of the network; `None` when it will not say (no longer a member, say):
 /// the portal then starts without the member list.
 async fn lookup_group(
@@ -258,7 +305,11 @@ async fn lookup_group(
     }
 }
 
-/// A portal's room: invites, bridge state and power levels.
+/// A portal's room: invites, bridge state and power levels. The power levels put the bot above
+/// everyone, the owner at 75 in groups (so it can kick ghosts), ghosts at 50: redacting other
+/// people's events, kicking, banning and the state that shapes the room need more than a ghost
+/// has, so no contact can act on others' events through its ghost, even if the bridge were
+/// tricked into trying.
 fn portal_room(
     bot: &str,
     receiver: &str,

@@ -18,235 +18,6 @@ use ruma::events::{
 use super::*;
 
 impl Bridge {
-    /// Matrix → interop for one event in a portal room.
-    pub(crate) async fn on_portal_event(
-        &self,
-        portal: Portal,
-        ev: &AnyMessageLikeEvent,
-    ) -> Result<(), BridgeError> {
-        let started = std::time::Instant::now();
-        let sender = ev.sender().as_str();
-        let room = portal.room_id.clone().unwrap_or_default();
-        let event_id = ev.event_id().as_str();
-        let is_message = matches!(ev, AnyMessageLikeEvent::RoomMessage(_));
-        if !matches!(
-            ev,
-            AnyMessageLikeEvent::RoomMessage(_)
-                | AnyMessageLikeEvent::Reaction(_)
-                | AnyMessageLikeEvent::RoomRedaction(_)
-                | AnyMessageLikeEvent::Sticker(_)
-        ) {
-            return Ok(());
-        }
-        // Whose login sends it: the portal's owner, or the relay for others.
-        if self.settings.encryption_require && !self.matrix.is_encrypted(&room).await {
-            if is_message {
-                self.not_bridged(&room, event_id, Status::Unsupported, "This bridge only bridges encrypted rooms: turn on encryption in the room settings.").await?;
-            }
-            return Ok(());
-        }
-        // Relayed messages name their sender by the full Matrix ID: a display name or a
-        // localpart could pass for someone else.
-        let relayed = sender != portal.receiver;
-        let login_of = if relayed {
-            portal.relay.as_deref().filter(|_| {
-                self.settings.bridge.relay.enabled
-                    && self.permission_of(sender) >= PermissionLevel::Relay
-            })
-        } else {
-            Some(sender)
-        };
-        let Some(acc) = login_of.and_then(|l| self.network.account(l)) else {
-            // A login that exists but is not connected yet (start-up, reconnect): the event
-            // waits in its room's lane instead of being refused.
-            if let Some(l) = login_of
-                && self.portals.login(l).await?.is_some()
-            {
-                return Err(BridgeError::NotReady(format!(
-                    "the interop login of {l} is not connected yet"
-                )));
-            }
-            if !relayed {
-                self.not_bridged(&room, event_id, Status::NoPermission, "Your message was not bridged: you are not logged in. Send `login` to the bridge bot.").await?;
-            } else if is_message {
-                self.not_bridged(&room, event_id, Status::NoPermission, &format!("{sender}: your message was not bridged: this room has no relay and it is not your chat.")).await?;
-            }
-            return Ok(());
-        };
-        let relayed_name = relayed.then(|| sender.to_owned());
-        let me = acc.account_id().to_owned();
-        let target = match portal.kind {
-            PortalKind::Dm => NetTarget::Contact(portal.chat_id.clone()),
-            PortalKind::Group => NetTarget::Group(portal.chat_id.clone()),
-        };
-        let message_id = stable_id(&["out", &room, event_id]);
-        let mut unmap_after: Option<String> = None;
-        let converted = match ev {
-            // A reaction carries no text to name its sender by: from a relayed user it would
-            // show as the relay's own (mautrix bridges drop them too).
-            AnyMessageLikeEvent::Reaction(_) if relayed_name.is_some() => return Ok(()),
-            AnyMessageLikeEvent::Reaction(ReactionEvent::Original(r)) => Ok(self
-                .reaction_to_network(&room, event_id, &me, sender, &r.content)
-                .await?),
-            AnyMessageLikeEvent::RoomRedaction(RoomRedactionEvent::Original(r)) => {
-                let redacts = r.redacts.as_ref().or(r.content.redacts.as_ref());
-                match redacts {
-                    Some(redacts) => self
-                        .redaction_to_network(&portal, event_id, &me, sender, redacts.as_str())
-                        .await?
-                        .map(|(m, redacted)| {
-                            // The mapping goes once the deletion was sent (below): a send that
-                            // fails transiently is retried and must still find it.
-                            unmap_after = Some(redacted);
-                            m
-                        }),
-                    None => None,
-                }
-                .map_or(Ok(None), |m| Ok(Some(m)))
-            }
-            AnyMessageLikeEvent::RoomMessage(RoomMessageEvent::Original(m)) => {
-                self.matrix_to_data(&acc, &portal, sender, &m.content, relayed_name.as_deref())
-                    .await
-            }
-            AnyMessageLikeEvent::Sticker(_) => Err("stickers cannot be bridged yet".to_owned()),
-            // Redacted before the bridge saw it: nothing to send.
-            _ => Ok(None),
-        };
-        let data = match converted {
-            Ok(Some(d)) => d,
-            Ok(None) => return Ok(()),
-            Err(reason) => {
-                let text = format!("Your message was not bridged: {reason}");
-                self.not_bridged(&room, event_id, Status::Unsupported, &text)
-                    .await?;
-                return Ok(());
-            }
-        };
-        let is_plain_message = matches!(data.body, Some(D::Text(_) | D::Media(_) | D::Location(_)));
-        let sent = acc.send(target, message_id.clone(), data).await;
-        if let Err(e) = &sent
-            && e.is_transient()
-        {
-            return Err(e.clone().into());
-        }
-        if let Some(redacted) = unmap_after {
-            self.portals.unmap_event(&room, &redacted).await?;
-        }
-        if let Err(e) = sent {
-            let text = format!("Your message was not bridged: {e}");
-            self.not_bridged(&room, event_id, Status::NetworkError, &text)
-                .await?;
-            return Ok(());
-        }
-        if is_plain_message {
-            self.map(&room, event_id, &message_id, &me, sender, "")
-                .await?;
-        }
-        self.bridged(&room, event_id).await;
-        self.metrics.message_bridged("matrix_to_interop", started);
-        Ok(())
-    }
-
-    /// A reaction from Matrix: mapped (so its redaction can take it back), then sent as a
-    /// reaction to the message it targets; `None` when that message is not bridged.
-    async fn reaction_to_network(
-        &self,
-        room: &str,
-        event_id: &str,
-        me: &str,
-        sender: &str,
-        content: &ReactionEventContent,
-    ) -> Result<Option<Message>, BridgeError> {
-        let target_ev = content.relates_to.event_id.as_str();
-        let emoji = content.relates_to.key.clone();
-        let Some(t) = self.portals.by_event(room, target_ev).await? else {
-            return Ok(None);
-        };
-        self.portals
-            .map_message(&MappedMessage {
-                room_id: room.to_owned(),
-                event_id: event_id.to_owned(),
-                message_id: t.message_id.clone(),
-                sender: me.to_owned(),
-                part: reaction_part(me, &emoji),
-                matrix_sender: sender.to_owned(),
-            })
-            .await?;
-        Ok(Some(Message {
-            body: Some(D::Reaction(Reaction {
-                target: t.message_id,
-                emoji,
-                remove: false,
-                target_author: t.sender,
-            })),
-            reply_to: None,
-        }))
-    }
-
-    /// A redaction from Matrix, by the author of what it redacts: a removed reaction or a
-    /// deleted message, with the redacted event (its mapping goes once the deletion is sent).
-    /// `None` when there is nothing to send.
-    async fn redaction_to_network(
-        &self,
-        portal: &Portal,
-        event_id: &str,
-        me: &str,
-        sender: &str,
-        redacts: &str,
-    ) -> Result<Option<(Message, String)>, BridgeError> {
-        let room = portal.room_id.as_deref().unwrap_or_default();
-        let Some(t) = self.portals.by_event(room, redacts).await? else {
-            return Ok(None);
-        };
-        if !is_author(&t, sender, me, portal, self.matrix.bot_mxid()) {
-            if t.part.is_empty() {
-                let text = format!(
-                    "{sender}: the deletion was not bridged: only a message's author can delete it on the network."
-                );
-                self.not_bridged(room, event_id, Status::NoPermission, &text)
-                    .await?;
-            }
-            return Ok(None);
-        }
-        let m = if let Some(emoji) = t.part.strip_prefix(&format!("reaction:{me}:")) {
-            Message {
-                body: Some(D::Reaction(Reaction {
-                    target: t.message_id,
-                    emoji: emoji.to_owned(),
-                    remove: true,
-                    target_author: String::new(),
-                })),
-                reply_to: None,
-            }
-        } else if t.part.is_empty() {
-            Message {
-                body: Some(D::Delete(Delete {
-                    target: t.message_id,
-                })),
-                reply_to: None,
-            }
-        } else {
-            return Ok(None);
-        };
-        Ok(Some((m, redacts.to_owned())))
-    }
-
-    /// A Matrix event reached the network: the bot's read receipt on it
-    /// (`bridge.delivery_receipts`) and a success status (`bridge.message_status_events`).
-    pub(super) async fn bridged(&self, room: &str, event_id: &str) {
-        let bot = self.matrix.bot_mxid().to_owned();
-        if self.settings.bridge.delivery_receipts
-            && let Err(e) = self.matrix.read_receipt(room, &bot, event_id).await
-        {
-            tracing::debug!(error = %e, "delivery receipt not sent");
-        }
-        if self.settings.bridge.message_status_events
-            && let Err(e) = self.send_status(room, event_id, None).await
-        {
-            tracing::debug!(error = %e, "message status not sent");
-        }
-    }
-
     /// A `com.beeper.message_send_status` event about `event_id` (as mautrix bridges send them).
     pub(super) async fn send_status(
         &self,
@@ -279,22 +50,258 @@ impl Bridge {
             .map(|_| ())
     }
 
+    /// Receipts and typing from Matrix, for portal rooms.
+    pub(crate) async fn on_ephemeral(
+        &self,
+        room: &str,
+        ev: &AnySyncEphemeralRoomEvent,
+    ) -> Result<(), BridgeError> {
+        match self.portal_in(room).await? {
+            Some(portal) => portal.ephemeral(ev).await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl PortalRef<'_> {
+    /// Matrix → interop for one event in the portal's room.
+    pub(crate) async fn matrix_event(&self, ev: &AnyMessageLikeEvent) -> Result<(), BridgeError> {
+        let started = std::time::Instant::now();
+        let sender = ev.sender().as_str();
+        let (portal, room) = (&self.record, self.room.as_str());
+        let event_id = ev.event_id().as_str();
+        let is_message = matches!(ev, AnyMessageLikeEvent::RoomMessage(_));
+        if !matches!(
+            ev,
+            AnyMessageLikeEvent::RoomMessage(_)
+                | AnyMessageLikeEvent::Reaction(_)
+                | AnyMessageLikeEvent::RoomRedaction(_)
+                | AnyMessageLikeEvent::Sticker(_)
+        ) {
+            return Ok(());
+        }
+        // Whose login sends it: the portal's owner, or the relay for others.
+        if self.bridge.settings.encryption_require && !self.bridge.matrix.is_encrypted(room).await {
+            if is_message {
+                self.not_bridged(event_id, Status::Unsupported, "This bridge only bridges encrypted rooms: turn on encryption in the room settings.").await?;
+            }
+            return Ok(());
+        }
+        // Relayed messages name their sender by the full Matrix ID: a display name or a
+        // localpart could pass for someone else.
+        let relayed = sender != portal.receiver;
+        let login_of = if relayed {
+            portal.relay.as_ref().map(|u| u.as_str()).filter(|_| {
+                self.bridge.settings.bridge.relay.enabled
+                    && self.bridge.permission_of(sender) >= PermissionLevel::Relay
+            })
+        } else {
+            Some(sender)
+        };
+        let Some(acc) = login_of.and_then(|l| self.bridge.network.account(l)) else {
+            // A login that exists but is not connected yet (start-up, reconnect): the event
+            // waits in its room's lane instead of being refused.
+            if let Some(l) = login_of
+                && self.bridge.portals.login(l).await?.is_some()
+            {
+                return Err(BridgeError::NotReady(format!(
+                    "the interop login of {l} is not connected yet"
+                )));
+            }
+            if !relayed {
+                self.not_bridged(event_id, Status::NoPermission, "Your message was not bridged: you are not logged in. Send `login` to the bridge bot.").await?;
+            } else if is_message {
+                self.not_bridged(event_id, Status::NoPermission, &format!("{sender}: your message was not bridged: this room has no relay and it is not your chat.")).await?;
+            }
+            return Ok(());
+        };
+        let relayed_name = relayed.then(|| sender.to_owned());
+        let me = acc.account_id().to_owned();
+        let target = self.target();
+        let message_id = stable_id(&["out", room, event_id]);
+        let mut unmap_after: Option<String> = None;
+        let converted = match ev {
+            // A reaction carries no text to name its sender by: from a relayed user it would
+            // show as the relay's own (mautrix bridges drop them too).
+            AnyMessageLikeEvent::Reaction(_) if relayed_name.is_some() => return Ok(()),
+            AnyMessageLikeEvent::Reaction(ReactionEvent::Original(r)) => Ok(self
+                .reaction_to_network(event_id, &me, sender, &r.content)
+                .await?),
+            AnyMessageLikeEvent::RoomRedaction(RoomRedactionEvent::Original(r)) => {
+                let redacts = r.redacts.as_ref().or(r.content.redacts.as_ref());
+                match redacts {
+                    Some(redacts) => self
+                        .redaction_to_network(event_id, &me, sender, redacts.as_str())
+                        .await?
+                        .map(|(m, redacted)| {
+                            // The mapping goes once the deletion was sent (below): a send that
+                            // fails transiently is retried and must still find it.
+                            unmap_after = Some(redacted);
+                            m
+                        }),
+                    None => None,
+                }
+                .map_or(Ok(None), |m| Ok(Some(m)))
+            }
+            AnyMessageLikeEvent::RoomMessage(RoomMessageEvent::Original(m)) => {
+                self.matrix_to_data(&acc, sender, &m.content, relayed_name.as_deref())
+                    .await
+            }
+            AnyMessageLikeEvent::Sticker(_) => Err("stickers cannot be bridged yet".to_owned()),
+            // Redacted before the bridge saw it: nothing to send.
+            _ => Ok(None),
+        };
+        let data = match converted {
+            Ok(Some(d)) => d,
+            Ok(None) => return Ok(()),
+            Err(reason) => {
+                let text = format!("Your message was not bridged: {reason}");
+                self.not_bridged(event_id, Status::Unsupported, &text)
+                    .await?;
+                return Ok(());
+            }
+        };
+        let is_plain_message = matches!(data.body, Some(D::Text(_) | D::Media(_) | D::Location(_)));
+        let sent = acc.send(target, message_id.clone(), data).await;
+        if let Err(e) = &sent
+            && e.is_transient()
+        {
+            return Err(e.clone().into());
+        }
+        if let Some(redacted) = unmap_after {
+            self.bridge.portals.unmap_event(room, &redacted).await?;
+        }
+        if let Err(e) = sent {
+            let text = format!("Your message was not bridged: {e}");
+            self.not_bridged(event_id, Status::NetworkError, &text)
+                .await?;
+            return Ok(());
+        }
+        if is_plain_message {
+            self.map(event_id, &message_id, &me, sender, "").await?;
+        }
+        self.bridged(event_id).await;
+        self.bridge
+            .metrics
+            .message_bridged("matrix_to_interop", started);
+        Ok(())
+    }
+
+    /// A reaction from Matrix: mapped (so its redaction can take it back), then sent as a
+    /// reaction to the message it targets; `None` when that message is not bridged.
+    async fn reaction_to_network(
+        &self,
+        event_id: &str,
+        me: &str,
+        sender: &str,
+        content: &ReactionEventContent,
+    ) -> Result<Option<Message>, BridgeError> {
+        let room = self.room.as_str();
+        let target_ev = content.relates_to.event_id.as_str();
+        let emoji = content.relates_to.key.clone();
+        let Some(t) = self.bridge.portals.by_event(room, target_ev).await? else {
+            return Ok(None);
+        };
+        self.bridge
+            .portals
+            .map_message(&MappedMessage {
+                room_id: room.to_owned(),
+                event_id: event_id.to_owned(),
+                message_id: t.message_id.clone(),
+                sender: me.to_owned(),
+                part: reaction_part(me, &emoji),
+                matrix_sender: sender.to_owned(),
+            })
+            .await?;
+        Ok(Some(Message {
+            body: Some(D::Reaction(Reaction {
+                target: t.message_id,
+                emoji,
+                remove: false,
+                target_author: t.sender,
+            })),
+            reply_to: None,
+        }))
+    }
+
+    /// A redaction from Matrix, by the author of what it redacts: a removed reaction or a
+    /// deleted message, with the redacted event (its mapping goes once the deletion is sent).
+    /// `None` when there is nothing to send.
+    async fn redaction_to_network(
+        &self,
+        event_id: &str,
+        me: &str,
+        sender: &str,
+        redacts: &str,
+    ) -> Result<Option<(Message, String)>, BridgeError> {
+        let (portal, room) = (&self.record, self.room.as_str());
+        let Some(t) = self.bridge.portals.by_event(room, redacts).await? else {
+            return Ok(None);
+        };
+        if !is_author(&t, sender, me, portal, self.bridge.matrix.bot_mxid()) {
+            if t.part.is_empty() {
+                let text = format!(
+                    "{sender}: the deletion was not bridged: only a message's author can delete it on the network."
+                );
+                self.not_bridged(event_id, Status::NoPermission, &text)
+                    .await?;
+            }
+            return Ok(None);
+        }
+        let m = if let Some(emoji) = t.part.strip_prefix(&format!("reaction:{me}:")) {
+            Message {
+                body: Some(D::Reaction(Reaction {
+                    target: t.message_id,
+                    emoji: emoji.to_owned(),
+                    remove: true,
+                    target_author: String::new(),
+                })),
+                reply_to: None,
+            }
+        } else if t.part.is_empty() {
+            Message {
+                body: Some(D::Delete(Delete {
+                    target: t.message_id,
+                })),
+                reply_to: None,
+            }
+        } else {
+            return Ok(None);
+        };
+        Ok(Some((m, redacts.to_owned())))
+    }
+
+    /// A Matrix event reached the network: the bot's read receipt on it
+    /// (`bridge.delivery_receipts`) and a success status (`bridge.message_status_events`).
+    pub(super) async fn bridged(&self, event_id: &str) {
+        let room = self.room.as_str();
+        let bot = self.bridge.matrix.bot_mxid().to_owned();
+        if self.bridge.settings.bridge.delivery_receipts
+            && let Err(e) = self.bridge.matrix.read_receipt(room, &bot, event_id).await
+        {
+            tracing::debug!(error = %e, "delivery receipt not sent");
+        }
+        if self.bridge.settings.bridge.message_status_events
+            && let Err(e) = self.bridge.send_status(room, event_id, None).await
+        {
+            tracing::debug!(error = %e, "message status not sent");
+        }
+    }
+
     /// Converts Matrix message content; `Err` is a reason to show the user.
     pub(super) async fn matrix_to_data(
         &self,
         acc: &Arc<dyn NetAccount>,
-        portal: &Portal,
         sender: &str,
         content: &RoomMessageEventContent,
         relayed_name: Option<&str>,
     ) -> Result<Option<Message>, String> {
-        let room = portal.room_id.as_deref().unwrap_or_default();
+        let room = self.room.as_str();
         let in_reply_to = match &content.relates_to {
             Some(Relation::Replacement(r)) => {
                 return self
                     .edit_to_data(
                         acc,
-                        portal,
                         sender,
                         r.event_id.as_str(),
                         &r.new_content.msgtype,
@@ -308,6 +315,7 @@ impl Bridge {
         };
         let reply_to = match in_reply_to {
             Some(e) => self
+                .bridge
                 .portals
                 .by_event(room, e.as_str())
                 .await
@@ -365,14 +373,14 @@ impl Bridge {
     async fn edit_to_data(
         &self,
         acc: &Arc<dyn NetAccount>,
-        portal: &Portal,
         sender: &str,
         target: &str,
         new: &MessageType,
         relayed_name: Option<&str>,
     ) -> Result<Option<Message>, String> {
-        let room = portal.room_id.as_deref().unwrap_or_default();
+        let (portal, room) = (&self.record, self.room.as_str());
         let Some(t) = self
+            .bridge
             .portals
             .by_event(room, target)
             .await
@@ -381,7 +389,13 @@ impl Bridge {
             return Ok(None);
         };
         if !t.part.is_empty()
-            || !is_author(&t, sender, acc.account_id(), portal, self.matrix.bot_mxid())
+            || !is_author(
+                &t,
+                sender,
+                acc.account_id(),
+                portal,
+                self.bridge.matrix.bot_mxid(),
+            )
         {
             return Err(
                 "only a message's author can edit it on the network; the edit stays on Matrix only."
@@ -404,7 +418,7 @@ impl Bridge {
         m: &MatrixMedia<'_>,
         relayed_name: Option<&str>,
     ) -> Result<Media, String> {
-        let max = self.settings.bridge.max_media_size;
+        let max = self.bridge.settings.bridge.max_media_size;
         if m.size.is_some_and(|n| n > max) {
             return Err(format!(
                 "the attachment is larger than this bridge's limit of {}.",
@@ -412,6 +426,7 @@ impl Bridge {
             ));
         }
         let (data, ct) = self
+            .bridge
             .matrix
             .download_content(m.source)
             .await
@@ -453,22 +468,16 @@ impl Bridge {
         })
     }
 
-    /// Receipts and typing from Matrix, for portal rooms.
-    pub(crate) async fn on_ephemeral(
+    /// Receipts and typing from Matrix in the portal's room: the owner's go to the network.
+    pub(crate) async fn ephemeral(
         &self,
-        room: &str,
         ev: &AnySyncEphemeralRoomEvent,
     ) -> Result<(), BridgeError> {
-        let Some(portal) = self.portals.portal_by_room(room).await? else {
+        let (portal, room) = (&self.record, self.room.as_str());
+        let Some(acc) = self.bridge.network.account(portal.receiver.as_str()) else {
             return Ok(());
         };
-        let Some(acc) = self.network.account(&portal.receiver) else {
-            return Ok(());
-        };
-        let target = match portal.kind {
-            PortalKind::Dm => NetTarget::Contact(portal.chat_id.clone()),
-            PortalKind::Group => NetTarget::Group(portal.chat_id.clone()),
-        };
+        let target = self.target();
         let group = (portal.kind == PortalKind::Group).then_some(portal.chat_id.as_str());
         match ev {
             AnySyncEphemeralRoomEvent::Receipt(r) => {
@@ -479,7 +488,11 @@ impl Bridge {
                     if !by_owner {
                         continue;
                     }
-                    if let Some(m) = self.portals.by_event(room, event_id.as_str()).await?
+                    if let Some(m) = self
+                        .bridge
+                        .portals
+                        .by_event(room, event_id.as_str())
+                        .await?
                         && m.sender != acc.account_id()
                         && m.part.is_empty()
                         && let Err(e) = acc
@@ -496,7 +509,7 @@ impl Bridge {
                     .user_ids
                     .iter()
                     .any(|u| u.as_str() == portal.receiver);
-                let mut state = self.typing_state.lock().await;
+                let mut state = self.bridge.typing_state.lock().await;
                 if state.get(room).copied().unwrap_or(false) != typing {
                     state.insert(room.to_owned(), typing);
                     drop(state);
