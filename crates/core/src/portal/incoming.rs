@@ -203,6 +203,17 @@ impl Bridge {
     }
 }
 
+/// A network message on its way into a portal: who sent it, its id, the Matrix user it is
+/// sent as (the contact's ghost, or the bot for the login's own messages from another
+/// device), its transaction id and its time.
+struct FromNetwork<'a> {
+    from: &'a str,
+    message_id: &'a str,
+    sender: &'a str,
+    txn: &'a str,
+    ts: Option<u64>,
+}
+
 impl PortalRef<'_> {
     /// interop → Matrix for one data message in the portal.
     pub(crate) async fn network_message(
@@ -232,6 +243,13 @@ impl PortalRef<'_> {
             self.bridge.ghost(from, Some(acc)).await?
         };
         let txn = stable_id(&["in", room, from, message_id]);
+        let from_net = FromNetwork {
+            from,
+            message_id,
+            sender: &sender,
+            txn: &txn,
+            ts,
+        };
         let reply_to = match &data.reply_to {
             Some(q) => {
                 self.bridge
@@ -243,96 +261,9 @@ impl PortalRef<'_> {
         };
         let msgtype = match &data.body {
             Some(D::Text(t)) => text_message(t),
-            Some(D::Edit(e)) => {
-                let Some(target) = self.bridge.portals.by_message(room, &e.target, "").await?
-                else {
-                    return Err(BridgeError::TargetNotYet(e.target.clone()));
-                };
-                if target.sender != from {
-                    tracing::info!(%room, "dropping an edit of a message its sender did not write");
-                    self.bridge.metrics.refused("interop_edit_not_author");
-                    return Ok(());
-                }
-                let t = e.text.clone().unwrap_or_default();
-                // The fallback for clients without edits is short: the event must hold the new
-                // content too, within the homeserver's 64 KiB.
-                let mut c = message(text_message(&Text {
-                    body: format!("* {}", msgconv::preview(&t.body, 500)),
-                    formats: vec![],
-                }));
-                c.relates_to = Some(Relation::Replacement(Replacement::new(
-                    event_id(&target.event_id)?,
-                    RoomMessageEventContentWithoutRelation::new(text_message(&t)),
-                )));
-                let ev = self
-                    .bridge
-                    .matrix
-                    .send_message(room, &sender, c.into(), &txn, ts)
-                    .await?;
-                return self.map(&ev, message_id, from, &sender, "edit").await;
-            }
-            Some(D::Delete(d)) => {
-                let Some(target) = self.bridge.portals.by_message(room, &d.target, "").await?
-                else {
-                    return Err(BridgeError::TargetNotYet(d.target.clone()));
-                };
-                if target.sender != from {
-                    tracing::info!(%room, "dropping a deletion of a message its sender did not write");
-                    self.bridge.metrics.refused("interop_delete_not_author");
-                    return Ok(());
-                }
-                // The mapping goes once the redaction went out (a failed one is tried again).
-                self.bridge
-                    .matrix
-                    .redact(room, &sender, &target.event_id)
-                    .await?;
-                self.bridge
-                    .portals
-                    .unmap_event(room, &target.event_id)
-                    .await?;
-                return self.map("", message_id, from, &sender, "delete").await;
-            }
-            Some(D::Reaction(r)) => {
-                let part = reaction_part(from, &r.emoji);
-                if r.remove {
-                    if let Some(m) = self
-                        .bridge
-                        .portals
-                        .by_message(room, &r.target, &part)
-                        .await?
-                    {
-                        self.bridge
-                            .matrix
-                            .redact(room, &sender, &m.event_id)
-                            .await?;
-                        self.bridge.portals.unmap_event(room, &m.event_id).await?;
-                    }
-                    return Ok(());
-                }
-                let Some(target) = self.bridge.portals.by_message(room, &r.target, "").await?
-                else {
-                    return Err(BridgeError::TargetNotYet(r.target.clone()));
-                };
-                if self
-                    .bridge
-                    .portals
-                    .by_message(room, &r.target, &part)
-                    .await?
-                    .is_some()
-                {
-                    return Ok(());
-                }
-                let c = ReactionEventContent::new(Annotation::new(
-                    event_id(&target.event_id)?,
-                    r.emoji.clone(),
-                ));
-                let ev = self
-                    .bridge
-                    .matrix
-                    .send_message(room, &sender, c.into(), &txn, ts)
-                    .await?;
-                return self.map(&ev, &r.target, from, &sender, &part).await;
-            }
+            Some(D::Edit(e)) => return self.edit(&from_net, e).await,
+            Some(D::Delete(d)) => return self.delete(&from_net, d).await,
+            Some(D::Reaction(r)) => return self.reaction(&from_net, r).await,
             Some(D::Media(m)) => self.media_to_matrix(acc, &sender, m).await?,
             Some(D::Location(l)) => MessageType::Location(LocationMessageEventContent::new(
                 msgconv::bounded_body(&msgconv::location_text(l)).into_owned(),
@@ -363,6 +294,104 @@ impl PortalRef<'_> {
             )
             .await?;
         self.map(&ev, message_id, from, &sender, "").await
+    }
+
+    /// An edit from the network, by the author of the message it edits.
+    async fn edit(&self, inc: &FromNetwork<'_>, e: &Edit) -> Result<(), BridgeError> {
+        let room = self.room.as_str();
+        let Some(target) = self.bridge.portals.by_message(room, &e.target, "").await? else {
+            return Err(BridgeError::TargetNotYet(e.target.clone()));
+        };
+        if target.sender != inc.from {
+            tracing::info!(%room, "dropping an edit of a message its sender did not write");
+            self.bridge.metrics.refused("interop_edit_not_author");
+            return Ok(());
+        }
+        let t = e.text.clone().unwrap_or_default();
+        // The fallback for clients without edits is short: the event must hold the new
+        // content too, within the homeserver's 64 KiB.
+        let mut c = message(text_message(&Text {
+            body: format!("* {}", msgconv::preview(&t.body, 500)),
+            formats: vec![],
+        }));
+        c.relates_to = Some(Relation::Replacement(Replacement::new(
+            event_id(&target.event_id)?,
+            RoomMessageEventContentWithoutRelation::new(text_message(&t)),
+        )));
+        let ev = self
+            .bridge
+            .matrix
+            .send_message(room, inc.sender, c.into(), inc.txn, inc.ts)
+            .await?;
+        self.map(&ev, inc.message_id, inc.from, inc.sender, "edit")
+            .await
+    }
+
+    /// A deletion from the network, by the author of the message it deletes: a redaction.
+    async fn delete(&self, inc: &FromNetwork<'_>, d: &Delete) -> Result<(), BridgeError> {
+        let room = self.room.as_str();
+        let Some(target) = self.bridge.portals.by_message(room, &d.target, "").await? else {
+            return Err(BridgeError::TargetNotYet(d.target.clone()));
+        };
+        if target.sender != inc.from {
+            tracing::info!(%room, "dropping a deletion of a message its sender did not write");
+            self.bridge.metrics.refused("interop_delete_not_author");
+            return Ok(());
+        }
+        // The mapping goes once the redaction went out (a failed one is tried again).
+        self.bridge
+            .matrix
+            .redact(room, inc.sender, &target.event_id)
+            .await?;
+        self.bridge
+            .portals
+            .unmap_event(room, &target.event_id)
+            .await?;
+        self.map("", inc.message_id, inc.from, inc.sender, "delete")
+            .await
+    }
+
+    /// A reaction from the network, or its removal.
+    async fn reaction(&self, inc: &FromNetwork<'_>, r: &Reaction) -> Result<(), BridgeError> {
+        let room = self.room.as_str();
+        let part = reaction_part(inc.from, &r.emoji);
+        if r.remove {
+            if let Some(m) = self
+                .bridge
+                .portals
+                .by_message(room, &r.target, &part)
+                .await?
+            {
+                self.bridge
+                    .matrix
+                    .redact(room, inc.sender, &m.event_id)
+                    .await?;
+                self.bridge.portals.unmap_event(room, &m.event_id).await?;
+            }
+            return Ok(());
+        }
+        let Some(target) = self.bridge.portals.by_message(room, &r.target, "").await? else {
+            return Err(BridgeError::TargetNotYet(r.target.clone()));
+        };
+        if self
+            .bridge
+            .portals
+            .by_message(room, &r.target, &part)
+            .await?
+            .is_some()
+        {
+            return Ok(());
+        }
+        let c = ReactionEventContent::new(Annotation::new(
+            event_id(&target.event_id)?,
+            r.emoji.clone(),
+        ));
+        let ev = self
+            .bridge
+            .matrix
+            .send_message(room, inc.sender, c.into(), inc.txn, inc.ts)
+            .await?;
+        self.map(&ev, &r.target, inc.from, inc.sender, &part).await
     }
 
     /// Maps the portal's Matrix event `event_id` to the network's `message_id` (`part` tells
