@@ -20,7 +20,9 @@ pub const PROLOGUE: &[u8] = b"interop/1";
 /// Largest Noise message.
 pub const MAX_NOISE_MSG: usize = 65535;
 /// Largest plaintext in one transport message (65535 - 16 bytes of tag).
-pub const MAX_CHUNK: usize = MAX_NOISE_MSG - 16;
+pub const MAX_CHUNK: usize = MAX_NOISE_MSG - TAG_LEN;
+/// The authentication tag each transport message carries.
+const TAG_LEN: usize = 16;
 /// Largest record (one stanza).
 pub const MAX_RECORD: usize = 1024 * 1024;
 
@@ -225,23 +227,25 @@ fn split<S: AsyncRead + AsyncWrite>(
             state: state.clone(),
             plain: BytesMut::new(),
             frame: Vec::new(),
-            out: vec![0u8; MAX_NOISE_MSG],
         },
-        SecureWriter {
-            inner: w,
-            state,
-            out: vec![0u8; MAX_NOISE_MSG],
-        },
+        SecureWriter { inner: w, state },
     )
 }
 
-/// Reads records from the secure stream.
+/// Buffers of an idle connection are given back above this size, so that one large record
+/// does not leave every connection that saw one holding a large buffer (a bridge keeps one
+/// connection per login).
+const KEEP_IDLE_BUFFER: usize = 16 * 1024;
+
+/// Reads records from the secure stream. Its buffers grow with the records it reads, not
+/// ahead of them: an idle connection holds a few hundred bytes, not a 64 KiB frame buffer.
 pub struct SecureReader<R> {
     inner: R,
     state: Arc<Mutex<snow::TransportState>>,
+    /// Decrypted bytes not yet taken as records.
     plain: BytesMut,
+    /// The frame being read.
     frame: Vec<u8>,
-    out: Vec<u8>,
 }
 
 /// Takes the next complete record out of decrypted stream bytes, if there is one.
@@ -265,15 +269,31 @@ impl<R: AsyncRead + Unpin> SecureReader<R> {
     pub async fn read_record(&mut self) -> Result<Vec<u8>, TransportError> {
         loop {
             if let Some(rec) = next_record(&mut self.plain)? {
+                if self.plain.is_empty() && self.plain.capacity() > KEEP_IDLE_BUFFER {
+                    self.plain = BytesMut::new();
+                }
                 return Ok(rec);
             }
             read_frame(&mut self.inner, &mut self.frame).await?;
-            let n = self
+            // Decrypted in place at the end of `plain` (a plaintext is shorter than its frame).
+            let start = self.plain.len();
+            self.plain.resize(start + self.frame.len(), 0);
+            let read = self
                 .state
                 .lock()
                 .await
-                .read_message(&self.frame, &mut self.out)?;
-            self.plain.extend_from_slice(&self.out[..n]);
+                .read_message(&self.frame, &mut self.plain[start..]);
+            let n = match read {
+                Ok(n) => n,
+                Err(e) => {
+                    self.plain.truncate(start);
+                    return Err(e.into());
+                }
+            };
+            self.plain.truncate(start + n);
+            if self.frame.capacity() > KEEP_IDLE_BUFFER {
+                self.frame = Vec::new();
+            }
         }
     }
 
@@ -284,11 +304,33 @@ impl<R: AsyncRead + Unpin> SecureReader<R> {
     }
 }
 
-/// Writes records to the secure stream.
+/// Writes records to the secure stream; each record is encrypted into a buffer of its own size.
 pub struct SecureWriter<W> {
     inner: W,
     state: Arc<Mutex<snow::TransportState>>,
-    out: Vec<u8>,
+}
+
+/// Encrypts `data` as transport messages of at most [`MAX_CHUNK`] plaintext bytes each,
+/// every one behind its 2-byte length, onto the end of `wire`.
+fn seal_frames(
+    state: &mut snow::TransportState,
+    data: &[u8],
+    wire: &mut Vec<u8>,
+) -> Result<(), TransportError> {
+    for chunk in data.chunks(MAX_CHUNK) {
+        let at = wire.len();
+        wire.resize(at + 2 + chunk.len() + TAG_LEN, 0);
+        let n = match state.write_message(chunk, &mut wire[at + 2..]) {
+            Ok(n) => n,
+            Err(e) => {
+                wire.truncate(at);
+                return Err(e.into());
+            }
+        };
+        wire[at..at + 2].copy_from_slice(&(n as u16).to_be_bytes());
+        wire.truncate(at + 2 + n);
+    }
+    Ok(())
 }
 
 impl<W: AsyncWrite + Unpin> SecureWriter<W> {
@@ -301,14 +343,7 @@ impl<W: AsyncWrite + Unpin> SecureWriter<W> {
         data.extend_from_slice(&(record.len() as u32).to_be_bytes());
         data.extend_from_slice(record);
         let mut wire = Vec::with_capacity(data.len() + data.len() / MAX_CHUNK * 18 + 18);
-        {
-            let mut state = self.state.lock().await;
-            for chunk in data.chunks(MAX_CHUNK) {
-                let n = state.write_message(chunk, &mut self.out)?;
-                wire.extend_from_slice(&(n as u16).to_be_bytes());
-                wire.extend_from_slice(&self.out[..n]);
-            }
-        }
+        seal_frames(&mut *self.state.lock().await, &data, &mut wire)?;
         self.inner.write_all(&wire).await?;
         Ok(())
     }
@@ -324,14 +359,8 @@ impl<W: AsyncWrite + Unpin> SecureWriter<W> {
 
     /// Writes bytes into the secure stream without record framing (for tests of hostile peers).
     pub async fn write_raw_stream(&mut self, bytes: &[u8]) -> Result<(), TransportError> {
-        let mut state = self.state.lock().await;
         let mut wire = Vec::new();
-        for chunk in bytes.chunks(MAX_CHUNK) {
-            let n = state.write_message(chunk, &mut self.out)?;
-            wire.extend_from_slice(&(n as u16).to_be_bytes());
-            wire.extend_from_slice(&self.out[..n]);
-        }
-        drop(state);
+        seal_frames(&mut *self.state.lock().await, bytes, &mut wire)?;
         self.inner.write_all(&wire).await?;
         Ok(())
     }
@@ -396,6 +425,39 @@ mod tests {
         let (big, remote) = server.await.expect("server");
         assert_eq!(big, 200_000);
         assert_eq!(remote, client_key.public);
+    }
+
+    /// What the docs of `SecureReader` promise: a connection's buffers follow its records, and
+    /// a large record does not leave a large buffer behind on an idle connection.
+    #[tokio::test]
+    async fn buffers_do_not_outlive_a_large_record() {
+        let server_key = StaticKey::generate();
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let sk = server_key.clone();
+        let server = tokio::spawn(async move {
+            let (r, _w, _) = accept(b, &sk).await.expect("accept");
+            r
+        });
+        let (_r, mut w) = connect(a, &StaticKey::generate(), &server_key.public)
+            .await
+            .expect("connect");
+        let mut r = server.await.expect("server");
+        assert!(
+            r.plain.capacity() + r.frame.capacity() < 1024,
+            "idle after the handshake"
+        );
+        let big: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
+        w.write_record(&big).await.expect("write big");
+        w.write_record(b"small").await.expect("write small");
+        w.flush().await.expect("flush");
+        assert_eq!(r.read_record().await.expect("big"), big);
+        assert_eq!(r.read_record().await.expect("small"), b"small");
+        assert!(
+            r.plain.capacity() <= KEEP_IDLE_BUFFER && r.frame.capacity() <= KEEP_IDLE_BUFFER,
+            "buffers after a large record: plain {}, frame {}",
+            r.plain.capacity(),
+            r.frame.capacity()
+        );
     }
 
     #[tokio::test]
