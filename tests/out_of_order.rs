@@ -6,9 +6,39 @@ use libsignal_protocol::{
     process_sender_key_distribution_message,
 };
 use matrix_interop_bridge::{
-    interop::signal_store::testing::{addr, decrypt, encrypt, session_to},
+    interop::{
+        keys,
+        signal_store::testing::{addr, decrypt, encrypt, session_to},
+    },
     testing::signal_store as store,
 };
+
+/// An idle login does not hold its prekeys in memory (an upload set of 50 one-time Kyber1024
+/// prekeys and the last-resort one is about 250 KB), and a peer that starts a session with
+/// them is still answered: they are read from the vault.
+#[tokio::test(flavor = "current_thread")]
+async fn prekeys_are_read_from_the_vault_not_kept_in_memory() {
+    let local = tokio::task::LocalSet::new();
+    local
+        .run_until(async {
+            let (mut a, _da) = store("@a:test").await;
+            let (mut b, _db) = store("@b:test").await;
+            let (aa, ba) = (addr("+15550000001"), addr("+15550000002"));
+            keys::make_upload(&mut b, true, keys::BATCH, keys::BATCH)
+                .await
+                .expect("upload set");
+            assert!(
+                b.memory_bytes() < 16 * 1024,
+                "{} bytes of records in memory after an upload set",
+                b.memory_bytes()
+            );
+            session_to(&mut a, &mut b, &ba).await;
+            let first = encrypt(&mut a, &ba, b"hello").await;
+            assert_eq!(decrypt(&mut b, &aa, &first).await, b"hello");
+            assert!(b.memory_bytes() < 16 * 1024, "{} bytes", b.memory_bytes());
+        })
+        .await;
+}
 
 #[tokio::test(flavor = "current_thread")]
 async fn one_to_one_messages_decrypt_in_any_order() {

@@ -3,7 +3,8 @@
 //!
 //! Writes are buffered and committed in one database transaction by [`SignalStore::commit`], so
 //! that the ratchet state after a decryption and the decrypted result (sealed too) reach the disk
-//! together. Hot records stay in memory; the database is read once per record.
+//! together. Identity, sessions and sender keys stay in memory once read (the database is read
+//! once per record); prekeys are read from the vault when a peer uses one.
 
 use std::{cell::RefCell, collections::HashMap, rc::Rc};
 
@@ -81,6 +82,17 @@ view!(SignedPreKeys);
 view!(KyberPreKeys);
 view!(SenderKeys);
 
+/// Whether records of `kind` stay in memory once read or written. Identity, sessions and
+/// sender keys do: every message needs them. Prekeys do not: they are read only when a peer
+/// starts a session, and an idle login would otherwise hold its whole upload set, about 250 KB
+/// (50 one-time Kyber1024 prekeys and the last-resort one, about 4.8 KB each).
+fn kept_in_memory(kind: &str) -> bool {
+    !matches!(
+        kind,
+        kind::PREKEY | kind::SIGNED_PREKEY | kind::KYBER_PREKEY
+    )
+}
+
 impl Inner {
     async fn get(&self, k: &'static str, name: &str) -> SResult<Option<Vec<u8>>> {
         let key = (k, name.to_owned());
@@ -105,7 +117,9 @@ impl Inner {
             ),
             None => None,
         };
-        self.state.borrow_mut().cache.insert(key, v.clone());
+        if kept_in_memory(k) {
+            self.state.borrow_mut().cache.insert(key, v.clone());
+        }
         Ok(v)
     }
 
@@ -243,9 +257,22 @@ impl SignalStore {
         let mut st = self.inner.state.borrow_mut();
         for (k, v) in pending {
             st.pending.remove(&k);
-            st.cache.insert(k, v);
+            if kept_in_memory(k.0) {
+                st.cache.insert(k, v);
+            }
         }
         Ok(())
+    }
+
+    /// Bytes of decoded records held in memory (committed and buffered), for tests and
+    /// measurements of what an idle login costs.
+    pub fn memory_bytes(&self) -> usize {
+        let st = self.inner.state.borrow();
+        st.cache
+            .iter()
+            .chain(st.pending.iter())
+            .map(|((_, name), v)| name.len() + v.as_ref().map_or(0, Vec::len))
+            .sum()
     }
 
     /// Drops buffered changes (after a failed operation).
