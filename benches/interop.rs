@@ -158,7 +158,7 @@ async fn bench_gateway(n: usize) {
         let mut got = 0;
         let start = Instant::now();
         while got < n {
-            match pushes.recv().await {
+            match pushes.recv().await.map(|st| *st) {
                 Some(pb::Stanza {
                     body: Some(Body::Envelope(e)),
                     ..

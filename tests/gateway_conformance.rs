@@ -23,7 +23,7 @@ use tokio::{
     sync::mpsc,
 };
 
-type Pushes = mpsc::Receiver<pb::Stanza>;
+type Pushes = mpsc::Receiver<Box<pb::Stanza>>;
 
 const WAIT: Duration = Duration::from_secs(5);
 /// How long to watch for a push that must not come.

@@ -39,7 +39,7 @@ pub(crate) async fn start_contact(
             }
             if let Some(body) = common::interop::body_of(&ev) {
                 reg.arrived(&body);
-            } else if matches!(ev, Event::Undecryptable { .. }) {
+            } else if matches!(*ev, Event::Undecryptable { .. }) {
                 undecryptable.fetch_add(1, Ordering::Relaxed);
             }
         }

@@ -86,7 +86,7 @@ impl TestGateway {
 /// A bridge-side account with its own vault on SQLite.
 pub struct Ours {
     pub handle: AccountHandle,
-    pub events: mpsc::UnboundedReceiver<Event>,
+    pub events: mpsc::UnboundedReceiver<Box<Event>>,
     pub account: String,
     pub store: SqlStore,
     pub master: SecretKey,
@@ -163,7 +163,7 @@ impl Ours {
                 self.handle.ack(id).await;
             }
             if pred(&ev) {
-                return ev;
+                return *ev;
             }
         }
     }

@@ -77,7 +77,9 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<pb::Stanza>>>>;
 /// A live connection. Dropping every clone closes it.
 #[derive(Clone)]
 pub struct GatewayConn {
-    out: mpsc::Sender<pb::Stanza>,
+    /// Boxed, as the pushes are: a channel allocates room for 32 items up front, and a bridge
+    /// keeps one connection per login.
+    out: mpsc::Sender<Box<pb::Stanza>>,
     pending: Pending,
     next_id: Arc<AtomicU64>,
 }
@@ -93,7 +95,7 @@ impl GatewayConn {
     /// Connects and returns the connection and its pushes.
     pub async fn connect(
         addr: &GatewayAddr,
-    ) -> Result<(Self, mpsc::Receiver<pb::Stanza>), InteropError> {
+    ) -> Result<(Self, mpsc::Receiver<Box<pb::Stanza>>), InteropError> {
         let err = |reason: String| InteropError::Connect {
             addr: addr.address.clone(),
             reason,
@@ -115,8 +117,8 @@ impl GatewayConn {
             }
             other => err(other.to_string()),
         })?;
-        let (out_tx, out_rx) = mpsc::channel::<pb::Stanza>(256);
-        let (push_tx, push_rx) = mpsc::channel::<pb::Stanza>(1024);
+        let (out_tx, out_rx) = mpsc::channel::<Box<pb::Stanza>>(256);
+        let (push_tx, push_rx) = mpsc::channel::<Box<pb::Stanza>>(1024);
         let pending: Pending = Arc::default();
         tokio::spawn(writer.pump(out_rx));
         let p = pending.clone();
@@ -139,7 +141,7 @@ impl GatewayConn {
                     let _ = tx.send(st);
                     continue;
                 }
-                if push_tx.send(st).await.is_err() {
+                if push_tx.send(Box::new(st)).await.is_err() {
                     break;
                 }
             }
@@ -183,10 +185,10 @@ impl GatewayConn {
         self.pending.lock().await.insert(id, tx);
         if self
             .out
-            .send(pb::Stanza {
+            .send(Box::new(pb::Stanza {
                 id,
                 body: Some(body),
-            })
+            }))
             .await
             .is_err()
         {
@@ -215,10 +217,10 @@ impl GatewayConn {
     /// Sends without waiting (an id-0 `Ack`).
     pub async fn send_unanswered(&self, body: Body) -> Result<(), InteropError> {
         self.out
-            .send(pb::Stanza {
+            .send(Box::new(pb::Stanza {
                 id: 0,
                 body: Some(body),
-            })
+            }))
             .await
             .map_err(|_| InteropError::Disconnected)
     }

@@ -148,7 +148,7 @@ enum Delivery {
 async fn pump(
     mxid: String,
     acc: Arc<InteropAccount>,
-    mut rx: mpsc::UnboundedReceiver<Event>,
+    mut rx: mpsc::UnboundedReceiver<Box<Event>>,
     sink: Option<Weak<dyn NetEventSink>>,
 ) {
     let mut early: std::collections::VecDeque<(
@@ -159,7 +159,7 @@ async fn pump(
     loop {
         let next = match tokio::time::timeout(Duration::from_secs(30), rx.recv()).await {
             Ok(None) => return,
-            Ok(Some(ev)) => convert(ev),
+            Ok(Some(ev)) => convert(*ev),
             Err(_) => None,
         };
         let Some(sink) = sink.as_ref().and_then(Weak::upgrade) else {
@@ -641,7 +641,7 @@ mod tests {
     /// A pump running over a detached account.
     struct Running {
         /// Feeds the pump; dropping it ends the pump once it is idle.
-        tx: mpsc::UnboundedSender<Event>,
+        tx: mpsc::UnboundedSender<Box<Event>>,
         task: tokio::task::JoinHandle<()>,
         sink: Arc<Sink>,
         acks: mpsc::UnboundedReceiver<u64>,
@@ -673,7 +673,7 @@ mod tests {
     async fn pump_all(events: Vec<Event>) -> (Arc<Sink>, Vec<u64>) {
         let mut p = start_pump();
         for ev in events {
-            p.tx.send(ev).unwrap();
+            p.tx.send(Box::new(ev)).unwrap();
         }
         drop(p.tx);
         p.task.await.unwrap();
@@ -704,7 +704,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_edit_whose_message_never_comes_is_reported_and_acked_after_the_window() {
         let mut p = start_pump();
-        p.tx.send(edit_of(7, "never")).unwrap();
+        p.tx.send(Box::new(edit_of(7, "never"))).unwrap();
         // Within the window it waits, unacked.
         tokio::time::sleep(EARLY_WINDOW / 2).await;
         assert!(p.acks.try_recv().is_err());

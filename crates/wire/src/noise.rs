@@ -370,14 +370,19 @@ impl<W: AsyncWrite + Unpin> SecureWriter<W> {
     }
 
     /// Writes every stanza that arrives on `rx`, flushing when the queue runs empty, until the
-    /// channel closes or the connection fails; then shuts the stream down.
-    pub async fn pump(mut self, mut rx: tokio::sync::mpsc::Receiver<Stanza>) {
+    /// channel closes or the connection fails; then shuts the stream down. The queue may hold
+    /// `Box<Stanza>`: a tokio channel allocates room for 32 items when it is made, which for a
+    /// stanza held inline is about 22 KB per connection.
+    pub async fn pump<S: std::borrow::Borrow<Stanza>>(
+        mut self,
+        mut rx: tokio::sync::mpsc::Receiver<S>,
+    ) {
         while let Some(st) = rx.recv().await {
-            if self.write_stanza(&st).await.is_err() {
+            if self.write_stanza(st.borrow()).await.is_err() {
                 return;
             }
             while let Ok(st) = rx.try_recv() {
-                if self.write_stanza(&st).await.is_err() {
+                if self.write_stanza(st.borrow()).await.is_err() {
                     return;
                 }
             }

@@ -6,7 +6,7 @@ use super::*;
 impl Actor {
     pub(super) async fn run(
         mut self,
-        mut rx: mpsc::Receiver<Command>,
+        mut rx: mpsc::Receiver<Box<Command>>,
         mut acks: mpsc::UnboundedReceiver<u64>,
     ) {
         let mut backoff = Duration::from_millis(250);
@@ -52,7 +52,7 @@ impl Actor {
                     }
                     self.ack(&batch).await;
                 }
-                cmd = rx.recv() => match cmd {
+                cmd = rx.recv() => match cmd.map(|c| *c) {
                     None | Some(Command::Stop) => {
                         let mut batch = Vec::new();
                         while let Ok(envelope_id) = acks.try_recv() {
@@ -67,7 +67,7 @@ impl Actor {
                 },
                 push = async { match self.conn.as_mut() { Some((_, p)) => p.recv().await, None => std::future::pending().await } }, if connected => {
                     match push {
-                        Some(st) => self.push(st).await,
+                        Some(st) => self.push(*st).await,
                         None => {
                             self.conn = None;
                             self.published.send_replace(None);
@@ -286,7 +286,7 @@ impl Actor {
     }
 
     pub(super) async fn emit(&self, ev: Event) {
-        let _ = self.events.send(ev);
+        let _ = self.events.send(Box::new(ev));
     }
 
     pub(super) async fn push(&mut self, st: pb::Stanza) {

@@ -52,7 +52,7 @@ pub async fn spawn_account(
     gateway: GatewayAddr,
     vault: Vault,
     db: Arc<dyn VaultStore>,
-    events: mpsc::UnboundedSender<Event>,
+    events: mpsc::UnboundedSender<Box<Event>>,
 ) -> Result<AccountHandle, InteropError> {
     let sealed = db
         .record(owner, META, "credentials")

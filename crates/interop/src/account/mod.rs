@@ -187,7 +187,9 @@ pub struct SessionInfo {
 #[derive(Clone)]
 pub struct AccountHandle {
     pub account: String,
-    cmd: mpsc::Sender<Command>,
+    /// Boxed: a channel allocates room for 32 items when it is made, and a command holds a
+    /// whole message inline; every login has one.
+    cmd: mpsc::Sender<Box<Command>>,
     /// Acks travel apart from commands, unbounded: the consumer acks while the actor may be
     /// busy, and neither may block the other.
     acks: mpsc::UnboundedSender<u64>,
@@ -227,7 +229,7 @@ macro_rules! ask {
     ($self:ident, $variant:ident { $($field:ident),* }) => {{
         let (reply, rx) = oneshot::channel();
         let asked = async {
-            $self.cmd.send(Command::$variant { $($field,)* reply }).await.map_err(|_| InteropError::Disconnected)?;
+            $self.cmd.send(Box::new(Command::$variant { $($field,)* reply })).await.map_err(|_| InteropError::Disconnected)?;
             rx.await.map_err(|_| InteropError::Disconnected)?
         };
         tokio::time::timeout(COMMAND_TIMEOUT, asked).await.map_err(|_| InteropError::Timeout)?
@@ -350,7 +352,7 @@ impl AccountHandle {
     /// write once its data key is destroyed (the vault does not create a new one for it).
     pub async fn stop(&self) {
         let stopped = async {
-            let _ = self.cmd.send(Command::Stop).await;
+            let _ = self.cmd.send(Box::new(Command::Stop)).await;
             self.cmd.closed().await;
         };
         if tokio::time::timeout(STOP_WAIT, stopped).await.is_err() {
@@ -407,12 +409,13 @@ struct Actor {
     creds: Credentials,
     gateway: GatewayAddr,
     store: SignalStore,
-    conn: Option<(GatewayConn, mpsc::Receiver<pb::Stanza>)>,
+    conn: Option<(GatewayConn, mpsc::Receiver<Box<pb::Stanza>>)>,
     /// The connection as the handle sees it (for blob transfers and profile look-ups).
     published: watch::Sender<Option<GatewayConn>>,
     /// Never waits: the consumer calls back into this actor, so a full channel here could
     /// block both; the gateway's delivery window bounds what is in flight.
-    events: mpsc::UnboundedSender<Event>,
+    /// Boxed, for the reason `AccountHandle::cmd` is.
+    events: mpsc::UnboundedSender<Box<Event>>,
     /// Group members as last seen.
     groups: HashMap<String, Vec<String>>,
     /// Recently handled envelope ids (redelivery after reconnect).
