@@ -231,10 +231,10 @@ async fn verify(shared: &Shared, v: pb::Verify) -> Result<Body, Reject> {
         .await?;
     // Re-registration ends the sessions of the old secret.
     if let Some(old) = shared.online.lock().await.remove(&v.account) {
-        let _ = old.out.try_send(super::error_stanza(
+        let _ = old.out.try_send(Box::new(super::error_stanza(
             0,
             &reject(ErrorCode::Unauthorized, "account re-registered"),
-        ));
+        )));
         let _ = old.kill.send(true);
     }
     Ok(Body::Registered(pb::Registered {
@@ -267,10 +267,10 @@ async fn login(shared: &Arc<Shared>, conn: &mut Conn, l: pb::Login) -> Result<Bo
         kill: conn.kill_tx.clone(),
     };
     if let Some(old) = shared.online.lock().await.insert(l.account.clone(), me) {
-        let _ = old.out.try_send(super::error_stanza(
+        let _ = old.out.try_send(Box::new(super::error_stanza(
             0,
             &reject(ErrorCode::Conflict, "logged in on another connection"),
-        ));
+        )));
         let _ = old.kill.send(true);
     }
     conn.account = Some(l.account.clone());
@@ -312,7 +312,7 @@ pub(crate) async fn after_answer(
 async fn deliver(
     shared: Arc<Shared>,
     account: String,
-    out: mpsc::Sender<pb::Stanza>,
+    out: mpsc::Sender<Box<pb::Stanza>>,
     kill: tokio::sync::watch::Sender<bool>,
     wake: Arc<Notify>,
     window: Option<Arc<super::Window>>,

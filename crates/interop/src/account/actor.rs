@@ -3,6 +3,12 @@
 
 use super::*;
 
+/// `d` spread over ±50%: logins that lost the gateway together (a gateway restart) then retry
+/// spread out instead of all at once, at every step of the backoff.
+fn jittered(d: Duration) -> Duration {
+    d.mul_f64(rand::random_range(0.5..1.5))
+}
+
 impl Actor {
     pub(super) async fn run(
         mut self,
@@ -75,7 +81,7 @@ impl Actor {
                         }
                     }
                 }
-                _ = tokio::time::sleep(backoff), if !connected => {
+                _ = tokio::time::sleep(jittered(backoff)), if !connected => {
                     backoff = (backoff * 2).min(Duration::from_secs(60));
                 }
             }
@@ -337,5 +343,19 @@ impl Actor {
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_are_spread_around_the_backoff() {
+        let d = Duration::from_millis(1000);
+        let waits: Vec<Duration> = (0..200).map(|_| jittered(d)).collect();
+        assert!(waits.iter().all(|w| *w >= d / 2 && *w <= d.mul_f64(1.5)));
+        let (min, max) = (waits.iter().min().unwrap(), waits.iter().max().unwrap());
+        assert!(*max - *min > d / 2, "not spread: {min:?}..{max:?}");
     }
 }
