@@ -11,15 +11,12 @@ pub use mib_core::{
     types::{GhostProfile, MappedMessage, Portal, PortalKind},
 };
 
-/// A Matrix identifier in column `col`, checked as ruma parses it; `None` for NULL.
-fn matrix_id<T>(r: &sqlx::any::AnyRow, col: &str) -> Result<Option<T>, StoreError>
+/// A Matrix identifier read from column `col`, checked as ruma parses it.
+fn parse_id<T>(col: &str, raw: String) -> Result<T, StoreError>
 where
     T: TryFrom<String, Error = ruma::IdParseError>,
 {
-    let Some(raw) = r.try_get::<Option<String>, _>(col)? else {
-        return Ok(None);
-    };
-    T::try_from(raw).map(Some).map_err(|e| {
+    T::try_from(raw).map_err(|e| {
         StoreError::from(sqlx::Error::ColumnDecode {
             index: col.to_owned(),
             source: Box::new(e),
@@ -27,25 +24,36 @@ where
     })
 }
 
+fn matrix_id<T>(r: &sqlx::any::AnyRow, col: &str) -> Result<T, StoreError>
+where
+    T: TryFrom<String, Error = ruma::IdParseError>,
+{
+    parse_id(col, r.try_get(col)?)
+}
+
+/// [`matrix_id`] of a column that may be NULL.
+fn optional_matrix_id<T>(r: &sqlx::any::AnyRow, col: &str) -> Result<Option<T>, StoreError>
+where
+    T: TryFrom<String, Error = ruma::IdParseError>,
+{
+    r.try_get::<Option<String>, _>(col)?
+        .map(|raw| parse_id(col, raw))
+        .transpose()
+}
+
 fn portal_row(r: &sqlx::any::AnyRow) -> Result<Portal, StoreError> {
     let kind: String = r.try_get("kind")?;
-    let receiver = matrix_id(r, "receiver")?.ok_or_else(|| {
-        StoreError::from(sqlx::Error::ColumnDecode {
-            index: "receiver".into(),
-            source: "NULL".into(),
-        })
-    })?;
     Ok(Portal {
-        receiver,
+        receiver: matrix_id(r, "receiver")?,
         chat_id: r.try_get("chat_id")?,
         kind: if kind == "group" {
             PortalKind::Group
         } else {
             PortalKind::Dm
         },
-        room_id: matrix_id(r, "room_id")?,
+        room_id: optional_matrix_id(r, "room_id")?,
         name: r.try_get("name")?,
-        relay: matrix_id(r, "relay")?,
+        relay: optional_matrix_id(r, "relay")?,
         avatar_blob: r.try_get("avatar_blob")?,
         avatar_mxc: r.try_get("avatar_mxc")?,
     })

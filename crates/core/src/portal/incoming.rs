@@ -296,17 +296,36 @@ impl PortalRef<'_> {
         self.map(&ev, message_id, from, &sender, "").await
     }
 
+    /// The bridged message `target` that an edit or a deletion from the network is about, when
+    /// its sender wrote it (`None`: it is dropped and counted as refused with `refused`). Not
+    /// there yet: the event is set aside until it arrives.
+    async fn own_target(
+        &self,
+        inc: &FromNetwork<'_>,
+        target: &str,
+        refused: &str,
+    ) -> Result<Option<MappedMessage>, BridgeError> {
+        let room = self.room.as_str();
+        let Some(t) = self.bridge.portals.by_message(room, target, "").await? else {
+            return Err(BridgeError::TargetNotYet(target.to_owned()));
+        };
+        if t.sender != inc.from {
+            tracing::info!(%room, what = refused, "dropping a change to a message its sender did not write");
+            self.bridge.metrics.refused(refused);
+            return Ok(None);
+        }
+        Ok(Some(t))
+    }
+
     /// An edit from the network, by the author of the message it edits.
     async fn edit(&self, inc: &FromNetwork<'_>, e: &Edit) -> Result<(), BridgeError> {
         let room = self.room.as_str();
-        let Some(target) = self.bridge.portals.by_message(room, &e.target, "").await? else {
-            return Err(BridgeError::TargetNotYet(e.target.clone()));
-        };
-        if target.sender != inc.from {
-            tracing::info!(%room, "dropping an edit of a message its sender did not write");
-            self.bridge.metrics.refused("interop_edit_not_author");
+        let Some(target) = self
+            .own_target(inc, &e.target, "interop_edit_not_author")
+            .await?
+        else {
             return Ok(());
-        }
+        };
         let t = e.text.clone().unwrap_or_default();
         // The fallback for clients without edits is short: the event must hold the new
         // content too, within the homeserver's 64 KiB.
@@ -330,14 +349,12 @@ impl PortalRef<'_> {
     /// A deletion from the network, by the author of the message it deletes: a redaction.
     async fn delete(&self, inc: &FromNetwork<'_>, d: &Delete) -> Result<(), BridgeError> {
         let room = self.room.as_str();
-        let Some(target) = self.bridge.portals.by_message(room, &d.target, "").await? else {
-            return Err(BridgeError::TargetNotYet(d.target.clone()));
-        };
-        if target.sender != inc.from {
-            tracing::info!(%room, "dropping a deletion of a message its sender did not write");
-            self.bridge.metrics.refused("interop_delete_not_author");
+        let Some(target) = self
+            .own_target(inc, &d.target, "interop_delete_not_author")
+            .await?
+        else {
             return Ok(());
-        }
+        };
         // The mapping goes once the redaction went out (a failed one is tried again).
         self.bridge
             .matrix
