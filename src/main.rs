@@ -395,8 +395,14 @@ fn assemble(
         vault.clone(),
         vault_store.clone(),
     ));
-    let network = InteropNetwork::new(signal_rt, gateway, vault.clone(), vault_store);
     let metrics = Metrics::new();
+    let network = InteropNetwork::new(
+        signal_rt,
+        gateway,
+        vault.clone(),
+        vault_store,
+        metrics.logins.clone(),
+    );
     let users: Arc<dyn UserStore> = Arc::new(store.clone());
     let bridge = Arc::new(Bridge::new(
         matrix.clone(),

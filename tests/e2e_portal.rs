@@ -45,6 +45,10 @@ async fn dm_messages_both_ways() {
         .text()
         .await
         .expect("metrics text");
+    // One login, running and connected.
+    for gauge in ["mib_logins 1", "mib_logins_connected 1"] {
+        assert!(text.lines().any(|l| l == gauge), "no `{gauge}` in\n{text}");
+    }
     for direction in ["matrix_to_interop", "interop_to_matrix"] {
         let count: f64 = text
             .lines()

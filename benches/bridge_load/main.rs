@@ -58,12 +58,14 @@
 mod common;
 
 mod bridge;
+mod restarts;
 mod runs;
 mod standin;
 mod track;
 mod world;
 
 use bridge::*;
+use restarts::*;
 use runs::*;
 use standin::*;
 use track::*;
@@ -121,6 +123,10 @@ struct Opts {
     postgres: Option<String>,
     /// A real Synapse instead of the stand-in homeserver.
     synapse: bool,
+    /// Restart the gateway, then the bridge, and time until every login is connected again.
+    restarts: bool,
+    /// Skip the message runs (set-up, memory and restarts only).
+    no_runs: bool,
 }
 
 fn parse_opts() -> Opts {
@@ -135,6 +141,8 @@ fn parse_opts() -> Opts {
             quick,
             postgres: None,
             synapse: false,
+            restarts: false,
+            no_runs: false,
         }
     } else {
         Opts {
@@ -145,6 +153,8 @@ fn parse_opts() -> Opts {
             quick,
             postgres: None,
             synapse: false,
+            restarts: false,
+            no_runs: false,
         }
     };
     let mut it = args.iter();
@@ -165,6 +175,8 @@ fn parse_opts() -> Opts {
                 o.postgres = Some(uri.expect("--postgres needs a postgres:// URI").clone());
             }
             "--synapse" => o.synapse = true,
+            "--restarts" => o.restarts = true,
+            "--no-runs" => o.no_runs = true,
             // `cargo bench` passes --bench; anything else is ignored too.
             _ => {}
         }
@@ -178,14 +190,59 @@ fn parse_opts() -> Opts {
 
 // ---------------------------------------------------------------------------------------------
 
-/// The reference gateway, in-process (the tests' own), with its rate limits out of the way.
+/// The reference gateway's settings here: its rate limits out of the way.
+fn gateway_limits(cfg: &mut mib_gateway::GatewayConfig) {
+    cfg.limits.registrations_per_source = u32::MAX;
+    cfg.rate_per_sec = 1e9;
+    cfg.rate_capacity = 1e9;
+}
+
+/// The reference gateway, in-process (the tests' own).
 async fn start_gateway() -> common::interop::TestGateway {
-    common::interop::TestGateway::start_with(|cfg| {
-        cfg.limits.registrations_per_source = u32::MAX;
-        cfg.rate_per_sec = 1e9;
-        cfg.rate_capacity = 1e9;
-    })
-    .await
+    common::interop::TestGateway::start_with(gateway_limits).await
+}
+
+/// `--restarts`: the gateway goes away for 2 s and comes back, then the bridge is stopped and
+/// started again; each time, how long until every login is connected again.
+async fn restarts(
+    gateway: common::interop::TestGateway,
+    bridge: &mut BridgeProc,
+    setup: (&Path, &Path, &Option<Arc<Hs>>),
+    http: &reqwest::Client,
+    ends: &BridgeEndpoints,
+    logins: usize,
+    ticks: f64,
+) -> common::interop::TestGateway {
+    let (config, dir, hs) = setup;
+    let port = gateway.port;
+    gateway.stop();
+    let t = Instant::now();
+    while login_gauges(http, ends).await.is_some_and(|(_, c)| c > 0) && t.elapsed() < STALL {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "gateway stopped: every login saw it after {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let gateway = common::interop::TestGateway::restart_with(gateway, port, gateway_limits).await;
+    let back = wait_connected(http, ends, logins, Instant::now()).await;
+    back.print("gateway restart (down 2 s)", logins);
+
+    bridge.stop();
+    let t = Instant::now();
+    *bridge = spawn_bridge(config, dir);
+    wait_ready(http, ends, hs.as_ref(), bridge).await;
+    let ready = t.elapsed();
+    let back = wait_connected(http, ends, logins, t).await;
+    let s = sample(&bridge.pid().to_string(), ticks);
+    println!(
+        "bridge restart: ready after {:.1} s; RSS {:.1} MiB once connected",
+        ready.as_secs_f64(),
+        mib(s.rss_kib)
+    );
+    back.print("bridge restart", logins);
+    gateway
 }
 
 /// Every user logs in through the provisioning API, then opens a DM portal with its contact;
@@ -287,13 +344,13 @@ async fn bench(opts: Opts) {
     let reg = Registry::new();
     let tmp = tempfile::tempdir().expect("temp dir");
 
-    let gateway = start_gateway().await;
+    let mut gateway = start_gateway().await;
     let gaddr = gateway.addr.clone();
 
     let domain = if opts.synapse { "localhost" } else { DOMAIN };
     let (hs, synapse, config, ends) = homeserver(&opts, tmp.path(), &reg, &gaddr).await;
     let mut bridge = spawn_bridge(&config, tmp.path());
-    let pid = bridge.pid().to_string();
+    let mut pid = bridge.pid().to_string();
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(64)
         .build()
@@ -372,7 +429,17 @@ async fn bench(opts: Opts) {
 
     let synapse_pid = synapse.as_ref().map(|s| s.proc.pid().to_string());
     let synapse_start = synapse_pid.as_deref().map(|p| sample(p, ticks));
-    let (results, rss_after, warm) = measure(&world, &mut bridge, &opts, &pid, ticks).await;
+    if opts.restarts {
+        let setup = (config.as_path(), tmp.path(), &hs);
+        gateway = restarts(gateway, &mut bridge, setup, &http, &ends, opts.users, ticks).await;
+        pid = bridge.pid().to_string();
+        println!("(the bridge's CPU figures below count from its restart)");
+    }
+    let (results, rss_after, warm) = if opts.no_runs {
+        (Vec::new(), Vec::new(), sample(&pid, ticks))
+    } else {
+        measure(&world, &mut bridge, &opts, &pid, ticks).await
+    };
     let end = sample(&pid, ticks);
     let me = || sample("self", ticks);
     print_table(&results);
@@ -414,6 +481,7 @@ async fn bench(opts: Opts) {
     }
     print_bridge_health(&http, &ends, &bridge.log).await;
     bridge.stop();
+    gateway.stop();
     drop(world);
     println!("total {:.1} s", t0.elapsed().as_secs_f64());
 }

@@ -78,8 +78,18 @@ impl TestGateway {
 
     /// Starts a stopped gateway again on the same port with the same key and state.
     pub async fn restart(old: TestGateway, port: u16) -> Self {
+        Self::restart_with(old, port, |_| {}).await
+    }
+
+    /// [`TestGateway::restart`] with settings changed by `f`, as [`TestGateway::start_with`].
+    #[allow(dead_code)] // the bench's, not every test binary's
+    pub async fn restart_with(
+        old: TestGateway,
+        port: u16,
+        f: impl FnOnce(&mut GatewayConfig),
+    ) -> Self {
         let key = old.key.clone();
-        Self::start_in(old.dir, key, port).await
+        Self::start_configured(old.dir, key, port, f).await
     }
 }
 

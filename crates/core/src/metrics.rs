@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
-    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
@@ -54,6 +54,42 @@ pub struct Metrics {
     /// Inputs refused by a security check (an edit by someone else, a formatting bomb, media
     /// over the limit, a rate limit), by reason.
     pub refused: Family<ReasonLabels, Counter>,
+    /// Interop logins running, and how many of them are connected to the gateway.
+    pub logins: LoginGauges,
+}
+
+/// How many interop logins run and how many are connected: what an admin watches after a
+/// restart of the bridge or the gateway. The network side keeps them as its logins start, stop,
+/// connect and lose their connection.
+#[derive(Clone, Debug, Default)]
+pub struct LoginGauges {
+    pub running: Gauge,
+    pub connected: Gauge,
+}
+
+impl LoginGauges {
+    /// A login's connection went from `was` to `now`.
+    pub fn connection(&self, was: bool, now: bool) {
+        match (was, now) {
+            (false, true) => {
+                self.connected.inc();
+            }
+            (true, false) => {
+                self.connected.dec();
+            }
+            _ => {}
+        }
+    }
+
+    pub fn started(&self) {
+        self.running.inc();
+    }
+
+    /// A login stopped; `connected` is whether it was connected then.
+    pub fn stopped(&self, connected: bool) {
+        self.running.dec();
+        self.connection(connected, false);
+    }
 }
 
 impl Metrics {
@@ -100,6 +136,13 @@ impl Metrics {
             Family::new_with_constructor(latency_histogram);
         let not_bridged = Family::<ReasonLabels, Counter>::default();
         let refused = Family::<ReasonLabels, Counter>::default();
+        let logins = LoginGauges::default();
+        registry.register("logins", "Interop logins running", logins.running.clone());
+        registry.register(
+            "logins_connected",
+            "Interop logins connected to the gateway",
+            logins.connected.clone(),
+        );
         registry.register(
             "refused",
             "Inputs refused by a security check, by reason",
@@ -162,6 +205,7 @@ impl Metrics {
             message_seconds,
             not_bridged,
             refused,
+            logins,
         }
     }
 

@@ -132,7 +132,8 @@ pub trait TxnStore: Send + Sync {
     /// Queues events the homeserver never sent (found by the catch-up after an outage), those
     /// whose ids were not queued before; returns how many were new.
     async fn queue_missed(&self, events: &[QueuedEvent]) -> Result<usize, StoreError>;
-    async fn remove_event(&self, seq: i64) -> Result<(), StoreError>;
+    /// Takes handled events out of the queue, in one statement.
+    async fn remove_events(&self, seqs: &[i64]) -> Result<(), StoreError>;
     async fn count_attempt(&self, seq: i64) -> Result<(), StoreError>;
     /// Forgets transaction ids and queued event ids older than `max_age_ms` (the events
     /// themselves are long applied).

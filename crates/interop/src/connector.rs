@@ -18,6 +18,7 @@ use super::{
     account::{self, save_credentials},
 };
 use mib_core::{
+    metrics::LoginGauges,
     model::Message,
     network::{
         GroupChange, GroupInfo, NetAccount, NetError, NetEvent, NetEventSink, NetProfile,
@@ -51,6 +52,7 @@ pub struct InteropNetwork {
     db: Arc<dyn VaultStore>,
     accounts: Mutex<HashMap<String, Arc<InteropAccount>>>,
     sink: OnceLock<Weak<dyn NetEventSink>>,
+    gauges: LoginGauges,
 }
 
 impl InteropNetwork {
@@ -59,6 +61,7 @@ impl InteropNetwork {
         gateway: GatewayAddr,
         vault: Vault,
         db: Arc<dyn VaultStore>,
+        gauges: LoginGauges,
     ) -> Arc<Self> {
         Arc::new(Self {
             rt,
@@ -67,6 +70,7 @@ impl InteropNetwork {
             db,
             accounts: Mutex::new(HashMap::new()),
             sink: OnceLock::new(),
+            gauges,
         })
     }
 
@@ -78,7 +82,7 @@ impl InteropNetwork {
     async fn start(&self, mxid: &str) -> Result<Arc<dyn NetAccount>, NetError> {
         let old = self.accounts.lock().expect("lock").remove(mxid);
         if let Some(old) = old {
-            old.handle.stop().await;
+            old.stop(&self.gauges).await;
         }
         // Unbounded: the actor never waits for the pump (which calls back into it); the
         // gateway's delivery window bounds how many envelopes are in flight.
@@ -96,13 +100,21 @@ impl InteropNetwork {
         let acc = Arc::new(InteropAccount {
             handle,
             connected: Arc::new(AtomicBool::new(false)),
+            stopped: AtomicBool::new(false),
         });
         self.accounts
             .lock()
             .expect("lock")
             .insert(mxid.to_owned(), acc.clone());
+        self.gauges.started();
         let sink = self.sink.get().cloned();
-        tokio::spawn(pump(mxid.to_owned(), acc.clone(), rx, sink));
+        tokio::spawn(pump(
+            mxid.to_owned(),
+            acc.clone(),
+            rx,
+            sink,
+            self.gauges.clone(),
+        ));
         Ok(acc)
     }
 }
@@ -150,6 +162,7 @@ async fn pump(
     acc: Arc<InteropAccount>,
     mut rx: mpsc::UnboundedReceiver<Box<Event>>,
     sink: Option<Weak<dyn NetEventSink>>,
+    gauges: LoginGauges,
 ) {
     let mut early: std::collections::VecDeque<(
         tokio::time::Instant,
@@ -179,12 +192,13 @@ async fn pump(
             ack(&acc, &ev).await;
         }
         let Some(ev) = next else { continue };
-        match &ev {
-            NetEvent::Connected => acc.connected.store(true, Ordering::Relaxed),
-            NetEvent::Disconnected { .. } | NetEvent::LoggedOut { .. } => {
-                acc.connected.store(false, Ordering::Relaxed)
-            }
-            _ => {}
+        let now = match &ev {
+            NetEvent::Connected => Some(true),
+            NetEvent::Disconnected { .. } | NetEvent::LoggedOut { .. } => Some(false),
+            _ => None,
+        };
+        if let Some(now) = now {
+            acc.set_connected(now, &gauges);
         }
         match deliver(&mxid, &acc, &*sink, &ev).await {
             Delivery::Stopped => return,
@@ -367,7 +381,7 @@ impl Network for InteropNetwork {
     async fn logout(&self, mxid: &str) -> Result<(), NetError> {
         let acc = self.accounts.lock().expect("lock").remove(mxid);
         if let Some(acc) = acc {
-            acc.handle.stop().await;
+            acc.stop(&self.gauges).await;
         }
         self.vault
             .destroy(mxid)
@@ -412,6 +426,26 @@ impl Network for InteropNetwork {
 pub struct InteropAccount {
     handle: AccountHandle,
     connected: Arc<AtomicBool>,
+    stopped: AtomicBool,
+}
+
+impl InteropAccount {
+    /// Records the login's connection; the gauge moves only when it changes, and only while the
+    /// login runs (`stop` clears it for good).
+    fn set_connected(&self, now: bool, gauges: &LoginGauges) {
+        if self.stopped.load(Ordering::Acquire) {
+            return;
+        }
+        let was = self.connected.swap(now, Ordering::AcqRel);
+        gauges.connection(was, now);
+    }
+
+    async fn stop(&self, gauges: &LoginGauges) {
+        if !self.stopped.swap(true, Ordering::AcqRel) {
+            gauges.stopped(self.connected.swap(false, Ordering::AcqRel));
+        }
+        self.handle.stop().await;
+    }
 }
 
 fn target(t: NetTarget) -> Target {
@@ -653,12 +687,20 @@ mod tests {
         let acc = Arc::new(InteropAccount {
             handle,
             connected: Arc::new(AtomicBool::new(true)),
+            stopped: AtomicBool::new(false),
         });
         let sink = Arc::new(Sink::default());
         let dyn_sink: Arc<dyn NetEventSink> = sink.clone();
         let (tx, rx) = mpsc::unbounded_channel();
         let task = tokio::spawn(async move {
-            pump("@a:x".into(), acc, rx, Some(Arc::downgrade(&dyn_sink))).await;
+            pump(
+                "@a:x".into(),
+                acc,
+                rx,
+                Some(Arc::downgrade(&dyn_sink)),
+                LoginGauges::default(),
+            )
+            .await;
         });
         Running {
             tx,
@@ -728,5 +770,27 @@ mod tests {
         .await;
         assert_eq!(*sink.handled.lock().unwrap(), [2, 1]);
         assert_eq!(acked, [2, 1]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_login_gauges_follow_connections_and_stops() {
+        let gauges = LoginGauges::default();
+        let (handle, _keep, _acks) = AccountHandle::detached("+15550002222");
+        let acc = InteropAccount {
+            handle,
+            connected: Arc::new(AtomicBool::new(false)),
+            stopped: AtomicBool::new(false),
+        };
+        gauges.started();
+        // A login that retries reports each failed attempt; a connection is counted once.
+        for now in [false, true, true, false, false, true] {
+            acc.set_connected(now, &gauges);
+        }
+        assert_eq!((gauges.running.get(), gauges.connected.get()), (1, 1));
+        acc.stop(&gauges).await;
+        // An event the pump still had, and a second stop, change nothing.
+        acc.set_connected(true, &gauges);
+        acc.stop(&gauges).await;
+        assert_eq!((gauges.running.get(), gauges.connected.get()), (0, 0));
     }
 }

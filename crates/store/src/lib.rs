@@ -124,6 +124,15 @@ pub struct SqlStore {
     queue_writer: Arc<tokio::sync::Mutex<()>>,
 }
 
+/// `$1, $2, …, $n`: the placeholders of an `IN (…)` list of `n` values (written `{MARKS}` in a
+/// statement, so that the SQL check can prepare it).
+pub(crate) fn marks(n: usize) -> String {
+    (1..=n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The core's clock, as stored (milliseconds since the Unix epoch).
 pub fn now_ms() -> i64 {
     mib_core::now_ms() as i64
@@ -345,12 +354,19 @@ impl TxnStore for SqlStore {
         Ok(events)
     }
 
-    async fn remove_event(&self, seq: i64) -> Result<(), CoreError> {
-        sqlx::query("DELETE FROM event_queue WHERE seq = $1")
-            .bind(seq)
-            .execute(&self.pool)
-            .await
-            .db()?;
+    async fn remove_events(&self, seqs: &[i64]) -> Result<(), CoreError> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        #[allow(non_snake_case)] // named as the SQL check expects a placeholder list
+        let MARKS = marks(seqs.len());
+        let sql = format!("DELETE FROM event_queue WHERE seq IN ({MARKS})");
+        // Only placeholders are spliced in; the values are bound.
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for seq in seqs {
+            q = q.bind(*seq);
+        }
+        q.execute(&self.pool).await.db()?;
         Ok(())
     }
 
@@ -638,11 +654,19 @@ mod tests {
             vec![0, 1, 2]
         );
         s.count_attempt(q[0].seq).await.expect("attempt");
-        s.remove_event(q[1].seq).await.expect("remove");
+        s.remove_events(&[q[1].seq]).await.expect("remove");
         let q = s.queued_events(10).await.expect("queue");
         assert_eq!(
             q.iter().map(|e| e.sealed[0]).collect::<Vec<_>>(),
             vec![0, 2, 3, 4]
+        );
+        s.remove_events(&[q[1].seq, q[3].seq])
+            .await
+            .expect("remove");
+        let q = s.queued_events(10).await.expect("queue");
+        assert_eq!(
+            q.iter().map(|e| e.sealed[0]).collect::<Vec<_>>(),
+            vec![0, 3]
         );
         assert_eq!(q[0].attempts, 1);
     }

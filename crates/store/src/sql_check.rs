@@ -73,7 +73,8 @@ fn statements(src: &str) -> Vec<(usize, String)> {
 fn expand(sql: &str) -> Result<String, String> {
     let sql = sql
         .replace("{PORTAL_COLS}", PORTAL_COLS)
-        .replace("{MAP_COLS}", MAP_COLS);
+        .replace("{MAP_COLS}", MAP_COLS)
+        .replace("{MARKS}", &super::marks(2));
     match sql.find('{') {
         Some(i) => Err(format!("unknown placeholder in: {}", &sql[i..])),
         None => Ok(sql),

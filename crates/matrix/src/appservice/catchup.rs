@@ -429,7 +429,7 @@ mod tests {
             }
             Ok(n)
         }
-        async fn remove_event(&self, _: i64) -> Result<(), StoreError> {
+        async fn remove_events(&self, _: &[i64]) -> Result<(), StoreError> {
             Ok(())
         }
         async fn count_attempt(&self, _: i64) -> Result<(), StoreError> {

@@ -70,6 +70,35 @@ enum Outcome {
     Retry { after: Option<Duration>, key: bool },
 }
 
+/// Handled events taken out of the queue in one statement.
+const MAX_REMOVALS: usize = 512;
+
+/// Takes handled events out of the queue, off the lanes' path: whatever the lanes finished
+/// meanwhile goes in one statement, so a busy queue costs one delete per batch rather than one
+/// per event. A delete that fails is tried again (until shutdown: an event handled but still
+/// queued at a stop or a crash is handled again at the next start, and its effects are
+/// idempotent: the message map and the stable transaction ids see to that).
+async fn remove_handled(
+    store: Arc<dyn TxnStore>,
+    mut handled: mpsc::UnboundedReceiver<i64>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let mut batch = Vec::new();
+    while handled.recv_many(&mut batch, MAX_REMOVALS).await > 0 {
+        let mut backoff = FIRST_BACKOFF;
+        while let Err(e) = store.remove_events(&batch).await {
+            if *shutdown.borrow() {
+                tracing::warn!(error = %e, events = batch.len(), "cannot dequeue handled events at shutdown; they are handled again at the next start");
+                break;
+            }
+            tracing::error!(error = %e, "cannot dequeue handled events");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+        batch.clear();
+    }
+}
+
 impl QueueWorker {
     /// Runs until `shutdown` turns true; the events in hand are finished first, the rest stay
     /// queued for the next start.
@@ -77,6 +106,12 @@ impl QueueWorker {
         let this = Arc::new(self);
         let lanes: Lanes = Arc::default();
         let mut tasks = JoinSet::new();
+        let (done, handled) = mpsc::unbounded_channel();
+        let remover = tokio::spawn(remove_handled(
+            this.store.clone(),
+            handled,
+            shutdown.clone(),
+        ));
         // Events up to this sequence number have been handed out.
         let mut dispatched = 0i64;
         let mut backoff = FIRST_BACKOFF;
@@ -103,7 +138,8 @@ impl QueueWorker {
             for ev in batch {
                 dispatched = ev.seq;
                 let Some(room) = ev.room_id.clone() else {
-                    this.handle_until_done(ev, &mut shutdown.clone()).await;
+                    this.handle_until_done(ev, &done, &mut shutdown.clone())
+                        .await;
                     continue;
                 };
                 let mut map = lanes.lock().unwrap_or_else(|p| p.into_inner());
@@ -117,10 +153,13 @@ impl QueueWorker {
                     None => ev,
                 };
                 let (tx, rx) = mpsc::unbounded_channel();
-                tasks.spawn(
-                    this.clone()
-                        .lane(room.clone(), rx, lanes.clone(), shutdown.clone()),
-                );
+                tasks.spawn(this.clone().lane(
+                    room.clone(),
+                    rx,
+                    lanes.clone(),
+                    done.clone(),
+                    shutdown.clone(),
+                ));
                 let _ = tx.send(ev);
                 map.insert(room, tx);
             }
@@ -129,6 +168,9 @@ impl QueueWorker {
         // Lanes finish the event in hand and stop; what they had not started stays queued.
         lanes.lock().unwrap_or_else(|p| p.into_inner()).clear();
         while tasks.join_next().await.is_some() {}
+        // What was handled leaves the queue before the worker returns.
+        drop(done);
+        let _ = remover.await;
     }
 
     /// One room's events, in order.
@@ -137,6 +179,7 @@ impl QueueWorker {
         room: String,
         mut rx: mpsc::UnboundedReceiver<StoredEvent>,
         lanes: Lanes,
+        done: mpsc::UnboundedSender<i64>,
         mut shutdown: watch::Receiver<bool>,
     ) {
         loop {
@@ -155,12 +198,18 @@ impl QueueWorker {
             if *shutdown.borrow() {
                 return;
             }
-            self.handle_until_done(ev, &mut shutdown).await;
+            self.handle_until_done(ev, &done, &mut shutdown).await;
         }
     }
 
-    /// Handles an event, retrying with backoff, until it is done (or the bridge shuts down).
-    async fn handle_until_done(&self, mut ev: StoredEvent, shutdown: &mut watch::Receiver<bool>) {
+    /// Handles an event, retrying with backoff, until it is done (or the bridge shuts down);
+    /// then hands its sequence number to `done` to be taken out of the queue.
+    async fn handle_until_done(
+        &self,
+        mut ev: StoredEvent,
+        done: &mpsc::UnboundedSender<i64>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) {
         let mut backoff = FIRST_BACKOFF;
         while let Outcome::Retry { after, key } = self.handle_one(&ev).await {
             ev.attempts += 1;
@@ -180,13 +229,8 @@ impl QueueWorker {
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
-        // Handled: it leaves the queue (retried, so that it is not handled twice).
-        let mut backoff = FIRST_BACKOFF;
-        while let Err(e) = self.store.remove_event(ev.seq).await {
-            tracing::error!(error = %e, "cannot dequeue event");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
-        }
+        // Handled: it leaves the queue.
+        let _ = done.send(ev.seq);
     }
 
     /// One attempt at a queued event; a panic while handling it counts as giving up on it (it
