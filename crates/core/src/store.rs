@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use super::types::{GhostProfile, MappedMessage, Portal};
 
 /// A store operation failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[error("{message}")]
 pub struct StoreError {
     message: String,

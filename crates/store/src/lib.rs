@@ -122,6 +122,8 @@ pub struct SqlStore {
     /// order they were taken (PostgreSQL would otherwise let a later number commit first, and the
     /// queue worker, which reads after the last number it saw, would pass over the earlier one).
     queue_writer: Arc<tokio::sync::Mutex<()>>,
+    /// The vault's group commit: see `vault::GroupWriter`.
+    vault_writer: vault::GroupWriter,
 }
 
 /// `$1, $2, …, $n`: the placeholders of an `IN (…)` list of `n` values (written `{MARKS}` in a
@@ -182,6 +184,7 @@ impl SqlStore {
             pool,
             kind,
             queue_writer: Arc::default(),
+            vault_writer: vault::GroupWriter::default(),
         })
     }
 

@@ -74,7 +74,9 @@ fn expand(sql: &str) -> Result<String, String> {
     let sql = sql
         .replace("{PORTAL_COLS}", PORTAL_COLS)
         .replace("{MAP_COLS}", MAP_COLS)
-        .replace("{MARKS}", &super::marks(2));
+        .replace("{MARKS}", &super::marks(2))
+        .replace("{RECORD_ROWS}", &super::vault::rows(2, 4))
+        .replace("{KEY_ROWS}", &super::vault::rows(2, 3));
     match sql.find('{') {
         Some(i) => Err(format!("unknown placeholder in: {}", &sql[i..])),
         None => Ok(sql),

@@ -1,5 +1,7 @@
 //! The SQL side of the vault: wrapped data keys and sealed records.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use sqlx::Row;
 
@@ -142,18 +144,7 @@ impl VaultStore for SqlStore {
         owner: &str,
         writes: &[(String, String, Option<Vec<u8>>)],
     ) -> Result<(), CoreError> {
-        // One statement is atomic on its own: the common single write (a session after a
-        // message) skips BEGIN and COMMIT, two round trips to the database.
-        if let [(kind, name, sealed)] = writes {
-            let mut conn = self.pool().acquire().await.db()?;
-            return Ok(write_record(&mut conn, owner, kind, name, sealed.as_deref()).await?);
-        }
-        let mut tx = self.pool().begin().await.db()?;
-        for (kind, name, sealed) in writes {
-            write_record(&mut tx, owner, kind, name, sealed.as_deref()).await?;
-        }
-        tx.commit().await.db()?;
-        Ok(())
+        self.vault_writer.write(self.pool(), owner, writes).await
     }
 
     async fn record_names(&self, owner: &str, kind: &str) -> Result<Vec<String>, CoreError> {
@@ -166,6 +157,206 @@ impl VaultStore for SqlStore {
         .await
         .db()?)
     }
+}
+
+/// One write of a commit: a record's kind and name, and its sealed value (`None` deletes it).
+type RecordWrite = (String, String, Option<Vec<u8>>);
+
+/// Rows per statement (four values each: well under either database's limit on parameters).
+const ROWS_PER_STATEMENT: usize = 256;
+
+/// One waiting caller's writes: all of them are applied or none.
+struct WriteJob {
+    owner: String,
+    writes: Vec<RecordWrite>,
+    done: tokio::sync::oneshot::Sender<Result<(), CoreError>>,
+}
+
+#[derive(Default)]
+struct Commits {
+    /// A commit is being written.
+    busy: bool,
+    /// Commits that came meanwhile.
+    waiting: Vec<WriteJob>,
+}
+
+/// Group commit for the vault. Each login's actor commits its Signal state and inbox after every
+/// message, and under load many actors commit at once. A commit that finds the database idle is
+/// written at once, by its caller. Commits that come while one is being written wait; when it is
+/// done, all of them are written together, in one transaction with one multi-row upsert and one
+/// multi-row delete, and each caller is answered: tens of commits then cost about the round
+/// trips of one. A caller's writes stay atomic (they are in one transaction) and it continues
+/// only once they are durable, as before; a failed transaction fails every commit in it.
+#[derive(Clone, Default)]
+pub(crate) struct GroupWriter {
+    commits: Arc<std::sync::Mutex<Commits>>,
+}
+
+impl std::fmt::Debug for GroupWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GroupWriter")
+    }
+}
+
+impl GroupWriter {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Commits> {
+        self.commits.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn write(
+        &self,
+        pool: &crate::AnyPool,
+        owner: &str,
+        writes: &[RecordWrite],
+    ) -> Result<(), CoreError> {
+        let answer = {
+            let mut commits = self.lock();
+            if commits.busy {
+                let (done, answer) = tokio::sync::oneshot::channel();
+                commits.waiting.push(WriteJob {
+                    owner: owner.to_owned(),
+                    writes: writes.to_vec(),
+                    done,
+                });
+                Some(answer)
+            } else {
+                commits.busy = true;
+                None
+            }
+        };
+        if let Some(answer) = answer {
+            return answer
+                .await
+                .unwrap_or_else(|_| Err(CoreError::unavailable("the vault's writer stopped")));
+        }
+        // Whatever happens to this call (an error, or its future dropped), the commits that
+        // came meanwhile are handed on.
+        let _hand_on = HandOn { writer: self, pool };
+        Ok(apply(pool, &[(owner, writes)]).await?)
+    }
+
+    /// Writes the waiting commits, batch after batch, until none is left.
+    async fn drain(self, pool: crate::AnyPool, mut batch: Vec<WriteJob>) {
+        let mut guard = DrainGuard(Some(self.clone()));
+        loop {
+            let parts: Vec<_> = batch
+                .iter()
+                .map(|j| (j.owner.as_str(), &j.writes[..]))
+                .collect();
+            let result = apply(&pool, &parts).await.map_err(CoreError::from);
+            for job in batch.drain(..) {
+                let _ = job.done.send(result.clone());
+            }
+            let mut commits = self.lock();
+            if commits.waiting.is_empty() {
+                commits.busy = false;
+                guard.0 = None;
+                return;
+            }
+            batch = std::mem::take(&mut commits.waiting);
+        }
+    }
+}
+
+/// Hands the commits that came while its caller wrote to a task that writes them (or lets the
+/// next caller write at once when none came).
+struct HandOn<'a> {
+    writer: &'a GroupWriter,
+    pool: &'a crate::AnyPool,
+}
+
+impl Drop for HandOn<'_> {
+    fn drop(&mut self) {
+        let mut commits = self.writer.lock();
+        if commits.waiting.is_empty() {
+            commits.busy = false;
+            return;
+        }
+        let batch = std::mem::take(&mut commits.waiting);
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                drop(commits);
+                rt.spawn(self.writer.clone().drain(self.pool.clone(), batch));
+            }
+            // No runtime to write them in: they fail (their callers hear it) and the writer
+            // is free again.
+            Err(_) => commits.busy = false,
+        }
+    }
+}
+
+/// Frees the writer if a drain ends without finishing (its runtime shutting down): its
+/// waiting callers hear that it stopped, and later commits are written again.
+struct DrainGuard(Option<GroupWriter>);
+
+impl Drop for DrainGuard {
+    fn drop(&mut self) {
+        if let Some(writer) = self.0.take() {
+            let mut commits = writer.lock();
+            commits.waiting.clear();
+            commits.busy = false;
+        }
+    }
+}
+
+/// Applies the writes of several callers in one transaction (one statement needs none). Of
+/// several writes to one record, the last one counts.
+async fn apply(pool: &crate::AnyPool, parts: &[(&str, &[RecordWrite])]) -> Result<(), StoreError> {
+    let mut last: std::collections::HashMap<(&str, &str, &str), Option<&[u8]>> =
+        std::collections::HashMap::new();
+    for (owner, writes) in parts {
+        for (kind, name, sealed) in writes.iter() {
+            last.insert((owner, kind.as_str(), name.as_str()), sealed.as_deref());
+        }
+    }
+    if last.is_empty() {
+        return Ok(());
+    }
+    if last.len() == 1 {
+        let ((owner, kind, name), sealed) = last.into_iter().next().expect("one write");
+        let mut conn = pool.acquire().await.db()?;
+        return write_record(&mut conn, owner, kind, name, sealed).await;
+    }
+    let (puts, deletes): (Vec<_>, Vec<_>) = last.into_iter().partition(|(_, s)| s.is_some());
+    let mut tx = pool.begin().await.db()?;
+    for chunk in puts.chunks(ROWS_PER_STATEMENT) {
+        #[allow(non_snake_case)] // named as the SQL check expects a row list
+        let RECORD_ROWS = rows(chunk.len(), 4);
+        let sql = format!(
+            "INSERT INTO vault_record (owner, kind, name, sealed) VALUES {RECORD_ROWS} \
+             ON CONFLICT (owner, kind, name) DO UPDATE SET sealed = excluded.sealed"
+        );
+        // Only placeholders are spliced in; the values are bound.
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for ((owner, kind, name), sealed) in chunk {
+            q = q.bind(*owner).bind(*kind).bind(*name).bind(*sealed);
+        }
+        q.execute(&mut *tx).await.db()?;
+    }
+    for chunk in deletes.chunks(ROWS_PER_STATEMENT) {
+        #[allow(non_snake_case)] // named as the SQL check expects a row list
+        let KEY_ROWS = rows(chunk.len(), 3);
+        let sql =
+            format!("DELETE FROM vault_record WHERE (owner, kind, name) IN (VALUES {KEY_ROWS})");
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for ((owner, kind, name), _) in chunk {
+            q = q.bind(*owner).bind(*kind).bind(*name);
+        }
+        q.execute(&mut *tx).await.db()?;
+    }
+    tx.commit().await.db()?;
+    Ok(())
+}
+
+/// `($1, …, $w), ($w+1, …)`: `n` rows of `w` placeholders each.
+pub(crate) fn rows(n: usize, w: usize) -> String {
+    (0..n)
+        .map(|r| {
+            let row: Vec<String> = (1..=w).map(|c| format!("${}", r * w + c)).collect();
+            format!("({})", row.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Writes (or, with `None`, deletes) one sealed record.
@@ -221,10 +412,106 @@ mod tests {
     }
 
     vault_suite!(
+        commits_of_many_logins_at_once_each_land_whole,
         records_roundtrip_and_shred,
         rotation_rewraps_without_touching_records,
         swapped_records_fail
     );
+
+    /// Many logins commit at the same moment (the group writer takes them together): each
+    /// commit lands whole, the last write to a record counts, and a delete in the same batch
+    /// as an earlier write of that record leaves it deleted.
+    async fn commits_of_many_logins_at_once_each_land_whole(s: SqlStore) {
+        let store: Arc<dyn VaultStore> = Arc::new(s);
+        let w = |k: &str, n: &str, v: Option<&[u8]>| {
+            (k.to_owned(), n.to_owned(), v.map(<[u8]>::to_vec))
+        };
+        let mut commits = tokio::task::JoinSet::new();
+        for i in 0..300 {
+            let store = store.clone();
+            let owner = format!("@u{i}:x");
+            let writes = vec![
+                w("session", "+1555", Some(b"first")),
+                w("inbox", "7", Some(b"entry")),
+                w("session", "+1555", Some(format!("state {i}").as_bytes())),
+                w("inbox", "6", None),
+                w("inbox", "7", None),
+            ];
+            commits.spawn(async move { store.write_records(&owner, &writes).await });
+        }
+        for r in commits.join_all().await {
+            r.expect("commit");
+        }
+        for i in 0..300 {
+            let owner = format!("@u{i}:x");
+            let session = store.record(&owner, "session", "+1555").await.expect("get");
+            assert_eq!(session.as_deref(), Some(format!("state {i}").as_bytes()));
+            assert!(
+                store
+                    .record(&owner, "inbox", "7")
+                    .await
+                    .expect("get")
+                    .is_none()
+            );
+        }
+        // A later commit deletes what an earlier one wrote.
+        store
+            .write_records(
+                "@u0:x",
+                &[w("session", "+1555", None), w("inbox", "8", Some(b"e"))],
+            )
+            .await
+            .expect("commit");
+        assert!(
+            store
+                .record("@u0:x", "session", "+1555")
+                .await
+                .expect("get")
+                .is_none()
+        );
+        assert_eq!(
+            store.record_names("@u0:x", "inbox").await.expect("names"),
+            ["8"]
+        );
+    }
+
+    /// The caller writing a commit goes away (its future dropped) while others wait: they are
+    /// still written, and the writer is free again afterwards.
+    #[tokio::test]
+    async fn commits_waiting_on_a_caller_that_went_away_are_written() {
+        let (s, _dir) = testing::sqlite().await;
+        let writer = super::GroupWriter::default();
+        writer.lock().busy = true;
+        let waiting = {
+            let (writer, pool) = (writer.clone(), s.pool().clone());
+            tokio::spawn(async move {
+                let w = [("session".to_owned(), "+1".to_owned(), Some(b"v".to_vec()))];
+                writer.write(&pool, "@b:x", &w).await
+            })
+        };
+        while writer.lock().waiting.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        // What a dropped caller leaves behind.
+        drop(super::HandOn {
+            writer: &writer,
+            pool: s.pool(),
+        });
+        waiting.await.expect("task").expect("written");
+        assert_eq!(
+            s.record("@b:x", "session", "+1")
+                .await
+                .expect("get")
+                .as_deref(),
+            Some(&b"v"[..])
+        );
+        assert!(!writer.lock().busy);
+        let w = [("session".to_owned(), "+2".to_owned(), None)];
+        writer
+            .write(s.pool(), "@b:x", &w)
+            .await
+            .expect("written at once");
+    }
 
     async fn records_roundtrip_and_shred(s: SqlStore) {
         let store: Arc<dyn VaultStore> = Arc::new(s.clone());

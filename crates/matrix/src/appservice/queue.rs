@@ -1,5 +1,6 @@
 //! The queue worker: takes sealed events out of the durable queue in arrival order, hands them to
-//! the bridge core, and deletes each one once it has been handled.
+//! the bridge core, and deletes each one once it has been handled (a task of its own deletes the
+//! handled events in batches, off the rooms' lanes).
 //!
 //! One dispatcher reads the queue; events without a room (crypto changes) are handled by the
 //! dispatcher itself, before any later event is handed on, and each room's events go to that
