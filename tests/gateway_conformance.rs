@@ -357,6 +357,30 @@ async fn s2_handshake_must_complete_within_the_deadline() {
     assert!(started.elapsed() >= Duration::from_millis(800));
 }
 
+/// Handshakes in progress are bounded: a connection beyond the bound waits its turn and is served
+/// as soon as one ends, within its own deadline.
+#[tokio::test]
+async fn s2_handshakes_beyond_the_bound_wait_their_turn() {
+    let gw = TestGateway::start_with(|c| c.limits.concurrent_handshakes = 1).await;
+    // A client that opens a connection and says nothing holds the only permit.
+    let silent = TcpStream::connect(&gw.addr.address).await.expect("tcp");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let addr = gw.addr.clone();
+    let mut second = tokio::spawn(async move { GatewayConn::connect(&addr).await.map(|_| ()) });
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut second)
+            .await
+            .is_err(),
+        "a second handshake ran beside the first"
+    );
+    drop(silent);
+    tokio::time::timeout(Duration::from_secs(5), second)
+        .await
+        .expect("served once the first connection went away")
+        .expect("task")
+        .expect("connected");
+}
+
 #[tokio::test]
 async fn s2_a_client_must_not_talk_to_a_gateway_with_another_key() {
     let gw = TestGateway::start().await;

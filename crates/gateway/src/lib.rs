@@ -109,6 +109,10 @@ pub struct Limits {
     pub bundle_window: Duration,
     /// Time from TCP accept to the end of the Noise handshake.
     pub handshake_timeout: Duration,
+    /// Noise handshakes worked on at once; further accepted connections wait their turn (within
+    /// their `handshake_timeout`), so that after a restart the first clients are served in a
+    /// few milliseconds rather than all of them together at the end.
+    pub concurrent_handshakes: usize,
 }
 
 impl Default for Limits {
@@ -135,6 +139,7 @@ impl Default for Limits {
             bundle_fetches_per_target: 100,
             bundle_window: HOUR,
             handshake_timeout: Duration::from_secs(10),
+            concurrent_handshakes: 64,
         }
     }
 }
@@ -256,6 +261,8 @@ pub(crate) struct Shared {
     pub bundle_fetches: RateMap<String>,
     pub next_conn: AtomicU64,
     pub relayed: AtomicU64,
+    /// Permits for Noise handshakes in progress (`Limits::concurrent_handshakes`).
+    pub handshakes: tokio::sync::Semaphore,
 }
 
 impl Shared {
@@ -310,6 +317,7 @@ impl Gateway {
                     cfg_limits.bundle_window,
                 ),
                 next_conn: AtomicU64::new(1),
+                handshakes: tokio::sync::Semaphore::new(cfg_limits.concurrent_handshakes.max(1)),
                 relayed: AtomicU64::new(0),
             }),
         })
@@ -563,12 +571,19 @@ async fn connection(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), TransportError> {
     let limits = &shared.cfg.limits;
-    let (mut reader, writer, _client_key) = tokio::time::timeout(
-        limits.handshake_timeout,
-        noise::accept(stream, &shared.cfg.key),
-    )
-    .await
-    .map_err(|_| TransportError::Protocol("handshake timed out"))??;
+    // The wait for a permit counts against the handshake's time (docs §2).
+    let handshake = async {
+        let _permit = shared
+            .handshakes
+            .acquire()
+            .await
+            .map_err(|_| TransportError::Protocol("gateway closing"))?;
+        noise::accept(stream, &shared.cfg.key).await
+    };
+    let (mut reader, writer, _client_key) =
+        tokio::time::timeout(limits.handshake_timeout, handshake)
+            .await
+            .map_err(|_| TransportError::Protocol("handshake timed out"))??;
     // Boxed: a channel allocates room for 32 items when it is made, about 22 KB per connection
     // for stanzas held inline.
     let (out_tx, out_rx) = mpsc::channel::<Box<pb::Stanza>>(limits.out_queue.max(1));

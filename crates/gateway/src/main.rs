@@ -135,6 +135,13 @@ struct RunArgs {
     /// Seconds from TCP accept to the end of the Noise handshake.
     #[arg(long, env = "INTEROP_GATEWAY_HANDSHAKE_SECS", default_value_t = 10)]
     handshake_secs: u64,
+    /// Noise handshakes worked on at once (further connections wait their turn).
+    #[arg(
+        long,
+        env = "INTEROP_GATEWAY_CONCURRENT_HANDSHAKES",
+        default_value_t = 64
+    )]
+    concurrent_handshakes: usize,
     /// Log as JSON.
     #[arg(long, env = "INTEROP_GATEWAY_LOG_JSON")]
     log_json: bool,
@@ -224,6 +231,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     l.slow_reader_timeout = Duration::from_secs(args.slow_reader_secs);
     l.bundle_fetches_per_target = args.bundle_fetches_per_hour;
     l.handshake_timeout = Duration::from_secs(args.handshake_secs);
+    l.concurrent_handshakes = args.concurrent_handshakes;
     cfg.max_blob_bytes = args.max_blob_bytes;
     if args.rate <= 0.0 {
         bail!("--rate must be positive");
