@@ -54,7 +54,7 @@ impl TestGateway {
         cfg.max_blob_bytes = 2 * 1024 * 1024;
         f(&mut cfg);
         let gw = Gateway::open(cfg).await.expect("gateway");
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        let listener = mib_gateway::listen(("127.0.0.1", port))
             .await
             .expect("bind");
         let port = listener.local_addr().expect("addr").port();

@@ -374,6 +374,30 @@ impl Gateway {
     }
 }
 
+/// Connections the kernel may hold for the gateway before it accepts them. After a restart every
+/// client comes back within seconds; with tokio's default of 1,024, the attempts beyond it are
+/// dropped and their TCP retries only after 1, 3 or 7 s. The kernel caps it at
+/// `net.core.somaxconn` (4,096 by default on current Linux).
+pub const LISTEN_BACKLOG: u32 = 8192;
+
+/// Listens on `addr` with [`LISTEN_BACKLOG`].
+pub async fn listen(addr: impl tokio::net::ToSocketAddrs) -> std::io::Result<TcpListener> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host(addr).await? {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(addr) {
+            Ok(()) => return socket.listen(LISTEN_BACKLOG),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("the address resolves to nothing")))
+}
+
 /// Deletes expired envelopes, blobs and idempotency records now and then (docs §19).
 async fn sweep(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
     let l = &shared.cfg.limits;

@@ -239,7 +239,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     cfg.rate_per_sec = args.rate;
     cfg.rate_capacity = args.rate * 5.0;
     let dev_mode = cfg.codes.is_dev();
-    let listener = tokio::net::TcpListener::bind(&args.listen)
+    let listener = mib_gateway::listen(args.listen.as_str())
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     cfg.check_listen_addr(listener.local_addr()?)?;
