@@ -129,7 +129,12 @@ pub struct SqlStore {
 /// `$1, $2, …, $n`: the placeholders of an `IN (…)` list of `n` values (written `{MARKS}` in a
 /// statement, so that the SQL check can prepare it).
 pub(crate) fn marks(n: usize) -> String {
-    (1..=n)
+    marks_from(1, n)
+}
+
+/// `$first, …`: `n` placeholders numbered from `first`.
+pub(crate) fn marks_from(first: usize, n: usize) -> String {
+    (first..first + n)
         .map(|i| format!("${i}"))
         .collect::<Vec<_>>()
         .join(", ")

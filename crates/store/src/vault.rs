@@ -351,10 +351,7 @@ async fn apply(pool: &crate::AnyPool, parts: &[(&str, &[RecordWrite])]) -> Resul
 /// `($1, …, $w), ($w+1, …)`: `n` rows of `w` placeholders each.
 pub(crate) fn rows(n: usize, w: usize) -> String {
     (0..n)
-        .map(|r| {
-            let row: Vec<String> = (1..=w).map(|c| format!("${}", r * w + c)).collect();
-            format!("({})", row.join(", "))
-        })
+        .map(|r| format!("({})", crate::marks_from(r * w + 1, w)))
         .collect::<Vec<_>>()
         .join(", ")
 }
