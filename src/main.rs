@@ -13,8 +13,10 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use matrix_interop_bridge::{
     appservice::{self, AppState, Readiness, UserQuery, catchup::CatchUp, queue::QueueWorker},
+    bridge::store::LeaseStore,
     bridge::{
         Bridge, BridgeSettings,
+        cluster::{self, Cluster, EventRouter},
         network::{NetEventSink, Network},
         provisioning::Provisioning,
     },
@@ -22,7 +24,7 @@ use matrix_interop_bridge::{
     interop::{GatewayAddr, SignalRuntime, connector::InteropNetwork},
     matrix::{
         HomeserverClient, MatrixError, MatrixSide,
-        crypto::{Crypto, CryptoOptions, OpenStore, StoreLocation},
+        crypto::{Crypto, CryptoOptions, OpenStore, StoreLocation, Workers},
     },
     metrics::Metrics,
     registration,
@@ -291,7 +293,7 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
             bridge: bridge.clone(),
         }),
         protocol: "interop".into(),
-        txn_order: Default::default(),
+        txn_order: (!cfg.workers.enabled).then(Default::default),
         catch_up: Some(catch_up.clone()),
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -308,14 +310,32 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
             return Ok(());
         }
     }
+    // Several workers: the leases, and this worker's id.
+    let workers: Option<Workers> = cfg.workers.enabled.then(|| {
+        (
+            Arc::new(store.clone()) as Arc<dyn LeaseStore>,
+            cfg.workers.worker_id(),
+        )
+    });
     let crypto = if cfg.encryption.allow {
-        let crypto = start_crypto(&cfg, &hs, &store, &vault).await?;
+        let crypto = start_crypto(&cfg, &hs, &store, &vault, workers.clone()).await?;
         matrix.set_crypto(crypto.clone());
         tokio::spawn(crypto.clone().maintain());
         Some(crypto)
     } else {
         None
     };
+    // Several workers: leases say which logins and rooms are this one's.
+    let cluster = workers.as_ref().map(|(leases, id)| {
+        let c = Cluster::new(
+            leases.clone(),
+            Arc::new(store.clone()),
+            Arc::new(store.clone()),
+            id,
+        );
+        bridge.join_cluster(c.clone());
+        c
+    });
     // Events that arrived during start-up wait in the queue until now.
     let worker = QueueWorker {
         store: txn_store,
@@ -324,17 +344,34 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
         handler: bridge.clone(),
         metrics,
         crypto,
+        router: cluster.clone().map(|c| c as Arc<dyn EventRouter>),
     };
     let worker = tokio::spawn(worker.run(shutdown_rx.clone()));
     tokio::spawn(catch_up.run(shutdown_rx.clone()));
-    let logins = bridge.reconnect_logins().await?;
-    tracing::info!(logins, "bridge ready");
+    let leases = match &cluster {
+        Some(c) => {
+            tracing::info!(worker = %c.worker_id(), "one worker of several: logins are taken by lease");
+            Some(tokio::spawn(
+                c.clone().run(network.clone(), shutdown_rx.clone()),
+            ))
+        }
+        None => {
+            let logins = bridge.reconnect_logins().await?;
+            tracing::info!(logins, "logins started");
+            None
+        }
+    };
+    tracing::info!("bridge ready");
 
     shutdown_signal().await;
     tracing::info!("shutting down: finishing in-flight requests");
     let _ = shutdown_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(30), server).await;
     let _ = tokio::time::timeout(Duration::from_secs(30), worker).await;
+    if let Some(leases) = leases {
+        // Logins stopped and leases released: the other workers take over at once.
+        let _ = tokio::time::timeout(Duration::from_secs(10), leases).await;
+    }
     store.close().await;
     tracing::info!("stopped");
     Ok(())
@@ -492,8 +529,25 @@ async fn start_crypto(
     hs: &HomeserverClient,
     store: &SqlStore,
     vault: &Vault,
+    workers: Option<Workers>,
 ) -> anyhow::Result<Arc<Crypto>> {
     use base64::Engine;
+    // Several workers: one at a time creates the bot's device and its keys (else two starting
+    // together might create one each).
+    let _setup = match &workers {
+        Some((leases, id)) => Some(
+            cluster::hold(
+                leases,
+                "crypto-setup",
+                id,
+                120_000,
+                Duration::from_secs(150),
+                (),
+            )
+            .await?,
+        ),
+        None => None,
+    };
     const KIND: &str = "crypto";
     let db: &dyn VaultStore = store;
     let directory = cfg.encryption.store == CryptoStoreKind::Directory;
@@ -573,6 +627,7 @@ async fn start_crypto(
             ghost_devices: cfg.encryption.ghost_devices,
             ghost_device_cache: cfg.encryption.ghost_device_cache,
             msc4350: cfg.encryption.msc4350,
+            workers,
         },
     )
     .await

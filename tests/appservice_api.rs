@@ -47,7 +47,7 @@ async fn setup_with_key(key: SecretKey) -> (axum::Router, SqlStore, tempfile::Te
         readiness: Arc::new(AlwaysReady),
         users: Arc::new(OnlyBot),
         protocol: "interop".into(),
-        txn_order: Default::default(),
+        txn_order: Some(Default::default()),
         catch_up: None,
     };
     (router(state, 64 * 1024), store, dir)

@@ -15,7 +15,11 @@
 //!   `pg_ctl stop -m immediate` for about 5 seconds and started again. It needs the PostgreSQL
 //!   server binaries (`/usr/lib/postgresql/*/bin` or `PATH`) and fails without them;
 //! - `backlog_drains_in_order`: a backlog sent while the bridge is down drains in order with the
-//!   senders' timestamps.
+//!   senders' timestamps;
+//! - `three_workers_one_killed_mid_stream`: three workers (`workers.enabled`) on one PostgreSQL
+//!   schema behind a round-robin balancer; the worker running the login is killed with SIGKILL
+//!   during a two-way DM and group stream and stays dead; the others take over (the report says
+//!   after how long).
 //!
 //! In the streams about one step in ten sends an image instead of a text (its caption carries the
 //! number), so that a blow can land inside a media transfer.
@@ -217,6 +221,12 @@ enum Db {
 // their logs last.
 struct ChaosEnv {
     bridge: Proc,
+    /// With several workers: the others (`bridge` is the first), each with its id and metrics
+    /// port, and the killed ones.
+    workers: Vec<Worker>,
+    dead: Vec<Proc>,
+    bridge_worker: Option<(String, u16)>,
+    _balancer: Option<tokio::task::JoinHandle<()>>,
     synapse: Synapse,
     gw: GatewayProc,
     pg: Option<PgCluster>,
@@ -226,8 +236,31 @@ struct ChaosEnv {
     _tmp: tempfile::TempDir,
 }
 
+struct Worker {
+    proc: Proc,
+    id: String,
+    metrics: u16,
+}
+
+/// A gauge from a worker's /metrics (`None` when it does not answer).
+async fn gauge(metrics_port: u16, name: &str) -> Option<u64> {
+    let text = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 impl ChaosEnv {
     async fn start(db: Db) -> Self {
+        Self::start_with(db, 1).await
+    }
+
+    async fn start_with(db: Db, workers: usize) -> Self {
         let mut tmp = tempfile::tempdir().expect("tmp");
         if std::env::var_os("MIB_KEEP_TEST_DIRS").is_some() {
             tmp.disable_cleanup(true);
@@ -263,9 +296,41 @@ impl ChaosEnv {
         let synapse =
             Synapse::start_for_bridge(&tmp.path().join("hs"), &setup.config, &setup.registration)
                 .await;
-        let bridge = setup.start().await;
+        let mut started = Vec::new();
+        let mut balancer = None;
+        if workers > 1 {
+            // Once the config points at PostgreSQL (it refuses several workers on SQLite).
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&setup.config)
+                .expect("config");
+            std::io::Write::write_all(&mut f, b"workers:\n    enabled: true\n").expect("config");
+            // The workers behind a balancer on the registered port.
+            let mut upstreams = Vec::new();
+            for i in 0..workers {
+                let (port, metrics) = (free_port(), free_port());
+                let id = format!("w{i}");
+                started.push(Worker {
+                    proc: setup.start_worker(&id, port, metrics).await,
+                    id,
+                    metrics,
+                });
+                upstreams.push(format!("http://127.0.0.1:{port}"));
+            }
+            balancer = Some(common::serve_balancer(setup.port, upstreams).await);
+        }
+        let (bridge, bridge_worker) = if started.is_empty() {
+            (setup.start().await, None)
+        } else {
+            let w = started.remove(0);
+            (w.proc, Some((w.id, w.metrics)))
+        };
         Self {
             bridge,
+            workers: started,
+            dead: Vec::new(),
+            bridge_worker,
+            _balancer: balancer,
             synapse,
             gw,
             pg,
@@ -290,10 +355,66 @@ impl ChaosEnv {
         self.bridge = self.setup.start().await;
     }
 
+    /// Kills the worker running the login (the only one) with SIGKILL; returns its pid and id.
+    async fn kill_login_worker(&mut self) -> (u32, String) {
+        let (id, metrics) = self.bridge_worker.clone().expect("several workers");
+        if gauge(metrics, "mib_logins").await.unwrap_or(0) > 0 {
+            // The first worker runs it: another one takes its place as `bridge`.
+            let next = self.workers.remove(0);
+            let mut old = std::mem::replace(&mut self.bridge, next.proc);
+            self.bridge_worker = Some((next.id, next.metrics));
+            let pid = old.pid();
+            old.kill();
+            self.dead.push(old);
+            return (pid, id);
+        }
+        for i in 0..self.workers.len() {
+            if gauge(self.workers[i].metrics, "mib_logins")
+                .await
+                .unwrap_or(0)
+                > 0
+            {
+                let mut w = self.workers.remove(i);
+                let pid = w.proc.pid();
+                w.proc.kill();
+                self.dead.push(w.proc);
+                return (pid, w.id);
+            }
+        }
+        panic!("no worker runs the login");
+    }
+
+    /// Waits until a live worker has the login connected; returns which and how long it took.
+    async fn wait_login_taken_over(&self, limit: Duration) -> (String, Duration) {
+        let start = Instant::now();
+        loop {
+            let mut live: Vec<(String, u16)> = self.bridge_worker.iter().cloned().collect();
+            live.extend(self.workers.iter().map(|w| (w.id.clone(), w.metrics)));
+            for (id, m) in live {
+                if gauge(m, "mib_logins_connected").await.unwrap_or(0) > 0 {
+                    return (id, start.elapsed());
+                }
+            }
+            assert!(
+                start.elapsed() < limit,
+                "no worker took the login over within {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Whether every worker not killed on purpose is running.
+    fn all_running(&mut self) -> bool {
+        self.bridge.is_running() && self.workers.iter_mut().all(|w| w.proc.is_running())
+    }
+
     /// Drops the PostgreSQL schema of a passed run (a failed one keeps it for inspection).
     async fn drop_pg_schema(&mut self) {
         if let Some(schema) = self.pg_schema.take() {
             self.bridge.kill();
+            for w in &mut self.workers {
+                w.proc.kill();
+            }
             drop_pg_schema(&schema).await;
         }
     }
@@ -851,6 +972,8 @@ enum Blow {
     Synapse,
     /// `pg_ctl stop -m immediate` of the test's own PostgreSQL cluster.
     Postgres,
+    /// SIGKILL of the worker running the user's login, one of several; it stays dead.
+    Worker,
 }
 
 /// One blow of the chaos: when (once the Matrix stream has sent `after_step` steps, plus
@@ -936,6 +1059,16 @@ async fn run_chaos(
                 env.synapse.restart(s.down).await;
                 pid
             }
+            Blow::Worker => {
+                let (pid, id) = env.kill_login_worker().await;
+                let took = env.wait_login_taken_over(Duration::from_secs(60)).await;
+                log.push(format!(
+                    "worker {id} (pid {pid}) killed; its login was running again in worker {} after {:.1}s",
+                    took.0,
+                    took.1.as_secs_f64()
+                ));
+                pid
+            }
             Blow::Postgres => {
                 // pg_ctl waits for the server; off the runtime's threads, so that the Matrix
                 // stream goes on meanwhile.
@@ -969,7 +1102,7 @@ async fn run_chaos(
             t0.elapsed().as_secs_f64()
         ));
         // A bridge that died of the outage gets no restart: it is reported.
-        if !matches!(s.blow, Blow::Bridge) && !env.bridge.is_running() {
+        if !matches!(s.blow, Blow::Bridge | Blow::Worker) && !env.bridge.is_running() {
             log.push(format!(
                 "the bridge (pid {}) exited during the outage of {:?}",
                 env.bridge.pid(),
@@ -1337,6 +1470,8 @@ struct Scenario {
     default_messages: usize,
     /// The blows, from the seeded generator, the knobs and N.
     plan: fn(&mut StdRng, &Knobs, usize) -> Vec<Strike>,
+    /// Bridge processes (workers on one PostgreSQL database behind a balancer when more than 1).
+    workers: usize,
 }
 
 async fn two_way_streams(sc: Scenario) {
@@ -1348,7 +1483,7 @@ async fn two_way_streams(sc: Scenario) {
         k.seed, k.kills, k.outages, k.pace_ms
     );
     let test_start = Instant::now();
-    let mut env = ChaosEnv::start(sc.db).await;
+    let mut env = ChaosEnv::start_with(sc.db, sc.workers).await;
     let alice = env.synapse.user("alice").await;
     let (mgmt, me) = login(&alice).await;
     let mut a = env.node();
@@ -1567,8 +1702,8 @@ async fn two_way_streams(sc: Scenario) {
     }
     notes.extend(bot_notices(&dm_events));
     notes.extend(bot_notices(&group_events));
-    if !env.bridge.is_running() {
-        notes.push("the bridge is not running at the end of the run".to_owned());
+    if !env.all_running() {
+        notes.push("the bridge (a worker) is not running at the end of the run".to_owned());
     }
     eprintln!(
         "\nchaos {scenario} (MIB_CHAOS_SEED={}; setup {:.1}s, streams {:.1}s, drain {:.1}s)\n{t}{}\n",
@@ -1598,6 +1733,7 @@ async fn two_way_streams_survive_kill_9() {
         group: true,
         default_messages: 100,
         plan: |rng, k, n| chaos_plan(rng, k.kills, n, k.pace_ms),
+        workers: 1,
     })
     .await;
 }
@@ -1610,6 +1746,7 @@ async fn two_way_streams_survive_kill_9_on_postgres() {
         group: true,
         default_messages: 100,
         plan: |rng, k, n| chaos_plan(rng, k.kills, n, k.pace_ms),
+        workers: 1,
     })
     .await;
 }
@@ -1625,6 +1762,7 @@ async fn synapse_restart_mid_stream() {
         group: false,
         default_messages: 60,
         plan: |rng, k, n| outage_plan(rng, Blow::Synapse, k.outages, n, k.pace_ms, 2000..=5000),
+        workers: 1,
     })
     .await;
 }
@@ -1639,6 +1777,24 @@ async fn postgres_outage_mid_stream() {
         group: false,
         default_messages: 60,
         plan: |rng, k, n| outage_plan(rng, Blow::Postgres, k.outages, n, k.pace_ms, 4000..=6000),
+        workers: 1,
+    })
+    .await;
+}
+
+/// Three workers share one PostgreSQL database behind a round-robin balancer (each takes
+/// appservice transactions); the one running the user's login is killed with SIGKILL during a
+/// two-way stream through a DM and a group and stays dead. The others take its login and its
+/// rooms over (the log says after how long), and nothing is lost or doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_workers_one_killed_mid_stream() {
+    two_way_streams(Scenario {
+        name: "three_workers_one_killed_mid_stream",
+        db: Db::Postgres,
+        group: true,
+        default_messages: 60,
+        plan: |rng, k, n| outage_plan(rng, Blow::Worker, 1, n, k.pace_ms, 0..=0),
+        workers: 3,
     })
     .await;
 }

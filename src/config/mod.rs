@@ -41,6 +41,8 @@ pub struct Config {
     #[serde(default)]
     pub database: DatabaseConfig,
     #[serde(default)]
+    pub workers: WorkersConfig,
+    #[serde(default)]
     pub bridge: BridgeConfig,
     #[serde(default)]
     pub encryption: EncryptionConfig,

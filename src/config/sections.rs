@@ -48,6 +48,30 @@ impl Default for MetricsConfig {
     }
 }
 
+/// Several bridge processes on one PostgreSQL database (docs/scaling.md).
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkersConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    /// This worker's name among the others (unique); empty: the host name and process id.
+    #[serde(default)]
+    pub id: String,
+}
+
+impl WorkersConfig {
+    /// This worker's id: the configured one, else the host name and process id.
+    pub fn worker_id(&self) -> String {
+        if !self.id.is_empty() {
+            return self.id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "worker".to_owned());
+        format!("{host}-{}", std::process::id())
+    }
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoggingConfig {

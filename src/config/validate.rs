@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 
 use url::Url;
 
-use super::{Config, ConfigError, PLACEHOLDER_TOKEN, PermissionLevel, invalid};
+use super::{Config, ConfigError, DatabaseType, PLACEHOLDER_TOKEN, PermissionLevel, invalid};
 
 impl Config {
     /// Checks everything that can be checked before start-up; the error names the key.
@@ -30,6 +30,7 @@ impl Config {
     pub fn validate_except_tokens(&self) -> Result<(), ConfigError> {
         self.check_homeserver_and_appservice()?;
         self.check_database()?;
+        self.check_workers()?;
         self.check_bridge()?;
         self.check_interop()?;
         self.check_http_apis()?;
@@ -143,6 +144,26 @@ impl Config {
             return Err(invalid(
                 "encryption.default",
                 "needs encryption.allow to be true",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Several workers need a database they can share.
+    fn check_workers(&self) -> Result<(), ConfigError> {
+        if !self.workers.enabled {
+            return Ok(());
+        }
+        if self.database.db_type() != DatabaseType::Postgres {
+            return Err(invalid(
+                "workers.enabled",
+                "several workers need database.type postgres (SQLite is one process's)",
+            ));
+        }
+        if self.encryption.allow {
+            return Err(invalid(
+                "workers.enabled",
+                "several workers do not support encryption yet (encryption.allow must be false); see docs/scaling.md",
             ));
         }
         Ok(())

@@ -14,6 +14,7 @@ pub mod portal;
 use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -712,6 +713,29 @@ impl BridgeSetup {
         self.start_in(None).await
     }
 
+    /// Starts one worker of several (`workers.enabled` in the config): its own appservice and
+    /// metrics ports and id, through the environment; waits for its /health.
+    pub async fn start_worker(&self, id: &str, port: u16, metrics_port: u16) -> Proc {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_matrix-interop-bridge"));
+        cmd.arg("-c")
+            .arg(&self.config)
+            .env(
+                "MIB_VAULT_MASTER_KEY",
+                "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+            )
+            .env("MIB__APPSERVICE__PORT", port.to_string())
+            .env("MIB__METRICS__LISTEN", format!("127.0.0.1:{metrics_port}"))
+            .env("MIB__WORKERS__ID", id);
+        let proc = Proc::spawn("bridge", cmd, self.dir.join(format!("bridge-{id}.log")));
+        wait_http(
+            &format!("http://127.0.0.1:{port}/health"),
+            Duration::from_secs(30),
+            &proc,
+        )
+        .await;
+        proc
+    }
+
     /// Starts the bridge with `workdir` as its working directory (the test's own by default).
     pub async fn start_in(&self, workdir: Option<&Path>) -> Proc {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_matrix-interop-bridge"));
@@ -776,4 +800,54 @@ pub async fn forward(
 
 pub fn urlencode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// A round-robin HTTP load balancer for the tests' workers, as an admin's haproxy or nginx
+/// would be: each request goes to the next upstream, and to the one after it when that one
+/// cannot be reached (a worker that died); a request that reached an upstream which failed while
+/// answering gets a 502 back, as from a reverse proxy.
+pub async fn serve_balancer(port: u16, upstreams: Vec<String>) -> tokio::task::JoinHandle<()> {
+    use axum::{extract::State, response::Response};
+    #[derive(Clone)]
+    struct Lb {
+        http: reqwest::Client,
+        upstreams: Arc<Vec<String>>,
+        next: Arc<std::sync::atomic::AtomicUsize>,
+    }
+    async fn balance(State(lb): State<Lb>, req: axum::extract::Request) -> Response {
+        let (parts, body) = req.into_parts();
+        let Ok(bytes) = axum::body::to_bytes(body, 64 * 1024 * 1024).await else {
+            return Response::builder()
+                .status(400)
+                .body(axum::body::Body::empty())
+                .expect("response");
+        };
+        let start = lb.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let n = lb.upstreams.len();
+        for i in 0..n {
+            let upstream = &lb.upstreams[(start + i) % n];
+            // A quick probe first, so that a dead upstream is skipped rather than answered 502.
+            let addr = upstream.trim_start_matches("http://");
+            if tokio::net::TcpStream::connect(addr).await.is_err() {
+                continue;
+            }
+            return forward(&lb.http, upstream, &parts, bytes.to_vec()).await;
+        }
+        Response::builder()
+            .status(502)
+            .body(axum::body::Body::from("no upstream"))
+            .expect("response")
+    }
+    let lb = Lb {
+        http: reqwest::Client::new(),
+        upstreams: Arc::new(upstreams),
+        next: Arc::default(),
+    };
+    let app = axum::Router::new().fallback(balance).with_state(lb);
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .expect("balancer port");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    })
 }

@@ -350,6 +350,9 @@ impl Bridge {
                         "Send the code you received (digits only), or `cancel`.",
                     ));
                 }
+                if let Err(e) = self.claim_login(sender).await {
+                    return Some(CommandOutcome::text(format!("Cannot log in now: {e}")));
+                }
                 Some(
                     match self
                         .network
@@ -433,6 +436,7 @@ impl Bridge {
         if let Err(e) = self.network.logout(sender).await {
             return CommandOutcome::text(format!("Logout failed: {e}"));
         }
+        self.release_login(sender).await;
         let bot = self.matrix.bot_mxid().to_owned();
         for p in &portals {
             if let Some(room) = p.room_id.as_ref().map(|r| r.as_str()) {

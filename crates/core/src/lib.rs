@@ -28,6 +28,7 @@ use tokio::sync::Mutex;
 use settings::{BridgeConfig, PermissionLevel};
 use store::{PortalStore, StoreError, UserStore};
 
+pub mod cluster;
 pub mod commands;
 mod ghost;
 #[cfg(any(test, feature = "testing"))]
@@ -353,6 +354,8 @@ pub struct Bridge {
     /// Network look-ups made for the homeserver's user queries.
     pub(crate) user_lookups: Mutex<ghost::LookupLimit>,
     pub(crate) metrics: metrics::Metrics,
+    /// With several workers on one database: this worker's leases.
+    pub(crate) cluster: std::sync::OnceLock<Arc<cluster::Cluster>>,
 }
 
 impl Bridge {
@@ -379,6 +382,36 @@ impl Bridge {
             leave_after: Mutex::new(HashSet::new()),
             user_lookups: Mutex::new(ghost::LookupLimit::new()),
             metrics,
+            cluster: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Makes this bridge one worker of several: logins run where their lease is (see
+    /// [`cluster`]).
+    pub fn join_cluster(&self, cluster: Arc<cluster::Cluster>) {
+        let _ = self.cluster.set(cluster);
+    }
+
+    /// Before a new login starts here: with several workers, takes its lease; refuses when
+    /// another worker runs the user's login.
+    pub(crate) async fn claim_login(&self, mxid: &str) -> Result<(), BridgeError> {
+        let Some(c) = self.cluster.get() else {
+            return Ok(());
+        };
+        if c.claim_login(mxid).await? {
+            Ok(())
+        } else {
+            Err(BridgeError::NotReady(
+                "your login is running in another worker of the bridge; try again in a few seconds"
+                    .into(),
+            ))
+        }
+    }
+
+    /// After a logout: with several workers, lets the login's lease go.
+    pub(crate) async fn release_login(&self, mxid: &str) {
+        if let Some(c) = self.cluster.get() {
+            c.release_login(mxid).await;
         }
     }
 

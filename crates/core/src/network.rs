@@ -91,6 +91,8 @@ pub trait Network: Send + Sync {
     async fn reconnect(&self, mxid: &str) -> Result<Arc<dyn NetAccount>, NetError>;
     /// Disconnects and destroys everything the bridge holds for the login.
     async fn logout(&self, mxid: &str) -> Result<(), NetError>;
+    /// Stops the running login and keeps what is stored (another worker takes it over).
+    async fn stop(&self, _mxid: &str) {}
     /// The connected account of `mxid`.
     fn account(&self, mxid: &str) -> Option<Arc<dyn NetAccount>>;
     /// Some connected login, for look-ups that belong to no user in particular.

@@ -137,6 +137,9 @@ impl Provisioning for Bridge {
                 "no login in progress: call login/start first".into(),
             ));
         };
+        self.claim_login(user)
+            .await
+            .map_err(|e| ProvError::Conflict(e.to_string()))?;
         match self
             .network
             .verify_and_connect(user, &account, code.trim())

@@ -145,3 +145,46 @@ pub trait KvStore: Send + Sync {
     async fn kv_get(&self, key: &str) -> Result<Option<String>, StoreError>;
     async fn kv_set(&self, key: &str, value: &str) -> Result<(), StoreError>;
 }
+
+/// A lease as stored: who holds it and until when.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    pub holder: String,
+    /// Milliseconds since the Unix epoch.
+    pub expires_at: i64,
+    /// How many times the lease changed hands.
+    pub generation: i64,
+}
+
+/// Leases of the workers sharing one database (see [`crate::cluster`]). Times are the workers'
+/// clocks in milliseconds since the Unix epoch.
+#[async_trait]
+pub trait LeaseStore: Send + Sync {
+    /// Takes or renews the lease `name` for `holder` until `until`: it succeeds when nobody
+    /// holds it, `holder` holds it already, or its holder let it expire (`expires_at <= now`).
+    /// Returns the lease's generation (raised by one whenever the holder changes), `None` when
+    /// another holder has it.
+    async fn take_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        until: i64,
+        now: i64,
+    ) -> Result<Option<i64>, StoreError>;
+    /// Renews every lease `holder` still holds (not expired at `now`) until `until`, in one
+    /// statement; returns their names.
+    async fn renew_leases(
+        &self,
+        holder: &str,
+        until: i64,
+        now: i64,
+    ) -> Result<Vec<String>, StoreError>;
+    /// Lets the lease go at once, if `holder` holds it.
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError>;
+    async fn lease(&self, name: &str) -> Result<Option<Lease>, StoreError>;
+    /// The live leases (not expired at `now`) whose names start with `prefix`, by name.
+    async fn live_leases(&self, prefix: &str, now: i64)
+    -> Result<Vec<(String, Lease)>, StoreError>;
+    /// Logins (their Matrix ids) whose `login:` lease nobody holds at `now`.
+    async fn unheld_logins(&self, now: i64) -> Result<Vec<String>, StoreError>;
+}

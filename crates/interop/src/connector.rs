@@ -389,6 +389,13 @@ impl Network for InteropNetwork {
             .map_err(|e| NetError::Other(e.to_string()))
     }
 
+    async fn stop(&self, mxid: &str) {
+        let acc = self.accounts.lock().expect("lock").remove(mxid);
+        if let Some(acc) = acc {
+            acc.stop(&self.gauges).await;
+        }
+    }
+
     fn account(&self, mxid: &str) -> Option<Arc<dyn NetAccount>> {
         self.accounts
             .lock()

@@ -38,7 +38,7 @@ use tokio::sync::{Mutex, Notify, RwLock};
 
 use super::client::{HomeserverClient, MatrixError};
 use matrix_sdk_crypto::store::DynCryptoStore;
-use mib_core::store::KvStore;
+use mib_core::store::{KvStore, LeaseStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CryptoError {
@@ -160,6 +160,8 @@ pub struct CryptoOptions {
     /// MSC4350 instead of ghosts' own devices: each ghost gets a device without keys that names
     /// the bot's device as its impersonator, and the bot's device encrypts for it.
     pub msc4350: bool,
+    /// Several workers on one database: each device is used by one worker at a time.
+    pub workers: Option<Workers>,
 }
 
 /// The unstable name of MSC4350's `impersonator` field of device keys.
@@ -430,7 +432,11 @@ async fn migrate_store(
 /// One Matrix device the bridge runs: the bot's, or a ghost's. It owns an `OlmMachine` and
 /// sends what the machine asks for in the name of its user and device (MSC3202 masquerading).
 struct Device {
-    olm: OlmMachine,
+    /// The device's machine; replaced by a fresh one from the store when another worker used
+    /// the device meanwhile.
+    olm: std::sync::RwLock<OlmMachine>,
+    /// With several workers: the lease that lets one worker at a time use the device.
+    shared: Option<SharedDevice>,
     hs: HomeserverClient,
     user: OwnedUserId,
     device: OwnedDeviceId,
@@ -493,7 +499,64 @@ impl<'a> DeviceChanges<'a> {
     }
 }
 
+/// With several workers on one database: the leases, and this worker's id.
+pub type Workers = (Arc<dyn LeaseStore>, String);
+
+/// How long one use of a device may hold it (a slow homeserver is retried within this).
+const DEVICE_LEASE_MS: i64 = 30_000;
+/// How long a use of a device waits for another worker to finish with it.
+const DEVICE_PATIENCE: Duration = Duration::from_secs(30);
+
+/// A device used by several workers, one at a time.
+struct SharedDevice {
+    leases: Arc<dyn LeaseStore>,
+    worker: String,
+    lease: String,
+    store: StoreLocation,
+    folder: PathBuf,
+    /// Held during a use in this process; the lease generation of this worker's last use.
+    turn: Arc<Mutex<Option<i64>>>,
+}
+
+/// One use of a device (see [`Device::hold`]).
+type DeviceHold = Option<mib_core::cluster::Hold<tokio::sync::OwnedMutexGuard<Option<i64>>>>;
+
 impl Device {
+    /// The current machine.
+    fn olm(&self) -> OlmMachine {
+        self.olm.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// With several workers: takes the device for this worker until the hold is dropped, and
+    /// reloads the machine from the store when another worker used the device meanwhile (its
+    /// caches would be stale). A no-op for a single bridge.
+    async fn hold(&self) -> Result<DeviceHold, CryptoError> {
+        let Some(sh) = &self.shared else {
+            return Ok(None);
+        };
+        let turn = sh.turn.clone().lock_owned().await;
+        let mut held = mib_core::cluster::hold(
+            &sh.leases,
+            &sh.lease,
+            &sh.worker,
+            DEVICE_LEASE_MS,
+            DEVICE_PATIENCE,
+            turn,
+        )
+        .await
+        .map_err(store_err)?;
+        let generation = held.generation;
+        if **held.kept() != Some(generation) {
+            let fresh = sh
+                .store
+                .machine(&self.user, &self.device, &sh.folder)
+                .await?;
+            *self.olm.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+            **held.kept() = Some(generation);
+        }
+        Ok(Some(held))
+    }
+
     /// Opens (or creates) the device's crypto store and machine.
     async fn open(
         hs: HomeserverClient,
@@ -501,10 +564,20 @@ impl Device {
         device: OwnedDeviceId,
         store: &StoreLocation,
         folder: &Path,
+        shared: Option<Workers>,
     ) -> Result<Self, CryptoError> {
         let olm = store.machine(&user, &device, folder).await?;
+        let shared = shared.map(|(leases, worker)| SharedDevice {
+            leases,
+            worker,
+            lease: format!("device:{user}/{device}"),
+            store: store.clone(),
+            folder: folder.to_owned(),
+            turn: Arc::new(Mutex::new(None)),
+        });
         Ok(Self {
-            olm,
+            olm: std::sync::RwLock::new(olm),
+            shared,
             hs,
             user,
             device,
@@ -517,8 +590,9 @@ impl Device {
     /// device with it. The appservice asserts the user, so no interactive auth is needed
     /// (MSC4190).
     async fn cross_sign(&self) -> Result<(), CryptoError> {
+        let _held = self.hold().await?;
         let reqs = self
-            .olm
+            .olm()
             .bootstrap_cross_signing(false)
             .await
             .map_err(store_err)?;
@@ -549,7 +623,7 @@ impl Device {
         match req {
             AnyOutgoingRequest::KeysUpload(r) => {
                 let resp = self.hs.send(r.clone(), u, d).await?;
-                self.olm
+                self.olm()
                     .mark_request_as_sent(id, &resp)
                     .await
                     .map_err(store_err)?;
@@ -558,14 +632,14 @@ impl Device {
                 let mut r = get_keys::v3::Request::new();
                 r.device_keys = q.device_keys.clone();
                 let resp = self.hs.send(r, u, d).await?;
-                self.olm
+                self.olm()
                     .mark_request_as_sent(id, &resp)
                     .await
                     .map_err(store_err)?;
             }
             AnyOutgoingRequest::KeysClaim(c) => {
                 let resp = self.hs.send(c.clone(), u, d).await?;
-                self.olm
+                self.olm()
                     .mark_request_as_sent(id, &resp)
                     .await
                     .map_err(store_err)?;
@@ -577,7 +651,7 @@ impl Device {
                     t.messages.clone(),
                 );
                 let resp = self.hs.send(r, u, d).await?;
-                self.olm
+                self.olm()
                     .mark_request_as_sent(id, &resp)
                     .await
                     .map_err(store_err)?;
@@ -585,7 +659,7 @@ impl Device {
             AnyOutgoingRequest::SignatureUpload(s) => {
                 let r = upload_signatures::v3::Request::new(s.signed_keys.clone());
                 let resp = self.hs.send(r, u, d).await?;
-                self.olm
+                self.olm()
                     .mark_request_as_sent(id, &resp)
                     .await
                     .map_err(store_err)?;
@@ -597,8 +671,14 @@ impl Device {
 
     /// Sends everything the machine asks for.
     async fn flush(&self) -> Result<(), CryptoError> {
+        let _held = self.hold().await?;
+        self.flush_held().await
+    }
+
+    /// [`Device::flush`] within a use of the device.
+    async fn flush_held(&self) -> Result<(), CryptoError> {
         let _guard = self.flush_lock.lock().await;
-        for r in self.olm.outgoing_requests().await.map_err(store_err)? {
+        for r in self.olm().outgoing_requests().await.map_err(store_err)? {
             self.send_outgoing(r.request_id(), r.request()).await?;
         }
         Ok(())
@@ -606,8 +686,9 @@ impl Device {
 
     /// Feeds what a transaction carries for this device; true when room keys arrived.
     async fn receive(&self, changes: DeviceChanges<'_>) -> Result<bool, CryptoError> {
+        let _held = self.hold().await?;
         let (_, room_keys) = self
-            .olm
+            .olm()
             .receive_sync_changes(
                 EncryptionSyncChanges {
                     to_device_events: changes.to_device,
@@ -620,7 +701,7 @@ impl Device {
             )
             .await
             .map_err(store_err)?;
-        self.flush().await?;
+        self.flush_held().await?;
         Ok(!room_keys.is_empty())
     }
 
@@ -639,17 +720,18 @@ impl Device {
             .or_default()
             .clone();
         let _one_writer = lock.lock().await;
+        let _held = self.hold().await?;
         let members = self.hs.joined_members(room, &self.user).await?;
         // Plain references collected first: a borrowing iterator held across an await would
         // make this future non-Send.
         let refs: Vec<&ruma::UserId> = members.iter().map(|u| &**u).collect();
-        self.olm
+        self.olm()
             .update_tracked_users(refs.clone())
             .await
             .map_err(store_err)?;
-        self.flush().await?;
+        self.flush_held().await?;
         if let Some((txn, claim)) = self
-            .olm
+            .olm()
             .get_missing_sessions(refs.clone().into_iter())
             .await
             .map_err(store_err)?
@@ -659,13 +741,13 @@ impl Device {
                 .hs
                 .send(claim, Some(&self.user), Some(&self.device))
                 .await?;
-            self.olm
+            self.olm()
                 .mark_request_as_sent(&txn, &resp)
                 .await
                 .map_err(store_err)?;
         }
         let shares = self
-            .olm
+            .olm()
             .share_room_key(
                 room,
                 refs.clone().into_iter(),
@@ -683,7 +765,7 @@ impl Device {
                 .hs
                 .send(r, Some(&self.user), Some(&self.device))
                 .await?;
-            self.olm
+            self.olm()
                 .mark_request_as_sent(&td.txn_id, &resp)
                 .await
                 .map_err(store_err)?;
@@ -693,7 +775,7 @@ impl Device {
                 .map_err(|e| CryptoError::Encrypt(e.to_string()))?,
         );
         let enc = self
-            .olm
+            .olm()
             .encrypt_room_event_raw(room, event_type, &raw)
             .await
             .map_err(|e| CryptoError::Encrypt(e.to_string()))?;
@@ -703,7 +785,14 @@ impl Device {
     }
 
     async fn discard_room_key(&self, room: &RoomId) {
-        if let Err(e) = self.olm.discard_room_key(room).await {
+        let _held = match self.hold().await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot discard a room key");
+                return;
+            }
+        };
+        if let Err(e) = self.olm().discard_room_key(room).await {
             tracing::warn!(error = %e, "cannot discard a room key");
         }
     }
@@ -725,6 +814,8 @@ struct GhostDevices {
     cache: std::sync::Mutex<GhostCache<Device>>,
     /// Serialises loading and creating (one machine per ghost, ever).
     opening: Mutex<()>,
+    /// Several workers: devices are shared, and one ghost's device is created by one worker.
+    workers: Option<Workers>,
 }
 
 /// The loaded ghost devices, least recently used dropped first; one that is in use (held
@@ -800,6 +891,23 @@ impl GhostDevices {
         if let Some(d) = self.cached().get(user) {
             return Ok(Some(d));
         }
+        // Several workers: one at a time sets up a ghost's device (else two might create one
+        // each).
+        let _setup = match &self.workers {
+            Some((leases, worker)) => Some(
+                mib_core::cluster::hold(
+                    leases,
+                    &format!("ghost-setup:{user}"),
+                    worker,
+                    DEVICE_LEASE_MS,
+                    DEVICE_PATIENCE,
+                    (),
+                )
+                .await
+                .map_err(store_err)?,
+            ),
+            None => None,
+        };
         let mut record = match self.store.ghost_record(user).await? {
             Some(r) => r,
             None if create => {
@@ -830,12 +938,14 @@ impl GhostDevices {
             record.device.clone(),
             &self.store,
             &folder,
+            self.workers.clone(),
         )
         .await?;
         if record.ready {
             // Device-list changes that came while it was not loaded were not fed to it.
+            let _held = device.hold().await?;
             device
-                .olm
+                .olm()
                 .mark_all_tracked_users_as_dirty()
                 .await
                 .map_err(store_err)?;
@@ -885,10 +995,18 @@ impl Crypto {
             hs.create_device(&user, &device, "Interop bridge").await?;
         }
         let root = opts.store.root().map(Path::to_path_buf).unwrap_or_default();
-        let bot = Device::open(hs.clone(), user, device, &opts.store, &root).await?;
+        let bot = Device::open(
+            hs.clone(),
+            user,
+            device,
+            &opts.store,
+            &root,
+            opts.workers.clone(),
+        )
+        .await?;
         bot.flush().await?;
         if opts.self_sign {
-            let status = bot.olm.cross_signing_status().await;
+            let status = bot.olm().cross_signing_status().await;
             if !(status.has_master && status.has_self_signing) {
                 bot.cross_sign().await?;
                 tracing::info!("bridge device cross-signed by the bot's identity");
@@ -908,6 +1026,7 @@ impl Crypto {
                 capacity: opts.ghost_device_cache.max(1),
                 cache: std::sync::Mutex::new(GhostCache::default()),
                 opening: Mutex::new(()),
+                workers: opts.workers.clone(),
             })
         } else {
             None
@@ -1004,12 +1123,14 @@ impl Crypto {
             serde_json::value::to_raw_value(event)
                 .map_err(|e| CryptoError::Decrypt(e.to_string()))?,
         );
-        match self
+        let held = self.bot.hold().await?;
+        let decrypted = self
             .bot
-            .olm
+            .olm()
             .decrypt_room_event(&raw, &room, &settings())
-            .await
-        {
+            .await;
+        drop(held);
+        match decrypted {
             Ok(d) => {
                 let inner: Value = d
                     .event
@@ -1031,7 +1152,10 @@ impl Crypto {
         else {
             return;
         };
-        if let Ok((cancel, request)) = self.bot.olm.request_room_key(&raw, &room).await {
+        let Ok(_held) = self.bot.hold().await else {
+            return;
+        };
+        if let Ok((cancel, request)) = self.bot.olm().request_room_key(&raw, &room).await {
             if let Some(c) = cancel {
                 let _ = self.bot.send_outgoing(c.request_id(), c.request()).await;
             }
@@ -1109,7 +1233,7 @@ impl Crypto {
         device: &DeviceId,
     ) -> Result<Value, CryptoError> {
         let (bot, bot_device) = (&self.bot.user, &self.bot.device);
-        let ids = self.bot.olm.identity_keys();
+        let ids = self.bot.olm().identity_keys();
         let mut keys = json!({
             "user_id": ghost,
             "device_id": device,
@@ -1128,7 +1252,7 @@ impl Crypto {
         let canonical = ruma::canonical_json::to_canonical_value(&keys)
             .map_err(store_err)?
             .to_string();
-        let all = self.bot.olm.sign(&canonical).await.map_err(store_err)?;
+        let all = self.bot.olm().sign(&canonical).await.map_err(store_err)?;
         let all = serde_json::to_value(&all).map_err(store_err)?;
         let key_id = format!("ed25519:{bot_device}");
         let sig = all[bot.as_str()][&key_id].clone();

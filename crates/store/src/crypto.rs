@@ -1001,20 +1001,8 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
-    use crate::testing;
 
-    macro_rules! crypto_suite {
-        ($($name:ident),* $(,)?) => {
-            mod sqlite_suite {
-                $(#[tokio::test] async fn $name() { let (s, _d) = super::testing::sqlite().await; super::$name(s).await; })*
-            }
-            mod postgres_suite {
-                $(#[tokio::test] async fn $name() { let s = super::testing::postgres().await; super::$name(s).await; })*
-            }
-        };
-    }
-
-    crypto_suite!(
+    on_both_databases!(owned
         two_devices_talk_and_keep_their_keys_across_restarts,
         rows_are_sealed_and_bound_to_their_place,
         lookups_by_user_request_and_secret_name,

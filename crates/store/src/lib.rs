@@ -22,7 +22,30 @@ use sqlx::{
 
 use crate::settings::{DatabaseConfig, DatabaseType};
 
+/// Runs each named check of the enclosing test module on SQLite and on PostgreSQL: an
+/// `async fn(&SqlStore)`, or with `owned` first an `async fn(SqlStore)`.
+#[cfg(test)]
+macro_rules! on_both_databases {
+    (owned $($name:ident),* $(,)?) => {
+        mod sqlite_suite {
+            $(#[tokio::test] async fn $name() { let (s, _d) = crate::testing::sqlite().await; super::$name(s).await; })*
+        }
+        mod postgres_suite {
+            $(#[tokio::test] async fn $name() { let s = crate::testing::postgres().await; super::$name(s).await; })*
+        }
+    };
+    ($($name:ident),* $(,)?) => {
+        mod sqlite_suite {
+            $(#[tokio::test] async fn $name() { let (s, _d) = crate::testing::sqlite().await; super::$name(&s).await; })*
+        }
+        mod postgres_suite {
+            $(#[tokio::test] async fn $name() { let s = crate::testing::postgres().await; super::$name(&s).await; })*
+        }
+    };
+}
+
 pub mod crypto;
+mod lease;
 pub mod portal;
 pub mod requests;
 pub mod settings;
@@ -126,6 +149,9 @@ pub struct SqlStore {
     vault_writer: vault::GroupWriter,
 }
 
+/// The advisory lock of the queue's writers on PostgreSQL (the number is the bridge's own).
+const PG_QUEUE_LOCK: &str = "SELECT pg_advisory_xact_lock(7305142081)";
+
 /// `$1, $2, …, $n`: the placeholders of an `IN (…)` list of `n` values (written `{MARKS}` in a
 /// statement, so that the SQL check can prepare it).
 pub(crate) fn marks(n: usize) -> String {
@@ -191,6 +217,21 @@ impl SqlStore {
             queue_writer: Arc::default(),
             vault_writer: vault::GroupWriter::default(),
         })
+    }
+
+    /// On PostgreSQL, makes the queue writes of all the workers sharing the database take their
+    /// turns, as `queue_writer` does within one process (a transaction-scoped advisory lock,
+    /// released at commit or rollback). SQLite has one writer at a time anyway.
+    async fn lock_queue(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    ) -> Result<(), StoreError> {
+        if self.kind == DatabaseType::Postgres {
+            // Not a literal: the SQL check prepares statements on both databases, and this one
+            // is PostgreSQL's alone.
+            sqlx::query(PG_QUEUE_LOCK).execute(&mut **tx).await?;
+        }
+        Ok(())
     }
 
     fn migrator(&self) -> &'static sqlx::migrate::Migrator {
@@ -297,6 +338,7 @@ impl TxnStore for SqlStore {
     ) -> Result<TxnOutcome, CoreError> {
         let _writer = self.queue_writer.lock().await;
         let mut tx = self.pool.begin().await.db()?;
+        self.lock_queue(&mut tx).await?;
         let seen: Option<Vec<u8>> =
             sqlx::query_scalar("SELECT body_hash FROM appservice_txn WHERE txn_id = $1")
                 .bind(txn_id)
@@ -330,6 +372,7 @@ impl TxnStore for SqlStore {
     async fn queue_missed(&self, events: &[QueuedEvent]) -> Result<usize, CoreError> {
         let _writer = self.queue_writer.lock().await;
         let mut tx = self.pool.begin().await.db()?;
+        self.lock_queue(&mut tx).await?;
         let queued = queue_new(&mut tx, events, now_ms()).await?;
         tx.commit().await.db()?;
         Ok(queued)
@@ -521,19 +564,8 @@ pub mod testing {
 mod tests {
     use super::*;
 
-    /// The conformance suite: every check runs on both databases.
-    macro_rules! store_suite {
-        ($($name:ident),* $(,)?) => {
-            mod sqlite_suite {
-                $(#[tokio::test] async fn $name() { let (s, _d) = super::testing::sqlite().await; super::$name(&s).await; })*
-            }
-            mod postgres_suite {
-                $(#[tokio::test] async fn $name() { let s = super::testing::postgres().await; super::$name(&s).await; })*
-            }
-        };
-    }
-
-    store_suite!(
+    // The conformance suite: every check runs on both databases.
+    on_both_databases!(
         retried_transaction_has_no_second_effect,
         restarted_txn_counter_is_new,
         users_and_kv,

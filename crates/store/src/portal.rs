@@ -319,20 +319,8 @@ impl PortalStore for SqlStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing;
 
-    macro_rules! suite {
-        ($($name:ident),* $(,)?) => {
-            mod sqlite_suite {
-                $(#[tokio::test] async fn $name() { let (s, _d) = super::testing::sqlite().await; super::$name(&s).await; })*
-            }
-            mod postgres_suite {
-                $(#[tokio::test] async fn $name() { let s = super::testing::postgres().await; super::$name(&s).await; })*
-            }
-        };
-    }
-
-    suite!(logins_portals_and_map);
+    on_both_databases!(logins_portals_and_map);
 
     async fn logins_portals_and_map(s: &SqlStore) {
         s.set_login("@a:x", "+15550001111").await.expect("login");

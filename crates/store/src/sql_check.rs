@@ -20,6 +20,7 @@ const SOURCES: &[(&str, &str)] = &[
     ("crypto.rs", include_str!("crypto.rs")),
     ("vault.rs", include_str!("vault.rs")),
     ("requests.rs", include_str!("requests.rs")),
+    ("lease.rs", include_str!("lease.rs")),
 ];
 
 /// Reads the string literal starting at `s[0] == '"'`: its value (escapes and line continuations

@@ -397,18 +397,7 @@ mod tests {
 
     use crate::{SqlStore, testing};
 
-    macro_rules! vault_suite {
-        ($($name:ident),* $(,)?) => {
-            mod sqlite_suite {
-                $(#[tokio::test] async fn $name() { let (s, _d) = super::testing::sqlite().await; super::$name(s).await; })*
-            }
-            mod postgres_suite {
-                $(#[tokio::test] async fn $name() { let s = super::testing::postgres().await; super::$name(s).await; })*
-            }
-        };
-    }
-
-    vault_suite!(
+    on_both_databases!(owned
         commits_of_many_logins_at_once_each_land_whole,
         records_roundtrip_and_shred,
         rotation_rewraps_without_touching_records,

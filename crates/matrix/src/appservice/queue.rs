@@ -26,6 +26,7 @@ use super::{QUEUE_AD, QueueItem};
 use crate::crypto::{Crypto, CryptoChanges, CryptoError};
 use mib_core::{
     BridgeError, MatrixEventHandler, RetryClass,
+    cluster::EventRouter,
     metrics::Metrics,
     store::{StoredEvent, TxnStore},
 };
@@ -58,6 +59,20 @@ pub struct QueueWorker {
     pub metrics: Metrics,
     /// The bot's crypto device, when encryption is allowed.
     pub crypto: Option<Arc<Crypto>>,
+    /// With several workers on one database: which queued events are this worker's. Without
+    /// it every event is.
+    pub router: Option<Arc<dyn EventRouter>>,
+}
+
+/// How often a worker of several looks for events the others queued.
+const SHARED_QUEUE_POLL: Duration = Duration::from_millis(200);
+
+/// Events handed to a lane (or being handled) and not yet out of the queue: reading the queue
+/// again from its start (after a worker took over rooms) skips them.
+type InFlight = Arc<Mutex<std::collections::HashSet<i64>>>;
+
+fn in_flight(set: &InFlight) -> std::sync::MutexGuard<'_, std::collections::HashSet<i64>> {
+    set.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 type Lanes = Arc<Mutex<HashMap<String, mpsc::UnboundedSender<StoredEvent>>>>;
@@ -82,6 +97,7 @@ const MAX_REMOVALS: usize = 512;
 async fn remove_handled(
     store: Arc<dyn TxnStore>,
     mut handled: mpsc::UnboundedReceiver<i64>,
+    flying: InFlight,
     shutdown: watch::Receiver<bool>,
 ) {
     let mut batch = Vec::new();
@@ -96,6 +112,12 @@ async fn remove_handled(
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
+        {
+            let mut f = in_flight(&flying);
+            for seq in &batch {
+                f.remove(seq);
+            }
+        }
         batch.clear();
     }
 }
@@ -108,15 +130,26 @@ impl QueueWorker {
         let lanes: Lanes = Arc::default();
         let mut tasks = JoinSet::new();
         let (done, handled) = mpsc::unbounded_channel();
+        let flying = InFlight::default();
         let remover = tokio::spawn(remove_handled(
             this.store.clone(),
             handled,
+            flying.clone(),
             shutdown.clone(),
         ));
-        // Events up to this sequence number have been handed out.
+        // Events up to this sequence number have been handed out (or passed over as another
+        // worker's).
         let mut dispatched = 0i64;
+        let mut epoch = this.router.as_ref().map(|r| r.epoch());
         let mut backoff = FIRST_BACKOFF;
         while !*shutdown.borrow() {
+            if let Some(r) = &this.router
+                && epoch != Some(r.epoch())
+            {
+                // Leases taken over: what was passed over may be this worker's now.
+                epoch = Some(r.epoch());
+                dispatched = 0;
+            }
             let batch = match this.store.queued_events_after(dispatched, BATCH).await {
                 Ok(b) => {
                     backoff = FIRST_BACKOFF;
@@ -129,17 +162,37 @@ impl QueueWorker {
                 }
             };
             if batch.is_empty() {
+                let poll = match &this.router {
+                    Some(_) => SHARED_QUEUE_POLL.max(backoff - FIRST_BACKOFF),
+                    None => backoff.max(Duration::from_secs(1)),
+                };
+                let router_changed = async {
+                    match &this.router {
+                        Some(r) => r.changed().notified().await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     _ = this.notify.notified() => {}
-                    _ = tokio::time::sleep(backoff.max(Duration::from_secs(1))) => {}
+                    _ = router_changed => {}
+                    _ = tokio::time::sleep(poll) => {}
                     _ = shutdown.changed() => {}
                 }
                 continue;
             }
             for ev in batch {
                 dispatched = ev.seq;
+                if in_flight(&flying).contains(&ev.seq) {
+                    continue;
+                }
+                if let Some(r) = &this.router
+                    && !r.handles(ev.room_id.as_deref()).await
+                {
+                    continue;
+                }
+                in_flight(&flying).insert(ev.seq);
                 let Some(room) = ev.room_id.clone() else {
-                    this.handle_until_done(ev, &done, &mut shutdown.clone())
+                    this.handle_until_done(ev, &done, &flying, &mut shutdown.clone())
                         .await;
                     continue;
                 };
@@ -159,6 +212,7 @@ impl QueueWorker {
                     rx,
                     lanes.clone(),
                     done.clone(),
+                    flying.clone(),
                     shutdown.clone(),
                 ));
                 let _ = tx.send(ev);
@@ -181,6 +235,7 @@ impl QueueWorker {
         mut rx: mpsc::UnboundedReceiver<StoredEvent>,
         lanes: Lanes,
         done: mpsc::UnboundedSender<i64>,
+        flying: InFlight,
         mut shutdown: watch::Receiver<bool>,
     ) {
         loop {
@@ -199,7 +254,8 @@ impl QueueWorker {
             if *shutdown.borrow() {
                 return;
             }
-            self.handle_until_done(ev, &done, &mut shutdown).await;
+            self.handle_until_done(ev, &done, &flying, &mut shutdown)
+                .await;
         }
     }
 
@@ -209,10 +265,22 @@ impl QueueWorker {
         &self,
         mut ev: StoredEvent,
         done: &mpsc::UnboundedSender<i64>,
+        flying: &InFlight,
         shutdown: &mut watch::Receiver<bool>,
     ) {
         let mut backoff = FIRST_BACKOFF;
-        while let Outcome::Retry { after, key } = self.handle_one(&ev).await {
+        loop {
+            // A worker of several: the room may have gone to another worker meanwhile (this one
+            // lost the login's lease); the event stays queued for it.
+            if let Some(r) = &self.router
+                && !r.handles(ev.room_id.as_deref()).await
+            {
+                in_flight(flying).remove(&ev.seq);
+                return;
+            }
+            let Outcome::Retry { after, key } = self.handle_one(&ev).await else {
+                break;
+            };
             ev.attempts += 1;
             let keys = async {
                 match (&self.crypto, key) {
@@ -400,6 +468,11 @@ impl QueueWorker {
                         }
                         Err(BridgeError::MissingRoomKey)
                     }
+                    // The crypto store away (a database outage) or the device busy in another
+                    // worker: the event waits, it is not undecryptable.
+                    Err(e @ (CryptoError::Store(_) | CryptoError::Matrix(_))) => {
+                        Err(BridgeError::NotReady(e.to_string()))
+                    }
                     Err(e) => {
                         self.handler
                             .undecryptable(&room, &sender, &e.to_string())
@@ -517,6 +590,7 @@ mod tests {
             handler: recorder.clone(),
             metrics: Metrics::new(),
             crypto: None,
+            router: None,
         };
         let (stop, stop_rx) = watch::channel(false);
         let running = tokio::spawn(worker.run(stop_rx));
