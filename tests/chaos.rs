@@ -61,7 +61,7 @@ use std::{
 
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use common::{
-    BridgeSetup, MatrixUser, Proc, Synapse, free_port,
+    BridgeSetup, MatrixUser, Proc, Synapse, WorkerSet, free_port,
     interop::{CODE, random_account},
     node::{NodeContact, now_ms},
     pg::{drop_pg_schema, point_config_at_postgres, use_fresh_pg_schema},
@@ -217,16 +217,16 @@ enum Db {
     OwnPostgres,
 }
 
+enum Bridge {
+    One(Proc),
+    Workers(WorkerSet),
+}
+
 // Fields drop in order: processes first (the bridge before its database), the directory with
 // their logs last.
 struct ChaosEnv {
-    bridge: Proc,
-    /// With several workers: the others (`bridge` is the first), each with its id and metrics
-    /// port, and the killed ones.
-    workers: Vec<Worker>,
-    dead: Vec<Proc>,
-    bridge_worker: Option<(String, u16)>,
-    _balancer: Option<tokio::task::JoinHandle<()>>,
+    /// The bridge, or the workers when there are several.
+    bridge: Bridge,
     synapse: Synapse,
     gw: GatewayProc,
     pg: Option<PgCluster>,
@@ -234,25 +234,6 @@ struct ChaosEnv {
     bridge_runs: u32,
     pg_schema: Option<String>,
     _tmp: tempfile::TempDir,
-}
-
-struct Worker {
-    proc: Proc,
-    id: String,
-    metrics: u16,
-}
-
-/// A gauge from a worker's /metrics (`None` when it does not answer).
-async fn gauge(metrics_port: u16, name: &str) -> Option<u64> {
-    let text = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
 }
 
 impl ChaosEnv {
@@ -296,41 +277,14 @@ impl ChaosEnv {
         let synapse =
             Synapse::start_for_bridge(&tmp.path().join("hs"), &setup.config, &setup.registration)
                 .await;
-        let mut started = Vec::new();
-        let mut balancer = None;
-        if workers > 1 {
-            // Once the config points at PostgreSQL (it refuses several workers on SQLite).
-            let mut f = std::fs::OpenOptions::new()
-                .append(true)
-                .open(&setup.config)
-                .expect("config");
-            std::io::Write::write_all(&mut f, b"workers:\n    enabled: true\n").expect("config");
-            // The workers behind a balancer on the registered port.
-            let mut upstreams = Vec::new();
-            for i in 0..workers {
-                let (port, metrics) = (free_port(), free_port());
-                let id = format!("w{i}");
-                started.push(Worker {
-                    proc: setup.start_worker(&id, port, metrics).await,
-                    id,
-                    metrics,
-                });
-                upstreams.push(format!("http://127.0.0.1:{port}"));
-            }
-            balancer = Some(common::serve_balancer(setup.port, upstreams).await);
-        }
-        let (bridge, bridge_worker) = if started.is_empty() {
-            (setup.start().await, None)
+        // Workers once the config points at PostgreSQL (several are refused on SQLite).
+        let bridge = if workers > 1 {
+            Bridge::Workers(WorkerSet::start(&setup, workers).await)
         } else {
-            let w = started.remove(0);
-            (w.proc, Some((w.id, w.metrics)))
+            Bridge::One(setup.start().await)
         };
         Self {
             bridge,
-            workers: started,
-            dead: Vec::new(),
-            bridge_worker,
-            _balancer: balancer,
             synapse,
             gw,
             pg,
@@ -350,70 +304,40 @@ impl ChaosEnv {
 
     /// Starts the bridge again after a kill (same config and database); waits for /health.
     async fn start_bridge_again(&mut self) {
-        keep_log(&self.bridge.log, self.bridge_runs);
+        let runs = self.bridge_runs;
+        keep_log(&self.one().log, runs);
         self.bridge_runs += 1;
-        self.bridge = self.setup.start().await;
+        self.bridge = Bridge::One(self.setup.start().await);
     }
 
-    /// Kills the worker running the login (the only one) with SIGKILL; returns its pid and id.
-    async fn kill_login_worker(&mut self) -> (u32, String) {
-        let (id, metrics) = self.bridge_worker.clone().expect("several workers");
-        if gauge(metrics, "mib_logins").await.unwrap_or(0) > 0 {
-            // The first worker runs it: another one takes its place as `bridge`.
-            let next = self.workers.remove(0);
-            let mut old = std::mem::replace(&mut self.bridge, next.proc);
-            self.bridge_worker = Some((next.id, next.metrics));
-            let pid = old.pid();
-            old.kill();
-            self.dead.push(old);
-            return (pid, id);
-        }
-        for i in 0..self.workers.len() {
-            if gauge(self.workers[i].metrics, "mib_logins")
-                .await
-                .unwrap_or(0)
-                > 0
-            {
-                let mut w = self.workers.remove(i);
-                let pid = w.proc.pid();
-                w.proc.kill();
-                self.dead.push(w.proc);
-                return (pid, w.id);
-            }
-        }
-        panic!("no worker runs the login");
-    }
-
-    /// Waits until a live worker has the login connected; returns which and how long it took.
-    async fn wait_login_taken_over(&self, limit: Duration) -> (String, Duration) {
-        let start = Instant::now();
-        loop {
-            let mut live: Vec<(String, u16)> = self.bridge_worker.iter().cloned().collect();
-            live.extend(self.workers.iter().map(|w| (w.id.clone(), w.metrics)));
-            for (id, m) in live {
-                if gauge(m, "mib_logins_connected").await.unwrap_or(0) > 0 {
-                    return (id, start.elapsed());
-                }
-            }
-            assert!(
-                start.elapsed() < limit,
-                "no worker took the login over within {limit:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
+    /// The one bridge (scenarios with one bridge process).
+    fn one(&mut self) -> &mut Proc {
+        match &mut self.bridge {
+            Bridge::One(p) => p,
+            Bridge::Workers(_) => panic!("one bridge process expected"),
         }
     }
 
-    /// Whether every worker not killed on purpose is running.
+    fn workers(&mut self) -> &mut WorkerSet {
+        match &mut self.bridge {
+            Bridge::Workers(w) => w,
+            Bridge::One(_) => panic!("several workers expected"),
+        }
+    }
+
     fn all_running(&mut self) -> bool {
-        self.bridge.is_running() && self.workers.iter_mut().all(|w| w.proc.is_running())
+        match &mut self.bridge {
+            Bridge::One(p) => p.is_running(),
+            Bridge::Workers(w) => w.all_running(),
+        }
     }
 
     /// Drops the PostgreSQL schema of a passed run (a failed one keeps it for inspection).
     async fn drop_pg_schema(&mut self) {
         if let Some(schema) = self.pg_schema.take() {
-            self.bridge.kill();
-            for w in &mut self.workers {
-                w.proc.kill();
+            match &mut self.bridge {
+                Bridge::One(p) => p.kill(),
+                Bridge::Workers(w) => w.kill_all(),
             }
             drop_pg_schema(&schema).await;
         }
@@ -1041,8 +965,8 @@ async fn run_chaos(
         let (killed_at, killed_ms) = (t0.elapsed(), now_ms());
         let pid = match s.blow {
             Blow::Bridge => {
-                let pid = env.bridge.pid();
-                env.bridge.kill();
+                let pid = env.one().pid();
+                env.one().kill();
                 tokio::time::sleep(s.down).await;
                 env.start_bridge_again().await;
                 pid
@@ -1060,8 +984,11 @@ async fn run_chaos(
                 pid
             }
             Blow::Worker => {
-                let (pid, id) = env.kill_login_worker().await;
-                let took = env.wait_login_taken_over(Duration::from_secs(60)).await;
+                let (pid, id) = env.workers().kill_login_worker().await;
+                let took = env
+                    .workers()
+                    .wait_login_taken_over(Duration::from_secs(60))
+                    .await;
                 log.push(format!(
                     "worker {id} (pid {pid}) killed; its login was running again in worker {} after {:.1}s",
                     took.0,
@@ -1102,10 +1029,10 @@ async fn run_chaos(
             t0.elapsed().as_secs_f64()
         ));
         // A bridge that died of the outage gets no restart: it is reported.
-        if !matches!(s.blow, Blow::Bridge | Blow::Worker) && !env.bridge.is_running() {
+        if !matches!(s.blow, Blow::Bridge | Blow::Worker) && !env.all_running() {
             log.push(format!(
                 "the bridge (pid {}) exited during the outage of {:?}",
-                env.bridge.pid(),
+                env.one().pid(),
                 s.blow
             ));
         }
@@ -1824,7 +1751,7 @@ async fn backlog_drains_in_order() {
     let watch = watch_arrivals(&alice);
 
     // The bridge dies; the contact writes M messages, about one in ten an image.
-    env.bridge.kill();
+    env.one().kill();
     let mut rng = StdRng::seed_from_u64(k.seed);
     let mut sent = SentLog::default();
     let mut images = 0;

@@ -82,7 +82,7 @@ fn one_cross_signed_device(c: &mut NodeContact, ghost: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ghost_messages_decrypt_in_a_client_that_excludes_insecure_devices() {
     let mut env = BridgeEnv::start(ENCRYPTION).await;
-    let mut alice = js(&env, "alice", "ALICEWEB", "exclude_insecure");
+    let mut alice = js(&env.synapse, "alice", "ALICEWEB", "exclude_insecure");
     let (mgmt, account) = login(&mut alice);
 
     let mut node = env.node();
@@ -146,7 +146,7 @@ async fn ghost_messages_decrypt_in_a_client_that_excludes_insecure_devices() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_group_member_has_a_trusted_device_of_its_own() {
     let env = BridgeEnv::start(ENCRYPTION).await;
-    let mut alice = js(&env, "alice", "ALICEWEB", "exclude_insecure");
+    let mut alice = js(&env.synapse, "alice", "ALICEWEB", "exclude_insecure");
     let (mgmt, account) = login(&mut alice);
     let mut n1 = env.node();
     let mut n2 = env.node();
@@ -205,7 +205,7 @@ async fn each_group_member_has_a_trusted_device_of_its_own() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_ghost_devices_off_the_same_client_shows_a_red_shield() {
     let env = BridgeEnv::start(&format!("{ENCRYPTION}    ghost_devices: false\n")).await;
-    let mut alice = js(&env, "alice", "ALICEWEB", "exclude_insecure");
+    let mut alice = js(&env.synapse, "alice", "ALICEWEB", "exclude_insecure");
     let (mgmt, account) = login(&mut alice);
     let mut node = env.node();
     let ghost = ghost_of(&node.account);
@@ -232,7 +232,7 @@ async fn with_msc4350_the_ghost_names_the_bot_as_its_impersonator() {
     use matrix_sdk_crypto::vodozemac::{Ed25519PublicKey, Ed25519Signature};
 
     let env = BridgeEnv::start(&format!("{ENCRYPTION}    msc4350: true\n")).await;
-    let mut alice = js(&env, "alice", "ALICEWEB", "all_devices");
+    let mut alice = js(&env.synapse, "alice", "ALICEWEB", "all_devices");
     let (mgmt, account) = login(&mut alice);
     let mut node = env.node();
     let ghost = ghost_of(&node.account);

@@ -83,7 +83,19 @@ pub(crate) fn clock_ticks() -> f64 {
         .unwrap_or(100.0)
 }
 
+/// Memory and CPU of a process, or the sum over several (`pid` comma-separated).
 pub(crate) fn sample(pid: &str, ticks: f64) -> ProcSample {
+    pid.split(',').fold(ProcSample::default(), |acc, p| {
+        let s = sample_one(p, ticks);
+        ProcSample {
+            rss_kib: acc.rss_kib + s.rss_kib,
+            hwm_kib: acc.hwm_kib + s.hwm_kib,
+            cpu_secs: acc.cpu_secs + s.cpu_secs,
+        }
+    })
+}
+
+fn sample_one(pid: &str, ticks: f64) -> ProcSample {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let kib = |field: &str| -> u64 {
         status
@@ -187,4 +199,86 @@ pub(crate) async fn print_bridge_health(
 
 pub(crate) fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
+}
+
+/// `--workers N`: the bridge's workers on one database, behind a balancer on the registered
+/// address.
+pub(crate) struct Workers {
+    pub(crate) procs: Vec<BridgeProc>,
+    /// Each worker's own base URL (for provisioning).
+    pub(crate) bases: Vec<String>,
+    metrics: Vec<u16>,
+    _balancer: tokio::task::JoinHandle<()>,
+}
+
+pub(crate) async fn spawn_workers(
+    config: &Path,
+    dir: &Path,
+    ends: &BridgeEndpoints,
+    n: usize,
+) -> Workers {
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(config)
+        .expect("config");
+    std::io::Write::write_all(&mut f, b"workers:\n    enabled: true\n").expect("config");
+    let (mut procs, mut bases, mut metrics) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..n {
+        let (port, metrics_port) = (common::free_port(), common::free_port());
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_matrix-interop-bridge"));
+        cmd.arg("-c")
+            .arg(config)
+            .env("MIB_VAULT_MASTER_KEY", VAULT_KEY)
+            .env("MIB__APPSERVICE__PORT", port.to_string())
+            .env("MIB__METRICS__LISTEN", format!("127.0.0.1:{metrics_port}"))
+            .env("MIB__WORKERS__ID", format!("w{i}"))
+            .env_remove("RUST_LOG");
+        procs.push(common::Proc::spawn(
+            "a bridge worker",
+            cmd,
+            dir.join(format!("bridge-w{i}.log")),
+        ));
+        bases.push(format!("http://127.0.0.1:{port}"));
+        metrics.push(metrics_port);
+    }
+    let port: u16 = ends
+        .base
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("the registered port");
+    let balancer = common::serve_balancer(port, bases.clone()).await;
+    Workers {
+        procs,
+        bases,
+        metrics,
+        _balancer: balancer,
+    }
+}
+
+impl Workers {
+    /// Waits until `logins` logins are connected over all the workers, and prints how they are
+    /// spread.
+    pub(crate) async fn wait_all_connected(&self, _http: &reqwest::Client, logins: usize) {
+        let start = Instant::now();
+        loop {
+            let mut per = Vec::new();
+            for m in &self.metrics {
+                per.push(common::gauge(*m, "mib_logins_connected").await.unwrap_or(0));
+            }
+            if per.iter().sum::<u64>() as usize >= logins {
+                println!(
+                    "workers: {} logins connected, spread {per:?} (after {:.1} s)",
+                    logins,
+                    start.elapsed().as_secs_f64()
+                );
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(120),
+                "logins not all connected over the workers: {per:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }

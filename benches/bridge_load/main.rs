@@ -48,6 +48,9 @@
 //! API, and read what arrives through `/sync` (one long-polling sync loop per user). Latency is
 //! then from the user's `PUT .../send` to the contact, and from the contact's `send` to the
 //! event showing up in the user's sync. Synapse shares the two cores with everything else.
+//! `--workers N` (with `--postgres`): N bridge processes on the one database behind a
+//! round-robin balancer (docs/scaling.md); user i logs in through worker i mod N, and the
+//! bridge's CPU and memory figures are the workers' sums.
 
 // A bench binary's report is its standard output.
 #![allow(clippy::print_stdout)]
@@ -127,6 +130,8 @@ struct Opts {
     restarts: bool,
     /// Skip the message runs (set-up, memory and restarts only).
     no_runs: bool,
+    /// Bridge processes on one PostgreSQL database (1: a single bridge).
+    workers: usize,
 }
 
 fn parse_opts() -> Opts {
@@ -143,6 +148,7 @@ fn parse_opts() -> Opts {
             synapse: false,
             restarts: false,
             no_runs: false,
+            workers: 1,
         }
     } else {
         Opts {
@@ -155,6 +161,7 @@ fn parse_opts() -> Opts {
             synapse: false,
             restarts: false,
             no_runs: false,
+            workers: 1,
         }
     };
     let mut it = args.iter();
@@ -177,6 +184,7 @@ fn parse_opts() -> Opts {
             "--synapse" => o.synapse = true,
             "--restarts" => o.restarts = true,
             "--no-runs" => o.no_runs = true,
+            "--workers" => o.workers = num("--workers") as usize,
             // `cargo bench` passes --bench; anything else is ignored too.
             _ => {}
         }
@@ -185,6 +193,10 @@ fn parse_opts() -> Opts {
         o.contacts = o.users;
     }
     o.messages = o.messages.max(o.users);
+    assert!(
+        o.workers == 1 || (o.postgres.is_some() && !o.restarts),
+        "--workers needs --postgres, and does not go with --restarts"
+    );
     o
 }
 
@@ -349,8 +361,21 @@ async fn bench(opts: Opts) {
 
     let domain = if opts.synapse { "localhost" } else { DOMAIN };
     let (hs, synapse, config, ends) = homeserver(&opts, tmp.path(), &reg, &gaddr).await;
-    let mut bridge = spawn_bridge(&config, tmp.path());
-    let mut pid = bridge.pid().to_string();
+    let (mut bridge, workers) = if opts.workers > 1 {
+        let mut w = spawn_workers(&config, tmp.path(), &ends, opts.workers).await;
+        (w.procs.remove(0), Some(w))
+    } else {
+        (spawn_bridge(&config, tmp.path()), None)
+    };
+    // Several workers: their pids, comma-separated (`sample` adds them up).
+    let mut pid = std::iter::once(bridge.pid().to_string())
+        .chain(
+            workers
+                .iter()
+                .flat_map(|w| w.procs.iter().map(|p| p.pid().to_string())),
+        )
+        .collect::<Vec<_>>()
+        .join(",");
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(64)
         .build()
@@ -391,6 +416,10 @@ async fn bench(opts: Opts) {
         reg: reg.clone(),
         http: http.clone(),
         bridge_base: ends.base.clone(),
+        provisioning_bases: match &workers {
+            Some(w) => w.bases.clone(),
+            None => vec![ends.base.clone()],
+        },
         users,
         user_accounts,
         rooms: Vec::new(),
@@ -402,6 +431,9 @@ async fn bench(opts: Opts) {
     };
 
     let (rooms, t_logins) = log_in_and_open_portals(&world, opts.users, t0).await;
+    if let Some(w) = &workers {
+        w.wait_all_connected(&http, opts.users).await;
+    }
     world.rooms = rooms;
     // Through Synapse, each user joins its portal and reads it through its own sync loop.
     for (c, room) in world.clients.iter().zip(&world.rooms) {

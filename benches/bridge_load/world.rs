@@ -55,6 +55,9 @@ pub(crate) struct World {
     pub(crate) reg: Arc<Registry>,
     pub(crate) http: reqwest::Client,
     pub(crate) bridge_base: String,
+    /// Where user i's provisioning requests go: the worker that runs its login (with several
+    /// workers, i mod N; the provisioning API answers on the worker running the login).
+    pub(crate) provisioning_bases: Vec<String>,
     /// Matrix user ids, their interop accounts, and their portal rooms (index = user).
     pub(crate) users: Vec<String>,
     pub(crate) user_accounts: Vec<String>,
@@ -75,9 +78,10 @@ impl World {
     }
 
     pub(crate) async fn provision(&self, path: &str, user: &str, body: Value) -> Value {
+        let i = self.users.iter().position(|u| u == user).unwrap_or(0);
         let url = format!(
             "{}/_matrix/provision/v1/{path}?user_id={}",
-            self.bridge_base,
+            self.provisioning_bases[i % self.provisioning_bases.len()],
             common::urlencode(user)
         );
         let resp = self

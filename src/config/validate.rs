@@ -4,7 +4,9 @@ use std::net::SocketAddr;
 
 use url::Url;
 
-use super::{Config, ConfigError, DatabaseType, PLACEHOLDER_TOKEN, PermissionLevel, invalid};
+use super::{
+    Config, ConfigError, CryptoStoreKind, DatabaseType, PLACEHOLDER_TOKEN, PermissionLevel, invalid,
+};
 
 impl Config {
     /// Checks everything that can be checked before start-up; the error names the key.
@@ -160,10 +162,16 @@ impl Config {
                 "several workers need database.type postgres (SQLite is one process's)",
             ));
         }
-        if self.encryption.allow {
+        if self.encryption.allow && self.encryption.store != CryptoStoreKind::Database {
             return Err(invalid(
                 "workers.enabled",
-                "several workers do not support encryption yet (encryption.allow must be false); see docs/scaling.md",
+                "several workers share their Matrix devices through the database: encryption.store must be database",
+            ));
+        }
+        if self.encryption.allow && self.encryption.msc4350 {
+            return Err(invalid(
+                "workers.enabled",
+                "several workers do not support encryption.msc4350 (ghost devices are the default)",
             ));
         }
         Ok(())

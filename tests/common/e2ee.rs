@@ -3,7 +3,9 @@
 
 use serde_json::{Value, json};
 
-use super::{env::BridgeEnv, interop::CODE, interop::random_account, node::NodeContact, venv};
+use super::{
+    Synapse, env::BridgeEnv, interop::CODE, interop::random_account, node::NodeContact, venv,
+};
 
 pub const BOT: &str = "@interopbot:localhost";
 
@@ -30,11 +32,11 @@ pub fn nio(env: &BridgeEnv, user: &str, device: &str) -> NodeContact {
 
 /// A matrix-js-sdk client logged in as `user`, its device cross-signed by its user, in the given
 /// isolation mode (`exclude_insecure`: only cross-signed devices, or `all_devices`).
-pub fn js(env: &BridgeEnv, user: &str, device: &str, isolation: &str) -> NodeContact {
+pub fn js(synapse: &Synapse, user: &str, device: &str, isolation: &str) -> NodeContact {
     let mut c = spawn("node", "js_e2ee_client.js");
-    env.synapse.register(user);
+    synapse.register(user);
     c.call(
-        json!({"cmd": "login", "homeserver": env.synapse.url, "user": user,
+        json!({"cmd": "login", "homeserver": synapse.url, "user": user,
                   "password": "test-password-1", "device_id": device, "isolation": isolation}),
     );
     c

@@ -4,9 +4,10 @@
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
 
 use super::{
-    BridgeSetup, Proc, Synapse,
+    BridgeSetup, Proc, Synapse, WorkerSet,
     interop::{CODE, TestGateway, random_account},
     node::NodeContact,
+    pg::{drop_pg_schema, use_fresh_pg_schema},
 };
 
 // Fields drop in order: processes first, the directory with their logs last.
@@ -37,20 +38,7 @@ impl BridgeEnv {
         F: FnOnce(&BridgeSetup) -> Fut,
         Fut: std::future::Future<Output = ()>,
     {
-        let mut tmp = tempfile::tempdir().expect("tmp");
-        if std::env::var_os("MIB_KEEP_TEST_DIRS").is_some() {
-            tmp.disable_cleanup(true);
-            eprintln!("test files kept in {}", tmp.path().display());
-        }
-        let gw = TestGateway::start().await;
-        let setup = BridgeSetup::write_full(
-            tmp.path(),
-            8008,
-            &[("*", "relay"), ("localhost", "user")],
-            &gw.addr.address,
-            &B64.encode(&gw.addr.public_key),
-            extra_sections,
-        );
+        let (tmp, gw, setup) = prepare(extra_sections).await;
         let synapse =
             Synapse::start_for_bridge(&tmp.path().join("hs"), &setup.config, &setup.registration)
                 .await;
@@ -95,13 +83,82 @@ impl BridgeEnv {
 
     /// A new contact on the official libsignal, registered and with keys uploaded.
     pub fn node(&self) -> NodeContact {
-        let mut n = NodeContact::spawn();
-        n.setup(
-            self.gw.port,
-            &B64.encode(&self.gw.addr.public_key),
-            &random_account(),
-            CODE,
-        );
-        n
+        node_on(&self.gw)
+    }
+}
+
+/// The test's directory (kept with `MIB_KEEP_TEST_DIRS`), the gateway, and the bridge's config
+/// and registration with `extra_sections`.
+async fn prepare(extra_sections: &str) -> (tempfile::TempDir, TestGateway, BridgeSetup) {
+    let mut tmp = tempfile::tempdir().expect("tmp");
+    if std::env::var_os("MIB_KEEP_TEST_DIRS").is_some() {
+        tmp.disable_cleanup(true);
+        eprintln!("test files kept in {}", tmp.path().display());
+    }
+    let gw = TestGateway::start().await;
+    let setup = BridgeSetup::write_full(
+        tmp.path(),
+        8008,
+        &[("*", "relay"), ("localhost", "user")],
+        &gw.addr.address,
+        &B64.encode(&gw.addr.public_key),
+        extra_sections,
+    );
+    (tmp, gw, setup)
+}
+
+/// A new contact on the official libsignal at `gw`, registered with keys uploaded.
+fn node_on(gw: &TestGateway) -> NodeContact {
+    let mut n = NodeContact::spawn();
+    n.setup(
+        gw.port,
+        &B64.encode(&gw.addr.public_key),
+        &random_account(),
+        CODE,
+    );
+    n
+}
+
+/// Synapse, the gateway and several bridge workers on one PostgreSQL schema of their own (the
+/// shared test server), behind a balancer.
+pub struct WorkersEnv {
+    pub workers: WorkerSet,
+    pub synapse: Synapse,
+    pub gw: TestGateway,
+    pub setup: BridgeSetup,
+    schema: Option<String>,
+    _tmp: tempfile::TempDir,
+}
+
+impl WorkersEnv {
+    pub async fn start(extra_sections: &str, n: usize) -> Self {
+        let (tmp, gw, setup) = prepare(extra_sections).await;
+        let schema = use_fresh_pg_schema(&setup.config).await;
+        let synapse =
+            Synapse::start_for_bridge(&tmp.path().join("hs"), &setup.config, &setup.registration)
+                .await;
+        let workers = WorkerSet::start(&setup, n).await;
+        Self {
+            workers,
+            synapse,
+            gw,
+            setup,
+            schema: Some(schema),
+            _tmp: tmp,
+        }
+    }
+
+    /// A new contact on the official libsignal, registered with keys uploaded.
+    pub fn node(&self) -> NodeContact {
+        node_on(&self.gw)
+    }
+
+    /// Stops the workers and drops the schema (call at the end of a passed test; a failed one
+    /// keeps it for inspection).
+    pub async fn finish(mut self) {
+        self.workers.kill_all();
+        if let Some(schema) = self.schema.take() {
+            drop_pg_schema(&schema).await;
+        }
     }
 }

@@ -851,3 +851,102 @@ pub async fn serve_balancer(port: u16, upstreams: Vec<String>) -> tokio::task::J
         let _ = axum::serve(listener, app).await;
     })
 }
+
+/// One bridge worker of several (see [`WorkerSet`]).
+pub struct Worker {
+    pub proc: Proc,
+    pub id: String,
+    pub metrics: u16,
+}
+
+/// A gauge from a bridge's /metrics (`None` when it does not answer).
+pub async fn gauge(metrics_port: u16, name: &str) -> Option<u64> {
+    let text = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Several bridge workers on one database (`setup`'s config must point at PostgreSQL), behind a
+/// round-robin balancer on the registered port.
+pub struct WorkerSet {
+    pub live: Vec<Worker>,
+    /// Killed on purpose; kept for their logs.
+    pub dead: Vec<Worker>,
+    _balancer: tokio::task::JoinHandle<()>,
+}
+
+impl WorkerSet {
+    pub async fn start(setup: &BridgeSetup, n: usize) -> Self {
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&setup.config)
+            .expect("config");
+        std::io::Write::write_all(&mut f, b"workers:\n    enabled: true\n").expect("config");
+        let mut live = Vec::new();
+        let mut upstreams = Vec::new();
+        for i in 0..n {
+            let (port, metrics) = (free_port(), free_port());
+            let id = format!("w{i}");
+            live.push(Worker {
+                proc: setup.start_worker(&id, port, metrics).await,
+                id,
+                metrics,
+            });
+            upstreams.push(format!("http://127.0.0.1:{port}"));
+        }
+        Self {
+            live,
+            dead: Vec::new(),
+            _balancer: serve_balancer(setup.port, upstreams).await,
+        }
+    }
+
+    /// Kills the worker running a login (the first found) with SIGKILL; returns its pid and id.
+    pub async fn kill_login_worker(&mut self) -> (u32, String) {
+        for i in 0..self.live.len() {
+            if gauge(self.live[i].metrics, "mib_logins").await.unwrap_or(0) > 0 {
+                let mut w = self.live.remove(i);
+                let pid = w.proc.pid();
+                w.proc.kill();
+                let id = w.id.clone();
+                self.dead.push(w);
+                return (pid, id);
+            }
+        }
+        panic!("no worker runs a login");
+    }
+
+    /// Waits until a live worker has a login connected; returns which and how long it took.
+    pub async fn wait_login_taken_over(&self, limit: Duration) -> (String, Duration) {
+        let start = Instant::now();
+        loop {
+            for w in &self.live {
+                if gauge(w.metrics, "mib_logins_connected").await.unwrap_or(0) > 0 {
+                    return (w.id.clone(), start.elapsed());
+                }
+            }
+            assert!(
+                start.elapsed() < limit,
+                "no worker took the login over within {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Whether every worker not killed on purpose is running.
+    pub fn all_running(&mut self) -> bool {
+        self.live.iter_mut().all(|w| w.proc.is_running())
+    }
+
+    pub fn kill_all(&mut self) {
+        for w in &mut self.live {
+            w.proc.kill();
+        }
+    }
+}

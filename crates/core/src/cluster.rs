@@ -76,6 +76,8 @@ pub struct Cluster {
     rooms: Mutex<HashMap<String, Option<String>>>,
     epoch: AtomicU64,
     changed: Notify,
+    /// [`LEASE_MS`] (shorter in tests).
+    lease_ms: i64,
 }
 
 impl Cluster {
@@ -95,6 +97,7 @@ impl Cluster {
             rooms: Mutex::default(),
             epoch: AtomicU64::new(0),
             changed: Notify::new(),
+            lease_ms: LEASE_MS,
         })
     }
 
@@ -124,7 +127,7 @@ impl Cluster {
         let t = now();
         let got = self
             .store
-            .take_lease(name, &self.me, t + LEASE_MS, t)
+            .take_lease(name, &self.me, t + self.lease_ms, t)
             .await?
             .is_some();
         if got && self.held().insert(name.to_owned()) {
@@ -194,7 +197,7 @@ impl Cluster {
     /// One round; returns until when the leases are good.
     async fn round(&self, network: &dyn Network) -> Result<i64, StoreError> {
         let t = now();
-        let until = t + LEASE_MS;
+        let until = t + self.lease_ms;
         let kept: HashSet<String> = self
             .store
             .renew_leases(&self.me, until, t)
@@ -415,5 +418,115 @@ pub async fn hold<T: Send + 'static>(
         }
         tokio::time::sleep(wait).await;
         wait = (wait * 2).min(Duration::from_millis(100));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex as StdMutex;
+
+    use super::*;
+    use crate::{
+        memory::MemoryStore,
+        model::Message,
+        network::{NetAccount, NetError},
+    };
+
+    /// The logins each worker runs, as its network saw them started and stopped.
+    #[derive(Default)]
+    struct Net(StdMutex<HashSet<String>>);
+
+    #[async_trait]
+    impl Network for Net {
+        async fn request_code(&self, _: &str) -> Result<(), NetError> {
+            Ok(())
+        }
+        async fn verify_and_connect(
+            &self,
+            _: &str,
+            _: &str,
+            _: &str,
+        ) -> Result<Arc<dyn NetAccount>, NetError> {
+            Err(NetError::Other("not in this test".into()))
+        }
+        async fn reconnect(&self, mxid: &str) -> Result<Arc<dyn NetAccount>, NetError> {
+            assert!(
+                self.0.lock().unwrap().insert(mxid.to_owned()),
+                "{mxid} started twice"
+            );
+            Err(NetError::Other("started (no account in this test)".into()))
+        }
+        async fn logout(&self, _: &str) -> Result<(), NetError> {
+            Ok(())
+        }
+        async fn stop(&self, mxid: &str) {
+            self.0.lock().unwrap().remove(mxid);
+        }
+        fn account(&self, _: &str) -> Option<Arc<dyn NetAccount>> {
+            None
+        }
+        fn any_account(&self) -> Option<Arc<dyn NetAccount>> {
+            None
+        }
+        async fn reachable(&self) -> bool {
+            true
+        }
+        fn is_valid_account(&self, _: &str) -> bool {
+            true
+        }
+        fn encode_message(&self, _: &Message) -> Vec<u8> {
+            Vec::new()
+        }
+        fn decode_message(&self, _: &[u8]) -> Result<Message, NetError> {
+            Err(NetError::Other("not in this test".into()))
+        }
+    }
+
+    fn worker(store: &Arc<MemoryStore>, id: &str) -> (Arc<Cluster>, Arc<Net>) {
+        let mut c = Cluster::new(store.clone(), store.clone(), store.clone(), id);
+        Arc::get_mut(&mut c).expect("new").lease_ms = 300;
+        (c, Arc::default())
+    }
+
+    fn running(n: &Net) -> usize {
+        n.0.lock().unwrap().len()
+    }
+
+    /// Logins are shared out, handed over when a worker joins, taken over when one dies, and
+    /// never run in two workers at once.
+    #[tokio::test]
+    async fn logins_are_shared_handed_over_and_taken_over() {
+        let store = Arc::new(MemoryStore::default());
+        for i in 0..6 {
+            store.set_login(&format!("@u{i}:x"), "+1").await.unwrap();
+        }
+        let (a, net_a) = worker(&store, "a");
+        a.round(&*net_a).await.unwrap();
+        assert_eq!(running(&net_a), 6, "one worker runs them all");
+        assert!(a.holds(BOT));
+
+        // b joins: a lets go of the logins above its share plus one, b takes them.
+        let (b, net_b) = worker(&store, "b");
+        b.round(&*net_b).await.unwrap();
+        assert_eq!(running(&net_b), 0, "nothing free yet");
+        a.round(&*net_a).await.unwrap();
+        b.round(&*net_b).await.unwrap();
+        assert_eq!((running(&net_a), running(&net_b)), (3, 3));
+        let both: HashSet<String> = net_a.0.lock().unwrap().clone();
+        assert!(
+            both.is_disjoint(&net_b.0.lock().unwrap()),
+            "a login runs in one worker"
+        );
+        assert!(!b.holds(BOT), "the bot's rooms stay with a");
+
+        // a dies (no more rounds): once its leases expire, b takes everything over.
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        b.round(&*net_b).await.unwrap();
+        assert_eq!(running(&net_b), 6);
+        assert!(b.holds(BOT));
+        // And routes a's rooms' events to itself: a management room of a's former login.
+        store.set_management_room("@u0:x", "!mgmt:x").await.unwrap();
+        assert!(b.handles(Some("!mgmt:x")).await);
+        assert!(b.handles(None).await);
     }
 }

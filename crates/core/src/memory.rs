@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use super::{
     BridgeError,
     requests::{HeldMessage, MessageRequest, RequestStore},
-    store::{PortalStore, StoreError, UserStore},
+    store::{Lease, LeaseStore, PortalStore, StoreError, UserStore},
     types::{GhostProfile, MappedMessage, Portal},
 };
 
@@ -26,6 +26,7 @@ struct Data {
     management_rooms: HashMap<String, String>,
     requests: BTreeMap<(String, String), MessageRequest>,
     held: BTreeMap<(String, String, u32), HeldMessage>,
+    leases: BTreeMap<String, Lease>,
 }
 
 /// Logins, portals, ghosts, the message map, management rooms and message requests in memory.
@@ -290,5 +291,89 @@ impl RequestStore for MemoryStore {
                 .remove(&(receiver.to_owned(), chat_id.to_owned()));
         }
         Ok(())
+    }
+}
+
+#[async_trait]
+impl LeaseStore for MemoryStore {
+    async fn take_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        until: i64,
+        now: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        let mut d = self.data();
+        let lease = d.leases.entry(name.to_owned()).or_insert_with(|| Lease {
+            holder: holder.to_owned(),
+            expires_at: 0,
+            generation: 0,
+        });
+        if lease.holder != holder && lease.expires_at > now {
+            return Ok(None);
+        }
+        if lease.holder != holder {
+            lease.generation += 1;
+            lease.holder = holder.to_owned();
+        }
+        lease.expires_at = until;
+        Ok(Some(lease.generation))
+    }
+
+    async fn renew_leases(
+        &self,
+        holder: &str,
+        until: i64,
+        now: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut d = self.data();
+        let mut kept = Vec::new();
+        for (name, l) in d.leases.iter_mut() {
+            if l.holder == holder && l.expires_at > now {
+                l.expires_at = until;
+                kept.push(name.clone());
+            }
+        }
+        Ok(kept)
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        if let Some(l) = self.data().leases.get_mut(name)
+            && l.holder == holder
+        {
+            l.expires_at = 0;
+        }
+        Ok(())
+    }
+
+    async fn lease(&self, name: &str) -> Result<Option<Lease>, StoreError> {
+        Ok(self.data().leases.get(name).cloned())
+    }
+
+    async fn live_leases(
+        &self,
+        prefix: &str,
+        now: i64,
+    ) -> Result<Vec<(String, Lease)>, StoreError> {
+        Ok(self
+            .data()
+            .leases
+            .iter()
+            .filter(|(n, l)| n.starts_with(prefix) && l.expires_at > now)
+            .map(|(n, l)| (n.clone(), l.clone()))
+            .collect())
+    }
+
+    async fn unheld_logins(&self, now: i64) -> Result<Vec<String>, StoreError> {
+        let d = self.data();
+        Ok(d.logins
+            .keys()
+            .filter(|m| {
+                d.leases
+                    .get(&format!("login:{m}"))
+                    .is_none_or(|l| l.expires_at <= now)
+            })
+            .cloned()
+            .collect())
     }
 }

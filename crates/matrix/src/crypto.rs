@@ -1453,3 +1453,84 @@ mod sanitize_tests {
         assert!(sanitize_decrypted(&outer(), &no_content).is_err());
     }
 }
+
+#[cfg(test)]
+mod shared_device_tests {
+    use ruma::api::client::keys::upload_keys;
+
+    use super::*;
+    use mib_store::{SqlStore, crypto::DbCryptoStore, testing};
+    use mib_vault::SecretKey;
+
+    /// The bot's device as one worker opens it, over the shared database.
+    async fn device(db: &SqlStore, key: &SecretKey, worker: &str) -> Device {
+        let (db2, key) = (db.clone(), key.clone());
+        let open: OpenStore = Arc::new(move |user, device| {
+            Arc::new(DbCryptoStore::new(db2.clone(), key.clone(), user, device))
+        });
+        let store = StoreLocation::Database {
+            open,
+            kv: Arc::new(db.clone()),
+            legacy: None,
+        };
+        Device::open(
+            HomeserverClient::new("http://127.0.0.1:9", "unused").expect("client"),
+            "@bot:x".try_into().expect("user"),
+            "SHARED".into(),
+            &store,
+            Path::new(""),
+            Some((Arc::new(db.clone()), worker.to_owned())),
+        )
+        .await
+        .expect("device")
+    }
+
+    /// The key upload the machine asks for, if any, marked as done as the homeserver would;
+    /// returns whether it carried the device keys.
+    async fn upload(d: &Device) -> Option<bool> {
+        let olm = d.olm();
+        for r in olm.outgoing_requests().await.expect("requests") {
+            if let AnyOutgoingRequest::KeysUpload(up) = r.request() {
+                let counts = up
+                    .one_time_keys
+                    .len()
+                    .try_into()
+                    .map(|n: UInt| BTreeMap::from([(OneTimeKeyAlgorithm::SignedCurve25519, n)]))
+                    .expect("count");
+                olm.mark_request_as_sent(r.request_id(), &upload_keys::v3::Response::new(counts))
+                    .await
+                    .expect("mark sent");
+                return Some(up.device_keys.is_some());
+            }
+        }
+        None
+    }
+
+    /// Two workers open the same device. One publishes its keys; the other, using the device
+    /// next, must see that (its machine is reloaded because the lease changed hands): a
+    /// stale machine would publish the device keys again.
+    #[tokio::test]
+    async fn a_worker_sees_what_another_did_with_a_shared_device() {
+        let (db, _dir) = testing::sqlite().await;
+        let key = SecretKey::random();
+        let a = device(&db, &key, "a").await;
+        let b = device(&db, &key, "b").await;
+        {
+            // b uses the device first (its machine now has the account in memory), but its
+            // upload does not go through.
+            let _held = b.hold().await.expect("hold b");
+            let requests = b.olm().outgoing_requests().await.expect("requests");
+            assert!(!requests.is_empty());
+        }
+        {
+            let _held = a.hold().await.expect("hold a");
+            assert_eq!(upload(&a).await, Some(true), "a publishes the device keys");
+        }
+        let _held = b.hold().await.expect("hold b");
+        assert_ne!(
+            upload(&b).await,
+            Some(true),
+            "b publishes the device keys a published already"
+        );
+    }
+}
