@@ -315,6 +315,11 @@ impl Cluster {
             if self.held_elsewhere(&name).await? {
                 return Ok(false);
             }
+            // A login nobody runs at this moment (its worker died): the worker that takes it
+            // over takes its rooms too; until then the events wait.
+            if self.portals.login(&user).await?.is_some() {
+                return Ok(false);
+            }
         }
         Ok(self.holds(BOT))
     }
@@ -528,5 +533,15 @@ mod tests {
         store.set_management_room("@u0:x", "!mgmt:x").await.unwrap();
         assert!(b.handles(Some("!mgmt:x")).await);
         assert!(b.handles(None).await);
+        // A room of a login nobody runs waits for the worker that takes the login; a room of a
+        // user without a login is the bot's.
+        store.set_login("@u9:x", "+1").await.unwrap();
+        store
+            .set_management_room("@u9:x", "!mgmt9:x")
+            .await
+            .unwrap();
+        assert!(!b.handles(Some("!mgmt9:x")).await);
+        store.delete_login("@u9:x").await.unwrap();
+        assert!(b.handles(Some("!mgmt9:x")).await);
     }
 }
