@@ -293,7 +293,8 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
             bridge: bridge.clone(),
         }),
         protocol: "interop".into(),
-        txn_order: (!cfg.workers.enabled).then(Default::default),
+        txn_order: Some(Default::default()),
+        shared_txn_order: cfg.workers.enabled,
         catch_up: Some(catch_up.clone()),
     };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

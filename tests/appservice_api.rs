@@ -48,6 +48,7 @@ async fn setup_with_key(key: SecretKey) -> (axum::Router, SqlStore, tempfile::Te
         users: Arc::new(OnlyBot),
         protocol: "interop".into(),
         txn_order: Some(Default::default()),
+        shared_txn_order: false,
         catch_up: None,
     };
     (router(state, 64 * 1024), store, dir)

@@ -13,7 +13,10 @@ use std::time::Duration;
 use common::{
     e2ee::{ENCRYPTION, encrypted_login, js, start_chat, wait},
     env::WorkersEnv,
+    gauge,
+    interop::{CODE, random_account},
     portal::ghost_of,
+    urlencode,
 };
 use serde_json::{Value, json};
 
@@ -63,5 +66,55 @@ async fn encrypted_chats_survive_the_loss_of_a_worker() {
         &format!("{account} (connected)"),
     ));
     assert!(env.workers.all_running(), "the other worker runs");
+    env.finish().await;
+}
+
+const SECRET: &str = "provisioning-secret-for-the-tests";
+
+/// A login started through the provisioning API on one worker is finished on another, as a
+/// balancer may send the two requests anywhere: the login in progress is kept in the database.
+/// The worker that verified it runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_started_on_one_worker_is_finished_on_another() {
+    let env = WorkersEnv::start(
+        &format!(
+            "provisioning:\n    enabled: true\n    prefix: /_matrix/provision\n    shared_secret: {SECRET}\n"
+        ),
+        2,
+    )
+    .await;
+    let alice = env.synapse.user("alice").await;
+    let http = reqwest::Client::new();
+    let post = |port: u16, path: &str, body: Value| {
+        let req = http
+            .post(format!(
+                "http://127.0.0.1:{port}/_matrix/provision/v1/{path}?user_id={}",
+                urlencode(&alice.user_id)
+            ))
+            .bearer_auth(SECRET)
+            .json(&body);
+        async move {
+            let resp = req.send().await.expect("provisioning request");
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let (w0, w1) = (&env.workers.live[0], &env.workers.live[1]);
+    let account = random_account();
+    let (s, b) = post(w0.port, "login/start", json!({"identifier": account})).await;
+    assert_eq!(s, 200, "start on {}: {b}", w0.id);
+    let (s, b) = post(w1.port, "login/verify", json!({"code": CODE})).await;
+    assert_eq!(s, 200, "verify on {}: {b}", w1.id);
+    assert_eq!(b["login"]["identifier"], account.as_str(), "{b}");
+    let start = std::time::Instant::now();
+    while gauge(w1.metrics, "mib_logins_connected").await != Some(1) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the login did not connect in {}",
+            w1.id
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(gauge(w0.metrics, "mib_logins").await, Some(0));
     env.finish().await;
 }

@@ -856,6 +856,8 @@ pub async fn serve_balancer(port: u16, upstreams: Vec<String>) -> tokio::task::J
 pub struct Worker {
     pub proc: Proc,
     pub id: String,
+    /// Its own appservice port (the balancer's upstream).
+    pub port: u16,
     pub metrics: u16,
 }
 
@@ -896,6 +898,7 @@ impl WorkerSet {
             live.push(Worker {
                 proc: setup.start_worker(&id, port, metrics).await,
                 id,
+                port,
                 metrics,
             });
             upstreams.push(format!("http://127.0.0.1:{port}"));

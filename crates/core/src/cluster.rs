@@ -55,8 +55,11 @@ fn now() -> i64 {
 pub trait EventRouter: Send + Sync {
     /// Whether this worker handles the events of `room` now (`None`: events without a room).
     async fn handles(&self, room: Option<&str>) -> bool;
-    /// Raised each time this worker takes over leases: events it passed over may be its own now,
-    /// so the queue worker reads the queue from its start again.
+    /// Raised each time this worker takes over leases, before [`EventRouter::handles`] answers
+    /// with them: events it passed over may be its own now, so the queue reader reads the queue
+    /// from its start again. A reader that sees the epoch change in the middle of a pass stops
+    /// that pass at once (dispatching nothing more from it), so that a room's earlier events,
+    /// passed over under the old leases, are not overtaken by its later ones.
     fn epoch(&self) -> u64;
     /// Woken when the epoch is raised.
     fn changed(&self) -> &Notify;
@@ -117,11 +120,6 @@ impl Cluster {
         self.holds(&login_lease(mxid))
     }
 
-    fn gained(&self) {
-        self.epoch.fetch_add(1, Ordering::SeqCst);
-        self.changed.notify_waiters();
-    }
-
     /// Takes `name` for this worker; true when it holds it now.
     async fn take(&self, name: &str) -> Result<bool, StoreError> {
         let t = now();
@@ -130,8 +128,12 @@ impl Cluster {
             .take_lease(name, &self.me, t + self.lease_ms, t)
             .await?
             .is_some();
-        if got && self.held().insert(name.to_owned()) {
-            self.gained();
+        if got && !self.holds(name) {
+            // The epoch moves before the routing does: a queue reader that routed an event
+            // with the new lease sees the new epoch too, and starts over (see `EventRouter`).
+            self.epoch.fetch_add(1, Ordering::SeqCst);
+            self.held().insert(name.to_owned());
+            self.changed.notify_waiters();
         }
         Ok(got)
     }

@@ -1,15 +1,12 @@
 //! Bot commands: parsing, permission checks, help, and the commands themselves.
 //! In the management room commands need no prefix; elsewhere they start with `command_prefix`.
 
-use std::collections::HashMap;
-
-use tokio::sync::Mutex;
-
 use super::settings::PermissionLevel;
 use super::types::PortalKind;
 use super::{
-    Bridge,
+    Bridge, BridgeError,
     network::{NetError, NetTarget},
+    store::StoreError,
 };
 
 /// What the bot answers.
@@ -177,8 +174,10 @@ pub fn find(name: &str) -> Option<&'static CommandSpec> {
     COMMANDS.iter().find(|c| c.name == name)
 }
 
-/// A multi-step command waiting for the user's next message.
-#[derive(Clone, Debug)]
+/// A multi-step command waiting for the user's next message; kept in the store (JSON), so that
+/// any worker, and a restarted bridge, continues it.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "command", rename_all = "snake_case")]
 pub enum Pending {
     /// `login` sent a code to this account; the next message is the code.
     LoginCode { account: String },
@@ -190,12 +189,6 @@ impl Pending {
             Pending::LoginCode { .. } => "login",
         }
     }
-}
-
-/// Multi-step commands waiting for the user's next message (e.g. a login code).
-#[derive(Default)]
-pub struct CommandState {
-    pub(crate) pending: Mutex<HashMap<String, Pending>>,
 }
 
 impl Bridge {
@@ -280,9 +273,10 @@ impl Bridge {
                     format!("{level:?}").to_lowercase()
                 ))
             }
-            "cancel" => match self.commands.pending.lock().await.remove(sender) {
-                Some(what) => CommandOutcome::text(format!("Cancelled `{}`.", what.name())),
-                None => CommandOutcome::text("Nothing to cancel."),
+            "cancel" => match self.take_pending(sender).await {
+                Ok(Some(what)) => CommandOutcome::text(format!("Cancelled `{}`.", what.name())),
+                Ok(None) => CommandOutcome::text("Nothing to cancel."),
+                Err(e) => CommandOutcome::text(format!("Cannot cancel now: {e}")),
             },
             other => CommandOutcome::text(format!("`{other}` is not available yet.")),
         }
@@ -324,6 +318,28 @@ impl Bridge {
 }
 
 impl Bridge {
+    /// The multi-step command waiting for `mxid`'s next message.
+    pub(crate) async fn pending(&self, mxid: &str) -> Result<Option<Pending>, BridgeError> {
+        let Some(text) = self.users.pending_command(mxid).await? else {
+            return Ok(None);
+        };
+        // One this version cannot read (written by another) is dropped: the user starts again.
+        Ok(serde_json::from_str(&text).ok())
+    }
+
+    pub(crate) async fn set_pending(&self, mxid: &str, p: &Pending) -> Result<(), BridgeError> {
+        let text =
+            serde_json::to_string(p).map_err(|e| BridgeError::Store(StoreError::failed(e)))?;
+        Ok(self.users.set_pending_command(mxid, Some(&text)).await?)
+    }
+
+    /// Clears the command waiting for `mxid`; returns it.
+    pub(crate) async fn take_pending(&self, mxid: &str) -> Result<Option<Pending>, BridgeError> {
+        let p = self.pending(mxid).await?;
+        self.users.set_pending_command(mxid, None).await?;
+        Ok(p)
+    }
+
     /// Feeds the user's message to a command waiting for it; `None` when nothing waits.
     pub(crate) async fn continue_pending(
         &self,
@@ -331,9 +347,15 @@ impl Bridge {
         sender: &str,
         text: &str,
     ) -> Option<CommandOutcome> {
-        let pending = self.commands.pending.lock().await.get(sender).cloned()?;
+        let pending = match self.pending(sender).await {
+            Ok(p) => p?,
+            Err(e) => {
+                tracing::warn!(user = sender, error = %e, "cannot read a command in progress");
+                return None;
+            }
+        };
         if text.eq_ignore_ascii_case("cancel") {
-            self.commands.pending.lock().await.remove(sender);
+            let _ = self.take_pending(sender).await;
             return Some(CommandOutcome::text(format!(
                 "Cancelled `{}`.",
                 pending.name()
@@ -353,42 +375,44 @@ impl Bridge {
                 if let Err(e) = self.claim_login(sender).await {
                     return Some(CommandOutcome::text(format!("Cannot log in now: {e}")));
                 }
-                Some(
-                    match self
-                        .network
-                        .verify_and_connect(sender, &account, &code)
-                        .await
-                    {
-                        Ok(_) => {
-                            self.commands.pending.lock().await.remove(sender);
-                            if let Err(e) = self.portals.set_login(sender, &account).await {
-                                return Some(CommandOutcome::text(format!(
-                                    "Logged in, but the login could not be saved: {e}"
-                                )));
-                            }
-                            let incoming = if self.settings.bridge.message_requests {
-                                "Chats you start, and people you accept, appear as rooms; someone new who writes to you first shows up here as a message request (`list-requests`)."
-                            } else {
-                                "Incoming chats will appear as rooms."
-                            };
-                            CommandOutcome::text(format!(
-                                "Logged in as {account}. {incoming} Start a chat with `start-chat <identifier>`."
-                            ))
+                let verified = self
+                    .network
+                    .verify_and_connect(sender, &account, &code)
+                    .await;
+                if verified.is_err() {
+                    // Not logged in after all: the lease taken for it goes.
+                    self.release_login(sender).await;
+                }
+                Some(match verified {
+                    Ok(_) => {
+                        let _ = self.take_pending(sender).await;
+                        if let Err(e) = self.portals.set_login(sender, &account).await {
+                            return Some(CommandOutcome::text(format!(
+                                "Logged in, but the login could not be saved: {e}"
+                            )));
                         }
-                        Err(NetError::BadCode) => CommandOutcome::text(
-                            "That code is wrong. Send the right code, or `cancel`.",
-                        ),
-                        Err(NetError::CodeExpired) => {
-                            self.commands.pending.lock().await.remove(sender);
-                            CommandOutcome::text(format!(
-                                "The code expired. Send `login {account}` to get a new one."
-                            ))
-                        }
-                        Err(e) => CommandOutcome::text(format!(
-                            "Login failed: {e}. Try again, or `cancel`."
-                        )),
-                    },
-                )
+                        let incoming = if self.settings.bridge.message_requests {
+                            "Chats you start, and people you accept, appear as rooms; someone new who writes to you first shows up here as a message request (`list-requests`)."
+                        } else {
+                            "Incoming chats will appear as rooms."
+                        };
+                        CommandOutcome::text(format!(
+                            "Logged in as {account}. {incoming} Start a chat with `start-chat <identifier>`."
+                        ))
+                    }
+                    Err(NetError::BadCode) => CommandOutcome::text(
+                        "That code is wrong. Send the right code, or `cancel`.",
+                    ),
+                    Err(NetError::CodeExpired) => {
+                        let _ = self.take_pending(sender).await;
+                        CommandOutcome::text(format!(
+                            "The code expired. Send `login {account}` to get a new one."
+                        ))
+                    }
+                    Err(e) => {
+                        CommandOutcome::text(format!("Login failed: {e}. Try again, or `cancel`."))
+                    }
+                })
             }
         }
     }
@@ -410,12 +434,12 @@ impl Bridge {
         }
         match self.network.request_code(account).await {
             Ok(()) => {
-                self.commands.pending.lock().await.insert(
-                    sender.to_owned(),
-                    Pending::LoginCode {
-                        account: account.to_owned(),
-                    },
-                );
+                let waiting = Pending::LoginCode {
+                    account: account.to_owned(),
+                };
+                if let Err(e) = self.set_pending(sender, &waiting).await {
+                    return CommandOutcome::text(format!("Cannot start the login: {e}"));
+                }
                 CommandOutcome::text(format!(
                     "A verification code was sent to {account}. Send it here (or `cancel`)."
                 ))

@@ -343,7 +343,6 @@ pub struct Bridge {
     /// Message requests and their held messages.
     pub(crate) requests: Arc<dyn requests::RequestStore>,
     pub(crate) settings: BridgeSettings,
-    pub(crate) commands: commands::CommandState,
     /// When each contact's profile was last fetched.
     pub(crate) ghosts_seen: Mutex<HashMap<String, Instant>>,
     /// One lock per (receiver, chat) while its portal room is created.
@@ -375,7 +374,6 @@ impl Bridge {
             network,
             requests,
             settings,
-            commands: commands::CommandState::default(),
             ghosts_seen: Mutex::new(HashMap::new()),
             portal_locks: Mutex::new(HashMap::new()),
             typing_state: Mutex::new(HashMap::new()),

@@ -27,6 +27,7 @@ struct Data {
     requests: BTreeMap<(String, String), MessageRequest>,
     held: BTreeMap<(String, String, u32), HeldMessage>,
     leases: BTreeMap<String, Lease>,
+    pending: HashMap<String, String>,
 }
 
 /// Logins, portals, ghosts, the message map, management rooms and message requests in memory.
@@ -225,6 +226,23 @@ impl UserStore for MemoryStore {
             .iter()
             .find(|(_, r)| *r == room_id)
             .map(|(m, _)| m.clone()))
+    }
+
+    async fn pending_command(&self, mxid: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.data().pending.get(mxid).cloned())
+    }
+
+    async fn set_pending_command(
+        &self,
+        mxid: &str,
+        command: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let mut d = self.data();
+        match command {
+            Some(c) => d.pending.insert(mxid.into(), c.into()),
+            None => d.pending.remove(mxid),
+        };
+        Ok(())
     }
 }
 

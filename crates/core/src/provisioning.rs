@@ -119,19 +119,23 @@ impl Provisioning for Bridge {
             ));
         }
         self.network.request_code(identifier).await?;
-        self.commands.pending.lock().await.insert(
-            user.to_owned(),
-            Pending::LoginCode {
+        self.set_pending(
+            user,
+            &Pending::LoginCode {
                 account: identifier.to_owned(),
             },
-        );
+        )
+        .await
+        .map_err(|e| ProvError::Internal(e.to_string()))?;
         Ok(())
     }
 
     async fn login_verify(&self, user: &str, code: &str) -> Result<LoginInfo, ProvError> {
         self.check_user(user)?;
-        let Some(Pending::LoginCode { account }) =
-            self.commands.pending.lock().await.get(user).cloned()
+        let Some(Pending::LoginCode { account }) = self
+            .pending(user)
+            .await
+            .map_err(|e| ProvError::Internal(e.to_string()))?
         else {
             return Err(ProvError::BadRequest(
                 "no login in progress: call login/start first".into(),
@@ -140,18 +144,22 @@ impl Provisioning for Bridge {
         self.claim_login(user)
             .await
             .map_err(|e| ProvError::Conflict(e.to_string()))?;
-        match self
+        let verified = self
             .network
             .verify_and_connect(user, &account, code.trim())
-            .await
-        {
+            .await;
+        if verified.is_err() {
+            // Not logged in after all: the lease taken for it goes.
+            self.release_login(user).await;
+        }
+        match verified {
             Ok(_) => {
-                self.commands.pending.lock().await.remove(user);
+                let _ = self.take_pending(user).await;
                 self.portals.set_login(user, &account).await?;
                 Ok(self.login_info(user, account))
             }
             Err(NetError::CodeExpired) => {
-                self.commands.pending.lock().await.remove(user);
+                let _ = self.take_pending(user).await;
                 Err(NetError::CodeExpired.into())
             }
             Err(e) => Err(e.into()),

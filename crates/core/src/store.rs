@@ -82,6 +82,14 @@ pub trait UserStore: Send + Sync {
     async fn set_management_room(&self, mxid: &str, room_id: &str) -> Result<(), StoreError>;
     /// The user whose management room this is, if any.
     async fn management_room_owner(&self, room_id: &str) -> Result<Option<String>, StoreError>;
+    /// The multi-step command waiting for the user's next message (as the core encodes it).
+    async fn pending_command(&self, mxid: &str) -> Result<Option<String>, StoreError>;
+    /// Sets or (with `None`) clears it.
+    async fn set_pending_command(
+        &self,
+        mxid: &str,
+        command: Option<&str>,
+    ) -> Result<(), StoreError>;
 }
 
 /// An inbound Matrix event waiting in the durable queue, sealed by the vault.
@@ -138,6 +146,8 @@ pub trait TxnStore: Send + Sync {
     /// Forgets transaction ids and queued event ids older than `max_age_ms` (the events
     /// themselves are long applied).
     async fn prune_transactions(&self, max_age_ms: i64) -> Result<u64, StoreError>;
+    /// Which of these transaction ids were recorded (by any worker sharing the database).
+    async fn recorded_transactions(&self, txn_ids: &[String]) -> Result<Vec<String>, StoreError>;
 }
 
 #[async_trait]

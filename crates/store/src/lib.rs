@@ -444,6 +444,21 @@ impl TxnStore for SqlStore {
             .db()?;
         Ok(r.rows_affected())
     }
+
+    async fn recorded_transactions(&self, txn_ids: &[String]) -> Result<Vec<String>, CoreError> {
+        if txn_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "SELECT txn_id FROM appservice_txn WHERE txn_id IN ({MARKS})",
+            MARKS = marks(txn_ids.len())
+        );
+        let mut q = sqlx::query_scalar(sqlx::AssertSqlSafe(sql));
+        for id in txn_ids {
+            q = q.bind(id);
+        }
+        Ok(q.fetch_all(&self.pool).await.db()?)
+    }
 }
 
 #[async_trait]
@@ -479,6 +494,37 @@ impl UserStore for SqlStore {
                 .await
                 .db()?,
         )
+    }
+
+    async fn pending_command(&self, mxid: &str) -> Result<Option<String>, CoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT command FROM pending_command WHERE mxid = $1")
+                .bind(mxid)
+                .fetch_optional(&self.pool)
+                .await
+                .db()?,
+        )
+    }
+
+    async fn set_pending_command(
+        &self,
+        mxid: &str,
+        command: Option<&str>,
+    ) -> Result<(), CoreError> {
+        match command {
+            Some(c) => sqlx::query(
+                "INSERT INTO pending_command (mxid, command, created_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (mxid) DO UPDATE SET command = excluded.command, created_at = excluded.created_at",
+            )
+            .bind(mxid)
+            .bind(c)
+            .bind(now_ms()),
+            None => sqlx::query("DELETE FROM pending_command WHERE mxid = $1").bind(mxid),
+        }
+        .execute(&self.pool)
+        .await
+        .db()?;
+        Ok(())
     }
 }
 
@@ -676,6 +722,20 @@ mod tests {
             Some("@a:x")
         );
         assert_eq!(s.management_room_owner("!r1:x").await.expect("owner"), None);
+        // A command in progress: set, replaced, read, cleared.
+        assert_eq!(s.pending_command("@a:x").await.expect("get"), None);
+        s.set_pending_command("@a:x", Some("one"))
+            .await
+            .expect("set");
+        s.set_pending_command("@a:x", Some("two"))
+            .await
+            .expect("set");
+        assert_eq!(
+            s.pending_command("@a:x").await.expect("get").as_deref(),
+            Some("two")
+        );
+        s.set_pending_command("@a:x", None).await.expect("clear");
+        assert_eq!(s.pending_command("@a:x").await.expect("get"), None);
         s.kv_set("k", "v1").await.expect("kv");
         s.kv_set("k", "v2").await.expect("kv");
         assert_eq!(s.kv_get("k").await.expect("kv").as_deref(), Some("v2"));

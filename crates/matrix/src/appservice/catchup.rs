@@ -402,6 +402,13 @@ mod tests {
 
     #[async_trait::async_trait]
     impl TxnStore for FakeStore {
+        async fn recorded_transactions(
+            &self,
+            _: &[String],
+        ) -> Result<Vec<String>, mib_core::store::StoreError> {
+            Ok(Vec::new())
+        }
+
         async fn apply_transaction(
             &self,
             _: &str,

@@ -93,9 +93,10 @@ pub struct AppState {
     pub readiness: Arc<dyn Readiness>,
     pub users: Arc<dyn UserQuery>,
     pub protocol: Arc<str>,
-    /// Notices transactions the homeserver skipped. Off with several workers: each sees only
-    /// the transactions the load balancer gives it.
+    /// Notices transactions the homeserver skipped.
     pub txn_order: Option<order::TxnOrder>,
+    /// Several workers share the database: the transactions the others took count too.
+    pub shared_txn_order: bool,
     /// Finds the events a homeserver outage lost (none in tests that run without a homeserver).
     pub catch_up: Option<Arc<catchup::CatchUp>>,
 }
@@ -233,6 +234,9 @@ async fn transaction(
             MatrixApiError::new(StatusCode::BAD_REQUEST, "M_BAD_JSON", rej.body_text())
         }
     })?;
+    if let (Some(order), true) = (&state.txn_order, state.shared_txn_order) {
+        order.learn_from(&txn_id, &*state.store).await;
+    }
     if let Some(Err(missing)) = state.txn_order.as_ref().map(|o| o.check(&txn_id)) {
         return Err(MatrixApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

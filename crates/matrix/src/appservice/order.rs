@@ -12,6 +12,7 @@
 //! after a restart (from its highest stored transaction), so a number that comes again with
 //! another body begins a new count.
 
+use mib_core::store::TxnStore;
 use std::{
     collections::BTreeSet,
     sync::{Arc, Mutex},
@@ -64,7 +65,36 @@ struct Gap {
     refusals: u32,
 }
 
+/// How far back a worker of several looks for transactions the others took.
+const SHARED_LOOKBACK: u64 = 256;
+
 impl TxnOrder {
+    /// With several workers, each takes only the transactions the balancer gives it: before
+    /// checking `txn_id`, the numbers below it (down to the first one this worker has not seen
+    /// taken, at most [`SHARED_LOOKBACK`]) that the others recorded count as taken.
+    pub async fn learn_from(&self, txn_id: &str, store: &dyn TxnStore) {
+        let Ok(n) = txn_id.parse::<u64>() else {
+            return;
+        };
+        let ids: Vec<String> = {
+            let s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            let from = match s.below(n) {
+                Some(b) if b + 1 >= n => return,
+                Some(b) => (b + 1).max(n.saturating_sub(SHARED_LOOKBACK)),
+                None => n.saturating_sub(SHARED_LOOKBACK),
+            };
+            (from..n).map(|i| i.to_string()).collect()
+        };
+        match store.recorded_transactions(&ids).await {
+            Ok(found) => {
+                for id in found {
+                    self.taken(&id, false);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the transactions other workers took"),
+        }
+    }
+
     /// Whether transaction `txn_id` may be taken now; `Err(n)` when transaction `n` should come
     /// first (answer with an error, so that the homeserver sends what it holds back).
     pub fn check(&self, txn_id: &str) -> Result<(), u64> {
@@ -165,6 +195,26 @@ mod tests {
         o.taken("13", false);
         take(&o, "14");
         assert_eq!(o.check("txn-abc"), Ok(()));
+    }
+
+    /// With several workers: the transactions the others recorded are no gap; one nobody
+    /// recorded still is.
+    #[tokio::test]
+    async fn the_transactions_other_workers_took_count() {
+        let (db, _dir) = mib_store::testing::sqlite().await;
+        let (o, alone) = (TxnOrder::default(), TxnOrder::default());
+        take(&o, "7");
+        take(&alone, "7");
+        for id in ["8", "9"] {
+            db.apply_transaction(id, id.as_bytes(), &[])
+                .await
+                .expect("another worker");
+        }
+        assert_eq!(alone.check("10"), Err(8), "without the database, a gap");
+        o.learn_from("10", &db).await;
+        take(&o, "10");
+        o.learn_from("12", &db).await;
+        assert_eq!(o.check("12"), Err(11), "11 was skipped by the homeserver");
     }
 
     #[test]

@@ -181,15 +181,23 @@ impl QueueWorker {
                 continue;
             }
             for ev in batch {
-                dispatched = ev.seq;
                 if in_flight(&flying).contains(&ev.seq) {
+                    dispatched = ev.seq;
                     continue;
                 }
-                if let Some(r) = &this.router
-                    && !r.handles(ev.room_id.as_deref()).await
-                {
-                    continue;
+                if let Some(r) = &this.router {
+                    let mine = r.handles(ev.room_id.as_deref()).await;
+                    if epoch != Some(r.epoch()) {
+                        // Leases changed during this pass: events passed over earlier in it
+                        // may be this worker's now and must go first. Start over.
+                        break;
+                    }
+                    if !mine {
+                        dispatched = ev.seq;
+                        continue;
+                    }
                 }
+                dispatched = ev.seq;
                 in_flight(&flying).insert(ev.seq);
                 let Some(room) = ev.room_id.clone() else {
                     this.handle_until_done(ev, &done, &flying, &mut shutdown.clone())
@@ -571,6 +579,13 @@ mod tests {
 
     /// A worker over a fresh queue holding `(room, event id)` messages in this order.
     async fn run_worker(events: &[(&str, &str)]) -> Running {
+        run_routed_worker(events, None).await
+    }
+
+    async fn run_routed_worker(
+        events: &[(&str, &str)],
+        router: Option<Arc<dyn EventRouter>>,
+    ) -> Running {
         let (store, dir) = testing::sqlite().await;
         let store: Arc<dyn TxnStore> = Arc::new(store);
         let key = SecretKey::random();
@@ -590,7 +605,7 @@ mod tests {
             handler: recorder.clone(),
             metrics: Metrics::new(),
             crypto: None,
-            router: None,
+            router,
         };
         let (stop, stop_rx) = watch::channel(false);
         let running = tokio::spawn(worker.run(stop_rx));
@@ -601,6 +616,54 @@ mod tests {
             running,
             _dir: dir,
         }
+    }
+
+    /// A worker of several that takes a room over while it reads the queue: its first answers
+    /// say "not mine", then the lease arrives (the epoch moves first, as `Cluster` does).
+    struct Takeover {
+        asked: std::sync::atomic::AtomicUsize,
+        epoch: std::sync::atomic::AtomicU64,
+        changed: Notify,
+    }
+
+    #[async_trait]
+    impl EventRouter for Takeover {
+        async fn handles(&self, _room: Option<&str>) -> bool {
+            use std::sync::atomic::Ordering::SeqCst;
+            let n = self.asked.fetch_add(1, SeqCst);
+            if n == 2 {
+                self.epoch.fetch_add(1, SeqCst);
+            }
+            n >= 2
+        }
+        fn epoch(&self) -> u64 {
+            self.epoch.load(std::sync::atomic::Ordering::SeqCst)
+        }
+        fn changed(&self) -> &Notify {
+            &self.changed
+        }
+    }
+
+    /// Leases that change in the middle of a pass over the queue do not reorder a room: the
+    /// events passed over before the change come before the ones after it.
+    #[tokio::test]
+    async fn a_room_taken_over_during_a_pass_keeps_its_order() {
+        let router = Arc::new(Takeover {
+            asked: Default::default(),
+            epoch: Default::default(),
+            changed: Notify::new(),
+        });
+        let ids = ["$1", "$2", "$3", "$4", "$5"];
+        let events: Vec<(&str, &str)> = ids.iter().map(|id| ("!r:x", *id)).collect();
+        let w = run_routed_worker(&events, Some(router)).await;
+        for _ in 0..300 {
+            if w.recorder.handled.lock().expect("lock").len() == ids.len() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(*w.recorder.handled.lock().expect("lock"), ids);
+        let _ = w.stop.send(true);
     }
 
     /// An event that is not valid Matrix is reported once, not handled and not retried; the
