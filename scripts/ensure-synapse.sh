@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create (or reuse) the Python venv that the end-to-end tests use: Synapse as the
-# homeserver and matrix-nio as an independent E2EE Matrix client.
+# homeserver (with its PostgreSQL driver) and matrix-nio as an independent E2EE Matrix client.
 #
 #   scripts/ensure-synapse.sh            prints the venv path on stdout
 #
@@ -11,6 +11,8 @@ set -euo pipefail
 
 SYNAPSE_PIN="matrix-synapse==1.163.2"
 NIO_PIN="matrix-nio[e2e]==0.26.0"
+# Synapse's PostgreSQL driver, for a Synapse on PostgreSQL (the bench's MIB_SYNAPSE_DATABASE).
+PSYCOPG_PIN="psycopg2-binary==2.9.10"
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cache=${MIB_CACHE:-$repo/.cache}
@@ -21,7 +23,7 @@ python=${MIB_PYTHON:-python3}
 log() { printf 'ensure-synapse: %s\n' "$*" >&2; }
 
 want_stamp() {
-    printf '%s\n%s\npython %s\n' "$SYNAPSE_PIN" "$NIO_PIN" \
+    printf '%s\n%s\n%s\npython %s\n' "$SYNAPSE_PIN" "$NIO_PIN" "$PSYCOPG_PIN" \
         "$("$python" -c 'import sys; print(".".join(map(str, sys.version_info[:3])))')"
 }
 
@@ -51,8 +53,8 @@ log "installing $SYNAPSE_PIN and $NIO_PIN into $venv"
 rm -rf "$venv"
 "$python" -m venv "$venv"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \
-    "$SYNAPSE_PIN" "$NIO_PIN" >&2
-"$venv/bin/python" -c 'import synapse, nio, vodozemac' \
+    "$SYNAPSE_PIN" "$NIO_PIN" "$PSYCOPG_PIN" >&2
+"$venv/bin/python" -c 'import synapse, nio, vodozemac, psycopg2' \
     || { log "installed packages do not import"; exit 1; }
 "$venv/bin/python" -m pip freeze --disable-pip-version-check >"$venv/.mib-freeze.txt"
 want_stamp >"$stamp"

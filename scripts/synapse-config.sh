@@ -12,6 +12,9 @@
 # same DIR (for another PORT, say) keeps existing users and their tokens valid. The
 # server name must not change for a DIR that already has a database.
 #
+# Synapse keeps its data in DIR/homeserver.db (SQLite), or, when MIB_SYNAPSE_DATABASE is set
+# (postgres://USER@HOST:PORT/DB), in that empty PostgreSQL database, as a production server would.
+#
 # Prints, one per line: config=…, base_url=…, server_name=…, shared_secret=…
 # MIB_SYNAPSE_VENV names the venv; otherwise scripts/ensure-synapse.sh provides one.
 set -euo pipefail
@@ -43,6 +46,23 @@ secret() {
 shared_secret=$(secret registration_shared)
 macaroon_secret=$(secret macaroon)
 form_secret=$(secret form)
+
+# The database section: SQLite in DIR, or the PostgreSQL database of MIB_SYNAPSE_DATABASE.
+database_yaml() {
+    local uri=${MIB_SYNAPSE_DATABASE:-}
+    if [[ -z $uri ]]; then
+        printf 'database:\n  name: sqlite3\n  args:\n    database: "%s"\n' "$dir/homeserver.db"
+        return
+    fi
+    [[ $uri =~ ^postgres(ql)?://([^@/]+)@([^:/]+)(:([0-9]+))?/([A-Za-z0-9_]+)$ ]] || {
+        echo "MIB_SYNAPSE_DATABASE must look like postgres://USER@HOST:PORT/DB" >&2
+        exit 2
+    }
+    printf 'database:\n  name: psycopg2\n  allow_unsafe_locale: true\n  args:\n'
+    printf '    user: "%s"\n    host: "%s"\n    port: %s\n    database: "%s"\n' \
+        "${BASH_REMATCH[2]}" "${BASH_REMATCH[3]}" "${BASH_REMATCH[5]:-5432}" "${BASH_REMATCH[6]}"
+    printf '    cp_min: 5\n    cp_max: 10\n'
+}
 
 cat >"$dir/log.config" <<YAML
 version: 1
@@ -82,10 +102,7 @@ listeners:
     resources:
       - names: [client, media]
         compress: false
-database:
-  name: sqlite3
-  args:
-    database: "$dir/homeserver.db"
+$(database_yaml)
 log_config: "$dir/log.config"
 media_store_path: "$dir/media_store"
 signing_key_path: "$dir/$server_name.signing.key"

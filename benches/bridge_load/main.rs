@@ -48,6 +48,10 @@
 //! API, and read what arrives through `/sync` (one long-polling sync loop per user). Latency is
 //! then from the user's `PUT .../send` to the contact, and from the contact's `send` to the
 //! event showing up in the user's sync. Synapse shares the two cores with everything else.
+//! With `--synapse` a baseline follows the bridge's runs: the same messages through a bare
+//! appservice in this process instead of the bridge (see `baseline`), and the bridge's rate as a
+//! share of it. Synapse keeps its data in SQLite, or in PostgreSQL when `MIB_SYNAPSE_DATABASE`
+//! names an empty database (`postgres://USER@HOST:PORT/DB`), as a production server would.
 //! `--workers N` (with `--postgres`): N bridge processes on the one database behind a
 //! round-robin balancer (docs/scaling.md); user i logs in through worker i mod N, and the
 //! bridge's CPU and memory figures are the workers' sums.
@@ -60,6 +64,7 @@
 #[path = "../../tests/common/mod.rs"]
 mod common;
 
+mod baseline;
 mod bridge;
 mod restarts;
 mod runs;
@@ -67,6 +72,7 @@ mod standin;
 mod track;
 mod world;
 
+use baseline::*;
 use bridge::*;
 use restarts::*;
 use runs::*;
@@ -341,7 +347,11 @@ fn print_header(opts: &Opts, pid: &str) {
         opts.contacts,
         opts.messages,
         if opts.quick { " (--quick)" } else { "" },
-        if opts.synapse { "Synapse" } else { "stand-in" },
+        match (opts.synapse, std::env::var("MIB_SYNAPSE_DATABASE").is_ok()) {
+            (true, true) => "Synapse on PostgreSQL",
+            (true, false) => "Synapse on SQLite",
+            _ => "stand-in",
+        },
         if opts.postgres.is_some() {
             "Postgres"
         } else {
@@ -428,6 +438,8 @@ async fn bench(opts: Opts) {
         clients,
         synced: AtomicUsize::new(0),
         sync_limited: AtomicUsize::new(0),
+        ghosts: Vec::new(),
+        as_token: AS_TOKEN.to_owned(),
     };
 
     let (rooms, t_logins) = log_in_and_open_portals(&world, opts.users, t0).await;
@@ -438,6 +450,10 @@ async fn bench(opts: Opts) {
     // Through Synapse, each user joins its portal and reads it through its own sync loop.
     for (c, room) in world.clients.iter().zip(&world.rooms) {
         c.join(room).await;
+    }
+    if synapse.is_some() {
+        world.ghosts = ghosts(&world).await;
+        world.as_token = registered_as_token(&tmp.path().join("registration.yaml"));
     }
     let world = Arc::new(world);
     for u in 0..world.clients.len() {
@@ -512,6 +528,19 @@ async fn bench(opts: Opts) {
         stand_in_report(hs);
     }
     print_bridge_health(&http, &ends, &bridge.log).await;
+    if synapse.is_some() && !opts.no_runs && opts.workers <= 1 {
+        let port = ends
+            .base
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("the bridge's port");
+        let baseline = measure_baseline(&world, &mut bridge, &opts, port, ticks).await;
+        println!();
+        println!("baseline: the same messages through a bare appservice, no bridge");
+        print_table(&baseline);
+        print_ratios(&results, &baseline);
+    }
     bridge.stop();
     gateway.stop();
     drop(world);

@@ -9,6 +9,10 @@ pub(crate) enum Dir {
     /// Contacts to contacts through the gateway, without the bridge: the ceiling of everything
     /// but the bridge on this machine.
     Reference,
+    /// With `--synapse`, the baseline: ghosts sending through a bare appservice, no bridge.
+    BareToMatrix,
+    /// With `--synapse`, the baseline: users sending to a bare appservice, no bridge.
+    MatrixToBare,
 }
 
 impl Dir {
@@ -17,6 +21,8 @@ impl Dir {
             Dir::MatrixToInterop => "Matrix → interop",
             Dir::InteropToMatrix => "interop → Matrix",
             Dir::Reference => "interop → interop",
+            Dir::BareToMatrix => "bare AS → Matrix",
+            Dir::MatrixToBare => "Matrix → bare AS",
         }
     }
 }
@@ -86,7 +92,7 @@ pub(crate) fn summarize(
 /// Sends `n` messages in `dir` at full speed (`rate` = None) or paced at `rate` per second.
 pub(crate) async fn run(
     world: &Arc<World>,
-    bridge: &mut BridgeProc,
+    bridge: Option<&mut BridgeProc>,
     dir: Dir,
     name: &str,
     n: usize,
@@ -107,16 +113,26 @@ pub(crate) async fn run(
             }
         }
         (_, None) => {
-            // Each contact (or, Matrix→interop through Synapse, each user) sends its share,
-            // SEND_INFLIGHT at a time.
-            let senders = if dir == Dir::MatrixToInterop {
+            // Each contact (or, through Synapse, each user or each room's ghost) sends its
+            // share, SEND_INFLIGHT at a time; a bare appservice's ghost one at a time, as a
+            // bridge keeping its room's order does.
+            let by_room = matches!(
+                dir,
+                Dir::MatrixToInterop | Dir::MatrixToBare | Dir::BareToMatrix
+            );
+            let senders = if by_room {
                 world.users.len()
             } else {
                 world.contacts.len()
             };
+            let inflight_max = if dir == Dir::BareToMatrix {
+                1
+            } else {
+                SEND_INFLIGHT
+            };
             let mut shares: Vec<Vec<usize>> = vec![Vec::new(); senders];
             for seq in 0..n {
-                let who = if dir == Dir::MatrixToInterop {
+                let who = if by_room {
                     seq % senders
                 } else {
                     world.interop_send(dir, seq).0
@@ -128,12 +144,16 @@ pub(crate) async fn run(
                 tasks.spawn(async move {
                     let mut inflight = JoinSet::new();
                     for seq in share {
-                        if dir == Dir::MatrixToInterop {
-                            inflight.spawn(w.clone().client_send(t.clone(), run, seq));
-                        } else {
-                            inflight.spawn(w.clone().contact_send(t.clone(), dir, run, seq));
-                        }
-                        if inflight.len() >= SEND_INFLIGHT
+                        match dir {
+                            Dir::MatrixToInterop | Dir::MatrixToBare => {
+                                inflight.spawn(w.clone().client_send(t.clone(), run, seq))
+                            }
+                            Dir::BareToMatrix => {
+                                inflight.spawn(w.clone().ghost_send(t.clone(), run, seq))
+                            }
+                            _ => inflight.spawn(w.clone().contact_send(t.clone(), dir, run, seq)),
+                        };
+                        if inflight.len() >= inflight_max
                             && let Some(r) = inflight.join_next().await
                         {
                             r.expect("send task");
@@ -155,7 +175,7 @@ pub(crate) async fn run(
                 let due = ((start.elapsed().as_secs_f64() * rate) as usize + 1).min(n);
                 if due > next {
                     match dir {
-                        Dir::MatrixToInterop => {
+                        Dir::MatrixToInterop | Dir::MatrixToBare => {
                             let seqs: Vec<usize> = (next..due).collect();
                             let chunk = if world.clients.is_empty() {
                                 TXN_EVENTS
@@ -168,6 +188,11 @@ pub(crate) async fn run(
                                     run,
                                     c.to_vec(),
                                 ));
+                            }
+                        }
+                        Dir::BareToMatrix => {
+                            for seq in next..due {
+                                tasks.spawn(world.clone().ghost_send(track.clone(), run, seq));
                             }
                         }
                         Dir::InteropToMatrix | Dir::Reference => {
@@ -209,7 +234,7 @@ pub(crate) async fn measure(
     // Warm-up: one message per pair each way (Signal sessions), not measured.
     run(
         world,
-        bridge,
+        Some(&mut *bridge),
         Dir::MatrixToInterop,
         "warm-up Matrix→interop",
         opts.users,
@@ -218,7 +243,7 @@ pub(crate) async fn measure(
     .await;
     run(
         world,
-        bridge,
+        Some(&mut *bridge),
         Dir::InteropToMatrix,
         "warm-up interop→Matrix",
         opts.users,
@@ -234,7 +259,7 @@ pub(crate) async fn measure(
         let (b0, m0) = (sample(pid, ticks), me());
         let t = run(
             world,
-            bridge,
+            Some(&mut *bridge),
             dir,
             &format!("max {}", dir.label()),
             opts.messages,
@@ -250,7 +275,7 @@ pub(crate) async fn measure(
         let (b0, m0) = (sample(pid, ticks), me());
         let t = run(
             world,
-            bridge,
+            Some(&mut *bridge),
             dir,
             &format!("paced {}", dir.label()),
             n,
@@ -271,9 +296,25 @@ pub(crate) async fn measure(
     // Reference: the same client and gateway without the bridge (contacts in pairs).
     if opts.contacts >= 2 {
         let dir = Dir::Reference;
-        run(world, bridge, dir, "warm-up reference", opts.contacts, None).await;
+        run(
+            world,
+            Some(&mut *bridge),
+            dir,
+            "warm-up reference",
+            opts.contacts,
+            None,
+        )
+        .await;
         let (b0, m0) = (sample(pid, ticks), me());
-        let t = run(world, bridge, dir, "reference max", opts.messages, None).await;
+        let t = run(
+            world,
+            Some(&mut *bridge),
+            dir,
+            "reference max",
+            opts.messages,
+            None,
+        )
+        .await;
         results.push(summarize(
             dir,
             "max, no bridge".into(),

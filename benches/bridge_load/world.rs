@@ -70,6 +70,10 @@ pub(crate) struct World {
     pub(crate) synced: AtomicUsize,
     /// Sync responses whose timeline was cut short (messages would be missing).
     pub(crate) sync_limited: AtomicUsize,
+    /// With `--synapse`: each user's room's ghost (index = user), for the baseline.
+    pub(crate) ghosts: Vec<String>,
+    /// The token the homeserver knows the appservice by (the registration's).
+    pub(crate) as_token: String,
 }
 
 impl World {
@@ -152,6 +156,36 @@ impl World {
         let body = json!({"msgtype": "m.text", "body": Registry::body(run, seq)});
         let (status, v) = c.call(reqwest::Method::PUT, &path, Some(body)).await;
         assert_eq!(status, 200, "{} cannot send: {v}", c.user_id);
+    }
+
+    /// The baseline (`--synapse`): the ghost of user `seq % M`'s room sends message `seq` with
+    /// the appservice token, as a bridge would but with nothing behind it.
+    pub(crate) async fn ghost_send(self: Arc<Self>, track: Arc<Track>, run: usize, seq: usize) {
+        let u = seq % self.users.len();
+        let c = &self.clients[u];
+        let txn = self.txn_counter.fetch_add(1, Ordering::Relaxed);
+        let url = format!(
+            "{}/_matrix/client/v3/rooms/{}/send/m.room.message/bare-{txn}?user_id={}",
+            c.base,
+            common::urlencode(&self.rooms[u]),
+            common::urlencode(&self.ghosts[u])
+        );
+        self.reg.mark_sent(&track, seq);
+        let body = json!({"msgtype": "m.text", "body": Registry::body(run, seq)});
+        let resp = self
+            .http
+            .put(url)
+            .bearer_auth(&self.as_token)
+            .json(&body)
+            .send()
+            .await
+            .expect("ghost send");
+        assert!(
+            resp.status().is_success(),
+            "{} cannot send: {}",
+            self.ghosts[u],
+            resp.status()
+        );
     }
 
     /// Sends Matrix→interop message `seq`: a transaction to the bridge (stand-in), or a client
@@ -265,7 +299,7 @@ pub(crate) async fn sync_loop(world: Arc<World>, u: usize) {
 }
 
 /// Waits until every message of `track` arrived; panics when nothing arrives for `STALL`.
-pub(crate) async fn wait_done(track: &Track, bridge: &mut BridgeProc) {
+pub(crate) async fn wait_done(track: &Track, mut bridge: Option<&mut BridgeProc>) {
     let mut last = usize::MAX;
     let mut since = Instant::now();
     loop {
@@ -278,7 +312,7 @@ pub(crate) async fn wait_done(track: &Track, bridge: &mut BridgeProc) {
             since = Instant::now();
         }
         assert!(
-            bridge.is_running(),
+            bridge.as_mut().is_none_or(|b| b.is_running()),
             "the bridge exited during {}",
             track.name
         );

@@ -1,0 +1,135 @@
+//! With `--synapse`: the baseline. The same messages go between the same Matrix users and rooms
+//! of the same Synapse, through a bare appservice in this process instead of the bridge:
+//! interop→Matrix, the rooms' ghosts send with the appservice token, one message at a time per
+//! room (as a bridge that keeps a room's order must); Matrix→interop, the users send as in the
+//! bridge's run and the bare appservice takes Synapse's transactions on the bridge's registered
+//! address and does nothing with them but note the arrivals. The bridge's rate over the
+//! baseline's is how much of Synapse's pace the bridge keeps.
+
+use super::*;
+
+/// Each user's room's ghost (index = user): the member that is neither the user nor the bot.
+pub(crate) async fn ghosts(world: &World) -> Vec<String> {
+    let mut out = Vec::new();
+    for (c, room) in world.clients.iter().zip(&world.rooms) {
+        let path = format!(
+            "/_matrix/client/v3/rooms/{}/joined_members",
+            common::urlencode(room)
+        );
+        let (status, v) = c.call(reqwest::Method::GET, &path, None).await;
+        assert_eq!(status, 200, "joined_members of {room}: {v}");
+        let ghost = v["joined"]
+            .as_object()
+            .into_iter()
+            .flat_map(|m| m.keys())
+            .find(|m| *m != c.user_id.as_str() && !m.starts_with("@interopbot:"))
+            .unwrap_or_else(|| panic!("no ghost in {room}: {v}"))
+            .clone();
+        out.push(ghost);
+    }
+    out
+}
+
+/// The appservice token of the registration Synapse was given.
+pub(crate) fn registered_as_token(registration: &Path) -> String {
+    let text = std::fs::read_to_string(registration).expect("the registration");
+    let reg: serde_yaml::Value = serde_yaml::from_str(&text).expect("the registration's YAML");
+    reg["as_token"]
+        .as_str()
+        .expect("the registration's as_token")
+        .to_owned()
+}
+
+/// The bare appservice on `port` (the bridge's, which must be stopped): every `m.room.message`
+/// Synapse pushes is an arrival; nothing else happens.
+async fn serve_bare_appservice(port: u16, reg: Arc<Registry>) -> tokio::task::JoinHandle<()> {
+    use axum::{Json, Router, routing::put};
+    let txn = move |Json(body): Json<Value>| {
+        let reg = reg.clone();
+        async move {
+            for e in body["events"].as_array().into_iter().flatten() {
+                if e["type"] == "m.room.message"
+                    && let Some(text) = e["content"]["body"].as_str()
+                {
+                    reg.arrived(text);
+                }
+            }
+            Json(json!({}))
+        }
+    };
+    let app = Router::new()
+        .route("/_matrix/app/v1/transactions/{txn}", put(txn))
+        .fallback(|| async { Json(json!({})) });
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .expect("bind the bare appservice on the bridge's port");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    })
+}
+
+/// The baseline's two runs at full speed, `opts.messages` each: the ghosts sending while the
+/// bridge still runs (it ignores its own ghosts' messages, as in its own run), then, with the
+/// bridge stopped, the users sending to the bare appservice.
+pub(crate) async fn measure_baseline(
+    world: &Arc<World>,
+    bridge: &mut BridgeProc,
+    opts: &Opts,
+    bridge_port: u16,
+    ticks: f64,
+) -> Vec<RunResult> {
+    let to_matrix = max_run(world, Dir::BareToMatrix, opts, ticks).await;
+    bridge.stop();
+    let server = serve_bare_appservice(bridge_port, world.reg.clone()).await;
+    let from_matrix = max_run(world, Dir::MatrixToBare, opts, ticks).await;
+    server.abort();
+    vec![to_matrix, from_matrix]
+}
+
+/// A warm-up (one message per room) and a run at full speed in `dir`, without the bridge.
+async fn max_run(world: &Arc<World>, dir: Dir, opts: &Opts, ticks: f64) -> RunResult {
+    let me = || sample("self", ticks);
+    let none = (ProcSample::default(), ProcSample::default());
+    let name = dir.label();
+    run(
+        world,
+        None,
+        dir,
+        &format!("warm-up {name}"),
+        opts.users,
+        None,
+    )
+    .await;
+    let m0 = me();
+    let t = run(
+        world,
+        None,
+        dir,
+        &format!("max {name}"),
+        opts.messages,
+        None,
+    )
+    .await;
+    summarize(dir, "max, baseline".into(), &t, none, (m0, me()))
+}
+
+/// Each direction's bridge rate next to the baseline's.
+pub(crate) fn print_ratios(bridge: &[RunResult], baseline: &[RunResult]) {
+    for (ours, bare) in [
+        (Dir::MatrixToInterop, Dir::MatrixToBare),
+        (Dir::InteropToMatrix, Dir::BareToMatrix),
+    ] {
+        let rate = |rs: &[RunResult], d: Dir| {
+            rs.iter()
+                .find(|r| r.dir == d && r.kind.starts_with("max"))
+                .map(|r| r.rate)
+        };
+        if let (Some(a), Some(b)) = (rate(bridge, ours), rate(baseline, bare)) {
+            println!(
+                "{}: the bridge {a:.0} msgs/s, a bare appservice {b:.0} msgs/s: {:.0} % of the baseline",
+                ours.label(),
+                100.0 * a / b
+            );
+        }
+    }
+}
