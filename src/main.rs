@@ -389,6 +389,10 @@ async fn open_store(cfg: &Config) -> anyhow::Result<(SqlStore, Vault)> {
         .context("cannot migrate the database")?;
     let pruned = store.prune_transactions(7 * 24 * 3600 * 1000).await?;
     tracing::debug!(pruned, "old transaction ids pruned");
+    // One process writes the portals unless several workers share the database.
+    if !cfg.workers.enabled {
+        store.cache_portals();
+    }
     let master = vault::load_master_key(&cfg.vault.master_key_file, &cfg.vault.master_key_env)?;
     let vault = Vault::open(master, Arc::new(store.clone())).await?;
     Ok((store, vault))

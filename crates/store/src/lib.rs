@@ -147,6 +147,8 @@ pub struct SqlStore {
     queue_writer: Arc<tokio::sync::Mutex<()>>,
     /// The vault's group commit: see `vault::GroupWriter`.
     vault_writer: vault::GroupWriter,
+    /// Portal records in memory, when this process is the only one (see `cache_portals`).
+    portal_cache: Arc<portal::PortalCache>,
 }
 
 /// The advisory lock of the queue's writers on PostgreSQL (the number is the bridge's own).
@@ -216,6 +218,7 @@ impl SqlStore {
             kind,
             queue_writer: Arc::default(),
             vault_writer: vault::GroupWriter::default(),
+            portal_cache: Arc::default(),
         })
     }
 
@@ -291,41 +294,61 @@ impl SqlStore {
     }
 }
 
+/// Rows per statement when events are queued (four values a row: far below either database's
+/// limit on bound values).
+const QUEUE_ROWS_PER_STATEMENT: usize = 256;
+
 /// Queues the events whose ids were not queued before (events without an id always), in their
-/// order, inside `tx`; returns how many were queued.
+/// order, inside `tx`; returns how many were queued. A transaction's events take one statement
+/// to note their ids and one to queue them, not two per event.
 async fn queue_new(
     conn: &mut sqlx::AnyConnection,
     events: &[QueuedEvent],
     now: i64,
 ) -> Result<usize, StoreError> {
-    let mut queued = 0;
-    for ev in events {
-        if let Some(id) = &ev.event_id {
-            let fresh = sqlx::query(
-                "INSERT INTO matrix_event_seen (event_id, received_at) VALUES ($1, $2) \
-                 ON CONFLICT (event_id) DO NOTHING",
-            )
-            .bind(id)
-            .bind(now)
-            .execute(&mut *conn)
-            .await?
-            .rows_affected()
-                == 1;
-            if !fresh {
-                continue;
-            }
+    let ids: Vec<&str> = events
+        .iter()
+        .filter_map(|e| e.event_id.as_deref())
+        .collect();
+    // The ids noted now: one seen before (or earlier in this batch) returns no row.
+    let mut fresh = std::collections::HashSet::new();
+    for chunk in ids.chunks(QUEUE_ROWS_PER_STATEMENT) {
+        #[allow(non_snake_case)] // named as the SQL check expects a row list
+        let SEEN_ROWS = vault::rows(chunk.len(), 2);
+        let sql = format!(
+            "INSERT INTO matrix_event_seen (event_id, received_at) VALUES {SEEN_ROWS} \
+             ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
+        );
+        // Only placeholders are spliced in; the values are bound.
+        let mut q = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql));
+        for id in chunk {
+            q = q.bind(*id).bind(now);
         }
-        sqlx::query(
-            "INSERT INTO event_queue (room_id, sealed, attempts, created_at) VALUES ($1, $2, 0, $3)",
-        )
-        .bind(ev.room_id.as_deref())
-        .bind(&ev.sealed[..])
-        .bind(now)
-        .execute(&mut *conn)
-        .await?;
-        queued += 1;
+        fresh.extend(q.fetch_all(&mut *conn).await?);
     }
-    Ok(queued)
+    let new: Vec<&QueuedEvent> = events
+        .iter()
+        .filter(|e| e.event_id.as_ref().is_none_or(|id| fresh.remove(id)))
+        .collect();
+    // One multi-row insert keeps the events' order: the rows take their sequence numbers in
+    // the order of the list (the store suite checks it on both databases).
+    for chunk in new.chunks(QUEUE_ROWS_PER_STATEMENT) {
+        #[allow(non_snake_case)] // named as the SQL check expects a row list
+        let QUEUE_ROWS = vault::rows(chunk.len(), 4);
+        let sql = format!(
+            "INSERT INTO event_queue (room_id, sealed, attempts, created_at) VALUES {QUEUE_ROWS}"
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for ev in chunk {
+            q = q
+                .bind(ev.room_id.as_deref())
+                .bind(&ev.sealed[..])
+                .bind(0i32)
+                .bind(now);
+        }
+        q.execute(&mut *conn).await?;
+    }
+    Ok(new.len())
 }
 
 #[async_trait]
@@ -616,7 +639,8 @@ mod tests {
         restarted_txn_counter_is_new,
         users_and_kv,
         queue_order,
-        an_event_is_queued_once_whichever_way_it_came
+        an_event_is_queued_once_whichever_way_it_came,
+        a_large_transaction_is_queued_in_order_once
     );
 
     fn ev(room: &str, body: &[u8]) -> QueuedEvent {
@@ -669,6 +693,44 @@ mod tests {
         // Once forgotten (after the retention), an id counts as new again.
         s.prune_transactions(-1000).await.expect("prune");
         assert_eq!(s.queue_missed(&[pdu("$1")]).await.expect("missed"), 1);
+    }
+
+    async fn a_large_transaction_is_queued_in_order_once(s: &SqlStore) {
+        // More events than one statement takes, ids repeated within the transaction (across the
+        // statements' boundary too) and one queued before: each queued once, in order.
+        let n = QUEUE_ROWS_PER_STATEMENT * 2 + 7;
+        s.queue_missed(&[pdu("$5")]).await.expect("missed");
+        let mut events: Vec<QueuedEvent> = (0..n).map(|i| pdu(&format!("${i}"))).collect();
+        events.insert(3, ev("!a:x", b"no id"));
+        events.push(pdu("$1"));
+        events.insert(QUEUE_ROWS_PER_STATEMENT + 1, pdu("$2"));
+        assert_eq!(
+            s.apply_transaction("big", b"h", &events)
+                .await
+                .expect("apply"),
+            TxnOutcome::Applied
+        );
+        let want: Vec<Vec<u8>> = std::iter::once(b"$5".to_vec())
+            .chain((0..3).map(|i| format!("${i}").into_bytes()))
+            .chain(std::iter::once(b"no id".to_vec()))
+            .chain(
+                (3..n)
+                    .filter(|i| *i != 5)
+                    .map(|i| format!("${i}").into_bytes()),
+            )
+            .collect();
+        let got: Vec<Vec<u8>> = s
+            .queued_events(n as i64 + 10)
+            .await
+            .expect("queue")
+            .into_iter()
+            .map(|e| e.sealed)
+            .collect();
+        assert_eq!(got.len(), want.len());
+        assert!(
+            got == want,
+            "the queue's order differs from the transaction's"
+        );
     }
 
     async fn retried_transaction_has_no_second_effect(s: &SqlStore) {

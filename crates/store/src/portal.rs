@@ -70,6 +70,143 @@ fn mapped_row(r: &sqlx::any::AnyRow) -> Result<MappedMessage, StoreError> {
     })
 }
 
+/// Portal records kept in memory: every Matrix event and every network message looks its portal
+/// up, and portals change seldom. Only for a store that is the database's one writer of portals
+/// (one bridge process): with several workers another process may change a portal, and the
+/// cache stays off ([`SqlStore::cache_portals`]). Lookups that found no portal are kept too (a
+/// management room is looked up as often as a portal).
+#[derive(Default)]
+pub(crate) struct PortalCache {
+    on: std::sync::atomic::AtomicBool,
+    inner: std::sync::Mutex<CachedPortals>,
+}
+
+#[derive(Default)]
+struct CachedPortals {
+    /// Counts the writes: a lookup that read the database before a write finished does not
+    /// put what it read in the cache.
+    generation: u64,
+    by_chat: std::collections::HashMap<(String, String), Option<Portal>>,
+    by_room: std::collections::HashMap<String, Option<Portal>>,
+}
+
+impl std::fmt::Debug for PortalCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PortalCache")
+            .field("on", &self.on)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Entries kept at most (a few MB); past it the cache starts over.
+const MAX_CACHED_PORTALS: usize = 10_000;
+
+/// Where a lookup finds its portal.
+#[derive(Clone, Copy)]
+enum Lookup<'a> {
+    Chat(&'a str, &'a str),
+    Room(&'a str),
+}
+
+impl PortalCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, CachedPortals> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The cached answer (`Err` with the generation to put a fresh one under when there is none).
+    fn get(&self, key: Lookup<'_>) -> Result<Option<Portal>, Option<u64>> {
+        if !self.on.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(None);
+        }
+        let c = self.lock();
+        let hit = match key {
+            Lookup::Chat(r, chat) => c.by_chat.get(&(r.to_owned(), chat.to_owned())),
+            Lookup::Room(room) => c.by_room.get(room),
+        };
+        hit.cloned().ok_or(Some(c.generation))
+    }
+
+    fn put(&self, key: Lookup<'_>, generation: Option<u64>, found: &Option<Portal>) {
+        let mut c = self.lock();
+        if generation != Some(c.generation) {
+            return;
+        }
+        if c.by_chat.len() + c.by_room.len() >= MAX_CACHED_PORTALS {
+            c.by_chat.clear();
+            c.by_room.clear();
+        }
+        match key {
+            Lookup::Chat(r, chat) => {
+                c.by_chat
+                    .insert((r.to_owned(), chat.to_owned()), found.clone());
+            }
+            Lookup::Room(room) => {
+                c.by_room.insert(room.to_owned(), found.clone());
+            }
+        }
+    }
+
+    /// After a write of portals (whether or not it succeeded): nothing cached is trusted.
+    fn forget(&self) {
+        let mut c = self.lock();
+        c.generation += 1;
+        c.by_chat.clear();
+        c.by_room.clear();
+    }
+}
+
+/// Empties the cache when a write of portals ends, however it ends (an error, a cancelled
+/// future).
+struct ForgetPortals<'a>(&'a PortalCache);
+
+impl Drop for ForgetPortals<'_> {
+    fn drop(&mut self) {
+        self.0.forget();
+    }
+}
+
+impl SqlStore {
+    /// Keeps portal records in memory. Only for the database's one bridge process: with
+    /// several workers another process may change a portal.
+    pub fn cache_portals(&self) {
+        self.portal_cache
+            .on
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    async fn cached_portal(&self, key: Lookup<'_>) -> Result<Option<Portal>, CoreError> {
+        let generation = match self.portal_cache.get(key) {
+            Ok(hit) => return Ok(hit),
+            Err(generation) => generation,
+        };
+        let row = match key {
+            Lookup::Chat(receiver, chat_id) => {
+                let q = format!(
+                    "SELECT {PORTAL_COLS} FROM portal WHERE receiver = $1 AND chat_id = $2"
+                );
+                sqlx::query(sqlx::AssertSqlSafe(q))
+                    .bind(receiver)
+                    .bind(chat_id)
+                    .fetch_optional(self.pool())
+                    .await
+            }
+            Lookup::Room(room_id) => {
+                let q = format!("SELECT {PORTAL_COLS} FROM portal WHERE room_id = $1");
+                sqlx::query(sqlx::AssertSqlSafe(q))
+                    .bind(room_id)
+                    .fetch_optional(self.pool())
+                    .await
+            }
+        }
+        .db()?;
+        let found = row.as_ref().map(portal_row).transpose()?;
+        if generation.is_some() {
+            self.portal_cache.put(key, generation, &found);
+        }
+        Ok(found)
+    }
+}
+
 pub(crate) const PORTAL_COLS: &str =
     "receiver, chat_id, kind, room_id, name, relay, avatar_blob, avatar_mxc";
 pub(crate) const MAP_COLS: &str = "room_id, event_id, message_id, sender, part, matrix_sender";
@@ -120,27 +257,15 @@ impl PortalStore for SqlStore {
     }
 
     async fn portal(&self, receiver: &str, chat_id: &str) -> Result<Option<Portal>, CoreError> {
-        let q = format!("SELECT {PORTAL_COLS} FROM portal WHERE receiver = $1 AND chat_id = $2");
-        let row = sqlx::query(sqlx::AssertSqlSafe(q))
-            .bind(receiver)
-            .bind(chat_id)
-            .fetch_optional(self.pool())
-            .await
-            .db()?;
-        Ok(row.as_ref().map(portal_row).transpose()?)
+        self.cached_portal(Lookup::Chat(receiver, chat_id)).await
     }
 
     async fn portal_by_room(&self, room_id: &str) -> Result<Option<Portal>, CoreError> {
-        let q = format!("SELECT {PORTAL_COLS} FROM portal WHERE room_id = $1");
-        let row = sqlx::query(sqlx::AssertSqlSafe(q))
-            .bind(room_id)
-            .fetch_optional(self.pool())
-            .await
-            .db()?;
-        Ok(row.as_ref().map(portal_row).transpose()?)
+        self.cached_portal(Lookup::Room(room_id)).await
     }
 
     async fn save_portal(&self, p: &Portal) -> Result<(), CoreError> {
+        let _forget = ForgetPortals(&self.portal_cache);
         sqlx::query(
             "INSERT INTO portal (receiver, chat_id, kind, room_id, name, relay, avatar_blob, avatar_mxc, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
@@ -162,6 +287,7 @@ impl PortalStore for SqlStore {
     }
 
     async fn update_portal_look(&self, p: &Portal) -> Result<(), CoreError> {
+        let _forget = ForgetPortals(&self.portal_cache);
         sqlx::query(
             "UPDATE portal SET name = $1, avatar_blob = $2, avatar_mxc = $3 \
              WHERE receiver = $4 AND chat_id = $5 AND room_id = $6",
@@ -179,6 +305,7 @@ impl PortalStore for SqlStore {
     }
 
     async fn delete_portal(&self, receiver: &str, chat_id: &str) -> Result<(), CoreError> {
+        let _forget = ForgetPortals(&self.portal_cache);
         let mut tx = self.pool().begin().await.db()?;
         let room: Option<Option<String>> =
             sqlx::query_scalar("SELECT room_id FROM portal WHERE receiver = $1 AND chat_id = $2")
@@ -320,7 +447,19 @@ impl PortalStore for SqlStore {
 mod tests {
     use super::*;
 
-    on_both_databases!(logins_portals_and_map);
+    on_both_databases!(logins_portals_and_map, cached_portals_follow_writes);
+
+    /// The same with portals kept in memory; lookups that found nothing before the writes are
+    /// cached too, and each write must make them go.
+    async fn cached_portals_follow_writes(s: &SqlStore) {
+        s.cache_portals();
+        let chat = ("@a:x", "+15550002222");
+        assert_eq!(s.portal_by_room("!r:x").await.expect("by room"), None);
+        assert_eq!(s.portal(chat.0, chat.1).await.expect("get"), None);
+        logins_portals_and_map(s).await;
+        assert_eq!(s.portal_by_room("!r:x").await.expect("by room"), None);
+        assert_eq!(s.portal(chat.0, chat.1).await.expect("get"), None);
+    }
 
     async fn logins_portals_and_map(s: &SqlStore) {
         s.set_login("@a:x", "+15550001111").await.expect("login");
@@ -400,6 +539,7 @@ mod tests {
             .await
             .expect("delete");
         assert!(s.by_event("!r:x", "$e").await.expect("by ev").is_none());
+        assert_eq!(s.portal_by_room("!r:x").await.expect("by room"), None);
         let bob = GhostProfile {
             displayname: "Bob".into(),
             avatar_blob: "00112233445566778899aabbccddeeff".into(),

@@ -77,7 +77,9 @@ fn expand(sql: &str) -> Result<String, String> {
         .replace("{MAP_COLS}", MAP_COLS)
         .replace("{MARKS}", &super::marks(2))
         .replace("{RECORD_ROWS}", &super::vault::rows(2, 4))
-        .replace("{KEY_ROWS}", &super::vault::rows(2, 3));
+        .replace("{KEY_ROWS}", &super::vault::rows(2, 3))
+        .replace("{SEEN_ROWS}", &super::vault::rows(2, 2))
+        .replace("{QUEUE_ROWS}", &super::vault::rows(2, 4));
     match sql.find('{') {
         Some(i) => Err(format!("unknown placeholder in: {}", &sql[i..])),
         None => Ok(sql),
