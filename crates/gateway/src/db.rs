@@ -21,7 +21,31 @@ pub struct GatewayDb {
     /// Envelopes and blobs older than these are gone, also before the sweep deletes them.
     pub(crate) envelope_ttl_ms: i64,
     pub(crate) blob_ttl_ms: i64,
+    /// `Send`s waiting for the group commit (see [`GatewayDb::store_send`]).
+    sends: std::sync::Arc<SendGroup>,
 }
+
+/// The group commit of `Send`s: a `Send` that comes while others are being written waits, and
+/// all that waited are written in one transaction, so a busy gateway commits once per batch
+/// rather than once per message; one that finds the database idle is written at once.
+#[derive(Debug, Default)]
+struct SendGroup {
+    waiting: std::sync::Mutex<Vec<PendingSend>>,
+    writer: tokio::sync::Mutex<()>,
+}
+
+#[derive(Debug)]
+struct PendingSend {
+    sender: String,
+    message_id: String,
+    envelopes: Vec<pb::Envelope>,
+    queue_max: u32,
+    fanout: bool,
+    reply: tokio::sync::oneshot::Sender<Result<SendOutcome, sqlx::Error>>,
+}
+
+/// `Send`s written in one transaction at most.
+const MAX_SEND_GROUP: usize = 256;
 
 /// Settings of the verification try budget (docs §6.2).
 #[derive(Clone, Copy, Debug)]
@@ -89,6 +113,7 @@ impl GatewayDb {
             pool,
             envelope_ttl_ms: i64::MAX,
             blob_ttl_ms: i64::MAX,
+            sends: Default::default(),
         })
     }
 
@@ -522,8 +547,10 @@ impl GatewayDb {
         }))
     }
 
-    /// Stores envelopes of one `Send` (and the idempotency record) in one transaction. A 1:1 send
-    /// to a full queue stores nothing; a group fan-out (`fanout`) skips members whose queue is full.
+    /// Stores envelopes of one `Send` (and the idempotency record) in one transaction, with the
+    /// other `Send`s that wait for it (the group commit, [`SendGroup`]); answers once it is
+    /// committed. A 1:1 send to a full queue stores nothing; a group fan-out (`fanout`) skips
+    /// members whose queue is full.
     pub async fn store_send(
         &self,
         sender: &str,
@@ -532,12 +559,80 @@ impl GatewayDb {
         queue_max: u32,
         fanout: bool,
     ) -> Result<SendOutcome, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.lock_waiting().push(PendingSend {
+            sender: sender.to_owned(),
+            message_id: message_id.to_owned(),
+            envelopes: envelopes.to_vec(),
+            queue_max,
+            fanout,
+            reply,
+        });
+        {
+            // Whoever holds the writer writes all that waits; ours may be in an earlier batch.
+            let _writer = self.sends.writer.lock().await;
+            loop {
+                let batch: Vec<PendingSend> = {
+                    let mut w = self.lock_waiting();
+                    let n = w.len().min(MAX_SEND_GROUP);
+                    w.drain(..n).collect()
+                };
+                if batch.is_empty() {
+                    break;
+                }
+                self.write_sends(batch).await;
+            }
+        }
+        // A batch whose writer was cancelled (its connection closed) was rolled back: the
+        // sender sends again with the same message id.
+        answer
+            .await
+            .unwrap_or_else(|_| Err(sqlx::Error::Protocol("the write was cancelled".into())))
+    }
+
+    fn lock_waiting(&self) -> std::sync::MutexGuard<'_, Vec<PendingSend>> {
+        self.sends.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes `batch` in one transaction and answers each; a failure fails them all (nothing of
+    /// the batch is stored).
+    async fn write_sends(&self, batch: Vec<PendingSend>) {
+        let written = async {
+            let mut tx = self.pool.begin().await?;
+            let mut outcomes = Vec::with_capacity(batch.len());
+            for p in &batch {
+                outcomes.push(Self::send_in(&mut tx, p).await?);
+            }
+            tx.commit().await?;
+            Ok::<_, sqlx::Error>(outcomes)
+        }
+        .await;
+        match written {
+            Ok(outcomes) => {
+                for (p, o) in batch.into_iter().zip(outcomes) {
+                    let _ = p.reply.send(Ok(o));
+                }
+            }
+            Err(e) => {
+                let e = e.to_string();
+                for p in batch {
+                    let _ = p.reply.send(Err(sqlx::Error::Protocol(e.clone())));
+                }
+            }
+        }
+    }
+
+    /// One `Send` inside the group's transaction: a repeat (also of one earlier in the same
+    /// batch) is answered as the first was; a 1:1 send to a full queue stores nothing.
+    async fn send_in(
+        tx: &mut sqlx::SqliteConnection,
+        p: &PendingSend,
+    ) -> Result<SendOutcome, sqlx::Error> {
         let prev = sqlx::query(
             "SELECT server_timestamp, recipients FROM sent WHERE sender = ? AND message_id = ?",
         )
-        .bind(sender)
-        .bind(message_id)
+        .bind(&p.sender)
+        .bind(&p.message_id)
         .fetch_optional(&mut *tx)
         .await?;
         if let Some(r) = prev {
@@ -547,26 +642,26 @@ impl GatewayDb {
             ));
         }
         let now = now_ms();
-        let mut stored = 0i64;
-        for e in envelopes {
-            if Self::queue_len(&mut tx, &e.to).await? >= i64::from(queue_max) {
-                if fanout {
-                    continue;
-                }
+        let mut keep = Vec::with_capacity(p.envelopes.len());
+        for e in &p.envelopes {
+            if Self::queue_len(&mut *tx, &e.to).await? < i64::from(p.queue_max) {
+                keep.push(e);
+            } else if !p.fanout {
+                // Checked before anything is written: the batch's other sends stay as they are.
                 return Ok(SendOutcome::QueueFull);
             }
-            Self::insert_envelope(&mut tx, e, now).await?;
-            stored += 1;
+        }
+        for e in &keep {
+            Self::insert_envelope(&mut *tx, e, now).await?;
         }
         sqlx::query("INSERT INTO sent (sender, message_id, server_timestamp, recipients) VALUES (?, ?, ?, ?)")
-            .bind(sender)
-            .bind(message_id)
+            .bind(&p.sender)
+            .bind(&p.message_id)
             .bind(now)
-            .bind(stored)
+            .bind(keep.len() as i64)
             .execute(&mut *tx)
             .await?;
-        tx.commit().await?;
-        Ok(SendOutcome::Stored(now, stored))
+        Ok(SendOutcome::Stored(now, keep.len() as i64))
     }
 
     /// Stores one envelope and records the two accounts as contacts (docs §10.3: envelopes of any
@@ -604,16 +699,13 @@ impl GatewayDb {
         .execute(&mut *tx)
         .await?;
         if e.from != e.to {
-            for (a, b) in [
-                (e.from.as_str(), e.to.as_str()),
-                (e.to.as_str(), e.from.as_str()),
-            ] {
-                sqlx::query("INSERT OR IGNORE INTO contact (a, b) VALUES (?, ?)")
-                    .bind(a)
-                    .bind(b)
-                    .execute(&mut *tx)
-                    .await?;
-            }
+            sqlx::query("INSERT OR IGNORE INTO contact (a, b) VALUES (?, ?), (?, ?)")
+                .bind(&e.from)
+                .bind(&e.to)
+                .bind(&e.to)
+                .bind(&e.from)
+                .execute(&mut *tx)
+                .await?;
         }
         Ok(())
     }
@@ -683,14 +775,18 @@ impl GatewayDb {
             .collect()
     }
 
+    /// Deletes the acknowledged envelopes of `account`, one statement per chunk of ids.
     pub async fn ack(&self, account: &str, ids: &[u64]) -> Result<(), sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        for id in ids {
-            sqlx::query("DELETE FROM envelope WHERE recipient = ? AND id = ?")
-                .bind(account)
-                .bind(*id as i64)
-                .execute(&mut *tx)
-                .await?;
+        for chunk in ids.chunks(500) {
+            let marks = vec!["?"; chunk.len()].join(", ");
+            let sql = format!("DELETE FROM envelope WHERE recipient = ? AND id IN ({marks})");
+            // Only placeholders are spliced in; the values are bound.
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(account);
+            for id in chunk {
+                q = q.bind(*id as i64);
+            }
+            q.execute(&mut *tx).await?;
         }
         tx.commit().await
     }
@@ -815,5 +911,118 @@ impl GatewayDb {
                 .fetch_optional(&self.pool)
                 .await?;
         Ok(s.map(|s| s as u64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envelope(from: &str, to: &str, id: &str) -> pb::Envelope {
+        pb::Envelope {
+            from: from.into(),
+            to: to.into(),
+            kind: pb::Kind::Message as i32,
+            ciphertext: id.as_bytes().to_vec(),
+            message_id: id.into(),
+            ..Default::default()
+        }
+    }
+
+    async fn db() -> (GatewayDb, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let uri = format!("sqlite://{}", dir.path().join("gw.db").display());
+        (GatewayDb::open(&uri).await.expect("open"), dir)
+    }
+
+    /// Sends that come together are written together: each is stored once, a repeat (in the
+    /// same batch or a later one) is answered as the first, and a full queue refuses only the
+    /// sends that do not fit.
+    #[tokio::test]
+    async fn sends_written_together_each_count_once() {
+        let (db, _dir) = db().await;
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..200 {
+            let db = db.clone();
+            // Every message id twice, from 4 senders to one recipient each.
+            let (from, id) = (format!("+1555000000{}", i / 2 % 4), format!("m{}", i / 2));
+            tasks.spawn(async move {
+                let e = envelope(&from, "+15550009999", &id);
+                let out = db.store_send(&from, &id, &[e], 1000, false).await;
+                (from, id, out.expect("store"))
+            });
+        }
+        let mut outcomes = std::collections::HashMap::<(String, String), Vec<SendOutcome>>::new();
+        while let Some(r) = tasks.join_next().await {
+            let (from, id, out) = r.expect("task");
+            outcomes.entry((from, id)).or_default().push(out);
+        }
+        let mut stored = 0;
+        for outs in outcomes.values() {
+            let firsts: Vec<_> = outs
+                .iter()
+                .filter_map(|o| match o {
+                    SendOutcome::Stored(ts, 1) => Some(*ts),
+                    _ => None,
+                })
+                .collect();
+            stored += firsts.len();
+            for o in outs {
+                match o {
+                    SendOutcome::Stored(..) => {}
+                    SendOutcome::Repeat(ts, 1) => assert_eq!(Some(ts), firsts.first()),
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+        }
+        let queued = db
+            .envelopes_after("+15550009999", 0, i64::MAX, 1000)
+            .await
+            .expect("read");
+        // 200 sends, 100 distinct: each stored once and repeated once.
+        assert_eq!((outcomes.len(), stored, queued.len()), (100, 100, 100));
+        assert!(outcomes.values().all(|o| o.len() == 2));
+
+        // A queue with room for 3: of 10 sends at once, 3 are stored, and a fan-out to it and
+        // to an empty queue stores only the latter's.
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..10 {
+            let db = db.clone();
+            tasks.spawn(async move {
+                let id = format!("f{i}");
+                let e = envelope("+15550000001", "+15550008888", &id);
+                db.store_send("+15550000001", &id, &[e], 3, false)
+                    .await
+                    .expect("store")
+            });
+        }
+        let mut full = 0;
+        while let Some(r) = tasks.join_next().await {
+            if r.expect("task") == SendOutcome::QueueFull {
+                full += 1;
+            }
+        }
+        assert_eq!(full, 7);
+        let fan = [
+            envelope("+15550000001", "+15550008888", "g"),
+            envelope("+15550000001", "+15550007777", "g"),
+        ];
+        let out = db
+            .store_send("+15550000001", "g", &fan, 3, true)
+            .await
+            .expect("store");
+        assert!(matches!(out, SendOutcome::Stored(_, 1)), "{out:?}");
+        db.ack(
+            "+15550009999",
+            &queued.iter().map(|e| e.id).collect::<Vec<_>>(),
+        )
+        .await
+        .expect("ack");
+        assert!(
+            db.envelopes_after("+15550009999", 0, i64::MAX, 1000)
+                .await
+                .expect("read")
+                .is_empty()
+        );
     }
 }
