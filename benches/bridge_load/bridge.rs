@@ -225,14 +225,9 @@ pub(crate) async fn spawn_workers(
     let (mut procs, mut bases, mut metrics) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..n {
         let (port, metrics_port) = (common::free_port(), common::free_port());
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_matrix-interop-bridge"));
-        cmd.arg("-c")
-            .arg(config)
-            .env("MIB_VAULT_MASTER_KEY", VAULT_KEY)
-            .env("MIB__APPSERVICE__PORT", port.to_string())
-            .env("MIB__METRICS__LISTEN", format!("127.0.0.1:{metrics_port}"))
-            .env("MIB__WORKERS__ID", format!("w{i}"))
-            .env_remove("RUST_LOG");
+        let mut cmd =
+            common::worker_command(config, VAULT_KEY, &format!("w{i}"), (port, metrics_port));
+        cmd.env_remove("RUST_LOG");
         procs.push(common::Proc::spawn(
             "a bridge worker",
             cmd,
@@ -259,7 +254,7 @@ pub(crate) async fn spawn_workers(
 impl Workers {
     /// Waits until `logins` logins are connected over all the workers, and prints how they are
     /// spread.
-    pub(crate) async fn wait_all_connected(&self, _http: &reqwest::Client, logins: usize) {
+    pub(crate) async fn wait_all_connected(&self, logins: usize) {
         let start = Instant::now();
         loop {
             let mut per = Vec::new();

@@ -444,7 +444,7 @@ async fn bench(opts: Opts) {
 
     let (rooms, t_logins) = log_in_and_open_portals(&world, opts.users, t0).await;
     if let Some(w) = &workers {
-        w.wait_all_connected(&http, opts.users).await;
+        w.wait_all_connected(opts.users).await;
     }
     world.rooms = rooms;
     // Through Synapse, each user joins its portal and reads it through its own sync loop.

@@ -623,6 +623,19 @@ impl MatrixUser {
     }
 }
 
+/// The command of one bridge worker of several (`workers.enabled` in `config`): its own
+/// appservice and metrics ports and its id, set through the environment.
+pub fn worker_command(config: &Path, vault_key: &str, id: &str, ports: (u16, u16)) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_matrix-interop-bridge"));
+    cmd.arg("-c")
+        .arg(config)
+        .env("MIB_VAULT_MASTER_KEY", vault_key)
+        .env("MIB__APPSERVICE__PORT", ports.0.to_string())
+        .env("MIB__METRICS__LISTEN", format!("127.0.0.1:{}", ports.1))
+        .env("MIB__WORKERS__ID", id);
+    cmd
+}
+
 /// A bridge config for tests: SQLite in `dir`, the given homeserver, listening on a free port.
 pub struct BridgeSetup {
     pub config: PathBuf,
@@ -716,16 +729,12 @@ impl BridgeSetup {
     /// Starts one worker of several (`workers.enabled` in the config): its own appservice and
     /// metrics ports and id, through the environment; waits for its /health.
     pub async fn start_worker(&self, id: &str, port: u16, metrics_port: u16) -> Proc {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_matrix-interop-bridge"));
-        cmd.arg("-c")
-            .arg(&self.config)
-            .env(
-                "MIB_VAULT_MASTER_KEY",
-                "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
-            )
-            .env("MIB__APPSERVICE__PORT", port.to_string())
-            .env("MIB__METRICS__LISTEN", format!("127.0.0.1:{metrics_port}"))
-            .env("MIB__WORKERS__ID", id);
+        let cmd = worker_command(
+            &self.config,
+            "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
+            id,
+            (port, metrics_port),
+        );
         let proc = Proc::spawn("bridge", cmd, self.dir.join(format!("bridge-{id}.log")));
         wait_http(
             &format!("http://127.0.0.1:{port}/health"),

@@ -220,16 +220,18 @@ impl Cluster {
         if !self.holds(BOT) && self.take(BOT).await? {
             tracing::info!(worker = %self.me, "this worker handles the bot's rooms");
         }
-        // The logins' share.
-        let workers = self.store.live_leases("worker:", t).await?.len().max(1);
-        let running = self.store.live_leases("login:", t).await?;
+        // The logins' share: counts from the database, this worker's own from what it holds
+        // (just renewed), so a round reads no list of all logins.
+        let workers = self.store.live_lease_count("worker:", t).await?.max(1);
+        let running = self.store.live_lease_count("login:", t).await?;
         let unheld = self.store.unheld_logins(t).await?;
-        let mine: Vec<String> = running
+        let mut mine: Vec<String> = self
+            .held()
             .iter()
-            .filter(|(_, l)| l.holder == self.me)
-            .map(|(n, _)| n.trim_start_matches("login:").to_owned())
+            .filter_map(|n| n.strip_prefix("login:").map(str::to_owned))
             .collect();
-        let share = (running.len() + unheld.len()).div_ceil(workers);
+        mine.sort();
+        let share = (running + unheld.len()).div_ceil(workers);
         let mut started = 0;
         for mxid in unheld.iter().take(share.saturating_sub(mine.len())) {
             if self.claim_login(mxid).await? {

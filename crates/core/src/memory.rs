@@ -368,18 +368,13 @@ impl LeaseStore for MemoryStore {
         Ok(self.data().leases.get(name).cloned())
     }
 
-    async fn live_leases(
-        &self,
-        prefix: &str,
-        now: i64,
-    ) -> Result<Vec<(String, Lease)>, StoreError> {
+    async fn live_lease_count(&self, prefix: &str, now: i64) -> Result<usize, StoreError> {
         Ok(self
             .data()
             .leases
             .iter()
             .filter(|(n, l)| n.starts_with(prefix) && l.expires_at > now)
-            .map(|(n, l)| (n.clone(), l.clone()))
-            .collect())
+            .count())
     }
 
     async fn unheld_logins(&self, now: i64) -> Result<Vec<String>, StoreError> {

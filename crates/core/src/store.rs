@@ -192,9 +192,8 @@ pub trait LeaseStore: Send + Sync {
     /// Lets the lease go at once, if `holder` holds it.
     async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError>;
     async fn lease(&self, name: &str) -> Result<Option<Lease>, StoreError>;
-    /// The live leases (not expired at `now`) whose names start with `prefix`, by name.
-    async fn live_leases(&self, prefix: &str, now: i64)
-    -> Result<Vec<(String, Lease)>, StoreError>;
+    /// How many leases whose names start with `prefix` are live (not expired at `now`).
+    async fn live_lease_count(&self, prefix: &str, now: i64) -> Result<usize, StoreError>;
     /// Logins (their Matrix ids) whose `login:` lease nobody holds at `now`.
     async fn unheld_logins(&self, now: i64) -> Result<Vec<String>, StoreError>;
 }
