@@ -27,7 +27,8 @@ pub struct GatewayDb {
 
 /// The group commit of `Send`s: a `Send` that comes while others are being written waits, and
 /// all that waited are written in one transaction, so a busy gateway commits once per batch
-/// rather than once per message; one that finds the database idle is written at once.
+/// rather than once per message; one that finds the database idle is written at once. The
+/// writing is a task of its own, which no caller's cancellation stops.
 #[derive(Debug, Default)]
 struct SendGroup {
     waiting: std::sync::Mutex<Vec<PendingSend>>,
@@ -568,26 +569,30 @@ impl GatewayDb {
             fanout,
             reply,
         });
-        {
-            // Whoever holds the writer writes all that waits; ours may be in an earlier batch.
-            let _writer = self.sends.writer.lock().await;
-            loop {
-                let batch: Vec<PendingSend> = {
-                    let mut w = self.lock_waiting();
-                    let n = w.len().min(MAX_SEND_GROUP);
-                    w.drain(..n).collect()
-                };
-                if batch.is_empty() {
-                    break;
-                }
-                self.write_sends(batch).await;
-            }
-        }
-        // A batch whose writer was cancelled (its connection closed) was rolled back: the
-        // sender sends again with the same message id.
+        // The writing runs in a task of its own: a caller that goes away (its connection
+        // closed) must not cancel a batch that holds other connections' sends.
+        let db = self.clone();
+        tokio::spawn(async move { db.write_waiting().await });
         answer
             .await
-            .unwrap_or_else(|_| Err(sqlx::Error::Protocol("the write was cancelled".into())))
+            .unwrap_or_else(|_| Err(sqlx::Error::Protocol("the write was abandoned".into())))
+    }
+
+    /// Writes every `Send` that waits, in batches; whoever holds the writer writes all that
+    /// waits, so a task may find its own send written already by an earlier batch.
+    async fn write_waiting(&self) {
+        let _writer = self.sends.writer.lock().await;
+        loop {
+            let batch: Vec<PendingSend> = {
+                let mut w = self.lock_waiting();
+                let n = w.len().min(MAX_SEND_GROUP);
+                w.drain(..n).collect()
+            };
+            if batch.is_empty() {
+                return;
+            }
+            self.write_sends(batch).await;
+        }
     }
 
     fn lock_waiting(&self) -> std::sync::MutexGuard<'_, Vec<PendingSend>> {
@@ -1024,5 +1029,45 @@ mod tests {
                 .expect("read")
                 .is_empty()
         );
+    }
+
+    /// A sender that goes away while its batch is written (its connection closed) does not
+    /// take the other senders' sends of that batch with it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_send_abandoned_midway_fails_no_other() {
+        let (db, _dir) = db().await;
+        let send = |id: String| {
+            let db = db.clone();
+            tokio::spawn(async move {
+                let e = envelope("+15550000001", "+15550009999", &id);
+                db.store_send("+15550000001", &id, &[e], 100_000, false)
+                    .await
+            })
+        };
+        let waiting = |n: usize| {
+            let db = db.clone();
+            async move {
+                while db.lock_waiting().len() < n {
+                    tokio::time::sleep(std::time::Duration::from_micros(50)).await;
+                }
+            }
+        };
+        for round in 0..30u64 {
+            // Both sends wait behind a writer, so they go in one batch; the first's caller is
+            // dropped while that batch is being written.
+            let writer = db.sends.writer.lock().await;
+            let first = send(format!("a{round}"));
+            waiting(1).await;
+            let second = send(format!("b{round}"));
+            waiting(2).await;
+            drop(writer);
+            tokio::time::sleep(std::time::Duration::from_micros(100 + 50 * (round % 10))).await;
+            first.abort();
+            let out = second
+                .await
+                .expect("task")
+                .expect("the send that stayed is stored");
+            assert!(matches!(out, SendOutcome::Stored(_, 1)), "{out:?}");
+        }
     }
 }
