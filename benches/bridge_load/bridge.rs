@@ -7,6 +7,8 @@ use super::*;
 pub(crate) type BridgeProc = common::Proc;
 
 pub(crate) struct BridgeEndpoints {
+    /// The registered appservice port (the bridge's, or the workers' balancer's).
+    pub(crate) port: u16,
     pub(crate) base: String,
     pub(crate) metrics: String,
 }
@@ -46,6 +48,7 @@ pub(crate) fn write_config(
     (
         path,
         BridgeEndpoints {
+            port,
             base: format!("http://127.0.0.1:{port}"),
             metrics: format!("http://127.0.0.1:{metrics_port}/metrics"),
         },
@@ -236,13 +239,7 @@ pub(crate) async fn spawn_workers(
         bases.push(format!("http://127.0.0.1:{port}"));
         metrics.push(metrics_port);
     }
-    let port: u16 = ends
-        .base
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("the registered port");
-    let balancer = common::serve_balancer(port, bases.clone()).await;
+    let balancer = common::serve_balancer(ends.port, bases.clone()).await;
     Workers {
         procs,
         bases,

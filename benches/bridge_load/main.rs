@@ -529,13 +529,7 @@ async fn bench(opts: Opts) {
     }
     print_bridge_health(&http, &ends, &bridge.log).await;
     if synapse.is_some() && !opts.no_runs && opts.workers <= 1 {
-        let port = ends
-            .base
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .expect("the bridge's port");
-        let baseline = measure_baseline(&world, &mut bridge, &opts, port, ticks).await;
+        let baseline = measure_baseline(&world, &mut bridge, &opts, ends.port, ticks).await;
         println!();
         println!("baseline: the same messages through a bare appservice, no bridge");
         print_table(&baseline);

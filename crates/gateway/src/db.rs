@@ -556,7 +556,7 @@ impl GatewayDb {
         &self,
         sender: &str,
         message_id: &str,
-        envelopes: &[pb::Envelope],
+        envelopes: Vec<pb::Envelope>,
         queue_max: u32,
         fanout: bool,
     ) -> Result<SendOutcome, sqlx::Error> {
@@ -564,7 +564,7 @@ impl GatewayDb {
         self.lock_waiting().push(PendingSend {
             sender: sender.to_owned(),
             message_id: message_id.to_owned(),
-            envelopes: envelopes.to_vec(),
+            envelopes,
             queue_max,
             fanout,
             reply,
@@ -953,7 +953,7 @@ mod tests {
             let (from, id) = (format!("+1555000000{}", i / 2 % 4), format!("m{}", i / 2));
             tasks.spawn(async move {
                 let e = envelope(&from, "+15550009999", &id);
-                let out = db.store_send(&from, &id, &[e], 1000, false).await;
+                let out = db.store_send(&from, &id, vec![e], 1000, false).await;
                 (from, id, out.expect("store"))
             });
         }
@@ -996,7 +996,7 @@ mod tests {
             tasks.spawn(async move {
                 let id = format!("f{i}");
                 let e = envelope("+15550000001", "+15550008888", &id);
-                db.store_send("+15550000001", &id, &[e], 3, false)
+                db.store_send("+15550000001", &id, vec![e], 3, false)
                     .await
                     .expect("store")
             });
@@ -1013,7 +1013,7 @@ mod tests {
             envelope("+15550000001", "+15550007777", "g"),
         ];
         let out = db
-            .store_send("+15550000001", "g", &fan, 3, true)
+            .store_send("+15550000001", "g", fan.to_vec(), 3, true)
             .await
             .expect("store");
         assert!(matches!(out, SendOutcome::Stored(_, 1)), "{out:?}");
@@ -1040,7 +1040,7 @@ mod tests {
             let db = db.clone();
             tokio::spawn(async move {
                 let e = envelope("+15550000001", "+15550009999", &id);
-                db.store_send("+15550000001", &id, &[e], 100_000, false)
+                db.store_send("+15550000001", &id, vec![e], 100_000, false)
                     .await
             })
         };

@@ -632,7 +632,7 @@ async fn send(shared: &Shared, me: &str, s: pb::Send) -> Result<Body, Reject> {
         .store_send(
             me,
             &s.message_id,
-            &envelopes,
+            envelopes,
             shared.cfg.limits.queue_max,
             fanout,
         )
