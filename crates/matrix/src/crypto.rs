@@ -19,7 +19,8 @@ use std::{
 
 use matrix_sdk_crypto::{
     AttachmentDecryptor, AttachmentEncryptor, DecryptionSettings, EncryptionSettings,
-    EncryptionSyncChanges, MediaEncryptionInfo, OlmMachine, TrustRequirement,
+    EncryptionSyncChanges, MediaEncryptionInfo, MegolmError, OlmError, OlmMachine,
+    TrustRequirement,
     types::{events::room::encrypted::EncryptedEvent, requests::AnyOutgoingRequest},
 };
 use matrix_sdk_sqlite::SqliteCryptoStore;
@@ -705,6 +706,31 @@ impl Device {
         Ok(!room_keys.is_empty())
     }
 
+    /// Decrypts a room event. A crypto store that cannot be read (a database outage) is
+    /// [`CryptoError::Store`], so that the event waits for it instead of being reported as
+    /// undecryptable.
+    async fn decrypt(&self, room: &RoomId, event: &Value) -> Result<Value, CryptoError> {
+        let raw: Raw<EncryptedEvent> = Raw::from_json(
+            serde_json::value::to_raw_value(event)
+                .map_err(|e| CryptoError::Decrypt(e.to_string()))?,
+        );
+        let held = self.hold().await?;
+        let decrypted = self.olm().decrypt_room_event(&raw, room, &settings()).await;
+        drop(held);
+        match decrypted {
+            Ok(d) => {
+                let inner: Value = d
+                    .event
+                    .deserialize_as()
+                    .map_err(|e| CryptoError::Decrypt(e.to_string()))?;
+                sanitize_decrypted(event, &inner)
+            }
+            Err(MegolmError::MissingRoomKey(_)) => Err(CryptoError::MissingKey),
+            Err(MegolmError::Store(e)) => Err(store_err(e)),
+            Err(e) => Err(CryptoError::Decrypt(e.to_string())),
+        }
+    }
+
     /// Encrypts `content` for the room's current members; returns the `m.room.encrypted` content.
     async fn encrypt(
         &self,
@@ -754,7 +780,10 @@ impl Device {
                 EncryptionSettings::default(),
             )
             .await
-            .map_err(|e| CryptoError::Encrypt(e.to_string()))?;
+            .map_err(|e| match e {
+                OlmError::Store(e) => store_err(e),
+                e => CryptoError::Encrypt(e.to_string()),
+            })?;
         for td in shares {
             let r = send_event_to_device::v3::Request::new_raw(
                 td.event_type.clone(),
@@ -778,7 +807,10 @@ impl Device {
             .olm()
             .encrypt_room_event_raw(room, event_type, &raw)
             .await
-            .map_err(|e| CryptoError::Encrypt(e.to_string()))?;
+            .map_err(|e| match e {
+                MegolmError::Store(e) => store_err(e),
+                e => CryptoError::Encrypt(e.to_string()),
+            })?;
         enc.content
             .deserialize_as()
             .map_err(|e| CryptoError::Encrypt(e.to_string()))
@@ -1119,28 +1151,7 @@ impl Crypto {
         let room: OwnedRoomId = room_id
             .try_into()
             .map_err(|e| CryptoError::Decrypt(format!("{e}")))?;
-        let raw: Raw<EncryptedEvent> = Raw::from_json(
-            serde_json::value::to_raw_value(event)
-                .map_err(|e| CryptoError::Decrypt(e.to_string()))?,
-        );
-        let held = self.bot.hold().await?;
-        let decrypted = self
-            .bot
-            .olm()
-            .decrypt_room_event(&raw, &room, &settings())
-            .await;
-        drop(held);
-        match decrypted {
-            Ok(d) => {
-                let inner: Value = d
-                    .event
-                    .deserialize_as()
-                    .map_err(|e| CryptoError::Decrypt(e.to_string()))?;
-                sanitize_decrypted(event, &inner)
-            }
-            Err(matrix_sdk_crypto::MegolmError::MissingRoomKey(_)) => Err(CryptoError::MissingKey),
-            Err(e) => Err(CryptoError::Decrypt(e.to_string())),
-        }
+        self.bot.decrypt(&room, event).await
     }
 
     /// Asks the sender's other devices for a missing room key.
@@ -1459,11 +1470,17 @@ mod shared_device_tests {
     use ruma::api::client::keys::upload_keys;
 
     use super::*;
+    use mib_core::BridgeError;
     use mib_store::{SqlStore, crypto::DbCryptoStore, testing};
     use mib_vault::SecretKey;
 
     /// The bot's device as one worker opens it, over the shared database.
     async fn device(db: &SqlStore, key: &SecretKey, worker: &str) -> Device {
+        device_of(db, key, Some(worker)).await
+    }
+
+    /// The bot's device over the database; `worker` when several workers share it.
+    async fn device_of(db: &SqlStore, key: &SecretKey, worker: Option<&str>) -> Device {
         let (db2, key) = (db.clone(), key.clone());
         let open: OpenStore = Arc::new(move |user, device| {
             Arc::new(DbCryptoStore::new(db2.clone(), key.clone(), user, device))
@@ -1479,7 +1496,7 @@ mod shared_device_tests {
             "SHARED".into(),
             &store,
             Path::new(""),
-            Some((Arc::new(db.clone()), worker.to_owned())),
+            worker.map(|w| (Arc::new(db.clone()) as _, w.to_owned())),
         )
         .await
         .expect("device")
@@ -1532,5 +1549,58 @@ mod shared_device_tests {
             Some(true),
             "b publishes the device keys a published already"
         );
+    }
+
+    /// A database outage while an event is decrypted is a crypto-store error, which the
+    /// queue waits out (`NotReady`); before, it was reported as an undecryptable event and the
+    /// message was lost.
+    #[tokio::test]
+    async fn a_store_outage_during_decrypt_makes_the_event_wait() {
+        let (db, _dir) = testing::sqlite().await;
+        let bot = device_of(&db, &SecretKey::random(), None).await;
+        let room: OwnedRoomId = "!portal:x".try_into().expect("room");
+        let alice =
+            OlmMachine::new(ruma::user_id!("@alice:x"), ruma::device_id!("ALICEDEVICE")).await;
+        alice
+            .share_room_key(&room, std::iter::empty(), EncryptionSettings::default())
+            .await
+            .expect("share");
+        let keys = alice
+            .store()
+            .export_room_keys(|_| true)
+            .await
+            .expect("export");
+        bot.olm()
+            .store()
+            .import_exported_room_keys(keys, |_, _| {})
+            .await
+            .expect("import");
+        let event = |n: u32, enc: Value| {
+            json!({
+                "type": "m.room.encrypted", "room_id": room.as_str(), "sender": "@alice:x",
+                "event_id": format!("${n}"), "origin_server_ts": 1, "content": enc,
+            })
+        };
+        let mut sent = Vec::new();
+        for n in 0..2 {
+            let content = json!({"msgtype": "m.text", "body": format!("hello {n}")});
+            let enc = alice
+                .encrypt_room_event_raw(
+                    &room,
+                    "m.room.message",
+                    &Raw::from_json(serde_json::value::to_raw_value(&content).expect("raw")),
+                )
+                .await
+                .expect("encrypt");
+            sent.push(event(n, enc.content.deserialize_as().expect("content")));
+        }
+        let plain = bot.decrypt(&room, &sent[0]).await.expect("decrypt");
+        assert_eq!(plain["content"]["body"], "hello 0");
+
+        db.close().await;
+        let out = bot.decrypt(&room, &sent[1]).await;
+        assert!(matches!(out, Err(CryptoError::Store(_))), "{out:?}");
+        let waits = BridgeError::from(out.expect_err("an outage"));
+        assert!(waits.is_waiting(), "{waits:?}");
     }
 }

@@ -62,6 +62,18 @@ impl From<MatrixError> for BridgeError {
     }
 }
 
+/// Encryption that failed: a crypto store that cannot be reached is waited for like the
+/// homeserver; the homeserver's own answers keep their class; the rest is transient.
+impl From<crypto::CryptoError> for BridgeError {
+    fn from(e: crypto::CryptoError) -> Self {
+        match e {
+            crypto::CryptoError::Store(_) => BridgeError::NotReady(e.to_string()),
+            crypto::CryptoError::Matrix(m) => m.into(),
+            e => BridgeError::Matrix(e.to_string()),
+        }
+    }
+}
+
 /// The Matrix connector over a [`HomeserverClient`].
 pub struct MatrixSide {
     pub client: HomeserverClient,
@@ -501,10 +513,7 @@ impl MatrixSide {
         }
         let (event_type, mut content) = match self.crypto.get() {
             Some(c) if c.is_encrypted(room_id).await => {
-                let enc = c
-                    .encrypt(room_id, as_user, event_type, &content)
-                    .await
-                    .map_err(|e| BridgeError::Matrix(e.to_string()))?;
+                let enc = c.encrypt(room_id, as_user, event_type, &content).await?;
                 ("m.room.encrypted", enc)
             }
             _ => (event_type, content),
