@@ -148,6 +148,12 @@ pub trait TxnStore: Send + Sync {
     async fn prune_transactions(&self, max_age_ms: i64) -> Result<u64, StoreError>;
     /// Which of these transaction ids were recorded (by any worker sharing the database).
     async fn recorded_transactions(&self, txn_ids: &[String]) -> Result<Vec<String>, StoreError>;
+    /// Wakes `wake` whenever any process sharing the database queues events, for as long as
+    /// someone else holds `wake`. Returns whether the database can tell (PostgreSQL's
+    /// LISTEN/NOTIFY); when it cannot, the caller looks at the queue on its own.
+    fn watch_queue(&self, _wake: std::sync::Arc<tokio::sync::Notify>) -> bool {
+        false
+    }
 }
 
 #[async_trait]

@@ -149,7 +149,29 @@ pub struct SqlStore {
     vault_writer: vault::GroupWriter,
     /// Portal records in memory, when this process is the only one (see `cache_portals`).
     portal_cache: Arc<portal::PortalCache>,
+    /// PostgreSQL's address, for the connection that listens for other workers' queued events.
+    listen_uri: Option<Secret>,
+    /// The channel of those events: [`PG_QUEUE_CHANNEL`] (a test's own, in the test suite).
+    queue_channel: Arc<str>,
 }
+
+/// A connection string that may hold a password: never printed.
+#[derive(Clone)]
+struct Secret(Arc<str>);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// The channel on which the workers sharing a PostgreSQL database tell each other that they
+/// queued events (`NOTIFY` is delivered at commit, and only if the transaction commits).
+const PG_QUEUE_CHANNEL: &str = "mib_event_queue";
+/// How long the queue listener waits before it connects again after a failure (doubling up to
+/// `MAX_LISTEN_BACKOFF`).
+const FIRST_LISTEN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_LISTEN_BACKOFF: Duration = Duration::from_secs(5);
 
 /// The advisory lock of the queue's writers on PostgreSQL (the number is the bridge's own).
 const PG_QUEUE_LOCK: &str = "SELECT pg_advisory_xact_lock(7305142081)";
@@ -219,7 +241,25 @@ impl SqlStore {
             queue_writer: Arc::default(),
             vault_writer: vault::GroupWriter::default(),
             portal_cache: Arc::default(),
+            listen_uri: (kind == DatabaseType::Postgres).then(|| Secret(cfg.uri.as_str().into())),
+            queue_channel: PG_QUEUE_CHANNEL.into(),
         })
+    }
+
+    /// Tells the other workers sharing the database, at commit, that events were queued.
+    async fn announce_queued(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        queued: usize,
+    ) -> Result<(), StoreError> {
+        if queued > 0 && self.kind == DatabaseType::Postgres {
+            // Not a literal, as `PG_QUEUE_LOCK`: PostgreSQL's alone. The channel is ours.
+            let notify = format!("NOTIFY {}", self.queue_channel);
+            sqlx::query(sqlx::AssertSqlSafe(notify))
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
     }
 
     /// On PostgreSQL, makes the queue writes of all the workers sharing the database take their
@@ -387,7 +427,8 @@ impl TxnStore for SqlStore {
         .execute(&mut *tx)
         .await
         .db()?;
-        queue_new(&mut tx, events, now).await?;
+        let queued = queue_new(&mut tx, events, now).await?;
+        self.announce_queued(&mut tx, queued).await?;
         tx.commit().await.db()?;
         Ok(TxnOutcome::Applied)
     }
@@ -397,6 +438,7 @@ impl TxnStore for SqlStore {
         let mut tx = self.pool.begin().await.db()?;
         self.lock_queue(&mut tx).await?;
         let queued = queue_new(&mut tx, events, now_ms()).await?;
+        self.announce_queued(&mut tx, queued).await?;
         tx.commit().await.db()?;
         Ok(queued)
     }
@@ -481,6 +523,52 @@ impl TxnStore for SqlStore {
             q = q.bind(id);
         }
         Ok(q.fetch_all(&self.pool).await.db()?)
+    }
+
+    fn watch_queue(&self, wake: Arc<tokio::sync::Notify>) -> bool {
+        let Some(Secret(uri)) = self.listen_uri.clone() else {
+            return false;
+        };
+        tokio::spawn(listen_for_queued(uri, self.queue_channel.clone(), wake));
+        true
+    }
+}
+
+/// Listens on `channel` and wakes `wake` for each notification, and after every
+/// (re)connection, since what was queued while nobody listened was not heard. Ends when nobody
+/// else holds `wake`.
+async fn listen_for_queued(uri: Arc<str>, channel: Arc<str>, wake: Arc<tokio::sync::Notify>) {
+    let mut backoff = FIRST_LISTEN_BACKOFF;
+    while Arc::strong_count(&wake) > 1 {
+        let listener = async {
+            let mut l = sqlx::postgres::PgListener::connect(&uri).await?;
+            l.listen(&channel).await?;
+            Ok::<_, sqlx::Error>(l)
+        };
+        let mut listener = match listener.await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for the other workers' queued events; looking at the queue now and then instead");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_LISTEN_BACKOFF);
+                continue;
+            }
+        };
+        backoff = FIRST_LISTEN_BACKOFF;
+        wake.notify_one();
+        while Arc::strong_count(&wake) > 1 {
+            match tokio::time::timeout(MAX_LISTEN_BACKOFF, listener.try_recv()).await {
+                Ok(Ok(Some(_))) => wake.notify_one(),
+                // The connection was lost; the next call connects again. Meanwhile the queue
+                // is read in case something was missed.
+                Ok(Ok(None)) => wake.notify_one(),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "the queue listener failed");
+                    break;
+                }
+                Err(_) => {}
+            }
+        }
     }
 }
 
@@ -623,8 +711,10 @@ pub mod testing {
             max_connections: 4,
             min_connections: 0,
         };
-        let store = SqlStore::connect(&cfg).await.expect("open postgres");
+        let mut store = SqlStore::connect(&cfg).await.expect("open postgres");
         store.migrate().await.expect("migrate postgres");
+        // Notifications are the database's, not the schema's: each test hears only its own.
+        store.queue_channel = format!("{PG_QUEUE_CHANNEL}_{schema}").into();
         store
     }
 }
@@ -657,6 +747,38 @@ mod tests {
             event_id: Some(id.into()),
             sealed: id.as_bytes().to_vec(),
         }
+    }
+
+    /// A worker hears at once when another worker sharing the PostgreSQL database queues
+    /// events (LISTEN/NOTIFY), instead of at its next look at the queue; a transaction that
+    /// queues nothing new says nothing. SQLite has no such channel (and no other workers).
+    #[tokio::test]
+    async fn workers_hear_of_each_others_queued_events() {
+        let (lite, _dir) = testing::sqlite().await;
+        assert!(!lite.watch_queue(Arc::default()));
+
+        let s = testing::postgres().await;
+        let wake = Arc::new(tokio::sync::Notify::new());
+        assert!(s.watch_queue(wake.clone()));
+        let heard = || tokio::time::timeout(Duration::from_secs(30), wake.notified());
+        heard().await.expect("the listener wakes once it listens");
+        let other = s.clone();
+        other
+            .apply_transaction("1", b"h", &[pdu("$1")])
+            .await
+            .expect("apply");
+        heard().await.expect("a queued event is heard");
+        other
+            .apply_transaction("1", b"h", &[pdu("$1")])
+            .await
+            .expect("retry");
+        assert_eq!(other.queue_missed(&[pdu("$1")]).await.expect("missed"), 0);
+        let quiet = tokio::time::timeout(Duration::from_millis(500), wake.notified()).await;
+        assert!(quiet.is_err(), "nothing new was queued");
+        assert_eq!(other.queue_missed(&[pdu("$2")]).await.expect("missed"), 1);
+        heard()
+            .await
+            .expect("an event the catch-up queued is heard");
     }
 
     async fn an_event_is_queued_once_whichever_way_it_came(s: &SqlStore) {

@@ -64,8 +64,12 @@ pub struct QueueWorker {
     pub router: Option<Arc<dyn EventRouter>>,
 }
 
-/// How often a worker of several looks for events the others queued.
+/// How often a worker of several looks for events the others queued, when the database cannot
+/// tell it (the listener is reconnecting, say).
 const SHARED_QUEUE_POLL: Duration = Duration::from_millis(200);
+/// The same when the database tells the workers of each other's queued events (PostgreSQL's
+/// LISTEN/NOTIFY): a look now and then, in case a notification went missing.
+const SHARED_QUEUE_LISTENING_POLL: Duration = Duration::from_secs(2);
 
 /// Events handed to a lane (or being handled) and not yet out of the queue: reading the queue
 /// again from its start (after a worker took over rooms) skips them.
@@ -154,6 +158,10 @@ impl QueueWorker {
         let mut dispatched = 0i64;
         let mut epoch = this.router.as_ref().map(|r| r.epoch());
         let mut backoff = FIRST_BACKOFF;
+        let shared_poll = match &this.router {
+            Some(_) if this.store.watch_queue(this.notify.clone()) => SHARED_QUEUE_LISTENING_POLL,
+            _ => SHARED_QUEUE_POLL,
+        };
         while !*shutdown.borrow() {
             if let Some(r) = &this.router
                 && epoch != Some(r.epoch())
@@ -175,7 +183,7 @@ impl QueueWorker {
             };
             if batch.is_empty() {
                 let poll = match &this.router {
-                    Some(_) => SHARED_QUEUE_POLL.max(backoff - FIRST_BACKOFF),
+                    Some(_) => shared_poll.max(backoff - FIRST_BACKOFF),
                     None => backoff.max(Duration::from_secs(1)),
                 };
                 let router_changed = async {
