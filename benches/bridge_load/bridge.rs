@@ -249,6 +249,22 @@ pub(crate) async fn spawn_workers(
 }
 
 impl Workers {
+    /// Waits until every worker accepts connections: the balancer answers as soon as one does,
+    /// and the provisioning requests go to each worker directly.
+    pub(crate) async fn wait_listening(&self) {
+        let start = Instant::now();
+        for base in &self.bases {
+            let addr = base.trim_start_matches("http://");
+            while tokio::net::TcpStream::connect(addr).await.is_err() {
+                assert!(
+                    start.elapsed() < Duration::from_secs(120),
+                    "a worker does not listen at {addr}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
     /// Waits until `logins` logins are connected over all the workers, and prints how they are
     /// spread.
     pub(crate) async fn wait_all_connected(&self, logins: usize) {

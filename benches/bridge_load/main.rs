@@ -392,6 +392,9 @@ async fn bench(opts: Opts) {
         .expect("http client");
 
     wait_ready(&http, &ends, hs.as_ref(), &mut bridge).await;
+    if let Some(w) = &workers {
+        w.wait_listening().await;
+    }
     let t_ready = t0.elapsed();
     let started = sample(&pid, ticks);
 

@@ -282,8 +282,15 @@ impl Actor {
                         tokio::time::sleep(Duration::from_millis(retry_after_ms.clamp(10, 10_000)))
                             .await
                     }
-                    Err(e) => {
+                    // Lost with the connection: the envelopes come again at the next login.
+                    Err(e @ InteropError::Disconnected) => {
                         tracing::debug!(error = %e, "ack not delivered; the envelopes come again");
+                        return;
+                    }
+                    // On a live connection the envelopes keep their places in the delivery
+                    // window until the next login: worth a warning.
+                    Err(e) => {
+                        tracing::warn!(error = %e, envelopes = envelope_ids.len(), "ack not delivered; the envelopes come again at the next login");
                         return;
                     }
                 }
