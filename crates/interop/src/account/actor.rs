@@ -259,42 +259,27 @@ impl Actor {
         self.store_backoff = (self.store_backoff * 2).min(MAX_STORE_BACKOFF);
     }
 
-    /// Sends an `Ack` as a request, so that one the gateway rate-limits is sent again when it
-    /// says (with a delivery window, a lost ack would hold up delivery until the next login).
-    /// Runs apart from the actor; an ack lost with the connection is made good at the next
-    /// login, when the envelope comes again and is acked from `recent`.
+    /// Sends an `Ack` as a request, apart from the actor, until the gateway takes it (see
+    /// [`ack_until_taken`]).
     pub(super) fn send_acks(&self, envelope_ids: Vec<u64>) {
         let Ok(conn) = self.conn().cloned() else {
             return;
         };
         tokio::spawn(async move {
-            for _ in 0..8 {
-                let ack = Body::Ack(pb::Ack {
-                    envelope_ids: envelope_ids.clone(),
-                });
-                match conn.request(ack).await {
-                    Ok(_) => return,
-                    Err(InteropError::Gateway {
-                        code: ErrorCode::RateLimited,
-                        retry_after_ms,
-                        ..
-                    }) => {
-                        tokio::time::sleep(Duration::from_millis(retry_after_ms.clamp(10, 10_000)))
-                            .await
-                    }
-                    // Lost with the connection: the envelopes come again at the next login.
-                    Err(e @ InteropError::Disconnected) => {
-                        tracing::debug!(error = %e, "ack not delivered; the envelopes come again");
-                        return;
-                    }
-                    // On a live connection the envelopes keep their places in the delivery
-                    // window until the next login: worth a warning.
-                    Err(e) => {
-                        tracing::warn!(error = %e, envelopes = envelope_ids.len(), "ack not delivered; the envelopes come again at the next login");
-                        return;
-                    }
-                }
-            }
+            let n = envelope_ids.len();
+            let closed = conn.clone();
+            ack_until_taken(
+                || {
+                    let ack = Body::Ack(pb::Ack {
+                        envelope_ids: envelope_ids.clone(),
+                    });
+                    let conn = conn.clone();
+                    async move { conn.request(ack).await }
+                },
+                move || closed.is_closed(),
+                n,
+            )
+            .await
         });
     }
 
@@ -364,5 +349,133 @@ mod tests {
         assert!(waits.iter().all(|w| *w >= d / 2 && *w <= d.mul_f64(1.5)));
         let (min, max) = (waits.iter().min().unwrap(), waits.iter().max().unwrap());
         assert!(*max - *min > d / 2, "not spread: {min:?}..{max:?}");
+    }
+}
+
+/// The first pause before an ack whose answer did not come is sent again (doubling up to
+/// [`MAX_ACK_RETRY`]).
+const FIRST_ACK_RETRY: Duration = Duration::from_millis(250);
+const MAX_ACK_RETRY: Duration = Duration::from_secs(30);
+
+/// Sends an ack (`request`) until the gateway takes it. With a delivery window, an envelope
+/// that is never acked keeps its place in the window until the next login, and 128 of them
+/// stall the login, so an ack is not given up while its connection lives:
+/// - rate-limited: sent again when the gateway says;
+/// - no answer in time, or an answer that is not one: sent again after a pause (an ack is
+///   idempotent);
+/// - the connection gone (`closed`): given up; the envelopes come again at the next login and
+///   are acked from the actor's `recent` list;
+/// - refused otherwise: given up with a warning, since asking again would be refused again.
+pub(super) async fn ack_until_taken<F, Fut>(
+    mut request: F,
+    closed: impl Fn() -> bool,
+    envelopes: usize,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Body, InteropError>>,
+{
+    let mut backoff = FIRST_ACK_RETRY;
+    loop {
+        let wait = match request().await {
+            Ok(_) => return,
+            Err(InteropError::Gateway {
+                code: ErrorCode::RateLimited,
+                retry_after_ms,
+                ..
+            }) => Duration::from_millis(retry_after_ms.clamp(10, 10_000)),
+            Err(e @ InteropError::Disconnected) => {
+                tracing::debug!(error = %e, "ack not delivered; the envelopes come again");
+                return;
+            }
+            Err(e @ (InteropError::Timeout | InteropError::Unexpected)) => {
+                tracing::warn!(error = %e, envelopes, pause = ?backoff, "an ack got no answer; sending it again");
+                let wait = backoff;
+                backoff = (backoff * 2).min(MAX_ACK_RETRY);
+                wait
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, envelopes, "ack refused; the envelopes come again at the next login");
+                return;
+            }
+        };
+        if closed() {
+            return;
+        }
+        tokio::time::sleep(wait).await;
+    }
+}
+
+#[cfg(test)]
+mod ack_tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// The gateway's answers to an ack, as the test gives them.
+    #[derive(Clone, Copy)]
+    enum A {
+        Taken,
+        NoAnswer,
+        Limited,
+        Gone,
+        Refused,
+    }
+
+    fn answer(a: A) -> Result<Body, InteropError> {
+        let refusal = |code, retry_after_ms| InteropError::Gateway {
+            code,
+            message: "no".into(),
+            retry_after_ms,
+        };
+        match a {
+            A::Taken => Ok(Body::Ok(pb::Ok {})),
+            A::NoAnswer => Err(InteropError::Timeout),
+            A::Limited => Err(refusal(ErrorCode::RateLimited, 50)),
+            A::Gone => Err(InteropError::Disconnected),
+            A::Refused => Err(refusal(ErrorCode::BadRequest, 0)),
+        }
+    }
+
+    /// Runs `ack_until_taken` against `answers` given in turn (the last one repeats), with the
+    /// connection closing after `closed_after` sends; returns how many times the ack was sent.
+    async fn sends(answers: Vec<A>, closed_after: usize) -> usize {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        let request = move || {
+            let n = c.fetch_add(1, Ordering::SeqCst);
+            let a = answers[n.min(answers.len() - 1)];
+            async move { answer(a) }
+        };
+        let seen = calls.clone();
+        ack_until_taken(
+            request,
+            move || seen.load(Ordering::SeqCst) >= closed_after,
+            1,
+        )
+        .await;
+        calls.load(Ordering::SeqCst)
+    }
+
+    /// An ack whose answer did not come in time is sent again while the connection lives (it
+    /// was given up on at the first timeout, which left its envelopes holding places in the
+    /// delivery window until the next login); a connection gone or a refusal ends it.
+    #[tokio::test(start_paused = true)]
+    async fn an_ack_is_sent_until_the_gateway_takes_it() {
+        use A::*;
+        assert_eq!(sends(vec![NoAnswer, NoAnswer, Taken], usize::MAX).await, 3);
+        let mut limited = vec![Limited; 12];
+        limited.push(Taken);
+        assert_eq!(
+            sends(limited, usize::MAX).await,
+            13,
+            "rate limits are waited out"
+        );
+        assert_eq!(sends(vec![Gone], usize::MAX).await, 1);
+        assert_eq!(
+            sends(vec![NoAnswer], 2).await,
+            2,
+            "a closed connection ends it"
+        );
+        assert_eq!(sends(vec![Refused], usize::MAX).await, 1);
     }
 }
