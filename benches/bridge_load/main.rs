@@ -546,6 +546,15 @@ async fn bench(opts: Opts) {
 
 fn main() {
     let opts = parse_opts();
+    // Warnings of the gateway and the contacts in this process (a request that got no answer in
+    // time, a slow one) go to stderr; `RUST_LOG` picks other levels.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -39,6 +39,10 @@ mod handlers;
 
 pub use db::GatewayDb;
 
+/// A request whose handling takes this long is logged as slow (its kind and the time, nothing of
+/// its contents): clients give up on an answer after 60 s.
+const SLOW_REQUEST: Duration = Duration::from_secs(5);
+
 /// How verification codes reach the owner of an account (docs §6.1).
 #[derive(Clone)]
 pub enum CodeDelivery {
@@ -683,7 +687,13 @@ async fn connection(
             }
             continue;
         }
+        let kind = body.name();
+        let started = Instant::now();
         let answer = handlers::handle(&shared, &mut conn, body).await;
+        let took = started.elapsed();
+        if took >= SLOW_REQUEST {
+            tracing::warn!(request = kind, ?took, conn = conn.id, "slow request");
+        }
         let reply = match answer {
             Ok(Some(body)) => Some(pb::Stanza {
                 id,

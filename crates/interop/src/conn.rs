@@ -181,6 +181,7 @@ impl GatewayConn {
     /// Sends a request and waits for its answer; an `Error` answer becomes `Err`.
     pub async fn request(&self, body: Body) -> Result<Body, InteropError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let kind = body.name();
         let (tx, rx) = oneshot::channel();
         self.pending.lock().await.insert(id, tx);
         if self
@@ -200,6 +201,7 @@ impl GatewayConn {
             Ok(Err(_)) => return Err(InteropError::Disconnected),
             Err(_) => {
                 self.pending.lock().await.remove(&id);
+                tracing::warn!(request = kind, id, "the gateway did not answer in time");
                 return Err(InteropError::Timeout);
             }
         };

@@ -20,6 +20,51 @@ pub mod content {
     include!(concat!(env!("OUT_DIR"), "/interop.content.v1.rs"));
 }
 
+impl pb::stanza::Body {
+    /// The body's field name in `proto/interop.proto`, for logs: it names the kind of stanza and
+    /// nothing of its contents (which may hold secrets).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Register(_) => "register",
+            Self::Verify(_) => "verify",
+            Self::Login(_) => "login",
+            Self::UploadKeys(_) => "upload_keys",
+            Self::FetchBundle(_) => "fetch_bundle",
+            Self::Send(_) => "send",
+            Self::Ack(_) => "ack",
+            Self::SendReceipt(_) => "send_receipt",
+            Self::SendTyping(_) => "send_typing",
+            Self::SetPresence(_) => "set_presence",
+            Self::CreateGroup(_) => "create_group",
+            Self::UpdateGroup(_) => "update_group",
+            Self::GetGroup(_) => "get_group",
+            Self::BlobPut(_) => "blob_put",
+            Self::BlobGet(_) => "blob_get",
+            Self::Ping(_) => "ping",
+            Self::GetProfile(_) => "get_profile",
+            Self::SetProfile(_) => "set_profile",
+            Self::KeyCounts(_) => "key_counts",
+            Self::Ok(_) => "ok",
+            Self::Error(_) => "error",
+            Self::Registered(_) => "registered",
+            Self::LoggedIn(_) => "logged_in",
+            Self::Bundle(_) => "bundle",
+            Self::Sent(_) => "sent",
+            Self::Envelope(_) => "envelope",
+            Self::Typing(_) => "typing",
+            Self::Presence(_) => "presence",
+            Self::Group(_) => "group",
+            Self::BlobStored(_) => "blob_stored",
+            Self::BlobData(_) => "blob_data",
+            Self::Pong(_) => "pong",
+            Self::PrekeysLow(_) => "prekeys_low",
+            Self::Profile(_) => "profile",
+            Self::KeyCountsResult(_) => "key_counts_result",
+            Self::QueueDrained(_) => "queue_drained",
+        }
+    }
+}
+
 /// Device id of every account (one device per account on this network).
 pub const DEVICE_ID: u32 = 1;
 

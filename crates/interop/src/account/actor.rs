@@ -9,6 +9,42 @@ fn jittered(d: Duration) -> Duration {
     d.mul_f64(rand::random_range(0.5..1.5))
 }
 
+/// A step of the actor (a command, a push, an ack, connecting) that takes longer than this is
+/// logged while it lasts: every other command of the account waits behind it.
+const SLOW_STEP: Duration = Duration::from_secs(30);
+
+/// Runs `step`, warning once if it takes longer than [`SLOW_STEP`] (and again when it ends).
+async fn watched<F: std::future::Future>(what: &'static str, step: F) -> F::Output {
+    let started = tokio::time::Instant::now();
+    tokio::pin!(step);
+    tokio::select! {
+        out = &mut step => return out,
+        _ = tokio::time::sleep(SLOW_STEP) => {
+            tracing::warn!(step = what, "the account is still busy with one step after 30 s");
+        }
+    }
+    let out = step.await;
+    tracing::warn!(step = what, took = ?started.elapsed(), "a slow step of the account ended");
+    out
+}
+
+impl Command {
+    fn name(&self) -> &'static str {
+        match self {
+            Command::Send { .. } => "send",
+            Command::Receipt { .. } => "receipt",
+            Command::Typing { .. } => "typing",
+            Command::CreateGroup { .. } => "create group",
+            Command::UpdateGroup { .. } => "update group",
+            Command::GetGroup { .. } => "get group",
+            Command::SetProfile { .. } => "set profile",
+            Command::ResetIdentity { .. } => "reset identity",
+            Command::SessionInfo { .. } => "session info",
+            Command::Stop => "stop",
+        }
+    }
+}
+
 impl Actor {
     pub(super) async fn run(
         mut self,
@@ -18,7 +54,7 @@ impl Actor {
         let mut backoff = Duration::from_millis(250);
         loop {
             if self.conn.is_none() {
-                match self.connect().await {
+                match watched("connect", self.connect()).await {
                     Ok(()) => {
                         backoff = Duration::from_millis(250);
                         self.emit(Event::Connected {
@@ -56,7 +92,7 @@ impl Actor {
                     {
                         batch.push(id);
                     }
-                    self.ack(&batch).await;
+                    watched("ack", self.ack(&batch)).await;
                 }
                 cmd = rx.recv() => match cmd.map(|c| *c) {
                     None | Some(Command::Stop) => {
@@ -69,11 +105,17 @@ impl Actor {
                         }
                         return;
                     }
-                    Some(cmd) => self.command(cmd).await,
+                    Some(cmd) => {
+                        let what = cmd.name();
+                        watched(what, self.command(cmd)).await
+                    }
                 },
                 push = async { match self.conn.as_mut() { Some((_, p)) => p.recv().await, None => std::future::pending().await } }, if connected => {
                     match push {
-                        Some(st) => self.push(*st).await,
+                        Some(st) => {
+                            let what = st.body.as_ref().map_or("empty push", |b| b.name());
+                            watched(what, self.push(*st)).await
+                        }
                         None => {
                             self.conn = None;
                             self.published.send_replace(None);
