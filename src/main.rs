@@ -246,6 +246,31 @@ impl UserQuery for Users {
         // A well-formed ghost id is registered on the spot (a user inviting a contact's ghost).
         user_id == self.bot || self.bridge.provide_ghost(user_id).await
     }
+
+    async fn third_party_users(
+        &self,
+        fields: &std::collections::HashMap<String, String>,
+    ) -> Vec<(String, String)> {
+        let phone = fields.get("phone").map(String::as_str);
+        let name = fields.get("name").map(String::as_str);
+        self.bridge
+            .third_party_users(phone, name)
+            .await
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "third-party look-up failed");
+                Vec::new()
+            })
+    }
+
+    async fn third_party_of(&self, user_id: &str) -> Option<String> {
+        self.bridge
+            .third_party_of_ghost(user_id)
+            .await
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "third-party reverse look-up failed");
+                None
+            })
+    }
 }
 
 async fn run(config_path: &Path) -> anyhow::Result<()> {

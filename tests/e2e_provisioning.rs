@@ -53,6 +53,24 @@ impl Prov {
         self.call(reqwest::Method::GET, path, Some(user), Some(SECRET), None)
             .await
     }
+
+    /// A GET whose path has a query string already (`user_id` is added to it).
+    async fn get_q(&self, path_and_query: &str, user: &str) -> (u16, Value) {
+        let url = format!(
+            "{}/_matrix/provision/v1/{path_and_query}&user_id={}",
+            self.base,
+            urlencode(user)
+        );
+        let resp = self
+            .http
+            .get(url)
+            .bearer_auth(SECRET)
+            .send()
+            .await
+            .expect("provisioning request");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -119,7 +137,8 @@ async fn provisioning_logs_in_and_opens_chats() {
         .post("chats", me, json!({"contact": random_account()}))
         .await;
     assert_eq!(s, 404);
-    let node = env.node();
+    let mut node = env.node();
+    node.call(json!({"cmd": "set_profile", "name": "Nora Search"}));
     let (s, b) = prov
         .post("chats", me, json!({"contact": node.account}))
         .await;
@@ -130,6 +149,96 @@ async fn provisioning_logs_in_and_opens_chats() {
     let (_, b) = prov.get("chats", me).await;
     assert_eq!(b["chats"][0]["chat_id"], json!(node.account), "{b}");
     assert_eq!(b["chats"][0]["kind"], "dm");
+
+    // Contacts: the people with a chat, by the name their profile gives; found by any part of
+    // the name or the number; a chat opened by name is the same chat.
+    let ghost = format!(
+        "@interop_{}:{}",
+        node.account.trim_start_matches('+'),
+        env.synapse.server_name
+    );
+    let (s, b) = prov.get("contacts", me).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(
+        b["contacts"],
+        json!([{"account": node.account, "name": "Nora Search", "mxid": ghost, "room_id": room}])
+    );
+    let search = |q: &str| format!("search?query={}", urlencode(q));
+    for q in ["nora", "SEARCH", &node.account[node.account.len() - 4..]] {
+        let (s, b) = prov.get_q(&search(q), me).await;
+        assert_eq!(s, 200, "{b}");
+        assert_eq!(b["results"][0]["account"], json!(node.account), "{q}: {b}");
+    }
+    let (_, b) = prov.get_q(&search("nobody by that name"), me).await;
+    assert_eq!(b["results"], json!([]));
+    let (_, b) = prov.get_q(&search(&random_account()), me).await;
+    assert_eq!(
+        b["results"],
+        json!([]),
+        "a number not on the network is not found"
+    );
+    let (s, b) = prov
+        .post("chats", me, json!({"contact": "nora search"}))
+        .await;
+    assert_eq!(
+        (s, b["chat"]["room_id"].as_str()),
+        (200, Some(room.as_str())),
+        "{b}"
+    );
+    let (s, _) = prov
+        .post("chats", me, json!({"contact": "nobody by that name"}))
+        .await;
+    assert_eq!(s, 404);
+
+    // The homeserver's third-party look-ups reach the bridge: a number on the network is its
+    // ghost, a name finds the contact, the ghost maps back to its number, and a number not on
+    // the network is nobody.
+    let (s, b) = alice
+        .call(
+            reqwest::Method::GET,
+            &format!(
+                "/_matrix/client/v3/thirdparty/user/interop?phone={}",
+                urlencode(&node.account)
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(
+        b,
+        json!([{"userid": ghost, "protocol": "interop", "fields": {"phone": node.account}}])
+    );
+    let (_, b) = alice
+        .call(
+            reqwest::Method::GET,
+            "/_matrix/client/v3/thirdparty/user/interop?name=nora",
+            None,
+        )
+        .await;
+    assert_eq!(b[0]["userid"], json!(ghost), "{b}");
+    let (_, b) = alice
+        .call(
+            reqwest::Method::GET,
+            &format!(
+                "/_matrix/client/v3/thirdparty/user/interop?phone={}",
+                urlencode(&random_account())
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(b, json!([]));
+    let (s, b) = alice
+        .call(
+            reqwest::Method::GET,
+            &format!(
+                "/_matrix/client/v3/thirdparty/user/interop?userid={}",
+                urlencode(&ghost)
+            ),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b[0]["fields"]["phone"], json!(node.account), "{b}");
 
     // Logout ends the login; a second logout says so.
     let (s, _) = prov.post("logout", me, json!({})).await;

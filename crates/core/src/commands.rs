@@ -1,6 +1,7 @@
 //! Bot commands: parsing, permission checks, help, and the commands themselves.
 //! In the management room commands need no prefix; elsewhere they start with `command_prefix`.
 
+use super::contacts::{Contact, Resolved};
 use super::settings::PermissionLevel;
 use super::types::PortalKind;
 use super::{
@@ -22,6 +23,24 @@ impl CommandOutcome {
         let html = html_escape(&body).replace('\n', "<br>");
         Self { body, html }
     }
+}
+
+/// One line per contact: its name, its number, and its chat's room when it has one.
+fn contact_lines(cs: &[Contact]) -> String {
+    cs.iter()
+        .map(|c| {
+            let who = if c.name == c.account {
+                c.account.clone()
+            } else {
+                format!("{} ({})", c.name, c.account)
+            };
+            match &c.room_id {
+                Some(r) => format!("- {who}: https://matrix.to/#/{r}"),
+                None => format!("- {who}"),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn html_escape(s: &str) -> String {
@@ -100,8 +119,22 @@ pub const COMMANDS: &[CommandSpec] = &[
     },
     CommandSpec {
         name: "start-chat",
-        args: "<contact>",
-        help: "Open a chat with an interop contact.",
+        args: "<number or contact's name>",
+        help: "Open a chat with someone on the interop network.",
+        level: PermissionLevel::User,
+        available: true,
+    },
+    CommandSpec {
+        name: "list-contacts",
+        args: "",
+        help: "List your contacts: the people you have a chat with.",
+        level: PermissionLevel::User,
+        available: true,
+    },
+    CommandSpec {
+        name: "search",
+        args: "<name or number>",
+        help: "Search your contacts by name or number; a full number is also looked up on the network.",
         level: PermissionLevel::User,
         available: true,
     },
@@ -236,6 +269,15 @@ impl Bridge {
             "list-logins" => self.cmd_list_logins(sender).await,
             "start-chat" => self.cmd_start_chat(sender, &arg).await,
             "list-chats" => self.cmd_list_chats(sender).await,
+            // Contacts' numbers are personal: only in the user's own management room.
+            "list-contacts" | "search" if !self.is_management_room(room_id, sender).await => {
+                CommandOutcome::text(format!(
+                    "Send `{}` in your management room (your DM with the bot).",
+                    spec.name
+                ))
+            }
+            "list-contacts" => self.cmd_list_contacts(sender).await,
+            "search" => self.cmd_search(sender, &arg).await,
             // Requests name strangers' numbers: only in the user's own management room.
             "list-requests" if !self.is_management_room(room_id, sender).await => {
                 CommandOutcome::text(
@@ -506,15 +548,55 @@ impl Bridge {
         }
     }
 
+    async fn cmd_list_contacts(&self, sender: &str) -> CommandOutcome {
+        if self.network.account(sender).is_none() {
+            return CommandOutcome::text("You are not logged in. Send `login <identifier>` first.");
+        }
+        match self.contacts(sender).await {
+            Ok(cs) if cs.is_empty() => CommandOutcome::text(
+                "You have no contacts yet: start a chat with `start-chat <number>`.",
+            ),
+            Ok(cs) => CommandOutcome::text(contact_lines(&cs)),
+            Err(e) => CommandOutcome::text(format!("Cannot list your contacts: {e}")),
+        }
+    }
+
+    async fn cmd_search(&self, sender: &str, query: &str) -> CommandOutcome {
+        if self.network.account(sender).is_none() {
+            return CommandOutcome::text("You are not logged in. Send `login <identifier>` first.");
+        }
+        match self.search_contacts(sender, query).await {
+            Ok(cs) if cs.is_empty() => CommandOutcome::text(format!(
+                "Nothing found for `{query}`. A full number (+ and 8 to 15 digits) is looked up on the network too."
+            )),
+            Ok(cs) => CommandOutcome::text(format!(
+                "{}\nStart a chat with `start-chat <number>`.",
+                contact_lines(&cs)
+            )),
+            Err(e) => CommandOutcome::text(format!("Cannot search now: {e}")),
+        }
+    }
+
     async fn cmd_start_chat(&self, sender: &str, contact: &str) -> CommandOutcome {
         let Some(acc) = self.network.account(sender) else {
             return CommandOutcome::text("You are not logged in. Send `login <identifier>` first.");
         };
-        if !self.network.is_valid_account(contact) {
-            return CommandOutcome::text(
-                "Usage: `start-chat <identifier>`, e.g. `start-chat +15551234567`.",
-            );
-        }
+        let contact = match self.resolve_contact(sender, contact).await {
+            Ok(Resolved::Account(a)) => a,
+            Ok(Resolved::Unknown) => {
+                return CommandOutcome::text(format!(
+                    "No contact is named `{contact}`. Usage: `start-chat <number or contact's name>`, e.g. `start-chat +15551234567`."
+                ));
+            }
+            Ok(Resolved::Ambiguous(cs)) => {
+                return CommandOutcome::text(format!(
+                    "`{contact}` names several contacts; give the number:\n{}",
+                    contact_lines(&cs)
+                ));
+            }
+            Err(e) => return CommandOutcome::text(format!("Cannot look up `{contact}`: {e}")),
+        };
+        let contact = contact.as_str();
         if contact == acc.account_id() {
             return CommandOutcome::text("That is your own identifier.");
         }

@@ -141,37 +141,56 @@ impl Bridge {
         let Some(account) = self.account_of_ghost(mxid) else {
             return false;
         };
-        match self.portals.ghost_profile(&account).await {
-            Ok(Some(_)) => true,
-            Ok(None) => {
-                // Anyone on the homeserver can make it ask (by inviting a made-up id), so the
-                // network is asked at a bounded rate, and an unknown account is not asked about
-                // again for a while.
-                if !self.user_lookups.lock().await.allow(&account) {
-                    self.metrics.refused("user_query_rate");
-                    return false;
-                }
-                // Only real contacts: a look-up through any connected login.
-                let Some(acc) = self.network.any_account() else {
-                    return false;
-                };
-                // `ghost` registers unknown accounts too, so the network is asked first.
-                match acc.profile(&account).await {
-                    Ok(Some(_)) => {}
-                    // Only a definite "no such account" is remembered; a failed look-up is not.
-                    Ok(None) => {
-                        self.user_lookups.lock().await.miss(&account);
-                        return false;
-                    }
-                    Err(_) => return false,
-                }
-                self.ghost(&account, Some(&acc)).await.is_ok()
-            }
+        match self.resolve_account(&account, None).await {
+            Ok(found) => found.is_some(),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot look up a ghost");
                 false
             }
         }
+    }
+
+    /// The ghost of `account` if the account exists on the network: known ghosts at once, others
+    /// looked up through `via` (or any connected login) and registered. Anyone on the homeserver
+    /// can make the bridge ask (by inviting a made-up id, or through a third-party look-up), so
+    /// the network is asked at a bounded rate, and an unknown account is not asked about again for
+    /// a while: `Ok(None)` for an account that does not exist, or that could not be asked about now.
+    pub(crate) async fn resolve_account(
+        &self,
+        account: &str,
+        via: Option<&Arc<dyn NetAccount>>,
+    ) -> Result<Option<String>, BridgeError> {
+        if !self.network.is_valid_account(account) {
+            return Ok(None);
+        }
+        if self.portals.ghost_profile(account).await?.is_some() {
+            return Ok(Some(self.ghost_mxid(account)));
+        }
+        if !self.user_lookups.lock().await.allow(account) {
+            self.metrics.refused("user_query_rate");
+            return Ok(None);
+        }
+        let acc = match via {
+            Some(acc) => acc.clone(),
+            None => match self.network.any_account() {
+                Some(acc) => acc,
+                None => return Ok(None),
+            },
+        };
+        // `ghost` registers unknown accounts too, so the network is asked first.
+        match acc.profile(account).await {
+            Ok(Some(_)) => {}
+            // Only a definite "no such account" is remembered; a failed look-up is not.
+            Ok(None) => {
+                self.user_lookups.lock().await.miss(account);
+                return Ok(None);
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot look up an account");
+                return Ok(None);
+            }
+        }
+        self.ghost(account, Some(&acc)).await.map(Some)
     }
 
     /// Copies a public interop image to the homeserver; "" for no image.

@@ -30,6 +30,7 @@ use store::{PortalStore, StoreError, UserStore};
 
 pub mod cluster;
 pub mod commands;
+pub mod contacts;
 mod ghost;
 #[cfg(any(test, feature = "testing"))]
 pub mod memory;

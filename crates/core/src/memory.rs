@@ -147,6 +147,20 @@ impl PortalStore for MemoryStore {
         Ok(self.data().ghosts.get(account).cloned())
     }
 
+    async fn ghosts_named(&self, name: &str, limit: u32) -> Result<Vec<String>, StoreError> {
+        let name = name.to_ascii_lowercase();
+        let mut found: Vec<String> = self
+            .data()
+            .ghosts
+            .iter()
+            .filter(|(_, g)| g.displayname.to_ascii_lowercase().contains(&name))
+            .map(|(a, _)| a.clone())
+            .collect();
+        found.sort();
+        found.truncate(limit as usize);
+        Ok(found)
+    }
+
     async fn save_ghost(
         &self,
         account: &str,

@@ -8,6 +8,7 @@ use super::settings::PermissionLevel;
 use super::{
     Bridge,
     commands::Pending,
+    contacts::{Contact, Resolved},
     network::{NetError, NetTarget},
 };
 
@@ -40,6 +41,17 @@ impl From<NetError> for ProvError {
     }
 }
 
+impl From<super::BridgeError> for ProvError {
+    fn from(e: super::BridgeError) -> Self {
+        // What may work later (a database or homeserver outage) is "unavailable", not a fault.
+        if e.is_retryable() {
+            ProvError::Unavailable(e.to_string())
+        } else {
+            ProvError::Internal(e.to_string())
+        }
+    }
+}
+
 impl From<super::store::StoreError> for ProvError {
     fn from(e: super::store::StoreError) -> Self {
         ProvError::Internal(e.to_string())
@@ -68,6 +80,8 @@ pub trait Provisioning: Send + Sync {
     async fn logins(&self, user: &str) -> Result<Vec<LoginInfo>, ProvError>;
     async fn start_chat(&self, user: &str, contact: &str) -> Result<ChatInfo, ProvError>;
     async fn chats(&self, user: &str) -> Result<Vec<ChatInfo>, ProvError>;
+    async fn contacts(&self, user: &str) -> Result<Vec<Contact>, ProvError>;
+    async fn search(&self, user: &str, query: &str) -> Result<Vec<Contact>, ProvError>;
 }
 
 impl Bridge {
@@ -196,9 +210,28 @@ impl Provisioning for Bridge {
             .network
             .account(user)
             .ok_or_else(|| ProvError::Forbidden("not logged in".into()))?;
-        if !self.network.is_valid_account(contact) {
+        let contact = match self.resolve_contact(user, contact).await? {
+            Resolved::Account(a) => a,
+            Resolved::Unknown => {
+                return Err(ProvError::NotFound(format!(
+                    "no contact named `{contact}`: give a number (+ and 8 to 15 digits) or a contact's name"
+                )));
+            }
+            Resolved::Ambiguous(cs) => {
+                let names: Vec<String> = cs
+                    .iter()
+                    .map(|c| format!("{} ({})", c.name, c.account))
+                    .collect();
+                return Err(ProvError::Conflict(format!(
+                    "`{contact}` names several contacts: {}",
+                    names.join(", ")
+                )));
+            }
+        };
+        let contact = contact.as_str();
+        if contact == acc.account_id() {
             return Err(ProvError::BadRequest(
-                "contact must be + and 8 to 15 digits".into(),
+                "that is the user's own identifier".into(),
             ));
         }
         if acc.profile(contact).await?.is_none() {
@@ -226,5 +259,18 @@ impl Provisioning for Bridge {
             .into_iter()
             .map(chat_info)
             .collect())
+    }
+
+    async fn contacts(&self, user: &str) -> Result<Vec<Contact>, ProvError> {
+        self.check_user(user)?;
+        Ok(Bridge::contacts(self, user).await?)
+    }
+
+    async fn search(&self, user: &str, query: &str) -> Result<Vec<Contact>, ProvError> {
+        self.check_user(user)?;
+        if self.network.account(user).is_none() {
+            return Err(ProvError::Forbidden("not logged in".into()));
+        }
+        Ok(self.search_contacts(user, query).await?)
     }
 }

@@ -54,6 +54,9 @@ pub trait PortalStore: Send + Sync {
     async fn portals_of(&self, receiver: &str) -> Result<Vec<Portal>, StoreError>;
 
     async fn ghost_profile(&self, account: &str) -> Result<Option<GhostProfile>, StoreError>;
+    /// Accounts of ghosts whose display name contains `name` (case-insensitive, at least for
+    /// ASCII), at most `limit`, by account.
+    async fn ghosts_named(&self, name: &str, limit: u32) -> Result<Vec<String>, StoreError>;
     async fn save_ghost(
         &self,
         account: &str,

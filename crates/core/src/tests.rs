@@ -237,6 +237,10 @@ pub(crate) struct FakeAccount {
     pub profile_lookups: Mutex<u32>,
     /// Sends that fail (transiently) before sends succeed again.
     pub failing_sends: Mutex<u32>,
+    /// Profile names by account (others are "Contact <account>").
+    pub names: Mutex<HashMap<String, String>>,
+    /// Accounts the network does not know.
+    pub unknown: Mutex<Vec<String>>,
 }
 
 impl FakeAccount {
@@ -247,6 +251,8 @@ impl FakeAccount {
             group_members: Mutex::default(),
             profile_lookups: Mutex::default(),
             failing_sends: Mutex::default(),
+            names: Mutex::default(),
+            unknown: Mutex::default(),
         })
     }
 
@@ -328,8 +334,12 @@ impl NetAccount for FakeAccount {
     }
     async fn profile(&self, account: &str) -> Result<Option<NetProfile>, NetError> {
         *self.profile_lookups.lock().unwrap() += 1;
+        if self.unknown.lock().unwrap().iter().any(|a| a == account) {
+            return Ok(None);
+        }
+        let name = self.names.lock().unwrap().get(account).cloned();
         Ok(Some(NetProfile {
-            name: format!("Contact {account}"),
+            name: name.unwrap_or_else(|| format!("Contact {account}")),
             avatar_blob: String::new(),
         }))
     }
@@ -1682,4 +1692,198 @@ async fn network_attachments_become_complete_matrix_content() {
         image["m.relates_to"]["m.in_reply_to"]["event_id"],
         json!(voice_event)
     );
+}
+
+/// A login's contacts are the people it has a direct chat with, by their profile names; they
+/// are found by any part of the name or number, `start-chat` takes an unambiguous name, and a
+/// full number not among them is looked up on the network. Contacts' numbers are only shown in
+/// the management room.
+#[tokio::test]
+async fn contacts_are_listed_searched_and_chatted_with_by_name() {
+    let h = Harness::new().await;
+    h.store.set_management_room(ALICE, "!mgmt:x").await.unwrap();
+    let names = [
+        ("+15550002000", "Bob Builder"),
+        ("+15550003000", "Bobby Tables"),
+        ("+15550004000", "Carol"),
+        ("+15550005000", "Dave Stranger"),
+    ];
+    for (a, n) in names {
+        h.alice.names.lock().unwrap().insert(a.into(), n.into());
+    }
+    h.alice.unknown.lock().unwrap().push("+15550009999".into());
+    assert!(
+        mgmt_cmd(&h, "list-contacts")
+            .await
+            .contains("no contacts yet")
+    );
+    for (a, _) in &names[..3] {
+        let out = mgmt_cmd(&h, &format!("start-chat {a}")).await;
+        assert!(out.contains("Your chat with"), "{out}");
+    }
+
+    let list = mgmt_cmd(&h, "list-contacts").await;
+    let lines: Vec<&str> = list.lines().collect();
+    assert_eq!(lines.len(), 3, "{list}");
+    assert!(lines[0].starts_with("- Bob Builder (+15550002000): https://matrix.to/#/!"));
+    assert!(lines[1].starts_with("- Bobby Tables (+15550003000)"));
+    assert!(lines[2].starts_with("- Carol (+15550004000)"));
+    let c = h.bridge.contacts(ALICE).await.unwrap();
+    assert_eq!(c[2].mxid, "@interop_15550004000:x");
+    assert_eq!(c[2].room_id, Some(h.room_of("+15550004000").await));
+
+    // Search: names in any case, numbers by their digits, a full number on the network.
+    assert_eq!(found(&h, "bob").await, ["+15550002000", "+15550003000"]);
+    assert_eq!(found(&h, "TABLES").await, ["+15550003000"]);
+    assert_eq!(found(&h, "555 000 4").await, ["+15550004000"]);
+    assert_eq!(
+        found(&h, "+15550005000").await,
+        ["+15550005000"],
+        "on the network"
+    );
+    assert_eq!(
+        found(&h, "+15550009999").await,
+        Vec::<String>::new(),
+        "not on it"
+    );
+    assert_eq!(found(&h, "zed").await, Vec::<String>::new());
+    assert!(
+        mgmt_cmd(&h, "search dave").await.contains("Nothing found"),
+        "only contacts by name"
+    );
+    let out = mgmt_cmd(&h, "search +15550005000").await;
+    assert!(out.contains("Dave Stranger (+15550005000)"), "{out}");
+
+    // start-chat by name: exact names first, then a unique part; several is a question.
+    let room = h.room_of("+15550004000").await;
+    assert!(mgmt_cmd(&h, "start-chat carol").await.contains(&room));
+    let out = mgmt_cmd(&h, "start-chat bob").await;
+    assert!(
+        out.contains("names several contacts") && out.contains("Bobby Tables"),
+        "{out}"
+    );
+    let room = h.room_of("+15550002000").await;
+    assert!(mgmt_cmd(&h, "start-chat bob builder").await.contains(&room));
+    assert!(
+        mgmt_cmd(&h, "start-chat nobody")
+            .await
+            .contains("No contact is named `nobody`")
+    );
+    let out = mgmt_cmd(&h, "start-chat +15550009999").await;
+    assert!(out.contains("not on the interop network"), "{out}");
+
+    // Outside the management room the numbers stay hidden.
+    let portal = h.room_of("+15550002000").await;
+    let out = h
+        .bridge
+        .run_command(&portal, ALICE, "list-contacts")
+        .await
+        .body;
+    assert!(
+        out.contains("management room") && !out.contains("+1555"),
+        "{out}"
+    );
+
+    // The provisioning API gives the same answers.
+    use super::provisioning::{ProvError, Provisioning};
+    assert_eq!(
+        Provisioning::contacts(&h.bridge, ALICE)
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+    assert_eq!(
+        Provisioning::search(&h.bridge, ALICE, "bob")
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+    assert!(matches!(
+        h.bridge.start_chat(ALICE, "bob").await,
+        Err(ProvError::Conflict(_))
+    ));
+    assert!(matches!(
+        h.bridge.start_chat(ALICE, "nobody").await,
+        Err(ProvError::NotFound(_))
+    ));
+    let chat = h.bridge.start_chat(ALICE, "Carol").await.unwrap();
+    assert_eq!(chat.chat_id, "+15550004000");
+}
+
+/// The homeserver's third-party look-ups: a number on the network is its ghost (registered),
+/// one not on it is nobody, a name finds known ghosts, and a ghost maps back to its number.
+#[tokio::test]
+async fn third_party_lookups_find_ghosts() {
+    let h = Harness::new().await;
+    h.alice
+        .names
+        .lock()
+        .unwrap()
+        .insert("+15550002000".into(), "Bob Builder".into());
+    h.alice.unknown.lock().unwrap().push("+15550009999".into());
+    let users = h
+        .bridge
+        .third_party_users(Some("+1 555 000 2000"), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        users,
+        [(
+            "@interop_15550002000:x".to_owned(),
+            "+15550002000".to_owned()
+        )]
+    );
+    assert!(h.matrix.calls_of("ensure_ghost").len() == 1, "registered");
+    let none = h
+        .bridge
+        .third_party_users(Some("+15550009999"), None)
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+    let none = h
+        .bridge
+        .third_party_users(Some("not a number"), None)
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+    let by_name = h
+        .bridge
+        .third_party_users(None, Some("builder"))
+        .await
+        .unwrap();
+    assert_eq!(by_name[0].1, "+15550002000");
+    assert_eq!(
+        h.bridge
+            .third_party_of_ghost("@interop_15550002000:x")
+            .await
+            .unwrap(),
+        Some("+15550002000".to_owned())
+    );
+    // A ghost id the bridge never registered, and a user that is no ghost.
+    assert_eq!(
+        h.bridge
+            .third_party_of_ghost("@interop_15550007000:x")
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(h.bridge.third_party_of_ghost("@bob:x").await.unwrap(), None);
+}
+
+/// A command from alice in her management room; the bot's answer.
+async fn mgmt_cmd(h: &Harness, line: &str) -> String {
+    h.bridge.run_command("!mgmt:x", ALICE, line).await.body
+}
+
+/// The accounts a search of alice's contacts finds.
+async fn found(h: &Harness, q: &str) -> Vec<String> {
+    h.bridge
+        .search_contacts(ALICE, q)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.account)
+        .collect()
 }

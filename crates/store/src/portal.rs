@@ -359,6 +359,32 @@ impl PortalStore for SqlStore {
         .transpose()
     }
 
+    async fn ghosts_named(&self, name: &str, limit: u32) -> Result<Vec<String>, CoreError> {
+        // LIKE is ASCII case-insensitive on SQLite, and made so on PostgreSQL with LOWER; the
+        // name's own wildcards are escaped.
+        let pattern = format!(
+            "%{}%",
+            name.to_ascii_lowercase()
+                .replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_")
+        );
+        let rows = sqlx::query(
+            "SELECT account FROM ghost WHERE LOWER(displayname) LIKE $1 ESCAPE '\\' \
+             ORDER BY account LIMIT $2",
+        )
+        .bind(pattern)
+        .bind(i64::from(limit))
+        .fetch_all(self.pool())
+        .await
+        .db()?;
+        Ok(rows
+            .iter()
+            .map(|r| r.try_get::<String, _>("account"))
+            .collect::<Result<_, _>>()
+            .db()?)
+    }
+
     async fn save_ghost(
         &self,
         account: &str,

@@ -3,7 +3,7 @@
 //! and `/ready`. A transaction is recorded together with its events in one database transaction
 //! and acknowledged at once; the events are handled afterwards by the queue worker.
 
-use std::{sync::Arc, time::Instant};
+use std::{collections::HashMap, sync::Arc, time::Instant};
 
 use axum::{
     Json, Router,
@@ -81,6 +81,14 @@ pub trait Readiness: Send + Sync {
 #[async_trait::async_trait]
 pub trait UserQuery: Send + Sync {
     async fn user_exists(&self, user_id: &str) -> bool;
+    /// Third-party users for a look-up's fields (`phone`, `name`): (ghost, account) pairs.
+    async fn third_party_users(&self, _fields: &HashMap<String, String>) -> Vec<(String, String)> {
+        Vec::new()
+    }
+    /// The account a ghost stands for, for the reverse look-up.
+    async fn third_party_of(&self, _user_id: &str) -> Option<String> {
+        None
+    }
 }
 
 #[derive(Clone)]
@@ -114,16 +122,19 @@ pub fn router(state: AppState, max_body: usize) -> Router {
         )
         .route(
             "/_matrix/app/v1/thirdparty/user/{protocol}",
-            get(thirdparty_lookup),
+            get(thirdparty_user),
         )
         .route(
             "/_matrix/app/v1/thirdparty/location/{protocol}",
-            get(thirdparty_lookup),
+            get(thirdparty_location),
         )
-        .route("/_matrix/app/v1/thirdparty/user", get(thirdparty_reverse))
+        .route(
+            "/_matrix/app/v1/thirdparty/user",
+            get(thirdparty_user_reverse),
+        )
         .route(
             "/_matrix/app/v1/thirdparty/location",
-            get(thirdparty_reverse),
+            get(thirdparty_location_reverse),
         )
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth))
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
@@ -397,11 +408,12 @@ async fn thirdparty_protocol(
         ));
     }
     Ok(Json(json!({
-        "user_fields": ["phone"],
+        "user_fields": ["phone", "name"],
         "location_fields": [],
         "icon": "",
         "field_types": {
-            "phone": {"regexp": "^\\+[0-9]{8,15}$", "placeholder": "+15551234567"}
+            "phone": {"regexp": "^\\+[0-9]{8,15}$", "placeholder": "+15551234567"},
+            "name": {"regexp": ".+", "placeholder": "Alice"}
         },
         "instances": [{
             "desc": "Interop network",
@@ -411,24 +423,76 @@ async fn thirdparty_protocol(
     })))
 }
 
-async fn thirdparty_lookup(
+fn unknown_protocol() -> MatrixApiError {
+    MatrixApiError::new(StatusCode::NOT_FOUND, "M_NOT_FOUND", "unknown protocol")
+}
+
+/// `GET /thirdparty/user/{protocol}?phone=…` or `?name=…`: the ghosts of accounts that exist
+/// on the network (a number is looked up through a connected login, at a bounded rate).
+async fn thirdparty_user(
     State(state): State<AppState>,
     Path(protocol): Path<String>,
-    Query(_fields): Query<std::collections::HashMap<String, String>>,
+    Query(fields): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, MatrixApiError> {
     if protocol != *state.protocol {
-        return Err(MatrixApiError::new(
-            StatusCode::NOT_FOUND,
-            "M_NOT_FOUND",
-            "unknown protocol",
-        ));
+        return Err(unknown_protocol());
+    }
+    // Synapse sends reverse look-ups (`GET /thirdparty/user?userid=`) here, with the protocol.
+    if let Some(user_id) = fields.get("userid") {
+        return Ok(Json(reverse_user(&state, user_id).await));
+    }
+    let found = state.users.third_party_users(&fields).await;
+    Ok(Json(Value::Array(
+        found
+            .into_iter()
+            .map(|(userid, account)| third_party_user(&state.protocol, userid, account))
+            .collect(),
+    )))
+}
+
+fn third_party_user(protocol: &str, userid: String, account: String) -> Value {
+    json!({"userid": userid, "protocol": protocol, "fields": {"phone": account}})
+}
+
+/// `GET /thirdparty/location/{protocol}`: chats on this network belong to a login and have no
+/// public rooms (no aliases) to name, so no location is ever found.
+async fn thirdparty_location(
+    State(state): State<AppState>,
+    Path(protocol): Path<String>,
+) -> Result<Json<Value>, MatrixApiError> {
+    if protocol != *state.protocol {
+        return Err(unknown_protocol());
     }
     Ok(Json(json!([])))
 }
 
-async fn thirdparty_reverse(
-    Query(_q): Query<std::collections::HashMap<String, String>>,
-) -> Json<Value> {
+/// `GET /thirdparty/user?userid=@ghost`: the account a ghost stands for.
+async fn thirdparty_user_reverse(
+    State(state): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, MatrixApiError> {
+    let Some(user_id) = q.get("userid") else {
+        return Err(MatrixApiError::new(
+            StatusCode::BAD_REQUEST,
+            "M_MISSING_PARAM",
+            "userid is required",
+        ));
+    };
+    Ok(Json(reverse_user(&state, user_id).await))
+}
+
+async fn reverse_user(state: &AppState, user_id: &str) -> Value {
+    match state.users.third_party_of(user_id).await {
+        Some(account) => json!([third_party_user(
+            &state.protocol,
+            user_id.to_owned(),
+            account
+        )]),
+        None => json!([]),
+    }
+}
+
+async fn thirdparty_location_reverse(Query(_q): Query<HashMap<String, String>>) -> Json<Value> {
     Json(json!([]))
 }
 

@@ -6,7 +6,10 @@
 //! - `POST {prefix}/v1/login/verify?user_id=`      `{"code": "123456"}` → the login
 //! - `POST {prefix}/v1/logout?user_id=`            → `{}`
 //! - `GET  {prefix}/v1/chats?user_id=`             → `{"chats": [...]}`
-//! - `POST {prefix}/v1/chats?user_id=`             `{"contact": "+1555…"}` → the chat with its room
+//! - `POST {prefix}/v1/chats?user_id=`             `{"contact": "+1555…" or a contact's name}` → the chat with its room
+//! - `GET  {prefix}/v1/contacts?user_id=`          → `{"contacts": [{"account", "name", "mxid", "room_id"}]}`
+//! - `GET  {prefix}/v1/search?user_id=&query=`     → `{"results": [...]}`: contacts by name or number,
+//!   and a full number that is on the network
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -76,6 +79,8 @@ pub fn router(secret: &str, api: Arc<dyn Provisioning>) -> Router {
         .route("/v1/login/verify", post(login_verify))
         .route("/v1/logout", post(logout))
         .route("/v1/chats", get(chats).post(start_chat))
+        .route("/v1/contacts", get(contacts))
+        .route("/v1/search", get(search))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth))
         .with_state(state)
 }
@@ -151,4 +156,21 @@ async fn start_chat(
         .start_chat(&user(&q)?, &field(&body, "contact")?)
         .await?;
     Ok(Json(json!({"chat": chat})))
+}
+
+async fn contacts(State(p): State<Prov>, Query(q): Q) -> Result<Json<Value>, MatrixApiError> {
+    Ok(Json(json!({"contacts": p.api.contacts(&user(&q)?).await?})))
+}
+
+async fn search(State(p): State<Prov>, Query(q): Q) -> Result<Json<Value>, MatrixApiError> {
+    let query = q.get("query").ok_or_else(|| {
+        MatrixApiError::new(
+            StatusCode::BAD_REQUEST,
+            "M_MISSING_PARAM",
+            "query is required",
+        )
+    })?;
+    Ok(Json(
+        json!({"results": p.api.search(&user(&q)?, query).await?}),
+    ))
 }
