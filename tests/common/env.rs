@@ -99,7 +99,11 @@ async fn prepare(extra_sections: &str) -> (tempfile::TempDir, TestGateway, Bridg
     let setup = BridgeSetup::write_full(
         tmp.path(),
         8008,
-        &[("*", "relay"), ("localhost", "user")],
+        &[
+            ("*", "relay"),
+            ("localhost", "user"),
+            ("@admin:localhost", "admin"),
+        ],
         &gw.addr.address,
         &B64.encode(&gw.addr.public_key),
         extra_sections,

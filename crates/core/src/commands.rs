@@ -188,6 +188,34 @@ pub const COMMANDS: &[CommandSpec] = &[
         available: true,
     },
     CommandSpec {
+        name: "sync-portal",
+        args: "",
+        help: "In a portal: refresh its name, avatar and members (or the contact's profile) from the network.",
+        level: PermissionLevel::User,
+        available: true,
+    },
+    CommandSpec {
+        name: "set-management-room",
+        args: "",
+        help: "Make this room your management room, where commands need no prefix.",
+        level: PermissionLevel::User,
+        available: true,
+    },
+    CommandSpec {
+        name: "delete-all-portals",
+        args: "",
+        help: "Delete every portal of the bridge, after you confirm (admins, in the management room).",
+        level: PermissionLevel::Admin,
+        available: true,
+    },
+    CommandSpec {
+        name: "sudo",
+        args: "<user id> <command>",
+        help: "Run a command as another Matrix user (admins; logged).",
+        level: PermissionLevel::Admin,
+        available: true,
+    },
+    CommandSpec {
         name: "delete-portal",
         args: "",
         help: "Remove this portal room and forget the chat.",
@@ -214,12 +242,15 @@ pub fn find(name: &str) -> Option<&'static CommandSpec> {
 pub enum Pending {
     /// `login` sent a code to this account; the next message is the code.
     LoginCode { account: String },
+    /// `delete-all-portals` waits for `confirm`.
+    DeleteAllPortals,
 }
 
 impl Pending {
     fn name(&self) -> &'static str {
         match self {
             Pending::LoginCode { .. } => "login",
+            Pending::DeleteAllPortals => "delete-all-portals",
         }
     }
 }
@@ -291,6 +322,15 @@ impl Bridge {
             "set-relay" => self.cmd_relay(room_id, sender, level, true).await,
             "unset-relay" => self.cmd_relay(room_id, sender, level, false).await,
             "delete-portal" => self.cmd_delete_portal(room_id, sender, level).await,
+            "sync-portal" => self.cmd_sync_portal(room_id, sender, level).await,
+            "set-management-room" => self.cmd_set_management_room(room_id, sender).await,
+            "delete-all-portals" if !self.is_management_room(room_id, sender).await => {
+                CommandOutcome::text(
+                    "Send `delete-all-portals` in your management room (your DM with the bot).",
+                )
+            }
+            "delete-all-portals" => self.cmd_delete_all_portals(sender).await,
+            "sudo" => self.cmd_sudo(room_id, sender, &args).await,
             "create-group" => self.cmd_create_group(sender, &args).await,
             "ping" => CommandOutcome::text("Pong! The bridge is running."),
             "version" => CommandOutcome::text(format!(
@@ -404,6 +444,15 @@ impl Bridge {
             )));
         }
         match pending {
+            Pending::DeleteAllPortals => {
+                if !text.eq_ignore_ascii_case("confirm") {
+                    return Some(CommandOutcome::text(
+                        "Send `confirm` to delete every portal, or `cancel`.",
+                    ));
+                }
+                let _ = self.take_pending(sender).await;
+                Some(self.delete_all_portals(sender).await)
+            }
             Pending::LoginCode { account } => {
                 let code: String = text
                     .chars()
@@ -725,28 +774,13 @@ impl Bridge {
         let portals = self.portals.portals_of(sender).await.unwrap_or_default();
         let (mut contacts, mut groups, mut failed) = (0, 0, 0);
         for p in &portals {
-            let done = match p.kind {
-                PortalKind::Dm => {
-                    self.ghosts_seen.lock().await.remove(&p.chat_id);
-                    self.ghost(&p.chat_id, Some(&acc))
-                        .await
-                        .map(|_| contacts += 1)
+            match self.refresh_portal(p, &acc).await {
+                Ok(()) if p.kind == PortalKind::Dm => contacts += 1,
+                Ok(()) => groups += 1,
+                Err(e) => {
+                    tracing::debug!(error = %e, chat = %p.chat_id, "sync of a chat failed");
+                    failed += 1;
                 }
-                PortalKind::Group => match acc.group(&p.chat_id).await {
-                    Ok(g) => {
-                        for m in &g.members {
-                            self.ghosts_seen.lock().await.remove(m);
-                        }
-                        self.on_group_update(sender, &acc, &g, &g.changed_by)
-                            .await
-                            .map(|_| groups += 1)
-                    }
-                    Err(e) => Err(e.into()),
-                },
-            };
-            if let Err(e) = done {
-                tracing::debug!(error = %e, chat = %p.chat_id, "sync of a chat failed");
-                failed += 1;
             }
         }
         let mut text = format!("Synced {contacts} contact(s) and {groups} group(s).");
@@ -802,26 +836,172 @@ impl Bridge {
         }
     }
 
+    /// The portal of `room_id` if `sender` owns it or is an admin; otherwise the answer.
+    async fn portal_for(
+        &self,
+        room_id: &str,
+        sender: &str,
+        level: PermissionLevel,
+        verb: &str,
+    ) -> Result<super::types::Portal, CommandOutcome> {
+        let Ok(Some(portal)) = self.portals.portal_by_room(room_id).await else {
+            return Err(CommandOutcome::text(format!(
+                "Run this in the portal room you want to {verb}."
+            )));
+        };
+        if portal.receiver != sender && level < PermissionLevel::Admin {
+            return Err(CommandOutcome::text(format!(
+                "Only the owner of this chat or an admin can {verb} its portal."
+            )));
+        }
+        Ok(portal)
+    }
+
     async fn cmd_delete_portal(
         &self,
         room_id: &str,
         sender: &str,
         level: PermissionLevel,
     ) -> CommandOutcome {
-        let Ok(Some(portal)) = self.portals.portal_by_room(room_id).await else {
-            return CommandOutcome::text("Run this in the portal room you want to delete.");
+        let portal = match self.portal_for(room_id, sender, level, "delete").await {
+            Ok(p) => p,
+            Err(answer) => return answer,
         };
-        if portal.receiver != sender && level < PermissionLevel::Admin {
-            return CommandOutcome::text(
-                "Only the owner of this chat or an admin can delete its portal.",
-            );
-        }
         if let Err(e) = self.close_portal(&portal, false).await {
             return CommandOutcome::text(format!("Cannot delete the portal: {e}"));
         }
         // The bot leaves after answering (see `after_command`).
         self.leave_after.lock().await.insert(room_id.to_owned());
         CommandOutcome::text("Portal deleted: this room is no longer bridged.")
+    }
+
+    /// Reads a portal's chat from the network again: the contact's profile, or the group's
+    /// name, avatar and members.
+    async fn refresh_portal(
+        &self,
+        portal: &super::types::Portal,
+        acc: &std::sync::Arc<dyn super::network::NetAccount>,
+    ) -> Result<(), BridgeError> {
+        match portal.kind {
+            PortalKind::Dm => {
+                self.ghosts_seen.lock().await.remove(&portal.chat_id);
+                self.ghost(&portal.chat_id, Some(acc)).await.map(|_| ())
+            }
+            PortalKind::Group => {
+                let g = acc.group(&portal.chat_id).await?;
+                for m in &g.members {
+                    self.ghosts_seen.lock().await.remove(m);
+                }
+                self.on_group_update(portal.receiver.as_str(), acc, &g, &g.changed_by)
+                    .await
+            }
+        }
+    }
+
+    async fn cmd_sync_portal(
+        &self,
+        room_id: &str,
+        sender: &str,
+        level: PermissionLevel,
+    ) -> CommandOutcome {
+        let portal = match self.portal_for(room_id, sender, level, "refresh").await {
+            Ok(p) => p,
+            Err(answer) => return answer,
+        };
+        let Some(acc) = self.network.account(portal.receiver.as_str()) else {
+            return CommandOutcome::text("The login of this chat is not running.");
+        };
+        match self.refresh_portal(&portal, &acc).await {
+            Ok(()) => CommandOutcome::text("Portal refreshed from the network."),
+            Err(e) => CommandOutcome::text(format!("Cannot refresh the portal: {e}")),
+        }
+    }
+
+    async fn cmd_set_management_room(&self, room_id: &str, sender: &str) -> CommandOutcome {
+        if matches!(self.portals.portal_by_room(room_id).await, Ok(Some(_))) {
+            return CommandOutcome::text(
+                "A portal cannot be your management room: its messages are bridged.",
+            );
+        }
+        match self.users.set_management_room(sender, room_id).await {
+            Ok(()) => CommandOutcome::text(
+                "This room is now your management room: commands need no prefix here.",
+            ),
+            Err(e) => CommandOutcome::text(format!("Cannot set the management room: {e}")),
+        }
+    }
+
+    async fn cmd_delete_all_portals(&self, sender: &str) -> CommandOutcome {
+        let n = match self.all_portals().await {
+            Ok(ps) => ps.len(),
+            Err(e) => return CommandOutcome::text(format!("Cannot read the portals: {e}")),
+        };
+        if n == 0 {
+            return CommandOutcome::text("There are no portals.");
+        }
+        if let Err(e) = self.set_pending(sender, &Pending::DeleteAllPortals).await {
+            return CommandOutcome::text(format!("Cannot ask for confirmation now: {e}"));
+        }
+        CommandOutcome::text(format!(
+            "This deletes all {n} portal(s) of every user: their rooms stop being bridged and the contacts' ghosts leave them. Send `confirm` to go on, or `cancel`."
+        ))
+    }
+
+    async fn all_portals(&self) -> Result<Vec<super::types::Portal>, BridgeError> {
+        let mut all = Vec::new();
+        for (mxid, _) in self.portals.all_logins().await? {
+            all.extend(self.portals.portals_of(&mxid).await?);
+        }
+        Ok(all)
+    }
+
+    /// Deletes every portal (confirmed by `admin`); the bot leaves their rooms.
+    async fn delete_all_portals(&self, admin: &str) -> CommandOutcome {
+        let portals = match self.all_portals().await {
+            Ok(ps) => ps,
+            Err(e) => return CommandOutcome::text(format!("Cannot read the portals: {e}")),
+        };
+        let (mut deleted, mut failed) = (0, 0);
+        for p in &portals {
+            match self.close_portal(p, true).await {
+                Ok(()) => deleted += 1,
+                Err(e) => {
+                    failed += 1;
+                    tracing::warn!(error = %e, "cannot delete a portal");
+                }
+            }
+        }
+        tracing::info!(admin, deleted, failed, "delete-all-portals");
+        if failed == 0 {
+            CommandOutcome::text(format!("Deleted {deleted} portal(s)."))
+        } else {
+            CommandOutcome::text(format!(
+                "Deleted {deleted} portal(s); {failed} could not be deleted now (see the log), run it again later."
+            ))
+        }
+    }
+
+    /// `sudo <user> <command>`: an admin runs a command as someone else, with that user's
+    /// permission level. Logged with the admin, the user and the command's name (not its
+    /// arguments, which may hold a code).
+    async fn cmd_sudo(&self, room_id: &str, sender: &str, args: &[&str]) -> CommandOutcome {
+        let (Some(user), Some(command)) = (args.first(), args.get(1)) else {
+            return CommandOutcome::text("Usage: `sudo <user id> <command> [arguments]`.");
+        };
+        if !user.starts_with('@') || !user.contains(':') {
+            return CommandOutcome::text(format!("`{user}` is not a Matrix user id."));
+        }
+        let name = command.to_lowercase();
+        if name == "sudo" {
+            return CommandOutcome::text("`sudo` cannot run `sudo`.");
+        }
+        if find(&name).is_none() {
+            return CommandOutcome::text(format!("Unknown command `{name}`."));
+        }
+        tracing::info!(admin = sender, user = *user, command = %name, "sudo");
+        let line = args[1..].join(" ");
+        let outcome = Box::pin(self.run_command(room_id, user, &line)).await;
+        CommandOutcome::text(format!("As {user}: {}", outcome.body))
     }
 
     async fn cmd_create_group(&self, sender: &str, args: &[&str]) -> CommandOutcome {

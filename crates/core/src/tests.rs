@@ -1887,3 +1887,178 @@ async fn found(h: &Harness, q: &str) -> Vec<String> {
         .map(|c| c.account)
         .collect()
 }
+
+/// Admin commands: `delete-all-portals` deletes every user's portals only after `confirm` (and
+/// `cancel` stops it), `sudo` runs a command as another user with that user's level,
+/// `sync-portal` refreshes one portal for its owner or an admin, and `set-management-room`
+/// moves where commands need no prefix; none of them works below its level.
+#[tokio::test]
+async fn admin_commands_are_confirmed_permission_checked_and_act_as_asked() {
+    const ADMIN: &str = "@admin:x";
+    let h = Harness::new().await;
+    h.store.set_management_room(ALICE, "!mgmt:x").await.unwrap();
+    h.store
+        .set_management_room(ADMIN, "!admin-mgmt:x")
+        .await
+        .unwrap();
+    let bob_user = "@bob:x";
+    h.login(bob_user, "+15550006000").await;
+    for (user, contact) in [
+        (ALICE, "+15550002000"),
+        (ALICE, "+15550003000"),
+        (bob_user, "+15550004000"),
+    ] {
+        let out = h
+            .bridge
+            .run_command("!any:x", user, &format!("start-chat {contact}"))
+            .await
+            .body;
+        assert!(out.contains("Your chat with"), "{out}");
+    }
+
+    // Below the level: refused, nothing asked.
+    let out = mgmt_cmd(&h, "delete-all-portals").await;
+    assert!(out.contains("not allowed"), "{out}");
+    let out = mgmt_cmd(&h, "sudo @bob:x list-chats").await;
+    assert!(out.contains("not allowed"), "{out}");
+
+    // sudo: the command runs as the user, with the user's level (not the admin's).
+    let out = h
+        .bridge
+        .run_command("!admin-mgmt:x", ADMIN, "sudo @bob:x list-chats")
+        .await
+        .body;
+    assert!(
+        out.starts_with("As @bob:x:") && out.contains("+15550004000"),
+        "{out}"
+    );
+    assert!(!out.contains("+15550002000"), "bob's chats only: {out}");
+    let out = h
+        .bridge
+        .run_command("!admin-mgmt:x", ADMIN, "sudo @bob:x delete-all-portals")
+        .await
+        .body;
+    assert!(out.contains("not allowed"), "{out}");
+    assert!(
+        h.bridge
+            .run_command("!admin-mgmt:x", ADMIN, "sudo @bob:x sudo @alice:x ping")
+            .await
+            .body
+            .contains("cannot run `sudo`")
+    );
+    assert!(
+        h.bridge
+            .run_command("!admin-mgmt:x", ADMIN, "sudo bob list-chats")
+            .await
+            .body
+            .contains("not a Matrix user id")
+    );
+
+    // sync-portal: the owner refreshes the profile of the contact from the network.
+    let bob_room = h.room_of("+15550002000").await;
+    h.alice
+        .names
+        .lock()
+        .unwrap()
+        .insert("+15550002000".into(), "Bob Renamed".into());
+    let out = h
+        .bridge
+        .run_command(&bob_room, bob_user, "sync-portal")
+        .await
+        .body;
+    assert!(out.contains("Only the owner"), "{out}");
+    let out = h
+        .bridge
+        .run_command(&bob_room, ALICE, "sync-portal")
+        .await
+        .body;
+    assert_eq!(out, "Portal refreshed from the network.");
+    let profile = h
+        .store
+        .ghost_profile("+15550002000")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(profile.displayname, "Bob Renamed");
+
+    // set-management-room: not in a portal; elsewhere the room takes over.
+    let out = h
+        .bridge
+        .run_command(&bob_room, ALICE, "set-management-room")
+        .await
+        .body;
+    assert!(out.contains("cannot be your management room"), "{out}");
+    let out = h
+        .bridge
+        .run_command("!new-mgmt:x", ALICE, "set-management-room")
+        .await
+        .body;
+    assert!(out.contains("now your management room"), "{out}");
+    assert_eq!(
+        h.store.management_room(ALICE).await.unwrap().as_deref(),
+        Some("!new-mgmt:x")
+    );
+
+    // delete-all-portals: only in the management room, only after `confirm`.
+    let out = h
+        .bridge
+        .run_command("!elsewhere:x", ADMIN, "delete-all-portals")
+        .await
+        .body;
+    assert!(out.contains("management room"), "{out}");
+    let out = h
+        .bridge
+        .run_command("!admin-mgmt:x", ADMIN, "delete-all-portals")
+        .await
+        .body;
+    assert!(
+        out.contains("all 3 portal(s)") && out.contains("`confirm`"),
+        "{out}"
+    );
+    assert!(
+        h.bridge
+            .continue_pending("!admin-mgmt:x", ADMIN, "yes")
+            .await
+            .unwrap()
+            .body
+            .contains("Send `confirm`")
+    );
+    assert!(
+        h.bridge
+            .continue_pending("!admin-mgmt:x", ADMIN, "cancel")
+            .await
+            .unwrap()
+            .body
+            .contains("Cancelled")
+    );
+    assert_eq!(
+        h.store.portals_of(ALICE).await.unwrap().len(),
+        2,
+        "nothing deleted"
+    );
+    h.bridge
+        .run_command("!admin-mgmt:x", ADMIN, "delete-all-portals")
+        .await;
+    let out = h
+        .bridge
+        .continue_pending("!admin-mgmt:x", ADMIN, "confirm")
+        .await
+        .unwrap()
+        .body;
+    assert_eq!(out, "Deleted 3 portal(s).");
+    assert!(h.store.portals_of(ALICE).await.unwrap().is_empty());
+    assert!(h.store.portals_of(bob_user).await.unwrap().is_empty());
+    assert!(
+        h.matrix
+            .calls_of("leave")
+            .iter()
+            .any(|c| c["room"] == bob_room.as_str())
+    );
+    assert!(
+        h.bridge
+            .continue_pending("!admin-mgmt:x", ADMIN, "confirm")
+            .await
+            .is_none(),
+        "nothing waits any more"
+    );
+}
