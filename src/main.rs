@@ -322,6 +322,26 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
         shared_txn_order: cfg.workers.enabled,
         catch_up: Some(catch_up.clone()),
     };
+    // Several workers: the leases, and this worker's id.
+    let workers: Option<Workers> = cfg.workers.enabled.then(|| {
+        (
+            Arc::new(store.clone()) as Arc<dyn LeaseStore>,
+            cfg.workers.worker_id(),
+        )
+    });
+    // Several workers: leases say which logins and rooms are this one's. Joined before the
+    // listener serves: a provisioning login verified before would run without its lease, and
+    // another worker would start it too.
+    let cluster = workers.as_ref().map(|(leases, id)| {
+        let c = Cluster::new(
+            leases.clone(),
+            Arc::new(store.clone()),
+            Arc::new(store.clone()),
+            id,
+        );
+        bridge.join_cluster(c.clone());
+        c
+    });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let server = serve_appservice(&cfg, state, &bridge, shutdown_rx.clone()).await?;
     if cfg.metrics.enabled {
@@ -336,13 +356,6 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
             return Ok(());
         }
     }
-    // Several workers: the leases, and this worker's id.
-    let workers: Option<Workers> = cfg.workers.enabled.then(|| {
-        (
-            Arc::new(store.clone()) as Arc<dyn LeaseStore>,
-            cfg.workers.worker_id(),
-        )
-    });
     let crypto = if cfg.encryption.allow {
         let crypto = start_crypto(&cfg, &hs, &store, &vault, workers.clone()).await?;
         matrix.set_crypto(crypto.clone());
@@ -351,17 +364,6 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
     } else {
         None
     };
-    // Several workers: leases say which logins and rooms are this one's.
-    let cluster = workers.as_ref().map(|(leases, id)| {
-        let c = Cluster::new(
-            leases.clone(),
-            Arc::new(store.clone()),
-            Arc::new(store.clone()),
-            id,
-        );
-        bridge.join_cluster(c.clone());
-        c
-    });
     // Events that arrived during start-up wait in the queue until now.
     let worker = QueueWorker {
         store: txn_store,
