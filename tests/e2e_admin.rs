@@ -1,5 +1,6 @@
 //! Admin and portal-maintenance commands end to end, with a real Synapse and a contact on the
-//! official libsignal: `sync-portal`, `sudo`, and `delete-all-portals` with its confirmation.
+//! official libsignal: the login's personal space, `sync-portal`, `sudo`, and
+//! `delete-all-portals` with its confirmation.
 
 mod common;
 
@@ -20,6 +21,24 @@ async fn admins_act_for_users_and_delete_every_portal_after_confirming() {
     let mut node = env.node();
     let room = start_chat(&alice, &alice_mgmt, &node.account).await;
     let ghost = ghost_of(&node.account);
+
+    // The login's personal space: alice is invited, and it holds the portal.
+    let space = alice.wait_space_invite().await;
+    alice.join(&space).await;
+    let child = |room: &str| {
+        let (alice, space, room) = (&alice, space.clone(), room.to_owned());
+        async move {
+            alice
+                .call(
+                    reqwest::Method::GET,
+                    &format!("/_matrix/client/v3/rooms/{space}/state/m.space.child/{room}"),
+                    None,
+                )
+                .await
+        }
+    };
+    let (s, c) = child(&room).await;
+    assert_eq!((s, c["via"].clone()), (200, json!(["localhost"])), "{c}");
 
     // sync-portal: the contact's new profile name reaches its ghost when the owner asks.
     node.call(json!({"cmd": "set_profile", "name": "Nora Renamed"}));
@@ -93,6 +112,8 @@ async fn admins_act_for_users_and_delete_every_portal_after_confirming() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let (_, c) = child(&room).await;
+    assert_eq!(c["via"], json!([]), "the portal left the space: {c}");
     alice.send_text(&alice_mgmt, "list-chats").await;
     alice
         .wait_for(&alice_mgmt, "no chats", from_bot("no bridged chats"))

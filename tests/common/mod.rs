@@ -582,9 +582,18 @@ impl MatrixUser {
         out
     }
 
-    /// Waits for the first invite to a room other than `except`; returns its id. Uses sync tokens:
-    /// Synapse answers identical initial syncs from a cache.
+    /// Waits for the first invite to a room (not a space) other than `except`; returns its id.
+    /// Uses sync tokens: Synapse answers identical initial syncs from a cache.
     pub async fn wait_invite(&self, except: &[&str]) -> String {
+        self.wait_invite_of(except, false).await
+    }
+
+    /// Waits for an invite to a space (the login's personal space); returns its id.
+    pub async fn wait_space_invite(&self) -> String {
+        self.wait_invite_of(&[], true).await
+    }
+
+    async fn wait_invite_of(&self, except: &[&str], space: bool) -> String {
         let start = Instant::now();
         let mut since = String::new();
         loop {
@@ -594,8 +603,18 @@ impl MatrixUser {
                 format!("/_matrix/client/v3/sync?timeout=1000&since={since}")
             };
             let (_, b) = self.call(reqwest::Method::GET, &path, None).await;
+            let is_space = |invite: &Value| {
+                invite["invite_state"]["events"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|e| e["type"] == "m.room.create" && e["content"]["type"] == "m.space")
+            };
             if let Some(inv) = b["rooms"]["invite"].as_object()
-                && let Some(room) = inv.keys().find(|r| !except.contains(&r.as_str()))
+                && let Some(room) = inv
+                    .iter()
+                    .find(|(r, i)| !except.contains(&r.as_str()) && is_space(i) == space)
+                    .map(|(r, _)| r)
             {
                 return room.clone();
             }

@@ -264,16 +264,22 @@ class Agent:
             if room_id in self.seen_invites:
                 continue
             me = self.client.user_id
-            sender, is_direct = None, False
+            sender, is_direct, space = None, False, False
             for ev in info.invite_state:
+                # nio keeps no m.room.create of an invite, so the bridge's personal space (its
+                # only space) is known by the name it gives it.
+                if (getattr(ev, "name", None) or "").startswith("Interop ("):
+                    space = True
                 # nio moves the content of stripped member events out of `source`.
                 if getattr(ev, "state_key", None) == me and getattr(ev, "membership", None) == "invite":
                     sender = ev.sender
                     is_direct = bool((getattr(ev, "content", None) or {}).get("is_direct"))
             self.seen_invites.add(room_id)
             inv = {"room_id": room_id, "sender": sender, "is_direct": is_direct}
-            self.invites.append(inv)
-            self.emit({"event": "invite", **inv})
+            # Spaces (a login's personal space) are not chats: wait_invite does not take them.
+            if not space:
+                self.invites.append(inv)
+            self.emit({"event": "invite", **inv, "space": space})
         for room_id, info in resp.rooms.join.items():
             self.left.discard(room_id)
             self.seen_invites.discard(room_id)  # a later re-invite is a new invite

@@ -311,6 +311,11 @@ class Agent {
       if (this.seenInvites.has(room.roomId)) return;
       this.seenInvites.add(room.roomId);
       const inv = this.inviteInfo(room);
+      // Spaces (a login's personal space) are not chats: wait_invite does not take them.
+      const create = room.currentState.getStateEvents('m.room.create', '');
+      const space = Boolean(create && create.getContent().type === 'm.space')
+        || (typeof room.isSpaceRoom === 'function' && room.isSpaceRoom());
+      if (space) return;
       this.invites.push(inv);
       emit({ event: 'invite', ...inv });
     } else if (membership === 'join') {

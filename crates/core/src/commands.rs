@@ -482,6 +482,9 @@ impl Bridge {
                                 "Logged in, but the login could not be saved: {e}"
                             )));
                         }
+                        if let Err(e) = self.ensure_space(sender).await {
+                            tracing::warn!(error = %e, "cannot make a personal space");
+                        }
                         let incoming = if self.settings.bridge.message_requests {
                             "Chats you start, and people you accept, appear as rooms; someone new who writes to you first shows up here as a message request (`list-requests`)."
                         } else {
@@ -571,6 +574,7 @@ impl Bridge {
             }
             let _ = self.portals.delete_portal(sender, &p.chat_id).await;
         }
+        self.close_space(sender).await;
         if let Err(e) = self.portals.delete_login(sender).await {
             return CommandOutcome::text(format!(
                 "Logged out, but the login record could not be removed: {e}"

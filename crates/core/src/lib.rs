@@ -42,6 +42,7 @@ mod portal;
 pub mod provisioning;
 pub mod requests;
 pub mod settings;
+mod space;
 pub mod store;
 #[cfg(test)]
 pub(crate) mod tests;

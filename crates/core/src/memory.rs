@@ -24,6 +24,7 @@ struct Data {
     ghosts: HashMap<String, GhostProfile>,
     map: Vec<MappedMessage>,
     management_rooms: HashMap<String, String>,
+    spaces: HashMap<String, String>,
     requests: BTreeMap<(String, String), MessageRequest>,
     held: BTreeMap<(String, String, u32), HeldMessage>,
     leases: BTreeMap<String, Lease>,
@@ -230,6 +231,19 @@ impl UserStore for MemoryStore {
         self.data()
             .management_rooms
             .insert(mxid.into(), room_id.into());
+        Ok(())
+    }
+
+    async fn space_room(&self, mxid: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.data().spaces.get(mxid).cloned())
+    }
+
+    async fn set_space_room(&self, mxid: &str, room_id: Option<&str>) -> Result<(), StoreError> {
+        let mut data = self.data();
+        match room_id {
+            Some(r) => data.spaces.insert(mxid.to_owned(), r.to_owned()),
+            None => data.spaces.remove(mxid),
+        };
         Ok(())
     }
 

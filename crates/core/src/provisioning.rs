@@ -170,6 +170,9 @@ impl Provisioning for Bridge {
             Ok(_) => {
                 let _ = self.take_pending(user).await;
                 self.portals.set_login(user, &account).await?;
+                if let Err(e) = self.ensure_space(user).await {
+                    tracing::warn!(error = %e, "cannot make a personal space");
+                }
                 Ok(self.login_info(user, account))
             }
             Err(NetError::CodeExpired) => {

@@ -61,6 +61,9 @@ pub struct BridgeConfig {
     /// request the user accepts or declines, instead of opening a room at once.
     #[serde(default = "yes")]
     pub message_requests: bool,
+    /// Each login gets a personal space holding its portals.
+    #[serde(default = "yes")]
+    pub personal_spaces: bool,
 }
 
 fn default_max_media() -> u64 {
@@ -79,6 +82,7 @@ impl Default for BridgeConfig {
             message_error_notices: true,
             max_media_size: default_max_media(),
             message_requests: true,
+            personal_spaces: true,
         }
     }
 }

@@ -85,6 +85,9 @@ pub trait UserStore: Send + Sync {
     async fn set_management_room(&self, mxid: &str, room_id: &str) -> Result<(), StoreError>;
     /// The user whose management room this is, if any.
     async fn management_room_owner(&self, room_id: &str) -> Result<Option<String>, StoreError>;
+    /// The user's personal space (the room holding the portals of the login).
+    async fn space_room(&self, mxid: &str) -> Result<Option<String>, StoreError>;
+    async fn set_space_room(&self, mxid: &str, room_id: Option<&str>) -> Result<(), StoreError>;
     /// The multi-step command waiting for the user's next message (as the core encodes it).
     async fn pending_command(&self, mxid: &str) -> Result<Option<String>, StoreError>;
     /// Sets or (with `None`) clears it.

@@ -108,7 +108,7 @@ impl MatrixConnector for FakeMatrix {
     async fn create_room(&self, room: super::types::NewRoom) -> Result<String, BridgeError> {
         let pl = &room.power_levels;
         let body = json!({"name": room.name, "is_direct": room.is_direct, "invite": room.invite,
-            "avatar": room.avatar_mxc, "encrypted": room.encrypted,
+            "avatar": room.avatar_mxc, "encrypted": room.encrypted, "space": room.space,
             "power_levels": {"users": pl.users, "redact": pl.redact, "kick": pl.kick, "ban": pl.ban,
                 "events": pl.events}});
         let n = self.record("create_room", body);
@@ -471,6 +471,8 @@ impl Harness {
             encryption_default: false,
             encryption_require: false,
         };
+        // Spaces add rooms the other tests do not count; their own test turns them on.
+        settings.bridge.personal_spaces = false;
         tune(&mut settings);
         let bridge = Bridge::new(
             matrix.clone(),
@@ -2061,4 +2063,73 @@ async fn admin_commands_are_confirmed_permission_checked_and_act_as_asked() {
             .is_none(),
         "nothing waits any more"
     );
+}
+
+/// A login's personal space: made (with the user invited) at the first portal, holding each
+/// portal as it opens, losing it when it closes, and left at logout.
+#[tokio::test]
+async fn each_login_has_a_space_holding_its_portals() {
+    let h = Harness::with(|s| {
+        s.bridge.message_requests = false;
+        s.bridge.personal_spaces = true;
+    })
+    .await;
+    h.net_message(BOB_ACC, None, "m1", text("hi"))
+        .await
+        .unwrap();
+    let rooms = h.matrix.calls_of("create_room");
+    let space = rooms
+        .iter()
+        .position(|r| r["space"] == true)
+        .expect("a space");
+    assert_eq!(rooms[space]["invite"], json!([ALICE]));
+    let space_id = h.store.space_room(ALICE).await.unwrap().expect("kept");
+    let portal = h.room_of(BOB_ACC).await;
+    let children = || {
+        h.matrix
+            .calls_of("send_state")
+            .into_iter()
+            .filter(|c| c["type"] == "m.space.child" && c["room"] == space_id.as_str())
+            .collect::<Vec<_>>()
+    };
+    let added = children();
+    assert_eq!(added.len(), 1, "{added:?}");
+    assert_eq!(added[0]["state_key"], portal.as_str());
+    assert_eq!(added[0]["content"]["via"], json!(["x"]));
+
+    // A second chat goes into the same space.
+    h.net_message("+15550003000", None, "m2", text("hello"))
+        .await
+        .unwrap();
+    assert_eq!(children().len(), 2);
+    assert_eq!(
+        h.matrix
+            .calls_of("create_room")
+            .iter()
+            .filter(|r| r["space"] == true)
+            .count(),
+        1
+    );
+
+    // Closing a portal takes it out (a child without `via`).
+    let out = h
+        .bridge
+        .run_command(&portal, ALICE, "delete-portal")
+        .await
+        .body;
+    assert!(out.contains("Portal deleted"), "{out}");
+    let removed = children();
+    assert_eq!(removed.last().unwrap()["state_key"], portal.as_str());
+    assert_eq!(removed.last().unwrap()["content"]["via"], json!([]));
+
+    // Logout: the bot leaves the space and forgets it.
+    let out = h.bridge.run_command("!mgmt:x", ALICE, "logout").await.body;
+    assert!(out.starts_with("Logged out"), "{out}");
+    assert!(
+        h.matrix
+            .calls_of("leave")
+            .iter()
+            .any(|c| c["room"] == space_id.as_str())
+    );
+    assert_eq!(h.store.space_room(ALICE).await.unwrap(), None);
 }

@@ -77,6 +77,8 @@ pub struct NewRoom {
     pub avatar_mxc: Option<String>,
     /// Created with encryption on (Megolm).
     pub encrypted: bool,
+    /// A space (`m.space`) rather than a chat room.
+    pub space: bool,
 }
 
 /// The bridge state of a portal room.

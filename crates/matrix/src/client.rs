@@ -460,10 +460,7 @@ impl HomeserverClient {
         creator: &UserId,
         body: serde_json::Value,
     ) -> Result<OwnedRoomId, MatrixError> {
-        use ruma::api::client::room::create_room::v3 as create;
-        let req: create::Request = serde_json::from_value::<CreateRoomBody>(body)
-            .map_err(|e| MatrixError::Build(e.to_string()))?
-            .into_request();
+        let req = create_request(body)?;
         Ok(self.send(req, Some(creator), None).await?.room_id)
     }
 
@@ -703,6 +700,15 @@ fn api_error(status: u16, body: &[u8]) -> MatrixError {
     }
 }
 
+/// The `createRoom` request for a body in the client-server API's JSON form.
+pub(crate) fn create_request(
+    body: serde_json::Value,
+) -> Result<ruma::api::client::room::create_room::v3::Request, MatrixError> {
+    Ok(serde_json::from_value::<CreateRoomBody>(body)
+        .map_err(|e| MatrixError::Build(e.to_string()))?
+        .into_request())
+}
+
 /// The subset of `createRoom` the bridge uses, deserialized from the spec's JSON shape.
 #[derive(Deserialize, Default)]
 struct CreateRoomBody {
@@ -720,6 +726,9 @@ struct CreateRoomBody {
     initial_state: Vec<ruma::serde::Raw<ruma::events::AnyInitialStateEvent>>,
     #[serde(default)]
     power_level_content_override: Option<Box<serde_json::value::RawValue>>,
+    /// Extra `m.room.create` content (`{"type": "m.space"}` for a space).
+    #[serde(default)]
+    creation_content: Option<Box<serde_json::value::RawValue>>,
 }
 
 impl CreateRoomBody {
@@ -734,6 +743,7 @@ impl CreateRoomBody {
         req.power_level_content_override = self
             .power_level_content_override
             .map(ruma::serde::Raw::from_json);
+        req.creation_content = self.creation_content.map(ruma::serde::Raw::from_json);
         req
     }
 }

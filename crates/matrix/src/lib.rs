@@ -484,6 +484,9 @@ fn create_room_body(room: &NewRoom, privileged_creator: Option<&str>) -> serde_j
     if let Some(name) = &room.name {
         body["name"] = json!(name);
     }
+    if room.space {
+        body["creation_content"] = json!({"type": "m.space"});
+    }
     body
 }
 
@@ -676,6 +679,7 @@ mod tests {
             },
             avatar_mxc: Some("mxc://x/a".into()),
             encrypted: true,
+            space: false,
         };
         let body = create_room_body(&room, None);
         assert_eq!(body["name"], "Friends");
@@ -716,5 +720,21 @@ mod tests {
         let removed = ruma::events::room::avatar::RoomAvatarEventContent::new();
         let (ty, json) = state_json(&removed.into()).unwrap();
         assert_eq!((ty.as_str(), json), ("m.room.avatar", json!({})));
+        // A space says so in its creation content, and the request keeps it.
+        assert_eq!(body.get("creation_content"), None);
+        let space = NewRoom {
+            space: true,
+            ..room
+        };
+        let body = create_room_body(&space, None);
+        assert_eq!(body["creation_content"], json!({"type": "m.space"}));
+        let req = client::create_request(body).unwrap();
+        let kept = req
+            .creation_content
+            .expect("creation content")
+            .json()
+            .get()
+            .to_owned();
+        assert_eq!(kept, r#"{"type":"m.space"}"#);
     }
 }

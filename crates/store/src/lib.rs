@@ -597,6 +597,29 @@ impl UserStore for SqlStore {
         Ok(())
     }
 
+    async fn space_room(&self, mxid: &str) -> Result<Option<String>, CoreError> {
+        let room: Option<Option<String>> =
+            sqlx::query_scalar("SELECT space_room FROM matrix_user WHERE mxid = $1")
+                .bind(mxid)
+                .fetch_optional(&self.pool)
+                .await
+                .db()?;
+        Ok(room.flatten())
+    }
+
+    async fn set_space_room(&self, mxid: &str, room_id: Option<&str>) -> Result<(), CoreError> {
+        sqlx::query(
+            "INSERT INTO matrix_user (mxid, space_room) VALUES ($1, $2) \
+             ON CONFLICT (mxid) DO UPDATE SET space_room = excluded.space_room",
+        )
+        .bind(mxid)
+        .bind(room_id)
+        .execute(&self.pool)
+        .await
+        .db()?;
+        Ok(())
+    }
+
     async fn management_room_owner(&self, room_id: &str) -> Result<Option<String>, CoreError> {
         Ok(
             sqlx::query_scalar("SELECT mxid FROM matrix_user WHERE management_room = $1")

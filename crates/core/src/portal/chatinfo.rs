@@ -58,6 +58,7 @@ impl Bridge {
         let Some(room) = portal.room_id.as_ref().map(|r| r.as_str()) else {
             return Ok(());
         };
+        self.remove_from_space(portal.receiver.as_str(), room).await;
         let bot = self.matrix.bot_mxid().to_owned();
         if let Ok(members) = self.matrix.joined_members(room, &bot).await {
             for m in members.iter().filter(|m| self.matrix.is_ghost(m)) {

@@ -208,6 +208,7 @@ impl Bridge {
         };
         self.portals.save_portal(&portal).await?;
         tracing::info!(room_id, kind = ?kind, "portal created");
+        self.add_to_space(receiver, &room_id).await;
         Ok(PortalRef {
             bridge: self,
             record: portal,
@@ -359,6 +360,7 @@ fn portal_room(
         },
         avatar_mxc: None,
         encrypted: false,
+        space: false,
     }
 }
 
