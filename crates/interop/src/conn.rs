@@ -33,6 +33,10 @@ pub enum InteropError {
     Disconnected,
     #[error("the gateway did not answer in time")]
     Timeout,
+    /// The account's actor did not finish a command in time (busy, or not running at all): not
+    /// the gateway's doing.
+    #[error("the account did not finish the command in time")]
+    CommandTimeout,
     #[error("gateway refused: {code:?}: {message}")]
     Gateway {
         code: ErrorCode,
@@ -64,7 +68,10 @@ impl InteropError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            InteropError::Connect { .. } | InteropError::Disconnected | InteropError::Timeout
+            InteropError::Connect { .. }
+                | InteropError::Disconnected
+                | InteropError::Timeout
+                | InteropError::CommandTimeout
         ) || matches!(
             self.code(),
             Some(ErrorCode::RateLimited | ErrorCode::Internal | ErrorCode::QueueFull)

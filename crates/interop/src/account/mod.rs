@@ -232,7 +232,10 @@ macro_rules! ask {
             $self.cmd.send(Box::new(Command::$variant { $($field,)* reply })).await.map_err(|_| InteropError::Disconnected)?;
             rx.await.map_err(|_| InteropError::Disconnected)?
         };
-        tokio::time::timeout(COMMAND_TIMEOUT, asked).await.map_err(|_| InteropError::Timeout)?
+        tokio::time::timeout(COMMAND_TIMEOUT, asked).await.map_err(|_| {
+            tracing::warn!(command = stringify!($variant), "the account did not finish a command in 180 s");
+            InteropError::CommandTimeout
+        })?
     }};
 }
 
@@ -443,4 +446,26 @@ fn addr(account: &str) -> ProtocolAddress {
 
 fn crypto(e: SignalProtocolError) -> InteropError {
     InteropError::Crypto(e.to_string())
+}
+
+#[cfg(test)]
+mod handle_tests {
+    use super::*;
+
+    /// A command the actor never finishes ends in its own error after [`COMMAND_TIMEOUT`], not
+    /// in the gateway's "did not answer in time" (which sent the search for a stall to the
+    /// gateway), and counts as transient.
+    #[tokio::test(start_paused = true)]
+    async fn a_command_the_actor_never_finishes_has_its_own_error() {
+        let (handle, _keep_open, _acks) = AccountHandle::detached("+15550001000");
+        let started = tokio::time::Instant::now();
+        let e = handle
+            .typing(Target::Account("+15550002000".into()), true)
+            .await
+            .expect_err("no actor answers");
+        assert!(matches!(e, InteropError::CommandTimeout), "{e:?}");
+        assert!(e.is_transient());
+        assert_eq!(started.elapsed(), COMMAND_TIMEOUT);
+        assert!(!e.to_string().contains("gateway"), "{e}");
+    }
 }
