@@ -1863,6 +1863,32 @@ async fn third_party_lookups_find_ghosts() {
             .unwrap(),
         Some("+15550002000".to_owned())
     );
+    // Anyone on the homeserver can make these look-ups: numbers are asked about at the bounded
+    // rate of every look-up, and a number not on the network is not asked about again.
+    let before = *h.alice.profile_lookups.lock().unwrap();
+    let mut found = 0;
+    for i in 0..200 {
+        let phone = format!("+1555800{i:04}");
+        found += h
+            .bridge
+            .third_party_users(Some(&phone), None)
+            .await
+            .unwrap()
+            .len();
+    }
+    let asked = *h.alice.profile_lookups.lock().unwrap() - before;
+    assert!(asked <= 2 * 21, "{asked} look-ups");
+    assert!(found <= 21, "{found}");
+    let before = *h.alice.profile_lookups.lock().unwrap();
+    h.bridge
+        .third_party_users(Some("+15550009999"), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        *h.alice.profile_lookups.lock().unwrap(),
+        before,
+        "a known miss is not asked"
+    );
     // A ghost id the bridge never registered, and a user that is no ghost.
     assert_eq!(
         h.bridge
