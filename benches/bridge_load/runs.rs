@@ -40,6 +40,7 @@ pub(crate) struct RunResult {
     pub(crate) bridge_cpu_us_per_msg: f64,
     pub(crate) bench_cpu_pct: f64,
     pub(crate) dups: usize,
+    pub(crate) resends: usize,
 }
 
 pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -86,6 +87,7 @@ pub(crate) fn summarize(
         bridge_cpu_us_per_msg: 1e6 * bridge_cpu / n as f64,
         bench_cpu_pct: 100.0 * bench_cpu / secs.max(1e-9),
         dups: t.dups.load(Ordering::Relaxed),
+        resends: t.resends.load(Ordering::Relaxed),
     }
 }
 
@@ -362,10 +364,11 @@ pub(crate) fn print_table(results: &[RunResult]) {
             r.bridge_cpu_pct,
             r.bridge_cpu_us_per_msg,
             r.bench_cpu_pct,
-            if r.dups > 0 {
-                format!("  ({} duplicates)", r.dups)
-            } else {
-                String::new()
+            match (r.dups, r.resends) {
+                (0, 0) => String::new(),
+                (d, 0) => format!("  ({d} duplicates)"),
+                (0, s) => format!("  ({s} sent again)"),
+                (d, s) => format!("  ({d} duplicates, {s} sent again)"),
             }
         );
     }

@@ -8,6 +8,8 @@ pub(crate) struct Track {
     pub(crate) recv: Vec<AtomicU64>,
     pub(crate) received: AtomicUsize,
     pub(crate) dups: AtomicUsize,
+    /// Contacts' sends tried again after a transient failure.
+    pub(crate) resends: AtomicUsize,
 }
 
 impl Track {
@@ -44,6 +46,7 @@ impl Registry {
             recv: (0..n).map(|_| AtomicU64::new(0)).collect(),
             received: AtomicUsize::new(0),
             dups: AtomicUsize::new(0),
+            resends: AtomicUsize::new(0),
         });
         let mut tracks = self.tracks.write().expect("tracks lock");
         tracks.push(t.clone());

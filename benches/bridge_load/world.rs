@@ -231,14 +231,30 @@ impl World {
         let (sender, to) = self.interop_send(dir, seq);
         let c = &self.contacts[sender];
         self.reg.mark_sent(&track, seq);
-        c.handle
-            .send(
-                Target::Account(to),
-                uuid::Uuid::new_v4().to_string(),
-                common::interop::text(&Registry::body(run, seq)),
-            )
-            .await
-            .unwrap_or_else(|e| panic!("contact {} cannot send: {e}", c.account));
+        // As a client would: a transient failure (an overloaded account's queue outlasting its
+        // timeout) is sent again with the same id, which the gateway takes once. The latency
+        // counts from the first try.
+        let id = uuid::Uuid::new_v4().to_string();
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match c
+                .handle
+                .send(
+                    Target::Account(to.clone()),
+                    id.clone(),
+                    common::interop::text(&Registry::body(run, seq)),
+                )
+                .await
+            {
+                Ok(_) => break,
+                Err(e) if e.is_transient() && tries < 3 => {
+                    tracing::warn!(contact = %c.account, error = %e, "a contact's send failed; sending it again");
+                    track.resends.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => panic!("contact {} cannot send: {e}", c.account),
+            }
+        }
     }
 }
 

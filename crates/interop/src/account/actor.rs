@@ -28,6 +28,30 @@ async fn watched<F: std::future::Future>(what: &'static str, step: F) -> F::Outp
     out
 }
 
+/// The command to run next, or `None` if its caller stopped waiting for it (see
+/// [`Command::caller_gone`]). A command that waited over [`SLOW_STEP`] for its turn is logged:
+/// that is an account with more work than it gets through, not one stuck on a step.
+fn admit(queued: Queued) -> Option<Command> {
+    let Queued { since, command } = queued;
+    let waited = since.elapsed();
+    if command.caller_gone() {
+        tracing::warn!(
+            command = command.name(),
+            ?waited,
+            "a command whose caller stopped waiting for it is dropped unrun"
+        );
+        return None;
+    }
+    if waited > SLOW_STEP {
+        tracing::warn!(
+            command = command.name(),
+            ?waited,
+            "a command waited over 30 s for its turn: the account has more work than it gets through"
+        );
+    }
+    Some(command)
+}
+
 impl Command {
     fn name(&self) -> &'static str {
         match self {
@@ -48,7 +72,7 @@ impl Command {
 impl Actor {
     pub(super) async fn run(
         mut self,
-        mut rx: mpsc::Receiver<Box<Command>>,
+        mut rx: mpsc::Receiver<Box<Queued>>,
         mut acks: mpsc::UnboundedReceiver<u64>,
     ) {
         let mut backoff = Duration::from_millis(250);
@@ -94,8 +118,8 @@ impl Actor {
                     }
                     watched("ack", self.ack(&batch)).await;
                 }
-                cmd = rx.recv() => match cmd.map(|c| *c) {
-                    None | Some(Command::Stop) => {
+                cmd = rx.recv() => match cmd.map(|q| *q) {
+                    None | Some(Queued { command: Command::Stop, .. }) => {
                         let mut batch = Vec::new();
                         while let Ok(envelope_id) = acks.try_recv() {
                             batch.push(envelope_id);
@@ -105,9 +129,11 @@ impl Actor {
                         }
                         return;
                     }
-                    Some(cmd) => {
-                        let what = cmd.name();
-                        watched(what, self.command(cmd)).await
+                    Some(queued) => {
+                        if let Some(cmd) = admit(queued) {
+                            let what = cmd.name();
+                            watched(what, self.command(cmd)).await
+                        }
                     }
                 },
                 push = async { match self.conn.as_mut() { Some((_, p)) => p.recv().await, None => std::future::pending().await } }, if connected => {
@@ -383,6 +409,48 @@ impl Actor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn typing() -> (Queued, oneshot::Receiver<Result<(), InteropError>>) {
+        let (reply, rx) = oneshot::channel();
+        let command = Command::Typing {
+            to: Target::Account("+15550002000".into()),
+            typing: true,
+            reply,
+        };
+        (*Queued::new(command), rx)
+    }
+
+    /// A command whose caller gave up (its timeout passed while it waited behind others) is
+    /// not run late: it would only lengthen the queue of an overloaded account, and its caller
+    /// has already been told it failed. One still awaited is run however long it waited.
+    #[tokio::test(start_paused = true)]
+    async fn commands_whose_callers_gave_up_are_not_run() {
+        let (waited_long, rx) = typing();
+        tokio::time::advance(COMMAND_TIMEOUT / 2).await;
+        assert!(admit(waited_long).is_some(), "its caller still waits");
+        drop(rx);
+
+        let (abandoned, rx) = typing();
+        drop(rx);
+        assert!(admit(abandoned).is_none());
+
+        let (reply, rx) = oneshot::channel();
+        let stop_and_send = [
+            Command::Stop,
+            Command::Send {
+                to: Target::Account("+15550002000".into()),
+                message_id: "m".into(),
+                data: DataMessage::default(),
+                reply,
+            },
+        ];
+        drop(rx);
+        let admitted: Vec<bool> = stop_and_send
+            .into_iter()
+            .map(|c| admit(*Queued::new(c)).is_some())
+            .collect();
+        assert_eq!(admitted, [true, false], "a stop has no caller to lose");
+    }
 
     #[test]
     fn retries_are_spread_around_the_backoff() {

@@ -175,6 +175,45 @@ enum Command {
     Stop,
 }
 
+/// A command as it waits in the actor's queue.
+struct Queued {
+    /// When the caller asked: a command that waited long for its turn is logged as such (the
+    /// actor was not stuck on it; others were ahead of it).
+    since: tokio::time::Instant,
+    command: Command,
+}
+
+impl Queued {
+    fn new(command: Command) -> Box<Self> {
+        Box::new(Self {
+            since: tokio::time::Instant::now(),
+            command,
+        })
+    }
+}
+
+impl Command {
+    /// Whether the caller has stopped waiting for the answer (its [`COMMAND_TIMEOUT`] passed,
+    /// or it was dropped). Such a command is not run: its caller already reported a transient
+    /// failure and will ask again if it still wants it (a `Send` with the same `message_id`,
+    /// which the gateway takes once), and running it late would only lengthen the queue for
+    /// everyone behind it when the account is overloaded.
+    fn caller_gone(&self) -> bool {
+        match self {
+            Command::Send { reply, .. } => reply.is_closed(),
+            Command::Receipt { reply, .. }
+            | Command::Typing { reply, .. }
+            | Command::SetProfile { reply, .. }
+            | Command::ResetIdentity { reply } => reply.is_closed(),
+            Command::CreateGroup { reply, .. }
+            | Command::UpdateGroup { reply, .. }
+            | Command::GetGroup { reply, .. } => reply.is_closed(),
+            Command::SessionInfo { reply, .. } => reply.is_closed(),
+            Command::Stop => false,
+        }
+    }
+}
+
 /// Facts about a session, for tests and diagnostics.
 #[derive(Clone, Debug)]
 pub struct SessionInfo {
@@ -189,7 +228,7 @@ pub struct AccountHandle {
     pub account: String,
     /// Boxed: a channel allocates room for 32 items when it is made, and a command holds a
     /// whole message inline; every login has one.
-    cmd: mpsc::Sender<Box<Command>>,
+    cmd: mpsc::Sender<Box<Queued>>,
     /// Acks travel apart from commands, unbounded: the consumer acks while the actor may be
     /// busy, and neither may block the other.
     acks: mpsc::UnboundedSender<u64>,
@@ -229,7 +268,7 @@ macro_rules! ask {
     ($self:ident, $variant:ident { $($field:ident),* }) => {{
         let (reply, rx) = oneshot::channel();
         let asked = async {
-            $self.cmd.send(Box::new(Command::$variant { $($field,)* reply })).await.map_err(|_| InteropError::Disconnected)?;
+            $self.cmd.send(Queued::new(Command::$variant { $($field,)* reply })).await.map_err(|_| InteropError::Disconnected)?;
             rx.await.map_err(|_| InteropError::Disconnected)?
         };
         tokio::time::timeout(COMMAND_TIMEOUT, asked).await.map_err(|_| {
@@ -355,7 +394,7 @@ impl AccountHandle {
     /// write once its data key is destroyed (the vault does not create a new one for it).
     pub async fn stop(&self) {
         let stopped = async {
-            let _ = self.cmd.send(Box::new(Command::Stop)).await;
+            let _ = self.cmd.send(Queued::new(Command::Stop)).await;
             self.cmd.closed().await;
         };
         if tokio::time::timeout(STOP_WAIT, stopped).await.is_err() {
