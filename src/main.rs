@@ -15,7 +15,7 @@ use matrix_interop_bridge::{
     appservice::{self, AppState, Readiness, UserQuery, catchup::CatchUp, queue::QueueWorker},
     bridge::store::LeaseStore,
     bridge::{
-        Bridge, BridgeSettings,
+        Bridge, BridgeSettings, Stores,
         cluster::{self, Cluster, EventRouter},
         network::{NetEventSink, Network},
         provisioning::Provisioning,
@@ -28,7 +28,7 @@ use matrix_interop_bridge::{
     },
     metrics::Metrics,
     registration,
-    store::{KvStore, SqlStore, TxnStore, UserStore, crypto::DbCryptoStore},
+    store::{KvStore, SqlStore, TxnStore, crypto::DbCryptoStore},
     vault::{self, BRIDGE_OWNER, Vault, VaultStore},
 };
 use tokio::sync::{Notify, watch};
@@ -472,13 +472,15 @@ fn assemble(
         vault_store,
         metrics.logins.clone(),
     );
-    let users: Arc<dyn UserStore> = Arc::new(store.clone());
     let bridge = Arc::new(Bridge::new(
         matrix.clone(),
-        users,
-        Arc::new(store.clone()),
+        Stores {
+            users: Arc::new(store.clone()),
+            portals: Arc::new(store.clone()),
+            requests,
+            kv: Arc::new(store.clone()),
+        },
         network.clone(),
-        requests,
         BridgeSettings {
             bridge: cfg.bridge.clone(),
             homeserver_domain: cfg.homeserver.domain.clone(),

@@ -292,6 +292,133 @@ async fn every_row_both_ways(
         png
     );
 
+    // Stickers both ways: `m.sticker` and an attachment of type STICKER, with the image.
+    let webp: Vec<u8> = (0..3000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let mxc = alice.upload(webp.clone(), "image/webp").await;
+    alice.send(&room, "m.sticker", json!({"body": "a waving cat", "url": mxc, "info": {"mimetype": "image/webp", "size": webp.len(), "w": 128, "h": 128}})).await;
+    let m = node.event("sticker", |v| {
+        v["event"] == "message" && v["content"]["media"]["type"] == "STICKER"
+    });
+    assert_eq!(m["content"]["media"]["width"], 128);
+    assert_eq!(m["content"]["media"]["mimetype"], "image/webp");
+    let d = node.call(json!({"cmd": "download_media", "media": m["content"]["media"]}));
+    assert_eq!(
+        B64.decode(d["bytes_b64"].as_str().expect("b64"))
+            .expect("b64"),
+        webp
+    );
+    let sticker: Vec<u8> = webp.iter().rev().copied().collect();
+    let up = node.call(json!({"cmd": "upload_media", "bytes_b64": B64.encode(&sticker), "mimetype": "image/webp", "type": "STICKER", "width": 96, "height": 96}));
+    node.call(chat.send(my_account, json!({"media": up["media"]})));
+    let st = alice
+        .wait_for(
+            &room,
+            "sticker from the contact",
+            by(&ghost, |e| e["type"] == "m.sticker"),
+        )
+        .await;
+    assert_eq!(st["content"]["info"]["w"], 96, "{st}");
+    assert_eq!(st["content"]["info"]["mimetype"], "image/webp");
+    assert_eq!(
+        alice
+            .download(st["content"]["url"].as_str().expect("url"))
+            .await,
+        sticker
+    );
+
+    // Polls both ways (MSC3381's events on Matrix): the poll, votes by option, its end.
+    let poll = alice
+        .send(
+            &room,
+            "org.matrix.msc3381.poll.start",
+            json!({"org.matrix.msc3381.poll.start": {
+                "question": {"org.matrix.msc1767.text": "Cinema tonight?"},
+                "kind": "org.matrix.msc3381.poll.disclosed", "max_selections": 1,
+                "answers": [{"id": "ans-yes", "org.matrix.msc1767.text": "yes"},
+                            {"id": "ans-no", "org.matrix.msc1767.text": "no"}]},
+                "org.matrix.msc1767.text": "Cinema tonight?\n1. yes\n2. no"}),
+        )
+        .await;
+    let m = node.event("poll", |v| {
+        v["event"] == "message" && v["content"]["poll"].is_object()
+    });
+    assert_eq!(m["content"]["poll"]["question"], "Cinema tonight?");
+    assert_eq!(m["content"]["poll"]["options"], json!(["yes", "no"]));
+    let poll_id = m["message_id"].clone();
+    node.call(chat.send(
+        my_account,
+        json!({"poll_vote": {"target": poll_id, "target_author": my_account, "selections": [1]}}),
+    ));
+    let vote = alice
+        .wait_for(
+            &room,
+            "the contact's vote",
+            by(&ghost, |e| e["type"] == "org.matrix.msc3381.poll.response"),
+        )
+        .await;
+    assert_eq!(
+        vote["content"]["org.matrix.msc3381.poll.response"]["answers"],
+        json!(["ans-no"])
+    );
+    assert_eq!(vote["content"]["m.relates_to"]["event_id"], json!(poll));
+    alice
+        .send(
+            &room,
+            "org.matrix.msc3381.poll.response",
+            json!({"m.relates_to": {"rel_type": "m.reference", "event_id": poll},
+                "org.matrix.msc3381.poll.response": {"answers": ["ans-yes"]}}),
+        )
+        .await;
+    let v = node.event("vote", |v| {
+        v["event"] == "message" && v["content"]["poll_vote"].is_object()
+    });
+    assert_eq!(v["content"]["poll_vote"]["target"], poll_id);
+    assert_eq!(v["content"]["poll_vote"]["selections"], json!([0]));
+    let theirs = node.call(chat.send(
+        my_account,
+        json!({"poll": {"question": "Lunch?", "options": ["pizza", "soup", "salad"], "max_selections": 2}}),
+    ));
+    let p = alice
+        .wait_for(
+            &room,
+            "the contact's poll",
+            by(&ghost, |e| e["type"] == "org.matrix.msc3381.poll.start"),
+        )
+        .await;
+    let block = &p["content"]["org.matrix.msc3381.poll.start"];
+    assert_eq!(block["question"]["org.matrix.msc1767.text"], "Lunch?");
+    assert_eq!(block["max_selections"], 2);
+    assert_eq!(block["answers"][2]["org.matrix.msc1767.text"], "salad");
+    let their_poll = p["event_id"].as_str().expect("id").to_owned();
+    let soup = block["answers"][1]["id"].clone();
+    alice
+        .send(
+            &room,
+            "org.matrix.msc3381.poll.response",
+            json!({"m.relates_to": {"rel_type": "m.reference", "event_id": their_poll},
+                "org.matrix.msc3381.poll.response": {"answers": [soup]}}),
+        )
+        .await;
+    let v = node.event("vote on the contact's poll", |v| {
+        v["event"] == "message" && v["content"]["poll_vote"]["target"] == theirs["message_id"]
+    });
+    assert_eq!(v["content"]["poll_vote"]["selections"], json!([1]));
+    node.call(chat.send(
+        my_account,
+        json!({"poll_end": {"target": theirs["message_id"]}}),
+    ));
+    let end = alice
+        .wait_for(
+            &room,
+            "the contact's poll ends",
+            by(&ghost, |e| e["type"] == "org.matrix.msc3381.poll.end"),
+        )
+        .await;
+    assert_eq!(
+        end["content"]["m.relates_to"]["event_id"],
+        json!(their_poll)
+    );
+
     let ogg = b"OggS voice bytes".to_vec();
     let up = node.call(json!({"cmd": "upload_media", "bytes_b64": B64.encode(&ogg), "mimetype": "audio/ogg", "type": "VOICE", "duration_ms": 3000}));
     node.call(chat.send(my_account, json!({"media": up["media"]})));

@@ -36,12 +36,13 @@ pub enum Resolved {
     Unknown,
 }
 
-/// Folds a string for matching: lower case, and for anything that looks like a number only its
-/// digits, so `+1 555 123` finds `+1555123…`.
+/// Folds a name for matching: trimmed, in lower case.
 fn fold(s: &str) -> String {
     s.trim().to_lowercase()
 }
 
+/// The digits of a query that looks like a number (digits, `+`, spaces, `-`, `(`, `)`, `.`),
+/// so `+1 555 123` finds `+1555123…`; `None` for anything else.
 fn digits(s: &str) -> Option<String> {
     let t = s.trim();
     let looks_numeric = !t.is_empty()

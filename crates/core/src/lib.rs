@@ -284,6 +284,9 @@ const MESSAGE_TYPES: &[&str] = &[
     "m.room.encrypted",
     "m.sticker",
     "m.reaction",
+    "org.matrix.msc3381.poll.start",
+    "org.matrix.msc3381.poll.response",
+    "org.matrix.msc3381.poll.end",
 ];
 
 /// Static facts the core needs.
@@ -344,6 +347,8 @@ pub struct Bridge {
     pub(crate) network: Arc<dyn network::Network>,
     /// Message requests and their held messages.
     pub(crate) requests: Arc<dyn requests::RequestStore>,
+    /// Small facts by key (the answer ids of polls started on Matrix).
+    pub(crate) kv: Arc<dyn store::KvStore>,
     pub(crate) settings: BridgeSettings,
     /// When each contact's profile was last fetched.
     pub(crate) ghosts_seen: Mutex<HashMap<String, Instant>>,
@@ -359,22 +364,35 @@ pub struct Bridge {
     pub(crate) cluster: std::sync::OnceLock<Arc<cluster::Cluster>>,
 }
 
+/// The stores the core keeps its state in (one database behind them all, as a rule).
+pub struct Stores {
+    pub users: Arc<dyn UserStore>,
+    pub portals: Arc<dyn PortalStore>,
+    pub requests: Arc<dyn requests::RequestStore>,
+    pub kv: Arc<dyn store::KvStore>,
+}
+
 impl Bridge {
     pub fn new(
         matrix: Arc<dyn MatrixConnector>,
-        users: Arc<dyn UserStore>,
-        portals: Arc<dyn PortalStore>,
+        stores: Stores,
         network: Arc<dyn network::Network>,
-        requests: Arc<dyn requests::RequestStore>,
         settings: BridgeSettings,
         metrics: metrics::Metrics,
     ) -> Self {
+        let Stores {
+            users,
+            portals,
+            requests,
+            kv,
+        } = stores;
         Self {
             matrix,
             users,
             portals,
             network,
             requests,
+            kv,
             settings,
             ghosts_seen: Mutex::new(HashMap::new()),
             portal_locks: Mutex::new(HashMap::new()),
@@ -565,6 +583,9 @@ impl MatrixEventHandler for Bridge {
                 | AnyMessageLikeEvent::Reaction(_)
                 | AnyMessageLikeEvent::RoomRedaction(_)
                 | AnyMessageLikeEvent::Sticker(_)
+                | AnyMessageLikeEvent::UnstablePollStart(_)
+                | AnyMessageLikeEvent::UnstablePollResponse(_)
+                | AnyMessageLikeEvent::UnstablePollEnd(_)
         ) || sender == bot
             || self.matrix.is_ghost(sender)
         {

@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use super::{
     BridgeError,
     requests::{HeldMessage, MessageRequest, RequestStore},
-    store::{Lease, LeaseStore, PortalStore, StoreError, UserStore},
+    store::{KvStore, Lease, LeaseStore, PortalStore, StoreError, UserStore},
     types::{GhostProfile, MappedMessage, Portal},
 };
 
@@ -29,6 +29,7 @@ struct Data {
     held: BTreeMap<(String, String, u32), HeldMessage>,
     leases: BTreeMap<String, Lease>,
     pending: HashMap<String, String>,
+    kv: HashMap<String, String>,
 }
 
 /// Logins, portals, ghosts, the message map, management rooms and message requests in memory.
@@ -336,6 +337,17 @@ impl RequestStore for MemoryStore {
             data.requests
                 .remove(&(receiver.to_owned(), chat_id.to_owned()));
         }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl KvStore for MemoryStore {
+    async fn kv_get(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.data().kv.get(key).cloned())
+    }
+    async fn kv_set(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.data().kv.insert(key.to_owned(), value.to_owned());
         Ok(())
     }
 }

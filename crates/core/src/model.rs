@@ -22,6 +22,9 @@ pub enum Body {
     Media(Media),
     Location(Location),
     Contact(ContactCard),
+    Poll(Poll),
+    PollVote(PollVote),
+    PollEnd(PollEnd),
 }
 
 /// The message a reply answers, by its network id and author.
@@ -121,6 +124,32 @@ pub struct Media {
     pub thumbnail: Vec<u8>,
     /// Voice messages: samples 0..=255; empty for none.
     pub waveform: Vec<u32>,
+}
+
+/// The most options a poll has (as on Matrix, MSC3381).
+pub const MAX_POLL_OPTIONS: usize = 20;
+
+/// A poll: a question and its options; voters pick up to `max_selections` (at least 1).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Poll {
+    pub question: String,
+    pub options: Vec<String>,
+    pub max_selections: u32,
+}
+
+/// A vote on the poll `target` (by `target_author`): indexes into its options. A later vote of
+/// the same voter replaces it; an empty one takes it back.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PollVote {
+    pub target: String,
+    pub target_author: String,
+    pub selections: Vec<u32>,
+}
+
+/// Closes the sender's own poll `target`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PollEnd {
+    pub target: String,
 }
 
 /// A shared location.

@@ -476,10 +476,13 @@ impl Harness {
         tune(&mut settings);
         let bridge = Bridge::new(
             matrix.clone(),
-            store.clone(),
-            store.clone(),
+            super::Stores {
+                users: store.clone(),
+                portals: store.clone(),
+                requests: store.clone(),
+                kv: store.clone(),
+            },
             network.clone(),
-            store.clone(),
             settings,
             super::metrics::Metrics::new(),
         );
@@ -567,6 +570,16 @@ impl Harness {
             .unwrap()
             .expect("mapped")
             .message_id
+    }
+
+    /// The Matrix event a network message became in `room` (it must have been bridged).
+    pub async fn event_of(&self, room: &str, message_id: &str) -> String {
+        self.store
+            .by_message(room, message_id, "")
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("{message_id} is not bridged"))
+            .event_id
     }
 
     pub fn notices(&self) -> Vec<String> {
@@ -1484,7 +1497,8 @@ async fn portal_creation_locks_do_not_pile_up() {
 
 /// Matrix attachments reach the network with what their typed content says: the kind (a voice
 /// message is not just audio), size, dimensions, duration, file name and HTML caption; a reply
-/// in a thread quotes the message it answers; a sticker is refused with a reason.
+/// in a thread quotes the message it answers; a sticker goes out as a sticker with its image's
+/// dimensions, its description not made a caption, and its reply kept.
 #[tokio::test]
 async fn matrix_attachments_and_replies_keep_their_details() {
     let h = Harness::new().await;
@@ -1527,11 +1541,13 @@ async fn matrix_attachments_and_replies_keep_their_details() {
     send(
         "$sticker",
         "m.sticker",
-        json!({"body": "a cat", "url": "mxc://x/s", "info": {}}),
+        json!({"body": "a cat", "url": "mxc://x/s",
+            "info": {"w": 128, "h": 96, "mimetype": "image/webp"},
+            "m.relates_to": {"m.in_reply_to": {"event_id": "$alice1"}}}),
     )
     .await;
     let sent = h.alice.sent.lock().unwrap().clone();
-    assert_eq!(sent.len(), 4, "{sent:?}");
+    assert_eq!(sent.len(), 5, "{sent:?}");
     let media = |i: usize| match &sent[i].2.body {
         Some(D::Media(m)) => m.clone(),
         other => panic!("{other:?}"),
@@ -1560,17 +1576,25 @@ async fn matrix_attachments_and_replies_keep_their_details() {
     assert_eq!(video.mimetype, "application/octet-stream");
     let quote = sent[3].2.reply_to.as_ref().expect("a reply");
     assert_eq!(quote.author, ALICE_ACC);
-    let mut told = h.notices();
-    told.extend(
-        h.matrix
-            .calls_of("send_event")
-            .iter()
-            .filter_map(|s| s["content"]["message"].as_str().map(str::to_owned)),
+    let sticker = media(4);
+    assert_eq!(
+        (sticker.kind, sticker.width, sticker.height),
+        (super::model::MediaKind::Sticker, 128, 96)
     );
-    assert!(
-        told.iter().any(|m| m.contains("stickers")),
-        "the sticker is refused with a reason: {told:?}"
+    assert_eq!(sticker.mimetype, "image/webp");
+    assert_eq!(
+        sticker.caption, None,
+        "a sticker's description is no caption"
     );
+    let quote = sent[4].2.reply_to.as_ref().expect("the sticker's reply");
+    assert_eq!(quote.author, ALICE_ACC);
+    let refused: Vec<String> = h
+        .matrix
+        .calls_of("send_event")
+        .iter()
+        .filter_map(|s| s["content"]["message"].as_str().map(str::to_owned))
+        .collect();
+    assert!(refused.is_empty(), "nothing refused: {refused:?}");
 }
 
 /// A message the Matrix side could not parse is answered in its portal, naming its sender;
@@ -1600,7 +1624,8 @@ async fn a_malformed_message_is_reported_to_its_sender() {
 
 /// Network attachments become Matrix content with everything a client shows: a voice message
 /// is marked as one (MSC3245, with its duration and waveform), an image has its dimensions,
-/// thumbnail and HTML caption, and a reply relates to the event it answers.
+/// thumbnail and HTML caption, a reply relates to the event it answers, and a sticker is an
+/// `m.sticker` event (with its reply) rather than an image.
 #[tokio::test]
 async fn network_attachments_become_complete_matrix_content() {
     use super::model::{Media, MediaKind, Quote};
@@ -1631,34 +1656,66 @@ async fn network_attachments_become_complete_matrix_content() {
     )
     .await
     .unwrap();
-    h.bridge
-        .on_network_event(
-            ALICE,
-            &NetEvent::Message {
-                from: BOB_ACC.into(),
-                group: None,
-                message_id: "bob-photo".into(),
-                timestamp: 0,
-                data: Message {
-                    body: Some(media(MediaKind::Image, |m| {
-                        m.mimetype = "image/png".into();
-                        (m.width, m.height) = (640, 480);
-                        m.thumbnail = vec![1, 2, 3];
-                        m.filename = "cat.png".into();
-                        m.caption = Some(super::msgconv::html_to_text("a <b>cat</b>"));
-                    })),
-                    reply_to: Some(Quote {
-                        message_id: "bob-voice".into(),
-                        author: BOB_ACC.into(),
-                    }),
-                },
-                envelope_id: 0,
+    // Replies to Bob's voice message.
+    let reply = |message_id: &str, body: D| {
+        let ev = NetEvent::Message {
+            from: BOB_ACC.into(),
+            group: None,
+            message_id: message_id.into(),
+            timestamp: 0,
+            data: Message {
+                body: Some(body),
+                reply_to: Some(Quote {
+                    message_id: "bob-voice".into(),
+                    author: BOB_ACC.into(),
+                }),
             },
-        )
-        .await
-        .unwrap();
+            envelope_id: 0,
+        };
+        let h = &h;
+        async move { h.bridge.on_network_event(ALICE, &ev).await.unwrap() }
+    };
+    reply(
+        "bob-photo",
+        media(MediaKind::Image, |m| {
+            m.mimetype = "image/png".into();
+            (m.width, m.height) = (640, 480);
+            m.thumbnail = vec![1, 2, 3];
+            m.filename = "cat.png".into();
+            m.caption = Some(super::msgconv::html_to_text("a <b>cat</b>"));
+        }),
+    )
+    .await;
+    reply(
+        "bob-sticker",
+        media(MediaKind::Sticker, |m| {
+            m.mimetype = "image/webp".into();
+            (m.width, m.height) = (128, 128);
+        }),
+    )
+    .await;
     let sent = h.matrix.calls_of("send_event");
-    assert_eq!(sent.len(), 2, "{sent:?}");
+    assert_eq!(sent.len(), 3, "{sent:?}");
+    assert_eq!(sent[1]["type"], "m.room.message");
+    let sticker = &sent[2];
+    assert_eq!(sticker["type"], "m.sticker", "{sticker}");
+    let sticker = &sticker["content"];
+    assert_eq!(sticker["url"], "mxc://x/upload");
+    assert_eq!(sticker["info"]["mimetype"], "image/webp");
+    assert_eq!(sticker["info"]["w"], 128);
+    assert!(sticker.get("msgtype").is_none(), "{sticker}");
+    assert!(
+        sticker["m.relates_to"]["m.in_reply_to"]["event_id"].is_string(),
+        "{sticker}"
+    );
+    assert!(
+        h.store
+            .by_message(&room, "bob-sticker", "")
+            .await
+            .unwrap()
+            .is_some(),
+        "mapped, so edits and deletions find it"
+    );
     let voice = &sent[0]["content"];
     assert_eq!(voice["msgtype"], "m.audio");
     assert_eq!(voice["url"], "mxc://x/upload");
@@ -1683,13 +1740,7 @@ async fn network_attachments_become_complete_matrix_content() {
     assert_eq!(image["body"], "a cat");
     assert_eq!(image["format"], "org.matrix.custom.html");
     assert_eq!(image["formatted_body"], "a <strong>cat</strong>");
-    let voice_event = h
-        .store
-        .by_message(&room, "bob-voice", "")
-        .await
-        .unwrap()
-        .expect("mapped")
-        .event_id;
+    let voice_event = h.event_of(&room, "bob-voice").await;
     assert_eq!(
         image["m.relates_to"]["m.in_reply_to"]["event_id"],
         json!(voice_event)
@@ -2158,4 +2209,228 @@ async fn each_login_has_a_space_holding_its_portals() {
             .any(|c| c["room"] == space_id.as_str())
     );
     assert_eq!(h.store.space_room(ALICE).await.unwrap(), None);
+}
+
+/// Polls both ways (MSC3381's unstable events on Matrix): a network poll becomes a poll start
+/// whose answer ids are the option indexes; votes go both ways by option, whoever started the
+/// poll (a Matrix poll's own answer ids are kept for that); only a poll's author ends it, on
+/// either side; a poll with more options than Matrix allows is refused with a notice.
+#[tokio::test]
+async fn polls_go_both_ways_with_votes_by_option() {
+    use super::model::{Poll, PollEnd, PollVote};
+    let h = Harness::new().await;
+    let (room, _) = dm_with_alices_message(&h).await;
+    h.matrix.clear();
+    h.alice.sent.lock().unwrap().clear();
+    let events_of = |ty: &str| -> Vec<Value> {
+        h.matrix
+            .calls_of("send_event")
+            .into_iter()
+            .filter(|e| e["type"] == ty)
+            .collect()
+    };
+    let last_sent = || h.alice.sent.lock().unwrap().last().cloned().expect("sent");
+    let poll_rel = |event_id: &str| json!({"rel_type": "m.reference", "event_id": event_id});
+    let vote = |target: &str, author: &str, selections: Vec<u32>| {
+        D::PollVote(PollVote {
+            target: target.into(),
+            target_author: author.into(),
+            selections,
+        })
+    };
+
+    // From the network: the poll, with its options in order.
+    h.net_message(
+        BOB_ACC,
+        None,
+        "bob-poll",
+        D::Poll(Poll {
+            question: "Lunch?".into(),
+            options: vec!["pizza".into(), "soup".into(), "salad".into()],
+            max_selections: 0,
+        }),
+    )
+    .await
+    .unwrap();
+    let start = events_of("org.matrix.msc3381.poll.start");
+    assert_eq!(start.len(), 1, "{start:?}");
+    let block = &start[0]["content"]["org.matrix.msc3381.poll.start"];
+    assert_eq!(block["question"]["org.matrix.msc1767.text"], "Lunch?");
+    assert_eq!(block["max_selections"], 1, "0 counts as 1");
+    let answers: Vec<(String, String)> = block["answers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["id"].as_str().unwrap().to_owned(),
+                a["org.matrix.msc1767.text"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        answers,
+        [("0", "pizza"), ("1", "soup"), ("2", "salad")].map(|(a, b)| (a.to_owned(), b.to_owned()))
+    );
+    assert!(
+        start[0]["content"]["org.matrix.msc1767.text"]
+            .as_str()
+            .unwrap()
+            .contains("2. soup"),
+        "a text fallback: {start:?}"
+    );
+    let bob_poll = h.event_of(&room, "bob-poll").await;
+
+    // Alice votes on it; Bob votes too (an index twice and one the poll lacks are dropped).
+    h.matrix_event(
+        &room,
+        ALICE,
+        "$vote1",
+        "org.matrix.msc3381.poll.response",
+        json!({"m.relates_to": poll_rel(&bob_poll),
+            "org.matrix.msc3381.poll.response": {"answers": ["1"]}}),
+    )
+    .await
+    .unwrap();
+    let (_, _, voted) = last_sent();
+    assert_eq!(voted.body, Some(vote("bob-poll", BOB_ACC, vec![1])));
+    h.net_message(
+        BOB_ACC,
+        None,
+        "bob-vote",
+        vote("bob-poll", BOB_ACC, vec![2, 2, 99]),
+    )
+    .await
+    .unwrap();
+    let responses = events_of("org.matrix.msc3381.poll.response");
+    assert_eq!(responses.len(), 1, "{responses:?}");
+    assert_eq!(
+        responses[0]["content"]["org.matrix.msc3381.poll.response"]["answers"],
+        json!(["2"])
+    );
+    assert_eq!(responses[0]["content"]["m.relates_to"], poll_rel(&bob_poll));
+    assert_ne!(responses[0]["as"], json!(h.bridge.matrix.bot_mxid()));
+
+    // From Matrix: Alice's poll, with answer ids of her client's choosing.
+    h.matrix_event(
+        &room,
+        ALICE,
+        "$apoll",
+        "org.matrix.msc3381.poll.start",
+        json!({"org.matrix.msc3381.poll.start": {
+            "question": {"org.matrix.msc1767.text": "Cinema?"},
+            "kind": "org.matrix.msc3381.poll.disclosed", "max_selections": 2,
+            "answers": [{"id": "yes-id", "org.matrix.msc1767.text": "yes"},
+                        {"id": "no-id", "org.matrix.msc1767.text": "no"}]},
+            "org.matrix.msc1767.text": "Cinema?\n1. yes\n2. no"}),
+    )
+    .await
+    .unwrap();
+    let (_, alice_poll, poll) = last_sent();
+    assert_eq!(
+        poll.body,
+        Some(D::Poll(Poll {
+            question: "Cinema?".into(),
+            options: vec!["yes".into(), "no".into()],
+            max_selections: 2,
+        }))
+    );
+    h.net_message(
+        BOB_ACC,
+        None,
+        "bob-vote-2",
+        vote(&alice_poll, ALICE_ACC, vec![1]),
+    )
+    .await
+    .unwrap();
+    let responses = events_of("org.matrix.msc3381.poll.response");
+    assert_eq!(
+        responses[1]["content"]["org.matrix.msc3381.poll.response"]["answers"],
+        json!(["no-id"])
+    );
+    h.matrix_event(
+        &room,
+        ALICE,
+        "$vote2",
+        "org.matrix.msc3381.poll.response",
+        json!({"m.relates_to": poll_rel("$apoll"),
+            "org.matrix.msc3381.poll.response": {"answers": ["no-id", "yes-id", "nope"]}}),
+    )
+    .await
+    .unwrap();
+    let (_, _, voted) = last_sent();
+    assert_eq!(voted.body, Some(vote(&alice_poll, ALICE_ACC, vec![1, 0])));
+
+    // Ends: each author ends their own; nobody ends another's.
+    h.net_message(
+        BOB_ACC,
+        None,
+        "bob-ends-alices",
+        D::PollEnd(PollEnd {
+            target: alice_poll.clone(),
+        }),
+    )
+    .await
+    .unwrap();
+    assert!(events_of("org.matrix.msc3381.poll.end").is_empty());
+    h.net_message(
+        BOB_ACC,
+        None,
+        "bob-end",
+        D::PollEnd(PollEnd {
+            target: "bob-poll".into(),
+        }),
+    )
+    .await
+    .unwrap();
+    let ends = events_of("org.matrix.msc3381.poll.end");
+    assert_eq!(ends.len(), 1);
+    assert_eq!(ends[0]["content"]["m.relates_to"], poll_rel(&bob_poll));
+    let before = h.alice.sent.lock().unwrap().len();
+    h.matrix_event(
+        &room,
+        ALICE,
+        "$end-bobs",
+        "org.matrix.msc3381.poll.end",
+        json!({"m.relates_to": poll_rel(&bob_poll), "org.matrix.msc3381.poll.end": {},
+            "org.matrix.msc1767.text": "Ended"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(h.alice.sent.lock().unwrap().len(), before, "not hers");
+    h.matrix_event(
+        &room,
+        ALICE,
+        "$end-own",
+        "org.matrix.msc3381.poll.end",
+        json!({"m.relates_to": poll_rel("$apoll"), "org.matrix.msc3381.poll.end": {},
+            "org.matrix.msc1767.text": "Ended"}),
+    )
+    .await
+    .unwrap();
+    let (_, _, end) = last_sent();
+    assert_eq!(end.body, Some(D::PollEnd(PollEnd { target: alice_poll })));
+
+    // Too many options for Matrix: a notice says so.
+    h.net_message(
+        BOB_ACC,
+        None,
+        "bob-big-poll",
+        D::Poll(Poll {
+            question: "Pick".into(),
+            options: (0..21).map(|i| i.to_string()).collect(),
+            max_selections: 1,
+        }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(events_of("org.matrix.msc3381.poll.start").len(), 1);
+    let refused: Vec<String> = events_of("m.room.message")
+        .iter()
+        .filter_map(|e| e["content"]["body"].as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        refused.iter().any(|b| b.contains("A poll was not bridged")),
+        "{refused:?}"
+    );
 }

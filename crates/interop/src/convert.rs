@@ -6,8 +6,8 @@
 use prost::Message as _;
 
 use mib_core::model::{
-    Body, ContactCard, Delete, Edit, Format, Location, Media, MediaKind, Message, Quote, Reaction,
-    Style, Text,
+    Body, ContactCard, Delete, Edit, Format, Location, Media, MediaKind, Message, Poll, PollEnd,
+    PollVote, Quote, Reaction, Style, Text,
 };
 use mib_wire::content::{self as pb, data_message::Body as PbBody, format::Style as PbStyle};
 
@@ -40,6 +40,17 @@ pub fn to_model(m: pb::DataMessage) -> Message {
                 emails: c.emails,
                 vcard: c.vcard,
             }),
+            PbBody::Poll(p) => Body::Poll(Poll {
+                question: p.question,
+                options: p.options,
+                max_selections: p.max_selections,
+            }),
+            PbBody::PollVote(v) => Body::PollVote(PollVote {
+                target: v.target,
+                target_author: v.target_author,
+                selections: v.selections,
+            }),
+            PbBody::PollEnd(e) => Body::PollEnd(PollEnd { target: e.target }),
         }),
         reply_to: m.reply_to.map(|q| Quote {
             message_id: q.message_id,
@@ -78,6 +89,19 @@ pub fn to_wire(m: &Message) -> pb::DataMessage {
                 phone_numbers: c.phone_numbers.clone(),
                 emails: c.emails.clone(),
                 vcard: c.vcard.clone(),
+            }),
+            Body::Poll(p) => PbBody::Poll(pb::Poll {
+                question: p.question.clone(),
+                options: p.options.clone(),
+                max_selections: p.max_selections,
+            }),
+            Body::PollVote(v) => PbBody::PollVote(pb::PollVote {
+                target: v.target.clone(),
+                target_author: v.target_author.clone(),
+                selections: v.selections.clone(),
+            }),
+            Body::PollEnd(e) => PbBody::PollEnd(pb::PollEnd {
+                target: e.target.clone(),
             }),
         }),
         reply_to: m.reply_to.as_ref().map(|q| pb::Quote {
@@ -270,6 +294,19 @@ mod tests {
                 longitude: 13.4,
                 name: "n".into(),
                 address: "a".into(),
+            }),
+            Body::Poll(Poll {
+                question: "Lunch?".into(),
+                options: vec!["pizza".into(), "soup".into()],
+                max_selections: 2,
+            }),
+            Body::PollVote(PollVote {
+                target: "m4".into(),
+                target_author: "+15550001111".into(),
+                selections: vec![1, 0],
+            }),
+            Body::PollEnd(PollEnd {
+                target: "m4".into(),
             }),
             Body::Contact(ContactCard {
                 display_name: "Carol".into(),

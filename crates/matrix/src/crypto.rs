@@ -64,7 +64,14 @@ pub enum CryptoError {
 /// The event types the bridge accepts from inside a Megolm payload: messages and the relations
 /// on them. State events (`m.room.member`, power levels, names) and redactions are never taken
 /// from an encrypted payload.
-const ENCRYPTABLE_TYPES: &[&str] = &["m.room.message", "m.reaction", "m.sticker"];
+const ENCRYPTABLE_TYPES: &[&str] = &[
+    "m.room.message",
+    "m.reaction",
+    "m.sticker",
+    "org.matrix.msc3381.poll.start",
+    "org.matrix.msc3381.poll.response",
+    "org.matrix.msc3381.poll.end",
+];
 
 /// Builds the event the core sees from a decrypted payload: only its `type` (one of
 /// [`ENCRYPTABLE_TYPES`]) and its `content` are taken; the event id, room, sender, time and

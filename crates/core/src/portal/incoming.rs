@@ -7,6 +7,14 @@ use ruma::{
     UInt,
     events::{
         AnyMessageLikeEventContent,
+        poll::{
+            unstable_end::UnstablePollEndEventContent,
+            unstable_response::UnstablePollResponseEventContent,
+            unstable_start::{
+                NewUnstablePollStartEventContent, UnstablePollAnswer, UnstablePollAnswers,
+                UnstablePollStartContentBlock, UnstablePollStartEventContent,
+            },
+        },
         reaction::ReactionEventContent,
         relation::{Annotation, InReplyTo, Replacement, Reply},
         room::{
@@ -19,6 +27,7 @@ use ruma::{
                 VideoMessageEventContent,
             },
         },
+        sticker::StickerEventContent,
     },
 };
 
@@ -264,6 +273,30 @@ impl PortalRef<'_> {
             Some(D::Edit(e)) => return self.edit(&from_net, e).await,
             Some(D::Delete(d)) => return self.delete(&from_net, d).await,
             Some(D::Reaction(r)) => return self.reaction(&from_net, r).await,
+            Some(D::PollVote(v)) => return self.poll_vote(&from_net, v).await,
+            Some(D::PollEnd(e)) => return self.poll_end(&from_net, e).await,
+            Some(D::Poll(p)) => match poll_start(p) {
+                Ok(start) => {
+                    let ev = self
+                        .bridge
+                        .matrix
+                        .send_message(
+                            room,
+                            &sender,
+                            UnstablePollStartEventContent::New(start).into(),
+                            &txn,
+                            ts,
+                        )
+                        .await?;
+                    return self.map(&ev, message_id, from, &sender, "").await;
+                }
+                Err(why) => {
+                    self.bridge.metrics.refused("interop_poll_invalid");
+                    MessageType::Notice(NoticeMessageEventContent::plain(format!(
+                        "A poll was not bridged: {why}."
+                    )))
+                }
+            },
             Some(D::Media(m)) => self.media_to_matrix(acc, &sender, m).await?,
             Some(D::Location(l)) => MessageType::Location(LocationMessageEventContent::new(
                 msgconv::bounded_body(&msgconv::location_text(l)).into_owned(),
@@ -276,22 +309,29 @@ impl PortalRef<'_> {
                 "(an empty or unsupported message was received)",
             )),
         };
-        let mut content = message(msgtype);
-        if let Some(target) = reply_to {
-            content.relates_to = Some(Relation::Reply(Reply::new(InReplyTo::new(event_id(
-                &target.event_id,
-            )?))));
-        }
+        let in_reply_to = match reply_to {
+            Some(target) => Some(InReplyTo::new(event_id(&target.event_id)?)),
+            None => None,
+        };
+        let content = match (msgtype, &data.body) {
+            // A sticker is its own event type on Matrix (clients show it without a bubble).
+            (MessageType::Image(image), Some(D::Media(m))) if m.kind == MediaKind::Sticker => {
+                let info = image.info.map_or_else(ImageInfo::new, |i| *i);
+                let mut sticker =
+                    StickerEventContent::with_source(image.body, info, image.source.into());
+                sticker.relates_to = in_reply_to.map(|r| Relation::Reply(Reply::new(r)));
+                AnyMessageLikeEventContent::Sticker(sticker)
+            }
+            (msgtype, _) => {
+                let mut content = message(msgtype);
+                content.relates_to = in_reply_to.map(|r| Relation::Reply(Reply::new(r)));
+                AnyMessageLikeEventContent::RoomMessage(content)
+            }
+        };
         let ev = self
             .bridge
             .matrix
-            .send_message(
-                room,
-                &sender,
-                AnyMessageLikeEventContent::RoomMessage(content),
-                &txn,
-                ts,
-            )
+            .send_message(room, &sender, content, &txn, ts)
             .await?;
         self.map(&ev, message_id, from, &sender, "").await
     }
@@ -409,6 +449,56 @@ impl PortalRef<'_> {
             .send_message(room, inc.sender, c.into(), inc.txn, inc.ts)
             .await?;
         self.map(&ev, &r.target, inc.from, inc.sender, &part).await
+    }
+
+    /// A vote from the network on a poll of this chat: a poll response from the voter's ghost
+    /// (the latest one counts on Matrix, as on the network). Options are the poll's answers by
+    /// index; indexes the poll does not have are dropped.
+    async fn poll_vote(&self, inc: &FromNetwork<'_>, v: &PollVote) -> Result<(), BridgeError> {
+        let room = self.room.as_str();
+        let Some(poll) = self.bridge.portals.by_message(room, &v.target, "").await? else {
+            return Err(BridgeError::TargetNotYet(v.target.clone()));
+        };
+        let ids = self.bridge.poll_answer_ids(room, &poll.event_id).await?;
+        let mut answers: Vec<String> = Vec::new();
+        for i in v.selections.iter().take(MAX_POLL_OPTIONS) {
+            let id = match &ids {
+                Some(ids) => ids.get(*i as usize).cloned(),
+                None => ((*i as usize) < MAX_POLL_OPTIONS).then(|| i.to_string()),
+            };
+            if let Some(id) = id
+                && !answers.contains(&id)
+            {
+                answers.push(id);
+            }
+        }
+        let c = UnstablePollResponseEventContent::new(answers, event_id(&poll.event_id)?);
+        let ev = self
+            .bridge
+            .matrix
+            .send_message(room, inc.sender, c.into(), inc.txn, inc.ts)
+            .await?;
+        self.map(&ev, inc.message_id, inc.from, inc.sender, "poll-vote")
+            .await
+    }
+
+    /// The end of a poll, from the network, by its author.
+    async fn poll_end(&self, inc: &FromNetwork<'_>, e: &PollEnd) -> Result<(), BridgeError> {
+        let room = self.room.as_str();
+        let Some(poll) = self
+            .own_target(inc, &e.target, "interop_poll_end_not_author")
+            .await?
+        else {
+            return Ok(());
+        };
+        let c = UnstablePollEndEventContent::new("The poll has ended.", event_id(&poll.event_id)?);
+        let ev = self
+            .bridge
+            .matrix
+            .send_message(room, inc.sender, c.into(), inc.txn, inc.ts)
+            .await?;
+        self.map(&ev, inc.message_id, inc.from, inc.sender, "poll-end")
+            .await
     }
 
     /// Maps the portal's Matrix event `event_id` to the network's `message_id` (`part` tells
@@ -568,4 +658,38 @@ impl PortalRef<'_> {
             }
         })
     }
+}
+
+/// A network poll as a Matrix poll (MSC3381, unstable types, as clients send them today): the
+/// answers' ids are the options' indexes, so a vote maps back without a look-up; a text
+/// fallback lists the options for clients without polls. Refused (with the reason) when it has
+/// no options or more than Matrix allows.
+fn poll_start(p: &Poll) -> Result<NewUnstablePollStartEventContent, String> {
+    let n = p.options.len();
+    if n == 0 || n > MAX_POLL_OPTIONS {
+        return Err(format!(
+            "it has {n} options, and Matrix polls have 1 to {MAX_POLL_OPTIONS}"
+        ));
+    }
+    let question = msgconv::preview(&p.question, MAX_POLL_TEXT).into_owned();
+    let options: Vec<String> = p
+        .options
+        .iter()
+        .map(|o| msgconv::preview(o, MAX_POLL_TEXT).into_owned())
+        .collect();
+    let answers: Vec<UnstablePollAnswer> = options
+        .iter()
+        .enumerate()
+        .map(|(i, o)| UnstablePollAnswer::new(i.to_string(), o.clone()))
+        .collect();
+    let answers = UnstablePollAnswers::try_from(answers).map_err(|e| e.to_string())?;
+    let mut block = UnstablePollStartContentBlock::new(question.clone(), answers);
+    block.max_selections = UInt::from(p.max_selections.clamp(1, n as u32));
+    let mut fallback = question;
+    for (i, o) in options.iter().enumerate() {
+        fallback.push_str(&format!("\n{}. {o}", i + 1));
+    }
+    Ok(NewUnstablePollStartEventContent::plain_text(
+        fallback, block,
+    ))
 }

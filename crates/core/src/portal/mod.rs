@@ -17,7 +17,10 @@ use sha2::{Digest, Sha256};
 
 use super::{
     Bridge, BridgeError,
-    model::{Body as D, Delete, Edit, Location, Media, MediaKind, Message, Quote, Reaction, Text},
+    model::{
+        Body as D, Delete, Edit, Location, MAX_POLL_OPTIONS, Media, MediaKind, Message, Poll,
+        PollEnd, PollVote, Quote, Reaction, Text,
+    },
     msgconv,
     network::{GroupInfo, NetAccount, NetError, NetEvent, NetTarget},
     types::{BridgeInfo, MappedMessage, NewRoom, Portal, PortalKind, PowerLevels},
@@ -40,6 +43,48 @@ mod outgoing;
 
 /// The number of per-chat creation locks kept before the unused ones are dropped.
 const MAX_IDLE_PORTAL_LOCKS: usize = 1024;
+
+/// The longest poll question or option bridged, in characters (longer ones are cut short).
+const MAX_POLL_TEXT: usize = 500;
+
+impl Bridge {
+    fn poll_answers_key(room: &str, event_id: &str) -> String {
+        format!("poll_answers:{room}:{event_id}")
+    }
+
+    /// The answer ids of a poll started on Matrix (event `event_id`), in the order of the
+    /// network's options; `None` for a poll from the network, whose answer ids are the indexes.
+    pub(crate) async fn poll_answer_ids(
+        &self,
+        room: &str,
+        event_id: &str,
+    ) -> Result<Option<Vec<String>>, BridgeError> {
+        let Some(raw) = self
+            .kv
+            .kv_get(&Self::poll_answers_key(room, event_id))
+            .await?
+        else {
+            return Ok(None);
+        };
+        serde_json::from_str(&raw).map(Some).map_err(|e| {
+            crate::store::StoreError::failed(format!("stored poll answers are corrupt: {e}")).into()
+        })
+    }
+
+    /// Keeps the answer ids of a poll started on Matrix, for the votes that come later.
+    pub(crate) async fn set_poll_answer_ids(
+        &self,
+        room: &str,
+        event_id: &str,
+        ids: &[String],
+    ) -> Result<(), BridgeError> {
+        let raw = serde_json::to_string(ids).expect("strings serialize");
+        Ok(self
+            .kv
+            .kv_set(&Self::poll_answers_key(room, event_id), &raw)
+            .await?)
+    }
+}
 
 /// One portal at work: its stored record, its room, and the bridge it belongs to (bridgev2's
 /// `Portal`). What happens in a portal is a method of this: a Matrix event in its room

@@ -3,6 +3,11 @@
 
 use ruma::events::{
     AnyMessageLikeEvent, AnySyncEphemeralRoomEvent,
+    poll::{
+        unstable_end::{UnstablePollEndEvent, UnstablePollEndEventContent},
+        unstable_response::{UnstablePollResponseEvent, UnstablePollResponseEventContent},
+        unstable_start::{UnstablePollStartEvent, UnstablePollStartEventContent},
+    },
     reaction::{ReactionEvent, ReactionEventContent},
     receipt::ReceiptType,
     room::{
@@ -13,6 +18,7 @@ use ruma::events::{
         },
         redaction::RoomRedactionEvent,
     },
+    sticker::{StickerEvent, StickerEventContent},
 };
 
 use super::*;
@@ -70,13 +76,21 @@ impl PortalRef<'_> {
         let sender = ev.sender().as_str();
         let (portal, room) = (&self.record, self.room.as_str());
         let event_id = ev.event_id().as_str();
-        let is_message = matches!(ev, AnyMessageLikeEvent::RoomMessage(_));
+        let is_message = matches!(
+            ev,
+            AnyMessageLikeEvent::RoomMessage(_)
+                | AnyMessageLikeEvent::Sticker(_)
+                | AnyMessageLikeEvent::UnstablePollStart(_)
+        );
         if !matches!(
             ev,
             AnyMessageLikeEvent::RoomMessage(_)
                 | AnyMessageLikeEvent::Reaction(_)
                 | AnyMessageLikeEvent::RoomRedaction(_)
                 | AnyMessageLikeEvent::Sticker(_)
+                | AnyMessageLikeEvent::UnstablePollStart(_)
+                | AnyMessageLikeEvent::UnstablePollResponse(_)
+                | AnyMessageLikeEvent::UnstablePollEnd(_)
         ) {
             return Ok(());
         }
@@ -147,7 +161,37 @@ impl PortalRef<'_> {
                 self.matrix_to_data(&acc, sender, &m.content, relayed_name.as_deref())
                     .await
             }
-            AnyMessageLikeEvent::Sticker(_) => Err("stickers cannot be bridged yet".to_owned()),
+            AnyMessageLikeEvent::UnstablePollStart(UnstablePollStartEvent::Original(p)) => {
+                match &p.content {
+                    UnstablePollStartEventContent::New(c) => {
+                        // Kept before it goes out: votes name answers by these ids.
+                        let ids: Vec<String> =
+                            c.poll_start.answers.iter().map(|a| a.id.clone()).collect();
+                        self.bridge
+                            .set_poll_answer_ids(room, event_id, &ids)
+                            .await?;
+                        poll_to_data(&p.content, relayed_name.as_deref())
+                    }
+                    UnstablePollStartEventContent::Replacement(_) => {
+                        Err("a poll cannot be changed on the network once it is sent.".to_owned())
+                    }
+                    _ => Ok(None),
+                }
+            }
+            // A vote, like a reaction, carries nothing to name a relayed user by.
+            AnyMessageLikeEvent::UnstablePollResponse(_) if relayed_name.is_some() => {
+                return Ok(());
+            }
+            AnyMessageLikeEvent::UnstablePollResponse(UnstablePollResponseEvent::Original(r)) => {
+                Ok(self.vote_to_network(&r.content).await?)
+            }
+            AnyMessageLikeEvent::UnstablePollEnd(UnstablePollEndEvent::Original(e)) => {
+                self.poll_end_to_network(&acc, sender, &e.content).await?
+            }
+            AnyMessageLikeEvent::Sticker(StickerEvent::Original(st)) => {
+                self.sticker_to_data(&acc, &st.content, relayed_name.as_deref())
+                    .await
+            }
             // Redacted before the bridge saw it: nothing to send.
             _ => Ok(None),
         };
@@ -161,7 +205,10 @@ impl PortalRef<'_> {
                 return Ok(());
             }
         };
-        let is_plain_message = matches!(data.body, Some(D::Text(_) | D::Media(_) | D::Location(_)));
+        let is_plain_message = matches!(
+            data.body,
+            Some(D::Text(_) | D::Media(_) | D::Location(_) | D::Poll(_))
+        );
         let sent = acc.send(target, message_id.clone(), data).await;
         if let Err(e) = &sent
             && e.is_transient()
@@ -296,7 +343,6 @@ impl PortalRef<'_> {
         content: &RoomMessageEventContent,
         relayed_name: Option<&str>,
     ) -> Result<Option<Message>, String> {
-        let room = self.room.as_str();
         let in_reply_to = match &content.relates_to {
             Some(Relation::Replacement(r)) => {
                 return self
@@ -314,16 +360,7 @@ impl PortalRef<'_> {
             _ => None,
         };
         let reply_to = match in_reply_to {
-            Some(e) => self
-                .bridge
-                .portals
-                .by_event(room, e.as_str())
-                .await
-                .map_err(|e| e.to_string())?
-                .map(|m| Quote {
-                    message_id: m.message_id,
-                    author: m.sender,
-                }),
+            Some(e) => self.quote_of(e.as_str()).await?,
             None => None,
         };
         let msgtype = &content.msgtype;
@@ -364,6 +401,130 @@ impl PortalRef<'_> {
         };
         Ok(Some(Message {
             body: Some(body),
+            reply_to,
+        }))
+    }
+
+    /// The bridged message behind the poll start `event_id` (`None` if it is not bridged).
+    async fn bridged_poll(&self, event_id: &str) -> Result<Option<MappedMessage>, BridgeError> {
+        Ok(self
+            .bridge
+            .portals
+            .by_event(self.room.as_str(), event_id)
+            .await?
+            .filter(|p| p.part.is_empty()))
+    }
+
+    /// A Matrix poll response as a network vote on the poll it answers (`None` when that poll
+    /// is not bridged): answers by the ids the poll's start gave them, as option indexes.
+    async fn vote_to_network(
+        &self,
+        c: &UnstablePollResponseEventContent,
+    ) -> Result<Option<Message>, BridgeError> {
+        let room = self.room.as_str();
+        let Some(poll) = self.bridged_poll(c.relates_to.event_id.as_str()).await? else {
+            return Ok(None);
+        };
+        let ids = self.bridge.poll_answer_ids(room, &poll.event_id).await?;
+        let mut selections: Vec<u32> = Vec::new();
+        for answer in c.poll_response.answers.iter().take(MAX_POLL_OPTIONS) {
+            let index = match &ids {
+                Some(ids) => ids.iter().position(|id| id == answer),
+                None => answer.parse().ok().filter(|i| *i < MAX_POLL_OPTIONS),
+            };
+            if let Some(i) = index.and_then(|i| u32::try_from(i).ok())
+                && !selections.contains(&i)
+            {
+                selections.push(i);
+            }
+        }
+        Ok(Some(Message {
+            body: Some(D::PollVote(PollVote {
+                target: poll.message_id,
+                target_author: poll.sender,
+                selections,
+            })),
+            reply_to: None,
+        }))
+    }
+
+    /// A Matrix poll's end as the network's, by the poll's author only (`Ok(None)` when the
+    /// poll is not bridged).
+    async fn poll_end_to_network(
+        &self,
+        acc: &Arc<dyn NetAccount>,
+        sender: &str,
+        c: &UnstablePollEndEventContent,
+    ) -> Result<Result<Option<Message>, String>, BridgeError> {
+        let Some(poll) = self.bridged_poll(c.relates_to.event_id.as_str()).await? else {
+            return Ok(Ok(None));
+        };
+        if !is_author(
+            &poll,
+            sender,
+            acc.account_id(),
+            &self.record,
+            self.bridge.matrix.bot_mxid(),
+        ) {
+            return Ok(Err(
+                "only a poll's author can end it on the network; it stays open there.".into(),
+            ));
+        }
+        Ok(Ok(Some(Message {
+            body: Some(D::PollEnd(PollEnd {
+                target: poll.message_id,
+            })),
+            reply_to: None,
+        })))
+    }
+
+    /// The network's quote of the bridged message behind Matrix event `event_id` (`None` if the
+    /// bridge never bridged it).
+    async fn quote_of(&self, event_id: &str) -> Result<Option<Quote>, String> {
+        Ok(self
+            .bridge
+            .portals
+            .by_event(self.room.as_str(), event_id)
+            .await
+            .map_err(|e| e.to_string())?
+            .map(|m| Quote {
+                message_id: m.message_id,
+                author: m.sender,
+            }))
+    }
+
+    /// A Matrix sticker (`m.sticker`) as a network attachment of type sticker, with its image;
+    /// its body (the sticker's description) is not a caption. A reply's quote goes with it.
+    async fn sticker_to_data(
+        &self,
+        acc: &Arc<dyn NetAccount>,
+        c: &StickerEventContent,
+        relayed_name: Option<&str>,
+    ) -> Result<Option<Message>, String> {
+        let px = |v: Option<ruma::UInt>| {
+            v.map_or(0, |v| u32::try_from(u64::from(v)).unwrap_or(u32::MAX))
+        };
+        let source = MediaSource::from(c.source.clone());
+        let media = MatrixMedia {
+            kind: MediaKind::Sticker,
+            body: &c.body,
+            formatted: None,
+            filename: None,
+            source: &source,
+            mimetype: c.info.mimetype.as_deref(),
+            size: c.info.size.map(u64::from),
+            width: px(c.info.width),
+            height: px(c.info.height),
+            duration_ms: 0,
+        };
+        let reply_to = match &c.relates_to {
+            Some(Relation::Reply(r)) => self.quote_of(r.in_reply_to.event_id.as_str()).await?,
+            _ => None,
+        };
+        Ok(Some(Message {
+            body: Some(D::Media(
+                self.media_to_data(acc, &media, relayed_name).await?,
+            )),
             reply_to,
         }))
     }
@@ -522,6 +683,27 @@ impl PortalRef<'_> {
         }
         Ok(())
     }
+}
+
+/// A Matrix poll (MSC3381) as the network's: its question (naming a relayed sender), its
+/// answers' texts in order, and how many a voter may pick.
+fn poll_to_data(
+    c: &UnstablePollStartEventContent,
+    relayed_name: Option<&str>,
+) -> Result<Option<Message>, String> {
+    let block = c.poll_start();
+    let question = match relayed_name {
+        Some(who) => format!("{who}: {}", block.question.text),
+        None => block.question.text.clone(),
+    };
+    Ok(Some(Message {
+        body: Some(D::Poll(Poll {
+            question,
+            options: block.answers.iter().map(|a| a.text.clone()).collect(),
+            max_selections: u32::try_from(u64::from(block.max_selections)).unwrap_or(u32::MAX),
+        })),
+        reply_to: None,
+    }))
 }
 
 /// The parts of a Matrix attachment (`m.image`, `m.video`, `m.audio`, `m.file`) the network
