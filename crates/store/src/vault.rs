@@ -27,13 +27,16 @@ impl VaultStore for SqlStore {
         wrapped: &[u8],
         master_key_id: &str,
     ) -> Result<(), CoreError> {
-        sqlx::query("INSERT INTO vault_key (owner, wrapped, master_key_id) VALUES ($1, $2, $3)")
-            .bind(owner)
-            .bind(wrapped)
-            .bind(master_key_id)
-            .execute(self.pool())
-            .await
-            .db()?;
+        sqlx::query(
+            "INSERT INTO vault_key (owner, wrapped, master_key_id) VALUES ($1, $2, $3) \
+             ON CONFLICT (owner) DO NOTHING",
+        )
+        .bind(owner)
+        .bind(wrapped)
+        .bind(master_key_id)
+        .execute(self.pool())
+        .await
+        .db()?;
         Ok(())
     }
 
@@ -398,11 +401,41 @@ mod tests {
     use crate::{SqlStore, testing};
 
     on_both_databases!(owned
+        two_workers_making_one_owners_key_at_once_share_it,
         commits_of_many_logins_at_once_each_land_whole,
         records_roundtrip_and_shred,
         rotation_rewraps_without_touching_records,
         swapped_records_fail
     );
+
+    /// Two workers on one database make the same owner's data key at the same moment (both
+    /// found none): neither fails, and both use the one stored first, so what one seals the
+    /// other opens. (The second insert failed on the primary key, and a worker starting up
+    /// beside another exited with "duplicate key value violates unique constraint".)
+    async fn two_workers_making_one_owners_key_at_once_share_it(s: SqlStore) {
+        let store: Arc<dyn VaultStore> = Arc::new(s);
+        let master = SecretKey::random();
+        let one = Vault::open(master.clone(), store.clone())
+            .await
+            .expect("vault");
+        let two = Vault::open(master, store).await.expect("vault");
+        for i in 0..20 {
+            let owner = format!("@race{i}:x");
+            let (a, b) = tokio::join!(one.data_key(&owner), two.data_key(&owner));
+            a.expect("first worker's key");
+            b.expect("second worker's key");
+            let sealed = one
+                .seal_record(&owner, "session", "+1555", b"shared")
+                .await
+                .expect("seal");
+            assert_eq!(
+                &two.open_record(&owner, "session", "+1555", &sealed)
+                    .await
+                    .expect("the other worker opens it")[..],
+                b"shared"
+            );
+        }
+    }
 
     /// Many logins commit at the same moment (the group writer takes them together): each
     /// commit lands whole, the last write to a record counts, and a delete in the same batch

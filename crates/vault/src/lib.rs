@@ -231,7 +231,20 @@ impl Vault {
                     .store
                     .put_wrapped_key(owner, &wrapped, &self.inner.master.id())
                     .await?;
-                key
+                // Another worker may have made the owner's key at the same moment: the one
+                // stored first is everyone's.
+                let stored = self
+                    .inner
+                    .store
+                    .wrapped_key(owner)
+                    .await?
+                    .ok_or(VaultError::NoDataKey)?;
+                if stored == wrapped {
+                    key
+                } else {
+                    let raw = self.inner.master.open(&wrap_ad(owner), &stored)?;
+                    SecretKey::from_bytes(&raw).ok_or(VaultError::Open)?
+                }
             }
         };
         cache.insert(owner.to_owned(), key.clone());

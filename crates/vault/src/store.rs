@@ -7,6 +7,8 @@ use mib_core::store::StoreError;
 #[async_trait]
 pub trait VaultStore: Send + Sync {
     async fn wrapped_key(&self, owner: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Stores the owner's wrapped data key unless the owner has one already (made at the same
+    /// moment by another worker on the same database): then the stored one stays.
     async fn put_wrapped_key(
         &self,
         owner: &str,
