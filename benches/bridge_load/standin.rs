@@ -79,6 +79,7 @@ pub(crate) async fn hs_handler(
         | ("POST", ["_matrix", "client", "v3", "join", _]) => "join",
         ("PUT", ["_matrix", "client", "v3", "rooms", _, "send", ..]) => "send",
         ("GET", ["_matrix", "client", "v3", "rooms", _, "joined_members"]) => "joined_members",
+        ("PUT", ["_matrix", "client", "v3", "rooms", _, "state", ..]) => "state",
         _ => "other",
     };
     *st.routes
@@ -142,6 +143,10 @@ pub(crate) async fn hs_handler(
             json!({"event_id": event_id})
         }
         ("joined_members", _) => json!({"joined": {}}),
+        // The personal spaces' children, and other room state.
+        ("state", _) => json!({
+            "event_id": format!("$benchstate{}", st.events.fetch_add(1, Ordering::Relaxed))
+        }),
         _ => json!({}),
     };
     Json(out).into_response()
