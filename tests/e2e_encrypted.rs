@@ -82,6 +82,32 @@ async fn encrypted_dm_portal_end_to_end() {
         jpg
     );
 
+    // A poll both ways through Megolm.
+    alice.call(
+        json!({"cmd": "send_event", "room_id": room, "type": "org.matrix.msc3381.poll.start",
+        "content": {"org.matrix.msc3381.poll.start": {
+            "question": {"org.matrix.msc1767.text": "Secret ballot?"},
+            "kind": "org.matrix.msc3381.poll.undisclosed", "max_selections": 1,
+            "answers": [{"id": "y", "org.matrix.msc1767.text": "aye"},
+                        {"id": "n", "org.matrix.msc1767.text": "nay"}]},
+            "org.matrix.msc1767.text": "Secret ballot?"}}),
+    );
+    let m = node.event("encrypted poll at the contact", |v| {
+        v["event"] == "message" && v["content"]["poll"]["question"] == "Secret ballot?"
+    });
+    assert_eq!(m["content"]["poll"]["options"], json!(["aye", "nay"]));
+    node.call(json!({"cmd": "send", "to": account,
+        "content": {"poll": {"question": "Lunch?", "options": ["pizza", "soup"]}}}));
+    let p = wait_for(
+        &mut alice,
+        json!({"room_id": room, "sender": ghost, "type": "org.matrix.msc3381.poll.start"}),
+    );
+    assert_eq!(p["decrypted"], true, "{p}");
+    assert_eq!(
+        p["content"]["org.matrix.msc3381.poll.start"]["answers"][1]["org.matrix.msc1767.text"],
+        "soup"
+    );
+
     // A new device of the user, added mid-conversation, reads new messages.
     let mut tablet = nio(&env, "alice", "ALICETABLET");
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
