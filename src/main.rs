@@ -376,6 +376,9 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
     };
     let worker = tokio::spawn(worker.run(shutdown_rx.clone()));
     tokio::spawn(catch_up.run(shutdown_rx.clone()));
+    // Disappearing messages: the schedule is in the database; with several workers each
+    // looks at it (a second redaction of the same event changes nothing).
+    tokio::spawn(bridge.clone().run_disappearing());
     let leases = match &cluster {
         Some(c) => {
             tracing::info!(worker = %c.worker_id(), "one worker of several: logins are taken by lease");

@@ -994,3 +994,85 @@ async fn relay_mode_bridges_users_without_a_login() {
     });
     assert!(bob.joined_members(&room).await.contains(&ghost));
 }
+
+/// The Matrix event `event_id` of `room` has been redacted (its content is gone).
+async fn wait_redacted(user: &MatrixUser, room: &str, event_id: &str) {
+    user.wait_for(room, "a redaction", |e| {
+        e["event_id"] == json!(event_id) && e["content"].as_object().is_some_and(|c| c.is_empty())
+    })
+    .await;
+}
+
+/// Disappearing messages against Synapse and an official-libsignal contact: the portal's owner
+/// sets the timer with the bot, the contact hears of it and the room shows it as state;
+/// messages both ways carry it and are redacted on Matrix once it has run out, across a
+/// restart of the bridge; the contact turns it off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disappearing_messages_both_ways() {
+    let mut env = BridgeEnv::start("").await;
+    let alice = env.synapse.user("alice").await;
+    let (mgmt, my_account) = login(&alice).await;
+    let mut node = env.node();
+    let ghost = ghost_of(&node.account);
+    let room = start_chat(&alice, &mgmt, &node.account).await;
+
+    alice
+        .send_text(&room, "!interop disappearing-timer 5s")
+        .await;
+    alice
+        .wait_for(
+            &room,
+            "the timer is set",
+            from_bot("set disappearing messages to 5 seconds"),
+        )
+        .await;
+    let t = node.event("the timer", |v| {
+        v["event"] == "message" && v["content"]["timer"].is_object()
+    });
+    assert_eq!(t["content"]["timer"]["seconds"], 5);
+    let (s, state) = alice
+        .call(
+            reqwest::Method::GET,
+            &format!("/_matrix/client/v3/rooms/{room}/state/com.beeper.disappearing_timer/"),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{state}");
+    assert_eq!(state, json!({"type": "after_send", "timer": 5000}));
+
+    let mine = alice.send_text(&room, "self-destructing").await;
+    let m = node.event("a text under the timer", |v| {
+        v["event"] == "message" && v["content"]["text"]["body"] == "self-destructing"
+    });
+    assert_eq!(m["content"]["expire_timer"], 5, "{m}");
+    node.call(json!({"cmd": "send", "to": my_account,
+        "content": {"text": {"body": "poof"}, "expire_timer": 5}}));
+    let theirs = alice
+        .wait_for(
+            &room,
+            "the contact's text",
+            by(&ghost, |e| e["content"]["body"] == "poof"),
+        )
+        .await;
+    let theirs = theirs["event_id"].as_str().expect("id").to_owned();
+
+    // The bridge restarts before they are due: the schedule is kept.
+    env.bridge.stop();
+    env.bridge = env.setup.start().await;
+    wait_redacted(&alice, &room, &mine).await;
+    wait_redacted(&alice, &room, &theirs).await;
+
+    node.call(json!({"cmd": "send", "to": my_account, "content": {"timer": {"seconds": 0}}}));
+    alice
+        .wait_for(
+            &room,
+            "the timer is off",
+            from_bot("turned disappearing messages off"),
+        )
+        .await;
+    alice.send_text(&room, "this one stays").await;
+    let m = node.event("a text without the timer", |v| {
+        v["event"] == "message" && v["content"]["text"]["body"] == "this one stays"
+    });
+    assert_eq!(m["content"]["expire_timer"], 0);
+}

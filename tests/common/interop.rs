@@ -187,6 +187,7 @@ pub fn text(s: &str) -> DataMessage {
             formats: vec![],
         })),
         reply_to: None,
+        expire_timer: 0,
     }
 }
 

@@ -188,6 +188,13 @@ pub const COMMANDS: &[CommandSpec] = &[
         available: true,
     },
     CommandSpec {
+        name: "disappearing-timer",
+        args: "[off|30s|5m|1h|1d|1w]",
+        help: "In a portal: show, set or turn off its disappearing-message timer (messages disappear that long after they are sent, on both sides).",
+        level: PermissionLevel::User,
+        available: true,
+    },
+    CommandSpec {
         name: "sync-portal",
         args: "",
         help: "In a portal: refresh its name, avatar and members (or the contact's profile) from the network.",
@@ -323,6 +330,10 @@ impl Bridge {
             "unset-relay" => self.cmd_relay(room_id, sender, level, false).await,
             "delete-portal" => self.cmd_delete_portal(room_id, sender, level).await,
             "sync-portal" => self.cmd_sync_portal(room_id, sender, level).await,
+            "disappearing-timer" => {
+                self.cmd_disappearing_timer(room_id, sender, level, &args.join(" "))
+                    .await
+            }
             "set-management-room" => self.cmd_set_management_room(room_id, sender).await,
             "delete-all-portals" if !self.is_management_room(room_id, sender).await => {
                 CommandOutcome::text(
@@ -918,6 +929,56 @@ impl Bridge {
         match self.refresh_portal(&portal, &acc).await {
             Ok(()) => CommandOutcome::text("Portal refreshed from the network."),
             Err(e) => CommandOutcome::text(format!("Cannot refresh the portal: {e}")),
+        }
+    }
+
+    /// Shows the portal's disappearing-message timer, or sets it on both sides: the contact
+    /// (or group) hears of it from the owner's login, then the room.
+    async fn cmd_disappearing_timer(
+        &self,
+        room_id: &str,
+        sender: &str,
+        level: PermissionLevel,
+        args: &str,
+    ) -> CommandOutcome {
+        use super::portal::disappear::{describe_timer, parse_timer, timer_text};
+        let portal = match self.portal_for(room_id, sender, level, "change").await {
+            Ok(p) => p,
+            Err(answer) => return answer,
+        };
+        if args.trim().is_empty() {
+            return match self.portals.disappear_timer(room_id).await {
+                Ok(s) => {
+                    CommandOutcome::text(format!("Disappearing messages: {}.", describe_timer(s)))
+                }
+                Err(e) => CommandOutcome::text(format!("Cannot read the timer: {e}")),
+            };
+        }
+        let Some(seconds) = parse_timer(args) else {
+            return CommandOutcome::text(
+                "Give `off` or a time such as `30s`, `5m`, `1h`, `1d` or `1w` (at most a year).",
+            );
+        };
+        let Some(acc) = self.network.account(portal.receiver.as_str()) else {
+            return CommandOutcome::text("The login of this chat is not running.");
+        };
+        let Ok(Some(p)) = self.portal_in(room_id).await else {
+            return CommandOutcome::text("This portal has no room.");
+        };
+        let change = super::model::Message {
+            body: Some(super::model::Body::Timer(super::model::Timer { seconds })),
+            reply_to: None,
+            expire_timer: seconds,
+        };
+        let id = uuid::Uuid::new_v4().to_string();
+        if let Err(e) = acc.send(p.target(), id, change).await {
+            return CommandOutcome::text(format!("The network did not take the timer: {e}"));
+        }
+        match p.set_timer(seconds).await {
+            Ok(()) => CommandOutcome::text(timer_text(sender, seconds)),
+            Err(e) => CommandOutcome::text(format!(
+                "The timer was sent, but the room could not be updated: {e}"
+            )),
         }
     }
 

@@ -193,6 +193,15 @@ pub trait MatrixConnector: Send + Sync {
         content: ruma::events::AnyStateEventContent,
         state_key: &str,
     ) -> Result<String, BridgeError>;
+    /// Sets state of a type ruma does not model (`com.beeper.disappearing_timer`).
+    async fn send_state_json(
+        &self,
+        room_id: &str,
+        as_user: &str,
+        event_type: &str,
+        state_key: &str,
+        content: Value,
+    ) -> Result<String, BridgeError>;
     async fn redact(&self, room_id: &str, as_user: &str, event_id: &str)
     -> Result<(), BridgeError>;
     async fn read_receipt(

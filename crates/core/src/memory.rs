@@ -30,6 +30,9 @@ struct Data {
     leases: BTreeMap<String, Lease>,
     pending: HashMap<String, String>,
     kv: HashMap<String, String>,
+    timers: HashMap<String, u32>,
+    /// (room, event) → when it disappears.
+    disappearing: BTreeMap<(String, String), i64>,
 }
 
 /// Logins, portals, ghosts, the message map, management rooms and message requests in memory.
@@ -218,6 +221,55 @@ impl PortalStore for MemoryStore {
         self.data()
             .map
             .retain(|m| !(m.room_id == room_id && m.event_id == event_id));
+        Ok(())
+    }
+
+    async fn disappear_timer(&self, room_id: &str) -> Result<u32, StoreError> {
+        Ok(self.data().timers.get(room_id).copied().unwrap_or(0))
+    }
+
+    async fn set_disappear_timer(&self, room_id: &str, seconds: u32) -> Result<(), StoreError> {
+        self.data().timers.insert(room_id.to_owned(), seconds);
+        Ok(())
+    }
+
+    async fn disappear_at(
+        &self,
+        room_id: &str,
+        event_id: &str,
+        due_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.data()
+            .disappearing
+            .entry((room_id.to_owned(), event_id.to_owned()))
+            .or_insert(due_ms);
+        Ok(())
+    }
+
+    async fn due_to_disappear(
+        &self,
+        now_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let d = self.data();
+        let mut due: Vec<(i64, (String, String))> = d
+            .disappearing
+            .iter()
+            .filter(|(_, at)| **at <= now_ms)
+            .map(|(k, at)| (*at, k.clone()))
+            .collect();
+        due.sort();
+        Ok(due
+            .into_iter()
+            .take(limit as usize)
+            .map(|(_, k)| k)
+            .collect())
+    }
+
+    async fn disappeared(&self, room_id: &str, event_id: &str) -> Result<(), StoreError> {
+        self.data()
+            .disappearing
+            .remove(&(room_id.to_owned(), event_id.to_owned()));
         Ok(())
     }
 }

@@ -10,6 +10,9 @@ pub struct Message {
     /// `None` for content this bridge does not know (a newer client's message type).
     pub body: Option<Body>,
     pub reply_to: Option<Quote>,
+    /// The chat's disappearing-message timer as the sender knows it, in seconds (0: off): the
+    /// message disappears that long after it was sent.
+    pub expire_timer: u32,
 }
 
 /// What a message carries.
@@ -25,6 +28,14 @@ pub enum Body {
     Poll(Poll),
     PollVote(PollVote),
     PollEnd(PollEnd),
+    Timer(Timer),
+}
+
+/// Sets the chat's disappearing-message timer: messages disappear `seconds` after they were
+/// sent (0 turns it off).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Timer {
+    pub seconds: u32,
 }
 
 /// The message a reply answers, by its network id and author.

@@ -77,6 +77,26 @@ pub trait PortalStore: Send + Sync {
         event_id: &str,
     ) -> Result<Option<MappedMessage>, StoreError>;
     async fn unmap_event(&self, room_id: &str, event_id: &str) -> Result<(), StoreError>;
+
+    /// The disappearing-message timer of the portal in `room_id`, in seconds (0: off).
+    async fn disappear_timer(&self, room_id: &str) -> Result<u32, StoreError>;
+    async fn set_disappear_timer(&self, room_id: &str, seconds: u32) -> Result<(), StoreError>;
+    /// Has the Matrix event redacted at `due_ms` (ms since the epoch); a second call for the
+    /// same event keeps the earlier time.
+    async fn disappear_at(
+        &self,
+        room_id: &str,
+        event_id: &str,
+        due_ms: i64,
+    ) -> Result<(), StoreError>;
+    /// Up to `limit` events due at `now_ms`, the earliest first, as (room, event).
+    async fn due_to_disappear(
+        &self,
+        now_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<(String, String)>, StoreError>;
+    /// The event is gone (or can never be redacted): it leaves the schedule.
+    async fn disappeared(&self, room_id: &str, event_id: &str) -> Result<(), StoreError>;
 }
 
 #[async_trait]

@@ -158,6 +158,17 @@ impl MatrixConnector for FakeMatrix {
     ) -> Result<String, BridgeError> {
         let event_type = ruma::events::StateEventContent::event_type(&content).to_string();
         let content = serde_json::to_value(&content).expect("serializable");
+        self.send_state_json(room_id, as_user, &event_type, state_key, content)
+            .await
+    }
+    async fn send_state_json(
+        &self,
+        room_id: &str,
+        as_user: &str,
+        event_type: &str,
+        state_key: &str,
+        content: Value,
+    ) -> Result<String, BridgeError> {
         let n = self.record(
             "send_state",
             json!({"room": room_id, "as": as_user, "type": event_type, "state_key": state_key, "content": content}),
@@ -530,6 +541,7 @@ impl Harness {
             data: Message {
                 body: Some(body),
                 reply_to: None,
+                expire_timer: 0,
             },
         };
         self.bridge.on_network_event(ALICE, &ev).await
@@ -1669,6 +1681,7 @@ async fn network_attachments_become_complete_matrix_content() {
                     message_id: "bob-voice".into(),
                     author: BOB_ACC.into(),
                 }),
+                expire_timer: 0,
             },
             envelope_id: 0,
         };
@@ -2433,4 +2446,147 @@ async fn polls_go_both_ways_with_votes_by_option() {
         refused.iter().any(|b| b.contains("A poll was not bridged")),
         "{refused:?}"
     );
+}
+
+/// Disappearing messages: the owner sets a portal's timer (the network hears of it, the room
+/// shows it as state); messages both ways then carry it and are scheduled, in the store, for
+/// redaction that long after they were sent; due ones are redacted by the bot, once. A timer
+/// from the network does the same, and `off` stops it.
+#[tokio::test]
+async fn disappearing_messages_follow_the_timer_both_ways() {
+    use super::model::Timer;
+    let h = Harness::new().await;
+    let (room, _) = dm_with_alices_message(&h).await;
+    h.matrix.clear();
+    let out = h
+        .bridge
+        .run_command(&room, ALICE, "disappearing-timer 1h")
+        .await
+        .body;
+    assert!(out.contains("set disappearing messages to 1 hour"), "{out}");
+    let sent = h.alice.sent.lock().unwrap().last().cloned().expect("sent");
+    assert_eq!(sent.2.body, Some(D::Timer(Timer { seconds: 3600 })));
+    let state = h.matrix.calls_of("send_state");
+    assert_eq!(state[0]["type"], "com.beeper.disappearing_timer");
+    assert_eq!(
+        state[0]["content"],
+        json!({"type": "after_send", "timer": 3_600_000})
+    );
+    assert!(
+        h.bridge
+            .run_command(&room, ALICE, "disappearing-timer")
+            .await
+            .body
+            .contains("1 hour")
+    );
+    assert!(
+        h.bridge
+            .run_command(&room, "@eve:x", "disappearing-timer off")
+            .await
+            .body
+            .contains("Only the owner"),
+        "a stranger cannot change it"
+    );
+
+    // Both directions carry it and are scheduled.
+    let before = super::now_ms() as i64;
+    h.matrix_event(
+        &room,
+        ALICE,
+        "$mine",
+        "m.room.message",
+        matrix_text("gone soon"),
+    )
+    .await
+    .unwrap();
+    let sent = h.alice.sent.lock().unwrap().last().cloned().expect("sent");
+    assert_eq!(sent.2.expire_timer, 3600);
+    let bob_ts = super::now_ms() - 1000;
+    let ev = NetEvent::Message {
+        from: BOB_ACC.into(),
+        group: None,
+        message_id: "bob-brief".into(),
+        timestamp: bob_ts,
+        data: Message {
+            body: Some(text("brief")),
+            reply_to: None,
+            expire_timer: 60,
+        },
+        envelope_id: 0,
+    };
+    h.bridge.on_network_event(ALICE, &ev).await.unwrap();
+    let bobs = h.event_of(&room, "bob-brief").await;
+    let due = |at: i64| {
+        let store = h.store.clone();
+        async move { store.due_to_disappear(at, 10).await.unwrap() }
+    };
+    assert!(due(before).await.is_empty(), "nothing due yet");
+    assert_eq!(
+        due(bob_ts as i64 + 60_000).await,
+        [(room.clone(), bobs.clone())],
+        "the contact's goes a minute after it was sent"
+    );
+    assert_eq!(due(before + 3_700_000).await.len(), 2);
+
+    // Due ones are redacted by the bot, and only once.
+    assert_eq!(
+        h.bridge.redact_due(bob_ts + 60_000).await.unwrap(),
+        1,
+        "only the contact's is due"
+    );
+    assert_eq!(
+        h.bridge
+            .redact_due(super::now_ms() + 3_700_000)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        h.bridge
+            .redact_due(super::now_ms() + 3_700_000)
+            .await
+            .unwrap(),
+        0
+    );
+    let redacted: Vec<Value> = h
+        .matrix
+        .calls_of("redact")
+        .iter()
+        .map(|r| r["event"].clone())
+        .collect();
+    assert_eq!(redacted, [json!(bobs), json!("$mine")]);
+    assert!(
+        h.matrix
+            .calls_of("redact")
+            .iter()
+            .all(|r| r["as"] == json!(h.bridge.matrix.bot_mxid()))
+    );
+
+    // The contact turns it off: the room hears of it, and new messages stay.
+    h.net_message(BOB_ACC, None, "bob-off", D::Timer(Timer { seconds: 0 }))
+        .await
+        .unwrap();
+    assert!(
+        h.notices()
+            .iter()
+            .any(|n| n.contains("turned disappearing messages off")),
+        "{:?}",
+        h.notices()
+    );
+    assert_eq!(
+        h.matrix.calls_of("send_state").last().unwrap()["content"],
+        json!({})
+    );
+    h.matrix_event(
+        &room,
+        ALICE,
+        "$stays",
+        "m.room.message",
+        matrix_text("stays"),
+    )
+    .await
+    .unwrap();
+    let sent = h.alice.sent.lock().unwrap().last().cloned().expect("sent");
+    assert_eq!(sent.2.expire_timer, 0);
+    assert!(due(i64::MAX).await.is_empty());
 }

@@ -657,6 +657,7 @@ mod tests {
             data: DataMessage {
                 body: Some(body),
                 reply_to: None,
+                expire_timer: 0,
             },
         }
     }

@@ -7,7 +7,7 @@ use prost::Message as _;
 
 use mib_core::model::{
     Body, ContactCard, Delete, Edit, Format, Location, Media, MediaKind, Message, Poll, PollEnd,
-    PollVote, Quote, Reaction, Style, Text,
+    PollVote, Quote, Reaction, Style, Text, Timer,
 };
 use mib_wire::content::{self as pb, data_message::Body as PbBody, format::Style as PbStyle};
 
@@ -51,11 +51,13 @@ pub fn to_model(m: pb::DataMessage) -> Message {
                 selections: v.selections,
             }),
             PbBody::PollEnd(e) => Body::PollEnd(PollEnd { target: e.target }),
+            PbBody::Timer(t) => Body::Timer(Timer { seconds: t.seconds }),
         }),
         reply_to: m.reply_to.map(|q| Quote {
             message_id: q.message_id,
             author: q.author,
         }),
+        expire_timer: m.expire_timer,
     }
 }
 
@@ -103,11 +105,13 @@ pub fn to_wire(m: &Message) -> pb::DataMessage {
             Body::PollEnd(e) => PbBody::PollEnd(pb::PollEnd {
                 target: e.target.clone(),
             }),
+            Body::Timer(t) => PbBody::Timer(pb::Timer { seconds: t.seconds }),
         }),
         reply_to: m.reply_to.as_ref().map(|q| pb::Quote {
             message_id: q.message_id.clone(),
             author: q.author.clone(),
         }),
+        expire_timer: m.expire_timer,
     }
 }
 
@@ -308,6 +312,7 @@ mod tests {
             Body::PollEnd(PollEnd {
                 target: "m4".into(),
             }),
+            Body::Timer(Timer { seconds: 86_400 }),
             Body::Contact(ContactCard {
                 display_name: "Carol".into(),
                 phone_numbers: vec!["+15550009999".into()],
@@ -339,6 +344,7 @@ mod tests {
                     message_id: "q".into(),
                     author: "+15550002222".into(),
                 }),
+                expire_timer: 3600,
             };
             assert_eq!(decode(&encode(&m)).expect("decodes"), m);
         }

@@ -18,7 +18,7 @@ use ruma::{
         StateEventContent, room::MediaSource,
     },
 };
-use serde_json::json;
+use serde_json::{Value, json};
 
 use mib_core::{BridgeError, MatrixConnector, types::NewRoom};
 
@@ -286,12 +286,24 @@ impl MatrixConnector for MatrixSide {
         state_key: &str,
     ) -> Result<String, BridgeError> {
         let (event_type, content) = state_json(&content)?;
+        self.send_state_json(room_id, as_user, &event_type, state_key, content)
+            .await
+    }
+
+    async fn send_state_json(
+        &self,
+        room_id: &str,
+        as_user: &str,
+        event_type: &str,
+        state_key: &str,
+        content: Value,
+    ) -> Result<String, BridgeError> {
         Ok(self
             .client
             .send_state(
                 &room(room_id)?,
                 &user(as_user)?,
-                &event_type,
+                event_type,
                 state_key,
                 &content,
             )

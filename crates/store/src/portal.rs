@@ -467,6 +467,75 @@ impl PortalStore for SqlStore {
             .db()?;
         Ok(())
     }
+
+    async fn disappear_timer(&self, room_id: &str) -> Result<u32, CoreError> {
+        let seconds: Option<i64> =
+            sqlx::query_scalar("SELECT seconds FROM disappear_timer WHERE room_id = $1")
+                .bind(room_id)
+                .fetch_optional(self.pool())
+                .await
+                .db()?;
+        Ok(seconds.map_or(0, |s| u32::try_from(s).unwrap_or(u32::MAX)))
+    }
+
+    async fn set_disappear_timer(&self, room_id: &str, seconds: u32) -> Result<(), CoreError> {
+        sqlx::query(
+            "INSERT INTO disappear_timer (room_id, seconds) VALUES ($1, $2) \
+             ON CONFLICT (room_id) DO UPDATE SET seconds = excluded.seconds",
+        )
+        .bind(room_id)
+        .bind(i64::from(seconds))
+        .execute(self.pool())
+        .await
+        .db()?;
+        Ok(())
+    }
+
+    async fn disappear_at(
+        &self,
+        room_id: &str,
+        event_id: &str,
+        due_ms: i64,
+    ) -> Result<(), CoreError> {
+        sqlx::query(
+            "INSERT INTO disappearing (room_id, event_id, due_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (room_id, event_id) DO NOTHING",
+        )
+        .bind(room_id)
+        .bind(event_id)
+        .bind(due_ms)
+        .execute(self.pool())
+        .await
+        .db()?;
+        Ok(())
+    }
+
+    async fn due_to_disappear(
+        &self,
+        now_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<(String, String)>, CoreError> {
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT room_id, event_id FROM disappearing WHERE due_at <= $1 \
+             ORDER BY due_at LIMIT $2",
+        )
+        .bind(now_ms)
+        .bind(i64::from(limit))
+        .fetch_all(self.pool())
+        .await
+        .db()?;
+        Ok(rows)
+    }
+
+    async fn disappeared(&self, room_id: &str, event_id: &str) -> Result<(), CoreError> {
+        sqlx::query("DELETE FROM disappearing WHERE room_id = $1 AND event_id = $2")
+            .bind(room_id)
+            .bind(event_id)
+            .execute(self.pool())
+            .await
+            .db()?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

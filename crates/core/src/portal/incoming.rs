@@ -275,6 +275,12 @@ impl PortalRef<'_> {
             Some(D::Reaction(r)) => return self.reaction(&from_net, r).await,
             Some(D::PollVote(v)) => return self.poll_vote(&from_net, v).await,
             Some(D::PollEnd(e)) => return self.poll_end(&from_net, e).await,
+            Some(D::Timer(t)) => {
+                let seconds = t.seconds.min(disappear::MAX_TIMER_S);
+                self.set_timer(seconds).await?;
+                self.notice(&disappear::timer_text(from, seconds)).await?;
+                return self.map("", message_id, from, &sender, "timer").await;
+            }
             Some(D::Poll(p)) => match poll_start(p) {
                 Ok(start) => {
                     let ev = self
@@ -288,7 +294,10 @@ impl PortalRef<'_> {
                             ts,
                         )
                         .await?;
-                    return self.map(&ev, message_id, from, &sender, "").await;
+                    self.map(&ev, message_id, from, &sender, "").await?;
+                    return self
+                        .disappear_later(&ev, ts.unwrap_or_else(crate::now_ms), data.expire_timer)
+                        .await;
                 }
                 Err(why) => {
                     self.bridge.metrics.refused("interop_poll_invalid");
@@ -333,7 +342,10 @@ impl PortalRef<'_> {
             .matrix
             .send_message(room, &sender, content, &txn, ts)
             .await?;
-        self.map(&ev, message_id, from, &sender, "").await
+        self.map(&ev, message_id, from, &sender, "").await?;
+        // It disappears that long after it was sent (a backlog's may go at once).
+        self.disappear_later(&ev, ts.unwrap_or_else(crate::now_ms), data.expire_timer)
+            .await
     }
 
     /// The bridged message `target` that an edit or a deletion from the network is about, when

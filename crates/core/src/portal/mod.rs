@@ -38,6 +38,7 @@ impl From<NetError> for BridgeError {
 }
 
 mod chatinfo;
+pub(crate) mod disappear;
 mod incoming;
 mod outgoing;
 
@@ -114,7 +115,7 @@ impl<'a> PortalRef<'a> {
     }
 
     /// Where the portal sends: the contact (a DM) or the group.
-    fn target(&self) -> NetTarget {
+    pub(crate) fn target(&self) -> NetTarget {
         match self.record.kind {
             PortalKind::Dm => NetTarget::Contact(self.record.chat_id.clone()),
             PortalKind::Group => NetTarget::Group(self.record.chat_id.clone()),

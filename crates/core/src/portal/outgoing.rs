@@ -195,7 +195,7 @@ impl PortalRef<'_> {
             // Redacted before the bridge saw it: nothing to send.
             _ => Ok(None),
         };
-        let data = match converted {
+        let mut data = match converted {
             Ok(Some(d)) => d,
             Ok(None) => return Ok(()),
             Err(reason) => {
@@ -209,6 +209,10 @@ impl PortalRef<'_> {
             data.body,
             Some(D::Text(_) | D::Media(_) | D::Location(_) | D::Poll(_))
         );
+        // Everything sent into a chat with a timer carries it: the contact's client deletes
+        // the message then, as the bridge redacts it here.
+        let timer = self.bridge.portals.disappear_timer(room).await?;
+        data.expire_timer = timer;
         let sent = acc.send(target, message_id.clone(), data).await;
         if let Err(e) = &sent
             && e.is_transient()
@@ -226,6 +230,8 @@ impl PortalRef<'_> {
         }
         if is_plain_message {
             self.map(event_id, &message_id, &me, sender, "").await?;
+            self.disappear_later(event_id, crate::now_ms(), timer)
+                .await?;
         }
         self.bridged(event_id).await;
         self.bridge
@@ -268,6 +274,7 @@ impl PortalRef<'_> {
                 target_author: t.sender,
             })),
             reply_to: None,
+            expire_timer: 0,
         }))
     }
 
@@ -304,6 +311,7 @@ impl PortalRef<'_> {
                     target_author: String::new(),
                 })),
                 reply_to: None,
+                expire_timer: 0,
             }
         } else if t.part.is_empty() {
             Message {
@@ -311,6 +319,7 @@ impl PortalRef<'_> {
                     target: t.message_id,
                 })),
                 reply_to: None,
+                expire_timer: 0,
             }
         } else {
             return Ok(None);
@@ -402,6 +411,7 @@ impl PortalRef<'_> {
         Ok(Some(Message {
             body: Some(body),
             reply_to,
+            expire_timer: 0,
         }))
     }
 
@@ -445,6 +455,7 @@ impl PortalRef<'_> {
                 selections,
             })),
             reply_to: None,
+            expire_timer: 0,
         }))
     }
 
@@ -475,6 +486,7 @@ impl PortalRef<'_> {
                 target: poll.message_id,
             })),
             reply_to: None,
+            expire_timer: 0,
         })))
     }
 
@@ -526,6 +538,7 @@ impl PortalRef<'_> {
                 self.media_to_data(acc, &media, relayed_name).await?,
             )),
             reply_to,
+            expire_timer: 0,
         }))
     }
 
@@ -569,6 +582,7 @@ impl PortalRef<'_> {
                 text: Some(matrix_text(new, relayed_name)),
             })),
             reply_to: None,
+            expire_timer: 0,
         }))
     }
 
@@ -703,6 +717,7 @@ fn poll_to_data(
             max_selections: u32::try_from(u64::from(block.max_selections)).unwrap_or(u32::MAX),
         })),
         reply_to: None,
+        expire_timer: 0,
     }))
 }
 
