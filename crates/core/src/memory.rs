@@ -33,6 +33,8 @@ struct Data {
     timers: HashMap<String, u32>,
     /// (room, event) → when it disappears.
     disappearing: BTreeMap<(String, String), i64>,
+    /// Tests: the next `disappear_at` fails as a database that went away would.
+    fail_next_schedule: bool,
 }
 
 /// Logins, portals, ghosts, the message map, management rooms and message requests in memory.
@@ -42,6 +44,12 @@ pub struct MemoryStore(Mutex<Data>);
 impl MemoryStore {
     fn data(&self) -> MutexGuard<'_, Data> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes the next scheduling of a disappearing message fail as if the database had gone
+    /// away (for tests of what a failure between two writes leaves behind).
+    pub fn fail_next_schedule(&self) {
+        self.data().fail_next_schedule = true;
     }
 }
 
@@ -239,8 +247,11 @@ impl PortalStore for MemoryStore {
         event_id: &str,
         due_ms: i64,
     ) -> Result<(), StoreError> {
-        self.data()
-            .disappearing
+        let mut d = self.data();
+        if std::mem::take(&mut d.fail_next_schedule) {
+            return Err(StoreError::unavailable("the database went away"));
+        }
+        d.disappearing
             .entry((room_id.to_owned(), event_id.to_owned()))
             .or_insert(due_ms);
         Ok(())

@@ -294,10 +294,9 @@ impl PortalRef<'_> {
                             ts,
                         )
                         .await?;
-                    self.map(&ev, message_id, from, &sender, "").await?;
-                    return self
-                        .disappear_later(&ev, ts.unwrap_or_else(crate::now_ms), data.expire_timer)
-                        .await;
+                    self.disappear_later(&ev, ts.unwrap_or_else(crate::now_ms), data.expire_timer)
+                        .await?;
+                    return self.map(&ev, message_id, from, &sender, "").await;
                 }
                 Err(why) => {
                     self.bridge.metrics.refused("interop_poll_invalid");
@@ -342,10 +341,13 @@ impl PortalRef<'_> {
             .matrix
             .send_message(room, &sender, content, &txn, ts)
             .await?;
-        self.map(&ev, message_id, from, &sender, "").await?;
-        // It disappears that long after it was sent (a backlog's may go at once).
+        // It disappears that long after it was sent (a backlog's may go at once). Scheduled
+        // before it is mapped: a message found in the map counts as bridged and is not
+        // handled again, so a schedule written after the map could be lost to a failure
+        // between the two.
         self.disappear_later(&ev, ts.unwrap_or_else(crate::now_ms), data.expire_timer)
-            .await
+            .await?;
+        self.map(&ev, message_id, from, &sender, "").await
     }
 
     /// The bridged message `target` that an edit or a deletion from the network is about, when
