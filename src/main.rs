@@ -471,6 +471,7 @@ fn assemble(
     let network = InteropNetwork::new(
         signal_rt,
         gateway,
+        cfg.interop.account_options(),
         vault.clone(),
         vault_store,
         metrics.logins.clone(),

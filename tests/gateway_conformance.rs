@@ -1312,20 +1312,52 @@ async fn s8_1_sizes_are_checked_before_signatures_and_nothing_is_stored() {
 }
 
 #[tokio::test]
-async fn s8_1_first_upload_without_signed_or_last_resort_key_is_bad_request() {
+async fn s8_1_first_upload_without_signed_key_or_with_kyber_but_no_last_resort_is_bad_request() {
     let gw = TestGateway::start().await;
     let c = client(&gw).await;
-    let (mut up, _) = keys(1, 0);
-    up.kyber_last_resort = None;
-    assert_eq!(
-        code(c.conn.request(Body::UploadKeys(up)).await),
-        ErrorCode::BadRequest
-    );
     let (mut up, _) = keys(1, 0);
     up.signed_prekey = None;
     assert_eq!(
         code(c.conn.request(Body::UploadKeys(up)).await),
         ErrorCode::BadRequest
+    );
+    let (mut up, _) = keys(1, 2);
+    up.kyber_last_resort = None;
+    assert_eq!(
+        code(c.conn.request(Body::UploadKeys(up)).await),
+        ErrorCode::BadRequest
+    );
+}
+
+/// An X3DH-era client uploads no Kyber keys at all: accepted, and its bundles carry no Kyber
+/// prekey; nobody is pushed about missing Kyber keys.
+#[tokio::test]
+async fn s8_1_an_account_without_kyber_keys_has_bundles_without_one() {
+    let gw = TestGateway::start().await;
+    let a = client(&gw).await;
+    let mut b = client(&gw).await;
+    let (mut up, _) = keys(20, 0);
+    up.kyber_last_resort = None;
+    assert_eq!(
+        counts(b.conn.request(Body::UploadKeys(up)).await.expect("upload")),
+        (20, 0)
+    );
+    let bundle = match a
+        .conn
+        .request(Body::FetchBundle(pb::FetchBundle {
+            account: b.account.clone(),
+        }))
+        .await
+        .expect("bundle")
+    {
+        Body::Bundle(bundle) => bundle,
+        other => panic!("{other:?}"),
+    };
+    assert!(bundle.kyber_prekey.is_none());
+    assert!(bundle.one_time_prekey.is_some() && bundle.signed_prekey.is_some());
+    assert!(
+        tokio::time::timeout(QUIET, b.pushes.recv()).await.is_err(),
+        "19 one-time EC keys are enough: no PrekeysLow for Kyber keys it never had"
     );
 }
 

@@ -5,11 +5,13 @@ mod common;
 
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use common::{
-    interop::{CODE, TestGateway, body_of, random_account, register_ours, text},
+    interop::{
+        CODE, TestGateway, body_of, random_account, register_ours, register_ours_with, text,
+    },
     node::NodeContact,
 };
 use matrix_interop_bridge::{
-    interop::{Event, SignalRuntime, Target, account},
+    interop::{AccountOptions, Event, SignalRuntime, Target, account},
     wire::content::{DataMessage, data_message::Body as D},
 };
 use serde_json::json;
@@ -180,9 +182,17 @@ async fn queued_messages_arrive_after_reconnect_and_restart() {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     ours.events = rx;
     let vault = common::interop::reopen_vault(&ours).await;
-    ours.handle = account::spawn_account(&rt, "@owner:test", gw.addr.clone(), vault, db, tx)
-        .await
-        .expect("respawn");
+    ours.handle = account::spawn_account(
+        &rt,
+        "@owner:test",
+        gw.addr.clone(),
+        vault,
+        db,
+        tx,
+        Default::default(),
+    )
+    .await
+    .expect("respawn");
     for i in 0..3 {
         assert_eq!(
             body_of(&ours.wait(|e| body_of(e).is_some()).await),
@@ -208,4 +218,143 @@ async fn queued_messages_arrive_after_reconnect_and_restart() {
         v["event"] == "message" && v["redelivered"] == true
     });
     assert_eq!(node_text(&again), Some("held"));
+}
+
+/// A contact on official libsignal 0.72.1 that publishes no Kyber prekey (an X3DH-era client):
+/// we start a classic X3DH session from its bundle and chat both ways, in a group too and
+/// across a restart; once it publishes Kyber prekeys, the next check of its keys moves us to
+/// PQXDH. A contact on the current libsignal in the same run stays on PQXDH.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x3dh_era_contact_is_reached_and_moved_to_pqxdh_once_it_can() {
+    let gw = TestGateway::start().await;
+    let key = B64.encode(&gw.addr.public_key);
+    let rt = SignalRuntime::start(1);
+    let recheck = std::time::Duration::from_secs(2);
+    let mut ours = register_ours_with(
+        &rt,
+        &gw.addr,
+        &random_account(),
+        AccountOptions {
+            x3dh_recheck: recheck,
+        },
+    )
+    .await;
+    let mut old = NodeContact::spawn_x3dh();
+    old.call(json!({"cmd": "set_kyber", "enabled": false}));
+    old.setup(gw.port, &key, &random_account(), CODE);
+    assert_eq!(
+        old.call(json!({"cmd": "status"}))["libsignal_version"],
+        "0.72.1"
+    );
+    let mut new = NodeContact::spawn();
+    new.setup(gw.port, &key, &random_account(), CODE);
+
+    // We start: classic X3DH (session version 3, no Kyber ciphertext).
+    ours.handle
+        .send(
+            Target::Account(old.account.clone()),
+            "x1".into(),
+            text("hello X3DH"),
+        )
+        .await
+        .expect("send over X3DH");
+    let ev = old.event("our first message", |v| node_text(v) == Some("hello X3DH"));
+    assert_eq!(ev["kind"], "PREKEY", "{ev}");
+    assert_eq!(ev["message_version"], 3, "{ev}");
+    assert_eq!(ev["pqxdh"], false, "{ev}");
+    let info = ours
+        .handle
+        .session_info(old.account.clone())
+        .await
+        .expect("info");
+    assert!(
+        info.exists && info.version == 3 && !info.post_quantum,
+        "{info:?}"
+    );
+    for i in 0..3 {
+        old.call(json!({"cmd": "send", "to": ours.account, "content": format!("old {i}")}));
+        let got = ours.wait(|e| body_of(e).is_some()).await;
+        assert_eq!(body_of(&got), Some(format!("old {i}")));
+        ours.handle
+            .send(
+                Target::Account(old.account.clone()),
+                format!("o{i}"),
+                text(&format!("ours {i}")),
+            )
+            .await
+            .expect("send");
+        let ev = old.event("our reply", |v| node_text(v) == Some(&format!("ours {i}")));
+        assert_eq!(ev["message_version"], 3, "{ev}");
+    }
+
+    // The classic session is kept in the vault: after a restart it goes on.
+    ours.handle.stop().await;
+    old.call(json!({"cmd": "send", "to": ours.account, "content": "while you were away"}));
+    ours.respawn(&rt, &gw.addr).await;
+    let got = ours.wait(|e| body_of(e).is_some()).await;
+    assert_eq!(body_of(&got).as_deref(), Some("while you were away"));
+    ours.handle
+        .send(
+            Target::Account(old.account.clone()),
+            "back".into(),
+            text("back again"),
+        )
+        .await
+        .expect("send after restart");
+    old.event("after restart", |v| node_text(v) == Some("back again"));
+
+    // A group with both contacts: our sender key reaches the X3DH one over its classic session.
+    let g = new.call(
+        json!({"cmd": "create_group", "name": "eras", "members": [ours.account, old.account]}),
+    );
+    let gid = g["group"]["id"].as_str().expect("group id").to_owned();
+    ours.wait(|e| matches!(e, Event::GroupUpdate { .. })).await;
+    ours.handle
+        .send(
+            Target::Group(gid.clone()),
+            "g1".into(),
+            text("to both eras"),
+        )
+        .await
+        .expect("group send");
+    old.event("group message", |v| node_text(v) == Some("to both eras"));
+    new.event("group message", |v| node_text(v) == Some("to both eras"));
+    old.call(json!({"cmd": "send_group", "group": gid, "content": "from the old one"}));
+    let got = ours.wait(|e| body_of(e).is_some()).await;
+    assert_eq!(body_of(&got).as_deref(), Some("from the old one"));
+    let info = ours
+        .handle
+        .session_info(new.account.clone())
+        .await
+        .expect("info");
+    assert!(
+        info.exists && info.version == 4,
+        "the current contact is on PQXDH: {info:?}"
+    );
+
+    // The contact upgrades: it publishes Kyber prekeys. At the next check of its keys we move.
+    old.call(json!({"cmd": "set_kyber", "enabled": true}));
+    tokio::time::sleep(recheck + std::time::Duration::from_millis(200)).await;
+    ours.handle
+        .send(
+            Target::Account(old.account.clone()),
+            "u1".into(),
+            text("now post-quantum"),
+        )
+        .await
+        .expect("send after the upgrade");
+    let ev = old.event("the first PQXDH message", |v| {
+        node_text(v) == Some("now post-quantum")
+    });
+    assert_eq!(ev["kind"], "PREKEY", "{ev}");
+    assert_eq!(ev["pqxdh"], true, "{ev}");
+    let info = ours
+        .handle
+        .session_info(old.account.clone())
+        .await
+        .expect("info");
+    assert!(info.exists && info.version == 4, "{info:?}");
+    old.call(json!({"cmd": "send", "to": ours.account, "content": "on PQXDH too"}));
+    let got = ours.wait(|e| body_of(e).is_some()).await;
+    assert_eq!(body_of(&got).as_deref(), Some("on PQXDH too"));
 }

@@ -4,7 +4,9 @@ use std::{sync::Arc, time::Duration};
 
 use matrix_interop_bridge::wire::content::{DataMessage, Text, data_message::Body as D};
 use matrix_interop_bridge::{
-    interop::{AccountHandle, Event, GatewayAddr, GatewayConn, SignalRuntime, account},
+    interop::{
+        AccountHandle, AccountOptions, Event, GatewayAddr, GatewayConn, SignalRuntime, account,
+    },
     store::{SqlStore, testing},
     vault::{SecretKey, Vault, VaultStore},
     wire::noise::StaticKey,
@@ -102,6 +104,8 @@ pub struct Ours {
     pub master: SecretKey,
     /// The vault the running actor uses (shared cache of data keys).
     pub vault: Vault,
+    /// What the account was started with (and is started with again by `respawn`).
+    pub options: AccountOptions,
     pub _dir: tempfile::TempDir,
 }
 
@@ -118,6 +122,15 @@ pub fn random_account() -> String {
 }
 
 pub async fn register_ours(rt: &SignalRuntime, gw: &GatewayAddr, account: &str) -> Ours {
+    register_ours_with(rt, gw, account, AccountOptions::default()).await
+}
+
+pub async fn register_ours_with(
+    rt: &SignalRuntime,
+    gw: &GatewayAddr,
+    account: &str,
+    options: AccountOptions,
+) -> Ours {
     let (store, dir) = testing::sqlite().await;
     let db: Arc<dyn VaultStore> = Arc::new(store.clone());
     let master = SecretKey::random();
@@ -131,9 +144,17 @@ pub async fn register_ours(rt: &SignalRuntime, gw: &GatewayAddr, account: &str) 
         .await
         .expect("creds");
     let (tx, events) = mpsc::unbounded_channel();
-    let handle = account::spawn_account(rt, "@owner:test", gw.clone(), vault.clone(), db, tx)
-        .await
-        .expect("spawn");
+    let handle = account::spawn_account(
+        rt,
+        "@owner:test",
+        gw.clone(),
+        vault.clone(),
+        db,
+        tx,
+        options.clone(),
+    )
+    .await
+    .expect("spawn");
     let mut ours = Ours {
         handle,
         events,
@@ -141,6 +162,7 @@ pub async fn register_ours(rt: &SignalRuntime, gw: &GatewayAddr, account: &str) 
         store,
         master,
         vault,
+        options,
         _dir: dir,
     };
     ours.wait(|e| matches!(e, Event::Connected { .. })).await;
@@ -156,9 +178,17 @@ impl Ours {
         let vault = reopen_vault(self).await;
         self.vault = vault.clone();
         let db: Arc<dyn VaultStore> = Arc::new(self.store.clone());
-        self.handle = account::spawn_account(rt, "@owner:test", gw.clone(), vault, db, tx)
-            .await
-            .expect("respawn");
+        self.handle = account::spawn_account(
+            rt,
+            "@owner:test",
+            gw.clone(),
+            vault,
+            db,
+            tx,
+            self.options.clone(),
+        )
+        .await
+        .expect("respawn");
     }
 
     /// Waits for an event matching `pred`, acking every event on the way.

@@ -33,10 +33,30 @@ impl NodeContact {
         Self::spawn_program("node", &[&peers.join("contact.js").to_string_lossy()])
     }
 
+    /// A contact on official libsignal 0.72.1, the last release line that still does classic
+    /// X3DH (`set_kyber` turns its Kyber prekeys off and on).
+    pub fn spawn_x3dh() -> Self {
+        let peers = repo().join("tests/peers");
+        assert!(
+            peers.join("node_modules/libsignal-client-x3dh").exists(),
+            "tests/peers/node_modules is missing libsignal 0.72.1: run scripts/test.sh (it runs npm ci)"
+        );
+        Self::spawn_with_env(
+            "node",
+            &[&peers.join("contact.js").to_string_lossy()],
+            &[("MIB_CONTACT_LIBSIGNAL", "x3dh")],
+        )
+    }
+
     /// Any JSON-lines agent (the E2EE Matrix client is a Python one).
     pub fn spawn_program(program: &str, args: &[&str]) -> Self {
+        Self::spawn_with_env(program, args, &[])
+    }
+
+    fn spawn_with_env(program: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(program)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -8,25 +8,39 @@
 //                                   things arrive as {"event": "...", ...} lines.
 //   node contact.js --demo ...      the demo contact (see demo.js / README.md)
 //
+// MIB_CONTACT_LIBSIGNAL picks the libsignal of this process: unset or "current" for
+// @signalapp/libsignal-client 0.103.0 (PQXDH only), "x3dh" for 0.72.1 (can also do X3DH; with the
+// set_kyber command it becomes an X3DH-era client). Anything else stops the process at start (exit 2).
+//
 // Commands run one at a time in the order received. A command may carry "req": any JSON value,
 // which is copied into its reply.
 'use strict';
 
 const readline = require('readline');
-const { Contact } = require('./lib/contact-agent');
 
 const COMMANDS = [
   'connect', 'disconnect', 'register', 'verify', 'login', 'upload_keys', 'key_counts', 'reset_identity',
   'ping', 'status', 'send', 'receipt', 'typing', 'presence', 'set_profile', 'get_profile',
   'create_group', 'update_group', 'get_group', 'send_group', 'upload_media', 'download_media',
-  'hold_acks', 'auto_receipts', 'auto_replenish', 'drain', 'save',
+  'hold_acks', 'auto_receipts', 'auto_replenish', 'set_kyber', 'drain', 'save',
 ];
 
 function writeLine(obj) {
   process.stdout.write(`${JSON.stringify(obj)}\n`);
 }
 
+/** Loads the agent (and with it the libsignal chosen by MIB_CONTACT_LIBSIGNAL); exits 2 when that fails. */
+function loadAgent() {
+  try {
+    return require('./lib/contact-agent');
+  } catch (e) {
+    process.stderr.write(`contact.js: cannot start: ${e && e.message ? e.message : e}\n`);
+    process.exit(2);
+  }
+}
+
 function runAgent() {
+  const { Contact } = loadAgent();
   const contact = new Contact({ emit: writeLine });
   const rl = readline.createInterface({ input: process.stdin });
   let chain = Promise.resolve();
@@ -68,6 +82,7 @@ function runAgent() {
 
 if (require.main === module) {
   if (process.argv.includes('--demo')) {
+    loadAgent();
     require('./lib/demo').main(process.argv.slice(2)).catch((e) => {
       process.stderr.write(`demo contact failed: ${e && e.stack ? e.stack : e}\n`);
       process.exit(1);

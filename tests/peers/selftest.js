@@ -7,6 +7,9 @@
 //  - the contact agent end to end against a small in-process gateway (lib/test-gateway.js, or a real
 //    gateway given by INTEROP_GATEWAY, see below), the JSON-lines CLI and the demo contact in child
 //    processes
+//  - libsignal 0.72.1 (MIB_CONTACT_LIBSIGNAL=x3dh) in contact.js child processes: X3DH-era contacts
+//    without Kyber keys (set_kyber) chatting over X3DH, one of them turning Kyber on, a group of 0.72.1
+//    contacts, and that 0.72.1 and 0.103.0 contacts cannot start sessions with each other
 // Prints one line per test and a final "N passed, M failed"; exits non-zero on failure.
 'use strict';
 
@@ -17,6 +20,9 @@ const os = require('os');
 const path = require('path');
 const { spawn } = require('child_process');
 const readline = require('readline');
+
+// The contacts in this process use the current libsignal; the x3dh ones run as child processes.
+process.env.MIB_CONTACT_LIBSIGNAL = 'current';
 
 const proto = require('./lib/proto');
 const transport = require('./lib/noise-transport');
@@ -316,12 +322,12 @@ test('noise over TCP: an oversized record length is reported and closes', async 
 
 // ------------------------------------------------------------------ the agent, end to end
 
-class Probe {
+/** The events one contact reported, and waiting for them. */
+class EventLog {
   constructor(name) {
     this.name = name;
     this.events = [];
     this.waiters = [];
-    this.contact = new Contact({ emit: (ev) => this._on(ev) });
   }
   _on(ev) {
     this.events.push(ev);
@@ -350,6 +356,14 @@ class Probe {
   }
   mark() {
     return this.events.length;
+  }
+}
+
+/** A contact in this process (current libsignal). */
+class Probe extends EventLog {
+  constructor(name) {
+    super(name);
+    this.contact = new Contact({ emit: (ev) => this._on(ev) });
   }
 }
 
@@ -669,6 +683,187 @@ test('demo: with --state it keeps its identity and sessions across a restart', a
   }
 });
 
+// ------------------------------------------------------------------ libsignal 0.72.1 (X3DH-era contacts)
+
+/** A contact.js child process, so that it can load another libsignal (MIB_CONTACT_LIBSIGNAL). */
+class ChildContact extends EventLog {
+  constructor(name, libsignal) {
+    super(name);
+    this.stderr = '';
+    this.replies = []; // resolvers, one per command in flight (replies come in order)
+    this.child = spawn(process.execPath, [path.join(__dirname, 'contact.js')], {
+      stdio: ['pipe', 'pipe', 'pipe'],
+      env: { ...process.env, MIB_CONTACT_LIBSIGNAL: libsignal },
+    });
+    this.child.stderr.on('data', (d) => {
+      this.stderr += d;
+    });
+    readline.createInterface({ input: this.child.stdout }).on('line', (line) => {
+      const o = JSON.parse(line);
+      if (o.event) this._on(o);
+      else if (this.replies.length) this.replies.shift()(o);
+    });
+    this.exited = new Promise((resolve) => {
+      this.child.once('exit', (code) => {
+        for (const r of this.replies.splice(0)) r({ ok: false, error: `${name} exited with ${code}: ${this.stderr.trim()}` });
+        resolve(code);
+      });
+    });
+    children.push(this);
+  }
+  /** Runs one command; resolves with its reply, rejects with an Error (and `code`) for {"ok": false}. */
+  cmd(cmd, args = {}) {
+    return new Promise((resolve, reject) => {
+      this.replies.push((r) => (r.ok ? resolve(r) : reject(Object.assign(new Error(r.error), { code: r.code }))));
+      this.child.stdin.write(`${JSON.stringify({ cmd, ...args })}\n`);
+    });
+  }
+  async quit() {
+    if (this.child.exitCode === null) await this.cmd('quit').catch(() => {});
+    return this.exited;
+  }
+}
+const children = [];
+
+/** A registered, logged-in child contact with keys uploaded; `kyber: false` makes it an X3DH-era client first. */
+async function childPerson(name, account, { libsignal = 'x3dh', kyber = true } = {}) {
+  const p = new ChildContact(name, libsignal);
+  await p.cmd('connect', { host: gw.host, port: gw.port, server_key: gw.publicKey });
+  if (!kyber) assert.deepEqual(await p.cmd('set_kyber', { enabled: false }), { ok: true, kyber: false, uploaded: false });
+  await p.cmd('register', { account, code: CODE });
+  await p.cmd('login');
+  const up = await p.cmd('upload_keys', { one_time: 10, kyber: 10 });
+  assert.equal(up.one_time_prekeys, 10);
+  assert.equal(up.kyber_prekeys, kyber ? 10 : 0);
+  people[name] = p;
+  return p;
+}
+
+/** `sender` sends the text `body` to the account `to` (the `receiver`); returns the send reply and the receiver's message event. */
+async function say(sender, receiver, to, body) {
+  const m = receiver.mark();
+  const sent = sender instanceof ChildContact ? await sender.cmd('send', { to, content: body }) : await sender.contact.send({ to, content: body });
+  const got = await receiver.waitFor((e) => e.event === 'message' && e.message_id === sent.message_id, { from: m });
+  assert.equal(got.content.text.body, body);
+  return { sent, got };
+}
+
+const DAVE = acct(400);
+const ERIN = acct(401);
+const FRANK = acct(402);
+
+test('x3dh: MIB_CONTACT_LIBSIGNAL picks the library; unknown values stop contact.js at start', async () => {
+  const bad = new ChildContact('bad', 'x3dhh');
+  assert.equal(await bad.exited, 2);
+  assert.match(bad.stderr, /MIB_CONTACT_LIBSIGNAL="x3dhh" is not known/);
+  const st = people.alice.contact.status();
+  assert.equal(st.libsignal_version, '0.103.0');
+  assert.equal(st.kyber, true);
+  await assert.rejects(people.alice.contact.set_kyber({ enabled: false }), /needs MIB_CONTACT_LIBSIGNAL=x3dh.*cannot do X3DH/);
+  assert.deepEqual(await people.alice.contact.set_kyber({ enabled: true }), { kyber: true, uploaded: false });
+  const old = new ChildContact('old', 'x3dh');
+  try {
+    const s = await old.cmd('status');
+    assert.equal(s.libsignal_version, '0.72.1');
+    assert.equal(s.kyber, true);
+  } finally {
+    await old.quit();
+  }
+});
+
+test('x3dh: two X3DH-era contacts (0.72.1, Kyber off) start an X3DH session and chat both ways', async () => {
+  const dave = await childPerson('dave', DAVE, { kyber: false });
+  const erin = await childPerson('erin', ERIN, { kyber: false });
+  assert.equal((await dave.cmd('status')).kyber, false);
+  await erin.cmd('auto_replenish', { count: 5 });
+  const me = erin.mark();
+  const first = await say(dave, erin, ERIN, 'hello over X3DH');
+  // dave's fetch left erin 9 one-time prekeys: she replenishes, without Kyber keys
+  const low = await erin.waitFor((e) => e.event === 'prekeys_low', { from: me });
+  assert.deepEqual([low.one_time_prekeys, low.kyber_prekeys], [9, 0]);
+  const refilled = await erin.waitFor((e) => e.event === 'keys_replenished', { from: me });
+  assert.deepEqual([refilled.one_time_prekeys, refilled.kyber_prekeys], [14, 0]);
+  await erin.cmd('auto_replenish', { count: 0 });
+  assert.equal(first.sent.kind, 'PREKEY');
+  assert.equal(first.sent.new_session, true);
+  assert.equal(first.sent.message_version, 3);
+  assert.equal(first.sent.pqxdh, false);
+  assert.equal(first.sent.kyber_ciphertext_bytes, 0);
+  assert.equal(first.sent.spqr, false);
+  assert.deepEqual([first.got.kind, first.got.message_version, first.got.pqxdh, first.got.spqr], ['PREKEY', 3, false, false]);
+  const reply = await say(erin, dave, DAVE, 'and back');
+  assert.deepEqual([reply.sent.kind, reply.sent.message_version, reply.sent.spqr], ['MESSAGE', 3, false]);
+  assert.deepEqual([reply.got.kind, reply.got.message_version], ['MESSAGE', 3]);
+  const again = await say(dave, erin, ERIN, 'ratcheting on');
+  assert.deepEqual([again.sent.kind, again.sent.message_version], ['MESSAGE', 3]);
+  // the current library cannot start a session with an account that has no Kyber prekey
+  await assert.rejects(people.bob.contact.send({ to: DAVE, content: 'pq only' }), /published no Kyber prekey.*0\.103\.0 starts PQXDH sessions only/);
+  // reset_identity of an X3DH-era contact uploads no Kyber keys either; its next session is X3DH again
+  const reset = await erin.cmd('reset_identity', {});
+  assert.equal(reset.kyber_prekeys, 0);
+  const m = dave.mark();
+  const fresh = await say(erin, dave, DAVE, 'new phone, still X3DH');
+  assert.deepEqual([fresh.sent.kind, fresh.sent.message_version, fresh.sent.pqxdh], ['PREKEY', 3, false]);
+  await dave.waitFor((e) => e.event === 'identity_change' && e.account === ERIN, { from: m });
+});
+
+test('x3dh: an X3DH-era contact turns Kyber on; new sessions with it are PQXDH, the old one goes on', async () => {
+  const { dave, erin } = people;
+  const on = await dave.cmd('set_kyber', { enabled: true, kyber: 7 });
+  assert.deepEqual([on.kyber, on.uploaded, on.kyber_prekeys], [true, true, 7]);
+  assert.equal((await dave.cmd('status')).kyber, true);
+  assert.equal((await dave.cmd('set_kyber', { enabled: true })).uploaded, false, 'already on: nothing uploaded');
+  // a new 0.72.1 peer (Kyber on) starts a PQXDH session with it (0.72.1 has no SPQR)
+  const frank = await childPerson('frank', FRANK);
+  const pq = await say(frank, dave, DAVE, 'now with Kyber');
+  assert.deepEqual([pq.sent.kind, pq.sent.message_version, pq.sent.pqxdh, pq.sent.spqr], ['PREKEY', 4, true, false]);
+  assert.equal(pq.sent.kyber_ciphertext_bytes, 1569);
+  assert.deepEqual([pq.got.kind, pq.got.message_version, pq.got.pqxdh], ['PREKEY', 4, true]);
+  assert.equal((await dave.cmd('key_counts')).kyber_prekeys, 6);
+  const back = await say(dave, frank, FRANK, 'PQXDH answer');
+  assert.deepEqual([back.sent.kind, back.sent.message_version], ['MESSAGE', 4]);
+  await say(frank, dave, DAVE, 'and on');
+  // the X3DH session with erin is kept
+  const old = await say(dave, erin, ERIN, 'still our old session');
+  assert.deepEqual([old.sent.kind, old.sent.message_version], ['MESSAGE', 3]);
+  await say(erin, dave, DAVE, 'yes');
+});
+
+test('x3dh: sender keys on 0.72.1 (a group over X3DH and PQXDH sessions)', async () => {
+  const { dave, erin, frank } = people;
+  const me = erin.mark();
+  const mf = frank.mark();
+  const { group } = await dave.cmd('create_group', { name: 'Old clients', members: [ERIN, FRANK] });
+  await erin.waitFor((e) => e.event === 'group_update' && e.group.id === group.id, { from: me });
+  const s1 = await dave.cmd('send_group', { group: group.id, content: 'hello group' });
+  assert.deepEqual(new Set(s1.distributed_to), new Set([ERIN, FRANK]));
+  for (const [p, from] of [[erin, me], [frank, mf]]) {
+    await p.waitFor((e) => e.event === 'sender_key' && e.group === group.id, { from });
+    const ev = await p.waitFor((e) => e.event === 'message' && e.kind === 'GROUP' && e.from === DAVE, { from });
+    assert.equal(ev.content.text.body, 'hello group');
+  }
+  const md = dave.mark();
+  await erin.cmd('send_group', { group: group.id, content: 'erin too' });
+  assert.equal((await dave.waitFor((e) => e.event === 'message' && e.kind === 'GROUP' && e.from === ERIN, { from: md })).content.text.body, 'erin too');
+});
+
+// libsignal 0.103.0 requires SPQR, which 0.72.1 does not have: a 0.103.0 contact rejects a 0.72.1
+// session start ("post-quantum ratchet error: Minimum version" in libsignal's log), and 0.72.1 fails
+// the MAC of a 0.103.0 session start. The two official versions cannot talk to each other at all.
+test('x3dh: 0.103.0 and 0.72.1 (Kyber on) contacts cannot start a session with each other (SPQR)', async () => {
+  const { bob, frank } = people;
+  const mb = bob.mark();
+  const up = await frank.cmd('send', { to: BOB, content: 'from 0.72.1' });
+  assert.deepEqual([up.kind, up.message_version, up.pqxdh, up.spqr], ['PREKEY', 4, true, false]);
+  const e1 = await bob.waitFor((e) => e.event === 'decrypt_error' && e.message_id === up.message_id, { from: mb });
+  assert.match(e1.error, /invalid PreKey message/);
+  const mf = frank.mark();
+  const down = await bob.contact.send({ to: FRANK, content: 'from 0.103.0' });
+  assert.deepEqual([down.kind, down.message_version, down.pqxdh, down.spqr], ['PREKEY', 4, true, true]);
+  const e2 = await frank.waitFor((e) => e.event === 'decrypt_error' && e.message_id === down.message_id, { from: mf });
+  assert.match(e2.error, /invalid PreKey message/);
+});
+
 // ------------------------------------------------------------------ runner
 
 (async () => {
@@ -685,7 +880,8 @@ test('demo: with --state it keeps its identity and sessions across a restart', a
       console.log(`FAIL ${t.name}\n     ${(e && e.stack ? e.stack : String(e)).split('\n').slice(0, 6).join('\n     ')}`);
     }
   }
-  for (const p of Object.values(people)) await p.contact.disconnect().catch(() => {});
+  for (const c of children) await c.quit();
+  for (const p of Object.values(people)) if (p.contact) await p.contact.disconnect().catch(() => {});
   if (gw) await gw.stop().catch(() => {});
   console.log(`${passed} passed, ${failed} failed`);
   process.exit(failed ? 1 : 0);

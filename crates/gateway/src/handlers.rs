@@ -498,10 +498,15 @@ async fn upload_keys(shared: &Shared, me: &str, u: pb::UploadKeys) -> Result<Bod
     } else {
         (false, false)
     };
-    if !(has_signed || u.signed_prekey.is_some()) || !(has_lr || u.kyber_last_resort.is_some()) {
+    // A Kyber last-resort prekey is optional: an account without one is an X3DH-era client
+    // (docs §8.1), whose bundles carry no Kyber prekey. Once stored, it can only be replaced.
+    if !(has_signed || u.signed_prekey.is_some()) {
+        return Err(reject(ErrorCode::BadRequest, "a signed prekey is required"));
+    }
+    if u.kyber_last_resort.is_none() && !has_lr && !u.kyber_prekeys.is_empty() {
         return Err(reject(
             ErrorCode::BadRequest,
-            "a signed prekey and a Kyber last-resort prekey are required",
+            "one-time Kyber prekeys need a Kyber last-resort prekey",
         ));
     }
     // Count what would be stored: an uploaded id already stored replaces that key.
@@ -542,7 +547,9 @@ async fn fetch_bundle(shared: &Shared, me: &str, f: pb::FetchBundle) -> Result<B
         .await?
         .ok_or_else(|| reject(ErrorCode::NotFound, "no keys for this account"))?;
     let (ot, ky) = shared.db.key_counts(&f.account).await?;
-    if ot < LOW_PREKEYS || ky < LOW_PREKEYS {
+    // An account without Kyber keys (X3DH era) is low only on EC one-time keys.
+    let kyber_low = bundle.kyber_prekey.is_some() && ky < LOW_PREKEYS;
+    if ot < LOW_PREKEYS || kyber_low {
         let low = pb::PrekeysLow {
             one_time_prekeys: ot,
             kyber_prekeys: ky,

@@ -48,6 +48,7 @@ fn net_err(e: InteropError) -> NetError {
 pub struct InteropNetwork {
     rt: SignalRuntime,
     gateway: GatewayAddr,
+    options: account::AccountOptions,
     vault: Vault,
     db: Arc<dyn VaultStore>,
     accounts: Mutex<HashMap<String, Arc<InteropAccount>>>,
@@ -59,6 +60,7 @@ impl InteropNetwork {
     pub fn new(
         rt: SignalRuntime,
         gateway: GatewayAddr,
+        options: account::AccountOptions,
         vault: Vault,
         db: Arc<dyn VaultStore>,
         gauges: LoginGauges,
@@ -66,6 +68,7 @@ impl InteropNetwork {
         Arc::new(Self {
             rt,
             gateway,
+            options,
             vault,
             db,
             accounts: Mutex::new(HashMap::new()),
@@ -94,6 +97,7 @@ impl InteropNetwork {
             self.vault.clone(),
             self.db.clone(),
             tx,
+            self.options.clone(),
         )
         .await
         .map_err(net_err)?;

@@ -17,6 +17,6 @@ pub mod runtime;
 pub mod settings;
 pub mod signal_store;
 
-pub use account::{AccountHandle, Event, Target};
+pub use account::{AccountHandle, AccountOptions, Event, Target};
 pub use conn::{GatewayAddr, GatewayConn, InteropError};
 pub use runtime::SignalRuntime;

@@ -15,6 +15,10 @@ pub struct InteropConfig {
     pub gateway_address: String,
     #[serde(default)]
     pub gateway_public_key: String,
+    /// How often (seconds) a contact whose client does classic X3DH (no Kyber prekeys) has its
+    /// keys looked at again, to move to PQXDH once it can.
+    #[serde(default = "default_x3dh_recheck")]
+    pub x3dh_recheck_secs: u64,
 }
 
 impl InteropConfig {
@@ -38,6 +42,22 @@ impl Default for InteropConfig {
         Self {
             gateway_address: default_gateway(),
             gateway_public_key: String::new(),
+            x3dh_recheck_secs: default_x3dh_recheck(),
+        }
+    }
+}
+
+fn default_x3dh_recheck() -> u64 {
+    crate::account::AccountOptions::default()
+        .x3dh_recheck
+        .as_secs()
+}
+
+impl InteropConfig {
+    /// The accounts' behaviour this section sets.
+    pub fn account_options(&self) -> crate::account::AccountOptions {
+        crate::account::AccountOptions {
+            x3dh_recheck: std::time::Duration::from_secs(self.x3dh_recheck_secs),
         }
     }
 }

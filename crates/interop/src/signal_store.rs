@@ -305,9 +305,24 @@ impl SignalStore {
     pub fn owner(&self) -> &str {
         &self.inner.owner
     }
+
+    /// Reads a record of the owner's through the buffer (what this operation wrote, then the
+    /// cache, then the vault), for state kept beside the Signal kinds (classic X3DH sessions).
+    pub(crate) async fn buffered(
+        &self,
+        k: &'static str,
+        name: &str,
+    ) -> Result<Option<Vec<u8>>, SignalProtocolError> {
+        self.inner.get(k, name).await
+    }
+
+    /// Buffers a write that [`Self::commit`] makes with the Signal state (`None` deletes).
+    pub(crate) fn buffer(&self, k: &'static str, name: String, v: Option<Vec<u8>>) {
+        self.inner.set(k, name, v);
+    }
 }
 
-fn addr_name(a: &ProtocolAddress) -> String {
+pub(crate) fn addr_name(a: &ProtocolAddress) -> String {
     format!("{}.{}", a.name(), u32::from(a.device_id()))
 }
 

@@ -1,11 +1,13 @@
-// A test contact on the interop network: one account, official libsignal for the end-to-end layer,
-// the gateway protocol of docs/interop-protocol.md underneath. Commands are methods of `Contact`
+// A test contact on the interop network: one account, official libsignal for the end-to-end layer
+// (the current one, or 0.72.1 with MIB_CONTACT_LIBSIGNAL=x3dh: see libsignal.js), the gateway
+// protocol of docs/interop-protocol.md underneath. Commands are methods of `Contact`
 // (named as the JSON-lines commands); incoming things are reported through `emit(event)`.
 'use strict';
 
 const crypto = require('crypto');
 const { GatewayClient, GatewayError } = require('./gateway-client');
-const { S, addressOf, SignalState, Mutex } = require('./signal-stores');
+const { addressOf, SignalState, Mutex } = require('./signal-stores');
+const L = require('./libsignal');
 const { protobuf } = require('./proto');
 const content = require('./content');
 
@@ -14,27 +16,47 @@ const b64 = (u) => Buffer.from(u).toString('base64');
 const unb64 = (s) => Buffer.from(s, 'base64');
 const REMEMBERED_ENVELOPES = 10000;
 
-/** Reads the version, SPQR and Kyber facts that a ciphertext shows (libsignal exposes no session getters for them). */
-function describeCiphertext(type, bytes) {
+const { S, LIBSIGNAL } = L;
+
+// libsignal's wire format: a version byte (message version in the high nibble), then protobuf; a
+// SignalMessage ends with an 8-byte MAC. Fields read here: PreKeySignalMessage 4 = the inner
+// SignalMessage, 8 = the Kyber ciphertext (absent in X3DH); SignalMessage 5 = the SPQR (post-quantum
+// ratchet) data (absent before SPQR, so always in version 3 and in anything 0.72.1 sends).
+const MAC_LENGTH = 8;
+
+/** The length-delimited fields of a protobuf message, by field number. */
+function bytesFields(buf) {
+  const out = new Map();
+  const r = protobuf.Reader.create(buf);
+  while (r.pos < r.len) {
+    const tag = r.uint32();
+    if ((tag & 7) === 2) out.set(tag >>> 3, r.bytes());
+    else r.skipType(tag & 7);
+  }
+  return out;
+}
+
+const pqRatchetLength = (signalMessage) => (bytesFields(signalMessage.subarray(1, signalMessage.length - MAC_LENGTH)).get(5) || []).length;
+
+/**
+ * Reads the version, SPQR and Kyber facts that a ciphertext shows (libsignal exposes no session
+ * getters for them). Read from the wire, so that it is the same for both libraries and for version 3
+ * (X3DH: no Kyber ciphertext, no SPQR) and version 4 (PQXDH) messages.
+ */
+function describeCiphertext(type, ciphertext) {
+  const bytes = Buffer.from(ciphertext);
+  if (bytes.length < 1 + MAC_LENGTH) throw new Error('ciphertext too short');
+  const version = bytes[0] >> 4;
   if (type === S.CiphertextMessageType.PreKey) {
-    const pm = S.PreKeySignalMessage.deserialize(bytes);
-    // PreKeySignalMessage = version byte || protobuf; field 4 = the inner SignalMessage, 8 = Kyber ciphertext
-    let inner = null;
-    let kyberCiphertext = 0;
-    const r = protobuf.Reader.create(bytes.subarray(1));
-    while (r.pos < r.len) {
-      const tag = r.uint32();
-      if (tag >>> 3 === 4 && (tag & 7) === 2) inner = r.bytes();
-      else if (tag >>> 3 === 8 && (tag & 7) === 2) kyberCiphertext = r.bytes().length;
-      else r.skipType(tag & 7);
-    }
-    const pq = inner ? S.SignalMessage.deserialize(Buffer.from(inner)).pqRatchet().length : 0;
-    return { kind: 'PREKEY', message_version: pm.version(), pqxdh: kyberCiphertext > 0, kyber_ciphertext_bytes: kyberCiphertext, pq_ratchet_bytes: pq, spqr: pq > 0 };
+    const fields = bytesFields(bytes.subarray(1));
+    const inner = fields.get(4);
+    const kyberCiphertext = (fields.get(8) || []).length;
+    const pq = inner ? pqRatchetLength(Buffer.from(inner)) : 0;
+    return { kind: 'PREKEY', message_version: version, pqxdh: kyberCiphertext > 0, kyber_ciphertext_bytes: kyberCiphertext, pq_ratchet_bytes: pq, spqr: pq > 0 };
   }
   if (type === S.CiphertextMessageType.Whisper) {
-    const m = S.SignalMessage.deserialize(bytes);
-    const pq = m.pqRatchet().length;
-    return { kind: 'MESSAGE', message_version: m.messageVersion(), pq_ratchet_bytes: pq, spqr: pq > 0 };
+    const pq = pqRatchetLength(bytes);
+    return { kind: 'MESSAGE', message_version: version, pq_ratchet_bytes: pq, spqr: pq > 0 };
   }
   throw new Error(`unexpected ciphertext type ${type}`);
 }
@@ -60,6 +82,7 @@ class Contact {
     this.heldAcks = new Set();
     this.autoReplenish = 0; // when > 0: on PrekeysLow, upload this many of each kind
     this.lastUpload = { one_time: 20, kyber: 20 };
+    this.kyber = true; // false: key uploads carry no Kyber keys (an X3DH-era client, x3dh library only)
     this.groups = new Map(); // group id -> Group
     this.senderKeyState = new Map(); // group id -> {distributionId, sentTo: Set}
     this.seen = new Map(); // envelope id -> event emitted for it (redelivery)
@@ -144,7 +167,7 @@ class Contact {
   async upload_keys({ one_time = 20, kyber = 20 } = {}) {
     this._need({ loggedIn: true });
     this.lastUpload = { one_time, kyber };
-    const body = await this.lock.run(async () => this.signal.generateUpload({ oneTime: one_time, kyber }));
+    const body = await this.lock.run(async () => this.signal.generateUpload({ oneTime: one_time, kyber, withKyber: this.kyber }));
     const { value } = await this._req('upload_keys', body);
     return { identity_key: b64(this.signal.identityKey), registration_id: this.signal.registrationId, one_time_prekeys: value.one_time_prekeys, kyber_prekeys: value.kyber_prekeys };
   }
@@ -165,6 +188,35 @@ class Contact {
     return { old_identity_key: old, ...up };
   }
 
+  /**
+   * The Kyber switch. Off (x3dh library only): every later key upload (upload_keys, reset_identity,
+   * replenishing) has no Kyber last-resort and no one-time Kyber prekeys, as an X3DH-era client's
+   * (keys uploaded before stay in the directory). On again, when it was off (the peer upgrades): a
+   * new signed prekey, a Kyber last-resort prekey and `kyber` one-time Kyber prekeys are uploaded now.
+   */
+  async set_kyber({ enabled, kyber = 20 } = {}) {
+    if (typeof enabled !== 'boolean') throw new Error('set_kyber needs "enabled": true or false');
+    if (!enabled) {
+      if (!LIBSIGNAL.x3dh) {
+        throw new Error(`set_kyber enabled=false needs ${L.ENV}=x3dh: ${LIBSIGNAL.package} ${LIBSIGNAL.version} cannot do X3DH, only PQXDH`);
+      }
+      this.kyber = false;
+      return { kyber: false, uploaded: false };
+    }
+    if (this.kyber) return { kyber: true, uploaded: false };
+    const n = Number(kyber);
+    if (!Number.isInteger(n) || n < 0) throw new Error('set_kyber: "kyber" must be a count (0 or more)');
+    try {
+      this._need({ loggedIn: true });
+    } catch (e) {
+      throw new Error(`set_kyber enabled=true uploads Kyber keys at once: ${e.message}`);
+    }
+    const body = await this.lock.run(async () => this.signal.generateUpload({ oneTime: 0, kyber: n, withKyber: true }));
+    const { value } = await this._req('upload_keys', body);
+    this.kyber = true;
+    return { kyber: true, uploaded: true, one_time_prekeys: value.one_time_prekeys, kyber_prekeys: value.kyber_prekeys };
+  }
+
   async ping({ nonce = Date.now() } = {}) {
     this._need({ connected: true });
     const { value } = await this._req('ping', { nonce });
@@ -180,12 +232,14 @@ class Contact {
       hold_acks: this.holdAcks,
       held_acks: this.heldAcks.size,
       auto_receipts: this.autoReceipts,
+      libsignal_version: LIBSIGNAL.version,
+      kyber: this.kyber,
     };
   }
 
   // ------------------------------------------------------------ messages
 
-  /** Sends a DataMessage (JSON form) to one account; starts a PQXDH session when needed. */
+  /** Sends a DataMessage (JSON form) to one account; starts a session when needed (PQXDH, or X3DH when the peer has no Kyber prekey). */
   async send({ to, content: json, message_id = crypto.randomUUID(), timestamp = Date.now() }) {
     this._need({ loggedIn: true });
     if (!to) throw new Error('send needs to');
@@ -353,6 +407,7 @@ class Contact {
       secret: this.secret ? b64(this.secret) : null,
       signal: this.signal ? this.signal.toJSON() : null,
       lastUpload: this.lastUpload,
+      kyber: this.kyber,
     };
   }
 
@@ -380,6 +435,7 @@ class Contact {
     this.account = saved.account;
     this.secret = saved.secret ? unb64(saved.secret) : null;
     if (saved.lastUpload) this.lastUpload = saved.lastUpload;
+    if (saved.kyber === false && LIBSIGNAL.x3dh) this.kyber = false;
     if (saved.signal) {
       this.signal = SignalState.fromJSON(saved.signal, {
         onIdentityChange: (who, oldKey, newKey) =>
@@ -396,23 +452,11 @@ class Contact {
       const rec = await this.signal.sessions.getSession(addr);
       if (!rec || !rec.hasCurrentState()) {
         const { value: b } = await this._req('fetch_bundle', { account: to });
-        const bundle = S.PreKeyBundle.new(
-          b.registration_id,
-          b.device_id || 1,
-          b.one_time_prekey ? b.one_time_prekey.id : null,
-          b.one_time_prekey ? S.PublicKey.deserialize(Buffer.from(b.one_time_prekey.public_key)) : null,
-          b.signed_prekey.id,
-          S.PublicKey.deserialize(Buffer.from(b.signed_prekey.public_key)),
-          Buffer.from(b.signed_prekey.signature),
-          S.PublicKey.deserialize(Buffer.from(b.identity_key)),
-          b.kyber_prekey.id,
-          S.KEMPublicKey.deserialize(Buffer.from(b.kyber_prekey.public_key)),
-          Buffer.from(b.kyber_prekey.signature),
-        );
-        await S.processPreKeyBundle(bundle, addr, this.signal.address, this.signal.sessions, this.signal.identities);
+        const bundle = L.preKeyBundleFrom({ ...b, account: b.account || to }); // X3DH when it has no kyber_prekey
+        await L.processPreKeyBundle(bundle, addr, this.signal.address, this.signal.sessions, this.signal.identities);
         newSession = true;
       }
-      const ct = await S.signalEncrypt(plaintext, addr, this.signal.address, this.signal.sessions, this.signal.identities);
+      const ct = await L.signalEncrypt(plaintext, addr, this.signal.address, this.signal.sessions, this.signal.identities);
       const bytes = Buffer.from(ct.serialize());
       return { bytes, newSession, info: describeCiphertext(ct.type(), bytes) };
     });
@@ -500,7 +544,7 @@ class Contact {
   async _replenish() {
     // Add one-time keys only: generateUpload also rotates the signed and last-resort keys, which is fine.
     const n = this.autoReplenish;
-    const body = await this.lock.run(async () => this.signal.generateUpload({ oneTime: n, kyber: n }));
+    const body = await this.lock.run(async () => this.signal.generateUpload({ oneTime: n, kyber: n, withKyber: this.kyber }));
     const { value } = await this._req('upload_keys', body);
     this.emit({ event: 'keys_replenished', one_time_prekeys: value.one_time_prekeys, kyber_prekeys: value.kyber_prekeys });
   }
@@ -540,8 +584,8 @@ class Contact {
         const addr = addressOf(env.from);
         const pt = await this.lock.run(() =>
           env.kind === 'PREKEY'
-            ? S.signalDecryptPreKey(S.PreKeySignalMessage.deserialize(env.ciphertext), addr, this.signal.address, this.signal.sessions, this.signal.identities, this.signal.preKeys, this.signal.signedPreKeys, this.signal.kyberPreKeys)
-            : S.signalDecrypt(S.SignalMessage.deserialize(env.ciphertext), addr, this.signal.address, this.signal.sessions, this.signal.identities),
+            ? L.signalDecryptPreKey(S.PreKeySignalMessage.deserialize(Buffer.from(env.ciphertext)), addr, this.signal.address, this.signal.sessions, this.signal.identities, this.signal.preKeys, this.signal.signedPreKeys, this.signal.kyberPreKeys)
+            : L.signalDecrypt(S.SignalMessage.deserialize(Buffer.from(env.ciphertext)), addr, this.signal.address, this.signal.sessions, this.signal.identities),
         );
         const c = content.parseContent(Buffer.from(pt));
         const info = describeCiphertext(env.kind === 'PREKEY' ? S.CiphertextMessageType.PreKey : S.CiphertextMessageType.Whisper, env.ciphertext);
@@ -550,11 +594,12 @@ class Contact {
           await this.lock.run(() => S.processSenderKeyDistributionMessage(addr, skdm, this.signal.senderKeys));
           return { event: 'sender_key', ...base, group: c.value.group, distribution_id: skdm.distributionId(), kind: env.kind };
         }
-        return { event: 'message', ...base, kind: env.kind, message_id: env.message_id, group: '', content: c.json, spqr: info.spqr, message_version: info.message_version };
+        const pq = env.kind === 'PREKEY' ? { pqxdh: info.pqxdh } : {};
+        return { event: 'message', ...base, kind: env.kind, message_id: env.message_id, group: '', content: c.json, spqr: info.spqr, message_version: info.message_version, ...pq };
       }
       case 'GROUP': {
         const addr = addressOf(env.from);
-        const pt = await this.lock.run(() => S.groupDecrypt(addr, this.signal.senderKeys, env.ciphertext));
+        const pt = await this.lock.run(() => S.groupDecrypt(addr, this.signal.senderKeys, Buffer.from(env.ciphertext)));
         const c = content.parseContent(Buffer.from(pt));
         if (c.kind !== 'data') throw new Error('group ciphertext without a DataMessage');
         return { event: 'message', ...base, kind: 'GROUP', message_id: env.message_id, group: env.group, content: c.json };
@@ -591,4 +636,4 @@ class Contact {
   }
 }
 
-module.exports = { Contact, describeCiphertext, GatewayError };
+module.exports = { Contact, describeCiphertext, GatewayError, LIBSIGNAL };

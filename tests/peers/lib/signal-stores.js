@@ -1,10 +1,11 @@
-// In-memory stores for the official libsignal (@signalapp/libsignal-client), and one account's
-// Signal state: identity, registration id, prekeys, sessions, sender keys.
+// In-memory stores for the official libsignal (@signalapp/libsignal-client, or 0.72.1 with
+// MIB_CONTACT_LIBSIGNAL=x3dh: see libsignal.js), and one account's Signal state: identity,
+// registration id, prekeys, sessions, sender keys.
 // Records are kept serialized, as a real client would keep them on disk. A state can be exported to
 // JSON and imported again (the demo contact uses that to survive restarts).
 'use strict';
 
-const S = require('@signalapp/libsignal-client');
+const { S, identityChange } = require('./libsignal');
 
 const DEVICE_ID = 1; // one device per account (docs/interop-protocol.md §14.1)
 
@@ -87,9 +88,9 @@ class IdentityStore extends S.IdentityKeyStore {
     this.records.set(k, now);
     if (old && !old.equals(now)) {
       this.onChange(address.name(), old, now);
-      return S.IdentityChange.ReplacedExisting;
+      return identityChange(true);
     }
-    return S.IdentityChange.NewOrUnchanged;
+    return identityChange(false);
   }
   async isTrustedIdentity() {
     return true;
@@ -148,6 +149,7 @@ class KyberPreKeyStore extends S.KyberPreKeyStore {
     if (!v) throw new Error(`no kyber prekey ${id}`);
     return S.KyberPreKeyRecord.deserialize(v);
   }
+  // 0.103 passes (id, signedPreKeyId, baseKey), 0.72.1 (id): only the id matters here.
   async markKyberPreKeyUsed(id) {
     if (!this.lastResort.has(id)) this.records.delete(String(id));
   }
@@ -208,9 +210,10 @@ class SignalState {
 
   /**
    * Generates keys and stores their private halves; returns the UploadKeys body (§8.1).
-   * A new signed prekey and Kyber last-resort key are made each time.
+   * A new signed prekey and Kyber last-resort key are made each time. With `withKyber: false` (an
+   * X3DH-era client) the body has no Kyber keys at all: no `kyber_last_resort`, no `kyber_prekeys`.
    */
-  generateUpload({ oneTime = 0, kyber = 0 } = {}) {
+  generateUpload({ oneTime = 0, kyber = 0, withKyber = true } = {}) {
     const priv = this.identity.privateKey;
     const now = Date.now();
     const body = {
@@ -235,8 +238,10 @@ class SignalState {
       this.kyberPreKeys.records.set(String(id), S.KyberPreKeyRecord.new(id, now, kp, sig).serialize());
       return { id, public_key: Buffer.from(pub), signature: Buffer.from(sig) };
     };
-    body.kyber_last_resort = makeKyber();
-    this.kyberPreKeys.lastResort.add(body.kyber_last_resort.id);
+    if (withKyber) {
+      body.kyber_last_resort = makeKyber();
+      this.kyberPreKeys.lastResort.add(body.kyber_last_resort.id);
+    }
 
     for (let i = 0; i < oneTime; i++) {
       const id = this.nextPreKeyId++;
@@ -244,7 +249,7 @@ class SignalState {
       this.preKeys.records.set(String(id), S.PreKeyRecord.new(id, k.getPublicKey(), k).serialize());
       body.one_time_prekeys.push({ id, public_key: Buffer.from(k.getPublicKey().serialize()) });
     }
-    for (let i = 0; i < kyber; i++) body.kyber_prekeys.push(makeKyber());
+    if (withKyber) for (let i = 0; i < kyber; i++) body.kyber_prekeys.push(makeKyber());
     return body;
   }
 

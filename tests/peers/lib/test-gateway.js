@@ -1,7 +1,8 @@
 // A small in-memory gateway for the self test of this package. It follows docs/interop-protocol.md
 // for the requests the test contact uses, so the contact can be exercised without the reference
 // gateway. It is not the reference gateway: no persistence, no rate limit, no idle timeout,
-// no presence fan-out rules beyond the basics.
+// no presence fan-out rules beyond the basics. Accounts that upload no Kyber keys at all (X3DH-era
+// clients, see set_kyber) are accepted, and their bundles have no kyber_prekey.
 'use strict';
 
 const crypto = require('crypto');
@@ -186,7 +187,9 @@ class TestGateway {
     if (!keys || !Buffer.from(keys.identity_key).equals(Buffer.from(b.identity_key))) {
       keys = { identity_key: b.identity_key, spk: null, klr: null, otks: [], kyber: [] };
     }
-    if (!(b.signed_prekey || keys.spk) || !(b.kyber_last_resort || keys.klr)) throw new GErr('BAD_REQUEST', 'signed prekey and Kyber last resort needed');
+    if (!(b.signed_prekey || keys.spk)) throw new GErr('BAD_REQUEST', 'signed prekey needed');
+    // Kyber keys are optional as a whole (an X3DH-era client has none), but one-time Kyber prekeys need a last-resort one.
+    if (b.kyber_prekeys.length && !(b.kyber_last_resort || keys.klr)) throw new GErr('BAD_REQUEST', 'Kyber prekeys need a Kyber last-resort prekey');
     const merge = (list, add) => {
       const ids = new Set(add.map((k) => k.id));
       return [...list.filter((k) => !ids.has(k.id)), ...add];
@@ -208,10 +211,13 @@ class TestGateway {
     const acc = this.accounts.get(account);
     if (!acc || !acc.keys) throw new GErr('NOT_FOUND');
     const k = acc.keys;
-    const bundle = { account, device_id: 1, registration_id: k.registration_id, identity_key: k.identity_key, signed_prekey: k.spk, kyber_prekey: k.kyber.length ? k.kyber.shift() : k.klr };
+    const bundle = { account, device_id: 1, registration_id: k.registration_id, identity_key: k.identity_key, signed_prekey: k.spk };
+    const kyber = k.kyber.length ? k.kyber.shift() : k.klr;
+    if (kyber) bundle.kyber_prekey = kyber; // none for an account without Kyber keys (X3DH)
     if (k.otks.length) bundle.one_time_prekey = k.otks.shift();
     const after = () => {
-      if ((k.otks.length < 10 || k.kyber.length < 10) && acc.conn) this._push(acc.conn, 'prekeys_low', { one_time_prekeys: k.otks.length, kyber_prekeys: k.kyber.length });
+      const kyberLow = !!k.klr && k.kyber.length < 10; // an account without Kyber keys is not reminded of them
+      if ((k.otks.length < 10 || kyberLow) && acc.conn) this._push(acc.conn, 'prekeys_low', { one_time_prekeys: k.otks.length, kyber_prekeys: k.kyber.length });
     };
     return ['bundle', bundle, after];
   }

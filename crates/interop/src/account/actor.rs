@@ -271,6 +271,17 @@ impl Actor {
                                 .unwrap_or(false),
                         }),
                     });
+                // No PQXDH session: perhaps a classic one (version 3, never post-quantum).
+                let r = match r {
+                    Ok(info) if !info.exists => {
+                        self.classic_session(&peer).await.map(|c| SessionInfo {
+                            exists: c.is_some(),
+                            version: if c.is_some() { 3 } else { 0 },
+                            post_quantum: false,
+                        })
+                    }
+                    other => other,
+                };
                 let _ = reply.send(r);
             }
             Command::Stop => {}

@@ -190,6 +190,13 @@ impl Actor {
         let from = addr(&env.from);
         let plaintext = match kind {
             Kind::Group => group_decrypt(&env.ciphertext, &mut self.store.sender_keys, &from).await,
+            // Session version 3: classic X3DH, which the official crate no longer speaks.
+            _ if x3dh::session_version(&env.ciphertext) == Some(3) => {
+                return match self.x3dh_decrypt(&env.from, kind, &env.ciphertext).await? {
+                    Some(p) => decode_content(p),
+                    None => Ok(None),
+                };
+            }
             _ => {
                 let msg = if kind == Kind::Prekey {
                     PreKeySignalMessage::try_from(&env.ciphertext[..])
@@ -214,12 +221,7 @@ impl Actor {
             }
         };
         match plaintext {
-            Ok(p) => {
-                let p = zeroize::Zeroizing::new(p);
-                Content::decode(&p[..])
-                    .map(Some)
-                    .map_err(|e| Undecryptable::Invalid(format!("undecodable content: {e}")))
-            }
+            Ok(p) => decode_content(p),
             Err(SignalProtocolError::DuplicatedMessage(..)) => Ok(None),
             // The vault's database, not the message, failed (interop/signal_store.rs).
             Err(SignalProtocolError::InvalidState("vault store", e)) => {
@@ -228,4 +230,11 @@ impl Actor {
             Err(e) => Err(Undecryptable::Invalid(e.to_string())),
         }
     }
+}
+
+fn decode_content(plaintext: Vec<u8>) -> Result<Option<Content>, Undecryptable> {
+    let p = zeroize::Zeroizing::new(plaintext);
+    Content::decode(&p[..])
+        .map(Some)
+        .map_err(|e| Undecryptable::Invalid(format!("undecodable content: {e}")))
 }

@@ -53,6 +53,7 @@ pub async fn spawn_account(
     vault: Vault,
     db: Arc<dyn VaultStore>,
     events: mpsc::UnboundedSender<Box<Event>>,
+    options: AccountOptions,
 ) -> Result<AccountHandle, InteropError> {
     let sealed = db
         .record(owner, META, "credentials")
@@ -97,6 +98,7 @@ pub async fn spawn_account(
             inbox,
             last_replenish: None,
             store_backoff: FIRST_STORE_BACKOFF,
+            x3dh_recheck: options.x3dh_recheck,
         };
         actor.run(rx, ack_rx).await;
     });

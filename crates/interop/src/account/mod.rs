@@ -42,6 +42,7 @@ mod groups;
 mod inbox;
 mod login;
 mod sessions;
+mod x3dh;
 
 use blobs::{get_blob, put_blob};
 pub use login::{save_credentials, spawn_account, stored_account};
@@ -210,6 +211,22 @@ impl Command {
             | Command::GetGroup { reply, .. } => reply.is_closed(),
             Command::SessionInfo { reply, .. } => reply.is_closed(),
             Command::Stop => false,
+        }
+    }
+}
+
+/// How an account behaves, beyond where its gateway is.
+#[derive(Clone, Debug)]
+pub struct AccountOptions {
+    /// How often a peer on classic X3DH has its bundle fetched again to see whether it can do
+    /// PQXDH now (`account/x3dh.rs`).
+    pub x3dh_recheck: Duration,
+}
+
+impl Default for AccountOptions {
+    fn default() -> Self {
+        Self {
+            x3dh_recheck: x3dh::DEFAULT_RECHECK,
         }
     }
 }
@@ -469,6 +486,8 @@ struct Actor {
     last_replenish: Option<std::time::Instant>,
     /// The pause before the next login after the database failed an envelope.
     store_backoff: Duration,
+    /// [`AccountOptions::x3dh_recheck`].
+    x3dh_recheck: Duration,
 }
 
 /// `PREKEYS_LOW` pushes within this time of a replenish are not acted on: someone fetching

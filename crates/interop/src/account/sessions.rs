@@ -1,5 +1,6 @@
-//! Pairwise Signal sessions: prekeys kept topped up, sessions from fetched bundles (PQXDH), and
-//! encrypting outgoing content for a contact or every member of a group.
+//! Pairwise Signal sessions: prekeys kept topped up, sessions from fetched bundles (PQXDH, or
+//! classic X3DH in `x3dh` for peers without Kyber prekeys), and encrypting outgoing content for
+//! a contact or every member of a group.
 
 use super::*;
 
@@ -42,30 +43,26 @@ impl Actor {
         Ok(())
     }
 
-    /// Starts a session from a fetched bundle when there is none.
-    pub(super) async fn ensure_session(&mut self, peer: &str) -> Result<(), InteropError> {
-        use libsignal_protocol::SessionStore;
-        let address = addr(peer);
-        if self
-            .store
-            .sessions
-            .load_session(&address)
-            .await
-            .map_err(crypto)?
-            .is_some()
-        {
-            return Ok(());
-        }
-        let bundle = match self
+    /// The peer's bundle from the key directory (takes one of its one-time prekeys).
+    pub(super) async fn fetch_bundle(&mut self, peer: &str) -> Result<pb::Bundle, InteropError> {
+        match self
             .conn()?
             .request(Body::FetchBundle(pb::FetchBundle {
                 account: peer.to_owned(),
             }))
             .await?
         {
-            Body::Bundle(b) => b,
-            _ => return Err(InteropError::Unexpected),
-        };
+            Body::Bundle(b) => Ok(b),
+            _ => Err(InteropError::Unexpected),
+        }
+    }
+
+    /// Starts a PQXDH session from a bundle with a Kyber prekey (buffered; the caller commits).
+    pub(super) async fn start_pqxdh(
+        &mut self,
+        peer: &str,
+        bundle: pb::Bundle,
+    ) -> Result<(), InteropError> {
         let signed = bundle
             .signed_prekey
             .ok_or_else(|| InteropError::Crypto("bundle without signed prekey".into()))?;
@@ -97,7 +94,7 @@ impl Actor {
         .map_err(crypto)?;
         let st = &mut self.store;
         let r = process_prekey_bundle(
-            &address,
+            &addr(peer),
             &mut st.sessions,
             &mut st.identity,
             &b,
@@ -105,10 +102,7 @@ impl Actor {
             &mut rand::rng(),
         )
         .await;
-        r.map_err(|e| {
-            self.store.rollback();
-            crypto(e)
-        })?;
+        r.map_err(crypto)?;
         Ok(())
     }
 
@@ -117,28 +111,40 @@ impl Actor {
         peer: &str,
         plaintext: &[u8],
     ) -> Result<(Kind, Vec<u8>), InteropError> {
-        self.ensure_session(peer).await?;
-        let address = addr(peer);
-        let st = &mut self.store;
-        let r = message_encrypt(
-            plaintext,
-            &address,
-            &mut st.sessions,
-            &mut st.identity,
-            std::time::SystemTime::now(),
-            &mut rand::rng(),
-        )
-        .await;
-        let msg = r.map_err(|e| {
-            self.store.rollback();
-            crypto(e)
-        })?;
-        self.store.commit(vec![]).await?;
-        let kind = match msg {
-            CiphertextMessage::PreKeySignalMessage(_) => Kind::Prekey,
-            _ => Kind::Message,
+        let r = match self.session_for(peer).await {
+            Ok(x3dh::Protocol::X3dh) => self.x3dh_encrypt(peer, plaintext).await,
+            Ok(x3dh::Protocol::Pqxdh) => {
+                let st = &mut self.store;
+                message_encrypt(
+                    plaintext,
+                    &addr(peer),
+                    &mut st.sessions,
+                    &mut st.identity,
+                    std::time::SystemTime::now(),
+                    &mut rand::rng(),
+                )
+                .await
+                .map_err(crypto)
+                .map(|msg| {
+                    let kind = match msg {
+                        CiphertextMessage::PreKeySignalMessage(_) => Kind::Prekey,
+                        _ => Kind::Message,
+                    };
+                    (kind, msg.serialize().to_vec())
+                })
+            }
+            Err(e) => Err(e),
         };
-        Ok((kind, msg.serialize().to_vec()))
+        match r {
+            Ok(out) => {
+                self.store.commit(vec![]).await?;
+                Ok(out)
+            }
+            Err(e) => {
+                self.store.rollback();
+                Err(e)
+            }
+        }
     }
 
     pub(super) async fn send_data(
