@@ -287,6 +287,28 @@ async fn x3dh_era_contact_is_reached_and_moved_to_pqxdh_once_it_can() {
         assert_eq!(ev["message_version"], 3, "{ev}");
     }
 
+    // An X3DH-era contact that starts the session itself (it leaves our Kyber prekey unused):
+    // its first message is a version-3 prekey message, opened with our prekeys from the vault.
+    let mut starter = NodeContact::spawn_x3dh();
+    starter.call(json!({"cmd": "set_kyber", "enabled": false}));
+    starter.setup(gw.port, &key, &random_account(), CODE);
+    let sent =
+        starter.call(json!({"cmd": "send", "to": ours.account, "content": "X3DH from them"}));
+    assert_eq!(sent["kind"], "PREKEY", "{sent}");
+    assert_eq!(sent["message_version"], 3, "{sent}");
+    let got = ours.wait(|e| body_of(e).is_some()).await;
+    assert_eq!(body_of(&got).as_deref(), Some("X3DH from them"));
+    ours.handle
+        .send(
+            Target::Account(starter.account.clone()),
+            "s1".into(),
+            text("answered"),
+        )
+        .await
+        .expect("answer over their X3DH session");
+    let ev = starter.event("our answer", |v| node_text(v) == Some("answered"));
+    assert_eq!(ev["message_version"], 3, "{ev}");
+
     // The classic session is kept in the vault: after a restart it goes on.
     ours.handle.stop().await;
     old.call(json!({"cmd": "send", "to": ours.account, "content": "while you were away"}));

@@ -191,7 +191,8 @@ class Contact {
   /**
    * The Kyber switch. Off (x3dh library only): every later key upload (upload_keys, reset_identity,
    * replenishing) has no Kyber last-resort and no one-time Kyber prekeys, as an X3DH-era client's
-   * (keys uploaded before stay in the directory). On again, when it was off (the peer upgrades): a
+   * (keys uploaded before stay in the directory), and sessions it starts are X3DH even when the
+   * peer's bundle has a Kyber prekey. On again, when it was off (the peer upgrades): a
    * new signed prekey, a Kyber last-resort prekey and `kyber` one-time Kyber prekeys are uploaded now.
    */
   async set_kyber({ enabled, kyber = 20 } = {}) {
@@ -452,7 +453,10 @@ class Contact {
       const rec = await this.signal.sessions.getSession(addr);
       if (!rec || !rec.hasCurrentState()) {
         const { value: b } = await this._req('fetch_bundle', { account: to });
-        const bundle = L.preKeyBundleFrom({ ...b, account: b.account || to }); // X3DH when it has no kyber_prekey
+        // X3DH when it has no kyber_prekey; with Kyber off this contact is an X3DH-era client,
+        // which knows nothing of Kyber prekeys and starts X3DH even from a bundle that has one.
+        const usable = this.kyber ? b : { ...b, kyber_prekey: null };
+        const bundle = L.preKeyBundleFrom({ ...usable, account: b.account || to });
         await L.processPreKeyBundle(bundle, addr, this.signal.address, this.signal.sessions, this.signal.identities);
         newSession = true;
       }
