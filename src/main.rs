@@ -379,6 +379,7 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
     // Disappearing messages: the schedule is in the database; with several workers each
     // looks at it (a second redaction of the same event changes nothing).
     tokio::spawn(bridge.clone().run_disappearing());
+    tokio::spawn(bridge.clone().run_claim_pruning());
     let leases = match &cluster {
         Some(c) => {
             tracing::info!(worker = %c.worker_id(), "one worker of several: logins are taken by lease");
@@ -486,7 +487,16 @@ fn assemble(
         },
         network.clone(),
         BridgeSettings {
-            bridge: cfg.bridge.clone(),
+            bridge: {
+                let mut bridge = cfg.bridge.clone();
+                // A shared group portal's users may be in different workers, and a room's
+                // events are handled in one (docs/scaling.md): each login keeps its own room.
+                if cfg.workers.enabled && bridge.shared_group_portals {
+                    tracing::info!("several workers: each login gets its own room for a group");
+                    bridge.shared_group_portals = false;
+                }
+                bridge
+            },
             homeserver_domain: cfg.homeserver.domain.clone(),
             username_template: cfg.appservice.username_template.clone(),
             encryption_default: cfg.encryption.default,

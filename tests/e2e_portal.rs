@@ -1076,3 +1076,115 @@ async fn disappearing_messages_both_ways() {
     });
     assert_eq!(m["content"]["expire_timer"], 0);
 }
+
+/// Two Matrix users of this homeserver in one interop group (mautrix-whatsapp's users see such a
+/// group's messages twice, mautrix/whatsapp#893): one room with both in it, each contact's message
+/// once, each user's message out through their own login and once to the contacts; both logins
+/// catching up on a backlog together after a bridge restart still show each message once; when
+/// one user logs out the room goes on for the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_of_two_users_is_one_room_with_each_message_once() {
+    let mut env = BridgeEnv::start("").await;
+    let alice = env.synapse.user("alice").await;
+    let bob = env.synapse.user("bob").await;
+    let (mgmt_a, acc_a) = login(&alice).await;
+    let (mgmt_b, acc_b) = login(&bob).await;
+    let mut n1 = env.node();
+    let g1 = ghost_of(&n1.account);
+    let g = n1.call(json!({"cmd": "create_group", "name": "Shared", "members": [acc_a, acc_b]}));
+    let gid = g["group"]["id"].as_str().expect("id").to_owned();
+    accept(&alice, &mgmt_a, &gid).await;
+    let room = alice.wait_invite(&[&mgmt_a]).await;
+    alice.join(&room).await;
+    accept(&bob, &mgmt_b, &gid).await;
+    let room_b = bob.wait_invite(&[&mgmt_b]).await;
+    assert_eq!(room_b, room, "bob is invited to alice's room for the group");
+    bob.join(&room).await;
+    // The room's users are there themselves: no ghost stands for their accounts.
+    let members = alice.joined_members(&room).await;
+    assert!(members.contains(&g1), "{members:?}");
+    for own in [ghost_of(&acc_a), ghost_of(&acc_b)] {
+        assert!(!members.contains(&own), "{own} in {members:?}");
+    }
+
+    let count = |msgs: &[serde_json::Value], body: &str| {
+        msgs.iter().filter(|e| e["content"]["body"] == body).count()
+    };
+    n1.call(json!({"cmd": "send_group", "group": gid, "content": "hello both"}));
+    bob.wait_for(
+        &room,
+        "contact's message",
+        by(&g1, |e| e["content"]["body"] == "hello both"),
+    )
+    .await;
+
+    // Each user writes through their own login; the contact gets each once, and neither
+    // user's message comes back into the room from the other's login.
+    alice.send_text(&room, "alice here").await;
+    bob.send_text(&room, "bob here").await;
+    for (body, from) in [("alice here", &acc_a), ("bob here", &acc_b)] {
+        let m = n1.event("a user's message", |v| {
+            v["event"] == "message" && v["content"]["text"]["body"] == body
+        });
+        assert_eq!(&m["from"], from, "{m}");
+    }
+
+    // The bridge goes down; the contact writes; both logins catch up at once after it starts.
+    env.bridge.stop();
+    for i in 0..5 {
+        n1.call(json!({"cmd": "send_group", "group": gid, "content": format!("backlog {i}")}));
+    }
+    env.bridge = env.setup.start().await;
+    for i in 0..5 {
+        alice
+            .wait_for(
+                &room,
+                "backlog",
+                by(&g1, move |e| {
+                    e["content"]["body"] == json!(format!("backlog {i}"))
+                }),
+            )
+            .await;
+    }
+    n1.call(json!({"cmd": "send_group", "group": gid, "content": "after the backlog"}));
+    alice
+        .wait_for(
+            &room,
+            "after",
+            by(&g1, |e| e["content"]["body"] == "after the backlog"),
+        )
+        .await;
+    let msgs = alice.messages(&room).await;
+    for body in ["hello both", "alice here", "bob here", "after the backlog"] {
+        assert_eq!(count(&msgs, body), 1, "{body}: {msgs:#?}");
+    }
+    for i in 0..5 {
+        assert_eq!(count(&msgs, &format!("backlog {i}")), 1, "backlog {i}");
+    }
+    assert!(
+        n1.backlog
+            .iter()
+            .filter(|v| v["content"]["text"]["body"] == "alice here")
+            .count()
+            == 0,
+        "the contact got alice's message twice"
+    );
+
+    // Alice logs out: the room goes on for bob, both ways.
+    alice.send_text(&mgmt_a, "logout").await;
+    alice
+        .wait_for(&mgmt_a, "logged out", from_bot("Logged out"))
+        .await;
+    n1.call(json!({"cmd": "send_group", "group": gid, "content": "still here?"}));
+    bob.wait_for(
+        &room,
+        "after alice left",
+        by(&g1, |e| e["content"]["body"] == "still here?"),
+    )
+    .await;
+    bob.send_text(&room, "yes, bob is").await;
+    n1.event("bob after alice's logout", |v| {
+        v["event"] == "message" && v["content"]["text"]["body"] == "yes, bob is"
+    });
+    assert_eq!(count(&bob.messages(&room).await, "still here?"), 1);
+}

@@ -568,7 +568,26 @@ impl Bridge {
         self.release_login(sender).await;
         let bot = self.matrix.bot_mxid().to_owned();
         for p in &portals {
-            if let Some(room) = p.room_id.as_ref().map(|r| r.as_str()) {
+            let room = p.room_id.as_ref().map(|r| r.as_str());
+            let shared = match room {
+                Some(room) => self
+                    .portals
+                    .portals_in_room(room)
+                    .await
+                    .map(|rows| rows.len() > 1)
+                    .unwrap_or(false),
+                None => false,
+            };
+            if let (true, Some(room)) = (shared, room) {
+                // A shared group portal goes on for the others: only this user's part ends.
+                let _ = self
+                    .notice(
+                        room,
+                        &format!("{sender} logged out: their messages here are no longer bridged."),
+                    )
+                    .await;
+                self.remove_from_space(sender, room).await;
+            } else if let Some(room) = room {
                 let _ = self
                     .notice(
                         room,
@@ -824,7 +843,7 @@ impl Bridge {
                 "Only bridge admins may change the relay (bridge.relay.admin_only).",
             );
         }
-        let Ok(Some(mut portal)) = self.portals.portal_by_room(room_id).await else {
+        let Ok(Some(mut portal)) = self.portal_record_in(room_id, sender).await else {
             return CommandOutcome::text("Run this in a portal room.");
         };
         // Only the chat's owner (whose login it is) or an admin decides who speaks for others.
@@ -859,7 +878,7 @@ impl Bridge {
         level: PermissionLevel,
         verb: &str,
     ) -> Result<super::types::Portal, CommandOutcome> {
-        let Ok(Some(portal)) = self.portals.portal_by_room(room_id).await else {
+        let Ok(Some(portal)) = self.portal_record_in(room_id, sender).await else {
             return Err(CommandOutcome::text(format!(
                 "Run this in the portal room you want to {verb}."
             )));
@@ -962,7 +981,7 @@ impl Bridge {
         let Some(acc) = self.network.account(portal.receiver.as_str()) else {
             return CommandOutcome::text("The login of this chat is not running.");
         };
-        let Ok(Some(p)) = self.portal_in(room_id).await else {
+        let Ok(Some(p)) = self.portal_in(room_id, portal.receiver.as_str()).await else {
             return CommandOutcome::text("This portal has no room.");
         };
         let change = super::model::Message {

@@ -579,7 +579,7 @@ impl MatrixEventHandler for Bridge {
                 ) {
                     return Ok(());
                 }
-                return match self.portal_in(room_id).await? {
+                return match self.portal_in(room_id, sender).await? {
                     Some(portal) => portal.matrix_state(state).await,
                     None => Ok(()),
                 };
@@ -601,7 +601,7 @@ impl MatrixEventHandler for Bridge {
             return Ok(());
         }
         let command = command_text(message);
-        if let Some(portal) = self.portal_in(room_id).await? {
+        if let Some(portal) = self.portal_in(room_id, sender).await? {
             // Commands work in portals too; everything else is bridged.
             let prefix = &self.settings.bridge.command_prefix;
             if let Some((body, _)) = command

@@ -13,7 +13,7 @@ use super::{
     BridgeError,
     requests::{HeldMessage, MessageRequest, RequestStore},
     store::{KvStore, Lease, LeaseStore, PortalStore, StoreError, UserStore},
-    types::{GhostProfile, MappedMessage, Portal},
+    types::{GhostProfile, MappedMessage, Portal, PortalKind},
 };
 
 #[derive(Default)]
@@ -33,6 +33,8 @@ struct Data {
     timers: HashMap<String, u32>,
     /// (room, event) → when it disappears.
     disappearing: BTreeMap<(String, String), i64>,
+    /// (room, sender, message id) → the login that claimed it, and when.
+    claims: HashMap<(String, String, String), (String, i64)>,
     /// Tests: the next `disappear_at` fails as a database that went away would.
     fail_next_schedule: bool,
 }
@@ -87,23 +89,60 @@ impl PortalStore for MemoryStore {
             .cloned())
     }
 
-    async fn portal_by_room(&self, room_id: &str) -> Result<Option<Portal>, StoreError> {
+    async fn portals_in_room(&self, room_id: &str) -> Result<Vec<Portal>, StoreError> {
         Ok(self
             .data()
             .portals
             .iter()
-            .find(|p| p.room_id.as_ref().is_some_and(|r| r == room_id))
+            .filter(|p| p.room_id.as_ref().is_some_and(|r| r == room_id))
+            .cloned()
+            .collect())
+    }
+
+    async fn group_portal(&self, chat_id: &str) -> Result<Option<Portal>, StoreError> {
+        Ok(self
+            .data()
+            .portals
+            .iter()
+            .find(|p| p.chat_id == chat_id && p.kind == PortalKind::Group && p.room_id.is_some())
             .cloned())
+    }
+
+    async fn claim_message(
+        &self,
+        room_id: &str,
+        sender: &str,
+        message_id: &str,
+        owner: &str,
+        now_ms: i64,
+        stale_before_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let mut d = self.data();
+        let key = (room_id.to_owned(), sender.to_owned(), message_id.to_owned());
+        match d.claims.get(&key) {
+            Some((held_by, at)) if held_by != owner && *at >= stale_before_ms => Ok(false),
+            _ => {
+                d.claims.insert(key, (owner.to_owned(), now_ms));
+                Ok(true)
+            }
+        }
+    }
+
+    async fn prune_claims(&self, before_ms: i64) -> Result<(), StoreError> {
+        self.data().claims.retain(|_, (_, at)| *at >= before_ms);
+        Ok(())
     }
 
     async fn save_portal(&self, p: &Portal) -> Result<(), StoreError> {
         let mut data = self.data();
+        // Only the portals of one group share a room.
         let taken = p.room_id.is_some()
             && data.portals.iter().any(|q| {
-                q.room_id == p.room_id && (q.receiver != p.receiver || q.chat_id != p.chat_id)
+                q.room_id == p.room_id
+                    && (q.chat_id != p.chat_id
+                        || (q.receiver != p.receiver && p.kind == PortalKind::Dm))
             });
         if taken {
-            // The SQL store's unique index on the room.
             return Err(StoreError::failed("the room belongs to another portal"));
         }
         match data
@@ -119,10 +158,10 @@ impl PortalStore for MemoryStore {
 
     async fn update_portal_look(&self, p: &Portal) -> Result<(), StoreError> {
         let mut data = self.data();
-        if let Some(q) = data
+        for q in data
             .portals
             .iter_mut()
-            .find(|q| q.receiver == p.receiver && q.chat_id == p.chat_id && q.room_id == p.room_id)
+            .filter(|q| q.chat_id == p.chat_id && q.room_id == p.room_id)
         {
             q.name.clone_from(&p.name);
             q.avatar_blob.clone_from(&p.avatar_blob);
@@ -138,7 +177,15 @@ impl PortalStore for MemoryStore {
             .iter()
             .find(|p| p.receiver == receiver && p.chat_id == chat_id)
             .and_then(|p| p.room_id.as_ref().map(|r| r.to_string()));
-        if let Some(room) = room {
+        let shared = |data: &Data, room: &str| {
+            data.portals.iter().any(|p| {
+                p.room_id.as_ref().is_some_and(|r| r == room)
+                    && !(p.receiver == receiver && p.chat_id == chat_id)
+            })
+        };
+        if let Some(room) = room
+            && !shared(&data, &room)
+        {
             data.map.retain(|m| m.room_id != room);
         }
         data.portals

@@ -64,6 +64,10 @@ pub struct BridgeConfig {
     /// Each login gets a personal space holding its portals.
     #[serde(default = "yes")]
     pub personal_spaces: bool,
+    /// A group that several logins of this bridge are in has one room, shared by them
+    /// (otherwise each login has a room of its own for it). Off with several workers.
+    #[serde(default = "yes")]
+    pub shared_group_portals: bool,
 }
 
 fn default_max_media() -> u64 {
@@ -83,6 +87,7 @@ impl Default for BridgeConfig {
             max_media_size: default_max_media(),
             message_requests: true,
             personal_spaces: true,
+            shared_group_portals: true,
         }
     }
 }

@@ -45,12 +45,37 @@ pub trait PortalStore: Send + Sync {
     async fn all_logins(&self) -> Result<Vec<(String, String)>, StoreError>;
 
     async fn portal(&self, receiver: &str, chat_id: &str) -> Result<Option<Portal>, StoreError>;
-    async fn portal_by_room(&self, room_id: &str) -> Result<Option<Portal>, StoreError>;
+    /// The portals whose room is `room_id`, the oldest first: one, or for a shared group
+    /// portal one per login in it (all of the same chat).
+    async fn portals_in_room(&self, room_id: &str) -> Result<Vec<Portal>, StoreError>;
+    /// The first portal of `room_id` (its creator's, for a shared group portal).
+    async fn portal_by_room(&self, room_id: &str) -> Result<Option<Portal>, StoreError> {
+        Ok(self.portals_in_room(room_id).await?.into_iter().next())
+    }
+    /// The oldest group portal of the group `chat_id` that has a room, whoever's it is (the room
+    /// another login of the group joins).
+    async fn group_portal(&self, chat_id: &str) -> Result<Option<Portal>, StoreError>;
     async fn save_portal(&self, p: &Portal) -> Result<(), StoreError>;
-    /// Updates only the name and avatar of the portal, and only while it still has the same room
-    /// (a portal closed meanwhile stays closed).
+    /// Updates only the name and avatar of the portal (of every portal sharing its room), and
+    /// only while it still has the same room (a portal closed meanwhile stays closed).
     async fn update_portal_look(&self, p: &Portal) -> Result<(), StoreError>;
+    /// Forgets the portal; its room's message map goes with the room's last portal.
     async fn delete_portal(&self, receiver: &str, chat_id: &str) -> Result<(), StoreError>;
+    /// Takes the network message (`room_id`, `sender`, `message_id`) for the login of `owner`
+    /// to bridge: `true` when `owner` has it now (it was free, already `owner`'s, or taken
+    /// before `stale_before_ms` by a login that never finished). In a shared group portal each
+    /// login receives every message; this is what makes one of them bridge it.
+    async fn claim_message(
+        &self,
+        room_id: &str,
+        sender: &str,
+        message_id: &str,
+        owner: &str,
+        now_ms: i64,
+        stale_before_ms: i64,
+    ) -> Result<bool, StoreError>;
+    /// Forgets claims taken before `before_ms`.
+    async fn prune_claims(&self, before_ms: i64) -> Result<(), StoreError>;
     async fn portals_of(&self, receiver: &str) -> Result<Vec<Portal>, StoreError>;
 
     async fn ghost_profile(&self, account: &str) -> Result<Option<GhostProfile>, StoreError>;

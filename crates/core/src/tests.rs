@@ -2597,3 +2597,213 @@ async fn disappearing_messages_follow_the_timer_both_ways() {
     assert_eq!(sent.2.expire_timer, 0);
     assert!(due(i64::MAX).await.is_empty());
 }
+
+/// Two users of this homeserver in one interop group share its room (`bridge.shared_group_portals`):
+/// a contact's message, which both logins receive, shows once, whichever login gets it first and
+/// also when one of them catches up later; a message claimed by the other login waits until that
+/// one bridged it (and is taken over when it never does); one user's message, which reaches the
+/// other's login as well, is not shown again; each user's messages go out through their own
+/// login; a user who logs out leaves the room to the other.
+#[tokio::test]
+async fn a_group_of_two_logins_has_one_room_and_each_message_once() {
+    const DAVE: &str = "@dave:x";
+    const DAVE_ACC: &str = "+15550004000";
+    let h = Harness::new().await;
+    let dave = h.login(DAVE, DAVE_ACC).await;
+    let members: Vec<String> = vec![ALICE_ACC.into(), DAVE_ACC.into(), CAROL_ACC.into()];
+    *h.alice.group_members.lock().unwrap() = members.clone();
+    *dave.group_members.lock().unwrap() = members;
+    let envelope = std::sync::atomic::AtomicU64::new(100);
+    let deliver = |to: &'static str, from: &'static str, id: &str, body: &str| {
+        let ev = NetEvent::Message {
+            envelope_id: envelope.fetch_add(1, std::sync::atomic::Ordering::SeqCst),
+            from: from.into(),
+            group: Some("g1".into()),
+            message_id: id.into(),
+            timestamp: SENT_AT,
+            data: Message {
+                body: Some(text(body)),
+                reply_to: None,
+                expire_timer: 0,
+            },
+        };
+        let bridge = &h.bridge;
+        async move { bridge.on_network_event(to, &ev).await }
+    };
+    let shown = |room: &str, body: &str| {
+        h.matrix
+            .calls_of("send_event")
+            .iter()
+            .filter(|c| c["room"] == room && c["content"]["body"] == body)
+            .count()
+    };
+
+    // Carol writes: alice's login gets it first and makes the room; dave's copy brings dave in.
+    deliver(ALICE, CAROL_ACC, "c1", "hello both").await.unwrap();
+    let room = h.room_of("g1").await;
+    deliver(DAVE, CAROL_ACC, "c1", "hello both").await.unwrap();
+    let daves = h
+        .store
+        .portal(DAVE, "g1")
+        .await
+        .unwrap()
+        .expect("dave's portal");
+    assert_eq!(
+        daves.room_id.as_ref().map(|r| r.as_str()),
+        Some(room.as_str())
+    );
+    assert_eq!(h.matrix.calls_of("create_room").len(), 1, "one room");
+    assert!(
+        h.matrix
+            .calls_of("invite")
+            .iter()
+            .any(|c| c["room"] == room.as_str() && c["invitee"] == DAVE)
+    );
+    assert_eq!(shown(&room, "hello both"), 1);
+    // Dave is in the room himself: the ghost of his account (a member of the group) goes.
+    let daves_ghost = h.bridge.ghost_mxid(DAVE_ACC);
+    assert!(
+        h.matrix
+            .calls_of("leave")
+            .iter()
+            .any(|c| c["room"] == room.as_str() && c["as"] == daves_ghost.as_str())
+    );
+
+    // Dave writes on Matrix: out through dave's login only; its copy reaching alice's login
+    // (from dave's account) is not shown again.
+    h.matrix_event(
+        &room,
+        DAVE,
+        "$d1",
+        "m.room.message",
+        matrix_text("dave here"),
+    )
+    .await
+    .unwrap();
+    assert!(dave.sent_bodies().contains(&text("dave here")));
+    assert!(!h.alice.sent_bodies().contains(&text("dave here")));
+    deliver(ALICE, DAVE_ACC, "d-1", "dave here").await.unwrap();
+    assert_eq!(
+        shown(&room, "dave here"),
+        0,
+        "the Matrix event is the message"
+    );
+
+    // Dave's login was away: alice's bridges carol's messages; dave's copies come later.
+    for i in 0..3 {
+        deliver(
+            ALICE,
+            CAROL_ACC,
+            &format!("c-away-{i}"),
+            &format!("away {i}"),
+        )
+        .await
+        .unwrap();
+    }
+    for i in 0..3 {
+        deliver(
+            DAVE,
+            CAROL_ACC,
+            &format!("c-away-{i}"),
+            &format!("away {i}"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(shown(&room, &format!("away {i}")), 1);
+    }
+
+    // Both at once: dave's login has claimed a message and not bridged it yet; alice's copy
+    // waits (to be retried) until dave's is done, then finds it bridged.
+    let now = crate::now_ms() as i64;
+    assert!(
+        h.store
+            .claim_message(&room, CAROL_ACC, "c-race", DAVE, now, now - 60_000)
+            .await
+            .unwrap()
+    );
+    let waiting = deliver(ALICE, CAROL_ACC, "c-race", "race").await;
+    assert!(
+        matches!(waiting, Err(BridgeError::NotReady(_))),
+        "{waiting:?}"
+    );
+    deliver(DAVE, CAROL_ACC, "c-race", "race").await.unwrap();
+    deliver(ALICE, CAROL_ACC, "c-race", "race").await.unwrap();
+    assert_eq!(shown(&room, "race"), 1);
+    // A claim its login never finished (it died) is taken over after a minute.
+    assert!(
+        h.store
+            .claim_message(
+                &room,
+                CAROL_ACC,
+                "c-lost",
+                DAVE,
+                now - 61_000,
+                now - 121_000
+            )
+            .await
+            .unwrap()
+    );
+    deliver(ALICE, CAROL_ACC, "c-lost", "lost?").await.unwrap();
+    assert_eq!(shown(&room, "lost?"), 1);
+
+    // Alice logs out: the room stays, dave's login goes on bridging into it.
+    let out = h.bridge.run_command("!mgmt:x", ALICE, "logout").await.body;
+    assert!(out.starts_with("Logged out"), "{out}");
+    assert!(h.store.portal(ALICE, "g1").await.unwrap().is_none());
+    assert!(
+        !h.matrix
+            .calls_of("leave")
+            .iter()
+            .any(|c| c["room"] == room.as_str() && c["as"] == "@interopbot:x"),
+        "the bot stays in the shared room"
+    );
+    deliver(DAVE, CAROL_ACC, "c-after", "after alice left")
+        .await
+        .unwrap();
+    assert_eq!(shown(&room, "after alice left"), 1);
+    assert!(
+        h.store.by_message(&room, "c1", "").await.unwrap().is_some(),
+        "the map stays"
+    );
+}
+
+/// With `bridge.shared_group_portals` off, each login has a room of its own for a group.
+#[tokio::test]
+async fn without_shared_group_portals_each_login_has_its_own_room() {
+    const DAVE: &str = "@dave:x";
+    const DAVE_ACC: &str = "+15550004000";
+    let h = Harness::with(|s| {
+        s.bridge.message_requests = false;
+        s.bridge.shared_group_portals = false;
+    })
+    .await;
+    let dave = h.login(DAVE, DAVE_ACC).await;
+    *dave.group_members.lock().unwrap() = vec![ALICE_ACC.into(), DAVE_ACC.into()];
+    h.net_message(CAROL_ACC, Some("g1"), "c1", text("hi"))
+        .await
+        .unwrap();
+    let ev = NetEvent::Message {
+        envelope_id: 500,
+        from: CAROL_ACC.into(),
+        group: Some("g1".into()),
+        message_id: "c1".into(),
+        timestamp: SENT_AT,
+        data: Message {
+            body: Some(text("hi")),
+            reply_to: None,
+            expire_timer: 0,
+        },
+    };
+    h.bridge.on_network_event(DAVE, &ev).await.unwrap();
+    let alices = h.room_of("g1").await;
+    let daves = h
+        .store
+        .portal(DAVE, "g1")
+        .await
+        .unwrap()
+        .unwrap()
+        .room_id
+        .unwrap();
+    assert_ne!(alices, daves.as_str());
+    assert_eq!(h.matrix.calls_of("create_room").len(), 2);
+}

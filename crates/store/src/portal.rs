@@ -87,7 +87,7 @@ struct CachedPortals {
     /// put what it read in the cache.
     generation: u64,
     by_chat: std::collections::HashMap<(String, String), Option<Portal>>,
-    by_room: std::collections::HashMap<String, Option<Portal>>,
+    by_room: std::collections::HashMap<String, Vec<Portal>>,
 }
 
 impl std::fmt::Debug for PortalCache {
@@ -101,32 +101,22 @@ impl std::fmt::Debug for PortalCache {
 /// Entries kept at most (a few MB); past it the cache starts over.
 const MAX_CACHED_PORTALS: usize = 10_000;
 
-/// Where a lookup finds its portal.
-#[derive(Clone, Copy)]
-enum Lookup<'a> {
-    Chat(&'a str, &'a str),
-    Room(&'a str),
-}
-
 impl PortalCache {
     fn lock(&self) -> std::sync::MutexGuard<'_, CachedPortals> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The cached answer (`Err` with the generation to put a fresh one under when there is none).
-    fn get(&self, key: Lookup<'_>) -> Result<Option<Portal>, Option<u64>> {
+    /// The cached answer from `map` (`Err` with the generation to put a fresh one under when
+    /// there is none).
+    fn get<V: Clone>(&self, map: impl Fn(&CachedPortals) -> Option<&V>) -> Result<V, Option<u64>> {
         if !self.on.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(None);
         }
         let c = self.lock();
-        let hit = match key {
-            Lookup::Chat(r, chat) => c.by_chat.get(&(r.to_owned(), chat.to_owned())),
-            Lookup::Room(room) => c.by_room.get(room),
-        };
-        hit.cloned().ok_or(Some(c.generation))
+        map(&c).cloned().ok_or(Some(c.generation))
     }
 
-    fn put(&self, key: Lookup<'_>, generation: Option<u64>, found: &Option<Portal>) {
+    fn put(&self, generation: Option<u64>, insert: impl FnOnce(&mut CachedPortals)) {
         let mut c = self.lock();
         if generation != Some(c.generation) {
             return;
@@ -135,15 +125,7 @@ impl PortalCache {
             c.by_chat.clear();
             c.by_room.clear();
         }
-        match key {
-            Lookup::Chat(r, chat) => {
-                c.by_chat
-                    .insert((r.to_owned(), chat.to_owned()), found.clone());
-            }
-            Lookup::Room(room) => {
-                c.by_room.insert(room.to_owned(), found.clone());
-            }
-        }
+        insert(&mut c);
     }
 
     /// After a write of portals (whether or not it succeeded): nothing cached is trusted.
@@ -174,35 +156,47 @@ impl SqlStore {
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
-    async fn cached_portal(&self, key: Lookup<'_>) -> Result<Option<Portal>, CoreError> {
-        let generation = match self.portal_cache.get(key) {
+    async fn cached_portal(
+        &self,
+        receiver: &str,
+        chat_id: &str,
+    ) -> Result<Option<Portal>, CoreError> {
+        let key = (receiver.to_owned(), chat_id.to_owned());
+        let generation = match self.portal_cache.get(|c| c.by_chat.get(&key)) {
             Ok(hit) => return Ok(hit),
             Err(generation) => generation,
         };
-        let row = match key {
-            Lookup::Chat(receiver, chat_id) => {
-                let q = format!(
-                    "SELECT {PORTAL_COLS} FROM portal WHERE receiver = $1 AND chat_id = $2"
-                );
-                sqlx::query(sqlx::AssertSqlSafe(q))
-                    .bind(receiver)
-                    .bind(chat_id)
-                    .fetch_optional(self.pool())
-                    .await
-            }
-            Lookup::Room(room_id) => {
-                let q = format!("SELECT {PORTAL_COLS} FROM portal WHERE room_id = $1");
-                sqlx::query(sqlx::AssertSqlSafe(q))
-                    .bind(room_id)
-                    .fetch_optional(self.pool())
-                    .await
-            }
-        }
-        .db()?;
+        let q = format!("SELECT {PORTAL_COLS} FROM portal WHERE receiver = $1 AND chat_id = $2");
+        let row = sqlx::query(sqlx::AssertSqlSafe(q))
+            .bind(receiver)
+            .bind(chat_id)
+            .fetch_optional(self.pool())
+            .await
+            .db()?;
         let found = row.as_ref().map(portal_row).transpose()?;
-        if generation.is_some() {
-            self.portal_cache.put(key, generation, &found);
-        }
+        self.portal_cache.put(generation, |c| {
+            c.by_chat.insert(key, found.clone());
+        });
+        Ok(found)
+    }
+
+    async fn cached_room(&self, room_id: &str) -> Result<Vec<Portal>, CoreError> {
+        let generation = match self.portal_cache.get(|c| c.by_room.get(room_id)) {
+            Ok(hit) => return Ok(hit),
+            Err(generation) => generation,
+        };
+        let q = format!(
+            "SELECT {PORTAL_COLS} FROM portal WHERE room_id = $1 ORDER BY created_at, receiver"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(q))
+            .bind(room_id)
+            .fetch_all(self.pool())
+            .await
+            .db()?;
+        let found = rows.iter().map(portal_row).collect::<Result<Vec<_>, _>>()?;
+        self.portal_cache.put(generation, |c| {
+            c.by_room.insert(room_id.to_owned(), found.clone());
+        });
         Ok(found)
     }
 }
@@ -257,11 +251,62 @@ impl PortalStore for SqlStore {
     }
 
     async fn portal(&self, receiver: &str, chat_id: &str) -> Result<Option<Portal>, CoreError> {
-        self.cached_portal(Lookup::Chat(receiver, chat_id)).await
+        self.cached_portal(receiver, chat_id).await
     }
 
-    async fn portal_by_room(&self, room_id: &str) -> Result<Option<Portal>, CoreError> {
-        self.cached_portal(Lookup::Room(room_id)).await
+    async fn portals_in_room(&self, room_id: &str) -> Result<Vec<Portal>, CoreError> {
+        self.cached_room(room_id).await
+    }
+
+    async fn group_portal(&self, chat_id: &str) -> Result<Option<Portal>, CoreError> {
+        let q = format!(
+            "SELECT {PORTAL_COLS} FROM portal WHERE chat_id = $1 AND kind = 'group' \
+             AND room_id IS NOT NULL ORDER BY created_at, receiver LIMIT 1"
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(q))
+            .bind(chat_id)
+            .fetch_optional(self.pool())
+            .await
+            .db()?;
+        Ok(row.as_ref().map(portal_row).transpose()?)
+    }
+
+    async fn claim_message(
+        &self,
+        room_id: &str,
+        sender: &str,
+        message_id: &str,
+        owner: &str,
+        now_ms: i64,
+        stale_before_ms: i64,
+    ) -> Result<bool, CoreError> {
+        let row = sqlx::query(
+            "INSERT INTO message_claim (room_id, sender, message_id, owner, claimed_at) \
+             VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (room_id, sender, message_id) DO UPDATE \
+             SET owner = excluded.owner, claimed_at = excluded.claimed_at \
+             WHERE message_claim.owner = excluded.owner OR message_claim.claimed_at < $6 \
+             RETURNING owner",
+        )
+        .bind(room_id)
+        .bind(sender)
+        .bind(message_id)
+        .bind(owner)
+        .bind(now_ms)
+        .bind(stale_before_ms)
+        .fetch_optional(self.pool())
+        .await
+        .db()?;
+        Ok(row.is_some())
+    }
+
+    async fn prune_claims(&self, before_ms: i64) -> Result<(), CoreError> {
+        sqlx::query("DELETE FROM message_claim WHERE claimed_at < $1")
+            .bind(before_ms)
+            .execute(self.pool())
+            .await
+            .db()?;
+        Ok(())
     }
 
     async fn save_portal(&self, p: &Portal) -> Result<(), CoreError> {
@@ -290,12 +335,11 @@ impl PortalStore for SqlStore {
         let _forget = ForgetPortals(&self.portal_cache);
         sqlx::query(
             "UPDATE portal SET name = $1, avatar_blob = $2, avatar_mxc = $3 \
-             WHERE receiver = $4 AND chat_id = $5 AND room_id = $6",
+             WHERE chat_id = $4 AND room_id = $5",
         )
         .bind(&p.name)
         .bind(&p.avatar_blob)
         .bind(&p.avatar_mxc)
-        .bind(p.receiver.as_str())
         .bind(&p.chat_id)
         .bind(p.room_id.as_ref().map(|r| r.as_str()))
         .execute(self.pool())
@@ -315,11 +359,23 @@ impl PortalStore for SqlStore {
                 .await
                 .db()?;
         if let Some(Some(room)) = room {
-            sqlx::query("DELETE FROM message_map WHERE room_id = $1")
-                .bind(room)
-                .execute(&mut *tx)
-                .await
-                .db()?;
+            // Shared with other logins' portals: the room and its messages stay theirs.
+            let sharing: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM portal WHERE room_id = $1 AND NOT (receiver = $2 AND chat_id = $3)",
+            )
+            .bind(&room)
+            .bind(receiver)
+            .bind(chat_id)
+            .fetch_one(&mut *tx)
+            .await
+            .db()?;
+            if sharing == 0 {
+                sqlx::query("DELETE FROM message_map WHERE room_id = $1")
+                    .bind(room)
+                    .execute(&mut *tx)
+                    .await
+                    .db()?;
+            }
         }
         sqlx::query("DELETE FROM portal WHERE receiver = $1 AND chat_id = $2")
             .bind(receiver)
@@ -542,7 +598,88 @@ impl PortalStore for SqlStore {
 mod tests {
     use super::*;
 
-    on_both_databases!(logins_portals_and_map, cached_portals_follow_writes);
+    on_both_databases!(
+        logins_portals_and_map,
+        cached_portals_follow_writes,
+        shared_group_rooms_and_claims
+    );
+
+    /// Two logins' portals of one group share a room: listed oldest first, the group's portal
+    /// is found for a third, a look update reaches both, and the first one deleted leaves the
+    /// room's message map to the other. A message is claimed once; a stale claim is taken over.
+    async fn shared_group_rooms_and_claims(s: &SqlStore) {
+        s.cache_portals();
+        let portal = |receiver: &str| Portal {
+            receiver: receiver.try_into().unwrap(),
+            chat_id: "g1".into(),
+            kind: PortalKind::Group,
+            room_id: Some("!g:x".try_into().unwrap()),
+            name: "Group".into(),
+            relay: None,
+            avatar_blob: String::new(),
+            avatar_mxc: String::new(),
+        };
+        s.save_portal(&portal("@a:x")).await.expect("a");
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        s.save_portal(&portal("@b:x"))
+            .await
+            .expect("b shares the room");
+        let rows = s.portals_in_room("!g:x").await.expect("rows");
+        let owners: Vec<&str> = rows.iter().map(|p| p.receiver.as_str()).collect();
+        assert_eq!(owners, ["@a:x", "@b:x"]);
+        assert_eq!(
+            s.group_portal("g1")
+                .await
+                .expect("group")
+                .map(|p| p.receiver),
+            Some("@a:x".try_into().unwrap())
+        );
+        assert_eq!(s.group_portal("g2").await.expect("none"), None);
+        let mut look = portal("@b:x");
+        look.name = "Renamed".into();
+        s.update_portal_look(&look).await.expect("look");
+        assert!(
+            s.portals_in_room("!g:x")
+                .await
+                .expect("rows")
+                .iter()
+                .all(|p| p.name == "Renamed")
+        );
+        s.map_message(&MappedMessage {
+            room_id: "!g:x".into(),
+            event_id: "$1".into(),
+            message_id: "m1".into(),
+            sender: "+1".into(),
+            part: String::new(),
+            matrix_sender: String::new(),
+        })
+        .await
+        .expect("map");
+        s.delete_portal("@a:x", "g1").await.expect("a leaves");
+        assert!(s.by_message("!g:x", "m1", "").await.expect("map").is_some());
+        assert_eq!(
+            s.portal_by_room("!g:x")
+                .await
+                .expect("b")
+                .map(|p| p.receiver),
+            Some("@b:x".try_into().unwrap())
+        );
+        s.delete_portal("@b:x", "g1").await.expect("b leaves");
+        assert!(s.by_message("!g:x", "m1", "").await.expect("map").is_none());
+
+        let claim = |owner: &'static str, now: i64| async move {
+            s.claim_message("!g:x", "+1", "m2", owner, now, now - 60_000)
+                .await
+                .expect("claim")
+        };
+        assert!(claim("@a:x", 1_000_000).await, "free");
+        assert!(claim("@a:x", 1_000_100).await, "already a's");
+        assert!(!claim("@b:x", 1_000_200).await, "a's, and fresh");
+        assert!(claim("@b:x", 1_070_200).await, "a's went stale");
+        assert!(!claim("@a:x", 1_070_300).await, "b's now");
+        s.prune_claims(2_000_000).await.expect("prune");
+        assert!(claim("@a:x", 1_070_400).await, "forgotten");
+    }
 
     /// The same with portals kept in memory; lookups that found nothing before the writes are
     /// cached too, and each write must make them go.

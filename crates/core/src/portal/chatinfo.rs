@@ -59,6 +59,11 @@ impl Bridge {
             return Ok(());
         };
         self.remove_from_space(portal.receiver.as_str(), room).await;
+        if !self.portals.portals_in_room(room).await?.is_empty() {
+            // A shared group portal: the room goes on for the other logins in it.
+            tracing::info!(room_id = %room, "a login left a shared group portal");
+            return Ok(());
+        }
         let bot = self.matrix.bot_mxid().to_owned();
         if let Ok(members) = self.matrix.joined_members(room, &bot).await {
             for m in members.iter().filter(|m| self.matrix.is_ghost(m)) {
@@ -86,7 +91,9 @@ impl PortalRef<'_> {
         let mut portal = self.record.clone();
         let bot = self.bridge.matrix.bot_mxid().to_owned();
         let mut joined = self.bridge.matrix.joined_members(room, &bot).await?;
-        for m in g.members.iter().filter(|m| **m != me) {
+        // The room's own users (the logins sharing it) are there themselves, not as ghosts.
+        let own = self.own_accounts().await?;
+        for m in g.members.iter().filter(|m| **m != me && !own.contains(m)) {
             let ghost = self.bridge.ghost(m, Some(acc)).await?;
             if !joined.contains(&ghost) {
                 self.bridge.matrix.invite(room, &bot, &ghost).await?;
@@ -96,7 +103,7 @@ impl PortalRef<'_> {
         }
         for j in &joined {
             if let Some(account) = self.bridge.account_of_ghost(j)
-                && !g.members.contains(&account)
+                && (!g.members.contains(&account) || own.contains(&account))
             {
                 self.bridge.matrix.leave(room, j).await?;
             }

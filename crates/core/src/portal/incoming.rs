@@ -245,7 +245,11 @@ impl PortalRef<'_> {
         {
             return Ok(()); // redelivered, already bridged
         }
+        // In a shared group portal, another login may bridge it (shared.rs).
         let me = acc.account_id();
+        if self.leave_to_others(me, from, message_id).await? {
+            return Ok(());
+        }
         let sender = if from == me {
             self.bridge.matrix.bot_mxid().to_owned()
         } else {

@@ -1,5 +1,6 @@
-//! Portals: one Matrix room per interop chat of a login, ghosts for contacts, and messages in
-//! both directions through the message map (replies, edits, reactions, deletions, receipts).
+//! Portals: one Matrix room per interop chat of a login (a group's room shared by the logins
+//! in it, `shared`), ghosts for contacts, and messages in both directions through the message
+//! map (replies, edits, reactions, deletions, receipts).
 //!
 //! Here: ghosts and creating a portal's room. The two directions are `incoming` (network to
 //! Matrix) and `outgoing` (Matrix to network).
@@ -41,6 +42,7 @@ mod chatinfo;
 pub(crate) mod disappear;
 mod incoming;
 mod outgoing;
+mod shared;
 
 /// The number of per-chat creation locks kept before the unused ones are dropped.
 const MAX_IDLE_PORTAL_LOCKS: usize = 1024;
@@ -167,15 +169,6 @@ fn reaction_part(author: &str, emoji: &str) -> String {
 }
 
 impl Bridge {
-    /// The portal in `room`, if the room is a portal.
-    pub(crate) async fn portal_in(&self, room: &str) -> Result<Option<PortalRef<'_>>, BridgeError> {
-        Ok(self
-            .portals
-            .portal_by_room(room)
-            .await?
-            .and_then(|p| PortalRef::new(self, p)))
-    }
-
     /// The portal of `chat` for `receiver`, with its room created when missing.
     pub(crate) async fn ensure_portal(
         &self,
@@ -194,12 +187,19 @@ impl Bridge {
         {
             return Ok(p);
         }
-        // One creator per chat; other chats are not held up.
-        let lock = self.portal_lock(receiver, &chat_id).await;
+        // One creator per chat; other chats are not held up. A group's portal may be shared by
+        // several logins: one creator per group, whoever's login it is.
+        let shared = kind == PortalKind::Group && self.settings.bridge.shared_group_portals;
+        let lock = self
+            .portal_lock(if shared { "" } else { receiver }, &chat_id)
+            .await;
         let _guard = lock.lock().await;
         if let Some(p) = self.portals.portal(receiver, &chat_id).await?
             && let Some(p) = PortalRef::new(self, p)
         {
+            return Ok(p);
+        }
+        if shared && let Some(p) = self.join_shared_group(receiver, &chat_id).await? {
             return Ok(p);
         }
         let bot = self.matrix.bot_mxid().to_owned();

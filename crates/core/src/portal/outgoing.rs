@@ -62,10 +62,14 @@ impl Bridge {
         room: &str,
         ev: &AnySyncEphemeralRoomEvent,
     ) -> Result<(), BridgeError> {
-        match self.portal_in(room).await? {
-            Some(portal) => portal.ephemeral(ev).await,
-            None => Ok(()),
+        // Each user's receipts and typing go out through their own login: in a shared group
+        // portal, each portal of the room takes its user's.
+        for p in self.portals.portals_in_room(room).await? {
+            if let Some(portal) = PortalRef::new(self, p) {
+                portal.ephemeral(ev).await?;
+            }
         }
+        Ok(())
     }
 }
 
@@ -684,9 +688,10 @@ impl PortalRef<'_> {
                     .user_ids
                     .iter()
                     .any(|u| u.as_str() == portal.receiver);
+                let key = format!("{room} {}", portal.receiver);
                 let mut state = self.bridge.typing_state.lock().await;
-                if state.get(room).copied().unwrap_or(false) != typing {
-                    state.insert(room.to_owned(), typing);
+                if state.get(&key).copied().unwrap_or(false) != typing {
+                    state.insert(key, typing);
                     drop(state);
                     if let Err(e) = acc.typing(target, typing).await {
                         tracing::debug!(error = %e, "typing not bridged");
