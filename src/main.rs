@@ -18,7 +18,7 @@ use matrix_interop_bridge::{
         Bridge, BridgeSettings, Stores,
         cluster::{self, Cluster, EventRouter},
         network::{NetEventSink, Network},
-        provisioning::Provisioning,
+        provisioning::{self, Provisioning},
     },
     config::{Config, CryptoStoreKind, DatabaseType, EXAMPLE_CONFIG},
     interop::{GatewayAddr, SignalRuntime, connector::InteropNetwork},
@@ -342,6 +342,16 @@ async fn run(config_path: &Path) -> anyhow::Result<()> {
         bridge.join_cluster(c.clone());
         c
     });
+    if let Some(c) = &cluster {
+        // Where the others forward provisioning requests for the logins this worker runs.
+        let url = cfg
+            .workers
+            .url_or(&cfg.appservice.hostname, cfg.appservice.port);
+        store
+            .kv_set(&provisioning::worker_url_key(c.worker_id()), &url)
+            .await
+            .context("cannot record this worker's URL in the database")?;
+    }
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let server = serve_appservice(&cfg, state, &bridge, shutdown_rx.clone()).await?;
     if cfg.metrics.enabled {
@@ -535,7 +545,11 @@ async fn serve_appservice(
         let api: Arc<dyn Provisioning> = bridge.clone();
         app = app.nest(
             &cfg.provisioning.prefix,
-            appservice::provisioning::router(&cfg.provisioning.shared_secret, api),
+            appservice::provisioning::router(
+                &cfg.provisioning.shared_secret,
+                &cfg.provisioning.prefix,
+                api,
+            ),
         );
         tracing::info!(prefix = %cfg.provisioning.prefix, "provisioning API enabled");
     }

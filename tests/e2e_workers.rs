@@ -116,5 +116,50 @@ async fn a_login_started_on_one_worker_is_finished_on_another() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(gauge(w0.metrics, "mib_logins").await, Some(0));
+
+    // Requests that need the running login, sent to the worker that does not run it, are
+    // answered by the one that does.
+    let node = env.node();
+    let (s, b) = post(w0.port, "chats", json!({"contact": node.account})).await;
+    assert_eq!(s, 200, "open a chat through {}: {b}", w0.id);
+    assert_eq!(b["chat"]["chat_id"], node.account.as_str(), "{b}");
+    let room = b["chat"]["room_id"].as_str().expect("room").to_owned();
+    let (s, b) = {
+        let resp = http
+            .get(format!(
+                "http://127.0.0.1:{}/_matrix/provision/v1/search?user_id={}&query={}",
+                w0.port,
+                urlencode(&alice.user_id),
+                urlencode(&node.account)
+            ))
+            .bearer_auth(SECRET)
+            .send()
+            .await
+            .expect("search");
+        (
+            resp.status().as_u16(),
+            resp.json::<Value>().await.unwrap_or(Value::Null),
+        )
+    };
+    assert_eq!(s, 200, "search through {}: {b}", w0.id);
+    assert!(
+        b["results"]
+            .as_array()
+            .is_some_and(|r| r.iter().any(|c| c["room_id"] == room.as_str())),
+        "{b}"
+    );
+    // A wrong secret is refused before anything is forwarded.
+    let resp = http
+        .post(format!(
+            "http://127.0.0.1:{}/_matrix/provision/v1/chats?user_id={}",
+            w0.port,
+            urlencode(&alice.user_id)
+        ))
+        .bearer_auth("wrong")
+        .json(&json!({"contact": node.account}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status().as_u16(), 403);
     env.finish().await;
 }

@@ -57,9 +57,27 @@ pub struct WorkersConfig {
     /// This worker's name among the others (unique); empty: the host name and process id.
     #[serde(default)]
     pub id: String,
+    /// Where the other workers reach this one's listener (the appservice and provisioning
+    /// HTTP), e.g. `http://10.0.0.2:29320`: provisioning requests that need a user's running
+    /// login are forwarded to its worker. Empty: `http://` and the appservice hostname and port
+    /// (loopback when the hostname is a wildcard address).
+    #[serde(default)]
+    pub url: String,
 }
 
 impl WorkersConfig {
+    /// [`Self::url`], or the one made from where the appservice listens.
+    pub fn url_or(&self, hostname: &str, port: u16) -> String {
+        if !self.url.is_empty() {
+            return self.url.trim_end_matches('/').to_owned();
+        }
+        let host = match hostname {
+            "" | "0.0.0.0" | "::" | "[::]" => "127.0.0.1",
+            h => h,
+        };
+        format!("http://{host}:{port}")
+    }
+
     /// This worker's id: the configured one, else the host name and process id.
     pub fn worker_id(&self) -> String {
         if !self.id.is_empty() {

@@ -138,6 +138,17 @@ impl Cluster {
         Ok(got)
     }
 
+    /// The other live worker running the login of `mxid`, if one does.
+    pub async fn login_worker(&self, mxid: &str) -> Result<Option<String>, StoreError> {
+        let t = now();
+        Ok(self
+            .store
+            .lease(&login_lease(mxid))
+            .await?
+            .filter(|l| l.holder != self.me && l.expires_at > t)
+            .map(|l| l.holder))
+    }
+
     /// Takes the login of `mxid` for this worker before it starts it (a new login); fails when
     /// another worker runs it.
     pub async fn claim_login(&self, mxid: &str) -> Result<bool, StoreError> {

@@ -82,6 +82,11 @@ pub trait Provisioning: Send + Sync {
     async fn chats(&self, user: &str) -> Result<Vec<ChatInfo>, ProvError>;
     async fn contacts(&self, user: &str) -> Result<Vec<Contact>, ProvError>;
     async fn search(&self, user: &str, query: &str) -> Result<Vec<Contact>, ProvError>;
+    /// With several workers: the base URL of the worker running `user`'s login when it is not
+    /// this one (requests that need the running login go there).
+    async fn login_worker_url(&self, _user: &str) -> Result<Option<String>, ProvError> {
+        Ok(None)
+    }
 }
 
 impl Bridge {
@@ -269,6 +274,19 @@ impl Provisioning for Bridge {
         Ok(Bridge::contacts(self, user).await?)
     }
 
+    async fn login_worker_url(&self, user: &str) -> Result<Option<String>, ProvError> {
+        let Some(cluster) = self.cluster.get() else {
+            return Ok(None);
+        };
+        if self.network.account(user).is_some() {
+            return Ok(None);
+        }
+        let Some(worker) = cluster.login_worker(user).await? else {
+            return Ok(None);
+        };
+        Ok(self.kv.kv_get(&worker_url_key(&worker)).await?)
+    }
+
     async fn search(&self, user: &str, query: &str) -> Result<Vec<Contact>, ProvError> {
         self.check_user(user)?;
         if self.network.account(user).is_none() {
@@ -276,4 +294,9 @@ impl Provisioning for Bridge {
         }
         Ok(self.search_contacts(user, query).await?)
     }
+}
+
+/// The key under which a worker keeps the base URL others reach it at (`workers.url`).
+pub fn worker_url_key(worker: &str) -> String {
+    format!("worker_url:{worker}")
 }

@@ -133,7 +133,10 @@ impl PortalRef<'_> {
         if self.record.kind != PortalKind::Group {
             return Ok(false);
         }
-        if from != me && self.own_accounts().await?.iter().any(|a| a == from) {
+        // Alone in the room, the login's own account is the only one of ours (and its messages
+        // from another device are bridged as before).
+        let shared = self.bridge.portals.portals_in_room(&self.room).await?.len() > 1;
+        if shared && from != me && self.own_accounts().await?.iter().any(|a| a == from) {
             return Ok(true); // a user's own message, in the room as their Matrix event
         }
         let now = crate::now_ms() as i64;

@@ -10,6 +10,9 @@
 //! - `GET  {prefix}/v1/contacts?user_id=`          → `{"contacts": [{"account", "name", "mxid", "room_id"}]}`
 //! - `GET  {prefix}/v1/search?user_id=&query=`     → `{"results": [...]}`: contacts by name or number,
 //!   and a full number that is on the network
+//!
+//! With several workers, the requests that need the user's running login (opening a chat,
+//! searching, logging out) are forwarded to the worker running it, once (docs/scaling.md).
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -29,7 +32,17 @@ use mib_core::provisioning::{ProvError, Provisioning};
 struct Prov {
     secret: Arc<str>,
     api: Arc<dyn Provisioning>,
+    /// For forwarding requests to the worker running a login.
+    http: reqwest::Client,
+    /// Where this router is nested (the same in every worker).
+    prefix: Arc<str>,
 }
+
+/// Marks a request forwarded by another worker: it is answered here, never forwarded again.
+const FORWARDED: &str = "x-mib-forwarded";
+
+/// The largest request body forwarded (the API's bodies are a few fields).
+const MAX_FORWARDED_BODY: usize = 64 * 1024;
 
 impl From<ProvError> for MatrixApiError {
     fn from(e: ProvError) -> Self {
@@ -68,10 +81,15 @@ fn field(body: &Value, name: &str) -> Result<String, MatrixApiError> {
 }
 
 /// The provisioning router, to be nested under `prefix`.
-pub fn router(secret: &str, api: Arc<dyn Provisioning>) -> Router {
+pub fn router(secret: &str, prefix: &str, api: Arc<dyn Provisioning>) -> Router {
     let state = Prov {
         secret: secret.into(),
         api,
+        http: reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(120))
+            .build()
+            .expect("an HTTP client without TLS settings builds"),
+        prefix: prefix.trim_end_matches('/').into(),
     };
     Router::new()
         .route("/v1/logins", get(logins))
@@ -81,6 +99,8 @@ pub fn router(secret: &str, api: Arc<dyn Provisioning>) -> Router {
         .route("/v1/chats", get(chats).post(start_chat))
         .route("/v1/contacts", get(contacts))
         .route("/v1/search", get(search))
+        // Layers run last-added first: the secret is checked before anything is forwarded.
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), forward))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth))
         .with_state(state)
 }
@@ -108,6 +128,76 @@ async fn auth(
             "wrong provisioning secret",
         )),
     }
+}
+
+/// With several workers: a request that needs the user's running login, arriving at a worker
+/// that does not run it, is answered by the worker that does (a request forwarded once is
+/// answered where it arrives).
+async fn forward(
+    State(p): State<Prov>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Result<axum::response::Response, MatrixApiError> {
+    use axum::http::Method;
+    let needs_login = matches!(
+        (req.method(), req.uri().path()),
+        (&Method::POST, "/v1/chats") | (&Method::GET, "/v1/search") | (&Method::POST, "/v1/logout")
+    );
+    if !needs_login || req.headers().contains_key(FORWARDED) {
+        return Ok(next.run(req).await);
+    }
+    let query: HashMap<String, String> = Query::try_from_uri(req.uri())
+        .map(|Query(q)| q)
+        .unwrap_or_default();
+    let Some(base) = p.api.login_worker_url(&user(&query)?).await? else {
+        return Ok(next.run(req).await);
+    };
+    // The path as the client sent it: this router is nested under the prefix.
+    let url = format!(
+        "{base}{}{}",
+        p.prefix,
+        req.uri()
+            .path_and_query()
+            .map(|pq| pq.as_str())
+            .unwrap_or("/")
+    );
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, MAX_FORWARDED_BODY)
+        .await
+        .map_err(|_| {
+            MatrixApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "M_TOO_LARGE",
+                "request body too large",
+            )
+        })?;
+    let mut out = p
+        .http
+        .request(parts.method.clone(), &url)
+        .header(FORWARDED, "1");
+    for name in [http::header::AUTHORIZATION, http::header::CONTENT_TYPE] {
+        if let Some(v) = parts.headers.get(&name) {
+            out = out.header(name, v.clone());
+        }
+    }
+    let unreachable = |e: reqwest::Error| {
+        tracing::warn!(error = %e, "cannot forward a provisioning request to the login's worker");
+        MatrixApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "M_UNAVAILABLE",
+            "the bridge worker running this login cannot be reached; try again",
+        )
+    };
+    let resp = out.body(body).send().await.map_err(unreachable)?;
+    let status = resp.status();
+    let content_type = resp.headers().get(http::header::CONTENT_TYPE).cloned();
+    let bytes = resp.bytes().await.map_err(unreachable)?;
+    let mut answer = axum::response::Response::new(axum::body::Body::from(bytes));
+    *answer.status_mut() = status;
+    if let Some(ct) = content_type {
+        answer.headers_mut().insert(http::header::CONTENT_TYPE, ct);
+    }
+    Ok(answer)
 }
 
 async fn logins(State(p): State<Prov>, Query(q): Q) -> Result<Json<Value>, MatrixApiError> {
