@@ -1129,6 +1129,19 @@ async fn a_group_of_two_users_is_one_room_with_each_message_once() {
         assert_eq!(&m["from"], from, "{m}");
     }
 
+    // Bob has the level alice has: his rename goes to the group through his login.
+    set_state(
+        &bob,
+        &room,
+        "m.room.name",
+        json!({"name": "Renamed by bob"}),
+    )
+    .await;
+    let upd = n1.event("bob's rename", |v| {
+        v["event"] == "group_update" && v["group"]["name"] == "Renamed by bob"
+    });
+    assert_eq!(upd["changed_by"], acc_b.as_str(), "{upd}");
+
     // The bridge goes down; the contact writes; both logins catch up at once after it starts.
     env.bridge.stop();
     for i in 0..5 {
@@ -1175,6 +1188,11 @@ async fn a_group_of_two_users_is_one_room_with_each_message_once() {
     alice
         .wait_for(&mgmt_a, "logged out", from_bot("Logged out"))
         .await;
+    // The room is no longer alice's to read: the bot removed her.
+    assert!(
+        !bob.joined_members(&room).await.contains(&alice.user_id),
+        "alice is still in the shared room after logging out"
+    );
     n1.call(json!({"cmd": "send_group", "group": gid, "content": "still here?"}));
     bob.wait_for(
         &room,

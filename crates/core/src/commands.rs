@@ -587,6 +587,8 @@ impl Bridge {
                     )
                     .await;
                 self.remove_from_space(sender, room).await;
+                self.kick_from_shared(room, sender, "logged out of the bridge")
+                    .await;
             } else if let Some(room) = room {
                 let _ = self
                     .notice(

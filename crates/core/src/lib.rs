@@ -164,6 +164,14 @@ pub trait MatrixConnector: Send + Sync {
     /// Creates a portal's room as the bot; returns the room id.
     async fn create_room(&self, room: types::NewRoom) -> Result<String, BridgeError>;
     async fn invite(&self, room_id: &str, by: &str, invitee: &str) -> Result<(), BridgeError>;
+    /// Removes `target` from the room, as `by`.
+    async fn kick(
+        &self,
+        room_id: &str,
+        by: &str,
+        target: &str,
+        reason: &str,
+    ) -> Result<(), BridgeError>;
     /// Sends a message-like event (a message, an edit, a reaction); the same `txn_id` from the
     /// same user is applied once. `ts` (ms since the epoch) is the time it was sent on the
     /// network (timestamp massaging).
@@ -202,6 +210,14 @@ pub trait MatrixConnector: Send + Sync {
         state_key: &str,
         content: Value,
     ) -> Result<String, BridgeError>;
+    /// The content of one state event of the room, as `as_user` sees it (`None`: there is none).
+    async fn state_json(
+        &self,
+        room_id: &str,
+        as_user: &str,
+        event_type: &str,
+        state_key: &str,
+    ) -> Result<Option<Value>, BridgeError>;
     async fn redact(&self, room_id: &str, as_user: &str, event_id: &str)
     -> Result<(), BridgeError>;
     async fn read_receipt(

@@ -111,8 +111,24 @@ impl MatrixConnector for FakeMatrix {
             "avatar": room.avatar_mxc, "encrypted": room.encrypted, "space": room.space,
             "power_levels": {"users": pl.users, "redact": pl.redact, "kick": pl.kick, "ban": pl.ban,
                 "events": pl.events}});
-        let n = self.record("create_room", body);
-        Ok(format!("!room{n}:x"))
+        let mut body = body;
+        let id = format!("!room{}:x", *self.counter.lock().unwrap() + 1);
+        body["room"] = json!(id);
+        self.record("create_room", body);
+        Ok(id)
+    }
+    async fn kick(
+        &self,
+        room_id: &str,
+        by: &str,
+        target: &str,
+        reason: &str,
+    ) -> Result<(), BridgeError> {
+        self.record(
+            "kick",
+            json!({"room": room_id, "by": by, "target": target, "reason": reason}),
+        );
+        Ok(())
     }
     async fn invite(&self, room_id: &str, by: &str, invitee: &str) -> Result<(), BridgeError> {
         self.record(
@@ -232,6 +248,29 @@ impl MatrixConnector for FakeMatrix {
         _source: &ruma::events::room::MediaSource,
     ) -> Result<(Vec<u8>, Option<String>), BridgeError> {
         Ok((b"media".to_vec(), None))
+    }
+    async fn state_json(
+        &self,
+        room_id: &str,
+        _as_user: &str,
+        event_type: &str,
+        state_key: &str,
+    ) -> Result<Option<Value>, BridgeError> {
+        // The last state set, else the power levels the room was made with.
+        let set = self.calls_of("send_state").into_iter().rev().find(|c| {
+            c["room"] == room_id && c["type"] == event_type && c["state_key"] == state_key
+        });
+        if let Some(c) = set {
+            return Ok(Some(c["content"].clone()));
+        }
+        if event_type != "m.room.power_levels" {
+            return Ok(None);
+        }
+        Ok(self
+            .calls_of("create_room")
+            .into_iter()
+            .find(|c| c["room"] == room_id)
+            .map(|c| c["power_levels"].clone()))
     }
     async fn is_encrypted(&self, _room_id: &str) -> bool {
         false
@@ -2660,6 +2699,15 @@ async fn a_group_of_two_logins_has_one_room_and_each_message_once() {
             .any(|c| c["room"] == room.as_str() && c["invitee"] == DAVE)
     );
     assert_eq!(shown(&room, "hello both"), 1);
+    // Dave has the level alice has in the room (to rename it, say).
+    let levels = h.matrix.calls_of("send_state");
+    let pl = levels
+        .iter()
+        .rev()
+        .find(|c| c["room"] == room.as_str() && c["type"] == "m.room.power_levels")
+        .expect("power levels set");
+    assert_eq!(pl["content"]["users"][DAVE], 75, "{pl}");
+    assert_eq!(pl["content"]["users"][ALICE], 75, "{pl}");
     // Dave is in the room himself: the ghost of his account (a member of the group) goes.
     let daves_ghost = h.bridge.ghost_mxid(DAVE_ACC);
     assert!(
@@ -2750,6 +2798,13 @@ async fn a_group_of_two_logins_has_one_room_and_each_message_once() {
     let out = h.bridge.run_command("!mgmt:x", ALICE, "logout").await.body;
     assert!(out.starts_with("Logged out"), "{out}");
     assert!(h.store.portal(ALICE, "g1").await.unwrap().is_none());
+    // The room is no longer alice's to read: the bot removes her.
+    assert!(
+        h.matrix
+            .calls_of("kick")
+            .iter()
+            .any(|c| c["room"] == room.as_str() && c["target"] == ALICE)
+    );
     assert!(
         !h.matrix
             .calls_of("leave")
@@ -2806,4 +2861,71 @@ async fn without_shared_group_portals_each_login_has_its_own_room() {
         .unwrap();
     assert_ne!(alices, daves.as_str());
     assert_eq!(h.matrix.calls_of("create_room").len(), 2);
+}
+
+/// A user of a shared group portal who is no longer in the group on the network loses their part
+/// of the room: their portal goes and the bot removes them, so they do not read on through the
+/// other users' logins. The last user's portal stays, as a portal of one login does.
+#[tokio::test]
+async fn a_user_removed_from_a_shared_group_is_removed_from_its_room() {
+    const DAVE: &str = "@dave:x";
+    const DAVE_ACC: &str = "+15550004000";
+    let h = Harness::new().await;
+    let dave = h.login(DAVE, DAVE_ACC).await;
+    let members: Vec<String> = vec![ALICE_ACC.into(), DAVE_ACC.into(), CAROL_ACC.into()];
+    *h.alice.group_members.lock().unwrap() = members.clone();
+    *dave.group_members.lock().unwrap() = members;
+    let update = |envelope_id: u64, members: Vec<String>| NetEvent::GroupUpdate {
+        envelope_id,
+        from: CAROL_ACC.into(),
+        group: GroupInfo {
+            id: "g1".into(),
+            name: "A group".into(),
+            members,
+            ..Default::default()
+        },
+    };
+    let all = vec![
+        ALICE_ACC.to_owned(),
+        DAVE_ACC.to_owned(),
+        CAROL_ACC.to_owned(),
+    ];
+    h.bridge
+        .on_network_event(ALICE, &update(1, all.clone()))
+        .await
+        .unwrap();
+    h.bridge
+        .on_network_event(DAVE, &update(2, all))
+        .await
+        .unwrap();
+    let room = h.room_of("g1").await;
+    assert!(h.store.portal(DAVE, "g1").await.unwrap().is_some());
+
+    // Carol removes dave; alice's login hears of it first.
+    let without_dave = vec![ALICE_ACC.to_owned(), CAROL_ACC.to_owned()];
+    h.bridge
+        .on_network_event(ALICE, &update(3, without_dave.clone()))
+        .await
+        .unwrap();
+    assert!(h.store.portal(DAVE, "g1").await.unwrap().is_none());
+    assert!(h.store.portal(ALICE, "g1").await.unwrap().is_some());
+    let kicked: Vec<Value> = h.matrix.calls_of("kick");
+    assert!(
+        kicked
+            .iter()
+            .any(|c| c["room"] == room.as_str() && c["target"] == DAVE),
+        "{kicked:?}"
+    );
+    // Alice, the last user, keeps her portal even when she is removed too.
+    h.bridge
+        .on_network_event(ALICE, &update(4, vec![CAROL_ACC.to_owned()]))
+        .await
+        .unwrap();
+    assert!(h.store.portal(ALICE, "g1").await.unwrap().is_some());
+    assert!(
+        !h.matrix
+            .calls_of("kick")
+            .iter()
+            .any(|c| c["target"] == ALICE)
+    );
 }

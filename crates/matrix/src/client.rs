@@ -379,6 +379,20 @@ impl HomeserverClient {
         self.send(req, Some(by), None).await.map(|_| ())
     }
 
+    /// Removes `target` from the room (`by` needs the power to).
+    pub async fn kick(
+        &self,
+        room: &RoomId,
+        by: &UserId,
+        target: &UserId,
+        reason: &str,
+    ) -> Result<(), MatrixError> {
+        use ruma::api::client::membership::kick_user::v3 as kick;
+        let mut req = kick::Request::new(room.to_owned(), target.to_owned());
+        req.reason = Some(reason.to_owned());
+        self.send(req, Some(by), None).await.map(|_| ())
+    }
+
     /// Sends a message event given as raw JSON content; returns the event id.
     pub async fn send_message(
         &self,

@@ -235,6 +235,19 @@ impl MatrixConnector for MatrixSide {
             .to_string())
     }
 
+    async fn kick(
+        &self,
+        room_id: &str,
+        by: &str,
+        target: &str,
+        reason: &str,
+    ) -> Result<(), BridgeError> {
+        Ok(self
+            .client
+            .kick(&room(room_id)?, &user(by)?, &user(target)?, reason)
+            .await?)
+    }
+
     async fn invite(&self, room_id: &str, by: &str, invitee: &str) -> Result<(), BridgeError> {
         match self
             .client
@@ -308,6 +321,24 @@ impl MatrixConnector for MatrixSide {
                 &content,
             )
             .await?)
+    }
+
+    async fn state_json(
+        &self,
+        room_id: &str,
+        as_user: &str,
+        event_type: &str,
+        state_key: &str,
+    ) -> Result<Option<Value>, BridgeError> {
+        match self
+            .client
+            .room_state(&room(room_id)?, &user(as_user)?, event_type, state_key)
+            .await
+        {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if e.errcode() == Some("M_NOT_FOUND") => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     async fn redact(

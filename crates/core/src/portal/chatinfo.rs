@@ -60,7 +60,10 @@ impl Bridge {
         };
         self.remove_from_space(portal.receiver.as_str(), room).await;
         if !self.portals.portals_in_room(room).await?.is_empty() {
-            // A shared group portal: the room goes on for the other logins in it.
+            // A shared group portal: the room goes on for the other logins in it, and is no
+            // longer this user's to read.
+            self.kick_from_shared(room, portal.receiver.as_str(), "left the bridged chat")
+                .await;
             tracing::info!(room_id = %room, "a login left a shared group portal");
             return Ok(());
         }
@@ -90,6 +93,8 @@ impl PortalRef<'_> {
         let room = self.room.as_str();
         let mut portal = self.record.clone();
         let bot = self.bridge.matrix.bot_mxid().to_owned();
+        // Users of a shared room who are no longer in the group lose their part of it.
+        self.drop_former_members(&g.members).await?;
         let mut joined = self.bridge.matrix.joined_members(room, &bot).await?;
         // The room's own users (the logins sharing it) are there themselves, not as ghosts.
         let own = self.own_accounts().await?;

@@ -47,6 +47,10 @@ mod shared;
 /// The number of per-chat creation locks kept before the unused ones are dropped.
 const MAX_IDLE_PORTAL_LOCKS: usize = 1024;
 
+/// The power level of a group portal's users (each user with a login, in a shared one): above
+/// the ghosts' 50, so they can kick a contact's ghost.
+const GROUP_OWNER_LEVEL: i64 = 75;
+
 /// The longest poll question or option bridged, in characters (longer ones are cut short).
 const MAX_POLL_TEXT: usize = 500;
 
@@ -372,7 +376,11 @@ fn portal_room(
     }
     // The owner outranks the ghosts in a group, so it can remove a contact from the group by
     // kicking its ghost.
-    let owner_level = if kind == PortalKind::Group { 75 } else { 50 };
+    let owner_level = if kind == PortalKind::Group {
+        GROUP_OWNER_LEVEL
+    } else {
+        50
+    };
     users.insert(receiver.to_owned(), owner_level);
     let mut invite = vec![receiver.to_owned()];
     invite.extend(ghosts.iter().cloned());

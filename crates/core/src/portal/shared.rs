@@ -81,6 +81,7 @@ impl Bridge {
         }
         let bot = self.matrix.bot_mxid().to_owned();
         self.matrix.invite(&room, &bot, receiver).await?;
+        self.give_owner_level(&room, receiver).await;
         let portal = Portal {
             receiver: matrix_id(receiver)?,
             relay: None,
@@ -96,6 +97,39 @@ impl Bridge {
         }))
     }
 
+    /// A user who joins a group's room gets the level its creator has, so that they too can
+    /// rename the group, change its avatar and add or remove members from Matrix. Best effort:
+    /// without it they chat as any member does.
+    async fn give_owner_level(&self, room: &str, user: &str) {
+        let bot = self.matrix.bot_mxid().to_owned();
+        let pl = "m.room.power_levels";
+        let result = match self.matrix.state_json(room, &bot, pl, "").await {
+            Ok(Some(mut levels)) if levels["users"].is_object() => {
+                levels["users"][user] = json!(GROUP_OWNER_LEVEL);
+                self.matrix
+                    .send_state_json(room, &bot, pl, "", levels)
+                    .await
+                    .map(|_| ())
+            }
+            Ok(_) => Ok(()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "cannot give a shared group portal's new user its level");
+        }
+    }
+
+    /// Takes a user out of a shared group portal whose room goes on for others: the bot removes
+    /// them from the room, which is no longer theirs to read (they logged out, left the group,
+    /// or deleted their portal).
+    pub(crate) async fn kick_from_shared(&self, room: &str, user: &str, reason: &str) {
+        let bot = self.matrix.bot_mxid().to_owned();
+        if let Err(e) = self.matrix.kick(room, &bot, user, reason).await {
+            // Mostly: they left already.
+            tracing::debug!(error = %e, "cannot remove a user from a shared group portal");
+        }
+    }
+
     /// Forgets old message claims every hour, for as long as the bridge runs.
     pub async fn run_claim_pruning(self: Arc<Self>) {
         loop {
@@ -109,6 +143,40 @@ impl Bridge {
 }
 
 impl PortalRef<'_> {
+    /// The group's members on the network changed: in a shared room, each user whose login is
+    /// no longer a member loses their part of it (while another user's remains).
+    pub(super) async fn drop_former_members(&self, members: &[String]) -> Result<(), BridgeError> {
+        let rows = self.bridge.portals.portals_in_room(&self.room).await?;
+        let mut left = rows.len();
+        for p in rows {
+            if left <= 1 {
+                break;
+            }
+            let Some(account) = self.bridge.portals.login(p.receiver.as_str()).await? else {
+                continue;
+            };
+            if members.contains(&account) {
+                continue;
+            }
+            self.bridge
+                .portals
+                .delete_portal(p.receiver.as_str(), &p.chat_id)
+                .await?;
+            self.bridge
+                .remove_from_space(p.receiver.as_str(), &self.room)
+                .await;
+            self.bridge
+                .kick_from_shared(
+                    &self.room,
+                    p.receiver.as_str(),
+                    "no longer a member of this group on the network",
+                )
+                .await;
+            left -= 1;
+        }
+        Ok(())
+    }
+
     /// The interop accounts of the logins whose portals share this room (in a shared group
     /// portal, these are the room's own users: no ghost stands for them).
     pub(super) async fn own_accounts(&self) -> Result<Vec<String>, BridgeError> {
