@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use super::{Bridge, BridgeError, network::NetAccount, types::PortalKind};
+use super::{Bridge, BridgeError, network::NetAccount};
 
 /// The most results a search gives.
 pub const MAX_SEARCH_RESULTS: usize = 50;
@@ -64,25 +64,22 @@ impl Contact {
 impl Bridge {
     /// The contacts of `mxid`'s login, sorted by name: everyone it has a direct chat with.
     pub async fn contacts(&self, mxid: &str) -> Result<Vec<Contact>, BridgeError> {
-        let mut out = Vec::new();
-        for p in self.portals.portals_of(mxid).await? {
-            if p.kind != PortalKind::Dm {
-                continue;
-            }
-            let name = self
-                .portals
-                .ghost_profile(&p.chat_id)
-                .await?
-                .map(|g| g.displayname)
-                .filter(|n| !n.is_empty())
-                .unwrap_or_else(|| p.chat_id.clone());
-            out.push(Contact {
-                mxid: self.ghost_mxid(&p.chat_id),
-                account: p.chat_id,
-                name,
-                room_id: p.room_id.map(|r| r.to_string()),
-            });
-        }
+        let mut out: Vec<Contact> = self
+            .portals
+            .dm_contacts(mxid)
+            .await?
+            .into_iter()
+            .map(|c| Contact {
+                mxid: self.ghost_mxid(&c.account),
+                name: if c.displayname.is_empty() {
+                    c.account.clone()
+                } else {
+                    c.displayname
+                },
+                account: c.account,
+                room_id: c.room_id,
+            })
+            .collect();
         out.sort_by(|a, b| {
             fold(&a.name)
                 .cmp(&fold(&b.name))

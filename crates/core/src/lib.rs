@@ -595,7 +595,14 @@ impl MatrixEventHandler for Bridge {
                 ) {
                     return Ok(());
                 }
-                return match self.portal_in(room_id, sender).await? {
+                let portal = match state {
+                    AnyStateEvent::RoomMember(m) => {
+                        self.portal_for_member(room_id, sender, m.state_key().as_str())
+                            .await?
+                    }
+                    _ => self.portal_in(room_id, sender).await?,
+                };
+                return match portal {
                     Some(portal) => portal.matrix_state(state).await,
                     None => Ok(()),
                 };

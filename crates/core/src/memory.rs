@@ -13,7 +13,7 @@ use super::{
     BridgeError,
     requests::{HeldMessage, MessageRequest, RequestStore},
     store::{KvStore, Lease, LeaseStore, PortalStore, StoreError, UserStore},
-    types::{GhostProfile, MappedMessage, Portal, PortalKind},
+    types::{DmContact, GhostProfile, MappedMessage, Portal, PortalKind},
 };
 
 #[derive(Default)]
@@ -200,6 +200,23 @@ impl PortalStore for MemoryStore {
             .iter()
             .filter(|p| p.receiver == receiver)
             .cloned()
+            .collect())
+    }
+
+    async fn dm_contacts(&self, receiver: &str) -> Result<Vec<DmContact>, StoreError> {
+        let d = self.data();
+        Ok(d.portals
+            .iter()
+            .filter(|p| p.receiver == receiver && p.kind == PortalKind::Dm)
+            .map(|p| DmContact {
+                account: p.chat_id.clone(),
+                room_id: p.room_id.as_ref().map(|r| r.to_string()),
+                displayname: d
+                    .ghosts
+                    .get(&p.chat_id)
+                    .map(|g| g.displayname.clone())
+                    .unwrap_or_default(),
+            })
             .collect())
     }
 

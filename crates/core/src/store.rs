@@ -4,7 +4,7 @@
 
 use async_trait::async_trait;
 
-use super::types::{GhostProfile, MappedMessage, Portal};
+use super::types::{DmContact, GhostProfile, MappedMessage, Portal};
 
 /// A store operation failed.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -77,6 +77,8 @@ pub trait PortalStore: Send + Sync {
     /// Forgets claims taken before `before_ms`.
     async fn prune_claims(&self, before_ms: i64) -> Result<(), StoreError>;
     async fn portals_of(&self, receiver: &str) -> Result<Vec<Portal>, StoreError>;
+    /// The direct chats of `receiver` with their ghosts' names, in one read.
+    async fn dm_contacts(&self, receiver: &str) -> Result<Vec<DmContact>, StoreError>;
 
     async fn ghost_profile(&self, account: &str) -> Result<Option<GhostProfile>, StoreError>;
     /// Accounts of ghosts whose display name contains `name` (case-insensitive, at least for

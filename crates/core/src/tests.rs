@@ -2929,3 +2929,37 @@ async fn a_user_removed_from_a_shared_group_is_removed_from_its_room() {
             .any(|c| c["target"] == ALICE)
     );
 }
+
+/// A user of a shared group portal removed from its room on Matrix (by a room admin, not by
+/// themselves) loses their part of it: their portal goes, the others' stay.
+#[tokio::test]
+async fn a_user_kicked_from_a_shared_group_room_on_matrix_loses_their_part() {
+    const DAVE: &str = "@dave:x";
+    const DAVE_ACC: &str = "+15550004000";
+    let h = Harness::new().await;
+    let dave = h.login(DAVE, DAVE_ACC).await;
+    let members: Vec<String> = vec![ALICE_ACC.into(), DAVE_ACC.into(), CAROL_ACC.into()];
+    *h.alice.group_members.lock().unwrap() = members.clone();
+    *dave.group_members.lock().unwrap() = members.clone();
+    for (n, to) in [(1, ALICE), (2, DAVE)] {
+        let update = NetEvent::GroupUpdate {
+            envelope_id: n,
+            from: CAROL_ACC.into(),
+            group: GroupInfo {
+                id: "g1".into(),
+                name: "A group".into(),
+                members: members.clone(),
+                ..Default::default()
+            },
+        };
+        h.bridge.on_network_event(to, &update).await.unwrap();
+    }
+    let room = h.room_of("g1").await;
+    let kick = typed(json!({
+        "type": "m.room.member", "room_id": room, "sender": "@admin:x", "event_id": "$kick",
+        "state_key": DAVE, "content": {"membership": "leave"},
+    }));
+    h.bridge.handle_matrix_event(&kick).await.unwrap();
+    assert!(h.store.portal(DAVE, "g1").await.unwrap().is_none());
+    assert!(h.store.portal(ALICE, "g1").await.unwrap().is_some());
+}

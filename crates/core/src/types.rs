@@ -46,6 +46,16 @@ impl PortalKind {
     }
 }
 
+/// A direct chat of a login and the name its contact's ghost shows, as the contact list reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DmContact {
+    /// The contact's account.
+    pub account: String,
+    pub room_id: Option<String>,
+    /// The ghost's display name (empty: none set).
+    pub displayname: String,
+}
+
 /// One row of the message map.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MappedMessage {

@@ -8,7 +8,7 @@ use super::{Db, SqlStore, StoreError, now_ms};
 
 pub use mib_core::{
     store::PortalStore,
-    types::{GhostProfile, MappedMessage, Portal, PortalKind},
+    types::{DmContact, GhostProfile, MappedMessage, Portal, PortalKind},
 };
 
 /// A Matrix identifier read from column `col`, checked as ruma parses it.
@@ -397,6 +397,27 @@ impl PortalStore for SqlStore {
         Ok(rows.iter().map(portal_row).collect::<Result<_, _>>()?)
     }
 
+    async fn dm_contacts(&self, receiver: &str) -> Result<Vec<DmContact>, CoreError> {
+        let rows = sqlx::query(
+            "SELECT p.chat_id, p.room_id, COALESCE(g.displayname, '') AS displayname \
+             FROM portal p LEFT JOIN ghost g ON g.account = p.chat_id \
+             WHERE p.receiver = $1 AND p.kind = 'dm' ORDER BY p.created_at",
+        )
+        .bind(receiver)
+        .fetch_all(self.pool())
+        .await
+        .db()?;
+        rows.iter()
+            .map(|r| {
+                Ok(DmContact {
+                    account: r.try_get("chat_id").db()?,
+                    room_id: r.try_get("room_id").db()?,
+                    displayname: r.try_get("displayname").db()?,
+                })
+            })
+            .collect()
+    }
+
     async fn ghost_profile(&self, account: &str) -> Result<Option<GhostProfile>, CoreError> {
         let row = sqlx::query(
             "SELECT displayname, avatar_blob, avatar_mxc FROM ghost WHERE account = $1",
@@ -721,6 +742,10 @@ mod tests {
             Some(p.clone())
         );
         assert_eq!(s.portals_of("@a:x").await.expect("of").len(), 1);
+        let contacts = s.dm_contacts("@a:x").await.expect("contacts");
+        assert_eq!(contacts.len(), 1);
+        assert_eq!(contacts[0].account, "+15550002222");
+        assert_eq!(contacts[0].room_id.as_deref(), Some("!r:x"));
         // A look update changes name and avatar only, and only for the same room.
         let mut look = p.clone();
         look.name = "Renamed".into();

@@ -40,21 +40,45 @@ impl Bridge {
             .and_then(|p| PortalRef::new(self, p)))
     }
 
+    /// The portal in `room` that a membership change of `target` made by `sender` goes
+    /// through: `target`'s own when it has one (a user of a shared group portal who leaves or is
+    /// removed by anyone ends their own part), otherwise as [`Self::portal_in`].
+    pub(crate) async fn portal_for_member(
+        &self,
+        room: &str,
+        sender: &str,
+        target: &str,
+    ) -> Result<Option<PortalRef<'_>>, BridgeError> {
+        let rows = self.portals.portals_in_room(room).await?;
+        let who = if rows.iter().any(|p| p.receiver == target) {
+            target
+        } else {
+            sender
+        };
+        Ok(pick(rows, who).and_then(|p| PortalRef::new(self, p)))
+    }
+
     /// The record [`Self::portal_in`] works with.
     pub(crate) async fn portal_record_in(
         &self,
         room: &str,
         sender: &str,
     ) -> Result<Option<Portal>, BridgeError> {
-        let mut rows = self.portals.portals_in_room(room).await?;
-        let i = rows
-            .iter()
-            .position(|p| p.receiver == sender)
-            .or_else(|| rows.iter().position(|p| p.relay.is_some()))
-            .unwrap_or(0);
-        Ok((!rows.is_empty()).then(|| rows.swap_remove(i)))
+        Ok(pick(self.portals.portals_in_room(room).await?, sender))
     }
+}
 
+/// Of a room's portals, `user`'s own, otherwise the first with a relay, otherwise the first.
+fn pick(mut rows: Vec<Portal>, user: &str) -> Option<Portal> {
+    let i = rows
+        .iter()
+        .position(|p| p.receiver == user)
+        .or_else(|| rows.iter().position(|p| p.relay.is_some()))
+        .unwrap_or(0);
+    (!rows.is_empty()).then(|| rows.swap_remove(i))
+}
+
+impl Bridge {
     /// The group's room when another login of this bridge has a portal for it: `receiver`
     /// joins it (invited by the bot) with a portal row of their own.
     pub(super) async fn join_shared_group(
