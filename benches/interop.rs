@@ -5,7 +5,9 @@
 //! - 1:1 Signal encrypt + decrypt through the vault-backed stores on SQLite, one message each
 //!   way per round (every decrypt takes a DH ratchet step, as in a real chat);
 //! - sender-key group encrypt + decrypt through the vault-backed stores;
-//! - gateway relay: envelopes per second between two connected clients (store, push, ack).
+//! - gateway relay: envelopes per second between two connected clients (store, push, ack);
+//! - gateway backlog: `Send`s to an account that is away, while its queue grows to 9,000 (the
+//!   cost of a `Send` must not grow with the queue it goes to).
 
 use std::time::{Duration, Instant};
 
@@ -25,7 +27,7 @@ use matrix_interop_bridge::{
         pb::{self, stanza::Body},
     },
 };
-use mib_gateway::{CodeDelivery, Gateway, GatewayConfig};
+use mib_gateway::{CodeDelivery, Gateway, GatewayConfig, GatewayDb};
 
 fn report(name: &str, mut samples: Vec<Duration>) {
     samples.sort();
@@ -208,6 +210,49 @@ async fn bench_gateway(n: usize) {
     );
 }
 
+/// Sends to one recipient that never acks, through the gateway's store (64 at once, as from many
+/// connections); the rate per 1,000 while the queue grows.
+async fn bench_gateway_backlog(n: usize) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let uri = format!("sqlite://{}", dir.path().join("gw.db").display());
+    let db = GatewayDb::open(&uri).await.expect("db");
+    let mut rates = Vec::new();
+    let mut i = 0;
+    while i < n {
+        let start = Instant::now();
+        let mut inflight = tokio::task::JoinSet::new();
+        for _ in 0..1000.min(n - i) {
+            let db = db.clone();
+            let id = format!("m{i}");
+            i += 1;
+            inflight.spawn(async move {
+                let e = pb::Envelope {
+                    from: "+15550000021".into(),
+                    to: "+15550000022".into(),
+                    kind: pb::Kind::Message as i32,
+                    ciphertext: vec![1; 300],
+                    message_id: id.clone(),
+                    ..Default::default()
+                };
+                db.store_send("+15550000021", &id, vec![e], 10_000, false)
+                    .await
+                    .expect("store")
+            });
+            if inflight.len() >= 64 {
+                inflight.join_next().await;
+            }
+        }
+        while inflight.join_next().await.is_some() {}
+        rates.push(1000.0 / start.elapsed().as_secs_f64());
+    }
+    let show: Vec<String> = rates.iter().map(|r| format!("{r:.0}")).collect();
+    println!(
+        "{:<48} n={n:<6} Sends/s per 1,000 as the queue grows: {}",
+        "gateway backlog (store to an away account)",
+        show.join(" ")
+    );
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -223,4 +268,5 @@ fn main() {
         bench_group(200 * scale).await;
     });
     rt.block_on(bench_gateway(500 * scale));
+    rt.block_on(bench_gateway_backlog(if quick { 2000 } else { 9000 }));
 }

@@ -267,10 +267,14 @@ impl GatewayDb {
         tx: &mut sqlx::SqliteConnection,
         recipient: &str,
     ) -> Result<i64, sqlx::Error> {
-        sqlx::query_scalar("SELECT COUNT(*) FROM envelope WHERE recipient = ?")
-            .bind(recipient)
-            .fetch_one(&mut *tx)
-            .await
+        // Kept by triggers (migration 0003): constant time, however long the queue.
+        Ok(
+            sqlx::query_scalar("SELECT n FROM queue_size WHERE recipient = ?")
+                .bind(recipient)
+                .fetch_optional(&mut *tx)
+                .await?
+                .unwrap_or(0),
+        )
     }
 
     pub async fn account_secret_hash(&self, account: &str) -> Result<Option<Vec<u8>>, sqlx::Error> {
@@ -1029,6 +1033,87 @@ mod tests {
                 .expect("read")
                 .is_empty()
         );
+    }
+
+    /// The queue limit reads the queue's length from `queue_size`, which the envelope table's
+    /// triggers keep equal to the queue, whatever wrote it: sends, receipts, acks, expiry, and a
+    /// transaction that failed midway. (It was a `COUNT(*)` over the queue per `Send`, work in
+    /// proportion to a queue that any sender could fill.)
+    #[tokio::test]
+    async fn queue_sizes_follow_every_write_and_bound_the_queue() {
+        let (db, _dir) = db().await;
+        let sizes = || async {
+            let kept: Vec<(String, i64)> = sqlx::query_as(
+                "SELECT recipient, n FROM queue_size WHERE n <> 0 ORDER BY recipient",
+            )
+            .fetch_all(&db.pool)
+            .await
+            .expect("sizes");
+            let counted: Vec<(String, i64)> = sqlx::query_as(
+                "SELECT recipient, COUNT(*) FROM envelope GROUP BY recipient ORDER BY recipient",
+            )
+            .fetch_all(&db.pool)
+            .await
+            .expect("count");
+            assert_eq!(kept, counted, "queue_size differs from the queues");
+            kept
+        };
+        let (a, b, c) = ("+15550000001", "+15550000002", "+15550000003");
+        for i in 0..5 {
+            let id = format!("m{i}");
+            let out = db
+                .store_send(a, &id, vec![envelope(a, b, &id)], 5, false)
+                .await
+                .expect("store");
+            assert!(matches!(out, SendOutcome::Stored(_, 1)), "{out:?}");
+        }
+        // Full at 5: a sixth is refused, a fan-out skips the full queue only.
+        let out = db
+            .store_send(a, "m5", vec![envelope(a, b, "m5")], 5, false)
+            .await
+            .expect("store");
+        assert_eq!(out, SendOutcome::QueueFull);
+        let fan = vec![envelope(a, b, "g"), envelope(a, c, "g")];
+        let out = db.store_send(a, "g", fan, 5, true).await.expect("store");
+        assert!(matches!(out, SendOutcome::Stored(_, 1)), "{out:?}");
+        let receipt = pb::Envelope {
+            kind: pb::Kind::Receipt as i32,
+            ..envelope(b, a, "r")
+        };
+        assert!(db.store_envelope(&receipt, 5).await.expect("receipt"));
+        assert_eq!(
+            sizes().await,
+            [(a.to_owned(), 1), (b.to_owned(), 5), (c.to_owned(), 1)]
+        );
+        // Acks free room, also acks of ids that are not there.
+        let queued = db.envelopes_after(b, 0, i64::MAX, 100).await.expect("read");
+        let mut ids: Vec<u64> = queued.iter().take(2).map(|e| e.id).collect();
+        ids.push(9_999_999);
+        db.ack(b, &ids).await.expect("ack");
+        db.ack(c, &[queued[2].id])
+            .await
+            .expect("ack of another's envelope");
+        assert_eq!(sizes().await[1], (b.to_owned(), 3));
+        let out = db
+            .store_send(a, "m6", vec![envelope(a, b, "m6")], 5, false)
+            .await
+            .expect("store");
+        assert!(matches!(out, SendOutcome::Stored(_, 1)), "{out:?}");
+        // A transaction that fails after inserting leaves the sizes as they were.
+        let mut tx = db.pool.begin().await.expect("begin");
+        GatewayDb::insert_envelope(&mut tx, &envelope(a, c, "x"), now_ms())
+            .await
+            .expect("insert");
+        drop(tx);
+        // Expiry empties the queues.
+        db.expire(i64::MAX, 0, 0).await.expect("expire");
+        assert!(sizes().await.is_empty());
+        let out = db
+            .store_send(a, "m7", vec![envelope(a, b, "m7")], 1, false)
+            .await
+            .expect("store");
+        assert!(matches!(out, SendOutcome::Stored(_, 1)), "{out:?}");
+        assert_eq!(sizes().await, [(b.to_owned(), 1)]);
     }
 
     /// A sender that goes away while its batch is written (its connection closed) does not
