@@ -272,6 +272,44 @@ impl Raw {
     }
 }
 
+/// A raw connection of a new account, registered and logged in (requests 1 to 3), its empty
+/// queue drained.
+async fn raw_logged_in(gw: &TestGateway) -> Raw {
+    let mut c = raw(gw).await;
+    let account = random_account();
+    c.send(
+        1,
+        Some(Body::Register(pb::Register {
+            account: account.clone(),
+        })),
+    )
+    .await;
+    c.recv().await;
+    c.send(
+        2,
+        Some(Body::Verify(pb::Verify {
+            account: account.clone(),
+            code: CODE.into(),
+        })),
+    )
+    .await;
+    let Some(Body::Registered(r)) = c.recv().await.body else {
+        panic!("registered")
+    };
+    c.send(
+        3,
+        Some(Body::Login(pb::Login {
+            account,
+            secret: r.secret,
+            window: 0,
+        })),
+    )
+    .await;
+    c.recv().await; // LoggedIn
+    c.recv().await; // QueueDrained
+    c
+}
+
 /// Whether the gateway closes a plain TCP connection (reads EOF or reset) within `within`.
 async fn tcp_closed(tcp: &mut TcpStream, within: Duration) -> bool {
     let mut buf = [0u8; 256];
@@ -512,6 +550,72 @@ async fn s4_1_pipelined_requests_are_answered_once_each_in_order() {
             .await
             .is_err(),
         "exactly one answer per request"
+    );
+}
+
+/// `Send`s pipelined on one connection go into the store together, but they are stored in the
+/// order they came and answered in that order, also around other requests and refused `Send`s:
+/// the gateway answers each request after all that came before it.
+#[tokio::test]
+async fn s4_1_pipelined_sends_are_stored_and_answered_in_order() {
+    let gw = TestGateway::start().await;
+    let mut bob = client(&gw).await;
+    let mut c = raw_logged_in(&gw).await;
+    // 40 sends, a ping, a send to nobody, one more send and a repeat, all written at once.
+    let mut requests = Vec::new();
+    for i in 0..40u64 {
+        requests.push((
+            10 + i,
+            send(&bob.account, pb::Kind::Message, &format!("m{i}")),
+        ));
+    }
+    requests.push((60, Body::Ping(pb::Ping { nonce: 60 })));
+    requests.push((61, send("+15559999999", pb::Kind::Message, "nobody")));
+    requests.push((62, send(&bob.account, pb::Kind::Message, "m40")));
+    requests.push((63, send(&bob.account, pb::Kind::Message, "m0")));
+    for (id, body) in &requests {
+        c.w.write_stanza(&pb::Stanza {
+            id: *id,
+            body: Some(body.clone()),
+        })
+        .await
+        .expect("write");
+    }
+    c.w.flush().await.expect("flush");
+    let mut first_m0 = None;
+    for (id, _) in &requests {
+        let st = c.recv().await;
+        assert_eq!(st.id, *id, "answers in request order");
+        match (id, st.body) {
+            (60, Some(Body::Pong(p))) => assert_eq!(p.nonce, 60),
+            (61, Some(Body::Error(e))) => assert_eq!(e.code, ErrorCode::NotFound as i32),
+            (63, Some(Body::Sent(s))) => {
+                // A repeat of m0, answered as the first.
+                assert_eq!(Some(s.server_timestamp), first_m0);
+            }
+            (_, Some(Body::Sent(s))) => {
+                if s.message_id == "m0" {
+                    first_m0 = Some(s.server_timestamp);
+                }
+                assert_eq!(s.recipients, 1);
+            }
+            (_, other) => panic!("request {id}: {other:?}"),
+        }
+    }
+    // Stored in the order sent: bob gets m0..m40, each once.
+    let mut got = Vec::new();
+    while got.len() < 41 {
+        if let Body::Envelope(e) =
+            expect_push(&mut bob.pushes, |b| matches!(b, Body::Envelope(_))).await
+        {
+            got.push(e.message_id);
+        }
+    }
+    let want: Vec<String> = (0..=40).map(|i| format!("m{i}")).collect();
+    assert_eq!(got, want);
+    assert!(
+        no_push(&mut bob.pushes, |b| matches!(b, Body::Envelope(_))).await,
+        "nothing more"
     );
 }
 
@@ -1170,38 +1274,7 @@ async fn s7_ack_of_someone_elses_envelope_is_ignored() {
 #[tokio::test]
 async fn s7_ack_with_id_0_gets_no_answer() {
     let gw = TestGateway::start().await;
-    let mut c = raw(&gw).await;
-    let account = random_account();
-    c.send(
-        1,
-        Some(Body::Register(pb::Register {
-            account: account.clone(),
-        })),
-    )
-    .await;
-    c.recv().await;
-    c.send(
-        2,
-        Some(Body::Verify(pb::Verify {
-            account: account.clone(),
-            code: CODE.into(),
-        })),
-    )
-    .await;
-    let Some(Body::Registered(r)) = c.recv().await.body else {
-        panic!("registered")
-    };
-    c.send(
-        3,
-        Some(Body::Login(pb::Login {
-            account,
-            secret: r.secret,
-            window: 0,
-        })),
-    )
-    .await;
-    c.recv().await; // LoggedIn
-    c.recv().await; // QueueDrained
+    let mut c = raw_logged_in(&gw).await;
     c.send(
         0,
         Some(Body::Ack(pb::Ack {

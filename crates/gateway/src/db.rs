@@ -23,7 +23,12 @@ pub struct GatewayDb {
     pub(crate) blob_ttl_ms: i64,
     /// `Send`s waiting for the group commit (see [`GatewayDb::store_send`]).
     sends: std::sync::Arc<SendGroup>,
+    /// Accounts known to exist (see [`GatewayDb::account_exists`]).
+    known: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
+
+/// Accounts remembered as existing, at most (about 100 bytes each).
+const KNOWN_ACCOUNTS: usize = 100_000;
 
 /// The group commit of `Send`s: a `Send` that comes while others are being written waits, and
 /// all that waited are written in one transaction, so a busy gateway commits once per batch
@@ -115,6 +120,7 @@ impl GatewayDb {
             envelope_ttl_ms: i64::MAX,
             blob_ttl_ms: i64::MAX,
             sends: Default::default(),
+            known: Default::default(),
         })
     }
 
@@ -284,8 +290,25 @@ impl GatewayDb {
             .await
     }
 
+    /// Whether an account is registered. Accounts are never deleted, so one found is
+    /// remembered (up to [`KNOWN_ACCOUNTS`] of them): a `Send` to a known account then reads
+    /// nothing before it joins the group commit.
     pub async fn account_exists(&self, account: &str) -> Result<bool, sqlx::Error> {
-        Ok(self.account_secret_hash(account).await?.is_some())
+        if self.lock_known().contains(account) {
+            return Ok(true);
+        }
+        let exists = self.account_secret_hash(account).await?.is_some();
+        if exists {
+            let mut known = self.lock_known();
+            if known.len() < KNOWN_ACCOUNTS {
+                known.insert(account.to_owned());
+            }
+        }
+        Ok(exists)
+    }
+
+    fn lock_known(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.known.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Creates the account or replaces its secret.
@@ -556,14 +579,18 @@ impl GatewayDb {
     /// other `Send`s that wait for it (the group commit, [`SendGroup`]); answers once it is
     /// committed. A 1:1 send to a full queue stores nothing; a group fan-out (`fanout`) skips
     /// members whose queue is full.
-    pub async fn store_send(
+    ///
+    /// In two steps: the `Send` takes its place in the group commit when this is called (so
+    /// sends stored one after the other are stored in that order), and the returned future
+    /// gives its outcome once it is committed.
+    pub fn store_send(
         &self,
         sender: &str,
         message_id: &str,
         envelopes: Vec<pb::Envelope>,
         queue_max: u32,
         fanout: bool,
-    ) -> Result<SendOutcome, sqlx::Error> {
+    ) -> impl std::future::Future<Output = Result<SendOutcome, sqlx::Error>> + Send + 'static {
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.lock_waiting().push(PendingSend {
             sender: sender.to_owned(),
@@ -577,9 +604,11 @@ impl GatewayDb {
         // closed) must not cancel a batch that holds other connections' sends.
         let db = self.clone();
         tokio::spawn(async move { db.write_waiting().await });
-        answer
-            .await
-            .unwrap_or_else(|_| Err(sqlx::Error::Protocol("the write was abandoned".into())))
+        async move {
+            answer
+                .await
+                .unwrap_or_else(|_| Err(sqlx::Error::Protocol("the write was abandoned".into())))
+        }
     }
 
     /// Writes every `Send` that waits, in batches; whoever holds the writer writes all that

@@ -579,7 +579,21 @@ async fn group_members_for(shared: &Shared, me: &str, group: &str) -> Result<Vec
     Ok(g.members.into_iter().filter(|m| m != me).collect())
 }
 
-async fn send(shared: &Shared, me: &str, s: pb::Send) -> Result<Body, Reject> {
+async fn send(shared: &Arc<Shared>, me: &str, s: pb::Send) -> Result<Body, Reject> {
+    queue_send(shared, me, s).await?.await
+}
+
+/// The answer to a `Send` that is in the group commit: its `Sent` once stored.
+pub(crate) type SendAnswer = std::pin::Pin<Box<dyn Future<Output = Result<Body, Reject>> + Send>>;
+
+/// Checks a `Send` and puts it in the group commit; the returned future answers it once it is
+/// stored. Sends of one connection queued one after the other are stored in that order, so a
+/// connection may have several in the commit at once (see `lib.rs`, `connection`).
+pub(crate) async fn queue_send(
+    shared: &Arc<Shared>,
+    me: &str,
+    s: pb::Send,
+) -> Result<SendAnswer, Reject> {
     let kind = Kind::try_from(s.kind).unwrap_or(Kind::Unspecified);
     if !matches!(kind, Kind::Prekey | Kind::Message | Kind::Group) {
         return Err(reject(
@@ -634,31 +648,31 @@ async fn send(shared: &Shared, me: &str, s: pb::Send) -> Result<Body, Reject> {
         })
         .collect();
     let fanout = kind == Kind::Group;
-    let outcome = shared
-        .db
-        .store_send(
-            me,
-            &s.message_id,
-            envelopes,
-            shared.cfg.limits.queue_max,
-            fanout,
-        )
-        .await?;
-    let (ts, n) = match outcome {
-        SendOutcome::Stored(ts, n) => {
-            shared
-                .relayed
-                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-            shared.wake(&recipients).await;
-            (ts, n)
-        }
-        SendOutcome::Repeat(ts, n) => (ts, n),
-        SendOutcome::QueueFull => return Err(queue_full()),
-    };
-    Ok(Body::Sent(pb::Sent {
-        message_id: s.message_id,
-        server_timestamp: ts as u64,
-        recipients: n as u32,
+    let stored = shared.db.store_send(
+        me,
+        &s.message_id,
+        envelopes,
+        shared.cfg.limits.queue_max,
+        fanout,
+    );
+    let shared = shared.clone();
+    Ok(Box::pin(async move {
+        let (ts, n) = match stored.await? {
+            SendOutcome::Stored(ts, n) => {
+                shared
+                    .relayed
+                    .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                shared.wake(&recipients).await;
+                (ts, n)
+            }
+            SendOutcome::Repeat(ts, n) => (ts, n),
+            SendOutcome::QueueFull => return Err(queue_full()),
+        };
+        Ok(Body::Sent(pb::Sent {
+            message_id: s.message_id,
+            server_timestamp: ts as u64,
+            recipients: n as u32,
+        }))
     }))
 }
 

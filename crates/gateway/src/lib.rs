@@ -592,6 +592,71 @@ pub(crate) async fn enqueue(
     }
 }
 
+/// `Send`s of one connection in the group commit at once, at most; the next waits for the
+/// oldest to be answered.
+const PIPELINED_SENDS: usize = 64;
+
+/// What the connection's answerer does next, in request order.
+enum Pending {
+    /// Answer this `Send` (request id, answer, when the request was read) once it is stored.
+    Answer(u64, handlers::SendAnswer, Instant),
+    /// Everything before this is answered.
+    Barrier(tokio::sync::oneshot::Sender<()>),
+}
+
+/// Answers a connection's `Send`s in the order they came, each once it is stored. A connection
+/// thus has up to [`PIPELINED_SENDS`] in the group commit together (docs §4.1: a client may
+/// pipeline requests), where waiting for each commit before reading the next request let one
+/// connection store one `Send` per commit. Stops when the connection stops taking answers.
+async fn answer_in_order(
+    mut pending: mpsc::Receiver<Pending>,
+    out: mpsc::Sender<Box<pb::Stanza>>,
+    kill: watch::Sender<bool>,
+    stall: Duration,
+    conn_id: u64,
+) {
+    while let Some(p) = pending.recv().await {
+        match p {
+            Pending::Answer(id, answer, started) => {
+                let reply = match answer.await {
+                    Ok(body) => pb::Stanza {
+                        id,
+                        body: Some(body),
+                    },
+                    Err(r) => error_stanza(id, &r),
+                };
+                let took = started.elapsed();
+                if took >= SLOW_REQUEST {
+                    tracing::warn!(request = "Send", ?took, conn = conn_id, "slow request");
+                }
+                if enqueue(&out, &kill, stall, reply).await.is_err() {
+                    return;
+                }
+            }
+            Pending::Barrier(done) => {
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+/// Waits until every `Send` passed to the answerer is answered, so that what the connection
+/// answers next comes after them.
+async fn answered(
+    pending: &mpsc::Sender<Pending>,
+    outstanding: &mut bool,
+) -> Result<(), TransportError> {
+    if !std::mem::take(outstanding) {
+        return Ok(());
+    }
+    let (done, wait) = tokio::sync::oneshot::channel();
+    pending
+        .send(Pending::Barrier(done))
+        .await
+        .map_err(|_| TransportError::Closed)?;
+    wait.await.map_err(|_| TransportError::Closed)
+}
+
 async fn connection(
     shared: Arc<Shared>,
     stream: TcpStream,
@@ -631,6 +696,16 @@ async fn connection(
     };
     let stall = limits.slow_reader_timeout;
     let send = |st: pb::Stanza| enqueue(&out_tx, &kill_tx, stall, st);
+    let (pending, pending_rx) = mpsc::channel(PIPELINED_SENDS);
+    let answerer = tokio::spawn(answer_in_order(
+        pending_rx,
+        out_tx.clone(),
+        kill_tx.clone(),
+        stall,
+        conn.id,
+    ));
+    // Whether `Send`s went to the answerer since it was last waited for.
+    let mut outstanding = false;
     let mut bucket = Bucket::new(shared.cfg.rate_capacity, shared.cfg.rate_per_sec);
     let result = loop {
         let next = tokio::select! {
@@ -682,6 +757,9 @@ async fn connection(
                 message: "slow down".into(),
                 retry_after_ms: retry,
             };
+            if let Err(e) = answered(&pending, &mut outstanding).await {
+                break Err(e);
+            }
             if let Err(e) = send(error_stanza(id, &r)).await {
                 break Err(e);
             }
@@ -689,6 +767,31 @@ async fn connection(
         }
         let kind = body.name();
         let started = Instant::now();
+        let body = match body {
+            Body::Send(s) => {
+                // Into the group commit now, answered by the answerer once stored; the next
+                // request is read meanwhile.
+                let answer = match &conn.account {
+                    Some(me) => handlers::queue_send(&shared, me, s).await,
+                    None => Err(reject(ErrorCode::Unauthorized, "log in first")),
+                };
+                let answer = answer.unwrap_or_else(|r| Box::pin(async move { Err(r) }));
+                if pending
+                    .send(Pending::Answer(id, answer, started))
+                    .await
+                    .is_err()
+                {
+                    break Err(TransportError::Closed);
+                }
+                outstanding = true;
+                continue;
+            }
+            other => other,
+        };
+        // Every other request is handled after the `Send`s before it are answered.
+        if let Err(e) = answered(&pending, &mut outstanding).await {
+            break Err(e);
+        }
         let answer = handlers::handle(&shared, &mut conn, body).await;
         let took = started.elapsed();
         if took >= SLOW_REQUEST {
@@ -720,8 +823,12 @@ async fn connection(
             conn.delivery = Some(after);
         }
     };
+    // The `Send`s in the commit are stored whatever becomes of the connection; their answers
+    // go out while it still takes them.
+    drop(pending);
     go_offline(&shared, &mut conn).await;
     drop(out_tx);
+    let _ = tokio::time::timeout(Duration::from_secs(5), answerer).await;
     drop(conn);
     // A writer stuck on a peer that does not read is not waited for.
     let mut writer_task = writer_task;
