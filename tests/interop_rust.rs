@@ -459,3 +459,64 @@ async fn a_long_backlog_drains_while_the_consumer_calls_back_into_the_account() 
         }
     }
 }
+
+/// An account does not wait on the gateway's answer to a `Send` before its next command: while
+/// the gateway's database is locked (another writer holds it) and the `Send` waits to be stored,
+/// the same account answers other commands. Once the lock goes, the held message is stored and
+/// the next one follows it, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_works_on_while_the_gateway_stores_its_send() {
+    use sqlx::Connection;
+    use std::time::Duration;
+    let gw = TestGateway::start().await;
+    let rt = SignalRuntime::start(1);
+    let a = register_ours(&rt, &gw.addr, &random_account()).await;
+    let mut b = register_ours(&rt, &gw.addr, &random_account()).await;
+    let b_account = b.account.clone();
+    let to_b = || Target::Account(b_account.clone());
+    a.handle
+        .send(to_b(), "m0".into(), text("first"))
+        .await
+        .expect("send");
+    let got = b.wait(|e| body_of(e).is_some()).await;
+    assert_eq!(body_of(&got).as_deref(), Some("first"));
+
+    let uri = format!("sqlite://{}", gw.dir.path().join("gateway.db").display());
+    let mut other = sqlx::SqliteConnection::connect(&uri)
+        .await
+        .expect("connect");
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut other)
+        .await
+        .expect("lock the gateway's database");
+    let held = tokio::spawn({
+        let handle = a.handle.clone();
+        let to = to_b();
+        async move { handle.send(to, "m1".into(), text("held")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!held.is_finished(), "the send did not wait for the lock");
+    let info = tokio::time::timeout(
+        Duration::from_secs(3),
+        a.handle.session_info(b_account.clone()),
+    )
+    .await
+    .expect("the account answers while its send waits for the gateway")
+    .expect("session info");
+    assert!(info.exists);
+    sqlx::query("COMMIT")
+        .execute(&mut other)
+        .await
+        .expect("unlock");
+    held.await
+        .expect("task")
+        .expect("the held send is stored once the lock goes");
+    a.handle
+        .send(to_b(), "m2".into(), text("next"))
+        .await
+        .expect("send");
+    for want in ["held", "next"] {
+        let got = b.wait(|e| body_of(e).is_some()).await;
+        assert_eq!(body_of(&got).as_deref(), Some(want));
+    }
+}

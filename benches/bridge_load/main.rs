@@ -38,7 +38,9 @@
 //! bench process (gateway, contacts, stand-in) competes with the bridge for the CPU, so the
 //! bridge's own CPU time per message is printed too.
 //!
-//! Flags: `--users M` (default 20), `--contacts N` (default M), `--messages K` per direction
+//! Flags: `--users M` (default 20), `--contacts N` (default M), `--chats-per-user C` (default 1:
+//! each user opens C DM portals, each with a contact of its own, so M×C chats and contacts; the
+//! stand-in only), `--messages K` per direction
 //! (default 5000), `--paced-secs S` (default 15), `--quick` (4 users, 200 messages, 3 s paced),
 //! `--postgres URI` (the bridge's database in Postgres instead of SQLite; give an empty database
 //! of its own, which the bridge migrates and the bench leaves as it is afterwards).
@@ -124,6 +126,8 @@ const STALL: Duration = Duration::from_secs(45);
 
 struct Opts {
     users: usize,
+    /// DM portals per user, each with a contact of its own (stand-in only).
+    chats_per_user: usize,
     contacts: usize,
     messages: usize,
     paced_secs: f64,
@@ -146,6 +150,7 @@ fn parse_opts() -> Opts {
     let mut o = if quick {
         Opts {
             users: 4,
+            chats_per_user: 1,
             contacts: 0,
             messages: 200,
             paced_secs: 3.0,
@@ -159,6 +164,7 @@ fn parse_opts() -> Opts {
     } else {
         Opts {
             users: 20,
+            chats_per_user: 1,
             contacts: 0,
             messages: 5000,
             paced_secs: 15.0,
@@ -181,6 +187,7 @@ fn parse_opts() -> Opts {
         match a.as_str() {
             "--users" => o.users = num("--users") as usize,
             "--contacts" => o.contacts = num("--contacts") as usize,
+            "--chats-per-user" => o.chats_per_user = num("--chats-per-user") as usize,
             "--messages" => o.messages = num("--messages") as usize,
             "--paced-secs" => o.paced_secs = num("--paced-secs"),
             "--postgres" => {
@@ -195,10 +202,14 @@ fn parse_opts() -> Opts {
             _ => {}
         }
     }
-    if o.contacts == 0 || o.contacts > o.users {
+    if o.chats_per_user > 1 {
+        // Every chat of a user needs a contact of its own: one DM per pair.
+        assert!(!o.synapse, "--chats-per-user goes with the stand-in only");
+        o.contacts = o.chats();
+    } else if o.contacts == 0 || o.contacts > o.users {
         o.contacts = o.users;
     }
-    o.messages = o.messages.max(o.users);
+    o.messages = o.messages.max(o.chats());
     assert!(
         o.workers == 1 || (o.postgres.is_some() && !o.restarts),
         "--workers needs --postgres, and does not go with --restarts"
@@ -207,6 +218,12 @@ fn parse_opts() -> Opts {
 }
 
 // ---------------------------------------------------------------------------------------------
+
+impl Opts {
+    fn chats(&self) -> usize {
+        self.users * self.chats_per_user
+    }
+}
 
 /// The reference gateway's settings here: its rate limits out of the way.
 fn gateway_limits(cfg: &mut mib_gateway::GatewayConfig) {
@@ -263,8 +280,9 @@ async fn restarts(
     gateway
 }
 
-/// Every user logs in through the provisioning API, then opens a DM portal with its contact;
-/// returns the portals' rooms (index = user) and when the logins were done (since `t0`).
+/// Every user logs in through the provisioning API, then opens its DM portals (one per chat, each
+/// with the chat's contact); returns the portals' rooms (index = chat) and when the logins were
+/// done (since `t0`).
 async fn log_in_and_open_portals(
     world: &World,
     users: usize,
@@ -285,11 +303,11 @@ async fn log_in_and_open_portals(
     .collect::<Vec<()>>()
     .await;
     let t_logins = t0.elapsed();
-    // One DM portal per user, with its contact.
-    let rooms: Vec<String> = futures::stream::iter((0..users).map(|i| async move {
-        let contact = &w.contacts[w.contact_of(i)].account;
+    let rooms: Vec<String> = futures::stream::iter((0..w.chats()).map(|chat| async move {
+        let contact = &w.contacts[w.contact_of_chat(chat)].account;
+        let user = &w.users[w.user_of_chat(chat)];
         let v = w
-            .provision("chats", &w.users[i], json!({"contact": contact}))
+            .provision("chats", user, json!({"contact": contact}))
             .await;
         v["chat"]["room_id"]
             .as_str()
@@ -342,8 +360,9 @@ async fn homeserver(
 /// The first line of the report: what runs against what.
 fn print_header(opts: &Opts, pid: &str) {
     println!(
-        "bridge_load: {} Matrix users, {} interop contacts, {} messages per direction{}; homeserver {}; bridge database {} (bridge pid {pid})",
+        "bridge_load: {} Matrix users with {} DM portals each, {} interop contacts, {} messages per direction{}; homeserver {}; bridge database {} (bridge pid {pid})",
         opts.users,
+        opts.chats_per_user,
         opts.contacts,
         opts.messages,
         if opts.quick { " (--quick)" } else { "" },
@@ -435,6 +454,7 @@ async fn bench(opts: Opts) {
         },
         users,
         user_accounts,
+        chats_per_user: opts.chats_per_user,
         rooms: Vec::new(),
         contacts,
         txn_counter: AtomicU64::new(0),

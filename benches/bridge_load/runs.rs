@@ -123,7 +123,7 @@ pub(crate) async fn run(
                 Dir::MatrixToInterop | Dir::MatrixToBare | Dir::BareToMatrix
             );
             let senders = if by_room {
-                world.users.len()
+                world.chats()
             } else {
                 world.contacts.len()
             };
@@ -239,7 +239,7 @@ pub(crate) async fn measure(
         Some(&mut *bridge),
         Dir::MatrixToInterop,
         "warm-up Matrix→interop",
-        opts.users,
+        opts.chats(),
         None,
     )
     .await;
@@ -248,7 +248,7 @@ pub(crate) async fn measure(
         Some(&mut *bridge),
         Dir::InteropToMatrix,
         "warm-up interop→Matrix",
-        opts.users,
+        opts.chats(),
         None,
     )
     .await;
@@ -270,8 +270,8 @@ pub(crate) async fn measure(
         .await;
         let max = summarize(dir, "max".into(), &t, (b0, sample(pid, ticks)), (m0, me()));
         let rate = (max.rate / 2.0).max(1.0);
-        let n =
-            ((rate * opts.paced_secs) as usize).clamp(opts.users.min(opts.messages), opts.messages);
+        let n = ((rate * opts.paced_secs) as usize)
+            .clamp(opts.chats().min(opts.messages), opts.messages);
         results.push(max);
         tokio::time::sleep(Duration::from_millis(300)).await;
         let (b0, m0) = (sample(pid, ticks), me());

@@ -58,9 +58,13 @@ pub(crate) struct World {
     /// Where user i's provisioning requests go: the worker that runs its login (with several
     /// workers, i mod N; the provisioning API answers on the worker running the login).
     pub(crate) provisioning_bases: Vec<String>,
-    /// Matrix user ids, their interop accounts, and their portal rooms (index = user).
+    /// Matrix user ids and their interop accounts (index = user).
     pub(crate) users: Vec<String>,
     pub(crate) user_accounts: Vec<String>,
+    /// DM portals each user has (`--chats-per-user`); chat c is user `c % M`'s with contact
+    /// `c % N`.
+    pub(crate) chats_per_user: usize,
+    /// The portal rooms (index = chat).
     pub(crate) rooms: Vec<String>,
     pub(crate) contacts: Vec<Contact>,
     pub(crate) txn_counter: AtomicU64,
@@ -77,8 +81,22 @@ pub(crate) struct World {
 }
 
 impl World {
-    pub(crate) fn contact_of(&self, user: usize) -> usize {
-        user % self.contacts.len()
+    /// How many DM portals there are in all.
+    pub(crate) fn chats(&self) -> usize {
+        self.users.len() * self.chats_per_user
+    }
+
+    /// The chat message `seq` goes through.
+    pub(crate) fn chat(&self, seq: usize) -> usize {
+        seq % self.chats()
+    }
+
+    pub(crate) fn user_of_chat(&self, chat: usize) -> usize {
+        chat % self.users.len()
+    }
+
+    pub(crate) fn contact_of_chat(&self, chat: usize) -> usize {
+        chat % self.contacts.len()
     }
 
     pub(crate) async fn provision(&self, path: &str, user: &str, body: Value) -> Value {
@@ -106,10 +124,11 @@ impl World {
     }
 
     pub(crate) fn event(&self, run: usize, seq: usize) -> Value {
-        let u = seq % self.users.len();
+        let chat = self.chat(seq);
+        let u = self.user_of_chat(chat);
         json!({
             "type": "m.room.message",
-            "room_id": self.rooms[u],
+            "room_id": self.rooms[chat],
             "sender": self.users[u],
             "event_id": format!("$bench-{run}-{seq}"),
             "origin_server_ts": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
@@ -215,8 +234,11 @@ impl World {
             let partner = if c ^ 1 < n { c ^ 1 } else { c - 1 };
             (c, self.contacts[partner].account.clone())
         } else {
-            let u = seq % self.users.len();
-            (self.contact_of(u), self.user_accounts[u].clone())
+            let chat = self.chat(seq);
+            (
+                self.contact_of_chat(chat),
+                self.user_accounts[self.user_of_chat(chat)].clone(),
+            )
         }
     }
 

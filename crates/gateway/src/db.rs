@@ -124,6 +124,22 @@ impl GatewayDb {
         })
     }
 
+    /// Begins a transaction that will write, holding SQLite's write lock from its first
+    /// statement.
+    ///
+    /// A deferred transaction that reads first and writes later does not wait for a lock that
+    /// another connection holds: the upgrade fails at once with `SQLITE_BUSY`, whatever the busy
+    /// timeout. A first statement that writes (and changes nothing) takes the lock under the busy
+    /// timeout instead. Not `BEGIN IMMEDIATE`: sqlx keeps its own transaction depth, and a custom
+    /// `BEGIN` is refused for good once a commit has failed (a full disk, say).
+    async fn write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM queue_size WHERE 1 = 0")
+            .execute(&mut *tx)
+            .await?;
+        Ok(tx)
+    }
+
     fn envelope_cutoff(&self) -> i64 {
         now_ms().saturating_sub(self.envelope_ttl_ms)
     }
@@ -142,7 +158,7 @@ impl GatewayDb {
     ) -> Result<VerifyOutcome, sqlx::Error> {
         use subtle::ConstantTimeEq;
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let budget = sqlx::query(
             "SELECT window_start, failures, locked_until, lockouts FROM verify_budget WHERE account = ?",
         )
@@ -248,7 +264,7 @@ impl GatewayDb {
         blobs_before: i64,
         sent_before: i64,
     ) -> Result<Vec<String>, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         sqlx::query("DELETE FROM envelope WHERE server_timestamp < ?")
             .bind(envelopes_before)
             .execute(&mut *tx)
@@ -385,7 +401,7 @@ impl GatewayDb {
 
     /// Applies a validated key upload in one transaction.
     pub async fn upload_keys(&self, account: &str, up: &pb::UploadKeys) -> Result<(), sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let current: Option<Option<Vec<u8>>> =
             sqlx::query_scalar("SELECT identity_key FROM account WHERE account = ?")
                 .bind(account)
@@ -546,7 +562,7 @@ impl GatewayDb {
         let Some((identity_key, registration_id)) = self.identity(account).await? else {
             return Ok(None);
         };
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let Some(signed) = Self::take_key(&mut tx, account, "signed", false).await? else {
             return Ok(None);
         };
@@ -636,7 +652,7 @@ impl GatewayDb {
     /// the batch is stored).
     async fn write_sends(&self, batch: Vec<PendingSend>) {
         let written = async {
-            let mut tx = self.pool.begin().await?;
+            let mut tx = self.write_tx().await?;
             let mut outcomes = Vec::with_capacity(batch.len());
             for p in &batch {
                 outcomes.push(Self::send_in(&mut tx, p).await?);
@@ -755,7 +771,7 @@ impl GatewayDb {
         envelope: &pb::Envelope,
         queue_max: u32,
     ) -> Result<bool, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         if Self::queue_len(&mut tx, &envelope.to).await? >= i64::from(queue_max) {
             return Ok(false);
         }
@@ -815,7 +831,7 @@ impl GatewayDb {
 
     /// Deletes the acknowledged envelopes of `account`, one statement per chunk of ids.
     pub async fn ack(&self, account: &str, ids: &[u64]) -> Result<(), sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         for chunk in ids.chunks(500) {
             let marks = vec!["?"; chunk.len()].join(", ");
             let sql = format!("DELETE FROM envelope WHERE recipient = ? AND id IN ({marks})");
@@ -896,7 +912,7 @@ impl GatewayDb {
         envelopes: &[pb::Envelope],
         queue_max: u32,
     ) -> Result<(), sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         sqlx::query(
             "INSERT INTO grp (id, name, avatar_blob, revision, created_at, changed_by) VALUES (?, ?, ?, ?, ?, ?) \
              ON CONFLICT (id) DO UPDATE SET name = excluded.name, avatar_blob = excluded.avatar_blob, \
@@ -971,6 +987,130 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let uri = format!("sqlite://{}", dir.path().join("gw.db").display());
         (GatewayDb::open(&uri).await.expect("open"), dir)
+    }
+
+    /// Migration 0003 over a gateway that already holds queues: the queue sizes it adds count
+    /// the envelopes already stored, so the queue limit holds for them from the first `Send`.
+    #[tokio::test]
+    async fn an_upgraded_gateway_counts_the_queues_it_already_holds() {
+        let (db, _dir) = db().await;
+        // The database as it was before 0003: no sizes, no triggers.
+        sqlx::raw_sql(
+            "DROP TRIGGER queue_size_insert; DROP TRIGGER queue_size_delete; \
+             DROP TRIGGER queue_size_update; DROP TABLE queue_size;",
+        )
+        .execute(&db.pool)
+        .await
+        .expect("back to 0002");
+        let (a, b, c) = ("+15550000001", "+15550000002", "+15550000003");
+        for (to, n) in [(b, 3), (c, 5)] {
+            for i in 0..n {
+                GatewayDb::insert_envelope(
+                    &mut db.pool.acquire().await.expect("conn"),
+                    &envelope(a, to, &format!("{to}-{i}")),
+                    now_ms(),
+                )
+                .await
+                .expect("insert");
+            }
+        }
+        sqlx::raw_sql(include_str!("../migrations/0003_queue_size.sql"))
+            .execute(&db.pool)
+            .await
+            .expect("0003");
+        let sizes: Vec<(String, i64)> =
+            sqlx::query_as("SELECT recipient, n FROM queue_size ORDER BY recipient")
+                .fetch_all(&db.pool)
+                .await
+                .expect("sizes");
+        assert_eq!(sizes, [(b.to_owned(), 3), (c.to_owned(), 5)]);
+        // C's queue is full at 5: a send to it is refused, one to B is stored.
+        let out = db
+            .store_send(a, "x1", vec![envelope(a, c, "x1")], 5, false)
+            .await
+            .expect("store");
+        assert!(matches!(out, SendOutcome::QueueFull), "{out:?}");
+        let out = db
+            .store_send(a, "x2", vec![envelope(a, b, "x2")], 5, false)
+            .await
+            .expect("store");
+        assert!(matches!(out, SendOutcome::Stored(_, 1)), "{out:?}");
+    }
+
+    /// A write that another connection's lock holds up waits for it (under the busy timeout)
+    /// instead of failing: `store_envelope` reads the queue's length before it writes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_waits_for_another_connections_lock() {
+        use sqlx::Connection;
+        let (db, dir) = db().await;
+        let uri = format!("sqlite://{}", dir.path().join("gw.db").display());
+        let mut other = sqlx::SqliteConnection::connect(&uri)
+            .await
+            .expect("connect");
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut other)
+            .await
+            .expect("lock");
+        let write = tokio::spawn({
+            let db = db.clone();
+            async move {
+                db.store_envelope(&envelope("+15550000001", "+15550000002", "r1"), 10)
+                    .await
+            }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(!write.is_finished(), "the write did not wait for the lock");
+        sqlx::query("COMMIT")
+            .execute(&mut other)
+            .await
+            .expect("unlock");
+        let stored = write
+            .await
+            .expect("task")
+            .expect("the write waited and went on");
+        assert!(stored);
+    }
+
+    /// After a commit that fails for want of room, the next writes go on once there is room.
+    #[tokio::test]
+    async fn writes_go_on_after_a_full_disk() {
+        let (db, _dir) = db().await;
+        let big = |i: usize| pb::Envelope {
+            ciphertext: vec![i as u8; 64 * 1024],
+            ..envelope("+15550000001", "+15550000002", &format!("m{i}"))
+        };
+        // The pool has one connection, so the page limit applies to every later statement.
+        let pages: i64 = sqlx::query_scalar("PRAGMA page_count")
+            .fetch_one(&db.pool)
+            .await
+            .expect("page count");
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "PRAGMA max_page_count = {}",
+            pages + 40
+        )))
+        .execute(&db.pool)
+        .await
+        .expect("limit");
+        let mut refused = false;
+        for i in 0..20 {
+            if db.store_envelope(&big(i), 1000).await.is_err() {
+                refused = true;
+                break;
+            }
+        }
+        assert!(refused, "the page limit never refused a write");
+        sqlx::query("PRAGMA max_page_count = 1000000")
+            .execute(&db.pool)
+            .await
+            .expect("room again");
+        for i in 100..105 {
+            assert!(
+                db.store_envelope(&big(i), 1000)
+                    .await
+                    .expect("a write after the full disk")
+            );
+        }
+        db.ack("+15550000002", &[1, 2, 3]).await.expect("ack");
     }
 
     /// Sends that come together are written together: each is stored once, a repeat (in the

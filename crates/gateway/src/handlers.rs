@@ -96,7 +96,7 @@ pub(crate) async fn handle(
             })
         }
         Body::FetchBundle(f) => fetch_bundle(shared, &me, f).await?,
-        Body::Send(s) => send(shared, &me, s).await?,
+        Body::Send(s) => queue_send(shared, Some(&me), s).await?.await?,
         Body::Ack(a) => {
             let max = shared.cfg.limits.ack_max_ids;
             if a.envelope_ids.len() > max as usize {
@@ -579,21 +579,18 @@ async fn group_members_for(shared: &Shared, me: &str, group: &str) -> Result<Vec
     Ok(g.members.into_iter().filter(|m| m != me).collect())
 }
 
-async fn send(shared: &Arc<Shared>, me: &str, s: pb::Send) -> Result<Body, Reject> {
-    queue_send(shared, me, s).await?.await
-}
-
 /// The answer to a `Send` that is in the group commit: its `Sent` once stored.
 pub(crate) type SendAnswer = std::pin::Pin<Box<dyn Future<Output = Result<Body, Reject>> + Send>>;
 
-/// Checks a `Send` and puts it in the group commit; the returned future answers it once it is
-/// stored. Sends of one connection queued one after the other are stored in that order, so a
+/// Checks a `Send` of the connection logged in as `me` (`None`: not logged in, refused) and puts
+/// it in the group commit; the returned future answers it once it is stored. Sends of one connection queued one after the other are stored in that order, so a
 /// connection may have several in the commit at once (see `lib.rs`, `connection`).
 pub(crate) async fn queue_send(
     shared: &Arc<Shared>,
-    me: &str,
+    me: Option<&str>,
     s: pb::Send,
 ) -> Result<SendAnswer, Reject> {
+    let me = me.ok_or_else(|| reject(ErrorCode::Unauthorized, "log in first"))?;
     let kind = Kind::try_from(s.kind).unwrap_or(Kind::Unspecified);
     if !matches!(kind, Kind::Prekey | Kind::Message | Kind::Group) {
         return Err(reject(

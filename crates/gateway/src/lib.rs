@@ -43,6 +43,14 @@ pub use db::GatewayDb;
 /// its contents): clients give up on an answer after 60 s.
 const SLOW_REQUEST: Duration = Duration::from_secs(5);
 
+/// Logs a request that took [`SLOW_REQUEST`] or more (its kind and the time only).
+fn note_if_slow(kind: &'static str, started: Instant, conn: u64) {
+    let took = started.elapsed();
+    if took >= SLOW_REQUEST {
+        tracing::warn!(request = kind, ?took, conn, "slow request");
+    }
+}
+
 /// How verification codes reach the owner of an account (docs §6.1).
 #[derive(Clone)]
 pub enum CodeDelivery {
@@ -625,10 +633,7 @@ async fn answer_in_order(
                     },
                     Err(r) => error_stanza(id, &r),
                 };
-                let took = started.elapsed();
-                if took >= SLOW_REQUEST {
-                    tracing::warn!(request = "Send", ?took, conn = conn_id, "slow request");
-                }
+                note_if_slow("Send", started, conn_id);
                 if enqueue(&out, &kill, stall, reply).await.is_err() {
                     return;
                 }
@@ -771,11 +776,9 @@ async fn connection(
             Body::Send(s) => {
                 // Into the group commit now, answered by the answerer once stored; the next
                 // request is read meanwhile.
-                let answer = match &conn.account {
-                    Some(me) => handlers::queue_send(&shared, me, s).await,
-                    None => Err(reject(ErrorCode::Unauthorized, "log in first")),
-                };
-                let answer = answer.unwrap_or_else(|r| Box::pin(async move { Err(r) }));
+                let answer = handlers::queue_send(&shared, conn.account.as_deref(), s)
+                    .await
+                    .unwrap_or_else(|r| Box::pin(async move { Err(r) }));
                 if pending
                     .send(Pending::Answer(id, answer, started))
                     .await
@@ -793,10 +796,7 @@ async fn connection(
             break Err(e);
         }
         let answer = handlers::handle(&shared, &mut conn, body).await;
-        let took = started.elapsed();
-        if took >= SLOW_REQUEST {
-            tracing::warn!(request = kind, ?took, conn = conn.id, "slow request");
-        }
+        note_if_slow(kind, started, conn.id);
         let reply = match answer {
             Ok(Some(body)) => Some(pb::Stanza {
                 id,

@@ -79,7 +79,9 @@ impl InteropError {
     }
 }
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<pb::Stanza>>>>;
+/// The requests waiting for their answers; `None` once the connection's reader ended (a request
+/// made after that fails at once instead of waiting out its timeout).
+type Pending = Arc<Mutex<Option<HashMap<u64, oneshot::Sender<pb::Stanza>>>>>;
 
 /// A live connection. Dropping every clone closes it.
 #[derive(Clone)]
@@ -89,6 +91,56 @@ pub struct GatewayConn {
     out: mpsc::Sender<Box<pb::Stanza>>,
     pending: Pending,
     next_id: Arc<AtomicU64>,
+}
+
+/// The answer to come to a request sent with [`GatewayConn::submit`].
+#[must_use = "a request's answer says whether the gateway did it"]
+pub struct Answer {
+    id: u64,
+    kind: &'static str,
+    rx: oneshot::Receiver<pb::Stanza>,
+    pending: Pending,
+}
+
+impl Answer {
+    /// Waits for the answer (at most `REQUEST_TIMEOUT`); an `Error` answer becomes `Err`.
+    pub async fn wait(self) -> Result<Body, InteropError> {
+        let Self {
+            id,
+            kind,
+            rx,
+            pending,
+        } = self;
+        let answer = match tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
+            Ok(Ok(st)) => st,
+            Ok(Err(_)) => return Err(InteropError::Disconnected),
+            Err(_) => {
+                if let Some(p) = pending.lock().await.as_mut() {
+                    p.remove(&id);
+                }
+                tracing::warn!(request = kind, id, "the gateway did not answer in time");
+                return Err(InteropError::Timeout);
+            }
+        };
+        match answer.body {
+            Some(Body::Error(e)) => Err(InteropError::Gateway {
+                code: ErrorCode::try_from(e.code).unwrap_or(ErrorCode::ErrorUnspecified),
+                message: e.message,
+                retry_after_ms: e.retry_after_ms,
+            }),
+            Some(b) => Ok(b),
+            None => Err(InteropError::Unexpected),
+        }
+    }
+}
+
+impl std::fmt::Debug for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Answer")
+            .field("id", &self.id)
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Where the gateway is and which key it must have.
@@ -126,7 +178,7 @@ impl GatewayConn {
         })?;
         let (out_tx, out_rx) = mpsc::channel::<Box<pb::Stanza>>(256);
         let (push_tx, push_rx) = mpsc::channel::<Box<pb::Stanza>>(1024);
-        let pending: Pending = Arc::default();
+        let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
         tokio::spawn(writer.pump(out_rx));
         let p = pending.clone();
         tokio::spawn(async move {
@@ -142,9 +194,11 @@ impl GatewayConn {
                         break;
                     }
                 };
-                if st.id != 0
-                    && let Some(tx) = p.lock().await.remove(&st.id)
-                {
+                let waiting = match p.lock().await.as_mut() {
+                    Some(p) if st.id != 0 => p.remove(&st.id),
+                    _ => None,
+                };
+                if let Some(tx) = waiting {
                     let _ = tx.send(st);
                     continue;
                 }
@@ -152,7 +206,8 @@ impl GatewayConn {
                     break;
                 }
             }
-            p.lock().await.clear();
+            // Every request still waiting fails now, and any made from now on.
+            p.lock().await.take();
         });
         let conn = Self {
             out: out_tx,
@@ -187,10 +242,20 @@ impl GatewayConn {
 
     /// Sends a request and waits for its answer; an `Error` answer becomes `Err`.
     pub async fn request(&self, body: Body) -> Result<Body, InteropError> {
+        self.submit(body).await?.wait().await
+    }
+
+    /// Sends a request and returns once it is on its way, with the answer to wait for: a caller
+    /// can go on with other work (and other requests) while the gateway handles this one. The
+    /// gateway answers a connection's requests in the order it read them (docs §4.1).
+    pub async fn submit(&self, body: Body) -> Result<Answer, InteropError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let kind = body.name();
         let (tx, rx) = oneshot::channel();
-        self.pending.lock().await.insert(id, tx);
+        match self.pending.lock().await.as_mut() {
+            Some(p) => p.insert(id, tx),
+            None => return Err(InteropError::Disconnected),
+        };
         if self
             .out
             .send(Box::new(pb::Stanza {
@@ -200,27 +265,17 @@ impl GatewayConn {
             .await
             .is_err()
         {
-            self.pending.lock().await.remove(&id);
+            if let Some(p) = self.pending.lock().await.as_mut() {
+                p.remove(&id);
+            }
             return Err(InteropError::Disconnected);
         }
-        let answer = match tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
-            Ok(Ok(st)) => st,
-            Ok(Err(_)) => return Err(InteropError::Disconnected),
-            Err(_) => {
-                self.pending.lock().await.remove(&id);
-                tracing::warn!(request = kind, id, "the gateway did not answer in time");
-                return Err(InteropError::Timeout);
-            }
-        };
-        match answer.body {
-            Some(Body::Error(e)) => Err(InteropError::Gateway {
-                code: ErrorCode::try_from(e.code).unwrap_or(ErrorCode::ErrorUnspecified),
-                message: e.message,
-                retry_after_ms: e.retry_after_ms,
-            }),
-            Some(b) => Ok(b),
-            None => Err(InteropError::Unexpected),
-        }
+        Ok(Answer {
+            id,
+            kind,
+            rx,
+            pending: self.pending.clone(),
+        })
     }
 
     /// Sends without waiting (an id-0 `Ack`).

@@ -246,6 +246,24 @@ impl SqlStore {
         })
     }
 
+    /// Begins a transaction that will write. On SQLite it holds the write lock from its first
+    /// statement: a deferred transaction that reads first does not wait for a lock another
+    /// connection holds when it then writes (it fails at once with `SQLITE_BUSY`, whatever the
+    /// busy timeout), while a first statement that writes (and changes nothing) waits for it.
+    /// Not `BEGIN IMMEDIATE`: sqlx keeps its own transaction depth, and a custom `BEGIN` is
+    /// refused for good once a commit has failed (a full disk, say).
+    pub(crate) async fn begin_write(
+        &self,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        if self.kind == DatabaseType::Sqlite {
+            sqlx::query("DELETE FROM kv WHERE 1 = 0")
+                .execute(&mut *tx)
+                .await?;
+        }
+        Ok(tx)
+    }
+
     /// Tells the other workers sharing the database, at commit, that events were queued.
     async fn announce_queued(
         &self,
@@ -400,7 +418,7 @@ impl TxnStore for SqlStore {
         events: &[QueuedEvent],
     ) -> Result<TxnOutcome, CoreError> {
         let _writer = self.queue_writer.lock().await;
-        let mut tx = self.pool.begin().await.db()?;
+        let mut tx = self.begin_write().await?;
         self.lock_queue(&mut tx).await?;
         let seen: Option<Vec<u8>> =
             sqlx::query_scalar("SELECT body_hash FROM appservice_txn WHERE txn_id = $1")
@@ -435,7 +453,7 @@ impl TxnStore for SqlStore {
 
     async fn queue_missed(&self, events: &[QueuedEvent]) -> Result<usize, CoreError> {
         let _writer = self.queue_writer.lock().await;
-        let mut tx = self.pool.begin().await.db()?;
+        let mut tx = self.begin_write().await?;
         self.lock_queue(&mut tx).await?;
         let queued = queue_new(&mut tx, events, now_ms()).await?;
         self.announce_queued(&mut tx, queued).await?;
@@ -770,6 +788,37 @@ mod tests {
             event_id: Some(id.into()),
             sealed: id.as_bytes().to_vec(),
         }
+    }
+
+    /// A write that another connection's lock holds up waits for it (under the busy timeout)
+    /// instead of failing with `SQLITE_BUSY`: `apply_transaction` reads before it writes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_waits_for_another_connections_lock() {
+        use sqlx::Connection;
+        let (s, dir) = testing::sqlite().await;
+        let uri = format!("sqlite://{}", dir.path().join("test.db").display());
+        let mut other = sqlx::SqliteConnection::connect(&uri)
+            .await
+            .expect("connect");
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut other)
+            .await
+            .expect("lock");
+        let write = tokio::spawn({
+            let s = s.clone();
+            async move { s.apply_transaction("1", b"h", &[pdu("$1")]).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!write.is_finished(), "the write did not wait for the lock");
+        sqlx::query("COMMIT")
+            .execute(&mut other)
+            .await
+            .expect("unlock");
+        let out = write
+            .await
+            .expect("task")
+            .expect("the write waited and went on");
+        assert!(matches!(out, TxnOutcome::Applied));
     }
 
     /// A worker hears at once when another worker sharing the PostgreSQL database queues

@@ -13,9 +13,54 @@ fn jittered(d: Duration) -> Duration {
 /// logged while it lasts: every other command of the account waits behind it.
 const SLOW_STEP: Duration = Duration::from_secs(30);
 
-/// Runs `step`, warning once if it takes longer than [`SLOW_STEP`] (and again when it ends).
-async fn watched<F: std::future::Future>(what: &'static str, step: F) -> F::Output {
+/// What the actor is doing, where its handle can read it: a caller whose command timed out logs
+/// it, so that a stalled account says on which step (or that it was idle and the command never
+/// reached it).
+#[derive(Debug, Default)]
+pub(super) struct Doing {
+    /// The step under way and since when.
+    step: Option<(&'static str, tokio::time::Instant)>,
+    /// Steps finished since the actor started.
+    steps: u64,
+}
+
+pub(super) type SharedDoing = Arc<std::sync::Mutex<Doing>>;
+
+impl Doing {
+    pub(super) fn describe(doing: &SharedDoing) -> String {
+        let d = doing.lock().unwrap_or_else(|p| p.into_inner());
+        match d.step {
+            Some((what, since)) => format!(
+                "on step {what} for {:.1} s ({} steps done)",
+                since.elapsed().as_secs_f64(),
+                d.steps
+            ),
+            None => format!("waiting for work ({} steps done)", d.steps),
+        }
+    }
+}
+
+/// Marks a step as under way until dropped (ended, or the actor's task dropped).
+struct DoingStep<'a>(&'a SharedDoing);
+
+impl Drop for DoingStep<'_> {
+    fn drop(&mut self) {
+        let mut d = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        d.step = None;
+        d.steps += 1;
+    }
+}
+
+/// Runs `step`, recording it in `doing` while it lasts and warning once if it takes longer than
+/// [`SLOW_STEP`] (and again when it ends).
+async fn watched<F: std::future::Future>(
+    doing: &SharedDoing,
+    what: &'static str,
+    step: F,
+) -> F::Output {
     let started = tokio::time::Instant::now();
+    doing.lock().unwrap_or_else(|p| p.into_inner()).step = Some((what, started));
+    let _under_way = DoingStep(doing);
     tokio::pin!(step);
     tokio::select! {
         out = &mut step => return out,
@@ -76,9 +121,10 @@ impl Actor {
         mut acks: mpsc::UnboundedReceiver<u64>,
     ) {
         let mut backoff = Duration::from_millis(250);
+        let doing = self.doing.clone();
         loop {
             if self.conn.is_none() {
-                match watched("connect", self.connect()).await {
+                match watched(&doing, "connect", self.connect()).await {
                     Ok(()) => {
                         backoff = Duration::from_millis(250);
                         self.emit(Event::Connected {
@@ -116,7 +162,7 @@ impl Actor {
                     {
                         batch.push(id);
                     }
-                    watched("ack", self.ack(&batch)).await;
+                    watched(&doing, "ack", self.ack(&batch)).await;
                 }
                 cmd = rx.recv() => match cmd.map(|q| *q) {
                     None | Some(Queued { command: Command::Stop, .. }) => {
@@ -132,7 +178,7 @@ impl Actor {
                     Some(queued) => {
                         if let Some(cmd) = admit(queued) {
                             let what = cmd.name();
-                            watched(what, self.command(cmd)).await
+                            watched(&doing, what, self.command(cmd)).await
                         }
                     }
                 },
@@ -140,7 +186,7 @@ impl Actor {
                     match push {
                         Some(st) => {
                             let what = st.body.as_ref().map_or("empty push", |b| b.name());
-                            watched(what, self.push(*st)).await
+                            watched(&doing, what, self.push(*st)).await
                         }
                         None => {
                             self.conn = None;
@@ -461,6 +507,37 @@ mod tests {
             .map(|c| admit(*Queued::new(c)).is_some())
             .collect();
         assert_eq!(admitted, [true, false], "a stop has no caller to lose");
+    }
+
+    /// The step under way is what a timed-out caller logs: its name and how long it has run
+    /// while it lasts, then that the actor waits for work.
+    #[tokio::test(start_paused = true)]
+    async fn the_step_under_way_is_recorded_until_it_ends() {
+        let doing = SharedDoing::default();
+        assert_eq!(Doing::describe(&doing), "waiting for work (0 steps done)");
+        let (done, wait) = oneshot::channel::<()>();
+        let step = tokio::spawn({
+            let doing = doing.clone();
+            async move { watched(&doing, "send", wait).await }
+        });
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(
+            Doing::describe(&doing),
+            "on step send for 2.0 s (0 steps done)"
+        );
+        done.send(()).expect("the step waits");
+        step.await.expect("task").expect("ended");
+        assert_eq!(Doing::describe(&doing), "waiting for work (1 steps done)");
+        // A step dropped midway (the actor's task ended) is not left under way.
+        let (_keep, never) = oneshot::channel::<()>();
+        let dropped = tokio::spawn({
+            let doing = doing.clone();
+            async move { watched(&doing, "push", never).await }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        dropped.abort();
+        let _ = dropped.await;
+        assert_eq!(Doing::describe(&doing), "waiting for work (2 steps done)");
     }
 
     #[test]

@@ -70,6 +70,8 @@ pub async fn spawn_account(
     let (conn_tx, conn_rx) = watch::channel(None);
     let account = creds.account.clone();
     let owner = owner.to_owned();
+    let doing = actor::SharedDoing::default();
+    let actor_doing = doing.clone();
     rt.spawn(&owner.clone(), move || async move {
         let store = match SignalStore::open(&owner, vault, db).await {
             Ok(s) => s,
@@ -99,6 +101,7 @@ pub async fn spawn_account(
             last_replenish: None,
             store_backoff: FIRST_STORE_BACKOFF,
             x3dh_recheck: options.x3dh_recheck,
+            doing: actor_doing,
         };
         actor.run(rx, ack_rx).await;
     });
@@ -107,5 +110,6 @@ pub async fn spawn_account(
         cmd: tx,
         acks: ack_tx,
         conn: conn_rx,
+        doing,
     })
 }

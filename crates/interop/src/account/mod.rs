@@ -23,7 +23,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
-    conn::{GatewayAddr, GatewayConn, InteropError},
+    conn::{Answer, GatewayAddr, GatewayConn, InteropError},
     keys::{self, BATCH, LOW_WATER},
     media,
     runtime::SignalRuntime,
@@ -136,7 +136,8 @@ enum Command {
         to: Target,
         message_id: String,
         data: DataMessage,
-        reply: Reply<pb::Sent>,
+        /// Answered once the `Send` is on its way to the gateway, with its answer to wait for.
+        reply: Reply<Answer>,
     },
     Receipt {
         to: String,
@@ -252,6 +253,8 @@ pub struct AccountHandle {
     /// The actor's current gateway connection: blob transfers and profile look-ups need no
     /// Signal state, so they run on the caller's task instead of stalling the actor.
     conn: watch::Receiver<Option<GatewayConn>>,
+    /// What the actor is doing (logged when a command times out).
+    doing: actor::SharedDoing,
 }
 
 /// How long a command to the actor may take, end to end (a send may fetch a bundle, encrypt
@@ -289,7 +292,13 @@ macro_rules! ask {
             rx.await.map_err(|_| InteropError::Disconnected)?
         };
         tokio::time::timeout(COMMAND_TIMEOUT, asked).await.map_err(|_| {
-            tracing::warn!(command = stringify!($variant), "the account did not finish a command in 180 s");
+            tracing::warn!(
+                command = stringify!($variant),
+                actor = %actor::Doing::describe(&$self.doing),
+                queued = $self.cmd.max_capacity() - $self.cmd.capacity(),
+                connected = $self.conn.borrow().as_ref().is_some_and(|c| !c.is_closed()),
+                "the account did not finish a command in 180 s"
+            );
             InteropError::CommandTimeout
         })?
     }};
@@ -302,14 +311,21 @@ impl AccountHandle {
         message_id: String,
         data: DataMessage,
     ) -> Result<pb::Sent, InteropError> {
-        ask!(
+        // The actor encrypts, commits the session and writes the `Send`; the gateway's answer
+        // is waited for here, so that the actor works on (other chats' messages, the envelopes
+        // coming in) while the gateway stores this one.
+        let answer = ask!(
             self,
             Send {
                 to,
                 message_id,
                 data
             }
-        )
+        )?;
+        match answer.wait().await? {
+            Body::Sent(s) => Ok(s),
+            _ => Err(InteropError::Unexpected),
+        }
     }
     pub async fn receipt(&self, to: String, receipt: pb::Receipt) -> Result<(), InteropError> {
         ask!(self, Receipt { to, receipt })
@@ -439,6 +455,7 @@ impl AccountHandle {
             cmd,
             acks,
             conn,
+            doing: Default::default(),
         };
         (handle, Box::new(cmd_rx), acks_rx)
     }
@@ -488,6 +505,8 @@ struct Actor {
     store_backoff: Duration,
     /// [`AccountOptions::x3dh_recheck`].
     x3dh_recheck: Duration,
+    /// The step under way, for the handle to log when a command times out.
+    doing: actor::SharedDoing,
 }
 
 /// `PREKEYS_LOW` pushes within this time of a replenish are not acted on: someone fetching

@@ -152,7 +152,7 @@ impl Actor {
         to: &Target,
         message_id: &str,
         data: DataMessage,
-    ) -> Result<pb::Sent, InteropError> {
+    ) -> Result<Answer, InteropError> {
         let plaintext = zeroize::Zeroizing::new(
             Content {
                 body: Some(CBody::Data(data)),
@@ -198,10 +198,9 @@ impl Actor {
                 }
             }
         };
-        match self.conn()?.request(Body::Send(send)).await? {
-            Body::Sent(s) => Ok(s),
-            _ => Err(InteropError::Unexpected),
-        }
+        // Not waited for here: the actor goes on with its next command while the gateway
+        // stores this one; the caller waits for the answer.
+        self.conn()?.submit(Body::Send(send)).await
     }
 
     pub(super) async fn report_identity_changes(&mut self) {
