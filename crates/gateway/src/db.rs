@@ -112,6 +112,9 @@ impl GatewayDb {
         // connections can fail with SQLITE_BUSY instead of waiting.
         let pool = SqlitePoolOptions::new()
             .max_connections(1)
+            // No ping before each use: a SQLite file's connection does not die while idle, and
+            // each ping is a round trip to the connection's thread.
+            .test_before_acquire(false)
             .connect_with(opts)
             .await?;
         MIGRATIONS.run(&pool).await?;

@@ -219,6 +219,10 @@ impl SqlStore {
             .max_connections(max)
             .min_connections(cfg.min_connections.min(max))
             .acquire_timeout(Duration::from_secs(30))
+            // A ping before each use checks a connection that may have died while idle: a
+            // PostgreSQL server can drop it, a SQLite file cannot, and on SQLite each ping is
+            // one more round trip to the connection's thread for every statement the store runs.
+            .test_before_acquire(kind != DatabaseType::Sqlite)
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     if kind == DatabaseType::Sqlite {
