@@ -520,3 +520,33 @@ async fn an_account_works_on_while_the_gateway_stores_its_send() {
         assert_eq!(body_of(&got).as_deref(), Some(want));
     }
 }
+
+/// A request made on a connection whose gateway went away fails at once: it does not wait out
+/// the 60 s answer timeout because its stanza still fit in the writer's channel after the reader
+/// had ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_after_the_connection_ended_fails_at_once() {
+    use std::time::Duration;
+    let gw = TestGateway::start().await;
+    let (conn, mut pushes) = GatewayConn::connect(&gw.addr).await.expect("connect");
+    gw.stop();
+    // The pushes end when the connection's reader does.
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        while pushes.recv().await.is_some() {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the reader did not see the gateway go");
+    let answer = tokio::time::timeout(
+        Duration::from_secs(10),
+        conn.request(Body::Ping(pb::Ping { nonce: 1 })),
+    )
+    .await
+    .expect("the request fails at once, not after its timeout");
+    assert!(
+        matches!(
+            answer,
+            Err(matrix_interop_bridge::interop::InteropError::Disconnected)
+        ),
+        "{answer:?}"
+    );
+}
