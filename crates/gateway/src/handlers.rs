@@ -583,8 +583,9 @@ async fn group_members_for(shared: &Shared, me: &str, group: &str) -> Result<Vec
 pub(crate) type SendAnswer = std::pin::Pin<Box<dyn Future<Output = Result<Body, Reject>> + Send>>;
 
 /// Checks a `Send` of the connection logged in as `me` (`None`: not logged in, refused) and puts
-/// it in the group commit; the returned future answers it once it is stored. Sends of one connection queued one after the other are stored in that order, so a
-/// connection may have several in the commit at once (see `lib.rs`, `connection`).
+/// it in the group commit; the returned future answers it once it is stored. Sends of one
+/// connection queued one after the other are stored in that order, so a connection may have
+/// several in the commit at once (see `lib.rs`, `connection`).
 pub(crate) async fn queue_send(
     shared: &Arc<Shared>,
     me: Option<&str>,
