@@ -61,6 +61,9 @@ pub(crate) fn spawn_bridge(config: &Path, dir: &Path) -> BridgeProc {
         .arg(config)
         .env("MIB_VAULT_MASTER_KEY", VAULT_KEY)
         .env_remove("RUST_LOG");
+    if sql_log_wanted() {
+        cmd.env("RUST_LOG", "warn,sqlx::query=debug");
+    }
     common::Proc::spawn("the bridge", cmd, dir.join("bridge.log"))
 }
 
@@ -288,5 +291,70 @@ impl Workers {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+/// With `MIB_BENCH_SQL_LOG` set, the bridge logs every SQL statement it runs (sqlx's debug
+/// events) and each run at full rate prints how many it took per message, statement by
+/// statement. Logging costs time of its own: the rates of such a run are not its figures.
+pub(crate) fn sql_log_wanted() -> bool {
+    std::env::var_os("MIB_BENCH_SQL_LOG").is_some()
+}
+
+/// How far the bridge's log has grown (where the statements of the next run start).
+pub(crate) fn log_len(log: &Path) -> u64 {
+    std::fs::metadata(log).map_or(0, |m| m.len())
+}
+
+/// Prints the statements logged after byte `from` of `log`, per message of the run, most
+/// frequent first.
+pub(crate) fn print_statements(log: &Path, from: u64, messages: usize) {
+    use std::io::{Read, Seek};
+    let mut text = String::new();
+    let Ok(mut f) = std::fs::File::open(log) else {
+        return;
+    };
+    if f.seek(std::io::SeekFrom::Start(from)).is_err() || f.read_to_string(&mut text).is_err() {
+        return;
+    }
+    let mut by_summary: std::collections::HashMap<String, usize> = Default::default();
+    let mut total = 0;
+    for line in text.lines().filter(|l| l.contains("sqlx::query")) {
+        *by_summary.entry(statement_kind(line)).or_default() += 1;
+        total += 1;
+    }
+    let per = |n: usize| n as f64 / messages.max(1) as f64;
+    println!(
+        "  SQL statements: {total} for {messages} messages, {:.2} per message",
+        per(total)
+    );
+    let mut rows: Vec<_> = by_summary.into_iter().collect();
+    rows.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    for (summary, n) in rows.iter().take(20) {
+        println!("    {:>6.2}  {summary}", per(*n));
+    }
+}
+
+/// A logged statement as its verb and first table (`SELECT portal`, `INSERT vault_record`,
+/// `COMMIT`), from its text when sqlx logged it whole, else from its summary.
+fn statement_kind(line: &str) -> String {
+    let field = |name: &str| {
+        line.split_once(name)
+            .and_then(|(_, rest)| rest.split_once('"'))
+            .map(|(v, _)| v.replace("\\n", " "))
+            .filter(|v| !v.trim().is_empty())
+    };
+    let text = field("db.statement=\"")
+        .or_else(|| field("summary=\""))
+        .unwrap_or_default();
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let verb = words.first().map_or("?".to_owned(), |w| w.to_uppercase());
+    let table = words
+        .windows(2)
+        .find(|w| ["FROM", "INTO", "UPDATE"].contains(&w[0].to_uppercase().as_str()))
+        .map(|w| w[1].trim_matches(|c: char| !c.is_alphanumeric() && c != '_'));
+    match table {
+        Some(t) => format!("{verb} {t}"),
+        None => verb,
     }
 }

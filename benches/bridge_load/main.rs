@@ -30,6 +30,9 @@
 //! Then a reference run: the contacts send K messages to each other in pairs, through the same
 //! gateway and client but without the bridge: the ceiling of everything except the bridge on this
 //! machine, to compare the bridge's rows with.
+//! Below the table, the floor: the Signal work of a message (encrypt or decrypt, and its vault
+//! commit) on its own, one task, no bridge (see `floor`), next to which the bridge's CPU per
+//! message shows how much of it is the bridge's own work.
 //!
 //! Latency is end to end: Matrix→interop from the start of the transaction PUT to the contact's
 //! client handing out the decrypted message; interop→Matrix from the contact's `send` call to the
@@ -41,7 +44,8 @@
 //! Flags: `--users M` (default 20), `--contacts N` (default M), `--chats-per-user C` (default 1:
 //! each user opens C DM portals, each with a contact of its own, so M×C chats and contacts; the
 //! stand-in only), `--messages K` per direction
-//! (default 5000), `--paced-secs S` (default 15), `--quick` (4 users, 200 messages, 3 s paced),
+//! (default 5000), `--paced-secs S` (default 15), `--paced-rate R` (messages/s of the paced runs,
+//! to compare latency at one load across versions; default half the max rate), `--quick` (4 users, 200 messages, 3 s paced),
 //! `--postgres URI` (the bridge's database in Postgres instead of SQLite; give an empty database
 //! of its own, which the bridge migrates and the bench leaves as it is afterwards).
 //! `--synapse`: the real system instead of the stand-in. A Synapse from the test venv (as the
@@ -57,6 +61,9 @@
 //! `--workers N` (with `--postgres`): N bridge processes on the one database behind a
 //! round-robin balancer (docs/scaling.md); user i logs in through worker i mod N, and the
 //! bridge's CPU and memory figures are the workers' sums.
+//! `MIB_BENCH_SQL_LOG=1` in the environment: the bridge logs each SQL statement, and each max run
+//! prints the statements per message by verb and table (the rates of such a run are slowed by
+//! the logging; take them from a run without it).
 
 // A bench binary's report is its standard output.
 #![allow(clippy::print_stdout)]
@@ -68,6 +75,7 @@ mod common;
 
 mod baseline;
 mod bridge;
+mod floor;
 mod restarts;
 mod runs;
 mod standin;
@@ -131,6 +139,8 @@ struct Opts {
     contacts: usize,
     messages: usize,
     paced_secs: f64,
+    /// The paced runs' rate (messages/s); by default half the max run's.
+    paced_rate: Option<f64>,
     quick: bool,
     /// The bridge's database: `None` for SQLite in the temporary directory, or a Postgres URI.
     postgres: Option<String>,
@@ -154,6 +164,7 @@ fn parse_opts() -> Opts {
             contacts: 0,
             messages: 200,
             paced_secs: 3.0,
+            paced_rate: None,
             quick,
             postgres: None,
             synapse: false,
@@ -168,6 +179,7 @@ fn parse_opts() -> Opts {
             contacts: 0,
             messages: 5000,
             paced_secs: 15.0,
+            paced_rate: None,
             quick,
             postgres: None,
             synapse: false,
@@ -190,6 +202,7 @@ fn parse_opts() -> Opts {
             "--chats-per-user" => o.chats_per_user = num("--chats-per-user") as usize,
             "--messages" => o.messages = num("--messages") as usize,
             "--paced-secs" => o.paced_secs = num("--paced-secs"),
+            "--paced-rate" => o.paced_rate = Some(num("--paced-rate")),
             "--postgres" => {
                 let uri = it.next().filter(|u| u.starts_with("postgres"));
                 o.postgres = Some(uri.expect("--postgres needs a postgres:// URI").clone());
@@ -514,6 +527,9 @@ async fn bench(opts: Opts) {
     let end = sample(&pid, ticks);
     let me = || sample("self", ticks);
     print_table(&results);
+    if !opts.no_runs {
+        floor::measure_floor(500).await.print();
+    }
     println!();
     print!(
         "bridge RSS: after start-up {:.1} MiB, idle after {} logins and portals {:.1} MiB, after warm-up {:.1} MiB",

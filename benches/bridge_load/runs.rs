@@ -259,6 +259,7 @@ pub(crate) async fn measure(
     let mut rss_after = Vec::new();
     for dir in [Dir::MatrixToInterop, Dir::InteropToMatrix] {
         let (b0, m0) = (sample(pid, ticks), me());
+        let logged = log_len(&bridge.log);
         let t = run(
             world,
             Some(&mut *bridge),
@@ -268,8 +269,11 @@ pub(crate) async fn measure(
             None,
         )
         .await;
+        if sql_log_wanted() {
+            print_statements(&bridge.log, logged, opts.messages);
+        }
         let max = summarize(dir, "max".into(), &t, (b0, sample(pid, ticks)), (m0, me()));
-        let rate = (max.rate / 2.0).max(1.0);
+        let rate = opts.paced_rate.unwrap_or((max.rate / 2.0).max(1.0));
         let n = ((rate * opts.paced_secs) as usize)
             .clamp(opts.chats().min(opts.messages), opts.messages);
         results.push(max);

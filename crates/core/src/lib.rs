@@ -31,6 +31,7 @@ use store::{PortalStore, StoreError, UserStore};
 pub mod cluster;
 pub mod commands;
 pub mod contacts;
+mod delivery;
 mod ghost;
 #[cfg(any(test, feature = "testing"))]
 pub mod memory;
@@ -387,6 +388,8 @@ pub struct Bridge {
     pub(crate) metrics: metrics::Metrics,
     /// With several workers on one database: this worker's leases.
     pub(crate) cluster: std::sync::OnceLock<Arc<cluster::Cluster>>,
+    /// Delivery receipts on their way to the network, one per chat at a time.
+    pub(crate) delivery_receipts: delivery::DeliveryReceipts,
 }
 
 /// The stores the core keeps its state in (one database behind them all, as a rule).
@@ -426,6 +429,7 @@ impl Bridge {
             user_lookups: Mutex::new(ghost::LookupLimit::new()),
             metrics,
             cluster: std::sync::OnceLock::new(),
+            delivery_receipts: delivery::DeliveryReceipts::default(),
         }
     }
 

@@ -278,6 +278,9 @@ impl MatrixConnector for FakeMatrix {
     async fn mark_encrypted(&self, _room_id: &str) {}
 }
 
+/// A receipt sent on the stand-in network: to whom, the group, whether read, the messages.
+pub(crate) type SentReceipt = (String, Option<String>, bool, Vec<String>);
+
 /// One login on the stand-in network: records what it was asked to send.
 pub(crate) struct FakeAccount {
     id: String,
@@ -291,6 +294,10 @@ pub(crate) struct FakeAccount {
     pub names: Mutex<HashMap<String, String>>,
     /// Accounts the network does not know.
     pub unknown: Mutex<Vec<String>>,
+    /// Receipts sent.
+    pub receipts: Mutex<Vec<SentReceipt>>,
+    /// Held by a test, receipts wait before they are sent.
+    pub hold_receipts: tokio::sync::Mutex<()>,
 }
 
 impl FakeAccount {
@@ -303,6 +310,8 @@ impl FakeAccount {
             failing_sends: Mutex::default(),
             names: Mutex::default(),
             unknown: Mutex::default(),
+            receipts: Mutex::default(),
+            hold_receipts: tokio::sync::Mutex::default(),
         })
     }
 
@@ -337,11 +346,18 @@ impl NetAccount for FakeAccount {
     }
     async fn receipt(
         &self,
-        _to: &str,
-        _group: Option<&str>,
-        _read: bool,
-        _message_ids: Vec<String>,
+        to: &str,
+        group: Option<&str>,
+        read: bool,
+        message_ids: Vec<String>,
     ) -> Result<(), NetError> {
+        let _held = self.hold_receipts.lock().await;
+        self.receipts.lock().unwrap().push((
+            to.to_owned(),
+            group.map(str::to_owned),
+            read,
+            message_ids,
+        ));
         Ok(())
     }
     async fn typing(&self, _to: NetTarget, _typing: bool) -> Result<(), NetError> {
@@ -685,6 +701,72 @@ fn matrix_edit(target: &str, body: &str) -> Value {
 
 const BOB_ACC: &str = "+15550002000";
 const CAROL_ACC: &str = "+15550003000";
+
+/// A message is reported delivered once it is on Matrix. While a chat's receipt is on its way,
+/// the chat's next messages wait for the next receipt and go in it together (one receipt per
+/// message cost the gateway and the contact a stored envelope each); another chat's go apart.
+#[tokio::test]
+async fn delivery_receipts_of_a_busy_chat_go_together() {
+    let h = Harness::new().await;
+    let held = h.alice.hold_receipts.lock().await;
+    for id in ["b1", "b2", "b3"] {
+        h.net_message(BOB_ACC, None, id, text(id)).await.unwrap();
+    }
+    h.net_message(CAROL_ACC, None, "c1", text("c1"))
+        .await
+        .unwrap();
+    // Edits and reactions are not reported.
+    h.net_message(
+        BOB_ACC,
+        None,
+        "b4",
+        D::Reaction(super::model::Reaction {
+            target: "b1".into(),
+            emoji: "👍".into(),
+            remove: false,
+            target_author: BOB_ACC.into(),
+        }),
+    )
+    .await
+    .unwrap();
+    drop(held);
+    let want = |to: &str, ids: &[&str]| {
+        (
+            to.to_owned(),
+            None,
+            false,
+            ids.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
+        )
+    };
+    let mut sent = Vec::new();
+    for _ in 0..200 {
+        sent = h.alice.receipts.lock().unwrap().clone();
+        if sent.len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    sent.sort();
+    assert_eq!(
+        sent,
+        [
+            want(BOB_ACC, &["b1"]),
+            want(BOB_ACC, &["b2", "b3"]),
+            want(CAROL_ACC, &["c1"])
+        ]
+    );
+    // Nothing is on its way now: the next message goes at once.
+    h.net_message(BOB_ACC, None, "b5", text("b5"))
+        .await
+        .unwrap();
+    for _ in 0..200 {
+        if h.alice.receipts.lock().unwrap().len() == 4 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(h.alice.receipts.lock().unwrap()[3], want(BOB_ACC, &["b5"]));
+}
 
 /// A DM portal with Bob (made by Bob's first message), and an event alice wrote in it.
 async fn dm_with_alices_message(h: &Harness) -> (String, String) {

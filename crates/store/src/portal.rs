@@ -74,7 +74,8 @@ fn mapped_row(r: &sqlx::any::AnyRow) -> Result<MappedMessage, StoreError> {
 /// up, and portals change seldom. Only for a store that is the database's one writer of portals
 /// (one bridge process): with several workers another process may change a portal, and the
 /// cache stays off ([`SqlStore::cache_portals`]). Lookups that found no portal are kept too (a
-/// management room is looked up as often as a portal).
+/// management room is looked up as often as a portal). Each room's disappearing-message timer is
+/// kept with them: every message sent from Matrix reads it.
 #[derive(Default)]
 pub(crate) struct PortalCache {
     on: std::sync::atomic::AtomicBool,
@@ -88,6 +89,7 @@ struct CachedPortals {
     generation: u64,
     by_chat: std::collections::HashMap<(String, String), Option<Portal>>,
     by_room: std::collections::HashMap<String, Vec<Portal>>,
+    timers: std::collections::HashMap<String, u32>,
 }
 
 impl std::fmt::Debug for PortalCache {
@@ -121,9 +123,10 @@ impl PortalCache {
         if generation != Some(c.generation) {
             return;
         }
-        if c.by_chat.len() + c.by_room.len() >= MAX_CACHED_PORTALS {
+        if c.by_chat.len() + c.by_room.len() + c.timers.len() >= MAX_CACHED_PORTALS {
             c.by_chat.clear();
             c.by_room.clear();
+            c.timers.clear();
         }
         insert(&mut c);
     }
@@ -134,6 +137,7 @@ impl PortalCache {
         c.generation += 1;
         c.by_chat.clear();
         c.by_room.clear();
+        c.timers.clear();
     }
 }
 
@@ -546,16 +550,25 @@ impl PortalStore for SqlStore {
     }
 
     async fn disappear_timer(&self, room_id: &str) -> Result<u32, CoreError> {
+        let generation = match self.portal_cache.get(|c| c.timers.get(room_id)) {
+            Ok(hit) => return Ok(hit),
+            Err(generation) => generation,
+        };
         let seconds: Option<i64> =
             sqlx::query_scalar("SELECT seconds FROM disappear_timer WHERE room_id = $1")
                 .bind(room_id)
                 .fetch_optional(self.pool())
                 .await
                 .db()?;
-        Ok(seconds.map_or(0, |s| u32::try_from(s).unwrap_or(u32::MAX)))
+        let seconds = seconds.map_or(0, |s| u32::try_from(s).unwrap_or(u32::MAX));
+        self.portal_cache.put(generation, |c| {
+            c.timers.insert(room_id.to_owned(), seconds);
+        });
+        Ok(seconds)
     }
 
     async fn set_disappear_timer(&self, room_id: &str, seconds: u32) -> Result<(), CoreError> {
+        let _forget = ForgetPortals(&self.portal_cache);
         sqlx::query(
             "INSERT INTO disappear_timer (room_id, seconds) VALUES ($1, $2) \
              ON CONFLICT (room_id) DO UPDATE SET seconds = excluded.seconds",
@@ -712,6 +725,13 @@ mod tests {
         logins_portals_and_map(s).await;
         assert_eq!(s.portal_by_room("!r:x").await.expect("by room"), None);
         assert_eq!(s.portal(chat.0, chat.1).await.expect("get"), None);
+        // A room's disappearing-message timer: read, then set, then read again.
+        let timer = || async { s.disappear_timer("!t:x").await.expect("timer") };
+        assert_eq!(timer().await, 0);
+        s.set_disappear_timer("!t:x", 30).await.expect("set");
+        assert_eq!(timer().await, 30);
+        s.set_disappear_timer("!t:x", 0).await.expect("set");
+        assert_eq!(timer().await, 0);
     }
 
     async fn logins_portals_and_map(s: &SqlStore) {

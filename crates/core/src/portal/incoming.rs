@@ -162,24 +162,15 @@ impl Bridge {
             .network_message(acc, from, message_id, timestamp, data)
             .await?;
         self.metrics.message_bridged("interop_to_matrix", started);
-        // Delivered: the message reached the user's Matrix side (as a phone would say once it
-        // has the message). Sent in the background, so it costs the loop nothing.
+        // Delivered: the message reached the user's Matrix side. Sent in the background, so it
+        // costs the loop nothing (delivery.rs).
         let plain = matches!(
             data.body,
             Some(D::Text(_) | D::Media(_) | D::Location(_) | D::Contact(_))
         );
         if plain && from != acc.account_id() {
-            let (acc, from, group, id) = (
-                acc.clone(),
-                from.to_owned(),
-                group.map(str::to_owned),
-                message_id.to_owned(),
-            );
-            tokio::spawn(async move {
-                if let Err(e) = acc.receipt(&from, group.as_deref(), false, vec![id]).await {
-                    tracing::debug!(error = %e, "delivery receipt not sent");
-                }
-            });
+            self.delivery_receipts
+                .delivered(acc, from, group, message_id);
         }
         Ok(())
     }

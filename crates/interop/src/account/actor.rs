@@ -101,8 +101,6 @@ impl Command {
     fn name(&self) -> &'static str {
         match self {
             Command::Send { .. } => "send",
-            Command::Receipt { .. } => "receipt",
-            Command::Typing { .. } => "typing",
             Command::CreateGroup { .. } => "create group",
             Command::UpdateGroup { .. } => "update group",
             Command::GetGroup { .. } => "get group",
@@ -230,25 +228,6 @@ impl Actor {
                 reply,
             } => {
                 let r = self.send_data(&to, &message_id, data).await;
-                let _ = reply.send(r);
-            }
-            Command::Receipt { to, receipt, reply } => {
-                let r = self
-                    .simple(Body::SendReceipt(pb::SendReceipt {
-                        to,
-                        receipt: Some(receipt),
-                    }))
-                    .await;
-                let _ = reply.send(r);
-            }
-            Command::Typing { to, typing, reply } => {
-                let (to, group) = match to {
-                    Target::Account(a) => (a, String::new()),
-                    Target::Group(g) => (String::new(), g),
-                };
-                let r = self
-                    .simple(Body::SendTyping(pb::SendTyping { to, group, typing }))
-                    .await;
                 let _ = reply.send(r);
             }
             Command::CreateGroup {
@@ -467,11 +446,10 @@ impl Actor {
 mod tests {
     use super::*;
 
-    fn typing() -> (Queued, oneshot::Receiver<Result<(), InteropError>>) {
+    fn get_group() -> (Queued, oneshot::Receiver<Result<pb::Group, InteropError>>) {
         let (reply, rx) = oneshot::channel();
-        let command = Command::Typing {
-            to: Target::Account("+15550002000".into()),
-            typing: true,
+        let command = Command::GetGroup {
+            group: "g1".into(),
             reply,
         };
         (*Queued::new(command), rx)
@@ -482,12 +460,12 @@ mod tests {
     /// has already been told it failed. One still awaited is run however long it waited.
     #[tokio::test(start_paused = true)]
     async fn commands_whose_callers_gave_up_are_not_run() {
-        let (waited_long, rx) = typing();
+        let (waited_long, rx) = get_group();
         tokio::time::advance(COMMAND_TIMEOUT / 2).await;
         assert!(admit(waited_long).is_some(), "its caller still waits");
         drop(rx);
 
-        let (abandoned, rx) = typing();
+        let (abandoned, rx) = get_group();
         drop(rx);
         assert!(admit(abandoned).is_none());
 

@@ -139,16 +139,6 @@ enum Command {
         /// Answered once the `Send` is on its way to the gateway, with its answer to wait for.
         reply: Reply<Answer>,
     },
-    Receipt {
-        to: String,
-        receipt: pb::Receipt,
-        reply: Reply<()>,
-    },
-    Typing {
-        to: Target,
-        typing: bool,
-        reply: Reply<()>,
-    },
     CreateGroup {
         name: String,
         members: Vec<String>,
@@ -203,10 +193,9 @@ impl Command {
     fn caller_gone(&self) -> bool {
         match self {
             Command::Send { reply, .. } => reply.is_closed(),
-            Command::Receipt { reply, .. }
-            | Command::Typing { reply, .. }
-            | Command::SetProfile { reply, .. }
-            | Command::ResetIdentity { reply } => reply.is_closed(),
+            Command::SetProfile { reply, .. } | Command::ResetIdentity { reply } => {
+                reply.is_closed()
+            }
             Command::CreateGroup { reply, .. }
             | Command::UpdateGroup { reply, .. }
             | Command::GetGroup { reply, .. } => reply.is_closed(),
@@ -327,11 +316,29 @@ impl AccountHandle {
             _ => Err(InteropError::Unexpected),
         }
     }
+    /// Receipts and typing need no Signal state (they are not encrypted): they go on the
+    /// connection without waiting for the actor, which may be busy with a chat's messages.
     pub async fn receipt(&self, to: String, receipt: pb::Receipt) -> Result<(), InteropError> {
-        ask!(self, Receipt { to, receipt })
+        let body = Body::SendReceipt(pb::SendReceipt {
+            to,
+            receipt: Some(receipt),
+        });
+        self.plain_request(body).await
     }
     pub async fn typing(&self, to: Target, typing: bool) -> Result<(), InteropError> {
-        ask!(self, Typing { to, typing })
+        let (to, group) = match to {
+            Target::Account(a) => (a, String::new()),
+            Target::Group(g) => (String::new(), g),
+        };
+        self.plain_request(Body::SendTyping(pb::SendTyping { to, group, typing }))
+            .await
+    }
+    /// A request answered by `Ok`, on the current connection.
+    async fn plain_request(&self, body: Body) -> Result<(), InteropError> {
+        match self.connection().await?.request(body).await? {
+            Body::Ok(_) => Ok(()),
+            _ => Err(InteropError::Unexpected),
+        }
     }
     pub async fn create_group(
         &self,
@@ -537,7 +544,7 @@ mod handle_tests {
         let (handle, _keep_open, _acks) = AccountHandle::detached("+15550001000");
         let started = tokio::time::Instant::now();
         let e = handle
-            .typing(Target::Account("+15550002000".into()), true)
+            .group("g1".into())
             .await
             .expect_err("no actor answers");
         assert!(matches!(e, InteropError::CommandTimeout), "{e:?}");
