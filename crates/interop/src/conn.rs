@@ -66,6 +66,11 @@ impl InteropError {
 
     /// Worth retrying later (the same request may succeed).
     pub fn is_transient(&self) -> bool {
+        // The vault's database away (a lost connection, a restart, a full disk): the Signal
+        // state could not be read or committed, and the same request succeeds once it is back.
+        if let InteropError::Vault(mib_vault::VaultError::Store(e)) = self {
+            return e.is_unavailable();
+        }
         matches!(
             self,
             InteropError::Connect { .. }

@@ -602,6 +602,23 @@ mod tests {
     use mib_core::{BridgeError, model::Body};
     use mib_wire::content::{DataMessage, Edit, Text, data_message::Body as D};
 
+    /// A send whose Signal state could not be committed because the vault's database was away
+    /// (PostgreSQL restarting) is tried again, not reported as not bridged: it was classed as
+    /// permanent, and a message sent during an outage was lost (the chaos test's
+    /// `postgres_outage_mid_stream`). A store that refuses the one request stays permanent.
+    #[test]
+    fn a_vault_whose_database_is_away_is_transient() {
+        use mib_core::store::StoreError;
+        let vault = |e| InteropError::Vault(mib_vault::VaultError::Store(e));
+        let away = vault(StoreError::unavailable("connection reset by peer"));
+        assert!(away.is_transient());
+        assert!(matches!(net_err(away), NetError::Unavailable(_)));
+        let refused = vault(StoreError::failed("constraint violated"));
+        assert!(!refused.is_transient());
+        assert!(!net_err(refused).is_transient());
+        assert!(!InteropError::Vault(mib_vault::VaultError::Open).is_transient());
+    }
+
     /// Handles messages in order; an edit whose target it has not seen is early, the message
     /// "flaky" fails twice with a 5xx, the message "refused" is refused for good.
     #[derive(Default)]
