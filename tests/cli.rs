@@ -128,3 +128,48 @@ fn admin_workflow_and_config_errors() {
     assert!(ok && out.contains("re-wrapped"), "{out}");
     assert!(new_key.exists());
 }
+
+/// The value mimalloc printed last for `option` (with `MIMALLOC_VERBOSE=1` it prints its options
+/// as it starts: a bridge that starts itself again prints them twice).
+fn last_option(out: &str, option: &str) -> Option<String> {
+    let prefix = format!("option '{option}': ");
+    out.lines()
+        .rev()
+        .find_map(|l| l.trim().strip_prefix(&prefix))
+        .map(|v| v.trim().to_owned())
+}
+
+/// The bridge runs with mimalloc committing memory as it is used and returning freed memory at
+/// once (with its defaults an idle bridge held about twice the memory): started without those
+/// settings, it starts itself again with them; an admin's own value is kept.
+#[test]
+fn the_allocator_returns_memory_at_once() {
+    let (ok, out) = run(bin().arg("--version").env("MIMALLOC_VERBOSE", "1"));
+    assert!(ok && out.contains(env!("CARGO_PKG_VERSION")), "{out}");
+    assert_eq!(
+        last_option(&out, "arena_eager_commit").as_deref(),
+        Some("0"),
+        "{out}"
+    );
+    assert_eq!(
+        last_option(&out, "purge_delay").as_deref(),
+        Some("0"),
+        "{out}"
+    );
+
+    let (ok, out) = run(bin()
+        .arg("--version")
+        .env("MIMALLOC_VERBOSE", "1")
+        .env("MIMALLOC_PURGE_DELAY", "50"));
+    assert!(ok, "{out}");
+    assert_eq!(
+        last_option(&out, "purge_delay").as_deref(),
+        Some("50"),
+        "{out}"
+    );
+    assert_eq!(
+        last_option(&out, "arena_eager_commit").as_deref(),
+        Some("0"),
+        "{out}"
+    );
+}
