@@ -1,5 +1,5 @@
 //! The network connector: the bridge core's [`Network`] over our interop client. Each login's
-//! events are handed to the core one at a time, in order, and acked once the core handled them.
+//! events are handed to the core in order per chat, and acked once the core handled them.
 
 use std::{
     collections::HashMap,
@@ -144,7 +144,8 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// How long an edit, reaction or deletion waits for the message it refers to.
 const EARLY_WINDOW: Duration = Duration::from_secs(600);
-/// How many such events wait per login (unacked, within the gateway's delivery window).
+/// How many such events wait per login, over all its chats (unacked, within the gateway's
+/// delivery window).
 const MAX_EARLY: usize = 32;
 
 /// What became of an event.
@@ -157,10 +158,62 @@ enum Delivery {
     Stopped,
 }
 
-/// Hands one login's events to the core in order and acks each once it was handled (or given
-/// up on and reported). An event that fails waits, holding up the login's later events, so
-/// nothing is acked past it; an edit, reaction or deletion whose message has not arrived is set
-/// aside (unacked) and tried again after later messages, for [`EARLY_WINDOW`].
+/// How long a chat's lane stays after its last event.
+const LANE_IDLE: Duration = Duration::from_secs(60);
+/// Lanes per login past which an event that is not in the delivery window (typing) for a chat
+/// without a lane is dropped: the window bounds the rest.
+const MAX_LANES: usize = 256;
+
+/// Which of a login's chats an event belongs to (its lane); `None` for what concerns the whole
+/// login (connection changes, a logout, a contact's new identity), which waits until every
+/// chat's earlier events are handled.
+fn lane_of(ev: &NetEvent) -> Option<String> {
+    let chat = |from: &str, group: &Option<String>| match group {
+        Some(g) => format!("g:{g}"),
+        None => format!("c:{from}"),
+    };
+    match ev {
+        NetEvent::Message { from, group, .. }
+        | NetEvent::Receipt { from, group, .. }
+        | NetEvent::Typing { from, group, .. }
+        | NetEvent::Undecryptable { from, group, .. } => Some(chat(from, group)),
+        NetEvent::GroupUpdate { group, .. } => Some(format!("g:{}", group.id)),
+        NetEvent::IdentityChanged { .. }
+        | NetEvent::Connected
+        | NetEvent::Disconnected { .. }
+        | NetEvent::LoggedOut { .. } => None,
+    }
+}
+
+/// One chat's lane of a login's event pump.
+struct Lane {
+    tx: mpsc::UnboundedSender<NetEvent>,
+    /// Events queued, in hand or set aside: a lane is closed only when it has none.
+    busy: Arc<std::sync::atomic::AtomicUsize>,
+    last: tokio::time::Instant,
+}
+
+/// What the lanes of one login share.
+struct Lanes {
+    mxid: String,
+    acc: Arc<InteropAccount>,
+    sink: Weak<dyn NetEventSink>,
+    /// Events queued or in hand over all lanes (set-aside ones not counted): login-wide
+    /// events wait for 0.
+    in_hand: tokio::sync::watch::Sender<usize>,
+    /// Events set aside over all lanes, bounded by [`MAX_EARLY`].
+    early: std::sync::atomic::AtomicUsize,
+    /// A lane found the login stopped.
+    stopped: AtomicBool,
+}
+
+/// Hands one login's events to the core and acks each once it was handled (or given up on and
+/// reported). Each chat has its lane, so a chat whose events wait (a slow or failing homeserver
+/// request, a relation whose message has not come) does not hold up the login's other chats;
+/// within a chat, events are handled in order. An event that fails waits, holding up its
+/// chat's later events, so nothing of the chat is acked past it; an edit, reaction or deletion
+/// whose message has not arrived is set aside (unacked) and tried again after later messages,
+/// for [`EARLY_WINDOW`].
 async fn pump(
     mxid: String,
     acc: Arc<InteropAccount>,
@@ -168,6 +221,87 @@ async fn pump(
     sink: Option<Weak<dyn NetEventSink>>,
     gauges: LoginGauges,
 ) {
+    let Some(sink) = sink else { return };
+    let shared = Arc::new(Lanes {
+        mxid,
+        acc,
+        sink,
+        in_hand: tokio::sync::watch::Sender::new(0),
+        early: Default::default(),
+        stopped: AtomicBool::new(false),
+    });
+    let mut lanes: HashMap<String, Lane> = HashMap::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        let next = match tokio::time::timeout(LANE_IDLE / 2, rx.recv()).await {
+            Ok(None) => break,
+            Ok(Some(ev)) => convert(*ev),
+            Err(_) => None,
+        };
+        while tasks.try_join_next().is_some() {}
+        if shared.stopped.load(Ordering::Relaxed) || shared.sink.strong_count() == 0 {
+            return;
+        }
+        // A lane with nothing to do for a while is closed (its task ends).
+        lanes.retain(|_, l| l.busy.load(Ordering::Acquire) > 0 || l.last.elapsed() < LANE_IDLE);
+        let Some(ev) = next else { continue };
+        let Some(key) = lane_of(&ev) else {
+            let now = match &ev {
+                NetEvent::Connected => Some(true),
+                NetEvent::Disconnected { .. } | NetEvent::LoggedOut { .. } => Some(false),
+                _ => None,
+            };
+            if let Some(now) = now {
+                shared.acc.set_connected(now, &gauges);
+            }
+            // After every chat's earlier events (a logout is the last thing handled).
+            let mut idle = shared.in_hand.subscribe();
+            let _ = idle.wait_for(|n| *n == 0).await;
+            let Some(sink) = shared.sink.upgrade() else {
+                return;
+            };
+            if let Delivery::Stopped = deliver(&shared.mxid, &shared.acc, &*sink, &ev).await {
+                return;
+            }
+            continue;
+        };
+        if !lanes.contains_key(&key) {
+            if lanes.len() >= MAX_LANES && ev.envelope_id().is_none() {
+                tracing::debug!("too many chats at work; an interop typing notice is dropped");
+                continue;
+            }
+            let (tx, rx) = mpsc::unbounded_channel();
+            let busy = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            tasks.spawn(run_lane(shared.clone(), rx, busy.clone()));
+            let last = tokio::time::Instant::now();
+            lanes.insert(key.clone(), Lane { tx, busy, last });
+        }
+        let Some(l) = lanes.get_mut(&key) else {
+            continue;
+        };
+        l.busy.fetch_add(1, Ordering::AcqRel);
+        l.last = tokio::time::Instant::now();
+        shared.in_hand.send_modify(|n| *n += 1);
+        if l.tx.send(ev).is_err() {
+            // Its task ended: the login stopped.
+            return;
+        }
+    }
+    // The login's events ended: each lane finishes what it has.
+    drop(lanes);
+    while tasks.join_next().await.is_some() {}
+}
+
+/// One chat's events, in order (see [`pump`]).
+async fn run_lane(
+    shared: Arc<Lanes>,
+    mut rx: mpsc::UnboundedReceiver<NetEvent>,
+    busy: Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let (mxid, acc) = (shared.mxid.as_str(), &*shared.acc);
+    let done = |n: usize| {
+        busy.fetch_sub(n, Ordering::AcqRel);
+    };
     let mut early: std::collections::VecDeque<(
         tokio::time::Instant,
         NetEvent,
@@ -176,58 +310,68 @@ async fn pump(
     loop {
         let next = match tokio::time::timeout(Duration::from_secs(30), rx.recv()).await {
             Ok(None) => return,
-            Ok(Some(ev)) => convert(*ev),
+            Ok(Some(ev)) => Some(ev),
             Err(_) => None,
         };
-        let Some(sink) = sink.as_ref().and_then(Weak::upgrade) else {
+        let Some(sink) = shared.sink.upgrade() else {
             return;
         };
         // Relations whose message never came are reported and acked.
         while early
             .front()
             .is_some_and(|(since, ..)| since.elapsed() >= EARLY_WINDOW)
-            || early.len() > MAX_EARLY
+            || (!early.is_empty() && shared.early.load(Ordering::Acquire) > MAX_EARLY)
         {
             let Some((_, ev, e)) = early.pop_front() else {
                 break;
             };
+            shared.early.fetch_sub(1, Ordering::AcqRel);
             tracing::warn!(error = %e, "giving up on an interop event");
-            sink.network_event_failed(&mxid, &ev, &e).await;
-            ack(&acc, &ev).await;
+            sink.network_event_failed(mxid, &ev, &e).await;
+            ack(acc, &ev).await;
+            done(1);
         }
         let Some(ev) = next else { continue };
-        let now = match &ev {
-            NetEvent::Connected => Some(true),
-            NetEvent::Disconnected { .. } | NetEvent::LoggedOut { .. } => Some(false),
-            _ => None,
-        };
-        if let Some(now) = now {
-            acc.set_connected(now, &gauges);
-        }
-        match deliver(&mxid, &acc, &*sink, &ev).await {
-            Delivery::Stopped => return,
-            // The gateway delivers what is set aside again after a reconnect: kept once.
-            Delivery::Early(e) => {
-                if !early
-                    .iter()
-                    .any(|(_, held, _)| held.envelope_id() == ev.envelope_id())
-                {
-                    early.push_back((tokio::time::Instant::now(), ev, e));
+        let stopped = 'ev: {
+            match deliver(mxid, acc, &*sink, &ev).await {
+                Delivery::Stopped => break 'ev true,
+                // The gateway delivers what is set aside again after a reconnect: kept once.
+                Delivery::Early(e) => {
+                    if early
+                        .iter()
+                        .any(|(_, held, _)| held.envelope_id() == ev.envelope_id())
+                    {
+                        done(1);
+                    } else {
+                        shared.early.fetch_add(1, Ordering::AcqRel);
+                        early.push_back((tokio::time::Instant::now(), ev, e));
+                    }
                 }
-            }
-            Delivery::Done => {
-                ack(&acc, &ev).await;
-                // A new message may be what set-aside relations wait for.
-                if matches!(ev, NetEvent::Message { .. }) && !early.is_empty() {
-                    for (since, ev, _) in std::mem::take(&mut early) {
-                        match deliver(&mxid, &acc, &*sink, &ev).await {
-                            Delivery::Stopped => return,
-                            Delivery::Early(e) => early.push_back((since, ev, e)),
-                            Delivery::Done => ack(&acc, &ev).await,
+                Delivery::Done => {
+                    ack(acc, &ev).await;
+                    done(1);
+                    // A new message may be what set-aside relations wait for.
+                    if matches!(ev, NetEvent::Message { .. }) && !early.is_empty() {
+                        for (since, ev, _) in std::mem::take(&mut early) {
+                            match deliver(mxid, acc, &*sink, &ev).await {
+                                Delivery::Stopped => break 'ev true,
+                                Delivery::Early(e) => early.push_back((since, ev, e)),
+                                Delivery::Done => {
+                                    shared.early.fetch_sub(1, Ordering::AcqRel);
+                                    ack(acc, &ev).await;
+                                    done(1);
+                                }
+                            }
                         }
                     }
                 }
             }
+            false
+        };
+        shared.in_hand.send_modify(|n| *n -= 1);
+        if stopped {
+            shared.stopped.store(true, Ordering::Relaxed);
+            return;
         }
     }
 }
@@ -627,6 +771,8 @@ mod tests {
         handled: StdMutex<Vec<u64>>,
         reported: StdMutex<Vec<u64>>,
         flaky_failures: StdMutex<u32>,
+        /// The message "slow" waits for this.
+        gate: tokio::sync::Mutex<()>,
     }
 
     #[async_trait]
@@ -653,6 +799,9 @@ mod tests {
                     return Err(BridgeError::Matrix("502 Bad Gateway".into()));
                 }
             }
+            if message_id == "slow" {
+                let _open = self.gate.lock().await;
+            }
             if message_id == "refused" {
                 return Err(BridgeError::MatrixRefused("413 M_TOO_LARGE".into()));
             }
@@ -669,9 +818,13 @@ mod tests {
     }
 
     fn message(envelope_id: u64, message_id: &str, body: D) -> Event {
+        message_from("+15550001111", envelope_id, message_id, body)
+    }
+
+    fn message_from(from: &str, envelope_id: u64, message_id: &str, body: D) -> Event {
         Event::Message {
             envelope_id,
-            from: "+15550001111".into(),
+            from: from.into(),
             group: None,
             message_id: message_id.into(),
             timestamp: 1,
@@ -770,6 +923,36 @@ mod tests {
         assert_eq!(*sink.handled.lock().unwrap(), [2, 3, 1, 5]);
         assert_eq!(*sink.reported.lock().unwrap(), [4]);
         assert_eq!(acked, [2, 3, 1, 4, 5]);
+    }
+
+    /// A chat whose event waits (here for a slow homeserver) does not hold up the login's
+    /// other chats; each chat keeps its order. With one queue per login, every chat of a busy
+    /// login waited for each homeserver round trip of the others.
+    #[tokio::test]
+    async fn a_waiting_chat_does_not_hold_up_the_others() {
+        let p = start_pump();
+        let gate = p.sink.gate.lock().await;
+        for ev in [
+            message_from("+15550001111", 1, "slow", text("one")),
+            message_from("+15550001111", 2, "a2", text("two")),
+            message_from("+15550003333", 3, "b1", text("three")),
+            message_from("+15550003333", 4, "b2", text("four")),
+        ] {
+            p.tx.send(Box::new(ev)).unwrap();
+        }
+        let other_chat = async {
+            while p.sink.handled.lock().unwrap().len() < 2 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), other_chat)
+            .await
+            .expect("the other chat's messages were held up by the slow one");
+        assert_eq!(*p.sink.handled.lock().unwrap(), [3, 4]);
+        drop(gate);
+        drop(p.tx);
+        p.task.await.unwrap();
+        assert_eq!(*p.sink.handled.lock().unwrap(), [3, 4, 1, 2]);
     }
 
     #[tokio::test(start_paused = true)]
