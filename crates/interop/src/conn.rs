@@ -250,6 +250,14 @@ impl GatewayConn {
         self.submit(body).await?.wait().await
     }
 
+    /// A request whose answer is a plain `Ok`.
+    pub async fn request_ok(&self, body: Body) -> Result<(), InteropError> {
+        match self.request(body).await? {
+            Body::Ok(_) => Ok(()),
+            _ => Err(InteropError::Unexpected),
+        }
+    }
+
     /// Sends a request and returns once it is on its way, with the answer to wait for: a caller
     /// can go on with other work (and other requests) while the gateway handles this one. The
     /// gateway answers a connection's requests in the order it read them (docs §4.1).
@@ -296,15 +304,10 @@ impl GatewayConn {
 
     /// Register, then verify: returns the account secret.
     pub async fn request_code(&self, account: &str) -> Result<(), InteropError> {
-        match self
-            .request(Body::Register(pb::Register {
-                account: account.to_owned(),
-            }))
-            .await?
-        {
-            Body::Ok(_) => Ok(()),
-            _ => Err(InteropError::Unexpected),
-        }
+        self.request_ok(Body::Register(pb::Register {
+            account: account.to_owned(),
+        }))
+        .await
     }
 
     pub async fn verify(&self, account: &str, code: &str) -> Result<Vec<u8>, InteropError> {

@@ -255,9 +255,11 @@ impl Actor {
                 avatar_blob,
                 reply,
             } => {
-                let r = self
-                    .simple(Body::SetProfile(pb::SetProfile { name, avatar_blob }))
-                    .await;
+                let body = Body::SetProfile(pb::SetProfile { name, avatar_blob });
+                let r = match self.conn() {
+                    Ok(conn) => conn.request_ok(body).await,
+                    Err(e) => Err(e),
+                };
                 let _ = reply.send(r);
             }
             Command::ResetIdentity { reply } => {
@@ -310,13 +312,6 @@ impl Actor {
                 let _ = reply.send(r);
             }
             Command::Stop => {}
-        }
-    }
-
-    pub(super) async fn simple(&self, body: Body) -> Result<(), InteropError> {
-        match self.conn()?.request(body).await? {
-            Body::Ok(_) => Ok(()),
-            _ => Err(InteropError::Unexpected),
         }
     }
 

@@ -323,22 +323,17 @@ impl AccountHandle {
             to,
             receipt: Some(receipt),
         });
-        self.plain_request(body).await
+        self.connection().await?.request_ok(body).await
     }
     pub async fn typing(&self, to: Target, typing: bool) -> Result<(), InteropError> {
         let (to, group) = match to {
             Target::Account(a) => (a, String::new()),
             Target::Group(g) => (String::new(), g),
         };
-        self.plain_request(Body::SendTyping(pb::SendTyping { to, group, typing }))
+        self.connection()
+            .await?
+            .request_ok(Body::SendTyping(pb::SendTyping { to, group, typing }))
             .await
-    }
-    /// A request answered by `Ok`, on the current connection.
-    async fn plain_request(&self, body: Body) -> Result<(), InteropError> {
-        match self.connection().await?.request(body).await? {
-            Body::Ok(_) => Ok(()),
-            _ => Err(InteropError::Unexpected),
-        }
     }
     pub async fn create_group(
         &self,
