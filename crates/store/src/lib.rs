@@ -153,6 +153,50 @@ pub struct SqlStore {
     listen_uri: Option<Secret>,
     /// The channel of those events: [`PG_QUEUE_CHANNEL`] (a test's own, in the test suite).
     queue_channel: Arc<str>,
+    /// SQLite: the task that checkpoints the write-ahead log on its own connection.
+    _checkpointer: Option<Arc<Checkpointer>>,
+}
+
+/// How often the write-ahead log is copied back into an SQLite database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+/// Pages in the log past which the writer checkpoints on its own, should the checkpointer fall
+/// behind (SQLite's default is 1,000).
+const WRITER_CHECKPOINT_PAGES: u32 = 10_000;
+
+/// Checkpoints an SQLite database's write-ahead log from a connection of its own. A
+/// checkpoint copies the logged pages into the database file and syncs it to disk, which takes
+/// milliseconds; done by the writer as SQLite does by default, every statement of the bridge
+/// waits behind it on the one connection. A passive checkpoint on another connection runs
+/// beside the writer instead.
+#[derive(Debug)]
+struct Checkpointer(tokio::task::JoinHandle<()>);
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Checkpointer {
+    async fn start(opts: &AnyConnectOptions) -> Result<Self, StoreError> {
+        use sqlx::Connection;
+        let mut conn = sqlx::AnyConnection::connect_with(opts).await?;
+        Ok(Self(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                    .execute(&mut conn)
+                    .await
+                {
+                    // The writer checkpoints on its own past WRITER_CHECKPOINT_PAGES.
+                    tracing::warn!(error = %e, "cannot checkpoint the database's log");
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                }
+            }
+        })))
+    }
 }
 
 /// A connection string that may hold a password: never printed.
@@ -229,6 +273,10 @@ impl SqlStore {
                         conn.execute("PRAGMA journal_mode = WAL").await?;
                         conn.execute("PRAGMA synchronous = NORMAL").await?;
                         conn.execute("PRAGMA busy_timeout = 10000").await?;
+                        conn.execute(sqlx::AssertSqlSafe(format!(
+                            "PRAGMA wal_autocheckpoint = {WRITER_CHECKPOINT_PAGES}"
+                        )))
+                        .await?;
                         conn.execute("PRAGMA foreign_keys = ON").await?;
                         // Deleted rows (a logout's shredded vault) are overwritten, not left in
                         // free pages.
@@ -237,8 +285,15 @@ impl SqlStore {
                     Ok(())
                 })
             })
-            .connect_with(opts)
+            .connect_with(opts.clone())
             .await?;
+        // After the pool: its connection switched the file to WAL.
+        let checkpointer = match kind {
+            DatabaseType::Sqlite if !cfg.uri.contains(":memory:") => {
+                Some(Arc::new(Checkpointer::start(&opts).await?))
+            }
+            _ => None,
+        };
         Ok(Self {
             pool,
             kind,
@@ -247,6 +302,7 @@ impl SqlStore {
             portal_cache: Arc::default(),
             listen_uri: (kind == DatabaseType::Postgres).then(|| Secret(cfg.uri.as_str().into())),
             queue_channel: PG_QUEUE_CHANNEL.into(),
+            _checkpointer: checkpointer,
         })
     }
 
