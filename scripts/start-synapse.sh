@@ -6,6 +6,8 @@
 # The script execs Synapse, so the caller's child process *is* Synapse: killing it
 # (SIGTERM) stops the homeserver. Warnings go to stderr; the full log is DIR/homeserver.log.
 # MIB_SYNAPSE_VENV names the venv; otherwise scripts/ensure-synapse.sh provides one.
+# MIB_SYNAPSE_CPUS (a taskset list, e.g. 0) runs Synapse on those CPUs only: with the
+# benchmark pinned to the others, Synapse has cores of its own.
 set -euo pipefail
 
 [[ $# -eq 1 ]] || { echo "usage: $0 DIR" >&2; exit 2; }
@@ -16,4 +18,6 @@ venv=${MIB_SYNAPSE_VENV:-$(bash "$here/ensure-synapse.sh")}
 
 cd "$dir"
 export PYTHONUNBUFFERED=1
-exec "$venv/bin/python" -m synapse.app.homeserver --config-path "$dir/homeserver.yaml"
+pin=()
+[[ -n ${MIB_SYNAPSE_CPUS:-} ]] && pin=(taskset -c "$MIB_SYNAPSE_CPUS")
+exec "${pin[@]}" "$venv/bin/python" -m synapse.app.homeserver --config-path "$dir/homeserver.yaml"

@@ -53,10 +53,13 @@
 //! users are real Synapse accounts that join their portals and send through the client-server
 //! API, and read what arrives through `/sync` (one long-polling sync loop per user). Latency is
 //! then from the user's `PUT .../send` to the contact, and from the contact's `send` to the
-//! event showing up in the user's sync. Synapse shares the two cores with everything else.
-//! With `--synapse` a baseline follows the bridge's runs: the same messages through a bare
-//! appservice in this process instead of the bridge (see `baseline`), and the bridge's rate as a
-//! share of it. Synapse keeps its data in SQLite, or in PostgreSQL when `MIB_SYNAPSE_DATABASE`
+//! event showing up in the user's sync. Synapse shares the two cores with everything else;
+//! `MIB_SYNAPSE_CPUS=0 taskset -c 1 bridge_load --synapse` gives it a core of its own (the
+//! bridge, the gateway and the contacts share the other), which tells a bridge that holds
+//! Synapse up from one that only takes CPU it would have used.
+//! With `--synapse` a baseline comes before and after the bridge's runs: the same messages
+//! through a bare appservice in this process instead of the bridge (see `baseline`), and the
+//! bridge's rate as a share of their mean. Synapse keeps its data in SQLite, or in PostgreSQL when `MIB_SYNAPSE_DATABASE`
 //! names an empty database (`postgres://USER@HOST:PORT/DB`), as a production server would.
 //! `--workers N` (with `--postgres`): N bridge processes on the one database behind a
 //! round-robin balancer (docs/scaling.md); user i logs in through worker i mod N, and the
@@ -519,6 +522,11 @@ async fn bench(opts: Opts) {
         pid = bridge.pid().to_string();
         println!("(the bridge's CPU figures below count from its restart)");
     }
+    let compare = synapse.is_some() && !opts.no_runs && opts.workers <= 1;
+    let before = match compare {
+        true => Some(baseline_before(&world, &opts, ticks).await),
+        false => None,
+    };
     let (results, rss_after, warm) = if opts.no_runs {
         (Vec::new(), Vec::new(), sample(&pid, ticks))
     } else {
@@ -567,8 +575,9 @@ async fn bench(opts: Opts) {
         stand_in_report(hs);
     }
     print_bridge_health(&http, &ends, &bridge.log).await;
-    if synapse.is_some() && !opts.no_runs && opts.workers <= 1 {
-        let baseline = measure_baseline(&world, &mut bridge, &opts, ends.port, ticks).await;
+    if compare {
+        let mut baseline: Vec<RunResult> = before.into_iter().collect();
+        baseline.extend(measure_baseline(&world, &mut bridge, &opts, ends.port, ticks).await);
         println!();
         println!("baseline: the same messages through a bare appservice, no bridge");
         print_table(&baseline);
