@@ -66,7 +66,8 @@
 //! bridge's CPU and memory figures are the workers' sums.
 //! `MIB_BENCH_SQL_LOG=1` in the environment: the bridge logs each SQL statement, and each max run
 //! prints the statements per message by verb and table (the rates of such a run are slowed by
-//! the logging; take them from a run without it).
+//! the logging; take them from a run without it). `MIB_BENCH_LATENCY_DIR=D`: each run's
+//! messages, as sent time and latency in ms, to a file per run in D.
 
 // A bench binary's report is its standard output.
 #![allow(clippy::print_stdout)]

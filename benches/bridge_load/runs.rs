@@ -69,6 +69,23 @@ pub(crate) fn summarize(
         last = last.max(r);
         lat.push(r.saturating_sub(s) as f64 / 1e6);
     }
+    // `MIB_BENCH_LATENCY_DIR=D`: each run's messages as `sent_ms latency_ms` lines, in the
+    // order sent, to D/<direction> <run>.txt (to see when the slow ones were sent).
+    if let Some(dir_out) = std::env::var_os("MIB_BENCH_LATENCY_DIR") {
+        let mut rows: Vec<(u64, f64)> = (0..t.len())
+            .map(|i| (t.sent[i].load(Ordering::Relaxed), lat[i]))
+            .collect();
+        rows.sort_by_key(|r| r.0);
+        let text: String = rows
+            .iter()
+            .map(|(s, l)| format!("{:.3} {l:.3}\n", s.saturating_sub(first) as f64 / 1e6))
+            .collect();
+        let name = format!("{} {kind}.txt", dir.label()).replace('/', " per ");
+        let file = std::path::Path::new(&dir_out).join(name);
+        if let Err(e) = std::fs::write(&file, text) {
+            eprintln!("cannot write {}: {e}", file.display());
+        }
+    }
     lat.sort_by(f64::total_cmp);
     let secs = (last.saturating_sub(first)) as f64 / 1e9;
     let n = t.len();
@@ -226,6 +243,24 @@ pub(crate) async fn run(
 /// The measured runs: a warm-up each way, then per direction a run at full speed and one paced
 /// at half that rate, then the reference without the bridge. Returns the results, the bridge's
 /// memory after each direction, and its sample after the warm-up.
+/// Waits until the bridge and this process have finished the last run's work (a run ends when
+/// the last message arrived; acks, message-map writes and receipts follow), so that a paced
+/// run's first messages do not queue behind it: until neither used more than a tenth of a core
+/// for 100 ms, at most 5 s.
+async fn settle(pid: &str, ticks: f64) {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cpu = || (sample(pid, ticks).cpu_secs, sample("self", ticks).cpu_secs);
+    let mut last = cpu();
+    for _ in 0..47 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = cpu();
+        if now.0 - last.0 <= 0.01 && now.1 - last.1 <= 0.01 {
+            return;
+        }
+        last = now;
+    }
+}
+
 pub(crate) async fn measure(
     world: &Arc<World>,
     bridge: &mut BridgeProc,
@@ -277,7 +312,7 @@ pub(crate) async fn measure(
         let n = ((rate * opts.paced_secs) as usize)
             .clamp(opts.chats().min(opts.messages), opts.messages);
         results.push(max);
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        settle(pid, ticks).await;
         let (b0, m0) = (sample(pid, ticks), me());
         let t = run(
             world,
@@ -296,7 +331,7 @@ pub(crate) async fn measure(
             (m0, me()),
         ));
         rss_after.push((dir, sample(pid, ticks)));
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        settle(pid, ticks).await;
     }
 
     // Reference: the same client and gateway without the bridge (contacts in pairs).
