@@ -778,6 +778,9 @@ mod tests {
     #[async_trait]
     impl NetEventSink for Sink {
         async fn handle_network_event(&self, _: &str, ev: &NetEvent) -> Result<(), BridgeError> {
+            if let NetEvent::LoggedOut { .. } = ev {
+                self.handled.lock().unwrap().push(LOGGED_OUT);
+            }
             let NetEvent::Message {
                 envelope_id,
                 message_id,
@@ -816,6 +819,9 @@ mod tests {
             }
         }
     }
+
+    /// What [`Sink`] notes for a logout.
+    const LOGGED_OUT: u64 = u64::MAX;
 
     fn message(envelope_id: u64, message_id: &str, body: D) -> Event {
         message_from("+15550001111", envelope_id, message_id, body)
@@ -953,6 +959,41 @@ mod tests {
         drop(p.tx);
         p.task.await.unwrap();
         assert_eq!(*p.sink.handled.lock().unwrap(), [3, 4, 1, 2]);
+    }
+
+    /// An event for the whole login (here a logout) waits until every chat has handled the
+    /// events that came before it, even one that waits.
+    #[tokio::test]
+    async fn a_logout_waits_for_every_chats_earlier_events() {
+        let p = start_pump();
+        let gate = p.sink.gate.lock().await;
+        p.tx.send(Box::new(message_from(
+            "+15550001111",
+            1,
+            "slow",
+            text("one"),
+        )))
+        .unwrap();
+        p.tx.send(Box::new(message_from("+15550003333", 2, "b1", text("two"))))
+            .unwrap();
+        p.tx.send(Box::new(Event::LoggedOut {
+            account: "+15550002222".into(),
+            reason: "gone".into(),
+        }))
+        .unwrap();
+        p.tx.send(Box::new(message_from(
+            "+15550003333",
+            3,
+            "b2",
+            text("three"),
+        )))
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(*p.sink.handled.lock().unwrap(), [2]);
+        drop(gate);
+        drop(p.tx);
+        p.task.await.unwrap();
+        assert_eq!(*p.sink.handled.lock().unwrap(), [2, 1, LOGGED_OUT, 3]);
     }
 
     #[tokio::test(start_paused = true)]
