@@ -145,3 +145,58 @@ pub(crate) fn print_ratios(bridge: &[RunResult], baseline: &[RunResult]) {
         }
     }
 }
+
+/// `--rounds R`: R rounds of a bare appservice's interop→Matrix max run and then the bridge's,
+/// each with the bridge's rate as a share of the bare one's, and the median share. Alternating
+/// within one bench puts both under the same drift of Synapse's pace.
+pub(crate) async fn alternate(
+    world: &Arc<World>,
+    bridge: &mut BridgeProc,
+    opts: &Opts,
+    pid: &str,
+    ticks: f64,
+) {
+    let mut shares = Vec::new();
+    println!();
+    for round in 1..=opts.rounds {
+        settle(pid, ticks).await;
+        let bare = max_run(world, Dir::BareToMatrix, opts, ticks, "round").await;
+        settle(pid, ticks).await;
+        let (b0, m0) = (sample(pid, ticks), sample("self", ticks));
+        let t = run(
+            world,
+            Some(&mut *bridge),
+            Dir::InteropToMatrix,
+            &format!("round {round} {}", Dir::InteropToMatrix.label()),
+            opts.messages,
+            None,
+        )
+        .await;
+        let ours = summarize(
+            Dir::InteropToMatrix,
+            "round".into(),
+            &t,
+            (b0, sample(pid, ticks)),
+            (m0, sample("self", ticks)),
+        );
+        let share = 100.0 * ours.rate / bare.rate;
+        println!(
+            "round {round}, interop → Matrix: a bare appservice {:.0} msgs/s, the bridge {:.0} msgs/s: {share:.0} %",
+            bare.rate, ours.rate
+        );
+        shares.push(share);
+    }
+    shares.sort_by(f64::total_cmp);
+    let mid = shares.len() / 2;
+    let median = match shares.len() {
+        0 => None,
+        n if n % 2 == 1 => Some(shares[mid]),
+        _ => Some((shares[mid - 1] + shares[mid]) / 2.0),
+    };
+    if let Some(median) = median {
+        println!(
+            "interop → Matrix over {} rounds: the bridge at {median:.0} % of a bare appservice (median)",
+            shares.len()
+        );
+    }
+}

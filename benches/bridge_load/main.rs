@@ -56,7 +56,9 @@
 //! event showing up in the user's sync. Synapse shares the two cores with everything else;
 //! `MIB_SYNAPSE_CPUS=0 taskset -c 1 bridge_load --synapse` gives it a core of its own (the
 //! bridge, the gateway and the contacts share the other), which tells a bridge that holds
-//! Synapse up from one that only takes CPU it would have used.
+//! Synapse up from one that only takes CPU it would have used. `--rounds R` (with `--synapse`):
+//! then R rounds of the bridge's interop→Matrix max run and the bare appservice's, alternately,
+//! each with its ratio, and their median.
 //! With `--synapse` a baseline comes before and after the bridge's runs: the same messages
 //! through a bare appservice in this process instead of the bridge (see `baseline`), and the
 //! bridge's rate as a share of their mean. Synapse keeps its data in SQLite, or in PostgreSQL when `MIB_SYNAPSE_DATABASE`
@@ -156,6 +158,9 @@ struct Opts {
     no_runs: bool,
     /// Bridge processes on one PostgreSQL database (1: a single bridge).
     workers: usize,
+    /// With `--synapse`: rounds of the bridge's and the bare appservice's interop→Matrix runs,
+    /// alternately, after the others.
+    rounds: usize,
 }
 
 fn parse_opts() -> Opts {
@@ -175,6 +180,7 @@ fn parse_opts() -> Opts {
             restarts: false,
             no_runs: false,
             workers: 1,
+            rounds: 0,
         }
     } else {
         Opts {
@@ -190,6 +196,7 @@ fn parse_opts() -> Opts {
             restarts: false,
             no_runs: false,
             workers: 1,
+            rounds: 0,
         }
     };
     let mut it = args.iter();
@@ -215,6 +222,7 @@ fn parse_opts() -> Opts {
             "--restarts" => o.restarts = true,
             "--no-runs" => o.no_runs = true,
             "--workers" => o.workers = num("--workers") as usize,
+            "--rounds" => o.rounds = num("--rounds") as usize,
             // `cargo bench` passes --bench; anything else is ignored too.
             _ => {}
         }
@@ -576,6 +584,9 @@ async fn bench(opts: Opts) {
         stand_in_report(hs);
     }
     print_bridge_health(&http, &ends, &bridge.log).await;
+    if compare && opts.rounds > 0 {
+        alternate(&world, &mut bridge, &opts, &pid, ticks).await;
+    }
     if compare {
         let mut baseline: Vec<RunResult> = before.into_iter().collect();
         baseline.extend(measure_baseline(&world, &mut bridge, &opts, ends.port, ticks).await);

@@ -247,7 +247,7 @@ pub(crate) async fn run(
 /// the last message arrived; acks, message-map writes and receipts follow), so that a paced
 /// run's first messages do not queue behind it: until neither used more than a tenth of a core
 /// for 100 ms, at most 5 s.
-async fn settle(pid: &str, ticks: f64) {
+pub(crate) async fn settle(pid: &str, ticks: f64) {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let cpu = || (sample(pid, ticks).cpu_secs, sample("self", ticks).cpu_secs);
     let mut last = cpu();
