@@ -144,18 +144,15 @@ fn last_option(out: &str, option: &str) -> Option<String> {
 /// settings, it starts itself again with them; an admin's own value is kept.
 #[test]
 fn the_allocator_returns_memory_at_once() {
+    let options = |out: &str| {
+        (
+            last_option(out, "arena_eager_commit"),
+            last_option(out, "purge_delay"),
+        )
+    };
     let (ok, out) = run(bin().arg("--version").env("MIMALLOC_VERBOSE", "1"));
     assert!(ok && out.contains(env!("CARGO_PKG_VERSION")), "{out}");
-    assert_eq!(
-        last_option(&out, "arena_eager_commit").as_deref(),
-        Some("0"),
-        "{out}"
-    );
-    assert_eq!(
-        last_option(&out, "purge_delay").as_deref(),
-        Some("0"),
-        "{out}"
-    );
+    assert_eq!(options(&out), (Some("0".into()), Some("0".into())), "{out}");
 
     let (ok, out) = run(bin()
         .arg("--version")
@@ -163,13 +160,8 @@ fn the_allocator_returns_memory_at_once() {
         .env("MIMALLOC_PURGE_DELAY", "50"));
     assert!(ok, "{out}");
     assert_eq!(
-        last_option(&out, "purge_delay").as_deref(),
-        Some("50"),
-        "{out}"
-    );
-    assert_eq!(
-        last_option(&out, "arena_eager_commit").as_deref(),
-        Some("0"),
+        options(&out),
+        (Some("0".into()), Some("50".into())),
         "{out}"
     );
 }
