@@ -30,6 +30,9 @@
 //! Then a reference run: the contacts send K messages to each other in pairs, through the same
 //! gateway and client but without the bridge: the ceiling of everything except the bridge on this
 //! machine, to compare the bridge's rows with.
+//! Last (stand-in only), the backlog run: the bridge is stopped, the contacts send K messages the
+//! gateway keeps, and the bridge starts again and delivers them with the contacts idle, which
+//! comes nearest to its own interop→Matrix ceiling here (see `restarts::backlog`).
 //! Below the table, the floor: the Signal work of a message (encrypt or decrypt, and its vault
 //! commit) on its own, one task, no bridge (see `floor`), next to which the bridge's CPU per
 //! message shows how much of it is the bridge's own work.
@@ -584,6 +587,12 @@ async fn bench(opts: Opts) {
         stand_in_report(hs);
     }
     print_bridge_health(&http, &ends, &bridge.log).await;
+    if hs.is_some() && !opts.no_runs && opts.workers <= 1 {
+        // Last, as it restarts the bridge (the figures above are the first process's).
+        println!();
+        let setup = (config.as_path(), tmp.path(), &hs);
+        backlog(&world, &mut bridge, setup, &ends, opts.messages, ticks).await;
+    }
     if compare && opts.rounds > 0 {
         alternate(&world, &mut bridge, &opts, &pid, ticks).await;
     }

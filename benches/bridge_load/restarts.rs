@@ -89,3 +89,67 @@ pub(crate) async fn wait_connected(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The backlog run (stand-in only): with the bridge stopped, the contacts send `n` messages,
+/// which the gateway keeps for the bridge's logins; then the bridge starts again and delivers
+/// them. Here the contacts are idle while the bridge works, where in the other runs their own
+/// Signal work shares the two cores with it: this is the nearest the bench comes to the bridge's
+/// own interop→Matrix ceiling on this machine.
+pub(crate) async fn backlog(
+    world: &Arc<World>,
+    bridge: &mut BridgeProc,
+    setup: (&Path, &Path, &Option<Arc<Hs>>),
+    ends: &BridgeEndpoints,
+    n: usize,
+    ticks: f64,
+) {
+    let (config, dir, hs) = setup;
+    bridge.stop();
+    let sent = Instant::now();
+    let track = send(
+        world,
+        Dir::InteropToMatrix,
+        "backlog interop→Matrix",
+        n,
+        None,
+    )
+    .await;
+    let send_secs = sent.elapsed().as_secs_f64();
+    let restart = world.reg.now();
+    let me0 = sample("self", ticks);
+    *bridge = spawn_bridge(config, dir);
+    let pid = bridge.pid().to_string();
+    wait_ready(&world.http, ends, hs.as_ref(), bridge).await;
+    let ready = world.reg.now();
+    wait_done(&track, Some(&mut *bridge)).await;
+    let cpu = sample(&pid, ticks);
+    let me = sample("self", ticks).cpu_secs - me0.cpu_secs;
+    let recv: Vec<u64> = track
+        .recv
+        .iter()
+        .map(|r| r.load(Ordering::Relaxed))
+        .collect();
+    let first = recv.iter().copied().min().unwrap_or(restart);
+    let last = recv.iter().copied().max().unwrap_or(restart);
+    let secs = |a: u64, b: u64| b.saturating_sub(a) as f64 / 1e9;
+    println!(
+        "backlog: {n} interop→Matrix messages sent while the bridge was stopped (the contacts \
+         sent {:.0}/s); after its restart it answered at {:.2} s, the first arrived at {:.2} s, \
+         all at {:.2} s: {:.0} msgs/s from the first arrival; the new bridge process used {:.0} µs \
+         of CPU per message, start-up included, and this process (gateway, stand-in) {:.0} µs; \
+         RSS {:.1} MiB, peak {:.1} MiB{}",
+        n as f64 / send_secs.max(1e-9),
+        secs(restart, ready),
+        secs(restart, first),
+        secs(restart, last),
+        n as f64 / secs(first, last).max(1e-9),
+        1e6 * cpu.cpu_secs / n as f64,
+        1e6 * me / n as f64,
+        mib(cpu.rss_kib),
+        mib(cpu.hwm_kib),
+        match track.dups.load(Ordering::Relaxed) {
+            0 => String::new(),
+            d => format!(" ({d} duplicates)"),
+        }
+    );
+}

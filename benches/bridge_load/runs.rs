@@ -108,10 +108,25 @@ pub(crate) fn summarize(
     }
 }
 
-/// Sends `n` messages in `dir` at full speed (`rate` = None) or paced at `rate` per second.
+/// Sends `n` messages in `dir` at full speed (`rate` = None) or paced at `rate` per second, and
+/// waits until all have arrived.
 pub(crate) async fn run(
     world: &Arc<World>,
     bridge: Option<&mut BridgeProc>,
+    dir: Dir,
+    name: &str,
+    n: usize,
+    rate: Option<f64>,
+) -> Arc<Track> {
+    let track = send(world, dir, name, n, rate).await;
+    wait_done(&track, bridge).await;
+    track
+}
+
+/// Sends `n` messages in `dir` (see [`run`]); returns once every send was taken, not once the
+/// messages arrived.
+pub(crate) async fn send(
+    world: &Arc<World>,
     dir: Dir,
     name: &str,
     n: usize,
@@ -236,7 +251,6 @@ pub(crate) async fn run(
     while let Some(r) = tasks.join_next().await {
         r.expect("send task");
     }
-    wait_done(&track, bridge).await;
     track
 }
 
