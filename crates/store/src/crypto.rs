@@ -362,7 +362,8 @@ impl DbCryptoStore {
                 }
             }
             _ => {
-                let mut tx = self.db.pool().begin().await.map_err(backend)?;
+                let mut conn = self.db.pool().acquire().await.map_err(backend)?;
+                let mut tx = conn.begin().await.map_err(backend)?;
                 for w in writes {
                     self.write_one(&mut tx, w).await?;
                 }

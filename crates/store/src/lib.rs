@@ -45,11 +45,14 @@ macro_rules! on_both_databases {
 }
 
 pub mod crypto;
+mod db;
 mod lease;
 pub mod portal;
 pub mod requests;
 pub mod settings;
 mod vault;
+
+pub use db::{Conn, Connections};
 
 #[cfg(test)]
 mod sql_check;
@@ -139,7 +142,7 @@ pub use mib_core::store::{KvStore, QueuedEvent, StoredEvent, TxnOutcome, TxnStor
 /// The SQL store over SQLite or PostgreSQL.
 #[derive(Clone, Debug)]
 pub struct SqlStore {
-    pool: AnyPool,
+    pool: Connections,
     kind: DatabaseType,
     /// Held while events are queued, so that queue sequence numbers become visible in the
     /// order they were taken (PostgreSQL would otherwise let a later number commit first, and the
@@ -199,6 +202,21 @@ impl Checkpointer {
     }
 }
 
+/// The settings of the bridge's SQLite connection.
+async fn sqlite_pragmas(conn: &mut sqlx::AnyConnection) -> Result<(), sqlx::Error> {
+    conn.execute("PRAGMA journal_mode = WAL").await?;
+    conn.execute("PRAGMA synchronous = NORMAL").await?;
+    conn.execute("PRAGMA busy_timeout = 10000").await?;
+    conn.execute(sqlx::AssertSqlSafe(format!(
+        "PRAGMA wal_autocheckpoint = {WRITER_CHECKPOINT_PAGES}"
+    )))
+    .await?;
+    conn.execute("PRAGMA foreign_keys = ON").await?;
+    // Deleted rows (a logout's shredded vault) are overwritten, not left in free pages.
+    conn.execute("PRAGMA secure_delete = ON").await?;
+    Ok(())
+}
+
 /// A connection string that may hold a password: never printed.
 #[derive(Clone)]
 struct Secret(Arc<str>);
@@ -252,42 +270,30 @@ impl SqlStore {
             _ => cfg.uri.clone(),
         };
         let opts: AnyConnectOptions = uri.parse()?;
-        // SQLite has a single writer; read-then-write transactions on several connections can fail
-        // with SQLITE_BUSY instead of waiting, so SQLite gets one connection.
-        let max = if kind == DatabaseType::Sqlite {
-            1
-        } else {
-            cfg.max_connections
+        // SQLite has a single writer, and read-then-write transactions on several connections
+        // can fail with SQLITE_BUSY instead of waiting: SQLite gets one connection (see `db`).
+        let pool = match kind {
+            DatabaseType::Sqlite => {
+                use sqlx::Connection;
+                let mut conn = tokio::time::timeout(
+                    db::ACQUIRE_TIMEOUT,
+                    sqlx::AnyConnection::connect_with(&opts),
+                )
+                .await
+                .map_err(|_| sqlx::Error::PoolTimedOut)??;
+                sqlite_pragmas(&mut conn).await?;
+                Connections::sole(conn)
+            }
+            DatabaseType::Postgres => Connections::pool(
+                AnyPoolOptions::new()
+                    .max_connections(cfg.max_connections)
+                    .min_connections(cfg.min_connections.min(cfg.max_connections))
+                    .acquire_timeout(db::ACQUIRE_TIMEOUT)
+                    .connect_with(opts.clone())
+                    .await?,
+            ),
         };
-        let pool = AnyPoolOptions::new()
-            .max_connections(max)
-            .min_connections(cfg.min_connections.min(max))
-            .acquire_timeout(Duration::from_secs(30))
-            // A ping before each use checks a connection that may have died while idle: a
-            // PostgreSQL server can drop it, a SQLite file cannot, and on SQLite each ping is
-            // one more round trip to the connection's thread for every statement the store runs.
-            .test_before_acquire(kind != DatabaseType::Sqlite)
-            .after_connect(move |conn, _| {
-                Box::pin(async move {
-                    if kind == DatabaseType::Sqlite {
-                        conn.execute("PRAGMA journal_mode = WAL").await?;
-                        conn.execute("PRAGMA synchronous = NORMAL").await?;
-                        conn.execute("PRAGMA busy_timeout = 10000").await?;
-                        conn.execute(sqlx::AssertSqlSafe(format!(
-                            "PRAGMA wal_autocheckpoint = {WRITER_CHECKPOINT_PAGES}"
-                        )))
-                        .await?;
-                        conn.execute("PRAGMA foreign_keys = ON").await?;
-                        // Deleted rows (a logout's shredded vault) are overwritten, not left in
-                        // free pages.
-                        conn.execute("PRAGMA secure_delete = ON").await?;
-                    }
-                    Ok(())
-                })
-            })
-            .connect_with(opts.clone())
-            .await?;
-        // After the pool: its connection switched the file to WAL.
+        // After the writer: its connection switched the file to WAL.
         let checkpointer = match kind {
             DatabaseType::Sqlite if !cfg.uri.contains(":memory:") => {
                 Some(Arc::new(Checkpointer::start(&opts).await?))
@@ -312,10 +318,11 @@ impl SqlStore {
     /// busy timeout), while a first statement that writes (and changes nothing) waits for it.
     /// Not `BEGIN IMMEDIATE`: sqlx keeps its own transaction depth, and a custom `BEGIN` is
     /// refused for good once a commit has failed (a full disk, say).
-    pub(crate) async fn begin_write(
+    pub(crate) async fn begin_write<'c>(
         &self,
-    ) -> Result<sqlx::Transaction<'static, sqlx::Any>, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        conn: &'c mut Conn,
+    ) -> Result<sqlx::Transaction<'c, sqlx::Any>, StoreError> {
+        let mut tx = conn.begin().await?;
         if self.kind == DatabaseType::Sqlite {
             sqlx::query("DELETE FROM kv WHERE 1 = 0")
                 .execute(&mut *tx)
@@ -364,7 +371,8 @@ impl SqlStore {
 
     /// Applies pending migrations.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        self.migrator().run(&self.pool).await?;
+        let mut conn = self.pool.acquire().await?;
+        self.migrator().run(&mut *conn).await?;
         Ok(())
     }
 
@@ -393,7 +401,8 @@ impl SqlStore {
         }
     }
 
-    pub fn pool(&self) -> &AnyPool {
+    /// The store's connections, on which a statement runs as on a pool.
+    pub fn pool(&self) -> &Connections {
         &self.pool
     }
 
@@ -478,7 +487,8 @@ impl TxnStore for SqlStore {
         events: &[QueuedEvent],
     ) -> Result<TxnOutcome, CoreError> {
         let _writer = self.queue_writer.lock().await;
-        let mut tx = self.begin_write().await?;
+        let mut conn = self.pool.acquire().await.map_err(StoreError::from)?;
+        let mut tx = self.begin_write(&mut conn).await?;
         self.lock_queue(&mut tx).await?;
         let seen: Option<Vec<u8>> =
             sqlx::query_scalar("SELECT body_hash FROM appservice_txn WHERE txn_id = $1")
@@ -513,7 +523,8 @@ impl TxnStore for SqlStore {
 
     async fn queue_missed(&self, events: &[QueuedEvent]) -> Result<usize, CoreError> {
         let _writer = self.queue_writer.lock().await;
-        let mut tx = self.begin_write().await?;
+        let mut conn = self.pool.acquire().await.map_err(StoreError::from)?;
+        let mut tx = self.begin_write(&mut conn).await?;
         self.lock_queue(&mut tx).await?;
         let queued = queue_new(&mut tx, events, now_ms()).await?;
         self.announce_queued(&mut tx, queued).await?;

@@ -354,7 +354,8 @@ impl PortalStore for SqlStore {
 
     async fn delete_portal(&self, receiver: &str, chat_id: &str) -> Result<(), CoreError> {
         let _forget = ForgetPortals(&self.portal_cache);
-        let mut tx = self.begin_write().await?;
+        let mut conn = self.pool().acquire().await.map_err(StoreError::from)?;
+        let mut tx = self.begin_write(&mut conn).await?;
         let room: Option<Option<String>> =
             sqlx::query_scalar("SELECT room_id FROM portal WHERE receiver = $1 AND chat_id = $2")
                 .bind(receiver)

@@ -64,7 +64,8 @@ impl VaultStore for SqlStore {
         keys: &[(String, Vec<u8>)],
         master_key_id: &str,
     ) -> Result<(), CoreError> {
-        let mut tx = self.pool().begin().await.db()?;
+        let mut conn = self.pool().acquire().await.db()?;
+        let mut tx = conn.begin().await.db()?;
         for (owner, wrapped) in keys {
             sqlx::query("UPDATE vault_key SET wrapped = $1, master_key_id = $2 WHERE owner = $3")
                 .bind(&wrapped[..])
@@ -79,7 +80,8 @@ impl VaultStore for SqlStore {
     }
 
     async fn destroy_owner(&self, owner: &str) -> Result<(), CoreError> {
-        let mut tx = self.pool().begin().await.db()?;
+        let mut conn = self.pool().acquire().await.db()?;
+        let mut tx = conn.begin().await.db()?;
         sqlx::query("DELETE FROM vault_key WHERE owner = $1")
             .bind(owner)
             .execute(&mut *tx)
@@ -91,6 +93,8 @@ impl VaultStore for SqlStore {
             .await
             .db()?;
         tx.commit().await.db()?;
+        // The checkpoint below takes the connection again (SQLite's only one).
+        drop(conn);
         // SQLite keeps the deleted pages (the wrapped key among them) in its write-ahead log
         // until a checkpoint: write them back, overwritten (`secure_delete`), and empty the log.
         if self.kind() == crate::settings::DatabaseType::Sqlite
@@ -208,7 +212,7 @@ impl GroupWriter {
 
     async fn write(
         &self,
-        pool: &crate::AnyPool,
+        pool: &crate::Connections,
         owner: &str,
         writes: &[RecordWrite],
     ) -> Result<(), CoreError> {
@@ -239,7 +243,7 @@ impl GroupWriter {
     }
 
     /// Writes the waiting commits, batch after batch, until none is left.
-    async fn drain(self, pool: crate::AnyPool, mut batch: Vec<WriteJob>) {
+    async fn drain(self, pool: crate::Connections, mut batch: Vec<WriteJob>) {
         let mut guard = DrainGuard(Some(self.clone()));
         loop {
             let parts: Vec<_> = batch
@@ -265,7 +269,7 @@ impl GroupWriter {
 /// next caller write at once when none came).
 struct HandOn<'a> {
     writer: &'a GroupWriter,
-    pool: &'a crate::AnyPool,
+    pool: &'a crate::Connections,
 }
 
 impl Drop for HandOn<'_> {
@@ -304,7 +308,10 @@ impl Drop for DrainGuard {
 
 /// Applies the writes of several callers in one transaction (one statement needs none). Of
 /// several writes to one record, the last one counts.
-async fn apply(pool: &crate::AnyPool, parts: &[(&str, &[RecordWrite])]) -> Result<(), StoreError> {
+async fn apply(
+    pool: &crate::Connections,
+    parts: &[(&str, &[RecordWrite])],
+) -> Result<(), StoreError> {
     let mut last: std::collections::HashMap<(&str, &str, &str), Option<&[u8]>> =
         std::collections::HashMap::new();
     for (owner, writes) in parts {
@@ -321,7 +328,8 @@ async fn apply(pool: &crate::AnyPool, parts: &[(&str, &[RecordWrite])]) -> Resul
         return write_record(&mut conn, owner, kind, name, sealed).await;
     }
     let (puts, deletes): (Vec<_>, Vec<_>) = last.into_iter().partition(|(_, s)| s.is_some());
-    let mut tx = pool.begin().await.db()?;
+    let mut conn = pool.acquire().await.db()?;
+    let mut tx = conn.begin().await.db()?;
     for chunk in puts.chunks(ROWS_PER_STATEMENT) {
         #[allow(non_snake_case)] // named as the SQL check expects a row list
         let RECORD_ROWS = rows(chunk.len(), 4);
