@@ -3,12 +3,13 @@
 
 use std::str::FromStr;
 
+use std::sync::Arc;
+
 use sqlx::{
-    Row,
-    sqlite::{
-        SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-    },
+    Connection, Row,
+    sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqliteSynchronous},
 };
+use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use super::GatewayError;
 use mib_wire::pb;
@@ -17,7 +18,11 @@ static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 #[derive(Clone, Debug)]
 pub struct GatewayDb {
-    pub(crate) pool: SqlitePool,
+    /// The one connection, taken in turn. SQLite has one writer anyway, and read-then-write
+    /// transactions on several connections can fail with `SQLITE_BUSY` instead of waiting. Not
+    /// a pool of one: sqlx's pool tests a connection given back to it with a round trip to the
+    /// connection's thread, after every statement, and the next statement waits behind it.
+    conn: Arc<Mutex<SqliteConnection>>,
     /// Envelopes and blobs older than these are gone, also before the sweep deletes them.
     pub(crate) envelope_ttl_ms: i64,
     pub(crate) blob_ttl_ms: i64,
@@ -26,6 +31,9 @@ pub struct GatewayDb {
     /// Accounts known to exist (see [`GatewayDb::account_exists`]).
     known: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
+
+/// How long a statement waits for the connection before it fails.
+const CONN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Accounts remembered as existing, at most (about 100 bytes each).
 const KNOWN_ACCOUNTS: usize = 100_000;
@@ -108,23 +116,24 @@ impl GatewayDb {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(std::time::Duration::from_secs(10));
-        // One connection: SQLite has one writer anyway, and read-then-write transactions on several
-        // connections can fail with SQLITE_BUSY instead of waiting.
-        let pool = SqlitePoolOptions::new()
-            .max_connections(1)
-            // No ping before each use: a SQLite file's connection does not die while idle, and
-            // each ping is a round trip to the connection's thread.
-            .test_before_acquire(false)
-            .connect_with(opts)
-            .await?;
-        MIGRATIONS.run(&pool).await?;
+        let mut conn = tokio::time::timeout(CONN_TIMEOUT, SqliteConnection::connect_with(&opts))
+            .await
+            .map_err(|_| sqlx::Error::PoolTimedOut)??;
+        MIGRATIONS.run(&mut conn).await?;
         Ok(Self {
-            pool,
+            conn: Arc::new(Mutex::new(conn)),
             envelope_ttl_ms: i64::MAX,
             blob_ttl_ms: i64::MAX,
             sends: Default::default(),
             known: Default::default(),
         })
+    }
+
+    /// The connection, once the statements before have run; given back when dropped.
+    pub(crate) async fn conn(&self) -> Result<OwnedMutexGuard<SqliteConnection>, sqlx::Error> {
+        tokio::time::timeout(CONN_TIMEOUT, self.conn.clone().lock_owned())
+            .await
+            .map_err(|_| sqlx::Error::PoolTimedOut)
     }
 
     /// Begins a transaction that will write, holding SQLite's write lock from its first
@@ -135,8 +144,10 @@ impl GatewayDb {
     /// timeout. A first statement that writes (and changes nothing) takes the lock under the busy
     /// timeout instead. Not `BEGIN IMMEDIATE`: sqlx keeps its own transaction depth, and a custom
     /// `BEGIN` is refused for good once a commit has failed (a full disk, say).
-    async fn write_tx(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
+    async fn write_tx(
+        conn: &mut SqliteConnection,
+    ) -> Result<sqlx::Transaction<'_, sqlx::Sqlite>, sqlx::Error> {
+        let mut tx = conn.begin().await?;
         sqlx::query("DELETE FROM queue_size WHERE 1 = 0")
             .execute(&mut *tx)
             .await?;
@@ -161,7 +172,8 @@ impl GatewayDb {
     ) -> Result<VerifyOutcome, sqlx::Error> {
         use subtle::ConstantTimeEq;
         let now = now_ms();
-        let mut tx = self.write_tx().await?;
+        let mut conn = self.conn().await?;
+        let mut tx = Self::write_tx(&mut conn).await?;
         let budget = sqlx::query(
             "SELECT window_start, failures, locked_until, lockouts FROM verify_budget WHERE account = ?",
         )
@@ -254,7 +266,7 @@ impl GatewayDb {
         let until: Option<i64> =
             sqlx::query_scalar("SELECT locked_until FROM verify_budget WHERE account = ?")
                 .bind(account)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&mut *self.conn().await?)
                 .await?;
         Ok((until.unwrap_or(0) - now_ms()).max(0))
     }
@@ -267,7 +279,8 @@ impl GatewayDb {
         blobs_before: i64,
         sent_before: i64,
     ) -> Result<Vec<String>, sqlx::Error> {
-        let mut tx = self.write_tx().await?;
+        let mut conn = self.conn().await?;
+        let mut tx = Self::write_tx(&mut conn).await?;
         sqlx::query("DELETE FROM envelope WHERE server_timestamp < ?")
             .bind(envelopes_before)
             .execute(&mut *tx)
@@ -305,7 +318,7 @@ impl GatewayDb {
     pub async fn account_secret_hash(&self, account: &str) -> Result<Option<Vec<u8>>, sqlx::Error> {
         sqlx::query_scalar("SELECT secret_hash FROM account WHERE account = ?")
             .bind(account)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *self.conn().await?)
             .await
     }
 
@@ -339,7 +352,7 @@ impl GatewayDb {
         .bind(account)
         .bind(hash)
         .bind(now_ms())
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(())
     }
@@ -352,7 +365,7 @@ impl GatewayDb {
         .bind(account)
         .bind(code)
         .bind(now_ms())
-        .execute(&self.pool)
+        .execute(&mut *self.conn().await?)
         .await?;
         Ok(())
     }
@@ -366,7 +379,7 @@ impl GatewayDb {
         )
         .bind(account)
         .bind(self.envelope_cutoff())
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *self.conn().await?)
         .await?;
         Ok((r.try_get("queued")?, r.try_get("last_id")?))
     }
@@ -374,7 +387,7 @@ impl GatewayDb {
     pub async fn key_counts(&self, account: &str) -> Result<(u32, u32), sqlx::Error> {
         let rows = sqlx::query("SELECT kind, COUNT(*) AS n FROM prekey WHERE account = ? AND kind IN ('one_time','kyber') GROUP BY kind")
             .bind(account)
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *self.conn().await?)
             .await?;
         let mut counts = (0, 0);
         for r in rows {
@@ -393,7 +406,7 @@ impl GatewayDb {
         let row =
             sqlx::query("SELECT identity_key, registration_id FROM account WHERE account = ?")
                 .bind(account)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&mut *self.conn().await?)
                 .await?;
         Ok(row.and_then(|r| {
             let ik: Option<Vec<u8>> = r.try_get("identity_key").ok()?;
@@ -404,7 +417,8 @@ impl GatewayDb {
 
     /// Applies a validated key upload in one transaction.
     pub async fn upload_keys(&self, account: &str, up: &pb::UploadKeys) -> Result<(), sqlx::Error> {
-        let mut tx = self.write_tx().await?;
+        let mut conn = self.conn().await?;
+        let mut tx = Self::write_tx(&mut conn).await?;
         let current: Option<Option<Vec<u8>>> =
             sqlx::query_scalar("SELECT identity_key FROM account WHERE account = ?")
                 .bind(account)
@@ -498,7 +512,7 @@ impl GatewayDb {
             "SELECT kind, id FROM prekey WHERE account = ? AND kind IN ('one_time','kyber')",
         )
         .bind(account)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?;
         let mut ids = (
             std::collections::BTreeSet::new(),
@@ -522,7 +536,7 @@ impl GatewayDb {
             "SELECT kind FROM prekey WHERE account = ? AND kind IN ('signed','kyber_last_resort')",
         )
         .bind(account)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?;
         Ok((
             kinds.iter().any(|k| k == "signed"),
@@ -565,7 +579,8 @@ impl GatewayDb {
         let Some((identity_key, registration_id)) = self.identity(account).await? else {
             return Ok(None);
         };
-        let mut tx = self.write_tx().await?;
+        let mut conn = self.conn().await?;
+        let mut tx = Self::write_tx(&mut conn).await?;
         let Some(signed) = Self::take_key(&mut tx, account, "signed", false).await? else {
             return Ok(None);
         };
@@ -655,7 +670,8 @@ impl GatewayDb {
     /// the batch is stored).
     async fn write_sends(&self, batch: Vec<PendingSend>) {
         let written = async {
-            let mut tx = self.write_tx().await?;
+            let mut conn = self.conn().await?;
+            let mut tx = Self::write_tx(&mut conn).await?;
             let mut outcomes = Vec::with_capacity(batch.len());
             for p in &batch {
                 outcomes.push(Self::send_in(&mut tx, p).await?);
@@ -774,7 +790,8 @@ impl GatewayDb {
         envelope: &pb::Envelope,
         queue_max: u32,
     ) -> Result<bool, sqlx::Error> {
-        let mut tx = self.write_tx().await?;
+        let mut conn = self.conn().await?;
+        let mut tx = Self::write_tx(&mut conn).await?;
         if Self::queue_len(&mut tx, &envelope.to).await? >= i64::from(queue_max) {
             return Ok(false);
         }
@@ -801,7 +818,7 @@ impl GatewayDb {
         .bind(upto)
         .bind(self.envelope_cutoff())
         .bind(limit)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *self.conn().await?)
         .await?;
         rows.iter()
             .map(|r| {
@@ -834,7 +851,8 @@ impl GatewayDb {
 
     /// Deletes the acknowledged envelopes of `account`, one statement per chunk of ids.
     pub async fn ack(&self, account: &str, ids: &[u64]) -> Result<(), sqlx::Error> {
-        let mut tx = self.write_tx().await?;
+        let mut conn = self.conn().await?;
+        let mut tx = Self::write_tx(&mut conn).await?;
         for chunk in ids.chunks(500) {
             let marks = vec!["?"; chunk.len()].join(", ");
             let sql = format!("DELETE FROM envelope WHERE recipient = ? AND id IN ({marks})");
@@ -851,7 +869,7 @@ impl GatewayDb {
     pub async fn contacts(&self, account: &str) -> Result<Vec<String>, sqlx::Error> {
         sqlx::query_scalar("SELECT b FROM contact WHERE a = ?")
             .bind(account)
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *self.conn().await?)
             .await
     }
 
@@ -865,7 +883,7 @@ impl GatewayDb {
             .bind(name)
             .bind(avatar)
             .bind(account)
-            .execute(&self.pool)
+            .execute(&mut *self.conn().await?)
             .await?;
         Ok(())
     }
@@ -873,7 +891,7 @@ impl GatewayDb {
     pub async fn profile(&self, account: &str) -> Result<Option<pb::Profile>, sqlx::Error> {
         let row = sqlx::query("SELECT name, avatar_blob FROM account WHERE account = ?")
             .bind(account)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *self.conn().await?)
             .await?;
         row.map(|r| {
             Ok(pb::Profile {
@@ -889,13 +907,13 @@ impl GatewayDb {
         let row =
             sqlx::query("SELECT name, avatar_blob, revision, changed_by FROM grp WHERE id = ?")
                 .bind(id)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&mut *self.conn().await?)
                 .await?;
         let Some(r) = row else { return Ok(None) };
         let members: Vec<String> =
             sqlx::query_scalar("SELECT account FROM grp_member WHERE grp = ? ORDER BY account")
                 .bind(id)
-                .fetch_all(&self.pool)
+                .fetch_all(&mut *self.conn().await?)
                 .await?;
         Ok(Some(pb::Group {
             id: id.to_owned(),
@@ -915,7 +933,8 @@ impl GatewayDb {
         envelopes: &[pb::Envelope],
         queue_max: u32,
     ) -> Result<(), sqlx::Error> {
-        let mut tx = self.write_tx().await?;
+        let mut conn = self.conn().await?;
+        let mut tx = Self::write_tx(&mut conn).await?;
         sqlx::query(
             "INSERT INTO grp (id, name, avatar_blob, revision, created_at, changed_by) VALUES (?, ?, ?, ?, ?, ?) \
              ON CONFLICT (id) DO UPDATE SET name = excluded.name, avatar_blob = excluded.avatar_blob, \
@@ -955,7 +974,7 @@ impl GatewayDb {
             .bind(size as i64)
             .bind(sha256)
             .bind(now_ms())
-            .execute(&self.pool)
+            .execute(&mut *self.conn().await?)
             .await?;
         Ok(())
     }
@@ -965,7 +984,7 @@ impl GatewayDb {
             sqlx::query_scalar("SELECT size FROM blob WHERE id = ? AND created_at >= ?")
                 .bind(id)
                 .bind(self.blob_cutoff())
-                .fetch_optional(&self.pool)
+                .fetch_optional(&mut *self.conn().await?)
                 .await?;
         Ok(s.map(|s| s as u64))
     }
@@ -1002,14 +1021,14 @@ mod tests {
             "DROP TRIGGER queue_size_insert; DROP TRIGGER queue_size_delete; \
              DROP TRIGGER queue_size_update; DROP TABLE queue_size;",
         )
-        .execute(&db.pool)
+        .execute(&mut *db.conn().await.expect("conn"))
         .await
         .expect("back to 0002");
         let (a, b, c) = ("+15550000001", "+15550000002", "+15550000003");
         for (to, n) in [(b, 3), (c, 5)] {
             for i in 0..n {
                 GatewayDb::insert_envelope(
-                    &mut db.pool.acquire().await.expect("conn"),
+                    &mut db.conn().await.expect("conn"),
                     &envelope(a, to, &format!("{to}-{i}")),
                     now_ms(),
                 )
@@ -1018,12 +1037,12 @@ mod tests {
             }
         }
         sqlx::raw_sql(include_str!("../migrations/0003_queue_size.sql"))
-            .execute(&db.pool)
+            .execute(&mut *db.conn().await.expect("conn"))
             .await
             .expect("0003");
         let sizes: Vec<(String, i64)> =
             sqlx::query_as("SELECT recipient, n FROM queue_size ORDER BY recipient")
-                .fetch_all(&db.pool)
+                .fetch_all(&mut *db.conn().await.expect("conn"))
                 .await
                 .expect("sizes");
         assert_eq!(sizes, [(b.to_owned(), 3), (c.to_owned(), 5)]);
@@ -1084,14 +1103,14 @@ mod tests {
         };
         // The pool has one connection, so the page limit applies to every later statement.
         let pages: i64 = sqlx::query_scalar("PRAGMA page_count")
-            .fetch_one(&db.pool)
+            .fetch_one(&mut *db.conn().await.expect("conn"))
             .await
             .expect("page count");
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "PRAGMA max_page_count = {}",
             pages + 40
         )))
-        .execute(&db.pool)
+        .execute(&mut *db.conn().await.expect("conn"))
         .await
         .expect("limit");
         let mut refused = false;
@@ -1103,7 +1122,7 @@ mod tests {
         }
         assert!(refused, "the page limit never refused a write");
         sqlx::query("PRAGMA max_page_count = 1000000")
-            .execute(&db.pool)
+            .execute(&mut *db.conn().await.expect("conn"))
             .await
             .expect("room again");
         for i in 100..105 {
@@ -1218,13 +1237,13 @@ mod tests {
             let kept: Vec<(String, i64)> = sqlx::query_as(
                 "SELECT recipient, n FROM queue_size WHERE n <> 0 ORDER BY recipient",
             )
-            .fetch_all(&db.pool)
+            .fetch_all(&mut *db.conn().await.expect("conn"))
             .await
             .expect("sizes");
             let counted: Vec<(String, i64)> = sqlx::query_as(
                 "SELECT recipient, COUNT(*) FROM envelope GROUP BY recipient ORDER BY recipient",
             )
-            .fetch_all(&db.pool)
+            .fetch_all(&mut *db.conn().await.expect("conn"))
             .await
             .expect("count");
             assert_eq!(kept, counted, "queue_size differs from the queues");
@@ -1272,11 +1291,13 @@ mod tests {
             .expect("store");
         assert!(matches!(out, SendOutcome::Stored(_, 1)), "{out:?}");
         // A transaction that fails after inserting leaves the sizes as they were.
-        let mut tx = db.pool.begin().await.expect("begin");
+        let mut conn = db.conn().await.expect("conn");
+        let mut tx = conn.begin().await.expect("begin");
         GatewayDb::insert_envelope(&mut tx, &envelope(a, c, "x"), now_ms())
             .await
             .expect("insert");
         drop(tx);
+        drop(conn);
         // Expiry empties the queues.
         db.expire(i64::MAX, 0, 0).await.expect("expire");
         assert!(sizes().await.is_empty());
