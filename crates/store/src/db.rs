@@ -166,3 +166,66 @@ impl<'p> Executor<'p> for &'_ Connections {
         Box::pin(async move { (&mut *db.acquire().await?).describe(sql).await })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Statements whose callers gave up, while running or while waiting their turn, leave the
+    /// connection usable and the statements after them in order; a closed store fails
+    /// statements at once instead of leaving them waiting.
+    #[tokio::test]
+    async fn callers_that_give_up_leave_the_connection_usable_and_close_fails_fast() {
+        let (store, _dir) = crate::testing::sqlite().await;
+        let db = store.pool();
+        sqlx::query("CREATE TABLE t (n INTEGER)")
+            .execute(db)
+            .await
+            .expect("create");
+        // Some of these are dropped while running, some while waiting for the connection.
+        let gave_up: Vec<_> = (0..50)
+            .map(|i| {
+                let db = db.clone();
+                tokio::spawn(async move {
+                    let write = sqlx::query("INSERT INTO t (n) VALUES ($1)")
+                        .bind(i)
+                        .execute(&db);
+                    let _ = tokio::time::timeout(Duration::from_micros(50), write).await;
+                })
+            })
+            .collect();
+        for t in gave_up {
+            t.await.expect("task");
+        }
+        // A connection held (a transaction under way) when its holder gives up.
+        let held = db.acquire().await.expect("acquire");
+        let waiting = tokio::spawn({
+            let db = db.clone();
+            async move { sqlx::query("SELECT 1").execute(&db).await }
+        });
+        drop(held);
+        waiting
+            .await
+            .expect("task")
+            .expect("runs once the holder let go");
+        for i in 0..10 {
+            sqlx::query("INSERT INTO t (n) VALUES ($1)")
+                .bind(1000 + i)
+                .execute(db)
+                .await
+                .expect("insert after the others gave up");
+        }
+        let last: Vec<i64> = sqlx::query_scalar("SELECT n FROM t WHERE n >= 1000 ORDER BY rowid")
+            .fetch_all(db)
+            .await
+            .expect("read");
+        assert_eq!(last, (1000..1010).collect::<Vec<i64>>());
+
+        store.close().await;
+        let after =
+            tokio::time::timeout(Duration::from_secs(5), sqlx::query("SELECT 1").execute(db))
+                .await
+                .expect("a statement on a closed store ends at once");
+        assert!(matches!(after, Err(Error::PoolClosed)), "{after:?}");
+    }
+}

@@ -1,5 +1,6 @@
-//! Persistence: one sqlx pool over SQLite (embedded default, WAL) or PostgreSQL, the numbered
-//! migrations of `migrations/{sqlite,postgres}`, and the store traits the rest of the bridge uses.
+//! Persistence: sqlx over SQLite (embedded default, WAL, one connection: see `db`) or
+//! PostgreSQL (a pool), the numbered migrations of `migrations/{sqlite,postgres}`, and the store
+//! traits the rest of the bridge uses.
 //! Queries are written once in the subset of SQL both databases accept (`$n` placeholders in
 //! first-use order, which SQLite binds positionally); dialect differences live in the migrations.
 //!
