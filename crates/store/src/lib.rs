@@ -47,6 +47,7 @@ macro_rules! on_both_databases {
 
 pub mod crypto;
 mod db;
+mod group;
 mod lease;
 pub mod portal;
 pub mod requests;
@@ -149,8 +150,10 @@ pub struct SqlStore {
     /// order they were taken (PostgreSQL would otherwise let a later number commit first, and the
     /// queue worker, which reads after the last number it saw, would pass over the earlier one).
     queue_writer: Arc<tokio::sync::Mutex<()>>,
-    /// The vault's group commit: see `vault::GroupWriter`.
-    vault_writer: vault::GroupWriter,
+    /// The vault's group commit (see `group`).
+    vault_writer: group::GroupWriter<vault::VaultCommit>,
+    /// The message map's group commit.
+    map_writer: group::GroupWriter<portal::MappedMessage>,
     /// Portal records in memory, when this process is the only one (see `cache_portals`).
     portal_cache: Arc<portal::PortalCache>,
     /// PostgreSQL's address, for the connection that listens for other workers' queued events.
@@ -305,7 +308,8 @@ impl SqlStore {
             pool,
             kind,
             queue_writer: Arc::default(),
-            vault_writer: vault::GroupWriter::default(),
+            vault_writer: vault::group_writer(),
+            map_writer: portal::map_writer(),
             portal_cache: Arc::default(),
             listen_uri: (kind == DatabaseType::Postgres).then(|| Secret(cfg.uri.as_str().into())),
             queue_channel: PG_QUEUE_CHANNEL.into(),

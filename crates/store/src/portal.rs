@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use mib_core::store::StoreError as CoreError;
 use sqlx::Row;
 
-use super::{Db, SqlStore, StoreError, now_ms};
+use super::{Connections, Db, SqlStore, StoreError, group::GroupWriter, now_ms, vault};
 
 pub use mib_core::{
     store::PortalStore,
@@ -57,6 +57,58 @@ fn portal_row(r: &sqlx::any::AnyRow) -> Result<Portal, StoreError> {
         avatar_blob: r.try_get("avatar_blob")?,
         avatar_mxc: r.try_get("avatar_mxc")?,
     })
+}
+
+/// Message-map rows per statement (seven values each: well under either database's limit on
+/// parameters).
+const MAP_ROWS_PER_STATEMENT: usize = 128;
+
+/// The message map's group commit (see `group`): every chat's lane maps each message it
+/// bridged, and under load their rows go in together.
+pub(crate) fn map_writer() -> GroupWriter<MappedMessage> {
+    GroupWriter::new(|pool, rows| Box::pin(map_rows(pool, rows)))
+}
+
+/// Inserts message-map rows in one transaction (one statement needs none); a row already
+/// there (a message bridged again after a crash) is left as it is.
+async fn map_rows(pool: &Connections, rows: &[MappedMessage]) -> Result<(), StoreError> {
+    let now = now_ms();
+    let mut conn = pool.acquire().await?;
+    if rows.len() <= MAP_ROWS_PER_STATEMENT {
+        return insert_map_rows(&mut conn, rows, now).await;
+    }
+    let mut tx = conn.begin().await?;
+    for chunk in rows.chunks(MAP_ROWS_PER_STATEMENT) {
+        insert_map_rows(&mut tx, chunk, now).await?;
+    }
+    Ok(tx.commit().await?)
+}
+
+async fn insert_map_rows(
+    conn: &mut sqlx::AnyConnection,
+    rows: &[MappedMessage],
+    now: i64,
+) -> Result<(), StoreError> {
+    #[allow(non_snake_case)] // named as the SQL check expects a row list
+    let MAP_ROWS = vault::rows(rows.len(), 7);
+    let sql = format!(
+        "INSERT INTO message_map (room_id, event_id, message_id, sender, part, matrix_sender, created_at) \
+         VALUES {MAP_ROWS} ON CONFLICT DO NOTHING"
+    );
+    // Only placeholders are spliced in; the values are bound.
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for m in rows {
+        q = q
+            .bind(m.room_id.as_str())
+            .bind(m.event_id.as_str())
+            .bind(m.message_id.as_str())
+            .bind(m.sender.as_str())
+            .bind(m.part.as_str())
+            .bind(m.matrix_sender.as_str())
+            .bind(now);
+    }
+    q.execute(conn).await?;
+    Ok(())
 }
 
 fn mapped_row(r: &sqlx::any::AnyRow) -> Result<MappedMessage, StoreError> {
@@ -489,21 +541,7 @@ impl PortalStore for SqlStore {
     }
 
     async fn map_message(&self, m: &MappedMessage) -> Result<(), CoreError> {
-        sqlx::query(
-            "INSERT INTO message_map (room_id, event_id, message_id, sender, part, matrix_sender, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) \
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(&m.room_id)
-        .bind(&m.event_id)
-        .bind(&m.message_id)
-        .bind(&m.sender)
-        .bind(&m.part)
-        .bind(&m.matrix_sender)
-        .bind(now_ms())
-        .execute(self.pool())
-        .await.db()?;
-        Ok(())
+        self.map_writer.write(self.pool(), m.clone()).await
     }
 
     async fn by_message(
@@ -636,8 +674,48 @@ mod tests {
     on_both_databases!(
         logins_portals_and_map,
         cached_portals_follow_writes,
-        shared_group_rooms_and_claims
+        shared_group_rooms_and_claims,
+        many_lanes_mapping_at_once_each_land_once
     );
+
+    /// Many chats' lanes map messages at once, more than one statement's rows and some twice
+    /// (a message bridged again after a crash): the group commit lands each row once, and
+    /// every caller returns only once its row is there.
+    async fn many_lanes_mapping_at_once_each_land_once(s: &SqlStore) {
+        let row = |i: usize| MappedMessage {
+            room_id: format!("!r{}:x", i % 7),
+            event_id: format!("$e{i}"),
+            message_id: format!("m{i}"),
+            sender: "+1555".into(),
+            part: String::new(),
+            matrix_sender: "@u:x".into(),
+        };
+        let n = MAP_ROWS_PER_STATEMENT * 3 + 5;
+        let writes: Vec<_> = (0..n)
+            .chain(0..n / 3)
+            .map(|i| {
+                let (s, m) = (s.clone(), row(i));
+                tokio::spawn(async move {
+                    s.map_message(&m).await.expect("map");
+                    // Durable once the call returns.
+                    assert_eq!(
+                        s.by_message(&m.room_id, &m.message_id, "")
+                            .await
+                            .expect("read"),
+                        Some(m)
+                    );
+                })
+            })
+            .collect();
+        for w in writes {
+            w.await.expect("task");
+        }
+        let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM message_map")
+            .fetch_one(s.pool())
+            .await
+            .expect("count");
+        assert_eq!(rows, n as i64);
+    }
 
     /// Two logins' portals of one group share a room: listed oldest first, the group's portal
     /// is found for a third, a look update reaches both, and the first one deleted leaves the

@@ -79,7 +79,8 @@ fn expand(sql: &str) -> Result<String, String> {
         .replace("{RECORD_ROWS}", &super::vault::rows(2, 4))
         .replace("{KEY_ROWS}", &super::vault::rows(2, 3))
         .replace("{SEEN_ROWS}", &super::vault::rows(2, 2))
-        .replace("{QUEUE_ROWS}", &super::vault::rows(2, 4));
+        .replace("{QUEUE_ROWS}", &super::vault::rows(2, 4))
+        .replace("{MAP_ROWS}", &super::vault::rows(2, 7));
     match sql.find('{') {
         Some(i) => Err(format!("unknown placeholder in: {}", &sql[i..])),
         None => Ok(sql),

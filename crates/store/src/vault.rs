@@ -1,11 +1,9 @@
 //! The SQL side of the vault: wrapped data keys and sealed records.
 
-use std::sync::Arc;
-
 use async_trait::async_trait;
 use sqlx::Row;
 
-use super::{Db, SqlStore, StoreError};
+use super::{Db, SqlStore, StoreError, group::GroupWriter};
 use mib_core::store::StoreError as CoreError;
 use mib_vault::VaultStore;
 
@@ -151,7 +149,9 @@ impl VaultStore for SqlStore {
         owner: &str,
         writes: &[(String, String, Option<Vec<u8>>)],
     ) -> Result<(), CoreError> {
-        self.vault_writer.write(self.pool(), owner, writes).await
+        self.vault_writer
+            .write(self.pool(), (owner.to_owned(), writes.to_vec()))
+            .await
     }
 
     async fn record_names(&self, owner: &str, kind: &str) -> Result<Vec<String>, CoreError> {
@@ -172,138 +172,20 @@ type RecordWrite = (String, String, Option<Vec<u8>>);
 /// Rows per statement (four values each: well under either database's limit on parameters).
 const ROWS_PER_STATEMENT: usize = 256;
 
-/// One waiting caller's writes: all of them are applied or none.
-struct WriteJob {
-    owner: String,
-    writes: Vec<RecordWrite>,
-    done: tokio::sync::oneshot::Sender<Result<(), CoreError>>,
-}
+/// One caller's vault commit: an owner's writes, all applied or none.
+pub(crate) type VaultCommit = (String, Vec<RecordWrite>);
 
-#[derive(Default)]
-struct Commits {
-    /// A commit is being written.
-    busy: bool,
-    /// Commits that came meanwhile.
-    waiting: Vec<WriteJob>,
-}
-
-/// Group commit for the vault. Each login's actor commits its Signal state and inbox after every
-/// message, and under load many actors commit at once. A commit that finds the database idle is
-/// written at once, by its caller. Commits that come while one is being written wait; when it is
-/// done, all of them are written together, in one transaction with one multi-row upsert and one
-/// multi-row delete, and each caller is answered: tens of commits then cost about the round
-/// trips of one. A caller's writes stay atomic (they are in one transaction) and it continues
-/// only once they are durable, as before; a failed transaction fails every commit in it.
-#[derive(Clone, Default)]
-pub(crate) struct GroupWriter {
-    commits: Arc<std::sync::Mutex<Commits>>,
-}
-
-impl std::fmt::Debug for GroupWriter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("GroupWriter")
-    }
-}
-
-impl GroupWriter {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Commits> {
-        self.commits.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    async fn write(
-        &self,
-        pool: &crate::Connections,
-        owner: &str,
-        writes: &[RecordWrite],
-    ) -> Result<(), CoreError> {
-        let answer = {
-            let mut commits = self.lock();
-            if commits.busy {
-                let (done, answer) = tokio::sync::oneshot::channel();
-                commits.waiting.push(WriteJob {
-                    owner: owner.to_owned(),
-                    writes: writes.to_vec(),
-                    done,
-                });
-                Some(answer)
-            } else {
-                commits.busy = true;
-                None
-            }
-        };
-        if let Some(answer) = answer {
-            return answer
-                .await
-                .unwrap_or_else(|_| Err(CoreError::unavailable("the vault's writer stopped")));
-        }
-        // Whatever happens to this call (an error, or its future dropped), the commits that
-        // came meanwhile are handed on.
-        let _hand_on = HandOn { writer: self, pool };
-        Ok(apply(pool, &[(owner, writes)]).await?)
-    }
-
-    /// Writes the waiting commits, batch after batch, until none is left.
-    async fn drain(self, pool: crate::Connections, mut batch: Vec<WriteJob>) {
-        let mut guard = DrainGuard(Some(self.clone()));
-        loop {
-            let parts: Vec<_> = batch
+/// The vault's group commit (see `group`).
+pub(crate) fn group_writer() -> GroupWriter<VaultCommit> {
+    GroupWriter::new(|pool, parts| {
+        Box::pin(async move {
+            let parts: Vec<(&str, &[RecordWrite])> = parts
                 .iter()
-                .map(|j| (j.owner.as_str(), &j.writes[..]))
+                .map(|(owner, writes)| (owner.as_str(), &writes[..]))
                 .collect();
-            let result = apply(&pool, &parts).await.map_err(CoreError::from);
-            for job in batch.drain(..) {
-                let _ = job.done.send(result.clone());
-            }
-            let mut commits = self.lock();
-            if commits.waiting.is_empty() {
-                commits.busy = false;
-                guard.0 = None;
-                return;
-            }
-            batch = std::mem::take(&mut commits.waiting);
-        }
-    }
-}
-
-/// Hands the commits that came while its caller wrote to a task that writes them (or lets the
-/// next caller write at once when none came).
-struct HandOn<'a> {
-    writer: &'a GroupWriter,
-    pool: &'a crate::Connections,
-}
-
-impl Drop for HandOn<'_> {
-    fn drop(&mut self) {
-        let mut commits = self.writer.lock();
-        if commits.waiting.is_empty() {
-            commits.busy = false;
-            return;
-        }
-        let batch = std::mem::take(&mut commits.waiting);
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
-                drop(commits);
-                rt.spawn(self.writer.clone().drain(self.pool.clone(), batch));
-            }
-            // No runtime to write them in: they fail (their callers hear it) and the writer
-            // is free again.
-            Err(_) => commits.busy = false,
-        }
-    }
-}
-
-/// Frees the writer if a drain ends without finishing (its runtime shutting down): its
-/// waiting callers hear that it stopped, and later commits are written again.
-struct DrainGuard(Option<GroupWriter>);
-
-impl Drop for DrainGuard {
-    fn drop(&mut self) {
-        if let Some(writer) = self.0.take() {
-            let mut commits = writer.lock();
-            commits.waiting.clear();
-            commits.busy = false;
-        }
-    }
+            apply(pool, &parts).await
+        })
+    })
 }
 
 /// Applies the writes of several callers in one transaction (one statement needs none). Of
@@ -507,20 +389,20 @@ mod tests {
     #[tokio::test]
     async fn commits_waiting_on_a_caller_that_went_away_are_written() {
         let (s, _dir) = testing::sqlite().await;
-        let writer = super::GroupWriter::default();
+        let writer = super::group_writer();
         writer.lock().busy = true;
         let waiting = {
             let (writer, pool) = (writer.clone(), s.pool().clone());
             tokio::spawn(async move {
                 let w = [("session".to_owned(), "+1".to_owned(), Some(b"v".to_vec()))];
-                writer.write(&pool, "@b:x", &w).await
+                writer.write(&pool, ("@b:x".to_owned(), w.to_vec())).await
             })
         };
         while writer.lock().waiting.is_empty() {
             tokio::task::yield_now().await;
         }
         // What a dropped caller leaves behind.
-        drop(super::HandOn {
+        drop(crate::group::HandOn {
             writer: &writer,
             pool: s.pool(),
         });
@@ -535,7 +417,7 @@ mod tests {
         assert!(!writer.lock().busy);
         let w = [("session".to_owned(), "+2".to_owned(), None)];
         writer
-            .write(s.pool(), "@b:x", &w)
+            .write(s.pool(), ("@b:x".to_owned(), w.to_vec()))
             .await
             .expect("written at once");
     }
