@@ -384,6 +384,34 @@ mod tests {
         );
     }
 
+    /// A shredded owner's wrapped data key is gone from the SQLite files themselves, the
+    /// write-ahead log included, as soon as the shred returns (not only from the table).
+    #[tokio::test]
+    async fn a_shred_leaves_no_wrapped_key_in_the_files() {
+        let (s, dir) = testing::sqlite().await;
+        let store: Arc<dyn VaultStore> = Arc::new(s.clone());
+        let vault = Vault::open(SecretKey::random(), store.clone())
+            .await
+            .expect("vault");
+        vault
+            .seal_record("@a:x", "session", "+1555", b"ratchet state")
+            .await
+            .expect("seal");
+        let wrapped: Vec<u8> = sqlx::query_scalar("SELECT wrapped FROM vault_key WHERE owner = $1")
+            .bind("@a:x")
+            .fetch_one(s.pool())
+            .await
+            .expect("wrapped key");
+        vault.destroy("@a:x").await.expect("destroy");
+        for name in ["test.db", "test.db-wal"] {
+            let bytes = std::fs::read(dir.path().join(name)).unwrap_or_default();
+            assert!(
+                !bytes.windows(wrapped.len()).any(|w| w == &wrapped[..]),
+                "the wrapped key is still in {name}"
+            );
+        }
+    }
+
     /// The caller writing a commit goes away (its future dropped) while others wait: they are
     /// still written, and the writer is free again afterwards.
     #[tokio::test]
