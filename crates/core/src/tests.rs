@@ -29,6 +29,8 @@ use super::{
 pub(crate) struct FakeMatrix {
     pub calls: Mutex<Vec<(String, Value)>>,
     counter: Mutex<u64>,
+    /// Media downloads that fail (the homeserver answering 502) before they succeed again.
+    pub failing_downloads: Mutex<u32>,
 }
 
 impl FakeMatrix {
@@ -247,6 +249,13 @@ impl MatrixConnector for FakeMatrix {
         &self,
         _source: &ruma::events::room::MediaSource,
     ) -> Result<(Vec<u8>, Option<String>), BridgeError> {
+        {
+            let mut failing = self.failing_downloads.lock().unwrap();
+            if *failing > 0 {
+                *failing -= 1;
+                return Err(BridgeError::Matrix("502 Bad Gateway".into()));
+            }
+        }
         Ok((b"media".to_vec(), None))
     }
     async fn state_json(
@@ -290,6 +299,8 @@ pub(crate) struct FakeAccount {
     pub profile_lookups: Mutex<u32>,
     /// Sends that fail (transiently) before sends succeed again.
     pub failing_sends: Mutex<u32>,
+    /// Attachment uploads that fail (the gateway away) before they succeed again.
+    pub failing_uploads: Mutex<u32>,
     /// Profile names by account (others are "Contact <account>").
     pub names: Mutex<HashMap<String, String>>,
     /// Accounts the network does not know.
@@ -308,6 +319,7 @@ impl FakeAccount {
             group_members: Mutex::default(),
             profile_lookups: Mutex::default(),
             failing_sends: Mutex::default(),
+            failing_uploads: Mutex::default(),
             names: Mutex::default(),
             unknown: Mutex::default(),
             receipts: Mutex::default(),
@@ -364,6 +376,13 @@ impl NetAccount for FakeAccount {
         Ok(())
     }
     async fn upload(&self, _data: Vec<u8>) -> Result<UploadedMedia, NetError> {
+        {
+            let mut failing = self.failing_uploads.lock().unwrap();
+            if *failing > 0 {
+                *failing -= 1;
+                return Err(NetError::Unavailable("gateway connection lost".into()));
+            }
+        }
         Ok(UploadedMedia {
             blob: "blob".into(),
             key: vec![0; 64],
@@ -1613,6 +1632,53 @@ async fn a_redaction_that_failed_to_send_is_sent_when_retried() {
         "{:?}",
         h.alice.sent_bodies()
     );
+}
+
+/// An attachment whose upload or download fails on something that comes back (the gateway
+/// away, the homeserver answering 502) is tried again, not reported as not bridged: the
+/// queue keeps it, and it goes out once the peer is back (found by the kill -9 chaos run).
+#[tokio::test]
+async fn an_attachment_whose_peer_is_away_is_tried_again_not_dropped() {
+    let h = Harness::new().await;
+    let (room, _) = dm_with_alices_message(&h).await;
+    h.alice.sent.lock().unwrap().clear();
+    let image = |n: u32| {
+        json!({"msgtype": "m.image", "body": format!("cat{n}.png"), "url": "mxc://x/c",
+            "info": {"size": 5, "mimetype": "image/png"}})
+    };
+    let sticker = json!({"body": "a cat", "url": "mxc://x/s", "info": {"mimetype": "image/webp"}});
+    let cases: [(&str, &str, Value, &dyn Fn()); 4] = [
+        ("$up", "m.room.message", image(1), &|| {
+            *h.alice.failing_uploads.lock().unwrap() = 1
+        }),
+        ("$down", "m.room.message", image(2), &|| {
+            *h.matrix.failing_downloads.lock().unwrap() = 1
+        }),
+        ("$stick", "m.sticker", sticker.clone(), &|| {
+            *h.alice.failing_uploads.lock().unwrap() = 1
+        }),
+        ("$stick2", "m.sticker", sticker, &|| {
+            *h.matrix.failing_downloads.lock().unwrap() = 1
+        }),
+    ];
+    for (id, ty, content, fail_once) in cases {
+        fail_once();
+        let first = h.matrix_event(&room, ALICE, id, ty, content.clone()).await;
+        assert!(
+            matches!(&first, Err(e) if e.is_retryable()),
+            "{id}: {first:?}"
+        );
+        assert!(h.notices().is_empty(), "{id}: {:?}", h.notices());
+        h.matrix_event(&room, ALICE, id, ty, content).await.unwrap();
+    }
+    let media = h
+        .alice
+        .sent_bodies()
+        .into_iter()
+        .filter(|b| matches!(b, D::Media(_)))
+        .count();
+    assert_eq!(media, 4, "{:?}", h.alice.sent_bodies());
+    assert!(h.notices().is_empty(), "{:?}", h.notices());
 }
 
 #[tokio::test]

@@ -23,6 +23,51 @@ use ruma::events::{
 
 use super::*;
 
+/// Why a Matrix event did not become a network message.
+#[derive(Debug)]
+pub(super) enum Unsent {
+    /// It cannot be bridged as it is; the reason is shown to the user.
+    Refused(String),
+    /// Something it needs is away for now (the gateway, the homeserver's media, the
+    /// database): the event stays queued and is tried again.
+    Retry(BridgeError),
+}
+
+impl Unsent {
+    /// `e` met while `doing` something: tried again if that may help, else refused.
+    fn failed(doing: &str, e: BridgeError) -> Self {
+        if e.is_retryable() {
+            Unsent::Retry(e)
+        } else {
+            Unsent::Refused(format!("{doing}: {e}"))
+        }
+    }
+}
+
+impl From<String> for Unsent {
+    fn from(reason: String) -> Self {
+        Unsent::Refused(reason)
+    }
+}
+
+impl From<&str> for Unsent {
+    fn from(reason: &str) -> Self {
+        Unsent::Refused(reason.to_owned())
+    }
+}
+
+impl From<BridgeError> for Unsent {
+    fn from(e: BridgeError) -> Self {
+        Unsent::failed("the bridge failed", e)
+    }
+}
+
+impl From<crate::StoreError> for Unsent {
+    fn from(e: crate::StoreError) -> Self {
+        BridgeError::from(e).into()
+    }
+}
+
 impl Bridge {
     /// A `com.beeper.message_send_status` event about `event_id` (as mautrix bridges send them).
     pub(super) async fn send_status(
@@ -174,10 +219,10 @@ impl PortalRef<'_> {
                         self.bridge
                             .set_poll_answer_ids(room, event_id, &ids)
                             .await?;
-                        poll_to_data(&p.content, relayed_name.as_deref())
+                        Ok(poll_to_data(&p.content, relayed_name.as_deref()))
                     }
                     UnstablePollStartEventContent::Replacement(_) => {
-                        Err("a poll cannot be changed on the network once it is sent.".to_owned())
+                        Err("a poll cannot be changed on the network once it is sent.".into())
                     }
                     _ => Ok(None),
                 }
@@ -189,9 +234,10 @@ impl PortalRef<'_> {
             AnyMessageLikeEvent::UnstablePollResponse(UnstablePollResponseEvent::Original(r)) => {
                 Ok(self.vote_to_network(&r.content).await?)
             }
-            AnyMessageLikeEvent::UnstablePollEnd(UnstablePollEndEvent::Original(e)) => {
-                self.poll_end_to_network(&acc, sender, &e.content).await?
-            }
+            AnyMessageLikeEvent::UnstablePollEnd(UnstablePollEndEvent::Original(e)) => self
+                .poll_end_to_network(&acc, sender, &e.content)
+                .await?
+                .map_err(Unsent::from),
             AnyMessageLikeEvent::Sticker(StickerEvent::Original(st)) => {
                 self.sticker_to_data(&acc, &st.content, relayed_name.as_deref())
                     .await
@@ -202,7 +248,8 @@ impl PortalRef<'_> {
         let mut data = match converted {
             Ok(Some(d)) => d,
             Ok(None) => return Ok(()),
-            Err(reason) => {
+            Err(Unsent::Retry(e)) => return Err(e),
+            Err(Unsent::Refused(reason)) => {
                 let text = format!("Your message was not bridged: {reason}");
                 self.not_bridged(event_id, Status::Unsupported, &text)
                     .await?;
@@ -348,14 +395,14 @@ impl PortalRef<'_> {
         }
     }
 
-    /// Converts Matrix message content; `Err` is a reason to show the user.
+    /// Converts Matrix message content.
     pub(super) async fn matrix_to_data(
         &self,
         acc: &Arc<dyn NetAccount>,
         sender: &str,
         content: &RoomMessageEventContent,
         relayed_name: Option<&str>,
-    ) -> Result<Option<Message>, String> {
+    ) -> Result<Option<Message>, Unsent> {
         let in_reply_to = match &content.relates_to {
             Some(Relation::Replacement(r)) => {
                 return self
@@ -405,10 +452,10 @@ impl PortalRef<'_> {
             other => match MatrixMedia::of(other) {
                 Some(media) => D::Media(self.media_to_data(acc, &media, relayed_name).await?),
                 None => {
-                    return Err(format!(
+                    return Err(Unsent::Refused(format!(
                         "messages of type {} cannot be bridged",
                         other.msgtype()
-                    ));
+                    )));
                 }
             },
         };
@@ -496,13 +543,12 @@ impl PortalRef<'_> {
 
     /// The network's quote of the bridged message behind Matrix event `event_id` (`None` if the
     /// bridge never bridged it).
-    async fn quote_of(&self, event_id: &str) -> Result<Option<Quote>, String> {
+    async fn quote_of(&self, event_id: &str) -> Result<Option<Quote>, BridgeError> {
         Ok(self
             .bridge
             .portals
             .by_event(self.room.as_str(), event_id)
-            .await
-            .map_err(|e| e.to_string())?
+            .await?
             .map(|m| Quote {
                 message_id: m.message_id,
                 author: m.sender,
@@ -516,7 +562,7 @@ impl PortalRef<'_> {
         acc: &Arc<dyn NetAccount>,
         c: &StickerEventContent,
         relayed_name: Option<&str>,
-    ) -> Result<Option<Message>, String> {
+    ) -> Result<Option<Message>, Unsent> {
         let px = |v: Option<ruma::UInt>| {
             v.map_or(0, |v| u32::try_from(u64::from(v)).unwrap_or(u32::MAX))
         };
@@ -555,15 +601,9 @@ impl PortalRef<'_> {
         target: &str,
         new: &MessageType,
         relayed_name: Option<&str>,
-    ) -> Result<Option<Message>, String> {
+    ) -> Result<Option<Message>, Unsent> {
         let (portal, room) = (&self.record, self.room.as_str());
-        let Some(t) = self
-            .bridge
-            .portals
-            .by_event(room, target)
-            .await
-            .map_err(|e| e.to_string())?
-        else {
+        let Some(t) = self.bridge.portals.by_event(room, target).await? else {
             return Ok(None);
         };
         if !t.part.is_empty()
@@ -596,20 +636,20 @@ impl PortalRef<'_> {
         acc: &Arc<dyn NetAccount>,
         m: &MatrixMedia<'_>,
         relayed_name: Option<&str>,
-    ) -> Result<Media, String> {
+    ) -> Result<Media, Unsent> {
         let max = self.bridge.settings.bridge.max_media_size;
         if m.size.is_some_and(|n| n > max) {
-            return Err(format!(
+            return Err(Unsent::Refused(format!(
                 "the attachment is larger than this bridge's limit of {}.",
                 human_size(max)
-            ));
+            )));
         }
         let (data, ct) = self
             .bridge
             .matrix
             .download_content(m.source)
             .await
-            .map_err(|e| format!("cannot download the attachment: {e}"))?;
+            .map_err(|e| Unsent::failed("cannot download the attachment", e))?;
         let mimetype = m
             .mimetype
             .map(str::to_owned)
@@ -629,7 +669,7 @@ impl PortalRef<'_> {
         let up = acc
             .upload(data)
             .await
-            .map_err(|e| format!("cannot upload the attachment: {e}"))?;
+            .map_err(|e| Unsent::failed("cannot upload the attachment", e.into()))?;
         Ok(Media {
             kind: m.kind,
             blob: up.blob,
@@ -706,16 +746,13 @@ impl PortalRef<'_> {
 
 /// A Matrix poll (MSC3381) as the network's: its question (naming a relayed sender), its
 /// answers' texts in order, and how many a voter may pick.
-fn poll_to_data(
-    c: &UnstablePollStartEventContent,
-    relayed_name: Option<&str>,
-) -> Result<Option<Message>, String> {
+fn poll_to_data(c: &UnstablePollStartEventContent, relayed_name: Option<&str>) -> Option<Message> {
     let block = c.poll_start();
     let question = match relayed_name {
         Some(who) => format!("{who}: {}", block.question.text),
         None => block.question.text.clone(),
     };
-    Ok(Some(Message {
+    Some(Message {
         body: Some(D::Poll(Poll {
             question,
             options: block.answers.iter().map(|a| a.text.clone()).collect(),
@@ -723,7 +760,7 @@ fn poll_to_data(
         })),
         reply_to: None,
         expire_timer: 0,
-    }))
+    })
 }
 
 /// The parts of a Matrix attachment (`m.image`, `m.video`, `m.audio`, `m.file`) the network
