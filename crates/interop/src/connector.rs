@@ -40,7 +40,6 @@ fn net_err(e: InteropError) -> NetError {
         Some(ErrorCode::CodeExpired) => NetError::CodeExpired,
         Some(ErrorCode::NotFound) => NetError::NotFound(e.to_string()),
         Some(_) => NetError::Refused(e.to_string()),
-        None if e.is_transient() => NetError::Unavailable(e.to_string()),
         None => NetError::Other(e.to_string()),
     }
 }
