@@ -219,7 +219,7 @@ impl PortalRef<'_> {
                         self.bridge
                             .set_poll_answer_ids(room, event_id, &ids)
                             .await?;
-                        Ok(poll_to_data(&p.content, relayed_name.as_deref()))
+                        Ok(Some(poll_to_data(&p.content, relayed_name.as_deref())))
                     }
                     UnstablePollStartEventContent::Replacement(_) => {
                         Err("a poll cannot be changed on the network once it is sent.".into())
@@ -234,10 +234,9 @@ impl PortalRef<'_> {
             AnyMessageLikeEvent::UnstablePollResponse(UnstablePollResponseEvent::Original(r)) => {
                 Ok(self.vote_to_network(&r.content).await?)
             }
-            AnyMessageLikeEvent::UnstablePollEnd(UnstablePollEndEvent::Original(e)) => self
-                .poll_end_to_network(&acc, sender, &e.content)
-                .await?
-                .map_err(Unsent::from),
+            AnyMessageLikeEvent::UnstablePollEnd(UnstablePollEndEvent::Original(e)) => {
+                self.poll_end_to_network(&acc, sender, &e.content).await
+            }
             AnyMessageLikeEvent::Sticker(StickerEvent::Original(st)) => {
                 self.sticker_to_data(&acc, &st.content, relayed_name.as_deref())
                     .await
@@ -517,9 +516,9 @@ impl PortalRef<'_> {
         acc: &Arc<dyn NetAccount>,
         sender: &str,
         c: &UnstablePollEndEventContent,
-    ) -> Result<Result<Option<Message>, String>, BridgeError> {
+    ) -> Result<Option<Message>, Unsent> {
         let Some(poll) = self.bridged_poll(c.relates_to.event_id.as_str()).await? else {
-            return Ok(Ok(None));
+            return Ok(None);
         };
         if !is_author(
             &poll,
@@ -528,17 +527,17 @@ impl PortalRef<'_> {
             &self.record,
             self.bridge.matrix.bot_mxid(),
         ) {
-            return Ok(Err(
+            return Err(
                 "only a poll's author can end it on the network; it stays open there.".into(),
-            ));
+            );
         }
-        Ok(Ok(Some(Message {
+        Ok(Some(Message {
             body: Some(D::PollEnd(PollEnd {
                 target: poll.message_id,
             })),
             reply_to: None,
             expire_timer: 0,
-        })))
+        }))
     }
 
     /// The network's quote of the bridged message behind Matrix event `event_id` (`None` if the
@@ -746,13 +745,13 @@ impl PortalRef<'_> {
 
 /// A Matrix poll (MSC3381) as the network's: its question (naming a relayed sender), its
 /// answers' texts in order, and how many a voter may pick.
-fn poll_to_data(c: &UnstablePollStartEventContent, relayed_name: Option<&str>) -> Option<Message> {
+fn poll_to_data(c: &UnstablePollStartEventContent, relayed_name: Option<&str>) -> Message {
     let block = c.poll_start();
     let question = match relayed_name {
         Some(who) => format!("{who}: {}", block.question.text),
         None => block.question.text.clone(),
     };
-    Some(Message {
+    Message {
         body: Some(D::Poll(Poll {
             question,
             options: block.answers.iter().map(|a| a.text.clone()).collect(),
@@ -760,7 +759,7 @@ fn poll_to_data(c: &UnstablePollStartEventContent, relayed_name: Option<&str>) -
         })),
         reply_to: None,
         expire_timer: 0,
-    })
+    }
 }
 
 /// The parts of a Matrix attachment (`m.image`, `m.video`, `m.audio`, `m.file`) the network
