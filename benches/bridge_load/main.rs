@@ -547,6 +547,7 @@ async fn bench(opts: Opts) {
     let end = sample(&pid, ticks);
     let me = || sample("self", ticks);
     print_table(&results);
+    print_added_latency(&results);
     if !opts.no_runs {
         floor::measure_floor(500).await.print();
     }

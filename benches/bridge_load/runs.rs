@@ -327,23 +327,8 @@ pub(crate) async fn measure(
             .clamp(opts.chats().min(opts.messages), opts.messages);
         results.push(max);
         settle(pid, ticks).await;
-        let (b0, m0) = (sample(pid, ticks), me());
-        let t = run(
-            world,
-            Some(&mut *bridge),
-            dir,
-            &format!("paced {}", dir.label()),
-            n,
-            Some(rate),
-        )
-        .await;
-        results.push(summarize(
-            dir,
-            format!("paced {rate:.0}/s"),
-            &t,
-            (b0, sample(pid, ticks)),
-            (m0, me()),
-        ));
+        let name = format!("paced {}", dir.label());
+        results.push(paced(world, bridge, dir, &name, n, rate, (pid, ticks)).await);
         rss_after.push((dir, sample(pid, ticks)));
         settle(pid, ticks).await;
     }
@@ -377,9 +362,71 @@ pub(crate) async fn measure(
             (b0, sample(pid, ticks)),
             (m0, me()),
         ));
+        // The same path paced at the bridge runs' rate: the latency without the bridge, which
+        // the bridge's paced runs are compared with ("added" below the table).
+        if let Some(rate) = results
+            .iter()
+            .find(|r| r.kind.starts_with("paced"))
+            .map(|r| r.rate)
+        {
+            settle(pid, ticks).await;
+            let n = ((rate * opts.paced_secs) as usize).clamp(opts.contacts, opts.messages);
+            let name = "reference paced";
+            results.push(paced(world, bridge, dir, name, n, rate, (pid, ticks)).await);
+        }
     }
 
     (results, rss_after, warm)
+}
+
+/// One paced run of `n` messages at `rate` and its result.
+async fn paced(
+    world: &Arc<World>,
+    bridge: &mut BridgeProc,
+    dir: Dir,
+    name: &str,
+    n: usize,
+    rate: f64,
+    (pid, ticks): (&str, f64),
+) -> RunResult {
+    let me = || sample("self", ticks);
+    let (b0, m0) = (sample(pid, ticks), me());
+    let t = run(world, Some(bridge), dir, name, n, Some(rate)).await;
+    summarize(
+        dir,
+        format!("paced {rate:.0}/s"),
+        &t,
+        (b0, sample(pid, ticks)),
+        (m0, me()),
+    )
+}
+
+/// The latency the bridge adds: each paced bridge run's percentiles less those of the paced run
+/// without the bridge (contact to contact through the same gateway, at the same rate).
+pub(crate) fn print_added_latency(results: &[RunResult]) {
+    let Some(reference) = results
+        .iter()
+        .find(|r| r.dir == Dir::Reference && r.kind.starts_with("paced"))
+    else {
+        return;
+    };
+    let added: Vec<String> = results
+        .iter()
+        .filter(|r| r.dir != Dir::Reference && r.kind.starts_with("paced"))
+        .map(|r| {
+            format!(
+                "{} p50 {:+.1} ms, p99 {:+.1} ms",
+                r.dir.label(),
+                r.p50_ms - reference.p50_ms,
+                r.p99_ms - reference.p99_ms
+            )
+        })
+        .collect();
+    println!(
+        "added by the bridge at {:.0}/s (against interop → interop paced): {}",
+        reference.rate,
+        added.join("; ")
+    );
 }
 
 /// The results table: rate, latency and CPU per run.

@@ -23,6 +23,8 @@ pub struct GatewayDb {
     /// a pool of one: sqlx's pool tests a connection given back to it with a round trip to the
     /// connection's thread, after every statement, and the next statement waits behind it.
     conn: Arc<Mutex<SqliteConnection>>,
+    /// How to open another connection to the same database (the log's checkpoints).
+    opts: SqliteConnectOptions,
     /// Envelopes and blobs older than these are gone, also before the sweep deletes them.
     pub(crate) envelope_ttl_ms: i64,
     pub(crate) blob_ttl_ms: i64,
@@ -34,6 +36,10 @@ pub struct GatewayDb {
 
 /// How long a statement waits for the connection before it fails.
 const CONN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Pages in the write-ahead log past which a commit checkpoints it itself (SQLite's default is
+/// 1,000); below, [`GatewayDb::checkpoint_log`] does.
+const COMMIT_CHECKPOINT_PAGES: u32 = 10_000;
 
 /// Accounts remembered as existing, at most (about 100 bytes each).
 const KNOWN_ACCOUNTS: usize = 100_000;
@@ -115,18 +121,60 @@ impl GatewayDb {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(std::time::Duration::from_secs(10));
+            .busy_timeout(std::time::Duration::from_secs(10))
+            .pragma("wal_autocheckpoint", COMMIT_CHECKPOINT_PAGES.to_string());
         let mut conn = tokio::time::timeout(CONN_TIMEOUT, SqliteConnection::connect_with(&opts))
             .await
             .map_err(|_| sqlx::Error::PoolTimedOut)??;
         MIGRATIONS.run(&mut conn).await?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
+            opts,
             envelope_ttl_ms: i64::MAX,
             blob_ttl_ms: i64::MAX,
             sends: Default::default(),
             known: Default::default(),
         })
+    }
+
+    /// Copies the write-ahead log back into the database file every `every`, on a connection
+    /// of its own, until `shutdown` turns true. A checkpoint writes the logged pages and syncs
+    /// the file to disk, which takes milliseconds (tens on a busy disk). Left to SQLite, the
+    /// commit that crosses 1,000 logged pages does it, holding the one connection meanwhile,
+    /// so every `Send` and delivery behind it waits; a passive checkpoint from another
+    /// connection runs beside the writer instead. Commits still checkpoint past
+    /// [`COMMIT_CHECKPOINT_PAGES`], should this fall behind.
+    pub(crate) async fn checkpoint_log(
+        &self,
+        every: std::time::Duration,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        let mut conn = None;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = shutdown.changed() => {
+                    if *shutdown.borrow() { return; }
+                }
+            }
+            if conn.is_none() {
+                match SqliteConnection::connect_with(&self.opts).await {
+                    Ok(c) => conn = Some(c),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot open a connection for checkpoints");
+                        continue;
+                    }
+                }
+            }
+            if let Some(c) = conn.as_mut()
+                && let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+                    .execute(&mut *c)
+                    .await
+            {
+                tracing::warn!(error = %e, "cannot checkpoint the database's log");
+                conn = None;
+            }
+        }
     }
 
     /// The connection, once the statements before have run; given back when dropped.
@@ -1057,6 +1105,54 @@ mod tests {
             .await
             .expect("store");
         assert!(matches!(out, SendOutcome::Stored(_, 1)), "{out:?}");
+    }
+
+    /// Commits do not copy the write-ahead log back into the database file (that sync to disk
+    /// would hold up every statement behind them); the gateway's checkpoint task does, beside
+    /// them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_log_is_checkpointed_beside_the_commits_not_by_them() {
+        let (db, dir) = db().await;
+        let main_file = dir.path().join("gw.db");
+        let size = || std::fs::metadata(&main_file).map(|m| m.len()).unwrap_or(0);
+        let before = size();
+        // About 6 MiB of envelopes: 1,500 pages of log, past SQLite's own threshold of 1,000.
+        let (a, b) = ("+15550000001", "+15550000002");
+        for batch in 0..30 {
+            let envelopes = (0..50)
+                .map(|i| pb::Envelope {
+                    ciphertext: vec![batch as u8; 4096],
+                    ..envelope(a, b, &format!("{batch}-{i}"))
+                })
+                .collect();
+            db.store_send(a, &format!("m{batch}"), envelopes, 10_000, true)
+                .await
+                .expect("store");
+        }
+        assert!(
+            size() < before + 1024 * 1024,
+            "a commit checkpointed the log: the file grew from {before} to {} bytes",
+            size()
+        );
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn({
+            let db = db.clone();
+            async move {
+                db.checkpoint_log(std::time::Duration::from_millis(20), shutdown)
+                    .await
+            }
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while size() < before + 6 * 1024 * 1024 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the log was not checkpointed: the file has {} bytes",
+                size()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        stop.send(true).expect("stop");
+        task.await.expect("the checkpoint task ends on shutdown");
     }
 
     /// A write that another connection's lock holds up waits for it (under the busy timeout)

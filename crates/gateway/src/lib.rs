@@ -360,6 +360,11 @@ impl Gateway {
             }
         }
         tokio::spawn(sweep(self.shared.clone(), shutdown.clone()));
+        tokio::spawn({
+            let shared = self.shared.clone();
+            let shutdown = shutdown.clone();
+            async move { shared.db.checkpoint_log(CHECKPOINT_EVERY, shutdown).await }
+        });
         loop {
             tokio::select! {
                 r = listener.accept() => match r {
@@ -409,6 +414,9 @@ pub async fn listen(addr: impl tokio::net::ToSocketAddrs) -> std::io::Result<Tcp
     }
     Err(last.unwrap_or_else(|| std::io::Error::other("the address resolves to nothing")))
 }
+
+/// How often the database's write-ahead log is copied back into its file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
 /// Deletes expired envelopes, blobs and idempotency records now and then (docs §19).
 async fn sweep(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
