@@ -28,8 +28,8 @@ pub struct GatewayDb {
     /// Envelopes and blobs older than these are gone, also before the sweep deletes them.
     pub(crate) envelope_ttl_ms: i64,
     pub(crate) blob_ttl_ms: i64,
-    /// `Send`s waiting for the group commit (see [`GatewayDb::store_send`]).
-    sends: std::sync::Arc<SendGroup>,
+    /// `Send`s and `Ack`s waiting for the group commit (see [`WriteGroup`]).
+    writes: std::sync::Arc<WriteGroup>,
     /// Accounts known to exist (see [`GatewayDb::account_exists`]).
     known: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
@@ -44,14 +44,28 @@ const COMMIT_CHECKPOINT_PAGES: u32 = 10_000;
 /// Accounts remembered as existing, at most (about 100 bytes each).
 const KNOWN_ACCOUNTS: usize = 100_000;
 
-/// The group commit of `Send`s: a `Send` that comes while others are being written waits, and
-/// all that waited are written in one transaction, so a busy gateway commits once per batch
-/// rather than once per message; one that finds the database idle is written at once. The
-/// writing is a task of its own, which no caller's cancellation stops.
+/// The group commit of `Send`s and `Ack`s: one that comes while others are being written
+/// waits, and all that waited are written in one transaction, in the order they came, so a
+/// busy gateway commits once per batch rather than once per message or acknowledgement; one
+/// that finds the database idle is written at once. The writing is a task of its own, which no
+/// caller's cancellation stops. (With many accounts, each acknowledges one envelope at a time:
+/// alone, their `Ack`s were a transaction each on the one connection.)
 #[derive(Debug, Default)]
-struct SendGroup {
-    waiting: std::sync::Mutex<Vec<PendingSend>>,
+struct WriteGroup {
+    waiting: std::sync::Mutex<Vec<PendingWrite>>,
     writer: tokio::sync::Mutex<()>,
+    /// Transactions written so far.
+    batches: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Debug)]
+enum PendingWrite {
+    Send(PendingSend),
+    Ack {
+        account: String,
+        ids: Vec<u64>,
+        reply: tokio::sync::oneshot::Sender<Result<(), sqlx::Error>>,
+    },
 }
 
 #[derive(Debug)]
@@ -64,8 +78,24 @@ struct PendingSend {
     reply: tokio::sync::oneshot::Sender<Result<SendOutcome, sqlx::Error>>,
 }
 
-/// `Send`s written in one transaction at most.
-const MAX_SEND_GROUP: usize = 256;
+impl PendingWrite {
+    /// Answers the caller: a `Send`'s outcome once committed, or the batch's error.
+    fn answer(self, written: Result<Option<SendOutcome>, &str>) {
+        let error = |e: &str| sqlx::Error::Protocol(e.to_owned());
+        match self {
+            PendingWrite::Send(p) => {
+                let outcome = written.and_then(|o| o.ok_or("a Send without an outcome"));
+                let _ = p.reply.send(outcome.map_err(error));
+            }
+            PendingWrite::Ack { reply, .. } => {
+                let _ = reply.send(written.map(drop).map_err(error));
+            }
+        }
+    }
+}
+
+/// `Send`s and `Ack`s written in one transaction at most.
+const MAX_WRITE_GROUP: usize = 256;
 
 /// Settings of the verification try budget (docs §6.2).
 #[derive(Clone, Copy, Debug)]
@@ -97,6 +127,16 @@ pub enum SendOutcome {
     Repeat(i64, i64),
     /// The (single) recipient's queue is full; nothing was stored.
     QueueFull,
+}
+
+/// A group-commit answer; a writer that went away without answering (its runtime shutting
+/// down) is an error.
+async fn abandoned_as_error<T>(
+    answer: tokio::sync::oneshot::Receiver<Result<T, sqlx::Error>>,
+) -> Result<T, sqlx::Error> {
+    answer
+        .await
+        .unwrap_or_else(|_| Err(sqlx::Error::Protocol("the write was abandoned".into())))
 }
 
 /// Milliseconds since the Unix epoch (0 for a clock before it).
@@ -132,7 +172,7 @@ impl GatewayDb {
             opts,
             envelope_ttl_ms: i64::MAX,
             blob_ttl_ms: i64::MAX,
-            sends: Default::default(),
+            writes: Default::default(),
             known: Default::default(),
         })
     }
@@ -658,7 +698,7 @@ impl GatewayDb {
     }
 
     /// Stores envelopes of one `Send` (and the idempotency record) in one transaction, with the
-    /// other `Send`s that wait for it (the group commit, [`SendGroup`]); answers once it is
+    /// other writes that wait for it (the group commit, [`WriteGroup`]); answers once it is
     /// committed. A 1:1 send to a full queue stores nothing; a group fan-out (`fanout`) skips
     /// members whose queue is full.
     ///
@@ -674,70 +714,95 @@ impl GatewayDb {
         fanout: bool,
     ) -> impl std::future::Future<Output = Result<SendOutcome, sqlx::Error>> + Send + 'static {
         let (reply, answer) = tokio::sync::oneshot::channel();
-        self.lock_waiting().push(PendingSend {
+        self.queue_write(PendingWrite::Send(PendingSend {
             sender: sender.to_owned(),
             message_id: message_id.to_owned(),
             envelopes,
             queue_max,
             fanout,
             reply,
-        });
-        // The writing runs in a task of its own: a caller that goes away (its connection
-        // closed) must not cancel a batch that holds other connections' sends.
-        let db = self.clone();
-        tokio::spawn(async move { db.write_waiting().await });
-        async move {
-            answer
-                .await
-                .unwrap_or_else(|_| Err(sqlx::Error::Protocol("the write was abandoned".into())))
-        }
+        }));
+        abandoned_as_error(answer)
     }
 
-    /// Writes every `Send` that waits, in batches; whoever holds the writer writes all that
-    /// waits, so a task may find its own send written already by an earlier batch.
+    /// Deletes the acknowledged envelopes of `account`, with the other writes that wait for it
+    /// (the group commit, [`WriteGroup`]); returns once that is committed.
+    pub async fn ack(&self, account: &str, ids: &[u64]) -> Result<(), sqlx::Error> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.queue_write(PendingWrite::Ack {
+            account: account.to_owned(),
+            ids: ids.to_vec(),
+            reply,
+        });
+        abandoned_as_error(answer).await
+    }
+
+    /// Puts `write` in line for the group commit and makes sure a writer comes for it.
+    fn queue_write(&self, write: PendingWrite) {
+        self.lock_waiting().push(write);
+        // The writing runs in a task of its own: a caller that goes away (its connection
+        // closed) must not cancel a batch that holds other connections' writes.
+        let db = self.clone();
+        tokio::spawn(async move { db.write_waiting().await });
+    }
+
+    /// Writes every `Send` and `Ack` that waits, in batches; whoever holds the writer writes
+    /// all that waits, so a task may find its own write done already by an earlier batch.
     async fn write_waiting(&self) {
-        let _writer = self.sends.writer.lock().await;
+        let _writer = self.writes.writer.lock().await;
         loop {
-            let batch: Vec<PendingSend> = {
+            let batch: Vec<PendingWrite> = {
                 let mut w = self.lock_waiting();
-                let n = w.len().min(MAX_SEND_GROUP);
+                let n = w.len().min(MAX_WRITE_GROUP);
                 w.drain(..n).collect()
             };
             if batch.is_empty() {
                 return;
             }
-            self.write_sends(batch).await;
+            self.write_batch(batch).await;
         }
     }
 
-    fn lock_waiting(&self) -> std::sync::MutexGuard<'_, Vec<PendingSend>> {
-        self.sends.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock_waiting(&self) -> std::sync::MutexGuard<'_, Vec<PendingWrite>> {
+        self.writes
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// Writes `batch` in one transaction and answers each; a failure fails them all (nothing of
     /// the batch is stored).
-    async fn write_sends(&self, batch: Vec<PendingSend>) {
+    async fn write_batch(&self, batch: Vec<PendingWrite>) {
         let written = async {
             let mut conn = self.conn().await?;
             let mut tx = Self::write_tx(&mut conn).await?;
             let mut outcomes = Vec::with_capacity(batch.len());
-            for p in &batch {
-                outcomes.push(Self::send_in(&mut tx, p).await?);
+            for w in &batch {
+                outcomes.push(match w {
+                    PendingWrite::Send(p) => Some(Self::send_in(&mut tx, p).await?),
+                    PendingWrite::Ack { account, ids, .. } => {
+                        Self::ack_in(&mut tx, account, ids).await?;
+                        None
+                    }
+                });
             }
             tx.commit().await?;
             Ok::<_, sqlx::Error>(outcomes)
         }
         .await;
+        self.writes
+            .batches
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match written {
             Ok(outcomes) => {
-                for (p, o) in batch.into_iter().zip(outcomes) {
-                    let _ = p.reply.send(Ok(o));
+                for (w, outcome) in batch.into_iter().zip(outcomes) {
+                    w.answer(Ok(outcome));
                 }
             }
             Err(e) => {
                 let e = e.to_string();
-                for p in batch {
-                    let _ = p.reply.send(Err(sqlx::Error::Protocol(e.clone())));
+                for w in batch {
+                    w.answer(Err(&e));
                 }
             }
         }
@@ -897,10 +962,13 @@ impl GatewayDb {
             .collect()
     }
 
-    /// Deletes the acknowledged envelopes of `account`, one statement per chunk of ids.
-    pub async fn ack(&self, account: &str, ids: &[u64]) -> Result<(), sqlx::Error> {
-        let mut conn = self.conn().await?;
-        let mut tx = Self::write_tx(&mut conn).await?;
+    /// Deletes the acknowledged envelopes of `account` inside the group's transaction, one
+    /// statement per chunk of ids.
+    async fn ack_in(
+        tx: &mut sqlx::SqliteConnection,
+        account: &str,
+        ids: &[u64],
+    ) -> Result<(), sqlx::Error> {
         for chunk in ids.chunks(500) {
             let marks = vec!["?"; chunk.len()].join(", ");
             let sql = format!("DELETE FROM envelope WHERE recipient = ? AND id IN ({marks})");
@@ -911,7 +979,7 @@ impl GatewayDb {
             }
             q.execute(&mut *tx).await?;
         }
-        tx.commit().await
+        Ok(())
     }
 
     pub async fn contacts(&self, account: &str) -> Result<Vec<String>, sqlx::Error> {
@@ -1105,6 +1173,62 @@ mod tests {
             .await
             .expect("store");
         assert!(matches!(out, SendOutcome::Stored(_, 1)), "{out:?}");
+    }
+
+    /// `Ack`s of many accounts that come while a write is under way are written together, with
+    /// the `Send`s beside them, in one transaction; each envelope acked is gone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn acks_of_many_accounts_are_written_in_one_transaction() {
+        let (db, _dir) = db().await;
+        let sender = "+15550000001";
+        let accounts: Vec<String> = (0..20).map(|i| format!("+155510000{i:02}")).collect();
+        let mut ids = Vec::new();
+        for to in &accounts {
+            let out = db
+                .store_send(sender, to, vec![envelope(sender, to, to)], 100, false)
+                .await
+                .expect("store");
+            assert!(matches!(out, SendOutcome::Stored(_, 1)), "{out:?}");
+            let id: i64 = sqlx::query_scalar("SELECT id FROM envelope WHERE recipient = ?")
+                .bind(to)
+                .fetch_one(&mut *db.conn().await.expect("conn"))
+                .await
+                .expect("id");
+            ids.push(id as u64);
+        }
+        let writer = db.writes.writer.lock().await;
+        let acks: Vec<_> = accounts
+            .iter()
+            .zip(&ids)
+            .map(|(account, id)| {
+                let (db, account, id) = (db.clone(), account.clone(), *id);
+                tokio::spawn(async move { db.ack(&account, &[id]).await })
+            })
+            .collect();
+        let send = db.store_send(
+            sender,
+            "late",
+            vec![envelope(sender, &accounts[0], "late")],
+            100,
+            false,
+        );
+        while db.lock_waiting().len() < accounts.len() + 1 {
+            tokio::task::yield_now().await;
+        }
+        let before = db.writes.batches.load(std::sync::atomic::Ordering::Relaxed);
+        drop(writer);
+        for ack in acks {
+            ack.await.expect("task").expect("acked");
+        }
+        let out = send.await.expect("stored");
+        assert!(matches!(out, SendOutcome::Stored(_, 1)), "{out:?}");
+        let after = db.writes.batches.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(after - before, 1, "transactions for 20 acks and a send");
+        let left: Vec<String> = sqlx::query_scalar("SELECT message_id FROM envelope")
+            .fetch_all(&mut *db.conn().await.expect("conn"))
+            .await
+            .expect("left");
+        assert_eq!(left, ["late"]);
     }
 
     /// Commits do not copy the write-ahead log back into the database file (that sync to disk
@@ -1429,7 +1553,7 @@ mod tests {
         for round in 0..30u64 {
             // Both sends wait behind a writer, so they go in one batch; the first's caller is
             // dropped while that batch is being written.
-            let writer = db.sends.writer.lock().await;
+            let writer = db.writes.writer.lock().await;
             let first = send(format!("a{round}"));
             waiting(1).await;
             let second = send(format!("b{round}"));

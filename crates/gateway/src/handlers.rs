@@ -328,7 +328,11 @@ async fn deliver(
     let mut drained = false;
     loop {
         let limit = if drained { i64::MAX } else { upto };
-        let batch = match shared.db.envelopes_after(&account, last, limit, 256).await {
+        let batch = match shared
+            .db
+            .envelopes_after(&account, last, limit, DELIVERY_BATCH)
+            .await
+        {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read envelopes");
@@ -351,6 +355,7 @@ async fn deliver(
             wake.notified().await;
             continue;
         }
+        let read_all = batch.len() < DELIVERY_BATCH as usize;
         for env in batch {
             if let Some(w) = &window {
                 w.admit(env.id).await;
@@ -364,8 +369,19 @@ async fn deliver(
                 return;
             }
         }
+        if drained && read_all {
+            // The read found every envelope stored before it. One stored since has woken this
+            // loop (the wake waits in `wake` if it came while the loop was busy), so there is no
+            // need to read again to find the queue empty: with many accounts, each getting an
+            // envelope now and then, that second read was half of the reads on the one
+            // connection.
+            wake.notified().await;
+        }
     }
 }
+
+/// Envelopes read for delivery at a time.
+const DELIVERY_BATCH: i64 = 256;
 
 /// Sets an account's presence and, when it changed, tells its contacts (docs §10.3).
 pub(crate) async fn set_presence(shared: &Shared, account: &str, online: bool) {
@@ -653,16 +669,26 @@ pub(crate) async fn queue_send(
         shared.cfg.limits.queue_max,
         fanout,
     );
+    // The recipients' delivery loops are woken by a task of its own once the envelopes are
+    // stored: a sender that goes away meanwhile must not leave them unannounced (a delivery
+    // loop reads again only when woken).
     let shared = shared.clone();
+    let stored = tokio::spawn(async move {
+        let outcome = stored.await;
+        if let Ok(SendOutcome::Stored(_, n)) = &outcome {
+            shared
+                .relayed
+                .fetch_add(*n as u64, std::sync::atomic::Ordering::Relaxed);
+            shared.wake(&recipients).await;
+        }
+        outcome
+    });
     Ok(Box::pin(async move {
-        let (ts, n) = match stored.await? {
-            SendOutcome::Stored(ts, n) => {
-                shared
-                    .relayed
-                    .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-                shared.wake(&recipients).await;
-                (ts, n)
-            }
+        let stored = stored
+            .await
+            .unwrap_or_else(|_| Err(sqlx::Error::Protocol("the write was abandoned".into())));
+        let (ts, n) = match stored? {
+            SendOutcome::Stored(ts, n) => (ts, n),
             SendOutcome::Repeat(ts, n) => (ts, n),
             SendOutcome::QueueFull => return Err(queue_full()),
         };
