@@ -242,18 +242,58 @@ const MAX_LISTEN_BACKOFF: Duration = Duration::from_secs(5);
 /// The advisory lock of the queue's writers on PostgreSQL (the number is the bridge's own).
 const PG_QUEUE_LOCK: &str = "SELECT pg_advisory_xact_lock(7305142081)";
 
-/// `$1, $2, …, $n`: the placeholders of an `IN (…)` list of `n` values (written `{MARKS}` in a
-/// statement, so that the SQL check can prepare it).
-pub(crate) fn marks(n: usize) -> String {
-    marks_from(1, n)
+/// How a statement built here writes its placeholders (each such statement has only these,
+/// in the order its values are bound). SQLite keeps a statement's numbered placeholders (`$7`)
+/// in a list that it searches for each one, when it parses the statement and again when a value
+/// is bound: with the hundreds of values of a multi-row write, quadratic work in every group
+/// commit. Anonymous ones (`?`, numbered in order) are not in that list. PostgreSQL knows only
+/// the numbered ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Marks {
+    Numbered,
+    Anonymous,
 }
 
-/// `$first, …`: `n` placeholders numbered from `first`.
-pub(crate) fn marks_from(first: usize, n: usize) -> String {
-    (first..first + n)
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+impl Marks {
+    /// The style for the database behind `conn`.
+    pub(crate) fn of(conn: &sqlx::AnyConnection) -> Self {
+        match conn.backend_name() {
+            "SQLite" => Marks::Anonymous,
+            _ => Marks::Numbered,
+        }
+    }
+
+    pub(crate) fn for_kind(kind: DatabaseType) -> Self {
+        match kind {
+            DatabaseType::Sqlite => Marks::Anonymous,
+            DatabaseType::Postgres => Marks::Numbered,
+        }
+    }
+
+    /// The placeholders of an `IN (…)` list of `n` values (written `{MARKS}` in a statement, so
+    /// that the SQL check can prepare it): `$1, $2, …, $n`, or `?, ?, …`.
+    pub(crate) fn list(self, n: usize) -> String {
+        self.from(1, n)
+    }
+
+    /// `n` placeholders numbered from `first`.
+    pub(crate) fn from(self, first: usize, n: usize) -> String {
+        (first..first + n)
+            .map(|i| match self {
+                Marks::Numbered => format!("${i}"),
+                Marks::Anonymous => "?".to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// `($1, …, $w), ($w+1, …)`: `n` rows of `w` placeholders each.
+    pub(crate) fn rows(self, n: usize, w: usize) -> String {
+        (0..n)
+            .map(|r| format!("({})", self.from(r * w + 1, w)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 /// The core's clock, as stored (milliseconds since the Unix epoch).
@@ -446,7 +486,7 @@ async fn queue_new(
     let mut fresh = std::collections::HashSet::new();
     for chunk in ids.chunks(QUEUE_ROWS_PER_STATEMENT) {
         #[allow(non_snake_case)] // named as the SQL check expects a row list
-        let SEEN_ROWS = vault::rows(chunk.len(), 2);
+        let SEEN_ROWS = Marks::of(conn).rows(chunk.len(), 2);
         let sql = format!(
             "INSERT INTO matrix_event_seen (event_id, received_at) VALUES {SEEN_ROWS} \
              ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
@@ -466,7 +506,7 @@ async fn queue_new(
     // the order of the list (the store suite checks it on both databases).
     for chunk in new.chunks(QUEUE_ROWS_PER_STATEMENT) {
         #[allow(non_snake_case)] // named as the SQL check expects a row list
-        let QUEUE_ROWS = vault::rows(chunk.len(), 4);
+        let QUEUE_ROWS = Marks::of(conn).rows(chunk.len(), 4);
         let sql = format!(
             "INSERT INTO event_queue (room_id, sealed, attempts, created_at) VALUES {QUEUE_ROWS}"
         );
@@ -569,7 +609,7 @@ impl TxnStore for SqlStore {
             return Ok(());
         }
         #[allow(non_snake_case)] // named as the SQL check expects a placeholder list
-        let MARKS = marks(seqs.len());
+        let MARKS = Marks::for_kind(self.kind).list(seqs.len());
         let sql = format!("DELETE FROM event_queue WHERE seq IN ({MARKS})");
         // Only placeholders are spliced in; the values are bound.
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
@@ -610,7 +650,7 @@ impl TxnStore for SqlStore {
         }
         let sql = format!(
             "SELECT txn_id FROM appservice_txn WHERE txn_id IN ({MARKS})",
-            MARKS = marks(txn_ids.len())
+            MARKS = Marks::for_kind(self.kind).list(txn_ids.len())
         );
         let mut q = sqlx::query_scalar(sqlx::AssertSqlSafe(sql));
         for id in txn_ids {

@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use mib_core::store::StoreError as CoreError;
 use sqlx::Row;
 
-use super::{Connections, Db, SqlStore, StoreError, group::GroupWriter, now_ms, vault};
+use super::{Connections, Db, Marks, SqlStore, StoreError, group::GroupWriter, now_ms};
 
 pub use mib_core::{
     store::PortalStore,
@@ -90,7 +90,7 @@ async fn insert_map_rows(
     now: i64,
 ) -> Result<(), StoreError> {
     #[allow(non_snake_case)] // named as the SQL check expects a row list
-    let MAP_ROWS = vault::rows(rows.len(), 7);
+    let MAP_ROWS = Marks::of(conn).rows(rows.len(), 7);
     let sql = format!(
         "INSERT INTO message_map (room_id, event_id, message_id, sender, part, matrix_sender, created_at) \
          VALUES {MAP_ROWS} ON CONFLICT DO NOTHING"

@@ -71,16 +71,16 @@ fn statements(src: &str) -> Vec<(usize, String)> {
 }
 
 /// Fills in the store's column lists; `Err` names a placeholder this check does not know.
-fn expand(sql: &str) -> Result<String, String> {
+fn expand(sql: &str, marks: super::Marks) -> Result<String, String> {
     let sql = sql
         .replace("{PORTAL_COLS}", PORTAL_COLS)
         .replace("{MAP_COLS}", MAP_COLS)
-        .replace("{MARKS}", &super::marks(2))
-        .replace("{RECORD_ROWS}", &super::vault::rows(2, 4))
-        .replace("{KEY_ROWS}", &super::vault::rows(2, 3))
-        .replace("{SEEN_ROWS}", &super::vault::rows(2, 2))
-        .replace("{QUEUE_ROWS}", &super::vault::rows(2, 4))
-        .replace("{MAP_ROWS}", &super::vault::rows(2, 7));
+        .replace("{MARKS}", &marks.list(2))
+        .replace("{RECORD_ROWS}", &marks.rows(2, 4))
+        .replace("{KEY_ROWS}", &marks.rows(2, 3))
+        .replace("{SEEN_ROWS}", &marks.rows(2, 2))
+        .replace("{QUEUE_ROWS}", &marks.rows(2, 4))
+        .replace("{MAP_ROWS}", &marks.rows(2, 7));
     match sql.find('{') {
         Some(i) => Err(format!("unknown placeholder in: {}", &sql[i..])),
         None => Ok(sql),
@@ -100,7 +100,7 @@ fn all_statements() -> Vec<(String, String)> {
 async fn prepare_all(db: &str, store: &super::SqlStore) -> Vec<String> {
     let mut broken = Vec::new();
     for (at, sql) in all_statements() {
-        let sql = match expand(&sql) {
+        let sql = match expand(&sql, super::Marks::for_kind(store.kind)) {
             Ok(s) => s,
             Err(e) => {
                 broken.push(format!("{at}: {e}"));
@@ -136,6 +136,16 @@ fn the_check_sees_the_stores_statements() {
         literal("\"SELECT a \\\n        FROM b\" rest").as_deref(),
         Some("SELECT a FROM b")
     );
+}
+
+/// The two placeholder styles of the statements built here.
+#[test]
+fn marks_are_numbered_or_anonymous() {
+    use super::Marks;
+    assert_eq!(Marks::Numbered.rows(2, 3), "($1, $2, $3), ($4, $5, $6)");
+    assert_eq!(Marks::Anonymous.rows(2, 3), "(?, ?, ?), (?, ?, ?)");
+    assert_eq!(Marks::Numbered.list(3), "$1, $2, $3");
+    assert_eq!(Marks::Anonymous.list(2), "?, ?");
 }
 
 #[tokio::test]

@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 use sqlx::Row;
 
-use super::{Db, SqlStore, StoreError, group::GroupWriter};
+use super::{Db, Marks, SqlStore, StoreError, group::GroupWriter};
 use mib_core::store::StoreError as CoreError;
 use mib_vault::VaultStore;
 
@@ -214,7 +214,7 @@ async fn apply(
     let mut tx = conn.begin().await.db()?;
     for chunk in puts.chunks(ROWS_PER_STATEMENT) {
         #[allow(non_snake_case)] // named as the SQL check expects a row list
-        let RECORD_ROWS = rows(chunk.len(), 4);
+        let RECORD_ROWS = Marks::of(&tx).rows(chunk.len(), 4);
         let sql = format!(
             "INSERT INTO vault_record (owner, kind, name, sealed) VALUES {RECORD_ROWS} \
              ON CONFLICT (owner, kind, name) DO UPDATE SET sealed = excluded.sealed"
@@ -228,7 +228,7 @@ async fn apply(
     }
     for chunk in deletes.chunks(ROWS_PER_STATEMENT) {
         #[allow(non_snake_case)] // named as the SQL check expects a row list
-        let KEY_ROWS = rows(chunk.len(), 3);
+        let KEY_ROWS = Marks::of(&tx).rows(chunk.len(), 3);
         let sql =
             format!("DELETE FROM vault_record WHERE (owner, kind, name) IN (VALUES {KEY_ROWS})");
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
@@ -239,14 +239,6 @@ async fn apply(
     }
     tx.commit().await.db()?;
     Ok(())
-}
-
-/// `($1, …, $w), ($w+1, …)`: `n` rows of `w` placeholders each.
-pub(crate) fn rows(n: usize, w: usize) -> String {
-    (0..n)
-        .map(|r| format!("({})", crate::marks_from(r * w + 1, w)))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// Writes (or, with `None`, deletes) one sealed record.
