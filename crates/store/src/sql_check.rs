@@ -151,6 +151,9 @@ fn marks_are_numbered_or_anonymous() {
 #[tokio::test]
 async fn every_statement_prepares_on_sqlite() {
     let (store, _dir) = testing::sqlite().await;
+    let conn = store.pool().acquire().await.expect("connection");
+    assert_eq!(super::Marks::of(&conn), super::Marks::Anonymous);
+    drop(conn);
     let broken = prepare_all("sqlite", &store).await;
     assert!(broken.is_empty(), "{}", broken.join("\n"));
 }
@@ -158,6 +161,9 @@ async fn every_statement_prepares_on_sqlite() {
 #[tokio::test]
 async fn every_statement_prepares_on_postgres() {
     let store = testing::postgres().await;
+    let conn = store.pool().acquire().await.expect("connection");
+    assert_eq!(super::Marks::of(&conn), super::Marks::Numbered);
+    drop(conn);
     let broken = prepare_all("postgres", &store).await;
     assert!(broken.is_empty(), "{}", broken.join("\n"));
 }
