@@ -2478,3 +2478,86 @@ async fn s13_3_blobs_expire_after_the_configured_lifetime() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+// ---- Beyond the document: how the reference gateway delivers -------------------------------
+
+/// A logged-in account that gets one envelope at a time is read once per envelope: the read
+/// that finds what the wake announced is the last one until the next wake (reading again only
+/// to find the queue empty doubled the reads when many accounts each get a little).
+#[tokio::test]
+async fn delivery_reads_the_queue_once_per_wake() {
+    let gw = TestGateway::start().await;
+    let a = client(&gw).await;
+    let mut b = client(&gw).await;
+    // Settled: B's loop has read its empty queue and waits.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = gw.gateway.delivery_reads();
+    const N: u64 = 20;
+    for i in 0..N {
+        a.conn
+            .request(send(&b.account, pb::Kind::Message, &format!("one{i}")))
+            .await
+            .expect("send");
+        expect_push(&mut b.pushes, |x| matches!(x, Body::Envelope(_))).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let reads = gw.gateway.delivery_reads() - before;
+    assert!(
+        reads <= N + 1,
+        "{reads} delivery reads for {N} envelopes sent one at a time"
+    );
+}
+
+/// A sender that goes away right after its `Send`s (before their answers) leaves no envelope
+/// undelivered: every envelope stored reaches the recipient without another wake.
+#[tokio::test]
+async fn a_sender_that_goes_away_leaves_no_stored_envelope_unannounced() {
+    let gw = TestGateway::start().await;
+    let mut b = client(&gw).await;
+    let mut a = raw_logged_in(&gw).await;
+    const N: u64 = 50;
+    for i in 0..N {
+        a.w.write_stanza(&pb::Stanza {
+            id: 10 + i,
+            body: Some(send(&b.account, pb::Kind::Message, &format!("gone{i}"))),
+        })
+        .await
+        .expect("write");
+    }
+    a.w.flush().await.expect("flush");
+    drop(a);
+    let db = format!(
+        "sqlite://{}?mode=ro",
+        gw.dir.path().join("gateway.db").display()
+    );
+    let mut db = <sqlx::SqliteConnection as sqlx::Connection>::connect(&db)
+        .await
+        .expect("the gateway's database");
+    let count = async |db: &mut sqlx::SqliteConnection| -> i64 {
+        sqlx::query_scalar("SELECT COUNT(*) FROM envelope WHERE recipient = ?")
+            .bind(&b.account)
+            .fetch_one(db)
+            .await
+            .expect("count")
+    };
+    // The gateway is done with the sender's stanzas once what it stored stays the same.
+    let mut stored = -1;
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = count(&mut db).await;
+        if now == stored {
+            break;
+        }
+        stored = now;
+    }
+    assert!(stored > 0, "the gateway stored none of the sends");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut received = 0;
+    while received < stored {
+        match tokio::time::timeout_at(deadline, b.pushes.recv()).await {
+            Ok(Some(st)) if matches!(st.body, Some(Body::Envelope(_))) => received += 1,
+            Ok(Some(_)) => {}
+            _ => panic!("{stored} envelopes stored, {received} delivered"),
+        }
+    }
+}

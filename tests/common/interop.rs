@@ -21,6 +21,9 @@ pub struct TestGateway {
     pub addr: GatewayAddr,
     pub port: u16,
     pub dir: tempfile::TempDir,
+    /// The running gateway (its counters).
+    #[allow(dead_code)] // some test binaries' only
+    pub gateway: Gateway,
     stop: tokio::sync::watch::Sender<bool>,
 }
 
@@ -61,8 +64,9 @@ impl TestGateway {
             .expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let (stop, rx) = tokio::sync::watch::channel(false);
-        tokio::spawn(gw.serve(listener, rx));
+        tokio::spawn(gw.clone().serve(listener, rx));
         Self {
+            gateway: gw,
             key: key.clone(),
             addr: GatewayAddr {
                 address: format!("127.0.0.1:{port}"),

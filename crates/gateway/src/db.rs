@@ -23,6 +23,8 @@ pub struct GatewayDb {
     /// a pool of one: sqlx's pool tests a connection given back to it with a round trip to the
     /// connection's thread, after every statement, and the next statement waits behind it.
     conn: Arc<Mutex<SqliteConnection>>,
+    /// Connections for the delivery reads (see [`Readers`]).
+    readers: Arc<Readers>,
     /// How to open another connection to the same database (the log's checkpoints).
     opts: SqliteConnectOptions,
     /// Envelopes and blobs older than these are gone, also before the sweep deletes them.
@@ -30,9 +32,29 @@ pub struct GatewayDb {
     pub(crate) blob_ttl_ms: i64,
     /// `Send`s and `Ack`s waiting for the group commit (see [`WriteGroup`]).
     writes: std::sync::Arc<WriteGroup>,
+    /// Syncs of the database file after a checkpoint copied pages into it.
+    log_syncs: Arc<std::sync::atomic::AtomicU64>,
     /// Accounts known to exist (see [`GatewayDb::account_exists`]).
     known: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
+
+/// Connections that read envelopes for delivery beside the one that writes. In WAL mode a
+/// reader sees every transaction committed before its read began and neither waits for the
+/// writer nor holds it up; on the one connection, every delivery read waited for the group
+/// commit under way, and the next commit for the reads queued before it. Empty for an
+/// in-memory database, which has no log to read beside a writer: its reads take the one
+/// connection.
+#[derive(Debug, Default)]
+struct Readers {
+    conns: Vec<Arc<Mutex<SqliteConnection>>>,
+    /// Where the next reader that finds them all busy waits.
+    next: std::sync::atomic::AtomicUsize,
+    /// Delivery reads so far.
+    reads: std::sync::atomic::AtomicU64,
+}
+
+/// Reader connections of a database on disk.
+const READERS: usize = 2;
 
 /// How long a statement waits for the connection before it fails.
 const CONN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -167,12 +189,25 @@ impl GatewayDb {
             .await
             .map_err(|_| sqlx::Error::PoolTimedOut)??;
         MIGRATIONS.run(&mut conn).await?;
+        let mut readers = Readers::default();
+        if !(uri.contains(":memory:") || uri.contains("mode=memory")) {
+            let read_opts = opts.clone().read_only(true);
+            for _ in 0..READERS {
+                let reader =
+                    tokio::time::timeout(CONN_TIMEOUT, SqliteConnection::connect_with(&read_opts))
+                        .await
+                        .map_err(|_| sqlx::Error::PoolTimedOut)??;
+                readers.conns.push(Arc::new(Mutex::new(reader)));
+            }
+        }
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
+            readers: Arc::new(readers),
             opts,
             envelope_ttl_ms: i64::MAX,
             blob_ttl_ms: i64::MAX,
             writes: Default::default(),
+            log_syncs: Default::default(),
             known: Default::default(),
         })
     }
@@ -184,12 +219,19 @@ impl GatewayDb {
     /// so every `Send` and delivery behind it waits; a passive checkpoint from another
     /// connection runs beside the writer instead. Commits still checkpoint past
     /// [`COMMIT_CHECKPOINT_PAGES`], should this fall behind.
+    ///
+    /// Under steady writes a passive checkpoint never copies the whole log, and SQLite syncs the
+    /// database file only after one that did, so the copied pages would pile up unsynced until
+    /// a commit's own checkpoint synced them all, with every write waiting. After each
+    /// checkpoint that copied pages, this syncs the file itself.
     pub(crate) async fn checkpoint_log(
         &self,
         every: std::time::Duration,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) {
-        let mut conn = None;
+        let mut conn: Option<(SqliteConnection, Arc<std::fs::File>)> = None;
+        // Log frames copied into the database file, as the last checkpoint reported.
+        let mut copied = 0i64;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
@@ -198,7 +240,7 @@ impl GatewayDb {
                 }
             }
             if conn.is_none() {
-                match SqliteConnection::connect_with(&self.opts).await {
+                match self.checkpoint_conn().await {
                     Ok(c) => conn = Some(c),
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot open a connection for checkpoints");
@@ -206,20 +248,75 @@ impl GatewayDb {
                     }
                 }
             }
-            if let Some(c) = conn.as_mut()
-                && let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-                    .execute(&mut *c)
-                    .await
-            {
-                tracing::warn!(error = %e, "cannot checkpoint the database's log");
-                conn = None;
+            let Some((c, file)) = conn.as_mut() else {
+                continue;
+            };
+            let checkpoint: Result<(i64, i64, i64), _> =
+                sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
+                    .fetch_one(&mut *c)
+                    .await;
+            match checkpoint {
+                Ok((_, _, now)) => {
+                    if now > 0 && now != copied {
+                        let file = file.clone();
+                        match tokio::task::spawn_blocking(move || file.sync_data()).await {
+                            Ok(Ok(())) => {
+                                self.log_syncs
+                                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            Ok(Err(e)) => {
+                                tracing::warn!(error = %e, "cannot sync the database file")
+                            }
+                            Err(e) => tracing::warn!(error = %e, "cannot sync the database file"),
+                        }
+                    }
+                    copied = now;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot checkpoint the database's log");
+                    conn = None;
+                }
             }
         }
+    }
+
+    /// A connection for checkpoints, and the database file (read-only: a sync writes the
+    /// file's pages that any handle left in memory).
+    async fn checkpoint_conn(&self) -> Result<(SqliteConnection, Arc<std::fs::File>), sqlx::Error> {
+        let mut conn = SqliteConnection::connect_with(&self.opts).await?;
+        let databases: Vec<(i64, String, String)> = sqlx::query_as("PRAGMA database_list")
+            .fetch_all(&mut conn)
+            .await?;
+        let path = databases
+            .into_iter()
+            .find_map(|(_, name, file)| (name == "main").then_some(file))
+            .ok_or_else(|| sqlx::Error::Protocol("the database has no main file".into()))?;
+        let file = std::fs::File::open(&path)?;
+        Ok((conn, Arc::new(file)))
     }
 
     /// The connection, once the statements before have run; given back when dropped.
     pub(crate) async fn conn(&self) -> Result<OwnedMutexGuard<SqliteConnection>, sqlx::Error> {
         tokio::time::timeout(CONN_TIMEOUT, self.conn.clone().lock_owned())
+            .await
+            .map_err(|_| sqlx::Error::PoolTimedOut)
+    }
+
+    /// A connection for a read that needs only what was committed before it: an idle reader,
+    /// else the next reader in turn; the one connection when there are no readers.
+    async fn reader(&self) -> Result<OwnedMutexGuard<SqliteConnection>, sqlx::Error> {
+        let conns = &self.readers.conns;
+        if conns.is_empty() {
+            return self.conn().await;
+        }
+        if let Some(idle) = conns.iter().find_map(|c| c.clone().try_lock_owned().ok()) {
+            return Ok(idle);
+        }
+        let next = self
+            .readers
+            .next
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tokio::time::timeout(CONN_TIMEOUT, conns[next % conns.len()].clone().lock_owned())
             .await
             .map_err(|_| sqlx::Error::PoolTimedOut)
     }
@@ -913,6 +1010,13 @@ impl GatewayDb {
         Ok(true)
     }
 
+    /// Delivery reads ([`GatewayDb::envelopes_after`]) so far.
+    pub fn delivery_reads(&self) -> u64 {
+        self.readers
+            .reads
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Envelopes for `account` with id in (`after`, `upto`], oldest first.
     pub async fn envelopes_after(
         &self,
@@ -922,6 +1026,9 @@ impl GatewayDb {
         limit: i64,
     ) -> Result<Vec<pb::Envelope>, sqlx::Error> {
         use prost::Message;
+        self.readers
+            .reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let rows = sqlx::query(
             "SELECT id, sender, recipient, timestamp, server_timestamp, kind, ciphertext, message_id, grp, extra \
              FROM envelope WHERE recipient = ? AND id > ? AND id <= ? AND server_timestamp >= ? ORDER BY id LIMIT ?",
@@ -931,7 +1038,7 @@ impl GatewayDb {
         .bind(upto)
         .bind(self.envelope_cutoff())
         .bind(limit)
-        .fetch_all(&mut *self.conn().await?)
+        .fetch_all(&mut *self.reader().await?)
         .await?;
         rows.iter()
             .map(|r| {
@@ -1272,6 +1379,14 @@ mod tests {
                 std::time::Instant::now() < deadline,
                 "the log was not checkpointed: the file has {} bytes",
                 size()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        // The pages copied are synced by the task, not left for a commit's checkpoint to sync.
+        while db.log_syncs.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the database file was not synced after the checkpoint"
             );
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }

@@ -344,6 +344,11 @@ impl Gateway {
         self.shared.relayed.load(Ordering::Relaxed)
     }
 
+    /// Reads of envelopes for delivery so far.
+    pub fn delivery_reads(&self) -> u64 {
+        self.shared.db.delivery_reads()
+    }
+
     /// Accepts connections until `shutdown` turns true. In development mode a listener on a
     /// non-loopback address is refused (nothing is served).
     pub async fn serve(self, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
@@ -415,8 +420,9 @@ pub async fn listen(addr: impl tokio::net::ToSocketAddrs) -> std::io::Result<Tcp
     Err(last.unwrap_or_else(|| std::io::Error::other("the address resolves to nothing")))
 }
 
-/// How often the database's write-ahead log is copied back into its file.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+/// How often the database's write-ahead log is copied back into its file: often, so that a
+/// commit's own checkpoint finds little unsynced (as the bridge's store does).
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
 /// Deletes expired envelopes, blobs and idempotency records now and then (docs §19).
 async fn sweep(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {

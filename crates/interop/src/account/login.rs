@@ -72,7 +72,9 @@ pub async fn spawn_account(
     let owner = owner.to_owned();
     let doing = actor::SharedDoing::default();
     let actor_doing = doing.clone();
-    rt.spawn(&owner.clone(), move || async move {
+    // By the interop account: one owner may run several (the tests' and the bench's contacts
+    // all have one owner), and each should get a shard of its own choosing.
+    rt.spawn(&account, move || async move {
         let store = match SignalStore::open(&owner, vault, db).await {
             Ok(s) => s,
             Err(e) => {
