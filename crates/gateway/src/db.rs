@@ -259,13 +259,14 @@ impl GatewayDb {
                 Ok((_, _, now)) => {
                     if now > 0 && now != copied {
                         let file = file.clone();
-                        match tokio::task::spawn_blocking(move || file.sync_data()).await {
-                            Ok(Ok(())) => {
+                        let synced = tokio::task::spawn_blocking(move || file.sync_data())
+                            .await
+                            .map_err(std::io::Error::other)
+                            .and_then(|synced| synced);
+                        match synced {
+                            Ok(()) => {
                                 self.log_syncs
                                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            }
-                            Ok(Err(e)) => {
-                                tracing::warn!(error = %e, "cannot sync the database file")
                             }
                             Err(e) => tracing::warn!(error = %e, "cannot sync the database file"),
                         }

@@ -164,11 +164,23 @@ pub struct SqlStore {
     _checkpointer: Option<Arc<Checkpointer>>,
 }
 
-/// How often the write-ahead log is copied back into an SQLite database file. Often, so that
-/// little is left unsynced for the writer's own checkpoint (see [`Checkpointer`]): every 500 ms,
-/// its syncs of the log and the file still took 20–60 ms in the 1,000-chat bench. A checkpoint
-/// of a database that nothing wrote to since finds nothing to copy and syncs nothing.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+/// How often the checkpointer looks at how many pages the write-ahead log holds that are not
+/// yet in the database file (a read of the log's index, no statement).
+const LOG_LOOK_EVERY: Duration = Duration::from_millis(20);
+/// The shortest time between two checkpoints. Often, so that little is left unsynced for the
+/// writer's own checkpoint (see [`Checkpointer`]): every 500 ms, its syncs of the log and the
+/// file still took 20–60 ms in the 1,000-chat bench.
+const CHECKPOINT_AFTER: Duration = Duration::from_millis(100);
+/// Pages logged and not yet copied that make a checkpoint due (once [`CHECKPOINT_AFTER`] has
+/// passed). A store written to slowly (a contact's, a bridge with a few users) is
+/// checkpointed by [`CHECKPOINT_WITHIN`] instead, a few times a second at most, where a fixed
+/// clock fast enough for the busiest store would copy and sync its hot pages at every tick
+/// (the bench's 100 contact stores, at every 100 ms, cost a quarter of its rate).
+const CHECKPOINT_PAGES: u32 = 1_000;
+/// The longest logged pages wait for a checkpoint. With `synchronous = NORMAL` a commit is
+/// synced to disk by the next checkpoint (a passive checkpoint syncs the log before it copies),
+/// so this bounds what a power cut can take; a killed process loses nothing either way.
+const CHECKPOINT_WITHIN: Duration = Duration::from_millis(500);
 /// Pages in the log past which the writer checkpoints on its own, should the checkpointer fall
 /// behind (SQLite's default is 1,000).
 const WRITER_CHECKPOINT_PAGES: u32 = 10_000;
@@ -187,12 +199,21 @@ const WRITER_CHECKPOINT_PAGES: u32 = 10_000;
 /// the 1,000-chat bench). So after each checkpoint that copied pages, this syncs the database
 /// file itself, beside the writer (a passive checkpoint syncs the log before it copies), and
 /// the writer's syncs find little left to write.
+///
+/// When to checkpoint goes by how much is waiting, not by a clock alone: after
+/// [`CHECKPOINT_PAGES`] logged pages or [`CHECKPOINT_WITHIN`], whichever comes first, and
+/// never twice within [`CHECKPOINT_AFTER`] (see [`checkpoint_due`]). Each checkpoint copies the
+/// pages written often (the queue's, the indexes' roots) again, so a clock fast enough for the
+/// busiest store makes a quiet one pay for copies it does not need.
 #[derive(Debug)]
 struct Checkpointer {
     task: tokio::task::JoinHandle<()>,
     /// Syncs of the database file after a checkpoint copied pages into it (the tests read it).
     #[cfg_attr(not(test), allow(dead_code))]
     syncs: Arc<std::sync::atomic::AtomicU64>,
+    /// Checkpoints run (the tests read it).
+    #[cfg_attr(not(test), allow(dead_code))]
+    checkpoints: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Drop for Checkpointer {
@@ -201,9 +222,47 @@ impl Drop for Checkpointer {
     }
 }
 
+/// The index of an SQLite write-ahead log (the `-shm` file beside the database), read for how
+/// many logged pages are not yet in the database file. Its layout is SQLite's documented
+/// "wal-index" format: the header's `mxFrame` (the last valid frame of the log) at byte 16,
+/// and the checkpoint information's `nBackfill` (frames copied so far) at byte 96, both in
+/// the machine's byte order. SQLite maps the file shared, so a plain read sees its writes; a
+/// read that races one is off by a few frames, which only moves a checkpoint by a tick.
+#[derive(Debug)]
+struct LogIndex(std::fs::File);
+
+impl LogIndex {
+    fn open(database: &str) -> std::io::Result<Self> {
+        std::fs::File::open(format!("{database}-shm")).map(Self)
+    }
+
+    /// Frames logged and not yet copied into the database file.
+    fn waiting(&self) -> std::io::Result<u32> {
+        use std::os::unix::fs::FileExt;
+        let mut header = [0u8; 100];
+        self.0.read_exact_at(&mut header, 0)?;
+        let word = |at: usize| {
+            u32::from_ne_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
+        };
+        Ok(word(16).saturating_sub(word(96)))
+    }
+}
+
+/// Whether a checkpoint is due, `since` the last one, with `waiting` pages logged and not yet
+/// copied (`None` when the log's index cannot be read: then at the shortest interval).
+fn checkpoint_due(waiting: Option<u32>, since: Duration) -> bool {
+    match waiting {
+        Some(0) => false,
+        _ if since < CHECKPOINT_AFTER => false,
+        Some(pages) => pages >= CHECKPOINT_PAGES || since >= CHECKPOINT_WITHIN,
+        None => true,
+    }
+}
+
 impl Checkpointer {
     async fn start(opts: &AnyConnectOptions) -> Result<Self, StoreError> {
         use sqlx::Connection;
+        use std::sync::atomic::Ordering::Relaxed;
         let mut conn = sqlx::AnyConnection::connect_with(opts).await?;
         let databases: Vec<(i64, String, String)> = sqlx::query_as("PRAGMA database_list")
             .fetch_all(&mut conn)
@@ -214,15 +273,29 @@ impl Checkpointer {
             .ok_or_else(|| sqlx::Error::Protocol("the database has no main file".into()))?;
         // Read-only: a sync writes the file's pages that any handle left in memory.
         let file = Arc::new(std::fs::File::open(&path).map_err(sqlx::Error::Io)?);
+        // SQLite creates the index with the first transaction on the log: opened once it is
+        // there. Until then (or on a file system without one), at the shortest interval.
+        let mut index: Option<LogIndex> = None;
         let syncs = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let counted = syncs.clone();
+        let checkpoints = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (counted_syncs, counted) = (syncs.clone(), checkpoints.clone());
         let task = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+            let mut tick = tokio::time::interval(LOG_LOOK_EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             // Log frames copied into the database file, as the last checkpoint reported.
             let mut copied = 0i64;
+            let mut last = tokio::time::Instant::now();
             loop {
                 tick.tick().await;
+                if index.is_none() {
+                    index = LogIndex::open(&path).ok();
+                }
+                let waiting = index.as_ref().and_then(|index| index.waiting().ok());
+                if !checkpoint_due(waiting, last.elapsed()) {
+                    continue;
+                }
+                last = tokio::time::Instant::now();
+                counted.fetch_add(1, Relaxed);
                 let checkpoint: Result<(i64, i64, i64), _> =
                     sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
                         .fetch_one(&mut conn)
@@ -231,12 +304,13 @@ impl Checkpointer {
                     Ok((_, _, now)) => {
                         if now > 0 && now != copied {
                             let file = file.clone();
-                            match tokio::task::spawn_blocking(move || file.sync_data()).await {
-                                Ok(Ok(())) => {
-                                    counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                                }
-                                Ok(Err(e)) => {
-                                    tracing::warn!(error = %e, "cannot sync the database file")
+                            let synced = tokio::task::spawn_blocking(move || file.sync_data())
+                                .await
+                                .map_err(std::io::Error::other)
+                                .and_then(|synced| synced);
+                            match synced {
+                                Ok(()) => {
+                                    counted_syncs.fetch_add(1, Relaxed);
                                 }
                                 Err(e) => {
                                     tracing::warn!(error = %e, "cannot sync the database file")
@@ -253,7 +327,11 @@ impl Checkpointer {
                 }
             }
         });
-        Ok(Self { task, syncs })
+        Ok(Self {
+            task,
+            syncs,
+            checkpoints,
+        })
     }
 }
 
@@ -1019,6 +1097,106 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// The log's index is read as SQLite counts: the frames a passive checkpoint finds in the
+    /// log, less those it copied, and a log started over counts from nothing again.
+    #[tokio::test]
+    async fn the_log_index_counts_the_frames_not_yet_copied() {
+        use sqlx::{Connection, Executor};
+        static DRIVERS: Once = Once::new();
+        DRIVERS.call_once(sqlx::any::install_default_drivers);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("log.db");
+        let uri = format!("sqlite://{}?mode=rwc", path.display());
+        let mut conn = sqlx::AnyConnection::connect(&uri).await.expect("open");
+        conn.execute("PRAGMA journal_mode = WAL")
+            .await
+            .expect("wal");
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
+            .await
+            .expect("no autocheckpoint");
+        conn.execute("CREATE TABLE t (v BLOB)")
+            .await
+            .expect("table");
+        async fn write(conn: &mut sqlx::AnyConnection) {
+            for _ in 0..20 {
+                conn.execute("INSERT INTO t (v) VALUES (randomblob(20000))")
+                    .await
+                    .expect("insert");
+            }
+        }
+        write(&mut conn).await;
+        let index = LogIndex::open(path.to_str().expect("utf-8")).expect("index");
+        let waiting = index.waiting().expect("read");
+        assert!(waiting > 100, "20 rows of 20 kB logged: {waiting} frames");
+        let (_, logged, copied): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
+            .fetch_one(&mut conn)
+            .await
+            .expect("checkpoint");
+        assert_eq!(i64::from(waiting), logged);
+        assert_eq!(i64::from(index.waiting().expect("read")), logged - copied);
+        assert_eq!(logged, copied, "nothing else wrote");
+        // Everything was copied, so the next write starts the log over.
+        write(&mut conn).await;
+        let again = index.waiting().expect("read");
+        assert!(
+            again > 100 && again < waiting * 3 / 2,
+            "{again} after {waiting}"
+        );
+    }
+
+    /// Checkpoints go by the pages waiting, between the shortest and the longest interval.
+    #[test]
+    fn a_checkpoint_is_due_by_the_pages_waiting_between_two_intervals() {
+        let ms = Duration::from_millis;
+        let many = Some(CHECKPOINT_PAGES);
+        let few = Some(CHECKPOINT_PAGES / 10);
+        // Nothing waiting: never.
+        assert!(!checkpoint_due(Some(0), ms(10_000)));
+        // Many pages: once the shortest interval has passed, not before.
+        assert!(!checkpoint_due(many, CHECKPOINT_AFTER - ms(1)));
+        assert!(checkpoint_due(many, CHECKPOINT_AFTER));
+        // A few: only when they have waited the longest interval.
+        assert!(!checkpoint_due(few, CHECKPOINT_AFTER));
+        assert!(!checkpoint_due(few, CHECKPOINT_WITHIN - ms(1)));
+        assert!(checkpoint_due(few, CHECKPOINT_WITHIN));
+        // Unknown (the index cannot be read): at the shortest interval.
+        assert!(!checkpoint_due(None, CHECKPOINT_AFTER - ms(1)));
+        assert!(checkpoint_due(None, CHECKPOINT_AFTER));
+    }
+
+    /// A store written to a little at a time is checkpointed every `CHECKPOINT_WITHIN`, not
+    /// at every look at the log (a contact's store, or a bridge with a few users, would copy
+    /// and sync its hot pages 50 times a second).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_written_slowly_is_checkpointed_a_few_times_a_second() {
+        let (s, _dir) = testing::sqlite().await;
+        let checkpoints = s
+            ._checkpointer
+            .as_ref()
+            .expect("a checkpointer for a database on disk")
+            .checkpoints
+            .clone();
+        let started = tokio::time::Instant::now();
+        for i in 0..75u64 {
+            s.apply_transaction(&i.to_string(), b"h", &[pdu(&format!("${i}"))])
+                .await
+                .expect("apply");
+            tokio::time::sleep(LOG_LOOK_EVERY).await;
+        }
+        let deadline = started + Duration::from_secs(30);
+        while checkpoints.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "never checkpointed");
+            tokio::time::sleep(LOG_LOOK_EVERY).await;
+        }
+        let ran = checkpoints.load(std::sync::atomic::Ordering::Relaxed);
+        let most = started.elapsed().as_millis() / CHECKPOINT_WITHIN.as_millis() + 1;
+        assert!(
+            u128::from(ran) <= most,
+            "{ran} checkpoints in {:?}, at most {most} expected",
+            started.elapsed()
+        );
     }
 
     /// A worker hears at once when another worker sharing the PostgreSQL database queues
