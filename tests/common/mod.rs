@@ -184,42 +184,62 @@ pub struct Synapse {
 
 impl Synapse {
     /// Writes a config for `dir` with `registration` and starts Synapse; waits until it answers.
+    ///
+    /// The port is free when picked, but Synapse takes seconds to import before it binds it, and
+    /// a process of a test running beside may bind it meanwhile: Synapse then exits at once
+    /// ("Address already in use") and is started again on another port.
     pub async fn start(dir: &Path, registration: &Path) -> Self {
-        let port = free_port();
         let venv = venv();
-        let out = Command::new(repo().join("scripts/synapse-config.sh"))
-            .arg(dir)
-            .arg(port.to_string())
-            .arg(registration)
-            .arg("localhost")
-            .env("MIB_SYNAPSE_VENV", &venv)
-            .output()
-            .expect("synapse-config.sh");
-        assert!(
-            out.status.success(),
-            "synapse-config.sh failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        let field = |k: &str| {
-            stdout
-                .lines()
-                .find_map(|l| l.strip_prefix(&format!("{k}=")))
-                .unwrap_or_else(|| panic!("synapse-config.sh printed no {k}"))
-                .to_owned()
-        };
-        let url = field("base_url").trim_end_matches('/').to_owned();
-        let s = Self {
-            url,
-            server_name: field("server_name"),
-            shared_secret: field("shared_secret"),
-            proc: Self::spawn(dir, &venv),
-            dir: dir.into(),
-            venv,
-            runs: 1,
-        };
-        s.wait_ready().await;
-        s
+        let mut attempt = 1;
+        loop {
+            let port = free_port();
+            let out = Command::new(repo().join("scripts/synapse-config.sh"))
+                .arg(dir)
+                .arg(port.to_string())
+                .arg(registration)
+                .arg("localhost")
+                .env("MIB_SYNAPSE_VENV", &venv)
+                .output()
+                .expect("synapse-config.sh");
+            assert!(
+                out.status.success(),
+                "synapse-config.sh failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            let field = |k: &str| {
+                stdout
+                    .lines()
+                    .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                    .unwrap_or_else(|| panic!("synapse-config.sh printed no {k}"))
+                    .to_owned()
+            };
+            let url = field("base_url").trim_end_matches('/').to_owned();
+            let mut s = Self {
+                url,
+                server_name: field("server_name"),
+                shared_secret: field("shared_secret"),
+                proc: Self::spawn(dir, &venv),
+                dir: dir.into(),
+                venv: venv.clone(),
+                runs: 1,
+            };
+            let versions = format!("{}/_matrix/client/versions", s.url);
+            if answers(&versions, Duration::from_secs(60), &mut s.proc).await {
+                return s;
+            }
+            let log = std::fs::read_to_string(&s.proc.log).unwrap_or_default();
+            assert!(
+                log.contains("Address already in use") && attempt < 5,
+                "Synapse exited before it answered\n{}",
+                s.proc.log_tail()
+            );
+            let _ = std::fs::rename(
+                &s.proc.log,
+                dir.join(format!("synapse.port-taken-{attempt}.out")),
+            );
+            attempt += 1;
+        }
     }
 
     /// Runs scripts/start-synapse.sh, which execs Synapse: the child process is Synapse itself.
@@ -229,11 +249,11 @@ impl Synapse {
         Proc::spawn("synapse", cmd, dir.join("synapse.out"))
     }
 
-    async fn wait_ready(&self) {
+    async fn wait_ready(&mut self) {
         wait_http(
             &format!("{}/_matrix/client/versions", self.url),
             Duration::from_secs(60),
-            &self.proc,
+            &mut self.proc,
         )
         .await;
     }
@@ -312,14 +332,24 @@ impl Synapse {
     }
 }
 
-pub async fn wait_http(url: &str, timeout: Duration, proc: &Proc) {
+/// Waits until `url` answers with a success, `timeout` at most; `false` as soon as `proc` has
+/// exited (its log says why).
+pub async fn answers(url: &str, timeout: Duration, proc: &mut Proc) -> bool {
     let start = Instant::now();
-    let http = reqwest::Client::new();
+    // A request that never gets an answer (a process that took the port and speaks something
+    // else) must not outlast `timeout`.
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .expect("http client");
     loop {
         if let Ok(r) = http.get(url).send().await
             && r.status().is_success()
         {
-            return;
+            return true;
+        }
+        if !proc.is_running() {
+            return false;
         }
         assert!(
             start.elapsed() < timeout,
@@ -328,6 +358,17 @@ pub async fn wait_http(url: &str, timeout: Duration, proc: &Proc) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Waits until `url` answers with a success; fails with `proc`'s log if it does not in
+/// `timeout`, or if `proc` exits first.
+pub async fn wait_http(url: &str, timeout: Duration, proc: &mut Proc) {
+    assert!(
+        answers(url, timeout, proc).await,
+        "{} exited before {url} answered\n{}",
+        proc.name,
+        proc.log_tail()
+    );
 }
 
 /// A logged-in Matrix user on the test homeserver.
@@ -754,11 +795,11 @@ impl BridgeSetup {
             id,
             (port, metrics_port),
         );
-        let proc = Proc::spawn("bridge", cmd, self.dir.join(format!("bridge-{id}.log")));
+        let mut proc = Proc::spawn("bridge", cmd, self.dir.join(format!("bridge-{id}.log")));
         wait_http(
             &format!("http://127.0.0.1:{port}/health"),
             Duration::from_secs(30),
-            &proc,
+            &mut proc,
         )
         .await;
         proc
@@ -774,11 +815,11 @@ impl BridgeSetup {
             "MIB_VAULT_MASTER_KEY",
             "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=",
         );
-        let proc = Proc::spawn("bridge", cmd, self.dir.join("bridge.log"));
+        let mut proc = Proc::spawn("bridge", cmd, self.dir.join("bridge.log"));
         wait_http(
             &format!("http://127.0.0.1:{}/health", self.port),
             Duration::from_secs(30),
-            &proc,
+            &mut proc,
         )
         .await;
         proc
