@@ -1,6 +1,7 @@
 //! The gateway's SQLite state. Envelopes and everything they depend on are written in one
 //! transaction, so a crash never loses an acknowledged `Send`.
 
+use std::collections::HashMap;
 use std::str::FromStr;
 
 use std::sync::Arc;
@@ -78,6 +79,9 @@ struct WriteGroup {
     writer: tokio::sync::Mutex<()>,
     /// Transactions written so far.
     batches: std::sync::atomic::AtomicU64,
+    /// Statements those transactions took, their begin and commit included (the tests read it).
+    #[cfg_attr(not(test), allow(dead_code))]
+    statements: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug)]
@@ -87,6 +91,13 @@ enum PendingWrite {
         account: String,
         ids: Vec<u64>,
         reply: tokio::sync::oneshot::Sender<Result<(), sqlx::Error>>,
+    },
+    /// One envelope without an idempotency record (a receipt): `true` once stored, `false`
+    /// when the recipient's queue is full.
+    Envelope {
+        envelope: Box<pb::Envelope>,
+        queue_max: u32,
+        reply: tokio::sync::oneshot::Sender<Result<bool, sqlx::Error>>,
     },
 }
 
@@ -112,12 +123,76 @@ impl PendingWrite {
             PendingWrite::Ack { reply, .. } => {
                 let _ = reply.send(written.map(drop).map_err(error));
             }
+            PendingWrite::Envelope { reply, .. } => {
+                let stored = written
+                    .and_then(|o| o.ok_or("an envelope without an outcome"))
+                    .map(|o| matches!(o, SendOutcome::Stored(..)));
+                let _ = reply.send(stored.map_err(error));
+            }
         }
     }
 }
 
-/// `Send`s and `Ack`s written in one transaction at most.
-const MAX_WRITE_GROUP: usize = 256;
+/// Rows of one multi-row statement at most (an envelope's row binds 9 values; SQLite takes
+/// 32,766 in a statement).
+const ROWS_PER_STATEMENT: usize = 1_000;
+
+/// `rows` groups of `width` placeholders, as a multi-row statement's `VALUES` take them:
+/// `(?, ?), (?, ?)`; for a width of 1, a plain list: `?, ?`.
+fn marks(rows: usize, width: usize) -> String {
+    let row = match width {
+        1 => "?".to_owned(),
+        _ => format!("({})", vec!["?"; width].join(", ")),
+    };
+    vec![row; rows].join(", ")
+}
+
+/// Takes room in the recipients' queues (`sizes`, as the batch has filled them so far) for a
+/// send's `envelopes`: those that fit, or, for a 1:1 send (not `fanout`), nothing at all
+/// (`None`) when one does not.
+fn take_room<'a>(
+    sizes: &mut HashMap<&'a str, i64>,
+    envelopes: &'a [pb::Envelope],
+    queue_max: u32,
+    fanout: bool,
+) -> Option<Vec<&'a pb::Envelope>> {
+    let mut kept = Vec::with_capacity(envelopes.len());
+    for e in envelopes {
+        let size = sizes.entry(&e.to).or_insert(0);
+        if *size < i64::from(queue_max) {
+            *size += 1;
+            kept.push(e);
+        } else if !fanout {
+            for k in kept {
+                if let Some(size) = sizes.get_mut(k.to.as_str()) {
+                    *size -= 1;
+                }
+            }
+            return None;
+        }
+    }
+    Some(kept)
+}
+
+/// An envelope's `timestamp` and `extra` columns: receipts and group updates carry the
+/// server's time (`now`) and their payload; messages the sender's time, as sent.
+fn envelope_columns(e: &pb::Envelope, now: i64) -> (i64, Option<Vec<u8>>) {
+    use prost::Message;
+    let extra = match (&e.receipt, &e.group_update) {
+        (Some(r), _) => Some(r.encode_to_vec()),
+        (_, Some(g)) => Some(g.encode_to_vec()),
+        _ => None,
+    };
+    let ts = if e.kind == pb::Kind::Receipt as i32 || e.kind == pb::Kind::GroupUpdate as i32 {
+        now
+    } else {
+        e.timestamp as i64
+    };
+    (ts, extra)
+}
+
+/// `Send`s, `Ack`s and receipts written in one transaction at most.
+const MAX_WRITE_GROUP: usize = 1_000;
 
 /// Settings of the verification try budget (docs §6.2).
 #[derive(Clone, Copy, Debug)]
@@ -871,26 +946,19 @@ impl GatewayDb {
     /// Writes `batch` in one transaction and answers each; a failure fails them all (nothing of
     /// the batch is stored).
     async fn write_batch(&self, batch: Vec<PendingWrite>) {
+        let mut statements = 0;
         let written = async {
             let mut conn = self.conn().await?;
             let mut tx = Self::write_tx(&mut conn).await?;
-            let mut outcomes = Vec::with_capacity(batch.len());
-            for w in &batch {
-                outcomes.push(match w {
-                    PendingWrite::Send(p) => Some(Self::send_in(&mut tx, p).await?),
-                    PendingWrite::Ack { account, ids, .. } => {
-                        Self::ack_in(&mut tx, account, ids).await?;
-                        None
-                    }
-                });
-            }
+            let outcomes = Self::write_all(&mut tx, &batch, &mut statements).await?;
             tx.commit().await?;
             Ok::<_, sqlx::Error>(outcomes)
         }
         .await;
-        self.writes
-            .batches
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        use std::sync::atomic::Ordering::Relaxed;
+        self.writes.batches.fetch_add(1, Relaxed);
+        // The batch's statements, with its begin (two: `write_tx`) and commit.
+        self.writes.statements.fetch_add(statements + 3, Relaxed);
         match written {
             Ok(outcomes) => {
                 for (w, outcome) in batch.into_iter().zip(outcomes) {
@@ -906,109 +974,246 @@ impl GatewayDb {
         }
     }
 
-    /// One `Send` inside the group's transaction: a repeat (also of one earlier in the same
-    /// batch) is answered as the first was; a 1:1 send to a full queue stores nothing.
-    async fn send_in(
-        tx: &mut sqlx::SqliteConnection,
-        p: &PendingSend,
-    ) -> Result<SendOutcome, sqlx::Error> {
-        let prev = sqlx::query(
-            "SELECT server_timestamp, recipients FROM sent WHERE sender = ? AND message_id = ?",
-        )
-        .bind(&p.sender)
-        .bind(&p.message_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some(r) = prev {
-            return Ok(SendOutcome::Repeat(
-                r.try_get("server_timestamp")?,
-                r.try_get("recipients")?,
-            ));
+    /// The batch's writes inside its transaction, as a few multi-row statements however many
+    /// writes and accounts it holds (`statements` counts them); each write's outcome.
+    ///
+    /// The writes of one batch come from different connections: a connection's `Ack` is
+    /// handled only once its earlier `Send`s are answered, and its next request only once the
+    /// `Ack` is, while its `Send`s may share a batch and keep their order. So the batch is
+    /// written as if its `Ack`s had come first, which is an order they could have come in: the
+    /// room they free counts for the `Send`s beside them. Then each `Send` and receipt, in
+    /// order, against the queue sizes and earlier sends read once: a repeat (of an earlier
+    /// batch's send or of one earlier in this batch) is answered as the first was, and a
+    /// 1:1 send or receipt to a full queue stores nothing.
+    async fn write_all(
+        tx: &mut SqliteConnection,
+        batch: &[PendingWrite],
+        statements: &mut u64,
+    ) -> Result<Vec<Option<SendOutcome>>, sqlx::Error> {
+        let acked: Vec<(&str, i64)> = batch
+            .iter()
+            .flat_map(|w| match w {
+                PendingWrite::Ack { account, ids, .. } => ids
+                    .iter()
+                    .map(|id| (account.as_str(), *id as i64))
+                    .collect(),
+                _ => Vec::new(),
+            })
+            .collect();
+        for chunk in acked.chunks(ROWS_PER_STATEMENT) {
+            // By id (the table's key), and only where the id is the acking account's.
+            let sql = format!(
+                "DELETE FROM envelope WHERE id IN ({}) AND (recipient, id) IN \
+                 (SELECT column1, column2 FROM (VALUES {}))",
+                marks(chunk.len(), 1),
+                marks(chunk.len(), 2)
+            );
+            // Only placeholders are spliced in; the values are bound.
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (_, id) in chunk {
+                q = q.bind(*id);
+            }
+            for (account, id) in chunk {
+                q = q.bind(*account).bind(*id);
+            }
+            q.execute(&mut *tx).await?;
+            *statements += 1;
         }
-        let now = now_ms();
-        let mut keep = Vec::with_capacity(p.envelopes.len());
-        for e in &p.envelopes {
-            if Self::queue_len(&mut *tx, &e.to).await? < i64::from(p.queue_max) {
-                keep.push(e);
-            } else if !p.fanout {
-                // Checked before anything is written: the batch's other sends stay as they are.
-                return Ok(SendOutcome::QueueFull);
+
+        let sends: Vec<&PendingSend> = batch
+            .iter()
+            .filter_map(|w| match w {
+                PendingWrite::Send(p) => Some(p),
+                _ => None,
+            })
+            .collect();
+        let mut known: HashMap<(&str, &str), (i64, i64)> = HashMap::new();
+        for chunk in sends.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "SELECT s.sender, s.message_id, s.server_timestamp, s.recipients \
+                 FROM (VALUES {}) AS v JOIN sent AS s \
+                 ON s.sender = v.column1 AND s.message_id = v.column2",
+                marks(chunk.len(), 2)
+            );
+            let mut q = sqlx::query_as::<_, (String, String, i64, i64)>(sqlx::AssertSqlSafe(sql));
+            for p in chunk {
+                q = q.bind(&p.sender).bind(&p.message_id);
+            }
+            for (sender, message_id, ts, n) in q.fetch_all(&mut *tx).await? {
+                // Keyed by the batch's own strings.
+                if let Some(p) = chunk
+                    .iter()
+                    .find(|p| p.sender == sender && p.message_id == message_id)
+                {
+                    known.insert((&p.sender, &p.message_id), (ts, n));
+                }
+            }
+            *statements += 1;
+        }
+
+        let mut sizes: HashMap<&str, i64> = HashMap::new();
+        for w in batch {
+            match w {
+                PendingWrite::Send(p) => {
+                    for e in &p.envelopes {
+                        sizes.insert(&e.to, 0);
+                    }
+                }
+                PendingWrite::Envelope { envelope, .. } => {
+                    sizes.insert(&envelope.to, 0);
+                }
+                PendingWrite::Ack { .. } => {}
             }
         }
-        for e in &keep {
-            Self::insert_envelope(&mut *tx, e, now).await?;
+        let recipients: Vec<&str> = sizes.keys().copied().collect();
+        for chunk in recipients.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "SELECT recipient, n FROM queue_size WHERE recipient IN ({})",
+                marks(chunk.len(), 1)
+            );
+            let mut q = sqlx::query_as::<_, (String, i64)>(sqlx::AssertSqlSafe(sql));
+            for r in chunk {
+                q = q.bind(*r);
+            }
+            for (recipient, n) in q.fetch_all(&mut *tx).await? {
+                if let Some(size) = sizes.get_mut(recipient.as_str()) {
+                    *size = n;
+                }
+            }
+            *statements += 1;
         }
-        sqlx::query("INSERT INTO sent (sender, message_id, server_timestamp, recipients) VALUES (?, ?, ?, ?)")
-            .bind(&p.sender)
-            .bind(&p.message_id)
-            .bind(now)
-            .bind(keep.len() as i64)
-            .execute(&mut *tx)
-            .await?;
-        Ok(SendOutcome::Stored(now, keep.len() as i64))
+
+        let now = now_ms();
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut rows: Vec<&pb::Envelope> = Vec::new();
+        let mut sent: Vec<(&str, &str, i64)> = Vec::new();
+        for w in batch {
+            outcomes.push(match w {
+                PendingWrite::Ack { .. } => None,
+                PendingWrite::Send(p) => Some(
+                    match known.get(&(p.sender.as_str(), p.message_id.as_str())) {
+                        Some(&(ts, n)) => SendOutcome::Repeat(ts, n),
+                        None => match take_room(&mut sizes, &p.envelopes, p.queue_max, p.fanout) {
+                            None => SendOutcome::QueueFull,
+                            Some(kept) => {
+                                let n = kept.len() as i64;
+                                rows.extend(kept);
+                                known.insert((&p.sender, &p.message_id), (now, n));
+                                sent.push((&p.sender, &p.message_id, n));
+                                SendOutcome::Stored(now, n)
+                            }
+                        },
+                    },
+                ),
+                PendingWrite::Envelope {
+                    envelope,
+                    queue_max,
+                    ..
+                } => Some(
+                    match take_room(
+                        &mut sizes,
+                        std::slice::from_ref(&**envelope),
+                        *queue_max,
+                        false,
+                    ) {
+                        None => SendOutcome::QueueFull,
+                        Some(kept) => {
+                            rows.extend(kept);
+                            SendOutcome::Stored(now, 1)
+                        }
+                    },
+                ),
+            });
+        }
+
+        Self::insert_envelopes(tx, &rows, now, statements).await?;
+        for chunk in sent.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "INSERT INTO sent (sender, message_id, server_timestamp, recipients) VALUES {}",
+                marks(chunk.len(), 4)
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (sender, message_id, n) in chunk {
+                q = q.bind(*sender).bind(*message_id).bind(now).bind(*n);
+            }
+            q.execute(&mut *tx).await?;
+            *statements += 1;
+        }
+        Ok(outcomes)
     }
 
-    /// Stores one envelope and records the two accounts as contacts (docs §10.3: envelopes of any
-    /// kind count).
-    async fn insert_envelope(
-        tx: &mut sqlx::SqliteConnection,
-        e: &pb::Envelope,
+    /// Stores envelopes, in their order, and records the two accounts of each as contacts
+    /// (docs §10.3: envelopes of any kind count): multi-row statements, counted in `statements`.
+    async fn insert_envelopes(
+        tx: &mut SqliteConnection,
+        rows: &[&pb::Envelope],
         now: i64,
+        statements: &mut u64,
     ) -> Result<(), sqlx::Error> {
-        use prost::Message;
-        let extra = match (&e.receipt, &e.group_update) {
-            (Some(r), _) => Some(r.encode_to_vec()),
-            (_, Some(g)) => Some(g.encode_to_vec()),
-            _ => None,
-        };
-        // Receipts and group updates carry the server's time; messages the sender's, as sent.
-        let ts = if e.kind == pb::Kind::Receipt as i32 || e.kind == pb::Kind::GroupUpdate as i32 {
-            now
-        } else {
-            e.timestamp as i64
-        };
-        sqlx::query(
-            "INSERT INTO envelope (recipient, sender, timestamp, server_timestamp, kind, ciphertext, message_id, grp, extra) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&e.to)
-        .bind(&e.from)
-        .bind(ts)
-        .bind(now)
-        .bind(e.kind)
-        .bind(&e.ciphertext[..])
-        .bind(&e.message_id)
-        .bind(&e.group)
-        .bind(extra)
-        .execute(&mut *tx)
-        .await?;
-        if e.from != e.to {
-            sqlx::query("INSERT OR IGNORE INTO contact (a, b) VALUES (?, ?), (?, ?)")
-                .bind(&e.from)
-                .bind(&e.to)
-                .bind(&e.to)
-                .bind(&e.from)
-                .execute(&mut *tx)
-                .await?;
+        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "INSERT INTO envelope (recipient, sender, timestamp, server_timestamp, kind, \
+                 ciphertext, message_id, grp, extra) VALUES {}",
+                marks(chunk.len(), 9)
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for e in chunk {
+                let (ts, extra) = envelope_columns(e, now);
+                q = q
+                    .bind(&e.to)
+                    .bind(&e.from)
+                    .bind(ts)
+                    .bind(now)
+                    .bind(e.kind)
+                    .bind(&e.ciphertext[..])
+                    .bind(&e.message_id)
+                    .bind(&e.group)
+                    .bind(extra);
+            }
+            q.execute(&mut *tx).await?;
+            *statements += 1;
+        }
+        let pairs: std::collections::BTreeSet<(&str, &str)> = rows
+            .iter()
+            .filter(|e| e.from != e.to)
+            .flat_map(|e| {
+                [
+                    (e.from.as_str(), e.to.as_str()),
+                    (e.to.as_str(), e.from.as_str()),
+                ]
+            })
+            .collect();
+        let pairs: Vec<_> = pairs.into_iter().collect();
+        for chunk in pairs.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "INSERT OR IGNORE INTO contact (a, b) VALUES {}",
+                marks(chunk.len(), 2)
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (a, b) in chunk {
+                q = q.bind(*a).bind(*b);
+            }
+            q.execute(&mut *tx).await?;
+            *statements += 1;
         }
         Ok(())
     }
 
-    /// Stores one envelope that needs no idempotency (a receipt); `false` when the recipient's
-    /// queue is full and nothing was stored.
+    /// Stores one envelope that needs no idempotency (a receipt), with the other writes that
+    /// wait for it (the group commit, [`WriteGroup`]); `false` when the recipient's queue is
+    /// full and nothing was stored.
     pub async fn store_envelope(
         &self,
         envelope: &pb::Envelope,
         queue_max: u32,
     ) -> Result<bool, sqlx::Error> {
-        let mut conn = self.conn().await?;
-        let mut tx = Self::write_tx(&mut conn).await?;
-        if Self::queue_len(&mut tx, &envelope.to).await? >= i64::from(queue_max) {
-            return Ok(false);
-        }
-        Self::insert_envelope(&mut tx, envelope, now_ms()).await?;
-        tx.commit().await?;
-        Ok(true)
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.queue_write(PendingWrite::Envelope {
+            envelope: Box::new(envelope.clone()),
+            queue_max,
+            reply,
+        });
+        abandoned_as_error(answer).await
     }
 
     /// Delivery reads ([`GatewayDb::envelopes_after`]) so far.
@@ -1068,26 +1273,6 @@ impl GatewayDb {
                 Ok(env)
             })
             .collect()
-    }
-
-    /// Deletes the acknowledged envelopes of `account` inside the group's transaction, one
-    /// statement per chunk of ids.
-    async fn ack_in(
-        tx: &mut sqlx::SqliteConnection,
-        account: &str,
-        ids: &[u64],
-    ) -> Result<(), sqlx::Error> {
-        for chunk in ids.chunks(500) {
-            let marks = vec!["?"; chunk.len()].join(", ");
-            let sql = format!("DELETE FROM envelope WHERE recipient = ? AND id IN ({marks})");
-            // Only placeholders are spliced in; the values are bound.
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(account);
-            for id in chunk {
-                q = q.bind(*id as i64);
-            }
-            q.execute(&mut *tx).await?;
-        }
-        Ok(())
     }
 
     pub async fn contacts(&self, account: &str) -> Result<Vec<String>, sqlx::Error> {
@@ -1183,12 +1368,13 @@ impl GatewayDb {
                 .execute(&mut *tx)
                 .await?;
         }
-        let now = now_ms();
+        let mut kept = Vec::with_capacity(envelopes.len());
         for e in envelopes {
             if Self::queue_len(&mut tx, &e.to).await? < i64::from(queue_max) {
-                Self::insert_envelope(&mut tx, e, now).await?;
+                kept.push(e);
             }
         }
+        Self::insert_envelopes(&mut tx, &kept, now_ms(), &mut 0).await?;
         tx.commit().await
     }
 
@@ -1251,10 +1437,11 @@ mod tests {
         let (a, b, c) = ("+15550000001", "+15550000002", "+15550000003");
         for (to, n) in [(b, 3), (c, 5)] {
             for i in 0..n {
-                GatewayDb::insert_envelope(
+                GatewayDb::insert_envelopes(
                     &mut db.conn().await.expect("conn"),
-                    &envelope(a, to, &format!("{to}-{i}")),
+                    &[&envelope(a, to, &format!("{to}-{i}"))],
                     now_ms(),
+                    &mut 0,
                 )
                 .await
                 .expect("insert");
@@ -1283,6 +1470,26 @@ mod tests {
         assert!(matches!(out, SendOutcome::Stored(_, 1)), "{out:?}");
     }
 
+    /// Sends one envelope from `sender` to each of `accounts` (its message id the account's
+    /// number), one after the other; their ids.
+    async fn one_envelope_each(
+        db: &GatewayDb,
+        sender: &str,
+        accounts: &[String],
+        queue_max: u32,
+    ) -> Vec<u64> {
+        let mut ids = Vec::new();
+        for to in accounts {
+            let out = db
+                .store_send(sender, to, vec![envelope(sender, to, to)], queue_max, false)
+                .await
+                .expect("store");
+            assert!(matches!(out, SendOutcome::Stored(_, 1)), "{out:?}");
+            ids.push(db.envelopes_after(to, 0, i64::MAX, 10).await.expect("read")[0].id);
+        }
+        ids
+    }
+
     /// `Ack`s of many accounts that come while a write is under way are written together, with
     /// the `Send`s beside them, in one transaction; each envelope acked is gone.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1290,20 +1497,7 @@ mod tests {
         let (db, _dir) = db().await;
         let sender = "+15550000001";
         let accounts: Vec<String> = (0..20).map(|i| format!("+155510000{i:02}")).collect();
-        let mut ids = Vec::new();
-        for to in &accounts {
-            let out = db
-                .store_send(sender, to, vec![envelope(sender, to, to)], 100, false)
-                .await
-                .expect("store");
-            assert!(matches!(out, SendOutcome::Stored(_, 1)), "{out:?}");
-            let id: i64 = sqlx::query_scalar("SELECT id FROM envelope WHERE recipient = ?")
-                .bind(to)
-                .fetch_one(&mut *db.conn().await.expect("conn"))
-                .await
-                .expect("id");
-            ids.push(id as u64);
-        }
+        let ids = one_envelope_each(&db, sender, &accounts, 100).await;
         let writer = db.writes.writer.lock().await;
         let acks: Vec<_> = accounts
             .iter()
@@ -1337,6 +1531,134 @@ mod tests {
             .await
             .expect("left");
         assert_eq!(left, ["late"]);
+    }
+
+    /// A batch is written with a few multi-row statements, however many `Send`s, `Ack`s and
+    /// receipts it holds and however many accounts they are for: with an account per chat, each
+    /// message and each acknowledgement was statements of its own, on the one writer
+    /// connection, which then bounded the gateway at about 1,100 messages/s with 1,000 chats.
+    /// The batch's outcomes are each write's own, in the order they came: a repeat within the
+    /// batch is answered as the first, a queue fills up within it, and an account's `Ack`
+    /// deletes only its own envelopes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_of_many_accounts_writes_is_a_few_statements() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (db, _dir) = db().await;
+        let sender = "+15550000001";
+        let accounts: Vec<String> = (0..200).map(|i| format!("+15551000{i:03}")).collect();
+        let ids = one_envelope_each(&db, sender, &accounts, 3).await;
+        let writer = db.writes.writer.lock().await;
+        let mut writes = Vec::new();
+        // Each account but account 1 acks its envelope; account 0 also tries account 1's,
+        // which stays.
+        for (i, (account, id)) in accounts.iter().zip(&ids).enumerate() {
+            if i == 1 {
+                continue;
+            }
+            let (db, account, mut acked) = (db.clone(), account.clone(), vec![*id]);
+            if i == 0 {
+                acked.push(ids[1]);
+            }
+            writes.push(tokio::spawn(async move {
+                db.ack(&account, &acked).await.map(|()| None)
+            }));
+        }
+        // A new message to each account, each sent twice; then three more to account 2, whose
+        // queue (of 3) has room for two of them once its ack is written.
+        for _round in 0..2 {
+            for to in &accounts {
+                let id = format!("n-{to}");
+                let e = envelope(sender, to, &id);
+                let sent = db.store_send(sender, &id, vec![e], 3, false);
+                writes.push(tokio::spawn(async move { sent.await.map(Some) }));
+            }
+        }
+        for i in 0..3 {
+            let id = format!("more-{i}");
+            let e = envelope(sender, &accounts[2], &id);
+            let sent = db.store_send(sender, &id, vec![e], 3, false);
+            writes.push(tokio::spawn(async move { sent.await.map(Some) }));
+        }
+        let receipt = pb::Envelope {
+            kind: pb::Kind::Receipt as i32,
+            ..envelope(&accounts[3], sender, "")
+        };
+        let receipted = {
+            let db = db.clone();
+            tokio::spawn(async move { db.store_envelope(&receipt, 3).await })
+        };
+        // The receipt joins the batch too (it waits for the same writer).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while db.lock_waiting().len() < writes.len() + 1 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        let (batches, statements) = (
+            db.writes.batches.load(Relaxed),
+            db.writes.statements.load(Relaxed),
+        );
+        drop(writer);
+        let mut outcomes = Vec::new();
+        for w in writes {
+            outcomes.push(w.await.expect("task").expect("written"));
+        }
+        assert!(receipted.await.expect("task").expect("written"));
+        assert_eq!(
+            db.writes.batches.load(Relaxed) - batches,
+            1,
+            "one transaction"
+        );
+        let took = db.writes.statements.load(Relaxed) - statements;
+        assert!(
+            took <= 12,
+            "{took} statements for 199 acks, 403 sends and a receipt"
+        );
+
+        let (acks, rest) = outcomes.split_at(199);
+        assert!(acks.iter().all(Option::is_none));
+        let (firsts, rest) = rest.split_at(200);
+        let (repeats, more) = rest.split_at(200);
+        for (first, repeat) in firsts.iter().zip(repeats) {
+            let Some(SendOutcome::Stored(ts, 1)) = first else {
+                panic!("{first:?}");
+            };
+            assert_eq!(repeat, &Some(SendOutcome::Repeat(*ts, 1)));
+        }
+        assert!(matches!(more[0], Some(SendOutcome::Stored(_, 1))));
+        assert!(matches!(more[1], Some(SendOutcome::Stored(_, 1))));
+        assert_eq!(more[2], Some(SendOutcome::QueueFull));
+        let queue = |to: String| {
+            let db = db.clone();
+            async move {
+                let q = db
+                    .envelopes_after(&to, 0, i64::MAX, 10)
+                    .await
+                    .expect("read");
+                q.into_iter().map(|e| e.message_id).collect::<Vec<_>>()
+            }
+        };
+        assert_eq!(
+            queue(accounts[0].clone()).await,
+            [format!("n-{}", accounts[0])]
+        );
+        assert_eq!(
+            queue(accounts[1].clone()).await,
+            [accounts[1].clone(), format!("n-{}", accounts[1])],
+            "account 0 acked account 1's envelope"
+        );
+        assert_eq!(
+            queue(accounts[2].clone()).await,
+            [
+                format!("n-{}", accounts[2]),
+                "more-0".into(),
+                "more-1".into()
+            ]
+        );
+        let receipts = db
+            .envelopes_after(sender, 0, i64::MAX, 10)
+            .await
+            .expect("read");
+        assert_eq!(receipts.len(), 1);
+        assert_eq!(receipts[0].from, accounts[3]);
     }
 
     /// Commits do not copy the write-ahead log back into the database file (that sync to disk
@@ -1629,7 +1951,7 @@ mod tests {
         // A transaction that fails after inserting leaves the sizes as they were.
         let mut conn = db.conn().await.expect("conn");
         let mut tx = conn.begin().await.expect("begin");
-        GatewayDb::insert_envelope(&mut tx, &envelope(a, c, "x"), now_ms())
+        GatewayDb::insert_envelopes(&mut tx, &[&envelope(a, c, "x")], now_ms(), &mut 0)
             .await
             .expect("insert");
         drop(tx);
