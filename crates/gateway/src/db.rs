@@ -1039,13 +1039,16 @@ impl GatewayDb {
             for p in chunk {
                 q = q.bind(&p.sender).bind(&p.message_id);
             }
+            // Keyed by the batch's own strings, found by a lookup per row (a client could fill
+            // a batch with repeats).
+            let asked: HashMap<(&str, &str), usize> = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, p)| ((p.sender.as_str(), p.message_id.as_str()), i))
+                .collect();
             for (sender, message_id, ts, n) in q.fetch_all(&mut *tx).await? {
-                // Keyed by the batch's own strings.
-                if let Some(p) = chunk
-                    .iter()
-                    .find(|p| p.sender == sender && p.message_id == message_id)
-                {
-                    known.insert((&p.sender, &p.message_id), (ts, n));
+                if let Some(&i) = asked.get(&(sender.as_str(), message_id.as_str())) {
+                    known.insert((&chunk[i].sender, &chunk[i].message_id), (ts, n));
                 }
             }
             *statements += 1;
