@@ -562,18 +562,33 @@ impl GatewayDb {
         Ok(blobs)
     }
 
-    async fn queue_len(
-        tx: &mut sqlx::SqliteConnection,
-        recipient: &str,
-    ) -> Result<i64, sqlx::Error> {
-        // Kept by triggers (migration 0003): constant time, however long the queue.
-        Ok(
-            sqlx::query_scalar("SELECT n FROM queue_size WHERE recipient = ?")
-                .bind(recipient)
-                .fetch_optional(&mut *tx)
-                .await?
-                .unwrap_or(0),
-        )
+    /// The queue sizes of `recipients` (0 for an empty queue), in one statement per
+    /// [`ROWS_PER_STATEMENT`] of them: what [`take_room`] starts from. Kept by triggers
+    /// (migration 0003), so constant time however long the queues.
+    async fn queue_sizes<'a>(
+        tx: &mut SqliteConnection,
+        recipients: impl IntoIterator<Item = &'a str>,
+        statements: &mut u64,
+    ) -> Result<HashMap<&'a str, i64>, sqlx::Error> {
+        let mut sizes: HashMap<&str, i64> = recipients.into_iter().map(|r| (r, 0)).collect();
+        let asked: Vec<&str> = sizes.keys().copied().collect();
+        for chunk in asked.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "SELECT recipient, n FROM queue_size WHERE recipient IN ({})",
+                marks(chunk.len(), 1)
+            );
+            let mut q = sqlx::query_as::<_, (String, i64)>(sqlx::AssertSqlSafe(sql));
+            for r in chunk {
+                q = q.bind(*r);
+            }
+            for (recipient, n) in q.fetch_all(&mut *tx).await? {
+                if let Some(size) = sizes.get_mut(recipient.as_str()) {
+                    *size = n;
+                }
+            }
+            *statements += 1;
+        }
+        Ok(sizes)
     }
 
     pub async fn account_secret_hash(&self, account: &str) -> Result<Option<Vec<u8>>, sqlx::Error> {
@@ -1054,37 +1069,12 @@ impl GatewayDb {
             *statements += 1;
         }
 
-        let mut sizes: HashMap<&str, i64> = HashMap::new();
-        for w in batch {
-            match w {
-                PendingWrite::Send(p) => {
-                    for e in &p.envelopes {
-                        sizes.insert(&e.to, 0);
-                    }
-                }
-                PendingWrite::Envelope { envelope, .. } => {
-                    sizes.insert(&envelope.to, 0);
-                }
-                PendingWrite::Ack { .. } => {}
-            }
-        }
-        let recipients: Vec<&str> = sizes.keys().copied().collect();
-        for chunk in recipients.chunks(ROWS_PER_STATEMENT) {
-            let sql = format!(
-                "SELECT recipient, n FROM queue_size WHERE recipient IN ({})",
-                marks(chunk.len(), 1)
-            );
-            let mut q = sqlx::query_as::<_, (String, i64)>(sqlx::AssertSqlSafe(sql));
-            for r in chunk {
-                q = q.bind(*r);
-            }
-            for (recipient, n) in q.fetch_all(&mut *tx).await? {
-                if let Some(size) = sizes.get_mut(recipient.as_str()) {
-                    *size = n;
-                }
-            }
-            *statements += 1;
-        }
+        let recipients = batch.iter().flat_map(|w| match w {
+            PendingWrite::Send(p) => p.envelopes.iter().map(|e| e.to.as_str()).collect(),
+            PendingWrite::Envelope { envelope, .. } => vec![envelope.to.as_str()],
+            PendingWrite::Ack { .. } => Vec::new(),
+        });
+        let mut sizes = Self::queue_sizes(tx, recipients, statements).await?;
 
         let now = now_ms();
         let mut outcomes = Vec::with_capacity(batch.len());
@@ -1364,20 +1354,23 @@ impl GatewayDb {
             .bind(&g.id)
             .execute(&mut *tx)
             .await?;
-        for m in &g.members {
-            sqlx::query("INSERT INTO grp_member (grp, account) VALUES (?, ?)")
-                .bind(&g.id)
-                .bind(m)
-                .execute(&mut *tx)
-                .await?;
-        }
-        let mut kept = Vec::with_capacity(envelopes.len());
-        for e in envelopes {
-            if Self::queue_len(&mut tx, &e.to).await? < i64::from(queue_max) {
-                kept.push(e);
+        for chunk in g.members.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "INSERT INTO grp_member (grp, account) VALUES {}",
+                marks(chunk.len(), 2)
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for m in chunk {
+                q = q.bind(&g.id).bind(m);
             }
+            q.execute(&mut *tx).await?;
         }
-        Self::insert_envelopes(&mut tx, &kept, now_ms(), &mut 0).await?;
+        // The batch writer's queue-room rule, as a fan-out: full queues are skipped.
+        let statements = &mut 0;
+        let mut sizes =
+            Self::queue_sizes(&mut tx, envelopes.iter().map(|e| e.to.as_str()), statements).await?;
+        let kept = take_room(&mut sizes, envelopes, queue_max, true).unwrap_or_default();
+        Self::insert_envelopes(&mut tx, &kept, now_ms(), statements).await?;
         tx.commit().await
     }
 
@@ -1928,6 +1921,25 @@ mod tests {
         let fan = vec![envelope(a, b, "g"), envelope(a, c, "g")];
         let out = db.store_send(a, "g", fan, 5, true).await.expect("store");
         assert!(matches!(out, SendOutcome::Stored(_, 1)), "{out:?}");
+        // A group update, under the same rule: the full queue gets none.
+        let group = pb::Group {
+            id: "grp".into(),
+            members: vec![a.into(), b.into(), c.into()],
+            changed_by: a.into(),
+            revision: 1,
+            ..Default::default()
+        };
+        let updates: Vec<pb::Envelope> = [b, c]
+            .map(|to| pb::Envelope {
+                kind: pb::Kind::GroupUpdate as i32,
+                group: group.id.clone(),
+                group_update: Some(group.clone()),
+                ..envelope(a, to, "")
+            })
+            .into();
+        db.save_group(&group, &updates, 5).await.expect("group");
+        let saved = db.group("grp").await.expect("read").expect("saved");
+        assert_eq!(saved.members.len(), 3);
         let receipt = pb::Envelope {
             kind: pb::Kind::Receipt as i32,
             ..envelope(b, a, "r")
@@ -1935,7 +1947,7 @@ mod tests {
         assert!(db.store_envelope(&receipt, 5).await.expect("receipt"));
         assert_eq!(
             sizes().await,
-            [(a.to_owned(), 1), (b.to_owned(), 5), (c.to_owned(), 1)]
+            [(a.to_owned(), 1), (b.to_owned(), 5), (c.to_owned(), 2)]
         );
         // Acks free room, also acks of ids that are not there.
         let queued = db.envelopes_after(b, 0, i64::MAX, 100).await.expect("read");
