@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::interop::{TestGateway, body_of, random_account, register_ours, text};
+use common::interop::{TestGateway, body_of, random_account, register_ours, send_paced, text};
 use matrix_interop_bridge::{
     interop::{Event, GatewayConn, SignalRuntime, Target},
     wire::pb::{self, ErrorCode, stanza::Body},
@@ -413,26 +413,8 @@ async fn a_long_backlog_drains_while_the_consumer_calls_back_into_the_account() 
     let mut b = register_ours(&rt, &gw.addr, &random_account()).await;
     b.handle.stop().await;
     for i in 0..BACKLOG {
-        // The gateway rate-limits a fast sender; wait as it asks.
-        loop {
-            match a
-                .handle
-                .send(
-                    Target::Account(b.account.clone()),
-                    format!("m{i}"),
-                    text(&format!("queued {i}")),
-                )
-                .await
-            {
-                Ok(_) => break,
-                Err(matrix_interop_bridge::interop::InteropError::Gateway {
-                    code: ErrorCode::RateLimited,
-                    retry_after_ms,
-                    ..
-                }) => tokio::time::sleep(std::time::Duration::from_millis(retry_after_ms)).await,
-                Err(e) => panic!("send: {e}"),
-            }
-        }
+        let (id, body) = (format!("m{i}"), text(&format!("queued {i}")));
+        send_paced(&a.handle, &b.account, id, body).await;
     }
     b.respawn(&rt, &gw.addr).await;
     // The consumer is slow at first (a homeserver taking its time): the account gets far ahead
@@ -548,5 +530,76 @@ async fn a_request_after_the_connection_ended_fails_at_once() {
             Err(matrix_interop_bridge::interop::InteropError::Disconnected)
         ),
         "{answer:?}"
+    );
+}
+
+/// A backlog is decrypted in runs: the messages of a run are sealed into the inbox with their
+/// ratchet steps in one transaction, not one each. An undecryptable envelope in the middle of
+/// a run costs the messages beside it nothing, and a run whose commit fails (a full disk)
+/// comes again whole: every message is handed on once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_is_committed_in_runs_and_a_bad_envelope_or_failed_commit_loses_nothing() {
+    use common::interop::InboxWrites;
+    use std::sync::atomic::Ordering::SeqCst;
+    const BACKLOG: usize = 300;
+    let gw = TestGateway::start().await;
+    let rt = SignalRuntime::start(1);
+    let a = register_ours(&rt, &gw.addr, &random_account()).await;
+    let mut b = register_ours(&rt, &gw.addr, &random_account()).await;
+    // A third account that sends B garbage halfway through.
+    let (mallory, _pushes, m) = common::interop::raw_login(&gw.addr).await;
+    b.handle.stop().await;
+    for i in 0..BACKLOG {
+        if i == BACKLOG / 2 {
+            let garbage = pb::Send {
+                to: b.account.clone(),
+                kind: pb::Kind::Message as i32,
+                ciphertext: vec![0x33; 80],
+                message_id: "garbage".into(),
+                ..Default::default()
+            };
+            mallory.request(Body::Send(garbage)).await.expect("send");
+        }
+        let (id, body) = (format!("m{i}"), text(&format!("queued {i}")));
+        send_paced(&a.handle, &b.account, id, body).await;
+    }
+    let writes = InboxWrites::new(b.store.clone());
+    // The first run's commit fails: the account logs in again and gets it all again.
+    writes.fail_next.store(true, SeqCst);
+    b.respawn_over(&rt, &gw.addr, writes.clone()).await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
+    let (mut next, mut undecryptable) = (0, 0);
+    while next < BACKLOG {
+        let ev = tokio::time::timeout_at(deadline, b.events.recv())
+            .await
+            .unwrap_or_else(|_| panic!("stuck after {next} of {BACKLOG} messages"))
+            .expect("events");
+        if let Some(body) = body_of(&ev) {
+            assert_eq!(
+                body,
+                format!("queued {next}"),
+                "lost, doubled or out of order"
+            );
+            next += 1;
+        }
+        if let Event::Undecryptable { from, .. } = &*ev {
+            assert_eq!(from, &m);
+            assert_eq!(next, BACKLOG / 2, "reported in its place");
+            undecryptable += 1;
+        }
+        if let Some(id) = ev.envelope_id() {
+            b.handle.ack(id).await;
+        }
+    }
+    assert_eq!(undecryptable, 1);
+    assert!(!writes.fail_next.load(SeqCst), "the failure was met");
+    let (transactions, messages) = (
+        writes.transactions.load(SeqCst),
+        writes.messages.load(SeqCst),
+    );
+    assert_eq!(messages, BACKLOG, "each message sealed once");
+    assert!(
+        transactions <= BACKLOG / 2,
+        "{transactions} inbox transactions for {BACKLOG} messages"
     );
 }

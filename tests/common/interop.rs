@@ -4,6 +4,7 @@ use std::{sync::Arc, time::Duration};
 
 use matrix_interop_bridge::wire::content::{DataMessage, Text, data_message::Body as D};
 use matrix_interop_bridge::{
+    bridge::store::StoreError,
     interop::{
         AccountHandle, AccountOptions, Event, GatewayAddr, GatewayConn, SignalRuntime, account,
     },
@@ -121,6 +122,52 @@ pub async fn reopen_vault(ours: &Ours) -> Vault {
         .expect("reopen vault")
 }
 
+/// A bare connection logged in as a new account (to send what our client never would), with
+/// its pushes and the account.
+#[allow(dead_code)] // some test binaries' only
+pub async fn raw_login(
+    gw: &GatewayAddr,
+) -> (
+    GatewayConn,
+    mpsc::Receiver<Box<matrix_interop_bridge::wire::pb::Stanza>>,
+    String,
+) {
+    let (conn, pushes) = GatewayConn::connect(gw).await.expect("connect");
+    let account = random_account();
+    conn.request_code(&account).await.expect("register");
+    let secret = conn.verify(&account, CODE).await.expect("verify");
+    conn.login(&account, &secret, 0).await.expect("login");
+    (conn, pushes, account)
+}
+
+/// Sends `data` from `from` to `to`, waiting as long as the gateway asks whenever it
+/// rate-limits the sender.
+#[allow(dead_code)] // some test binaries' only
+pub async fn send_paced(from: &AccountHandle, to: &str, message_id: String, data: DataMessage) {
+    use matrix_interop_bridge::{
+        interop::{InteropError, Target},
+        wire::pb::ErrorCode,
+    };
+    loop {
+        match from
+            .send(
+                Target::Account(to.to_owned()),
+                message_id.clone(),
+                data.clone(),
+            )
+            .await
+        {
+            Ok(_) => return,
+            Err(InteropError::Gateway {
+                code: ErrorCode::RateLimited,
+                retry_after_ms,
+                ..
+            }) => tokio::time::sleep(Duration::from_millis(retry_after_ms)).await,
+            Err(e) => panic!("send: {e}"),
+        }
+    }
+}
+
 pub fn random_account() -> String {
     format!("+1555{:07}", rand::random::<u32>() % 10_000_000)
 }
@@ -177,22 +224,8 @@ impl Ours {
     /// Starts the account again from its vault and database (after `handle.stop()`), as the
     /// bridge does after a restart; its events go to a new channel.
     pub async fn respawn(&mut self, rt: &SignalRuntime, gw: &GatewayAddr) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        self.events = rx;
-        let vault = reopen_vault(self).await;
-        self.vault = vault.clone();
         let db: Arc<dyn VaultStore> = Arc::new(self.store.clone());
-        self.handle = account::spawn_account(
-            rt,
-            "@owner:test",
-            gw.clone(),
-            vault,
-            db,
-            tx,
-            self.options.clone(),
-        )
-        .await
-        .expect("respawn");
+        self.respawn_over(rt, gw, db).await;
     }
 
     /// Waits for an event matching `pred`, acking every event on the way.
@@ -237,5 +270,129 @@ pub fn body_of(e: &Event) -> Option<String> {
             ..
         } => Some(t.body.clone()),
         _ => None,
+    }
+}
+
+/// A vault store that counts the transactions that write decrypted messages into the inbox
+/// (and how many messages they hold), and fails the next such write when told to, as a full
+/// disk would.
+#[allow(dead_code)] // some test binaries' only
+pub struct InboxWrites {
+    inner: SqlStore,
+    pub transactions: std::sync::atomic::AtomicUsize,
+    pub messages: std::sync::atomic::AtomicUsize,
+    pub fail_next: std::sync::atomic::AtomicBool,
+}
+
+#[allow(dead_code)] // some test binaries' only
+impl InboxWrites {
+    pub fn new(inner: SqlStore) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            transactions: Default::default(),
+            messages: Default::default(),
+            fail_next: Default::default(),
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl VaultStore for InboxWrites {
+    async fn wrapped_key(&self, owner: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.wrapped_key(owner).await
+    }
+    async fn put_wrapped_key(
+        &self,
+        owner: &str,
+        wrapped: &[u8],
+        id: &str,
+    ) -> Result<(), StoreError> {
+        self.inner.put_wrapped_key(owner, wrapped, id).await
+    }
+    async fn any_master_key_id(&self) -> Result<Option<String>, StoreError> {
+        self.inner.any_master_key_id().await
+    }
+    async fn all_wrapped_keys(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.inner.all_wrapped_keys().await
+    }
+    async fn replace_wrapped_keys(
+        &self,
+        keys: &[(String, Vec<u8>)],
+        id: &str,
+    ) -> Result<(), StoreError> {
+        self.inner.replace_wrapped_keys(keys, id).await
+    }
+    async fn destroy_owner(&self, owner: &str) -> Result<(), StoreError> {
+        self.inner.destroy_owner(owner).await
+    }
+    async fn record(
+        &self,
+        owner: &str,
+        kind: &str,
+        name: &str,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.record(owner, kind, name).await
+    }
+    async fn put_record(
+        &self,
+        owner: &str,
+        kind: &str,
+        name: &str,
+        sealed: &[u8],
+    ) -> Result<(), StoreError> {
+        self.inner.put_record(owner, kind, name, sealed).await
+    }
+    async fn delete_record(&self, owner: &str, kind: &str, name: &str) -> Result<(), StoreError> {
+        self.inner.delete_record(owner, kind, name).await
+    }
+    async fn write_records(
+        &self,
+        owner: &str,
+        writes: &[(String, String, Option<Vec<u8>>)],
+    ) -> Result<(), StoreError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let inbox = writes
+            .iter()
+            .filter(|(kind, _, v)| kind == "inbox" && v.is_some())
+            .count();
+        if inbox > 0 {
+            if self.fail_next.swap(false, SeqCst) {
+                return Err(StoreError::unavailable("disk full (test)"));
+            }
+            self.transactions.fetch_add(1, SeqCst);
+            self.messages.fetch_add(inbox, SeqCst);
+        }
+        self.inner.write_records(owner, writes).await
+    }
+    async fn record_names(&self, owner: &str, kind: &str) -> Result<Vec<String>, StoreError> {
+        self.inner.record_names(owner, kind).await
+    }
+}
+
+impl Ours {
+    /// As [`Ours::respawn`], over `db` (this account's store, or a wrapper of it).
+    pub async fn respawn_over(
+        &mut self,
+        rt: &SignalRuntime,
+        gw: &GatewayAddr,
+        db: Arc<dyn VaultStore>,
+    ) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.events = rx;
+        let vault = Vault::open(self.master.clone(), db.clone())
+            .await
+            .expect("reopen vault");
+        self.vault = vault.clone();
+        self.handle = account::spawn_account(
+            rt,
+            "@owner:test",
+            gw.clone(),
+            vault,
+            db,
+            tx,
+            self.options.clone(),
+        )
+        .await
+        .expect("respawn");
     }
 }

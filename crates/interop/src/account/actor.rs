@@ -182,10 +182,7 @@ impl Actor {
                 },
                 push = async { match self.conn.as_mut() { Some((_, p)) => p.recv().await, None => std::future::pending().await } }, if connected => {
                     match push {
-                        Some(st) => {
-                            let what = st.body.as_ref().map_or("empty push", |b| b.name());
-                            watched(&doing, what, self.push(*st)).await
-                        }
+                        Some(st) => watched(&doing, "pushes", self.pushes(*st)).await,
                         None => {
                             self.conn = None;
                             self.published.send_replace(None);
@@ -384,6 +381,37 @@ impl Actor {
 
     pub(super) async fn emit(&self, ev: Event) {
         let _ = self.events.send(Box::new(ev));
+    }
+
+    /// A push and whatever else has come behind it (up to [`MAX_RUN`]), in order: runs of
+    /// envelopes go to [`Self::envelopes`] together.
+    async fn pushes(&mut self, first: pb::Stanza) {
+        let mut pushes = vec![first];
+        while pushes.len() < MAX_RUN
+            && let Some(st) = self.conn.as_mut().and_then(|(_, p)| p.try_recv().ok())
+        {
+            pushes.push(*st);
+        }
+        let mut run = Vec::new();
+        for st in pushes {
+            match st.body {
+                Some(Body::Envelope(env)) => run.push(env),
+                body => {
+                    if !run.is_empty() {
+                        self.envelopes(std::mem::take(&mut run)).await;
+                    }
+                    if self.conn.is_none() {
+                        // Given up for now, or logged out: what is left comes again after a
+                        // login.
+                        return;
+                    }
+                    self.push(pb::Stanza { body, ..st }).await;
+                }
+            }
+        }
+        if !run.is_empty() && self.conn.is_some() {
+            self.envelopes(run).await;
+        }
     }
 
     pub(super) async fn push(&mut self, st: pb::Stanza) {

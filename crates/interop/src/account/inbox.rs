@@ -3,7 +3,127 @@
 
 use super::*;
 
+/// A data message decrypted in a run, waiting for the run's commit.
+struct Staged {
+    env: pb::Envelope,
+    group: Option<String>,
+    data: DataMessage,
+}
+
 impl Actor {
+    /// Envelopes that came together (up to [`MAX_RUN`]), in order. The data messages among them
+    /// are decrypted one after the other over the buffered Signal state, then sealed into the
+    /// inbox with all their ratchet steps in one commit, and only then handed on: one
+    /// transaction, and one sealing of each session touched, for the run instead of one per
+    /// message. Nothing is acked or handed on before it is committed, so a crash before the
+    /// commit only brings the whole run again.
+    ///
+    /// Anything else (a receipt, a group update, a message replayed from the inbox) first
+    /// commits and hands on what is staged, then is handled as [`Self::envelope`] does. A
+    /// decryption that gives no data message (a sender key, a duplicate, an undecryptable
+    /// envelope) may leave a step that must be undone alone; with something staged, the run's
+    /// steps are undone together, and the staged envelopes and that one are done again one at
+    /// a time, as [`Self::envelope`] does, before the run goes on.
+    pub(super) async fn envelopes(&mut self, run: Vec<pb::Envelope>) {
+        let mut queue: std::collections::VecDeque<pb::Envelope> = run.into();
+        let mut staged: Vec<Staged> = Vec::new();
+        // How many of the next envelopes are done one at a time (after an undo).
+        let mut alone = 0usize;
+        while let Some(env) = queue.pop_front() {
+            let kind = Kind::try_from(env.kind).unwrap_or(Kind::Unspecified);
+            let decrypts = matches!(kind, Kind::Prekey | Kind::Message | Kind::Group)
+                && !self.recent.contains(&env.id)
+                && self
+                    .inbox
+                    .as_ref()
+                    .is_some_and(|inbox| !inbox.contains(&env.id));
+            if alone > 0 || !decrypts {
+                alone = alone.saturating_sub(1);
+                if !self.flush(&mut staged).await {
+                    return;
+                }
+                self.envelope(env).await;
+            } else {
+                match self.decrypt(&env, kind).await {
+                    Ok(Some(Content {
+                        body: Some(CBody::Data(data)),
+                        ..
+                    })) => {
+                        let group = (kind == Kind::Group).then(|| env.group.clone());
+                        staged.push(Staged { env, group, data });
+                        continue;
+                    }
+                    Err(Undecryptable::StoreUnavailable(reason)) => {
+                        self.redeliver_later(&reason).await;
+                        return;
+                    }
+                    _ => {
+                        self.store.rollback();
+                        if staged.is_empty() {
+                            // Nothing else was undone: this one alone, as it always is.
+                            self.envelope(env).await;
+                        } else {
+                            alone = staged.len() + 1;
+                            queue.push_front(env);
+                            for s in staged.drain(..).rev() {
+                                queue.push_front(s.env);
+                            }
+                        }
+                    }
+                }
+            }
+            if self.conn.is_none() {
+                // Given up for now (`redeliver_later`): the rest comes again after a login.
+                return;
+            }
+        }
+        self.flush(&mut staged).await;
+    }
+
+    /// Seals the staged messages into the inbox with the buffered Signal state in one commit,
+    /// then hands them on in order; `false` when the commit failed (see `redeliver_later`).
+    async fn flush(&mut self, staged: &mut Vec<Staged>) -> bool {
+        if staged.is_empty() {
+            return true;
+        }
+        let mut entries = Vec::with_capacity(staged.len());
+        for s in staged.iter() {
+            let entry = InboxEntry {
+                from: s.env.from.clone(),
+                group: s.group.clone(),
+                message_id: s.env.message_id.clone(),
+                timestamp: s.env.timestamp,
+                data: s.data.encode_to_vec(),
+            };
+            let sealed = serde_json::to_vec(&entry).expect("serializes");
+            entries.push((INBOX, s.env.id.to_string(), Some(sealed)));
+            // Noted before the write, as `data_message` does.
+            if let Some(inbox) = self.inbox.as_mut() {
+                inbox.insert(s.env.id);
+            }
+        }
+        if let Err(e) = self.store.commit(entries).await {
+            staged.clear();
+            self.redeliver_later(&format!("cannot store decrypted messages: {e}"))
+                .await;
+            return false;
+        }
+        self.store_backoff = FIRST_STORE_BACKOFF;
+        self.report_identity_changes().await;
+        for s in staged.drain(..) {
+            self.emit(Event::Message {
+                envelope_id: s.env.id,
+                from: s.env.from,
+                group: s.group,
+                message_id: s.env.message_id,
+                timestamp: s.env.timestamp,
+                data: s.data,
+            })
+            .await;
+        }
+        true
+    }
+
     pub(super) async fn envelope(&mut self, env: pb::Envelope) {
         let id = env.id;
         if self.recent.contains(&id) {

@@ -273,6 +273,10 @@ const CONNECT_WAIT: Duration = Duration::from_secs(30);
 /// Envelope ids in one `Ack` (the protocol allows up to 1000, docs §7).
 const MAX_ACK_BATCH: usize = 500;
 
+/// Pushes taken together once one comes (see `Actor::envelopes`): half the delivery window, so
+/// that the gateway has the other half to send while a run is committed.
+const MAX_RUN: usize = DELIVERY_WINDOW as usize / 2;
+
 macro_rules! ask {
     ($self:ident, $variant:ident { $($field:ident),* }) => {{
         let (reply, rx) = oneshot::channel();
