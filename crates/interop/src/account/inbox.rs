@@ -97,7 +97,8 @@ impl Actor {
             };
             let sealed = serde_json::to_vec(&entry).expect("serializes");
             entries.push((INBOX, s.env.id.to_string(), Some(sealed)));
-            // Noted before the write, as `data_message` does.
+            // Noted before the write: a commit that fails after all (a lost connection during
+            // COMMIT) must still be looked up on redelivery.
             if let Some(inbox) = self.inbox.as_mut() {
                 inbox.insert(s.env.id);
             }
@@ -213,42 +214,9 @@ impl Actor {
         false
     }
     /// A decrypted message: sealed into the inbox with the ratchet step that produced it, then
-    /// handed to the consumer (acked when it says so).
+    /// handed to the consumer (acked when it says so). A run of one.
     async fn data_message(&mut self, env: pb::Envelope, group: Option<String>, data: DataMessage) {
-        let id = env.id;
-        let entry = InboxEntry {
-            from: env.from.clone(),
-            group: group.clone(),
-            message_id: env.message_id.clone(),
-            timestamp: env.timestamp,
-            data: data.encode_to_vec(),
-        };
-        let sealed_entry = serde_json::to_vec(&entry).expect("serializes");
-        // Noted before the write: a commit that fails after all (a lost
-        // connection during COMMIT) must still be looked up on redelivery.
-        if let Some(inbox) = self.inbox.as_mut() {
-            inbox.insert(id);
-        }
-        if let Err(e) = self
-            .store
-            .commit(vec![(INBOX, id.to_string(), Some(sealed_entry))])
-            .await
-        {
-            self.redeliver_later(&format!("cannot store a decrypted message: {e}"))
-                .await;
-            return;
-        }
-        self.store_backoff = FIRST_STORE_BACKOFF;
-        self.report_identity_changes().await;
-        self.emit(Event::Message {
-            envelope_id: id,
-            from: env.from,
-            group,
-            message_id: env.message_id,
-            timestamp: env.timestamp,
-            data,
-        })
-        .await;
+        self.flush(&mut vec![Staged { env, group, data }]).await;
     }
 
     /// A sender key for a group, taken only from a member of that group.
