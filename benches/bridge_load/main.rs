@@ -73,6 +73,11 @@
 //! prints the statements per message by verb and table (the rates of such a run are slowed by
 //! the logging; take them from a run without it). `MIB_BENCH_LATENCY_DIR=D`: each run's
 //! messages, as sent time and latency in ms, to a file per run in D.
+//! A run where nothing arrives for 45 s (counted from its first send) fails after a stall
+//! report on standard error: the gateway's connections with envelopes in flight or stanzas
+//! queued and what their delivery waits for, each contact's actor and connection, and the
+//! gateway's TCP connections with bytes queued; `MIB_BENCH_STALL_STACKS=F` adds every thread's
+//! stack (by gdb) in the file F.
 
 // A bench binary's report is its standard output.
 #![allow(clippy::print_stdout)]
@@ -262,7 +267,17 @@ fn gateway_limits(cfg: &mut mib_gateway::GatewayConfig) {
 
 /// The reference gateway, in-process (the tests' own).
 async fn start_gateway() -> common::interop::TestGateway {
-    common::interop::TestGateway::start_with(gateway_limits).await
+    let gateway = common::interop::TestGateway::start_with(gateway_limits).await;
+    watch_gateway(&gateway);
+    gateway
+}
+
+/// The running gateway, for the report of a run that stalled (`world::stall_report`).
+static GATEWAY: std::sync::Mutex<Option<(mib_gateway::Gateway, u16)>> = std::sync::Mutex::new(None);
+
+fn watch_gateway(gateway: &common::interop::TestGateway) {
+    *GATEWAY.lock().unwrap_or_else(|p| p.into_inner()) =
+        Some((gateway.gateway.clone(), gateway.port));
 }
 
 /// `--restarts`: the gateway goes away for 2 s and comes back, then the bridge is stopped and
@@ -289,6 +304,7 @@ async fn restarts(
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let gateway = common::interop::TestGateway::restart_with(gateway, port, gateway_limits).await;
+    watch_gateway(&gateway);
     let back = wait_connected(http, ends, logins, Instant::now()).await;
     back.print("gateway restart (down 2 s)", logins);
 

@@ -121,7 +121,7 @@ pub(crate) async fn backlog(
     let pid = bridge.pid().to_string();
     wait_ready(&world.http, ends, hs.as_ref(), bridge).await;
     let ready = world.reg.now();
-    wait_done(&track, Some(&mut *bridge)).await;
+    wait_done(world, &track, Some(&mut *bridge), None).await;
     let cpu = sample(&pid, ticks);
     let me = sample("self", ticks).cpu_secs - me0.cpu_secs;
     let recv: Vec<u64> = track

@@ -109,7 +109,8 @@ pub(crate) fn summarize(
 }
 
 /// Sends `n` messages in `dir` at full speed (`rate` = None) or paced at `rate` per second, and
-/// waits until all have arrived.
+/// waits until all have arrived. The wait for arrivals starts with the first send, so that
+/// sends that stop being taken are reported as a stall too.
 pub(crate) async fn run(
     world: &Arc<World>,
     bridge: Option<&mut BridgeProc>,
@@ -118,8 +119,9 @@ pub(crate) async fn run(
     n: usize,
     rate: Option<f64>,
 ) -> Arc<Track> {
-    let track = send(world, dir, name, n, rate).await;
-    wait_done(&track, bridge).await;
+    let (run, track) = world.reg.track(name, n);
+    let mut sending = tokio::spawn(send_into(world.clone(), dir, run, track.clone(), rate));
+    wait_done(world, &track, bridge, Some(&mut sending)).await;
     track
 }
 
@@ -133,6 +135,14 @@ pub(crate) async fn send(
     rate: Option<f64>,
 ) -> Arc<Track> {
     let (run, track) = world.reg.track(name, n);
+    send_into(world.clone(), dir, run, track.clone(), rate).await;
+    track
+}
+
+/// Sends the messages of `track` (run number `run`); see [`send`].
+async fn send_into(world: Arc<World>, dir: Dir, run: usize, track: Arc<Track>, rate: Option<f64>) {
+    let world = &world;
+    let n = track.len();
     let mut tasks: JoinSet<()> = JoinSet::new();
     match (dir, rate) {
         (Dir::MatrixToInterop, None) if world.clients.is_empty() => {
@@ -251,7 +261,6 @@ pub(crate) async fn send(
     while let Some(r) = tasks.join_next().await {
         r.expect("send task");
     }
-    track
 }
 
 /// The measured runs: a warm-up each way, then per direction a run at full speed and one paced

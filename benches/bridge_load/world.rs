@@ -336,13 +336,25 @@ pub(crate) async fn sync_loop(world: Arc<World>, u: usize) {
     }
 }
 
-/// Waits until every message of `track` arrived; panics when nothing arrives for `STALL`.
-pub(crate) async fn wait_done(track: &Track, mut bridge: Option<&mut BridgeProc>) {
+/// Waits until every message of `track` arrived; panics when nothing arrives for `STALL`, after
+/// printing what the gateway's connections and the contacts wait for ([`stall_report`]).
+/// `sending`: the task still sending the run's messages, whose panic is passed on.
+pub(crate) async fn wait_done(
+    world: &World,
+    track: &Track,
+    mut bridge: Option<&mut BridgeProc>,
+    mut sending: Option<&mut tokio::task::JoinHandle<()>>,
+) {
     let mut last = usize::MAX;
     let mut since = Instant::now();
     loop {
+        if let Some(task) = sending.take_if(|t| t.is_finished())
+            && let Err(e) = task.await
+        {
+            std::panic::resume_unwind(e.into_panic());
+        }
         let got = track.received.load(Ordering::Relaxed);
-        if got >= track.len() {
+        if got >= track.len() && sending.is_none() {
             return;
         }
         if got != last {
@@ -354,13 +366,71 @@ pub(crate) async fn wait_done(track: &Track, mut bridge: Option<&mut BridgeProc>
             "the bridge exited during {}",
             track.name
         );
-        assert!(
-            since.elapsed() < STALL,
-            "{}: {got} of {} messages arrived, then nothing for {} s",
-            track.name,
-            track.len(),
-            STALL.as_secs()
-        );
+        if since.elapsed() >= STALL {
+            stall_report(world).await;
+            panic!(
+                "{}: {got} of {} messages arrived{}, then nothing for {} s",
+                track.name,
+                track.len(),
+                if sending.is_some() {
+                    " while sending"
+                } else {
+                    ""
+                },
+                STALL.as_secs()
+            );
+        }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// Prints what waits where when a run stalled: the gateway's connections that have envelopes
+/// in flight or stanzas queued, or whose delivery waits for anything but a new envelope; every
+/// contact's actor and connection; and the gateway's TCP connections with bytes queued.
+pub(crate) async fn stall_report(world: &World) {
+    let gateway = GATEWAY.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    eprintln!("--- stall report ---");
+    if let Some((gateway, port)) = gateway {
+        for c in gateway.connections().await {
+            if c.in_flight > 0 || c.out_queued > 0 || !c.delivery.contains("new envelope") {
+                eprintln!("gateway connection {c}");
+            }
+        }
+        let ss = std::process::Command::new("ss")
+            .args(["-tnH", "state", "established"])
+            .output();
+        match ss {
+            Ok(out) => {
+                let port = format!(":{port}");
+                for line in String::from_utf8_lossy(&out.stdout).lines() {
+                    let cols: Vec<&str> = line.split_whitespace().collect();
+                    let queued = cols.len() >= 4 && (cols[0] != "0" || cols[1] != "0");
+                    if queued && (cols[2].ends_with(&port) || cols[3].ends_with(&port)) {
+                        eprintln!("socket (recv-q send-q local peer) {line}");
+                    }
+                }
+            }
+            Err(e) => eprintln!("cannot run ss: {e}"),
+        }
+    }
+    for c in &world.contacts {
+        eprintln!("contact {}: {}", c.account, c.handle.describe());
+    }
+    // `MIB_BENCH_STALL_STACKS=F`: every thread's stack into the file F too (needs gdb; into a
+    // file, since a pipe that this process, stopped by gdb, cannot read would block it).
+    if let Some(path) = std::env::var_os("MIB_BENCH_STALL_STACKS") {
+        let pid = std::process::id().to_string();
+        let run = std::fs::File::create(&path).and_then(|f| {
+            std::process::Command::new("gdb")
+                .args(["-p", &pid, "-batch", "-ex", "thread apply all bt"])
+                .stdout(f)
+                .stderr(std::process::Stdio::null())
+                .status()
+        });
+        match run {
+            Ok(_) => eprintln!("stacks in {}", std::path::Path::new(&path).display()),
+            Err(e) => eprintln!("cannot run gdb: {e}"),
+        }
+    }
+    eprintln!("--- end of stall report ---");
 }

@@ -5,7 +5,6 @@ use std::{collections::BTreeSet, sync::Arc, time::Duration};
 use rand::{Rng, RngCore};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tokio::sync::{Notify, mpsc};
 
 use super::{
     CodeDelivery, Conn, Online, Reject, Shared, blobs, check_account,
@@ -260,12 +259,12 @@ async fn login(shared: &Arc<Shared>, conn: &mut Conn, l: pb::Login) -> Result<Bo
             "unknown account or wrong secret",
         ));
     }
-    let me = Online {
-        conn_id: conn.id,
-        out: conn.out.clone(),
-        wake: conn.wake.clone(),
-        kill: conn.kill_tx.clone(),
-    };
+    conn.window = (l.window > 0).then(|| {
+        Arc::new(super::Window::new(
+            l.window.min(shared.cfg.limits.max_window),
+        ))
+    });
+    let me = conn.online();
     if let Some(old) = shared.online.lock().await.insert(l.account.clone(), me) {
         let _ = old.out.try_send(Box::new(super::error_stanza(
             0,
@@ -277,11 +276,6 @@ async fn login(shared: &Arc<Shared>, conn: &mut Conn, l: pb::Login) -> Result<Bo
     let (queued, upto) = shared.db.queue_state(&l.account).await?;
     let (ot, ky) = shared.db.key_counts(&l.account).await?;
     conn.pending_delivery = Some(upto);
-    conn.window = (l.window > 0).then(|| {
-        Arc::new(super::Window::new(
-            l.window.min(shared.cfg.limits.max_window),
-        ))
-    });
     // A login does not make the account online (docs §10.3); `SetPresence` does.
     Ok(Body::LoggedIn(pb::LoggedIn {
         account: l.account,
@@ -298,26 +292,22 @@ pub(crate) async fn after_answer(
 ) -> Option<tokio::task::JoinHandle<()>> {
     let upto = conn.pending_delivery.take()?;
     let account = conn.account.clone()?;
-    Some(tokio::spawn(deliver(
-        shared.clone(),
-        account,
-        conn.out.clone(),
-        conn.kill_tx.clone(),
-        conn.wake.clone(),
-        conn.window.clone(),
-        upto,
-    )))
+    let me = conn.online();
+    Some(tokio::spawn(deliver(shared.clone(), account, me, upto)))
 }
 
-async fn deliver(
-    shared: Arc<Shared>,
-    account: String,
-    out: mpsc::Sender<Box<pb::Stanza>>,
-    kill: tokio::sync::watch::Sender<bool>,
-    wake: Arc<Notify>,
-    window: Option<Arc<super::Window>>,
-    upto: i64,
-) {
+/// Pushes the account's envelopes on the connection `me`: those stored up to `upto` (the
+/// queue at login), then `QueueDrained`, then each one stored from then on.
+async fn deliver(shared: Arc<Shared>, account: String, me: Online, upto: i64) {
+    use super::DeliveryStage as S;
+    let Online {
+        out,
+        wake,
+        kill,
+        window,
+        delivery: stage,
+        ..
+    } = me;
     let stall = shared.cfg.limits.slow_reader_timeout;
     let push = |body| pb::Stanza {
         id: 0,
@@ -328,6 +318,7 @@ async fn deliver(
     let mut drained = false;
     loop {
         let limit = if drained { i64::MAX } else { upto };
+        stage.set(S::READING);
         let batch = match shared
             .db
             .envelopes_after(&account, last, limit, DELIVERY_BATCH)
@@ -344,6 +335,7 @@ async fn deliver(
             if !drained {
                 drained = true;
                 let drained_push = push(Body::QueueDrained(pb::QueueDrained { delivered }));
+                stage.set(S::QUEUE);
                 if super::enqueue(&out, &kill, stall, drained_push)
                     .await
                     .is_err()
@@ -352,16 +344,19 @@ async fn deliver(
                 }
                 continue;
             }
+            stage.set(S::WAKE);
             wake.notified().await;
             continue;
         }
         let read_all = batch.len() < DELIVERY_BATCH as usize;
         for env in batch {
             if let Some(w) = &window {
+                stage.set(S::WINDOW);
                 w.admit(env.id).await;
             }
             last = env.id as i64;
             delivered += 1;
+            stage.set(S::QUEUE);
             if super::enqueue(&out, &kill, stall, push(Body::Envelope(env)))
                 .await
                 .is_err()
@@ -375,6 +370,7 @@ async fn deliver(
             // need to read again to find the queue empty: with many accounts, each getting an
             // envelope now and then, that second read was half of the reads on the one
             // connection.
+            stage.set(S::WAKE);
             wake.notified().await;
         }
     }

@@ -259,6 +259,61 @@ pub(crate) struct Online {
     pub wake: Arc<Notify>,
     /// Closes the connection (re-registration, a newer login).
     pub kill: watch::Sender<bool>,
+    /// The login's delivery window, if it asked for one.
+    pub window: Option<Arc<Window>>,
+    /// Where the delivery loop is (see [`Gateway::connections`]).
+    pub delivery: Arc<DeliveryStage>,
+}
+
+/// Where a login's delivery loop is, for [`Gateway::connections`]: a delivery that stopped
+/// moving shows whether it waits for acks, for the client to read, or for a new envelope.
+#[derive(Default)]
+pub(crate) struct DeliveryStage(std::sync::atomic::AtomicU8);
+
+impl DeliveryStage {
+    pub const STARTING: u8 = 0;
+    pub const READING: u8 = 1;
+    pub const WINDOW: u8 = 2;
+    pub const QUEUE: u8 = 3;
+    pub const WAKE: u8 = 4;
+
+    pub fn set(&self, stage: u8) {
+        self.0.store(stage, Ordering::Relaxed);
+    }
+
+    fn describe(&self) -> &'static str {
+        match self.0.load(Ordering::Relaxed) {
+            Self::STARTING => "not started",
+            Self::READING => "reading envelopes",
+            Self::WINDOW => "waiting for acks (window full)",
+            Self::QUEUE => "waiting for the client to read (outgoing queue full)",
+            _ => "waiting for a new envelope",
+        }
+    }
+}
+
+/// A logged-in connection's delivery, as [`Gateway::connections`] reports it.
+#[derive(Clone, Debug)]
+pub struct ConnectionState {
+    pub account: String,
+    /// Envelopes pushed and not acked, and the window's size (0: no window).
+    pub in_flight: usize,
+    pub window: usize,
+    /// Envelopes pushed on this connection so far.
+    pub pushed: u64,
+    /// Stanzas waiting in the connection's outgoing queue.
+    pub out_queued: usize,
+    pub delivery: &'static str,
+}
+
+impl std::fmt::Display for ConnectionState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: {} pushed, {} of {} in flight, {} queued out, delivery {}",
+            self.account, self.pushed, self.in_flight, self.window, self.out_queued, self.delivery
+        )
+    }
 }
 
 pub(crate) struct Shared {
@@ -347,6 +402,28 @@ impl Gateway {
     /// Reads of envelopes for delivery so far.
     pub fn delivery_reads(&self) -> u64 {
         self.shared.db.delivery_reads()
+    }
+
+    /// Every logged-in connection's delivery: what was pushed and not acked, what waits to be
+    /// written, and what its delivery loop waits for. For diagnosing a delivery that stopped.
+    pub async fn connections(&self) -> Vec<ConnectionState> {
+        let online = self.shared.online.lock().await;
+        let mut states: Vec<ConnectionState> = online
+            .iter()
+            .map(|(account, o)| ConnectionState {
+                account: account.clone(),
+                in_flight: o.window.as_ref().map_or(0, |w| w.in_flight()),
+                window: o.window.as_ref().map_or(0, |w| w.size),
+                pushed: o
+                    .window
+                    .as_ref()
+                    .map_or(0, |w| w.admitted.load(Ordering::Relaxed)),
+                out_queued: o.out.max_capacity() - o.out.capacity(),
+                delivery: o.delivery.describe(),
+            })
+            .collect();
+        states.sort_by(|a, b| a.account.cmp(&b.account));
+        states
     }
 
     /// Accepts connections until `shutdown` turns true. In development mode a listener on a
@@ -546,6 +623,22 @@ pub(crate) struct Conn {
     pub pending_delivery: Option<i64>,
     /// The login's delivery window, when it asked for one (`Login.window`, docs §7).
     pub window: Option<Arc<Window>>,
+    /// Where the login's delivery loop is.
+    pub delivery_stage: Arc<DeliveryStage>,
+}
+
+impl Conn {
+    /// This logged-in connection as other connections and its delivery loop see it.
+    pub fn online(&self) -> Online {
+        Online {
+            conn_id: self.id,
+            out: self.out.clone(),
+            wake: self.wake.clone(),
+            kill: self.kill_tx.clone(),
+            window: self.window.clone(),
+            delivery: self.delivery_stage.clone(),
+        }
+    }
 }
 
 /// Flow control of one login's delivery (docs §7): at most `size` envelopes pushed on this
@@ -554,6 +647,8 @@ pub(crate) struct Window {
     size: usize,
     in_flight: std::sync::Mutex<std::collections::HashSet<u64>>,
     freed: Notify,
+    /// Envelopes admitted so far (for [`Gateway::connections`]).
+    admitted: AtomicU64,
 }
 
 impl Window {
@@ -562,6 +657,7 @@ impl Window {
             size: size.max(1) as usize,
             in_flight: Default::default(),
             freed: Notify::new(),
+            admitted: AtomicU64::new(0),
         }
     }
 
@@ -575,11 +671,20 @@ impl Window {
                 let mut f = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
                 if f.len() < self.size {
                     f.insert(id);
+                    self.admitted.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
             }
             freed.await;
         }
+    }
+
+    /// Envelopes pushed and not yet acked.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
     }
 
     /// Acked envelopes leave the window (ids that were not in flight change nothing).
@@ -712,6 +817,7 @@ async fn connection(
         delivery: None,
         pending_delivery: None,
         window: None,
+        delivery_stage: Default::default(),
     };
     let stall = limits.slow_reader_timeout;
     let send = |st: pb::Stanza| enqueue(&out_tx, &kill_tx, stall, st);

@@ -96,6 +96,8 @@ pub struct GatewayConn {
     out: mpsc::Sender<Box<pb::Stanza>>,
     pending: Pending,
     next_id: Arc<AtomicU64>,
+    /// The pushes not yet taken by the account (for [`Self::describe`]).
+    pushes: mpsc::WeakSender<Box<pb::Stanza>>,
 }
 
 /// The answer to come to a request sent with [`GatewayConn::submit`].
@@ -184,6 +186,7 @@ impl GatewayConn {
         let (out_tx, out_rx) = mpsc::channel::<Box<pb::Stanza>>(256);
         let (push_tx, push_rx) = mpsc::channel::<Box<pb::Stanza>>(1024);
         let pending: Pending = Arc::new(Mutex::new(Some(HashMap::new())));
+        let pushes = push_tx.downgrade();
         tokio::spawn(writer.pump(out_rx));
         let p = pending.clone();
         tokio::spawn(async move {
@@ -218,6 +221,7 @@ impl GatewayConn {
             out: out_tx,
             pending,
             next_id: Arc::new(AtomicU64::new(1)),
+            pushes,
         };
         let keepalive = conn.clone();
         let weak = Arc::downgrade(&conn.next_id);
@@ -243,6 +247,24 @@ impl GatewayConn {
 
     pub fn is_closed(&self) -> bool {
         self.out.is_closed()
+    }
+
+    /// What waits on this connection: stanzas to write, pushes the account has not taken,
+    /// requests without their answer. For diagnosing a connection that stopped moving.
+    pub fn describe(&self) -> String {
+        let queued = |tx: &mpsc::Sender<Box<pb::Stanza>>| tx.max_capacity() - tx.capacity();
+        let pushes = self
+            .pushes
+            .upgrade()
+            .map_or_else(|| "reader ended".to_owned(), |tx| queued(&tx).to_string());
+        let requests = self.pending.try_lock().map_or_else(
+            |_| "?".to_owned(),
+            |p| p.as_ref().map_or(0, HashMap::len).to_string(),
+        );
+        format!(
+            "{} stanzas to write, {pushes} pushes not taken, {requests} requests unanswered",
+            queued(&self.out)
+        )
     }
 
     /// Sends a request and waits for its answer; an `Error` answer becomes `Err`.

@@ -22,6 +22,11 @@ pub(super) struct Doing {
     step: Option<(&'static str, tokio::time::Instant)>,
     /// Steps finished since the actor started.
     steps: u64,
+    /// Envelopes taken from the connection, envelope ids whose ack the gateway took, and
+    /// those whose ack was given up (see [`ack_until_taken`]).
+    envelopes: u64,
+    acked: u64,
+    acks_given_up: u64,
 }
 
 pub(super) type SharedDoing = Arc<std::sync::Mutex<Doing>>;
@@ -37,6 +42,19 @@ impl Doing {
             ),
             None => format!("waiting for work ({} steps done)", d.steps),
         }
+    }
+
+    /// How many envelopes came, and how many of them were acked or had their ack given up.
+    pub(super) fn flow(doing: &SharedDoing) -> String {
+        let d = doing.lock().unwrap_or_else(|p| p.into_inner());
+        format!(
+            "{} envelopes taken, {} acked, {} acks given up",
+            d.envelopes, d.acked, d.acks_given_up
+        )
+    }
+
+    fn count(doing: &SharedDoing, f: impl FnOnce(&mut Doing)) {
+        f(&mut doing.lock().unwrap_or_else(|p| p.into_inner()));
     }
 }
 
@@ -361,10 +379,11 @@ impl Actor {
         let Ok(conn) = self.conn().cloned() else {
             return;
         };
+        let doing = self.doing.clone();
         tokio::spawn(async move {
             let n = envelope_ids.len();
             let closed = conn.clone();
-            ack_until_taken(
+            let taken = ack_until_taken(
                 || {
                     let ack = Body::Ack(pb::Ack {
                         envelope_ids: envelope_ids.clone(),
@@ -375,7 +394,14 @@ impl Actor {
                 move || closed.is_closed(),
                 n,
             )
-            .await
+            .await;
+            Doing::count(&doing, |d| {
+                if taken {
+                    d.acked += n as u64;
+                } else {
+                    d.acks_given_up += n as u64;
+                }
+            });
         });
     }
 
@@ -392,6 +418,11 @@ impl Actor {
         {
             pushes.push(*st);
         }
+        let envelopes = pushes
+            .iter()
+            .filter(|st| matches!(st.body, Some(Body::Envelope(_))))
+            .count() as u64;
+        Doing::count(&self.doing, |d| d.envelopes += envelopes);
         let mut run = Vec::new();
         for st in pushes {
             match st.body {
@@ -569,14 +600,15 @@ pub(super) async fn ack_until_taken<F, Fut>(
     mut request: F,
     closed: impl Fn() -> bool,
     envelopes: usize,
-) where
+) -> bool
+where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<Body, InteropError>>,
 {
     let mut backoff = FIRST_ACK_RETRY;
     loop {
         let wait = match request().await {
-            Ok(_) => return,
+            Ok(_) => return true,
             Err(InteropError::Gateway {
                 code: ErrorCode::RateLimited,
                 retry_after_ms,
@@ -584,7 +616,7 @@ pub(super) async fn ack_until_taken<F, Fut>(
             }) => Duration::from_millis(retry_after_ms.clamp(10, 10_000)),
             Err(e @ InteropError::Disconnected) => {
                 tracing::debug!(error = %e, "ack not delivered; the envelopes come again");
-                return;
+                return false;
             }
             Err(e @ (InteropError::Timeout | InteropError::Unexpected)) => {
                 tracing::warn!(error = %e, envelopes, pause = ?backoff, "an ack got no answer; sending it again");
@@ -594,11 +626,11 @@ pub(super) async fn ack_until_taken<F, Fut>(
             }
             Err(e) => {
                 tracing::warn!(error = %e, envelopes, "ack refused; the envelopes come again at the next login");
-                return;
+                return false;
             }
         };
         if closed() {
-            return;
+            return false;
         }
         tokio::time::sleep(wait).await;
     }

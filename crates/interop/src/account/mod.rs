@@ -419,6 +419,21 @@ impl AccountHandle {
     pub async fn session_info(&self, peer: String) -> Result<SessionInfo, InteropError> {
         ask!(self, SessionInfo { peer })
     }
+    /// What the actor and its connection are doing: the step under way, the commands waiting
+    /// for it, and what waits on the connection. For diagnosing an account that stopped moving.
+    pub fn describe(&self) -> String {
+        let conn = match self.conn.borrow().as_ref() {
+            Some(c) if !c.is_closed() => c.describe(),
+            Some(_) => "connection closed".to_owned(),
+            None => "not connected".to_owned(),
+        };
+        format!(
+            "{}, {} commands waiting, {}; {conn}",
+            actor::Doing::describe(&self.doing),
+            self.cmd.max_capacity() - self.cmd.capacity(),
+            actor::Doing::flow(&self.doing),
+        )
+    }
     /// Whether the actor has ended (stopped, logged out).
     pub fn is_stopped(&self) -> bool {
         self.cmd.is_closed()
