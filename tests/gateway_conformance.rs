@@ -1158,6 +1158,19 @@ async fn s7_a_window_keeps_at_most_that_many_envelopes_unacked() {
     }
     // Two in flight: nothing more until an ack.
     assert!(no_push(&mut pushes, |b| matches!(b, Body::Envelope(_))).await);
+    // The gateway's report of its connections says so (what a stalled delivery is read from).
+    let state = |all: Vec<mib_gateway::ConnectionState>| {
+        all.into_iter()
+            .find(|c| c.account == b)
+            .expect("b's connection is listed")
+    };
+    let waiting = state(gw.gateway.connections().await);
+    assert_eq!(
+        (waiting.pushed, waiting.in_flight, waiting.window),
+        (2, 2, 2),
+        "{waiting}"
+    );
+    assert_eq!(waiting.delivery, "waiting for acks (window full)");
     // Acking an id that is not in flight frees nothing.
     conn.request(Body::Ack(pb::Ack {
         envelope_ids: vec![ids[1] + 1000],
@@ -1193,6 +1206,9 @@ async fn s7_a_window_keeps_at_most_that_many_envelopes_unacked() {
         }
     }
     assert_eq!(seen, ["q0", "q1", "q2", "q3", "q4"]);
+    // In flight at the end: q2 (never acked here) and q4.
+    let done = state(gw.gateway.connections().await);
+    assert_eq!((done.pushed, done.in_flight), (5, 2), "{done}");
 }
 
 #[tokio::test]
