@@ -299,7 +299,7 @@ pub(crate) async fn after_answer(
 /// Pushes the account's envelopes on the connection `me`: those stored up to `upto` (the
 /// queue at login), then `QueueDrained`, then each one stored from then on.
 async fn deliver(shared: Arc<Shared>, account: String, me: Online, upto: i64) {
-    use super::DeliveryStage as S;
+    use super::Stage as S;
     let Online {
         out,
         wake,
@@ -318,7 +318,7 @@ async fn deliver(shared: Arc<Shared>, account: String, me: Online, upto: i64) {
     let mut drained = false;
     loop {
         let limit = if drained { i64::MAX } else { upto };
-        stage.set(S::READING);
+        stage.set(S::Reading);
         let batch = match shared
             .db
             .envelopes_after(&account, last, limit, DELIVERY_BATCH)
@@ -335,7 +335,7 @@ async fn deliver(shared: Arc<Shared>, account: String, me: Online, upto: i64) {
             if !drained {
                 drained = true;
                 let drained_push = push(Body::QueueDrained(pb::QueueDrained { delivered }));
-                stage.set(S::QUEUE);
+                stage.set(S::Queue);
                 if super::enqueue(&out, &kill, stall, drained_push)
                     .await
                     .is_err()
@@ -344,19 +344,19 @@ async fn deliver(shared: Arc<Shared>, account: String, me: Online, upto: i64) {
                 }
                 continue;
             }
-            stage.set(S::WAKE);
+            stage.set(S::Wake);
             wake.notified().await;
             continue;
         }
         let read_all = batch.len() < DELIVERY_BATCH as usize;
         for env in batch {
             if let Some(w) = &window {
-                stage.set(S::WINDOW);
+                stage.set(S::Window);
                 w.admit(env.id).await;
             }
             last = env.id as i64;
             delivered += 1;
-            stage.set(S::QUEUE);
+            stage.set(S::Queue);
             if super::enqueue(&out, &kill, stall, push(Body::Envelope(env)))
                 .await
                 .is_err()
@@ -370,7 +370,7 @@ async fn deliver(shared: Arc<Shared>, account: String, me: Online, upto: i64) {
             // need to read again to find the queue empty: with many accounts, each getting an
             // envelope now and then, that second read was half of the reads on the one
             // connection.
-            stage.set(S::WAKE);
+            stage.set(S::Wake);
             wake.notified().await;
         }
     }

@@ -267,27 +267,47 @@ pub(crate) struct Online {
 
 /// Where a login's delivery loop is, for [`Gateway::connections`]: a delivery that stopped
 /// moving shows whether it waits for acks, for the client to read, or for a new envelope.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Stage {
+    Starting,
+    Reading,
+    /// Waiting for acks: the window is full.
+    Window,
+    /// Waiting for the client to read: the outgoing queue is full.
+    Queue,
+    /// Waiting for a new envelope to be stored.
+    Wake,
+}
+
+impl Stage {
+    fn describe(self) -> &'static str {
+        match self {
+            Stage::Starting => "not started",
+            Stage::Reading => "reading envelopes",
+            Stage::Window => "waiting for acks (window full)",
+            Stage::Queue => "waiting for the client to read (outgoing queue full)",
+            Stage::Wake => "waiting for a new envelope",
+        }
+    }
+}
+
+/// A [`Stage`] that the delivery loop sets and [`Gateway::connections`] reads.
 #[derive(Default)]
 pub(crate) struct DeliveryStage(std::sync::atomic::AtomicU8);
 
 impl DeliveryStage {
-    pub const STARTING: u8 = 0;
-    pub const READING: u8 = 1;
-    pub const WINDOW: u8 = 2;
-    pub const QUEUE: u8 = 3;
-    pub const WAKE: u8 = 4;
-
-    pub fn set(&self, stage: u8) {
-        self.0.store(stage, Ordering::Relaxed);
+    pub fn set(&self, stage: Stage) {
+        self.0.store(stage as u8, Ordering::Relaxed);
     }
 
-    fn describe(&self) -> &'static str {
+    fn get(&self) -> Stage {
         match self.0.load(Ordering::Relaxed) {
-            Self::STARTING => "not started",
-            Self::READING => "reading envelopes",
-            Self::WINDOW => "waiting for acks (window full)",
-            Self::QUEUE => "waiting for the client to read (outgoing queue full)",
-            _ => "waiting for a new envelope",
+            0 => Stage::Starting,
+            1 => Stage::Reading,
+            2 => Stage::Window,
+            3 => Stage::Queue,
+            _ => Stage::Wake,
         }
     }
 }
@@ -419,7 +439,7 @@ impl Gateway {
                     .as_ref()
                     .map_or(0, |w| w.admitted.load(Ordering::Relaxed)),
                 out_queued: o.out.max_capacity() - o.out.capacity(),
-                delivery: o.delivery.describe(),
+                delivery: o.delivery.get().describe(),
             })
             .collect();
         states.sort_by(|a, b| a.account.cmp(&b.account));

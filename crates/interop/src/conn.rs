@@ -252,7 +252,6 @@ impl GatewayConn {
     /// What waits on this connection: stanzas to write, pushes the account has not taken,
     /// requests without their answer. For diagnosing a connection that stopped moving.
     pub fn describe(&self) -> String {
-        let queued = |tx: &mpsc::Sender<Box<pb::Stanza>>| tx.max_capacity() - tx.capacity();
         let pushes = self
             .pushes
             .upgrade()
@@ -365,4 +364,9 @@ impl GatewayConn {
             _ => Err(InteropError::Unexpected),
         }
     }
+}
+
+/// How many items wait in a bounded channel (for the diagnostics of a queue that stopped).
+pub(crate) fn queued<T>(tx: &mpsc::Sender<T>) -> usize {
+    tx.max_capacity() - tx.capacity()
 }

@@ -31,7 +31,7 @@ impl SignalRuntime {
                 let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
-                    .thread_name(format!("signal-{i}"))
+                    .thread_name(format!("signal-{i}-blocking"))
                     .build()
                     .expect("building a shard's runtime");
                 std::thread::Builder::new()

@@ -288,7 +288,7 @@ macro_rules! ask {
             tracing::warn!(
                 command = stringify!($variant),
                 actor = %actor::Doing::describe(&$self.doing),
-                queued = $self.cmd.max_capacity() - $self.cmd.capacity(),
+                queued = $crate::conn::queued(&$self.cmd),
                 connected = $self.conn.borrow().as_ref().is_some_and(|c| !c.is_closed()),
                 "the account did not finish a command in 180 s"
             );
@@ -430,7 +430,7 @@ impl AccountHandle {
         format!(
             "{}, {} commands waiting, {}; {conn}",
             actor::Doing::describe(&self.doing),
-            self.cmd.max_capacity() - self.cmd.capacity(),
+            crate::conn::queued(&self.cmd),
             actor::Doing::flow(&self.doing),
         )
     }
