@@ -30,9 +30,12 @@
 //! Then a reference run: the contacts send K messages to each other in pairs, through the same
 //! gateway and client but without the bridge: the ceiling of everything except the bridge on this
 //! machine, to compare the bridge's rows with.
-//! Last (stand-in only), the backlog run: the bridge is stopped, the contacts send K messages the
-//! gateway keeps, and the bridge starts again and delivers them with the contacts idle, which
-//! comes nearest to its own interop→Matrix ceiling here (see `restarts::backlog`).
+//! Last (stand-in only), two runs with one side offline, each nearest to the bridge's own
+//! ceiling in one direction here. Contacts offline: the contacts' clients stop, the users send
+//! K messages, and the run lasts until the gateway has stored them all; then the contacts come
+//! back and must receive each one (see `restarts::offline_contacts`). The backlog run: the
+//! bridge is stopped, the contacts send K messages the gateway keeps, and the bridge starts
+//! again and delivers them with the contacts idle (see `restarts::backlog`).
 //! Below the table, the floor: the Signal work of a message (encrypt or decrypt, and its vault
 //! commit) on its own, one task, no bridge (see `floor`), next to which the bridge's CPU per
 //! message shows how much of it is the bridge's own work.
@@ -607,6 +610,19 @@ async fn bench(opts: Opts) {
     if hs.is_some() && !opts.no_runs && opts.workers <= 1 {
         // Last, as it restarts the bridge (the figures above are the first process's).
         println!();
+        settle(&pid, ticks).await;
+        let contacts = (&signal_rt, &gaddr);
+        let (n, pid) = (opts.messages, pid.as_str());
+        offline_contacts(
+            &world,
+            &mut bridge,
+            &gateway.gateway,
+            contacts,
+            n,
+            (pid, ticks),
+        )
+        .await;
+        settle(pid, ticks).await;
         let setup = (config.as_path(), tmp.path(), &hs);
         backlog(&world, &mut bridge, setup, &ends, opts.messages, ticks).await;
     }

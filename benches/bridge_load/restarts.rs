@@ -153,3 +153,71 @@ pub(crate) async fn backlog(
         }
     );
 }
+
+/// Matrix → interop with every contact offline (stand-in only): the contacts' clients stop, the
+/// users send `n` messages as in the max run, and the run lasts until the gateway has stored
+/// all of them; then the contacts come back and must receive every one. Without the contacts'
+/// decryption on the machine, the load besides the bridge is the stand-in and the gateway
+/// storing envelopes, so this comes nearest to the bridge's own Matrix → interop ceiling here
+/// (as the backlog run does for interop → Matrix).
+pub(crate) async fn offline_contacts(
+    world: &Arc<World>,
+    bridge: &mut BridgeProc,
+    gateway: &mib_gateway::Gateway,
+    (rt, gw): (&SignalRuntime, &GatewayAddr),
+    n: usize,
+    (pid, ticks): (&str, f64),
+) {
+    for c in &world.contacts {
+        c.go_offline().await;
+    }
+    let stored0 = gateway.relayed();
+    let (b0, m0) = (sample(pid, ticks), sample("self", ticks));
+    let t0 = Instant::now();
+    let name = "offline contacts Matrix→interop";
+    eprintln!("run started: {name}");
+    let track = send(world, Dir::MatrixToInterop, name, n, None).await;
+    let (mut last, mut since) = (stored0, Instant::now());
+    loop {
+        let stored = gateway.relayed();
+        if stored >= stored0 + n as u64 {
+            break;
+        }
+        if stored != last {
+            (last, since) = (stored, Instant::now());
+        }
+        assert!(bridge.is_running(), "the bridge exited during {name}");
+        if since.elapsed() >= STALL {
+            stall_report(world).await;
+            panic!(
+                "{name}: the gateway stored {} of {n} envelopes, then nothing for {} s",
+                stored - stored0,
+                STALL.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    eprintln!("run ended: {name}");
+    let (b1, m1) = (sample(pid, ticks), sample("self", ticks));
+    let back = Instant::now();
+    for c in &world.contacts {
+        c.come_back(rt, gw).await;
+    }
+    wait_done(world, &track, Some(bridge), None).await;
+    let bridge_cpu = b1.cpu_secs - b0.cpu_secs;
+    println!(
+        "contacts offline: {n} Matrix→interop messages stored at the gateway in {secs:.2} s: \
+         {:.0} msgs/s; the bridge used {:.0} µs of CPU per message ({:.0} % CPU), this process \
+         (gateway, stand-in) {:.0} µs; the contacts, back, had every one {:.2} s later{}",
+        n as f64 / secs.max(1e-9),
+        1e6 * bridge_cpu / n as f64,
+        100.0 * bridge_cpu / secs.max(1e-9),
+        1e6 * (m1.cpu_secs - m0.cpu_secs) / n as f64,
+        back.elapsed().as_secs_f64(),
+        match track.dups.load(Ordering::Relaxed) {
+            0 => String::new(),
+            d => format!(" ({d} duplicates)"),
+        }
+    );
+}

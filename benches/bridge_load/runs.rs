@@ -120,8 +120,11 @@ pub(crate) async fn run(
     rate: Option<f64>,
 ) -> Arc<Track> {
     let (run, track) = world.reg.track(name, n);
+    // Progress on standard error, for a profiler started on one run (`scripts/profile-run.sh`).
+    eprintln!("run started: {name}");
     let mut sending = tokio::spawn(send_into(world.clone(), dir, run, track.clone(), rate));
     wait_done(world, &track, bridge, Some(&mut sending)).await;
+    eprintln!("run ended: {name}");
     track
 }
 

@@ -6,9 +6,12 @@ use super::*;
 /// A contact: an interop account of our own client, registered as the tests register theirs.
 pub(crate) struct Contact {
     pub(crate) account: String,
-    pub(crate) handle: AccountHandle,
+    /// Its running account (a new one after [`Contact::come_back`]).
+    handle: std::sync::RwLock<AccountHandle>,
     /// Its store and vault (kept open while the contact lives).
-    pub(crate) _ours: common::interop::Ours,
+    ours: tokio::sync::Mutex<common::interop::Ours>,
+    reg: Arc<Registry>,
+    undecryptable: Arc<AtomicUsize>,
 }
 
 /// Registers `account` at the gateway, starts its client, and feeds its messages to `reg`.
@@ -20,16 +23,27 @@ pub(crate) async fn start_contact(
     undecryptable: Arc<AtomicUsize>,
 ) -> Contact {
     let mut ours = common::interop::register_ours(rt, gw, &account).await;
+    feed(&mut ours, reg.clone(), undecryptable.clone());
+    Contact {
+        account,
+        handle: std::sync::RwLock::new(ours.handle.clone()),
+        ours: tokio::sync::Mutex::new(ours),
+        reg,
+        undecryptable,
+    }
+}
+
+/// Hands the events of the account running in `ours` to `reg`, and acks them.
+fn feed(ours: &mut common::interop::Ours, reg: Arc<Registry>, undecryptable: Arc<AtomicUsize>) {
     let handle = ours.handle.clone();
     let (_, mut events) = mpsc::unbounded_channel();
     std::mem::swap(&mut events, &mut ours.events);
     // Acks go through their own task, so receiving never waits on the account's command queue
     // (the account waits on this channel while it hands out events).
     let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<u64>();
-    let acker = handle.clone();
     tokio::spawn(async move {
         while let Some(id) = ack_rx.recv().await {
-            acker.ack(id).await;
+            handle.ack(id).await;
         }
     });
     tokio::spawn(async move {
@@ -44,10 +58,28 @@ pub(crate) async fn start_contact(
             }
         }
     });
-    Contact {
-        account,
-        handle,
-        _ours: ours,
+}
+
+impl Contact {
+    /// The contact's running account.
+    pub(crate) fn handle(&self) -> AccountHandle {
+        self.handle
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Stops the contact's client: the gateway keeps what is sent to it meanwhile.
+    pub(crate) async fn go_offline(&self) {
+        self.handle().stop().await;
+    }
+
+    /// Starts the contact's client again from its store (after [`Contact::go_offline`]).
+    pub(crate) async fn come_back(&self, rt: &SignalRuntime, gw: &GatewayAddr) {
+        let mut ours = self.ours.lock().await;
+        ours.respawn(rt, gw).await;
+        *self.handle.write().unwrap_or_else(|p| p.into_inner()) = ours.handle.clone();
+        feed(&mut ours, self.reg.clone(), self.undecryptable.clone());
     }
 }
 
@@ -261,7 +293,7 @@ impl World {
         loop {
             tries += 1;
             match c
-                .handle
+                .handle()
                 .send(
                     Target::Account(to.clone()),
                     id.clone(),
@@ -414,7 +446,7 @@ pub(crate) async fn stall_report(world: &World) {
         }
     }
     for c in &world.contacts {
-        eprintln!("contact {}: {}", c.account, c.handle.describe());
+        eprintln!("contact {}: {}", c.account, c.handle().describe());
     }
     // `MIB_BENCH_STALL_STACKS=F`: every thread's stack into the file F too (needs gdb; into a
     // file, since a pipe that this process, stopped by gdb, cannot read would block it).
