@@ -117,6 +117,7 @@ pub(crate) async fn backlog(
     let send_secs = sent.elapsed().as_secs_f64();
     let restart = world.reg.now();
     let me0 = sample("self", ticks);
+    eprintln!("run started: backlog delivery");
     *bridge = spawn_bridge(config, dir);
     let pid = bridge.pid().to_string();
     wait_ready(&world.http, ends, hs.as_ref(), bridge).await;
