@@ -71,17 +71,46 @@ const KNOWN_ACCOUNTS: usize = 100_000;
 /// waits, and all that waited are written in one transaction, in the order they came, so a
 /// busy gateway commits once per batch rather than once per message or acknowledgement; one
 /// that finds the database idle is written at once. The writing is a task of its own, which no
-/// caller's cancellation stops. (With many accounts, each acknowledges one envelope at a time:
-/// alone, their `Ack`s were a transaction each on the one connection.)
+/// caller's cancellation stops, and there is one such task at a time: a write that comes while
+/// it runs is only put in line. (With many accounts, each acknowledges one envelope at a time:
+/// alone, their `Ack`s were a transaction each on the one connection. A task per write, each
+/// waking in turn to find its write done, cost more than the statements.)
 #[derive(Debug, Default)]
 struct WriteGroup {
-    waiting: std::sync::Mutex<Vec<PendingWrite>>,
+    waiting: std::sync::Mutex<Waiting>,
+    /// Held by the writing task while it writes (the tests hold it to gather a batch).
     writer: tokio::sync::Mutex<()>,
     /// Transactions written so far.
     batches: std::sync::atomic::AtomicU64,
     /// Statements those transactions took, their begin and commit included (the tests read it).
     #[cfg_attr(not(test), allow(dead_code))]
     statements: std::sync::atomic::AtomicU64,
+    /// Writing tasks started so far (the tests read it).
+    #[cfg_attr(not(test), allow(dead_code))]
+    tasks: std::sync::atomic::AtomicU64,
+    /// Told of each batch's recipients once it is committed (see [`GatewayDb::on_stored`]).
+    on_stored: std::sync::OnceLock<OnStored>,
+}
+
+/// What the group commit tells of each batch it committed: the accounts that got envelopes
+/// (each once), and how many envelopes the batch's `Send`s stored.
+struct OnStored(Box<Told>);
+
+/// The function behind [`OnStored`]: the batch's recipients, and the envelopes its sends stored.
+type Told = dyn Fn(&[&str], u64) + Send + Sync;
+
+impl std::fmt::Debug for OnStored {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnStored")
+    }
+}
+
+/// The writes in line for the group commit, and whether a task is there to write them.
+#[derive(Debug, Default)]
+struct Waiting {
+    writes: Vec<PendingWrite>,
+    /// A writing task is under way; it takes every write put in line before it ends.
+    writing: bool,
 }
 
 #[derive(Debug)]
@@ -174,6 +203,33 @@ fn take_room<'a>(
     Some(kept)
 }
 
+/// The accounts that got envelopes from a committed `batch` whose writes had `outcomes`, each
+/// once, and the number of envelopes its `Send`s stored. A fan-out that skipped full queues
+/// names its skipped members too: a wake that finds nothing new costs one read.
+fn stored_by<'a>(
+    batch: &'a [PendingWrite],
+    outcomes: &[Option<SendOutcome>],
+) -> (Vec<&'a str>, u64) {
+    let mut recipients = std::collections::BTreeSet::new();
+    let mut sent = 0;
+    for (w, outcome) in batch.iter().zip(outcomes) {
+        let Some(SendOutcome::Stored(_, n)) = outcome else {
+            continue;
+        };
+        match w {
+            PendingWrite::Send(p) => {
+                sent += *n as u64;
+                recipients.extend(p.envelopes.iter().map(|e| e.to.as_str()));
+            }
+            PendingWrite::Envelope { envelope, .. } => {
+                recipients.insert(envelope.to.as_str());
+            }
+            PendingWrite::Ack { .. } => {}
+        }
+    }
+    (recipients.into_iter().collect(), sent)
+}
+
 /// An envelope's `timestamp` and `extra` columns: receipts and group updates carry the
 /// server's time (`now`) and their payload; messages the sender's time, as sent.
 fn envelope_columns(e: &pb::Envelope, now: i64) -> (i64, Option<Vec<u8>>) {
@@ -237,6 +293,20 @@ async fn abandoned_as_error<T>(
 }
 
 /// Milliseconds since the Unix epoch (0 for a clock before it).
+/// Frees the group commit's writer if its task ends without finishing (see
+/// [`GatewayDb::write_waiting`]).
+struct WriterEnded<'a>(Option<&'a GatewayDb>);
+
+impl Drop for WriterEnded<'_> {
+    fn drop(&mut self) {
+        if let Some(db) = self.0.take() {
+            let mut waiting = db.lock_waiting();
+            waiting.writes.clear();
+            waiting.writing = false;
+        }
+    }
+}
+
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -925,33 +995,57 @@ impl GatewayDb {
         abandoned_as_error(answer).await
     }
 
-    /// Puts `write` in line for the group commit and makes sure a writer comes for it.
+    /// Has the group commit call `told` after each batch it commits, with the accounts that got
+    /// envelopes in it and the number the batch's `Send`s stored, before any of its writes is
+    /// answered. The writing task calls it, which no caller's going away stops: a sender whose
+    /// connection closes meanwhile leaves nothing stored unannounced. Only the first call
+    /// counts.
+    pub fn on_stored(&self, told: impl Fn(&[&str], u64) + Send + Sync + 'static) {
+        let _ = self.writes.on_stored.set(OnStored(Box::new(told)));
+    }
+
+    /// Puts `write` in line for the group commit and makes sure a writer comes for it: a task
+    /// of its own, started here unless one is under way. A caller that goes away (its
+    /// connection closed) must not cancel a batch that holds other connections' writes.
     fn queue_write(&self, write: PendingWrite) {
-        self.lock_waiting().push(write);
-        // The writing runs in a task of its own: a caller that goes away (its connection
-        // closed) must not cancel a batch that holds other connections' writes.
+        let mut waiting = self.lock_waiting();
+        waiting.writes.push(write);
+        if waiting.writing {
+            return;
+        }
+        waiting.writing = true;
+        drop(waiting);
+        self.writes
+            .tasks
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let db = self.clone();
         tokio::spawn(async move { db.write_waiting().await });
     }
 
-    /// Writes every `Send` and `Ack` that waits, in batches; whoever holds the writer writes
-    /// all that waits, so a task may find its own write done already by an earlier batch.
+    /// Writes every `Send` and `Ack` that waits, in batches, until none is left; then the next
+    /// write starts a task again.
     async fn write_waiting(&self) {
         let _writer = self.writes.writer.lock().await;
+        // A task dropped midway (its runtime shutting down) hands nothing on: the writes in
+        // line are dropped, so their callers hear that the write was abandoned, and a later
+        // write starts a task again.
+        let mut ended = WriterEnded(Some(self));
         loop {
             let batch: Vec<PendingWrite> = {
                 let mut w = self.lock_waiting();
-                let n = w.len().min(MAX_WRITE_GROUP);
-                w.drain(..n).collect()
+                if w.writes.is_empty() {
+                    w.writing = false;
+                    ended.0 = None;
+                    return;
+                }
+                let n = w.writes.len().min(MAX_WRITE_GROUP);
+                w.writes.drain(..n).collect()
             };
-            if batch.is_empty() {
-                return;
-            }
             self.write_batch(batch).await;
         }
     }
 
-    fn lock_waiting(&self) -> std::sync::MutexGuard<'_, Vec<PendingWrite>> {
+    fn lock_waiting(&self) -> std::sync::MutexGuard<'_, Waiting> {
         self.writes
             .waiting
             .lock()
@@ -976,6 +1070,10 @@ impl GatewayDb {
         self.writes.statements.fetch_add(statements + 3, Relaxed);
         match written {
             Ok(outcomes) => {
+                if let Some(told) = self.writes.on_stored.get() {
+                    let (recipients, sent) = stored_by(&batch, &outcomes);
+                    (told.0)(&recipients, sent);
+                }
                 for (w, outcome) in batch.into_iter().zip(outcomes) {
                     w.answer(Ok(outcome));
                 }
@@ -1487,7 +1585,7 @@ mod tests {
     }
 
     /// `Ack`s of many accounts that come while a write is under way are written together, with
-    /// the `Send`s beside them, in one transaction; each envelope acked is gone.
+    /// the `Send`s beside them, in one transaction, by one task; each envelope acked is gone.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn acks_of_many_accounts_are_written_in_one_transaction() {
         let (db, _dir) = db().await;
@@ -1495,6 +1593,7 @@ mod tests {
         let accounts: Vec<String> = (0..20).map(|i| format!("+155510000{i:02}")).collect();
         let ids = one_envelope_each(&db, sender, &accounts, 100).await;
         let writer = db.writes.writer.lock().await;
+        let tasks = db.writes.tasks.load(std::sync::atomic::Ordering::Relaxed);
         let acks: Vec<_> = accounts
             .iter()
             .zip(&ids)
@@ -1510,7 +1609,7 @@ mod tests {
             100,
             false,
         );
-        while db.lock_waiting().len() < accounts.len() + 1 {
+        while db.lock_waiting().writes.len() < accounts.len() + 1 {
             tokio::task::yield_now().await;
         }
         let before = db.writes.batches.load(std::sync::atomic::Ordering::Relaxed);
@@ -1522,6 +1621,8 @@ mod tests {
         assert!(matches!(out, SendOutcome::Stored(_, 1)), "{out:?}");
         let after = db.writes.batches.load(std::sync::atomic::Ordering::Relaxed);
         assert_eq!(after - before, 1, "transactions for 20 acks and a send");
+        let tasks = db.writes.tasks.load(std::sync::atomic::Ordering::Relaxed) - tasks;
+        assert_eq!(tasks, 1, "writing tasks started for 21 writes");
         let left: Vec<String> = sqlx::query_scalar("SELECT message_id FROM envelope")
             .fetch_all(&mut *db.conn().await.expect("conn"))
             .await
@@ -1585,7 +1686,9 @@ mod tests {
         };
         // The receipt joins the batch too (it waits for the same writer).
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while db.lock_waiting().len() < writes.len() + 1 && std::time::Instant::now() < deadline {
+        while db.lock_waiting().writes.len() < writes.len() + 1
+            && std::time::Instant::now() < deadline
+        {
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
         let (batches, statements) = (
@@ -1998,7 +2101,7 @@ mod tests {
         let waiting = |n: usize| {
             let db = db.clone();
             async move {
-                while db.lock_waiting().len() < n {
+                while db.lock_waiting().writes.len() < n {
                     tokio::time::sleep(std::time::Duration::from_micros(50)).await;
                 }
             }

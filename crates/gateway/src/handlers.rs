@@ -229,7 +229,7 @@ async fn verify(shared: &Shared, v: pb::Verify) -> Result<Body, Reject> {
         .set_secret(&v.account, &secret_hash(&secret))
         .await?;
     // Re-registration ends the sessions of the old secret.
-    if let Some(old) = shared.online.lock().await.remove(&v.account) {
+    if let Some(old) = shared.online().remove(&v.account) {
         let _ = old.out.try_send(Box::new(super::error_stanza(
             0,
             &reject(ErrorCode::Unauthorized, "account re-registered"),
@@ -265,7 +265,7 @@ async fn login(shared: &Arc<Shared>, conn: &mut Conn, l: pb::Login) -> Result<Bo
         ))
     });
     let me = conn.online();
-    if let Some(old) = shared.online.lock().await.insert(l.account.clone(), me) {
+    if let Some(old) = shared.online().insert(l.account.clone(), me) {
         let _ = old.out.try_send(Box::new(super::error_stanza(
             0,
             &reject(ErrorCode::Conflict, "logged in on another connection"),
@@ -382,7 +382,7 @@ const DELIVERY_BATCH: i64 = 256;
 /// Sets an account's presence and, when it changed, tells its contacts (docs §10.3).
 pub(crate) async fn set_presence(shared: &Shared, account: &str, online: bool) {
     let changed = {
-        let mut present = shared.present.lock().await;
+        let mut present = shared.present();
         if online {
             present.insert(account.to_owned())
         } else {
@@ -408,15 +408,13 @@ async fn announce_presence(shared: &Shared, account: &str, online: bool) {
         last_seen: super::db::now_ms() as u64,
     };
     for c in contacts {
-        shared
-            .push(
-                &c,
-                pb::Stanza {
-                    id: 0,
-                    body: Some(Body::Presence(p.clone())),
-                },
-            )
-            .await;
+        shared.push(
+            &c,
+            pb::Stanza {
+                id: 0,
+                body: Some(Body::Presence(p.clone())),
+            },
+        );
     }
 }
 
@@ -566,15 +564,13 @@ async fn fetch_bundle(shared: &Shared, me: &str, f: pb::FetchBundle) -> Result<B
             one_time_prekeys: ot,
             kyber_prekeys: ky,
         };
-        shared
-            .push(
-                &f.account,
-                pb::Stanza {
-                    id: 0,
-                    body: Some(Body::PrekeysLow(low)),
-                },
-            )
-            .await;
+        shared.push(
+            &f.account,
+            pb::Stanza {
+                id: 0,
+                body: Some(Body::PrekeysLow(low)),
+            },
+        );
     }
     Ok(Body::Bundle(bundle))
 }
@@ -645,10 +641,10 @@ pub(crate) async fn queue_send(
         vec![s.to.clone()]
     };
     let envelopes: Vec<pb::Envelope> = recipients
-        .iter()
+        .into_iter()
         .map(|to| pb::Envelope {
             from: me.to_owned(),
-            to: to.clone(),
+            to,
             timestamp: s.timestamp,
             kind: s.kind,
             ciphertext: s.ciphertext.clone(),
@@ -658,6 +654,8 @@ pub(crate) async fn queue_send(
         })
         .collect();
     let fanout = kind == Kind::Group;
+    // The group commit's writer wakes the recipients once the envelopes are stored
+    // (`GatewayDb::on_stored`), whatever becomes of this sender.
     let stored = shared.db.store_send(
         me,
         &s.message_id,
@@ -665,25 +663,8 @@ pub(crate) async fn queue_send(
         shared.cfg.limits.queue_max,
         fanout,
     );
-    // The recipients' delivery loops are woken by a task of its own once the envelopes are
-    // stored: a sender that goes away meanwhile must not leave them unannounced (a delivery
-    // loop reads again only when woken).
-    let shared = shared.clone();
-    let stored = tokio::spawn(async move {
-        let outcome = stored.await;
-        if let Ok(SendOutcome::Stored(_, n)) = &outcome {
-            shared
-                .relayed
-                .fetch_add(*n as u64, std::sync::atomic::Ordering::Relaxed);
-            shared.wake(&recipients).await;
-        }
-        outcome
-    });
     Ok(Box::pin(async move {
-        let stored = stored
-            .await
-            .unwrap_or_else(|_| Err(sqlx::Error::Protocol("the write was abandoned".into())));
-        let (ts, n) = match stored? {
+        let (ts, n) = match stored.await? {
             SendOutcome::Stored(ts, n) => (ts, n),
             SendOutcome::Repeat(ts, n) => (ts, n),
             SendOutcome::QueueFull => return Err(queue_full()),
@@ -742,7 +723,7 @@ async fn send_receipt(shared: &Shared, me: &str, r: pb::SendReceipt) -> Result<B
     {
         return Err(queue_full());
     }
-    shared.wake([&r.to]).await;
+    // Its recipient was woken by the group commit's writer.
     Ok(ok())
 }
 
@@ -768,15 +749,13 @@ async fn send_typing(shared: &Shared, me: &str, t: pb::SendTyping) -> Result<Bod
         typing: t.typing,
     };
     for r in recipients {
-        shared
-            .push(
-                &r,
-                pb::Stanza {
-                    id: 0,
-                    body: Some(Body::Typing(typing.clone())),
-                },
-            )
-            .await;
+        shared.push(
+            &r,
+            pb::Stanza {
+                id: 0,
+                body: Some(Body::Typing(typing.clone())),
+            },
+        );
     }
     Ok(ok())
 }
@@ -850,7 +829,7 @@ async fn create_group(shared: &Shared, me: &str, c: pb::CreateGroup) -> Result<B
         .db
         .save_group(&g, &envelopes, shared.cfg.limits.queue_max)
         .await?;
-    shared.wake(members.iter()).await;
+    shared.wake(members.iter());
     Ok(Body::Group(g))
 }
 
@@ -887,6 +866,6 @@ async fn update_group(shared: &Shared, me: &str, u: pb::UpdateGroup) -> Result<B
         .db
         .save_group(&g, &envelopes, shared.cfg.limits.queue_max)
         .await?;
-    shared.wake(everyone.iter()).await;
+    shared.wake(everyone.iter());
     Ok(Body::Group(g))
 }

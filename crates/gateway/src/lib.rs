@@ -23,7 +23,7 @@ use std::{
 
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::{Mutex, Notify, mpsc, watch},
+    sync::{Notify, mpsc, watch},
 };
 use zeroize::Zeroizing;
 
@@ -339,9 +339,12 @@ impl std::fmt::Display for ConnectionState {
 pub(crate) struct Shared {
     pub cfg: GatewayConfig,
     pub db: GatewayDb,
-    pub online: Mutex<HashMap<String, Online>>,
+    /// The logged-in connections by account. A lock held only for a look-up or an insertion,
+    /// never across an `await`: each message's wake takes it, so a lock that parks its waiters
+    /// would hand every one of them to another thread.
+    online: std::sync::Mutex<HashMap<String, Online>>,
     /// Accounts whose presence is `online` (docs §10.3); the rest are offline.
-    pub present: Mutex<std::collections::HashSet<String>>,
+    present: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Unauthenticated `Register`s per source address.
     pub registrations: RateMap<std::net::IpAddr>,
     /// `FetchBundle`s per target account.
@@ -353,11 +356,21 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The logged-in connections (see the field).
+    pub fn online(&self) -> std::sync::MutexGuard<'_, HashMap<String, Online>> {
+        self.online.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The accounts whose presence is `online`.
+    pub fn present(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.present.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Wakes the delivery loop of each recipient that is online.
-    pub async fn wake(&self, accounts: impl IntoIterator<Item = &String>) {
-        let online = self.online.lock().await;
+    pub fn wake<A: AsRef<str>>(&self, accounts: impl IntoIterator<Item = A>) {
+        let online = self.online();
         for a in accounts {
-            if let Some(o) = online.get(a) {
+            if let Some(o) = online.get(a.as_ref()) {
                 o.wake.notify_one();
             }
         }
@@ -365,8 +378,8 @@ impl Shared {
 
     /// Sends a push to an account if it is online. A connection whose outgoing queue is full does
     /// not read: it is closed rather than buffered for (docs §19).
-    pub async fn push(&self, account: &str, stanza: pb::Stanza) {
-        if let Some(o) = self.online.lock().await.get(account)
+    pub fn push(&self, account: &str, stanza: pb::Stanza) {
+        if let Some(o) = self.online().get(account)
             && let Err(mpsc::error::TrySendError::Full(_)) = o.out.try_send(Box::new(stanza))
         {
             tracing::info!("closing a connection that does not read");
@@ -389,25 +402,33 @@ impl Gateway {
         let mut db = db;
         db.envelope_ttl_ms = cfg_limits.envelope_ttl.as_millis() as i64;
         db.blob_ttl_ms = cfg_limits.blob_ttl.as_millis() as i64;
-        Ok(Self {
-            shared: Arc::new(Shared {
-                cfg,
-                db,
-                online: Mutex::new(HashMap::new()),
-                present: Mutex::new(Default::default()),
-                registrations: RateMap::new(
-                    cfg_limits.registrations_per_source,
-                    cfg_limits.registration_window,
-                ),
-                bundle_fetches: RateMap::new(
-                    cfg_limits.bundle_fetches_per_target,
-                    cfg_limits.bundle_window,
-                ),
-                next_conn: AtomicU64::new(1),
-                handshakes: tokio::sync::Semaphore::new(cfg_limits.concurrent_handshakes.max(1)),
-                relayed: AtomicU64::new(0),
-            }),
-        })
+        let shared = Arc::new(Shared {
+            cfg,
+            db,
+            online: Default::default(),
+            present: Default::default(),
+            registrations: RateMap::new(
+                cfg_limits.registrations_per_source,
+                cfg_limits.registration_window,
+            ),
+            bundle_fetches: RateMap::new(
+                cfg_limits.bundle_fetches_per_target,
+                cfg_limits.bundle_window,
+            ),
+            next_conn: AtomicU64::new(1),
+            handshakes: tokio::sync::Semaphore::new(cfg_limits.concurrent_handshakes.max(1)),
+            relayed: AtomicU64::new(0),
+        });
+        // The recipients' delivery loops are woken by the group commit's writer once their
+        // envelopes are committed (a delivery loop reads again only when woken).
+        let woken = Arc::downgrade(&shared);
+        shared.db.on_stored(move |recipients, sent| {
+            if let Some(shared) = woken.upgrade() {
+                shared.relayed.fetch_add(sent, Ordering::Relaxed);
+                shared.wake(recipients);
+            }
+        });
+        Ok(Self { shared })
     }
 
     pub fn public_key(&self) -> Vec<u8> {
@@ -427,7 +448,7 @@ impl Gateway {
     /// Every logged-in connection's delivery: what was pushed and not acked, what waits to be
     /// written, and what its delivery loop waits for. For diagnosing a delivery that stopped.
     pub async fn connections(&self) -> Vec<ConnectionState> {
-        let online = self.shared.online.lock().await;
+        let online = self.shared.online();
         let mut states: Vec<ConnectionState> = online
             .iter()
             .map(|(account, o)| ConnectionState {
@@ -988,10 +1009,12 @@ async fn go_offline(shared: &Shared, conn: &mut Conn) {
         d.abort();
     }
     if let Some(account) = conn.account.take() {
-        let mut online = shared.online.lock().await;
-        if online.get(&account).is_some_and(|o| o.conn_id == conn.id) {
-            online.remove(&account);
-            drop(online);
+        let gone = {
+            let mut online = shared.online();
+            let ours = online.get(&account).is_some_and(|o| o.conn_id == conn.id);
+            ours && online.remove(&account).is_some()
+        };
+        if gone {
             handlers::set_presence(shared, &account, false).await;
         }
     }

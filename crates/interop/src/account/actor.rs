@@ -412,16 +412,15 @@ impl Actor {
     /// A push and whatever else has come behind it (up to [`MAX_RUN`]), in order: runs of
     /// envelopes go to [`Self::envelopes`] together.
     async fn pushes(&mut self, first: pb::Stanza) {
+        let is_envelope = |st: &pb::Stanza| u64::from(matches!(st.body, Some(Body::Envelope(_))));
+        let mut envelopes = is_envelope(&first);
         let mut pushes = vec![first];
         while pushes.len() < MAX_RUN
             && let Some(st) = self.conn.as_mut().and_then(|(_, p)| p.try_recv().ok())
         {
+            envelopes += is_envelope(&st);
             pushes.push(*st);
         }
-        let envelopes = pushes
-            .iter()
-            .filter(|st| matches!(st.body, Some(Body::Envelope(_))))
-            .count() as u64;
         Doing::count(&self.doing, |d| d.envelopes += envelopes);
         let mut run = Vec::new();
         for st in pushes {
