@@ -74,7 +74,7 @@ const KNOWN_ACCOUNTS: usize = 100_000;
 /// caller's cancellation stops, and there is one such task at a time: a write that comes while
 /// it runs is only put in line. (With many accounts, each acknowledges one envelope at a time:
 /// alone, their `Ack`s were a transaction each on the one connection. A task per write, each
-/// waking in turn to find its write done, cost more than the statements.)
+/// waking in turn to find its write done, was thread hand-offs per message.)
 #[derive(Debug, Default)]
 struct WriteGroup {
     waiting: std::sync::Mutex<Waiting>,
@@ -292,7 +292,6 @@ async fn abandoned_as_error<T>(
         .unwrap_or_else(|_| Err(sqlx::Error::Protocol("the write was abandoned".into())))
 }
 
-/// Milliseconds since the Unix epoch (0 for a clock before it).
 /// Frees the group commit's writer if its task ends without finishing (see
 /// [`GatewayDb::write_waiting`]).
 struct WriterEnded<'a>(Option<&'a GatewayDb>);
@@ -307,6 +306,7 @@ impl Drop for WriterEnded<'_> {
     }
 }
 
+/// Milliseconds since the Unix epoch (0 for a clock before it).
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -1025,11 +1025,11 @@ impl GatewayDb {
     /// Writes every `Send` and `Ack` that waits, in batches, until none is left; then the next
     /// write starts a task again.
     async fn write_waiting(&self) {
-        let _writer = self.writes.writer.lock().await;
         // A task dropped midway (its runtime shutting down) hands nothing on: the writes in
         // line are dropped, so their callers hear that the write was abandoned, and a later
         // write starts a task again.
         let mut ended = WriterEnded(Some(self));
+        let _writer = self.writes.writer.lock().await;
         loop {
             let batch: Vec<PendingWrite> = {
                 let mut w = self.lock_waiting();
@@ -2083,6 +2083,50 @@ mod tests {
             .expect("store");
         assert!(matches!(out, SendOutcome::Stored(_, 1)), "{out:?}");
         assert_eq!(sizes().await, [(b.to_owned(), 1)]);
+    }
+
+    /// A writing task dropped midway (its runtime shut down while it waited for the writer)
+    /// leaves the group commit free: its caller hears that the write was abandoned, and a
+    /// later write starts a task again and is written.
+    #[test]
+    fn a_writer_dropped_midway_leaves_the_group_commit_free() {
+        let runtime = || {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("runtime")
+        };
+        let (a, b) = ("+15550000001", "+15550009999");
+        let first = runtime();
+        let (db, _dir) = first.block_on(db());
+        let held = first.block_on(db.writes.writer.lock());
+        let abandoned = {
+            let _in = first.enter();
+            tokio::spawn(db.store_send(a, "m1", vec![envelope(a, b, "m1")], 100, false))
+        };
+        // The writing task started and waits for the writer.
+        first.block_on(async {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        });
+        assert!(db.lock_waiting().writing);
+        drop(first);
+        assert!(!db.lock_waiting().writing, "the writer is free again");
+        drop(held);
+        let second = runtime();
+        second.block_on(async {
+            let out = abandoned.await;
+            assert!(
+                !matches!(out, Ok(Ok(SendOutcome::Stored(..)))),
+                "the dropped write is not answered as stored: {out:?}"
+            );
+            let sent = db.store_send(a, "m2", vec![envelope(a, b, "m2")], 100, false);
+            let out = tokio::time::timeout(std::time::Duration::from_secs(10), sent)
+                .await
+                .expect("a later write is written")
+                .expect("stored");
+            assert!(matches!(out, SendOutcome::Stored(_, 1)), "{out:?}");
+        });
     }
 
     /// A sender that goes away while its batch is written (its connection closed) does not
