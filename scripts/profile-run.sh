@@ -9,7 +9,8 @@
 # bridge's process with `perf record` for SECONDS seconds into OUT.data. The bench's report goes
 # to OUT.data.txt. Read the profile with `perf report -i OUT.data`. PERF_FLAGS replaces the
 # sampling flags (`-F 999`; `-F 499 --call-graph dwarf` for call stacks, at a cost).
-# PROFILE_BENCH=1 records the bench's own process (gateway, contacts, stand-in) instead.
+# PROFILE_BENCH=1 records the bench's own process (gateway, contacts, stand-in) instead, and
+# PROFILE_GATEWAY=1 the gateway's process (with the bench flag --gateway-process).
 set -euo pipefail
 [ $# -ge 5 ] && [ "$5" = "--" ] || {
     echo "usage: $0 BENCH_BINARY RUN_NAME SECONDS OUT.data -- BENCH_FLAGS..." >&2
@@ -29,6 +30,7 @@ while kill -0 "$bench" 2>/dev/null; do
     if [ -n "$pid" ] && grep -qF "run started: $run" "$out.stderr" 2>/dev/null; then
         # shellcheck disable=SC2086 # PERF_FLAGS is a list of flags
         [ -n "${PROFILE_BENCH:-}" ] && pid=$bench
+        [ -n "${PROFILE_GATEWAY:-}" ] && pid=$(pgrep -P "$bench" -x interop-gateway | head -n1)
         perf record ${PERF_FLAGS:--F 999} -p "$pid" -o "$out" -- sleep "$secs"
         break
     fi

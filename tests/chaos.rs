@@ -61,8 +61,9 @@ use std::{
 
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use common::{
-    BridgeSetup, MatrixUser, Proc, Synapse, WorkerSet, free_port,
+    BridgeSetup, GatewayProc, MatrixUser, Proc, Synapse, WorkerSet, free_port,
     interop::{CODE, random_account},
+    keep_log,
     node::{NodeContact, now_ms},
     pg::{drop_pg_schema, point_config_at_postgres, use_fresh_pg_schema},
     portal::{BOT, ghost_of, login, start_chat},
@@ -112,101 +113,6 @@ fn pause(rng: &mut StdRng, pace_ms: u64) -> Duration {
 }
 
 // ------------------------------------------------------------------------ the environment
-
-/// Renames `log` to `<stem>.<run>.log` so that the next run of the process writes a new file and
-/// every run's lines stay available.
-fn keep_log(log: &Path, run: u32) {
-    let stem = log
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or("process");
-    let _ = std::fs::rename(log, log.with_file_name(format!("{stem}.{run}.log")));
-}
-
-/// The reference gateway as its own process, so that it can be killed with SIGKILL.
-struct GatewayProc {
-    proc: Proc,
-    dir: PathBuf,
-    port: u16,
-    key_b64: String,
-    runs: u32,
-}
-
-impl GatewayProc {
-    async fn start(dir: &Path) -> Self {
-        std::fs::create_dir_all(dir).expect("gateway dir");
-        let out = Command::new(common::gateway_bin())
-            .arg("generate-key")
-            .arg("--out")
-            .arg(dir.join("gateway.key"))
-            .output()
-            .expect("interop-gateway generate-key");
-        assert!(
-            out.status.success(),
-            "generate-key: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let key_b64 = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        let port = free_port();
-        let mut gw = Self {
-            proc: Self::spawn(dir, port),
-            dir: dir.into(),
-            port,
-            key_b64,
-            runs: 1,
-        };
-        gw.wait_ready().await;
-        gw
-    }
-
-    fn spawn(dir: &Path, port: u16) -> Proc {
-        let mut cmd = Command::new(common::gateway_bin());
-        cmd.arg("run")
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--key-file")
-            .arg(dir.join("gateway.key"))
-            .arg("--database")
-            .arg(format!("sqlite://{}", dir.join("gateway.db").display()))
-            .arg("--blob-dir")
-            .arg(dir.join("blobs"))
-            .arg("--dev-code")
-            .arg(CODE)
-            .arg("--max-blob-bytes")
-            .arg((2 * 1024 * 1024).to_string());
-        Proc::spawn("gateway", cmd, dir.join("gateway.log"))
-    }
-
-    /// Waits for the line the gateway logs once it listens with its database open.
-    async fn wait_ready(&mut self) {
-        let start = Instant::now();
-        loop {
-            let log = std::fs::read_to_string(&self.proc.log).unwrap_or_default();
-            if log.contains("interop gateway running") {
-                return;
-            }
-            assert!(
-                self.proc.is_running(),
-                "the gateway exited:\n{}",
-                self.proc.log_tail()
-            );
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "the gateway did not start:\n{}",
-                self.proc.log_tail()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Starts the gateway again on the same port with the same key and state.
-    async fn start_again(&mut self) {
-        keep_log(&self.proc.log, self.runs);
-        self.runs += 1;
-        self.proc = Self::spawn(&self.dir, self.port);
-        self.wait_ready().await;
-    }
-}
 
 #[derive(Clone, Copy)]
 enum Db {

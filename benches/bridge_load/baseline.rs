@@ -97,7 +97,7 @@ pub(crate) async fn baseline_before(world: &Arc<World>, opts: &Opts, ticks: f64)
 
 /// A warm-up (one message per room) and a run at full speed in `dir`, without the bridge.
 async fn max_run(world: &Arc<World>, dir: Dir, opts: &Opts, ticks: f64, when: &str) -> RunResult {
-    let me = || sample("self", ticks);
+    let me = || side(ticks);
     let none = (ProcSample::default(), ProcSample::default());
     let name = dir.label();
     run(
@@ -162,7 +162,7 @@ pub(crate) async fn alternate(
         settle(pid, ticks).await;
         let bare = max_run(world, Dir::BareToMatrix, opts, ticks, "round").await;
         settle(pid, ticks).await;
-        let (b0, m0) = (sample(pid, ticks), sample("self", ticks));
+        let (b0, m0) = (sample(pid, ticks), side(ticks));
         let t = run(
             world,
             Some(&mut *bridge),
@@ -177,7 +177,7 @@ pub(crate) async fn alternate(
             "round".into(),
             &t,
             (b0, sample(pid, ticks)),
-            (m0, sample("self", ticks)),
+            (m0, side(ticks)),
         );
         let share = 100.0 * ours.rate / bare.rate;
         println!(

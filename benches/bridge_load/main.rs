@@ -11,12 +11,13 @@
 //! process that answers every client-server call the bridge makes at once), so the figures are
 //! the ceiling of the bridge itself (plus the gateway hop), not of a real homeserver.
 //!
-//! Set-up: the gateway and the stand-in homeserver run in this process; the bridge runs as its
-//! own process (so its RSS and CPU can be read from /proc). Each Matrix user `@benchN:bench` logs
-//! in through the provisioning API (its own interop account, dev code 123456) and opens a DM with
-//! its contact through `POST v1/chats`. User i talks to contact `i % N` (N = M by default, so each
-//! user has its own contact; with `--contacts N` below M a contact talks to several users). The
-//! contacts are interop accounts of our own Rust client running in this process.
+//! Set-up: the gateway (unless `--gateway-process`) and the stand-in homeserver run in this
+//! process; the bridge runs as its own process (so its RSS and CPU can be read from /proc). Each
+//! Matrix user `@benchN:bench` logs in through the provisioning API (its own interop account,
+//! dev code 123456) and opens a DM with its contact through `POST v1/chats`. User i talks to
+//! contact `i % N` (N = M by default, so each user has its own contact; with `--contacts N` below
+//! M a contact talks to several users). The contacts are interop accounts of our own Rust client
+//! running in this process.
 //!
 //! Runs, each direction:
 //! - warm-up: one message per pair (sets up the Signal sessions; not measured);
@@ -69,6 +70,11 @@
 //! through a bare appservice in this process instead of the bridge (see `baseline`), and the
 //! bridge's rate as a share of their mean. Synapse keeps its data in SQLite, or in PostgreSQL when `MIB_SYNAPSE_DATABASE`
 //! names an empty database (`postgres://USER@HOST:PORT/DB`), as a production server would.
+//! `--gateway-process`: the gateway as the `interop-gateway` binary (SQLite, its rate limits
+//! raised on its command line) instead of in this process, so that its CPU per message is read
+//! on its own ("gateway CPU µs/msg" in the table, and in the one-side-offline runs) and its
+//! SQLite does not share a page cache with the contacts' stores; a stall report then has no
+//! list of the gateway's connections.
 //! `--workers N` (with `--postgres`): N bridge processes on the one database behind a
 //! round-robin balancer (docs/scaling.md); user i logs in through worker i mod N, and the
 //! bridge's CPU and memory figures are the workers' sums.
@@ -172,6 +178,9 @@ struct Opts {
     /// With `--synapse`: rounds of the bridge's and the bare appservice's interop→Matrix runs,
     /// alternately, after the others.
     rounds: usize,
+    /// The gateway as the `interop-gateway` binary, not in this process: its CPU is then
+    /// reported on its own ("gateway CPU µs/msg").
+    gateway_process: bool,
 }
 
 fn parse_opts() -> Opts {
@@ -192,6 +201,7 @@ fn parse_opts() -> Opts {
             no_runs: false,
             workers: 1,
             rounds: 0,
+            gateway_process: false,
         }
     } else {
         Opts {
@@ -208,6 +218,7 @@ fn parse_opts() -> Opts {
             no_runs: false,
             workers: 1,
             rounds: 0,
+            gateway_process: false,
         }
     };
     let mut it = args.iter();
@@ -234,6 +245,7 @@ fn parse_opts() -> Opts {
             "--no-runs" => o.no_runs = true,
             "--workers" => o.workers = num("--workers") as usize,
             "--rounds" => o.rounds = num("--rounds") as usize,
+            "--gateway-process" => o.gateway_process = true,
             // `cargo bench` passes --bench; anything else is ignored too.
             _ => {}
         }
@@ -268,34 +280,149 @@ fn gateway_limits(cfg: &mut mib_gateway::GatewayConfig) {
     cfg.rate_capacity = 1e9;
 }
 
-/// The reference gateway, in-process (the tests' own).
-async fn start_gateway() -> common::interop::TestGateway {
-    let gateway = common::interop::TestGateway::start_with(gateway_limits).await;
-    watch_gateway(&gateway);
-    gateway
+/// The reference gateway: in this process (the tests' own), or with `--gateway-process` as the
+/// `interop-gateway` binary, whose CPU is then measured apart from this process's.
+pub(crate) enum BenchGateway {
+    InProcess(common::interop::TestGateway),
+    Process(common::GatewayProc),
 }
 
-/// The running gateway, for the report of a run that stalled (`world::stall_report`).
-static GATEWAY: std::sync::Mutex<Option<(mib_gateway::Gateway, u16)>> = std::sync::Mutex::new(None);
+impl BenchGateway {
+    async fn start(own_process: bool, dir: &Path) -> Self {
+        let gateway = if own_process {
+            // The same limits as `gateway_limits`, on its command line.
+            let registrations = u32::MAX.to_string();
+            let args = ["--rate", "1e9", "--registrations-per-hour", &registrations];
+            Self::Process(common::GatewayProc::start_with(&dir.join("gateway"), &args).await)
+        } else {
+            Self::InProcess(common::interop::TestGateway::start_with(gateway_limits).await)
+        };
+        gateway.watch();
+        gateway
+    }
 
-fn watch_gateway(gateway: &common::interop::TestGateway) {
-    *GATEWAY.lock().unwrap_or_else(|p| p.into_inner()) =
-        Some((gateway.gateway.clone(), gateway.port));
+    fn addr(&self) -> GatewayAddr {
+        match self {
+            Self::InProcess(g) => g.addr.clone(),
+            Self::Process(g) => g.addr(),
+        }
+    }
+
+    fn port(&self) -> u16 {
+        match self {
+            Self::InProcess(g) => g.port,
+            Self::Process(g) => g.port,
+        }
+    }
+
+    /// Makes this gateway the one [`side`] measures and a stall report describes.
+    fn watch(&self) {
+        *GATEWAY.lock().unwrap_or_else(|p| p.into_inner()) = Some(Watched {
+            in_process: match self {
+                Self::InProcess(g) => Some(g.gateway.clone()),
+                Self::Process(_) => None,
+            },
+            port: self.port(),
+            pid: match self {
+                Self::InProcess(_) => None,
+                Self::Process(g) => Some(g.proc.pid().to_string()),
+            },
+        });
+    }
+
+    fn stop(&mut self) {
+        match self {
+            Self::InProcess(g) => g.stop(),
+            Self::Process(g) => g.proc.stop(),
+        }
+    }
+
+    /// Starts a stopped gateway again on the same port with the same key and state.
+    async fn start_again(self) -> Self {
+        let gateway = match self {
+            Self::InProcess(g) => {
+                let port = g.port;
+                Self::InProcess(
+                    common::interop::TestGateway::restart_with(g, port, gateway_limits).await,
+                )
+            }
+            Self::Process(mut g) => {
+                g.start_again().await;
+                Self::Process(g)
+            }
+        };
+        gateway.watch();
+        gateway
+    }
+}
+
+/// The running gateway: for the report of a run that stalled (`world::stall_report`), and for
+/// its CPU when it is a process of its own ([`side`]).
+pub(crate) struct Watched {
+    pub(crate) in_process: Option<mib_gateway::Gateway>,
+    pub(crate) port: u16,
+    pub(crate) pid: Option<String>,
+}
+
+pub(crate) static GATEWAY: Mutex<Option<Watched>> = Mutex::new(None);
+
+/// The CPU besides the bridge's: this process (the contacts, the stand-in, and the gateway when
+/// it runs here), and the gateway when it runs as a process of its own.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Side {
+    pub(crate) bench: ProcSample,
+    pub(crate) gateway: Option<ProcSample>,
+}
+
+impl Side {
+    /// CPU seconds of both.
+    pub(crate) fn cpu_secs(&self) -> f64 {
+        self.bench.cpu_secs + self.gateway.map_or(0.0, |g| g.cpu_secs)
+    }
+}
+
+pub(crate) fn side(ticks: f64) -> Side {
+    let pid = GATEWAY
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .and_then(|w| w.pid.clone());
+    Side {
+        bench: sample("self", ticks),
+        gateway: pid.map(|p| sample(&p, ticks)),
+    }
+}
+
+/// The CPU per message besides the bridge's, in the one-side-offline runs (the contacts idle):
+/// this process's, and the gateway's when it is a process of its own.
+pub(crate) fn others_per_msg(from: &Side, to: &Side, n: usize) -> String {
+    let here = 1e6 * (to.bench.cpu_secs - from.bench.cpu_secs) / n.max(1) as f64;
+    match gateway_us_per_msg(from, to, n) {
+        None => format!("this process (gateway, stand-in) {here:.0} µs"),
+        Some(gateway) => {
+            format!("this process (stand-in) {here:.0} µs, the gateway {gateway:.0} µs")
+        }
+    }
+}
+
+/// The gateway's CPU per message between two samples, when it is a process of its own.
+pub(crate) fn gateway_us_per_msg(from: &Side, to: &Side, n: usize) -> Option<f64> {
+    let (a, b) = (from.gateway?, to.gateway?);
+    Some(1e6 * (b.cpu_secs - a.cpu_secs) / n.max(1) as f64)
 }
 
 /// `--restarts`: the gateway goes away for 2 s and comes back, then the bridge is stopped and
 /// started again; each time, how long until every login is connected again.
 async fn restarts(
-    gateway: common::interop::TestGateway,
+    mut gateway: BenchGateway,
     bridge: &mut BridgeProc,
     setup: (&Path, &Path, &Option<Arc<Hs>>),
     http: &reqwest::Client,
     ends: &BridgeEndpoints,
     logins: usize,
     ticks: f64,
-) -> common::interop::TestGateway {
+) -> BenchGateway {
     let (config, dir, hs) = setup;
-    let port = gateway.port;
     gateway.stop();
     let t = Instant::now();
     while login_gauges(http, ends).await.is_some_and(|(_, c)| c > 0) && t.elapsed() < STALL {
@@ -306,8 +433,7 @@ async fn restarts(
         t.elapsed().as_secs_f64()
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let gateway = common::interop::TestGateway::restart_with(gateway, port, gateway_limits).await;
-    watch_gateway(&gateway);
+    let gateway = gateway.start_again().await;
     let back = wait_connected(http, ends, logins, Instant::now()).await;
     back.print("gateway restart (down 2 s)", logins);
 
@@ -432,8 +558,8 @@ async fn bench(opts: Opts) {
     let reg = Registry::new();
     let tmp = tempfile::tempdir().expect("temp dir");
 
-    let mut gateway = start_gateway().await;
-    let gaddr = gateway.addr.clone();
+    let mut gateway = BenchGateway::start(opts.gateway_process, tmp.path()).await;
+    let gaddr = gateway.addr();
 
     let domain = if opts.synapse { "localhost" } else { DOMAIN };
     let (hs, synapse, config, ends) = homeserver(&opts, tmp.path(), &reg, &gaddr).await;
@@ -564,7 +690,6 @@ async fn bench(opts: Opts) {
         measure(&world, &mut bridge, &opts, &pid, ticks).await
     };
     let end = sample(&pid, ticks);
-    let me = || sample("self", ticks);
     print_table(&results);
     print_added_latency(&results);
     if !opts.no_runs {
@@ -582,11 +707,21 @@ async fn bench(opts: Opts) {
         print!(", after {} {:.1} MiB", dir.label(), mib(s.rss_kib));
     }
     println!("; peak (VmHWM) {:.1} MiB", mib(end.hwm_kib));
+    let others = side(ticks);
     println!(
-        "bridge CPU: {:.1} s in all ({:.1} s during set-up); bench process (gateway, contacts, stand-in): {:.1} s",
+        "bridge CPU: {:.1} s in all ({:.1} s during set-up); {}",
         end.cpu_secs,
         idle.cpu_secs,
-        me().cpu_secs
+        match others.gateway {
+            None => format!(
+                "bench process (gateway, contacts, stand-in): {:.1} s",
+                others.bench.cpu_secs
+            ),
+            Some(g) => format!(
+                "bench process (contacts, stand-in): {:.1} s; gateway process: {:.1} s",
+                others.bench.cpu_secs, g.cpu_secs
+            ),
+        }
     );
 
     if let (Some(p), Some(s0)) = (&synapse_pid, &synapse_start) {
@@ -613,15 +748,7 @@ async fn bench(opts: Opts) {
         settle(&pid, ticks).await;
         let contacts = (&signal_rt, &gaddr);
         let (n, pid) = (opts.messages, pid.as_str());
-        offline_contacts(
-            &world,
-            &mut bridge,
-            &gateway.gateway,
-            contacts,
-            n,
-            (pid, ticks),
-        )
-        .await;
+        offline_contacts(&world, &mut bridge, &ends, contacts, n, (pid, ticks)).await;
         settle(pid, ticks).await;
         let setup = (config.as_path(), tmp.path(), &hs);
         backlog(&world, &mut bridge, setup, &ends, opts.messages, ticks).await;

@@ -39,6 +39,8 @@ pub(crate) struct RunResult {
     pub(crate) bridge_cpu_pct: f64,
     pub(crate) bridge_cpu_us_per_msg: f64,
     pub(crate) bench_cpu_pct: f64,
+    /// With `--gateway-process`: the gateway's own CPU per message.
+    pub(crate) gateway_cpu_us_per_msg: Option<f64>,
     pub(crate) dups: usize,
     pub(crate) resends: usize,
 }
@@ -56,7 +58,7 @@ pub(crate) fn summarize(
     kind: String,
     t: &Track,
     cpu: (ProcSample, ProcSample),
-    me: (ProcSample, ProcSample),
+    me: (Side, Side),
 ) -> RunResult {
     let mut lat = Vec::with_capacity(t.len());
     let (mut first, mut last) = (u64::MAX, 0u64);
@@ -90,7 +92,7 @@ pub(crate) fn summarize(
     let secs = (last.saturating_sub(first)) as f64 / 1e9;
     let n = t.len();
     let bridge_cpu = cpu.1.cpu_secs - cpu.0.cpu_secs;
-    let bench_cpu = me.1.cpu_secs - me.0.cpu_secs;
+    let bench_cpu = me.1.bench.cpu_secs - me.0.bench.cpu_secs;
     RunResult {
         dir,
         kind,
@@ -103,6 +105,7 @@ pub(crate) fn summarize(
         bridge_cpu_pct: 100.0 * bridge_cpu / secs.max(1e-9),
         bridge_cpu_us_per_msg: 1e6 * bridge_cpu / n as f64,
         bench_cpu_pct: 100.0 * bench_cpu / secs.max(1e-9),
+        gateway_cpu_us_per_msg: gateway_us_per_msg(&me.0, &me.1, n),
         dups: t.dups.load(Ordering::Relaxed),
         resends: t.resends.load(Ordering::Relaxed),
     }
@@ -272,10 +275,10 @@ async fn send_into(world: Arc<World>, dir: Dir, run: usize, track: Arc<Track>, r
 /// Waits until the bridge and this process have finished the last run's work (a run ends when
 /// the last message arrived; acks, message-map writes and receipts follow), so that a paced
 /// run's first messages do not queue behind it: until neither used more than a tenth of a core
-/// for 100 ms, at most 5 s.
+/// for 100 ms, at most 5 s. (With `--gateway-process`, this process and the gateway's together.)
 pub(crate) async fn settle(pid: &str, ticks: f64) {
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let cpu = || (sample(pid, ticks).cpu_secs, sample("self", ticks).cpu_secs);
+    let cpu = || (sample(pid, ticks).cpu_secs, side(ticks).cpu_secs());
     let mut last = cpu();
     for _ in 0..47 {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -315,7 +318,7 @@ pub(crate) async fn measure(
     .await;
     let warm = sample(pid, ticks);
 
-    let me = || sample("self", ticks);
+    let me = || side(ticks);
     let mut results = Vec::new();
     let mut rss_after = Vec::new();
     for dir in [Dir::MatrixToInterop, Dir::InteropToMatrix] {
@@ -403,7 +406,7 @@ async fn paced(
     rate: f64,
     (pid, ticks): (&str, f64),
 ) -> RunResult {
-    let me = || sample("self", ticks);
+    let me = || side(ticks);
     let (b0, m0) = (sample(pid, ticks), me());
     let t = run(world, Some(bridge), dir, name, n, Some(rate)).await;
     summarize(
@@ -451,7 +454,7 @@ pub(crate) fn print_added_latency(results: &[RunResult]) {
 pub(crate) fn print_table(results: &[RunResult]) {
     println!();
     println!(
-        "{:<17} {:<14} {:>6} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>10} {:>9}",
+        "{:<17} {:<14} {:>6} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>10} {:>9} {:>10}",
         "direction",
         "run",
         "msgs",
@@ -462,15 +465,16 @@ pub(crate) fn print_table(results: &[RunResult]) {
         "max ms",
         "bridge",
         "bridge",
-        "bench"
+        "bench",
+        "gateway"
     );
     println!(
-        "{:<17} {:<14} {:>6} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>10} {:>9}",
-        "", "", "", "", "", "", "", "", "CPU %", "CPU µs/msg", "CPU %"
+        "{:<17} {:<14} {:>6} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>10} {:>9} {:>10}",
+        "", "", "", "", "", "", "", "", "CPU %", "CPU µs/msg", "CPU %", "CPU µs/msg"
     );
     for r in results {
         println!(
-            "{:<17} {:<14} {:>6} {:>7.2} {:>8.0} {:>8.1} {:>8.1} {:>8.1} {:>9.0} {:>10.0} {:>9.0}{}",
+            "{:<17} {:<14} {:>6} {:>7.2} {:>8.0} {:>8.1} {:>8.1} {:>8.1} {:>9.0} {:>10.0} {:>9.0} {:>10}{}",
             r.dir.label(),
             r.kind,
             r.n,
@@ -482,6 +486,8 @@ pub(crate) fn print_table(results: &[RunResult]) {
             r.bridge_cpu_pct,
             r.bridge_cpu_us_per_msg,
             r.bench_cpu_pct,
+            r.gateway_cpu_us_per_msg
+                .map_or_else(|| "-".to_owned(), |us| format!("{us:.0}")),
             match (r.dups, r.resends) {
                 (0, 0) => String::new(),
                 (d, 0) => format!("  ({d} duplicates)"),

@@ -420,14 +420,19 @@ pub(crate) async fn wait_done(
 /// in flight or stanzas queued, or whose delivery waits for anything but a new envelope; every
 /// contact's actor and connection; and the gateway's TCP connections with bytes queued.
 pub(crate) async fn stall_report(world: &World) {
-    let gateway = GATEWAY.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let (gateway, port) = match &*GATEWAY.lock().unwrap_or_else(|p| p.into_inner()) {
+        Some(w) => (w.in_process.clone(), Some(w.port)),
+        None => (None, None),
+    };
     eprintln!("--- stall report ---");
-    if let Some((gateway, port)) = gateway {
+    if let Some(gateway) = gateway {
         for c in gateway.connections().await {
             if c.in_flight > 0 || c.out_queued > 0 || !c.delivery.contains("new envelope") {
                 eprintln!("gateway connection {c}");
             }
         }
+    }
+    if let Some(port) = port {
         let ss = std::process::Command::new("ss")
             .args(["-tnH", "state", "established"])
             .output();

@@ -73,6 +73,124 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// Renames `log` to `<stem>.<run>.log` so that the next run of the process writes a new file and
+/// every run's lines stay available.
+pub fn keep_log(log: &Path, run: u32) {
+    let stem = log
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("process");
+    let _ = std::fs::rename(log, log.with_file_name(format!("{stem}.{run}.log")));
+}
+
+/// The reference gateway as its own process (the `interop-gateway` binary): one that can be
+/// killed with SIGKILL, or whose CPU can be measured apart from the process that drives it.
+pub struct GatewayProc {
+    pub proc: Proc,
+    pub dir: PathBuf,
+    pub port: u16,
+    /// The gateway's Noise public key, base64, as the bridge's config takes it.
+    pub key_b64: String,
+    /// Further `run` arguments, given again at each start.
+    args: Vec<String>,
+    runs: u32,
+}
+
+impl GatewayProc {
+    pub async fn start(dir: &Path) -> Self {
+        Self::start_with(dir, &[]).await
+    }
+
+    /// Starts a gateway with state in `dir` and `args` added to its `run` command line.
+    pub async fn start_with(dir: &Path, args: &[&str]) -> Self {
+        std::fs::create_dir_all(dir).expect("gateway dir");
+        let out = Command::new(gateway_bin())
+            .arg("generate-key")
+            .arg("--out")
+            .arg(dir.join("gateway.key"))
+            .output()
+            .expect("interop-gateway generate-key");
+        assert!(
+            out.status.success(),
+            "generate-key: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let key_b64 = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let port = free_port();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let mut gw = Self {
+            proc: Self::spawn(dir, port, &args),
+            dir: dir.into(),
+            port,
+            key_b64,
+            args,
+            runs: 1,
+        };
+        gw.wait_ready().await;
+        gw
+    }
+
+    fn spawn(dir: &Path, port: u16, args: &[String]) -> Proc {
+        let mut cmd = Command::new(gateway_bin());
+        cmd.arg("run")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--key-file")
+            .arg(dir.join("gateway.key"))
+            .arg("--database")
+            .arg(format!("sqlite://{}", dir.join("gateway.db").display()))
+            .arg("--blob-dir")
+            .arg(dir.join("blobs"))
+            .arg("--dev-code")
+            .arg(interop::CODE)
+            .arg("--max-blob-bytes")
+            .arg((2 * 1024 * 1024).to_string())
+            .args(args);
+        Proc::spawn("gateway", cmd, dir.join("gateway.log"))
+    }
+
+    /// Waits for the line the gateway logs once it listens with its database open.
+    async fn wait_ready(&mut self) {
+        let start = Instant::now();
+        loop {
+            let log = std::fs::read_to_string(&self.proc.log).unwrap_or_default();
+            if log.contains("interop gateway running") {
+                return;
+            }
+            assert!(
+                self.proc.is_running(),
+                "the gateway exited:\n{}",
+                self.proc.log_tail()
+            );
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the gateway did not start:\n{}",
+                self.proc.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Starts the gateway again on the same port with the same key and state.
+    pub async fn start_again(&mut self) {
+        keep_log(&self.proc.log, self.runs);
+        self.runs += 1;
+        self.proc = Self::spawn(&self.dir, self.port, &self.args);
+        self.wait_ready().await;
+    }
+
+    /// Where the bridge's and the contacts' clients reach it.
+    pub fn addr(&self) -> matrix_interop_bridge::interop::GatewayAddr {
+        let text = std::fs::read_to_string(self.dir.join("gateway.key")).expect("gateway key");
+        let key = matrix_interop_bridge::wire::noise::StaticKey::from_file_text(&text)
+            .expect("gateway key file");
+        matrix_interop_bridge::interop::GatewayAddr {
+            address: format!("127.0.0.1:{}", self.port),
+            public_key: key.public.clone(),
+        }
+    }
+}
+
 /// A child process killed on drop.
 pub struct Proc {
     pub name: &'static str,

@@ -407,15 +407,7 @@ async fn announce_presence(shared: &Shared, account: &str, online: bool) {
         online,
         last_seen: super::db::now_ms() as u64,
     };
-    for c in contacts {
-        shared.push(
-            &c,
-            pb::Stanza {
-                id: 0,
-                body: Some(Body::Presence(p.clone())),
-            },
-        );
-    }
+    shared.push(&contacts, &Body::Presence(p));
 }
 
 fn check_ec_key(k: &[u8], what: &str) -> Result<(), Reject> {
@@ -564,13 +556,7 @@ async fn fetch_bundle(shared: &Shared, me: &str, f: pb::FetchBundle) -> Result<B
             one_time_prekeys: ot,
             kyber_prekeys: ky,
         };
-        shared.push(
-            &f.account,
-            pb::Stanza {
-                id: 0,
-                body: Some(Body::PrekeysLow(low)),
-            },
-        );
+        shared.push([&f.account], &Body::PrekeysLow(low));
     }
     Ok(Body::Bundle(bundle))
 }
@@ -748,15 +734,7 @@ async fn send_typing(shared: &Shared, me: &str, t: pb::SendTyping) -> Result<Bod
         group: t.group.clone(),
         typing: t.typing,
     };
-    for r in recipients {
-        shared.push(
-            &r,
-            pb::Stanza {
-                id: 0,
-                body: Some(Body::Typing(typing.clone())),
-            },
-        );
-    }
+    shared.push(&recipients, &Body::Typing(typing));
     Ok(ok())
 }
 

@@ -376,14 +376,23 @@ impl Shared {
         }
     }
 
-    /// Sends a push to an account if it is online. A connection whose outgoing queue is full does
-    /// not read: it is closed rather than buffered for (docs §19).
-    pub fn push(&self, account: &str, stanza: pb::Stanza) {
-        if let Some(o) = self.online().get(account)
-            && let Err(mpsc::error::TrySendError::Full(_)) = o.out.try_send(Box::new(stanza))
-        {
-            tracing::info!("closing a connection that does not read");
-            let _ = o.kill.send(true);
+    /// Sends a push to each of `accounts` that is online, under one look-up of the connections;
+    /// the stanza is made only for those. A connection whose outgoing queue is full does not
+    /// read: it is closed rather than buffered for (docs §19).
+    pub fn push<A: AsRef<str>>(&self, accounts: impl IntoIterator<Item = A>, body: &Body) {
+        let online = self.online();
+        for a in accounts {
+            let Some(o) = online.get(a.as_ref()) else {
+                continue;
+            };
+            let stanza = Box::new(pb::Stanza {
+                id: 0,
+                body: Some(body.clone()),
+            });
+            if let Err(mpsc::error::TrySendError::Full(_)) = o.out.try_send(stanza) {
+                tracing::info!("closing a connection that does not read");
+                let _ = o.kill.send(true);
+            }
         }
     }
 }
