@@ -74,7 +74,8 @@
 //! raised on its command line) instead of in this process, so that its CPU per message is read
 //! on its own ("gateway CPU µs/msg" in the table, and in the one-side-offline runs) and its
 //! SQLite does not share a page cache with the contacts' stores; a stall report then has no
-//! list of the gateway's connections.
+//! list of the gateway's connections. `MIB_GATEWAY_BIN=PATH` then runs that build of the
+//! gateway, to compare two in alternate runs.
 //! `--workers N` (with `--postgres`): N bridge processes on the one database behind a
 //! round-robin balancer (docs/scaling.md); user i logs in through worker i mod N, and the
 //! bridge's CPU and memory figures are the workers' sums.

@@ -26,9 +26,15 @@ pub fn repo() -> PathBuf {
 
 /// The reference gateway's binary (`interop-gateway`, crate `mib-gateway`), built when a run
 /// of only this package's tests did not build it.
+///
+/// `MIB_GATEWAY_BIN=PATH` in the environment runs that binary instead, unbuilt (a bench that
+/// compares two builds of the gateway).
 pub fn gateway_bin() -> PathBuf {
     static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("MIB_GATEWAY_BIN") {
+            return bin.into();
+        }
         // target/<profile>/deps/<test> → target/<profile>/interop-gateway
         let exe = std::env::current_exe().expect("test executable");
         let bin = exe
