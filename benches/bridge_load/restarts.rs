@@ -210,7 +210,8 @@ pub(crate) async fn offline_contacts(
         if since.elapsed() >= STALL {
             stall_report(world).await;
             panic!(
-                "{name}: the gateway stored {} of {n} envelopes, then nothing for {} s",
+                "{name}: the bridge had {} of {n} messages stored at the gateway, then no more \
+                 for {} s",
                 stored - stored0,
                 STALL.as_secs()
             );

@@ -92,12 +92,12 @@ struct WriteGroup {
     on_stored: std::sync::OnceLock<OnStored>,
 }
 
-/// What the group commit tells of each batch it committed: the accounts that got envelopes
-/// (each once), and how many envelopes the batch's `Send`s stored.
+/// What the group commit tells of each batch it committed: the accounts that got envelopes,
+/// each once.
 struct OnStored(Box<Told>);
 
-/// The function behind [`OnStored`]: the batch's recipients, and the envelopes its sends stored.
-type Told = dyn Fn(&[&str], u64) + Send + Sync;
+/// The function behind [`OnStored`]: the batch's recipients.
+type Told = dyn Fn(&[&str]) + Send + Sync;
 
 impl std::fmt::Debug for OnStored {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -204,21 +204,16 @@ fn take_room<'a>(
 }
 
 /// The accounts that got envelopes from a committed `batch` whose writes had `outcomes`, each
-/// once, and the number of envelopes its `Send`s stored. A fan-out that skipped full queues
-/// names its skipped members too: a wake that finds nothing new costs one read.
-fn stored_by<'a>(
-    batch: &'a [PendingWrite],
-    outcomes: &[Option<SendOutcome>],
-) -> (Vec<&'a str>, u64) {
+/// once. A fan-out that skipped full queues names its skipped members too: a wake that finds
+/// nothing new costs one read.
+fn stored_by<'a>(batch: &'a [PendingWrite], outcomes: &[Option<SendOutcome>]) -> Vec<&'a str> {
     let mut recipients = std::collections::BTreeSet::new();
-    let mut sent = 0;
     for (w, outcome) in batch.iter().zip(outcomes) {
-        let Some(SendOutcome::Stored(_, n)) = outcome else {
+        let Some(SendOutcome::Stored(..)) = outcome else {
             continue;
         };
         match w {
             PendingWrite::Send(p) => {
-                sent += *n as u64;
                 recipients.extend(p.envelopes.iter().map(|e| e.to.as_str()));
             }
             PendingWrite::Envelope { envelope, .. } => {
@@ -227,7 +222,7 @@ fn stored_by<'a>(
             PendingWrite::Ack { .. } => {}
         }
     }
-    (recipients.into_iter().collect(), sent)
+    recipients.into_iter().collect()
 }
 
 /// An envelope's `timestamp` and `extra` columns: receipts and group updates carry the
@@ -996,11 +991,10 @@ impl GatewayDb {
     }
 
     /// Has the group commit call `told` after each batch it commits, with the accounts that got
-    /// envelopes in it and the number the batch's `Send`s stored, before any of its writes is
-    /// answered. The writing task calls it, which no caller's going away stops: a sender whose
+    /// envelopes in it, before any of its writes is answered. The writing task calls it, which no caller's going away stops: a sender whose
     /// connection closes meanwhile leaves nothing stored unannounced. Only the first call
     /// counts.
-    pub fn on_stored(&self, told: impl Fn(&[&str], u64) + Send + Sync + 'static) {
+    pub fn on_stored(&self, told: impl Fn(&[&str]) + Send + Sync + 'static) {
         let _ = self.writes.on_stored.set(OnStored(Box::new(told)));
     }
 
@@ -1071,8 +1065,7 @@ impl GatewayDb {
         match written {
             Ok(outcomes) => {
                 if let Some(told) = self.writes.on_stored.get() {
-                    let (recipients, sent) = stored_by(&batch, &outcomes);
-                    (told.0)(&recipients, sent);
+                    (told.0)(&stored_by(&batch, &outcomes));
                 }
                 for (w, outcome) in batch.into_iter().zip(outcomes) {
                     w.answer(Ok(outcome));

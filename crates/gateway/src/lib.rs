@@ -350,7 +350,6 @@ pub(crate) struct Shared {
     /// `FetchBundle`s per target account.
     pub bundle_fetches: RateMap<String>,
     pub next_conn: AtomicU64,
-    pub relayed: AtomicU64,
     /// Permits for Noise handshakes in progress (`Limits::concurrent_handshakes`).
     pub handshakes: tokio::sync::Semaphore,
 }
@@ -426,14 +425,12 @@ impl Gateway {
             ),
             next_conn: AtomicU64::new(1),
             handshakes: tokio::sync::Semaphore::new(cfg_limits.concurrent_handshakes.max(1)),
-            relayed: AtomicU64::new(0),
         });
         // The recipients' delivery loops are woken by the group commit's writer once their
         // envelopes are committed (a delivery loop reads again only when woken).
         let woken = Arc::downgrade(&shared);
-        shared.db.on_stored(move |recipients, sent| {
+        shared.db.on_stored(move |recipients| {
             if let Some(shared) = woken.upgrade() {
-                shared.relayed.fetch_add(sent, Ordering::Relaxed);
                 shared.wake(recipients);
             }
         });
@@ -442,11 +439,6 @@ impl Gateway {
 
     pub fn public_key(&self) -> Vec<u8> {
         self.shared.cfg.key.public.clone()
-    }
-
-    /// Envelopes stored so far by this process (for benchmarks).
-    pub fn relayed(&self) -> u64 {
-        self.shared.relayed.load(Ordering::Relaxed)
     }
 
     /// Reads of envelopes for delivery so far.
