@@ -187,12 +187,13 @@ impl GatewayProc {
 
     /// Where the bridge's and the contacts' clients reach it.
     pub fn addr(&self) -> matrix_interop_bridge::interop::GatewayAddr {
-        let text = std::fs::read_to_string(self.dir.join("gateway.key")).expect("gateway key");
-        let key = matrix_interop_bridge::wire::noise::StaticKey::from_file_text(&text)
-            .expect("gateway key file");
+        use base64::Engine;
+        let public_key = base64::engine::general_purpose::STANDARD
+            .decode(&self.key_b64)
+            .expect("the public key generate-key printed");
         matrix_interop_bridge::interop::GatewayAddr {
             address: format!("127.0.0.1:{}", self.port),
-            public_key: key.public.clone(),
+            public_key,
         }
     }
 }

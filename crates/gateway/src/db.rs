@@ -88,16 +88,98 @@ struct WriteGroup {
     /// Writing tasks started so far (the tests read it).
     #[cfg_attr(not(test), allow(dead_code))]
     tasks: std::sync::atomic::AtomicU64,
-    /// Told of each batch's recipients once it is committed (see [`GatewayDb::on_stored`]).
+    /// Told of each batch's envelopes once it is committed (see [`GatewayDb::on_stored`]).
     on_stored: std::sync::OnceLock<OnStored>,
+    /// The id of the envelope stored last for each account that got one since the gateway
+    /// started, by any writer, kept under the writing connection in the order of the commits;
+    /// emptied when a write fails. It is each [`Stored::after`].
+    last_stored: std::sync::Mutex<HashMap<String, i64>>,
 }
 
-/// What the group commit tells of each batch it committed: the accounts that got envelopes,
-/// each once.
+/// What the group commit tells of each batch it committed: the envelopes each account got.
 struct OnStored(Box<Told>);
 
-/// The function behind [`OnStored`]: the batch's recipients.
-type Told = dyn Fn(&[&str]) + Send + Sync;
+/// The function behind [`OnStored`].
+type Told = dyn for<'a> Fn(&[Stored<'a>]) + Send + Sync;
+
+/// The envelopes one committed batch stored for one account, in their order, and where they
+/// follow on in the account's queue.
+#[derive(Debug)]
+pub struct Stored<'a> {
+    pub recipient: &'a str,
+    /// The id of the envelope stored for the account before these, by any writer since the
+    /// gateway started: a reader that has everything up to that id and these has the whole
+    /// queue. `None` when the gateway does not know it (the account's first envelope since
+    /// it started, or since a write failed).
+    pub after: Option<i64>,
+    rows: Vec<(i64, &'a pb::Envelope)>,
+    now: i64,
+}
+
+impl Stored<'_> {
+    /// The envelopes as a delivery read returns them ([`GatewayDb::envelopes_after`]).
+    pub fn envelopes(&self) -> Vec<pb::Envelope> {
+        self.rows
+            .iter()
+            .map(|&(id, e)| {
+                let (ts, extra) = envelope_columns(e, self.now);
+                stored_envelope(StoredRow {
+                    id,
+                    from: e.from.clone(),
+                    to: e.to.clone(),
+                    timestamp: ts,
+                    server_timestamp: self.now,
+                    kind: e.kind,
+                    ciphertext: e.ciphertext.clone(),
+                    message_id: e.message_id.clone(),
+                    group: e.group.clone(),
+                    extra,
+                })
+            })
+            .collect()
+    }
+}
+
+/// An envelope's columns as stored.
+struct StoredRow {
+    id: i64,
+    from: String,
+    to: String,
+    timestamp: i64,
+    server_timestamp: i64,
+    kind: i32,
+    ciphertext: Vec<u8>,
+    message_id: String,
+    group: String,
+    extra: Option<Vec<u8>>,
+}
+
+/// The envelope a stored row stands for: the one shape both the delivery read and the hand-over
+/// of a commit ([`Stored::envelopes`]) give.
+fn stored_envelope(r: StoredRow) -> pb::Envelope {
+    use prost::Message;
+    let mut env = pb::Envelope {
+        id: r.id as u64,
+        from: r.from,
+        to: r.to,
+        timestamp: r.timestamp as u64,
+        server_timestamp: r.server_timestamp as u64,
+        kind: r.kind,
+        ciphertext: r.ciphertext,
+        message_id: r.message_id,
+        group: r.group,
+        receipt: None,
+        group_update: None,
+    };
+    if let Some(x) = r.extra {
+        if r.kind == pb::Kind::Receipt as i32 {
+            env.receipt = pb::Receipt::decode(&x[..]).ok();
+        } else if r.kind == pb::Kind::GroupUpdate as i32 {
+            env.group_update = pb::Group::decode(&x[..]).ok();
+        }
+    }
+    env
+}
 
 impl std::fmt::Debug for OnStored {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -162,6 +244,15 @@ impl PendingWrite {
     }
 }
 
+/// What a batch's writes did, before the commit: each write's outcome, and the envelopes
+/// stored, in their order, with their ids and the time they were stored at.
+struct Written<'a> {
+    outcomes: Vec<Option<SendOutcome>>,
+    rows: Vec<&'a pb::Envelope>,
+    ids: Vec<i64>,
+    now: i64,
+}
+
 /// Rows of one multi-row statement at most (an envelope's row binds 9 values; SQLite takes
 /// 32,766 in a statement).
 const ROWS_PER_STATEMENT: usize = 1_000;
@@ -201,28 +292,6 @@ fn take_room<'a>(
         }
     }
     Some(kept)
-}
-
-/// The accounts that got envelopes from a committed `batch` whose writes had `outcomes`, each
-/// once. A fan-out that skipped full queues names its skipped members too: a wake that finds
-/// nothing new costs one read.
-fn stored_by<'a>(batch: &'a [PendingWrite], outcomes: &[Option<SendOutcome>]) -> Vec<&'a str> {
-    let mut recipients = std::collections::BTreeSet::new();
-    for (w, outcome) in batch.iter().zip(outcomes) {
-        let Some(SendOutcome::Stored(..)) = outcome else {
-            continue;
-        };
-        match w {
-            PendingWrite::Send(p) => {
-                recipients.extend(p.envelopes.iter().map(|e| e.to.as_str()));
-            }
-            PendingWrite::Envelope { envelope, .. } => {
-                recipients.insert(envelope.to.as_str());
-            }
-            PendingWrite::Ack { .. } => {}
-        }
-    }
-    recipients.into_iter().collect()
 }
 
 /// An envelope's `timestamp` and `extra` columns: receipts and group updates carry the
@@ -990,11 +1059,12 @@ impl GatewayDb {
         abandoned_as_error(answer).await
     }
 
-    /// Has the group commit call `told` after each batch it commits, with the accounts that got
-    /// envelopes in it, before any of its writes is answered. The writing task calls it, which no caller's going away stops: a sender whose
-    /// connection closes meanwhile leaves nothing stored unannounced. Only the first call
-    /// counts.
-    pub fn on_stored(&self, told: impl Fn(&[&str]) + Send + Sync + 'static) {
+    /// Has the group commit call `told` after each batch it commits, with the envelopes each
+    /// account got in it, before any of its writes is answered. The writing task calls it,
+    /// which no caller's going away stops: a sender whose connection closes meanwhile leaves
+    /// nothing stored unannounced. Only the first call counts. (Group updates are stored
+    /// apart, [`GatewayDb::save_group`]: their caller tells the members.)
+    pub fn on_stored(&self, told: impl for<'a> Fn(&[Stored<'a>]) + Send + Sync + 'static) {
         let _ = self.writes.on_stored.set(OnStored(Box::new(told)));
     }
 
@@ -1053,9 +1123,10 @@ impl GatewayDb {
         let written = async {
             let mut conn = self.conn().await?;
             let mut tx = Self::write_tx(&mut conn).await?;
-            let outcomes = Self::write_all(&mut tx, &batch, &mut statements).await?;
+            let w = Self::write_all(&mut tx, &batch, &mut statements).await?;
+            let stored = self.follow_on(&w.rows, &w.ids, w.now);
             tx.commit().await?;
-            Ok::<_, sqlx::Error>(outcomes)
+            Ok::<_, sqlx::Error>((w.outcomes, stored))
         }
         .await;
         use std::sync::atomic::Ordering::Relaxed;
@@ -1063,15 +1134,16 @@ impl GatewayDb {
         // The batch's statements, with its begin (two: `write_tx`) and commit.
         self.writes.statements.fetch_add(statements + 3, Relaxed);
         match written {
-            Ok(outcomes) => {
+            Ok((outcomes, stored)) => {
                 if let Some(told) = self.writes.on_stored.get() {
-                    (told.0)(&stored_by(&batch, &outcomes));
+                    (told.0)(&stored);
                 }
                 for (w, outcome) in batch.into_iter().zip(outcomes) {
                     w.answer(Ok(outcome));
                 }
             }
             Err(e) => {
+                self.forget_last_stored();
                 let e = e.to_string();
                 for w in batch {
                     w.answer(Err(&e));
@@ -1091,11 +1163,11 @@ impl GatewayDb {
     /// order, against the queue sizes and earlier sends read once: a repeat (of an earlier
     /// batch's send or of one earlier in this batch) is answered as the first was, and a
     /// 1:1 send or receipt to a full queue stores nothing.
-    async fn write_all(
+    async fn write_all<'a>(
         tx: &mut SqliteConnection,
-        batch: &[PendingWrite],
+        batch: &'a [PendingWrite],
         statements: &mut u64,
-    ) -> Result<Vec<Option<SendOutcome>>, sqlx::Error> {
+    ) -> Result<Written<'a>, sqlx::Error> {
         let acked: Vec<(&str, i64)> = batch
             .iter()
             .flat_map(|w| match w {
@@ -1210,7 +1282,7 @@ impl GatewayDb {
             });
         }
 
-        Self::insert_envelopes(tx, &rows, now, statements).await?;
+        let ids = Self::insert_envelopes(tx, &rows, now, statements).await?;
         for chunk in sent.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
                 "INSERT INTO sent (sender, message_id, server_timestamp, recipients) VALUES {}",
@@ -1223,17 +1295,30 @@ impl GatewayDb {
             q.execute(&mut *tx).await?;
             *statements += 1;
         }
-        Ok(outcomes)
+        Ok(Written {
+            outcomes,
+            rows,
+            ids,
+            now,
+        })
     }
 
     /// Stores envelopes, in their order, and records the two accounts of each as contacts
     /// (docs §10.3: envelopes of any kind count): multi-row statements, counted in `statements`.
+    /// Each envelope's id, in the same order.
+    ///
+    /// The ids of one statement's rows are the last one's and those just below it: the table's
+    /// key is `AUTOINCREMENT`, so each row inserted takes one more than any id the table ever
+    /// held, and a statement inserts its rows in the order of its `VALUES`, with no other
+    /// writer between them. (The queue-size triggers' own inserts do not change what
+    /// `last_insert_rowid` gives once the statement is done.)
     async fn insert_envelopes(
         tx: &mut SqliteConnection,
         rows: &[&pb::Envelope],
         now: i64,
         statements: &mut u64,
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<Vec<i64>, sqlx::Error> {
+        let mut ids = Vec::with_capacity(rows.len());
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
                 "INSERT INTO envelope (recipient, sender, timestamp, server_timestamp, kind, \
@@ -1254,7 +1339,9 @@ impl GatewayDb {
                     .bind(&e.group)
                     .bind(extra);
             }
-            q.execute(&mut *tx).await?;
+            let last = q.execute(&mut *tx).await?.last_insert_rowid();
+            let n = chunk.len() as i64;
+            ids.extend(last - n + 1..=last);
             *statements += 1;
         }
         let pairs: std::collections::BTreeSet<(&str, &str)> = rows
@@ -1280,7 +1367,53 @@ impl GatewayDb {
             q.execute(&mut *tx).await?;
             *statements += 1;
         }
-        Ok(())
+        Ok(ids)
+    }
+
+    /// Follows `rows`, just stored with `ids` and not yet committed, on from each recipient's
+    /// last envelope ([`WriteGroup::last_stored`], which it moves on): what each recipient got,
+    /// for [`GatewayDb::on_stored`]. Called with the writing connection held, so the commits
+    /// that follow each other in the map follow each other in the database.
+    fn follow_on<'a>(&self, rows: &[&'a pb::Envelope], ids: &[i64], now: i64) -> Vec<Stored<'a>> {
+        let mut last = self.lock_last_stored();
+        let mut by_recipient: Vec<Stored<'a>> = Vec::new();
+        let mut index: HashMap<&str, usize> = HashMap::new();
+        for (&e, &id) in rows.iter().zip(ids) {
+            let i = *index.entry(e.to.as_str()).or_insert_with(|| {
+                by_recipient.push(Stored {
+                    recipient: &e.to,
+                    after: last.get(e.to.as_str()).copied(),
+                    rows: Vec::new(),
+                    now,
+                });
+                by_recipient.len() - 1
+            });
+            by_recipient[i].rows.push((id, e));
+        }
+        for s in &by_recipient {
+            if let Some(&(id, _)) = s.rows.last() {
+                match last.get_mut(s.recipient) {
+                    Some(l) => *l = id,
+                    None => {
+                        last.insert(s.recipient.to_owned(), id);
+                    }
+                }
+            }
+        }
+        by_recipient
+    }
+
+    /// Forgets where every queue ends: a write failed, and whether it was committed is not
+    /// known for sure, so the next envelope of each account follows on from nothing known.
+    fn forget_last_stored(&self) {
+        self.lock_last_stored().clear();
+    }
+
+    fn lock_last_stored(&self) -> std::sync::MutexGuard<'_, HashMap<String, i64>> {
+        self.writes
+            .last_stored
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// Stores one envelope that needs no idempotency (a receipt), with the other writes that
@@ -1315,7 +1448,6 @@ impl GatewayDb {
         upto: i64,
         limit: i64,
     ) -> Result<Vec<pb::Envelope>, sqlx::Error> {
-        use prost::Message;
         self.readers
             .reads
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -1332,29 +1464,18 @@ impl GatewayDb {
         .await?;
         rows.iter()
             .map(|r| {
-                let kind: i32 = r.try_get("kind")?;
-                let extra: Option<Vec<u8>> = r.try_get("extra")?;
-                let mut env = pb::Envelope {
-                    id: r.try_get::<i64, _>("id")? as u64,
+                Ok(stored_envelope(StoredRow {
+                    id: r.try_get("id")?,
                     from: r.try_get("sender")?,
                     to: r.try_get("recipient")?,
-                    timestamp: r.try_get::<i64, _>("timestamp")? as u64,
-                    server_timestamp: r.try_get::<i64, _>("server_timestamp")? as u64,
-                    kind,
+                    timestamp: r.try_get("timestamp")?,
+                    server_timestamp: r.try_get("server_timestamp")?,
+                    kind: r.try_get("kind")?,
                     ciphertext: r.try_get("ciphertext")?,
                     message_id: r.try_get("message_id")?,
                     group: r.try_get("grp")?,
-                    receipt: None,
-                    group_update: None,
-                };
-                if let Some(x) = extra {
-                    if kind == pb::Kind::Receipt as i32 {
-                        env.receipt = pb::Receipt::decode(&x[..]).ok();
-                    } else if kind == pb::Kind::GroupUpdate as i32 {
-                        env.group_update = pb::Group::decode(&x[..]).ok();
-                    }
-                }
-                Ok(env)
+                    extra: r.try_get("extra")?,
+                }))
             })
             .collect()
     }
@@ -1461,8 +1582,11 @@ impl GatewayDb {
         let mut sizes =
             Self::queue_sizes(&mut tx, envelopes.iter().map(|e| e.to.as_str()), statements).await?;
         let kept = take_room(&mut sizes, envelopes, queue_max, true).unwrap_or_default();
-        Self::insert_envelopes(&mut tx, &kept, now_ms(), statements).await?;
-        tx.commit().await
+        let now = now_ms();
+        let ids = Self::insert_envelopes(&mut tx, &kept, now, statements).await?;
+        // Not handed over (its caller wakes the members to read), but the queues moved on.
+        self.follow_on(&kept, &ids, now);
+        tx.commit().await.inspect_err(|_| self.forget_last_stored())
     }
 
     pub async fn save_blob(&self, id: &str, size: u64, sha256: &[u8]) -> Result<(), sqlx::Error> {
@@ -1883,6 +2007,147 @@ mod tests {
             );
         }
         db.ack("+15550000002", &[1, 2, 3]).await.expect("ack");
+    }
+
+    /// What the group commit hands over ([`GatewayDb::on_stored`]).
+    type Handed = Arc<std::sync::Mutex<Vec<(String, Option<i64>, Vec<pb::Envelope>)>>>;
+
+    fn record_handed(db: &GatewayDb) -> Handed {
+        let handed = Handed::default();
+        let h = handed.clone();
+        db.on_stored(move |stored| {
+            let mut h = h.lock().expect("lock");
+            for s in stored {
+                h.push((s.recipient.to_owned(), s.after, s.envelopes()));
+            }
+        });
+        handed
+    }
+
+    /// The envelopes a committed batch hands over are, field for field, those a delivery read
+    /// gives for the same ids, whatever their kind (a message that carries a receipt too, a
+    /// receipt, a fan-out across batches); and each recipient's batches follow on from one
+    /// another, through group updates stored apart.
+    #[tokio::test]
+    async fn handed_envelopes_are_those_a_read_gives_and_follow_on() {
+        let (db, _dir) = db().await;
+        let handed = record_handed(&db);
+        let (a, b, c) = ("+15550000001", "+15550000002", "+15550000003");
+        let receipt = pb::Envelope {
+            kind: pb::Kind::Receipt as i32,
+            receipt: Some(pb::Receipt {
+                message_ids: vec!["m0".into()],
+                ..Default::default()
+            }),
+            ..envelope(b, a, "")
+        };
+        let odd = pb::Envelope {
+            timestamp: 1234,
+            group: "g".into(),
+            receipt: receipt.receipt.clone(),
+            ..envelope(a, b, "odd")
+        };
+        let group = pb::Group {
+            id: "g1".into(),
+            name: "n".into(),
+            members: vec![a.into(), b.into(), c.into()],
+            revision: 1,
+            ..Default::default()
+        };
+        let update = |to: &str| pb::Envelope {
+            kind: pb::Kind::GroupUpdate as i32,
+            group_update: Some(group.clone()),
+            ..envelope(a, to, "")
+        };
+        for round in 0..3 {
+            // One batch of many writes: held back behind the writer until all are in line.
+            let writer = db.writes.writer.lock().await;
+            let mut sends = Vec::new();
+            for i in 0..5 {
+                let id = format!("m{round}.{i}");
+                let to = vec![envelope(a, b, &id), envelope(a, c, &id)];
+                sends.push(db.store_send(a, &id, to, 1000, true));
+            }
+            let odd_id = format!("odd{round}");
+            sends.push(db.store_send(a, &odd_id, vec![odd.clone()], 1000, false));
+            drop(writer);
+            for s in sends {
+                s.await.expect("send");
+            }
+            assert!(db.store_envelope(&receipt, 1000).await.expect("receipt"));
+            db.save_group(&group, &[update(a), update(b), update(c)], 1000)
+                .await
+                .expect("group");
+        }
+        let handed = handed.lock().expect("lock").clone();
+        for account in [a, b, c] {
+            let read = db
+                .envelopes_after(account, 0, i64::MAX, 1000)
+                .await
+                .expect("read");
+            let read: HashMap<u64, &pb::Envelope> = read.iter().map(|e| (e.id, e)).collect();
+            let mine: Vec<_> = handed.iter().filter(|(to, ..)| to == account).collect();
+            assert!(!mine.is_empty(), "nothing handed to {account}");
+            for (_, after, envelopes) in &mine {
+                let first = envelopes.first().expect("a batch of none").id;
+                // What came before these in the queue: the read's envelope just below them.
+                let before = read
+                    .keys()
+                    .filter(|&&id| id < first)
+                    .max()
+                    .map(|&id| id as i64);
+                assert!(
+                    after.is_none() || *after == before,
+                    "{account}: handed after {after:?}, but the queue had {before:?} before {first}"
+                );
+                for e in envelopes {
+                    assert_eq!(
+                        Some(e),
+                        read.get(&e.id).copied(),
+                        "{account}: envelope {}",
+                        e.id
+                    );
+                }
+            }
+            // Only the first batch since start follows on from nothing known.
+            assert!(mine[1..].iter().all(|(_, after, _)| after.is_some()));
+        }
+    }
+
+    /// A failed write leaves where each queue ends unknown, so the next batch follows on from
+    /// nothing (its recipient's delivery reads).
+    #[tokio::test]
+    async fn after_a_failed_write_batches_follow_on_from_nothing_known() {
+        let (db, _dir) = db().await;
+        let handed = record_handed(&db);
+        let (a, b) = ("+15550000001", "+15550000002");
+        for i in 0..2 {
+            assert!(
+                db.store_envelope(&envelope(a, b, &format!("m{i}")), 1000)
+                    .await
+                    .expect("store")
+            );
+        }
+        sqlx::query("CREATE TRIGGER refuse BEFORE INSERT ON envelope BEGIN SELECT RAISE(ABORT, 'refused'); END")
+            .execute(&mut *db.conn().await.expect("conn"))
+            .await
+            .expect("trigger");
+        assert!(
+            db.store_envelope(&envelope(a, b, "m2"), 1000)
+                .await
+                .is_err()
+        );
+        sqlx::query("DROP TRIGGER refuse")
+            .execute(&mut *db.conn().await.expect("conn"))
+            .await
+            .expect("drop");
+        assert!(
+            db.store_envelope(&envelope(a, b, "m3"), 1000)
+                .await
+                .expect("store")
+        );
+        let afters: Vec<Option<i64>> = handed.lock().expect("lock").iter().map(|h| h.1).collect();
+        assert_eq!(afters, [None, Some(1), None]);
     }
 
     /// Sends that come together are written together: each is stored once, a repeat (in the

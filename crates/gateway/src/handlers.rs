@@ -298,11 +298,18 @@ pub(crate) async fn after_answer(
 
 /// Pushes the account's envelopes on the connection `me`: those stored up to `upto` (the
 /// queue at login), then `QueueDrained`, then each one stored from then on.
+///
+/// Once it has read the whole queue, the loop waits for its inbox: the group commit hands it
+/// the envelopes it just committed for the account, and the loop pushes them without reading
+/// when they follow on from the last envelope it pushed (with many accounts, each getting an
+/// envelope now and then, a read per envelope was most of what the database's threads did).
+/// Anything it cannot so trust (a gap, envelopes stored apart, an inbox that overflowed) has
+/// it read its queue again, after the last envelope it pushed.
 async fn deliver(shared: Arc<Shared>, account: String, me: Online, upto: i64) {
     use super::Stage as S;
     let Online {
         out,
-        wake,
+        inbox,
         kill,
         window,
         delivery: stage,
@@ -316,6 +323,18 @@ async fn deliver(shared: Arc<Shared>, account: String, me: Online, upto: i64) {
     let mut last = 0i64;
     let mut delivered = 0u32;
     let mut drained = false;
+    // Pushes one envelope, through the window when the login asked for one; false when the
+    // connection is gone.
+    let push_envelope = async |env: pb::Envelope| {
+        if let Some(w) = &window {
+            stage.set(S::Window);
+            w.admit(env.id).await;
+        }
+        stage.set(S::Queue);
+        super::enqueue(&out, &kill, stall, push(Body::Envelope(env)))
+            .await
+            .is_ok()
+    };
     loop {
         let limit = if drained { i64::MAX } else { upto };
         stage.set(S::Reading);
@@ -331,47 +350,42 @@ async fn deliver(shared: Arc<Shared>, account: String, me: Online, upto: i64) {
                 continue;
             }
         };
-        if batch.is_empty() {
-            if !drained {
-                drained = true;
-                let drained_push = push(Body::QueueDrained(pb::QueueDrained { delivered }));
-                stage.set(S::Queue);
-                if super::enqueue(&out, &kill, stall, drained_push)
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-                continue;
-            }
-            stage.set(S::Wake);
-            wake.notified().await;
-            continue;
-        }
-        let read_all = batch.len() < DELIVERY_BATCH as usize;
-        for env in batch {
-            if let Some(w) = &window {
-                stage.set(S::Window);
-                w.admit(env.id).await;
-            }
-            last = env.id as i64;
-            delivered += 1;
+        if batch.is_empty() && !drained {
+            drained = true;
+            let drained_push = push(Body::QueueDrained(pb::QueueDrained { delivered }));
             stage.set(S::Queue);
-            if super::enqueue(&out, &kill, stall, push(Body::Envelope(env)))
+            if super::enqueue(&out, &kill, stall, drained_push)
                 .await
                 .is_err()
             {
                 return;
             }
+            continue;
         }
-        if drained && read_all {
-            // The read found every envelope stored before it. One stored since has woken this
-            // loop (the wake waits in `wake` if it came while the loop was busy), so there is no
-            // need to read again to find the queue empty: with many accounts, each getting an
-            // envelope now and then, that second read was half of the reads on the one
-            // connection.
+        let read_all = batch.len() < DELIVERY_BATCH as usize;
+        for env in batch {
+            last = env.id as i64;
+            delivered += 1;
+            if !push_envelope(env).await {
+                return;
+            }
+        }
+        if !(drained && read_all) {
+            continue;
+        }
+        // The read found every envelope stored before it: from here on, what is stored is
+        // handed over, until something cannot be trusted.
+        loop {
             stage.set(S::Wake);
-            wake.notified().await;
+            let Some(handed) = inbox.next(last).await else {
+                break;
+            };
+            for env in handed {
+                last = env.id as i64;
+                if !push_envelope(env).await {
+                    return;
+                }
+            }
         }
     }
 }
@@ -640,7 +654,7 @@ pub(crate) async fn queue_send(
         })
         .collect();
     let fanout = kind == Kind::Group;
-    // The group commit's writer wakes the recipients once the envelopes are stored
+    // The group commit's writer hands the recipients the envelopes once they are stored
     // (`GatewayDb::on_stored`), whatever becomes of this sender.
     let stored = shared.db.store_send(
         me,

@@ -255,8 +255,8 @@ pub(crate) fn error_stanza(id: u64, r: &Reject) -> pb::Stanza {
 pub(crate) struct Online {
     pub conn_id: u64,
     pub out: mpsc::Sender<Box<pb::Stanza>>,
-    /// Wakes the delivery loop when an envelope is stored for the account.
-    pub wake: Arc<Notify>,
+    /// What the delivery loop is handed or told when envelopes are stored for the account.
+    pub inbox: Arc<Inbox>,
     /// Closes the connection (re-registration, a newer login).
     pub kill: watch::Sender<bool>,
     /// The login's delivery window, if it asked for one.
@@ -365,13 +365,29 @@ impl Shared {
         self.present.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Wakes the delivery loop of each recipient that is online.
+    /// Has the delivery loop of each recipient that is online read its queue: envelopes were
+    /// stored for it apart from the group commit.
     pub fn wake<A: AsRef<str>>(&self, accounts: impl IntoIterator<Item = A>) {
         let online = self.online();
         for a in accounts {
             if let Some(o) = online.get(a.as_ref()) {
-                o.wake.notify_one();
+                o.inbox.read();
             }
+        }
+    }
+
+    /// Hands each online recipient's delivery loop what a committed batch stored for it. The
+    /// envelopes are made outside the lock of the connections, and only for those online.
+    fn hand_over(&self, stored: &[db::Stored<'_>]) {
+        let inboxes: Vec<(Arc<Inbox>, &db::Stored<'_>)> = {
+            let online = self.online();
+            stored
+                .iter()
+                .filter_map(|s| Some((online.get(s.recipient)?.inbox.clone(), s)))
+                .collect()
+        };
+        for (inbox, s) in inboxes {
+            inbox.hand(s.after, s.envelopes());
         }
     }
 
@@ -426,12 +442,12 @@ impl Gateway {
             next_conn: AtomicU64::new(1),
             handshakes: tokio::sync::Semaphore::new(cfg_limits.concurrent_handshakes.max(1)),
         });
-        // The recipients' delivery loops are woken by the group commit's writer once their
-        // envelopes are committed (a delivery loop reads again only when woken).
+        // The group commit's writer hands the recipients' delivery loops their envelopes once
+        // they are committed (a delivery loop reads only what it cannot trust it was handed).
         let woken = Arc::downgrade(&shared);
-        shared.db.on_stored(move |recipients| {
+        shared.db.on_stored(move |stored| {
             if let Some(shared) = woken.upgrade() {
-                shared.wake(recipients);
+                shared.hand_over(stored);
             }
         });
         Ok(Self { shared })
@@ -657,7 +673,7 @@ pub(crate) struct Conn {
     pub peer: std::net::IpAddr,
     pub account: Option<String>,
     pub out: mpsc::Sender<Box<pb::Stanza>>,
-    pub wake: Arc<Notify>,
+    pub inbox: Arc<Inbox>,
     pub kill_tx: watch::Sender<bool>,
     pub uploads: HashMap<String, blobs::Upload>,
     pub delivery: Option<tokio::task::JoinHandle<()>>,
@@ -675,12 +691,107 @@ impl Conn {
         Online {
             conn_id: self.id,
             out: self.out.clone(),
-            wake: self.wake.clone(),
+            inbox: self.inbox.clone(),
             kill: self.kill_tx.clone(),
             window: self.window.clone(),
             delivery: self.delivery_stage.clone(),
         }
     }
+}
+
+/// What a login's delivery loop is handed by the group commit, between its reads: each
+/// committed batch's envelopes for the account with where they follow on
+/// ([`db::Stored::after`]), or word that it must read its queue (envelopes stored apart, or
+/// more handed than it may hold). The loop pushes what it was handed without reading when it
+/// follows on from the last envelope it pushed, and reads otherwise (see `deliver`).
+#[derive(Default)]
+pub(crate) struct Inbox {
+    wake: Notify,
+    handed: std::sync::Mutex<Handed>,
+}
+
+#[derive(Default)]
+pub(crate) struct Handed {
+    batches: std::collections::VecDeque<HandedBatch>,
+    /// Envelopes in `batches`.
+    envelopes: usize,
+    /// Read the queue: something was stored that is not in `batches`.
+    read: bool,
+}
+
+/// One committed batch's envelopes for the account (see [`Inbox`]).
+pub(crate) struct HandedBatch {
+    after: Option<i64>,
+    envelopes: Vec<pb::Envelope>,
+}
+
+/// Envelopes an inbox holds at most; past that, what it holds is dropped and the loop reads
+/// its queue (they are all stored).
+const INBOX_ENVELOPES: usize = 256;
+
+impl Inbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Handed> {
+        self.handed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands over envelopes just committed, which follow on from `after`.
+    pub fn hand(&self, after: Option<i64>, envelopes: Vec<pb::Envelope>) {
+        {
+            let mut h = self.lock();
+            if h.read || h.envelopes + envelopes.len() > INBOX_ENVELOPES {
+                *h = Handed {
+                    read: true,
+                    ..Default::default()
+                };
+            } else {
+                h.envelopes += envelopes.len();
+                h.batches.push_back(HandedBatch { after, envelopes });
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    /// Has the loop read its queue.
+    pub fn read(&self) {
+        self.lock().read = true;
+        self.wake.notify_one();
+    }
+
+    /// Waits until something is handed or the loop must read (a wake that came while the loop
+    /// was busy is kept), then the envelopes that follow on from `last`, in order, or `None`
+    /// when the loop must read its queue to find them.
+    pub async fn next(&self, last: i64) -> Option<Vec<pb::Envelope>> {
+        self.wake.notified().await;
+        let h = std::mem::take(&mut *self.lock());
+        if h.read {
+            return None;
+        }
+        follow_on(last, h.batches)
+    }
+}
+
+/// The envelopes of `batches` past `last`, when they follow on from it without a gap: each
+/// batch after the last envelope pushed, or taking up inside a batch already partly pushed;
+/// a batch wholly pushed (read before it was handed) is skipped. `None` at the first gap.
+fn follow_on(
+    mut last: i64,
+    batches: impl IntoIterator<Item = HandedBatch>,
+) -> Option<Vec<pb::Envelope>> {
+    let mut out = Vec::new();
+    for b in batches {
+        let continues = b.after == Some(last) || b.envelopes.iter().any(|e| e.id as i64 == last);
+        let new = b.envelopes.into_iter().filter(|e| e.id as i64 > last);
+        let before = out.len();
+        out.extend(new);
+        if out.len() == before {
+            continue;
+        }
+        if !continues {
+            return None;
+        }
+        last = out.last().map_or(last, |e| e.id as i64);
+    }
+    Some(out)
 }
 
 /// Flow control of one login's delivery (docs §7): at most `size` envelopes pushed on this
@@ -853,7 +964,7 @@ async fn connection(
         peer: peer.ip(),
         account: None,
         out: out_tx.clone(),
-        wake: Arc::new(Notify::new()),
+        inbox: Default::default(),
         kill_tx: kill_tx.clone(),
         uploads: HashMap::new(),
         delivery: None,
@@ -1033,5 +1144,74 @@ pub(crate) fn check_account(a: &str) -> Result<(), Reject> {
             ErrorCode::BadRequest,
             format!("malformed account `{a}`"),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(after: Option<i64>, ids: &[u64]) -> HandedBatch {
+        HandedBatch {
+            after,
+            envelopes: ids
+                .iter()
+                .map(|&id| pb::Envelope {
+                    id,
+                    ..Default::default()
+                })
+                .collect(),
+        }
+    }
+
+    fn ids(out: Option<Vec<pb::Envelope>>) -> Option<Vec<u64>> {
+        out.map(|v| v.into_iter().map(|e| e.id).collect())
+    }
+
+    /// Handed batches are pushed only where they follow on from the last envelope pushed.
+    #[test]
+    fn handed_batches_follow_on_or_send_the_loop_to_read() {
+        // A chain from the last envelope pushed, across batches.
+        let chain = [batch(Some(4), &[6, 7]), batch(Some(7), &[9])];
+        assert_eq!(ids(follow_on(4, chain)), Some(vec![6, 7, 9]));
+        // A batch the loop already read is skipped; the next follows on from it.
+        let read = [batch(Some(2), &[3, 4]), batch(Some(4), &[5])];
+        assert_eq!(ids(follow_on(4, read)), Some(vec![5]));
+        // Taking up inside a batch a read got part of.
+        assert_eq!(
+            ids(follow_on(4, [batch(Some(2), &[3, 4, 5])])),
+            Some(vec![5])
+        );
+        // A gap: something stored between what was pushed and what is handed.
+        assert_eq!(ids(follow_on(4, [batch(Some(5), &[6])])), None);
+        assert_eq!(
+            ids(follow_on(4, [batch(Some(4), &[5]), batch(Some(6), &[7])])),
+            None
+        );
+        // Nothing known to follow on from.
+        assert_eq!(ids(follow_on(4, [batch(None, &[5])])), None);
+        assert_eq!(ids(follow_on(0, [batch(None, &[1])])), None);
+        // Nothing handed (a wake that came while the loop was busy): nothing to push.
+        assert_eq!(ids(follow_on(4, [])), Some(vec![]));
+    }
+
+    /// An inbox that would hold more than its bound drops what it holds and has the loop read.
+    #[tokio::test]
+    async fn an_inbox_past_its_bound_has_the_loop_read() {
+        let inbox = Inbox::default();
+        inbox.hand(Some(0), vec![pb::Envelope::default(); INBOX_ENVELOPES]);
+        assert_eq!(inbox.lock().envelopes, INBOX_ENVELOPES);
+        inbox.hand(Some(1), vec![pb::Envelope::default()]);
+        assert!(inbox.lock().batches.is_empty());
+        assert_eq!(inbox.next(0).await.map(|v| v.len()), None);
+        // Read: from then on it holds again.
+        inbox.hand(
+            Some(0),
+            vec![pb::Envelope {
+                id: 1,
+                ..Default::default()
+            }],
+        );
+        assert_eq!(inbox.next(0).await.map(|v| v.len()), Some(1));
     }
 }
