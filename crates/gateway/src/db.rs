@@ -78,7 +78,10 @@ const KNOWN_ACCOUNTS: usize = 100_000;
 #[derive(Debug, Default)]
 struct WriteGroup {
     waiting: std::sync::Mutex<Waiting>,
-    /// Held by the writing task while it writes (the tests hold it to gather a batch).
+    /// Taken by the writing task before it writes, so a test that holds it gathers a batch (or
+    /// stops the task where it waits). The gateway needs no lock for it: `Waiting::writing`
+    /// already keeps to one writing task.
+    #[cfg(test)]
     writer: tokio::sync::Mutex<()>,
     /// Transactions written so far.
     batches: std::sync::atomic::AtomicU64,
@@ -1093,6 +1096,7 @@ impl GatewayDb {
         // line are dropped, so their callers hear that the write was abandoned, and a later
         // write starts a task again.
         let mut ended = WriterEnded(Some(self));
+        #[cfg(test)]
         let _writer = self.writes.writer.lock().await;
         loop {
             let batch: Vec<PendingWrite> = {
