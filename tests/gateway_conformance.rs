@@ -2525,6 +2525,46 @@ async fn a_caught_up_login_is_handed_its_envelopes_not_read() {
     );
 }
 
+/// A login with a few envelopes waiting reads its queue once: the read that finds them finds
+/// too that nothing else waits (a read of the queue at login, one to find it empty and one for
+/// what came since were three reads a login, a backlog's every reconnection).
+#[tokio::test]
+async fn a_login_with_a_few_envelopes_waiting_reads_its_queue_once() {
+    let gw = TestGateway::start().await;
+    let a = client(&gw).await;
+    let (b, secret) = offline_account(&gw).await;
+    queue_messages(&a, &b, 5).await;
+    let before = gw.gateway.delivery_reads();
+    let (conn, mut pushes) = connect(&gw).await;
+    conn.login(&b, &secret, 0).await.expect("login");
+    let mut envelopes = 0;
+    loop {
+        match expect_push(&mut pushes, |x| {
+            matches!(x, Body::Envelope(_) | Body::QueueDrained(_))
+        })
+        .await
+        {
+            Body::Envelope(_) => envelopes += 1,
+            Body::QueueDrained(d) => {
+                assert_eq!((d.delivered, envelopes), (5, 5));
+                break;
+            }
+            _ => unreachable!(),
+        }
+    }
+    // What is stored from then on is handed over.
+    a.conn
+        .request(send(&b, pb::Kind::Message, "later"))
+        .await
+        .expect("send");
+    expect_push(&mut pushes, |x| matches!(x, Body::Envelope(_))).await;
+    let reads = gw.gateway.delivery_reads() - before;
+    assert_eq!(
+        reads, 1,
+        "delivery reads for a login and one envelope after it"
+    );
+}
+
 /// Logs `c`'s account in on a new connection and collects what it is pushed up to
 /// `QueueDrained`.
 async fn queue_on_login(gw: &TestGateway, c: &Client) -> Vec<pb::Envelope> {

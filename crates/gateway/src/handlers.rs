@@ -335,12 +335,20 @@ async fn deliver(shared: Arc<Shared>, account: String, me: Online, upto: i64) {
             .await
             .is_ok()
     };
+    // One read finds the queue at login and what came since: `QueueDrained` goes between the
+    // envelopes up to `upto` and those after it, or after the read when it found them all (a
+    // read of the queue at login, a read to find it empty and a read for what came since were
+    // three reads for a login with a few envelopes waiting).
+    let push_drained = async |delivered: u32| {
+        stage.set(S::Queue);
+        let drained = push(Body::QueueDrained(pb::QueueDrained { delivered }));
+        super::enqueue(&out, &kill, stall, drained).await.is_ok()
+    };
     loop {
-        let limit = if drained { i64::MAX } else { upto };
         stage.set(S::Reading);
         let batch = match shared
             .db
-            .envelopes_after(&account, last, limit, DELIVERY_BATCH)
+            .envelopes_after(&account, last, i64::MAX, DELIVERY_BATCH)
             .await
         {
             Ok(b) => b,
@@ -350,28 +358,28 @@ async fn deliver(shared: Arc<Shared>, account: String, me: Online, upto: i64) {
                 continue;
             }
         };
-        if batch.is_empty() && !drained {
-            drained = true;
-            let drained_push = push(Body::QueueDrained(pb::QueueDrained { delivered }));
-            stage.set(S::Queue);
-            if super::enqueue(&out, &kill, stall, drained_push)
-                .await
-                .is_err()
-            {
-                return;
-            }
-            continue;
-        }
         let read_all = batch.len() < DELIVERY_BATCH as usize;
         for env in batch {
+            if !drained && env.id as i64 > upto {
+                drained = true;
+                if !push_drained(delivered).await {
+                    return;
+                }
+            }
             last = env.id as i64;
             delivered += 1;
             if !push_envelope(env).await {
                 return;
             }
         }
-        if !(drained && read_all) {
+        if !read_all {
             continue;
+        }
+        if !drained {
+            drained = true;
+            if !push_drained(delivered).await {
+                return;
+            }
         }
         // The read found every envelope stored before it: from here on, what is stored is
         // handed over, until something cannot be trusted.
