@@ -2684,10 +2684,11 @@ async fn a_login_gets_every_envelope_once_in_order_under_many_senders() {
         got.push(e);
     }
     while tasks.join_next().await.is_some() {}
-    // Both ways were taken: most envelopes handed over, some read (after each group update).
+    // Both ways were taken: most envelopes handed over, some read (the first, which follows
+    // on from nothing known, and after group updates and overflows).
     let reads = gw.gateway.delivery_reads() - reads;
     assert!(
-        (3..want as u64 / 2).contains(&reads),
+        (1..want as u64 / 2).contains(&reads),
         "{reads} delivery reads for {want} envelopes"
     );
     assert!(

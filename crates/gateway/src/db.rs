@@ -95,7 +95,8 @@ struct WriteGroup {
     on_stored: std::sync::OnceLock<OnStored>,
     /// The id of the envelope stored last for each account that got one since the gateway
     /// started, by any writer, kept under the writing connection in the order of the commits;
-    /// emptied when a write fails. It is each [`Stored::after`].
+    /// emptied when a write fails or when it would grow past `KNOWN_ACCOUNTS`. It is each
+    /// [`Stored::after`].
     last_stored: std::sync::Mutex<HashMap<String, i64>>,
 }
 
@@ -1128,7 +1129,7 @@ impl GatewayDb {
             let mut conn = self.conn().await?;
             let mut tx = Self::write_tx(&mut conn).await?;
             let w = Self::write_all(&mut tx, &batch, &mut statements).await?;
-            let stored = self.follow_on(&w.rows, &w.ids, w.now);
+            let stored = self.chain_stored(&w.rows, &w.ids, w.now);
             tx.commit().await?;
             Ok::<_, sqlx::Error>((w.outcomes, stored))
         }
@@ -1374,11 +1375,16 @@ impl GatewayDb {
         Ok(ids)
     }
 
-    /// Follows `rows`, just stored with `ids` and not yet committed, on from each recipient's
+    /// Chains `rows`, just stored with `ids` and not yet committed, on from each recipient's
     /// last envelope ([`WriteGroup::last_stored`], which it moves on): what each recipient got,
     /// for [`GatewayDb::on_stored`]. Called with the writing connection held, so the commits
     /// that follow each other in the map follow each other in the database.
-    fn follow_on<'a>(&self, rows: &[&'a pb::Envelope], ids: &[i64], now: i64) -> Vec<Stored<'a>> {
+    fn chain_stored<'a>(
+        &self,
+        rows: &[&'a pb::Envelope],
+        ids: &[i64],
+        now: i64,
+    ) -> Vec<Stored<'a>> {
         let mut last = self.lock_last_stored();
         let mut by_recipient: Vec<Stored<'a>> = Vec::new();
         let mut index: HashMap<&str, usize> = HashMap::new();
@@ -1393,6 +1399,11 @@ impl GatewayDb {
                 by_recipient.len() - 1
             });
             by_recipient[i].rows.push((id, e));
+        }
+        if last.len() + by_recipient.len() > KNOWN_ACCOUNTS {
+            // Bounded like the accounts known to exist: forgetting only costs the next envelope
+            // of each a read.
+            last.clear();
         }
         for s in &by_recipient {
             if let Some(&(id, _)) = s.rows.last() {
@@ -1589,7 +1600,7 @@ impl GatewayDb {
         let now = now_ms();
         let ids = Self::insert_envelopes(&mut tx, &kept, now, statements).await?;
         // Not handed over (its caller wakes the members to read), but the queues moved on.
-        self.follow_on(&kept, &ids, now);
+        self.chain_stored(&kept, &ids, now);
         tx.commit().await.inspect_err(|_| self.forget_last_stored())
     }
 

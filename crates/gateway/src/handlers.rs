@@ -829,7 +829,7 @@ async fn create_group(shared: &Shared, me: &str, c: pb::CreateGroup) -> Result<B
         .db
         .save_group(&g, &envelopes, shared.cfg.limits.queue_max)
         .await?;
-    shared.wake(members.iter());
+    shared.read_again(members.iter());
     Ok(Body::Group(g))
 }
 
@@ -866,6 +866,6 @@ async fn update_group(shared: &Shared, me: &str, u: pb::UpdateGroup) -> Result<B
         .db
         .save_group(&g, &envelopes, shared.cfg.limits.queue_max)
         .await?;
-    shared.wake(everyone.iter());
+    shared.read_again(everyone.iter());
     Ok(Body::Group(g))
 }

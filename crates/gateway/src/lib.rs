@@ -367,7 +367,7 @@ impl Shared {
 
     /// Has the delivery loop of each recipient that is online read its queue: envelopes were
     /// stored for it apart from the group commit.
-    pub fn wake<A: AsRef<str>>(&self, accounts: impl IntoIterator<Item = A>) {
+    pub fn read_again<A: AsRef<str>>(&self, accounts: impl IntoIterator<Item = A>) {
         let online = self.online();
         for a in accounts {
             if let Some(o) = online.get(a.as_ref()) {
@@ -715,6 +715,8 @@ pub(crate) struct Handed {
     batches: std::collections::VecDeque<HandedBatch>,
     /// Envelopes in `batches`.
     envelopes: usize,
+    /// Their encoded size.
+    bytes: usize,
     /// Read the queue: something was stored that is not in `batches`.
     read: bool,
 }
@@ -725,9 +727,12 @@ pub(crate) struct HandedBatch {
     envelopes: Vec<pb::Envelope>,
 }
 
-/// Envelopes an inbox holds at most; past that, what it holds is dropped and the loop reads
-/// its queue (they are all stored).
+/// Envelopes an inbox holds at most, and their encoded bytes; past either, what it holds is
+/// dropped and the loop reads its queue (they are all stored). The bytes bound a login whose
+/// loop waits (a window a client does not ack, a slow reader) to what one large envelope takes,
+/// rather than its queue's worth of them in memory.
 const INBOX_ENVELOPES: usize = 256;
+const INBOX_BYTES: usize = 1 << 20;
 
 impl Inbox {
     fn lock(&self) -> std::sync::MutexGuard<'_, Handed> {
@@ -737,14 +742,19 @@ impl Inbox {
     /// Hands over envelopes just committed, which follow on from `after`.
     pub fn hand(&self, after: Option<i64>, envelopes: Vec<pb::Envelope>) {
         {
+            let bytes: usize = envelopes.iter().map(prost::Message::encoded_len).sum();
             let mut h = self.lock();
-            if h.read || h.envelopes + envelopes.len() > INBOX_ENVELOPES {
+            if h.read
+                || h.envelopes + envelopes.len() > INBOX_ENVELOPES
+                || h.bytes + bytes > INBOX_BYTES
+            {
                 *h = Handed {
                     read: true,
                     ..Default::default()
                 };
             } else {
                 h.envelopes += envelopes.len();
+                h.bytes += bytes;
                 h.batches.push_back(HandedBatch { after, envelopes });
             }
         }
@@ -766,14 +776,14 @@ impl Inbox {
         if h.read {
             return None;
         }
-        follow_on(last, h.batches)
+        handed_after(last, h.batches)
     }
 }
 
 /// The envelopes of `batches` past `last`, when they follow on from it without a gap: each
 /// batch after the last envelope pushed, or taking up inside a batch already partly pushed;
 /// a batch wholly pushed (read before it was handed) is skipped. `None` at the first gap.
-fn follow_on(
+fn handed_after(
     mut last: i64,
     batches: impl IntoIterator<Item = HandedBatch>,
 ) -> Option<Vec<pb::Envelope>> {
@@ -1173,29 +1183,32 @@ mod tests {
     fn handed_batches_follow_on_or_send_the_loop_to_read() {
         // A chain from the last envelope pushed, across batches.
         let chain = [batch(Some(4), &[6, 7]), batch(Some(7), &[9])];
-        assert_eq!(ids(follow_on(4, chain)), Some(vec![6, 7, 9]));
+        assert_eq!(ids(handed_after(4, chain)), Some(vec![6, 7, 9]));
         // A batch the loop already read is skipped; the next follows on from it.
         let read = [batch(Some(2), &[3, 4]), batch(Some(4), &[5])];
-        assert_eq!(ids(follow_on(4, read)), Some(vec![5]));
+        assert_eq!(ids(handed_after(4, read)), Some(vec![5]));
         // Taking up inside a batch a read got part of.
         assert_eq!(
-            ids(follow_on(4, [batch(Some(2), &[3, 4, 5])])),
+            ids(handed_after(4, [batch(Some(2), &[3, 4, 5])])),
             Some(vec![5])
         );
         // A gap: something stored between what was pushed and what is handed.
-        assert_eq!(ids(follow_on(4, [batch(Some(5), &[6])])), None);
+        assert_eq!(ids(handed_after(4, [batch(Some(5), &[6])])), None);
         assert_eq!(
-            ids(follow_on(4, [batch(Some(4), &[5]), batch(Some(6), &[7])])),
+            ids(handed_after(
+                4,
+                [batch(Some(4), &[5]), batch(Some(6), &[7])]
+            )),
             None
         );
         // Nothing known to follow on from.
-        assert_eq!(ids(follow_on(4, [batch(None, &[5])])), None);
-        assert_eq!(ids(follow_on(0, [batch(None, &[1])])), None);
+        assert_eq!(ids(handed_after(4, [batch(None, &[5])])), None);
+        assert_eq!(ids(handed_after(0, [batch(None, &[1])])), None);
         // Nothing handed (a wake that came while the loop was busy): nothing to push.
-        assert_eq!(ids(follow_on(4, [])), Some(vec![]));
+        assert_eq!(ids(handed_after(4, [])), Some(vec![]));
     }
 
-    /// An inbox that would hold more than its bound drops what it holds and has the loop read.
+    /// An inbox that would hold more than its bounds drops what it holds and has the loop read.
     #[tokio::test]
     async fn an_inbox_past_its_bound_has_the_loop_read() {
         let inbox = Inbox::default();
@@ -1213,5 +1226,14 @@ mod tests {
             }],
         );
         assert_eq!(inbox.next(0).await.map(|v| v.len()), Some(1));
+        // Past its bytes: one envelope larger than they allow is read, not held.
+        let large = pb::Envelope {
+            id: 2,
+            ciphertext: vec![0; INBOX_BYTES],
+            ..Default::default()
+        };
+        inbox.hand(Some(1), vec![large]);
+        assert!(inbox.lock().batches.is_empty());
+        assert_eq!(inbox.next(1).await.map(|v| v.len()), None);
     }
 }
