@@ -2535,23 +2535,8 @@ async fn a_login_with_a_few_envelopes_waiting_reads_its_queue_once() {
     let (b, secret) = offline_account(&gw).await;
     queue_messages(&a, &b, 5).await;
     let before = gw.gateway.delivery_reads();
-    let (conn, mut pushes) = connect(&gw).await;
-    conn.login(&b, &secret, 0).await.expect("login");
-    let mut envelopes = 0;
-    loop {
-        match expect_push(&mut pushes, |x| {
-            matches!(x, Body::Envelope(_) | Body::QueueDrained(_))
-        })
-        .await
-        {
-            Body::Envelope(_) => envelopes += 1,
-            Body::QueueDrained(d) => {
-                assert_eq!((d.delivered, envelopes), (5, 5));
-                break;
-            }
-            _ => unreachable!(),
-        }
-    }
+    let (_conn, mut pushes, queue, delivered) = login_drained(&gw, &b, &secret).await;
+    assert_eq!((delivered, queue.len()), (5, 5));
     // What is stored from then on is handed over.
     a.conn
         .request(send(&b, pb::Kind::Message, "later"))
@@ -2565,11 +2550,15 @@ async fn a_login_with_a_few_envelopes_waiting_reads_its_queue_once() {
     );
 }
 
-/// Logs `c`'s account in on a new connection and collects what it is pushed up to
-/// `QueueDrained`.
-async fn queue_on_login(gw: &TestGateway, c: &Client) -> Vec<pb::Envelope> {
+/// Logs `account` in on a new connection and collects what it is pushed up to
+/// `QueueDrained`: the connection and its pushes, those envelopes, and the push's `delivered`.
+async fn login_drained(
+    gw: &TestGateway,
+    account: &str,
+    secret: &[u8],
+) -> (GatewayConn, Pushes, Vec<pb::Envelope>, u32) {
     let (conn, mut pushes) = connect(gw).await;
-    conn.login(&c.account, &c.secret, 0).await.expect("login");
+    conn.login(account, secret, 0).await.expect("login");
     let mut queue = Vec::new();
     loop {
         match expect_push(&mut pushes, |b| {
@@ -2578,7 +2567,8 @@ async fn queue_on_login(gw: &TestGateway, c: &Client) -> Vec<pb::Envelope> {
         .await
         {
             Body::Envelope(e) => queue.push(e),
-            _ => return queue,
+            Body::QueueDrained(d) => return (conn, pushes, queue, d.delivered),
+            _ => unreachable!(),
         }
     }
 }
@@ -2619,7 +2609,8 @@ async fn envelopes_pushed_as_stored_are_those_pushed_from_the_queue() {
             pb::Kind::Group as i32
         ]
     );
-    assert_eq!(queue_on_login(&gw, &b).await, live);
+    let (_conn, _pushes, queue, _) = login_drained(&gw, &b.account, &b.secret).await;
+    assert_eq!(queue, live);
 }
 
 /// Whatever reaches a login's delivery by hand-over or by read (many senders at once, group
