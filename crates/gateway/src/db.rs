@@ -39,12 +39,13 @@ pub struct GatewayDb {
     known: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
-/// Connections that read envelopes for delivery beside the one that writes. In WAL mode a
-/// reader sees every transaction committed before its read began and neither waits for the
-/// writer nor holds it up; on the one connection, every delivery read waited for the group
-/// commit under way, and the next commit for the reads queued before it. Empty for an
-/// in-memory database, which has no log to read beside a writer: its reads take the one
-/// connection.
+/// Connections that read beside the one that writes: the delivery reads, and every read that
+/// needs only what was committed before it (a login's secret and counts, keys, profiles,
+/// groups, blobs). In WAL mode a reader sees every transaction committed before its read began
+/// and neither waits for the writer nor holds it up; on the one connection, every such read
+/// waited for the group commit under way, and the next commit for the reads queued before it.
+/// Empty for an in-memory database, which has no log to read beside a writer: its reads take
+/// the one connection.
 #[derive(Debug, Default)]
 struct Readers {
     conns: Vec<Arc<Mutex<SqliteConnection>>>,
@@ -380,6 +381,16 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or_default()
+}
+
+/// What a login tells of its account (see [`GatewayDb::login_counts`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoginCounts {
+    pub queued: u32,
+    /// The highest id queued: the delivery pushes `QueueDrained` after it.
+    pub upto: i64,
+    pub one_time_prekeys: u32,
+    pub kyber_prekeys: u32,
 }
 
 /// A stored key of the directory.
@@ -732,7 +743,7 @@ impl GatewayDb {
     pub async fn account_secret_hash(&self, account: &str) -> Result<Option<Vec<u8>>, sqlx::Error> {
         sqlx::query_scalar("SELECT secret_hash FROM account WHERE account = ?")
             .bind(account)
-            .fetch_optional(&mut *self.conn().await?)
+            .fetch_optional(&mut *self.reader().await?)
             .await
     }
 
@@ -784,43 +795,53 @@ impl GatewayDb {
         Ok(())
     }
 
-    /// (number of queued envelopes, highest queued id) of an account, read together so that
-    /// `LoggedIn.queued` equals what the delivery up to that id pushes.
-    pub async fn queue_state(&self, account: &str) -> Result<(i64, i64), sqlx::Error> {
-        let r = sqlx::query(
-            "SELECT COUNT(*) AS queued, COALESCE(MAX(id), 0) AS last_id FROM envelope \
-             WHERE recipient = ? AND server_timestamp >= ?",
+    /// What `LoggedIn` tells: the account's queued envelopes and the highest queued id, read
+    /// together so that `queued` equals what the delivery up to that id pushes, and its
+    /// one-time EC and Kyber prekeys. One statement.
+    pub async fn login_counts(&self, account: &str) -> Result<LoginCounts, sqlx::Error> {
+        let cutoff = self.envelope_cutoff();
+        let (queued, upto, one_time, kyber): (i64, i64, i64, i64) = sqlx::query_as(
+            "SELECT \
+             (SELECT COUNT(*) FROM envelope WHERE recipient = ? AND server_timestamp >= ?), \
+             (SELECT COALESCE(MAX(id), 0) FROM envelope WHERE recipient = ? AND server_timestamp >= ?), \
+             (SELECT COUNT(*) FROM prekey WHERE account = ? AND kind = 'one_time'), \
+             (SELECT COUNT(*) FROM prekey WHERE account = ? AND kind = 'kyber')",
         )
         .bind(account)
-        .bind(self.envelope_cutoff())
-        .fetch_one(&mut *self.conn().await?)
+        .bind(cutoff)
+        .bind(account)
+        .bind(cutoff)
+        .bind(account)
+        .bind(account)
+        .fetch_one(&mut *self.reader().await?)
         .await?;
-        Ok((r.try_get("queued")?, r.try_get("last_id")?))
+        Ok(LoginCounts {
+            queued: queued as u32,
+            upto,
+            one_time_prekeys: one_time as u32,
+            kyber_prekeys: kyber as u32,
+        })
     }
 
+    /// (one-time EC prekeys, one-time Kyber prekeys) of an account.
     pub async fn key_counts(&self, account: &str) -> Result<(u32, u32), sqlx::Error> {
-        let rows = sqlx::query("SELECT kind, COUNT(*) AS n FROM prekey WHERE account = ? AND kind IN ('one_time','kyber') GROUP BY kind")
-            .bind(account)
-            .fetch_all(&mut *self.conn().await?)
-            .await?;
-        let mut counts = (0, 0);
-        for r in rows {
-            let kind: String = r.try_get("kind")?;
-            let n: i64 = r.try_get("n")?;
-            if kind == "one_time" {
-                counts.0 = n as u32
-            } else {
-                counts.1 = n as u32
-            }
-        }
-        Ok(counts)
+        let (one_time, kyber): (i64, i64) = sqlx::query_as(
+            "SELECT \
+             (SELECT COUNT(*) FROM prekey WHERE account = ? AND kind = 'one_time'), \
+             (SELECT COUNT(*) FROM prekey WHERE account = ? AND kind = 'kyber')",
+        )
+        .bind(account)
+        .bind(account)
+        .fetch_one(&mut *self.reader().await?)
+        .await?;
+        Ok((one_time as u32, kyber as u32))
     }
 
     pub async fn identity(&self, account: &str) -> Result<Option<(Vec<u8>, u32)>, sqlx::Error> {
         let row =
             sqlx::query("SELECT identity_key, registration_id FROM account WHERE account = ?")
                 .bind(account)
-                .fetch_optional(&mut *self.conn().await?)
+                .fetch_optional(&mut *self.reader().await?)
                 .await?;
         Ok(row.and_then(|r| {
             let ik: Option<Vec<u8>> = r.try_get("identity_key").ok()?;
@@ -926,7 +947,7 @@ impl GatewayDb {
             "SELECT kind, id FROM prekey WHERE account = ? AND kind IN ('one_time','kyber')",
         )
         .bind(account)
-        .fetch_all(&mut *self.conn().await?)
+        .fetch_all(&mut *self.reader().await?)
         .await?;
         let mut ids = (
             std::collections::BTreeSet::new(),
@@ -950,7 +971,7 @@ impl GatewayDb {
             "SELECT kind FROM prekey WHERE account = ? AND kind IN ('signed','kyber_last_resort')",
         )
         .bind(account)
-        .fetch_all(&mut *self.conn().await?)
+        .fetch_all(&mut *self.reader().await?)
         .await?;
         Ok((
             kinds.iter().any(|k| k == "signed"),
@@ -1498,7 +1519,7 @@ impl GatewayDb {
     pub async fn contacts(&self, account: &str) -> Result<Vec<String>, sqlx::Error> {
         sqlx::query_scalar("SELECT b FROM contact WHERE a = ?")
             .bind(account)
-            .fetch_all(&mut *self.conn().await?)
+            .fetch_all(&mut *self.reader().await?)
             .await
     }
 
@@ -1520,7 +1541,7 @@ impl GatewayDb {
     pub async fn profile(&self, account: &str) -> Result<Option<pb::Profile>, sqlx::Error> {
         let row = sqlx::query("SELECT name, avatar_blob FROM account WHERE account = ?")
             .bind(account)
-            .fetch_optional(&mut *self.conn().await?)
+            .fetch_optional(&mut *self.reader().await?)
             .await?;
         row.map(|r| {
             Ok(pb::Profile {
@@ -1532,18 +1553,26 @@ impl GatewayDb {
         .transpose()
     }
 
+    /// A group and its members, read in one statement (so from one snapshot of the database:
+    /// two statements on a reader could see a group from before an update and its members
+    /// from after it).
     pub async fn group(&self, id: &str) -> Result<Option<pb::Group>, sqlx::Error> {
-        let row =
-            sqlx::query("SELECT name, avatar_blob, revision, changed_by FROM grp WHERE id = ?")
-                .bind(id)
-                .fetch_optional(&mut *self.conn().await?)
-                .await?;
-        let Some(r) = row else { return Ok(None) };
-        let members: Vec<String> =
-            sqlx::query_scalar("SELECT account FROM grp_member WHERE grp = ? ORDER BY account")
-                .bind(id)
-                .fetch_all(&mut *self.conn().await?)
-                .await?;
+        let rows = sqlx::query(
+            "SELECT g.name, g.avatar_blob, g.revision, g.changed_by, m.account FROM grp g \
+             LEFT JOIN grp_member m ON m.grp = g.id WHERE g.id = ? ORDER BY m.account",
+        )
+        .bind(id)
+        .fetch_all(&mut *self.reader().await?)
+        .await?;
+        let Some(r) = rows.first() else {
+            return Ok(None);
+        };
+        let mut members = Vec::with_capacity(rows.len());
+        for row in &rows {
+            if let Some(member) = row.try_get::<Option<String>, _>("account")? {
+                members.push(member);
+            }
+        }
         Ok(Some(pb::Group {
             id: id.to_owned(),
             name: r.try_get("name")?,
@@ -1620,7 +1649,7 @@ impl GatewayDb {
             sqlx::query_scalar("SELECT size FROM blob WHERE id = ? AND created_at >= ?")
                 .bind(id)
                 .bind(self.blob_cutoff())
-                .fetch_optional(&mut *self.conn().await?)
+                .fetch_optional(&mut *self.reader().await?)
                 .await?;
         Ok(s.map(|s| s as u64))
     }
@@ -2163,6 +2192,103 @@ mod tests {
         );
         let afters: Vec<Option<i64>> = handed.lock().expect("lock").iter().map(|h| h.1).collect();
         assert_eq!(afters, [None, Some(1), None]);
+    }
+
+    /// What a login, a key count, a bundle's identity, a profile, a group or a blob's size
+    /// reads needs only what was committed before it: it goes to a reader connection, past a
+    /// writer that is busy with a group commit (or a checkpoint, or a full disk's retries), and
+    /// it reads what the writer committed.
+    #[tokio::test]
+    async fn reads_go_past_a_busy_writer() {
+        let (db, _dir) = db().await;
+        let (a, b) = ("+15550000001", "+15550000002");
+        for account in [a, b] {
+            db.set_secret(account, &[7; 32]).await.expect("account");
+        }
+        let key = |id| pb::SignedKey {
+            id,
+            public_key: vec![5; 33],
+            signature: vec![6; 64],
+        };
+        let up = pb::UploadKeys {
+            identity_key: vec![5; 33],
+            registration_id: 42,
+            signed_prekey: Some(key(1)),
+            kyber_last_resort: Some(key(2)),
+            one_time_prekeys: (10..13)
+                .map(|id| pb::PreKey {
+                    id,
+                    public_key: vec![5; 33],
+                })
+                .collect(),
+            kyber_prekeys: vec![key(20)],
+        };
+        db.upload_keys(a, &up).await.expect("keys");
+        db.set_profile(a, "Ann", "").await.expect("profile");
+        for i in 0..2 {
+            assert!(
+                db.store_envelope(&envelope(b, a, &format!("m{i}")), 1000)
+                    .await
+                    .expect("store")
+            );
+        }
+        let group = pb::Group {
+            id: "g1".into(),
+            name: "n".into(),
+            members: vec![a.into(), b.into()],
+            revision: 3,
+            changed_by: a.into(),
+            ..Default::default()
+        };
+        db.save_group(&group, &[], 1000).await.expect("group");
+        db.save_blob("blob1", 9, &[1; 32]).await.expect("blob");
+
+        let writer = db.conn().await.expect("writer");
+        let reads = async {
+            assert_eq!(
+                db.account_secret_hash(a).await.expect("hash"),
+                Some(vec![7; 32])
+            );
+            assert_eq!(
+                db.account_secret_hash("+15550000009").await.expect("hash"),
+                None
+            );
+            assert_eq!(
+                db.login_counts(a).await.expect("counts"),
+                LoginCounts {
+                    queued: 2,
+                    upto: 2,
+                    one_time_prekeys: 3,
+                    kyber_prekeys: 1
+                }
+            );
+            assert_eq!(db.key_counts(a).await.expect("counts"), (3, 1));
+            assert_eq!(
+                db.identity(a).await.expect("identity"),
+                Some((vec![5; 33], 42))
+            );
+            let (one_time, kyber) = db.one_time_key_ids(a).await.expect("ids");
+            assert_eq!(
+                (
+                    one_time.into_iter().collect::<Vec<_>>(),
+                    kyber.into_iter().collect::<Vec<_>>()
+                ),
+                (vec![10, 11, 12], vec![20])
+            );
+            assert_eq!(db.has_base_keys(a).await.expect("base"), (true, true));
+            assert_eq!(db.contacts(a).await.expect("contacts"), [b]);
+            assert_eq!(
+                db.profile(a).await.expect("profile").expect("some").name,
+                "Ann"
+            );
+            assert_eq!(db.group("g1").await.expect("group"), Some(group.clone()));
+            assert_eq!(db.group("g2").await.expect("group"), None);
+            assert_eq!(db.blob_size("blob1").await.expect("blob"), Some(9));
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(5), reads)
+            .await
+            .expect("the reads waited for the writer");
+        drop(writer);
     }
 
     /// Sends that come together are written together: each is stored once, a repeat (in the

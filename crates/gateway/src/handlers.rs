@@ -273,15 +273,14 @@ async fn login(shared: &Arc<Shared>, conn: &mut Conn, l: pb::Login) -> Result<Bo
         let _ = old.kill.send(true);
     }
     conn.account = Some(l.account.clone());
-    let (queued, upto) = shared.db.queue_state(&l.account).await?;
-    let (ot, ky) = shared.db.key_counts(&l.account).await?;
-    conn.pending_delivery = Some(upto);
+    let counts = shared.db.login_counts(&l.account).await?;
+    conn.pending_delivery = Some(counts.upto);
     // A login does not make the account online (docs §10.3); `SetPresence` does.
     Ok(Body::LoggedIn(pb::LoggedIn {
         account: l.account,
-        queued: queued as u32,
-        one_time_prekeys: ot,
-        kyber_prekeys: ky,
+        queued: counts.queued,
+        one_time_prekeys: counts.one_time_prekeys,
+        kyber_prekeys: counts.kyber_prekeys,
     }))
 }
 
