@@ -81,56 +81,12 @@ enum VaultCommand {
     },
 }
 
-/// mimalloc instead of glibc's allocator: the bridge allocates and frees small buffers on several
-/// threads for every message, and glibc's malloc took about a tenth of its CPU under load.
+/// mimalloc with its settings (`mib-alloc`).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// mimalloc's settings for the bridge: memory is committed as it is used, and freed memory goes
-/// back to the system at once. With mimalloc's defaults (an arena committed up front, freed
-/// pages reset after a delay rather than returned) an idle bridge kept about twice the resident
-/// memory it has with glibc's allocator; with these, a little less.
-const ALLOCATOR_ENV: [(&str, &str); 2] = [
-    ("MIMALLOC_ARENA_EAGER_COMMIT", "0"),
-    ("MIMALLOC_PURGE_DELAY", "0"),
-];
-
-/// mimalloc reads its settings from the environment as the process starts, before `main`. When
-/// they are not there (set by the admin, or by an earlier call of this), the bridge starts itself
-/// again, in the same process, with them added; an admin's own values are kept.
-#[cfg(unix)]
-fn with_allocator_settings() {
-    use std::os::unix::process::CommandExt;
-    if ALLOCATOR_ENV
-        .iter()
-        .all(|(k, _)| std::env::var_os(k).is_some())
-    {
-        return;
-    }
-    let Ok(exe) = std::env::current_exe() else {
-        return;
-    };
-    let mut args = std::env::args_os();
-    let mut cmd = std::process::Command::new(exe);
-    if let Some(arg0) = args.next() {
-        cmd.arg0(arg0);
-    }
-    cmd.args(args);
-    for (k, v) in ALLOCATOR_ENV {
-        if std::env::var_os(k).is_none() {
-            cmd.env(k, v);
-        }
-    }
-    // Returns only if the new image could not be started.
-    let e = cmd.exec();
-    eprintln!("cannot restart with the allocator's settings ({e}); going on with its defaults");
-}
-
-#[cfg(not(unix))]
-fn with_allocator_settings() {}
+static ALLOCATOR: mib_alloc::Allocator = mib_alloc::Allocator;
 
 fn main() -> std::process::ExitCode {
-    with_allocator_settings();
+    mib_alloc::with_settings();
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -100,6 +100,18 @@ fn rules() -> Vec<(&'static str, Vec<&'static str>, &'static str)> {
             "the store implements the core's traits and knows neither side",
         ),
         (
+            "mib-alloc",
+            all(&[
+                BRIDGE,
+                &["mib-vault", "mib-gateway", "mib-wire", "prost"],
+                HTTP,
+                SQL,
+                MATRIX,
+                SIGNAL,
+            ]),
+            "the allocator of both programs is process set-up: it knows nothing of either",
+        ),
+        (
             "matrix-interop-bridge",
             vec!["mib-gateway"],
             "the bridge never links the reference gateway (tests may, as a dev-dependency)",
@@ -216,6 +228,7 @@ fn every_crate_links_only_what_the_architecture_allows() {
         "mib-vault",
         "mib-wire",
         "mib-gateway",
+        "mib-alloc",
     ] {
         assert!(
             linked.contains_key(required),
@@ -250,6 +263,8 @@ fn the_rules_see_real_dependencies() {
     let linked = linked(&metadata());
     assert!(linked["mib-gateway"].contains("mib-wire"));
     assert!(linked["mib-gateway"].contains("sqlx"));
+    assert!(linked["mib-gateway"].contains("mimalloc"));
+    assert!(linked["matrix-interop-bridge"].contains("mimalloc"));
     assert!(linked["matrix-interop-bridge"].contains("mib-wire"));
     assert!(linked["matrix-interop-bridge"].contains("ruma"));
     assert!(linked["matrix-interop-bridge"].contains("mib-core"));

@@ -3,6 +3,9 @@
 
 use std::process::Command;
 
+#[path = "common/alloc.rs"]
+mod alloc;
+
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_matrix-interop-bridge"))
 }
@@ -129,30 +132,18 @@ fn admin_workflow_and_config_errors() {
     assert!(new_key.exists());
 }
 
-/// The value mimalloc printed last for `option` (with `MIMALLOC_VERBOSE=1` it prints its options
-/// as it starts: a bridge that starts itself again prints them twice).
-fn last_option(out: &str, option: &str) -> Option<String> {
-    let prefix = format!("option '{option}': ");
-    out.lines()
-        .rev()
-        .find_map(|l| l.trim().strip_prefix(&prefix))
-        .map(|v| v.trim().to_owned())
-}
-
 /// The bridge runs with mimalloc committing memory as it is used and returning freed memory at
 /// once (with its defaults an idle bridge held about twice the memory): started without those
 /// settings, it starts itself again with them; an admin's own value is kept.
 #[test]
 fn the_allocator_returns_memory_at_once() {
-    let options = |out: &str| {
-        (
-            last_option(out, "arena_eager_commit"),
-            last_option(out, "purge_delay"),
-        )
-    };
     let (ok, out) = run(bin().arg("--version").env("MIMALLOC_VERBOSE", "1"));
     assert!(ok && out.contains(env!("CARGO_PKG_VERSION")), "{out}");
-    assert_eq!(options(&out), (Some("0".into()), Some("0".into())), "{out}");
+    assert_eq!(
+        alloc::settings(&out),
+        (Some("0".into()), Some("0".into())),
+        "{out}"
+    );
 
     let (ok, out) = run(bin()
         .arg("--version")
@@ -160,7 +151,7 @@ fn the_allocator_returns_memory_at_once() {
         .env("MIMALLOC_PURGE_DELAY", "50"));
     assert!(ok, "{out}");
     assert_eq!(
-        options(&out),
+        alloc::settings(&out),
         (Some("0".into()), Some("50".into())),
         "{out}"
     );

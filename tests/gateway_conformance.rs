@@ -2751,3 +2751,28 @@ async fn a_sender_that_goes_away_leaves_no_stored_envelope_unannounced() {
         }
     }
 }
+
+/// The gateway runs with mimalloc committing memory as it is used and returning freed memory at
+/// once (`mib-alloc`; with mimalloc's defaults it held three times the memory at start): started
+/// without those settings, it starts itself again with them.
+#[test]
+fn the_gateway_runs_with_the_allocators_settings() {
+    let out = std::process::Command::new(common::gateway_bin())
+        .arg("--version")
+        .env("MIMALLOC_VERBOSE", "1")
+        .env_remove("MIMALLOC_ARENA_EAGER_COMMIT")
+        .env_remove("MIMALLOC_PURGE_DELAY")
+        .output()
+        .expect("run the gateway");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert_eq!(
+        common::alloc::settings(&text),
+        (Some("0".into()), Some("0".into())),
+        "{text}"
+    );
+}

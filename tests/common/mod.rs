@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod alloc;
 pub mod e2ee;
 pub mod env;
 pub mod interop;

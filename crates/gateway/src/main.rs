@@ -11,6 +11,10 @@ use mib_gateway::{CodeDelivery, Gateway, GatewayConfig};
 use mib_wire::noise::StaticKey;
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc with its settings (`mib-alloc`).
+#[global_allocator]
+static ALLOCATOR: mib_alloc::Allocator = mib_alloc::Allocator;
+
 #[derive(Parser)]
 #[command(
     name = "interop-gateway",
@@ -167,9 +171,13 @@ fn read_key(path: &PathBuf) -> anyhow::Result<StaticKey> {
         .with_context(|| format!("{} is not a gateway key file", path.display()))
 }
 
+fn main() -> anyhow::Result<()> {
+    mib_alloc::with_settings();
+    start(Cli::parse())
+}
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+async fn start(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::GenerateKey { out } => {
             if out.exists() {
