@@ -67,12 +67,21 @@ pub(crate) fn spawn_bridge(config: &Path, dir: &Path) -> BridgeProc {
     common::Proc::spawn("the bridge", cmd, dir.join("bridge.log"))
 }
 
-/// Memory and CPU of a process, from /proc.
+/// Memory, CPU and thread switches of a process, from /proc.
 #[derive(Clone, Copy, Default)]
 pub(crate) struct ProcSample {
     pub(crate) rss_kib: u64,
     pub(crate) hwm_kib: u64,
     pub(crate) cpu_secs: f64,
+    /// Context switches of its threads (voluntary and not), summed over the threads alive now:
+    /// a thread hand-off (a wake-up, a wait on a channel, a lock or I/O) is one or two. The
+    /// bridge's threads live as long as it does (runtime workers, Signal shards, SQLite
+    /// connections), so a difference over a run counts the run's.
+    pub(crate) switches: u64,
+    /// Read and write system calls of the whole process (`syscr` + `syscw` of /proc/PID/io:
+    /// `read`, `write`, `pread64`, `pwrite64` and the like, SQLite's page reads and log writes
+    /// among them; socket `recvfrom` and `sendto` are not counted there).
+    pub(crate) rw_calls: u64,
 }
 
 pub(crate) fn clock_ticks() -> f64 {
@@ -97,20 +106,14 @@ pub(crate) fn sample(pid: &str, ticks: f64) -> ProcSample {
             rss_kib: acc.rss_kib + s.rss_kib,
             hwm_kib: acc.hwm_kib + s.hwm_kib,
             cpu_secs: acc.cpu_secs + s.cpu_secs,
+            switches: acc.switches + s.switches,
+            rw_calls: acc.rw_calls + s.rw_calls,
         }
     })
 }
 
 fn sample_one(pid: &str, ticks: f64) -> ProcSample {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kib = |field: &str| -> u64 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(field))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15.
     let rest: Vec<&str> = stat
@@ -123,10 +126,42 @@ fn sample_one(pid: &str, ticks: f64) -> ProcSample {
             .unwrap_or(0.0)
     };
     ProcSample {
-        rss_kib: kib("VmRSS:"),
-        hwm_kib: kib("VmHWM:"),
+        rss_kib: proc_field(&status, "VmRSS:"),
+        hwm_kib: proc_field(&status, "VmHWM:"),
         cpu_secs: (field(11) + field(12)) / ticks,
+        switches: switches(pid),
+        rw_calls: rw_calls(pid),
     }
+}
+
+/// The first number after `field` on one of `text`'s lines, 0 without one.
+fn proc_field(text: &str, field: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// [`ProcSample::switches`] of `pid`.
+fn switches(pid: &str) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .map(|t| {
+            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            proc_field(&status, "voluntary_ctxt_switches:")
+                + proc_field(&status, "nonvoluntary_ctxt_switches:")
+        })
+        .sum()
+}
+
+/// [`ProcSample::rw_calls`] of `pid`.
+fn rw_calls(pid: &str) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
+    proc_field(&io, "syscr:") + proc_field(&io, "syscw:")
 }
 
 /// Waits until /health answers and the start-up checks reached the ping (stand-in) or /ready

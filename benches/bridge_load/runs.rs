@@ -38,6 +38,10 @@ pub(crate) struct RunResult {
     pub(crate) max_ms: f64,
     pub(crate) bridge_cpu_pct: f64,
     pub(crate) bridge_cpu_us_per_msg: f64,
+    /// The bridge's thread switches per message ([`ProcSample::switches`]).
+    pub(crate) bridge_switches_per_msg: f64,
+    /// The bridge's read and write calls per message ([`ProcSample::rw_calls`]).
+    pub(crate) bridge_rw_calls_per_msg: f64,
     pub(crate) bench_cpu_pct: f64,
     /// With `--gateway-process`: the gateway's own CPU per message.
     pub(crate) gateway_cpu_us_per_msg: Option<f64>,
@@ -104,6 +108,8 @@ pub(crate) fn summarize(
         max_ms: lat.last().copied().unwrap_or(f64::NAN),
         bridge_cpu_pct: 100.0 * bridge_cpu / secs.max(1e-9),
         bridge_cpu_us_per_msg: 1e6 * bridge_cpu / n as f64,
+        bridge_switches_per_msg: cpu.1.switches.saturating_sub(cpu.0.switches) as f64 / n as f64,
+        bridge_rw_calls_per_msg: cpu.1.rw_calls.saturating_sub(cpu.0.rw_calls) as f64 / n as f64,
         bench_cpu_pct: 100.0 * bench_cpu / secs.max(1e-9),
         gateway_cpu_us_per_msg: gateway_us_per_msg(&me.0, &me.1, n),
         dups: t.dups.load(Ordering::Relaxed),
@@ -454,7 +460,7 @@ pub(crate) fn print_added_latency(results: &[RunResult]) {
 pub(crate) fn print_table(results: &[RunResult]) {
     println!();
     println!(
-        "{:<17} {:<14} {:>6} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>10} {:>9} {:>10}",
+        "{:<17} {:<14} {:>6} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>10} {:>9} {:>9} {:>9} {:>10}",
         "direction",
         "run",
         "msgs",
@@ -465,16 +471,31 @@ pub(crate) fn print_table(results: &[RunResult]) {
         "max ms",
         "bridge",
         "bridge",
+        "bridge",
+        "bridge",
         "bench",
         "gateway"
     );
     println!(
-        "{:<17} {:<14} {:>6} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>10} {:>9} {:>10}",
-        "", "", "", "", "", "", "", "", "CPU %", "CPU µs/msg", "CPU %", "CPU µs/msg"
+        "{:<17} {:<14} {:>6} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>10} {:>9} {:>9} {:>9} {:>10}",
+        "",
+        "",
+        "",
+        "",
+        "",
+        "",
+        "",
+        "",
+        "CPU %",
+        "CPU µs/msg",
+        "switch/msg",
+        "r+w /msg",
+        "CPU %",
+        "CPU µs/msg"
     );
     for r in results {
         println!(
-            "{:<17} {:<14} {:>6} {:>7.2} {:>8.0} {:>8.1} {:>8.1} {:>8.1} {:>9.0} {:>10.0} {:>9.0} {:>10}{}",
+            "{:<17} {:<14} {:>6} {:>7.2} {:>8.0} {:>8.1} {:>8.1} {:>8.1} {:>9.0} {:>10.0} {:>9.1} {:>9.1} {:>9.0} {:>10}{}",
             r.dir.label(),
             r.kind,
             r.n,
@@ -485,6 +506,8 @@ pub(crate) fn print_table(results: &[RunResult]) {
             r.max_ms,
             r.bridge_cpu_pct,
             r.bridge_cpu_us_per_msg,
+            r.bridge_switches_per_msg,
+            r.bridge_rw_calls_per_msg,
             r.bench_cpu_pct,
             r.gateway_cpu_us_per_msg
                 .map_or_else(|| "-".to_owned(), |us| format!("{us:.0}")),
