@@ -84,6 +84,18 @@ pub(crate) struct ProcSample {
     pub(crate) rw_calls: u64,
 }
 
+impl ProcSample {
+    /// Thread switches and read and write calls per message between `self` and the later
+    /// sample `to`, over `n` messages.
+    pub(crate) fn counts_per_msg(&self, to: &ProcSample, n: usize) -> (f64, f64) {
+        let per = |a: u64, b: u64| b.saturating_sub(a) as f64 / n.max(1) as f64;
+        (
+            per(self.switches, to.switches),
+            per(self.rw_calls, to.rw_calls),
+        )
+    }
+}
+
 pub(crate) fn clock_ticks() -> f64 {
     Command::new("getconf")
         .arg("CLK_TCK")

@@ -227,6 +227,7 @@ pub(crate) async fn offline_contacts(
     }
     wait_done(world, &track, Some(bridge), None).await;
     let bridge_cpu = b1.cpu_secs - b0.cpu_secs;
+    let (switches, rw_calls) = b0.counts_per_msg(&b1, n);
     println!(
         "contacts offline: {n} Matrix→interop messages stored at the gateway in {secs:.2} s: \
          {:.0} msgs/s; the bridge used {:.0} µs of CPU per message ({:.0} % CPU, {:.1} thread \
@@ -235,8 +236,8 @@ pub(crate) async fn offline_contacts(
         n as f64 / secs.max(1e-9),
         1e6 * bridge_cpu / n as f64,
         100.0 * bridge_cpu / secs.max(1e-9),
-        b1.switches.saturating_sub(b0.switches) as f64 / n as f64,
-        b1.rw_calls.saturating_sub(b0.rw_calls) as f64 / n as f64,
+        switches,
+        rw_calls,
         others_per_msg(&m0, &m1, n),
         back.elapsed().as_secs_f64(),
         match track.dups.load(Ordering::Relaxed) {

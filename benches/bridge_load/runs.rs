@@ -97,6 +97,7 @@ pub(crate) fn summarize(
     let n = t.len();
     let bridge_cpu = cpu.1.cpu_secs - cpu.0.cpu_secs;
     let bench_cpu = me.1.bench.cpu_secs - me.0.bench.cpu_secs;
+    let (switches, rw_calls) = cpu.0.counts_per_msg(&cpu.1, n);
     RunResult {
         dir,
         kind,
@@ -108,8 +109,8 @@ pub(crate) fn summarize(
         max_ms: lat.last().copied().unwrap_or(f64::NAN),
         bridge_cpu_pct: 100.0 * bridge_cpu / secs.max(1e-9),
         bridge_cpu_us_per_msg: 1e6 * bridge_cpu / n as f64,
-        bridge_switches_per_msg: cpu.1.switches.saturating_sub(cpu.0.switches) as f64 / n as f64,
-        bridge_rw_calls_per_msg: cpu.1.rw_calls.saturating_sub(cpu.0.rw_calls) as f64 / n as f64,
+        bridge_switches_per_msg: switches,
+        bridge_rw_calls_per_msg: rw_calls,
         bench_cpu_pct: 100.0 * bench_cpu / secs.max(1e-9),
         gateway_cpu_us_per_msg: gateway_us_per_msg(&me.0, &me.1, n),
         dups: t.dups.load(Ordering::Relaxed),
