@@ -383,6 +383,15 @@ pub fn now_ms() -> i64 {
         .unwrap_or_default()
 }
 
+/// The columns (one-time EC prekeys, one-time Kyber prekeys) of an account, each bound to the
+/// account: the tail of a `SELECT` that `key_counts` and `login_counts` share.
+macro_rules! prekey_counts {
+    () => {
+        "(SELECT COUNT(*) FROM prekey WHERE account = ? AND kind = 'one_time'), \
+         (SELECT COUNT(*) FROM prekey WHERE account = ? AND kind = 'kyber')"
+    };
+}
+
 /// What a login tells of its account (see [`GatewayDb::login_counts`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LoginCounts {
@@ -801,11 +810,12 @@ impl GatewayDb {
     pub async fn login_counts(&self, account: &str) -> Result<LoginCounts, sqlx::Error> {
         let cutoff = self.envelope_cutoff();
         let (queued, upto, one_time, kyber): (i64, i64, i64, i64) = sqlx::query_as(
-            "SELECT \
-             (SELECT COUNT(*) FROM envelope WHERE recipient = ? AND server_timestamp >= ?), \
-             (SELECT COALESCE(MAX(id), 0) FROM envelope WHERE recipient = ? AND server_timestamp >= ?), \
-             (SELECT COUNT(*) FROM prekey WHERE account = ? AND kind = 'one_time'), \
-             (SELECT COUNT(*) FROM prekey WHERE account = ? AND kind = 'kyber')",
+            concat!(
+                "SELECT \
+                 (SELECT COUNT(*) FROM envelope WHERE recipient = ? AND server_timestamp >= ?), \
+                 (SELECT COALESCE(MAX(id), 0) FROM envelope WHERE recipient = ? AND server_timestamp >= ?), ",
+                prekey_counts!()
+            ),
         )
         .bind(account)
         .bind(cutoff)
@@ -825,15 +835,11 @@ impl GatewayDb {
 
     /// (one-time EC prekeys, one-time Kyber prekeys) of an account.
     pub async fn key_counts(&self, account: &str) -> Result<(u32, u32), sqlx::Error> {
-        let (one_time, kyber): (i64, i64) = sqlx::query_as(
-            "SELECT \
-             (SELECT COUNT(*) FROM prekey WHERE account = ? AND kind = 'one_time'), \
-             (SELECT COUNT(*) FROM prekey WHERE account = ? AND kind = 'kyber')",
-        )
-        .bind(account)
-        .bind(account)
-        .fetch_one(&mut *self.reader().await?)
-        .await?;
+        let (one_time, kyber): (i64, i64) = sqlx::query_as(concat!("SELECT ", prekey_counts!()))
+            .bind(account)
+            .bind(account)
+            .fetch_one(&mut *self.reader().await?)
+            .await?;
         Ok((one_time as u32, kyber as u32))
     }
 
