@@ -262,6 +262,12 @@ impl Raw {
         }
     }
 
+    /// The error `want` for request `id`, then the gateway closes the connection.
+    async fn expect_error_and_close(&mut self, id: u64, want: ErrorCode) {
+        self.expect_error(id, want).await;
+        assert!(self.closed().await, "still open after {want:?}");
+    }
+
     async fn expect_error(&mut self, id: u64, want: ErrorCode) {
         let st = self.recv().await;
         assert_eq!(st.id, id);
@@ -489,8 +495,7 @@ async fn s3_record_over_1_mib_gets_too_large_with_id_0_and_close() {
     huge.extend_from_slice(&[0u8; 32]);
     c.w.write_raw_stream(&huge).await.expect("write");
     c.w.flush().await.expect("flush");
-    c.expect_error(0, ErrorCode::TooLarge).await;
-    assert!(c.closed().await);
+    c.expect_error_and_close(0, ErrorCode::TooLarge).await;
 }
 
 #[tokio::test]
@@ -683,35 +688,31 @@ async fn s4_4_undecodable_record_is_bad_request_with_id_0_and_close() {
         .await
         .expect("write");
     c.w.flush().await.expect("flush");
-    c.expect_error(0, ErrorCode::BadRequest).await;
-    assert!(c.closed().await);
+    c.expect_error_and_close(0, ErrorCode::BadRequest).await;
+}
+
+/// A fresh connection that sends the one stanza `id` with `body` gets `BadRequest` for it, and
+/// is closed.
+async fn one_stanza_is_bad_request_and_close(id: u64, body: Option<Body>) {
+    let gw = TestGateway::start().await;
+    let mut c = raw(&gw).await;
+    c.send(id, body).await;
+    c.expect_error_and_close(id, ErrorCode::BadRequest).await;
 }
 
 #[tokio::test]
 async fn s4_4_stanza_without_body_is_bad_request_and_close() {
-    let gw = TestGateway::start().await;
-    let mut c = raw(&gw).await;
-    c.send(4, None).await;
-    c.expect_error(4, ErrorCode::BadRequest).await;
-    assert!(c.closed().await);
+    one_stanza_is_bad_request_and_close(4, None).await;
 }
 
 #[tokio::test]
 async fn s4_4_gateway_to_client_body_from_a_client_is_bad_request_and_close() {
-    let gw = TestGateway::start().await;
-    let mut c = raw(&gw).await;
-    c.send(6, Some(Body::Pong(pb::Pong { nonce: 1 }))).await;
-    c.expect_error(6, ErrorCode::BadRequest).await;
-    assert!(c.closed().await);
+    one_stanza_is_bad_request_and_close(6, Some(Body::Pong(pb::Pong { nonce: 1 }))).await;
 }
 
 #[tokio::test]
 async fn s4_4_request_other_than_ack_with_id_0_is_bad_request_and_close() {
-    let gw = TestGateway::start().await;
-    let mut c = raw(&gw).await;
-    c.send(0, Some(Body::Ping(pb::Ping { nonce: 1 }))).await;
-    c.expect_error(0, ErrorCode::BadRequest).await;
-    assert!(c.closed().await);
+    one_stanza_is_bad_request_and_close(0, Some(Body::Ping(pb::Ping { nonce: 1 }))).await;
 }
 
 #[tokio::test]
